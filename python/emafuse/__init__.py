@@ -1,0 +1,45 @@
+"""emafuse: fused multi-tensor EMA-family optimizers and weight averaging for PyTorch.
+
+Drop-in replacements for ``torch.optim.AdamW``, ``Adam`` and ``SGD`` whose whole step runs as
+one native (Rust) call over all parameters of the optimizer.
+"""
+
+from __future__ import annotations
+
+import torch as _torch  # noqa: F401  (loads libtorch before the native module links against it)
+
+from . import errors
+from ._native import num_threads
+from .errors import (
+    CudaError,
+    DeviceError,
+    DTypeError,
+    EmafuseError,
+    InternalError,
+    InvalidArgumentError,
+    NonFiniteError,
+    ShapeError,
+    SparseGradError,
+    UnsupportedOptionError,
+)
+from .optim import SGD, Adam, AdamW
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdamW",
+    "Adam",
+    "SGD",
+    "num_threads",
+    "errors",
+    "EmafuseError",
+    "DTypeError",
+    "DeviceError",
+    "ShapeError",
+    "SparseGradError",
+    "NonFiniteError",
+    "InvalidArgumentError",
+    "UnsupportedOptionError",
+    "CudaError",
+    "InternalError",
+]

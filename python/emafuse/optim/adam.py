@@ -1,0 +1,143 @@
+"""Adam and AdamW: torch's constructors and semantics, one fused native step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from ._base import FusedOptimizer, scalar
+
+__all__ = ["Adam", "AdamW"]
+
+
+class _AdamRule(FusedOptimizer):
+    """The Adam rule's slots and scalars, shared by Adam and AdamW."""
+
+    _rule = "adam"
+    _supports_complex = True
+
+    def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
+        if group["amsgrad"]:
+            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        return ("exp_avg", "exp_avg_sq")
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
+        beta1, beta2 = group["betas"]
+        return {
+            "lr": scalar(group["lr"]),
+            "beta1": scalar(beta1),
+            "beta2": scalar(beta2),
+            "eps": float(group["eps"]),
+            "weight_decay": float(group["weight_decay"]),
+            "amsgrad": bool(group["amsgrad"]),
+            "decoupled": bool(group.get("decoupled_weight_decay", False)),
+        }
+
+
+class AdamW(_AdamRule, torch.optim.AdamW):
+    r"""AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019), a
+    drop-in replacement for :class:`torch.optim.AdamW` whose step is one fused native call.
+
+    For each parameter :math:`p` with gradient :math:`g` at step :math:`t`:
+
+    .. math::
+        p &\leftarrow p\,(1 - \mathrm{lr}\cdot\lambda) \\
+        m &\leftarrow \beta_1 m + (1-\beta_1) g \\
+        v &\leftarrow \beta_2 v + (1-\beta_2) g^2 \qquad (\hat v = \max(\hat v, v) \text{ with amsgrad}) \\
+        p &\leftarrow p - \frac{\mathrm{lr}}{1-\beta_1^t}\,\frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    Arguments, defaults, validation messages, state names (``step``, ``exp_avg``,
+    ``exp_avg_sq``, ``max_exp_avg_sq``) and ``state_dict`` layout are torch's, so checkpoints move
+    between ``torch.optim.AdamW`` and ``emafuse.AdamW`` in both directions. ``foreach`` and
+    ``fused`` are accepted and ignored (emafuse always runs fused). ``capturable=True`` and
+    ``differentiable=True`` raise :class:`emafuse.UnsupportedOptionError`.
+
+    Extra keyword: ``check_finite`` (default False). When True, a step whose gradients hold NaN
+    or infinity raises :class:`emafuse.NonFiniteError` and changes nothing (torch's behaviour,
+    the default, lets NaN flow into the parameters).
+
+    fp32, fp64, bf16 and fp16 parameters are supported; math runs in fp32 (fp64 for fp64
+    parameters) and the state has the parameter's dtype, as in torch. Complex parameters are
+    updated as real views, as torch does.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        check_finite: bool = False,
+    ) -> None:
+        torch.optim.AdamW.__init__(
+            self,
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        self._init_emafuse_defaults(check_finite)
+
+
+class Adam(_AdamRule, torch.optim.Adam):
+    r"""Adam (Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015), a drop-in
+    replacement for :class:`torch.optim.Adam` whose step is one fused native call.
+
+    Same update as :class:`AdamW` except that weight decay is L2 regularisation added to the
+    gradient, :math:`g \leftarrow g + \lambda p`, unless ``decoupled_weight_decay=True`` (then it
+    is AdamW). AMSGrad (Reddi et al., ICLR 2018) keeps the running maximum of the raw :math:`v`
+    in ``max_exp_avg_sq``. Everything else (arguments, checkpoints, ``check_finite``) as
+    :class:`AdamW`.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        check_finite: bool = False,
+    ) -> None:
+        torch.optim.Adam.__init__(
+            self,
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        self._init_emafuse_defaults(check_finite)

@@ -1,0 +1,185 @@
+//! Validation of one parameter group's tensors and their split into batches that one kernel
+//! pass (one per device, parameter dtype and state dtype) can update. Backend independent.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::view::{Device, TensorView};
+use std::collections::HashSet;
+
+/// How a tensor's elements are laid out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Row-major contiguous.
+    Contiguous,
+    /// Dense and non-overlapping, with these strides (e.g. channels_last).
+    Dense(Vec<i64>),
+    /// Gaps or overlaps: cannot be walked linearly.
+    Strided,
+}
+
+/// What the engine needs to know of one tensor.
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub view: TensorView,
+    pub shape: Vec<i64>,
+    pub layout: Layout,
+}
+
+/// The tensors of one parameter group, as passed from Python.
+#[derive(Debug, Default)]
+pub struct GroupTensors {
+    pub params: Vec<TensorInfo>,
+    pub grads: Vec<TensorInfo>,
+    /// `states[k][i]`: state slot `k` of parameter `i`.
+    pub states: Vec<Vec<TensorInfo>>,
+    /// Per-parameter step counters (0-dim float32 tensors), if the rule keeps them.
+    pub steps: Option<Vec<TensorInfo>>,
+}
+
+/// Parameters of one group sharing device, parameter dtype and state dtype.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub device: Device,
+    pub param_dtype: DType,
+    pub state_dtype: DType,
+    pub params: Vec<TensorView>,
+    pub grads: Vec<TensorView>,
+    /// Slots per parameter; `states[i * slots + k]`.
+    pub slots: usize,
+    pub states: Vec<TensorView>,
+    /// Step counters, one per parameter, or empty.
+    pub steps: Vec<TensorView>,
+}
+
+impl Batch {
+    /// Total parameter elements.
+    pub fn numel(&self) -> usize {
+        self.params.iter().map(|p| p.numel()).sum()
+    }
+}
+
+fn fmt_shape(s: &[i64]) -> String {
+    format!("{s:?}")
+}
+
+/// Validate `t` and split it into batches. `who` names the optimizer for messages.
+pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batch>> {
+    let n = t.params.len();
+    let slots = t.states.len();
+    let at = |i: usize| format!("{who}: param group {group}, parameter {i}");
+    if t.grads.len() != n || t.states.iter().any(|s| s.len() != n) || t.steps.as_ref().is_some_and(|s| s.len() != n) {
+        return Err(Error::Value(format!("{who}: param group {group}: tensor lists of different lengths")));
+    }
+    let mut batches: Vec<Batch> = Vec::new();
+    for i in 0..n {
+        let p = &t.params[i];
+        if p.layout == Layout::Strided {
+            return Err(Error::Layout(format!("{}: parameter is not dense", at(i))));
+        }
+        let check_peer = |role: &str, x: &TensorInfo| -> Result<()> {
+            if x.view.device() != p.view.device() {
+                return Err(Error::Device(format!(
+                    "{}: {role} is on {} but the parameter is on {}",
+                    at(i),
+                    x.view.device(),
+                    p.view.device()
+                )));
+            }
+            if x.shape != p.shape {
+                return Err(Error::Shape(format!(
+                    "{}: {role} has shape {} but the parameter has shape {}",
+                    at(i),
+                    fmt_shape(&x.shape),
+                    fmt_shape(&p.shape)
+                )));
+            }
+            if x.layout != p.layout {
+                return Err(Error::Layout(format!("{}: {role} is strided differently from the parameter", at(i))));
+            }
+            Ok(())
+        };
+        let g = &t.grads[i];
+        check_peer("grad", g)?;
+        if g.view.dtype() != p.view.dtype() {
+            return Err(Error::DType(format!(
+                "{}: grad dtype {} differs from parameter dtype {}",
+                at(i),
+                g.view.dtype().name(),
+                p.view.dtype().name()
+            )));
+        }
+        let state_dtype = match t.states.first() {
+            Some(s) => s[i].view.dtype(),
+            None => p.view.dtype(),
+        };
+        for (k, slot) in t.states.iter().enumerate() {
+            let s = &slot[i];
+            check_peer(&format!("state {k}"), s)?;
+            if s.view.dtype() != state_dtype {
+                return Err(Error::DType(format!("{}: state tensors have different dtypes", at(i))));
+            }
+        }
+        let pd = p.view.dtype();
+        let state_ok = state_dtype == pd || (state_dtype == DType::F32 && matches!(pd, DType::BF16 | DType::F16));
+        if !state_ok {
+            return Err(Error::DType(format!(
+                "{}: state dtype {} cannot go with parameter dtype {} (use the parameter's dtype, or float32 for bf16/fp16 parameters)",
+                at(i),
+                state_dtype.name(),
+                pd.name()
+            )));
+        }
+        if let Some(steps) = &t.steps {
+            let s = &steps[i];
+            if s.view.device() != Device::Cpu || !matches!(s.view.dtype(), DType::F32 | DType::F64) || s.view.numel() != 1 {
+                return Err(Error::Value(format!(
+                    "{}: state 'step' must be a one-element float32 (or float64) tensor on the CPU, got {} on {}",
+                    at(i),
+                    s.view.dtype().name(),
+                    s.view.device()
+                )));
+            }
+        }
+        let key = (p.view.device(), pd, state_dtype);
+        let b = match batches.iter_mut().position(|b| (b.device, b.param_dtype, b.state_dtype) == key) {
+            Some(j) => &mut batches[j],
+            None => {
+                batches.push(Batch {
+                    device: key.0,
+                    param_dtype: key.1,
+                    state_dtype: key.2,
+                    params: Vec::new(),
+                    grads: Vec::new(),
+                    slots,
+                    states: Vec::new(),
+                    steps: Vec::new(),
+                });
+                batches.last_mut().expect("just pushed")
+            }
+        };
+        b.params.push(p.view);
+        b.grads.push(g.view);
+        b.states.extend(t.states.iter().map(|slot| slot[i].view));
+        if let Some(steps) = &t.steps {
+            b.steps.push(steps[i].view);
+        }
+    }
+    Ok(batches)
+}
+
+/// Refuse a step in which one piece of memory would be written twice (the same tensor used as
+/// two parameters or two state slots, e.g. from a corrupted checkpoint): the result would depend
+/// on the order of writes.
+pub fn check_no_shared_outputs<'a>(who: &str, batches: impl IntoIterator<Item = &'a Batch>) -> Result<()> {
+    let mut seen = HashSet::new();
+    for b in batches {
+        for v in b.params.iter().chain(b.states.iter()).chain(b.steps.iter()) {
+            if v.numel() > 0 && !seen.insert(v.ptr() as usize) {
+                return Err(Error::Value(format!(
+                    "{who}: the same tensor memory appears twice among parameters and optimizer state"
+                )));
+            }
+        }
+    }
+    Ok(())
+}

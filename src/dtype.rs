@@ -1,0 +1,128 @@
+//! Storage dtypes and their conversion to the compute type.
+//!
+//! Math always runs in a [`Real`] compute type: `f32` for fp32, bf16 and fp16 storage (as torch's
+//! fused kernels do) and `f64` for fp64 storage. Conversions work on whole slices so that the
+//! per-element math loops stay free of conversion code and vectorise.
+
+use crate::real::Real;
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+
+/// A floating-point storage dtype the engine accepts.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F64,
+    BF16,
+    F16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F64 => 8,
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+
+    /// torch's name for the dtype, used in error messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "torch.float32",
+            DType::F64 => "torch.float64",
+            DType::BF16 => "torch.bfloat16",
+            DType::F16 => "torch.float16",
+        }
+    }
+
+    /// Whether math on this storage dtype runs in f64.
+    pub fn computes_in_f64(self) -> bool {
+        self == DType::F64
+    }
+}
+
+/// A storage element type that loads into and stores from the compute type `R`.
+pub trait Elem<R: Real>: Copy + Send + Sync + 'static {
+    /// Convert `src` into `dst` (same length).
+    fn load(src: &[Self], dst: &mut [R]);
+    /// Round `src` into `dst` (same length), round-to-nearest-even.
+    fn store(src: &[R], dst: &mut [Self]);
+}
+
+impl Elem<f32> for f32 {
+    #[inline(always)]
+    fn load(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src)
+    }
+    #[inline(always)]
+    fn store(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src)
+    }
+}
+
+impl Elem<f64> for f64 {
+    #[inline(always)]
+    fn load(src: &[f64], dst: &mut [f64]) {
+        dst.copy_from_slice(src)
+    }
+    #[inline(always)]
+    fn store(src: &[f64], dst: &mut [f64]) {
+        dst.copy_from_slice(src)
+    }
+}
+
+impl Elem<f32> for bf16 {
+    #[inline(always)]
+    fn load(src: &[bf16], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst)
+    }
+    #[inline(always)]
+    fn store(src: &[f32], dst: &mut [bf16]) {
+        dst.convert_from_f32_slice(src)
+    }
+}
+
+impl Elem<f32> for f16 {
+    #[inline(always)]
+    fn load(src: &[f16], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst)
+    }
+    #[inline(always)]
+    fn store(src: &[f32], dst: &mut [f16]) {
+        dst.convert_from_f32_slice(src)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_round_trip_rounds_to_nearest_even() {
+        let xs = [1.0f32, -3.5, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, 65504.0, 1e-3];
+        let mut h = [bf16::ZERO; 6];
+        <bf16 as Elem<f32>>::store(&xs, &mut h);
+        let mut back = [0f32; 6];
+        <bf16 as Elem<f32>>::load(&h, &mut back);
+        for (x, b) in xs.iter().zip(back) {
+            assert_eq!(bf16::from_f32(*x).to_f32(), b);
+        }
+        // 1 + 2^-8 is a tie between 1 and 1 + 2^-7: even mantissa wins.
+        assert_eq!(back[2], 1.0);
+        assert_eq!(back[3], 1.0 + 2.0 / 128.0);
+    }
+
+    #[test]
+    fn f16_round_trip() {
+        let xs = [0.1f32, -2.75, 6.1e-5, 1000.5];
+        let mut h = [f16::ZERO; 4];
+        <f16 as Elem<f32>>::store(&xs, &mut h);
+        let mut back = [0f32; 4];
+        <f16 as Elem<f32>>::load(&h, &mut back);
+        for (x, b) in xs.iter().zip(back) {
+            assert_eq!(f16::from_f32(*x).to_f32(), b);
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! emafuse: fused multi-tensor optimizer and weight-averaging updates for PyTorch tensors.
+//!
+//! `rules` hold the math, `cpu` runs it over many tensors at once, `batch` validates what Python
+//! passes, and `py` is the only place that knows about Python or libtorch.
+
+pub mod batch;
+pub mod cpu;
+pub mod dtype;
+pub mod error;
+mod py;
+pub mod real;
+pub mod rules;
+pub mod view;

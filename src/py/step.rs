@@ -1,0 +1,195 @@
+//! `_native.step`: one optimizer step over all parameter groups, validated in full before any
+//! tensor is written.
+
+use super::errors::to_py;
+use super::tensor::{unpack, Unpacked};
+use crate::batch::{check_no_shared_outputs, split_group, GroupTensors, TensorInfo};
+use crate::cpu::{self, CpuStep};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::rules::{Hyper, HyperValue};
+use crate::view::Device;
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Read a Python dict of numbers and bools.
+fn hyper_from(d: &Bound<'_, PyDict>) -> Result<Hyper> {
+    let mut entries = Vec::with_capacity(d.len());
+    for (k, v) in d.iter() {
+        let name: String = k.extract().map_err(|_| Error::Value("hyper-parameter names must be str".into()))?;
+        let value = if v.is_instance_of::<PyBool>() {
+            HyperValue::Flag(v.extract().expect("a bool"))
+        } else {
+            HyperValue::Num(v.extract::<f64>().map_err(|_| Error::Value(format!("hyper-parameter '{name}' must be a number or a bool")))?)
+        };
+        entries.push((name, value));
+    }
+    Ok(Hyper::new(entries))
+}
+
+/// Unpack a list of tensors, keeping the handles alive in `keep`.
+fn tensor_list(list: &Bound<'_, PyAny>, role: &str, group: usize, keep: &mut Vec<tch::Tensor>) -> Result<Vec<TensorInfo>> {
+    let list = list.cast::<PyList>().map_err(|_| Error::Value(format!("param group {group}: {role} must be a list")))?;
+    let mut out = Vec::with_capacity(list.len());
+    for (i, obj) in list.iter().enumerate() {
+        let Unpacked { handle, info } = unpack(&obj, &|| format!("param group {group}, {role} {i}"))?;
+        keep.push(handle);
+        out.push(info);
+    }
+    Ok(out)
+}
+
+/// Read a one-element tensor's value on the host (AMP's grad scale and found-inf flag).
+fn host_scalar(obj: &Bound<'_, PyAny>, role: &str, keep: &mut Vec<tch::Tensor>) -> Result<f64> {
+    let Unpacked { handle, info } = unpack(obj, &|| role.to_string())?;
+    keep.push(handle);
+    if info.view.numel() != 1 || info.view.device() != Device::Cpu {
+        return Err(Error::Value(format!("{role} must be a one-element CPU tensor")));
+    }
+    // SAFETY: a one-element CPU tensor of the validated dtype, kept alive by `keep`.
+    Ok(unsafe {
+        match info.view.dtype() {
+            DType::F32 => *info.view.at::<f32>(0) as f64,
+            DType::F64 => *info.view.at::<f64>(0),
+            DType::BF16 => (*info.view.at::<half::bf16>(0)).to_f64(),
+            DType::F16 => (*info.view.at::<half::f16>(0)).to_f64(),
+        }
+    })
+}
+
+struct Plan {
+    cpu: Vec<Box<dyn CpuStep>>,
+    grad_scale: Option<f64>,
+    skip: bool,
+}
+
+/// Look up `key` in each state dict and unpack it.
+fn state_list(
+    dicts: &Bound<'_, PyList>,
+    key: &Bound<'_, PyString>,
+    group: usize,
+    keep: &mut Vec<tch::Tensor>,
+) -> Result<Vec<TensorInfo>> {
+    let mut out = Vec::with_capacity(dicts.len());
+    for (i, d) in dicts.iter().enumerate() {
+        let d = d.cast::<PyDict>().map_err(|_| Error::Value(format!("param group {group}: state {i} is not a dict")))?;
+        let t = d
+            .get_item(key)
+            .map_err(|e| Error::Value(e.to_string()))?
+            .ok_or_else(|| Error::Value(format!("param group {group}, parameter {i}: state has no '{key}'")))?;
+        let Unpacked { handle, info } = unpack(&t, &|| format!("param group {group}, parameter {i}: state '{key}'"))?;
+        keep.push(handle);
+        out.push(info);
+    }
+    Ok(out)
+}
+
+/// One group as passed from Python:
+/// `(hyper: dict, params: list, grads: list, states: list[dict] | None, slots: tuple[str], step_key: str | None)`.
+fn group_tensors(group: &Bound<'_, PyTuple>, gi: usize, keep: &mut Vec<tch::Tensor>) -> Result<(Hyper, GroupTensors)> {
+    if group.len() != 6 {
+        return Err(Error::Value("each group is (hyper, params, grads, states, slots, step_key)".into()));
+    }
+    let item = |k: usize| group.get_item(k).expect("length checked");
+    let hyper = hyper_from(item(0).cast::<PyDict>().map_err(|_| Error::Value("hyper must be a dict".into()))?)?;
+    let params = tensor_list(&item(1), "parameter", gi, keep)?;
+    let grads = tensor_list(&item(2), "grad", gi, keep)?;
+    let (states_obj, slots_obj, key_obj) = (item(3), item(4), item(5));
+    let slots = slots_obj.cast::<PyTuple>().map_err(|_| Error::Value("slots must be a tuple of str".into()))?;
+    let mut states = Vec::with_capacity(slots.len());
+    let mut steps = None;
+    if !states_obj.is_none() {
+        let dicts = states_obj.cast::<PyList>().map_err(|_| Error::Value("states must be a list of dicts".into()))?;
+        for name in slots.iter() {
+            let name = name.cast::<PyString>().map_err(|_| Error::Value("slot names must be str".into()))?;
+            states.push(state_list(dicts, name, gi, keep)?);
+        }
+        if !key_obj.is_none() {
+            let key = key_obj.cast::<PyString>().map_err(|_| Error::Value("step key must be a str".into()))?;
+            steps = Some(state_list(dicts, key, gi, keep)?);
+        }
+    } else if !slots.is_empty() {
+        return Err(Error::Value("slots given without states".into()));
+    }
+    Ok((hyper, GroupTensors { params, grads, states, steps }))
+}
+
+fn plan(
+    who: &str,
+    rule: &str,
+    groups: &Bound<'_, PyList>,
+    grad_scale: Option<&Bound<'_, PyAny>>,
+    found_inf: Option<&Bound<'_, PyAny>>,
+    keep: &mut Vec<tch::Tensor>,
+) -> Result<Plan> {
+    let mut batches = Vec::new();
+    for (gi, group) in groups.iter().enumerate() {
+        let group = group.cast::<PyTuple>().map_err(|_| Error::Value("each group must be a tuple".into()))?;
+        let (hyper, tensors) = group_tensors(group, gi, keep)?;
+        for batch in split_group(who, gi, &tensors)? {
+            batches.push((batch, hyper.clone()));
+        }
+    }
+    check_no_shared_outputs(who, batches.iter().map(|(b, _)| b))?;
+    let mut cpu_steps = Vec::new();
+    for (batch, hyper) in batches {
+        match batch.device {
+            Device::Cpu => cpu_steps.push(cpu::plan(rule, &hyper, batch)?),
+            Device::Cuda(i) => {
+                return Err(Error::Device(format!(
+                    "{who}: parameters on cuda:{i} need emafuse's CUDA backend, which this build does not have yet"
+                )))
+            }
+        }
+    }
+    let grad_scale = grad_scale.map(|s| host_scalar(s, "grad_scale", keep)).transpose()?;
+    let skip = match found_inf {
+        Some(f) => host_scalar(f, "found_inf", keep)? != 0.0,
+        None => false,
+    };
+    Ok(Plan { cpu: cpu_steps, grad_scale, skip })
+}
+
+fn execute(plan: &Plan, who: &str) -> Result<()> {
+    if plan.skip {
+        return Ok(());
+    }
+    for s in &plan.cpu {
+        s.check_finite(who)?;
+    }
+    for s in &plan.cpu {
+        s.run(plan.grad_scale);
+    }
+    Ok(())
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> Error {
+    let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+    Error::Internal(format!("panic in the native step: {}", msg.unwrap_or_else(|| "(no message)".into())))
+}
+
+/// One optimizer step over `groups` (see [`group_tensors`] for their shape). Nothing is written
+/// unless every group validates (and, for groups with the `check_finite` flag, every gradient is
+/// finite).
+/// When `found_inf` is non-zero the step is skipped (AMP); `grad_scale` divides every gradient.
+#[pyfunction]
+#[pyo3(signature = (who, rule, groups, grad_scale=None, found_inf=None))]
+pub fn step(
+    py: Python<'_>,
+    who: &str,
+    rule: &str,
+    groups: &Bound<'_, PyList>,
+    grad_scale: Option<&Bound<'_, PyAny>>,
+    found_inf: Option<&Bound<'_, PyAny>>,
+) -> PyResult<()> {
+    let mut keep = Vec::new();
+    let planned = catch_unwind(AssertUnwindSafe(|| plan(who, rule, groups, grad_scale, found_inf, &mut keep)))
+        .unwrap_or_else(|p| Err(panic_message(p)));
+    let plan = planned.map_err(|e| to_py(py, e))?;
+    let result = py.detach(|| {
+        catch_unwind(AssertUnwindSafe(|| execute(&plan, who))).unwrap_or_else(|p| Err(panic_message(p)))
+    });
+    drop(keep);
+    result.map_err(|e| to_py(py, e))
+}

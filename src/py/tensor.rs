@@ -1,0 +1,148 @@
+//! Turning Python `torch.Tensor` objects into [`TensorInfo`]s through libtorch (tch/torch-sys).
+
+use crate::batch::{Layout, TensorInfo};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::view::{Device, TensorView};
+use pyo3::prelude::*;
+use std::ffi::CStr;
+use tch::Tensor;
+use torch_sys::C_tensor;
+
+/// A tensor unpacked from Python: the libtorch handle (which keeps the storage alive) and what
+/// the engine needs of it.
+pub struct Unpacked {
+    pub handle: Tensor,
+    pub info: TensorInfo,
+}
+
+/// Take and clear libtorch's last error, if any.
+fn take_torch_error() -> Option<String> {
+    // SAFETY: returns either null or a malloc'ed C string that we own and free below.
+    unsafe {
+        let p = torch_sys::get_and_reset_last_err();
+        if p.is_null() {
+            return None;
+        }
+        let s = CStr::from_ptr(p).to_string_lossy().into_owned();
+        libc::free(p as *mut libc::c_void);
+        Some(s)
+    }
+}
+
+fn dtype_of(code: i32) -> Option<DType> {
+    // c10::ScalarType codes.
+    match code {
+        5 => Some(DType::F16),
+        6 => Some(DType::F32),
+        7 => Some(DType::F64),
+        15 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+fn dtype_name(code: i32) -> String {
+    match code {
+        0 => "torch.uint8".into(),
+        1 => "torch.int8".into(),
+        2 => "torch.int16".into(),
+        3 => "torch.int32".into(),
+        4 => "torch.int64".into(),
+        8 => "torch.complex32".into(),
+        9 => "torch.complex64".into(),
+        10 => "torch.complex128".into(),
+        11 => "torch.bool".into(),
+        c => format!("scalar type {c}"),
+    }
+}
+
+/// Whether strides describe a dense, non-overlapping layout (some permutation of a contiguous one).
+fn is_dense(shape: &[i64], strides: &[i64]) -> bool {
+    let mut dims: Vec<(i64, i64)> = shape.iter().copied().zip(strides.iter().copied()).filter(|&(s, _)| s != 1).collect();
+    dims.sort_by_key(|&(_, st)| st);
+    let mut expected = 1;
+    for (size, stride) in dims {
+        if stride != expected {
+            return false;
+        }
+        expected *= size;
+    }
+    true
+}
+
+/// Unpack `obj` (which must be a `torch.Tensor`) for the role `role` (used in messages).
+pub fn unpack(obj: &Bound<'_, PyAny>, role: &dyn Fn() -> String) -> Result<Unpacked> {
+    // SAFETY: obj is a live Python object; pyobject_unpack checks that it is a tensor first.
+    let handle = unsafe { Tensor::pyobject_unpack(obj.as_ptr() as *mut tch::python::CPyObject) }
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .ok_or_else(|| Error::Value(format!("{}: expected a torch.Tensor, got {}", role(), type_name(obj))))?;
+    let raw = handle.as_ptr() as *mut C_tensor;
+    // SAFETY: raw is a valid at::Tensor owned by `handle`; each call is wrapped by libtorch's
+    // PROTECT, which turns C++ exceptions into the last-error string checked below.
+    unsafe {
+        if torch_sys::at_is_sparse(raw) == 1 {
+            return Err(Error::Sparse(format!("{} is sparse", role())));
+        }
+        let contiguous = torch_sys::at_is_contiguous(raw);
+        if let Some(e) = take_torch_error() {
+            let _ = e;
+            return Err(Error::Sparse(format!("{} has a non-strided layout (sparse, mkldnn, ...)", role())));
+        }
+        let code = torch_sys::at_scalar_type(raw);
+        if (8..=10).contains(&code) {
+            // Complex tensors are updated as real views; the Python layer stages them.
+            return Err(Error::Layout(format!("{} is complex", role())));
+        }
+        let dtype = dtype_of(code).ok_or_else(|| {
+            Error::DType(format!(
+                "{} has dtype {}; supported: torch.float32, torch.bfloat16, torch.float16, torch.float64",
+                role(),
+                dtype_name(code)
+            ))
+        })?;
+        let device = match torch_sys::at_device(raw) {
+            -1 => Device::Cpu,
+            i if i >= 0 => Device::Cuda(i as u32),
+            _ => return Err(Error::Device(format!("{} is on an unsupported device (only cpu and cuda are)", role()))),
+        };
+        let dim = torch_sys::at_dim(raw);
+        let mut shape = vec![0i64; dim];
+        torch_sys::at_shape(raw, shape.as_mut_ptr());
+        let numel = shape.iter().product::<i64>() as usize;
+        let layout = if contiguous == 1 {
+            Layout::Contiguous
+        } else {
+            let mut strides = vec![0i64; dim];
+            torch_sys::at_stride(raw, strides.as_mut_ptr());
+            if is_dense(&shape, &strides) {
+                Layout::Dense(strides)
+            } else {
+                Layout::Strided
+            }
+        };
+        let ptr = if numel == 0 { std::ptr::null_mut() } else { torch_sys::at_data_ptr(raw) as *mut u8 };
+        if let Some(e) = take_torch_error() {
+            return Err(Error::Value(format!("{}: {e}", role())));
+        }
+        Ok(Unpacked { handle, info: TensorInfo { view: TensorView::new(ptr, numel, dtype, device), shape, layout } })
+    }
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_dense;
+
+    #[test]
+    fn dense_layouts() {
+        assert!(is_dense(&[2, 3], &[3, 1]));
+        assert!(is_dense(&[2, 3], &[1, 2])); // transposed
+        assert!(is_dense(&[4, 3, 5, 5], &[75, 1, 15, 3])); // channels_last
+        assert!(is_dense(&[1, 3], &[100, 1])); // size-1 dims may have any stride
+        assert!(!is_dense(&[2, 3], &[6, 1])); // every other row
+        assert!(!is_dense(&[3], &[0])); // expanded
+    }
+}

@@ -1,0 +1,169 @@
+//! The compute type of the update rules: `f32` (for fp32/bf16/fp16 storage) or `f64`.
+
+use std::ops::{Add, Div, Mul, Neg, Sub};
+
+/// Arithmetic the update rules use. Implemented for `f32` and `f64` only.
+pub trait Real:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+{
+    const ZERO: Self;
+    const ONE: Self;
+    /// Round a host-side (f64) scalar to the compute type.
+    fn from_f64(x: f64) -> Self;
+    /// Widen to f64.
+    fn to_f64(self) -> f64;
+    fn sqrt(self) -> Self;
+    fn abs(self) -> Self;
+    /// `torch.maximum`: NaN if either operand is NaN.
+    #[inline(always)]
+    fn maximum(self, other: Self) -> Self {
+        #[allow(clippy::eq_op)]
+        let self_is_nan = self != self;
+        if self_is_nan || self > other {
+            self
+        } else {
+            other
+        }
+    }
+    /// `torch.minimum`: NaN if either operand is NaN.
+    #[inline(always)]
+    fn minimum(self, other: Self) -> Self {
+        #[allow(clippy::eq_op)]
+        let self_is_nan = self != self;
+        if self_is_nan || self < other {
+            self
+        } else {
+            other
+        }
+    }
+    /// Sign with `sign(0) = 0` (and NaN for NaN), as `torch.sign`.
+    #[inline(always)]
+    fn sign(self) -> Self {
+        if self > Self::ZERO {
+            Self::ONE
+        } else if self < Self::ZERO {
+            -Self::ONE
+        } else {
+            self * Self::ZERO
+        }
+    }
+    /// Whether the value is neither infinite nor NaN.
+    fn is_finite(self) -> bool;
+}
+
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    #[inline(always)]
+    fn abs(self) -> Self {
+        f32::abs(self)
+    }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        f32::is_finite(self)
+    }
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    #[inline(always)]
+    fn abs(self) -> Self {
+        f64::abs(self)
+    }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        f64::is_finite(self)
+    }
+}
+
+/// A linear interpolation weight prepared on the host with torch's rounding rule: for |w| < 0.5
+/// `lerp(a, b) = a + w·(b − a)`, otherwise `b − (b − a)·(1 − w)`.
+#[derive(Copy, Clone, Debug)]
+pub struct Lerp<R: Real> {
+    w: R,
+    one_minus_w: R,
+    small: bool,
+}
+
+impl<R: Real> Lerp<R> {
+    /// Prepare weight `w` (rounded to `R` first, `1 − w` then computed in `R`, as torch does).
+    pub fn new(w: f64) -> Self {
+        let w = R::from_f64(w);
+        Lerp { w, one_minus_w: R::ONE - w, small: w.abs() < R::from_f64(0.5) }
+    }
+
+    /// `lerp(a, b, w)`.
+    #[inline(always)]
+    pub fn apply(&self, a: R, b: R) -> R {
+        if self.small {
+            a + self.w * (b - a)
+        } else {
+            b - (b - a) * self.one_minus_w
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maximum_propagates_nan() {
+        assert!(f32::NAN.maximum(1.0).is_nan());
+        assert!(1.0f32.maximum(f32::NAN).is_nan());
+        assert_eq!(2.0f32.maximum(1.0), 2.0);
+        assert_eq!((-2.0f64).maximum(1.0), 1.0);
+        assert!(f64::NAN.minimum(1.0).is_nan());
+        assert_eq!(2.0f64.minimum(1.0), 1.0);
+    }
+
+    #[test]
+    fn sign_of_zero_is_zero() {
+        assert_eq!(0.0f32.sign(), 0.0);
+        assert_eq!((-3.0f32).sign(), -1.0);
+        assert_eq!(7.5f64.sign(), 1.0);
+        assert!(f32::NAN.sign().is_nan());
+    }
+
+    #[test]
+    fn lerp_uses_both_torch_forms() {
+        let small = Lerp::<f64>::new(0.1);
+        assert_eq!(small.apply(1.0, 3.0), 1.0 + 0.1 * 2.0);
+        let big = Lerp::<f64>::new(0.75);
+        assert_eq!(big.apply(1.0, 3.0), 3.0 - 2.0 * 0.25);
+    }
+}

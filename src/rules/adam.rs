@@ -1,0 +1,137 @@
+//! Adam / AdamW / AMSGrad, exactly as `torch.optim.Adam` and `torch.optim.AdamW` (spec §3).
+//!
+//! Per element, in torch's single-tensor operation order:
+//! ```text
+//! p ← p·(1 − lr·wd)                  decoupled (AdamW)      | g ← g + wd·p   L2 (Adam)
+//! m ← lerp(m, g, 1 − β1)
+//! v ← v·β2 + ((1 − β2)·g)·g
+//! v̄ ← max(vmax, v) (amsgrad, stored in vmax) | v
+//! p ← p + ((−lr/bc1)·m) / (sqrt(v̄)/sqrt(bc2) + eps)
+//! ```
+//! with `bc1 = 1 − β1^t`, `bc2 = 1 − β2^t` computed in f64 on the host.
+//! State slots: `exp_avg`, `exp_avg_sq`, then `max_exp_avg_sq` with amsgrad.
+
+use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SLOTS};
+use crate::error::Result;
+use crate::real::{Lerp, Real};
+
+/// Adam's hyper-parameters; `AMSGRAD` and `DECOUPLED` (AdamW) are compile-time flags.
+#[derive(Clone, Debug)]
+pub struct Adam<const AMSGRAD: bool, const DECOUPLED: bool> {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+}
+
+/// Adam's per-tensor coefficients.
+#[derive(Copy, Clone, Debug)]
+pub struct AdamCoeffs<R: Real> {
+    decay: R,
+    l2: R,
+    m_lerp: Lerp<R>,
+    beta2: R,
+    one_minus_beta2: R,
+    bc2_sqrt: R,
+    neg_step_size: R,
+    eps: R,
+}
+
+impl<const AMSGRAD: bool, const DECOUPLED: bool> Rule for Adam<AMSGRAD, DECOUPLED> {
+    const SLOTS: usize = if AMSGRAD { 3 } else { 2 };
+    const COUNTS_STEPS: bool = true;
+    type Coeffs<R: Real> = AdamCoeffs<R>;
+
+    fn coeffs<R: Real>(&self, step: f64) -> AdamCoeffs<R> {
+        let bc1 = 1.0 - self.beta1.powf(step);
+        let bc2 = 1.0 - self.beta2.powf(step);
+        AdamCoeffs {
+            decay: R::from_f64(if DECOUPLED { 1.0 - self.lr * self.weight_decay } else { 1.0 }),
+            l2: R::from_f64(if DECOUPLED { 0.0 } else { self.weight_decay }),
+            m_lerp: Lerp::new(1.0 - self.beta1),
+            beta2: R::from_f64(self.beta2),
+            one_minus_beta2: R::from_f64(1.0 - self.beta2),
+            bc2_sqrt: R::from_f64(bc2.sqrt()),
+            neg_step_size: R::from_f64(-(self.lr / bc1)),
+            eps: R::from_f64(self.eps),
+        }
+    }
+
+    #[inline(always)]
+    fn update<R: Real>(c: &AdamCoeffs<R>, p: R, g: R, s: &mut [R; MAX_SLOTS]) -> R {
+        let (p, g) = if DECOUPLED { (p * c.decay, g) } else { (p, g + c.l2 * p) };
+        let m = c.m_lerp.apply(s[0], g);
+        let v = s[1] * c.beta2 + c.one_minus_beta2 * g * g;
+        s[0] = m;
+        s[1] = v;
+        let v_hat = if AMSGRAD {
+            s[2] = s[2].maximum(v);
+            s[2]
+        } else {
+            v
+        };
+        let denom = v_hat.sqrt() / c.bc2_sqrt + c.eps;
+        p + c.neg_step_size * m / denom
+    }
+}
+
+/// Build Adam from `lr, beta1, beta2, eps, weight_decay` and flags `amsgrad, decoupled`.
+pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
+    let lr = check_non_negative("lr", h.num("lr")?)?;
+    let beta1 = check_unit_interval("beta1", h.num("beta1")?)?;
+    let beta2 = check_unit_interval("beta2", h.num("beta2")?)?;
+    let eps = check_non_negative("eps", h.num("eps")?)?;
+    let weight_decay = check_non_negative("weight_decay", h.num("weight_decay")?)?;
+    Ok(bool_dispatch!(h.flag("amsgrad")? => A, h.flag("decoupled")? => D;
+        v.visit(Adam::<A, D> { lr, beta1, beta2, eps, weight_decay })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Straight f64 transcription of spec §3 (d), one element.
+    fn reference(p: f64, g: f64, m: f64, v: f64, t: f64, wd: f64, decoupled: bool) -> (f64, f64, f64) {
+        let (lr, b1, b2, eps) = (1e-2, 0.9, 0.999, 1e-8);
+        let (p, g) = if decoupled { (p * (1.0 - lr * wd), g) } else { (p, g + wd * p) };
+        let m = b1 * m + (1.0 - b1) * g;
+        let v = b2 * v + (1.0 - b2) * g * g;
+        let d = v.sqrt() / (1.0 - b2.powf(t)).sqrt() + eps;
+        (p - lr / (1.0 - b1.powf(t)) * m / d, m, v)
+    }
+
+    #[test]
+    fn matches_spec_in_f64() {
+        for &decoupled in &[true, false] {
+            let rule_d = Adam::<false, true> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+            let rule_l = Adam::<false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+            let (mut p, mut m, mut v) = (0.7f64, 0.05, 0.002);
+            let (mut rp, mut rm, mut rv) = (p, m, v);
+            for t in 1..=20 {
+                let g = ((t as f64) * 0.37).sin() + 0.1;
+                let mut s = [m, v, 0.0, 0.0];
+                p = if decoupled {
+                    Adam::<false, true>::update(&rule_d.coeffs::<f64>(t as f64), p, g, &mut s)
+                } else {
+                    Adam::<false, false>::update(&rule_l.coeffs::<f64>(t as f64), p, g, &mut s)
+                };
+                (m, v) = (s[0], s[1]);
+                (rp, rm, rv) = reference(rp, g, rm, rv, t as f64, 0.1, decoupled);
+                assert!((p - rp).abs() < 1e-14 && (m - rm).abs() < 1e-15 && (v - rv).abs() < 1e-15);
+            }
+        }
+    }
+
+    #[test]
+    fn amsgrad_keeps_running_max_of_raw_v() {
+        let rule = Adam::<true, true> { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 };
+        let mut s = [0.0f32, 0.5, 0.6, 0.0];
+        let c = rule.coeffs::<f32>(3.0);
+        Adam::<true, true>::update(&c, 1.0, 0.01, &mut s);
+        assert_eq!(s[2], 0.6);
+        s[2] = 0.1;
+        Adam::<true, true>::update(&c, 1.0, 0.01, &mut s);
+        assert_eq!(s[2], s[1]);
+    }
+}

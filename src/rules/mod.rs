@@ -1,0 +1,136 @@
+//! Update rules: one file per rule, each a host-side coefficient function plus the per-element
+//! math. Rules never loop over tensors and never know which backend runs them.
+
+pub mod adam;
+pub mod sgd;
+
+use crate::error::{Error, Result};
+use crate::real::Real;
+
+/// The most state tensors per parameter any rule keeps.
+pub const MAX_SLOTS: usize = 4;
+
+/// An element-wise update rule.
+///
+/// For every parameter tensor the driver calls [`Rule::coeffs`] once on the host (scalars such as
+/// bias corrections, computed in f64 and rounded to the compute type once), then
+/// [`Rule::update`] once per element with the parameter value, the gradient (already unscaled and
+/// negated for `maximize`) and the `SLOTS` state values. Flags are const generics of the
+/// implementing type, so the per-element code has no run-time branches on them.
+pub trait Rule: Send + Sync + 'static {
+    /// State tensors per parameter (slots `0..SLOTS` of the state array are live).
+    const SLOTS: usize;
+    /// Whether the rule reads a per-parameter step counter (torch's `state['step']`), which the
+    /// driver increments before computing the coefficients.
+    const COUNTS_STEPS: bool;
+    /// Per-tensor coefficients in the compute type.
+    type Coeffs<R: Real>: Copy + Send + Sync;
+    /// Coefficients for a tensor at step `step` (its counter after this step's increment; 0 for
+    /// rules without a counter).
+    fn coeffs<R: Real>(&self, step: f64) -> Self::Coeffs<R>;
+    /// New parameter value; updates the state values in place.
+    fn update<R: Real>(c: &Self::Coeffs<R>, p: R, g: R, s: &mut [R; MAX_SLOTS]) -> R;
+}
+
+/// One hyper-parameter value as Python passed it.
+#[derive(Clone, Debug)]
+pub enum HyperValue {
+    Num(f64),
+    Flag(bool),
+}
+
+/// A parameter group's hyper-parameters and flags, by name.
+#[derive(Clone, Debug, Default)]
+pub struct Hyper {
+    entries: Vec<(String, HyperValue)>,
+}
+
+impl Hyper {
+    pub fn new(entries: Vec<(String, HyperValue)>) -> Self {
+        Hyper { entries }
+    }
+
+    fn get(&self, name: &str) -> Result<&HyperValue> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+            .ok_or_else(|| Error::Value(format!("missing hyper-parameter '{name}'")))
+    }
+
+    /// A numeric hyper-parameter (booleans are refused).
+    pub fn num(&self, name: &str) -> Result<f64> {
+        match self.get(name)? {
+            HyperValue::Num(x) => Ok(*x),
+            HyperValue::Flag(_) => Err(Error::Value(format!("'{name}' must be a number, got a bool"))),
+        }
+    }
+
+    /// A boolean flag.
+    pub fn flag(&self, name: &str) -> Result<bool> {
+        match self.get(name)? {
+            HyperValue::Flag(b) => Ok(*b),
+            HyperValue::Num(_) => Err(Error::Value(format!("'{name}' must be a bool, got a number"))),
+        }
+    }
+
+    /// A boolean flag that defaults to `false` when absent.
+    pub fn flag_or_false(&self, name: &str) -> Result<bool> {
+        if self.entries.iter().any(|(k, _)| k == name) {
+            self.flag(name)
+        } else {
+            Ok(false)
+        }
+    }
+}
+
+/// Receives a concrete rule type; lets backends turn a rule name plus flags into monomorphised
+/// code without the registry knowing any backend.
+pub trait RuleVisitor {
+    type Output;
+    fn visit<Ru: Rule>(self, rule: Ru) -> Self::Output;
+}
+
+/// Build the rule called `name` from `hyper` and hand it to `visitor`.
+pub fn visit_rule<V: RuleVisitor>(name: &str, hyper: &Hyper, visitor: V) -> Result<V::Output> {
+    match name {
+        "adam" => adam::visit(hyper, visitor),
+        "sgd" => sgd::visit(hyper, visitor),
+        other => Err(Error::Value(format!("unknown update rule '{other}'"))),
+    }
+}
+
+/// Expand run-time booleans into `const` items usable as const generic arguments:
+/// `bool_dispatch!(a => A, b => B; expr)` evaluates `expr` with `A` and `B` bound to the values.
+macro_rules! bool_dispatch {
+    (; $body:expr) => { $body };
+    ($first:expr => $A:ident $(, $rest:expr => $R:ident)*; $body:expr) => {
+        if $first {
+            const $A: bool = true;
+            $crate::rules::bool_dispatch!($($rest => $R),*; $body)
+        } else {
+            const $A: bool = false;
+            $crate::rules::bool_dispatch!($($rest => $R),*; $body)
+        }
+    };
+}
+pub(crate) use bool_dispatch;
+
+/// Check `0 <= x < 1` style ranges of rule inputs that Python already validated, so that a direct
+/// native call with garbage cannot produce silent nonsense.
+pub(crate) fn check_unit_interval(name: &str, x: f64) -> Result<f64> {
+    if (0.0..1.0).contains(&x) {
+        Ok(x)
+    } else {
+        Err(Error::Value(format!("{name} must be in [0, 1), got {x}")))
+    }
+}
+
+/// Check `x >= 0` (NaN fails).
+pub(crate) fn check_non_negative(name: &str, x: f64) -> Result<f64> {
+    if x >= 0.0 {
+        Ok(x)
+    } else {
+        Err(Error::Value(format!("{name} must be >= 0, got {x}")))
+    }
+}

@@ -1,0 +1,103 @@
+//! SGD with momentum, dampening and Nesterov, exactly as `torch.optim.SGD` (spec §15).
+//!
+//! Per element, in torch's operation order:
+//! ```text
+//! d ← g + wd·p
+//! b ← d                                  first step of this buffer (torch clones d)
+//! b ← b·μ + (1 − dampening)·d            later steps
+//! d ← d + μ·b (nesterov) | b
+//! p ← p + (−lr)·d
+//! ```
+//! State slot: `momentum_buffer` (none when momentum is 0).
+
+use super::{bool_dispatch, check_non_negative, Hyper, Rule, RuleVisitor, MAX_SLOTS};
+use crate::error::Result;
+use crate::real::Real;
+
+/// SGD's hyper-parameters. `MOMENTUM`: keep a buffer; `NESTEROV`; `FIRST`: the buffers of this
+/// call are fresh (torch initialises them with the first direction, without dampening).
+#[derive(Clone, Debug)]
+pub struct Sgd<const MOMENTUM: bool, const NESTEROV: bool, const FIRST: bool> {
+    lr: f64,
+    momentum: f64,
+    dampening: f64,
+    weight_decay: f64,
+}
+
+/// SGD's coefficients (identical for every tensor).
+#[derive(Copy, Clone, Debug)]
+pub struct SgdCoeffs<R: Real> {
+    neg_lr: R,
+    momentum: R,
+    one_minus_dampening: R,
+    weight_decay: R,
+}
+
+impl<const MOMENTUM: bool, const NESTEROV: bool, const FIRST: bool> Rule for Sgd<MOMENTUM, NESTEROV, FIRST> {
+    const SLOTS: usize = if MOMENTUM { 1 } else { 0 };
+    const COUNTS_STEPS: bool = false;
+    type Coeffs<R: Real> = SgdCoeffs<R>;
+
+    fn coeffs<R: Real>(&self, _step: f64) -> SgdCoeffs<R> {
+        SgdCoeffs {
+            neg_lr: R::from_f64(-self.lr),
+            momentum: R::from_f64(self.momentum),
+            one_minus_dampening: R::from_f64(1.0 - self.dampening),
+            weight_decay: R::from_f64(self.weight_decay),
+        }
+    }
+
+    #[inline(always)]
+    fn update<R: Real>(c: &SgdCoeffs<R>, p: R, g: R, s: &mut [R; MAX_SLOTS]) -> R {
+        let mut d = g + c.weight_decay * p;
+        if MOMENTUM {
+            let buf = if FIRST { d } else { s[0] * c.momentum + c.one_minus_dampening * d };
+            s[0] = buf;
+            d = if NESTEROV { d + c.momentum * buf } else { buf };
+        }
+        p + c.neg_lr * d
+    }
+}
+
+/// Build SGD from `lr, momentum, dampening, weight_decay` and flags `nesterov, first`.
+pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
+    let lr = check_non_negative("lr", h.num("lr")?)?;
+    let momentum = check_non_negative("momentum", h.num("momentum")?)?;
+    let dampening = h.num("dampening")?;
+    let weight_decay = check_non_negative("weight_decay", h.num("weight_decay")?)?;
+    let nesterov = h.flag("nesterov")?;
+    let first = h.flag_or_false("first")?;
+    Ok(bool_dispatch!(momentum != 0.0 => M, nesterov => N, first => F;
+        v.visit(Sgd::<M, N, F> { lr, momentum, dampening, weight_decay })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_step_copies_direction_then_dampens() {
+        let h = (0.1, 0.9, 0.25, 0.01);
+        let first = Sgd::<true, false, true> { lr: h.0, momentum: h.1, dampening: h.2, weight_decay: h.3 };
+        let later = Sgd::<true, false, false> { lr: h.0, momentum: h.1, dampening: h.2, weight_decay: h.3 };
+        let mut s = [0.0f64; MAX_SLOTS];
+        let p = Sgd::<true, false, true>::update(&first.coeffs(0.0), 2.0, 0.5, &mut s);
+        let d = 0.5 + 0.01 * 2.0;
+        assert_eq!(s[0], d);
+        assert_eq!(p, 2.0 - 0.1 * d);
+        let p2 = Sgd::<true, false, false>::update(&later.coeffs(0.0), p, -0.3, &mut s);
+        let d2 = -0.3 + 0.01 * p;
+        let b2 = d * 0.9 + 0.75 * d2;
+        assert!((s[0] - b2).abs() < 1e-15);
+        assert!((p2 - (p - 0.1 * b2)).abs() < 1e-15);
+    }
+
+    #[test]
+    fn nesterov_looks_ahead() {
+        let r = Sgd::<true, true, false> { lr: 0.5, momentum: 0.5, dampening: 0.0, weight_decay: 0.0 };
+        let mut s = [1.0f64, 0.0, 0.0, 0.0];
+        let p = Sgd::<true, true, false>::update(&r.coeffs(0.0), 0.0, 2.0, &mut s);
+        assert_eq!(s[0], 2.5);
+        assert_eq!(p, -0.5 * (2.0 + 0.5 * 2.5));
+    }
+}
