@@ -100,6 +100,9 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
         };
         let g = &t.grads[i];
         check_peer("grad", g)?;
+        if g.view.numel() > 0 && g.view.ptr() == p.view.ptr() {
+            return Err(Error::Value(format!("{}: grad shares memory with the parameter", at(i))));
+        }
         if g.view.dtype() != p.view.dtype() {
             return Err(Error::DType(format!(
                 "{}: grad dtype {} differs from parameter dtype {}",

@@ -45,6 +45,8 @@ impl DType {
 
 /// A storage element type that loads into and stores from the compute type `R`.
 pub trait Elem<R: Real>: Copy + Send + Sync + 'static {
+    /// True when `Self` is `R` itself: kernels then work on the tensor's memory directly.
+    const IS_COMPUTE: bool = false;
     /// Convert `src` into `dst` (same length).
     fn load(src: &[Self], dst: &mut [R]);
     /// Round `src` into `dst` (same length), round-to-nearest-even.
@@ -52,6 +54,7 @@ pub trait Elem<R: Real>: Copy + Send + Sync + 'static {
 }
 
 impl Elem<f32> for f32 {
+    const IS_COMPUTE: bool = true;
     #[inline(always)]
     fn load(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src)
@@ -63,6 +66,7 @@ impl Elem<f32> for f32 {
 }
 
 impl Elem<f64> for f64 {
+    const IS_COMPUTE: bool = true;
     #[inline(always)]
     fn load(src: &[f64], dst: &mut [f64]) {
         dst.copy_from_slice(src)

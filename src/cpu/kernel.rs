@@ -9,24 +9,12 @@ use crate::rules::{Rule, MAX_SLOTS};
 /// Elements per block: small enough for the block buffers to stay in L1.
 const BLOCK: usize = 256;
 
-/// How the gradient is transformed when loaded: divided by the AMP scale, then negated for
-/// `maximize` (torch's order).
+/// The factor every gradient is multiplied by when loaded: `±1 / grad_scale` (AMP unscaling,
+/// then negation for `maximize`). For power-of-two scales (GradScaler's) this equals torch's
+/// division exactly.
 #[derive(Copy, Clone, Debug)]
 pub struct GradTransform<R: Real> {
-    pub divide_by: Option<R>,
-    pub negate: bool,
-}
-
-impl<R: Real> GradTransform<R> {
-    #[inline(always)]
-    fn apply(&self, g: &mut [R]) {
-        if let Some(s) = self.divide_by {
-            g.iter_mut().for_each(|x| *x = *x / s);
-        }
-        if self.negate {
-            g.iter_mut().for_each(|x| *x = -*x);
-        }
-    }
+    pub factor: R,
 }
 
 /// Raw pointers to the first element of a span in each tensor of one parameter.
@@ -37,7 +25,27 @@ pub struct SpanPtrs<P, S> {
     pub states: [*mut S; MAX_SLOTS],
 }
 
-/// Update `len` elements starting at `ptrs`.
+/// The widest vector instruction set this CPU has, detected once.
+#[cfg(target_arch = "x86_64")]
+fn simd_level() -> u8 {
+    use std::sync::OnceLock;
+    static LEVEL: OnceLock<u8> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        if std::env::var_os("EMAFUSE_NO_SIMD").is_some() {
+            0
+        } else if is_x86_feature_detected!("avx512f") {
+            2
+        } else if is_x86_feature_detected!("avx2") {
+            1
+        } else {
+            0
+        }
+    })
+}
+
+/// Update `len` elements starting at `ptrs`, with the widest vector unit the CPU has. The math
+/// is the same IEEE arithmetic at any width (no fused multiply-add is formed), so results do not
+/// depend on the CPU.
 ///
 /// # Safety
 /// Every pointer must be valid for `len` elements of its type (state pointers for slots
@@ -48,39 +56,117 @@ pub unsafe fn update_span<Ru: Rule, R: Real, P: Elem<R>, S: Elem<R>>(
     ptrs: SpanPtrs<P, S>,
     len: usize,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    match simd_level() {
+        // SAFETY: the CPU supports the enabled features (checked at run time); the caller's
+        // guarantees are passed on unchanged.
+        2 => return unsafe { update_span_avx512::<Ru, R, P, S>(c, xf, ptrs, len) },
+        // SAFETY: as above.
+        1 => return unsafe { update_span_avx2::<Ru, R, P, S>(c, xf, ptrs, len) },
+        _ => {}
+    }
+    // SAFETY: the caller's guarantees are passed on unchanged.
+    unsafe { update_span_body::<Ru, R, P, S>(c, xf, ptrs, len) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn update_span_avx512<Ru: Rule, R: Real, P: Elem<R>, S: Elem<R>>(
+    c: &Ru::Coeffs<R>,
+    xf: &GradTransform<R>,
+    ptrs: SpanPtrs<P, S>,
+    len: usize,
+) {
+    // SAFETY: forwarded from update_span.
+    unsafe { update_span_body::<Ru, R, P, S>(c, xf, ptrs, len) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn update_span_avx2<Ru: Rule, R: Real, P: Elem<R>, S: Elem<R>>(
+    c: &Ru::Coeffs<R>,
+    xf: &GradTransform<R>,
+    ptrs: SpanPtrs<P, S>,
+    len: usize,
+) {
+    // SAFETY: forwarded from update_span.
+    unsafe { update_span_body::<Ru, R, P, S>(c, xf, ptrs, len) }
+}
+
+/// A block of `n` elements of one array as compute-type values: the tensor's own memory when its
+/// dtype is the compute type, else a converted copy in `buf` (written back by [`finish`]).
+///
+/// # Safety
+/// `ptr` must be valid for `n` elements and not accessed by anyone else while the slice lives.
+#[inline(always)]
+unsafe fn block<'a, R: Real, E: Elem<R>>(ptr: *mut E, n: usize, buf: &'a mut [R]) -> &'a mut [R] {
+    if E::IS_COMPUTE {
+        // SAFETY: E is R (IS_COMPUTE), so the memory holds n valid R values.
+        unsafe { std::slice::from_raw_parts_mut(ptr as *mut R, n) }
+    } else {
+        // SAFETY: ptr is valid for n reads.
+        unsafe { E::load(std::slice::from_raw_parts(ptr, n), &mut buf[..n]) };
+        &mut buf[..n]
+    }
+}
+
+/// Write a converted block back (no-op when the block is the tensor's own memory).
+///
+/// # Safety
+/// As [`block`].
+#[inline(always)]
+unsafe fn finish<R: Real, E: Elem<R>>(ptr: *mut E, vals: &[R]) {
+    if !E::IS_COMPUTE {
+        // SAFETY: ptr is valid for vals.len() writes and exclusively ours.
+        unsafe { E::store(vals, std::slice::from_raw_parts_mut(ptr, vals.len())) };
+    }
+}
+
+#[inline(always)]
+unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, S: Elem<R>>(
+    c: &Ru::Coeffs<R>,
+    xf: &GradTransform<R>,
+    ptrs: SpanPtrs<P, S>,
+    len: usize,
+) {
     let mut pb = [R::ZERO; BLOCK];
     let mut gb = [R::ZERO; BLOCK];
-    let mut sb = [[R::ZERO; BLOCK]; MAX_SLOTS];
+    let [mut s0, mut s1, mut s2, mut s3] = [[R::ZERO; BLOCK]; MAX_SLOTS];
+    let factor = xf.factor;
     let mut off = 0;
     while off < len {
         let n = BLOCK.min(len - off);
-        // SAFETY: [off, off + n) lies inside the span the caller vouched for; the shared slices
-        // live only for the duration of each load.
+        // SAFETY: [off, off + n) lies inside the span the caller vouched for, and the span is
+        // ours alone; each block slice is dropped before the next block is formed. The gradient
+        // is only read (`block` takes *mut for uniformity; nothing is written through it).
         unsafe {
-            P::load(std::slice::from_raw_parts(ptrs.param.add(off), n), &mut pb[..n]);
-            P::load(std::slice::from_raw_parts(ptrs.grad.add(off), n), &mut gb[..n]);
-            for k in 0..Ru::SLOTS {
-                S::load(std::slice::from_raw_parts(ptrs.states[k].add(off), n), &mut sb[k][..n]);
+            let sp = |k: usize| ptrs.states[k].add(off);
+            let p = block::<R, P>(ptrs.param.add(off), n, &mut pb);
+            let g = block::<R, P>(ptrs.grad.add(off) as *mut P, n, &mut gb);
+            // Slots the rule does not use stay empty and are never indexed.
+            let st0 = if Ru::SLOTS > 0 { block::<R, S>(sp(0), n, &mut s0) } else { &mut s0[..0] };
+            let st1 = if Ru::SLOTS > 1 { block::<R, S>(sp(1), n, &mut s1) } else { &mut s1[..0] };
+            let st2 = if Ru::SLOTS > 2 { block::<R, S>(sp(2), n, &mut s2) } else { &mut s2[..0] };
+            let st3 = if Ru::SLOTS > 3 { block::<R, S>(sp(3), n, &mut s3) } else { &mut s3[..0] };
+            let g = &g[..n];
+            let p = &mut p[..n];
+            for i in 0..n {
+                let mut s = [R::ZERO; MAX_SLOTS];
+                if Ru::SLOTS > 0 { s[0] = st0[i]; }
+                if Ru::SLOTS > 1 { s[1] = st1[i]; }
+                if Ru::SLOTS > 2 { s[2] = st2[i]; }
+                if Ru::SLOTS > 3 { s[3] = st3[i]; }
+                p[i] = Ru::update(c, p[i], g[i] * factor, &mut s);
+                if Ru::SLOTS > 0 { st0[i] = s[0]; }
+                if Ru::SLOTS > 1 { st1[i] = s[1]; }
+                if Ru::SLOTS > 2 { st2[i] = s[2]; }
+                if Ru::SLOTS > 3 { st3[i] = s[3]; }
             }
-        }
-        xf.apply(&mut gb[..n]);
-        for i in 0..n {
-            let mut s = [R::ZERO; MAX_SLOTS];
-            for k in 0..Ru::SLOTS {
-                s[k] = sb[k][i];
-            }
-            pb[i] = Ru::update(c, pb[i], gb[i], &mut s);
-            for k in 0..Ru::SLOTS {
-                sb[k][i] = s[k];
-            }
-        }
-        // SAFETY: as above; each mutable slice is the only reference to its elements while it
-        // lives (the caller guarantees exclusive access to the span).
-        unsafe {
-            P::store(&pb[..n], std::slice::from_raw_parts_mut(ptrs.param.add(off), n));
-            for k in 0..Ru::SLOTS {
-                S::store(&sb[k][..n], std::slice::from_raw_parts_mut(ptrs.states[k].add(off), n));
-            }
+            finish::<R, P>(ptrs.param.add(off), p);
+            if Ru::SLOTS > 0 { finish::<R, S>(sp(0), st0); }
+            if Ru::SLOTS > 1 { finish::<R, S>(sp(1), st1); }
+            if Ru::SLOTS > 2 { finish::<R, S>(sp(2), st2); }
+            if Ru::SLOTS > 3 { finish::<R, S>(sp(3), st3); }
         }
         off += n;
     }

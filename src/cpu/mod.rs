@@ -149,7 +149,8 @@ impl<Ru: Rule> RuleBatch<Ru> {
             last = Some((step, c));
             coeffs.push(c);
         }
-        let xf = GradTransform { divide_by: grad_scale.map(R::from_f64), negate: self.options.maximize };
+        let sign = if self.options.maximize { -1.0 } else { 1.0 };
+        let xf = GradTransform { factor: R::from_f64(sign / grad_scale.unwrap_or(1.0)) };
         let numels: Vec<usize> = b.params.iter().map(|p| p.numel()).collect();
         let slots = b.slots;
         for_each_span(&numels, |s| {
