@@ -5,6 +5,25 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::view::{Device, TensorView};
 use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Hashes memory addresses: one multiply (addresses are already well spread, bar alignment).
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100000001b3);
+        }
+    }
+    fn write_usize(&mut self, x: usize) {
+        self.0 = (x as u64 >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
 
 /// How a tensor's elements are laid out.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,11 +36,59 @@ pub enum Layout {
     Strided,
 }
 
+/// A tensor shape, stored inline up to `INLINE_DIMS` dimensions (no allocation per tensor).
+#[derive(Clone, Debug)]
+pub enum Shape {
+    Inline([i64; Shape::INLINE_DIMS], u8),
+    Heap(Vec<i64>),
+}
+
+impl Shape {
+    pub const INLINE_DIMS: usize = 6;
+
+    /// A shape of `dim` zero sizes, to be filled in.
+    pub fn zeros(dim: usize) -> Shape {
+        if dim <= Self::INLINE_DIMS {
+            Shape::Inline([0; Self::INLINE_DIMS], dim as u8)
+        } else {
+            Shape::Heap(vec![0; dim])
+        }
+    }
+
+    pub fn as_slice(&self) -> &[i64] {
+        match self {
+            Shape::Inline(a, n) => &a[..*n as usize],
+            Shape::Heap(v) => v,
+        }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [i64] {
+        match self {
+            Shape::Inline(a, n) => &mut a[..*n as usize],
+            Shape::Heap(v) => v,
+        }
+    }
+}
+
+impl PartialEq for Shape {
+    fn eq(&self, other: &Shape) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl From<&[i64]> for Shape {
+    fn from(dims: &[i64]) -> Shape {
+        let mut s = Shape::zeros(dims.len());
+        s.as_mut_slice().copy_from_slice(dims);
+        s
+    }
+}
+
 /// What the engine needs to know of one tensor.
 #[derive(Clone, Debug)]
 pub struct TensorInfo {
     pub view: TensorView,
-    pub shape: Vec<i64>,
+    pub shape: Shape,
     pub layout: Layout,
 }
 
@@ -58,8 +125,8 @@ impl Batch {
     }
 }
 
-fn fmt_shape(s: &[i64]) -> String {
-    format!("{s:?}")
+fn fmt_shape(s: &Shape) -> String {
+    format!("{:?}", s.as_slice())
 }
 
 /// Validate `t` and split it into batches. `who` names the optimizer for messages.
@@ -173,8 +240,9 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
 /// Refuse a step in which one piece of memory would be written twice (the same tensor used as
 /// two parameters or two state slots, e.g. from a corrupted checkpoint): the result would depend
 /// on the order of writes.
-pub fn check_no_shared_outputs<'a>(who: &str, batches: impl IntoIterator<Item = &'a Batch>) -> Result<()> {
-    let mut seen = HashSet::new();
+pub fn check_no_shared_outputs<'a>(who: &str, batches: impl IntoIterator<Item = &'a Batch> + Clone) -> Result<()> {
+    let n: usize = batches.clone().into_iter().map(|b| b.params.len() + b.states.len() + b.steps.len()).sum();
+    let mut seen = HashSet::with_capacity_and_hasher(n, BuildHasherDefault::<AddressHasher>::default());
     for b in batches {
         for v in b.params.iter().chain(b.states.iter()).chain(b.steps.iter()) {
             if v.numel() > 0 && !seen.insert(v.ptr() as usize) {

@@ -1,10 +1,12 @@
 //! Turning Python `torch.Tensor` objects into [`TensorInfo`]s through libtorch (tch/torch-sys).
 
-use crate::batch::{Layout, TensorInfo};
+use crate::batch::{Layout, Shape, TensorInfo};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::view::{Device, TensorView};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyType;
 use std::ffi::CStr;
 use tch::Tensor;
 use torch_sys::C_tensor;
@@ -70,23 +72,43 @@ fn is_dense(shape: &[i64], strides: &[i64]) -> bool {
     true
 }
 
+static TENSOR_TYPE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+/// Whether `obj` is a `torch.Tensor` (or subclass, e.g. `nn.Parameter`). A plain subtype check:
+/// no `__instancecheck__` dispatch.
+fn is_tensor(obj: &Bound<'_, PyAny>) -> Result<bool> {
+    let py = obj.py();
+    let ty = TENSOR_TYPE
+        .get_or_try_init(py, || -> PyResult<Py<PyType>> {
+            Ok(PyModule::import(py, "torch")?.getattr("Tensor")?.cast_into::<PyType>()?.unbind())
+        })
+        .map_err(|e| Error::Internal(format!("cannot find torch.Tensor: {e}")))?;
+    // SAFETY: both pointers are live type objects (obj is borrowed, ty is cached forever).
+    Ok(unsafe { pyo3::ffi::PyType_IsSubtype(pyo3::ffi::Py_TYPE(obj.as_ptr()), ty.as_ptr() as *mut pyo3::ffi::PyTypeObject) } != 0)
+}
+
 /// Unpack `obj` (which must be a `torch.Tensor`) for the role `role` (used in messages).
 pub fn unpack(obj: &Bound<'_, PyAny>, role: &dyn Fn() -> String) -> Result<Unpacked> {
-    // SAFETY: obj is a live Python object; pyobject_unpack checks that it is a tensor first.
-    let handle = unsafe { Tensor::pyobject_unpack(obj.as_ptr() as *mut tch::python::CPyObject) }
-        .map_err(|e| Error::Internal(e.to_string()))?
-        .ok_or_else(|| Error::Value(format!("{}: expected a torch.Tensor, got {}", role(), type_name(obj))))?;
+    if !is_tensor(obj)? {
+        return Err(Error::Value(format!("{}: expected a torch.Tensor, got {}", role(), type_name(obj))));
+    }
+    // SAFETY: obj is a live torch.Tensor (checked above); the returned at::Tensor is a new
+    // reference owned by `handle`.
+    let handle = unsafe {
+        let raw = torch_sys::python::thp_variable_unpack(obj.as_ptr() as *mut torch_sys::python::C_pyobject);
+        if raw.is_null() {
+            return Err(Error::Internal(take_torch_error().unwrap_or_else(|| "cannot unpack tensor".into())));
+        }
+        Tensor::from_ptr(raw)
+    };
     let raw = handle.as_ptr() as *mut C_tensor;
     // SAFETY: raw is a valid at::Tensor owned by `handle`; each call is wrapped by libtorch's
     // PROTECT, which turns C++ exceptions into the last-error string checked below.
     unsafe {
-        if torch_sys::at_is_sparse(raw) == 1 {
-            return Err(Error::Sparse(format!("{} is sparse", role())));
-        }
+        // Sparse and other non-strided layouts throw here.
         let contiguous = torch_sys::at_is_contiguous(raw);
-        if let Some(e) = take_torch_error() {
-            let _ = e;
-            return Err(Error::Sparse(format!("{} has a non-strided layout (sparse, mkldnn, ...)", role())));
+        if take_torch_error().is_some() {
+            return Err(Error::Sparse(format!("{} is sparse (or has another non-strided layout)", role())));
         }
         let code = torch_sys::at_scalar_type(raw);
         if (8..=10).contains(&code) {
@@ -106,15 +128,15 @@ pub fn unpack(obj: &Bound<'_, PyAny>, role: &dyn Fn() -> String) -> Result<Unpac
             _ => return Err(Error::Device(format!("{} is on an unsupported device (only cpu and cuda are)", role()))),
         };
         let dim = torch_sys::at_dim(raw);
-        let mut shape = vec![0i64; dim];
-        torch_sys::at_shape(raw, shape.as_mut_ptr());
-        let numel = shape.iter().product::<i64>() as usize;
+        let mut shape = Shape::zeros(dim);
+        torch_sys::at_shape(raw, shape.as_mut_slice().as_mut_ptr());
+        let numel = shape.as_slice().iter().product::<i64>() as usize;
         let layout = if contiguous == 1 {
             Layout::Contiguous
         } else {
             let mut strides = vec![0i64; dim];
             torch_sys::at_stride(raw, strides.as_mut_ptr());
-            if is_dense(&shape, &strides) {
+            if is_dense(shape.as_slice(), &strides) {
                 Layout::Dense(strides)
             } else {
                 Layout::Strided
