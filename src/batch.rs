@@ -96,11 +96,13 @@ pub struct TensorInfo {
 #[derive(Debug, Default)]
 pub struct GroupTensors {
     pub params: Vec<TensorInfo>,
-    pub grads: Vec<TensorInfo>,
+    /// The read-only inputs (gradients), or None for rules that read none.
+    pub grads: Option<Vec<TensorInfo>>,
     /// `states[k][i]`: state slot `k` of parameter `i`.
     pub states: Vec<Vec<TensorInfo>>,
-    /// Per-parameter step counters (0-dim float32 tensors), if the rule keeps them.
-    pub steps: Option<Vec<TensorInfo>>,
+    /// `scalars[k][i]`: scalar state entry `k` (a one-element CPU float tensor, e.g. `step`) of
+    /// parameter `i`.
+    pub scalars: Vec<Vec<TensorInfo>>,
 }
 
 /// Parameters of one group sharing device, parameter dtype and state dtype.
@@ -110,12 +112,14 @@ pub struct Batch {
     pub param_dtype: DType,
     pub state_dtype: DType,
     pub params: Vec<TensorView>,
+    /// One per parameter, or empty when the rule reads no input.
     pub grads: Vec<TensorView>,
     /// Slots per parameter; `states[i * slots + k]`.
     pub slots: usize,
     pub states: Vec<TensorView>,
-    /// Step counters, one per parameter, or empty.
-    pub steps: Vec<TensorView>,
+    /// Scalar entries per parameter; `scalars[i * n_scalars + k]` (f32 or f64, one element).
+    pub n_scalars: usize,
+    pub scalars: Vec<TensorView>,
 }
 
 impl Batch {
@@ -133,8 +137,12 @@ fn fmt_shape(s: &Shape) -> String {
 pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batch>> {
     let n = t.params.len();
     let slots = t.states.len();
+    let n_scalars = t.scalars.len();
     let at = |i: usize| format!("{who}: param group {group}, parameter {i}");
-    if t.grads.len() != n || t.states.iter().any(|s| s.len() != n) || t.steps.as_ref().is_some_and(|s| s.len() != n) {
+    if t.grads.as_ref().is_some_and(|g| g.len() != n)
+        || t.states.iter().any(|s| s.len() != n)
+        || t.scalars.iter().any(|s| s.len() != n)
+    {
         return Err(Error::Value(format!("{who}: param group {group}: tensor lists of different lengths")));
     }
     let mut batches: Vec<Batch> = Vec::new();
@@ -165,18 +173,20 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
             }
             Ok(())
         };
-        let g = &t.grads[i];
-        check_peer("grad", g)?;
-        if g.view.numel() > 0 && g.view.ptr() == p.view.ptr() {
-            return Err(Error::Value(format!("{}: grad shares memory with the parameter", at(i))));
-        }
-        if g.view.dtype() != p.view.dtype() {
-            return Err(Error::DType(format!(
-                "{}: grad dtype {} differs from parameter dtype {}",
-                at(i),
-                g.view.dtype().name(),
-                p.view.dtype().name()
-            )));
+        if let Some(grads) = &t.grads {
+            let g = &grads[i];
+            check_peer("grad", g)?;
+            if g.view.numel() > 0 && g.view.ptr() == p.view.ptr() {
+                return Err(Error::Value(format!("{}: grad shares memory with the parameter", at(i))));
+            }
+            if g.view.dtype() != p.view.dtype() {
+                return Err(Error::DType(format!(
+                    "{}: grad dtype {} differs from parameter dtype {}",
+                    at(i),
+                    g.view.dtype().name(),
+                    p.view.dtype().name()
+                )));
+            }
         }
         let state_dtype = match t.states.first() {
             Some(s) => s[i].view.dtype(),
@@ -199,11 +209,11 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
                 pd.name()
             )));
         }
-        if let Some(steps) = &t.steps {
-            let s = &steps[i];
+        for (k, entry) in t.scalars.iter().enumerate() {
+            let s = &entry[i];
             if s.view.device() != Device::Cpu || !matches!(s.view.dtype(), DType::F32 | DType::F64) || s.view.numel() != 1 {
                 return Err(Error::Value(format!(
-                    "{}: state 'step' must be a one-element float32 (or float64) tensor on the CPU, got {} on {}",
+                    "{}: scalar state {k} must be a one-element float32 (or float64) tensor on the CPU, got {} on {}",
                     at(i),
                     s.view.dtype().name(),
                     s.view.device()
@@ -222,17 +232,18 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
                     grads: Vec::new(),
                     slots,
                     states: Vec::new(),
-                    steps: Vec::new(),
+                    n_scalars,
+                    scalars: Vec::new(),
                 });
                 batches.last_mut().expect("just pushed")
             }
         };
         b.params.push(p.view);
-        b.grads.push(g.view);
-        b.states.extend(t.states.iter().map(|slot| slot[i].view));
-        if let Some(steps) = &t.steps {
-            b.steps.push(steps[i].view);
+        if let Some(grads) = &t.grads {
+            b.grads.push(grads[i].view);
         }
+        b.states.extend(t.states.iter().map(|slot| slot[i].view));
+        b.scalars.extend(t.scalars.iter().map(|entry| entry[i].view));
     }
     Ok(batches)
 }
@@ -241,10 +252,10 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
 /// two parameters or two state slots, e.g. from a corrupted checkpoint): the result would depend
 /// on the order of writes.
 pub fn check_no_shared_outputs<'a>(who: &str, batches: impl IntoIterator<Item = &'a Batch> + Clone) -> Result<()> {
-    let n: usize = batches.clone().into_iter().map(|b| b.params.len() + b.states.len() + b.steps.len()).sum();
+    let n: usize = batches.clone().into_iter().map(|b| b.params.len() + b.states.len() + b.scalars.len()).sum();
     let mut seen = HashSet::with_capacity_and_hasher(n, BuildHasherDefault::<AddressHasher>::default());
     for b in batches {
-        for v in b.params.iter().chain(b.states.iter()).chain(b.steps.iter()) {
+        for v in b.params.iter().chain(b.states.iter()).chain(b.scalars.iter()) {
             if v.numel() > 0 && !seen.insert(v.ptr() as usize) {
                 return Err(Error::Value(format!(
                     "{who}: the same tensor memory appears twice among parameters and optimizer state"

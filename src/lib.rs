@@ -7,6 +7,7 @@ pub mod batch;
 pub mod cpu;
 pub mod dtype;
 pub mod error;
+#[cfg(feature = "python")]
 mod py;
 pub mod real;
 pub mod rules;

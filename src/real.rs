@@ -25,7 +25,7 @@ pub trait Real:
     fn abs(self) -> Self;
     /// `torch.maximum`: NaN if either operand is NaN.
     #[inline(always)]
-    fn maximum(self, other: Self) -> Self {
+    fn max_nan(self, other: Self) -> Self {
         #[allow(clippy::eq_op)]
         let self_is_nan = self != self;
         if self_is_nan || self > other {
@@ -36,7 +36,7 @@ pub trait Real:
     }
     /// `torch.minimum`: NaN if either operand is NaN.
     #[inline(always)]
-    fn minimum(self, other: Self) -> Self {
+    fn min_nan(self, other: Self) -> Self {
         #[allow(clippy::eq_op)]
         let self_is_nan = self != self;
         if self_is_nan || self < other {
@@ -143,12 +143,12 @@ mod tests {
 
     #[test]
     fn maximum_propagates_nan() {
-        assert!(f32::NAN.maximum(1.0).is_nan());
-        assert!(1.0f32.maximum(f32::NAN).is_nan());
-        assert_eq!(2.0f32.maximum(1.0), 2.0);
-        assert_eq!((-2.0f64).maximum(1.0), 1.0);
-        assert!(f64::NAN.minimum(1.0).is_nan());
-        assert_eq!(2.0f64.minimum(1.0), 1.0);
+        assert!(f32::NAN.max_nan(1.0).is_nan());
+        assert!(1.0f32.max_nan(f32::NAN).is_nan());
+        assert_eq!(2.0f32.max_nan(1.0), 2.0);
+        assert_eq!((-2.0f64).max_nan(1.0), 1.0);
+        assert!(f64::NAN.min_nan(1.0).is_nan());
+        assert_eq!(2.0f64.min_nan(1.0), 1.0);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use crate::dtype::Elem;
 use crate::real::Real;
-use crate::rules::{Rule, MAX_SLOTS};
+use crate::rules::{Rule, MAX_SLOTS, MAX_SUMS};
 
 /// Elements per block: small enough for the block buffers to stay in L1.
 const BLOCK: usize = 256;
@@ -17,12 +17,51 @@ pub struct GradTransform<R: Real> {
     pub factor: R,
 }
 
-/// Raw pointers to the first element of a span in each tensor of one parameter.
+/// Raw pointers to the first element of a span in each tensor of one parameter (`grad` is null
+/// for rules that read no input).
 #[derive(Copy, Clone)]
 pub struct SpanPtrs<P, S> {
     pub param: *mut P,
     pub grad: *const P,
     pub states: [*mut S; MAX_SLOTS],
+}
+
+/// The rule's per-tensor sums over `len` elements at `ptrs` (read-only pass).
+///
+/// # Safety
+/// As [`update_span`], except that the elements are only read.
+pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, S: Elem<R>>(
+    factor: R,
+    ptrs: SpanPtrs<P, S>,
+    len: usize,
+) -> [f64; MAX_SUMS] {
+    let mut pb = [R::ZERO; BLOCK];
+    let mut gb = [R::ZERO; BLOCK];
+    let mut sb = [[R::ZERO; BLOCK]; MAX_SLOTS];
+    let mut sums = [0.0; MAX_SUMS];
+    let mut off = 0;
+    while off < len {
+        let n = BLOCK.min(len - off);
+        // SAFETY: inside the span the caller vouched for; read only.
+        unsafe {
+            P::load(std::slice::from_raw_parts(ptrs.param.add(off), n), &mut pb[..n]);
+            if Ru::READS_INPUT {
+                P::load(std::slice::from_raw_parts(ptrs.grad.add(off), n), &mut gb[..n]);
+            }
+            for k in 0..Ru::SLOTS {
+                S::load(std::slice::from_raw_parts(ptrs.states[k].add(off), n), &mut sb[k][..n]);
+            }
+        }
+        for i in 0..n {
+            let mut s = [R::ZERO; MAX_SLOTS];
+            for k in 0..Ru::SLOTS {
+                s[k] = sb[k][i];
+            }
+            Ru::accumulate(pb[i], gb[i] * factor, &s, &mut sums);
+        }
+        off += n;
+    }
+    sums
 }
 
 /// The widest vector instruction set this CPU has, detected once.
@@ -142,7 +181,7 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, S: Elem<R>>(
         unsafe {
             let sp = |k: usize| ptrs.states[k].add(off);
             let p = block::<R, P>(ptrs.param.add(off), n, &mut pb);
-            let g = block::<R, P>(ptrs.grad.add(off) as *mut P, n, &mut gb);
+            let g: &[R] = if Ru::READS_INPUT { block::<R, P>(ptrs.grad.add(off) as *mut P, n, &mut gb) } else { &gb[..n] };
             // Slots the rule does not use stay empty and are never indexed.
             let st0 = if Ru::SLOTS > 0 { block::<R, S>(sp(0), n, &mut s0) } else { &mut s0[..0] };
             let st1 = if Ru::SLOTS > 1 { block::<R, S>(sp(1), n, &mut s1) } else { &mut s1[..0] };

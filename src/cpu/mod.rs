@@ -9,7 +9,8 @@ use crate::batch::Batch;
 use crate::dtype::{DType, Elem};
 use crate::error::{Error, Result};
 use crate::real::Real;
-use crate::rules::{visit_rule, Hyper, Rule, RuleVisitor, MAX_SLOTS};
+use crate::rules::{visit_rule, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::view::TensorView;
 use half::{bf16, f16};
 use kernel::{GradTransform, SpanPtrs};
 use rayon::prelude::*;
@@ -68,7 +69,7 @@ pub trait CpuStep: Send + Sync {
     /// Fail if the group asked for finite gradients (`check_finite`) and one holds NaN or
     /// infinity. Reads only.
     fn check_finite(&self, who: &str) -> Result<()>;
-    /// Advance the step counters and update every tensor. Cannot fail.
+    /// Update the scalar state and every tensor. Cannot fail.
     fn run(&self, grad_scale: Option<f64>);
 }
 
@@ -95,11 +96,17 @@ struct Planner {
 impl RuleVisitor for Planner {
     type Output = Result<Box<dyn CpuStep>>;
     fn visit<Ru: Rule>(self, rule: Ru) -> Self::Output {
-        if self.batch.slots != Ru::SLOTS {
-            return Err(Error::Internal(format!("rule keeps {} state tensors, {} were passed", Ru::SLOTS, self.batch.slots)));
-        }
-        if Ru::COUNTS_STEPS == self.batch.steps.is_empty() && !self.batch.params.is_empty() {
-            return Err(Error::Internal("step counters passed to a rule without them, or missing".into()));
+        let b = &self.batch;
+        if b.slots != Ru::SLOTS || b.n_scalars != Ru::SCALARS || (Ru::READS_INPUT && b.grads.len() != b.params.len()) {
+            return Err(Error::Internal(format!(
+                "rule expects {} state tensors, {} scalars and {} input; got {}, {} and {}",
+                Ru::SLOTS,
+                Ru::SCALARS,
+                if Ru::READS_INPUT { "an" } else { "no" },
+                b.slots,
+                b.n_scalars,
+                if b.grads.is_empty() { "none" } else { "some" }
+            )));
         }
         Ok(Box::new(RuleBatch { rule, batch: self.batch, options: self.options }))
     }
@@ -111,61 +118,122 @@ struct RuleBatch<Ru: Rule> {
     options: Options,
 }
 
+/// Read a one-element f32/f64 CPU tensor.
+///
+/// # Safety
+/// `v` must be a live one-element CPU tensor of dtype F32 or F64.
+unsafe fn read_scalar(v: &TensorView) -> f64 {
+    // SAFETY: per the contract.
+    unsafe {
+        if v.dtype() == DType::F64 {
+            *v.at::<f64>(0)
+        } else {
+            *v.at::<f32>(0) as f64
+        }
+    }
+}
+
+/// Write a one-element f32/f64 CPU tensor (rounding to f32 when it is one, as torch's float32
+/// step counter does).
+///
+/// # Safety
+/// As [`read_scalar`], and nobody else accesses it.
+unsafe fn write_scalar(v: &TensorView, x: f64) {
+    // SAFETY: per the contract.
+    unsafe {
+        if v.dtype() == DType::F64 {
+            *v.at::<f64>(0) = x
+        } else {
+            *v.at::<f32>(0) = x as f32
+        }
+    }
+}
+
 impl<Ru: Rule> RuleBatch<Ru> {
-    /// Increment every step counter (in its own dtype, float32 as torch's) and return the new
-    /// values.
-    fn advance_steps(&self) -> Vec<f64> {
-        self.batch
-            .steps
-            .iter()
-            .map(|s| {
-                // SAFETY: validated as a one-element float32/float64 CPU tensor, kept alive by the
-                // caller, and no two counters share memory (check_no_shared_outputs).
-                unsafe {
-                    if s.dtype() == DType::F64 {
-                        let p = s.at::<f64>(0);
-                        *p += 1.0;
-                        *p
-                    } else {
-                        let p = s.at::<f32>(0);
-                        *p += 1.0;
-                        *p as f64
-                    }
-                }
-            })
-            .collect()
+    fn numels(&self) -> Vec<usize> {
+        self.batch.params.iter().map(|p| p.numel()).collect()
     }
 
-    fn run_typed<R: Real, P: Elem<R>, S: Elem<R>>(&self, steps: &[f64], grad_scale: Option<f64>) {
+    /// Pointers to the first element of span `s` in every tensor of its parameter.
+    ///
+    /// # Safety
+    /// The batch's views must be validated for element types P (params, grads) and S (states).
+    unsafe fn span_ptrs<R: Real, P: Elem<R>, S: Elem<R>>(&self, s: Span) -> SpanPtrs<P, S> {
         let b = &self.batch;
-        let mut coeffs = Vec::with_capacity(b.params.len());
-        let mut last: Option<(f64, Ru::Coeffs<R>)> = None;
-        for i in 0..b.params.len() {
-            let step = steps.get(i).copied().unwrap_or(0.0);
-            let c = match last {
-                Some((s, c)) if s == step => c,
-                _ => self.rule.coeffs::<R>(step),
-            };
-            last = Some((step, c));
-            coeffs.push(c);
+        let t = s.tensor;
+        let mut states = [std::ptr::null_mut::<S>(); MAX_SLOTS];
+        // SAFETY: offsets stay inside the validated tensors.
+        unsafe {
+            for (k, st) in states.iter_mut().enumerate().take(b.slots) {
+                *st = b.states[t * b.slots + k].at::<S>(s.start);
+            }
+            let grad = if Ru::READS_INPUT { b.grads[t].at::<P>(s.start) as *const P } else { std::ptr::null() };
+            SpanPtrs { param: b.params[t].at::<P>(s.start), grad, states }
         }
+    }
+
+    /// Per-tensor sums of the rule (zeros when it has none).
+    fn sums<R: Real, P: Elem<R>, S: Elem<R>>(&self, factor: R) -> Vec<[f64; MAX_SUMS]> {
+        let n = self.batch.params.len();
+        if Ru::SUMS == 0 {
+            return vec![[0.0; MAX_SUMS]; n];
+        }
+        let parts = std::sync::Mutex::new(Vec::new());
+        for_each_span(&self.numels(), |s| {
+            // SAFETY: validated views; the pass only reads.
+            let part = unsafe { kernel::sum_span::<Ru, R, P, S>(factor, self.span_ptrs::<R, P, S>(s), s.len) };
+            parts.lock().expect("no panics while held").push((s.tensor, part));
+        });
+        let mut sums = vec![[0.0; MAX_SUMS]; n];
+        for (t, part) in parts.into_inner().expect("no panics while held") {
+            for k in 0..Ru::SUMS {
+                sums[t][k] += part[k];
+            }
+        }
+        sums
+    }
+
+    /// Coefficients of every tensor; reads and writes back the scalar state. Consecutive tensors
+    /// with equal scalar state (the common case) share one evaluation.
+    fn coeffs<R: Real>(&self, sums: &[[f64; MAX_SUMS]]) -> Vec<Ru::Coeffs<R>> {
+        let b = &self.batch;
+        let ns = b.n_scalars;
+        let mut out = Vec::with_capacity(b.params.len());
+        let mut last: Option<([f64; MAX_SCALARS], [f64; MAX_SCALARS], Ru::Coeffs<R>)> = None;
+        for (i, sum) in sums.iter().enumerate() {
+            let mut scalars = [0.0; MAX_SCALARS];
+            for (k, x) in scalars.iter_mut().enumerate().take(ns) {
+                // SAFETY: validated one-element CPU float tensors, alive for the call.
+                *x = unsafe { read_scalar(&b.scalars[i * ns + k]) };
+            }
+            let (updated, c) = match last {
+                Some((before, after, c)) if Ru::SUMS == 0 && before == scalars => (after, c),
+                _ => {
+                    let mut after = scalars;
+                    let c = self.rule.coeffs::<R>(&mut after, sum);
+                    (after, c)
+                }
+            };
+            for k in 0..ns {
+                // SAFETY: as above; no two scalar tensors share memory (check_no_shared_outputs).
+                unsafe { write_scalar(&b.scalars[i * ns + k], updated[k]) };
+            }
+            last = Some((scalars, updated, c));
+            out.push(c);
+        }
+        out
+    }
+
+    fn run_typed<R: Real, P: Elem<R>, S: Elem<R>>(&self, grad_scale: Option<f64>) {
         let sign = if self.options.maximize { -1.0 } else { 1.0 };
         let xf = GradTransform { factor: R::from_f64(sign / grad_scale.unwrap_or(1.0)) };
-        let numels: Vec<usize> = b.params.iter().map(|p| p.numel()).collect();
-        let slots = b.slots;
-        for_each_span(&numels, |s| {
-            let t = s.tensor;
+        let sums = self.sums::<R, P, S>(xf.factor);
+        let coeffs = self.coeffs::<R>(&sums);
+        for_each_span(&self.numels(), |s| {
             // SAFETY: all views were validated to hold numel elements of P (params, grads) or S
             // (states) on the CPU; spans are disjoint ranges inside them, so each element is
             // touched by one thread only; the tensors are kept alive by the caller.
-            unsafe {
-                let mut states = [std::ptr::null_mut::<S>(); MAX_SLOTS];
-                for (k, st) in states.iter_mut().enumerate().take(slots) {
-                    *st = b.states[t * slots + k].at::<S>(s.start);
-                }
-                let ptrs = SpanPtrs { param: b.params[t].at::<P>(s.start), grad: b.grads[t].at::<P>(s.start), states };
-                kernel::update_span::<Ru, R, P, S>(&coeffs[t], &xf, ptrs, s.len);
-            }
+            unsafe { kernel::update_span::<Ru, R, P, S>(&coeffs[s.tensor], &xf, self.span_ptrs::<R, P, S>(s), s.len) };
         });
     }
 
@@ -185,7 +253,7 @@ impl<Ru: Rule> RuleBatch<Ru> {
 
 impl<Ru: Rule> CpuStep for RuleBatch<Ru> {
     fn check_finite(&self, who: &str) -> Result<()> {
-        if !self.options.check_finite {
+        if !self.options.check_finite || !Ru::READS_INPUT {
             return Ok(());
         }
         let fine = match self.batch.param_dtype {
@@ -202,14 +270,13 @@ impl<Ru: Rule> CpuStep for RuleBatch<Ru> {
     }
 
     fn run(&self, grad_scale: Option<f64>) {
-        let steps = self.advance_steps();
         match (self.batch.param_dtype, self.batch.state_dtype) {
-            (DType::F32, _) => self.run_typed::<f32, f32, f32>(&steps, grad_scale),
-            (DType::F64, _) => self.run_typed::<f64, f64, f64>(&steps, grad_scale),
-            (DType::BF16, DType::BF16) => self.run_typed::<f32, bf16, bf16>(&steps, grad_scale),
-            (DType::BF16, _) => self.run_typed::<f32, bf16, f32>(&steps, grad_scale),
-            (DType::F16, DType::F16) => self.run_typed::<f32, f16, f16>(&steps, grad_scale),
-            (DType::F16, _) => self.run_typed::<f32, f16, f32>(&steps, grad_scale),
+            (DType::F32, _) => self.run_typed::<f32, f32, f32>(grad_scale),
+            (DType::F64, _) => self.run_typed::<f64, f64, f64>(grad_scale),
+            (DType::BF16, DType::BF16) => self.run_typed::<f32, bf16, bf16>(grad_scale),
+            (DType::BF16, _) => self.run_typed::<f32, bf16, f32>(grad_scale),
+            (DType::F16, DType::F16) => self.run_typed::<f32, f16, f16>(grad_scale),
+            (DType::F16, _) => self.run_typed::<f32, f16, f32>(grad_scale),
         }
     }
 }

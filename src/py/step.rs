@@ -85,34 +85,41 @@ fn state_list(
     Ok(out)
 }
 
-/// One group as passed from Python:
-/// `(hyper: dict, params: list, grads: list, states: list[dict] | None, slots: tuple[str], step_key: str | None)`.
+/// One group as passed from Python: `(hyper: dict, params: list, inputs: list | None,
+/// states: list[dict] | None, slots: tuple[str, ...], scalars: tuple[str, ...])`. `inputs` are the
+/// gradients (None for rules that read none); each state dict holds the tensors named in
+/// `slots` and the one-element tensors named in `scalars`.
 fn group_tensors(group: &Bound<'_, PyTuple>, gi: usize, keep: &mut Vec<tch::Tensor>) -> Result<(Hyper, GroupTensors)> {
     if group.len() != 6 {
-        return Err(Error::Value("each group is (hyper, params, grads, states, slots, step_key)".into()));
+        return Err(Error::Value("each group is (hyper, params, inputs, states, slots, scalars)".into()));
     }
     let item = |k: usize| group.get_item(k).expect("length checked");
     let hyper = hyper_from(item(0).cast::<PyDict>().map_err(|_| Error::Value("hyper must be a dict".into()))?)?;
     let params = tensor_list(&item(1), "parameter", gi, keep)?;
-    let grads = tensor_list(&item(2), "grad", gi, keep)?;
-    let (states_obj, slots_obj, key_obj) = (item(3), item(4), item(5));
-    let slots = slots_obj.cast::<PyTuple>().map_err(|_| Error::Value("slots must be a tuple of str".into()))?;
-    let mut states = Vec::with_capacity(slots.len());
-    let mut steps = None;
-    if !states_obj.is_none() {
+    let grads_obj = item(2);
+    let grads = if grads_obj.is_none() { None } else { Some(tensor_list(&grads_obj, "grad", gi, keep)?) };
+    let names = |k: usize, what: &str| -> Result<Vec<Bound<'_, PyString>>> {
+        let t = item(k);
+        let t = t.cast::<PyTuple>().map_err(|_| Error::Value(format!("{what} must be a tuple of str")))?;
+        t.iter().map(|n| n.cast_into::<PyString>().map_err(|_| Error::Value(format!("{what} must be a tuple of str")))).collect()
+    };
+    let (slots, scalar_keys) = (names(4, "slots")?, names(5, "scalars")?);
+    let states_obj = item(3);
+    let (mut states, mut scalars) = (Vec::with_capacity(slots.len()), Vec::with_capacity(scalar_keys.len()));
+    if states_obj.is_none() {
+        if !slots.is_empty() || !scalar_keys.is_empty() {
+            return Err(Error::Value("slots or scalars given without states".into()));
+        }
+    } else {
         let dicts = states_obj.cast::<PyList>().map_err(|_| Error::Value("states must be a list of dicts".into()))?;
-        for name in slots.iter() {
-            let name = name.cast::<PyString>().map_err(|_| Error::Value("slot names must be str".into()))?;
+        for name in &slots {
             states.push(state_list(dicts, name, gi, keep)?);
         }
-        if !key_obj.is_none() {
-            let key = key_obj.cast::<PyString>().map_err(|_| Error::Value("step key must be a str".into()))?;
-            steps = Some(state_list(dicts, key, gi, keep)?);
+        for name in &scalar_keys {
+            scalars.push(state_list(dicts, name, gi, keep)?);
         }
-    } else if !slots.is_empty() {
-        return Err(Error::Value("slots given without states".into()));
     }
-    Ok((hyper, GroupTensors { params, grads, states, steps }))
+    Ok((hyper, GroupTensors { params, grads, states, scalars }))
 }
 
 fn plan(

@@ -11,7 +11,7 @@
 //! with `bc1 = 1 − β1^t`, `bc2 = 1 − β2^t` computed in f64 on the host.
 //! State slots: `exp_avg`, `exp_avg_sq`, then `max_exp_avg_sq` with amsgrad.
 
-use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SLOTS};
+use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::error::Result;
 use crate::real::{Lerp, Real};
 
@@ -40,10 +40,13 @@ pub struct AdamCoeffs<R: Real> {
 
 impl<const AMSGRAD: bool, const DECOUPLED: bool> Rule for Adam<AMSGRAD, DECOUPLED> {
     const SLOTS: usize = if AMSGRAD { 3 } else { 2 };
-    const COUNTS_STEPS: bool = true;
+    const SCALARS: usize = 1;
     type Coeffs<R: Real> = AdamCoeffs<R>;
 
-    fn coeffs<R: Real>(&self, step: f64) -> AdamCoeffs<R> {
+    /// `scalars[0]` is torch's `state['step']`, incremented here.
+    fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> AdamCoeffs<R> {
+        scalars[0] += 1.0;
+        let step = scalars[0];
         let bc1 = 1.0 - self.beta1.powf(step);
         let bc2 = 1.0 - self.beta2.powf(step);
         AdamCoeffs {
@@ -66,7 +69,7 @@ impl<const AMSGRAD: bool, const DECOUPLED: bool> Rule for Adam<AMSGRAD, DECOUPLE
         s[0] = m;
         s[1] = v;
         let v_hat = if AMSGRAD {
-            s[2] = s[2].maximum(v);
+            s[2] = s[2].max_nan(v);
             s[2]
         } else {
             v
@@ -112,9 +115,9 @@ mod tests {
                 let g = ((t as f64) * 0.37).sin() + 0.1;
                 let mut s = [m, v, 0.0, 0.0];
                 p = if decoupled {
-                    Adam::<false, true>::update(&rule_d.coeffs::<f64>(t as f64), p, g, &mut s)
+                    Adam::<false, true>::update(&rule_d.coeffs::<f64>(&mut [t as f64 - 1.0; 4], &[0.0; 4]), p, g, &mut s)
                 } else {
-                    Adam::<false, false>::update(&rule_l.coeffs::<f64>(t as f64), p, g, &mut s)
+                    Adam::<false, false>::update(&rule_l.coeffs::<f64>(&mut [t as f64 - 1.0; 4], &[0.0; 4]), p, g, &mut s)
                 };
                 (m, v) = (s[0], s[1]);
                 (rp, rm, rv) = reference(rp, g, rm, rv, t as f64, 0.1, decoupled);
@@ -127,7 +130,9 @@ mod tests {
     fn amsgrad_keeps_running_max_of_raw_v() {
         let rule = Adam::<true, true> { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 };
         let mut s = [0.0f32, 0.5, 0.6, 0.0];
-        let c = rule.coeffs::<f32>(3.0);
+        let mut scalars = [2.0; MAX_SCALARS];
+        let c = rule.coeffs::<f32>(&mut scalars, &[0.0; MAX_SUMS]);
+        assert_eq!(scalars[0], 3.0);
         Adam::<true, true>::update(&c, 1.0, 0.01, &mut s);
         assert_eq!(s[2], 0.6);
         s[2] = 0.1;

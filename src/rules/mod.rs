@@ -9,27 +9,44 @@ use crate::real::Real;
 
 /// The most state tensors per parameter any rule keeps.
 pub const MAX_SLOTS: usize = 4;
+/// The most scalar state entries per parameter any rule keeps.
+pub const MAX_SCALARS: usize = 4;
+/// The most per-tensor sums any rule gathers before its update.
+pub const MAX_SUMS: usize = 4;
 
-/// An element-wise update rule.
+/// An element-wise update rule over one written tensor `p` (a parameter, or an average), one
+/// read-only input `g` (its gradient, or the model weights being averaged) and `SLOTS` state
+/// tensors of the same shape.
 ///
-/// For every parameter tensor the driver calls [`Rule::coeffs`] once on the host (scalars such as
-/// bias corrections, computed in f64 and rounded to the compute type once), then
-/// [`Rule::update`] once per element with the parameter value, the gradient (already unscaled and
-/// negated for `maximize`) and the `SLOTS` state values. Flags are const generics of the
-/// implementing type, so the per-element code has no run-time branches on them.
+/// For every tensor the driver
+/// 1. reads the per-parameter scalar state (`SCALARS` 0-dim tensors, e.g. torch's `step`),
+/// 2. if `SUMS > 0`, runs a read-only pass calling [`Rule::accumulate`] on every element,
+/// 3. calls [`Rule::coeffs`] once on the host (bias corrections and the like, in f64, rounded
+///    to the compute type once) which may update the scalars, and writes the scalars back,
+/// 4. calls [`Rule::update`] once per element with the parameter, the input (already unscaled
+///    and negated for `maximize`) and the state values.
+///
+/// Flags are const generics of the implementing type, so the per-element code has no run-time
+/// branches on them.
 pub trait Rule: Send + Sync + 'static {
     /// State tensors per parameter (slots `0..SLOTS` of the state array are live).
     const SLOTS: usize;
-    /// Whether the rule reads a per-parameter step counter (torch's `state['step']`), which the
-    /// driver increments before computing the coefficients.
-    const COUNTS_STEPS: bool;
+    /// Scalar state entries per parameter (`scalars[0..SCALARS]` are live in `coeffs`).
+    const SCALARS: usize = 0;
+    /// Per-tensor sums gathered before the update (`sums[0..SUMS]`).
+    const SUMS: usize = 0;
+    /// Whether the rule reads the input tensor `g` (false: callers pass none, `g` is 0).
+    const READS_INPUT: bool = true;
     /// Per-tensor coefficients in the compute type.
     type Coeffs<R: Real>: Copy + Send + Sync;
-    /// Coefficients for a tensor at step `step` (its counter after this step's increment; 0 for
-    /// rules without a counter).
-    fn coeffs<R: Real>(&self, step: f64) -> Self::Coeffs<R>;
+    /// Coefficients for one tensor, given its scalar state (which it may update, e.g. increment
+    /// a step counter) and its sums.
+    fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> Self::Coeffs<R>;
     /// New parameter value; updates the state values in place.
     fn update<R: Real>(c: &Self::Coeffs<R>, p: R, g: R, s: &mut [R; MAX_SLOTS]) -> R;
+    /// Add one element's contribution to the tensor's sums (only called when `SUMS > 0`).
+    #[inline(always)]
+    fn accumulate<R: Real>(_p: R, _g: R, _s: &[R; MAX_SLOTS], _sums: &mut [f64; MAX_SUMS]) {}
 }
 
 /// One hyper-parameter value as Python passed it.

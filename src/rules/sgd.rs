@@ -10,7 +10,7 @@
 //! ```
 //! State slot: `momentum_buffer` (none when momentum is 0).
 
-use super::{bool_dispatch, check_non_negative, Hyper, Rule, RuleVisitor, MAX_SLOTS};
+use super::{bool_dispatch, check_non_negative, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::error::Result;
 use crate::real::Real;
 
@@ -35,10 +35,9 @@ pub struct SgdCoeffs<R: Real> {
 
 impl<const MOMENTUM: bool, const NESTEROV: bool, const FIRST: bool> Rule for Sgd<MOMENTUM, NESTEROV, FIRST> {
     const SLOTS: usize = if MOMENTUM { 1 } else { 0 };
-    const COUNTS_STEPS: bool = false;
     type Coeffs<R: Real> = SgdCoeffs<R>;
 
-    fn coeffs<R: Real>(&self, _step: f64) -> SgdCoeffs<R> {
+    fn coeffs<R: Real>(&self, _scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> SgdCoeffs<R> {
         SgdCoeffs {
             neg_lr: R::from_f64(-self.lr),
             momentum: R::from_f64(self.momentum),
@@ -81,11 +80,11 @@ mod tests {
         let first = Sgd::<true, false, true> { lr: h.0, momentum: h.1, dampening: h.2, weight_decay: h.3 };
         let later = Sgd::<true, false, false> { lr: h.0, momentum: h.1, dampening: h.2, weight_decay: h.3 };
         let mut s = [0.0f64; MAX_SLOTS];
-        let p = Sgd::<true, false, true>::update(&first.coeffs(0.0), 2.0, 0.5, &mut s);
+        let p = Sgd::<true, false, true>::update(&first.coeffs(&mut [0.0; 4], &[0.0; 4]), 2.0, 0.5, &mut s);
         let d = 0.5 + 0.01 * 2.0;
         assert_eq!(s[0], d);
         assert_eq!(p, 2.0 - 0.1 * d);
-        let p2 = Sgd::<true, false, false>::update(&later.coeffs(0.0), p, -0.3, &mut s);
+        let p2 = Sgd::<true, false, false>::update(&later.coeffs(&mut [0.0; 4], &[0.0; 4]), p, -0.3, &mut s);
         let d2 = -0.3 + 0.01 * p;
         let b2 = d * 0.9 + 0.75 * d2;
         assert!((s[0] - b2).abs() < 1e-15);
@@ -96,7 +95,7 @@ mod tests {
     fn nesterov_looks_ahead() {
         let r = Sgd::<true, true, false> { lr: 0.5, momentum: 0.5, dampening: 0.0, weight_decay: 0.0 };
         let mut s = [1.0f64, 0.0, 0.0, 0.0];
-        let p = Sgd::<true, true, false>::update(&r.coeffs(0.0), 0.0, 2.0, &mut s);
+        let p = Sgd::<true, true, false>::update(&r.coeffs(&mut [0.0; 4], &[0.0; 4]), 0.0, 2.0, &mut s);
         assert_eq!(s[0], 2.5);
         assert_eq!(p, -0.5 * (2.0 + 0.5 * 2.5));
     }

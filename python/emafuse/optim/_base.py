@@ -42,8 +42,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     """
 
     _rule: ClassVar[str]
-    # Key of the per-parameter step counter in the state (torch's "step"), or None.
-    _step_key: ClassVar[str | None] = "step"
+    # Keys of the per-parameter scalar state (0-dim CPU float tensors) the rule reads and updates,
+    # e.g. torch's step counter ("step",). The first one, if any, is treated as the step counter.
+    _scalar_keys: ClassVar[tuple[str, ...]] = ("step",)
     # Whether complex parameters are updated as real views (as torch's Adam/AdamW/SGD do).
     _supports_complex: ClassVar[bool] = False
     # Whether fresh state must be flagged to the rule (SGD's momentum buffer starts as a copy).
@@ -93,9 +94,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _normalize_steps(self) -> None:
         """Make every step counter a 0-dim CPU float tensor, as torch keeps it for non-capturable
         optimizers (old checkpoints store ints; capturable/fused ones keep it on the device)."""
-        key = self._step_key
-        if key is None:
+        if not self._scalar_keys:
             return
+        key = self._scalar_keys[0]
         for st in self.state.values():
             s = st.get(key) if isinstance(st, dict) else None
             if s is None:
@@ -110,9 +111,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 st[key] = torch.tensor(float(s), dtype=_step_dtype())
 
     def _new_state(self, p: Tensor, slots: tuple[str, ...]) -> dict[str, Tensor]:
-        st: dict[str, Tensor] = {}
-        if self._step_key is not None:
-            st[self._step_key] = torch.tensor(0.0, dtype=_step_dtype())
+        st: dict[str, Tensor] = {key: torch.tensor(0.0, dtype=_step_dtype()) for key in self._scalar_keys}
         for name in slots:
             st[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return st
@@ -145,12 +144,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _collect(self, group: dict[str, Any], calls: list[tuple], created: dict[Tensor, dict[str, Tensor]]) -> None:
-        """Append ``group``'s native call(s): (hyper, params, grads, state dicts, slots, step key)."""
+        """Append ``group``'s native call(s): (hyper, params, grads, state dicts, slots, scalars)."""
         self._reject_unsupported(group)
         slots = self._slots(group)
-        step_key = self._step_key
-        keeps_state = bool(slots) or step_key is not None
-        want = len(slots) + (step_key is not None)
+        scalar_keys = self._scalar_keys
+        keeps_state = bool(slots) or bool(scalar_keys)
+        want = len(slots) + len(scalar_keys)
         params: list[Tensor] = []
         grads: list[Tensor] = []
         states: list[dict[str, Tensor]] = []
@@ -179,11 +178,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         hyper = self._hyper(group)
         hyper["maximize"] = bool(group.get("maximize", False))
         hyper["check_finite"] = bool(group.get("check_finite", False))
-        key = step_key if keeps_state else None
         if params:
-            calls.append((hyper, params, grads, states if keeps_state else None, slots, key))
+            calls.append((hyper, params, grads, states if keeps_state else None, slots, scalar_keys))
         if fresh is not None and fresh[0]:
-            calls.append(({**hyper, "first": True}, fresh[0], fresh[1], fresh[2], slots, key))
+            calls.append(({**hyper, "first": True}, fresh[0], fresh[1], fresh[2], slots, scalar_keys))
 
     def _complete_state(
         self,
@@ -201,8 +199,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             st = created.setdefault(p, self._new_state(p, slots))
             return st, True
         missing = [name for name in slots if name not in st]
-        if self._step_key is not None and self._step_key not in st:
-            raise KeyError(f"{type(self).__name__}: state of a parameter lacks '{self._step_key}'")
+        for key in self._scalar_keys:
+            if key not in st:
+                raise KeyError(f"{type(self).__name__}: state of a parameter lacks '{key}'")
         if not missing:
             return st, False
         fixed = dict(st)
@@ -230,19 +229,18 @@ class FusedOptimizer(torch.optim.Optimizer):
             return c
 
         staged = []
-        for hyper, params, grads, states, slots, key in calls:
+        for hyper, params, grads, states, slots, scalar_keys in calls:
             ps = [stage(p, True) for p in params]
-            gs = [stage(g, False) for g in grads]
+            gs = None if grads is None else [stage(g, False) for g in grads]
             if states is None:
                 ss = None
             else:
                 ss = []
                 for st in states:
                     d = {name: stage(st[name], True) for name in slots}
-                    if key is not None:
-                        d[key] = st[key]
+                    d.update((key, st[key]) for key in scalar_keys)
                     ss.append(d)
-            staged.append((hyper, ps, gs, ss, slots, key))
+            staged.append((hyper, ps, gs, ss, slots, scalar_keys))
         _native.step(who, self._rule, staged, grad_scale, found_inf)
         for orig, copy in copy_back:
             orig.copy_(copy)

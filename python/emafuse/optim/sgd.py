@@ -31,7 +31,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     """
 
     _rule = "sgd"
-    _step_key = None
+    _scalar_keys = ()
     _supports_complex = True
     _flags_fresh_state = True
 
