@@ -98,7 +98,7 @@ impl RuleVisitor for Planner {
     fn visit<Ru: Rule>(self, rule: Ru) -> Self::Output {
         let b = &self.batch;
         if b.slots != Ru::SLOTS || b.n_scalars != Ru::SCALARS || (Ru::READS_INPUT && b.grads.len() != b.params.len()) {
-            return Err(Error::Internal(format!(
+            return Err(Error::Value(format!(
                 "rule expects {} state tensors, {} scalars and {} input; got {}, {} and {}",
                 Ru::SLOTS,
                 Ru::SCALARS,

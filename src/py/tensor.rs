@@ -28,7 +28,8 @@ fn take_torch_error() -> Option<String> {
         }
         let s = CStr::from_ptr(p).to_string_lossy().into_owned();
         libc::free(p as *mut libc::c_void);
-        Some(s)
+        // libtorch appends a C++ backtrace after the first line; keep the message only.
+        Some(s.lines().next().unwrap_or_default().to_string())
     }
 }
 
@@ -144,6 +145,9 @@ pub fn unpack(obj: &Bound<'_, PyAny>, role: &dyn Fn() -> String) -> Result<Unpac
         };
         let ptr = if numel == 0 { std::ptr::null_mut() } else { torch_sys::at_data_ptr(raw) as *mut u8 };
         if let Some(e) = take_torch_error() {
+            if torch_sys::at_is_sparse(raw) == 1 {
+                return Err(Error::Sparse(format!("{} is sparse", role())));
+            }
             return Err(Error::Value(format!("{}: {e}", role())));
         }
         Ok(Unpacked { handle, info: TensorInfo { view: TensorView::new(ptr, numel, dtype, device), shape, layout } })
