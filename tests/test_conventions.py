@@ -234,3 +234,15 @@ def test_empty_tensors_step_like_torch():
     run_steps(theirs, ref, 3)
     assert [ours.state[p]["step"].item() for p in params] == [3.0, 3.0, 3.0]
     torch.testing.assert_close(params[2], ref[2])
+
+
+def test_autograd_sees_the_in_place_update():
+    w = torch.nn.Parameter(torch.randn(4))
+    opt = emafuse.SGD([w], lr=0.1)
+    loss = (w**3).sum()  # saves w for backward
+    loss.backward(retain_graph=True)
+    version = w._version
+    opt.step()
+    assert w._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

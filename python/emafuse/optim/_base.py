@@ -141,6 +141,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         except LayoutError:
             self._staged_step(who, calls, grad_scale, found_inf)
         self.state.update(created)
+        # The kernels wrote parameter memory directly: tell autograd, as an in-place op would, so
+        # that a graph that saved a parameter before this step refuses to backpropagate.
+        for call in calls:
+            torch._C._increment_version(call[1])
         return loss
 
     def _collect(self, group: dict[str, Any], calls: list[tuple], created: dict[Tensor, dict[str, Tensor]]) -> None:
