@@ -209,12 +209,16 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
                 pd.name()
             )));
         }
+        // Scalar state (e.g. `step`) lives with the parameter: on the CPU for CPU parameters, on
+        // the device for CUDA parameters (where the kernel advances it, as torch's fused and
+        // capturable optimizers keep it).
         for (k, entry) in t.scalars.iter().enumerate() {
             let s = &entry[i];
-            if s.view.device() != Device::Cpu || !matches!(s.view.dtype(), DType::F32 | DType::F64) || s.view.numel() != 1 {
+            if s.view.device() != p.view.device() || !matches!(s.view.dtype(), DType::F32 | DType::F64) || s.view.numel() != 1 {
                 return Err(Error::Value(format!(
-                    "{}: scalar state {k} must be a one-element float32 (or float64) tensor on the CPU, got {} on {}",
+                    "{}: scalar state {k} must be a one-element float32 tensor on the parameter's device ({}), got {} on {}",
                     at(i),
+                    p.view.device(),
                     s.view.dtype().name(),
                     s.view.device()
                 )));

@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod cpu;
+pub mod cuda;
 pub mod dtype;
 pub mod error;
 #[cfg(feature = "python")]

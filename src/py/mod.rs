@@ -11,7 +11,39 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(step::step, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(rule_names, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_source, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_compile, m)?)?;
     Ok(())
+}
+
+/// Names of every update rule the engine has.
+#[pyfunction]
+fn rule_names() -> Vec<&'static str> {
+    crate::rules::RULE_NAMES.to_vec()
+}
+
+/// `(cpp_type, program_source, hyper_bytes, rule_header)` of a rule's CUDA twin (for tests).
+#[pyfunction]
+fn cuda_source<'py>(
+    py: Python<'py>,
+    rule: &str,
+    hyper: &Bound<'py, pyo3::types::PyDict>,
+) -> PyResult<(String, String, Bound<'py, pyo3::types::PyBytes>, &'static str)> {
+    let h = step::hyper_from(hyper).map_err(|e| errors::to_py(py, e))?;
+    let (kernel, bytes) = crate::cuda::describe(rule, &h).map_err(|e| errors::to_py(py, e))?;
+    let source = crate::cuda::program_source(&kernel);
+    Ok((kernel.type_name, source, pyo3::types::PyBytes::new(py, &bytes), kernel.source))
+}
+
+/// Compile a rule's CUDA program with NVRTC for `arch` (e.g. "compute_90"); returns the PTX.
+/// Needs libnvrtc (shipped with torch's CUDA wheels), not a GPU.
+#[pyfunction]
+fn cuda_compile(py: Python<'_>, rule: &str, hyper: &Bound<'_, pyo3::types::PyDict>, arch: &str) -> PyResult<String> {
+    let h = step::hyper_from(hyper).map_err(|e| errors::to_py(py, e))?;
+    let (kernel, _) = crate::cuda::describe(rule, &h).map_err(|e| errors::to_py(py, e))?;
+    let arch = arch.to_string();
+    py.detach(move || crate::cuda::compile_ptx(&kernel, &arch)).map_err(|e| errors::to_py(py, e))
 }
 
 /// Threads of emafuse's CPU pool (`EMAFUSE_NUM_THREADS`, else the available cores).

@@ -5,6 +5,7 @@ use super::errors::to_py;
 use super::tensor::{unpack, Unpacked};
 use crate::batch::{check_no_shared_outputs, split_group, GroupTensors, TensorInfo};
 use crate::cpu::{self, CpuStep};
+use crate::cuda::{self, CudaStep, DeviceAmp};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::rules::{Hyper, HyperValue};
@@ -14,7 +15,7 @@ use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// Read a Python dict of numbers and bools.
-fn hyper_from(d: &Bound<'_, PyDict>) -> Result<Hyper> {
+pub(super) fn hyper_from(d: &Bound<'_, PyDict>) -> Result<Hyper> {
     let mut entries = Vec::with_capacity(d.len());
     for (k, v) in d.iter() {
         let name: String = k.extract().map_err(|_| Error::Value("hyper-parameter names must be str".into()))?;
@@ -38,30 +39,6 @@ fn tensor_list(list: &Bound<'_, PyAny>, role: &str, group: usize, keep: &mut Vec
         out.push(info);
     }
     Ok(out)
-}
-
-/// Read a one-element tensor's value on the host (AMP's grad scale and found-inf flag).
-fn host_scalar(obj: &Bound<'_, PyAny>, role: &str, keep: &mut Vec<tch::Tensor>) -> Result<f64> {
-    let Unpacked { handle, info } = unpack(obj, &|| role.to_string())?;
-    keep.push(handle);
-    if info.view.numel() != 1 || info.view.device() != Device::Cpu {
-        return Err(Error::Value(format!("{role} must be a one-element CPU tensor")));
-    }
-    // SAFETY: a one-element CPU tensor of the validated dtype, kept alive by `keep`.
-    Ok(unsafe {
-        match info.view.dtype() {
-            DType::F32 => *info.view.at::<f32>(0) as f64,
-            DType::F64 => *info.view.at::<f64>(0),
-            DType::BF16 => (*info.view.at::<half::bf16>(0)).to_f64(),
-            DType::F16 => (*info.view.at::<half::f16>(0)).to_f64(),
-        }
-    })
-}
-
-struct Plan {
-    cpu: Vec<Box<dyn CpuStep>>,
-    grad_scale: Option<f64>,
-    skip: bool,
 }
 
 /// Look up `key` in each state dict and unpack it.
@@ -122,12 +99,73 @@ fn group_tensors(group: &Bound<'_, PyTuple>, gi: usize, keep: &mut Vec<tch::Tens
     Ok((hyper, GroupTensors { params, grads, states, scalars }))
 }
 
+/// AMP inputs as Python passed them: None, one tensor, or a dict {device index (-1: CPU): tensor}.
+struct AmpInput<'py> {
+    by_device: Vec<(Device, Unpacked)>,
+    _obj: Option<Bound<'py, PyAny>>,
+}
+
+impl<'py> AmpInput<'py> {
+    fn from(obj: Option<&Bound<'py, PyAny>>, role: &str) -> Result<AmpInput<'py>> {
+        let mut by_device = Vec::new();
+        if let Some(obj) = obj {
+            if let Ok(d) = obj.cast::<PyDict>() {
+                for (_, t) in d.iter() {
+                    let u = unpack(&t, &|| role.to_string())?;
+                    by_device.push((u.info.view.device(), u));
+                }
+            } else {
+                let u = unpack(obj, &|| role.to_string())?;
+                by_device.push((u.info.view.device(), u));
+            }
+            for (_, u) in &by_device {
+                if u.info.view.numel() != 1 || u.info.view.dtype() != DType::F32 {
+                    return Err(Error::Value(format!("{role} must be a one-element float32 tensor")));
+                }
+            }
+        }
+        Ok(AmpInput { by_device, _obj: obj.cloned() })
+    }
+
+    /// The tensor for `device`; `Ok(None)` when no AMP input was given at all.
+    fn on(&self, device: Device, role: &str) -> Result<Option<&Unpacked>> {
+        if self.by_device.is_empty() {
+            return Ok(None);
+        }
+        self.by_device
+            .iter()
+            .find(|(d, _)| *d == device)
+            .map(|(_, u)| Some(u))
+            .ok_or_else(|| Error::Device(format!("{role} is not available on {device}, where parameters are")))
+    }
+
+    /// The value for CPU parameters, read on the host.
+    fn host_value(&self, role: &str) -> Result<Option<f64>> {
+        // SAFETY: a one-element float32 CPU tensor (checked above) kept alive by `self`.
+        Ok(self.on(Device::Cpu, role)?.map(|u| unsafe { *u.info.view.at::<f32>(0) as f64 }))
+    }
+
+    /// The device address for CUDA parameters on `device` (0: none).
+    fn device_ptr(&self, device: Device, role: &str) -> Result<u64> {
+        Ok(self.on(device, role)?.map_or(0, |u| u.info.view.ptr() as u64))
+    }
+}
+
+struct Plan {
+    cpu: Vec<Box<dyn CpuStep>>,
+    cuda: Vec<(Box<dyn CudaStep>, DeviceAmp)>,
+    grad_scale: Option<f64>,
+    skip_cpu: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn plan(
     who: &str,
     rule: &str,
     groups: &Bound<'_, PyList>,
     grad_scale: Option<&Bound<'_, PyAny>>,
     found_inf: Option<&Bound<'_, PyAny>>,
+    streams: Option<&Bound<'_, PyAny>>,
     keep: &mut Vec<tch::Tensor>,
 ) -> Result<Plan> {
     let mut batches = Vec::new();
@@ -139,34 +177,43 @@ fn plan(
         }
     }
     check_no_shared_outputs(who, batches.iter().map(|(b, _)| b))?;
-    let mut cpu_steps = Vec::new();
+    let grad_scale = AmpInput::from(grad_scale, "grad_scale")?;
+    let found_inf = AmpInput::from(found_inf, "found_inf")?;
+    let mut plan = Plan { cpu: Vec::new(), cuda: Vec::new(), grad_scale: None, skip_cpu: false };
     for (batch, hyper) in batches {
         match batch.device {
-            Device::Cpu => cpu_steps.push(cpu::plan(rule, &hyper, batch)?),
+            Device::Cpu => {
+                plan.grad_scale = grad_scale.host_value("grad_scale")?;
+                plan.skip_cpu = found_inf.host_value("found_inf")?.is_some_and(|x| x != 0.0);
+                plan.cpu.push(cpu::plan(rule, &hyper, batch)?);
+            }
             Device::Cuda(i) => {
-                return Err(Error::Device(format!(
-                    "{who}: parameters on cuda:{i} need emafuse's CUDA backend, which this build does not have yet"
-                )))
+                let stream = streams
+                    .and_then(|s| s.get_item(i).ok())
+                    .and_then(|s| s.extract::<u64>().ok())
+                    .ok_or_else(|| Error::Value(format!("{who}: no CUDA stream given for cuda:{i}")))?;
+                let amp = DeviceAmp {
+                    grad_scale: grad_scale.device_ptr(batch.device, "grad_scale")?,
+                    found_inf: found_inf.device_ptr(batch.device, "found_inf")?,
+                };
+                plan.cuda.push((cuda::plan(rule, &hyper, batch, stream)?, amp));
             }
         }
     }
-    let grad_scale = grad_scale.map(|s| host_scalar(s, "grad_scale", keep)).transpose()?;
-    let skip = match found_inf {
-        Some(f) => host_scalar(f, "found_inf", keep)? != 0.0,
-        None => false,
-    };
-    Ok(Plan { cpu: cpu_steps, grad_scale, skip })
+    Ok(plan)
 }
 
 fn execute(plan: &Plan, who: &str) -> Result<()> {
-    if plan.skip {
-        return Ok(());
+    if !plan.skip_cpu {
+        for s in &plan.cpu {
+            s.check_finite(who)?;
+        }
+        for s in &plan.cpu {
+            s.run(plan.grad_scale);
+        }
     }
-    for s in &plan.cpu {
-        s.check_finite(who)?;
-    }
-    for s in &plan.cpu {
-        s.run(plan.grad_scale);
+    for (s, amp) in &plan.cuda {
+        s.launch(*amp)?;
     }
     Ok(())
 }
@@ -178,10 +225,12 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> Error {
 
 /// One optimizer step over `groups` (see [`group_tensors`] for their shape). Nothing is written
 /// unless every group validates (and, for groups with the `check_finite` flag, every gradient is
-/// finite).
-/// When `found_inf` is non-zero the step is skipped (AMP); `grad_scale` divides every gradient.
+/// finite). AMP: `grad_scale` divides every gradient and a non-zero `found_inf` skips the step;
+/// each is None, a one-element float32 tensor, or a dict {device index: tensor} (CUDA kernels read
+/// them on the device). `streams[i]` is the CUDA stream handle to launch on for cuda:i.
 #[pyfunction]
-#[pyo3(signature = (who, rule, groups, grad_scale=None, found_inf=None))]
+#[pyo3(signature = (who, rule, groups, grad_scale=None, found_inf=None, streams=None))]
+#[allow(clippy::too_many_arguments)]
 pub fn step(
     py: Python<'_>,
     who: &str,
@@ -189,9 +238,10 @@ pub fn step(
     groups: &Bound<'_, PyList>,
     grad_scale: Option<&Bound<'_, PyAny>>,
     found_inf: Option<&Bound<'_, PyAny>>,
+    streams: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let mut keep = Vec::new();
-    let planned = catch_unwind(AssertUnwindSafe(|| plan(who, rule, groups, grad_scale, found_inf, &mut keep)))
+    let planned = catch_unwind(AssertUnwindSafe(|| plan(who, rule, groups, grad_scale, found_inf, streams, &mut keep)))
         .unwrap_or_else(|p| Err(panic_message(p)));
     let plan = planned.map_err(|e| to_py(py, e))?;
     let result = py.detach(|| {

@@ -12,10 +12,12 @@
 //! State slots: `exp_avg`, `exp_avg_sq`, then `max_exp_avg_sq` with amsgrad.
 
 use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::cuda::CudaKernel;
 use crate::error::Result;
 use crate::real::{Lerp, Real};
 
 /// Adam's hyper-parameters; `AMSGRAD` and `DECOUPLED` (AdamW) are compile-time flags.
+#[repr(C)]
 #[derive(Clone, Debug)]
 pub struct Adam<const AMSGRAD: bool, const DECOUPLED: bool> {
     lr: f64,
@@ -76,6 +78,10 @@ impl<const AMSGRAD: bool, const DECOUPLED: bool> Rule for Adam<AMSGRAD, DECOUPLE
         };
         let denom = v_hat.sqrt() / c.bc2_sqrt + c.eps;
         p + c.neg_step_size * m / denom
+    }
+
+    fn cuda_kernel() -> Option<CudaKernel> {
+        Some(CudaKernel { source: include_str!("../cuda/kernels/adam.cuh"), type_name: format!("Adam<{AMSGRAD}, {DECOUPLED}>") })
     }
 }
 

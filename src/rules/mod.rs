@@ -47,6 +47,12 @@ pub trait Rule: Send + Sync + 'static {
     /// Add one element's contribution to the tensor's sums (only called when `SUMS > 0`).
     #[inline(always)]
     fn accumulate<R: Real>(_p: R, _g: R, _s: &[R; MAX_SLOTS], _sums: &mut [f64; MAX_SUMS]) {}
+    /// The rule's CUDA twin (`src/cuda/kernels/<rule>.cuh` and its C++ type with these flags).
+    /// The implementing struct must then be `#[repr(C)]` with only `f64` fields, in the order of
+    /// the kernel's `Hyper`: its bytes are passed to the kernel as they are.
+    fn cuda_kernel() -> Option<crate::cuda::CudaKernel> {
+        None
+    }
 }
 
 /// One hyper-parameter value as Python passed it.
@@ -107,6 +113,9 @@ pub trait RuleVisitor {
     type Output;
     fn visit<Ru: Rule>(self, rule: Ru) -> Self::Output;
 }
+
+/// Every registered rule name.
+pub const RULE_NAMES: &[&str] = &["adam", "sgd"];
 
 /// Build the rule called `name` from `hyper` and hand it to `visitor`.
 pub fn visit_rule<V: RuleVisitor>(name: &str, hyper: &Hyper, visitor: V) -> Result<V::Output> {

@@ -11,11 +11,13 @@
 //! State slot: `momentum_buffer` (none when momentum is 0).
 
 use super::{bool_dispatch, check_non_negative, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::cuda::CudaKernel;
 use crate::error::Result;
 use crate::real::Real;
 
 /// SGD's hyper-parameters. `MOMENTUM`: keep a buffer; `NESTEROV`; `FIRST`: the buffers of this
 /// call are fresh (torch initialises them with the first direction, without dampening).
+#[repr(C)]
 #[derive(Clone, Debug)]
 pub struct Sgd<const MOMENTUM: bool, const NESTEROV: bool, const FIRST: bool> {
     lr: f64,
@@ -55,6 +57,13 @@ impl<const MOMENTUM: bool, const NESTEROV: bool, const FIRST: bool> Rule for Sgd
             d = if NESTEROV { d + c.momentum * buf } else { buf };
         }
         p + c.neg_lr * d
+    }
+
+    fn cuda_kernel() -> Option<CudaKernel> {
+        Some(CudaKernel {
+            source: include_str!("../cuda/kernels/sgd.cuh"),
+            type_name: format!("Sgd<{MOMENTUM}, {NESTEROV}, {FIRST}>"),
+        })
     }
 }
 

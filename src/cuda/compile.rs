@@ -1,0 +1,48 @@
+//! Assembling and compiling kernel programs with NVRTC.
+
+use super::CudaKernel;
+use crate::error::{Error, Result};
+
+const COMMON: &str = include_str!("kernels/common.cuh");
+const MULTI_TENSOR: &str = include_str!("kernels/multi_tensor.cuh");
+
+/// Suffixes of the kernels in every program, one per (param dtype, state dtype) combination.
+pub const KERNEL_DTYPES: [&str; 6] = ["f32", "f64", "bf16", "bf16_f32", "f16", "f16_f32"];
+
+/// The complete NVRTC program for `kernel`: the common header, the rule's header and the
+/// multi-tensor kernel, with `#include`s of local headers removed (their text is inlined here).
+pub fn program_source(kernel: &CudaKernel) -> String {
+    let strip = |s: &str| s.lines().filter(|l| !l.trim_start().starts_with("#include \"")).collect::<Vec<_>>().join("\n");
+    format!(
+        "#define EF_RULE {}\n{}\n{}\n{}\n",
+        kernel.type_name,
+        strip(COMMON),
+        strip(kernel.source),
+        strip(MULTI_TENSOR)
+    )
+}
+
+/// Whether libnvrtc can be loaded (it ships with torch's CUDA wheels and is loaded by
+/// `import torch` there).
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Compile `kernel` to PTX for the virtual architecture `arch` (e.g. "compute_90"). Multiply-add contraction is off so the
+/// device rounds exactly like the CPU kernels (IEEE division and square root are NVRTC's
+/// defaults).
+pub fn compile_ptx(kernel: &CudaKernel, arch: &str) -> Result<String> {
+    if !nvrtc_available() {
+        return Err(Error::Cuda("cannot load libnvrtc (install torch's CUDA wheel, or set LD_LIBRARY_PATH)".into()));
+    }
+    let arch_flag = format!("--gpu-architecture={arch}");
+    let opts = cudarc::nvrtc::CompileOptions {
+        fmad: Some(false),
+        options: vec![arch_flag, "--std=c++17".into(), "-default-device".into()],
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(program_source(kernel), opts)
+        .map(|ptx| ptx.to_src())
+        .map_err(|e| Error::Cuda(format!("NVRTC could not compile {} for {arch}: {e}", kernel.type_name)))
+}

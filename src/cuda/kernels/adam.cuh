@@ -1,0 +1,63 @@
+// Adam / AdamW / AMSGrad: the CUDA twin of src/rules/adam.rs (same coefficients, same per-element
+// operation order; checked against it on the CPU by tests/test_cuda_sources.py).
+#pragma once
+#include "common.cuh"
+
+template <bool AMSGRAD, bool DECOUPLED>
+struct Adam {
+    struct Hyper {  // layout of the Rust `Adam` struct (#[repr(C)])
+        double lr, beta1, beta2, eps, weight_decay;
+    };
+    static const int SLOTS = AMSGRAD ? 3 : 2;
+    static const int SCALARS = 1;
+    static const int SUMS = 0;
+    static const bool READS_INPUT = true;
+
+    template <class R>
+    struct Coeffs {
+        R decay, l2;
+        EfLerp<R> m_lerp;
+        R beta2, one_minus_beta2, bc2_sqrt, neg_step_size, eps;
+    };
+
+    template <class R>
+    EF_FN static Coeffs<R> coeffs(const Hyper& h, double* scalars, const double*) {
+        scalars[0] += 1.0;
+        double step = scalars[0];
+        double bc1 = 1.0 - EF_POW_D(h.beta1, step);
+        double bc2 = 1.0 - EF_POW_D(h.beta2, step);
+        Coeffs<R> c;
+        c.decay = R(DECOUPLED ? 1.0 - h.lr * h.weight_decay : 1.0);
+        c.l2 = R(DECOUPLED ? 0.0 : h.weight_decay);
+        c.m_lerp = EfLerp<R>::make(1.0 - h.beta1);
+        c.beta2 = R(h.beta2);
+        c.one_minus_beta2 = R(1.0 - h.beta2);
+        c.bc2_sqrt = R(EF_SQRT_D(bc2));
+        c.neg_step_size = R(-(h.lr / bc1));
+        c.eps = R(h.eps);
+        return c;
+    }
+
+    template <class R>
+    EF_FN static R update(const Coeffs<R>& c, R p, R g, R* s) {
+        if (DECOUPLED) {
+            p = p * c.decay;
+        } else {
+            g = g + c.l2 * p;
+        }
+        R m = c.m_lerp.apply(s[0], g);
+        R v = s[1] * c.beta2 + c.one_minus_beta2 * g * g;
+        s[0] = m;
+        s[1] = v;
+        R v_hat = v;
+        if (AMSGRAD) {
+            s[2] = ef_max_nan(s[2], v);
+            v_hat = s[2];
+        }
+        R denom = ef_sqrt(v_hat) / c.bc2_sqrt + c.eps;
+        return p + c.neg_step_size * m / denom;
+    }
+
+    template <class R>
+    EF_FN static void accumulate(R, R, const R*, double*) {}
+};

@@ -1,0 +1,130 @@
+// Shared definitions of emafuse's CUDA kernels. Every rule header includes this file.
+//
+// The same headers compile as host C++ (g++ -DEF_HOST): the test suite runs each rule's device
+// math on the CPU and checks it against the Rust rule, so the two versions cannot drift apart.
+#pragma once
+
+#ifdef EF_HOST
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#define EF_FN inline
+#define EF_SQRT_F(x) std::sqrt(x)
+#define EF_SQRT_D(x) std::sqrt(x)
+#define EF_EXP_F(x) std::exp(x)
+#define EF_POW_D(x, y) std::pow(x, y)
+#define EF_LOG_D(x) std::log(x)
+#define EF_COS_D(x) std::cos(x)
+typedef std::uint16_t ef_u16;
+typedef std::uint32_t ef_u32;
+typedef std::int64_t ef_i64;
+#else
+#define EF_FN __device__ __forceinline__
+#define EF_SQRT_F(x) sqrtf(x)
+#define EF_SQRT_D(x) sqrt(x)
+#define EF_EXP_F(x) expf(x)
+#define EF_POW_D(x, y) pow(x, y)
+#define EF_LOG_D(x) log(x)
+#define EF_COS_D(x) cos(x)
+typedef unsigned short ef_u16;
+typedef unsigned int ef_u32;
+typedef long long ef_i64;
+#endif
+
+#define EF_MAX_SLOTS 4
+#define EF_MAX_SCALARS 4
+#define EF_MAX_SUMS 4
+
+// ---- compute-type helpers (float or double), mirroring src/real.rs ----------------------------
+
+EF_FN float ef_sqrt(float x) { return EF_SQRT_F(x); }
+EF_FN double ef_sqrt(double x) { return EF_SQRT_D(x); }
+
+// torch.maximum / torch.minimum: NaN if either operand is NaN.
+template <class R> EF_FN R ef_max_nan(R a, R b) { return (a != a || a > b) ? a : b; }
+template <class R> EF_FN R ef_min_nan(R a, R b) { return (a != a || a < b) ? a : b; }
+
+// torch.sign: sign(0) = 0, NaN stays NaN.
+template <class R> EF_FN R ef_sign(R x) { return x > R(0) ? R(1) : (x < R(0) ? R(-1) : x * R(0)); }
+
+// torch.lerp's two rounding forms, chosen on the host side of the weight (src/real.rs `Lerp`).
+template <class R> struct EfLerp {
+    R w, one_minus_w;
+    bool small;
+    EF_FN static EfLerp make(double weight) {
+        EfLerp l;
+        l.w = R(weight);
+        l.one_minus_w = R(1) - l.w;
+        l.small = (l.w < R(0) ? -l.w : l.w) < R(0.5);
+        return l;
+    }
+    EF_FN R apply(R a, R b) const { return small ? a + w * (b - a) : b - (b - a) * one_minus_w; }
+};
+
+// ---- storage types and conversions -------------------------------------------------------------
+
+struct ef_bf16 { ef_u16 bits; };
+struct ef_f16 { ef_u16 bits; };
+
+EF_FN float ef_to_float(float x) { return x; }
+EF_FN double ef_to_double(double x) { return x; }
+
+EF_FN float ef_bf16_to_float(ef_u16 b) {
+    ef_u32 u = ((ef_u32)b) << 16;
+    float f;
+#ifdef EF_HOST
+    std::memcpy(&f, &u, 4);
+#else
+    f = __uint_as_float(u);
+#endif
+    return f;
+}
+
+EF_FN ef_u16 ef_float_to_bf16(float f) {
+#ifdef EF_HOST
+    ef_u32 u;
+    std::memcpy(&u, &f, 4);
+    if (f != f) return (ef_u16)((u >> 16) | 0x40);
+    u += 0x7fff + ((u >> 16) & 1);  // round to nearest even
+    return (ef_u16)(u >> 16);
+#else
+    ef_u32 u = __float_as_uint(f);
+    if (f != f) return (ef_u16)((u >> 16) | 0x40);
+    u += 0x7fff + ((u >> 16) & 1);
+    return (ef_u16)(u >> 16);
+#endif
+}
+
+#ifndef EF_HOST
+EF_FN float ef_f16_to_float(ef_u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+EF_FN ef_u16 ef_float_to_f16(float f) {
+    ef_u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+#endif
+
+// Load/store one element of storage type S as compute type R.
+template <class S, class R> struct EfElem;
+template <> struct EfElem<float, float> {
+    EF_FN static float load(const float* p) { return *p; }
+    EF_FN static void store(float* p, float x) { *p = x; }
+};
+template <> struct EfElem<double, double> {
+    EF_FN static double load(const double* p) { return *p; }
+    EF_FN static void store(double* p, double x) { *p = x; }
+};
+template <> struct EfElem<ef_bf16, float> {
+    EF_FN static float load(const ef_bf16* p) { return ef_bf16_to_float(p->bits); }
+    EF_FN static void store(ef_bf16* p, float x) { p->bits = ef_float_to_bf16(x); }
+};
+#ifndef EF_HOST
+template <> struct EfElem<ef_f16, float> {
+    EF_FN static float load(const ef_f16* p) { return ef_f16_to_float(p->bits); }
+    EF_FN static void store(ef_f16* p, float x) { p->bits = ef_float_to_f16(x); }
+};
+#endif

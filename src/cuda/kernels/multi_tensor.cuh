@@ -1,0 +1,185 @@
+// The one multi-tensor kernel every rule runs through (the CUDA twin of src/cpu/). The program is
+// assembled as: common.cuh + <rule>.cuh + this file, with EF_RULE defined to the rule's C++ type
+// (flags included, e.g. Adam<true, false>).
+//
+// One launch updates every tensor of a (group, device, dtype) batch: block b finds its tensor by
+// binary search over the tensors' first block indices, thread 0 computes the tensor's
+// coefficients from the rule's host-side formula (in double, from the scalar state read on the
+// device, so steps can be captured in a CUDA graph), and the block updates its chunk of
+// EF_CHUNK elements, four consecutive elements per thread with vector loads when aligned. The
+// scalar state (e.g. `step`) is written back by the last block of each tensor to finish reading
+// it (a per-tensor arrival counter), so all blocks see the same pre-step value.
+#pragma once
+#include "common.cuh"
+
+#ifndef EF_CHUNK
+#define EF_CHUNK 65536
+#endif
+#define EF_THREADS 256
+#define EF_VEC 4
+
+struct EfTensor {  // layout of the Rust `cuda::table::TensorEntry` (#[repr(C)])
+    void* p;
+    const void* g;
+    void* s[EF_MAX_SLOTS];
+    float* scalars[EF_MAX_SCALARS];
+    ef_i64 numel;
+    ef_i64 first_block;
+};
+
+EF_FN ef_i64 ef_blocks_of(ef_i64 numel) { return numel <= 0 ? 1 : (numel + EF_CHUNK - 1) / EF_CHUNK; }
+
+template <class T>
+struct alignas(sizeof(T) * EF_VEC) EfVec {
+    T v[EF_VEC];
+};
+
+__device__ __forceinline__ int ef_find_tensor(const EfTensor* tensors, int n) {
+    int lo = 0, hi = n - 1;
+    ef_i64 b = blockIdx.x;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (tensors[mid].first_block <= b) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+template <class T>
+__device__ __forceinline__ bool ef_aligned(const void* p) {
+    return ((unsigned long long)p % (sizeof(T) * EF_VEC)) == 0;
+}
+
+template <class Rule, class R, class P, class S>
+__device__ __forceinline__ void ef_update_one(const typename Rule::template Coeffs<R>& c, R factor, P* p, const P* g, S* const* st, ef_i64 i) {
+    R s[EF_MAX_SLOTS];
+#pragma unroll
+    for (int k = 0; k < Rule::SLOTS; ++k) s[k] = EfElem<S, R>::load(st[k] + i);
+    R gv = Rule::READS_INPUT ? EfElem<P, R>::load(g + i) * factor : R(0);
+    R pv = Rule::template update<R>(c, EfElem<P, R>::load(p + i), gv, s);
+    EfElem<P, R>::store(p + i, pv);
+#pragma unroll
+    for (int k = 0; k < Rule::SLOTS; ++k) EfElem<S, R>::store(st[k] + i, s[k]);
+}
+
+template <class Rule, class R, class P, class S>
+__device__ __forceinline__ void ef_step_impl(const typename Rule::Hyper& hyper, const EfTensor* tensors, int n_tensors,
+                                             const float* grad_scale, const float* found_inf, double gsign,
+                                             ef_u32* counters, const double* sums) {
+    if (found_inf != nullptr && *found_inf != 0.0f) return;  // AMP overflow: skip the whole step
+    __shared__ int t_sh;
+    __shared__ typename Rule::template Coeffs<R> c_sh;
+    __shared__ R factor_sh;
+    if (threadIdx.x == 0) {
+        int t = ef_find_tensor(tensors, n_tensors);
+        const EfTensor& T = tensors[t];
+        double sc[EF_MAX_SCALARS] = {0, 0, 0, 0};
+        double sm[EF_MAX_SUMS] = {0, 0, 0, 0};
+        for (int k = 0; k < Rule::SCALARS; ++k) sc[k] = (double)*T.scalars[k];
+        if (Rule::SUMS > 0)
+            for (int k = 0; k < Rule::SUMS; ++k) sm[k] = sums[t * EF_MAX_SUMS + k];
+        c_sh = Rule::template coeffs<R>(hyper, sc, sm);
+        factor_sh = R(grad_scale != nullptr ? gsign / (double)*grad_scale : gsign);
+        t_sh = t;
+        if (Rule::SCALARS > 0) {
+            __threadfence();  // our reads of the scalars happen before we are counted
+            ef_u32 arrived = atomicAdd(&counters[t], 1u);
+            if (arrived + 1 == (ef_u32)ef_blocks_of(T.numel)) {
+                for (int k = 0; k < Rule::SCALARS; ++k) *T.scalars[k] = (float)sc[k];
+                counters[t] = 0;
+            }
+        }
+    }
+    __syncthreads();
+    const EfTensor& T = tensors[t_sh];
+    const typename Rule::template Coeffs<R> c = c_sh;
+    const R factor = factor_sh;
+    ef_i64 start = ((ef_i64)blockIdx.x - T.first_block) * EF_CHUNK;
+    ef_i64 end = T.numel < start + EF_CHUNK ? T.numel : start + EF_CHUNK;
+    P* p = (P*)T.p;
+    const P* g = (const P*)T.g;
+    S* st[EF_MAX_SLOTS];
+    bool aligned = ef_aligned<P>(p) && (!Rule::READS_INPUT || ef_aligned<P>(g));
+#pragma unroll
+    for (int k = 0; k < EF_MAX_SLOTS; ++k) {
+        st[k] = (S*)T.s[k];
+        if (k < Rule::SLOTS) aligned = aligned && ef_aligned<S>(st[k]);
+    }
+    ef_i64 vec_end = aligned ? start + ((end - start) / EF_VEC) * EF_VEC : start;
+    for (ef_i64 i = start + (ef_i64)threadIdx.x * EF_VEC; i < vec_end; i += (ef_i64)blockDim.x * EF_VEC) {
+        EfVec<P> pv = *(const EfVec<P>*)(p + i);
+        EfVec<P> gv;
+        if (Rule::READS_INPUT) gv = *(const EfVec<P>*)(g + i);
+        EfVec<S> sv[EF_MAX_SLOTS];
+#pragma unroll
+        for (int k = 0; k < Rule::SLOTS; ++k) sv[k] = *(const EfVec<S>*)(st[k] + i);
+#pragma unroll
+        for (int j = 0; j < EF_VEC; ++j) {
+            R s[EF_MAX_SLOTS];
+#pragma unroll
+            for (int k = 0; k < Rule::SLOTS; ++k) s[k] = EfElem<S, R>::load(&sv[k].v[j]);
+            R gj = Rule::READS_INPUT ? EfElem<P, R>::load(&gv.v[j]) * factor : R(0);
+            R pj = Rule::template update<R>(c, EfElem<P, R>::load(&pv.v[j]), gj, s);
+            EfElem<P, R>::store(&pv.v[j], pj);
+#pragma unroll
+            for (int k = 0; k < Rule::SLOTS; ++k) EfElem<S, R>::store(&sv[k].v[j], s[k]);
+        }
+        *(EfVec<P>*)(p + i) = pv;
+#pragma unroll
+        for (int k = 0; k < Rule::SLOTS; ++k) *(EfVec<S>*)(st[k] + i) = sv[k];
+    }
+    for (ef_i64 i = vec_end + threadIdx.x; i < end; i += blockDim.x) ef_update_one<Rule, R, P, S>(c, factor, p, g, st, i);
+}
+
+// Per-tensor sums (rules with SUMS > 0): a read-only pass before ef_step, accumulated in double.
+template <class Rule, class R, class P, class S>
+__device__ __forceinline__ void ef_sums_impl(const EfTensor* tensors, int n_tensors, const float* grad_scale,
+                                             const float* found_inf, double gsign, double* sums) {
+    if (Rule::SUMS == 0) return;
+    if (found_inf != nullptr && *found_inf != 0.0f) return;
+    int t = ef_find_tensor(tensors, n_tensors);
+    const EfTensor& T = tensors[t];
+    const R factor = R(grad_scale != nullptr ? gsign / (double)*grad_scale : gsign);
+    ef_i64 start = ((ef_i64)blockIdx.x - T.first_block) * EF_CHUNK;
+    ef_i64 end = T.numel < start + EF_CHUNK ? T.numel : start + EF_CHUNK;
+    double acc[EF_MAX_SUMS] = {0, 0, 0, 0};
+    const P* p = (const P*)T.p;
+    const P* g = (const P*)T.g;
+    for (ef_i64 i = start + threadIdx.x; i < end; i += blockDim.x) {
+        R s[EF_MAX_SLOTS];
+        for (int k = 0; k < Rule::SLOTS; ++k) s[k] = EfElem<S, R>::load((const S*)T.s[k] + i);
+        R gv = Rule::READS_INPUT ? EfElem<P, R>::load(g + i) * factor : R(0);
+        Rule::template accumulate<R>(EfElem<P, R>::load(p + i), gv, s, acc);
+    }
+    __shared__ double red[EF_THREADS];
+    for (int k = 0; k < Rule::SUMS; ++k) {
+        red[threadIdx.x] = acc[k];
+        __syncthreads();
+        for (int w = blockDim.x / 2; w > 0; w /= 2) {
+            if ((int)threadIdx.x < w) red[threadIdx.x] += red[threadIdx.x + w];
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) atomicAdd(&sums[t * EF_MAX_SUMS + k], red[0]);
+        __syncthreads();
+    }
+}
+
+#define EF_KERNELS(NAME, R, P, S)                                                                          \
+    extern "C" __global__ void __launch_bounds__(EF_THREADS)                                              \
+        ef_step_##NAME(const EF_RULE::Hyper hyper, const EfTensor* tensors, int n_tensors,                \
+                       const float* grad_scale, const float* found_inf, double gsign, ef_u32* counters,   \
+                       const double* sums) {                                                              \
+        ef_step_impl<EF_RULE, R, P, S>(hyper, tensors, n_tensors, grad_scale, found_inf, gsign, counters, \
+                                       sums);                                                             \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(EF_THREADS)                                              \
+        ef_sums_##NAME(const EfTensor* tensors, int n_tensors, const float* grad_scale,                   \
+                       const float* found_inf, double gsign, double* sums) {                              \
+        ef_sums_impl<EF_RULE, R, P, S>(tensors, n_tensors, grad_scale, found_inf, gsign, sums);           \
+    }
+
+EF_KERNELS(f32, float, float, float)
+EF_KERNELS(f64, double, double, double)
+EF_KERNELS(bf16, float, ef_bf16, ef_bf16)
+EF_KERNELS(bf16_f32, float, ef_bf16, float)
+EF_KERNELS(f16, float, ef_f16, ef_f16)
+EF_KERNELS(f16_f32, float, ef_f16, float)

@@ -1,0 +1,317 @@
+//! Devices, module and table caches, and launches on the caller's stream.
+
+use super::compile::compile_ptx;
+use super::table::{self, TensorEntry};
+use crate::batch::Batch;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::rules::{visit_rule, Hyper, Rule, RuleVisitor, MAX_SUMS};
+use crate::view::Device;
+use cudarc::driver::{result, sys};
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::Mutex;
+
+/// Tables kept per device (each is a few bytes per tensor of device memory).
+const MAX_TABLES: usize = 32;
+/// Threads per block (`EF_THREADS` in multi_tensor.cuh).
+const THREADS: u32 = 256;
+
+fn driver_error(what: &str, e: result::DriverError) -> Error {
+    Error::Cuda(format!("{what}: {e:?}"))
+}
+
+/// AMP inputs on one device: addresses of the float32 grad scale and found-inf flag (0: none).
+#[derive(Copy, Clone, Debug, Default)]
+pub struct DeviceAmp {
+    pub grad_scale: u64,
+    pub found_inf: u64,
+}
+
+/// A batch ready to launch on its device.
+pub trait CudaStep: Send + Sync {
+    /// The device the batch lives on.
+    fn device(&self) -> u32;
+    /// Enqueue the update on the batch's stream (asynchronous; no host synchronisation).
+    fn launch(&self, amp: DeviceAmp) -> Result<()>;
+}
+
+/// A compiled rule: one module with a step and a sums kernel per dtype combination.
+struct Module {
+    _module: sys::CUmodule,
+    functions: HashMap<&'static str, (sys::CUfunction, sys::CUfunction)>,
+}
+
+/// A table uploaded to the device: tensor entries, then one u32 arrival counter per tensor
+/// (zeroed at creation, reset by the kernel), then MAX_SUMS f64 sums per tensor.
+struct UploadedTable {
+    entries: Vec<TensorEntry>,
+    device_buf: u64,
+    host_buf: *mut c_void,
+    last_use: u64,
+    /// Used while a CUDA graph was being captured: the graph refers to it forever.
+    permanent: bool,
+}
+
+impl UploadedTable {
+    fn counters(&self) -> u64 {
+        self.device_buf + std::mem::size_of_val(self.entries.as_slice()) as u64
+    }
+    fn sums(&self) -> u64 {
+        let counters = 4 * self.entries.len() as u64;
+        self.counters() + counters.div_ceil(8) * 8
+    }
+    fn bytes(n: usize) -> usize {
+        n * std::mem::size_of::<TensorEntry>() + (4 * n).div_ceil(8) * 8 + 8 * MAX_SUMS * n
+    }
+}
+
+struct DeviceState {
+    ctx: sys::CUcontext,
+    arch: String,
+    modules: HashMap<String, Module>,
+    tables: Vec<UploadedTable>,
+    clock: u64,
+}
+
+// SAFETY: the raw CUDA handles are only used while holding the DEVICES mutex (or, for the
+// context and functions, through thread-safe driver calls); the driver API is thread-safe.
+unsafe impl Send for DeviceState {}
+
+static DEVICES: Mutex<Option<HashMap<u32, DeviceState>>> = Mutex::new(None);
+
+/// Run `f` on the (lazily initialised) state of device `ordinal`, with its context current.
+fn with_device<T>(ordinal: u32, f: impl FnOnce(&mut DeviceState) -> Result<T>) -> Result<T> {
+    let mut guard = DEVICES.lock().map_err(|_| Error::Internal("CUDA state poisoned".into()))?;
+    let devices = guard.get_or_insert_with(HashMap::new);
+    if !devices.contains_key(&ordinal) {
+        devices.insert(ordinal, open_device(ordinal)?);
+    }
+    let state = devices.get_mut(&ordinal).expect("inserted above");
+    // SAFETY: ctx is the device's primary context, retained for the life of the process.
+    unsafe { result::ctx::set_current(state.ctx) }.map_err(|e| driver_error("cuCtxSetCurrent", e))?;
+    f(state)
+}
+
+fn open_device(ordinal: u32) -> Result<DeviceState> {
+    // SAFETY: only tries to dlopen the driver library.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(Error::Cuda("CUDA tensors were passed but the CUDA driver (libcuda.so) cannot be loaded".into()));
+    }
+    result::init().map_err(|e| driver_error("cuInit", e))?;
+    let dev = result::device::get(ordinal as i32).map_err(|e| driver_error("cuDeviceGet", e))?;
+    // SAFETY: dev comes from cuDeviceGet; the primary context is the one PyTorch uses.
+    let ctx = unsafe { result::primary_ctx::retain(dev) }.map_err(|e| driver_error("cuDevicePrimaryCtxRetain", e))?;
+    let attr = |a| {
+        // SAFETY: valid device and attribute.
+        unsafe { result::device::get_attribute(dev, a) }.map_err(|e| driver_error("cuDeviceGetAttribute", e))
+    };
+    let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    Ok(DeviceState { ctx, arch: format!("compute_{major}{minor}"), modules: HashMap::new(), tables: Vec::new(), clock: 0 })
+}
+
+impl DeviceState {
+    /// The compiled module of `kernel`, compiling it on first use.
+    fn module(&mut self, kernel: &super::CudaKernel) -> Result<&Module> {
+        if !self.modules.contains_key(&kernel.type_name) {
+            let ptx = compile_ptx(kernel, &self.arch)?;
+            let ptx = CString::new(ptx).map_err(|_| Error::Internal("PTX with a NUL byte".into()))?;
+            // SAFETY: a NUL-terminated PTX image; the context is current.
+            let module = unsafe { result::module::load_data(ptx.as_ptr() as *const c_void) }
+                .map_err(|e| driver_error("cuModuleLoadData", e))?;
+            let mut functions = HashMap::new();
+            for name in super::KERNEL_DTYPES {
+                let get = |prefix: &str| {
+                    let sym = CString::new(format!("{prefix}_{name}")).expect("no NUL");
+                    // SAFETY: module was just loaded and stays loaded for the process.
+                    unsafe { result::module::get_function(module, sym) }.map_err(|e| driver_error("cuModuleGetFunction", e))
+                };
+                functions.insert(name, (get("ef_step")?, get("ef_sums")?));
+            }
+            self.modules.insert(kernel.type_name.clone(), Module { _module: module, functions });
+        }
+        Ok(&self.modules[&kernel.type_name])
+    }
+
+    /// The device copy of `entries`, uploading it (asynchronously, on `stream`) if it is new.
+    fn table(&mut self, entries: Vec<TensorEntry>, stream: sys::CUstream) -> Result<usize> {
+        self.clock += 1;
+        // SAFETY: stream is the caller's live stream.
+        let capturing = unsafe { result::stream::is_capturing(stream) }
+            .map_or(false, |s| s != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE);
+        if let Some(i) = self.tables.iter().position(|t| t.entries == entries) {
+            self.tables[i].last_use = self.clock;
+            self.tables[i].permanent |= capturing;
+            return Ok(i);
+        }
+        if capturing {
+            return Err(Error::Cuda(
+                "a new set of tensors appeared during CUDA graph capture: run one step (warm-up) before capturing".into(),
+            ));
+        }
+        if self.tables.len() >= MAX_TABLES {
+            if let Some(i) = (0..self.tables.len()).filter(|&i| !self.tables[i].permanent).min_by_key(|&i| self.tables[i].last_use) {
+                let old = self.tables.swap_remove(i);
+                // SAFETY: stream-ordered free after every earlier use enqueued on this stream; the
+                // pinned staging buffer's copy was enqueued before those uses.
+                unsafe {
+                    let _ = result::free_async(old.device_buf, stream);
+                    let _ = result::free_host(old.host_buf);
+                }
+            }
+        }
+        let bytes = UploadedTable::bytes(entries.len());
+        // SAFETY: plain allocations and a stream-ordered upload from pinned memory that stays
+        // untouched for the table's lifetime.
+        unsafe {
+            let host_buf = result::malloc_host(bytes, 0).map_err(|e| driver_error("cuMemAllocHost", e))?;
+            let host = std::slice::from_raw_parts_mut(host_buf as *mut u8, bytes);
+            host.fill(0);
+            let table_bytes = table::as_bytes(&entries);
+            host[..table_bytes.len()].copy_from_slice(table_bytes);
+            let device_buf = match result::malloc_async(stream, bytes) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = result::free_host(host_buf);
+                    return Err(driver_error("cuMemAllocAsync", e));
+                }
+            };
+            result::memcpy_htod_async(device_buf, host, stream).map_err(|e| driver_error("cuMemcpyHtoDAsync", e))?;
+            self.tables.push(UploadedTable { entries, device_buf, host_buf, last_use: self.clock, permanent: false });
+        }
+        Ok(self.tables.len() - 1)
+    }
+}
+
+/// Pair a batch on a CUDA device with the rule named `rule`; compiles and uploads what is
+/// needed, so that the launch itself does no allocation.
+pub fn plan(rule: &str, hyper: &Hyper, batch: Batch, stream: u64) -> Result<Box<dyn CudaStep>> {
+    let maximize = hyper.flag_or_false("maximize")?;
+    visit_rule(rule, hyper, Planner { batch, stream, maximize })?
+}
+
+struct Planner {
+    batch: Batch,
+    stream: u64,
+    maximize: bool,
+}
+
+fn kernel_suffix(p: DType, s: DType) -> &'static str {
+    match (p, s) {
+        (DType::F32, _) => "f32",
+        (DType::F64, _) => "f64",
+        (DType::BF16, DType::BF16) => "bf16",
+        (DType::BF16, _) => "bf16_f32",
+        (DType::F16, DType::F16) => "f16",
+        (DType::F16, _) => "f16_f32",
+    }
+}
+
+impl RuleVisitor for Planner {
+    type Output = Result<Box<dyn CudaStep>>;
+    fn visit<Ru: Rule>(self, rule: Ru) -> Self::Output {
+        let b = &self.batch;
+        let Device::Cuda(ordinal) = b.device else {
+            return Err(Error::Internal("CUDA planner given a CPU batch".into()));
+        };
+        let kernel = Ru::cuda_kernel().ok_or_else(|| Error::Cuda("this rule has no CUDA kernel yet".into()))?;
+        if b.slots != Ru::SLOTS || b.n_scalars != Ru::SCALARS || (Ru::READS_INPUT && b.grads.len() != b.params.len()) {
+            return Err(Error::Value("tensor lists do not match the rule's state".into()));
+        }
+        if b.scalars.iter().any(|s| s.dtype() != DType::F32) {
+            return Err(Error::DType("scalar state of CUDA parameters (e.g. 'step') must be float32".into()));
+        }
+        let (entries, blocks) = table::build(b);
+        let n_tensors = entries.len() as i32;
+        let stream = self.stream as sys::CUstream;
+        let (functions, table_index, table_addr, counters, sums) = with_device(ordinal, |dev| {
+            let functions = dev.module(&kernel)?.functions[kernel_suffix(b.param_dtype, b.state_dtype)];
+            let i = dev.table(entries, stream)?;
+            let t = &dev.tables[i];
+            Ok((functions, i, t.device_buf, t.counters(), t.sums()))
+        })?;
+        let _ = table_index;
+        Ok(Box::new(Launch {
+            ordinal,
+            hyper: super::rule_bytes(&rule),
+            step_fn: functions.0 as usize,
+            sums_fn: functions.1 as usize,
+            uses_sums: Ru::SUMS > 0,
+            table: table_addr,
+            counters,
+            sums,
+            n_tensors,
+            blocks: blocks as u32,
+            stream: self.stream,
+            gsign: if self.maximize { -1.0 } else { 1.0 },
+        }))
+    }
+}
+
+struct Launch {
+    ordinal: u32,
+    hyper: Vec<u8>,
+    step_fn: usize,
+    sums_fn: usize,
+    uses_sums: bool,
+    table: u64,
+    counters: u64,
+    sums: u64,
+    n_tensors: i32,
+    blocks: u32,
+    stream: u64,
+    gsign: f64,
+}
+
+impl CudaStep for Launch {
+    fn device(&self) -> u32 {
+        self.ordinal
+    }
+
+    fn launch(&self, amp: DeviceAmp) -> Result<()> {
+        if self.n_tensors == 0 {
+            return Ok(());
+        }
+        let stream = self.stream as sys::CUstream;
+        let (mut table, mut n, mut gs, mut fi, mut gsign, mut counters, mut sums) =
+            (self.table, self.n_tensors, amp.grad_scale, amp.found_inf, self.gsign, self.counters, self.sums);
+        let mut hyper = self.hyper.clone();
+        with_device(self.ordinal, |_| {
+            // SAFETY: functions come from a loaded module; every argument matches the kernel's
+            // signature (ef_sums: tensors, n, grad_scale, found_inf, gsign, sums; ef_step: hyper,
+            // tensors, n, grad_scale, found_inf, gsign, counters, sums); the table and the tensors it
+            // points to stay alive until the stream has run the kernels (the tensors are owned by
+            // the optimizer, the table by the cache, freed stream-ordered).
+            unsafe {
+                let arg = |x: *mut c_void| x;
+                if self.uses_sums {
+                    let bytes = 8 * MAX_SUMS * self.n_tensors as usize;
+                    result::memset_d8_async(sums, 0, bytes, stream).map_err(|e| driver_error("cuMemsetD8Async", e))?;
+                    let mut params = [
+                        arg(&mut table as *mut u64 as *mut c_void),
+                        arg(&mut n as *mut i32 as *mut c_void),
+                        arg(&mut gs as *mut u64 as *mut c_void),
+                        arg(&mut fi as *mut u64 as *mut c_void),
+                        arg(&mut gsign as *mut f64 as *mut c_void),
+                        arg(&mut sums as *mut u64 as *mut c_void),
+                    ];
+                    result::launch_kernel(self.sums_fn as sys::CUfunction, (self.blocks, 1, 1), (THREADS, 1, 1), 0, stream, &mut params)
+                        .map_err(|e| driver_error("launching ef_sums", e))?;
+                }
+                let mut params = [
+                    arg(hyper.as_mut_ptr() as *mut c_void),
+                    arg(&mut table as *mut u64 as *mut c_void),
+                    arg(&mut n as *mut i32 as *mut c_void),
+                    arg(&mut gs as *mut u64 as *mut c_void),
+                    arg(&mut fi as *mut u64 as *mut c_void),
+                    arg(&mut gsign as *mut f64 as *mut c_void),
+                    arg(&mut counters as *mut u64 as *mut c_void),
+                    arg(&mut sums as *mut u64 as *mut c_void),
+                ];
+                result::launch_kernel(self.step_fn as sys::CUfunction, (self.blocks, 1, 1), (THREADS, 1, 1), 0, stream, &mut params)
+                    .map_err(|e| driver_error("launching ef_step", e))
+            }
+        })
+    }
+}

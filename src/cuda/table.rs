@@ -1,0 +1,77 @@
+//! The per-launch tensor table read by the multi-tensor kernel.
+
+use crate::batch::Batch;
+use crate::rules::{MAX_SCALARS, MAX_SLOTS};
+
+/// Elements per block (`EF_CHUNK` in multi_tensor.cuh).
+pub const CHUNK: i64 = 65536;
+
+/// One tensor of a launch; the layout of `EfTensor` in multi_tensor.cuh.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TensorEntry {
+    pub p: u64,
+    pub g: u64,
+    pub s: [u64; MAX_SLOTS],
+    pub scalars: [u64; MAX_SCALARS],
+    pub numel: i64,
+    pub first_block: i64,
+}
+
+/// Blocks a tensor takes (an empty tensor still takes one, to advance its scalar state).
+pub fn blocks_of(numel: i64) -> i64 {
+    if numel <= 0 {
+        1
+    } else {
+        (numel + CHUNK - 1) / CHUNK
+    }
+}
+
+/// The table of a batch, and the number of blocks of its launch.
+pub fn build(batch: &Batch) -> (Vec<TensorEntry>, i64) {
+    let mut next = 0i64;
+    let table = (0..batch.params.len())
+        .map(|i| {
+            let mut s = [0u64; MAX_SLOTS];
+            for (k, x) in s.iter_mut().enumerate().take(batch.slots) {
+                *x = batch.states[i * batch.slots + k].ptr() as u64;
+            }
+            let mut scalars = [0u64; MAX_SCALARS];
+            for (k, x) in scalars.iter_mut().enumerate().take(batch.n_scalars) {
+                *x = batch.scalars[i * batch.n_scalars + k].ptr() as u64;
+            }
+            let numel = batch.params[i].numel() as i64;
+            let e = TensorEntry {
+                p: batch.params[i].ptr() as u64,
+                g: batch.grads.get(i).map_or(0, |g| g.ptr() as u64),
+                s,
+                scalars,
+                numel,
+                first_block: next,
+            };
+            next += blocks_of(numel);
+            e
+        })
+        .collect();
+    (table, next)
+}
+
+/// The table as bytes, for upload.
+pub fn as_bytes(table: &[TensorEntry]) -> &[u8] {
+    // SAFETY: TensorEntry is #[repr(C)] plain data without padding (all fields are 8 bytes).
+    unsafe { std::slice::from_raw_parts(table.as_ptr() as *const u8, std::mem::size_of_val(table)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_layout_matches_the_kernel() {
+        // void* p, g; void* s[4]; float* scalars[4]; long long numel, first_block
+        assert_eq!(std::mem::size_of::<TensorEntry>(), 8 * (2 + MAX_SLOTS + MAX_SCALARS + 2));
+        assert_eq!(blocks_of(0), 1);
+        assert_eq!(blocks_of(CHUNK), 1);
+        assert_eq!(blocks_of(CHUNK + 1), 2);
+    }
+}
