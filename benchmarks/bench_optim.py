@@ -103,8 +103,9 @@ class Result:
     median: float  # seconds per step
     best: float
 
-    def gbs(self, seconds: float | None = None) -> float:
-        return self.case.bytes_per_param * self.params / (seconds or self.median) / 1e9
+    def gbs(self) -> float:
+        """Effective bandwidth of the median step, GB/s."""
+        return self.case.bytes_per_param * self.params / self.median / 1e9
 
 
 def bandwidths() -> tuple[float, float]:

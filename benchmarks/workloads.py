@@ -72,7 +72,7 @@ def vit_b16() -> list[Shape]:
 
 
 def small_tensors(count: int = 4000, seed: int = 0) -> list[Shape]:
-    """``count`` small tensors of varied sizes (log-uniform, 8 to 16384 elements; ~9M in all
+    """``count`` small tensors of varied sizes (log-uniform, 8 to 16384 elements; 8.6M in all
     for 4000), a mix of vectors and matrices, the same for every run."""
     rng = random.Random(seed)
     shapes: list[Shape] = []
