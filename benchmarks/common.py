@@ -1,0 +1,109 @@
+"""Shared tools of emafuse's benchmarks: step timing, the machine's memory bandwidth (the
+physical limit a memory-bound update is compared with), a description of the machine, markdown
+tables."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = ["time_calls", "copy_bandwidth", "inplace_bandwidth", "machine_info", "markdown_table"]
+
+
+def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times; the timed durations in
+    seconds. CPU work is synchronous, so wall-clock time around the call is the cost."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _bandwidth(fn: Callable[[], object], moved_bytes: int, repeats: int) -> tuple[float, float]:
+    times = time_calls(fn, warmup=1, repeats=repeats)
+    return moved_bytes / min(times) / 1e9, moved_bytes / statistics.median(times) / 1e9
+
+
+def copy_bandwidth(mbytes: int = 1024, repeats: int = 7) -> tuple[float, float]:
+    """The machine's memory bandwidth seen by a large ``dst.copy_(src)`` (torch's threads):
+    bytes read plus bytes written per second, in GB/s. Returns (best, median) of ``repeats``.
+
+    The CPU also reads ``dst`` before writing it (write-allocate), traffic this count leaves
+    out, so an in-place update (which reads what it writes) can beat this figure."""
+    n = mbytes * 2**20 // 4
+    src = torch.rand(n)
+    dst = torch.empty_like(src)
+    return _bandwidth(lambda: dst.copy_(src), 2 * n * 4, repeats)
+
+
+def inplace_bandwidth(mbytes: int = 1024, repeats: int = 7) -> tuple[float, float]:
+    """Bytes read plus bytes written per second of a large in-place ``x.mul_(1.0)``, which moves
+    memory the way an optimizer step does (read each element, write it back where it was), in
+    GB/s. Returns (best, median) of ``repeats``."""
+    n = mbytes * 2**20 // 4
+    x = torch.rand(n)
+    return _bandwidth(lambda: x.mul_(1.0), 2 * n * 4, repeats)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, str]:
+    """What a result depends on: CPU, cores, memory, versions, thread counts, load, date."""
+    import emafuse
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        mem = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
+    except (ValueError, OSError):
+        mem = "?"
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "cpu": f"{_cpu_model()} ({platform.machine()})",
+        "cores available": str(cores),
+        "memory": mem,
+        "python": platform.python_version(),
+        "torch": f"{torch.__version__} ({torch.get_num_threads()} intra-op threads)",
+        "emafuse": f"{emafuse.__version__} ({emafuse.num_threads()} threads)",
+        "load average at start (1, 5, 15 min)": load,
+    }
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table; numeric columns right-aligned."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    numeric = [all(_is_number(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(items: Sequence[str]) -> str:
+        return "| " + " | ".join(s.rjust(w) if num else s.ljust(w) for s, w, num in zip(items, widths, numeric)) + " |"
+
+    sep = "| " + " | ".join("-" * (w - 1) + (":" if num else "-") for w, num in zip(widths, numeric)) + " |"
+    return "\n".join([line(headers), sep, *(line(r) for r in cells)])
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s.rstrip("x%"))
+        return True
+    except ValueError:
+        return s in ("", "-")
