@@ -77,14 +77,22 @@ impl Elem<f64> for f64 {
     }
 }
 
+/// bf16 conversions written as plain bit arithmetic, so that they inline into the kernels and
+/// vectorise with them (round to nearest even; NaN stays a quiet NaN).
 impl Elem<f32> for bf16 {
     #[inline(always)]
     fn load(src: &[bf16], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst)
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits((s.to_bits() as u32) << 16);
+        }
     }
     #[inline(always)]
     fn store(src: &[f32], dst: &mut [bf16]) {
-        dst.convert_from_f32_slice(src)
+        for (d, &x) in dst.iter_mut().zip(src) {
+            let u = x.to_bits();
+            let rounded = if x.is_nan() { (u >> 16) | 0x40 } else { (u + 0x7fff + ((u >> 16) & 1)) >> 16 };
+            *d = bf16::from_bits(rounded as u16);
+        }
     }
 }
 
@@ -116,6 +124,26 @@ mod tests {
         // 1 + 2^-8 is a tie between 1 and 1 + 2^-7: even mantissa wins.
         assert_eq!(back[2], 1.0);
         assert_eq!(back[3], 1.0 + 2.0 / 128.0);
+    }
+
+    #[test]
+    fn bf16_store_matches_half_on_every_kind_of_value() {
+        let mut x: u32 = 0x1234_5678;
+        let mut vals: Vec<f32> = (0..100_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                f32::from_bits(x)
+            })
+            .collect();
+        vals.extend([0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN_POSITIVE, 1e-40]);
+        let mut out = vec![bf16::ZERO; vals.len()];
+        <bf16 as Elem<f32>>::store(&vals, &mut out);
+        for (v, o) in vals.iter().zip(&out) {
+            let want = bf16::from_f32(*v);
+            assert!(want.to_bits() == o.to_bits() || (want.is_nan() && o.is_nan()), "{v:e}");
+        }
     }
 
     #[test]

@@ -13,13 +13,14 @@ use crate::rules::{visit_rule, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS,
 use crate::view::TensorView;
 use half::{bf16, f16};
 use kernel::{GradTransform, SpanPtrs};
-use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Elements per work item. Items span tensor boundaries, so thousands of small tensors cost a few
 /// hundred items, not thousands.
 const CHUNK: usize = 1 << 15;
-/// Below this many elements the pool is not woken: the caller's thread does the work.
-const INLINE_BELOW: usize = 1 << 15;
+/// Below this many elements the pool is not woken: the caller's thread does the work alone
+/// (waking a helper costs more than it saves on a few hundred microseconds of work).
+const INLINE_BELOW: usize = 1 << 17;
 
 /// A piece of one tensor: `len` elements of tensor `tensor` from `start`.
 #[derive(Copy, Clone, Debug)]
@@ -53,15 +54,28 @@ fn work_items(numels: impl Iterator<Item = usize>) -> Vec<Vec<Span>> {
     items
 }
 
-/// Run `f` on every span of tensors with the given sizes, in parallel when worth it.
+/// Run `f` on every span of tensors with the given sizes, in parallel when worth it. The calling
+/// thread works too, beside `threads − 1` pool helpers, taking items from a shared counter.
 fn for_each_span(numels: &[usize], f: impl Fn(Span) + Sync) {
     let total: usize = numels.iter().sum();
     let items = work_items(numels.iter().copied());
-    if total < INLINE_BELOW || items.len() == 1 || pool::num_threads() == 1 {
+    let helpers = pool::num_threads().saturating_sub(1).min(items.len().saturating_sub(1));
+    if total < INLINE_BELOW || helpers == 0 {
         items.iter().flatten().for_each(|&s| f(s));
-    } else {
-        pool::pool().install(|| items.par_iter().for_each(|item| item.iter().for_each(|&s| f(s))));
+        return;
     }
+    let next = AtomicUsize::new(0);
+    let work = || {
+        while let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) {
+            item.iter().for_each(|&s| f(s));
+        }
+    };
+    pool::pool().in_place_scope(|scope| {
+        for _ in 0..helpers {
+            scope.spawn(|_| work());
+        }
+        work();
+    });
 }
 
 /// A batch ready to run on the CPU.
@@ -182,10 +196,13 @@ impl<Ru: Rule> RuleBatch<Ru> {
         for_each_span(&self.numels(), |s| {
             // SAFETY: validated views; the pass only reads.
             let part = unsafe { kernel::sum_span::<Ru, R, P, S>(factor, self.span_ptrs::<R, P, S>(s), s.len) };
-            parts.lock().expect("no panics while held").push((s.tensor, part));
+            parts.lock().expect("no panics while held").push((s.tensor, s.start, part));
         });
+        // Add the partial sums in a fixed order, so results do not depend on scheduling.
+        let mut parts = parts.into_inner().expect("no panics while held");
+        parts.sort_by_key(|&(t, start, _)| (t, start));
         let mut sums = vec![[0.0; MAX_SUMS]; n];
-        for (t, part) in parts.into_inner().expect("no panics while held") {
+        for (t, _, part) in parts {
             for k in 0..Ru::SUMS {
                 sums[t][k] += part[k];
             }

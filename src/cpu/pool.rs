@@ -36,8 +36,9 @@ pub fn pool() -> &'static ThreadPool {
             return &entry.pool;
         }
     }
+    // The calling thread always works too, so the pool holds the other threads.
     let pool = ThreadPoolBuilder::new()
-        .num_threads(num_threads())
+        .num_threads(num_threads().saturating_sub(1).max(1))
         .thread_name(|i| format!("emafuse-{i}"))
         .build()
         .expect("cannot start emafuse worker threads");
@@ -56,7 +57,4 @@ pub fn pool() -> &'static ThreadPool {
     }
 }
 
-/// Threads of the current pool (builds it if needed).
-pub fn current_num_threads() -> usize {
-    pool().current_num_threads()
-}
+

@@ -49,5 +49,5 @@ fn cuda_compile(py: Python<'_>, rule: &str, hyper: &Bound<'_, pyo3::types::PyDic
 /// Threads of emafuse's CPU pool (`EMAFUSE_NUM_THREADS`, else the available cores).
 #[pyfunction]
 fn num_threads() -> usize {
-    crate::cpu::pool::current_num_threads()
+    crate::cpu::pool::num_threads()
 }

@@ -29,12 +29,12 @@ pub(super) fn hyper_from(d: &Bound<'_, PyDict>) -> Result<Hyper> {
     Ok(Hyper::new(entries))
 }
 
-/// Unpack a list of tensors, keeping the handles alive in `keep`.
-fn tensor_list(list: &Bound<'_, PyAny>, role: &str, group: usize, keep: &mut Vec<tch::Tensor>) -> Result<Vec<TensorInfo>> {
+/// Unpack a list of tensors, keeping the objects alive in `keep`.
+fn tensor_list<'py>(list: &Bound<'py, PyAny>, role: &str, group: usize, keep: &mut Vec<Bound<'py, PyAny>>) -> Result<Vec<TensorInfo>> {
     let list = list.cast::<PyList>().map_err(|_| Error::Value(format!("param group {group}: {role} must be a list")))?;
     let mut out = Vec::with_capacity(list.len());
     for (i, obj) in list.iter().enumerate() {
-        let Unpacked { handle, info } = unpack(&obj, &|| format!("param group {group}, {role} {i}"))?;
+        let Unpacked { obj: handle, info } = unpack(&obj, &|| format!("param group {group}, {role} {i}"))?;
         keep.push(handle);
         out.push(info);
     }
@@ -42,11 +42,11 @@ fn tensor_list(list: &Bound<'_, PyAny>, role: &str, group: usize, keep: &mut Vec
 }
 
 /// Look up `key` in each state dict and unpack it.
-fn state_list(
-    dicts: &Bound<'_, PyList>,
-    key: &Bound<'_, PyString>,
+fn state_list<'py>(
+    dicts: &Bound<'py, PyList>,
+    key: &Bound<'py, PyString>,
     group: usize,
-    keep: &mut Vec<tch::Tensor>,
+    keep: &mut Vec<Bound<'py, PyAny>>,
 ) -> Result<Vec<TensorInfo>> {
     let mut out = Vec::with_capacity(dicts.len());
     for (i, d) in dicts.iter().enumerate() {
@@ -55,7 +55,7 @@ fn state_list(
             .get_item(key)
             .map_err(|e| Error::Value(e.to_string()))?
             .ok_or_else(|| Error::Value(format!("param group {group}, parameter {i}: state has no '{key}'")))?;
-        let Unpacked { handle, info } = unpack(&t, &|| format!("param group {group}, parameter {i}: state '{key}'"))?;
+        let Unpacked { obj: handle, info } = unpack(&t, &|| format!("param group {group}, parameter {i}: state '{key}'"))?;
         keep.push(handle);
         out.push(info);
     }
@@ -66,7 +66,7 @@ fn state_list(
 /// states: list[dict] | None, slots: tuple[str, ...], scalars: tuple[str, ...])`. `inputs` are the
 /// gradients (None for rules that read none); each state dict holds the tensors named in
 /// `slots` and the one-element tensors named in `scalars`.
-fn group_tensors(group: &Bound<'_, PyTuple>, gi: usize, keep: &mut Vec<tch::Tensor>) -> Result<(Hyper, GroupTensors)> {
+fn group_tensors<'py>(group: &Bound<'py, PyTuple>, gi: usize, keep: &mut Vec<Bound<'py, PyAny>>) -> Result<(Hyper, GroupTensors)> {
     if group.len() != 6 {
         return Err(Error::Value("each group is (hyper, params, inputs, states, slots, scalars)".into()));
     }
@@ -101,7 +101,7 @@ fn group_tensors(group: &Bound<'_, PyTuple>, gi: usize, keep: &mut Vec<tch::Tens
 
 /// AMP inputs as Python passed them: None, one tensor, or a dict {device index (-1: CPU): tensor}.
 struct AmpInput<'py> {
-    by_device: Vec<(Device, Unpacked)>,
+    by_device: Vec<(Device, Unpacked<'py>)>,
     _obj: Option<Bound<'py, PyAny>>,
 }
 
@@ -128,7 +128,7 @@ impl<'py> AmpInput<'py> {
     }
 
     /// The tensor for `device`; `Ok(None)` when no AMP input was given at all.
-    fn on(&self, device: Device, role: &str) -> Result<Option<&Unpacked>> {
+    fn on(&self, device: Device, role: &str) -> Result<Option<&Unpacked<'py>>> {
         if self.by_device.is_empty() {
             return Ok(None);
         }
@@ -159,14 +159,14 @@ struct Plan {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn plan(
+fn plan<'py>(
     who: &str,
     rule: &str,
-    groups: &Bound<'_, PyList>,
-    grad_scale: Option<&Bound<'_, PyAny>>,
-    found_inf: Option<&Bound<'_, PyAny>>,
-    streams: Option<&Bound<'_, PyAny>>,
-    keep: &mut Vec<tch::Tensor>,
+    groups: &Bound<'py, PyList>,
+    grad_scale: Option<&Bound<'py, PyAny>>,
+    found_inf: Option<&Bound<'py, PyAny>>,
+    streams: Option<&Bound<'py, PyAny>>,
+    keep: &mut Vec<Bound<'py, PyAny>>,
 ) -> Result<Plan> {
     let mut batches = Vec::new();
     for (gi, group) in groups.iter().enumerate() {
@@ -231,14 +231,14 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> Error {
 #[pyfunction]
 #[pyo3(signature = (who, rule, groups, grad_scale=None, found_inf=None, streams=None))]
 #[allow(clippy::too_many_arguments)]
-pub fn step(
-    py: Python<'_>,
+pub fn step<'py>(
+    py: Python<'py>,
     who: &str,
     rule: &str,
-    groups: &Bound<'_, PyList>,
-    grad_scale: Option<&Bound<'_, PyAny>>,
-    found_inf: Option<&Bound<'_, PyAny>>,
-    streams: Option<&Bound<'_, PyAny>>,
+    groups: &Bound<'py, PyList>,
+    grad_scale: Option<&Bound<'py, PyAny>>,
+    found_inf: Option<&Bound<'py, PyAny>>,
+    streams: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<()> {
     let mut keep = Vec::new();
     let planned = catch_unwind(AssertUnwindSafe(|| plan(who, rule, groups, grad_scale, found_inf, streams, &mut keep)))

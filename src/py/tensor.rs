@@ -11,10 +11,10 @@ use std::ffi::CStr;
 use tch::Tensor;
 use torch_sys::C_tensor;
 
-/// A tensor unpacked from Python: the libtorch handle (which keeps the storage alive) and what
-/// the engine needs of it.
-pub struct Unpacked {
-    pub handle: Tensor,
+/// A tensor unpacked from Python: what the engine needs of it, and a strong reference to the
+/// Python object, which keeps the storage alive while the GIL is released.
+pub struct Unpacked<'py> {
+    pub obj: Bound<'py, PyAny>,
     pub info: TensorInfo,
 }
 
@@ -89,12 +89,13 @@ fn is_tensor(obj: &Bound<'_, PyAny>) -> Result<bool> {
 }
 
 /// Unpack `obj` (which must be a `torch.Tensor`) for the role `role` (used in messages).
-pub fn unpack(obj: &Bound<'_, PyAny>, role: &dyn Fn() -> String) -> Result<Unpacked> {
+pub fn unpack<'py>(obj: &Bound<'py, PyAny>, role: &dyn Fn() -> String) -> Result<Unpacked<'py>> {
     if !is_tensor(obj)? {
         return Err(Error::Value(format!("{}: expected a torch.Tensor, got {}", role(), type_name(obj))));
     }
     // SAFETY: obj is a live torch.Tensor (checked above); the returned at::Tensor is a new
-    // reference owned by `handle`.
+    // reference owned by `handle`, dropped as soon as the metadata is read (the Python object,
+    // kept by the caller, holds the storage).
     let handle = unsafe {
         let raw = torch_sys::python::thp_variable_unpack(obj.as_ptr() as *mut torch_sys::python::C_pyobject);
         if raw.is_null() {
@@ -150,7 +151,8 @@ pub fn unpack(obj: &Bound<'_, PyAny>, role: &dyn Fn() -> String) -> Result<Unpac
             }
             return Err(Error::Value(format!("{}: {e}", role())));
         }
-        Ok(Unpacked { handle, info: TensorInfo { view: TensorView::new(ptr, numel, dtype, device), shape, layout } })
+        drop(handle);
+        Ok(Unpacked { obj: obj.clone(), info: TensorInfo { view: TensorView::new(ptr, numel, dtype, device), shape, layout } })
     }
 }
 

@@ -75,8 +75,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        check_finite = self.defaults.get("check_finite", False)
         for group in self.param_groups:
-            group.setdefault("check_finite", False)
+            group.setdefault("check_finite", check_finite)
         self._normalize_steps()
 
     def _reject_unsupported(self, group: dict[str, Any]) -> None:
