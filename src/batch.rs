@@ -214,14 +214,18 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
         // capturable optimizers keep it).
         for (k, entry) in t.scalars.iter().enumerate() {
             let s = &entry[i];
-            if s.view.device() != p.view.device() || !matches!(s.view.dtype(), DType::F32 | DType::F64) || s.view.numel() != 1 {
+            if !matches!(s.view.dtype(), DType::F32 | DType::F64) || s.view.numel() != 1 {
                 return Err(Error::Value(format!(
-                    "{}: scalar state {k} must be a one-element float32 tensor on the parameter's device ({}), got {} on {}",
+                    "{}: scalar state {k} must be a one-element float tensor, got {} with {} elements",
                     at(i),
-                    p.view.device(),
                     s.view.dtype().name(),
-                    s.view.device()
+                    s.view.numel()
                 )));
+            }
+            let cuda_ok = s.view.dtype() == DType::F32 || p.view.device() == Device::Cpu;
+            if s.view.device() != p.view.device() || !cuda_ok {
+                // The Python layer moves it next to the parameter and retries.
+                return Err(Error::Layout(format!("{}: scalar state {k} is on {}, not with the parameter", at(i), s.view.device())));
             }
         }
         let key = (p.view.device(), pd, state_dtype);

@@ -24,6 +24,36 @@ def _step_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
+def _scalar_state(p: Tensor, value: float | Tensor) -> Tensor:
+    """A scalar state entry for parameter ``p``: ``value`` as a 0-dim tensor where the kernels
+    keep it (see ``FusedOptimizer._normalize_steps``); returned unchanged when already right."""
+    if p.is_cuda:
+        if isinstance(value, Tensor) and value.device == p.device and value.dtype == torch.float32 and value.numel() == 1:
+            return value
+        if isinstance(value, Tensor):
+            return value.detach().reshape(()).to(device=p.device, dtype=torch.float32)
+        return torch.tensor(float(value), dtype=torch.float32, device=p.device)
+    if isinstance(value, Tensor) and value.device.type == "cpu" and value.dtype in (torch.float32, torch.float64) and value.numel() == 1:
+        return value
+    return torch.tensor(float(value), dtype=_step_dtype())
+
+
+def _cuda_streams() -> list[int] | None:
+    """PyTorch's current stream handle of every visible CUDA device (None before CUDA is used)."""
+    if not torch.cuda.is_initialized():
+        return None
+    return [torch.cuda.current_stream(i).cuda_stream for i in range(torch.cuda.device_count())]
+
+
+def _per_device(t: Tensor | None) -> Tensor | dict[int, Tensor] | None:
+    """An AMP tensor (GradScaler's scale or found-inf flag, on one device) for every device the
+    kernels may read it on: CUDA kernels read it on their own device (copied there without
+    synchronising), CPU kernels on the host."""
+    if t is None or not t.is_cuda or torch.cuda.device_count() == 1:
+        return t
+    return {i: t.to(f"cuda:{i}", non_blocking=True) for i in range(torch.cuda.device_count())}
+
+
 def scalar(x: float | Tensor) -> float:
     """A hyper-parameter as a Python float (a one-element tensor is read)."""
     return float(x.item()) if isinstance(x, Tensor) else float(x)
@@ -86,33 +116,25 @@ class FusedOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__}: differentiable=True is not supported: emafuse's fused "
                 "native step cannot be differentiated through. Use torch.optim for that."
             )
-        if group.get("capturable", False):
-            raise UnsupportedOptionError(
-                f"{type(self).__name__}: capturable=True needs emafuse's CUDA backend, which this "
-                "build does not have yet."
-            )
 
     def _normalize_steps(self) -> None:
-        """Make every step counter a 0-dim CPU float tensor, as torch keeps it for non-capturable
-        optimizers (old checkpoints store ints; capturable/fused ones keep it on the device)."""
+        """Put scalar state (e.g. ``step``) where the kernels keep it: a 0-dim float tensor on the
+        CPU for CPU parameters (as torch's default optimizers do) and a float32 tensor on the
+        parameter's device for CUDA parameters (as torch's fused and capturable ones do). Old
+        checkpoints store plain numbers."""
         if not self._scalar_keys:
             return
-        key = self._scalar_keys[0]
-        for st in self.state.values():
-            s = st.get(key) if isinstance(st, dict) else None
-            if s is None:
-                continue
-            ok = (
-                isinstance(s, Tensor)
-                and s.device.type == "cpu"
-                and s.dtype in (torch.float32, torch.float64)
-                and s.numel() == 1
-            )
-            if not ok:
-                st[key] = torch.tensor(float(s), dtype=_step_dtype())
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                for key in self._scalar_keys:
+                    if key in st:
+                        st[key] = _scalar_state(p, st[key])
 
     def _new_state(self, p: Tensor, slots: tuple[str, ...]) -> dict[str, Tensor]:
-        st: dict[str, Tensor] = {key: torch.tensor(0.0, dtype=_step_dtype()) for key in self._scalar_keys}
+        st: dict[str, Tensor] = {key: _scalar_state(p, 0.0) for key in self._scalar_keys}
         for name in slots:
             st[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return st
@@ -134,13 +156,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not calls:
             return loss
 
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        grad_scale = _per_device(getattr(self, "grad_scale", None))
+        found_inf = _per_device(getattr(self, "found_inf", None))
+        streams = _cuda_streams()
         who = type(self).__name__
         try:
-            _native.step(who, self._rule, calls, grad_scale, found_inf)
+            _native.step(who, self._rule, calls, grad_scale, found_inf, streams)
         except LayoutError:
-            self._staged_step(who, calls, grad_scale, found_inf)
+            self._normalize_steps()  # e.g. a step counter left on the CPU by a model moved to CUDA
+            self._staged_step(who, calls, grad_scale, found_inf, streams)
         self.state.update(created)
         # The kernels wrote parameter memory directly: tell autograd, as an in-place op would, so
         # that a graph that saved a parameter before this step refuses to backpropagate.
@@ -215,10 +239,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         created[p] = fixed
         return fixed, False
 
-    def _staged_step(self, who: str, calls: list[tuple], grad_scale, found_inf) -> None:
-        """The slow path for complex parameters and tensors that cannot be walked linearly
-        together (non-dense parameters, gradients strided differently): run the native step on
-        real views / contiguous copies, then copy results back."""
+    def _staged_step(self, who: str, calls: list[tuple], grad_scale, found_inf, streams) -> None:
+        """The slow path for complex parameters, tensors that cannot be walked linearly together
+        (non-dense parameters, gradients strided differently) and scalar state found away from its
+        parameter: run the native step on real views / contiguous copies, then copy back."""
         copy_back: list[tuple[Tensor, Tensor]] = []
 
         def stage(t: Tensor, writable: bool) -> Tensor:
@@ -246,6 +270,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                     d.update((key, st[key]) for key in scalar_keys)
                     ss.append(d)
             staged.append((hyper, ps, gs, ss, slots, scalar_keys))
-        _native.step(who, self._rule, staged, grad_scale, found_inf)
+        _native.step(who, self._rule, staged, grad_scale, found_inf, streams)
         for orig, copy in copy_back:
             orig.copy_(copy)

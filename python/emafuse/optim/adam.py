@@ -52,8 +52,10 @@ class AdamW(_AdamRule, torch.optim.AdamW):
     Arguments, defaults, validation messages, state names (``step``, ``exp_avg``,
     ``exp_avg_sq``, ``max_exp_avg_sq``) and ``state_dict`` layout are torch's, so checkpoints move
     between ``torch.optim.AdamW`` and ``emafuse.AdamW`` in both directions. ``foreach`` and
-    ``fused`` are accepted and ignored (emafuse always runs fused). ``capturable=True`` and
-    ``differentiable=True`` raise :class:`emafuse.UnsupportedOptionError`.
+    ``fused`` are accepted and ignored (emafuse always runs fused). For CUDA parameters ``step``
+    lives on the device and is advanced inside the kernel (as torch's fused AdamW keeps it), so
+    the step can be captured in a CUDA graph whatever ``capturable`` says; ``differentiable=True``
+    raises :class:`emafuse.UnsupportedOptionError`.
 
     Extra keyword: ``check_finite`` (default False). When True, a step whose gradients hold NaN
     or infinity raises :class:`emafuse.NonFiniteError` and changes nothing (torch's behaviour,
