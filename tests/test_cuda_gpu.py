@@ -1,0 +1,169 @@
+"""The CUDA backend on a real GPU (skipped on machines without one; run by benchmarks/gpu_check.sh
+on the lent GPU machine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import emafuse
+from helpers import clone_params, make_params, random_grads
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+ODD = [(1,), (3,), (4097,), (7, 5), (3, 4, 2), (278011,), (65536,), (65537,), (2, 70000)]
+CASES = [
+    (emafuse.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    (emafuse.AdamW, torch.optim.AdamW, dict(lr=1e-2, amsgrad=True, maximize=True)),
+    (emafuse.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.05)),
+    (emafuse.SGD, torch.optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    (emafuse.SGD, torch.optim.SGD, dict(lr=1e-2)),
+]
+
+
+def cuda_params(shapes, dtype=torch.float32, seed=0):
+    return [torch.nn.Parameter(p.detach().cuda()) for p in make_params(shapes, dtype=dtype, seed=seed)]
+
+
+def steps(opt, params, n, seed=1):
+    for t in range(n):
+        for p, g in zip(params, random_grads(params, t, seed)):
+            p.grad = g.to(p.device)
+        opt.step()
+
+
+@pytest.mark.parametrize("ours, theirs, kw", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_matches_torch_fused_on_cuda(ours, theirs, kw, dtype):
+    params = cuda_params(ODD, dtype)
+    ref = clone_params(params)
+    a, b = ours(params, **kw), theirs(ref, **kw, **({"fused": True} if dtype != torch.float64 or theirs is not torch.optim.SGD else {}))
+    steps(a, params, 20)
+    steps(b, ref, 20)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p.double(), q.double(), rtol=tol, atol=tol)
+    if "step" in a.state[params[0]]:
+        assert a.state[params[0]]["step"].is_cuda and a.state[params[0]]["step"].item() == 20
+
+
+@pytest.mark.parametrize("ours, _, kw", CASES)
+def test_cuda_equals_cpu_engine(ours, _, kw):
+    """Same rule, same inputs: the CUDA kernel and the CPU kernel agree to round-off (both round
+    every operation the same way; only pow() in the coefficients may differ by an ulp). Every
+    element and state entry is compared, so an element the kernel failed to write is caught."""
+    cpu = make_params(ODD, seed=4)
+    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    a, b = ours(cpu, **kw), ours(gpu, **kw)
+    steps(a, cpu, 7)
+    steps(b, gpu, 7)
+    for p, q in zip(cpu, gpu):
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-6, atol=1e-7)
+        for name, value in a.state[p].items():
+            torch.testing.assert_close(b.state[q][name].cpu(), value, rtol=1e-6, atol=1e-7)
+
+
+def test_no_host_synchronisation_in_a_step():
+    params = cuda_params(ODD)
+    opt = emafuse.AdamW(params, lr=1e-2)
+    steps(opt, params, 2)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_one_launch_per_group_and_dtype():
+    params = cuda_params(ODD) + cuda_params([(33,), (5, 5)], torch.bfloat16)
+    opt = emafuse.AdamW(params, lr=1e-2)
+    steps(opt, params, 2)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    launches = [e for e in prof.events() if e.name.startswith("ef_step")]
+    assert len(launches) == 2, [e.name for e in launches]
+
+
+def test_grad_scaler_skips_overflow_on_the_device():
+    model = torch.nn.Sequential(torch.nn.Linear(13, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3)).cuda()
+    ref = torch.nn.Sequential(torch.nn.Linear(13, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3)).cuda()
+    ref.load_state_dict(model.state_dict())
+    oa, ob = emafuse.AdamW(model.parameters(), lr=1e-2), torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
+    sa, sb = torch.amp.GradScaler("cuda", init_scale=2.0**12), torch.amp.GradScaler("cuda", init_scale=2.0**12)
+    for step in range(10):
+        x, y = torch.randn(32, 13, device="cuda"), torch.randint(0, 3, (32,), device="cuda")
+        for m, o, s in [(model, oa, sa), (ref, ob, sb)]:
+            o.zero_grad()
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = torch.nn.functional.cross_entropy(m(x), y)
+            s.scale(loss).backward()
+            if step == 4:
+                next(m.parameters()).grad[0, 0] = float("inf")
+            s.step(o)
+            s.update()
+    assert oa.state[next(model.parameters())]["step"].item() == 9
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_graph_capture_and_replay():
+    params = cuda_params([(4097,), (65537,), (7, 5)])
+    ref = clone_params(params)
+    opt, ref_opt = emafuse.AdamW(params, lr=1e-2, capturable=True), emafuse.AdamW(ref, lr=1e-2)
+    static_grads = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, static_grads):
+        p.grad = g
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.step()  # warm-up: compile, upload the table
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for q, g in zip(ref, static_grads):
+        q.grad = g.clone()
+    ref_opt.step()  # the warm-up step
+    for _ in range(5):
+        graph.replay()
+        ref_opt.step()
+    torch.cuda.synchronize()
+    assert opt.state[params[0]]["step"].item() == 6
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_side_stream_and_multi_device():
+    devices = list(range(torch.cuda.device_count()))
+    params = [torch.nn.Parameter(torch.randn(1000, device=f"cuda:{d}")) for d in devices]
+    ref = [torch.nn.Parameter(p.detach().cpu()) for p in params]
+    a, b = emafuse.AdamW(params, lr=1e-2), emafuse.AdamW(ref, lr=1e-2)
+    s = torch.cuda.Stream()
+    for t in range(5):
+        grads = [torch.randn(1000) for _ in devices]
+        for p, q, g in zip(params, ref, grads):
+            p.grad, q.grad = g.to(p.device), g.clone()
+        with torch.cuda.stream(s):
+            a.step()
+        b.step()
+    torch.cuda.synchronize()
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p.cpu(), q, rtol=1e-6, atol=1e-7)
+
+
+def test_checkpoint_from_cpu_torch_optimizer_moves_step_to_the_device():
+    cpu_params = make_params([(17,), (4, 4)], seed=3)
+    torch_opt = torch.optim.AdamW(cpu_params, lr=1e-2)
+    for t in range(3):
+        for p, g in zip(cpu_params, random_grads(cpu_params, t)):
+            p.grad = g
+        torch_opt.step()
+    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu_params]
+    opt = emafuse.AdamW(gpu, lr=1e-2)
+    opt.load_state_dict(torch_opt.state_dict())
+    steps(opt, gpu, 1, seed=9)
+    assert all(opt.state[p]["step"].is_cuda and opt.state[p]["step"].item() == 4 for p in gpu)
