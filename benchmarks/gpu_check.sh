@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-index --force-reinstall .gpu/emafuse-*.whl || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 cd tests
-python3 -m pytest -q -x test_cuda_gpu.py test_cuda_sources.py -k "not host" 2>&1 | tee "$OUT/tests.log"
+python3 -m pytest -q -x test_cuda_gpu.py test_cuda_sources.py -k "not rust_rule" 2>&1 | tee "$OUT/tests.log"
 status=${PIPESTATUS[0]}
 cd ..
 python3 benchmarks/bench_gpu.py --output "$OUT/RESULTS_gpu.md" 2>&1 | tee "$OUT/bench.log"
