@@ -4,6 +4,9 @@
 
 mod kernel;
 pub mod pool;
+mod reduce;
+
+pub use reduce::sum_squares;
 
 use crate::batch::Batch;
 use crate::dtype::{DType, Elem};
@@ -61,6 +64,21 @@ fn for_each_span(numels: &[usize], f: impl Fn(Span) + Sync) {
         items.iter().flatten().for_each(|&s| f(s));
     } else {
         pool::pool().install(|| items.par_iter().for_each(|item| item.iter().for_each(|&s| f(s))));
+    }
+}
+
+/// `f` of every span of tensors with the given sizes, in parallel when worth it, returned in span
+/// order. Spans depend only on the sizes (not on the thread count), so a caller that folds the
+/// results in order gets the same bits on every run and every machine: reductions use this.
+fn map_spans<T: Send>(numels: &[usize], f: impl Fn(Span) -> T + Sync) -> Vec<(Span, T)> {
+    let total: usize = numels.iter().sum();
+    let items = work_items(numels.iter().copied());
+    if total < INLINE_BELOW || items.len() == 1 || pool::num_threads() == 1 {
+        items.iter().flatten().map(|&s| (s, f(s))).collect()
+    } else {
+        let parts: Vec<Vec<(Span, T)>> =
+            pool::pool().install(|| items.par_iter().map(|item| item.iter().map(|&s| (s, f(s))).collect()).collect());
+        parts.into_iter().flatten().collect()
     }
 }
 
@@ -178,16 +196,15 @@ impl<Ru: Rule> RuleBatch<Ru> {
         if Ru::SUMS == 0 {
             return vec![[0.0; MAX_SUMS]; n];
         }
-        let parts = std::sync::Mutex::new(Vec::new());
-        for_each_span(&self.numels(), |s| {
+        let parts = map_spans(&self.numels(), |s| {
             // SAFETY: validated views; the pass only reads.
-            let part = unsafe { kernel::sum_span::<Ru, R, P, S>(factor, self.span_ptrs::<R, P, S>(s), s.len) };
-            parts.lock().expect("no panics while held").push((s.tensor, part));
+            unsafe { kernel::sum_span::<Ru, R, P, S>(factor, self.span_ptrs::<R, P, S>(s), s.len) }
         });
+        // Folded in span order: the sums (and so the step) are reproducible bit for bit.
         let mut sums = vec![[0.0; MAX_SUMS]; n];
-        for (t, part) in parts.into_inner().expect("no panics while held") {
+        for (s, part) in parts {
             for k in 0..Ru::SUMS {
-                sums[t][k] += part[k];
+                sums[s.tensor][k] += part[k];
             }
         }
         sums

@@ -1,6 +1,7 @@
 //! The Python boundary: the only code that touches pyo3 or tch.
 
 mod errors;
+mod reduce;
 mod step;
 mod tensor;
 
@@ -11,6 +12,7 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(step::step, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(reduce::sum_squares, m)?)?;
     Ok(())
 }
 

@@ -158,9 +158,10 @@ fn plan(
     Ok(Plan { cpu: cpu_steps, grad_scale, skip })
 }
 
-fn execute(plan: &Plan, who: &str) -> Result<()> {
+/// Run the plan; `Ok(false)` when AMP's found-inf flag skipped the step.
+fn execute(plan: &Plan, who: &str) -> Result<bool> {
     if plan.skip {
-        return Ok(());
+        return Ok(false);
     }
     for s in &plan.cpu {
         s.check_finite(who)?;
@@ -168,7 +169,7 @@ fn execute(plan: &Plan, who: &str) -> Result<()> {
     for s in &plan.cpu {
         s.run(plan.grad_scale);
     }
-    Ok(())
+    Ok(true)
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> Error {
@@ -180,6 +181,8 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> Error {
 /// unless every group validates (and, for groups with the `check_finite` flag, every gradient is
 /// finite).
 /// When `found_inf` is non-zero the step is skipped (AMP); `grad_scale` divides every gradient.
+/// Returns whether the step was applied (False only when `found_inf` skipped it), so that the
+/// Python layer advances group- or optimizer-level counters exactly when the tensors moved.
 #[pyfunction]
 #[pyo3(signature = (who, rule, groups, grad_scale=None, found_inf=None))]
 pub fn step(
@@ -189,7 +192,7 @@ pub fn step(
     groups: &Bound<'_, PyList>,
     grad_scale: Option<&Bound<'_, PyAny>>,
     found_inf: Option<&Bound<'_, PyAny>>,
-) -> PyResult<()> {
+) -> PyResult<bool> {
     let mut keep = Vec::new();
     let planned = catch_unwind(AssertUnwindSafe(|| plan(who, rule, groups, grad_scale, found_inf, &mut keep)))
         .unwrap_or_else(|p| Err(panic_message(p)));

@@ -1,8 +1,13 @@
 //! Update rules: one file per rule, each a host-side coefficient function plus the per-element
 //! math. Rules never loop over tensors and never know which backend runs them.
 
+pub mod adabound;
 pub mod adam;
+pub mod adan;
+pub mod diffgrad;
 pub mod sgd;
+pub mod sgd_sai;
+pub mod spam;
 
 use crate::error::{Error, Result};
 use crate::real::Real;
@@ -113,6 +118,11 @@ pub fn visit_rule<V: RuleVisitor>(name: &str, hyper: &Hyper, visitor: V) -> Resu
     match name {
         "adam" => adam::visit(hyper, visitor),
         "sgd" => sgd::visit(hyper, visitor),
+        "adan" => adan::visit(hyper, visitor),
+        "spam" => spam::visit(hyper, visitor),
+        "diffgrad" => diffgrad::visit(hyper, visitor),
+        "adabound" => adabound::visit(hyper, visitor),
+        "sgd_sai" => sgd_sai::visit(hyper, visitor),
         other => Err(Error::Value(format!("unknown update rule '{other}'"))),
     }
 }
