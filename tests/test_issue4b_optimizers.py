@@ -171,7 +171,8 @@ def _official(cls, kw):
         kw["weight_decouple"] = kw.pop("no_prox", False)
         return po.Adan, {**kw, "foreach": False}
     if cls is emafuse.DiffGrad:
-        # kozistr 4.1.0 matches diffGrad_v2 (spec §13 (g)) with L2 decay.
+        # kozistr 4.1.0 matches diffGrad_v2 (spec §13 (g)) with L2 decay, except that it adds
+        # 1e-15 to v under the square root: ~2e-6 absolute for gradients of ~1e-5 at step 1.
         return po.DiffGrad, {**kw, "weight_decouple": False, "foreach": False}
     raise AssertionError(cls)
 
@@ -631,3 +632,86 @@ def test_is_a_torch_optimizer_with_official_defaults(cls):
     assert isinstance(opt, torch.optim.Optimizer) and opt._step_supports_amp_scaling
     assert opt.defaults["check_finite"] is False and opt.defaults["maximize"] is False
     assert getattr(emafuse, cls.__name__) is cls
+
+
+# -- checkpoints from and to the official implementations ----------------------------------------
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("direction", ["official_to_emafuse", "emafuse_to_official"])
+def test_adabound_checkpoints_move_both_ways(direction):
+    adabound = pytest.importorskip("adabound")
+    kw = dict(lr=1e-2, amsbound=True, weight_decay=0.01)
+    params = make_params(SMALL_SHAPES, seed=33)
+    first = adabound.AdaBound(params, **kw) if direction == "official_to_emafuse" else emafuse.AdaBound(params, **kw)
+    for t in range(4):
+        set_grads(params, random_grads(params, t, seed=20))
+        first.step()
+    resumed_p = clone_params(params)
+    second = emafuse.AdaBound(resumed_p, **kw) if direction == "official_to_emafuse" else adabound.AdaBound(resumed_p, **kw)
+    second.load_state_dict(copy.deepcopy(first.state_dict()))
+    for t in range(4, 9):
+        grads = random_grads(params, t, seed=20)
+        set_grads(params, grads)
+        set_grads(resumed_p, grads)
+        first.step()
+        second.step()
+    for p, q in zip(params, resumed_p):
+        assert_close(p, q, rtol=1e-5, atol=1e-6, what="param")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_sgd_sai_checkpoint_from_official_keeps_its_gsnr(capsys):
+    sgd_sai = pytest.importorskip("sgd_sai")
+    params = make_params(SMALL_SHAPES, seed=34)
+    theirs = sgd_sai.SGD_sai(params, lr=1e-3)
+    for t in range(3):
+        set_grads(params, random_grads(params, t, seed=21))
+        theirs.step()
+    resumed_p = clone_params(params)
+    ours = emafuse.SGDSaI(resumed_p, lr=1e-3)
+    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    for t in range(3, 7):
+        grads = random_grads(params, t, seed=21)
+        set_grads(params, grads)
+        set_grads(resumed_p, grads)
+        theirs.step()  # not reloaded: keeps its gsnr, as emafuse does after a reload
+        ours.step()
+    capsys.readouterr()
+    for p, q in zip(params, resumed_p):
+        assert_close(q, p, rtol=1e-5, atol=1e-6 * max(1.0, float(p.abs().max())), what="param")
+
+
+def test_spam_counters_are_in_the_state_dict_under_official_keys():
+    params = make_params([(4,)], seed=35)
+    opt = emafuse.SPAM(params, **SPAM_FAST)
+    for t in range(7):
+        set_grads(params, random_grads(params, t))
+        opt.step()
+    sd = opt.state_dict()
+    assert sd["state"]["total_step"] == 7 and sd["state"]["current_step"] == 3
+    again = emafuse.SPAM(params, **SPAM_FAST)
+    again.load_state_dict(copy.deepcopy(sd))
+    assert again.state["total_step"] == 7 and again.state["current_step"] == 3
+
+
+# -- the generic reduction ------------------------------------------------------------------------
+
+def test_native_sum_squares_any_dtype_and_layout():
+    from emafuse.optim._base import sum_squares
+
+    gen = torch.Generator().manual_seed(36)
+    ts = [
+        torch.randn(278011, generator=gen),
+        torch.randn(3, 5, generator=gen, dtype=torch.float64),
+        torch.randn(2, 3, 4, 5, generator=gen).to(memory_format=torch.channels_last),  # dense, permuted
+        torch.randn(9, 8, generator=gen)[:, ::2],  # gaps: copied first
+        torch.randn(7, generator=gen).to(torch.bfloat16),
+        torch.randn(6, generator=gen).to(torch.float16),
+        torch.randn(4, generator=gen, dtype=torch.complex64),
+        torch.empty(0),
+    ]
+    expect = sum(float(torch.view_as_real(t).double().pow(2).sum()) if t.is_complex() else float(t.double().pow(2).sum()) for t in ts)
+    got = sum_squares(ts)
+    assert math.isclose(got, expect, rel_tol=1e-13)
+    assert sum_squares(ts) == got, "reproducible"
+    assert sum_squares([]) == 0.0
