@@ -643,18 +643,27 @@ def test_adabound_checkpoints_move_both_ways(direction):
     kw = dict(lr=1e-2, amsbound=True, weight_decay=0.01)
     params = make_params(SMALL_SHAPES, seed=33)
     first = adabound.AdaBound(params, **kw) if direction == "official_to_emafuse" else emafuse.AdaBound(params, **kw)
+    sched1 = torch.optim.lr_scheduler.ExponentialLR(first, gamma=0.8)
     for t in range(4):
         set_grads(params, random_grads(params, t, seed=20))
         first.step()
+        sched1.step()
     resumed_p = clone_params(params)
     second = emafuse.AdaBound(resumed_p, **kw) if direction == "official_to_emafuse" else adabound.AdaBound(resumed_p, **kw)
+    sched2 = torch.optim.lr_scheduler.ExponentialLR(second, gamma=0.8)
     second.load_state_dict(copy.deepcopy(first.state_dict()))
+    sched2.load_state_dict(sched1.state_dict())
+    assert second.param_groups[0]["lr"] < kw["lr"]
+    if direction == "official_to_emafuse":
+        assert second.param_groups[0]["base_lr"] == kw["lr"]
     for t in range(4, 9):
         grads = random_grads(params, t, seed=20)
         set_grads(params, grads)
         set_grads(resumed_p, grads)
         first.step()
         second.step()
+        sched1.step()
+        sched2.step()
     for p, q in zip(params, resumed_p):
         assert_close(p, q, rtol=1e-5, atol=1e-6, what="param")
 

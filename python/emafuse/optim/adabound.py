@@ -97,6 +97,17 @@ class AdaBound(FusedOptimizer):
         if not group["base_lr"] > 0:
             raise ValueError(f"Invalid learning rate: {group['base_lr']} (AdaBound divides by the initial learning rate)")
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``; a checkpoint of the official AdaBound has no ``base_lr`` in
+        its groups: each group then keeps this optimizer's ``base_lr`` (the official code, too,
+        takes its base learning rates from its constructor, not from the checkpoint)."""
+        own = [g["base_lr"] for g in self.param_groups]
+        missing = ["base_lr" not in g for g in state_dict["param_groups"]]
+        super().load_state_dict(state_dict)
+        for group, base_lr, was_missing in zip(self.param_groups, own, missing):
+            if was_missing:
+                group["base_lr"] = base_lr
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
