@@ -724,3 +724,34 @@ def test_native_sum_squares_any_dtype_and_layout():
     assert math.isclose(got, expect, rel_tol=1e-13)
     assert sum_squares(ts) == got, "reproducible"
     assert sum_squares([]) == 0.0
+
+
+def test_reductions_do_not_depend_on_thread_count(tmp_path):
+    """SGD-SaI's per-tensor sums and Adan's global norm are folded in a fixed order: the same
+    bits with any number of threads."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, torch, emafuse\n"
+        f"sys.path.insert(0, {str(os.path.dirname(__file__))!r})\n"
+        "from helpers import make_params, run_steps\n"
+        "out = []\n"
+        "for cls, kw in [(emafuse.SGDSaI, {}), (emafuse.Adan, dict(max_grad_norm=1.0))]:\n"
+        "    ps = make_params([(300001,), (1000, 77), (5,)], seed=1)\n"
+        "    o = cls(ps, **kw)\n"
+        "    run_steps(o, ps, 3, seed=2)\n"
+        "    out += [p.detach() for p in ps]\n"
+        "torch.save(out, sys.argv[1])\n"
+    )
+    outs = []
+    for threads in ["1", "2", "3"]:
+        path = tmp_path / f"out{threads}.pt"
+        env = dict(os.environ, EMAFUSE_NUM_THREADS=threads)
+        subprocess.run([sys.executable, str(script), str(path)], check=True, env=env, timeout=300)
+        outs.append(torch.load(path))
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
