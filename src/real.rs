@@ -23,6 +23,8 @@ pub trait Real:
     fn to_f64(self) -> f64;
     fn sqrt(self) -> Self;
     fn abs(self) -> Self;
+    /// `e^x` (the platform libm; used by diffGrad's sigmoid).
+    fn exp(self) -> Self;
     /// `torch.maximum`: NaN if either operand is NaN.
     #[inline(always)]
     fn max_nan(self, other: Self) -> Self {
@@ -80,6 +82,10 @@ impl Real for f32 {
         f32::abs(self)
     }
     #[inline(always)]
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    #[inline(always)]
     fn is_finite(self) -> bool {
         f32::is_finite(self)
     }
@@ -103,6 +109,10 @@ impl Real for f64 {
     #[inline(always)]
     fn abs(self) -> Self {
         f64::abs(self)
+    }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        f64::exp(self)
     }
     #[inline(always)]
     fn is_finite(self) -> bool {

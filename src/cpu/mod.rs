@@ -4,6 +4,9 @@
 
 mod kernel;
 pub mod pool;
+mod reduce;
+
+pub use reduce::sum_squares;
 
 use crate::batch::Batch;
 use crate::dtype::{DType, Elem};
@@ -14,6 +17,7 @@ use crate::view::TensorView;
 use half::{bf16, f16};
 use kernel::{GradTransform, SpanPtrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
 /// Elements per work item. Items span tensor boundaries, so thousands of small tensors cost a few
 /// hundred items, not thousands.
@@ -54,21 +58,22 @@ fn work_items(numels: impl Iterator<Item = usize>) -> Vec<Vec<Span>> {
     items
 }
 
-/// Run `f` on every span of tensors with the given sizes, in parallel when worth it. The calling
-/// thread works too, beside `threads − 1` pool helpers, taking items from a shared counter.
-fn for_each_span(numels: &[usize], f: impl Fn(Span) + Sync) {
-    let total: usize = numels.iter().sum();
-    let items = work_items(numels.iter().copied());
-    let helpers = pool::num_threads().saturating_sub(1).min(items.len().saturating_sub(1));
+/// Run `f(i)` for every work item index `i < items`, in parallel when the work (`total`
+/// elements) is worth it. The calling thread works too, beside up to `threads − 1` pool helpers,
+/// taking items from a shared counter.
+fn run_items(items: usize, total: usize, f: impl Fn(usize) + Sync) {
+    let helpers = pool::num_threads().saturating_sub(1).min(items.saturating_sub(1));
     if total < INLINE_BELOW || helpers == 0 {
-        items.iter().flatten().for_each(|&s| f(s));
+        (0..items).for_each(f);
         return;
     }
     let next = AtomicUsize::new(0);
-    let work = || {
-        while let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) {
-            item.iter().for_each(|&s| f(s));
+    let work = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= items {
+            break;
         }
+        f(i);
     };
     pool::pool().in_place_scope(|scope| {
         for _ in 0..helpers {
@@ -76,6 +81,24 @@ fn for_each_span(numels: &[usize], f: impl Fn(Span) + Sync) {
         }
         work();
     });
+}
+
+/// Run `f` on every span of tensors with the given sizes, in parallel when worth it.
+fn for_each_span(numels: &[usize], f: impl Fn(Span) + Sync) {
+    let items = work_items(numels.iter().copied());
+    run_items(items.len(), numels.iter().sum(), |i| items[i].iter().for_each(|&s| f(s)));
+}
+
+/// `f` of every span of tensors with the given sizes, in parallel when worth it, returned in span
+/// order. Spans depend only on the sizes (not on the thread count), so a caller that folds the
+/// results in order gets the same bits on every run and every machine: reductions use this.
+fn map_spans<T: Send + Sync>(numels: &[usize], f: impl Fn(Span) -> T + Sync) -> Vec<(Span, T)> {
+    let items = work_items(numels.iter().copied());
+    let results: Vec<OnceLock<Vec<(Span, T)>>> = items.iter().map(|_| OnceLock::new()).collect();
+    run_items(items.len(), numels.iter().sum(), |i| {
+        let _ = results[i].set(items[i].iter().map(|&s| (s, f(s))).collect());
+    });
+    results.into_iter().flat_map(|r| r.into_inner().expect("every item ran")).collect()
 }
 
 /// A batch ready to run on the CPU.
@@ -192,19 +215,15 @@ impl<Ru: Rule> RuleBatch<Ru> {
         if Ru::SUMS == 0 {
             return vec![[0.0; MAX_SUMS]; n];
         }
-        let parts = std::sync::Mutex::new(Vec::new());
-        for_each_span(&self.numels(), |s| {
+        let parts = map_spans(&self.numels(), |s| {
             // SAFETY: validated views; the pass only reads.
-            let part = unsafe { kernel::sum_span::<Ru, R, P, S>(factor, self.span_ptrs::<R, P, S>(s), s.len) };
-            parts.lock().expect("no panics while held").push((s.tensor, s.start, part));
+            unsafe { kernel::sum_span::<Ru, R, P, S>(factor, self.span_ptrs::<R, P, S>(s), s.len) }
         });
-        // Add the partial sums in a fixed order, so results do not depend on scheduling.
-        let mut parts = parts.into_inner().expect("no panics while held");
-        parts.sort_by_key(|&(t, start, _)| (t, start));
+        // Folded in span order: the sums (and so the step) are reproducible bit for bit.
         let mut sums = vec![[0.0; MAX_SUMS]; n];
-        for (t, _, part) in parts {
+        for (s, part) in parts {
             for k in 0..Ru::SUMS {
-                sums[t][k] += part[k];
+                sums[s.tensor][k] += part[k];
             }
         }
         sums

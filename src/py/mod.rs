@@ -1,6 +1,7 @@
 //! The Python boundary: the only code that touches pyo3 or tch.
 
 mod errors;
+mod reduce;
 mod step;
 mod tensor;
 
@@ -14,6 +15,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rule_names, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_source, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_compile, m)?)?;
+    m.add_function(wrap_pyfunction!(reduce::sum_squares, m)?)?;
     Ok(())
 }
 

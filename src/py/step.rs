@@ -203,7 +203,8 @@ fn plan<'py>(
     Ok(plan)
 }
 
-fn execute(plan: &Plan, who: &str) -> Result<()> {
+/// Run the plan; `Ok(false)` when AMP's found-inf flag (read on the host) skipped the CPU update.
+fn execute(plan: &Plan, who: &str) -> Result<bool> {
     if !plan.skip_cpu {
         for s in &plan.cpu {
             s.check_finite(who)?;
@@ -215,7 +216,7 @@ fn execute(plan: &Plan, who: &str) -> Result<()> {
     for (s, amp) in &plan.cuda {
         s.launch(*amp)?;
     }
-    Ok(())
+    Ok(!plan.skip_cpu)
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> Error {
@@ -228,6 +229,9 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> Error {
 /// finite). AMP: `grad_scale` divides every gradient and a non-zero `found_inf` skips the step;
 /// each is None, a one-element float32 tensor, or a dict {device index: tensor} (CUDA kernels read
 /// them on the device). `streams[i]` is the CUDA stream handle to launch on for cuda:i.
+/// Returns whether the step was applied, so that the Python layer advances group- or
+/// optimizer-level counters exactly when the tensors moved; CUDA kernels decide on the device
+/// without telling the host, so there it is True unless the CPU part was skipped.
 #[pyfunction]
 #[pyo3(signature = (who, rule, groups, grad_scale=None, found_inf=None, streams=None))]
 #[allow(clippy::too_many_arguments)]
@@ -239,7 +243,7 @@ pub fn step<'py>(
     grad_scale: Option<&Bound<'py, PyAny>>,
     found_inf: Option<&Bound<'py, PyAny>>,
     streams: Option<&Bound<'py, PyAny>>,
-) -> PyResult<()> {
+) -> PyResult<bool> {
     let mut keep = Vec::new();
     let planned = catch_unwind(AssertUnwindSafe(|| plan(who, rule, groups, grad_scale, found_inf, streams, &mut keep)))
         .unwrap_or_else(|p| Err(panic_message(p)));

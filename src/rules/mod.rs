@@ -1,8 +1,13 @@
 //! Update rules: one file per rule, each a host-side coefficient function plus the per-element
 //! math. Rules never loop over tensors and never know which backend runs them.
 
+pub mod adabound;
 pub mod adam;
+pub mod adan;
+pub mod diffgrad;
 pub mod sgd;
+pub mod sgd_sai;
+pub mod spam;
 
 use crate::error::{Error, Result};
 use crate::real::Real;
@@ -114,16 +119,30 @@ pub trait RuleVisitor {
     fn visit<Ru: Rule>(self, rule: Ru) -> Self::Output;
 }
 
-/// Every registered rule name.
-pub const RULE_NAMES: &[&str] = &["adam", "sgd"];
+/// The registry: rule names and the modules that build them, listed once.
+macro_rules! registry {
+    ($($name:literal => $module:ident),* $(,)?) => {
+        /// Every registered rule name.
+        pub const RULE_NAMES: &[&str] = &[$($name),*];
 
-/// Build the rule called `name` from `hyper` and hand it to `visitor`.
-pub fn visit_rule<V: RuleVisitor>(name: &str, hyper: &Hyper, visitor: V) -> Result<V::Output> {
-    match name {
-        "adam" => adam::visit(hyper, visitor),
-        "sgd" => sgd::visit(hyper, visitor),
-        other => Err(Error::Value(format!("unknown update rule '{other}'"))),
-    }
+        /// Build the rule called `name` from `hyper` and hand it to `visitor`.
+        pub fn visit_rule<V: RuleVisitor>(name: &str, hyper: &Hyper, visitor: V) -> Result<V::Output> {
+            match name {
+                $($name => $module::visit(hyper, visitor),)*
+                other => Err(Error::Value(format!("unknown update rule '{other}'"))),
+            }
+        }
+    };
+}
+
+registry! {
+    "adam" => adam,
+    "sgd" => sgd,
+    "adan" => adan,
+    "spam" => spam,
+    "diffgrad" => diffgrad,
+    "adabound" => adabound,
+    "sgd_sai" => sgd_sai,
 }
 
 /// Expand run-time booleans into `const` items usable as const generic arguments:

@@ -2,12 +2,14 @@
 
 A concrete optimizer supplies three things: the native rule name (``_rule``), the names of the
 per-parameter state tensors for a group (``_slots``) and the rule's scalar hyper-parameters for a
-group (``_hyper``). Everything else (lazy state, grouping by device and dtype, GradScaler
+group (``_hyper``). Optimizers with group- or optimizer-level counters (Adan, SPAM) also use the
+``_begin_step`` / ``_end_step`` hooks. Everything else (lazy state, grouping by device and dtype, GradScaler
 support, complex and non-contiguous parameters, atomic error handling) lives here.
 """
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -16,7 +18,7 @@ from torch import Tensor
 from .. import _native
 from ..errors import DTypeError, LayoutError, UnsupportedOptionError
 
-__all__ = ["FusedOptimizer", "scalar"]
+__all__ = ["FusedOptimizer", "scalar", "sum_squares"]
 
 
 def _step_dtype() -> torch.dtype:
@@ -24,9 +26,10 @@ def _step_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def _scalar_state(p: Tensor, value: float | Tensor) -> Tensor:
+def _scalar_state(p: Tensor, value: float | Tensor, cpu_dtype: torch.dtype) -> Tensor:
     """A scalar state entry for parameter ``p``: ``value`` as a 0-dim tensor where the kernels
-    keep it (see ``FusedOptimizer._normalize_steps``); returned unchanged when already right."""
+    keep it (see ``FusedOptimizer._normalize_steps``), of ``cpu_dtype`` on the CPU and float32 on
+    CUDA; returned unchanged when already right."""
     if p.is_cuda:
         if isinstance(value, Tensor) and value.device == p.device and value.dtype == torch.float32 and value.numel() == 1:
             return value
@@ -35,7 +38,7 @@ def _scalar_state(p: Tensor, value: float | Tensor) -> Tensor:
         return torch.tensor(float(value), dtype=torch.float32, device=p.device)
     if isinstance(value, Tensor) and value.device.type == "cpu" and value.dtype in (torch.float32, torch.float64) and value.numel() == 1:
         return value
-    return torch.tensor(float(value), dtype=_step_dtype())
+    return torch.tensor(float(value), dtype=cpu_dtype)
 
 
 def _cuda_streams() -> list[int] | None:
@@ -57,6 +60,17 @@ def _per_device(t: Tensor | None) -> Tensor | dict[int, Tensor] | None:
 def scalar(x: float | Tensor) -> float:
     """A hyper-parameter as a Python float (a one-element tensor is read)."""
     return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def sum_squares(tensors: list[Tensor]) -> float:
+    """``Σ x²`` over all elements of ``tensors``, accumulated in float64 by the native engine in
+    one parallel pass (reproducible: the order does not depend on threads). Complex tensors
+    count as their real views; tensors with gaps are copied first."""
+    ts = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+    try:
+        return _native.sum_squares(ts)
+    except LayoutError:
+        return _native.sum_squares([t.contiguous() for t in ts])
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -82,6 +96,21 @@ class FusedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     # -- what a concrete optimizer provides --------------------------------------------------
+
+    def _begin_step(self) -> None:
+        """Called once per ``step()``, after the closure and before any state is read: compute
+        per-step values that span groups (e.g. a global gradient norm), for ``_hyper`` to use.
+        Must not change anything that ``_end_step`` would not commit."""
+
+    def _end_step(self, applied: bool) -> None:
+        """Called once per ``step()`` after the native step succeeded (also when no parameter had
+        a gradient). ``applied`` is False when AMP's found-inf flag skipped the step: counters
+        kept outside ``self.state[p]`` (group steps, optimizer-level counters) advance only when
+        it is True, as the per-parameter step counters do in the native step."""
+
+    def _scalar_dtype(self, key: str) -> torch.dtype:
+        """dtype of the 0-dim CPU tensor holding scalar state ``key`` (float32, or float64)."""
+        return _step_dtype()
 
     def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
         """Names of the state tensors (same shape as the parameter) the rule keeps."""
@@ -110,6 +139,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             group.setdefault("check_finite", check_finite)
         self._normalize_steps()
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, except that scalar state entries other than ``step`` (e.g.
+        SGD-SaI's ``gsnr``) keep their full value: torch would cast them to the parameter's dtype
+        (bfloat16 for bfloat16 parameters) and device, as if they were tensor state."""
+        exact = []
+        if any(key != "step" for key in self._scalar_keys):
+            saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+            id_map = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)))
+            for pid, st in state_dict["state"].items():
+                if pid in id_map and isinstance(st, dict):
+                    exact += [(id_map[pid], key, float(st[key])) for key in self._scalar_keys if key != "step" and key in st]
+        super().load_state_dict(state_dict)
+        for p, key, value in exact:
+            self.state[p][key] = _scalar_state(p, value, self._scalar_dtype(key))
+
     def _reject_unsupported(self, group: dict[str, Any]) -> None:
         if group.get("differentiable", False):
             raise UnsupportedOptionError(
@@ -131,10 +175,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                     continue
                 for key in self._scalar_keys:
                     if key in st:
-                        st[key] = _scalar_state(p, st[key])
+                        st[key] = _scalar_state(p, st[key], self._scalar_dtype(key))
 
     def _new_state(self, p: Tensor, slots: tuple[str, ...]) -> dict[str, Tensor]:
-        st: dict[str, Tensor] = {key: _scalar_state(p, 0.0) for key in self._scalar_keys}
+        st: dict[str, Tensor] = {key: _scalar_state(p, 0.0, self._scalar_dtype(key)) for key in self._scalar_keys}
         for name in slots:
             st[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return st
@@ -149,11 +193,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        self._begin_step()
         calls: list[tuple] = []
         created: dict[Tensor, dict[str, Tensor]] = {}
         for group in self.param_groups:
             self._collect(group, calls, created)
         if not calls:
+            self._end_step(True)
             return loss
 
         grad_scale = _per_device(getattr(self, "grad_scale", None))
@@ -161,15 +207,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         streams = _cuda_streams()
         who = type(self).__name__
         try:
-            _native.step(who, self._rule, calls, grad_scale, found_inf, streams)
+            applied = _native.step(who, self._rule, calls, grad_scale, found_inf, streams)
         except LayoutError:
             self._normalize_steps()  # e.g. a step counter left on the CPU by a model moved to CUDA
-            self._staged_step(who, calls, grad_scale, found_inf, streams)
+            applied = self._staged_step(who, calls, grad_scale, found_inf, streams)
         self.state.update(created)
         # The kernels wrote parameter memory directly: tell autograd, as an in-place op would, so
         # that a graph that saved a parameter before this step refuses to backpropagate.
         for call in calls:
             torch._C._increment_version(call[1])
+        self._end_step(bool(applied))
         return loss
 
     def _collect(self, group: dict[str, Any], calls: list[tuple], created: dict[Tensor, dict[str, Tensor]]) -> None:
@@ -239,7 +286,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         created[p] = fixed
         return fixed, False
 
-    def _staged_step(self, who: str, calls: list[tuple], grad_scale, found_inf, streams) -> None:
+    def _staged_step(self, who: str, calls: list[tuple], grad_scale, found_inf, streams) -> bool:
         """The slow path for complex parameters, tensors that cannot be walked linearly together
         (non-dense parameters, gradients strided differently) and scalar state found away from its
         parameter: run the native step on real views / contiguous copies, then copy back."""
@@ -270,6 +317,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     d.update((key, st[key]) for key in scalar_keys)
                     ss.append(d)
             staged.append((hyper, ps, gs, ss, slots, scalar_keys))
-        _native.step(who, self._rule, staged, grad_scale, found_inf, streams)
+        applied = _native.step(who, self._rule, staged, grad_scale, found_inf, streams)
         for orig, copy in copy_back:
             orig.copy_(copy)
+        return applied

@@ -1,0 +1,135 @@
+"""AdaBound / AMSBound: the official constructor and semantics (Luolc/AdaBound), one fused
+native step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from ._base import FusedOptimizer, scalar
+
+__all__ = ["AdaBound"]
+
+
+class AdaBound(FusedOptimizer):
+    r"""AdaBound and AMSBound (Luo, Xiong, Liu, Sun, "Adaptive Gradient Methods with Dynamic Bound
+    of Learning Rate", ICLR 2019, arXiv:1902.09843), matching the official ``adabound.AdaBound``
+    0.0.5 with one fused native call per step.
+
+    Adam whose per-element step size is clipped into bounds that close in on an SGD learning rate
+    :math:`f` as :math:`t` grows:
+
+    .. math::
+        g &\leftarrow g + \lambda p \\
+        m &\leftarrow \beta_1 m + (1-\beta_1) g, \qquad v \leftarrow \beta_2 v + (1-\beta_2) g^2
+            \qquad (\bar v = \max(\bar v, v) \text{ with amsbound, else } \bar v = v) \\
+        f &= \text{final\_lr}\cdot \mathrm{lr} / \text{base\_lr}, \quad
+            \eta_l = f\Big(1 - \frac{1}{\gamma t + 1}\Big), \quad \eta_u = f\Big(1 + \frac{1}{\gamma t}\Big) \\
+        p &\leftarrow p - \operatorname{clamp}\Big(\mathrm{lr}\frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
+            \Big/ (\sqrt{\bar v} + \epsilon),\ \eta_l,\ \eta_u\Big)\, m
+
+    ``base_lr`` is the group's learning rate when the group was added, so the final learning rate
+    follows an LR scheduler's ratio. emafuse stores it in each param group (key ``base_lr``), so it
+    survives ``state_dict()`` and groups added later get their own (the official keeps a list made
+    in ``__init__``, is not saved, and silently skips groups added later). State: ``step``,
+    ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsbound).
+
+    Extra ``ValueError`` checks (open question settled for users): ``lr == 0`` (``base_lr`` is a
+    divisor), ``gamma == 0`` (division by zero at the first step) and ``weight_decay < 0``. Extra
+    keywords: ``maximize`` and ``check_finite`` (as :class:`emafuse.AdamW`). ``p.grad`` is never
+    written.
+    """
+
+    _rule = "adabound"
+    _scalar_keys = ("step",)
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        final_lr: float = 0.1,
+        gamma: float = 1e-3,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsbound: bool = False,
+        *,
+        maximize: bool = False,
+        check_finite: bool = False,
+    ) -> None:
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= final_lr:
+            raise ValueError(f"Invalid final learning rate: {final_lr}")
+        if not 0.0 <= gamma < 1.0:
+            raise ValueError(f"Invalid gamma parameter: {gamma}")
+        if lr == 0:
+            raise ValueError(f"Invalid learning rate: {lr} (AdaBound divides by the initial learning rate)")
+        if gamma == 0:
+            raise ValueError(f"Invalid gamma parameter: {gamma} (the upper bound divides by gamma)")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            final_lr=final_lr,
+            gamma=gamma,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsbound=amsbound,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+        self._init_emafuse_defaults(check_finite)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group.setdefault("base_lr", scalar(group["lr"]))
+        if not group["base_lr"] > 0:
+            raise ValueError(f"Invalid learning rate: {group['base_lr']} (AdaBound divides by the initial learning rate)")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``; a checkpoint of the official AdaBound has no ``base_lr`` in
+        its groups: each group then keeps this optimizer's ``base_lr`` (the official code, too,
+        takes its base learning rates from its constructor, not from the checkpoint)."""
+        own = [g["base_lr"] for g in self.param_groups]
+        missing = ["base_lr" not in g for g in state_dict["param_groups"]]
+        super().load_state_dict(state_dict)
+        for group, base_lr, was_missing in zip(self.param_groups, own, missing):
+            if was_missing:
+                group["base_lr"] = base_lr
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsbound", False)
+            group.setdefault("maximize", False)
+            group.setdefault("base_lr", scalar(group["lr"]))
+
+    def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
+        if group["amsbound"]:
+            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        return ("exp_avg", "exp_avg_sq")
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
+        beta1, beta2 = group["betas"]
+        return {
+            "lr": scalar(group["lr"]),
+            "beta1": float(beta1),
+            "beta2": float(beta2),
+            "final_lr": float(group["final_lr"]),
+            "gamma": float(group["gamma"]),
+            "eps": float(group["eps"]),
+            "weight_decay": float(group["weight_decay"]),
+            "base_lr": float(group["base_lr"]),
+            "amsbound": bool(group["amsbound"]),
+        }

@@ -1,0 +1,159 @@
+"""Adan: the official sail-sg/Adan constructor and semantics, one fused native step."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from ._base import FusedOptimizer, scalar, sum_squares
+
+__all__ = ["Adan"]
+
+
+class Adan(FusedOptimizer):
+    r"""Adan, adaptive Nesterov momentum (Xie, Zhou, Li, Lin, Yan, "Adan: Adaptive Nesterov
+    Momentum Algorithm for Faster Optimizing Deep Models", arXiv:2208.06677, IEEE TPAMI 2024),
+    matching the official ``adan.Adan`` (sail-sg/Adan) with one fused native call per step.
+
+    With the group's step counter :math:`k`, the clipped gradient :math:`\hat g = c\,g` and its
+    difference to the previous one :math:`\Delta = \hat g - \hat g_{prev}` (0 at :math:`k = 1`
+    and on a parameter's first step):
+
+    .. math::
+        m &\leftarrow \beta_1 m + (1-\beta_1)\hat g \\
+        v &\leftarrow \beta_2 v + (1-\beta_2)\Delta \\
+        n &\leftarrow \beta_3 n + (1-\beta_3)(\hat g + \beta_2\Delta)^2 \\
+        D &= \sqrt{n}/\sqrt{1-\beta_3^k} + \epsilon \\
+        p &\leftarrow \Big(p - \tfrac{\mathrm{lr}}{1-\beta_1^k}\tfrac{m}{D}
+              - \tfrac{\mathrm{lr}\,\beta_2}{1-\beta_2^k}\tfrac{v}{D}\Big) / (1 + \mathrm{lr}\,\lambda)
+
+    (``no_prox=True``: :math:`p \leftarrow p(1-\mathrm{lr}\,\lambda)` before the update instead of
+    the division after it). The betas are the code's, i.e. one minus the paper's.
+
+    ``max_grad_norm > 0`` clips by the global norm of all gradients of all groups:
+    :math:`c = \min(\text{max\_grad\_norm} / (\lVert g\rVert + \epsilon), 1)`, the norm computed
+    by the native engine in float64 before any parameter moves (``eps`` is the last group's, as in
+    the official code; ``max_grad_norm`` is the constructor's, optimizer-wide).
+
+    State: ``exp_avg`` (m), ``exp_avg_sq`` (n), ``exp_avg_diff`` (v), ``neg_pre_grad``
+    (:math:`-\hat g_{prev}`) per parameter, ``step`` per group (as the official, so checkpoints
+    move both ways). The group step advances on every ``step()``, also for groups without any
+    gradient; a parameter whose first gradient arrives at :math:`k > 1` starts with
+    :math:`\Delta = 0` but is bias-corrected with the group's :math:`k`, as in the reference.
+
+    :meth:`restart` (alias ``restart_opt``) zeroes m, n, v and every group step, as the official
+    ``restart_opt``. ``foreach`` and ``fused`` are accepted and ignored (emafuse always runs
+    fused). Differences from the reference, on purpose: ``p.grad`` is never written (the official
+    clips it in place and leaves it scaled); ``weight_decay < 0`` raises ``ValueError``. Extra
+    keywords: ``maximize`` (negate gradients) and ``check_finite`` (as :class:`emafuse.AdamW`).
+    Complex parameters are not supported (neither are they by the official code).
+    """
+
+    _rule = "adan"
+    _scalar_keys = ()
+    _flags_fresh_state = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float, float] = (0.98, 0.92, 0.99),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 0.0,
+        no_prox: bool = False,
+        foreach: bool = True,
+        fused: bool = False,
+        *,
+        maximize: bool = False,
+        check_finite: bool = False,
+    ) -> None:
+        if not 0.0 <= max_grad_norm:
+            raise ValueError(f"Invalid Max grad norm: {max_grad_norm}")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        for i in range(3):
+            if not 0.0 <= betas[i] < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {betas[i]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            no_prox=no_prox,
+            foreach=foreach,
+            fused=fused,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+        self._init_emafuse_defaults(check_finite)
+        self._clip = 1.0
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("no_prox", False)
+            group.setdefault("maximize", False)
+        self._clip = 1.0
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Restart the moments: zero ``exp_avg``, ``exp_avg_sq``, ``exp_avg_diff`` and every group's
+        ``step``. The next step treats every gradient as a first one (no difference term)."""
+        for group in self.param_groups:
+            group["step"] = 0
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                for name in ("exp_avg", "exp_avg_sq", "exp_avg_diff"):
+                    if name in st:
+                        st[name].zero_()
+
+    restart_opt = restart
+
+    def _begin_step(self) -> None:
+        max_norm = float(self.defaults["max_grad_norm"])
+        self._clip = 1.0
+        if max_norm <= 0 or not self.param_groups:
+            return
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = math.sqrt(sum_squares(grads))
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is not None:
+            norm /= scalar(grad_scale)
+        eps_last = float(self.param_groups[-1]["eps"])
+        self._clip = min(max_norm / (norm + eps_last), 1.0)
+
+    def _end_step(self, applied: bool) -> None:
+        if applied:
+            for group in self.param_groups:
+                group["step"] = group.get("step", 0) + 1
+
+    def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
+        beta1, beta2, beta3 = group["betas"]
+        k = int(group.get("step", 0)) + 1
+        return {
+            "lr": scalar(group["lr"]),
+            "beta1": float(beta1),
+            "beta2": float(beta2),
+            "beta3": float(beta3),
+            "eps": float(group["eps"]),
+            "weight_decay": float(group["weight_decay"]),
+            "clip": float(self._clip),
+            "step": float(k),
+            "no_prox": bool(group["no_prox"]),
+            "first": k == 1,
+        }

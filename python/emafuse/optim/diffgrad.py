@@ -1,0 +1,87 @@
+"""diffGrad: the official constructor and semantics (diffGrad_v2.py), one fused native step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from ._base import FusedOptimizer, scalar
+
+__all__ = ["DiffGrad"]
+
+
+class DiffGrad(FusedOptimizer):
+    r"""diffGrad (Dubey, Chakraborty, Roy, Mukherjee, Singh, Chaudhuri, "diffGrad: An
+    Optimization Method for Convolutional Neural Networks", IEEE TNNLS 2020, arXiv:1909.11015),
+    matching the official fixed version ``diffGrad_v2.py`` (shivram1987/diffGrad) with one fused
+    native call per step.
+
+    Adam whose first moment is damped by a "friction" :math:`\xi` that is small where the gradient
+    hardly changes:
+
+    .. math::
+        g &\leftarrow g + \lambda p \\
+        m &\leftarrow \beta_1 m + (1-\beta_1) g, \qquad v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+        \xi &= \operatorname{sigmoid}(|g_{prev} - g|) \in [0.5, 1), \qquad g_{prev} \leftarrow g \\
+        p &\leftarrow p - \mathrm{lr}\,\frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,
+            \frac{\xi\, m}{\sqrt{v} + \epsilon}
+
+    (:math:`g_{prev} = 0` at :math:`t = 1`, so :math:`\xi = \operatorname{sigmoid}(|g|)` then.)
+    State: ``step``, ``exp_avg``, ``exp_avg_sq``, ``previous_grad`` (a copy of the gradient
+    including the L2 term, as v2 stores it). Weight decay is L2, added to the gradient.
+
+    Differences from the reference, on purpose: ``p.grad`` is never written (the official adds the
+    decay to it in place); ``weight_decay < 0`` raises ``ValueError``. The v1 file and the
+    torch-optimizer port store a *reference* to ``p.grad`` as ``previous_grad``, which makes
+    :math:`\xi = 0.5` from step 2 on when gradients are accumulated in place
+    (``zero_grad(set_to_none=False)``); emafuse always keeps a copy, as v2. Extra keywords:
+    ``maximize`` and ``check_finite`` (as :class:`emafuse.AdamW`).
+    """
+
+    _rule = "diffgrad"
+    _scalar_keys = ("step",)
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        *,
+        maximize: bool = False,
+        check_finite: bool = False,
+    ) -> None:
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults)
+        self._init_emafuse_defaults(check_finite)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+
+    def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq", "previous_grad")
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
+        beta1, beta2 = group["betas"]
+        return {
+            "lr": scalar(group["lr"]),
+            "beta1": float(beta1),
+            "beta2": float(beta2),
+            "eps": float(group["eps"]),
+            "weight_decay": float(group["weight_decay"]),
+        }

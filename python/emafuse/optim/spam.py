@@ -1,0 +1,165 @@
+"""SPAM: the official constructor and semantics (galore_torch/SPAM.py), one fused native step."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from ._base import FusedOptimizer, scalar
+
+__all__ = ["SPAM"]
+
+# Hyper-parameters that drive the optimizer-level counters: one value for the whole optimizer.
+_GLOBAL = ("warmup_steps", "threshold", "DeltaT", "grad_accu_steps")
+
+
+class SPAM(FusedOptimizer):
+    r"""SPAM, spike-aware Adam with momentum reset (Huang, Zhu, Jin, Liu, Wang, Liu, "SPAM:
+    Spike-Aware Adam with Momentum Reset for Stable LLM Training", ICLR 2025, arXiv:2501.06842),
+    matching the official class (``galore_torch/SPAM.py``, exported as ``SPAM``) with one fused
+    native call per step.
+
+    With :math:`t` the number of this ``step()`` call (optimizer-wide), :math:`k` the parameter's
+    own step counter (never reset), :math:`\theta` = ``threshold``, :math:`\Delta T` = ``DeltaT``:
+
+    .. math::
+        &m, v \leftarrow 0 \quad\text{when } t \bmod \Delta T = 0 \text{ (momentum reset)} \\
+        &g \leftarrow \operatorname{sign}(g)\sqrt{\theta v} \quad\text{where } g^2 > \theta v
+            \text{ (spike clipping, once } t \ge N_a \text{ and } t \bmod \Delta T \ge N_a) \\
+        &m \leftarrow \beta_1 m + (1-\beta_1) g, \qquad v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+        &p \leftarrow p - \mathrm{lr}\,\frac{\sqrt{1-\beta_2^k}}{1-\beta_1^k}\, s\,
+            \frac{m}{\sqrt{v} + \epsilon}, \qquad p \leftarrow p - \mathrm{lr}\,\lambda\, p
+
+    (:math:`N_a` = ``grad_accu_steps``; without ``correct_bias`` the step is :math:`\mathrm{lr}\,s`.)
+    The warm-up factor after a reset is
+    :math:`s = 1 - 0.99\,(1 + \cos(\pi j/(N+1)))/2` for :math:`j < N` (= ``warmup_steps``), else 1,
+    where :math:`j` counts the steps since the last reset (``current_step``). The weight decay comes
+    after the update and is not warmed up, as in the official code.
+
+    State: ``step``, ``exp_avg``, ``exp_avg_sq`` per parameter; the optimizer-level counters
+    ``total_step`` (completed steps) and ``current_step`` (warm-up position, starts at N + 1) live
+    in ``optimizer.state`` under those string keys, as in the official code, so they are saved by
+    ``state_dict()``. ``warmup_steps``, ``threshold``, ``DeltaT`` and ``grad_accu_steps`` are
+    optimizer-wide (the official keeps them as attributes): a parameter group giving another value
+    raises ``ValueError``. Steps skipped by AMP (``GradScaler`` found inf/NaN) advance no counter.
+
+    Behaviour kept from the reference: bias correction uses the never-reset :math:`k`, so the first
+    updates after a reset are small; an element whose :math:`v` is exactly 0 while clipping is
+    active (no gradient since the last reset, e.g. an unused embedding row) is clipped to 0 and
+    stays frozen until the next reset. Differences, on purpose: ``p.grad`` is never written (the
+    official clips it in place); the sparse-momentum ``density`` groups are not supported; extra
+    ``ValueError`` checks: ``weight_decay``, ``warmup_steps``, ``threshold``, ``grad_accu_steps``
+    < 0 and ``DeltaT`` < 1. ``no_deprecation_warning`` is accepted and ignored (no warning is
+    given). Extra keywords: ``maximize`` and ``check_finite`` (as :class:`emafuse.AdamW`).
+    """
+
+    _rule = "spam"
+    _scalar_keys = ("step",)
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        warmup_steps: int = 150,
+        threshold: int = 5000,
+        DeltaT: int = 500,  # noqa: N803 (the official name)
+        grad_accu_steps: int = 20,
+        *,
+        no_deprecation_warning: bool = False,
+        maximize: bool = False,
+        check_finite: bool = False,
+    ) -> None:
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr} - should be >= 0.0")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter: {betas[0]} - should be in [0.0, 1.0)")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter: {betas[1]} - should be in [0.0, 1.0)")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps} - should be >= 0.0")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay} - should be >= 0.0")
+        for name, value in (("warmup_steps", warmup_steps), ("threshold", threshold), ("grad_accu_steps", grad_accu_steps)):
+            if not 0 <= value:
+                raise ValueError(f"Invalid {name}: {value} - should be >= 0")
+        if not 1 <= DeltaT:
+            raise ValueError(f"Invalid DeltaT: {DeltaT} - should be >= 1")
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            correct_bias=correct_bias,
+            warmup_steps=warmup_steps,
+            threshold=threshold,
+            DeltaT=DeltaT,
+            grad_accu_steps=grad_accu_steps,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+        self._init_emafuse_defaults(check_finite)
+        self.state["total_step"] = 0
+        self.state["current_step"] = warmup_steps + 1
+        self._plan: tuple[int, float, bool] = (1, 1.0, False)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for name in _GLOBAL:
+            if group[name] != self.defaults[name]:
+                raise ValueError(
+                    f"SPAM: {name} is optimizer-wide (it drives the optimizer-level counters); "
+                    f"a param group cannot set {name}={group[name]!r} (optimizer: {self.defaults[name]!r})"
+                )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("correct_bias", True)
+        self.state.setdefault("total_step", 0)
+        self.state.setdefault("current_step", int(self.defaults.get("warmup_steps", 150)) + 1)
+        self._plan = (1, 1.0, False)
+
+    def _begin_step(self) -> None:
+        n_warm = self.defaults["warmup_steps"]
+        t = int(self.state["total_step"]) + 1
+        j = int(self.state["current_step"])
+        scale = 1.0 - 0.99 * (1.0 + math.cos(math.pi * j / (n_warm + 1))) / 2.0 if j < n_warm else 1.0
+        self._plan = (t, scale, t % self.defaults["DeltaT"] == 0)
+
+    def _end_step(self, applied: bool) -> None:
+        if not applied:
+            return
+        self.state["total_step"] = total = int(self.state["total_step"]) + 1
+        self.state["current_step"] = int(self.state["current_step"]) + 1
+        if (total + 1) % self.defaults["DeltaT"] == 0:
+            self.state["current_step"] = 0
+
+    def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
+        t, scale, reset = self._plan
+        d = self.defaults
+        accu = d["grad_accu_steps"]
+        beta1, beta2 = group["betas"]
+        return {
+            "lr": scalar(group["lr"]),
+            "beta1": float(beta1),
+            "beta2": float(beta2),
+            "eps": float(group["eps"]),
+            "weight_decay": float(group["weight_decay"]),
+            "threshold": float(d["threshold"]),
+            "scale": float(scale),
+            "reset": bool(reset),
+            "clip": d["threshold"] != 0 and t >= accu and t % d["DeltaT"] >= accu,
+            "correct_bias": bool(group["correct_bias"]),
+        }

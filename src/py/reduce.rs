@@ -1,0 +1,51 @@
+//! `_native.sum_squares`: generic reductions the Python layer needs before a step (e.g. Adan's
+//! global gradient norm), computed by the engine instead of one torch call per tensor.
+
+use super::errors::to_py;
+use super::tensor::{unpack, Unpacked};
+use crate::batch::Layout;
+use crate::error::{Error, Result};
+use crate::view::{Device, TensorView};
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+fn views<'py>(tensors: &Bound<'py, PyList>, keep: &mut Vec<Bound<'py, PyAny>>) -> Result<Vec<TensorView>> {
+    let mut out = Vec::with_capacity(tensors.len());
+    for (i, obj) in tensors.iter().enumerate() {
+        let Unpacked { obj: handle, info } = unpack(&obj, &|| format!("sum_squares: tensor {i}"))?;
+        keep.push(handle);
+        if info.view.device() != Device::Cpu {
+            return Err(Error::Device(format!(
+                "sum_squares: tensor {i} is on {}, which this build's engine does not reduce yet",
+                info.view.device()
+            )));
+        }
+        if info.layout == Layout::Strided {
+            return Err(Error::Layout(format!("sum_squares: tensor {i} is not dense")));
+        }
+        out.push(info.view);
+    }
+    Ok(out)
+}
+
+/// `Σ x²` over every element of every tensor in `tensors` (float32/64, bfloat16, float16, any
+/// mix), accumulated in float64 in a fixed order (reproducible), with the GIL released. Raises
+/// `LayoutError` for tensors with gaps or overlaps (callers pass `.contiguous()` copies then).
+#[pyfunction]
+pub fn sum_squares<'py>(py: Python<'py>, tensors: &Bound<'py, PyList>) -> PyResult<f64> {
+    let mut keep = Vec::new();
+    let views = views(tensors, &mut keep).map_err(|e| to_py(py, e))?;
+    let result = py.detach(|| {
+        catch_unwind(AssertUnwindSafe(|| {
+            // SAFETY: every view is a dense CPU tensor checked above and kept alive by `keep`
+            // until after the call; the GIL-holding caller does not write them meanwhile (torch
+            // tensors are only mutated by Python code, which cannot run on this thread now, and
+            // concurrent writers from other threads would be a data race in torch itself).
+            unsafe { crate::cpu::sum_squares(&views) }
+        }))
+        .map_err(|_| Error::Internal("panic in sum_squares".into()))
+    });
+    drop(keep);
+    result.map_err(|e| to_py(py, e))
+}

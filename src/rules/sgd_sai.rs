@@ -1,0 +1,158 @@
+//! SGD-SaI (Xu et al., arXiv:2412.11768), as AnonymousAlethiometer/SGD_SaI `sgd_sai.py` 1.0.3
+//! (spec §17).
+//!
+//! On a parameter's first step (`FIRST`), a read-only pass gathers Σg, Σg² and the count in f64,
+//! and `coeffs` stores the gradient signal-to-noise ratio as scalar state:
+//! ```text
+//! σ = sqrt((Σg² − (Σg)²/n) / (n − 1))     unbiased std; 0 when n <= 1 (torch: NaN → 0)
+//! gsnr = ‖g‖ / (σ + eps)
+//! ```
+//! Every step, per element, in the official operation order:
+//! ```text
+//! b ← g (copy) on the first step, else b ← b·μ + (1 − μ)·g     MOMENTUM (μ ≠ 0); b = g otherwise
+//! p ← p·(1 − wd·lr) + (−lr·gsnr)·b
+//! ```
+//! State slot: `momentum_buffer` (none when μ = 0); scalar state `gsnr`.
+
+use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::error::Result;
+use crate::real::Real;
+
+/// SGD-SaI's hyper-parameters. `MOMENTUM`: keep a buffer (μ ≠ 0); `FIRST`: the parameter's first
+/// step (measure gsnr, start the buffer as a copy of g).
+#[derive(Clone, Debug)]
+#[repr(C)]
+pub struct SgdSai<const MOMENTUM: bool, const FIRST: bool> {
+    lr: f64,
+    momentum: f64,
+    eps: f64,
+    weight_decay: f64,
+}
+
+/// SGD-SaI's per-tensor coefficients.
+#[derive(Copy, Clone, Debug)]
+pub struct SgdSaiCoeffs<R: Real> {
+    momentum: R,
+    one_minus_momentum: R,
+    decay: R,
+    neg_step: R,
+}
+
+/// gsnr of a tensor from its f64 sums `(Σg, Σg², n)`.
+fn gsnr(sum: f64, sum_sq: f64, n: f64, eps: f64) -> f64 {
+    let sigma = if n > 1.0 {
+        let var = (sum_sq - sum * sum / n) / (n - 1.0);
+        // Rounding may leave a tiny negative variance for (nearly) constant gradients.
+        var.max(0.0).sqrt()
+    } else {
+        0.0
+    };
+    let sigma = if sigma.is_nan() { 0.0 } else { sigma };
+    sum_sq.sqrt() / (sigma + eps)
+}
+
+impl<const MOMENTUM: bool, const FIRST: bool> Rule for SgdSai<MOMENTUM, FIRST> {
+    const SLOTS: usize = if MOMENTUM { 1 } else { 0 };
+    const SCALARS: usize = 1;
+    const SUMS: usize = if FIRST { 3 } else { 0 };
+    type Coeffs<R: Real> = SgdSaiCoeffs<R>;
+
+    /// `scalars[0]` is the parameter's `gsnr`, written on its first step.
+    fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> SgdSaiCoeffs<R> {
+        if FIRST {
+            scalars[0] = gsnr(sums[0], sums[1], sums[2], self.eps);
+        }
+        SgdSaiCoeffs {
+            momentum: R::from_f64(self.momentum),
+            one_minus_momentum: R::from_f64(1.0 - self.momentum),
+            decay: R::from_f64(1.0 - self.weight_decay * self.lr),
+            neg_step: R::from_f64(-(self.lr * scalars[0])),
+        }
+    }
+
+    #[inline(always)]
+    fn accumulate<R: Real>(_p: R, g: R, _s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
+        let g = g.to_f64();
+        sums[0] += g;
+        sums[1] += g * g;
+        sums[2] += 1.0;
+    }
+
+    #[inline(always)]
+    fn update<R: Real>(c: &SgdSaiCoeffs<R>, p: R, g: R, s: &mut [R; MAX_SLOTS]) -> R {
+        let b = if !MOMENTUM || FIRST { g } else { s[0] * c.momentum + c.one_minus_momentum * g };
+        if MOMENTUM {
+            s[0] = b;
+        }
+        p * c.decay + c.neg_step * b
+    }
+}
+
+/// Build SGD-SaI from `lr, momentum, eps, weight_decay` and flag `first`.
+pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
+    let lr = check_non_negative("lr", h.num("lr")?)?;
+    let momentum = check_unit_interval("momentum", h.num("momentum")?)?;
+    let eps = check_non_negative("eps", h.num("eps")?)?;
+    let weight_decay = check_non_negative("weight_decay", h.num("weight_decay")?)?;
+    Ok(bool_dispatch!(momentum != 0.0 => M, h.flag_or_false("first")? => F;
+        v.visit(SgdSai::<M, F> { lr, momentum, eps, weight_decay })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sums_of(gs: &[f64]) -> [f64; MAX_SUMS] {
+        let mut sums = [0.0; MAX_SUMS];
+        for &g in gs {
+            SgdSai::<true, true>::accumulate(0.0f64, g, &[0.0; MAX_SLOTS], &mut sums);
+        }
+        sums
+    }
+
+    #[test]
+    fn gsnr_is_norm_over_unbiased_std() {
+        let gs = [0.3, -1.2, 2.5, 0.7, -0.1];
+        let n = gs.len() as f64;
+        let mean = gs.iter().sum::<f64>() / n;
+        let std = (gs.iter().map(|g| (g - mean) * (g - mean)).sum::<f64>() / (n - 1.0)).sqrt();
+        let norm = gs.iter().map(|g| g * g).sum::<f64>().sqrt();
+        let rule = SgdSai::<true, true> { lr: 0.1, momentum: 0.9, eps: 1e-8, weight_decay: 0.01 };
+        let mut scalars = [0.0; MAX_SCALARS];
+        rule.coeffs::<f64>(&mut scalars, &sums_of(&gs));
+        assert!((scalars[0] - norm / (std + 1e-8)).abs() < 1e-13 * scalars[0]);
+        // One element: std is NaN in torch, replaced by 0.
+        rule.coeffs::<f64>(&mut scalars, &sums_of(&[-0.5]));
+        assert!((scalars[0] - 0.5 / 1e-8).abs() < 1e-6);
+        // Constant gradient: std 0 exactly, never negative under the root.
+        rule.coeffs::<f64>(&mut scalars, &sums_of(&[0.1; 1000]));
+        assert!(scalars[0].is_finite() && scalars[0] > 0.0);
+    }
+
+    #[test]
+    fn buffer_starts_as_a_copy_then_dampens() {
+        let (lr, mu, wd) = (0.1, 0.9, 0.01);
+        let first = SgdSai::<true, true> { lr, momentum: mu, eps: 1e-8, weight_decay: wd };
+        let later = SgdSai::<true, false> { lr, momentum: mu, eps: 1e-8, weight_decay: wd };
+        let mut scalars = [2.0, 0.0, 0.0, 0.0];
+        let mut s = [0.0f64; MAX_SLOTS];
+        let c = first.coeffs::<f64>(&mut scalars, &sums_of(&[0.5, -0.25, 1.0]));
+        let gsnr = scalars[0];
+        let p = SgdSai::<true, true>::update(&c, 1.0, 0.5, &mut s);
+        assert_eq!(s[0], 0.5);
+        assert!((p - (1.0 * (1.0 - wd * lr) - lr * gsnr * 0.5)).abs() < 1e-12);
+        let c = later.coeffs::<f64>(&mut scalars, &[0.0; MAX_SUMS]);
+        assert_eq!(scalars[0], gsnr, "gsnr is kept after the first step");
+        let p2 = SgdSai::<true, false>::update(&c, p, -0.3, &mut s);
+        let b = 0.5 * mu + (1.0 - mu) * -0.3;
+        assert!((s[0] - b).abs() < 1e-15);
+        assert!((p2 - (p * (1.0 - wd * lr) - lr * gsnr * b)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn without_momentum_the_gradient_is_the_direction() {
+        let r = SgdSai::<false, false> { lr: 0.5, momentum: 0.0, eps: 1e-8, weight_decay: 0.0 };
+        let c = r.coeffs::<f64>(&mut [3.0, 0.0, 0.0, 0.0], &[0.0; MAX_SUMS]);
+        assert_eq!(SgdSai::<false, false>::update(&c, 1.0, 0.25, &mut [0.0; MAX_SLOTS]), 1.0 - 1.5 * 0.25);
+    }
+}
