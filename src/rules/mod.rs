@@ -1,7 +1,12 @@
 //! Update rules: one file per rule, each a host-side coefficient function plus the per-element
 //! math. Rules never loop over tensors and never know which backend runs them.
 
+pub mod adabelief;
 pub mod adam;
+pub mod adamod;
+pub mod adamomentum;
+pub mod ademamix;
+pub mod lion;
 pub mod sgd;
 
 use crate::error::{Error, Result};
@@ -113,6 +118,11 @@ pub fn visit_rule<V: RuleVisitor>(name: &str, hyper: &Hyper, visitor: V) -> Resu
     match name {
         "adam" => adam::visit(hyper, visitor),
         "sgd" => sgd::visit(hyper, visitor),
+        "adabelief" => adabelief::visit(hyper, visitor),
+        "adamod" => adamod::visit(hyper, visitor),
+        "adamomentum" => adamomentum::visit(hyper, visitor),
+        "ademamix" => ademamix::visit(hyper, visitor),
+        "lion" => lion::visit(hyper, visitor),
         other => Err(Error::Value(format!("unknown update rule '{other}'"))),
     }
 }
