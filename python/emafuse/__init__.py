@@ -1,7 +1,8 @@
 """emafuse: fused multi-tensor EMA-family optimizers and weight averaging for PyTorch.
 
-Drop-in replacements for ``torch.optim.AdamW``, ``Adam`` and ``SGD`` whose whole step runs as
-one native (Rust) call over all parameters of the optimizer.
+Drop-in replacements for ``torch.optim.AdamW``, ``Adam`` and ``SGD``, and the EMA-family
+optimizers AdEMAMix, AdaBelief, AdaMomentum, Lion and AdaMod, whose whole step runs as one native
+(Rust) call over all parameters of the optimizer.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .errors import (
     SparseGradError,
     UnsupportedOptionError,
 )
-from .optim import SGD, Adam, AdamW
+from .optim import SGD, AdaBelief, Adam, AdaMod, AdaMomentum, AdamW, AdEMAMix, Lion
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,11 @@ __all__ = [
     "AdamW",
     "Adam",
     "SGD",
+    "AdEMAMix",
+    "AdaBelief",
+    "AdaMomentum",
+    "Lion",
+    "AdaMod",
     "num_threads",
     "errors",
     "EmafuseError",

@@ -8,6 +8,7 @@ support, complex and non-contiguous parameters, atomic error handling) lives her
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -17,6 +18,16 @@ from .. import _native
 from ..errors import DTypeError, LayoutError, UnsupportedOptionError
 
 __all__ = ["FusedOptimizer", "scalar"]
+
+
+class _Boxed:
+    """A state tensor hidden from torch's ``load_state_dict`` casts (see ``_shield_state_dtypes``):
+    torch's loader casts tensors and rebuilds dicts and iterables, and passes other objects as is."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
 
 
 def _step_dtype() -> torch.dtype:
@@ -49,6 +60,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     _supports_complex: ClassVar[bool] = False
     # Whether fresh state must be flagged to the rule (SGD's momentum buffer starts as a copy).
     _flags_fresh_state: ClassVar[bool] = False
+    # Whether state_dict() stores the step counter as a Python int, as the reference
+    # implementations of most non-torch optimizers do (torch's own keep a tensor). The live state
+    # keeps the 0-dim tensor the engine updates; load_state_dict accepts either.
+    _int_step_in_state_dict: ClassVar[bool] = False
     _step_supports_amp_scaling = True
 
     # -- what a concrete optimizer provides --------------------------------------------------
@@ -60,6 +75,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         """The rule's numbers and flags for ``group``."""
         raise NotImplementedError
+
+    def _state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
+        """The dtype of ``p``'s state tensors. torch's convention (the parameter's dtype) unless
+        an optimizer overrides it; the engine also accepts float32 states for bf16/fp16
+        parameters. ``group`` may be a group of a checkpoint being loaded (keys may be missing)."""
+        return p.dtype
 
     # -- torch.optim plumbing ----------------------------------------------------------------
 
@@ -75,9 +96,79 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        defaults = getattr(self, "defaults", {})
         for group in self.param_groups:
             group.setdefault("check_finite", False)
+            # Checkpoints of reference implementations (or older emafuse) may lack options that
+            # this optimizer keeps per group: take them from the constructor's values.
+            for key, value in defaults.items():
+                group.setdefault(key, value)
         self._normalize_steps()
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        if self._int_step_in_state_dict and self._scalar_keys:
+            key = self._scalar_keys[0]
+            sd["state"] = {
+                pid: {**st, key: int(st[key].item())}
+                if isinstance(st, dict) and isinstance(st.get(key), Tensor)
+                else st
+                for pid, st in sd["state"].items()
+            }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, except that state tensors of optimizers that keep them in
+        a dtype other than the parameter's (``_state_dtype``, e.g. float32 states for bf16
+        parameters) are loaded in that dtype instead of being cast to the parameter's dtype,
+        so that a resumed run continues bit for bit. User hooks see the checkpoint unchanged:
+        the shield runs after every other pre-hook and is lifted before every other post-hook."""
+        pre = self.register_load_state_dict_pre_hook(FusedOptimizer._shield_state_dtypes)
+        post = self.register_load_state_dict_post_hook(FusedOptimizer._unshield_state_dtypes, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
+
+    @staticmethod
+    def _shield_state_dtypes(self: FusedOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Pre-hook: cast float state tensors to ``_state_dtype`` where it differs from the
+        parameter's dtype, and box them so that torch's loader does not cast them back."""
+        ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        groups = {pid: g for g in state_dict["param_groups"] for pid in g["params"]}
+        saved = state_dict["state"]
+        state = None
+        for pid, p in zip(ids, params):
+            st = saved.get(pid)
+            if not isinstance(st, dict) or not p.is_floating_point():
+                continue
+            want = self._state_dtype(p, groups[pid])
+            if want == p.dtype:
+                continue
+            if state is None:
+                state = dict(saved)
+            state[pid] = {
+                key: _Boxed(v.to(dtype=want))
+                if isinstance(v, Tensor) and v.is_floating_point() and key not in self._scalar_keys
+                else v
+                for key, v in st.items()
+            }
+        if state is None:
+            return state_dict
+        return {**state_dict, "state": state}
+
+    @staticmethod
+    def _unshield_state_dtypes(self: FusedOptimizer) -> None:
+        """Post-hook: unbox what ``_shield_state_dtypes`` boxed, on the parameter's device."""
+        for p, st in self.state.items():
+            if not isinstance(st, dict):
+                continue
+            for key, v in st.items():
+                if isinstance(v, _Boxed):
+                    device = p.device if isinstance(p, Tensor) else v.tensor.device
+                    st[key] = v.tensor.to(device=device)
 
     def _reject_unsupported(self, group: dict[str, Any]) -> None:
         if group.get("differentiable", False):
@@ -110,10 +201,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not ok:
                 st[key] = torch.tensor(float(s), dtype=_step_dtype())
 
-    def _new_state(self, p: Tensor, slots: tuple[str, ...]) -> dict[str, Tensor]:
+    def _new_state(self, p: Tensor, slots: tuple[str, ...], group: dict[str, Any]) -> dict[str, Tensor]:
         st: dict[str, Tensor] = {key: torch.tensor(0.0, dtype=_step_dtype()) for key in self._scalar_keys}
+        dtype = self._state_dtype(p, group)
         for name in slots:
-            st[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return st
 
     # -- the step ----------------------------------------------------------------------------
@@ -166,7 +258,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             st = get_state(p)
             is_new = False
             if st is None or len(st) < want:
-                st, is_new = self._complete_state(p, st, slots, created)
+                st, is_new = self._complete_state(p, st, slots, group, created)
             if fresh is not None and is_new:
                 fresh[0].append(p)
                 fresh[1].append(g)
@@ -188,6 +280,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         p: Tensor,
         st: dict[str, Tensor] | None,
         slots: tuple[str, ...],
+        group: dict[str, Any],
         created: dict[Tensor, dict[str, Tensor]],
     ) -> tuple[dict[str, Tensor], bool]:
         """State for ``p`` with every slot present; new tensors are zeros. Returns (state, new?).
@@ -196,7 +289,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         step succeeded, so a refused step leaves the optimizer exactly as it was.
         """
         if not st:
-            st = created.setdefault(p, self._new_state(p, slots))
+            st = created.setdefault(p, self._new_state(p, slots, group))
             return st, True
         missing = [name for name in slots if name not in st]
         for key in self._scalar_keys:
@@ -205,8 +298,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not missing:
             return st, False
         fixed = dict(st)
+        # New slots (e.g. amsgrad switched on) take the dtype of the slots already there.
+        present = [st[name] for name in slots if name in st]
+        dtype = present[0].dtype if present else self._state_dtype(p, group)
         for name in missing:
-            fixed[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            fixed[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         created[p] = fixed
         return fixed, False
 
