@@ -98,7 +98,14 @@ def lion_step(p, g, st, h):
     g = _grad(g, h)
     p.mul_(1 - lr * wd)  # 1.
     c = b1 * st["exp_avg"] + (1 - b1) * g  # 2.
-    p.sub_(lr * torch.sign(c))  # 3.
+    u = torch.sign(c)
+    if h.get("caution", False):  # §20 (d), C-Lion
+        phi = (u * g > 0).double()
+        if h.get("caution_norm", "mean") == "mean":
+            u = u * phi / max(phi.mean().item(), 1e-3)
+        else:
+            u = u * phi * (phi.numel() / (phi.sum().item() + 1))
+    p.sub_(lr * u)  # 3.
     st["exp_avg"] = b2 * st["exp_avg"] + (1 - b2) * g  # 4.
 
 

@@ -181,7 +181,7 @@ impl<Ru: Rule> RuleBatch<Ru> {
         let parts = std::sync::Mutex::new(Vec::new());
         for_each_span(&self.numels(), |s| {
             // SAFETY: validated views; the pass only reads.
-            let part = unsafe { kernel::sum_span::<Ru, R, P, S>(factor, self.span_ptrs::<R, P, S>(s), s.len) };
+            let part = unsafe { kernel::sum_span::<Ru, R, P, S>(&self.rule, factor, self.span_ptrs::<R, P, S>(s), s.len) };
             parts.lock().expect("no panics while held").push((s.tensor, part));
         });
         let mut sums = vec![[0.0; MAX_SUMS]; n];

@@ -25,7 +25,8 @@ pub const MAX_SUMS: usize = 4;
 ///
 /// For every tensor the driver
 /// 1. reads the per-parameter scalar state (`SCALARS` 0-dim tensors, e.g. torch's `step`),
-/// 2. if `SUMS > 0`, runs a read-only pass calling [`Rule::accumulate`] on every element,
+/// 2. if `SUMS > 0`, runs a read-only pass calling [`Rule::accumulate_with`] (by default
+///    [`Rule::accumulate`]) on every element,
 /// 3. calls [`Rule::coeffs`] once on the host (bias corrections and the like, in f64, rounded
 ///    to the compute type once) which may update the scalars, and writes the scalars back,
 /// 4. calls [`Rule::update`] once per element with the parameter, the input (already unscaled
@@ -52,6 +53,12 @@ pub trait Rule: Send + Sync + 'static {
     /// Add one element's contribution to the tensor's sums (only called when `SUMS > 0`).
     #[inline(always)]
     fn accumulate<R: Real>(_p: R, _g: R, _s: &[R; MAX_SLOTS], _sums: &mut [f64; MAX_SUMS]) {}
+    /// [`Rule::accumulate`] for sums that depend on the rule's hyper-parameters (e.g. the
+    /// cautious mask of Lion, which needs β1); what the driver calls. Default: `accumulate`.
+    #[inline(always)]
+    fn accumulate_with<R: Real>(&self, p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
+        Self::accumulate(p, g, s, sums)
+    }
 }
 
 /// One hyper-parameter value as Python passed it.

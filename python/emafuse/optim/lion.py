@@ -42,7 +42,15 @@ class Lion(FusedOptimizer):
       group's ``decay_base_lr`` (default: the constructor's lr), so the decay follows the lr
       schedule's shape but not its scale.
     * Extra check: ``weight_decay < 0`` raises ``ValueError``.
-    * The cautious variant (spec §20) is not offered.
+    * ``caution=True``: Cautious Lion (K. Liang, L. Chen, B. Liu, Q. Liu, "Cautious Optimizers:
+      Improving Training with One Line of Code", arXiv:2411.16085). With
+      :math:`u = \operatorname{sign}(\beta_1 m + (1-\beta_1) g)` and the mask
+      :math:`\phi = 1[u g > 0]`, the step is :math:`p \leftarrow p - \mathrm{lr}\, u \phi k`
+      (decay unmasked), where per tensor :math:`k = 1/\max(\operatorname{mean}\phi, 10^{-3})`
+      with ``caution_norm="mean"`` (the default, as timm's ``Lion(caution=True)``) or
+      :math:`k = \mathrm{numel}/(\sum\phi + 1)` with ``caution_norm="count"`` (the paper's
+      first release, C-Optim ``c_lion.py``). This costs one extra read-only pass over
+      ``exp_avg`` and the gradient.
     * Extra keywords: ``maximize`` (negate the gradient) and ``check_finite`` (see
       :class:`emafuse.AdamW`).
     """
@@ -58,6 +66,8 @@ class Lion(FusedOptimizer):
         weight_decay: float = 0.0,
         *,
         lr_independent_decay: bool = False,
+        caution: bool = False,
+        caution_norm: str = "mean",
         maximize: bool = False,
         check_finite: bool = False,
     ) -> None:
@@ -69,6 +79,8 @@ class Lion(FusedOptimizer):
             raise ValueError("Invalid beta parameter at index 1: {}".format(betas[1]))
         if not 0.0 <= weight_decay:
             raise ValueError("Invalid weight_decay value: {}".format(weight_decay))
+        if caution_norm not in ("mean", "count"):
+            raise ValueError("Invalid caution_norm: {!r} (expected 'mean' or 'count')".format(caution_norm))
         if lr_independent_decay and not scalar(lr) > 0.0:
             raise ValueError("lr_independent_decay needs lr > 0, got {}".format(lr))
         defaults = dict(
@@ -77,6 +89,8 @@ class Lion(FusedOptimizer):
             weight_decay=weight_decay,
             lr_independent_decay=lr_independent_decay,
             decay_base_lr=scalar(lr),
+            caution=caution,
+            caution_norm=caution_norm,
             maximize=maximize,
         )
         torch.optim.Optimizer.__init__(self, params, defaults)
@@ -94,4 +108,6 @@ class Lion(FusedOptimizer):
             "weight_decay": float(group["weight_decay"]),
             "lr_independent_decay": bool(group["lr_independent_decay"]),
             "decay_base_lr": float(group["decay_base_lr"]),
+            "caution": bool(group["caution"]),
+            "caution_count": group["caution_norm"] == "count",
         }
