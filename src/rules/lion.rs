@@ -106,7 +106,7 @@ pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
     let mut weight_decay = check_non_negative("weight_decay", h.num("weight_decay")?)?;
     if h.flag_or_false("lr_independent_decay")? {
         let base = h.num("decay_base_lr")?;
-        if !(base > 0.0) {
+        if base.is_nan() || base <= 0.0 {
             return Err(Error::Value(format!("decay_base_lr must be > 0, got {base}")));
         }
         weight_decay /= base;
