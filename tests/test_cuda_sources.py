@@ -58,7 +58,7 @@ def variants():
 VARIANTS = list(variants())
 
 # Rules whose CUDA twin is not written yet: CUDA tensors get a clear CudaError for them.
-NO_CUDA_YET = {"adan", "spam", "diffgrad", "adabound", "sgd_sai"}
+NO_CUDA_YET = {"adan", "spam", "diffgrad", "adabound", "sgd_sai", "ademamix", "adabelief", "adamomentum", "lion", "adamod"}
 
 
 def test_every_rule_is_covered():
@@ -103,7 +103,7 @@ void ef_host_run(const void* hyper, R* p, const R* g, R* s0, R* s1, R* s2, R* s3
     for (long i = 0; i < n && Rule::SUMS > 0; ++i) {
         R s[EF_MAX_SLOTS];
         for (int k = 0; k < Rule::SLOTS; ++k) s[k] = st[k][i];
-        Rule::template accumulate<R>(p[i], Rule::READS_INPUT ? g[i] * f : R(0), s, sums);
+        Rule::template accumulate<R>(*(const typename Rule::Hyper*)hyper, p[i], Rule::READS_INPUT ? g[i] * f : R(0), s, sums);
     }
     double sc[EF_MAX_SCALARS] = {0, 0, 0, 0};
     for (int k = 0; k < Rule::SCALARS; ++k) sc[k] = scalars[k];

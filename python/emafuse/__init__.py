@@ -1,8 +1,9 @@
 """emafuse: fused multi-tensor EMA-family optimizers and weight averaging for PyTorch.
 
-Drop-in replacements for ``torch.optim.AdamW``, ``Adam`` and ``SGD``, and for the official
-implementations of EMA-family optimizers (Adan, SPAM, diffGrad, AdaBound, SGD-SaI, ...), whose
-whole step runs as one native (Rust) call over all parameters of the optimizer.
+Drop-in replacements for ``torch.optim.AdamW``, ``Adam`` and ``SGD``, and the EMA-family
+optimizers of the research literature (AdEMAMix, AdaBelief, AdaMomentum, Adan, Lion, SPAM,
+AdaMod, diffGrad, AdaBound, SGD-SaI), whose whole step runs as one native (Rust) call over all
+parameters of the optimizer.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .errors import (
     SparseGradError,
     UnsupportedOptionError,
 )
-from .optim import SGD, SPAM, AdaBound, Adam, Adan, AdamW, DiffGrad, SGDSaI
+from .optim import SGD, SPAM, AdaBelief, AdaBound, Adam, AdaMod, AdaMomentum, Adan, AdamW, AdEMAMix, DiffGrad, Lion, SGDSaI
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,11 @@ __all__ = [
     "AdamW",
     "Adam",
     "SGD",
+    "AdEMAMix",
+    "AdaBelief",
+    "AdaMomentum",
+    "Lion",
+    "AdaMod",
     "Adan",
     "SPAM",
     "DiffGrad",

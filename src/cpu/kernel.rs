@@ -31,6 +31,7 @@ pub struct SpanPtrs<P, S> {
 /// # Safety
 /// As [`update_span`], except that the elements are only read.
 pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, S: Elem<R>>(
+    rule: &Ru,
     factor: R,
     ptrs: SpanPtrs<P, S>,
     len: usize,
@@ -57,7 +58,7 @@ pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, S: Elem<R>>(
             for k in 0..Ru::SLOTS {
                 s[k] = sb[k][i];
             }
-            Ru::accumulate(pb[i], gb[i] * factor, &s, &mut sums);
+            rule.accumulate(pb[i], gb[i] * factor, &s, &mut sums);
         }
         off += n;
     }

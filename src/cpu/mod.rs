@@ -217,7 +217,7 @@ impl<Ru: Rule> RuleBatch<Ru> {
         }
         let parts = map_spans(&self.numels(), |s| {
             // SAFETY: validated views; the pass only reads.
-            unsafe { kernel::sum_span::<Ru, R, P, S>(factor, self.span_ptrs::<R, P, S>(s), s.len) }
+            unsafe { kernel::sum_span::<Ru, R, P, S>(&self.rule, factor, self.span_ptrs::<R, P, S>(s), s.len) }
         });
         // Folded in span order: the sums (and so the step) are reproducible bit for bit.
         let mut sums = vec![[0.0; MAX_SUMS]; n];

@@ -279,7 +279,7 @@ impl CudaStep for Launch {
         let mut hyper = self.hyper.clone();
         with_device(self.ordinal, |_| {
             // SAFETY: functions come from a loaded module; every argument matches the kernel's
-            // signature (ef_sums: tensors, n, grad_scale, found_inf, gsign, sums; ef_step: hyper,
+            // signature (ef_sums: hyper, tensors, n, grad_scale, found_inf, gsign, sums; ef_step: hyper,
             // tensors, n, grad_scale, found_inf, gsign, counters, sums); the table and the tensors it
             // points to stay alive until the stream has run the kernels (the tensors are owned by
             // the optimizer, the table by the cache, freed stream-ordered).
@@ -289,6 +289,7 @@ impl CudaStep for Launch {
                     let bytes = 8 * MAX_SUMS * self.n_tensors as usize;
                     result::memset_d8_async(sums, 0, bytes, stream).map_err(|e| driver_error("cuMemsetD8Async", e))?;
                     let mut params = [
+                        arg(hyper.as_mut_ptr() as *mut c_void),
                         arg(&mut table as *mut u64 as *mut c_void),
                         arg(&mut n as *mut i32 as *mut c_void),
                         arg(&mut gs as *mut u64 as *mut c_void),

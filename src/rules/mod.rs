@@ -1,10 +1,15 @@
 //! Update rules: one file per rule, each a host-side coefficient function plus the per-element
 //! math. Rules never loop over tensors and never know which backend runs them.
 
+pub mod adabelief;
 pub mod adabound;
 pub mod adam;
+pub mod adamod;
+pub mod adamomentum;
 pub mod adan;
+pub mod ademamix;
 pub mod diffgrad;
+pub mod lion;
 pub mod sgd;
 pub mod sgd_sai;
 pub mod spam;
@@ -51,7 +56,7 @@ pub trait Rule: Send + Sync + 'static {
     fn update<R: Real>(c: &Self::Coeffs<R>, p: R, g: R, s: &mut [R; MAX_SLOTS]) -> R;
     /// Add one element's contribution to the tensor's sums (only called when `SUMS > 0`).
     #[inline(always)]
-    fn accumulate<R: Real>(_p: R, _g: R, _s: &[R; MAX_SLOTS], _sums: &mut [f64; MAX_SUMS]) {}
+    fn accumulate<R: Real>(&self, _p: R, _g: R, _s: &[R; MAX_SLOTS], _sums: &mut [f64; MAX_SUMS]) {}
     /// The rule's CUDA twin (`src/cuda/kernels/<rule>.cuh` and its C++ type with these flags).
     /// The implementing struct must then be `#[repr(C)]` with only `f64` fields, in the order of
     /// the kernel's `Hyper`: its bytes are passed to the kernel as they are.
@@ -143,6 +148,11 @@ registry! {
     "diffgrad" => diffgrad,
     "adabound" => adabound,
     "sgd_sai" => sgd_sai,
+    "ademamix" => ademamix,
+    "adabelief" => adabelief,
+    "adamomentum" => adamomentum,
+    "lion" => lion,
+    "adamod" => adamod,
 }
 
 /// Expand run-time booleans into `const` items usable as const generic arguments:

@@ -71,7 +71,7 @@ impl<const MOMENTUM: bool, const FIRST: bool> Rule for SgdSai<MOMENTUM, FIRST> {
     }
 
     #[inline(always)]
-    fn accumulate<R: Real>(_p: R, g: R, _s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
+    fn accumulate<R: Real>(&self, _p: R, g: R, _s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
         let g = g.to_f64();
         sums[0] += g;
         sums[1] += g * g;
@@ -105,7 +105,7 @@ mod tests {
     fn sums_of(gs: &[f64]) -> [f64; MAX_SUMS] {
         let mut sums = [0.0; MAX_SUMS];
         for &g in gs {
-            SgdSai::<true, true>::accumulate(0.0f64, g, &[0.0; MAX_SLOTS], &mut sums);
+            SgdSai::<true, true> { lr: 0.1, momentum: 0.9, eps: 1e-8, weight_decay: 0.0 }.accumulate(0.0f64, g, &[0.0; MAX_SLOTS], &mut sums);
         }
         sums
     }

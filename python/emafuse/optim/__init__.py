@@ -1,11 +1,19 @@
 """emafuse's fused optimizers."""
 
+from .adabelief import AdaBelief
 from .adabound import AdaBound
 from .adam import Adam, AdamW
+from .adamod import AdaMod
+from .adamomentum import AdaMomentum
 from .adan import Adan
+from .ademamix import AdEMAMix
 from .diffgrad import DiffGrad
+from .lion import Lion
 from .sgd import SGD
 from .sgd_sai import SGDSaI
 from .spam import SPAM
 
-__all__ = ["Adam", "AdamW", "SGD", "Adan", "SPAM", "DiffGrad", "AdaBound", "SGDSaI"]
+__all__ = [
+    "Adam", "AdamW", "SGD", "AdEMAMix", "AdaBelief", "AdaMomentum", "Lion", "AdaMod",
+    "Adan", "SPAM", "DiffGrad", "AdaBound", "SGDSaI",
+]

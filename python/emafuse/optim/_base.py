@@ -21,6 +21,17 @@ from ..errors import DTypeError, LayoutError, UnsupportedOptionError
 __all__ = ["FusedOptimizer", "scalar", "sum_squares"]
 
 
+class _Boxed:
+    """A state tensor hidden from torch's ``load_state_dict`` casts (see ``_shield_state_dtypes``):
+    torch's loader casts tensors and rebuilds dicts and iterables, and passes other objects as is."""
+
+    __slots__ = ("tensor", "scalar")
+
+    def __init__(self, tensor: Tensor, scalar: bool = False) -> None:
+        self.tensor = tensor
+        self.scalar = scalar  # scalar state: placed by _scalar_state on unboxing
+
+
 def _step_dtype() -> torch.dtype:
     """torch's dtype for step counters: float64 under a float64 default dtype, else float32."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
@@ -93,6 +104,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     _supports_complex: ClassVar[bool] = False
     # Whether fresh state must be flagged to the rule (SGD's momentum buffer starts as a copy).
     _flags_fresh_state: ClassVar[bool] = False
+    # Whether state_dict() stores the step counter as a Python int, as the reference
+    # implementations of most non-torch optimizers do (torch's own keep a tensor). The live state
+    # keeps the 0-dim tensor the engine updates; load_state_dict accepts either.
+    _int_step_in_state_dict: ClassVar[bool] = False
     _step_supports_amp_scaling = True
 
     # -- what a concrete optimizer provides --------------------------------------------------
@@ -120,6 +135,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The rule's numbers and flags for ``group``."""
         raise NotImplementedError
 
+    def _state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
+        """The dtype of ``p``'s state tensors. torch's convention (the parameter's dtype) unless
+        an optimizer overrides it; the engine also accepts float32 states for bf16/fp16
+        parameters. ``group`` may be a group of a checkpoint being loaded (keys may be missing)."""
+        return p.dtype
+
     # -- torch.optim plumbing ----------------------------------------------------------------
 
     def _init_emafuse_defaults(self, check_finite: bool) -> None:
@@ -134,25 +155,89 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        check_finite = self.defaults.get("check_finite", False)
+        defaults = getattr(self, "defaults", {})
         for group in self.param_groups:
-            group.setdefault("check_finite", check_finite)
+            # Checkpoints of reference implementations (or older emafuse) may lack options that
+            # this optimizer keeps per group: take them from the constructor's values (torch's
+            # own __setstate__ adds "differentiable" to the defaults of every optimizer, which
+            # groups of optimizers without that option do not carry).
+            for key, value in defaults.items():
+                if key != "differentiable":
+                    group.setdefault(key, value)
         self._normalize_steps()
 
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        if self._int_step_in_state_dict and self._scalar_keys:
+            key = self._scalar_keys[0]
+            sd["state"] = {
+                pid: {**st, key: int(st[key].item())}
+                if isinstance(st, dict) and isinstance(st.get(key), Tensor)
+                else st
+                for pid, st in sd["state"].items()
+            }
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's ``load_state_dict``, except that scalar state entries other than ``step`` (e.g.
-        SGD-SaI's ``gsnr``) keep their full value: torch would cast them to the parameter's dtype
-        (bfloat16 for bfloat16 parameters) and device, as if they were tensor state."""
-        exact = []
-        if any(key != "step" for key in self._scalar_keys):
-            saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-            id_map = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)))
-            for pid, st in state_dict["state"].items():
-                if pid in id_map and isinstance(st, dict):
-                    exact += [(id_map[pid], key, float(st[key])) for key in self._scalar_keys if key != "step" and key in st]
-        super().load_state_dict(state_dict)
-        for p, key, value in exact:
-            self.state[p][key] = _scalar_state(p, value, self._scalar_dtype(key))
+        """torch's ``load_state_dict``, except that nothing is rounded on the way in: state
+        tensors of optimizers that keep them in another dtype than the parameter's
+        (``_state_dtype``, e.g. float32 states for bf16 parameters) keep that dtype, and scalar
+        state other than ``step`` (e.g. SGD-SaI's ``gsnr``) keeps its full value, where torch
+        would cast both to the parameter's dtype; so a resumed run continues bit for bit. User
+        hooks see the checkpoint unchanged: the shield runs after every other pre-hook and is
+        lifted before every other post-hook."""
+        pre = self.register_load_state_dict_pre_hook(FusedOptimizer._shield_state_dtypes)
+        post = self.register_load_state_dict_post_hook(FusedOptimizer._unshield_state_dtypes, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
+
+    @staticmethod
+    def _shield_state_dtypes(self: FusedOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Pre-hook: cast float state tensors to ``_state_dtype`` where it differs from the
+        parameter's dtype, put scalar state other than ``step`` in its own dtype, and box both so
+        that torch's loader does not cast them."""
+        ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        groups = {pid: g for g in state_dict["param_groups"] for pid in g["params"]}
+        saved = state_dict["state"]
+        state = None
+        for pid, p in zip(ids, params):
+            st = saved.get(pid)
+            if not isinstance(st, dict) or not p.is_floating_point():
+                continue
+            want = self._state_dtype(p, groups[pid])
+            exact = [key for key in self._scalar_keys if key != "step" and key in st]
+            if want == p.dtype and not exact:
+                continue
+            if state is None:
+                state = dict(saved)
+            state[pid] = {
+                key: _Boxed(torch.as_tensor(float(v), dtype=self._scalar_dtype(key)), scalar=True)
+                if key in exact
+                else _Boxed(v.to(dtype=want))
+                if isinstance(v, Tensor) and v.is_floating_point() and key not in self._scalar_keys
+                else v
+                for key, v in st.items()
+            }
+        if state is None:
+            return state_dict
+        return {**state_dict, "state": state}
+
+    @staticmethod
+    def _unshield_state_dtypes(self: FusedOptimizer) -> None:
+        """Post-hook: unbox what ``_shield_state_dtypes`` boxed, on the parameter's device."""
+        for p, st in self.state.items():
+            if not isinstance(st, dict):
+                continue
+            for key, v in st.items():
+                if isinstance(v, _Boxed) and v.scalar:
+                    st[key] = _scalar_state(p, v.tensor, v.tensor.dtype)
+                elif isinstance(v, _Boxed):
+                    device = p.device if isinstance(p, Tensor) else v.tensor.device
+                    st[key] = v.tensor.to(device=device)
 
     def _reject_unsupported(self, group: dict[str, Any]) -> None:
         if group.get("differentiable", False):
@@ -174,13 +259,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if not st:
                     continue
                 for key in self._scalar_keys:
-                    if key in st:
+                    if key in st and not isinstance(st[key], _Boxed):  # boxed: placed when unboxed
                         st[key] = _scalar_state(p, st[key], self._scalar_dtype(key))
 
-    def _new_state(self, p: Tensor, slots: tuple[str, ...]) -> dict[str, Tensor]:
+    def _new_state(self, p: Tensor, slots: tuple[str, ...], group: dict[str, Any]) -> dict[str, Tensor]:
         st: dict[str, Tensor] = {key: _scalar_state(p, 0.0, self._scalar_dtype(key)) for key in self._scalar_keys}
+        dtype = self._state_dtype(p, group)
         for name in slots:
-            st[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return st
 
     # -- the step ----------------------------------------------------------------------------
@@ -242,7 +328,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             st = get_state(p)
             is_new = False
             if st is None or len(st) < want:
-                st, is_new = self._complete_state(p, st, slots, created)
+                st, is_new = self._complete_state(p, st, slots, group, created)
             if fresh is not None and is_new:
                 fresh[0].append(p)
                 fresh[1].append(g)
@@ -264,6 +350,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         p: Tensor,
         st: dict[str, Tensor] | None,
         slots: tuple[str, ...],
+        group: dict[str, Any],
         created: dict[Tensor, dict[str, Tensor]],
     ) -> tuple[dict[str, Tensor], bool]:
         """State for ``p`` with every slot present; new tensors are zeros. Returns (state, new?).
@@ -272,7 +359,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         step succeeded, so a refused step leaves the optimizer exactly as it was.
         """
         if not st:
-            st = created.setdefault(p, self._new_state(p, slots))
+            st = created.setdefault(p, self._new_state(p, slots, group))
             return st, True
         missing = [name for name in slots if name not in st]
         for key in self._scalar_keys:
@@ -281,8 +368,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not missing:
             return st, False
         fixed = dict(st)
+        # New slots (e.g. amsgrad switched on) take the dtype of the slots already there.
+        present = [st[name] for name in slots if name in st]
+        dtype = present[0].dtype if present else self._state_dtype(p, group)
         for name in missing:
-            fixed[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            fixed[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         created[p] = fixed
         return fixed, False
 

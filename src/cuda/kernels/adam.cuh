@@ -59,5 +59,5 @@ struct Adam {
     }
 
     template <class R>
-    EF_FN static void accumulate(R, R, const R*, double*) {}
+    EF_FN static void accumulate(const Hyper&, R, R, const R*, double*) {}
 };

@@ -132,8 +132,8 @@ __device__ __forceinline__ void ef_step_impl(const typename Rule::Hyper& hyper, 
 
 // Per-tensor sums (rules with SUMS > 0): a read-only pass before ef_step, accumulated in double.
 template <class Rule, class R, class P, class S>
-__device__ __forceinline__ void ef_sums_impl(const EfTensor* tensors, int n_tensors, const float* grad_scale,
-                                             const float* found_inf, double gsign, double* sums) {
+__device__ __forceinline__ void ef_sums_impl(const typename Rule::Hyper& hyper, const EfTensor* tensors, int n_tensors,
+                                             const float* grad_scale, const float* found_inf, double gsign, double* sums) {
     if (Rule::SUMS == 0) return;
     if (found_inf != nullptr && *found_inf != 0.0f) return;
     int t = ef_find_tensor(tensors, n_tensors);
@@ -148,7 +148,7 @@ __device__ __forceinline__ void ef_sums_impl(const EfTensor* tensors, int n_tens
         R s[EF_MAX_SLOTS];
         for (int k = 0; k < Rule::SLOTS; ++k) s[k] = EfElem<S, R>::load((const S*)T.s[k] + i);
         R gv = Rule::READS_INPUT ? EfElem<P, R>::load(g + i) * factor : R(0);
-        Rule::template accumulate<R>(EfElem<P, R>::load(p + i), gv, s, acc);
+        Rule::template accumulate<R>(hyper, EfElem<P, R>::load(p + i), gv, s, acc);
     }
     __shared__ double red[EF_THREADS];
     for (int k = 0; k < Rule::SUMS; ++k) {
@@ -172,9 +172,9 @@ __device__ __forceinline__ void ef_sums_impl(const EfTensor* tensors, int n_tens
                                        sums);                                                             \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(EF_THREADS)                                              \
-        ef_sums_##NAME(const EfTensor* tensors, int n_tensors, const float* grad_scale,                   \
-                       const float* found_inf, double gsign, double* sums) {                              \
-        ef_sums_impl<EF_RULE, R, P, S>(tensors, n_tensors, grad_scale, found_inf, gsign, sums);           \
+        ef_sums_##NAME(const EF_RULE::Hyper hyper, const EfTensor* tensors, int n_tensors,                \
+                       const float* grad_scale, const float* found_inf, double gsign, double* sums) {     \
+        ef_sums_impl<EF_RULE, R, P, S>(hyper, tensors, n_tensors, grad_scale, found_inf, gsign, sums);    \
     }
 
 EF_KERNELS(f32, float, float, float)

@@ -39,5 +39,5 @@ struct Sgd {
     }
 
     template <class R>
-    EF_FN static void accumulate(R, R, const R*, double*) {}
+    EF_FN static void accumulate(const Hyper&, R, R, const R*, double*) {}
 };

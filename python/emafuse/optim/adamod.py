@@ -1,0 +1,89 @@
+"""AdaMod: the official lancopku/AdaMod (``adamod`` 0.0.3) constructor and semantics, one fused step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from ._base import FusedOptimizer, scalar
+
+__all__ = ["AdaMod"]
+
+
+class AdaMod(FusedOptimizer):
+    r"""AdaMod (J. Ding, X. Ren, R. Luo, X. Sun, "An Adaptive and Momental Bound Method for
+    Stochastic Learning", arXiv:1910.12249): Adam whose element-wise step sizes are bounded by
+    their own EMA, as the official implementation (``adamod`` 0.0.3), in one fused native call.
+
+    For each parameter :math:`p` with gradient :math:`g` at step :math:`t` (per parameter):
+
+    .. math::
+        m &\leftarrow \beta_1 m + (1-\beta_1) g \\
+        v &\leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+        p &\leftarrow p\,(1 - \mathrm{lr}\cdot\lambda) \\
+        \eta &\leftarrow \frac{\mathrm{lr}\sqrt{1-\beta_2^t}/(1-\beta_1^t)}{\sqrt{v} + \epsilon} \\
+        s &\leftarrow \beta_3 s + (1-\beta_3)\eta \\
+        p &\leftarrow p - \min(\eta, s)\, m
+
+    :math:`s` starts at 0, so the first steps are damped (a built-in warm-up), and the bound
+    tames the huge step sizes of elements whose :math:`v` is near zero.
+
+    State: ``step``, ``exp_avg``, ``exp_avg_sq``, ``exp_avg_lr``. Arguments, defaults
+    (``beta3=0.999`` as the reference's code; its docstring says 0.9999) and ``ValueError``
+    messages are the reference's.
+
+    Decisions: weight decay is decoupled, as the reference (written there as
+    :math:`p \leftarrow p - \mathrm{lr}\lambda p`); extra check ``weight_decay < 0`` raises
+    ``ValueError``; extra keywords ``maximize`` (negate the gradient) and ``check_finite`` (see
+    :class:`emafuse.AdamW`). ``step`` is a 0-dim float32 tensor in the live state
+    (as torch's optimizers keep it) and an int in ``state_dict()`` (as the reference keeps it);
+    ``load_state_dict`` takes either.
+    """
+
+    _rule = "adamod"
+    _int_step_in_state_dict = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        beta3: float = 0.999,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        *,
+        maximize: bool = False,
+        check_finite: bool = False,
+    ) -> None:
+        if not 0.0 <= lr:
+            raise ValueError("Invalid learning rate: {}".format(lr))
+        if not 0.0 <= eps:
+            raise ValueError("Invalid epsilon value: {}".format(eps))
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError("Invalid beta parameter at index 0: {}".format(betas[0]))
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError("Invalid beta parameter at index 1: {}".format(betas[1]))
+        if not 0.0 <= beta3 < 1.0:
+            raise ValueError("Invalid beta3 parameter: {}".format(beta3))
+        if not 0.0 <= weight_decay:
+            raise ValueError("Invalid weight_decay value: {}".format(weight_decay))
+        defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        torch.optim.Optimizer.__init__(self, params, defaults)
+        self._init_emafuse_defaults(check_finite)
+
+    def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq", "exp_avg_lr")
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
+        beta1, beta2 = group["betas"]
+        return {
+            "lr": scalar(group["lr"]),
+            "beta1": scalar(beta1),
+            "beta2": scalar(beta2),
+            "beta3": float(group["beta3"]),
+            "eps": float(group["eps"]),
+            "weight_decay": float(group["weight_decay"]),
+        }

@@ -1,0 +1,103 @@
+"""AdaMomentum: the paper's algorithm (no official code exists), one fused step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from ._base import FusedOptimizer, scalar
+
+__all__ = ["AdaMomentum"]
+
+
+class AdaMomentum(FusedOptimizer):
+    r"""AdaMomentum (Y. Wang et al., "Rethinking Adam: A Twofold Exponential Moving Average
+    Approach", arXiv:2106.11514): Adam whose second moment is the EMA of the squared *momentum*
+    instead of the squared gradient, in one fused native call.
+
+    For each parameter :math:`p` with gradient :math:`g` at step :math:`t` (per parameter):
+
+    .. math::
+        p &\leftarrow p\,(1 - \mathrm{lr}\cdot\lambda) \quad\text{(weight\_decouple; } p(1-\lambda)
+            \text{ with fixed\_decay; else } g \leftarrow g + \lambda p) \\
+        m &\leftarrow \beta_1 m + (1-\beta_1) g \\
+        v &\leftarrow \beta_2 v + (1-\beta_2) m^2 + \epsilon \\
+        p &\leftarrow p - \frac{\mathrm{lr}}{1-\beta_1^t}\,\frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t}}
+
+    :math:`\epsilon` is accumulated inside :math:`v` every step and there is no :math:`\epsilon`
+    outside the root (the paper's algorithm), so the bias-corrected denominator never falls
+    below :math:`\sqrt{\epsilon/(1-\beta_2)}` (≈ 3.2e-3 for the defaults), far above Adam's
+    :math:`\epsilon`. With ``eps=0`` and :math:`m = 0` the update is NaN (0/0).
+
+    State: ``step``, ``exp_avg``, ``exp_avg_sq`` (the second moment of the momentum).
+
+    Decisions (no official implementation exists; spec §22.3):
+
+    * Defaults are Adam's (lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 0).
+    * Weight decay is decoupled by default (``weight_decouple=True``, AdamW placement, before
+      the update); ``fixed_decay=True`` drops the lr factor; ``weight_decouple=False`` is L2
+      decay added to a local copy of the gradient (``p.grad`` is never written).
+    * No AMSGrad or rectification (not part of the paper).
+    * ``ValueError`` for lr < 0, eps < 0, betas outside [0, 1), weight_decay < 0, with Adam's
+      messages.
+    * ``step`` is a 0-dim float32 tensor in the live state and an int in ``state_dict()`` (as
+      the other reference implementations keep it); ``load_state_dict`` takes either.
+    * Extra keywords: ``maximize`` (negate the gradient) and ``check_finite`` (see
+      :class:`emafuse.AdamW`).
+    """
+
+    _rule = "adamomentum"
+    _int_step_in_state_dict = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        weight_decouple: bool = True,
+        fixed_decay: bool = False,
+        *,
+        maximize: bool = False,
+        check_finite: bool = False,
+    ) -> None:
+        if not 0.0 <= lr:
+            raise ValueError("Invalid learning rate: {}".format(lr))
+        if not 0.0 <= eps:
+            raise ValueError("Invalid epsilon value: {}".format(eps))
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError("Invalid beta parameter at index 0: {}".format(betas[0]))
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError("Invalid beta parameter at index 1: {}".format(betas[1]))
+        if not 0.0 <= weight_decay:
+            raise ValueError("Invalid weight_decay value: {}".format(weight_decay))
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            weight_decouple=weight_decouple,
+            fixed_decay=fixed_decay,
+            maximize=maximize,
+        )
+        torch.optim.Optimizer.__init__(self, params, defaults)
+        self._init_emafuse_defaults(check_finite)
+
+    def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
+        beta1, beta2 = group["betas"]
+        return {
+            "lr": scalar(group["lr"]),
+            "beta1": scalar(beta1),
+            "beta2": scalar(beta2),
+            "eps": float(group["eps"]),
+            "weight_decay": float(group["weight_decay"]),
+            "weight_decouple": bool(group["weight_decouple"]),
+            "fixed_decay": bool(group["fixed_decay"]),
+        }

@@ -1,0 +1,184 @@
+//! Lion (Chen et al., "Symbolic Discovery of Optimization Algorithms", arXiv:2302.06675), as
+//! google/automl `lion_pytorch.py` (spec §8).
+//!
+//! Per element, in the reference's operation order:
+//! ```text
+//! p ← p·(1 − lr·wd)
+//! p ← p + (−lr)·sign(m·β1 + g·(1 − β1))      m from the previous step
+//! m ← m·β2 + (1 − β2)·g
+//! ```
+//! Cautious Lion (Liang et al., arXiv:2411.16085; spec §20): with `u = sign(m·β1 + g·(1 − β1))`
+//! and `φ = 1[u·g > 0]`, the step is `p ← p + (−lr)·(u·φ·k)`, where the per-tensor factor `k` is
+//! `1/max(mean φ, 1e-3)` ("mean", as timm) or `numel/(Σφ + 1)` ("count", as C-Optim), both
+//! evaluated in the compute type as the references do. The sums come from a read-only pass over
+//! the old `m` and `g` (`accumulate`); decay is not masked.
+//! State slot: `exp_avg`. No step counter.
+
+use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::error::{Error, Result};
+use crate::real::Real;
+
+/// Lion's hyper-parameters. `CAUTION`: the cautious mask; `COUNT`: its "count" normalisation
+/// (else "mean").
+#[repr(C)]
+#[derive(Clone, Debug)]
+pub struct Lion<const CAUTION: bool, const COUNT: bool> {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    /// The decoupled decay rate: `weight_decay`, or `weight_decay / decay_base_lr` with
+    /// lr-independent decay (lucidrains' `decoupled_weight_decay`).
+    pub weight_decay: f64,
+}
+
+/// Lion's coefficients (identical for every tensor).
+#[derive(Copy, Clone, Debug)]
+pub struct LionCoeffs<R: Real> {
+    decay: R,
+    beta1: R,
+    one_minus_beta1: R,
+    beta2: R,
+    one_minus_beta2: R,
+    neg_lr: R,
+    /// The cautious factor k of this tensor (unused without caution).
+    caution: R,
+}
+
+impl<const CAUTION: bool, const COUNT: bool> Lion<CAUTION, COUNT> {
+    /// The update direction `sign(m·β1 + g·(1 − β1))`, identical in both passes.
+    #[inline(always)]
+    fn direction<R: Real>(beta1: R, one_minus_beta1: R, m: R, g: R) -> R {
+        (m * beta1 + g * one_minus_beta1).sign()
+    }
+}
+
+impl<const CAUTION: bool, const COUNT: bool> Rule for Lion<CAUTION, COUNT> {
+    const SLOTS: usize = 1;
+    /// With caution: Σφ and the element count.
+    const SUMS: usize = if CAUTION { 2 } else { 0 };
+    type Coeffs<R: Real> = LionCoeffs<R>;
+
+    #[inline(always)]
+    fn accumulate<R: Real>(&self, _p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
+        let u = Self::direction(R::from_f64(self.beta1), R::from_f64(1.0 - self.beta1), s[0], g);
+        sums[0] += if u * g > R::ZERO { 1.0 } else { 0.0 };
+        sums[1] += 1.0;
+    }
+
+    fn coeffs<R: Real>(&self, _scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> LionCoeffs<R> {
+        let (agree, n) = (R::from_f64(sums[0]), R::from_f64(sums[1]));
+        let caution = if !CAUTION {
+            R::ONE
+        } else if COUNT {
+            n / (agree + R::ONE)
+        } else {
+            R::ONE / (agree / n).max_nan(R::from_f64(1e-3))
+        };
+        LionCoeffs {
+            caution,
+            decay: R::from_f64(1.0 - self.lr * self.weight_decay),
+            beta1: R::from_f64(self.beta1),
+            one_minus_beta1: R::from_f64(1.0 - self.beta1),
+            beta2: R::from_f64(self.beta2),
+            one_minus_beta2: R::from_f64(1.0 - self.beta2),
+            neg_lr: R::from_f64(-self.lr),
+        }
+    }
+
+    #[inline(always)]
+    fn update<R: Real>(c: &LionCoeffs<R>, p: R, g: R, s: &mut [R; MAX_SLOTS]) -> R {
+        let p = p * c.decay;
+        let mut dir = Self::direction(c.beta1, c.one_minus_beta1, s[0], g);
+        if CAUTION {
+            dir = dir * if dir * g > R::ZERO { c.caution } else { R::ZERO };
+        }
+        s[0] = s[0] * c.beta2 + c.one_minus_beta2 * g;
+        p + c.neg_lr * dir
+    }
+}
+
+/// Build Lion from `lr, beta1, beta2, weight_decay`, flags `lr_independent_decay` (then also
+/// `decay_base_lr`), `caution` and `caution_count`.
+pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
+    let lr = check_non_negative("lr", h.num("lr")?)?;
+    let beta1 = check_unit_interval("beta1", h.num("beta1")?)?;
+    let beta2 = check_unit_interval("beta2", h.num("beta2")?)?;
+    let mut weight_decay = check_non_negative("weight_decay", h.num("weight_decay")?)?;
+    if h.flag_or_false("lr_independent_decay")? {
+        let base = h.num("decay_base_lr")?;
+        if base.is_nan() || base <= 0.0 {
+            return Err(Error::Value(format!("decay_base_lr must be > 0, got {base}")));
+        }
+        weight_decay /= base;
+    }
+    Ok(bool_dispatch!(h.flag_or_false("caution")? => C, h.flag_or_false("caution_count")? => N;
+        v.visit(Lion::<C, N> { lr, beta1, beta2, weight_decay })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_spec_in_f64() {
+        let rule = Lion::<false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.99, weight_decay: 0.5 };
+        let (mut p, mut s) = (0.7f64, [0.0f64; MAX_SLOTS]);
+        let (mut rp, mut rm) = (p, 0.0f64);
+        for t in 1..=20 {
+            let g = ((t as f64) * 0.37).sin() + 0.1;
+            p = Lion::<false, false>::update(&rule.coeffs::<f64>(&mut [0.0; MAX_SCALARS], &[0.0; MAX_SUMS]), p, g, &mut s);
+            // spec §8 (d)
+            rp *= 1.0 - 1e-2 * 0.5;
+            let c = 0.9 * rm + 0.1 * g;
+            rp -= 1e-2 * if c > 0.0 { 1.0 } else if c < 0.0 { -1.0 } else { 0.0 };
+            rm = 0.99 * rm + 0.01 * g;
+            assert!((p - rp).abs() < 1e-15 && (s[0] - rm).abs() < 1e-15, "t={t}");
+        }
+    }
+
+    #[test]
+    fn zero_direction_moves_only_by_decay() {
+        let rule = Lion::<false, false> { lr: 0.1, beta1: 0.5, beta2: 0.5, weight_decay: 0.0 };
+        let c = rule.coeffs::<f32>(&mut [0.0; MAX_SCALARS], &[0.0; MAX_SUMS]);
+        let mut s = [1.0f32, 0.0, 0.0, 0.0];
+        // m·β1 + g·(1 − β1) = 0.5 − 0.5 = 0: sign 0, p unchanged; m still decays.
+        assert_eq!(Lion::<false, false>::update(&c, 2.0, -1.0, &mut s), 2.0);
+        assert_eq!(s[0], 0.0);
+    }
+
+    /// Spec §20 (d), C-Lion, on a small tensor in f64, both normalisations.
+    fn cautious<const N: bool>() {
+        let rule = Lion::<true, N> { lr: 0.1, beta1: 0.9, beta2: 0.99, weight_decay: 0.2 };
+        let (p0, g, m) = ([1.0f64, -2.0, 0.5, 3.0, 0.25], [0.3f64, -0.4, 0.2, -1.0, 0.0], [0.5f64, -0.1, -0.9, 0.2, 0.1]);
+        let mut sums = [0.0; MAX_SUMS];
+        for i in 0..5 {
+            rule.accumulate(p0[i], g[i], &[m[i], 0.0, 0.0, 0.0], &mut sums);
+        }
+        // u = sign(0.9 m + 0.1 g) = [+, −, −, +, +]; u·g > 0 for elements 0 and 1 only
+        assert_eq!(&sums[..2], &[2.0, 5.0]);
+        let k = if N { 5.0 / 3.0 } else { 1.0 / 0.4 };
+        let c = rule.coeffs::<f64>(&mut [0.0; MAX_SCALARS], &sums);
+        for i in 0..5 {
+            let mut s = [m[i], 0.0, 0.0, 0.0];
+            let p = Lion::<true, N>::update(&c, p0[i], g[i], &mut s);
+            let u = (0.9 * m[i] + 0.1 * g[i]).signum();
+            let phi = if u * g[i] > 0.0 { 1.0 } else { 0.0 };
+            let expected = p0[i] * (1.0 - 0.1 * 0.2) - 0.1 * u * phi * k;
+            assert!((p - expected).abs() < 1e-15, "{i}: {p} vs {expected}");
+            assert!((s[0] - (0.99 * m[i] + 0.01 * g[i])).abs() < 1e-15);
+        }
+    }
+
+    #[test]
+    fn cautious_mask_and_normalisations_match_spec() {
+        cautious::<false>();
+        cautious::<true>();
+    }
+
+    #[test]
+    fn cautious_mean_is_floored() {
+        let rule = Lion::<true, false> { lr: 0.1, beta1: 0.9, beta2: 0.99, weight_decay: 0.0 };
+        let c = rule.coeffs::<f32>(&mut [0.0; MAX_SCALARS], &[0.0, 1e6, 0.0, 0.0]);
+        assert_eq!(c.caution, 1.0f32 / 1e-3f32);
+    }
+}
