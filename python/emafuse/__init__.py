@@ -1,7 +1,9 @@
 """emafuse: fused multi-tensor EMA-family optimizers and weight averaging for PyTorch.
 
 Drop-in replacements for ``torch.optim.AdamW``, ``Adam`` and ``SGD`` whose whole step runs as
-one native (Rust) call over all parameters of the optimizer.
+one native (Rust) call over all parameters of the optimizer, and model weight averaging
+(``emafuse.ModelEMA``, ``emafuse.averaging``; Lightning callbacks in ``emafuse.lightning``)
+updated the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from .errors import (
     UnsupportedOptionError,
 )
 from .optim import SGD, Adam, AdamW
+from . import averaging
+from .averaging import ModelEMA
 
 __version__ = "0.1.0"
 
@@ -30,6 +34,8 @@ __all__ = [
     "AdamW",
     "Adam",
     "SGD",
+    "ModelEMA",
+    "averaging",
     "num_threads",
     "errors",
     "EmafuseError",

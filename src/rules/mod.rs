@@ -2,7 +2,12 @@
 //! math. Rules never loop over tensors and never know which backend runs them.
 
 pub mod adam;
+pub mod axpby;
+pub mod bema;
+pub mod ema;
 pub mod sgd;
+pub mod slerp;
+pub mod swap;
 
 use crate::error::{Error, Result};
 use crate::real::Real;
@@ -113,6 +118,13 @@ pub fn visit_rule<V: RuleVisitor>(name: &str, hyper: &Hyper, visitor: V) -> Resu
     match name {
         "adam" => adam::visit(hyper, visitor),
         "sgd" => sgd::visit(hyper, visitor),
+        // Weight averaging (spec averaging.md D.1).
+        "ema" => ema::visit(hyper, visitor),
+        "ema_multi" => ema::visit_multi(hyper, visitor),
+        "bema" => bema::visit(hyper, visitor),
+        "swap" => swap::visit(hyper, visitor),
+        "axpby" => axpby::visit(hyper, visitor),
+        "slerp" => slerp::visit(hyper, visitor),
         other => Err(Error::Value(format!("unknown update rule '{other}'"))),
     }
 }

@@ -49,6 +49,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     _supports_complex: ClassVar[bool] = False
     # Whether fresh state must be flagged to the rule (SGD's momentum buffer starts as a copy).
     _flags_fresh_state: ClassVar[bool] = False
+    # Whether the rule can update a model EMA in the same pass (flag "ema", slot "ema" last,
+    # hyper-parameter "ema_weight"); see ModelEMA.attach(optimizer, fuse=True).
+    _supports_fused_ema: ClassVar[bool] = False
     _step_supports_amp_scaling = True
 
     # -- what a concrete optimizer provides --------------------------------------------------
@@ -126,22 +129,61 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        ema = self.__dict__.get("_emafuse_ema")
+        ema_plan = None
+        if ema is not None:
+            ema_plan = ema._fused_plan(float(found_inf.item()) if found_inf is not None else 0.0)
+        ema_targets = ema_plan[1] if ema_plan is not None else None
+
         calls: list[tuple] = []
         created: dict[Tensor, dict[str, Tensor]] = {}
         for group in self.param_groups:
             self._collect(group, calls, created)
+        if ema_targets:
+            calls = self._with_fused_ema(calls, ema_targets, 1.0 - ema_plan[0])
         if not calls:
+            if ema_plan is not None:
+                ema._fused_done(ema_plan, set())
             return loss
 
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
         who = type(self).__name__
         try:
             _native.step(who, self._rule, calls, grad_scale, found_inf)
         except LayoutError:
             self._staged_step(who, calls, grad_scale, found_inf)
         self.state.update(created)
+        if ema_plan is not None:
+            done = {id(p) for c in calls if c[0].get("ema") for p in c[1]}
+            ema._fused_done(ema_plan, done)
         return loss
+
+    @staticmethod
+    def _with_fused_ema(calls: list[tuple], targets: dict[Tensor, Tensor], weight: float) -> list[tuple]:
+        """Split each call into parameters whose average is updated in the same pass (extra slot
+        "ema") and the rest. Only calls without fresh-state flags are fused."""
+        out: list[tuple] = []
+        for hyper, params, grads, states, slots, scalar_keys in calls:
+            if states is None or hyper.get("first"):
+                out.append((hyper, params, grads, states, slots, scalar_keys))
+                continue
+            fp, fg, fs, rp, rg, rs = [], [], [], [], [], []
+            for p, g, st in zip(params, grads, states):
+                e = targets.get(p)
+                if e is not None and e.dtype == p.dtype and all(st[name].dtype == e.dtype for name in slots):
+                    fp.append(p)
+                    fg.append(g)
+                    fs.append({**st, "ema": e})
+                else:
+                    rp.append(p)
+                    rg.append(g)
+                    rs.append(st)
+            if fp:
+                out.append(({**hyper, "ema": True, "ema_weight": weight}, fp, fg, fs, slots + ("ema",), scalar_keys))
+            if rp:
+                out.append((hyper, rp, rg, rs, slots, scalar_keys))
+        return out
 
     def _collect(self, group: dict[str, Any], calls: list[tuple], created: dict[Tensor, dict[str, Tensor]]) -> None:
         """Append ``group``'s native call(s): (hyper, params, grads, state dicts, slots, scalars)."""

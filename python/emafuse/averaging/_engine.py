@@ -1,0 +1,91 @@
+"""The native calls behind every averaging method: one call per update over all tensors (the
+engine groups them by device and dtype), with a slow path for tensors it cannot walk linearly."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _native
+from ..errors import LayoutError
+
+__all__ = ["native_step", "native_step_async", "real_view"]
+
+# (hyper, targets, inputs or None, state dicts or None, slot names)
+Call = tuple[dict[str, Any], Sequence[Tensor], "Sequence[Tensor] | None", "Sequence[dict[str, Tensor]] | None", tuple[str, ...]]
+
+
+def real_view(t: Tensor) -> Tensor:
+    """``t`` as the engine can take it: complex tensors as real views (lerp and weighted sums with
+    real coefficients act on real and imaginary parts alike)."""
+    t = t.detach()
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _full(calls: Sequence[Call]) -> list[tuple]:
+    return [(h, list(t), None if i is None else list(i), None if s is None else list(s), slots, ()) for h, t, i, s, slots in calls]
+
+
+def native_step(who: str, rule: str, calls: Sequence[Call]) -> None:
+    """Run ``rule`` over ``calls`` in one native call; tensors that are not dense (or strided
+    differently from their partners) are staged through contiguous copies."""
+    full = _full(calls)
+    try:
+        _native.step(who, rule, full, None, None)
+    except LayoutError:
+        copy_back = _stage(full)
+        _native.step(who, rule, full, None, None)
+        for orig, copy in copy_back:
+            orig.copy_(copy)
+
+
+def native_step_async(who: str, rule: str, calls: Sequence[Call], wait_for: Callable[[], Any] | None = None):
+    """Validate now, run on a native background thread; returns a handle with ``wait()``.
+    The caller must not touch the tensors until ``wait()`` returned. Tensors the engine cannot
+    walk linearly are staged (the copy back then happens in ``wait()``)."""
+    full = _full(calls)
+    try:
+        return _native.step_async(who, rule, full, wait_for)
+    except LayoutError:
+        copy_back = _stage(full)
+        return _StagedPending(_native.step_async(who, rule, full, wait_for), copy_back)
+
+
+class _StagedPending:
+    def __init__(self, inner, copy_back: list[tuple[Tensor, Tensor]]) -> None:
+        self._inner = inner
+        self._copy_back = copy_back
+
+    def wait(self) -> None:
+        self._inner.wait()
+        for orig, copy in self._copy_back:
+            orig.copy_(copy)
+        self._copy_back = []
+
+    def done(self) -> bool:
+        return self._inner.done()
+
+
+def _stage(full: list[tuple]) -> list[tuple[Tensor, Tensor]]:
+    """Replace non-contiguous tensors in ``full`` (in place) by contiguous copies; returns the
+    (original, copy) pairs of written tensors to copy back."""
+    copy_back: list[tuple[Tensor, Tensor]] = []
+
+    def stage(t: Tensor, writable: bool) -> Tensor:
+        if t.is_complex():
+            t = torch.view_as_real(t)
+        if t.is_contiguous():
+            return t
+        c = t.contiguous()
+        if writable:
+            copy_back.append((t, c))
+        return c
+
+    for k, (h, targets, inputs, states, slots, scalars) in enumerate(full):
+        ts = [stage(t, True) for t in targets]
+        ins = None if inputs is None else [stage(t, False) for t in inputs]
+        ss = None if states is None else [{name: stage(st[name], True) for name in slots} for st in states]
+        full[k] = (h, ts, ins, ss, slots, scalars)
+    return copy_back
