@@ -436,6 +436,7 @@ class ModelEMA:
         else:
             targets, inputs = self._avg_targets, [real_view(thetas[i]) for i in avg_i]
         if targets:
+            inputs = _engine_inputs(targets, inputs)
             native_step("ModelEMA", "ema", [(self._hyper(w), targets, inputs, None, ())])
         self._copy_and_truncate(thetas, d)
 
@@ -484,7 +485,7 @@ class ModelEMA:
         else:
             torch._foreach_copy_([bufs[i] for i in staged], [thetas[i] for i in staged])
         targets = self._avg_targets
-        inputs = [real_view(bufs[i]) for i in self._idx["average"]]
+        inputs = _engine_inputs(targets, [real_view(bufs[i]) for i in self._idx["average"]])
         d = 1.0 - w
         post = [(self._own[i], bufs[i]) for i in self._idx["copy"]]
         self._pending_post = post
@@ -748,6 +749,18 @@ class ModelEMA:
 
 _NATIVE_DTYPES = {torch.float32, torch.float64, torch.bfloat16, torch.float16}
 _COMPLEX = {torch.complex64, torch.complex128}
+
+
+def _engine_inputs(targets: list[Tensor], inputs: list[Tensor]) -> list[Tensor]:
+    """Inputs the engine can read for these targets: the target's dtype, or bf16/fp16 for an fp32
+    target; anything else (e.g. an fp64 average of an fp32 model) is converted first."""
+    out = inputs
+    for j, (t, x) in enumerate(zip(targets, inputs)):
+        if t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)):
+            if out is inputs:
+                out = list(inputs)
+            out[j] = x.to(t.dtype)
+    return out
 
 
 class _Waiter:
