@@ -71,6 +71,19 @@ def _clone_to(ts: Iterable[Tensor], dtype: torch.dtype | None, device: torch.dev
     return out
 
 
+def _swap_lists(a: Sequence[Tensor], b: Sequence[Tensor]) -> None:
+    """a ⇄ b element-wise: one native call for same-dtype, same-device pairs, a temporary for
+    the others."""
+    fused = [(x, y) for x, y in zip(a, b) if x.dtype == y.dtype and x.device == y.device]
+    if fused:
+        native_step("swap", "swap", [({}, [real_view(x) for x, _ in fused], None, [{"b": real_view(y)} for _, y in fused], ("b",))])
+    for x, y in zip(a, b):
+        if x.dtype != y.dtype or x.device != y.device:
+            tmp = x.to(y.device, copy=True)
+            x.copy_(y)
+            y.copy_(tmp)
+
+
 def _copy_buffers(dst: nn.Module, src: nn.Module) -> None:
     with torch.no_grad():
         for (n, d), (_, s) in zip(dst.named_buffers(), src.named_buffers()):
@@ -411,6 +424,14 @@ class PowerEMA:
         if src is not None:
             _copy_buffers(m, src)
         return m
+
+    @torch.no_grad()
+    def swap(self, model: nn.Module | None = None, track: int = 0) -> None:
+        """Exchange the model's parameters with track ``track`` in place (the fused swap for
+        same-dtype, same-device tensors); calling it again restores both."""
+        model = model if model is not None else self._model
+        thetas = self._tracked.tensors(model, self._tracks[track])
+        _swap_lists(thetas, self._tracks[track])
 
     @torch.no_grad()
     def snapshot(self) -> list[dict[str, Any]]:
