@@ -152,3 +152,14 @@ def test_posthoc_callback_snapshots_and_resume(tmp_path):
         for (k, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
             assert torch.equal(x, y), k
     assert len(resumed.posthoc.snapshots) == len(cb.posthoc.snapshots)
+
+
+def test_example_script_runs():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "lightning_ema.py")
+    spec = importlib.util.spec_from_file_location("lightning_ema_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(epochs=1, posthoc=True)
+    assert all(v == v and v < 10 for v in res.values())

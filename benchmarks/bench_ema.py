@@ -1,0 +1,371 @@
+"""Benchmark: the model-EMA update and the evaluation swap, emafuse vs the common tools.
+
+Peers (each measured on the same model, in the same run): timm ``ModelEmaV3``, lucidrains
+``ema-pytorch``, ``torch-ema``, ``swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn``,
+Lightning's ``EMAWeightAveraging`` (its ``AveragedModel`` + ``get_ema_avg_fn`` update path and its
+swap), and a plain ``torch._foreach_lerp_``. Peers that are not installed are skipped.
+
+Workloads: ResNet-50 (25.6 M parameters, 161 parameter tensors + BatchNorm buffers) and GPT-2
+small (124 M parameters, 148 tensors), fp32; plus a bf16 model with an fp32 average.
+
+Reported: ms per update (median), effective GB/s (spec bytes per element ÷ time: 12 B/param for an
+fp32 EMA update — read E, read θ, write E; 10 for bf16 θ + fp32 E; 16 for a swap), the ratio of
+each peer's time to emafuse's, and the machine's copy bandwidth measured in the same run (a large
+``copy_``: bytes read + written ÷ time).
+
+    python benchmarks/bench_ema.py                  # CPU, print the table
+    python benchmarks/bench_ema.py --write          # also update the EMA section of RESULTS.md
+    python benchmarks/bench_ema.py --device cuda    # a CUDA model (GPU machine): same peers, plus
+                                                    # the CPU-offloaded average overlapping training
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+import emafuse  # noqa: E402
+from emafuse import ModelEMA  # noqa: E402
+
+DECAY = 0.999
+BEGIN, END = "<!-- EMA:BEGIN -->", "<!-- EMA:END -->"
+
+
+# -- workloads ----------------------------------------------------------------------------------
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = width * 4
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) if stride != 1 or cin != cout else None
+
+
+def resnet50() -> nn.Module:
+    """ResNet-50's parameters and buffers (torchvision layout), 25.6 M parameters."""
+    m = nn.Module()
+    m.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+    m.bn1 = nn.BatchNorm2d(64)
+    cin = 64
+    for i, (width, blocks, stride) in enumerate([(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]):
+        layer = nn.Sequential()
+        for b in range(blocks):
+            layer.append(Bottleneck(cin, width, stride if b == 0 else 1))
+            cin = width * 4
+        setattr(m, f"layer{i + 1}", layer)
+    m.fc = nn.Linear(2048, 1000)
+    return m
+
+
+def gpt2_small() -> nn.Module:
+    """GPT-2 small's parameters (HF layout), 124 M parameters."""
+    m = nn.Module()
+    m.wte = nn.Embedding(50257, 768)
+    m.wpe = nn.Embedding(1024, 768)
+    m.h = nn.ModuleList()
+    for _ in range(12):
+        b = nn.Module()
+        b.ln_1 = nn.LayerNorm(768)
+        b.c_attn = nn.Linear(768, 2304)
+        b.attn_proj = nn.Linear(768, 768)
+        b.ln_2 = nn.LayerNorm(768)
+        b.c_fc = nn.Linear(768, 3072)
+        b.mlp_proj = nn.Linear(3072, 768)
+        m.h.append(b)
+    m.ln_f = nn.LayerNorm(768)
+    return m
+
+
+# -- timing -------------------------------------------------------------------------------------
+
+
+def timeit(fn: Callable[[], None], reps: int, device: torch.device) -> float:
+    """Median seconds per call after one warm-up call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, mib: int = 512) -> float:
+    """GB/s of a large copy_, counting bytes read + written."""
+    n = mib * 2**20 // 4
+    a = torch.rand(n, device=device)
+    b = torch.empty_like(a)
+    t = timeit(lambda: b.copy_(a), 5, device)
+    return 2 * a.numel() * 4 / t / 1e9
+
+
+# -- peers ----------------------------------------------------------------------------------------
+
+
+def update_peers(model: nn.Module) -> dict[str, Callable[[], None]]:
+    """name -> one EMA update of ``model`` (each peer's own update path, warmed up by a first call)."""
+    peers: dict[str, Callable[[], None]] = {}
+    ema = ModelEMA(model, DECAY)
+    ema.update(model)
+    peers["emafuse ModelEMA"] = lambda: ema.update(model)
+    ema_list = [p.detach().clone() for p in model.parameters()]
+    model_list = [p.detach() for p in model.parameters()]
+    peers["torch._foreach_lerp_ (params)"] = lambda: torch._foreach_lerp_(ema_list, model_list, 1 - DECAY)
+    try:
+        from timm.utils.model_ema import ModelEmaV3
+
+        timm_ema = ModelEmaV3(model, decay=DECAY)
+        peers["timm ModelEmaV3"] = lambda: timm_ema.update(model, step=10)
+    except ImportError:
+        pass
+    try:
+        from ema_pytorch import EMA
+
+        lp = EMA(model, beta=DECAY, update_after_step=0, update_every=1, include_online_model=False)
+        lp.update()
+        peers["ema-pytorch EMA"] = lp.update
+        lpf = EMA(model, beta=DECAY, update_after_step=0, update_every=1, include_online_model=False, use_foreach=True)
+        lpf.update()
+        peers["ema-pytorch EMA (use_foreach)"] = lpf.update
+    except ImportError:
+        pass
+    try:
+        from torch_ema import ExponentialMovingAverage
+
+        te = ExponentialMovingAverage(model.parameters(), decay=DECAY)
+        peers["torch-ema"] = lambda: te.update(model.parameters())
+    except ImportError:
+        pass
+    from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
+
+    am = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY), use_buffers=True)
+    am.update_parameters(model)
+    peers["AveragedModel + get_ema_multi_avg_fn"] = lambda: am.update_parameters(model)
+    try:
+        import lightning.pytorch  # noqa: F401  (the callback's update path is AveragedModel + get_ema_avg_fn)
+
+        lam = AveragedModel(model, avg_fn=get_ema_avg_fn(DECAY), use_buffers=True)
+        lam.update_parameters(model)
+        peers["Lightning EMAWeightAveraging"] = lambda: lam.update_parameters(model)
+    except ImportError:
+        pass
+    return peers
+
+
+def swap_peers(model: nn.Module) -> dict[str, Callable[[], None]]:
+    """name -> one swap of the averaged weights into the model (or out of it)."""
+    peers: dict[str, Callable[[], None]] = {}
+    ema = ModelEMA(model, DECAY)
+    ema.update(model)
+    peers["emafuse ModelEMA.swap"] = lambda: ema.swap(model)
+    try:
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+        from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
+
+        cb = EMAWeightAveraging(decay=DECAY)
+        cb._average_model = AveragedModel(model, avg_fn=get_ema_avg_fn(DECAY), use_buffers=True)
+        peers["Lightning EMAWeightAveraging swap"] = lambda: cb._swap_models(model)
+    except ImportError:
+        pass
+    try:
+        from torch_ema import ExponentialMovingAverage
+
+        te = ExponentialMovingAverage(model.parameters(), decay=DECAY)
+
+        def te_half_swap():  # store + copy_to (entering average_parameters); restore is the other half
+            te.store(model.parameters())
+            te.copy_to(model.parameters())
+            te.restore(model.parameters())
+
+        peers["torch-ema store+copy_to+restore (÷2)"] = te_half_swap
+    except ImportError:
+        pass
+    return peers
+
+
+# -- runs -------------------------------------------------------------------------------------------
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_workload(name: str, model: nn.Module, device: torch.device, reps: int, rows: list, copy_bw: float) -> None:
+    model = model.to(device)
+    numel = n_params(model) + sum(b.numel() for b in model.buffers() if b.is_floating_point())
+    print(f"\n{name}: {n_params(model) / 1e6:.1f} M params, {len(list(model.parameters()))} tensors", flush=True)
+    res = {}
+    for peer, fn in update_peers(model).items():
+        try:
+            res[peer] = timeit(fn, reps, device)
+        except Exception as e:  # e.g. emafuse CUDA backend missing
+            print(f"  {peer}: skipped ({type(e).__name__}: {str(e)[:80]})")
+    base = res.get("emafuse ModelEMA")
+    for peer, t in res.items():
+        nbytes = 12 * (n_params(model) if "foreach_lerp" in peer or "torch-ema" in peer else numel)
+        rows.append((name, "update", peer, t * 1e3, nbytes / t / 1e9, nbytes / t / 1e9 / copy_bw, (t / base) if base else float("nan")))
+    sres = {}
+    for peer, fn in swap_peers(model).items():
+        try:
+            sres[peer] = timeit(fn, reps, device)
+        except Exception as e:
+            print(f"  {peer}: skipped ({type(e).__name__}: {str(e)[:80]})")
+    if "torch-ema store+copy_to+restore (÷2)" in sres:
+        sres["torch-ema store+copy_to+restore (÷2)"] /= 2
+    sbase = sres.get("emafuse ModelEMA.swap")
+    for peer, t in sres.items():
+        nbytes = 16 * (n_params(model) if "torch-ema" in peer else numel)
+        rows.append((name, "swap", peer, t * 1e3, nbytes / t / 1e9, nbytes / t / 1e9 / copy_bw, (t / sbase) if sbase else float("nan")))
+
+
+def run_mixed(device: torch.device, reps: int, rows: list, copy_bw: float) -> None:
+    """bf16 model, fp32 average (10 B/param)."""
+    model = resnet50().to(device=device, dtype=torch.bfloat16)
+    numel = n_params(model) + sum(b.numel() for b in model.buffers() if b.is_floating_point())
+    res = {}
+    ema = ModelEMA(model, DECAY, ema_dtype=torch.float32)
+    ema.update(model)
+    res["emafuse ModelEMA"] = lambda: ema.update(model)
+    try:
+        from timm.utils.model_ema import ModelEmaV3
+
+        t3 = ModelEmaV3(model, decay=DECAY, dtype=torch.float32)
+        res["timm ModelEmaV3 (dtype=float32)"] = lambda: t3.update(model, step=10)
+    except (ImportError, TypeError):
+        pass
+    times = {}
+    for peer, fn in res.items():
+        try:
+            times[peer] = timeit(fn, reps, device)
+        except Exception as e:
+            print(f"  {peer}: skipped ({type(e).__name__}: {str(e)[:80]})")
+    base = times.get("emafuse ModelEMA")
+    for peer, t in times.items():
+        nbytes = 10 * numel
+        rows.append(("ResNet-50 bf16 → fp32 EMA", "update", peer, t * 1e3, nbytes / t / 1e9, nbytes / t / 1e9 / copy_bw, (t / base) if base else float("nan")))
+
+
+def run_offload_overlap(reps: int) -> list[str]:
+    """CUDA only: a training step of GPT-2-small-sized MLP with and without the CPU-offloaded
+    average (device-to-host copy on a side stream + background native update)."""
+    dev = torch.device("cuda")
+    model = gpt2_small().to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randint(0, 50257, (8, 512), device=dev)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        h = model.wte(x) + model.wpe.weight[: x.shape[1]]
+        for b in model.h:
+            h = h + b.mlp_proj(torch.relu(b.c_fc(b.ln_2(h + b.attn_proj(b.c_attn(b.ln_1(h))[..., :768])))))
+        loss = (model.ln_f(h) @ model.wte.weight.t()).logsumexp(-1).mean()
+        loss.backward()
+        opt.step()
+
+    base = timeit(step, reps, dev)
+    ema = ModelEMA(model, DECAY, device="cpu").attach(opt)
+
+    def step_with_ema():
+        step()
+        ema.update(model)
+
+    with_ema = timeit(step_with_ema, reps, dev)
+    ema.wait()
+    return [
+        f"| GPT-2 small training step (AdamW fused, batch 8×512) | {base * 1e3:.1f} ms | {with_ema * 1e3:.1f} ms | "
+        f"{(with_ema / base - 1) * 100:+.1f} % |"
+    ]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, emafuse threads {emafuse.num_threads()}"
+
+
+def format_section(rows: list, device: torch.device, copy_bw: float, overlap: list[str]) -> str:
+    out = [BEGIN, "## EMA (model weight averaging)", ""]
+    out.append(f"`python benchmarks/bench_ema.py --device {device.type}` — {datetime.date.today()}, {machine()}"
+               + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else "") + ".")
+    out.append(f"Copy bandwidth measured in the same run: **{copy_bw:.1f} GB/s** (read + write). Decay {DECAY}; "
+               "median of the timed calls; GB/s = spec bytes (12 B/param per fp32 update, 10 with a bf16 model and "
+               "fp32 average, 16 per swap) ÷ time; `× emafuse` = peer time ÷ emafuse time.")
+    out.append("")
+    out.append("| model | op | implementation | ms | GB/s | of copy BW | × emafuse |")
+    out.append("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    for name, op, peer, ms, gbs, frac, ratio in rows:
+        out.append(f"| {name} | {op} | {peer} | {ms:.2f} | {gbs:.1f} | {frac * 100:.0f} % | {ratio:.2f} |")
+    if overlap:
+        out += ["", "CPU-offloaded average overlapping training (CUDA model, average in pinned host memory):", "",
+                "| workload | step alone | step + offloaded EMA | added |", "| --- | ---: | ---: | ---: |", *overlap]
+    out.append(END)
+    return "\n".join(out)
+
+
+def write_results(section: str, path: str) -> None:
+    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
+    if BEGIN in text and END in text:
+        pre, rest = text.split(BEGIN, 1)
+        post = rest.split(END, 1)[1]
+        text = pre + section + post
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--models", default="resnet50,gpt2", help="comma-separated: resnet50, gpt2")
+    ap.add_argument("--write", action="store_true", help="update the EMA section of benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    copy_bw = copy_bandwidth(device)
+    print(f"copy bandwidth: {copy_bw:.1f} GB/s ({machine()})")
+    rows: list = []
+    with torch.no_grad():
+        if "resnet50" in args.models:
+            run_workload("ResNet-50", resnet50(), device, args.reps, rows, copy_bw)
+            run_mixed(device, args.reps, rows, copy_bw)
+        if "gpt2" in args.models:
+            run_workload("GPT-2 small", gpt2_small(), device, args.reps, rows, copy_bw)
+    overlap = run_offload_overlap(args.reps) if device.type == "cuda" else []
+    section = format_section(rows, device, copy_bw, overlap)
+    print()
+    print(section)
+    if args.write:
+        write_results(section, os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+
+
+if __name__ == "__main__":
+    main()
