@@ -46,6 +46,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Lightning EMAWeightAveraging (AveragedModel + get_ema_avg_fn, use_buffers=True): first
     # update copies, d*E + (1-d)*theta for floats, integer buffers truncated.
     "lightning": dict(decay=0.999, schedule="constant", formula="muladd", buffers="average", non_float="truncate"),
+    # NVIDIA NeMo EMA callback (EMAOptimizer): parameters only, E starts as the pre-step clone (no
+    # initial copy), d*E + (1-d)*theta, every every_n_steps steps (steps 1, n+1, ...).
+    "nemo": dict(decay=0.999, schedule="constant", first_update="average", formula="muladd", buffers="skip"),
+    # Keras 3 use_ema: trainable variables only, momentum 0 at the first update (a copy),
+    # m*E + (1-m)*theta afterwards.
+    "keras": dict(decay=0.99, schedule="constant", formula="muladd", buffers="skip"),
     # BYOL/DINO-style teacher: parameters only, no initial copy (the teacher starts as the
     # student's initial weights), cosine momentum 0.996 -> 1.
     "teacher": dict(decay=0.996, schedule="cosine", final_decay=1.0, first_update="average", buffers="skip"),
@@ -150,8 +156,11 @@ class ModelEMA:
     are not counted.
 
     ``preset=`` one of :data:`PRESETS` (``"timm_v3"``, ``"ema_pytorch"``, ``"torch_swa"``,
-    ``"torch_ema"``, ``"lightning"``, ``"teacher"``) sets the reference's defaults; explicit
-    keywords override them.
+    ``"torch_ema"``, ``"lightning"``, ``"nemo"``, ``"keras"``, ``"teacher"``) sets the
+    reference's defaults; explicit keywords override them. Parity is tested against timm,
+    ema-pytorch, torch-ema, ``swa_utils`` and Lightning; the NeMo and Keras presets follow the spec's
+    description (A.7, A.8) and are not tested against those frameworks. Not implemented: timm's
+    stochastic rounding of bf16 averages (``rounding="stochastic"``; use ``ema_dtype=float32``).
 
     Open questions decided (spec Q): integer buffers are copied by default (timm V3); hyper-
     parameters stored in a checkpoint that differ on load give a warning, not an error; the
