@@ -26,7 +26,6 @@ import copy
 import datetime
 import os
 import platform
-import statistics
 import sys
 import time
 from typing import Callable
@@ -96,27 +95,35 @@ def gpt2_small() -> nn.Module:
 # -- timing -------------------------------------------------------------------------------------
 
 
-def timeit(fn: Callable[[], None], reps: int, device: torch.device) -> float:
-    """Median seconds per call after one warm-up call."""
+def measure(fns: dict[str, Callable[[], None]], reps: int, device: torch.device) -> dict[str, float]:
+    """Best-of-``reps`` seconds per call of each function, measured round-robin (one call of each
+    per round, after a warm-up round) so that load from other processes hits all alike."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    best = {k: float("inf") for k in fns}
+    for r in range(reps + 1):
+        for k, fn in list(fns.items()):
+            try:
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                dt = time.perf_counter() - t0
+            except Exception as e:  # e.g. a CUDA model before emafuse has its CUDA backend
+                print(f"  {k}: skipped ({type(e).__name__}: {str(e)[:100]})")
+                del fns[k]
+                best.pop(k)
+                continue
+            if r > 0:
+                best[k] = min(best[k], dt)
+    return best
 
 
-def copy_bandwidth(device: torch.device, mib: int = 512) -> float:
-    """GB/s of a large copy_, counting bytes read + written."""
+def copy_fn(device: torch.device, mib: int = 256) -> tuple[Callable[[], None], int]:
+    """A large copy_ and the bytes it moves (read + written)."""
     n = mib * 2**20 // 4
     a = torch.rand(n, device=device)
     b = torch.empty_like(a)
-    t = timeit(lambda: b.copy_(a), 5, device)
-    return 2 * a.numel() * 4 / t / 1e9
+    return (lambda: b.copy_(a)), 2 * n * 4
 
 
 # -- peers ----------------------------------------------------------------------------------------
@@ -210,59 +217,59 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run_workload(name: str, model: nn.Module, device: torch.device, reps: int, rows: list, copy_bw: float) -> None:
+COPY = "copy_ (machine bandwidth)"
+
+
+def add_rows(rows: list, name: str, op: str, times: dict[str, float], nbytes: Callable[[str], int], base_key: str) -> float:
+    copy_t, copy_bytes = times.pop(COPY)
+    copy_bw = copy_bytes / copy_t / 1e9
+    base = times.get(base_key)
+    for peer, t in times.items():
+        gbs = nbytes(peer) / t / 1e9
+        rows.append((name, op, peer, t * 1e3, gbs, gbs / copy_bw, (t / base) if base else float("nan"), copy_bw))
+    return copy_bw
+
+
+def run_workload(name: str, model: nn.Module, device: torch.device, reps: int, rows: list) -> None:
     model = model.to(device)
     numel = n_params(model) + sum(b.numel() for b in model.buffers() if b.is_floating_point())
-    print(f"\n{name}: {n_params(model) / 1e6:.1f} M params, {len(list(model.parameters()))} tensors", flush=True)
-    res = {}
-    for peer, fn in update_peers(model).items():
-        try:
-            res[peer] = timeit(fn, reps, device)
-        except Exception as e:  # e.g. emafuse CUDA backend missing
-            print(f"  {peer}: skipped ({type(e).__name__}: {str(e)[:80]})")
-    base = res.get("emafuse ModelEMA")
-    for peer, t in res.items():
-        nbytes = 12 * (n_params(model) if "foreach_lerp" in peer or "torch-ema" in peer else numel)
-        rows.append((name, "update", peer, t * 1e3, nbytes / t / 1e9, nbytes / t / 1e9 / copy_bw, (t / base) if base else float("nan")))
-    sres = {}
-    for peer, fn in swap_peers(model).items():
-        try:
-            sres[peer] = timeit(fn, reps, device)
-        except Exception as e:
-            print(f"  {peer}: skipped ({type(e).__name__}: {str(e)[:80]})")
-    if "torch-ema store+copy_to+restore (÷2)" in sres:
-        sres["torch-ema store+copy_to+restore (÷2)"] /= 2
-    sbase = sres.get("emafuse ModelEMA.swap")
-    for peer, t in sres.items():
-        nbytes = 16 * (n_params(model) if "torch-ema" in peer else numel)
-        rows.append((name, "swap", peer, t * 1e3, nbytes / t / 1e9, nbytes / t / 1e9 / copy_bw, (t / sbase) if sbase else float("nan")))
+    print(f"{name}: {n_params(model) / 1e6:.1f} M params, {len(list(model.parameters()))} tensors", flush=True)
+    cfn, cbytes = copy_fn(device)
+
+    def nb(mult: int) -> Callable[[str], int]:
+        return lambda peer: mult * (n_params(model) if ("foreach_lerp" in peer or "torch-ema" in peer) else numel)
+
+    fns = {COPY: cfn, **update_peers(model)}
+    t = measure(fns, reps, device)
+    t[COPY] = (t[COPY], cbytes)
+    add_rows(rows, name, "update", t, nb(12), "emafuse ModelEMA")
+    fns = {COPY: cfn, **swap_peers(model)}
+    t = measure(fns, reps, device)
+    if "torch-ema store+copy_to+restore (÷2)" in t:
+        t["torch-ema store+copy_to+restore (÷2)"] /= 2
+    t[COPY] = (t[COPY], cbytes)
+    add_rows(rows, name, "swap", t, nb(16), "emafuse ModelEMA.swap")
 
 
-def run_mixed(device: torch.device, reps: int, rows: list, copy_bw: float) -> None:
+def run_mixed(device: torch.device, reps: int, rows: list) -> None:
     """bf16 model, fp32 average (10 B/param)."""
     model = resnet50().to(device=device, dtype=torch.bfloat16)
     numel = n_params(model) + sum(b.numel() for b in model.buffers() if b.is_floating_point())
-    res = {}
+    cfn, cbytes = copy_fn(device)
+    fns: dict[str, Callable[[], None]] = {COPY: cfn}
     ema = ModelEMA(model, DECAY, ema_dtype=torch.float32)
     ema.update(model)
-    res["emafuse ModelEMA"] = lambda: ema.update(model)
+    fns["emafuse ModelEMA"] = lambda: ema.update(model)
     try:
         from timm.utils.model_ema import ModelEmaV3
 
         t3 = ModelEmaV3(model, decay=DECAY, dtype=torch.float32)
-        res["timm ModelEmaV3 (dtype=float32)"] = lambda: t3.update(model, step=10)
+        fns["timm ModelEmaV3 (dtype=float32)"] = lambda: t3.update(model, step=10)
     except (ImportError, TypeError):
         pass
-    times = {}
-    for peer, fn in res.items():
-        try:
-            times[peer] = timeit(fn, reps, device)
-        except Exception as e:
-            print(f"  {peer}: skipped ({type(e).__name__}: {str(e)[:80]})")
-    base = times.get("emafuse ModelEMA")
-    for peer, t in times.items():
-        nbytes = 10 * numel
-        rows.append(("ResNet-50 bf16 → fp32 EMA", "update", peer, t * 1e3, nbytes / t / 1e9, nbytes / t / 1e9 / copy_bw, (t / base) if base else float("nan")))
+    t = measure(fns, reps, device)
+    t[COPY] = (t[COPY], cbytes)
+    add_rows(rows, "ResNet-50 bf16 → fp32 EMA", "update", t, lambda peer: 10 * numel, "emafuse ModelEMA")
 
 
 def run_offload_overlap(reps: int) -> list[str]:
@@ -282,14 +289,14 @@ def run_offload_overlap(reps: int) -> list[str]:
         loss.backward()
         opt.step()
 
-    base = timeit(step, reps, dev)
+    base = measure({"step": step}, reps, dev)["step"]
     ema = ModelEMA(model, DECAY, device="cpu").attach(opt)
 
     def step_with_ema():
         step()
         ema.update(model)
 
-    with_ema = timeit(step_with_ema, reps, dev)
+    with_ema = measure({"step": step_with_ema}, reps, dev)["step"]
     ema.wait()
     return [
         f"| GPT-2 small training step (AdamW fused, batch 8×512) | {base * 1e3:.1f} ms | {with_ema * 1e3:.1f} ms | "
@@ -310,18 +317,21 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, emafuse threads {emafuse.num_threads()}"
 
 
-def format_section(rows: list, device: torch.device, copy_bw: float, overlap: list[str]) -> str:
+def format_section(rows: list, device: torch.device, reps: int, overlap: list[str]) -> str:
     out = [BEGIN, "## EMA (model weight averaging)", ""]
-    out.append(f"`python benchmarks/bench_ema.py --device {device.type}` — {datetime.date.today()}, {machine()}"
+    out.append(f"`python benchmarks/bench_ema.py --device {device.type} --reps {reps}` — {datetime.date.today()}, {machine()}"
                + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else "") + ".")
-    out.append(f"Copy bandwidth measured in the same run: **{copy_bw:.1f} GB/s** (read + write). Decay {DECAY}; "
-               "median of the timed calls; GB/s = spec bytes (12 B/param per fp32 update, 10 with a bf16 model and "
-               "fp32 average, 16 per swap) ÷ time; `× emafuse` = peer time ÷ emafuse time.")
     out.append("")
-    out.append("| model | op | implementation | ms | GB/s | of copy BW | × emafuse |")
-    out.append("| --- | --- | --- | ---: | ---: | ---: | ---: |")
-    for name, op, peer, ms, gbs, frac, ratio in rows:
-        out.append(f"| {name} | {op} | {peer} | {ms:.2f} | {gbs:.1f} | {frac * 100:.0f} % | {ratio:.2f} |")
+    out.append(f"Decay {DECAY}. Best of {reps} calls per implementation, measured round-robin with a 256 MiB "
+               "`copy_` in the same rounds (the machine's copy bandwidth, bytes read + written ÷ time, shown per "
+               "row group). GB/s = spec bytes ÷ time: 12 B/param per fp32 update (read E, read θ, write E), 10 with a "
+               "bf16 model and fp32 average, 16 per swap; peers that average parameters only are counted on "
+               "parameters only. `× emafuse` = peer time ÷ emafuse time (higher = emafuse faster).")
+    out.append("")
+    out.append("| model | op | implementation | ms | GB/s | of copy BW | × emafuse | copy BW (GB/s) |")
+    out.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, op, peer, ms, gbs, frac, ratio, cbw in rows:
+        out.append(f"| {name} | {op} | {peer} | {ms:.2f} | {gbs:.1f} | {frac * 100:.0f} % | {ratio:.2f} | {cbw:.1f} |")
     if overlap:
         out += ["", "CPU-offloaded average overlapping training (CUDA model, average in pinned host memory):", "",
                 "| workload | step alone | step + offloaded EMA | added |", "| --- | ---: | ---: | ---: |", *overlap]
@@ -350,17 +360,16 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    copy_bw = copy_bandwidth(device)
-    print(f"copy bandwidth: {copy_bw:.1f} GB/s ({machine()})")
+    print(machine())
     rows: list = []
     with torch.no_grad():
         if "resnet50" in args.models:
-            run_workload("ResNet-50", resnet50(), device, args.reps, rows, copy_bw)
-            run_mixed(device, args.reps, rows, copy_bw)
+            run_workload("ResNet-50", resnet50(), device, args.reps, rows)
+            run_mixed(device, args.reps, rows)
         if "gpt2" in args.models:
-            run_workload("GPT-2 small", gpt2_small(), device, args.reps, rows, copy_bw)
+            run_workload("GPT-2 small", gpt2_small(), device, args.reps, rows)
     overlap = run_offload_overlap(args.reps) if device.type == "cuda" else []
-    section = format_section(rows, device, copy_bw, overlap)
+    section = format_section(rows, device, args.reps, overlap)
     print()
     print(section)
     if args.write:

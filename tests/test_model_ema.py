@@ -486,3 +486,23 @@ def test_bad_arguments():
         ModelEMA(Net(), 0.9, schedule="cosine")
     with pytest.raises(ValueError, match="preset"):
         ModelEMA(Net(), preset="nope")
+
+
+def test_fused_ema_skips_refused_and_amp_skipped_steps():
+    m = Net()
+    opt = emafuse.AdamW(m.parameters(), lr=1e-2, check_finite=True)
+    ema = ModelEMA(m, 0.9).attach(opt, fuse=True)
+    x = torch.randn(8, 6) + 0.1
+    m(x).square().mean().backward()
+    opt.step()
+    assert (ema.num_steps_seen, ema.num_updates_applied) == (1, 1)
+    avg = copy.deepcopy(ema.module.state_dict())
+    m.lin1.weight.grad[0, 0] = float("nan")
+    with pytest.raises(emafuse.NonFiniteError):
+        opt.step()
+    assert (ema.num_steps_seen, ema.num_updates_applied) == (1, 1)
+    opt.found_inf = torch.tensor(1.0)  # what GradScaler hands over when it found inf/NaN
+    opt.grad_scale = torch.tensor(1.0)
+    opt.step()
+    assert (ema.num_steps_seen, ema.num_updates_applied) == (1, 1)
+    assert all(torch.equal(v, avg[k]) for k, v in ema.module.state_dict().items())

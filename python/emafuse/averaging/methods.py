@@ -319,18 +319,13 @@ class TeacherEMA(ModelEMA):
     parameters only (the teacher's BatchNorm statistics come from its own forward passes), the
     teacher starting as the student's initial copy. ``schedule`` ``"cosine"`` (BYOL, reaches
     ``final`` at ``total_steps``), ``"dino"`` (DINO's ``cosine_scheduler``), ``"linear"``
-    (I-JEPA, pass ``total_steps = ipe·epochs·ipe_scale``), ``"constant"`` or a callable of the
-    update index. The teacher is :attr:`module` (a separate module: nothing is swapped)."""
+    (I-JEPA, pass ``total_steps = ipe·epochs·ipe_scale``), ``"constant"`` or a callable ``f(k)`` of
+    ``k = step - 1`` (the update index when updating every step). The teacher is :attr:`module` (a separate module: nothing is swapped)."""
 
     def __init__(self, student: nn.Module, base: float = 0.996, final: float = 1.0, total_steps: int | None = None,
                  schedule: str | Callable[[float], float] = "cosine", **kwargs: Any) -> None:
         kwargs.setdefault("first_update", "average")
         kwargs.setdefault("buffers", "skip")
-        if callable(schedule):
-            fn = schedule
-
-            def schedule(k: float, _fn=fn) -> float:  # index of the update, 0-based
-                return _fn(k)
         super().__init__(student, base, schedule=schedule, total_steps=total_steps, final_decay=final, **kwargs)
 
 

@@ -134,9 +134,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         ema = self.__dict__.get("_emafuse_ema")
         ema_plan = None
         if ema is not None:
+            ema_steps = ema.num_steps_seen
             ema_plan = ema._fused_plan(float(found_inf.item()) if found_inf is not None else 0.0)
         ema_targets = ema_plan[1] if ema_plan is not None else None
+        try:
+            return self._step_calls(loss, grad_scale, found_inf, ema, ema_plan, ema_targets)
+        except BaseException:
+            if ema is not None:
+                ema.num_steps_seen = ema_steps  # a refused step is not counted by the average
+            raise
 
+    def _step_calls(self, loss: Any, grad_scale: Any, found_inf: Any, ema: Any, ema_plan: Any, ema_targets: Any) -> Any:
+        """The native call(s) of one step; with a fused ModelEMA (``ema``) the averages of the
+        parameters it maps (``ema_targets``) are updated in the same pass, the rest right after."""
         calls: list[tuple] = []
         created: dict[Tensor, dict[str, Tensor]] = {}
         for group in self.param_groups:
