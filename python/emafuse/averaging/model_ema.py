@@ -142,6 +142,9 @@ class ModelEMA:
     :meth:`attach` with the optimizer so its next step waits (on the GPU, without a host sync)
     for the copy to land before changing the weights.
 
+    CUDA tensors go through the same native calls; until emafuse's CUDA backend is built, the
+    engine refuses them and the same formulas run as torch foreach ops instead (``_engine.py``).
+
     **Use**: ``module`` is an ``nn.Module`` (eval mode) holding the average; ``copy_to(model)``;
     ``with ema.average_parameters(model):`` swaps the average into ``model`` in place and back
     (a fused in-register swap, 16 B/param, no copy of the model; a backup copy only when the
@@ -248,9 +251,9 @@ class ModelEMA:
             else:
                 x = x.to(device=self.device, copy=True)
             memo[id(t)] = nn.Parameter(x, requires_grad=False) if isinstance(t, nn.Parameter) else x
-        self.module: nn.Module = copy.deepcopy(model, memo)
-        self.module.eval()
-        for p in self.module.parameters():
+        self._module: nn.Module = copy.deepcopy(model, memo)
+        self._module.eval()
+        for p in self._module.parameters():
             p.requires_grad_(False)
         if ema_dtype is None and any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
             warnings.warn(
@@ -260,7 +263,7 @@ class ModelEMA:
             )
 
         self._entries: list[_Entry] = []
-        own = dict(self._named_tensors(self.module))
+        own = dict(self._named_tensors(self._module))
         for name, t, is_param in self._named_tensors_with_kind(model):
             self._entries.append(_Entry(name, is_param, _decide(name, t, is_param, cfg)))
         self._own = [own[e.name] for e in self._entries]
@@ -279,6 +282,12 @@ class ModelEMA:
         self._side_stream: Any = None
         self._swapped: Any = None
         self._fused_opt: Any = None
+
+    @property
+    def module(self) -> nn.Module:
+        """The averaged model (eval mode, no gradients); joins a pending background update."""
+        self._join()
+        return self._module
 
     # -- configuration ------------------------------------------------------------------------
 
