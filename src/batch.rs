@@ -277,3 +277,18 @@ pub fn check_no_shared_outputs<'a>(who: &str, batches: impl IntoIterator<Item = 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_dtypes_an_average_may_read() {
+        use DType::*;
+        for d in [F32, F64, BF16, F16] {
+            assert!(input_dtype_ok(d, d));
+        }
+        assert!(input_dtype_ok(F32, BF16) && input_dtype_ok(F32, F16));
+        assert!(!input_dtype_ok(BF16, F32) && !input_dtype_ok(F64, F32) && !input_dtype_ok(F16, BF16) && !input_dtype_ok(F32, F64));
+    }
+}

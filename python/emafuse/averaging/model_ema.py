@@ -246,10 +246,12 @@ class ModelEMA:
             if id(t) in memo:
                 continue
             x = t.detach()
+            # device=None keeps every tensor where it is (models spread over several devices).
+            dev = x.device if device is None else self.device
             if ema_dtype is not None and x.is_floating_point():
-                x = x.to(device=self.device, dtype=ema_dtype, copy=True)
+                x = x.to(device=dev, dtype=ema_dtype, copy=True)
             else:
-                x = x.to(device=self.device, copy=True)
+                x = x.to(device=dev, copy=True)
             memo[id(t)] = nn.Parameter(x, requires_grad=False) if isinstance(t, nn.Parameter) else x
         self._module: nn.Module = copy.deepcopy(model, memo)
         self._module.eval()
