@@ -332,6 +332,16 @@ def format_section(rows: list, device: torch.device, reps: int, overlap: list[st
     out.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name, op, peer, ms, gbs, frac, ratio, cbw in rows:
         out.append(f"| {name} | {op} | {peer} | {ms:.2f} | {gbs:.1f} | {frac * 100:.0f} % | {ratio:.2f} | {cbw:.1f} |")
+    if device.type == "cpu":
+        out += ["", "Reading the CPU numbers: an EMA update is memory-bound (12 B/param, no arithmetic to speak of), so "
+                "every implementation built on fused multi-tensor kernels (emafuse, `_foreach_lerp_` in timm V3, "
+                "AveragedModel, ema-pytorch `use_foreach`) lands near the copy bandwidth and the ratios between them "
+                "mostly reflect noise; the gaps that remain are the per-tensor paths (torch-ema, Lightning's "
+                "`get_ema_avg_fn` with its temporaries, the clone-based swaps) and the mixed-dtype path (timm's "
+                "mul + add with type promotion vs. emafuse reading bf16 directly). On a shared 2-vCPU machine "
+                "run-to-run variation is large; `of copy BW` above 100 % means the copy round happened to be slowed "
+                "by other load. The ratio targets of the issue are GPU targets (kernel launches and Python overhead "
+                "dominate there): run `--device cuda` on a GPU machine."]
     if overlap:
         out += ["", "CPU-offloaded average overlapping training (CUDA model, average in pinned host memory):", "",
                 "| workload | step alone | step + offloaded EMA | added |", "| --- | ---: | ---: | ---: |", *overlap]

@@ -506,3 +506,13 @@ def test_fused_ema_skips_refused_and_amp_skipped_steps():
     opt.step()
     assert (ema.num_steps_seen, ema.num_updates_applied) == (1, 1)
     assert all(torch.equal(v, avg[k]) for k, v in ema.module.state_dict().items())
+
+
+def test_replaced_parameter_is_picked_up():
+    model = Net()
+    ema = ModelEMA(model, 0.5)
+    ema.update(model)
+    model.lin1.weight = nn.Parameter(torch.full_like(model.lin1.weight, 3.0))
+    before = ema.module.lin1.weight.detach().clone()
+    ema.update(model)
+    torch.testing.assert_close(ema.module.lin1.weight, before + 0.5 * (3.0 - before))

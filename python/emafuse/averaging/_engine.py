@@ -20,8 +20,7 @@ Call = tuple[dict[str, Any], Sequence[Tensor], "Sequence[Tensor] | None", "Seque
 def real_view(t: Tensor) -> Tensor:
     """``t`` as the engine can take it: complex tensors as real views (lerp and weighted sums with
     real coefficients act on real and imaginary parts alike)."""
-    t = t.detach()
-    return torch.view_as_real(t) if t.is_complex() else t
+    return torch.view_as_real(t.detach()) if t.is_complex() else t
 
 
 def _full(calls: Sequence[Call]) -> list[tuple]:

@@ -272,7 +272,7 @@ class ModelEMA:
         self._idx = {a: [i for i, e in enumerate(self._entries) if e.action == a] for a in ("average", "copy", "truncate")}
         self._avg_targets = [real_view(self._own[i]) for i in self._idx["average"]]
         self._model_ref = weakref.ref(model)
-        self._model_cache: tuple[list[Tensor], list[Tensor]] | None = None
+        self._model_cache: tuple | None = None
 
         self.num_steps_seen = 0
         self.num_updates_applied = 0
@@ -337,11 +337,14 @@ class ModelEMA:
             yield n, b, False
 
     def _model_tensors(self, model: nn.Module) -> list[Tensor]:
-        """The model's tensors in entry order; a clear error if its structure changed."""
-        tensors = [t for _, t in self._named_tensors(model)]
+        """The model's tensors in entry order; a clear error if its structure changed.
+
+        The lookup is cached: later calls only check that the module tree, each module's
+        parameter/buffer/submodule counts and every tensor object are unchanged (a few dict
+        lookups per module, no ``named_parameters()`` walk)."""
         cache = self._model_cache
-        if cache is not None and len(cache[0]) == len(tensors) and all(a is b for a, b in zip(cache[0], tensors)):
-            return cache[1]
+        if cache is not None and cache[0] is model and _unchanged(cache[1], cache[2]):
+            return cache[3]
         named = dict(self._named_tensors(model))
         names = [e.name for e in self._entries]
         missing = [n for n in names if n not in named]
@@ -352,11 +355,19 @@ class ModelEMA:
                 f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                 f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
             )
-        ordered = [named[n].detach() for n in names]
+        ordered = [named[n] for n in names]
         for e, own, t in zip(self._entries, self._own, ordered):
             if e.action != "skip" and own.shape != t.shape:
                 raise ShapeError(f"ModelEMA: '{e.name}' has shape {tuple(t.shape)} in the model but {tuple(own.shape)} in the average")
-        self._model_cache = (tensors, ordered)
+        modules = dict(model.named_modules(remove_duplicate=False))
+        mods = [(m, len(m._parameters), len(m._buffers), len(m._modules), list(m._modules.items())) for m in
+                {id(m): m for m in modules.values()}.values()]
+        slots = []
+        for n in names:
+            mod_name, _, key = n.rpartition(".")
+            mod = modules[mod_name]
+            slots.append((mod, key, named[n]))
+        self._model_cache = (model, mods, slots, ordered)
         return ordered
 
     def _resolve_model(self, model: nn.Module | None) -> nn.Module:
@@ -698,22 +709,24 @@ class ModelEMA:
         model = self._resolve_model(model)
         thetas = self._model_tensors(model)
         fused, other = self._swap_sets(model)
-        if fused:
-            native_step("ModelEMA.swap", "swap", [({}, [real_view(thetas[i]) for i in fused], None,
-                                                   [{"b": real_view(self._own[i])} for i in fused], ("b",))])
-        backup = [(i, thetas[i].to(self._own[i].device, copy=True)) for i in other]
-        for i, _ in backup:
-            thetas[i].copy_(self._own[i])
+        with torch.no_grad():
+            if fused:
+                native_step("ModelEMA.swap", "swap", [({}, [real_view(thetas[i]) for i in fused], None,
+                                                       [{"b": real_view(self._own[i])} for i in fused], ("b",))])
+            backup = [(i, thetas[i].to(self._own[i].device, copy=True)) for i in other]
+            for i, _ in backup:
+                thetas[i].copy_(self._own[i])
         self._swapped = model
         try:
             yield model
         finally:
             self._swapped = None
-            if fused:
-                native_step("ModelEMA.swap", "swap", [({}, [real_view(thetas[i]) for i in fused], None,
-                                                       [{"b": real_view(self._own[i])} for i in fused], ("b",))])
-            for i, t in backup:
-                thetas[i].copy_(t)
+            with torch.no_grad():
+                if fused:
+                    native_step("ModelEMA.swap", "swap", [({}, [real_view(thetas[i]) for i in fused], None,
+                                                           [{"b": real_view(self._own[i])} for i in fused], ("b",))])
+                for i, t in backup:
+                    thetas[i].copy_(t)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -769,6 +782,25 @@ class ModelEMA:
 
 _NATIVE_DTYPES = {torch.float32, torch.float64, torch.bfloat16, torch.float16}
 _COMPLEX = {torch.complex64, torch.complex128}
+
+
+def _unchanged(mods: list, slots: list) -> bool:
+    """Whether the module tree and the tensors recorded by ``ModelEMA._model_tensors`` are still
+    the ones the model holds."""
+    for m, n_p, n_b, n_m, children in mods:
+        if len(m._parameters) != n_p or len(m._buffers) != n_b or len(m._modules) != n_m:
+            return False
+        sub = m._modules
+        for name, child in children:
+            if sub.get(name) is not child:
+                return False
+    for mod, key, t in slots:
+        cur = mod._parameters.get(key)
+        if cur is None:
+            cur = mod._buffers.get(key)
+        if cur is not t:
+            return False
+    return True
 
 
 def _engine_inputs(targets: list[Tensor], inputs: list[Tensor]) -> list[Tensor]:
