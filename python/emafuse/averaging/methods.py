@@ -314,7 +314,9 @@ class SWA(ModelEMA):
 
 
 class TeacherEMA(ModelEMA):
-    r"""Teacher EMA with a momentum schedule (mean teacher, BYOL, DINO, JEPA; spec B.8):
+    r"""Teacher EMA with a momentum schedule (mean teacher: Tarvainen & Valpola, NeurIPS 2017;
+    BYOL: Grill et al., NeurIPS 2020; DINO: Caron et al., ICCV 2021; I-JEPA: Assran et al., CVPR
+    2023; spec B.8):
     :math:`\theta_T \leftarrow m_k \theta_T + (1 - m_k)\theta_S` after each student step, over
     parameters only (the teacher's BatchNorm statistics come from its own forward passes), the
     teacher starting as the student's initial copy. ``schedule`` ``"cosine"`` (BYOL, reaches

@@ -279,6 +279,9 @@ class ModelEMA:
         self.initialized = True
         self._pending: Any = None
         self._pending_post: list[tuple[Tensor, Tensor]] = []
+        self._pending_trunc: list[tuple[Tensor, Tensor, float]] = []
+        self._wait_hook: Any = None
+        self._stored: list[tuple[int, Tensor]] | None = None
         self._host_bufs: list[Tensor] | None = None
         self._copy_event: Any = None
         self._side_stream: Any = None
@@ -534,9 +537,6 @@ class ModelEMA:
         if self._pending is None:
             self._finish_post()
 
-    _wait_hook: Any = None
-    _pending_trunc: list = []
-
     def _finish_post(self) -> None:
         for own, buf in self._pending_post:
             own.copy_(buf)
@@ -690,7 +690,7 @@ class ModelEMA:
     @torch.no_grad()
     def restore(self, model: nn.Module | None = None) -> None:
         """Write back what :meth:`store` saved."""
-        stored = getattr(self, "_stored", None)
+        stored = self._stored
         if stored is None:
             raise InvalidArgumentError("ModelEMA.restore() without a previous store()")
         thetas = self._model_tensors(self._resolve_model(model))
