@@ -36,6 +36,10 @@ class Module(pl.LightningModule):
         x, y = batch
         self.log("val_loss", nn.functional.mse_loss(self(x), y), on_epoch=True)
 
+    def test_step(self, batch, _):
+        x, y = batch
+        self.log("test_loss", nn.functional.mse_loss(self(x), y), on_epoch=True)
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
@@ -65,13 +69,14 @@ def fit(callback, max_epochs=2, ckpt_path=None, **kw):
     return model, t
 
 
-def test_parity_with_lightning_ema_weight_averaging():
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_parity_with_lightning_ema_weight_averaging(accumulate):
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
     ref_cb = EMAWeightAveraging(decay=0.9, update_every_n_steps=2)
-    ref_model, ref_t = fit(ref_cb)
+    ref_model, ref_t = fit(ref_cb, accumulate_grad_batches=accumulate)
     ours_cb = EMACallback(decay=0.9, update_every_n_steps=2, preset="lightning")
-    ours_model, ours_t = fit(ours_cb)
+    ours_model, ours_t = fit(ours_cb, accumulate_grad_batches=accumulate)
     ref_avg = ref_cb._average_model.module.state_dict()
     ours_avg = ours_cb.ema.module.state_dict()
     for k, v in ref_avg.items():
@@ -80,7 +85,7 @@ def test_parity_with_lightning_ema_weight_averaging():
     for (k, a), (_, b) in zip(ours_model.state_dict().items(), ref_model.state_dict().items()):
         assert torch.equal(a, b), k
     assert ours_t.callback_metrics["val_loss"] == ref_t.callback_metrics["val_loss"]
-    assert ours_cb.ema.num_updates_applied == int(ref_cb._average_model.n_averaged) == 8
+    assert ours_cb.ema.num_updates_applied == int(ref_cb._average_model.n_averaged) == 8 // accumulate
 
 
 def test_validation_uses_the_average_and_default_lerp():
@@ -92,8 +97,13 @@ def test_validation_uses_the_average_and_default_lerp():
         losses = [nn.functional.mse_loss(avg(x), y) * len(x) for x, y in val]
     expected = sum(losses) / 32
     torch.testing.assert_close(t.callback_metrics["val_loss"], expected, rtol=1e-6, atol=1e-7)
-    # copy_at_train_end=False: the module keeps its own (non-averaged) weights.
-    assert not torch.equal(model.net[0].weight, avg.net[0].weight)
+    # copy_at_train_end=False: the module keeps its own (non-averaged) weights ...
+    live = model.net[0].weight.detach().clone()
+    assert not torch.equal(live, avg.net[0].weight)
+    # ... and testing (after fit, same trainer) runs on the average, then swaps back.
+    t.test(model, val, verbose=False)
+    torch.testing.assert_close(t.callback_metrics["test_loss"], expected, rtol=1e-6, atol=1e-7)
+    assert torch.equal(model.net[0].weight, live)
 
 
 def test_checkpoint_layout_and_exact_resume(tmp_path):
