@@ -105,11 +105,14 @@ pub struct GroupTensors {
     pub scalars: Vec<Vec<TensorInfo>>,
 }
 
-/// Parameters of one group sharing device, parameter dtype and state dtype.
+/// Parameters of one group sharing device, parameter dtype, input dtype and state dtype.
 #[derive(Debug, Clone)]
 pub struct Batch {
     pub device: Device,
     pub param_dtype: DType,
+    /// The inputs' dtype: the parameter's, or bf16/fp16 for an fp32 parameter (an fp32 average
+    /// of a low-precision model). The parameter's dtype when the rule reads no input.
+    pub input_dtype: DType,
     pub state_dtype: DType,
     pub params: Vec<TensorView>,
     /// One per parameter, or empty when the rule reads no input.
@@ -131,6 +134,13 @@ impl Batch {
 
 fn fmt_shape(s: &Shape) -> String {
     format!("{:?}", s.as_slice())
+}
+
+/// Whether a parameter of dtype `param` may read an input of dtype `input`: the same dtype, or a
+/// bf16/fp16 input for an fp32 parameter (an fp32 average of a low-precision model, a
+/// low-precision snapshot accumulated into an fp32 sum).
+pub fn input_dtype_ok(param: DType, input: DType) -> bool {
+    param == input || (param == DType::F32 && matches!(input, DType::BF16 | DType::F16))
 }
 
 /// Validate `t` and split it into batches. `who` names the optimizer for messages.
@@ -179,15 +189,16 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
             if g.view.numel() > 0 && g.view.ptr() == p.view.ptr() {
                 return Err(Error::Value(format!("{}: grad shares memory with the parameter", at(i))));
             }
-            if g.view.dtype() != p.view.dtype() {
+            if !input_dtype_ok(p.view.dtype(), g.view.dtype()) {
                 return Err(Error::DType(format!(
-                    "{}: grad dtype {} differs from parameter dtype {}",
+                    "{}: grad dtype {} differs from parameter dtype {} (only a float32 parameter may read a bfloat16/float16 input)",
                     at(i),
                     g.view.dtype().name(),
                     p.view.dtype().name()
                 )));
             }
         }
+        let input_dtype = t.grads.as_ref().map_or(p.view.dtype(), |g| g[i].view.dtype());
         let state_dtype = match t.states.first() {
             Some(s) => s[i].view.dtype(),
             None => p.view.dtype(),
@@ -228,14 +239,15 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
                 return Err(Error::Layout(format!("{}: scalar state {k} is on {}, not with the parameter", at(i), s.view.device())));
             }
         }
-        let key = (p.view.device(), pd, state_dtype);
-        let b = match batches.iter_mut().position(|b| (b.device, b.param_dtype, b.state_dtype) == key) {
+        let key = (p.view.device(), pd, input_dtype, state_dtype);
+        let b = match batches.iter_mut().position(|b| (b.device, b.param_dtype, b.input_dtype, b.state_dtype) == key) {
             Some(j) => &mut batches[j],
             None => {
                 batches.push(Batch {
                     device: key.0,
                     param_dtype: key.1,
-                    state_dtype: key.2,
+                    input_dtype: key.2,
+                    state_dtype: key.3,
                     params: Vec::new(),
                     grads: Vec::new(),
                     slots,
@@ -272,4 +284,19 @@ pub fn check_no_shared_outputs<'a>(who: &str, batches: impl IntoIterator<Item = 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_dtypes_an_average_may_read() {
+        use DType::*;
+        for d in [F32, F64, BF16, F16] {
+            assert!(input_dtype_ok(d, d));
+        }
+        assert!(input_dtype_ok(F32, BF16) && input_dtype_ok(F32, F16));
+        assert!(!input_dtype_ok(BF16, F32) && !input_dtype_ok(F64, F32) && !input_dtype_ok(F16, BF16) && !input_dtype_ok(F32, F64));
+    }
 }

@@ -30,9 +30,9 @@ KERNELS = ROOT / "src" / "cuda" / "kernels"
 # the flags, and whether it reads an input tensor. `test_every_rule_is_covered` keeps this complete.
 RULES: dict[str, dict] = {
     "adam": dict(
-        hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1),
-        flags=["amsgrad", "decoupled"],
-        slots=lambda f: ("m", "v", "vmax") if f["amsgrad"] else ("m", "v"),
+        hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, ema_weight=0.01),
+        flags=["amsgrad", "decoupled", "ema"],
+        slots=lambda f: ("m", "v") + (("vmax",) if f["amsgrad"] else ()) + (("e",) if f["ema"] else ()),
         scalars=("step",),
     ),
     "sgd": dict(
@@ -58,7 +58,10 @@ def variants():
 VARIANTS = list(variants())
 
 # Rules whose CUDA twin is not written yet: CUDA tensors get a clear CudaError for them.
-NO_CUDA_YET = {"adan", "spam", "diffgrad", "adabound", "sgd_sai", "ademamix", "adabelief", "adamomentum", "lion", "adamod"}
+NO_CUDA_YET = {
+    "adan", "spam", "diffgrad", "adabound", "sgd_sai", "ademamix", "adabelief", "adamomentum", "lion", "adamod",
+    "ema", "ema_multi", "bema", "swap", "axpby", "slerp",
+}
 
 
 def test_every_rule_is_covered():

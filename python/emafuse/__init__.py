@@ -3,7 +3,8 @@
 Drop-in replacements for ``torch.optim.AdamW``, ``Adam`` and ``SGD``, and the EMA-family
 optimizers of the research literature (AdEMAMix, AdaBelief, AdaMomentum, Adan, Lion, SPAM,
 AdaMod, diffGrad, AdaBound, SGD-SaI), whose whole step runs as one native (Rust) call over all
-parameters of the optimizer.
+parameters of the optimizer; and model weight averaging (``emafuse.ModelEMA``,
+``emafuse.averaging``; Lightning callbacks in ``emafuse.lightning``) updated the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from .errors import (
     UnsupportedOptionError,
 )
 from .optim import SGD, SPAM, AdaBelief, AdaBound, Adam, AdaMod, AdaMomentum, Adan, AdamW, AdEMAMix, DiffGrad, Lion, SGDSaI
+from . import averaging
+from .averaging import ModelEMA
 
 __version__ = "0.1.0"
 
@@ -42,6 +45,8 @@ __all__ = [
     "DiffGrad",
     "AdaBound",
     "SGDSaI",
+    "ModelEMA",
+    "averaging",
     "num_threads",
     "errors",
     "EmafuseError",

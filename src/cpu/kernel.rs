@@ -18,11 +18,12 @@ pub struct GradTransform<R: Real> {
 }
 
 /// Raw pointers to the first element of a span in each tensor of one parameter (`grad` is null
-/// for rules that read no input).
+/// for rules that read no input). The input's element type `G` is usually the parameter's `P`;
+/// it differs for an fp32 average of a bf16/fp16 model.
 #[derive(Copy, Clone)]
-pub struct SpanPtrs<P, S> {
+pub struct SpanPtrs<P, G, S> {
     pub param: *mut P,
-    pub grad: *const P,
+    pub grad: *const G,
     pub states: [*mut S; MAX_SLOTS],
 }
 
@@ -30,10 +31,10 @@ pub struct SpanPtrs<P, S> {
 ///
 /// # Safety
 /// As [`update_span`], except that the elements are only read.
-pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, S: Elem<R>>(
+pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
     rule: &Ru,
     factor: R,
-    ptrs: SpanPtrs<P, S>,
+    ptrs: SpanPtrs<P, G, S>,
     len: usize,
 ) -> [f64; MAX_SUMS] {
     let mut pb = [R::ZERO; BLOCK];
@@ -47,7 +48,7 @@ pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, S: Elem<R>>(
         unsafe {
             P::load(std::slice::from_raw_parts(ptrs.param.add(off), n), &mut pb[..n]);
             if Ru::READS_INPUT {
-                P::load(std::slice::from_raw_parts(ptrs.grad.add(off), n), &mut gb[..n]);
+                G::load(std::slice::from_raw_parts(ptrs.grad.add(off), n), &mut gb[..n]);
             }
             for k in 0..Ru::SLOTS {
                 S::load(std::slice::from_raw_parts(ptrs.states[k].add(off), n), &mut sb[k][..n]);
@@ -90,47 +91,47 @@ fn simd_level() -> u8 {
 /// # Safety
 /// Every pointer must be valid for `len` elements of its type (state pointers for slots
 /// `0..Ru::SLOTS`), and no other thread may access these elements during the call.
-pub unsafe fn update_span<Ru: Rule, R: Real, P: Elem<R>, S: Elem<R>>(
+pub unsafe fn update_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
     c: &Ru::Coeffs<R>,
     xf: &GradTransform<R>,
-    ptrs: SpanPtrs<P, S>,
+    ptrs: SpanPtrs<P, G, S>,
     len: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
     match simd_level() {
         // SAFETY: the CPU supports the enabled features (checked at run time); the caller's
         // guarantees are passed on unchanged.
-        2 => return unsafe { update_span_avx512::<Ru, R, P, S>(c, xf, ptrs, len) },
+        2 => return unsafe { update_span_avx512::<Ru, R, P, G, S>(c, xf, ptrs, len) },
         // SAFETY: as above.
-        1 => return unsafe { update_span_avx2::<Ru, R, P, S>(c, xf, ptrs, len) },
+        1 => return unsafe { update_span_avx2::<Ru, R, P, G, S>(c, xf, ptrs, len) },
         _ => {}
     }
     // SAFETY: the caller's guarantees are passed on unchanged.
-    unsafe { update_span_body::<Ru, R, P, S>(c, xf, ptrs, len) }
+    unsafe { update_span_body::<Ru, R, P, G, S>(c, xf, ptrs, len) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2")]
-unsafe fn update_span_avx512<Ru: Rule, R: Real, P: Elem<R>, S: Elem<R>>(
+unsafe fn update_span_avx512<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
     c: &Ru::Coeffs<R>,
     xf: &GradTransform<R>,
-    ptrs: SpanPtrs<P, S>,
+    ptrs: SpanPtrs<P, G, S>,
     len: usize,
 ) {
     // SAFETY: forwarded from update_span.
-    unsafe { update_span_body::<Ru, R, P, S>(c, xf, ptrs, len) }
+    unsafe { update_span_body::<Ru, R, P, G, S>(c, xf, ptrs, len) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn update_span_avx2<Ru: Rule, R: Real, P: Elem<R>, S: Elem<R>>(
+unsafe fn update_span_avx2<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
     c: &Ru::Coeffs<R>,
     xf: &GradTransform<R>,
-    ptrs: SpanPtrs<P, S>,
+    ptrs: SpanPtrs<P, G, S>,
     len: usize,
 ) {
     // SAFETY: forwarded from update_span.
-    unsafe { update_span_body::<Ru, R, P, S>(c, xf, ptrs, len) }
+    unsafe { update_span_body::<Ru, R, P, G, S>(c, xf, ptrs, len) }
 }
 
 /// A block of `n` elements of one array as compute-type values: the tensor's own memory when its
@@ -163,10 +164,10 @@ unsafe fn finish<R: Real, E: Elem<R>>(ptr: *mut E, vals: &[R]) {
 }
 
 #[inline(always)]
-unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, S: Elem<R>>(
+unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
     c: &Ru::Coeffs<R>,
     xf: &GradTransform<R>,
-    ptrs: SpanPtrs<P, S>,
+    ptrs: SpanPtrs<P, G, S>,
     len: usize,
 ) {
     let mut pb = [R::ZERO; BLOCK];
@@ -182,7 +183,7 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, S: Elem<R>>(
         unsafe {
             let sp = |k: usize| ptrs.states[k].add(off);
             let p = block::<R, P>(ptrs.param.add(off), n, &mut pb);
-            let g: &[R] = if Ru::READS_INPUT { block::<R, P>(ptrs.grad.add(off) as *mut P, n, &mut gb) } else { &gb[..n] };
+            let g: &[R] = if Ru::READS_INPUT { block::<R, G>(ptrs.grad.add(off) as *mut G, n, &mut gb) } else { &gb[..n] };
             // Slots the rule does not use stay empty and are never indexed.
             let st0 = if Ru::SLOTS > 0 { block::<R, S>(sp(0), n, &mut s0) } else { &mut s0[..0] };
             let st1 = if Ru::SLOTS > 1 { block::<R, S>(sp(1), n, &mut s1) } else { &mut s1[..0] };
@@ -215,14 +216,14 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, S: Elem<R>>(
 /// Whether all `len` elements at `ptr` are finite.
 ///
 /// # Safety
-/// `ptr` must be valid for `len` reads of `P`.
-pub unsafe fn all_finite<R: Real, P: Elem<R>>(ptr: *const P, len: usize) -> bool {
+/// `ptr` must be valid for `len` reads of `G`.
+pub unsafe fn all_finite<R: Real, G: Elem<R>>(ptr: *const G, len: usize) -> bool {
     let mut buf = [R::ZERO; BLOCK];
     let mut off = 0;
     while off < len {
         let n = BLOCK.min(len - off);
         // SAFETY: inside the range the caller vouched for.
-        unsafe { P::load(std::slice::from_raw_parts(ptr.add(off), n), &mut buf[..n]) };
+        unsafe { G::load(std::slice::from_raw_parts(ptr.add(off), n), &mut buf[..n]) };
         if !buf[..n].iter().fold(true, |ok, x| ok & x.is_finite()) {
             return false;
         }

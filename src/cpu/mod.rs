@@ -194,8 +194,9 @@ impl<Ru: Rule> RuleBatch<Ru> {
     /// Pointers to the first element of span `s` in every tensor of its parameter.
     ///
     /// # Safety
-    /// The batch's views must be validated for element types P (params, grads) and S (states).
-    unsafe fn span_ptrs<R: Real, P: Elem<R>, S: Elem<R>>(&self, s: Span) -> SpanPtrs<P, S> {
+    /// The batch's views must be validated for element types P (params), G (inputs) and S
+    /// (states).
+    unsafe fn span_ptrs<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, s: Span) -> SpanPtrs<P, G, S> {
         let b = &self.batch;
         let t = s.tensor;
         let mut states = [std::ptr::null_mut::<S>(); MAX_SLOTS];
@@ -204,20 +205,20 @@ impl<Ru: Rule> RuleBatch<Ru> {
             for (k, st) in states.iter_mut().enumerate().take(b.slots) {
                 *st = b.states[t * b.slots + k].at::<S>(s.start);
             }
-            let grad = if Ru::READS_INPUT { b.grads[t].at::<P>(s.start) as *const P } else { std::ptr::null() };
+            let grad = if Ru::READS_INPUT { b.grads[t].at::<G>(s.start) as *const G } else { std::ptr::null() };
             SpanPtrs { param: b.params[t].at::<P>(s.start), grad, states }
         }
     }
 
     /// Per-tensor sums of the rule (zeros when it has none).
-    fn sums<R: Real, P: Elem<R>, S: Elem<R>>(&self, factor: R) -> Vec<[f64; MAX_SUMS]> {
+    fn sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factor: R) -> Vec<[f64; MAX_SUMS]> {
         let n = self.batch.params.len();
         if Ru::SUMS == 0 {
             return vec![[0.0; MAX_SUMS]; n];
         }
         let parts = map_spans(&self.numels(), |s| {
             // SAFETY: validated views; the pass only reads.
-            unsafe { kernel::sum_span::<Ru, R, P, S>(&self.rule, factor, self.span_ptrs::<R, P, S>(s), s.len) }
+            unsafe { kernel::sum_span::<Ru, R, P, G, S>(&self.rule, factor, self.span_ptrs::<R, P, G, S>(s), s.len) }
         });
         // Folded in span order: the sums (and so the step) are reproducible bit for bit.
         let mut sums = vec![[0.0; MAX_SUMS]; n];
@@ -260,25 +261,25 @@ impl<Ru: Rule> RuleBatch<Ru> {
         out
     }
 
-    fn run_typed<R: Real, P: Elem<R>, S: Elem<R>>(&self, grad_scale: Option<f64>) {
+    fn run_typed<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, grad_scale: Option<f64>) {
         let sign = if self.options.maximize { -1.0 } else { 1.0 };
         let xf = GradTransform { factor: R::from_f64(sign / grad_scale.unwrap_or(1.0)) };
-        let sums = self.sums::<R, P, S>(xf.factor);
+        let sums = self.sums::<R, P, G, S>(xf.factor);
         let coeffs = self.coeffs::<R>(&sums);
         for_each_span(&self.numels(), |s| {
-            // SAFETY: all views were validated to hold numel elements of P (params, grads) or S
-            // (states) on the CPU; spans are disjoint ranges inside them, so each element is
+            // SAFETY: all views were validated to hold numel elements of P (params), G (inputs) or
+            // S (states) on the CPU; spans are disjoint ranges inside them, so each element is
             // touched by one thread only; the tensors are kept alive by the caller.
-            unsafe { kernel::update_span::<Ru, R, P, S>(&coeffs[s.tensor], &xf, self.span_ptrs::<R, P, S>(s), s.len) };
+            unsafe { kernel::update_span::<Ru, R, P, G, S>(&coeffs[s.tensor], &xf, self.span_ptrs::<R, P, G, S>(s), s.len) };
         });
     }
 
-    fn grads_finite<R: Real, P: Elem<R>>(&self) -> bool {
+    fn grads_finite<R: Real, G: Elem<R>>(&self) -> bool {
         let numels: Vec<usize> = self.batch.grads.iter().map(|g| g.numel()).collect();
         let ok = std::sync::atomic::AtomicBool::new(true);
         for_each_span(&numels, |s| {
-            // SAFETY: grads validated as numel elements of P on the CPU; read only.
-            let fine = unsafe { kernel::all_finite::<R, P>(self.batch.grads[s.tensor].at::<P>(s.start), s.len) };
+            // SAFETY: grads validated as numel elements of G on the CPU; read only.
+            let fine = unsafe { kernel::all_finite::<R, G>(self.batch.grads[s.tensor].at::<G>(s.start), s.len) };
             if !fine {
                 ok.store(false, std::sync::atomic::Ordering::Relaxed);
             }
@@ -292,7 +293,7 @@ impl<Ru: Rule> CpuStep for RuleBatch<Ru> {
         if !self.options.check_finite || !Ru::READS_INPUT {
             return Ok(());
         }
-        let fine = match self.batch.param_dtype {
+        let fine = match self.batch.input_dtype {
             DType::F32 => self.grads_finite::<f32, f32>(),
             DType::BF16 => self.grads_finite::<f32, bf16>(),
             DType::F16 => self.grads_finite::<f32, f16>(),
@@ -306,13 +307,17 @@ impl<Ru: Rule> CpuStep for RuleBatch<Ru> {
     }
 
     fn run(&self, grad_scale: Option<f64>) {
-        match (self.batch.param_dtype, self.batch.state_dtype) {
-            (DType::F32, _) => self.run_typed::<f32, f32, f32>(grad_scale),
-            (DType::F64, _) => self.run_typed::<f64, f64, f64>(grad_scale),
-            (DType::BF16, DType::BF16) => self.run_typed::<f32, bf16, bf16>(grad_scale),
-            (DType::BF16, _) => self.run_typed::<f32, bf16, f32>(grad_scale),
-            (DType::F16, DType::F16) => self.run_typed::<f32, f16, f16>(grad_scale),
-            (DType::F16, _) => self.run_typed::<f32, f16, f32>(grad_scale),
+        // Combinations accepted by `batch::split_group`: the input has the parameter's dtype, or
+        // an fp32 parameter (an average) reads a bf16/fp16 input (the model).
+        match (self.batch.param_dtype, self.batch.input_dtype, self.batch.state_dtype) {
+            (DType::F32, DType::BF16, _) => self.run_typed::<f32, f32, bf16, f32>(grad_scale),
+            (DType::F32, DType::F16, _) => self.run_typed::<f32, f32, f16, f32>(grad_scale),
+            (DType::F32, _, _) => self.run_typed::<f32, f32, f32, f32>(grad_scale),
+            (DType::F64, _, _) => self.run_typed::<f64, f64, f64, f64>(grad_scale),
+            (DType::BF16, _, DType::BF16) => self.run_typed::<f32, bf16, bf16, bf16>(grad_scale),
+            (DType::BF16, _, _) => self.run_typed::<f32, bf16, bf16, f32>(grad_scale),
+            (DType::F16, _, DType::F16) => self.run_typed::<f32, f16, f16, f16>(grad_scale),
+            (DType::F16, _, _) => self.run_typed::<f32, f16, f16, f32>(grad_scale),
         }
     }
 }

@@ -11,6 +11,8 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(step::step, m)?)?;
+    m.add_function(wrap_pyfunction!(step::step_async, m)?)?;
+    m.add_class::<step::PendingStep>()?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(rule_names, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_source, m)?)?;

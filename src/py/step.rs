@@ -13,6 +13,8 @@ use crate::view::Device;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
 
 /// Read a Python dict of numbers and bools.
 pub(super) fn hyper_from(d: &Bound<'_, PyDict>) -> Result<Hyper> {
@@ -253,4 +255,79 @@ pub fn step<'py>(
     });
     drop(keep);
     result.map_err(|e| to_py(py, e))
+}
+
+/// An update running on a background thread (see [`step_async`]).
+#[pyclass(module = "emafuse._native")]
+pub struct PendingStep {
+    who: String,
+    handle: Mutex<Option<JoinHandle<Result<()>>>>,
+}
+
+#[pymethods]
+impl PendingStep {
+    /// Block (without holding the GIL) until the update has finished; raise its error, if any.
+    /// Later calls return at once.
+    fn wait(&self, py: Python<'_>) -> PyResult<()> {
+        let handle = self.handle.lock().map_err(|_| to_py(py, Error::Internal("poisoned lock".into())))?.take();
+        let Some(handle) = handle else { return Ok(()) };
+        let joined = py.detach(|| handle.join());
+        let result = joined.unwrap_or_else(|p| Err(panic_message(p)));
+        result.map_err(|e| to_py(py, Error::from_background(&self.who, e)))
+    }
+
+    /// Whether the update has finished (or was already waited for).
+    fn done(&self) -> bool {
+        self.handle.lock().map(|h| h.as_ref().is_none_or(|h| h.is_finished())).unwrap_or(true)
+    }
+}
+
+impl Error {
+    fn from_background(who: &str, e: Error) -> Error {
+        match e {
+            Error::Internal(m) => Error::Internal(format!("{who} (background update): {m}")),
+            other => other,
+        }
+    }
+}
+
+/// Like [`step`] (no AMP arguments), but the update runs on a new native thread: everything is
+/// validated here, before returning, and the returned [`PendingStep`] is joined with `wait()`.
+/// `wait_for`, if given, is a Python callable the thread calls first (e.g. a CUDA event's
+/// `synchronize`, so that the update reads a device-to-host copy only once it has landed). The
+/// caller must not touch the tensors passed until `wait()` returned.
+#[pyfunction]
+#[pyo3(signature = (who, rule, groups, wait_for=None))]
+pub fn step_async(
+    py: Python<'_>,
+    who: &str,
+    rule: &str,
+    groups: &Bound<'_, PyList>,
+    wait_for: Option<Py<PyAny>>,
+) -> PyResult<PendingStep> {
+    let mut keep = Vec::new();
+    let planned = catch_unwind(AssertUnwindSafe(|| plan(who, rule, groups, None, None, None, &mut keep)))
+        .unwrap_or_else(|p| Err(panic_message(p)));
+    let plan = planned.map_err(|e| to_py(py, e))?;
+    // The tensors' Python objects stay referenced until the thread is done with them.
+    let keep: Vec<Py<PyAny>> = keep.into_iter().map(Bound::unbind).collect();
+    let name = who.to_string();
+    let thread_name = name.clone();
+    let handle = std::thread::Builder::new()
+        .name("emafuse-async".into())
+        .spawn(move || {
+            if let Some(f) = wait_for {
+                let waited = Python::attach(|py| {
+                    let r = f.call0(py).map(drop).map_err(|e| Error::Value(format!("{thread_name}: waiting for the input failed: {e}")));
+                    drop(f);
+                    r
+                });
+                waited?;
+            }
+            let result = catch_unwind(AssertUnwindSafe(|| execute(&plan, &thread_name))).unwrap_or_else(|p| Err(panic_message(p)));
+            Python::attach(move |_| drop(keep));
+            result.map(drop)
+        })
+        .map_err(|e| to_py(py, Error::Internal(format!("cannot start a background thread: {e}"))))?;
+    Ok(PendingStep { who: name, handle: Mutex::new(Some(handle)) })
 }

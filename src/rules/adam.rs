@@ -10,21 +10,29 @@
 //! ```
 //! with `bc1 = 1 − β1^t`, `bc2 = 1 − β2^t` computed in f64 on the host.
 //! State slots: `exp_avg`, `exp_avg_sq`, then `max_exp_avg_sq` with amsgrad.
+//!
+//! Fused model EMA (spec averaging.md D.3 `ema_in_step`, flag `ema`, hyper-parameter
+//! `ema_weight` = 1 − decay): one more slot, the average `E`, last, updated from the new parameter
+//! value while it is still in registers, `E ← lerp(E, p_new, ema_weight)`. Equal to a separate
+//! `ema` update after the step when the parameter's dtype is the compute type (fp32/fp64); the
+//! Python layer only uses it then.
 
 use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::cuda::CudaKernel;
 use crate::error::Result;
 use crate::real::{Lerp, Real};
 
-/// Adam's hyper-parameters; `AMSGRAD` and `DECOUPLED` (AdamW) are compile-time flags.
+/// Adam's hyper-parameters; `AMSGRAD`, `DECOUPLED` (AdamW) and `EMA` (fused model EMA in the
+/// last slot) are compile-time flags.
 #[repr(C)]
 #[derive(Clone, Debug)]
-pub struct Adam<const AMSGRAD: bool, const DECOUPLED: bool> {
+pub struct Adam<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool = false> {
     lr: f64,
     beta1: f64,
     beta2: f64,
     eps: f64,
     weight_decay: f64,
+    ema_weight: f64,
 }
 
 /// Adam's per-tensor coefficients.
@@ -38,10 +46,11 @@ pub struct AdamCoeffs<R: Real> {
     bc2_sqrt: R,
     neg_step_size: R,
     eps: R,
+    ema: Lerp<R>,
 }
 
-impl<const AMSGRAD: bool, const DECOUPLED: bool> Rule for Adam<AMSGRAD, DECOUPLED> {
-    const SLOTS: usize = if AMSGRAD { 3 } else { 2 };
+impl<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool> Rule for Adam<AMSGRAD, DECOUPLED, EMA> {
+    const SLOTS: usize = if AMSGRAD { 3 } else { 2 } + if EMA { 1 } else { 0 };
     const SCALARS: usize = 1;
     type Coeffs<R: Real> = AdamCoeffs<R>;
 
@@ -60,6 +69,7 @@ impl<const AMSGRAD: bool, const DECOUPLED: bool> Rule for Adam<AMSGRAD, DECOUPLE
             bc2_sqrt: R::from_f64(bc2.sqrt()),
             neg_step_size: R::from_f64(-(self.lr / bc1)),
             eps: R::from_f64(self.eps),
+            ema: Lerp::new(self.ema_weight),
         }
     }
 
@@ -77,23 +87,34 @@ impl<const AMSGRAD: bool, const DECOUPLED: bool> Rule for Adam<AMSGRAD, DECOUPLE
             v
         };
         let denom = v_hat.sqrt() / c.bc2_sqrt + c.eps;
-        p + c.neg_step_size * m / denom
+        let p = p + c.neg_step_size * m / denom;
+        if EMA {
+            let k = if AMSGRAD { 3 } else { 2 };
+            s[k] = c.ema.apply(s[k], p);
+        }
+        p
     }
 
     fn cuda_kernel() -> Option<CudaKernel> {
-        Some(CudaKernel { source: include_str!("../cuda/kernels/adam.cuh"), type_name: format!("Adam<{AMSGRAD}, {DECOUPLED}>") })
+        Some(CudaKernel { source: include_str!("../cuda/kernels/adam.cuh"), type_name: format!("Adam<{AMSGRAD}, {DECOUPLED}, {EMA}>") })
     }
 }
 
-/// Build Adam from `lr, beta1, beta2, eps, weight_decay` and flags `amsgrad, decoupled`.
+/// Build Adam from `lr, beta1, beta2, eps, weight_decay` and flags `amsgrad, decoupled`; with
+/// the optional flag `ema`, also `ema_weight`.
 pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
     let lr = check_non_negative("lr", h.num("lr")?)?;
     let beta1 = check_unit_interval("beta1", h.num("beta1")?)?;
     let beta2 = check_unit_interval("beta2", h.num("beta2")?)?;
     let eps = check_non_negative("eps", h.num("eps")?)?;
     let weight_decay = check_non_negative("weight_decay", h.num("weight_decay")?)?;
-    Ok(bool_dispatch!(h.flag("amsgrad")? => A, h.flag("decoupled")? => D;
-        v.visit(Adam::<A, D> { lr, beta1, beta2, eps, weight_decay })))
+    let ema = h.flag_or_false("ema")?;
+    let ema_weight = if ema { h.num("ema_weight")? } else { 0.0 };
+    if !(0.0..=1.0).contains(&ema_weight) {
+        return Err(crate::error::Error::Value(format!("ema_weight must be in [0, 1], got {ema_weight}")));
+    }
+    Ok(bool_dispatch!(h.flag("amsgrad")? => A, h.flag("decoupled")? => D, ema => E;
+        v.visit(Adam::<A, D, E> { lr, beta1, beta2, eps, weight_decay, ema_weight })))
 }
 
 #[cfg(test)]
@@ -113,8 +134,8 @@ mod tests {
     #[test]
     fn matches_spec_in_f64() {
         for &decoupled in &[true, false] {
-            let rule_d = Adam::<false, true> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
-            let rule_l = Adam::<false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+            let rule_d = Adam::<false, true> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
+            let rule_l = Adam::<false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
             let (mut p, mut m, mut v) = (0.7f64, 0.05, 0.002);
             let (mut rp, mut rm, mut rv) = (p, m, v);
             for t in 1..=20 {
@@ -133,8 +154,20 @@ mod tests {
     }
 
     #[test]
+    fn fused_ema_lerps_towards_the_new_parameter() {
+        let plain = Adam::<false, true> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
+        let fused = Adam::<false, true, true> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.25 };
+        let mut s1 = [0.1f32, 0.01, 0.0, 0.0];
+        let mut s2 = [0.1f32, 0.01, 0.5, 0.0];
+        let p1 = Adam::<false, true>::update(&plain.coeffs::<f32>(&mut [3.0; 4], &[0.0; 4]), 0.7, 0.3, &mut s1);
+        let p2 = Adam::<false, true, true>::update(&fused.coeffs::<f32>(&mut [3.0; 4], &[0.0; 4]), 0.7, 0.3, &mut s2);
+        assert_eq!(p1, p2);
+        assert_eq!(s2[2], 0.5 + 0.25 * (p1 - 0.5));
+    }
+
+    #[test]
     fn amsgrad_keeps_running_max_of_raw_v() {
-        let rule = Adam::<true, true> { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 };
+        let rule = Adam::<true, true> { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0, ema_weight: 0.0 };
         let mut s = [0.0f32, 0.5, 0.6, 0.0];
         let mut scalars = [2.0; MAX_SCALARS];
         let c = rule.coeffs::<f32>(&mut scalars, &[0.0; MAX_SUMS]);

@@ -8,11 +8,16 @@ pub mod adamod;
 pub mod adamomentum;
 pub mod adan;
 pub mod ademamix;
+pub mod axpby;
+pub mod bema;
 pub mod diffgrad;
+pub mod ema;
 pub mod lion;
 pub mod sgd;
 pub mod sgd_sai;
+pub mod slerp;
 pub mod spam;
+pub mod swap;
 
 use crate::error::{Error, Result};
 use crate::real::Real;
@@ -124,16 +129,16 @@ pub trait RuleVisitor {
     fn visit<Ru: Rule>(self, rule: Ru) -> Self::Output;
 }
 
-/// The registry: rule names and the modules that build them, listed once.
+/// The registry: rule names and the functions that build them, listed once.
 macro_rules! registry {
-    ($($name:literal => $module:ident),* $(,)?) => {
+    ($($name:literal => $visit:path),* $(,)?) => {
         /// Every registered rule name.
         pub const RULE_NAMES: &[&str] = &[$($name),*];
 
         /// Build the rule called `name` from `hyper` and hand it to `visitor`.
         pub fn visit_rule<V: RuleVisitor>(name: &str, hyper: &Hyper, visitor: V) -> Result<V::Output> {
             match name {
-                $($name => $module::visit(hyper, visitor),)*
+                $($name => $visit(hyper, visitor),)*
                 other => Err(Error::Value(format!("unknown update rule '{other}'"))),
             }
         }
@@ -141,18 +146,27 @@ macro_rules! registry {
 }
 
 registry! {
-    "adam" => adam,
-    "sgd" => sgd,
-    "adan" => adan,
-    "spam" => spam,
-    "diffgrad" => diffgrad,
-    "adabound" => adabound,
-    "sgd_sai" => sgd_sai,
-    "ademamix" => ademamix,
-    "adabelief" => adabelief,
-    "adamomentum" => adamomentum,
-    "lion" => lion,
-    "adamod" => adamod,
+    // torch.optim
+    "adam" => adam::visit,
+    "sgd" => sgd::visit,
+    // the EMA optimizer family (spec optimizers.md)
+    "adan" => adan::visit,
+    "spam" => spam::visit,
+    "diffgrad" => diffgrad::visit,
+    "adabound" => adabound::visit,
+    "sgd_sai" => sgd_sai::visit,
+    "ademamix" => ademamix::visit,
+    "adabelief" => adabelief::visit,
+    "adamomentum" => adamomentum::visit,
+    "lion" => lion::visit,
+    "adamod" => adamod::visit,
+    // weight averaging (spec averaging.md D.1)
+    "ema" => ema::visit,
+    "ema_multi" => ema::visit_multi,
+    "bema" => bema::visit,
+    "swap" => swap::visit,
+    "axpby" => axpby::visit,
+    "slerp" => slerp::visit,
 }
 
 /// Expand run-time booleans into `const` items usable as const generic arguments:

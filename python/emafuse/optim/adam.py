@@ -18,6 +18,7 @@ class _AdamRule(FusedOptimizer):
 
     _rule = "adam"
     _supports_complex = True
+    _supports_fused_ema = True
 
     def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
         if group["amsgrad"]:

@@ -1,14 +1,15 @@
-// Adam / AdamW / AMSGrad: the CUDA twin of src/rules/adam.rs (same coefficients, same per-element
-// operation order; checked against it on the CPU by tests/test_cuda_sources.py).
+// Adam / AdamW / AMSGrad, optionally with a fused model EMA in the last slot: the CUDA twin of
+// src/rules/adam.rs (same coefficients, same per-element operation order; checked against it on
+// the CPU by tests/test_cuda_sources.py).
 #pragma once
 #include "common.cuh"
 
-template <bool AMSGRAD, bool DECOUPLED>
+template <bool AMSGRAD, bool DECOUPLED, bool EMA>
 struct Adam {
     struct Hyper {  // layout of the Rust `Adam` struct (#[repr(C)])
-        double lr, beta1, beta2, eps, weight_decay;
+        double lr, beta1, beta2, eps, weight_decay, ema_weight;
     };
-    static const int SLOTS = AMSGRAD ? 3 : 2;
+    static const int SLOTS = (AMSGRAD ? 3 : 2) + (EMA ? 1 : 0);
     static const int SCALARS = 1;
     static const int SUMS = 0;
     static const bool READS_INPUT = true;
@@ -18,6 +19,7 @@ struct Adam {
         R decay, l2;
         EfLerp<R> m_lerp;
         R beta2, one_minus_beta2, bc2_sqrt, neg_step_size, eps;
+        EfLerp<R> ema;
     };
 
     template <class R>
@@ -35,6 +37,7 @@ struct Adam {
         c.bc2_sqrt = R(EF_SQRT_D(bc2));
         c.neg_step_size = R(-(h.lr / bc1));
         c.eps = R(h.eps);
+        c.ema = EfLerp<R>::make(h.ema_weight);
         return c;
     }
 
@@ -55,7 +58,12 @@ struct Adam {
             v_hat = s[2];
         }
         R denom = ef_sqrt(v_hat) / c.bc2_sqrt + c.eps;
-        return p + c.neg_step_size * m / denom;
+        p = p + c.neg_step_size * m / denom;
+        if (EMA) {
+            const int k = AMSGRAD ? 3 : 2;
+            s[k] = c.ema.apply(s[k], p);
+        }
+        return p;
     }
 
     template <class R>

@@ -1,0 +1,30 @@
+//! In-place exchange of two equally typed tensor lists (spec averaging.md D.1 K4): the written
+//! tensor `A` and slot 0 `B` trade values in registers, 16 bytes per fp32 element, no temporary.
+
+use super::{Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::error::Result;
+use crate::real::Real;
+
+/// `A ⇄ B`.
+#[derive(Clone, Debug)]
+pub struct Swap;
+
+impl Rule for Swap {
+    const SLOTS: usize = 1;
+    const READS_INPUT: bool = false;
+    type Coeffs<R: Real> = ();
+
+    fn coeffs<R: Real>(&self, _scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) {}
+
+    #[inline(always)]
+    fn update<R: Real>(_c: &(), a: R, _g: R, s: &mut [R; MAX_SLOTS]) -> R {
+        let b = s[0];
+        s[0] = a;
+        b
+    }
+}
+
+/// Build `swap` (no hyper-parameters).
+pub fn visit<V: RuleVisitor>(_h: &Hyper, v: V) -> Result<V::Output> {
+    Ok(v.visit(Swap))
+}

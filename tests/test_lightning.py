@@ -1,0 +1,175 @@
+"""emafuse.lightning on CPU (spec averaging.md A.6, L, T.2, T.4): parity with Lightning's
+EMAWeightAveraging in a 2-epoch run, validation on the averaged weights, Lightning's checkpoint
+layout, exact resume from a checkpoint, and the post-hoc EMA callback."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from emafuse.lightning import EMACallback, PostHocEMACallback  # noqa: E402
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+
+
+class Module(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def validation_step(self, batch, _):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x), y), on_epoch=True)
+
+    def test_step(self, batch, _):
+        x, y = batch
+        self.log("test_loss", nn.functional.mse_loss(self(x), y), on_epoch=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def loaders():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(96, 6, generator=g)
+    y = x[:, :1] * 2 - x[:, 1:2] + 0.1 * torch.randn(96, 1, generator=g)
+    ds = torch.utils.data.TensorDataset(x, y)
+    train = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(64)), batch_size=8)
+    val = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(64, 96)), batch_size=16)
+    return train, val
+
+
+def trainer(callbacks, max_epochs=2, **kw):
+    return pl.Trainer(
+        max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks, **kw,
+    )
+
+
+def fit(callback, max_epochs=2, ckpt_path=None, **kw):
+    model = Module()
+    t = trainer([callback, *kw.pop("extra", [])], max_epochs=max_epochs, enable_checkpointing=bool(kw.get("ckpt")), **{k: v for k, v in kw.items() if k != "ckpt"})
+    train, val = loaders()
+    t.fit(model, train, val, ckpt_path=ckpt_path)
+    return model, t
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_parity_with_lightning_ema_weight_averaging(accumulate):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    ref_cb = EMAWeightAveraging(decay=0.9, update_every_n_steps=2)
+    ref_model, ref_t = fit(ref_cb, accumulate_grad_batches=accumulate)
+    ours_cb = EMACallback(decay=0.9, update_every_n_steps=2, preset="lightning")
+    ours_model, ours_t = fit(ours_cb, accumulate_grad_batches=accumulate)
+    ref_avg = ref_cb._average_model.module.state_dict()
+    ours_avg = ours_cb.ema.module.state_dict()
+    for k, v in ref_avg.items():
+        assert torch.equal(ours_avg[k], v), k
+    # Both end training holding the average.
+    for (k, a), (_, b) in zip(ours_model.state_dict().items(), ref_model.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert ours_t.callback_metrics["val_loss"] == ref_t.callback_metrics["val_loss"]
+    assert ours_cb.ema.num_updates_applied == int(ref_cb._average_model.n_averaged) == 8 // accumulate
+
+
+def test_validation_uses_the_average_and_default_lerp():
+    cb = EMACallback(decay=0.8, copy_at_train_end=False)
+    model, t = fit(cb)
+    _, val = loaders()
+    avg = cb.ema.module
+    with torch.no_grad():
+        losses = [nn.functional.mse_loss(avg(x), y) * len(x) for x, y in val]
+    expected = sum(losses) / 32
+    torch.testing.assert_close(t.callback_metrics["val_loss"], expected, rtol=1e-6, atol=1e-7)
+    # copy_at_train_end=False: the module keeps its own (non-averaged) weights ...
+    live = model.net[0].weight.detach().clone()
+    assert not torch.equal(live, avg.net[0].weight)
+    # ... and testing (after fit, same trainer) runs on the average, then swaps back.
+    t.test(model, val, verbose=False)
+    torch.testing.assert_close(t.callback_metrics["test_loss"], expected, rtol=1e-6, atol=1e-7)
+    assert torch.equal(model.net[0].weight, live)
+
+
+def test_checkpoint_layout_and_exact_resume(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    full_cb = EMACallback(decay=0.85, schedule="warmup", copy_at_train_end=False)
+    full_model, _ = fit(full_cb, max_epochs=3)
+
+    ck = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    first_cb = EMACallback(decay=0.85, schedule="warmup", copy_at_train_end=False)
+    fit(first_cb, max_epochs=1, extra=[ck], ckpt=True)
+    path = os.path.join(tmp_path, "epoch=0.ckpt")
+    ckpt = torch.load(path, weights_only=False)
+    assert {"state_dict", "current_model_state", "averaging_state"} <= set(ckpt)
+    for k, v in first_cb.ema.module.state_dict().items():
+        assert torch.equal(ckpt["state_dict"][k], v), k
+    assert int(ckpt["averaging_state"]["n_averaged"]) == 8
+    cb_state = next(v for k, v in ckpt["callbacks"].items() if "EMACallback" in k)
+    assert cb_state == {"latest_update_step": 8, "latest_update_epoch": -1}
+
+    resumed_cb = EMACallback(decay=0.85, schedule="warmup", copy_at_train_end=False)
+    resumed_model, _ = fit(resumed_cb, max_epochs=3, ckpt_path=path)
+    for k, v in full_cb.ema.module.state_dict().items():
+        assert torch.equal(resumed_cb.ema.module.state_dict()[k], v), k
+    for k, v in full_model.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[k], v), k
+    assert resumed_cb.ema.num_steps_seen == full_cb.ema.num_steps_seen == 24
+
+
+def test_should_update_timing():
+    cb = EMACallback(update_every_n_steps=3, update_starting_at_step=4)
+    assert [i for i in range(12) if cb.should_update(step_idx=i)] == [6, 9]
+    assert not cb.should_update(epoch_idx=0)
+    cb = EMACallback(update_starting_at_epoch=1)
+    cb._current_epoch = 0
+    assert not cb.should_update(step_idx=3)
+    cb._current_epoch = 1
+    assert cb.should_update(step_idx=3)
+
+
+def test_posthoc_callback_snapshots_and_resume(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cb = PostHocEMACallback((0.05, 0.10), snapshot_every=4)
+    model, t = fit(cb)
+    assert len(cb.posthoc.snapshots) == 2 * (16 // 4)
+    rec = cb.posthoc.reconstruct(0.08)
+    assert set(dict(rec.named_parameters())) == set(dict(model.named_parameters()))
+
+    ck = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    first = PostHocEMACallback((0.05, 0.10), snapshot_every=4)
+    fit(first, max_epochs=1, extra=[ck], ckpt=True)
+    resumed = PostHocEMACallback((0.05, 0.10), snapshot_every=4)
+    fit(resumed, max_epochs=2, ckpt_path=os.path.join(tmp_path, "epoch=0.ckpt"))
+    for a, b in zip(cb.posthoc.modules, resumed.posthoc.modules):
+        for (k, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+            assert torch.equal(x, y), k
+    assert len(resumed.posthoc.snapshots) == len(cb.posthoc.snapshots)
+
+
+def test_example_script_runs():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "lightning_ema.py")
+    spec = importlib.util.spec_from_file_location("lightning_ema_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(epochs=1, posthoc=True)
+    assert all(v == v and v < 10 for v in res.values())
