@@ -115,10 +115,10 @@ def test_step_async_validates_now_and_runs_later():
 
 
 def test_torch_fallback_for_cuda_tensors_matches_native(monkeypatch):
-    """Until the CUDA backend exists, CUDA tensors go through torch foreach ops with the same
+    """Until a rule has its CUDA kernel, CUDA tensors go through torch foreach ops with the same
     formulas; checked here on CPU tensors by making the native call refuse them."""
     from emafuse.averaging import _engine
-    from emafuse.errors import DeviceError
+    from emafuse.errors import CudaError
 
     shapes = [(7, 5), (4097,)]
 
@@ -132,7 +132,7 @@ def test_torch_fallback_for_cuda_tensors_matches_native(monkeypatch):
             class Refuse:
                 @staticmethod
                 def step(*a, **k):
-                    raise DeviceError("parameters on cuda:0 need emafuse's CUDA backend, which this build does not have yet")
+                    raise CudaError("this rule has no CUDA kernel yet")
 
             monkeypatch.setattr(_engine, "_native", Refuse)
         try:

@@ -85,7 +85,7 @@ def test_every_kernel_compiles_with_nvrtc(arch):
     with ThreadPoolExecutor(max_workers=2) as pool:
         for (name, _), ptx in pool.map(compile_one, jobs):
             assert f".target sm_{arch[-2:]}" in ptx, name
-            for dtype in ["f32", "f64", "bf16", "bf16_f32", "f16", "f16_f32"]:
+            for dtype in ["f32", "f64", "bf16", "bf16_f32", "f16", "f16_f32", "f32_bf16in", "f32_f16in"]:
                 assert f".entry ef_step_{dtype}" in ptx and f".entry ef_sums_{dtype}" in ptx, (name, dtype)
 
 

@@ -6,8 +6,8 @@ use crate::error::{Error, Result};
 const COMMON: &str = include_str!("kernels/common.cuh");
 const MULTI_TENSOR: &str = include_str!("kernels/multi_tensor.cuh");
 
-/// Suffixes of the kernels in every program, one per (param dtype, state dtype) combination.
-pub const KERNEL_DTYPES: [&str; 6] = ["f32", "f64", "bf16", "bf16_f32", "f16", "f16_f32"];
+/// Suffixes of the kernels in every program, one per (param, input, state) dtype combination.
+pub const KERNEL_DTYPES: [&str; 8] = ["f32", "f64", "bf16", "bf16_f32", "f16", "f16_f32", "f32_bf16in", "f32_f16in"];
 
 /// The complete NVRTC program for `kernel`: the common header, the rule's header and the
 /// multi-tensor kernel, with `#include`s of local headers removed (their text is inlined here).

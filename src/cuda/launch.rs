@@ -197,14 +197,17 @@ struct Planner {
     maximize: bool,
 }
 
-fn kernel_suffix(p: DType, s: DType) -> &'static str {
-    match (p, s) {
-        (DType::F32, _) => "f32",
-        (DType::F64, _) => "f64",
-        (DType::BF16, DType::BF16) => "bf16",
-        (DType::BF16, _) => "bf16_f32",
-        (DType::F16, DType::F16) => "f16",
-        (DType::F16, _) => "f16_f32",
+/// The kernel for a batch's (param, input, state) dtypes (the combinations `batch` accepts).
+fn kernel_suffix(p: DType, g: DType, s: DType) -> &'static str {
+    match (p, g, s) {
+        (DType::F32, DType::BF16, _) => "f32_bf16in",
+        (DType::F32, DType::F16, _) => "f32_f16in",
+        (DType::F32, _, _) => "f32",
+        (DType::F64, _, _) => "f64",
+        (DType::BF16, _, DType::BF16) => "bf16",
+        (DType::BF16, _, _) => "bf16_f32",
+        (DType::F16, _, DType::F16) => "f16",
+        (DType::F16, _, _) => "f16_f32",
     }
 }
 
@@ -226,7 +229,7 @@ impl RuleVisitor for Planner {
         let n_tensors = entries.len() as i32;
         let stream = self.stream as sys::CUstream;
         let (functions, table_index, table_addr, counters, sums) = with_device(ordinal, |dev| {
-            let functions = dev.module(&kernel)?.functions[kernel_suffix(b.param_dtype, b.state_dtype)];
+            let functions = dev.module(&kernel)?.functions[kernel_suffix(b.param_dtype, b.input_dtype, b.state_dtype)];
             let i = dev.table(entries, stream)?;
             let t = &dev.tables[i];
             Ok((functions, i, t.device_buf, t.counters(), t.sums()))

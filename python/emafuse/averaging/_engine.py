@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from ..errors import DeviceError, LayoutError
+from .._cuda import current_streams
+from ..errors import CudaError, LayoutError
 
 __all__ = ["native_step", "native_step_async", "real_view"]
 
@@ -32,21 +33,21 @@ def native_step(who: str, rule: str, calls: Sequence[Call]) -> None:
     differently from their partners) are staged through contiguous copies."""
     full = _full(calls)
     try:
-        _native.step(who, rule, full, None, None)
+        _native.step(who, rule, full, None, None, current_streams())
     except LayoutError:
         copy_back = _stage(full)
-        _native.step(who, rule, full, None, None)
+        _native.step(who, rule, full, None, None, current_streams())
         for orig, copy in copy_back:
             orig.copy_(copy)
-    except DeviceError as e:
-        if "CUDA backend" not in str(e) or rule not in _FALLBACKS:
+    except CudaError as e:
+        if "no CUDA kernel" not in str(e) or rule not in _FALLBACKS:
             raise
         _FALLBACKS[rule](full)
 
 
-# -- CUDA tensors before emafuse's CUDA backend exists ------------------------------------------
+# -- CUDA tensors of rules without a CUDA kernel yet ------------------------------------------
 # The same math with torch's foreach ops (same formulas and weights; torch's own rounding). Used
-# only when the native engine refuses CUDA tensors; becomes dead code once it accepts them.
+# only while a rule has no CUDA kernel; goes away with the rules' CUDA twins.
 
 
 def _fb_ema(full: list[tuple]) -> None:

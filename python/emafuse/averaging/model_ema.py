@@ -142,8 +142,9 @@ class ModelEMA:
     :meth:`attach` with the optimizer so its next step waits (on the GPU, without a host sync)
     for the copy to land before changing the weights.
 
-    CUDA tensors go through the same native calls; until emafuse's CUDA backend is built, the
-    engine refuses them and the same formulas run as torch foreach ops instead (``_engine.py``).
+    CUDA tensors go through the same native calls (fused CUDA kernels on PyTorch's current
+    stream); a rule whose CUDA kernel is not written yet runs the same formulas as torch foreach
+    ops instead (``_engine.py``).
 
     **Use**: ``module`` is an ``nn.Module`` (eval mode) holding the average; ``copy_to(model)``;
     ``with ema.average_parameters(model):`` swaps the average into ``model`` in place and back

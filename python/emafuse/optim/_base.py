@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
+from .._cuda import current_streams, per_device
 from ..errors import DTypeError, LayoutError, UnsupportedOptionError
 
 __all__ = ["FusedOptimizer", "scalar", "sum_squares"]
@@ -50,22 +51,6 @@ def _scalar_state(p: Tensor, value: float | Tensor, cpu_dtype: torch.dtype) -> T
     if isinstance(value, Tensor) and value.device.type == "cpu" and value.dtype in (torch.float32, torch.float64) and value.numel() == 1:
         return value
     return torch.tensor(float(value), dtype=cpu_dtype)
-
-
-def _cuda_streams() -> list[int] | None:
-    """PyTorch's current stream handle of every visible CUDA device (None before CUDA is used)."""
-    if not torch.cuda.is_initialized():
-        return None
-    return [torch.cuda.current_stream(i).cuda_stream for i in range(torch.cuda.device_count())]
-
-
-def _per_device(t: Tensor | None) -> Tensor | dict[int, Tensor] | None:
-    """An AMP tensor (GradScaler's scale or found-inf flag, on one device) for every device the
-    kernels may read it on: CUDA kernels read it on their own device (copied there without
-    synchronising), CPU kernels on the host."""
-    if t is None or not t.is_cuda or torch.cuda.device_count() == 1:
-        return t
-    return {i: t.to(f"cuda:{i}", non_blocking=True) for i in range(torch.cuda.device_count())}
 
 
 def scalar(x: float | Tensor) -> float:
@@ -313,9 +298,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._end_step(True)
             return loss
 
-        grad_scale = _per_device(grad_scale)
-        found_inf = _per_device(found_inf)
-        streams = _cuda_streams()
+        grad_scale = per_device(grad_scale)
+        found_inf = per_device(found_inf)
+        streams = current_streams()
         who = type(self).__name__
         try:
             applied = _native.step(who, self._rule, calls, grad_scale, found_inf, streams)

@@ -49,19 +49,19 @@ __device__ __forceinline__ bool ef_aligned(const void* p) {
     return ((unsigned long long)p % (sizeof(T) * EF_VEC)) == 0;
 }
 
-template <class Rule, class R, class P, class S>
-__device__ __forceinline__ void ef_update_one(const typename Rule::template Coeffs<R>& c, R factor, P* p, const P* g, S* const* st, ef_i64 i) {
+template <class Rule, class R, class P, class G, class S>
+__device__ __forceinline__ void ef_update_one(const typename Rule::template Coeffs<R>& c, R factor, P* p, const G* g, S* const* st, ef_i64 i) {
     R s[EF_MAX_SLOTS];
 #pragma unroll
     for (int k = 0; k < Rule::SLOTS; ++k) s[k] = EfElem<S, R>::load(st[k] + i);
-    R gv = Rule::READS_INPUT ? EfElem<P, R>::load(g + i) * factor : R(0);
+    R gv = Rule::READS_INPUT ? EfElem<G, R>::load(g + i) * factor : R(0);
     R pv = Rule::template update<R>(c, EfElem<P, R>::load(p + i), gv, s);
     EfElem<P, R>::store(p + i, pv);
 #pragma unroll
     for (int k = 0; k < Rule::SLOTS; ++k) EfElem<S, R>::store(st[k] + i, s[k]);
 }
 
-template <class Rule, class R, class P, class S>
+template <class Rule, class R, class P, class G, class S>
 __device__ __forceinline__ void ef_step_impl(const typename Rule::Hyper& hyper, const EfTensor* tensors, int n_tensors,
                                              const float* grad_scale, const float* found_inf, double gsign,
                                              ef_u32* counters, const double* sums) {
@@ -96,9 +96,9 @@ __device__ __forceinline__ void ef_step_impl(const typename Rule::Hyper& hyper, 
     ef_i64 start = ((ef_i64)blockIdx.x - T.first_block) * EF_CHUNK;
     ef_i64 end = T.numel < start + EF_CHUNK ? T.numel : start + EF_CHUNK;
     P* p = (P*)T.p;
-    const P* g = (const P*)T.g;
+    const G* g = (const G*)T.g;
     S* st[EF_MAX_SLOTS];
-    bool aligned = ef_aligned<P>(p) && (!Rule::READS_INPUT || ef_aligned<P>(g));
+    bool aligned = ef_aligned<P>(p) && (!Rule::READS_INPUT || ef_aligned<G>(g));
 #pragma unroll
     for (int k = 0; k < EF_MAX_SLOTS; ++k) {
         st[k] = (S*)T.s[k];
@@ -107,8 +107,8 @@ __device__ __forceinline__ void ef_step_impl(const typename Rule::Hyper& hyper, 
     ef_i64 vec_end = aligned ? start + ((end - start) / EF_VEC) * EF_VEC : start;
     for (ef_i64 i = start + (ef_i64)threadIdx.x * EF_VEC; i < vec_end; i += (ef_i64)blockDim.x * EF_VEC) {
         EfVec<P> pv = *(const EfVec<P>*)(p + i);
-        EfVec<P> gv;
-        if (Rule::READS_INPUT) gv = *(const EfVec<P>*)(g + i);
+        EfVec<G> gv;
+        if (Rule::READS_INPUT) gv = *(const EfVec<G>*)(g + i);
         EfVec<S> sv[EF_MAX_SLOTS];
 #pragma unroll
         for (int k = 0; k < Rule::SLOTS; ++k) sv[k] = *(const EfVec<S>*)(st[k] + i);
@@ -117,7 +117,7 @@ __device__ __forceinline__ void ef_step_impl(const typename Rule::Hyper& hyper, 
             R s[EF_MAX_SLOTS];
 #pragma unroll
             for (int k = 0; k < Rule::SLOTS; ++k) s[k] = EfElem<S, R>::load(&sv[k].v[j]);
-            R gj = Rule::READS_INPUT ? EfElem<P, R>::load(&gv.v[j]) * factor : R(0);
+            R gj = Rule::READS_INPUT ? EfElem<G, R>::load(&gv.v[j]) * factor : R(0);
             R pj = Rule::template update<R>(c, EfElem<P, R>::load(&pv.v[j]), gj, s);
             EfElem<P, R>::store(&pv.v[j], pj);
 #pragma unroll
@@ -127,11 +127,11 @@ __device__ __forceinline__ void ef_step_impl(const typename Rule::Hyper& hyper, 
 #pragma unroll
         for (int k = 0; k < Rule::SLOTS; ++k) *(EfVec<S>*)(st[k] + i) = sv[k];
     }
-    for (ef_i64 i = vec_end + threadIdx.x; i < end; i += blockDim.x) ef_update_one<Rule, R, P, S>(c, factor, p, g, st, i);
+    for (ef_i64 i = vec_end + threadIdx.x; i < end; i += blockDim.x) ef_update_one<Rule, R, P, G, S>(c, factor, p, g, st, i);
 }
 
 // Per-tensor sums (rules with SUMS > 0): a read-only pass before ef_step, accumulated in double.
-template <class Rule, class R, class P, class S>
+template <class Rule, class R, class P, class G, class S>
 __device__ __forceinline__ void ef_sums_impl(const typename Rule::Hyper& hyper, const EfTensor* tensors, int n_tensors,
                                              const float* grad_scale, const float* found_inf, double gsign, double* sums) {
     if (Rule::SUMS == 0) return;
@@ -143,11 +143,11 @@ __device__ __forceinline__ void ef_sums_impl(const typename Rule::Hyper& hyper, 
     ef_i64 end = T.numel < start + EF_CHUNK ? T.numel : start + EF_CHUNK;
     double acc[EF_MAX_SUMS] = {0, 0, 0, 0};
     const P* p = (const P*)T.p;
-    const P* g = (const P*)T.g;
+    const G* g = (const G*)T.g;
     for (ef_i64 i = start + threadIdx.x; i < end; i += blockDim.x) {
         R s[EF_MAX_SLOTS];
         for (int k = 0; k < Rule::SLOTS; ++k) s[k] = EfElem<S, R>::load((const S*)T.s[k] + i);
-        R gv = Rule::READS_INPUT ? EfElem<P, R>::load(g + i) * factor : R(0);
+        R gv = Rule::READS_INPUT ? EfElem<G, R>::load(g + i) * factor : R(0);
         Rule::template accumulate<R>(hyper, EfElem<P, R>::load(p + i), gv, s, acc);
     }
     __shared__ double red[EF_THREADS];
@@ -163,23 +163,26 @@ __device__ __forceinline__ void ef_sums_impl(const typename Rule::Hyper& hyper, 
     }
 }
 
-#define EF_KERNELS(NAME, R, P, S)                                                                          \
+#define EF_KERNELS(NAME, R, P, G, S)                                                                          \
     extern "C" __global__ void __launch_bounds__(EF_THREADS)                                              \
         ef_step_##NAME(const EF_RULE::Hyper hyper, const EfTensor* tensors, int n_tensors,                \
                        const float* grad_scale, const float* found_inf, double gsign, ef_u32* counters,   \
                        const double* sums) {                                                              \
-        ef_step_impl<EF_RULE, R, P, S>(hyper, tensors, n_tensors, grad_scale, found_inf, gsign, counters, \
+        ef_step_impl<EF_RULE, R, P, G, S>(hyper, tensors, n_tensors, grad_scale, found_inf, gsign, counters, \
                                        sums);                                                             \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(EF_THREADS)                                              \
         ef_sums_##NAME(const EF_RULE::Hyper hyper, const EfTensor* tensors, int n_tensors,                \
                        const float* grad_scale, const float* found_inf, double gsign, double* sums) {     \
-        ef_sums_impl<EF_RULE, R, P, S>(hyper, tensors, n_tensors, grad_scale, found_inf, gsign, sums);    \
+        ef_sums_impl<EF_RULE, R, P, G, S>(hyper, tensors, n_tensors, grad_scale, found_inf, gsign, sums);    \
     }
 
-EF_KERNELS(f32, float, float, float)
-EF_KERNELS(f64, double, double, double)
-EF_KERNELS(bf16, float, ef_bf16, ef_bf16)
-EF_KERNELS(bf16_f32, float, ef_bf16, float)
-EF_KERNELS(f16, float, ef_f16, ef_f16)
-EF_KERNELS(f16_f32, float, ef_f16, float)
+// (name, compute, param, input, state): the combinations src/batch.rs accepts.
+EF_KERNELS(f32, float, float, float, float)
+EF_KERNELS(f64, double, double, double, double)
+EF_KERNELS(bf16, float, ef_bf16, ef_bf16, ef_bf16)
+EF_KERNELS(bf16_f32, float, ef_bf16, ef_bf16, float)
+EF_KERNELS(f16, float, ef_f16, ef_f16, ef_f16)
+EF_KERNELS(f16_f32, float, ef_f16, ef_f16, float)
+EF_KERNELS(f32_bf16in, float, float, ef_bf16, float)
+EF_KERNELS(f32_f16in, float, float, ef_f16, float)
