@@ -1,0 +1,149 @@
+"""The EMA optimizer family on the CPU: each emafuse optimizer against pytorch_optimizer's
+implementation of the same algorithm (its default per-parameter loop and its foreach path) and
+heavyball's where it has the algorithm, on the parameter shapes of real models, next to the
+machine's memory bandwidth. Bytes per parameter (fp32) from optimizers.md §1 give the effective
+bandwidth.
+
+    PYTHONPATH=python python benchmarks/bench_research.py                   # writes RESULTS.md
+    PYTHONPATH=python python benchmarks/bench_research.py --quick          # short, prints only
+
+Implementations take turns step by step, round by round, as in bench_optim.py (only one
+optimizer state exists at a time; load from other processes falls on all alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import emafuse
+from common import copy_bandwidth, inplace_bandwidth, machine_info, markdown_table, time_calls
+from workloads import WORKLOADS, make_params, numel
+
+try:
+    import pytorch_optimizer as po
+except ImportError:  # pragma: no cover - optional peer
+    po = None
+try:
+    import heavyball
+
+    heavyball.utils.compile_mode = None  # eager: compiling for the CPU would dominate the run
+except ImportError:  # pragma: no cover - optional peer
+    heavyball = None
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    ours: Callable[..., torch.optim.Optimizer]
+    bytes_per_param: int  # fp32, optimizers.md §1
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    po_name: str | None = None  # pytorch_optimizer class
+    po_kwargs: dict[str, Any] = field(default_factory=dict)
+    heavyball_name: str | None = None
+
+    def impls(self) -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
+        out: dict[str, Callable] = {"emafuse": lambda ps: self.ours(ps, **self.kwargs)}
+        if po is not None and self.po_name:
+            cls = getattr(po, self.po_name)
+            out["pytorch_optimizer"] = lambda ps: cls(ps, **self.po_kwargs, foreach=False)
+            out["pytorch_optimizer foreach"] = lambda ps: cls(ps, **self.po_kwargs, foreach=True)
+        if heavyball is not None and self.heavyball_name:
+            cls = getattr(heavyball, self.heavyball_name)
+            out["heavyball"] = lambda ps: cls(ps, lr=1e-4)
+        return out
+
+
+CASES = [
+    Case("AdEMAMix", emafuse.AdEMAMix, 36, dict(lr=1e-4), "AdEMAMix", dict(lr=1e-4), "AdEMAMix"),
+    Case("AdaBelief", emafuse.AdaBelief, 28, dict(lr=1e-4, print_change_log=False), "AdaBelief", dict(lr=1e-4, rectify=True)),
+    Case("AdaMomentum", emafuse.AdaMomentum, 28, dict(lr=1e-4)),
+    Case("Adan", emafuse.Adan, 44, dict(lr=1e-4), "Adan", dict(lr=1e-4)),
+    Case("Lion", emafuse.Lion, 20, dict(lr=1e-5), "Lion", dict(lr=1e-5)),
+    Case("SPAM", emafuse.SPAM, 28, dict(lr=1e-4), "SPAM", dict(lr=1e-4)),
+    Case("AdaMod", emafuse.AdaMod, 36, dict(lr=1e-4), "AdaMod", dict(lr=1e-4)),
+    Case("DiffGrad", emafuse.DiffGrad, 36, dict(lr=1e-4), "DiffGrad", dict(lr=1e-4)),
+    Case("AdaBound", emafuse.AdaBound, 28, dict(lr=1e-4), "AdaBound", dict(lr=1e-4)),
+    Case("SGDSaI", emafuse.SGDSaI, 20, dict(lr=1e-4), "SGDSaI", dict(lr=1e-4)),
+]
+
+
+def measure(case: Case, params: list[torch.Tensor], grads: list[torch.Tensor], rounds: int, warmup: int, steps: int) -> dict[str, list[float]]:
+    impls = case.impls()
+    times: dict[str, list[float]] = {name: [] for name in impls}
+
+    def step(opt: torch.optim.Optimizer) -> None:
+        for p, g in zip(params, grads):  # heavyball drops .grad after its step
+            p.grad = g
+        opt.step()
+
+    for _ in range(rounds):
+        for name, make in impls.items():
+            opt = make(params)
+            times[name] += time_calls(lambda: step(opt), warmup, steps)
+            del opt
+            gc.collect()
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="ResNet-50 only, one short round; prints only")
+    ap.add_argument("--workloads", default="resnet50,gpt2-small,vit-b16,small-4000")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--output", default=None, help="RESULTS.md to update (default: benchmarks/RESULTS.md unless --quick)")
+    args = ap.parse_args()
+    workloads = ["resnet50"] if args.quick else args.workloads.split(",")
+    rounds, steps = (1, 2) if args.quick else (args.rounds, args.steps)
+    output = args.output or (None if args.quick else str(Path(__file__).with_name("RESULTS.md")))
+
+    copy_gbs, inplace_gbs = copy_bandwidth()[1], inplace_bandwidth()[1]
+    print(f"bandwidth GB/s (median): copy {copy_gbs:.1f}, in-place {inplace_gbs:.1f}", flush=True)
+    rows = []
+    for wl in workloads:
+        shapes = WORKLOADS[wl]()
+        n = numel(shapes)
+        params = make_params(shapes)
+        grads = [p.grad for p in params]
+        for case in CASES:
+            times = {k: statistics.median(v) for k, v in measure(case, params, grads, rounds, 1, steps).items()}
+            for impl, t in times.items():
+                gbs = case.bytes_per_param * n / t / 1e9
+                speedup = "-" if impl == "emafuse" else f"{t / times['emafuse']:.1f}x"
+                rows.append([wl, case.name, impl, f"{t * 1e3:.1f}", f"{gbs:.1f}", f"{100 * gbs / inplace_gbs:.0f}%", speedup])
+                print(" | ".join(rows[-1]), flush=True)
+        del params
+        gc.collect()
+
+    info = machine_info()
+    table = markdown_table(["workload", "optimizer", "implementation", "ms/step", "GB/s", "% of in-place", "emafuse speed-up"], rows)
+    section = (
+        "<!-- RESEARCH:BEGIN -->\n## The EMA optimizer family (CPU)\n\n"
+        f"`python benchmarks/bench_research.py` — {info['date']}, {info.get('cpu', '')}, torch {torch.__version__}, "
+        f"emafuse threads {emafuse.num_threads()}. Median of {rounds} rounds x {steps} steps after a warm-up step. "
+        f"Memory bandwidth in the same run (median, read + written): copy {copy_gbs:.1f} GB/s, in-place {inplace_gbs:.1f} GB/s. "
+        "GB/s = fp32 bytes per parameter (optimizers.md §1) x parameters / time; emafuse speed-up = peer time / emafuse time. "
+        "Peers: pytorch_optimizer 4.1.0 (its default loop and `foreach=True`), heavyball 3.2.1 (eager, `compile_mode=None`) "
+        "where it has the algorithm. AdaMomentum has no packaged implementation.\n\n" + table + "\n<!-- RESEARCH:END -->\n"
+    )
+    print(section)
+    if output:
+        path = Path(output)
+        text = path.read_text() if path.exists() else "# emafuse benchmark results\n"
+        if "<!-- RESEARCH:BEGIN -->" in text:
+            text = re.sub(r"<!-- RESEARCH:BEGIN -->.*<!-- RESEARCH:END -->\n", lambda _: section, text, flags=re.S)
+        else:
+            text = text.rstrip("\n") + "\n\n" + section
+        path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
