@@ -33,7 +33,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 import emafuse  # noqa: E402
 from emafuse import ModelEMA  # noqa: E402
 
