@@ -75,6 +75,23 @@ CASES = [
 ]
 
 
+def _timer(device: torch.device) -> Callable[[Callable[[], object], int, int], list[float]]:
+    """time_calls on the CPU; on CUDA the same, with the device drained before and after each
+    timed call (the step's own work is asynchronous)."""
+    if device.type != "cuda":
+        return lambda fn, warmup, steps: time_calls(fn, warmup, steps)
+
+    def synced(fn: Callable[[], object], warmup: int, steps: int) -> list[float]:
+        def call() -> None:
+            fn()
+            torch.cuda.synchronize()
+
+        torch.cuda.synchronize()
+        return time_calls(call, warmup, steps)
+
+    return synced
+
+
 def measure(case: Case, params: list[torch.Tensor], grads: list[torch.Tensor], rounds: int, warmup: int, steps: int) -> dict[str, list[float]]:
     impls = case.impls()
     times: dict[str, list[float]] = {name: [] for name in impls}
@@ -84,10 +101,11 @@ def measure(case: Case, params: list[torch.Tensor], grads: list[torch.Tensor], r
             p.grad = g
         opt.step()
 
+    timer = _timer(params[0].device)
     for _ in range(rounds):
         for name, make in impls.items():
             opt = make(params)
-            times[name] += time_calls(lambda: step(opt), warmup, steps)
+            times[name] += timer(lambda: step(opt), warmup, steps)
             del opt
             gc.collect()
     return times
@@ -100,18 +118,29 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--output", default=None, help="RESULTS.md to update (default: benchmarks/RESULTS.md unless --quick)")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    device = torch.device(args.device)
     workloads = ["resnet50"] if args.quick else args.workloads.split(",")
     rounds, steps = (1, 2) if args.quick else (args.rounds, args.steps)
     output = args.output or (None if args.quick else str(Path(__file__).with_name("RESULTS.md")))
 
-    copy_gbs, inplace_gbs = copy_bandwidth()[1], inplace_bandwidth()[1]
+    if device.type == "cuda":
+        n = 2**28
+        src, dst = torch.rand(n, device=device), torch.empty(n, device=device)
+        t = statistics.median(_timer(device)(lambda: dst.copy_(src), 2, 10))
+        copy_gbs = inplace_gbs = 2 * 4 * n / t / 1e9  # a device copy: reads and writes, no write-allocate
+        del src, dst
+    else:
+        copy_gbs, inplace_gbs = copy_bandwidth()[1], inplace_bandwidth()[1]
     print(f"bandwidth GB/s (median): copy {copy_gbs:.1f}, in-place {inplace_gbs:.1f}", flush=True)
     rows = []
     for wl in workloads:
         shapes = WORKLOADS[wl]()
         n = numel(shapes)
-        params = make_params(shapes)
+        params = [torch.nn.Parameter(p.detach().to(device)) for p in make_params(shapes)]
+        for p in params:
+            p.grad = torch.randn_like(p)
         grads = [p.grad for p in params]
         for case in CASES:
             times = {k: statistics.median(v) for k, v in measure(case, params, grads, rounds, 1, steps).items()}
@@ -126,20 +155,21 @@ def main() -> None:
     info = machine_info()
     table = markdown_table(["workload", "optimizer", "implementation", "ms/step", "GB/s", "% of in-place", "emafuse speed-up"], rows)
     section = (
-        "<!-- RESEARCH:BEGIN -->\n## The EMA optimizer family (CPU)\n\n"
+        f"<!-- RESEARCH:{device.type.upper()}:BEGIN -->\n## The EMA optimizer family ({device.type.upper()})\n\n"
         f"`python benchmarks/bench_research.py` — {info['date']}, {info.get('cpu', '')}, torch {torch.__version__}, "
         f"emafuse threads {emafuse.num_threads()}. Median of {rounds} rounds x {steps} steps after a warm-up step. "
         f"Memory bandwidth in the same run (median, read + written): copy {copy_gbs:.1f} GB/s, in-place {inplace_gbs:.1f} GB/s. "
         "GB/s = fp32 bytes per parameter (optimizers.md §1) x parameters / time; emafuse speed-up = peer time / emafuse time. "
         "Peers: pytorch_optimizer 4.1.0 (its default loop and `foreach=True`), heavyball 3.2.1 (eager, `compile_mode=None`) "
-        "where it has the algorithm. AdaMomentum has no packaged implementation.\n\n" + table + "\n<!-- RESEARCH:END -->\n"
+        "where it has the algorithm. AdaMomentum has no packaged implementation.\n\n" + table + f"\n<!-- RESEARCH:{device.type.upper()}:END -->\n"
     )
     print(section)
     if output:
         path = Path(output)
         text = path.read_text() if path.exists() else "# emafuse benchmark results\n"
-        if "<!-- RESEARCH:BEGIN -->" in text:
-            text = re.sub(r"<!-- RESEARCH:BEGIN -->.*<!-- RESEARCH:END -->\n", lambda _: section, text, flags=re.S)
+        tag = f"RESEARCH:{device.type.upper()}"
+        if f"<!-- {tag}:BEGIN -->" in text:
+            text = re.sub(rf"<!-- {tag}:BEGIN -->.*<!-- {tag}:END -->\n", lambda _: section, text, flags=re.S)
         else:
             text = text.rstrip("\n") + "\n\n" + section
         path.write_text(text)
