@@ -53,6 +53,32 @@ def _scalar_state(p: Tensor, value: float | Tensor, cpu_dtype: torch.dtype) -> T
     return torch.tensor(float(value), dtype=cpu_dtype)
 
 
+def check_hyper(*, lr: float | Tensor | None = None, eps: float | None = None, betas: tuple = (), weight_decay: float | None = None) -> None:
+    """The argument checks most reference optimizers share, with torch's messages: lr >= 0,
+    eps >= 0, every beta in [0, 1), weight_decay >= 0 (NaN fails every one)."""
+    if lr is not None and not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if eps is not None and not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+    if weight_decay is not None and not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def common_hyper(group: dict[str, Any]) -> dict[str, float]:
+    """The hyper-parameters most rules share, by the names the rules read: ``lr``, the betas as
+    ``beta1``, ``beta2``, ..., and ``eps`` / ``weight_decay`` where the group has them."""
+    hyper = {"lr": scalar(group["lr"])}
+    for i, beta in enumerate(group.get("betas", ())):
+        hyper[f"beta{i + 1}"] = scalar(beta)
+    for key in ("eps", "weight_decay"):
+        if key in group:
+            hyper[key] = scalar(group[key])
+    return hyper
+
+
 def scalar(x: float | Tensor) -> float:
     """A hyper-parameter as a Python float (a one-element tensor is read)."""
     return float(x.item()) if isinstance(x, Tensor) else float(x)

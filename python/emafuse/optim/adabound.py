@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, scalar
+from ._base import FusedOptimizer, check_hyper, common_hyper, scalar
 
 __all__ = ["AdaBound"]
 
@@ -59,14 +59,7 @@ class AdaBound(FusedOptimizer):
         maximize: bool = False,
         check_finite: bool = False,
     ) -> None:
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        check_hyper(lr=lr, eps=eps, betas=betas[:2])
         if not 0.0 <= final_lr:
             raise ValueError(f"Invalid final learning rate: {final_lr}")
         if not 0.0 <= gamma < 1.0:
@@ -75,8 +68,7 @@ class AdaBound(FusedOptimizer):
             raise ValueError(f"Invalid learning rate: {lr} (AdaBound divides by the initial learning rate)")
         if gamma == 0:
             raise ValueError(f"Invalid gamma parameter: {gamma} (the upper bound divides by gamma)")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_hyper(weight_decay=weight_decay)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -121,15 +113,10 @@ class AdaBound(FusedOptimizer):
         return ("exp_avg", "exp_avg_sq")
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
-        beta1, beta2 = group["betas"]
         return {
-            "lr": scalar(group["lr"]),
-            "beta1": float(beta1),
-            "beta2": float(beta2),
+            **common_hyper(group),
             "final_lr": float(group["final_lr"]),
             "gamma": float(group["gamma"]),
-            "eps": float(group["eps"]),
-            "weight_decay": float(group["weight_decay"]),
             "base_lr": float(group["base_lr"]),
             "amsbound": bool(group["amsbound"]),
         }

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, scalar
+from ._base import FusedOptimizer, common_hyper
 
 __all__ = ["Adam", "AdamW"]
 
@@ -26,13 +26,8 @@ class _AdamRule(FusedOptimizer):
         return ("exp_avg", "exp_avg_sq")
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
-        beta1, beta2 = group["betas"]
         return {
-            "lr": scalar(group["lr"]),
-            "beta1": scalar(beta1),
-            "beta2": scalar(beta2),
-            "eps": float(group["eps"]),
-            "weight_decay": float(group["weight_decay"]),
+            **common_hyper(group),
             "amsgrad": bool(group["amsgrad"]),
             "decoupled": bool(group.get("decoupled_weight_decay", False)),
         }

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, scalar
+from ._base import FusedOptimizer, check_hyper, common_hyper
 
 __all__ = ["AdaMod"]
 
@@ -58,18 +58,10 @@ class AdaMod(FusedOptimizer):
         maximize: bool = False,
         check_finite: bool = False,
     ) -> None:
-        if not 0.0 <= lr:
-            raise ValueError("Invalid learning rate: {}".format(lr))
-        if not 0.0 <= eps:
-            raise ValueError("Invalid epsilon value: {}".format(eps))
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError("Invalid beta parameter at index 0: {}".format(betas[0]))
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError("Invalid beta parameter at index 1: {}".format(betas[1]))
+        check_hyper(lr=lr, eps=eps, betas=betas[:2])
         if not 0.0 <= beta3 < 1.0:
             raise ValueError("Invalid beta3 parameter: {}".format(beta3))
-        if not 0.0 <= weight_decay:
-            raise ValueError("Invalid weight_decay value: {}".format(weight_decay))
+        check_hyper(weight_decay=weight_decay)
         defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, maximize=maximize)
         torch.optim.Optimizer.__init__(self, params, defaults)
         self._init_emafuse_defaults(check_finite)
@@ -78,12 +70,4 @@ class AdaMod(FusedOptimizer):
         return ("exp_avg", "exp_avg_sq", "exp_avg_lr")
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
-        beta1, beta2 = group["betas"]
-        return {
-            "lr": scalar(group["lr"]),
-            "beta1": scalar(beta1),
-            "beta2": scalar(beta2),
-            "beta3": float(group["beta3"]),
-            "eps": float(group["eps"]),
-            "weight_decay": float(group["weight_decay"]),
-        }
+        return {**common_hyper(group), "beta3": float(group["beta3"])}

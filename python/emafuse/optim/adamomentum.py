@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, scalar
+from ._base import FusedOptimizer, check_hyper, common_hyper
 
 __all__ = ["AdaMomentum"]
 
@@ -65,16 +65,7 @@ class AdaMomentum(FusedOptimizer):
         maximize: bool = False,
         check_finite: bool = False,
     ) -> None:
-        if not 0.0 <= lr:
-            raise ValueError("Invalid learning rate: {}".format(lr))
-        if not 0.0 <= eps:
-            raise ValueError("Invalid epsilon value: {}".format(eps))
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError("Invalid beta parameter at index 0: {}".format(betas[0]))
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError("Invalid beta parameter at index 1: {}".format(betas[1]))
-        if not 0.0 <= weight_decay:
-            raise ValueError("Invalid weight_decay value: {}".format(weight_decay))
+        check_hyper(lr=lr, eps=eps, betas=betas, weight_decay=weight_decay)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -91,13 +82,8 @@ class AdaMomentum(FusedOptimizer):
         return ("exp_avg", "exp_avg_sq")
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
-        beta1, beta2 = group["betas"]
         return {
-            "lr": scalar(group["lr"]),
-            "beta1": scalar(beta1),
-            "beta2": scalar(beta2),
-            "eps": float(group["eps"]),
-            "weight_decay": float(group["weight_decay"]),
+            **common_hyper(group),
             "weight_decouple": bool(group["weight_decouple"]),
             "fixed_decay": bool(group["fixed_decay"]),
         }

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, scalar, sum_squares
+from ._base import FusedOptimizer, check_hyper, common_hyper, scalar, sum_squares
 
 __all__ = ["Adan"]
 
@@ -74,15 +74,7 @@ class Adan(FusedOptimizer):
     ) -> None:
         if not 0.0 <= max_grad_norm:
             raise ValueError(f"Invalid Max grad norm: {max_grad_norm}")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        for i in range(3):
-            if not 0.0 <= betas[i] < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {betas[i]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_hyper(lr=lr, eps=eps, betas=betas[:3], weight_decay=weight_decay)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -143,15 +135,9 @@ class Adan(FusedOptimizer):
         return ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
-        beta1, beta2, beta3 = group["betas"]
         k = int(group.get("step", 0)) + 1
         return {
-            "lr": scalar(group["lr"]),
-            "beta1": float(beta1),
-            "beta2": float(beta2),
-            "beta3": float(beta3),
-            "eps": float(group["eps"]),
-            "weight_decay": float(group["weight_decay"]),
+            **common_hyper(group),
             "clip": float(self._clip),
             "step": float(k),
             "no_prox": bool(group["no_prox"]),

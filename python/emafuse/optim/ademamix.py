@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, scalar
+from ._base import FusedOptimizer, check_hyper, common_hyper, scalar
 
 __all__ = ["AdEMAMix"]
 
@@ -78,17 +78,10 @@ class AdEMAMix(FusedOptimizer):
         maximize: bool = False,
         check_finite: bool = False,
     ) -> None:
-        if not 0.0 <= lr:
-            raise ValueError("Invalid learning rate: {}".format(lr))
-        if not 0.0 <= eps:
-            raise ValueError("Invalid epsilon value: {}".format(eps))
+        check_hyper(lr=lr, eps=eps)
         if len(betas) != 3:
             raise ValueError("Invalid betas: expected (beta1, beta2, beta3), got {}".format(betas))
-        for i in range(3):
-            if not 0.0 <= betas[i] < 1.0:
-                raise ValueError("Invalid beta parameter at index {}: {}".format(i, betas[i]))
-        if not 0.0 <= weight_decay:
-            raise ValueError("Invalid weight_decay value: {}".format(weight_decay))
+        check_hyper(betas=betas, weight_decay=weight_decay)
         if not 0.0 <= alpha:
             raise ValueError("Invalid alpha value: {}".format(alpha))
         alpha_warmup, beta3_warmup = _warmups(alpha_warmup, beta3_warmup, t_alpha_beta3)
@@ -129,16 +122,11 @@ class AdEMAMix(FusedOptimizer):
         beta1, beta2, beta3 = group["betas"]
         aw, bw = group["alpha_warmup"], group["beta3_warmup"]
         return {
-            "lr": scalar(group["lr"]),
-            "beta1": scalar(beta1),
-            "beta2": scalar(beta2),
-            "beta3": scalar(beta3),
+            **common_hyper(group),
             "alpha": float(group["alpha"]),
             # The reference switches a warm-up on with `step < warmup`: None and 0 never do.
             "alpha_warmup": 0.0 if aw is None else float(aw),
             "beta3_warmup": 0.0 if bw is None else float(bw),
-            "eps": float(group["eps"]),
-            "weight_decay": float(group["weight_decay"]),
         }
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, scalar
+from ._base import FusedOptimizer, check_hyper, common_hyper
 
 __all__ = ["DiffGrad"]
 
@@ -54,16 +54,7 @@ class DiffGrad(FusedOptimizer):
         maximize: bool = False,
         check_finite: bool = False,
     ) -> None:
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_hyper(lr=lr, eps=eps, betas=betas, weight_decay=weight_decay)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
         self._init_emafuse_defaults(check_finite)
@@ -77,11 +68,4 @@ class DiffGrad(FusedOptimizer):
         return ("exp_avg", "exp_avg_sq", "previous_grad")
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
-        beta1, beta2 = group["betas"]
-        return {
-            "lr": scalar(group["lr"]),
-            "beta1": float(beta1),
-            "beta2": float(beta2),
-            "eps": float(group["eps"]),
-            "weight_decay": float(group["weight_decay"]),
-        }
+        return common_hyper(group)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, scalar
+from ._base import FusedOptimizer, check_hyper, common_hyper, scalar
 
 __all__ = ["Lion"]
 
@@ -71,14 +71,7 @@ class Lion(FusedOptimizer):
         maximize: bool = False,
         check_finite: bool = False,
     ) -> None:
-        if not 0.0 <= lr:
-            raise ValueError("Invalid learning rate: {}".format(lr))
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError("Invalid beta parameter at index 0: {}".format(betas[0]))
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError("Invalid beta parameter at index 1: {}".format(betas[1]))
-        if not 0.0 <= weight_decay:
-            raise ValueError("Invalid weight_decay value: {}".format(weight_decay))
+        check_hyper(lr=lr, betas=betas[:2], weight_decay=weight_decay)
         if caution_norm not in ("mean", "count"):
             raise ValueError("Invalid caution_norm: {!r} (expected 'mean' or 'count')".format(caution_norm))
         if lr_independent_decay and not scalar(lr) > 0.0:
@@ -100,12 +93,8 @@ class Lion(FusedOptimizer):
         return ("exp_avg",)
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
-        beta1, beta2 = group["betas"]
         return {
-            "lr": scalar(group["lr"]),
-            "beta1": scalar(beta1),
-            "beta2": scalar(beta2),
-            "weight_decay": float(group["weight_decay"]),
+            **common_hyper(group),
             "lr_independent_decay": bool(group["lr_independent_decay"]),
             "decay_base_lr": float(group["decay_base_lr"]),
             "caution": bool(group["caution"]),

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, scalar
+from ._base import FusedOptimizer, common_hyper
 
 __all__ = ["SGD"]
 
@@ -70,9 +70,8 @@ class SGD(FusedOptimizer, torch.optim.SGD):
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         return {
-            "lr": scalar(group["lr"]),
+            **common_hyper(group),
             "momentum": float(group["momentum"]),
             "dampening": float(group["dampening"]),
-            "weight_decay": scalar(group["weight_decay"]),
             "nesterov": bool(group["nesterov"]),
         }

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, scalar
+from ._base import FusedOptimizer, check_hyper, common_hyper
 
 __all__ = ["SGDSaI"]
 
@@ -60,14 +60,10 @@ class SGDSaI(FusedOptimizer):
         maximize: bool = False,
         check_finite: bool = False,
     ) -> None:
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
+        check_hyper(lr=lr, eps=eps)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"Invalid momentum parameter value: {momentum}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_hyper(weight_decay=weight_decay)
         defaults = dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
         self._init_emafuse_defaults(check_finite)
@@ -84,9 +80,4 @@ class SGDSaI(FusedOptimizer):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
-        return {
-            "lr": scalar(group["lr"]),
-            "momentum": float(group["momentum"]),
-            "eps": float(group["eps"]),
-            "weight_decay": float(group["weight_decay"]),
-        }
+        return {**common_hyper(group), "momentum": float(group["momentum"])}

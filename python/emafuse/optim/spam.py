@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, scalar
+from ._base import FusedOptimizer, common_hyper
 
 __all__ = ["SPAM"]
 
@@ -150,13 +150,8 @@ class SPAM(FusedOptimizer):
         t, scale, reset = self._plan
         d = self.defaults
         accu = d["grad_accu_steps"]
-        beta1, beta2 = group["betas"]
         return {
-            "lr": scalar(group["lr"]),
-            "beta1": float(beta1),
-            "beta2": float(beta2),
-            "eps": float(group["eps"]),
-            "weight_decay": float(group["weight_decay"]),
+            **common_hyper(group),
             "threshold": float(d["threshold"]),
             "scale": float(scale),
             "reset": bool(reset),
