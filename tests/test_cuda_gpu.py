@@ -167,3 +167,85 @@ def test_checkpoint_from_cpu_torch_optimizer_moves_step_to_the_device():
     opt.load_state_dict(torch_opt.state_dict())
     steps(opt, gpu, 1, seed=9)
     assert all(opt.state[p]["step"].is_cuda and opt.state[p]["step"].item() == 4 for p in gpu)
+
+
+# -- weight averaging (the CUDA twins of src/rules/{ema,bema,swap,axpby,slerp}.rs) -------------
+
+AVERAGING = [
+    ("ema", dict(weight=0.3), 0),
+    ("ema", dict(weight=0.75), 0),
+    ("ema", dict(weight=0.25, muladd=True), 0),
+    ("ema", dict(weight=0.1, sub=True), 0),
+    ("ema_multi", dict(tracks=3.0, w0=0.1, w1=0.6, w2=0.01), 2),
+    ("bema", dict(alpha=0.4, beta=0.2), 2),
+    ("bema", dict(alpha=0.0, beta=1.0, reset=True), 2),
+    ("swap", {}, 1),
+    ("axpby", dict(a=0.5, b=3.0), 0),
+    ("axpby", dict(b=0.25, assign=True), 0),
+    ("slerp", dict(t=0.3), 1),
+]
+
+
+@pytest.mark.parametrize("rule, hyper, n_slots", AVERAGING)
+@pytest.mark.parametrize(
+    "dtype, in_dtype",
+    [(torch.float32,) * 2, (torch.float64,) * 2, (torch.bfloat16,) * 2, (torch.float32, torch.bfloat16), (torch.float32, torch.float16)],
+)
+def test_averaging_rules_cuda_equal_cpu(rule, hyper, n_slots, dtype, in_dtype):
+    """Bit for bit, except slerp, whose per-tensor sums the GPU adds in another order (per thread,
+    per block, then atomically across blocks): its coefficients may differ in the last bits."""
+    from emafuse.averaging._engine import native_step
+
+    if rule == "swap" and in_dtype != dtype:
+        pytest.skip("swap reads no input")
+    gen = torch.Generator().manual_seed(5)
+
+    def rand(dt):
+        return [(torch.randn(s, generator=gen, dtype=torch.float64) + 0.1).to(dt) for s in ODD]
+
+    targets, inputs = rand(dtype), rand(in_dtype)
+    states = [rand(dtype) for _ in range(n_slots)]
+    slots = tuple(f"s{k}" for k in range(n_slots))
+
+    def run(dev):
+        ts = [t.clone().to(dev) for t in targets]
+        ins = None if rule == "swap" else [x.clone().to(dev) for x in inputs]
+        st = [{slots[k]: states[k][i].clone().to(dev) for k in range(n_slots)} for i in range(len(ODD))] if n_slots else None
+        native_step("t", rule, [(hyper, ts, ins, st, slots)])
+        return [t.cpu() for t in ts] + ([s[k].cpu() for s in st for k in slots] if st else [])
+
+    cpu, gpu = run("cpu"), run("cuda")
+    for a, b in zip(cpu, gpu):
+        if rule == "slerp":
+            tol = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
+            torch.testing.assert_close(b, a, rtol=tol, atol=tol)
+        else:
+            assert torch.equal(a, b), (rule, hyper, (a.double() - b.double()).abs().max())
+
+
+def test_model_ema_on_cuda_equals_cpu():
+    """ModelEMA of a CUDA model, averaged on the GPU (the native kernels, no torch fallback), and
+    the same on the CPU; `average_parameters` swaps in place on the device."""
+    from emafuse.averaging import ModelEMA
+
+    torch.manual_seed(0)
+    cpu_model = torch.nn.Sequential(torch.nn.Linear(13, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3))
+    gpu_model = torch.nn.Sequential(torch.nn.Linear(13, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3)).cuda()
+    gpu_model.load_state_dict(cpu_model.state_dict())
+    a, b = ModelEMA(cpu_model, 0.9), ModelEMA(gpu_model, 0.9)
+    for _ in range(5):
+        noise = [torch.randn_like(p) * 0.1 for p in cpu_model.parameters()]
+        with torch.no_grad():
+            for p, q, n in zip(cpu_model.parameters(), gpu_model.parameters(), noise):
+                p.add_(n)
+                q.add_(n.cuda())
+        a.update(cpu_model)
+        b.update(gpu_model)
+    for k, v in a.module.state_dict().items():
+        assert torch.equal(b.module.state_dict()[k].cpu(), v), k
+    before = [p.detach().clone() for p in gpu_model.parameters()]
+    with b.average_parameters(gpu_model):
+        for p, q in zip(gpu_model.parameters(), b.module.parameters()):
+            assert not torch.equal(p, q)  # the model holds the average now, the average the model
+    for p, q in zip(gpu_model.parameters(), before):
+        assert torch.equal(p, q)

@@ -26,8 +26,11 @@ from emafuse import _native
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "src" / "cuda" / "kernels"
 
-# Every rule: sample hyper-parameters, its flags, its state slots and scalar keys as functions of
-# the flags, and whether it reads an input tensor. `test_every_rule_is_covered` keeps this complete.
+# Every rule: sample hyper-parameters, its flags, its state slots as a function of the variant's
+# hyper-parameters (flags included), its scalar keys, and optionally: `extra` variants of the
+# numbers, `valid` (which flag combinations the rule accepts), `reads_input` (default True) and
+# `inputs` (functions (p, g, states) -> g making inputs that reach other branches than random ones
+# do). `test_every_rule_is_covered` keeps this complete.
 RULES: dict[str, dict] = {
     "adam": dict(
         hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, ema_weight=0.01),
@@ -38,9 +41,49 @@ RULES: dict[str, dict] = {
     "sgd": dict(
         hyper=dict(lr=3e-2, momentum=0.9, dampening=0.2, weight_decay=0.01),
         flags=["nesterov", "first"],
-        slots=lambda f: ("buf",),
+        slots=lambda h: ("buf",) if h["momentum"] != 0.0 else (),
         scalars=(),
         extra=[dict(momentum=0.0)],
+    ),
+    # weight averaging: the written tensor is the average, the input the model
+    "ema": dict(
+        hyper=dict(weight=0.3),
+        flags=["muladd", "sub"],
+        valid=lambda f: not (f["muladd"] and f["sub"]),
+        slots=lambda h: (),
+        scalars=(),
+        extra=[dict(weight=0.75), dict(weight=1.0), dict(weight=0.0)],
+    ),
+    "ema_multi": dict(
+        hyper=dict(tracks=5.0, w0=0.3, w1=0.7, w2=1e-3, w3=1.0, w4=0.5),
+        flags=[],
+        slots=lambda h: tuple(f"track{j}" for j in range(1, int(h["tracks"]))),
+        scalars=(),
+        extra=[dict(tracks=1.0), dict(tracks=2.0), dict(tracks=3.0), dict(tracks=4.0)],
+    ),
+    "bema": dict(
+        hyper=dict(alpha=0.4, beta=0.2),
+        flags=["reset"],
+        slots=lambda h: ("bema", "anchor"),
+        scalars=(),
+        extra=[dict(alpha=-1.3, beta=0.8)],
+    ),
+    "swap": dict(hyper={}, flags=[], slots=lambda h: ("b",), scalars=(), reads_input=False),
+    "axpby": dict(
+        hyper=dict(a=0.5, b=3.0),
+        flags=["assign"],
+        slots=lambda h: (),
+        scalars=(),
+        extra=[dict(a=-1.25, b=0.1)],
+    ),
+    "slerp": dict(
+        hyper=dict(t=0.3),
+        flags=[],
+        slots=lambda h: ("base",),
+        scalars=(),
+        extra=[dict(t=0.5), dict(t=0.0), dict(t=1.0)],
+        # random task vectors (SLERP), nearly parallel ones (LERP), a zero one (LERP)
+        inputs=[lambda p, g, s: g, lambda p, g, s: p + 1e-5 * g, lambda p, g, s: s[0].clone()],
     ),
 }
 
@@ -49,10 +92,11 @@ def variants():
     for name, spec in RULES.items():
         for values in itertools.product([False, True], repeat=len(spec["flags"])):
             flags = dict(zip(spec["flags"], values))
+            if not spec.get("valid", lambda f: True)(flags):
+                continue
             for extra in [{}] + spec.get("extra", []):
                 hyper = {**spec["hyper"], **extra, **flags}
-                slots = spec["slots"](flags) if extra.get("momentum", 1.0) != 0.0 else ()
-                yield name, hyper, slots, spec["scalars"]
+                yield name, hyper, spec["slots"](hyper), spec["scalars"]
 
 
 VARIANTS = list(variants())
@@ -60,7 +104,6 @@ VARIANTS = list(variants())
 # Rules whose CUDA twin is not written yet: CUDA tensors get a clear CudaError for them.
 NO_CUDA_YET = {
     "adan", "spam", "diffgrad", "adabound", "sgd_sai", "ademamix", "adabelief", "adamomentum", "lion", "adamod",
-    "ema", "ema_multi", "bema", "swap", "axpby", "slerp",
 }
 
 
@@ -153,29 +196,43 @@ def ptr(t: torch.Tensor):
 @pytest.mark.parametrize("variant", VARIANTS, ids=[f"{v[0]}-{'-'.join(k for k, x in v[1].items() if x is True) or 'plain'}-{len(v[2])}" for v in VARIANTS])
 def test_cuda_rule_equals_rust_rule_on_the_cpu(variant, tmp_path):
     name, hyper, slots, scalar_keys = variant
+    spec = RULES[name]
+    reads_input = spec.get("reads_input", True)
     cpp_type, _, hyper_bytes, rule_source = _native.cuda_source(name, hyper)
     lib = compile_host(tmp_path, cpp_type, rule_source)
     gen = torch.Generator().manual_seed(len(tmp_path.name))
-    n = 3001
-    for dtype, fn in [(torch.float32, lib.run_f32), (torch.float64, lib.run_f64)]:
+    n = 3001  # one CPU work item: the CPU engine adds per-tensor sums in element order, as here
+    # (target dtype, input dtype): an fp32 target may read a bf16/fp16 input (an fp32 average of a
+    # low-precision model; the host side gets the same values widened to fp32, as the kernels
+    # load them).
+    dtypes = [(torch.float32, torch.float32), (torch.float64, torch.float64)]
+    if reads_input:
+        dtypes += [(torch.float32, torch.bfloat16), (torch.float32, torch.float16)]
+    for (dtype, in_dtype), make_input in itertools.product(dtypes, spec.get("inputs", [lambda p, g, s: g])):
+        fn = lib.run_f32 if dtype == torch.float32 else lib.run_f64
         for maximize in (False, True):
             p = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
             g = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
             states = [(torch.rand(n, generator=gen, dtype=torch.float64) + 0.01).to(dtype) for _ in slots]
+            g = make_input(p, g, states).to(in_dtype)
+            g_host = g.to(dtype)
             step = float(torch.randint(0, 40, (1,), generator=gen).item())
             ours = {k: s.clone() for k, s in zip(slots, states)}
             ours.update({k: torch.tensor(step) for k in scalar_keys})
             p_native = p.clone()
-            _native.step("check", name, [({**hyper, "maximize": maximize}, [p_native], [g], [ours] if (slots or scalar_keys) else None, slots, scalar_keys)])
+            inputs = [g] if reads_input else None
+            _native.step("check", name, [({**hyper, "maximize": maximize}, [p_native], inputs, [ours] if (slots or scalar_keys) else None, slots, scalar_keys)])
 
             host_states = [s.clone() for s in states] + [torch.zeros(1, dtype=dtype) for _ in range(4 - len(states))]
             host_scalars = torch.tensor([step, 0.0, 0.0, 0.0], dtype=torch.float32)
             p_host = p.clone()
             buf = ctypes.create_string_buffer(bytes(hyper_bytes), len(hyper_bytes))
-            fn(buf, ptr(p_host), ptr(g), *(ptr(s) for s in host_states), ptr(host_scalars), ctypes.c_long(n), ctypes.c_double(-1.0 if maximize else 1.0))
+            g_ptr = ptr(g_host) if reads_input else ctypes.c_void_p(None)
+            fn(buf, ptr(p_host), g_ptr, *(ptr(s) for s in host_states), ptr(host_scalars), ctypes.c_long(n), ctypes.c_double(-1.0 if maximize else 1.0))
 
-            assert torch.equal(p_native, p_host), (dtype, maximize, (p_native - p_host).abs().max())
+            where = (dtype, in_dtype, maximize)
+            assert torch.equal(p_native, p_host), (*where, (p_native - p_host).abs().max())
             for k, s in zip(slots, host_states):
-                assert torch.equal(ours[k], s), (k, dtype)
+                assert torch.equal(ours[k], s), (k, *where)
             for i, k in enumerate(scalar_keys):
                 assert ours[k].item() == host_scalars[i].item()

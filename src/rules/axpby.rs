@@ -6,10 +6,12 @@
 //! Uniform/greedy soups, LAWA's output, post-hoc EMA reconstruction and LITI are built from it.
 
 use super::{bool_dispatch, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::cuda::CudaKernel;
 use crate::error::{Error, Result};
 use crate::real::Real;
 
 /// `S ← a·S + b·X`.
+#[repr(C)]
 #[derive(Clone, Debug)]
 pub struct Axpby<const ASSIGN: bool> {
     a: f64,
@@ -31,6 +33,10 @@ impl<const ASSIGN: bool> Rule for Axpby<ASSIGN> {
         } else {
             c.0 * s + c.1 * x
         }
+    }
+
+    fn cuda_kernel() -> Option<CudaKernel> {
+        Some(CudaKernel { source: include_str!("../cuda/kernels/axpby.cuh"), type_name: format!("Axpby<{ASSIGN}>") })
     }
 }
 

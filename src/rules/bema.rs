@@ -9,10 +9,12 @@
 //! `RESET` (burn-in): `E ← θ`, `O ← θ`, `θ₀ ← θ`.
 
 use super::{bool_dispatch, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::cuda::CudaKernel;
 use crate::error::{Error, Result};
 use crate::real::{Lerp, Real};
 
 /// BEMA's weights for one event.
+#[repr(C)]
 #[derive(Clone, Debug)]
 pub struct Bema<const RESET: bool> {
     alpha: f64,
@@ -44,6 +46,10 @@ impl<const RESET: bool> Rule for Bema<RESET> {
         let e = c.lerp.apply(e, theta);
         s[0] = c.alpha * (theta - s[1]) + e;
         e
+    }
+
+    fn cuda_kernel() -> Option<CudaKernel> {
+        Some(CudaKernel { source: include_str!("../cuda/kernels/bema.cuh"), type_name: format!("Bema<{RESET}>") })
     }
 }
 

@@ -12,6 +12,7 @@
 //! state slots 0...
 
 use super::{Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::cuda::CudaKernel;
 use crate::error::{Error, Result};
 use crate::real::{Lerp, Real};
 
@@ -28,6 +29,7 @@ fn check_weight(name: &str, w: f64) -> Result<f64> {
 }
 
 /// One EMA with update weight `weight`; `MULADD` / `SUB` pick the reference's rounding form.
+#[repr(C)]
 #[derive(Clone, Debug)]
 pub struct Ema<const MULADD: bool, const SUB: bool> {
     weight: f64,
@@ -60,9 +62,14 @@ impl<const MULADD: bool, const SUB: bool> Rule for Ema<MULADD, SUB> {
             c.lerp.apply(e, theta)
         }
     }
+
+    fn cuda_kernel() -> Option<CudaKernel> {
+        Some(CudaKernel { source: include_str!("../cuda/kernels/ema.cuh"), type_name: format!("Ema<{MULADD}, {SUB}>") })
+    }
 }
 
-/// Several EMAs of the same input, `J` tracks with their own weights.
+/// Several EMAs of the same input, `J` tracks with their own weights (unused entries are 0).
+#[repr(C)]
 #[derive(Clone, Debug)]
 pub struct EmaMulti<const J: usize> {
     weights: [f64; MAX_TRACKS],
@@ -82,6 +89,10 @@ impl<const J: usize> Rule for EmaMulti<J> {
             s[k] = c[k + 1].apply(s[k], theta);
         }
         c[0].apply(e, theta)
+    }
+
+    fn cuda_kernel() -> Option<CudaKernel> {
+        Some(CudaKernel { source: include_str!("../cuda/kernels/ema.cuh"), type_name: format!("EmaMulti<{J}>") })
     }
 }
 

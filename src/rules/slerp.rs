@@ -12,6 +12,7 @@
 //! and the update pass writes `θ_init + c₁·δ₁ + c₂·δ₂`.
 
 use super::{Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::cuda::CudaKernel;
 use crate::error::{Error, Result};
 use crate::real::Real;
 
@@ -21,6 +22,7 @@ pub const LERP_THRESHOLD: f64 = 0.9995;
 pub const MIN_NORM: f64 = 1e-8;
 
 /// SLERP at fraction `t` (λ) from `θ₁` towards `θ₂`.
+#[repr(C)]
 #[derive(Clone, Debug)]
 pub struct Slerp {
     t: f64,
@@ -64,6 +66,10 @@ impl Rule for Slerp {
     fn update<R: Real>(c: &(R, R), p: R, g: R, s: &mut [R; MAX_SLOTS]) -> R {
         let base = s[0];
         base + c.0 * (p - base) + c.1 * (g - base)
+    }
+
+    fn cuda_kernel() -> Option<CudaKernel> {
+        Some(CudaKernel { source: include_str!("../cuda/kernels/slerp.cuh"), type_name: "Slerp".into() })
     }
 }
 

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import _native
 from .._cuda import current_streams
-from ..errors import CudaError, LayoutError
+from ..errors import LayoutError
 
 __all__ = ["native_step", "native_step_async", "real_view"]
 
@@ -39,69 +39,6 @@ def native_step(who: str, rule: str, calls: Sequence[Call]) -> None:
         _native.step(who, rule, full, None, None, current_streams())
         for orig, copy in copy_back:
             orig.copy_(copy)
-    except CudaError as e:
-        if "no CUDA kernel" not in str(e) or rule not in _FALLBACKS:
-            raise
-        _FALLBACKS[rule](full)
-
-
-# -- CUDA tensors of rules without a CUDA kernel yet ------------------------------------------
-# The same math with torch's foreach ops (same formulas and weights; torch's own rounding). Used
-# only while a rule has no CUDA kernel; goes away with the rules' CUDA twins.
-
-
-def _fb_ema(full: list[tuple]) -> None:
-    for h, ts, ins, _, _, _ in full:
-        w = float(h["weight"])
-        ins = [x if x.dtype == t.dtype else x.to(t.dtype) for t, x in zip(ts, ins)]
-        if h.get("muladd"):
-            torch._foreach_mul_(ts, 1.0 - w)
-            torch._foreach_add_(ts, torch._foreach_mul(ins, w))
-        elif h.get("sub"):
-            torch._foreach_sub_(ts, torch._foreach_mul(torch._foreach_sub(ts, ins), w))
-        else:
-            torch._foreach_lerp_(ts, ins, w)
-
-
-def _fb_ema_multi(full: list[tuple]) -> None:
-    for h, ts, ins, states, slots, _ in full:
-        ins = [x if x.dtype == t.dtype else x.to(t.dtype) for t, x in zip(ts, ins)]
-        torch._foreach_lerp_(ts, ins, float(h["w0"]))
-        for j, name in enumerate(slots, 1):
-            torch._foreach_lerp_([st[name] for st in states], ins, float(h[f"w{j}"]))
-
-
-def _fb_swap(full: list[tuple]) -> None:
-    for _, ts, _, states, slots, _ in full:
-        other = [st[slots[0]] for st in states]
-        tmp = torch._foreach_add(ts, 0)  # a copy
-        torch._foreach_copy_(ts, other)
-        torch._foreach_copy_(other, tmp)
-
-
-def _fb_axpby(full: list[tuple]) -> None:
-    for h, ts, ins, _, _, _ in full:
-        ins = [x if x.dtype == t.dtype else x.to(t.dtype) for t, x in zip(ts, ins)]
-        if h.get("assign"):
-            torch._foreach_copy_(ts, torch._foreach_mul(ins, float(h["b"])))
-        else:
-            torch._foreach_mul_(ts, float(h["a"]))
-            torch._foreach_add_(ts, torch._foreach_mul(ins, float(h["b"])))
-
-
-def _fb_bema(full: list[tuple]) -> None:
-    for h, ts, ins, states, slots, _ in full:
-        out = [st[slots[0]] for st in states]
-        anchor = [st[slots[1]] for st in states]
-        if h.get("reset"):
-            for group in (ts, out, anchor):
-                torch._foreach_copy_(group, ins)
-            continue
-        torch._foreach_lerp_(ts, ins, float(h["beta"]))
-        torch._foreach_copy_(out, torch._foreach_add(torch._foreach_mul(torch._foreach_sub(ins, anchor), float(h["alpha"])), ts))
-
-
-_FALLBACKS = {"ema": _fb_ema, "ema_multi": _fb_ema_multi, "swap": _fb_swap, "axpby": _fb_axpby, "bema": _fb_bema}
 
 
 def native_step_async(who: str, rule: str, calls: Sequence[Call], wait_for: Callable[[], Any] | None = None):

@@ -143,8 +143,7 @@ class ModelEMA:
     for the copy to land before changing the weights.
 
     CUDA tensors go through the same native calls (fused CUDA kernels on PyTorch's current
-    stream); a rule whose CUDA kernel is not written yet runs the same formulas as torch foreach
-    ops instead (``_engine.py``).
+    stream).
 
     **Use**: ``module`` is an ``nn.Module`` (eval mode) holding the average; ``copy_to(model)``;
     ``with ema.average_parameters(model):`` swaps the average into ``model`` in place and back

@@ -15,6 +15,8 @@
 #define EF_POW_D(x, y) std::pow(x, y)
 #define EF_LOG_D(x) std::log(x)
 #define EF_COS_D(x) std::cos(x)
+#define EF_SIN_D(x) std::sin(x)
+#define EF_ACOS_D(x) std::acos(x)
 typedef std::uint16_t ef_u16;
 typedef std::uint32_t ef_u32;
 typedef std::int64_t ef_i64;
@@ -26,6 +28,8 @@ typedef std::int64_t ef_i64;
 #define EF_POW_D(x, y) pow(x, y)
 #define EF_LOG_D(x) log(x)
 #define EF_COS_D(x) cos(x)
+#define EF_SIN_D(x) sin(x)
+#define EF_ACOS_D(x) acos(x)
 typedef unsigned short ef_u16;
 typedef unsigned int ef_u32;
 typedef long long ef_i64;
