@@ -22,6 +22,7 @@
 //! State slots: `exp_avg`, `exp_avg_var`, then `max_exp_avg_var` with amsgrad.
 
 use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::cuda::CudaKernel;
 use crate::error::Result;
 use crate::real::Real;
 
@@ -119,6 +120,10 @@ impl<const AMSGRAD: bool, const DECOUPLE: bool, const RECTIFY: bool> Rule for Ad
         }
         let x = if AMSGRAD && !RECTIFY { s[2] } else { v };
         p + c.step * m / (x.sqrt() / c.div + c.add)
+    }
+
+    fn cuda_kernel() -> Option<CudaKernel> {
+        Some(CudaKernel { source: include_str!("../cuda/kernels/adabelief.cuh"), type_name: format!("AdaBelief<{AMSGRAD}, {DECOUPLE}, {RECTIFY}>") })
     }
 }
 

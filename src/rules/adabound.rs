@@ -14,6 +14,7 @@
 //! State slots: `exp_avg`, `exp_avg_sq`, then `max_exp_avg_sq` with amsbound; scalar `step`.
 
 use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::cuda::CudaKernel;
 use crate::error::{Error, Result};
 use crate::real::Real;
 
@@ -86,6 +87,10 @@ impl<const AMSBOUND: bool, const L2: bool> Rule for AdaBound<AMSBOUND, L2> {
         };
         let step = (c.step_size / (v_bar.sqrt() + c.eps)).max_nan(c.lower).min_nan(c.upper);
         p + -(step * m)
+    }
+
+    fn cuda_kernel() -> Option<CudaKernel> {
+        Some(CudaKernel { source: include_str!("../cuda/kernels/adabound.cuh"), type_name: format!("AdaBound<{AMSBOUND}, {L2}>") })
     }
 }
 

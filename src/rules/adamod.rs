@@ -13,6 +13,7 @@
 //! State slots: `exp_avg`, `exp_avg_sq`, `exp_avg_lr`.
 
 use super::{check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::cuda::CudaKernel;
 use crate::error::Result;
 use crate::real::Real;
 
@@ -77,6 +78,10 @@ impl Rule for AdaMod {
         s[1] = v;
         s[2] = bound;
         p - eta.min_nan(bound) * m
+    }
+
+    fn cuda_kernel() -> Option<CudaKernel> {
+        Some(CudaKernel { source: include_str!("../cuda/kernels/adamod.cuh"), type_name: "AdaMod".to_string() })
     }
 }
 

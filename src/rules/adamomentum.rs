@@ -11,6 +11,7 @@
 //! State slots: `exp_avg`, `exp_avg_sq`.
 
 use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::cuda::CudaKernel;
 use crate::error::Result;
 use crate::real::Real;
 
@@ -73,6 +74,10 @@ impl<const DECOUPLE: bool> Rule for AdaMomentum<DECOUPLE> {
         s[0] = m;
         s[1] = v;
         p + c.neg_step_size * m / (v.sqrt() / c.bc2_sqrt)
+    }
+
+    fn cuda_kernel() -> Option<CudaKernel> {
+        Some(CudaKernel { source: include_str!("../cuda/kernels/adamomentum.cuh"), type_name: format!("AdaMomentum<{DECOUPLE}>") })
     }
 }
 

@@ -18,6 +18,7 @@
 //! State slots: `exp_avg` (m), `exp_avg_sq` (n), `exp_avg_diff` (v), `neg_pre_grad` (r).
 
 use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::cuda::CudaKernel;
 use crate::error::{Error, Result};
 use crate::real::Real;
 
@@ -107,6 +108,10 @@ impl<const NO_PROX: bool, const FIRST: bool> Rule for Adan<NO_PROX, FIRST> {
             let p = p + c.neg_step_diff * v / denom;
             p / c.prox
         }
+    }
+
+    fn cuda_kernel() -> Option<CudaKernel> {
+        Some(CudaKernel { source: include_str!("../cuda/kernels/adan.cuh"), type_name: format!("Adan<{NO_PROX}, {FIRST}>") })
     }
 }
 

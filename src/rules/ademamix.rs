@@ -13,6 +13,7 @@
 //! State slots: `exp_avg_fast` (only when β1 ≠ 0), `exp_avg_slow`, `exp_avg_sq`.
 
 use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::cuda::CudaKernel;
 use crate::error::Result;
 use crate::real::Real;
 
@@ -116,6 +117,10 @@ impl<const FAST: bool> Rule for AdEMAMix<FAST> {
         let denom = v.sqrt() / c.bc2_sqrt + c.eps;
         let u = (m1 / c.bc1 + c.alpha * m2) / denom + c.weight_decay * p;
         p + c.neg_lr * u
+    }
+
+    fn cuda_kernel() -> Option<CudaKernel> {
+        Some(CudaKernel { source: include_str!("../cuda/kernels/ademamix.cuh"), type_name: format!("AdEMAMix<{FAST}>") })
     }
 }
 

@@ -13,6 +13,7 @@
 //! State slots: `exp_avg`, `exp_avg_sq`, `previous_grad`; scalar state `step`.
 
 use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::cuda::CudaKernel;
 use crate::error::Result;
 use crate::real::Real;
 
@@ -71,6 +72,10 @@ impl<const L2: bool> Rule for DiffGrad<L2> {
         s[1] = v;
         s[2] = g;
         p + c.neg_step * (m * friction) / (v.sqrt() + c.eps)
+    }
+
+    fn cuda_kernel() -> Option<CudaKernel> {
+        Some(CudaKernel { source: include_str!("../cuda/kernels/diffgrad.cuh"), type_name: format!("DiffGrad<{L2}>") })
     }
 }
 

@@ -15,6 +15,7 @@
 //! State slot: `exp_avg`. No step counter.
 
 use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::cuda::CudaKernel;
 use crate::error::{Error, Result};
 use crate::real::Real;
 
@@ -94,6 +95,10 @@ impl<const CAUTION: bool, const COUNT: bool> Rule for Lion<CAUTION, COUNT> {
         }
         s[0] = s[0] * c.beta2 + c.one_minus_beta2 * g;
         p + c.neg_lr * dir
+    }
+
+    fn cuda_kernel() -> Option<CudaKernel> {
+        Some(CudaKernel { source: include_str!("../cuda/kernels/lion.cuh"), type_name: format!("Lion<{CAUTION}, {COUNT}>") })
     }
 }
 

@@ -15,6 +15,7 @@
 //! State slot: `momentum_buffer` (none when μ = 0); scalar state `gsnr`.
 
 use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::cuda::CudaKernel;
 use crate::error::Result;
 use crate::real::Real;
 
@@ -85,6 +86,10 @@ impl<const MOMENTUM: bool, const FIRST: bool> Rule for SgdSai<MOMENTUM, FIRST> {
             s[0] = b;
         }
         p * c.decay + c.neg_step * b
+    }
+
+    fn cuda_kernel() -> Option<CudaKernel> {
+        Some(CudaKernel { source: include_str!("../cuda/kernels/sgd_sai.cuh"), type_name: format!("SgdSai<{MOMENTUM}, {FIRST}>") })
     }
 }
 

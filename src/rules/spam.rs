@@ -16,6 +16,7 @@
 //! State slots: `exp_avg`, `exp_avg_sq`.
 
 use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::cuda::CudaKernel;
 use crate::error::{Error, Result};
 use crate::real::Real;
 
@@ -87,6 +88,10 @@ impl<const RESET: bool, const CLIP: bool, const CORRECT_BIAS: bool, const DECAY:
         } else {
             p
         }
+    }
+
+    fn cuda_kernel() -> Option<CudaKernel> {
+        Some(CudaKernel { source: include_str!("../cuda/kernels/spam.cuh"), type_name: format!("Spam<{RESET}, {CLIP}, {CORRECT_BIAS}, {DECAY}>") })
     }
 }
 

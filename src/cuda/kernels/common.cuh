@@ -12,6 +12,9 @@
 #define EF_SQRT_F(x) std::sqrt(x)
 #define EF_SQRT_D(x) std::sqrt(x)
 #define EF_EXP_F(x) std::exp(x)
+#define EF_EXP_D(x) std::exp(x)
+#define EF_ABS_F(x) std::fabs(x)
+#define EF_ABS_D(x) std::fabs(x)
 #define EF_POW_D(x, y) std::pow(x, y)
 #define EF_LOG_D(x) std::log(x)
 #define EF_COS_D(x) std::cos(x)
@@ -25,6 +28,9 @@ typedef std::int64_t ef_i64;
 #define EF_SQRT_F(x) sqrtf(x)
 #define EF_SQRT_D(x) sqrt(x)
 #define EF_EXP_F(x) expf(x)
+#define EF_EXP_D(x) exp(x)
+#define EF_ABS_F(x) fabsf(x)
+#define EF_ABS_D(x) fabs(x)
 #define EF_POW_D(x, y) pow(x, y)
 #define EF_LOG_D(x) log(x)
 #define EF_COS_D(x) cos(x)
@@ -43,6 +49,21 @@ typedef long long ef_i64;
 
 EF_FN float ef_sqrt(float x) { return EF_SQRT_F(x); }
 EF_FN double ef_sqrt(double x) { return EF_SQRT_D(x); }
+EF_FN float ef_abs(float x) { return EF_ABS_F(x); }
+EF_FN double ef_abs(double x) { return EF_ABS_D(x); }
+// e^x: glibc's expf/exp on the host (as Rust's f32::exp/f64::exp); CUDA's expf/exp on the device
+// (within 2 ulp of it; the device result may differ from the CPU engine's in the last bit).
+EF_FN float ef_exp(float x) { return EF_EXP_F(x); }
+EF_FN double ef_exp(double x) { return EF_EXP_D(x); }
+
+// +infinity as a double (f64::INFINITY), without <limits> on the device.
+EF_FN double ef_inf_d() {
+#ifdef EF_HOST
+    return HUGE_VAL;
+#else
+    return __longlong_as_double(0x7ff0000000000000LL);
+#endif
+}
 
 // torch.maximum / torch.minimum: NaN if either operand is NaN.
 template <class R> EF_FN R ef_max_nan(R a, R b) { return (a != a || a > b) ? a : b; }

@@ -1,0 +1,59 @@
+// AdaBound / AMSBound: the CUDA twin of src/rules/adabound.rs (same coefficients, same
+// per-element operation order; checked against it on the CPU by tests/test_cuda_sources.py).
+#pragma once
+#include "common.cuh"
+
+template <bool AMSBOUND, bool L2>
+struct AdaBound {
+    struct Hyper {  // layout of the Rust `AdaBound` struct (#[repr(C)])
+        double lr, beta1, beta2, final_lr, gamma, eps, weight_decay, base_lr;
+    };
+    static const int SLOTS = AMSBOUND ? 3 : 2;  // exp_avg, exp_avg_sq, [max_exp_avg_sq]
+    static const int SCALARS = 1;  // step
+    static const int SUMS = 0;
+    static const bool READS_INPUT = true;
+
+    template <class R>
+    struct Coeffs {
+        R weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, lower, upper;
+    };
+
+    template <class R>
+    EF_FN static Coeffs<R> coeffs(const Hyper& h, double* scalars, const double*) {
+        scalars[0] += 1.0;
+        double t = scalars[0];
+        double bc1 = 1.0 - EF_POW_D(h.beta1, t);
+        double bc2 = 1.0 - EF_POW_D(h.beta2, t);
+        double final_lr = h.final_lr * h.lr / h.base_lr;
+        Coeffs<R> c;
+        c.weight_decay = R(h.weight_decay);
+        c.beta1 = R(h.beta1);
+        c.one_minus_beta1 = R(1.0 - h.beta1);
+        c.beta2 = R(h.beta2);
+        c.one_minus_beta2 = R(1.0 - h.beta2);
+        c.eps = R(h.eps);
+        c.step_size = R(h.lr * EF_SQRT_D(bc2) / bc1);
+        c.lower = R(final_lr * (1.0 - 1.0 / (h.gamma * t + 1.0)));
+        c.upper = R(final_lr * (1.0 + 1.0 / (h.gamma * t)));
+        return c;
+    }
+
+    template <class R>
+    EF_FN static R update(const Coeffs<R>& c, R p, R g, R* s) {
+        if (L2) g = g + c.weight_decay * p;
+        R m = s[0] * c.beta1 + c.one_minus_beta1 * g;
+        R v = s[1] * c.beta2 + c.one_minus_beta2 * g * g;
+        s[0] = m;
+        s[1] = v;
+        R v_bar = v;
+        if (AMSBOUND) {
+            s[2] = ef_max_nan(s[2], v);
+            v_bar = s[2];
+        }
+        R step = ef_min_nan(ef_max_nan(c.step_size / (ef_sqrt(v_bar) + c.eps), c.lower), c.upper);
+        return p + -(step * m);
+    }
+
+    template <class R>
+    EF_FN static void accumulate(const Hyper&, R, R, const R*, double*) {}
+};

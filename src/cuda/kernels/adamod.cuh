@@ -1,0 +1,54 @@
+// AdaMod: the CUDA twin of src/rules/adamod.rs (same coefficients, same per-element operation
+// order; checked against it on the CPU by tests/test_cuda_sources.py). The rule has no flags.
+#pragma once
+#include "common.cuh"
+
+struct AdaMod {
+    struct Hyper {  // layout of the Rust `AdaMod` struct (#[repr(C)])
+        double lr, beta1, beta2, beta3, eps, weight_decay;
+    };
+    static const int SLOTS = 3;  // exp_avg, exp_avg_sq, exp_avg_lr
+    static const int SCALARS = 1;  // step
+    static const int SUMS = 0;
+    static const bool READS_INPUT = true;
+
+    template <class R>
+    struct Coeffs {
+        R beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, eps, step_size, neg_decay;
+    };
+
+    template <class R>
+    EF_FN static Coeffs<R> coeffs(const Hyper& h, double* scalars, const double*) {
+        scalars[0] += 1.0;
+        double t = scalars[0];
+        double bc1 = 1.0 - EF_POW_D(h.beta1, t);
+        double bc2 = 1.0 - EF_POW_D(h.beta2, t);
+        Coeffs<R> c;
+        c.beta1 = R(h.beta1);
+        c.one_minus_beta1 = R(1.0 - h.beta1);
+        c.beta2 = R(h.beta2);
+        c.one_minus_beta2 = R(1.0 - h.beta2);
+        c.beta3 = R(h.beta3);
+        c.one_minus_beta3 = R(1.0 - h.beta3);
+        c.eps = R(h.eps);
+        c.step_size = R(h.lr * EF_SQRT_D(bc2) / bc1);
+        c.neg_decay = R(-h.weight_decay * h.lr);
+        return c;
+    }
+
+    template <class R>
+    EF_FN static R update(const Coeffs<R>& c, R p, R g, R* s) {
+        R m = s[0] * c.beta1 + c.one_minus_beta1 * g;
+        R v = s[1] * c.beta2 + c.one_minus_beta2 * g * g;
+        p = p + c.neg_decay * p;
+        R eta = c.step_size / (ef_sqrt(v) + c.eps);
+        R bound = s[2] * c.beta3 + c.one_minus_beta3 * eta;
+        s[0] = m;
+        s[1] = v;
+        s[2] = bound;
+        return p - ef_min_nan(eta, bound) * m;
+    }
+
+    template <class R>
+    EF_FN static void accumulate(const Hyper&, R, R, const R*, double*) {}
+};

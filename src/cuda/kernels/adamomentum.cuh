@@ -1,0 +1,56 @@
+// AdaMomentum: the CUDA twin of src/rules/adamomentum.rs (same coefficients, same per-element
+// operation order; checked against it on the CPU by tests/test_cuda_sources.py).
+#pragma once
+#include "common.cuh"
+
+template <bool DECOUPLE>
+struct AdaMomentum {
+    struct Hyper {  // layout of the Rust `AdaMomentum` struct (#[repr(C)])
+        double lr, beta1, beta2, eps, weight_decay, decay_lr;
+    };
+    static const int SLOTS = 2;  // exp_avg, exp_avg_sq
+    static const int SCALARS = 1;  // step
+    static const int SUMS = 0;
+    static const bool READS_INPUT = true;
+
+    template <class R>
+    struct Coeffs {
+        R decay, l2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, neg_step_size;
+    };
+
+    template <class R>
+    EF_FN static Coeffs<R> coeffs(const Hyper& h, double* scalars, const double*) {
+        scalars[0] += 1.0;
+        double t = scalars[0];
+        double bc1 = 1.0 - EF_POW_D(h.beta1, t);
+        double bc2 = 1.0 - EF_POW_D(h.beta2, t);
+        Coeffs<R> c;
+        c.decay = R(DECOUPLE ? 1.0 - h.decay_lr * h.weight_decay : 1.0);
+        c.l2 = R(DECOUPLE ? 0.0 : h.weight_decay);
+        c.beta1 = R(h.beta1);
+        c.one_minus_beta1 = R(1.0 - h.beta1);
+        c.beta2 = R(h.beta2);
+        c.one_minus_beta2 = R(1.0 - h.beta2);
+        c.eps = R(h.eps);
+        c.bc2_sqrt = R(EF_SQRT_D(bc2));
+        c.neg_step_size = R(-(h.lr / bc1));
+        return c;
+    }
+
+    template <class R>
+    EF_FN static R update(const Coeffs<R>& c, R p, R g, R* s) {
+        if (DECOUPLE) {
+            p = p * c.decay;
+        } else {
+            g = g + c.l2 * p;
+        }
+        R m = s[0] * c.beta1 + c.one_minus_beta1 * g;
+        R v = s[1] * c.beta2 + c.one_minus_beta2 * m * m + c.eps;
+        s[0] = m;
+        s[1] = v;
+        return p + c.neg_step_size * m / (ef_sqrt(v) / c.bc2_sqrt);
+    }
+
+    template <class R>
+    EF_FN static void accumulate(const Hyper&, R, R, const R*, double*) {}
+};

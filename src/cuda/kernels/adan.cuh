@@ -1,0 +1,73 @@
+// Adan: the CUDA twin of src/rules/adan.rs (same coefficients, same per-element operation order;
+// checked against it on the CPU by tests/test_cuda_sources.py).
+#pragma once
+#include "common.cuh"
+
+template <bool NO_PROX, bool FIRST>
+struct Adan {
+    struct Hyper {  // layout of the Rust `Adan` struct (#[repr(C)])
+        double lr, beta1, beta2, beta3, eps, weight_decay, clip, step;
+    };
+    static const int SLOTS = 4;  // exp_avg (m), exp_avg_sq (n), exp_avg_diff (v), neg_pre_grad (r)
+    static const int SCALARS = 0;
+    static const int SUMS = 0;
+    static const bool READS_INPUT = true;
+
+    template <class R>
+    struct Coeffs {
+        R clip, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, bc3_sqrt, eps, neg_step,
+            neg_step_diff, decay, prox;
+    };
+
+    template <class R>
+    EF_FN static Coeffs<R> coeffs(const Hyper& h, double*, const double*) {
+        double k = h.step;
+        double bc1 = 1.0 - EF_POW_D(h.beta1, k);
+        double bc2 = 1.0 - EF_POW_D(h.beta2, k);
+        double bc3 = 1.0 - EF_POW_D(h.beta3, k);
+        double lr_wd = h.lr * h.weight_decay;
+        Coeffs<R> c;
+        c.clip = R(h.clip);
+        c.beta1 = R(h.beta1);
+        c.one_minus_beta1 = R(1.0 - h.beta1);
+        c.beta2 = R(h.beta2);
+        c.one_minus_beta2 = R(1.0 - h.beta2);
+        c.beta3 = R(h.beta3);
+        c.one_minus_beta3 = R(1.0 - h.beta3);
+        c.bc3_sqrt = R(EF_SQRT_D(bc3));
+        c.eps = R(h.eps);
+        c.neg_step = R(-(h.lr / bc1));
+        c.neg_step_diff = R(-(h.lr * h.beta2 / bc2));
+        c.decay = R(1.0 - lr_wd);
+        c.prox = R(1.0 + lr_wd);
+        return c;
+    }
+
+    template <class R>
+    EF_FN static R update(const Coeffs<R>& c, R p, R g, R* s) {
+        g = g * c.clip;
+        R neg_prev = FIRST ? -g : s[3];
+        R diff = neg_prev + g;
+        R m = s[0] * c.beta1 + c.one_minus_beta1 * g;
+        R v = s[2] * c.beta2 + c.one_minus_beta2 * diff;
+        R u = diff * c.beta2 + g;
+        R n = s[1] * c.beta3 + c.one_minus_beta3 * u * u;
+        s[0] = m;
+        s[1] = n;
+        s[2] = v;
+        s[3] = -g;
+        R denom = ef_sqrt(n) / c.bc3_sqrt + c.eps;
+        if (NO_PROX) {
+            p = p * c.decay;
+            p = p + c.neg_step * m / denom;
+            return p + c.neg_step_diff * v / denom;
+        } else {
+            p = p + c.neg_step * m / denom;
+            p = p + c.neg_step_diff * v / denom;
+            return p / c.prox;
+        }
+    }
+
+    template <class R>
+    EF_FN static void accumulate(const Hyper&, R, R, const R*, double*) {}
+};

@@ -1,0 +1,53 @@
+// diffGrad: the CUDA twin of src/rules/diffgrad.rs (same coefficients, same per-element operation
+// order; checked against it on the CPU by tests/test_cuda_sources.py). The friction's e^x is the
+// device's expf/exp, which may differ from the CPU's libm in the last bit.
+#pragma once
+#include "common.cuh"
+
+template <bool L2>
+struct DiffGrad {
+    struct Hyper {  // layout of the Rust `DiffGrad` struct (#[repr(C)])
+        double lr, beta1, beta2, eps, weight_decay;
+    };
+    static const int SLOTS = 3;  // exp_avg, exp_avg_sq, previous_grad
+    static const int SCALARS = 1;  // step
+    static const int SUMS = 0;
+    static const bool READS_INPUT = true;
+
+    template <class R>
+    struct Coeffs {
+        R weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step;
+    };
+
+    template <class R>
+    EF_FN static Coeffs<R> coeffs(const Hyper& h, double* scalars, const double*) {
+        scalars[0] += 1.0;
+        double t = scalars[0];
+        double bc1 = 1.0 - EF_POW_D(h.beta1, t);
+        double bc2 = 1.0 - EF_POW_D(h.beta2, t);
+        Coeffs<R> c;
+        c.weight_decay = R(h.weight_decay);
+        c.beta1 = R(h.beta1);
+        c.one_minus_beta1 = R(1.0 - h.beta1);
+        c.beta2 = R(h.beta2);
+        c.one_minus_beta2 = R(1.0 - h.beta2);
+        c.eps = R(h.eps);
+        c.neg_step = R(-(h.lr * EF_SQRT_D(bc2) / bc1));
+        return c;
+    }
+
+    template <class R>
+    EF_FN static R update(const Coeffs<R>& c, R p, R g, R* s) {
+        if (L2) g = g + c.weight_decay * p;
+        R m = s[0] * c.beta1 + c.one_minus_beta1 * g;
+        R v = s[1] * c.beta2 + c.one_minus_beta2 * g * g;
+        R friction = R(1) / (R(1) + ef_exp(-ef_abs(s[2] - g)));
+        s[0] = m;
+        s[1] = v;
+        s[2] = g;
+        return p + c.neg_step * (m * friction) / (ef_sqrt(v) + c.eps);
+    }
+
+    template <class R>
+    EF_FN static void accumulate(const Hyper&, R, R, const R*, double*) {}
+};
