@@ -89,10 +89,21 @@ def sum_squares(tensors: list[Tensor]) -> float:
     one parallel pass (reproducible: the order does not depend on threads). Complex tensors
     count as their real views; tensors with gaps are copied first."""
     ts = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+    cuda = [t for t in ts if t.is_cuda]
+    total = 0.0
+    if cuda:
+        # On the device with torch's fused norms (tree-ordered fp32 accumulation), squared and
+        # summed in float64, read back once: a host synchronisation, the price of a global norm
+        # that the host turns into a factor.
+        norms = torch.stack(torch._foreach_norm(cuda)).double()
+        total = float((norms * norms).sum())
+        ts = [t for t in ts if not t.is_cuda]
+    if not ts:
+        return total
     try:
-        return _native.sum_squares(ts)
+        return total + _native.sum_squares(ts)
     except LayoutError:
-        return _native.sum_squares([t.contiguous() for t in ts])
+        return total + _native.sum_squares([t.contiguous() for t in ts])
 
 
 class FusedOptimizer(torch.optim.Optimizer):
