@@ -30,6 +30,8 @@ pub struct BemaCoeffs<R: Real> {
 
 impl<const RESET: bool> Rule for Bema<RESET> {
     const SLOTS: usize = 2;
+    /// The anchor (slot 1) is only written by a reset.
+    const WRITTEN_SLOTS: usize = if RESET { 2 } else { 1 };
     type Coeffs<R: Real> = BemaCoeffs<R>;
 
     fn coeffs<R: Real>(&self, _scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> BemaCoeffs<R> {

@@ -46,6 +46,9 @@ pub const MAX_SUMS: usize = 4;
 pub trait Rule: Send + Sync + 'static {
     /// State tensors per parameter (slots `0..SLOTS` of the state array are live).
     const SLOTS: usize;
+    /// State slots the rule writes: slots `WRITTEN_SLOTS..SLOTS` are only read, and the drivers
+    /// do not store them back (no write traffic, e.g. BEMA's anchor between resets).
+    const WRITTEN_SLOTS: usize = Self::SLOTS;
     /// Scalar state entries per parameter (`scalars[0..SCALARS]` are live in `coeffs`).
     const SCALARS: usize = 0;
     /// Per-tensor sums gathered before the update (`sums[0..SUMS]`).

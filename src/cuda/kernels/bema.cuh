@@ -11,6 +11,7 @@ struct Bema {
         double alpha, beta;
     };
     static const int SLOTS = 2;
+    static const int WRITTEN_SLOTS = RESET ? 2 : 1;  // the anchor is only written by a reset
     static const int SCALARS = 0;
     static const int SUMS = 0;
     static const bool READS_INPUT = true;

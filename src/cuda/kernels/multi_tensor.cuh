@@ -27,6 +27,11 @@ struct EfTensor {  // layout of the Rust `cuda::table::TensorEntry` (#[repr(C)])
     ef_i64 first_block;
 };
 
+// Rule::WRITTEN_SLOTS where the rule declares it (slots past it are only read), else SLOTS.
+template <class...> using ef_void_t = void;
+template <class Rule, class = void> struct EfWritten { static const int value = Rule::SLOTS; };
+template <class Rule> struct EfWritten<Rule, ef_void_t<decltype(Rule::WRITTEN_SLOTS)>> { static const int value = Rule::WRITTEN_SLOTS; };
+
 EF_FN ef_i64 ef_blocks_of(ef_i64 numel) { return numel <= 0 ? 1 : (numel + EF_CHUNK - 1) / EF_CHUNK; }
 
 template <class T>
@@ -58,7 +63,7 @@ __device__ __forceinline__ void ef_update_one(const typename Rule::template Coef
     R pv = Rule::template update<R>(c, EfElem<P, R>::load(p + i), gv, s);
     EfElem<P, R>::store(p + i, pv);
 #pragma unroll
-    for (int k = 0; k < Rule::SLOTS; ++k) EfElem<S, R>::store(st[k] + i, s[k]);
+    for (int k = 0; k < EfWritten<Rule>::value; ++k) EfElem<S, R>::store(st[k] + i, s[k]);
 }
 
 template <class Rule, class R, class P, class G, class S>
@@ -125,7 +130,7 @@ __device__ __forceinline__ void ef_step_impl(const typename Rule::Hyper& hyper, 
         }
         *(EfVec<P>*)(p + i) = pv;
 #pragma unroll
-        for (int k = 0; k < Rule::SLOTS; ++k) *(EfVec<S>*)(st[k] + i) = sv[k];
+        for (int k = 0; k < EfWritten<Rule>::value; ++k) *(EfVec<S>*)(st[k] + i) = sv[k];
     }
     for (ef_i64 i = vec_end + threadIdx.x; i < end; i += blockDim.x) ef_update_one<Rule, R, P, G, S>(c, factor, p, g, st, i);
 }
