@@ -114,7 +114,7 @@ def measure(case: Case, params: list[torch.Tensor], grads: list[torch.Tensor], r
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="ResNet-50 only, one short round; prints only")
-    ap.add_argument("--workloads", default="resnet50,gpt2-small,vit-b16,small-4000")
+    ap.add_argument("--workloads", default="resnet50,gpt2-small,vit-b16,4000-small")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--output", default=None, help="RESULTS.md to update (default: benchmarks/RESULTS.md unless --quick)")
