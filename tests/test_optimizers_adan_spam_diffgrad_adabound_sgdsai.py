@@ -13,7 +13,7 @@ import torch
 
 import emafuse
 from helpers import ODD_SHAPES, SMALL_SHAPES, assert_close, clone_params, make_params, random_grads, set_grads
-from spec_refs_issue4b import RefAdaBound, RefAdan, RefDiffGrad, RefSGDSaI, RefSPAM
+from reference_adan_spam_diffgrad_adabound_sgdsai import RefAdaBound, RefAdan, RefDiffGrad, RefSGDSaI, RefSPAM
 
 REF = {emafuse.Adan: RefAdan, emafuse.SPAM: RefSPAM, emafuse.DiffGrad: RefDiffGrad,
        emafuse.AdaBound: RefAdaBound, emafuse.SGDSaI: RefSGDSaI}

@@ -1,5 +1,5 @@
 """AdEMAMix, AdaBelief, AdaMomentum, Lion and AdaMod: against float64 references written from the
-spec (tests/spec_reference.py) and against the official implementations where they install
+spec (tests/reference_ademamix_adabelief_adamomentum_lion_adamod.py) and against the official implementations where they install
 (adabelief-pytorch, adamod, lion-pytorch; pytorch_optimizer's AdEMAMix for the no-warm-up case)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 import emafuse
 from helpers import ODD_SHAPES, SMALL_SHAPES, assert_close, clone_params, make_params, random_grads, run_steps, set_grads
-from spec_reference import Reference, slot_names
+from reference_ademamix_adabelief_adamomentum_lion_adamod import Reference, slot_names
 
 CLASSES = {
     "AdaBelief": emafuse.AdaBelief,
