@@ -21,7 +21,7 @@
 //! reference only when `s` or `m` is already infinite or NaN in the first (ρ_t < 5) steps.
 //! State slots: `exp_avg`, `exp_avg_var`, then `max_exp_avg_var` with amsgrad.
 
-use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use super::{next_step, bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::cuda::CudaKernel;
 use crate::error::Result;
 use crate::real::Real;
@@ -80,10 +80,8 @@ impl<const AMSGRAD: bool, const DECOUPLE: bool, const RECTIFY: bool> Rule for Ad
 
     /// `scalars[0]` is the per-parameter `step`, incremented here.
     fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> AdaBeliefCoeffs<R> {
-        scalars[0] += 1.0;
+        let (bc1, bc2) = next_step(scalars, self.beta1, self.beta2);
         let t = scalars[0];
-        let bc1 = 1.0 - self.beta1.powf(t);
-        let bc2 = 1.0 - self.beta2.powf(t);
         let (step, div, add) = if !RECTIFY {
             (-(self.lr / bc1), bc2.sqrt(), self.eps)
         } else {

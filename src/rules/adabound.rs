@@ -13,7 +13,7 @@
 //! `lo = f·(1 − 1/(γ·t + 1))`, `hi = f·(1 + 1/(γ·t))`.
 //! State slots: `exp_avg`, `exp_avg_sq`, then `max_exp_avg_sq` with amsbound; scalar `step`.
 
-use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use super::{next_step, bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::cuda::CudaKernel;
 use crate::error::{Error, Result};
 use crate::real::Real;
@@ -54,10 +54,8 @@ impl<const AMSBOUND: bool, const L2: bool> Rule for AdaBound<AMSBOUND, L2> {
 
     /// `scalars[0]` is the parameter's `step`, incremented here.
     fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> AdaBoundCoeffs<R> {
-        scalars[0] += 1.0;
+        let (bc1, bc2) = next_step(scalars, self.beta1, self.beta2);
         let t = scalars[0];
-        let bc1 = 1.0 - self.beta1.powf(t);
-        let bc2 = 1.0 - self.beta2.powf(t);
         let final_lr = self.final_lr * self.lr / self.base_lr;
         AdaBoundCoeffs {
             weight_decay: R::from_f64(self.weight_decay),

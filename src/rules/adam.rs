@@ -17,7 +17,7 @@
 //! `ema` update after the step when the parameter's dtype is the compute type (fp32/fp64); the
 //! Python layer only uses it then.
 
-use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use super::{next_step, bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::cuda::CudaKernel;
 use crate::error::Result;
 use crate::real::{Lerp, Real};
@@ -56,10 +56,7 @@ impl<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool> Rule for Adam<
 
     /// `scalars[0]` is torch's `state['step']`, incremented here.
     fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> AdamCoeffs<R> {
-        scalars[0] += 1.0;
-        let step = scalars[0];
-        let bc1 = 1.0 - self.beta1.powf(step);
-        let bc2 = 1.0 - self.beta2.powf(step);
+        let (bc1, bc2) = next_step(scalars, self.beta1, self.beta2);
         AdamCoeffs {
             decay: R::from_f64(if DECOUPLED { 1.0 - self.lr * self.weight_decay } else { 1.0 }),
             l2: R::from_f64(if DECOUPLED { 0.0 } else { self.weight_decay }),

@@ -12,7 +12,7 @@
 //! ```
 //! State slots: `exp_avg`, `exp_avg_sq`, `exp_avg_lr`.
 
-use super::{check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use super::{next_step, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::cuda::CudaKernel;
 use crate::error::Result;
 use crate::real::Real;
@@ -50,10 +50,7 @@ impl Rule for AdaMod {
 
     /// `scalars[0]` is the per-parameter `step`, incremented here.
     fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> AdaModCoeffs<R> {
-        scalars[0] += 1.0;
-        let t = scalars[0];
-        let bc1 = 1.0 - self.beta1.powf(t);
-        let bc2 = 1.0 - self.beta2.powf(t);
+        let (bc1, bc2) = next_step(scalars, self.beta1, self.beta2);
         AdaModCoeffs {
             beta1: R::from_f64(self.beta1),
             one_minus_beta1: R::from_f64(1.0 - self.beta1),

@@ -10,7 +10,7 @@
 //! ```
 //! State slots: `exp_avg`, `exp_avg_sq`.
 
-use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use super::{next_step, bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::cuda::CudaKernel;
 use crate::error::Result;
 use crate::real::Real;
@@ -49,10 +49,7 @@ impl<const DECOUPLE: bool> Rule for AdaMomentum<DECOUPLE> {
 
     /// `scalars[0]` is the per-parameter `step`, incremented here.
     fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> AdaMomentumCoeffs<R> {
-        scalars[0] += 1.0;
-        let t = scalars[0];
-        let bc1 = 1.0 - self.beta1.powf(t);
-        let bc2 = 1.0 - self.beta2.powf(t);
+        let (bc1, bc2) = next_step(scalars, self.beta1, self.beta2);
         AdaMomentumCoeffs {
             decay: R::from_f64(if DECOUPLE { 1.0 - self.decay_lr * self.weight_decay } else { 1.0 }),
             l2: R::from_f64(if DECOUPLE { 0.0 } else { self.weight_decay }),

@@ -12,7 +12,7 @@
 //! ```
 //! State slots: `exp_avg`, `exp_avg_sq`, `previous_grad`; scalar state `step`.
 
-use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use super::{next_step, bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::cuda::CudaKernel;
 use crate::error::Result;
 use crate::real::Real;
@@ -47,10 +47,7 @@ impl<const L2: bool> Rule for DiffGrad<L2> {
 
     /// `scalars[0]` is the parameter's `step`, incremented here.
     fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> DiffGradCoeffs<R> {
-        scalars[0] += 1.0;
-        let t = scalars[0];
-        let bc1 = 1.0 - self.beta1.powf(t);
-        let bc2 = 1.0 - self.beta2.powf(t);
+        let (bc1, bc2) = next_step(scalars, self.beta1, self.beta2);
         DiffGradCoeffs {
             weight_decay: R::from_f64(self.weight_decay),
             beta1: R::from_f64(self.beta1),

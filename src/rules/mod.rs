@@ -188,6 +188,14 @@ macro_rules! bool_dispatch {
 }
 pub(crate) use bool_dispatch;
 
+/// Advance the per-parameter step counter kept in `scalars[0]` and return the Adam-style bias
+/// corrections of the new step `t`: `(1 − β1^t, 1 − β2^t)` (`ef_next_step` in common.cuh).
+pub(crate) fn next_step(scalars: &mut [f64; MAX_SCALARS], beta1: f64, beta2: f64) -> (f64, f64) {
+    scalars[0] += 1.0;
+    let t = scalars[0];
+    (1.0 - beta1.powf(t), 1.0 - beta2.powf(t))
+}
+
 /// Check `0 <= x < 1` style ranges of rule inputs that Python already validated, so that a direct
 /// native call with garbage cannot produce silent nonsense.
 pub(crate) fn check_unit_interval(name: &str, x: f64) -> Result<f64> {

@@ -21,10 +21,9 @@ struct AdaBelief {
 
     template <class R>
     EF_FN static Coeffs<R> coeffs(const Hyper& h, double* scalars, const double*) {
-        scalars[0] += 1.0;
+        double bc1, bc2;
+        ef_next_step(scalars, h.beta1, h.beta2, &bc1, &bc2);
         double t = scalars[0];
-        double bc1 = 1.0 - EF_POW_D(h.beta1, t);
-        double bc2 = 1.0 - EF_POW_D(h.beta2, t);
         double step, div, add;
         if (!RECTIFY) {
             step = -(h.lr / bc1);

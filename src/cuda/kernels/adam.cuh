@@ -24,10 +24,8 @@ struct Adam {
 
     template <class R>
     EF_FN static Coeffs<R> coeffs(const Hyper& h, double* scalars, const double*) {
-        scalars[0] += 1.0;
-        double step = scalars[0];
-        double bc1 = 1.0 - EF_POW_D(h.beta1, step);
-        double bc2 = 1.0 - EF_POW_D(h.beta2, step);
+        double bc1, bc2;
+        ef_next_step(scalars, h.beta1, h.beta2, &bc1, &bc2);
         Coeffs<R> c;
         c.decay = R(DECOUPLED ? 1.0 - h.lr * h.weight_decay : 1.0);
         c.l2 = R(DECOUPLED ? 0.0 : h.weight_decay);

@@ -19,10 +19,8 @@ struct AdaMod {
 
     template <class R>
     EF_FN static Coeffs<R> coeffs(const Hyper& h, double* scalars, const double*) {
-        scalars[0] += 1.0;
-        double t = scalars[0];
-        double bc1 = 1.0 - EF_POW_D(h.beta1, t);
-        double bc2 = 1.0 - EF_POW_D(h.beta2, t);
+        double bc1, bc2;
+        ef_next_step(scalars, h.beta1, h.beta2, &bc1, &bc2);
         Coeffs<R> c;
         c.beta1 = R(h.beta1);
         c.one_minus_beta1 = R(1.0 - h.beta1);

@@ -20,10 +20,8 @@ struct AdaMomentum {
 
     template <class R>
     EF_FN static Coeffs<R> coeffs(const Hyper& h, double* scalars, const double*) {
-        scalars[0] += 1.0;
-        double t = scalars[0];
-        double bc1 = 1.0 - EF_POW_D(h.beta1, t);
-        double bc2 = 1.0 - EF_POW_D(h.beta2, t);
+        double bc1, bc2;
+        ef_next_step(scalars, h.beta1, h.beta2, &bc1, &bc2);
         Coeffs<R> c;
         c.decay = R(DECOUPLE ? 1.0 - h.decay_lr * h.weight_decay : 1.0);
         c.l2 = R(DECOUPLE ? 0.0 : h.weight_decay);

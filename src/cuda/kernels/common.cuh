@@ -86,6 +86,15 @@ template <class R> struct EfLerp {
     EF_FN R apply(R a, R b) const { return small ? a + w * (b - a) : b - (b - a) * one_minus_w; }
 };
 
+// Advance the step counter kept in scalars[0]; the Adam-style bias corrections of the new step
+// (src/rules/mod.rs `next_step`).
+EF_FN void ef_next_step(double* scalars, double beta1, double beta2, double* bc1, double* bc2) {
+    scalars[0] += 1.0;
+    double t = scalars[0];
+    *bc1 = 1.0 - EF_POW_D(beta1, t);
+    *bc2 = 1.0 - EF_POW_D(beta2, t);
+}
+
 // ---- storage types and conversions -------------------------------------------------------------
 
 struct ef_bf16 { ef_u16 bits; };
