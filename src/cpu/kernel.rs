@@ -50,8 +50,8 @@ pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
             if Ru::READS_INPUT {
                 G::load(std::slice::from_raw_parts(ptrs.grad.add(off), n), &mut gb[..n]);
             }
-            for k in 0..Ru::SLOTS {
-                S::load(std::slice::from_raw_parts(ptrs.states[k].add(off), n), &mut sb[k][..n]);
+            for (state, buf) in ptrs.states.iter().zip(sb.iter_mut()).take(Ru::SLOTS) {
+                S::load(std::slice::from_raw_parts(state.add(off), n), &mut buf[..n]);
             }
         }
         for i in 0..n {
@@ -140,7 +140,7 @@ unsafe fn update_span_avx2<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>
 /// # Safety
 /// `ptr` must be valid for `n` elements and not accessed by anyone else while the slice lives.
 #[inline(always)]
-unsafe fn block<'a, R: Real, E: Elem<R>>(ptr: *mut E, n: usize, buf: &'a mut [R]) -> &'a mut [R] {
+unsafe fn block<R: Real, E: Elem<R>>(ptr: *mut E, n: usize, buf: &mut [R]) -> &mut [R] {
     if E::IS_COMPUTE {
         // SAFETY: E is R (IS_COMPUTE), so the memory holds n valid R values.
         unsafe { std::slice::from_raw_parts_mut(ptr as *mut R, n) }

@@ -236,7 +236,9 @@ impl<Ru: Rule> RuleBatch<Ru> {
         let b = &self.batch;
         let ns = b.n_scalars;
         let mut out = Vec::with_capacity(b.params.len());
-        let mut last: Option<([f64; MAX_SCALARS], [f64; MAX_SCALARS], Ru::Coeffs<R>)> = None;
+        // (scalar state before, after, coefficients) of the previous tensor
+        type Memo<C> = Option<([f64; MAX_SCALARS], [f64; MAX_SCALARS], C)>;
+        let mut last: Memo<Ru::Coeffs<R>> = None;
         for (i, sum) in sums.iter().enumerate() {
             let mut scalars = [0.0; MAX_SCALARS];
             for (k, x) in scalars.iter_mut().enumerate().take(ns) {
@@ -251,9 +253,9 @@ impl<Ru: Rule> RuleBatch<Ru> {
                     (after, c)
                 }
             };
-            for k in 0..ns {
+            for (k, &x) in updated.iter().enumerate().take(ns) {
                 // SAFETY: as above; no two scalar tensors share memory (check_no_shared_outputs).
-                unsafe { write_scalar(&b.scalars[i * ns + k], updated[k]) };
+                unsafe { write_scalar(&b.scalars[i * ns + k], x) };
             }
             last = Some((scalars, updated, c));
             out.push(c);

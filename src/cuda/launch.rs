@@ -83,11 +83,10 @@ static DEVICES: Mutex<Option<HashMap<u32, DeviceState>>> = Mutex::new(None);
 /// Run `f` on the (lazily initialised) state of device `ordinal`, with its context current.
 fn with_device<T>(ordinal: u32, f: impl FnOnce(&mut DeviceState) -> Result<T>) -> Result<T> {
     let mut guard = DEVICES.lock().map_err(|_| Error::Internal("CUDA state poisoned".into()))?;
-    let devices = guard.get_or_insert_with(HashMap::new);
-    if !devices.contains_key(&ordinal) {
-        devices.insert(ordinal, open_device(ordinal)?);
-    }
-    let state = devices.get_mut(&ordinal).expect("inserted above");
+    let state = match guard.get_or_insert_with(HashMap::new).entry(ordinal) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(open_device(ordinal)?),
+    };
     // SAFETY: ctx is the device's primary context, retained for the life of the process.
     unsafe { result::ctx::set_current(state.ctx) }.map_err(|e| driver_error("cuCtxSetCurrent", e))?;
     f(state)
@@ -139,7 +138,7 @@ impl DeviceState {
         self.clock += 1;
         // SAFETY: stream is the caller's live stream.
         let capturing = unsafe { result::stream::is_capturing(stream) }
-            .map_or(false, |s| s != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE);
+            .is_ok_and(|s| s != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE);
         if let Some(i) = self.tables.iter().position(|t| t.entries == entries) {
             self.tables[i].last_use = self.clock;
             self.tables[i].permanent |= capturing;

@@ -103,7 +103,7 @@ pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
     let eps = check_non_negative("eps", h.num("eps")?)?;
     let weight_decay = check_non_negative("weight_decay", h.num("weight_decay")?)?;
     let base_lr = h.num("base_lr")?;
-    if !(base_lr > 0.0) || gamma == 0.0 {
+    if base_lr.is_nan() || base_lr <= 0.0 || gamma == 0.0 {
         return Err(Error::Value(format!("base_lr and gamma must be > 0, got {base_lr} and {gamma}")));
     }
     Ok(bool_dispatch!(h.flag("amsbound")? => A, weight_decay != 0.0 => L;

@@ -104,7 +104,7 @@ mod tests {
             let g = g0 + wd * rp;
             rm = b1 * rm + (1.0 - b1) * g;
             rv = b2 * rv + (1.0 - b2) * g * g;
-            let xi = 1.0 / (1.0 + (-(rprev - g as f64).abs()).exp());
+            let xi = 1.0 / (1.0 + (-(rprev - g).abs()).exp());
             rprev = g;
             let bc = (1.0 - b2.powi(step)).sqrt() / (1.0 - b1.powi(step));
             rp -= lr * bc * (rm * xi) / (rv.sqrt() + eps);

@@ -96,7 +96,8 @@ mod tests {
         }
         // Orthogonal unit task vectors at λ = 0.5: both coefficients sin(π/4)/sin(π/2).
         let (c1, c2) = coefficients(0.5, 0.0, 1.0, 4.0);
-        assert!((c1 - 0.7071067812).abs() < 1e-9 && (c2 - 0.7071067812).abs() < 1e-9);
+        let half = std::f64::consts::FRAC_1_SQRT_2;
+        assert!((c1 - half).abs() < 1e-9 && (c2 - half).abs() < 1e-9);
         // Nearly parallel: LERP.
         assert_eq!(coefficients(0.5, 2.0, 1.0, 4.0 + 1e-8), (0.5, 0.5));
     }

@@ -119,6 +119,7 @@ mod tests {
     type S<const R: bool, const C: bool> = Spam<R, C, true, true>;
 
     /// Spec §10 (d) steps 1–8 in f64 for one element.
+    #[allow(clippy::too_many_arguments)]
     fn reference(p: f64, g: f64, m: f64, v: f64, k: f64, reset: bool, clip: bool, scale: f64) -> (f64, f64, f64) {
         let (lr, b1, b2, eps, wd, th) = (1e-2, 0.9, 0.999, 1e-6, 0.1, 50.0);
         let (m, v) = if reset { (0.0, 0.0) } else { (m, v) };
