@@ -81,9 +81,10 @@ impl Real for f32 {
     fn abs(self) -> Self {
         f32::abs(self)
     }
+    /// e^x in plain arithmetic that vectorises (libm's expf does not): see [`exp_f32`].
     #[inline(always)]
     fn exp(self) -> Self {
-        f32::exp(self)
+        exp_f32(self)
     }
     #[inline(always)]
     fn is_finite(self) -> bool {
@@ -117,6 +118,36 @@ impl Real for f64 {
     #[inline(always)]
     fn is_finite(self) -> bool {
         f64::is_finite(self)
+    }
+}
+
+/// e^x for f32 without a libm call, so that kernels using it still vectorise: Cody–Waite range
+/// reduction x = n·ln2 + r (|r| ≤ ln2/2), a degree-7 Taylor polynomial (truncation below 6e-9
+/// relative), and 2^n applied as two exact exponent scalings. Within 2 ulp of the exact value;
+/// NaN stays NaN, x > 88.72 gives +inf, x < −87.34 gives 0 (subnormal results are flushed).
+/// `ef_exp(float)` in common.cuh performs the same operations in the same order, so the CUDA
+/// kernels round exactly like the CPU ones.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LO: f32 = -87.336_55;
+    const HI: f32 = 88.722_83;
+    let xc = if x >= LO { if x <= HI { x } else { HI } } else { LO }; // NaN → LO, fixed below
+    let n = (xc * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = (xc - n * 0.693_359_4) - n * -2.121_944_4e-4;
+    let p = 1.0
+        + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let n = n as i32;
+    let (n1, n2) = (n >> 1, n - (n >> 1));
+    let scale = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
+    let y = p * scale(n1) * scale(n2);
+    if x != x {
+        x
+    } else if x > HI {
+        f32::INFINITY
+    } else if x < LO {
+        0.0
+    } else {
+        y
     }
 }
 
@@ -167,6 +198,25 @@ mod tests {
         assert_eq!((-3.0f32).sign(), -1.0);
         assert_eq!(7.5f64.sign(), 1.0);
         assert!(f32::NAN.sign().is_nan());
+    }
+
+    #[test]
+    fn exp_f32_is_within_two_ulp() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x < 88.5 {
+            let got = exp_f32(x) as f64;
+            let want = (x as f64).exp();
+            let ulp = (want as f32).abs() * f32::EPSILON;
+            worst = worst.max((got - want).abs() / ulp as f64);
+            x += 0.0173;
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert_eq!(exp_f32(100.0), f32::INFINITY);
+        assert_eq!(exp_f32(-100.0), 0.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 #define EF_FN inline
 #define EF_SQRT_F(x) std::sqrt(x)
 #define EF_SQRT_D(x) std::sqrt(x)
-#define EF_EXP_F(x) std::exp(x)
+#define EF_FLOOR_F(x) std::floor(x)
 #define EF_EXP_D(x) std::exp(x)
 #define EF_ABS_F(x) std::fabs(x)
 #define EF_ABS_D(x) std::fabs(x)
@@ -27,7 +27,7 @@ typedef std::int64_t ef_i64;
 #define EF_FN __device__ __forceinline__
 #define EF_SQRT_F(x) sqrtf(x)
 #define EF_SQRT_D(x) sqrt(x)
-#define EF_EXP_F(x) expf(x)
+#define EF_FLOOR_F(x) floorf(x)
 #define EF_EXP_D(x) exp(x)
 #define EF_ABS_F(x) fabsf(x)
 #define EF_ABS_D(x) fabs(x)
@@ -47,13 +47,37 @@ typedef long long ef_i64;
 
 // ---- compute-type helpers (float or double), mirroring src/real.rs ----------------------------
 
+EF_FN float ef_bits_to_float(ef_u32 u) {
+    float f;
+#ifdef EF_HOST
+    std::memcpy(&f, &u, 4);
+#else
+    f = __uint_as_float(u);
+#endif
+    return f;
+}
+
 EF_FN float ef_sqrt(float x) { return EF_SQRT_F(x); }
 EF_FN double ef_sqrt(double x) { return EF_SQRT_D(x); }
 EF_FN float ef_abs(float x) { return EF_ABS_F(x); }
 EF_FN double ef_abs(double x) { return EF_ABS_D(x); }
-// e^x: glibc's expf/exp on the host (as Rust's f32::exp/f64::exp); CUDA's expf/exp on the device
-// (within 2 ulp of it; the device result may differ from the CPU engine's in the last bit).
-EF_FN float ef_exp(float x) { return EF_EXP_F(x); }
+// e^x. float: the operations of `exp_f32` in src/real.rs, in the same order (bit-identical to the
+// CPU engine on host and device; within 2 ulp). double: libm's exp on the host (as Rust's
+// f64::exp), CUDA's on the device (may differ in the last bit).
+EF_FN float ef_exp(float x) {
+    const float LO = -87.33655f, HI = 88.72283f;
+    float xc = x >= LO ? (x <= HI ? x : HI) : LO;  // NaN -> LO, fixed below
+    float n = EF_FLOOR_F(xc * 1.44269504f + 0.5f);
+    float r = (xc - n * 0.6933594f) - n * -2.1219444e-4f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6.0f + r * (1.0f / 24.0f + r * (1.0f / 120.0f + r * (1.0f / 720.0f + r * (1.0f / 5040.0f)))))));
+    int k = (int)n;
+    int k1 = k >> 1, k2 = k - (k >> 1);
+    float y = p * ef_bits_to_float((ef_u32)(k1 + 127) << 23) * ef_bits_to_float((ef_u32)(k2 + 127) << 23);
+    if (x != x) return x;
+    if (x > HI) return ef_bits_to_float(0x7f800000u);
+    if (x < LO) return 0.0f;
+    return y;
+}
 EF_FN double ef_exp(double x) { return EF_EXP_D(x); }
 
 // +infinity as a double (f64::INFINITY), without <limits> on the device.
