@@ -140,7 +140,7 @@ pub fn exp_f32(x: f32) -> f32 {
     let (n1, n2) = (n >> 1, n - (n >> 1));
     let scale = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
     let y = p * scale(n1) * scale(n2);
-    if x != x {
+    if x.is_nan() {
         x
     } else if x > HI {
         f32::INFINITY

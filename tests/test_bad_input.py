@@ -12,8 +12,8 @@ from emafuse import errors
 from helpers import SMALL_SHAPES, make_params, random_grads, run_steps, set_grads
 
 
-def trained(cls=emafuse.AdamW, **kw):
-    params = make_params(SMALL_SHAPES, seed=31)
+def trained(cls=emafuse.AdamW, shapes=SMALL_SHAPES, **kw):
+    params = make_params(shapes, seed=31)
     opt = cls(params, lr=1e-2, **kw)
     run_steps(opt, params, 3)
     set_grads(params, random_grads(params, 99))
@@ -32,11 +32,14 @@ def assert_unchanged(params, opt, snap):
     assert now["state"].keys() == sd["state"].keys(), "state was created during a refused step"
     for k, st in sd["state"].items():
         for name, value in st.items():
+            if not isinstance(value, torch.Tensor) or value.is_meta:  # planted by the test
+                assert type(now["state"][k][name]) is type(value)
+                continue
             assert torch.equal(now["state"][k][name], value), f"state {name} changed during a refused step"
 
 
-def corrupt(mutate, exc):
-    params, opt = trained()
+def corrupt(mutate, exc, shapes=SMALL_SHAPES):
+    params, opt = trained(shapes=shapes)
     mutate(params, opt)
     snap = snapshot(params, opt)
     with pytest.raises(exc) as info:
@@ -110,6 +113,32 @@ def test_meta_device_tensor():
     with pytest.raises(errors.DeviceError, match="unsupported device"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+# 150 parameters: with their gradients, two state slots and step counters, 750 tensors, which the
+# engine reads on its thread pool (it does so from 512 tensors on). Errors must be the same there.
+MANY_SHAPES = [(3,), (5, 7), (1,), (17,), (2, 3, 4)] * 30
+
+LONG_LIST_FAULTS = {
+    # kind: (mutation of parameter i, exception, what the message names)
+    "sparse grad": (lambda ps, opt, i: setattr(ps[i], "grad", ps[i].grad.to_sparse()), errors.SparseGradError, "grad {i}"),
+    "state dtype": (lambda ps, opt, i: opt.state[ps[i]].update(exp_avg=opt.state[ps[i]]["exp_avg"].double()), errors.DTypeError, "parameter {i}"),
+    "not a tensor": (lambda ps, opt, i: opt.state[ps[i]].update(exp_avg_sq=[1.0]), errors.InvalidArgumentError, "parameter {i}: state 'exp_avg_sq'"),
+    "meta device": (lambda ps, opt, i: opt.state[ps[i]].update(exp_avg=torch.empty(ps[i].shape, device="meta")), errors.DeviceError, "parameter {i}: state 'exp_avg'"),
+}
+
+
+@pytest.mark.parametrize("where", [0, 101, 148])
+@pytest.mark.parametrize("kind", sorted(LONG_LIST_FAULTS))
+def test_long_lists_report_the_first_bad_tensor(kind, where):
+    mutate, exc, names = LONG_LIST_FAULTS[kind]
+
+    def two_faults(params, opt):
+        mutate(params, opt, where)
+        LONG_LIST_FAULTS["state dtype"][0](params, opt, 149)  # a later one, not reported
+
+    msg = corrupt(two_faults, exc, shapes=MANY_SHAPES)
+    assert names.format(i=where) in msg
 
 
 def test_check_finite_refuses_nan_and_inf():

@@ -58,12 +58,11 @@ fn work_items(numels: impl Iterator<Item = usize>) -> Vec<Vec<Span>> {
     items
 }
 
-/// Run `f(i)` for every work item index `i < items`, in parallel when the work (`total`
-/// elements) is worth it. The calling thread works too, beside up to `threads − 1` pool helpers,
-/// taking items from a shared counter.
-fn run_items(items: usize, total: usize, f: impl Fn(usize) + Sync) {
+/// Run `f(i)` for every work item index `i < items`, on the pool if `parallel`. The calling
+/// thread works too, beside up to `threads − 1` pool helpers, taking items from a shared counter.
+fn run_items(items: usize, parallel: bool, f: impl Fn(usize) + Sync) {
     let helpers = pool::num_threads().saturating_sub(1).min(items.saturating_sub(1));
-    if total < INLINE_BELOW || helpers == 0 {
+    if !parallel || helpers == 0 {
         (0..items).for_each(f);
         return;
     }
@@ -86,7 +85,7 @@ fn run_items(items: usize, total: usize, f: impl Fn(usize) + Sync) {
 /// Run `f` on every span of tensors with the given sizes, in parallel when worth it.
 fn for_each_span(numels: &[usize], f: impl Fn(Span) + Sync) {
     let items = work_items(numels.iter().copied());
-    run_items(items.len(), numels.iter().sum(), |i| items[i].iter().for_each(|&s| f(s)));
+    run_items(items.len(), numels.iter().sum::<usize>() >= INLINE_BELOW, |i| items[i].iter().for_each(|&s| f(s)));
 }
 
 /// `f` of every span of tensors with the given sizes, in parallel when worth it, returned in span
@@ -95,10 +94,22 @@ fn for_each_span(numels: &[usize], f: impl Fn(Span) + Sync) {
 fn map_spans<T: Send + Sync>(numels: &[usize], f: impl Fn(Span) -> T + Sync) -> Vec<(Span, T)> {
     let items = work_items(numels.iter().copied());
     let results: Vec<OnceLock<Vec<(Span, T)>>> = items.iter().map(|_| OnceLock::new()).collect();
-    run_items(items.len(), numels.iter().sum(), |i| {
+    run_items(items.len(), numels.iter().sum::<usize>() >= INLINE_BELOW, |i| {
         let _ = results[i].set(items[i].iter().map(|&s| (s, f(s))).collect());
     });
     results.into_iter().flat_map(|r| r.into_inner().expect("every item ran")).collect()
+}
+
+/// `f(i)` for every `i < n`, in index order, with blocks of indices spread over the pool: for
+/// host work per tensor (e.g. reading metadata) on long tensor lists.
+pub fn map_indices<T: Send + Sync>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    const BLOCK: usize = 64;
+    let blocks = n.div_ceil(BLOCK);
+    let results: Vec<OnceLock<Vec<T>>> = (0..blocks).map(|_| OnceLock::new()).collect();
+    run_items(blocks, true, |b| {
+        let _ = results[b].set((b * BLOCK..n.min((b + 1) * BLOCK)).map(&f).collect());
+    });
+    results.into_iter().flat_map(|r| r.into_inner().expect("every block ran")).collect()
 }
 
 /// A batch ready to run on the CPU.

@@ -2,7 +2,7 @@
 //! tensor is written.
 
 use super::errors::to_py;
-use super::tensor::{unpack, Unpacked};
+use super::tensor::{infos, unpack, Unpacked};
 use crate::batch::{check_no_shared_outputs, split_group, GroupTensors, TensorInfo};
 use crate::cpu::{self, CpuStep};
 use crate::cuda::{self, CudaStep, DeviceAmp};
@@ -31,74 +31,140 @@ pub(super) fn hyper_from(d: &Bound<'_, PyDict>) -> Result<Hyper> {
     Ok(Hyper::new(entries))
 }
 
-/// Unpack a list of tensors, keeping the objects alive in `keep`.
-fn tensor_list<'py>(list: &Bound<'py, PyAny>, role: &str, group: usize, keep: &mut Vec<Bound<'py, PyAny>>) -> Result<Vec<TensorInfo>> {
-    let list = list.cast::<PyList>().map_err(|_| Error::Value(format!("param group {group}: {role} must be a list")))?;
-    let mut out = Vec::with_capacity(list.len());
-    for (i, obj) in list.iter().enumerate() {
-        let Unpacked { obj: handle, info } = unpack(&obj, &|| format!("param group {group}, {role} {i}"))?;
-        keep.push(handle);
-        out.push(info);
-    }
-    Ok(out)
-}
-
-/// Look up `key` in each state dict and unpack it.
-fn state_list<'py>(
-    dicts: &Bound<'py, PyList>,
-    key: &Bound<'py, PyString>,
+/// Where a tensor passed to [`step`] sits, for messages: group, parameter index, which tensor.
+#[derive(Clone, Copy)]
+struct Role {
     group: usize,
-    keep: &mut Vec<Bound<'py, PyAny>>,
-) -> Result<Vec<TensorInfo>> {
-    let mut out = Vec::with_capacity(dicts.len());
-    for (i, d) in dicts.iter().enumerate() {
-        let d = d.cast::<PyDict>().map_err(|_| Error::Value(format!("param group {group}: state {i} is not a dict")))?;
-        let t = d
-            .get_item(key)
-            .map_err(|e| Error::Value(e.to_string()))?
-            .ok_or_else(|| Error::Value(format!("param group {group}, parameter {i}: state has no '{key}'")))?;
-        let Unpacked { obj: handle, info } = unpack(&t, &|| format!("param group {group}, parameter {i}: state '{key}'"))?;
-        keep.push(handle);
-        out.push(info);
-    }
-    Ok(out)
+    index: usize,
+    what: What,
 }
 
-/// One group as passed from Python: `(hyper: dict, params: list, inputs: list | None,
-/// states: list[dict] | None, slots: tuple[str, ...], scalars: tuple[str, ...])`. `inputs` are the
-/// gradients (None for rules that read none); each state dict holds the tensors named in
-/// `slots` and the one-element tensors named in `scalars`.
-fn group_tensors<'py>(group: &Bound<'py, PyTuple>, gi: usize, keep: &mut Vec<Bound<'py, PyAny>>) -> Result<(Hyper, GroupTensors)> {
-    if group.len() != 6 {
-        return Err(Error::Value("each group is (hyper, params, inputs, states, slots, scalars)".into()));
-    }
-    let item = |k: usize| group.get_item(k).expect("length checked");
-    let hyper = hyper_from(item(0).cast::<PyDict>().map_err(|_| Error::Value("hyper must be a dict".into()))?)?;
-    let params = tensor_list(&item(1), "parameter", gi, keep)?;
-    let grads_obj = item(2);
-    let grads = if grads_obj.is_none() { None } else { Some(tensor_list(&grads_obj, "grad", gi, keep)?) };
-    let names = |k: usize, what: &str| -> Result<Vec<Bound<'_, PyString>>> {
-        let t = item(k);
-        let t = t.cast::<PyTuple>().map_err(|_| Error::Value(format!("{what} must be a tuple of str")))?;
-        t.iter().map(|n| n.cast_into::<PyString>().map_err(|_| Error::Value(format!("{what} must be a tuple of str")))).collect()
-    };
-    let (slots, scalar_keys) = (names(4, "slots")?, names(5, "scalars")?);
-    let states_obj = item(3);
-    let (mut states, mut scalars) = (Vec::with_capacity(slots.len()), Vec::with_capacity(scalar_keys.len()));
-    if states_obj.is_none() {
-        if !slots.is_empty() || !scalar_keys.is_empty() {
-            return Err(Error::Value("slots or scalars given without states".into()));
-        }
-    } else {
-        let dicts = states_obj.cast::<PyList>().map_err(|_| Error::Value("states must be a list of dicts".into()))?;
-        for name in &slots {
-            states.push(state_list(dicts, name, gi, keep)?);
-        }
-        for name in &scalar_keys {
-            scalars.push(state_list(dicts, name, gi, keep)?);
+#[derive(Clone, Copy)]
+enum What {
+    Param,
+    Grad,
+    /// A state entry; the index into the plan's state names.
+    State(usize),
+}
+
+/// The role of each gathered tensor, and the state names they refer to.
+#[derive(Default)]
+struct Roles {
+    roles: Vec<Role>,
+    names: Vec<String>,
+}
+
+impl Roles {
+    fn describe(&self, i: usize) -> String {
+        let Role { group, index, what } = self.roles[i];
+        match what {
+            What::Param => format!("param group {group}, parameter {index}"),
+            What::Grad => format!("param group {group}, grad {index}"),
+            What::State(k) => format!("param group {group}, parameter {index}: state '{}'", self.names[k]),
         }
     }
-    Ok((hyper, GroupTensors { params, grads, states, scalars }))
+}
+
+/// The tensor objects of every group, gathered (and kept alive) before any is unpacked, so that
+/// [`infos`] reads them all in one pass.
+#[derive(Default)]
+struct Gathered<'py> {
+    objs: Vec<Bound<'py, PyAny>>,
+    roles: Roles,
+    groups: Vec<GroupLists>,
+}
+
+/// One group's hyper-parameters and the lengths of its tensor lists, which lie in
+/// [`Gathered::objs`] in this order: parameters, gradients (if given), each slot, each scalar.
+struct GroupLists {
+    hyper: Hyper,
+    lens: Vec<usize>,
+    has_grads: bool,
+    slots: usize,
+}
+
+impl<'py> Gathered<'py> {
+    fn push(&mut self, obj: Bound<'py, PyAny>, group: usize, index: usize, what: What) {
+        self.objs.push(obj);
+        self.roles.roles.push(Role { group, index, what });
+    }
+
+    fn push_list(&mut self, list: &Bound<'py, PyAny>, what: What, gi: usize) -> Result<usize> {
+        let name = if matches!(what, What::Grad) { "grads" } else { "params" };
+        let list = list.cast::<PyList>().map_err(|_| Error::Value(format!("param group {gi}: {name} must be a list")))?;
+        for (i, obj) in list.iter().enumerate() {
+            self.push(obj, gi, i, what);
+        }
+        Ok(list.len())
+    }
+
+    /// Look up `key` in each state dict.
+    fn push_states(&mut self, dicts: &Bound<'py, PyList>, key: &Bound<'py, PyString>, gi: usize) -> Result<usize> {
+        let k = self.roles.names.len();
+        self.roles.names.push(key.to_string());
+        for (i, d) in dicts.iter().enumerate() {
+            let d = d.cast::<PyDict>().map_err(|_| Error::Value(format!("param group {gi}: state {i} is not a dict")))?;
+            let t = d
+                .get_item(key)
+                .map_err(|e| Error::Value(e.to_string()))?
+                .ok_or_else(|| Error::Value(format!("param group {gi}, parameter {i}: state has no '{key}'")))?;
+            self.push(t, gi, i, What::State(k));
+        }
+        Ok(dicts.len())
+    }
+
+    /// One group as passed from Python: `(hyper: dict, params: list, inputs: list | None,
+    /// states: list[dict] | None, slots: tuple[str, ...], scalars: tuple[str, ...])`. `inputs`
+    /// are the gradients (None for rules that read none); each state dict holds the tensors named
+    /// in `slots` and the one-element tensors named in `scalars`.
+    fn push_group(&mut self, group: &Bound<'py, PyTuple>, gi: usize) -> Result<()> {
+        if group.len() != 6 {
+            return Err(Error::Value("each group is (hyper, params, inputs, states, slots, scalars)".into()));
+        }
+        let item = |k: usize| group.get_item(k).expect("length checked");
+        let hyper = hyper_from(item(0).cast::<PyDict>().map_err(|_| Error::Value("hyper must be a dict".into()))?)?;
+        let mut lens = vec![self.push_list(&item(1), What::Param, gi)?];
+        let grads_obj = item(2);
+        let has_grads = !grads_obj.is_none();
+        if has_grads {
+            lens.push(self.push_list(&grads_obj, What::Grad, gi)?);
+        }
+        let names = |k: usize, what: &str| -> Result<Vec<Bound<'py, PyString>>> {
+            let t = item(k);
+            let t = t.cast::<PyTuple>().map_err(|_| Error::Value(format!("{what} must be a tuple of str")))?;
+            t.iter().map(|n| n.cast_into::<PyString>().map_err(|_| Error::Value(format!("{what} must be a tuple of str")))).collect()
+        };
+        let (slots, scalar_keys) = (names(4, "slots")?, names(5, "scalars")?);
+        let states_obj = item(3);
+        if states_obj.is_none() {
+            if !slots.is_empty() || !scalar_keys.is_empty() {
+                return Err(Error::Value("slots or scalars given without states".into()));
+            }
+        } else {
+            let dicts = states_obj.cast::<PyList>().map_err(|_| Error::Value("states must be a list of dicts".into()))?;
+            for name in slots.iter().chain(&scalar_keys) {
+                lens.push(self.push_states(dicts, name, gi)?);
+            }
+        }
+        self.groups.push(GroupLists { hyper, lens, has_grads, slots: slots.len() });
+        Ok(())
+    }
+
+    /// Unpack every gathered tensor and split them back into groups.
+    fn assemble(&self) -> Result<Vec<(Hyper, GroupTensors)>> {
+        let roles = &self.roles;
+        let mut infos = infos(&self.objs, &|i| roles.describe(i))?.into_iter();
+        let mut out = Vec::with_capacity(self.groups.len());
+        for g in &self.groups {
+            let mut lists = g.lens.iter().map(|&n| infos.by_ref().take(n).collect::<Vec<TensorInfo>>());
+            let params = lists.next().expect("parameters come first");
+            let grads = if g.has_grads { lists.next() } else { None };
+            let states = lists.by_ref().take(g.slots).collect();
+            let scalars = lists.collect();
+            out.push((g.hyper.clone(), GroupTensors { params, grads, states, scalars }));
+        }
+        Ok(out)
+    }
 }
 
 /// AMP inputs as Python passed them: None, one tensor, or a dict {device index (-1: CPU): tensor}.
@@ -170,14 +236,18 @@ fn plan<'py>(
     streams: Option<&Bound<'py, PyAny>>,
     keep: &mut Vec<Bound<'py, PyAny>>,
 ) -> Result<Plan> {
-    let mut batches = Vec::new();
+    let mut gathered = Gathered::default();
     for (gi, group) in groups.iter().enumerate() {
         let group = group.cast::<PyTuple>().map_err(|_| Error::Value("each group must be a tuple".into()))?;
-        let (hyper, tensors) = group_tensors(group, gi, keep)?;
+        gathered.push_group(group, gi)?;
+    }
+    let mut batches = Vec::new();
+    for (gi, (hyper, tensors)) in gathered.assemble()?.into_iter().enumerate() {
         for batch in split_group(who, gi, &tensors)? {
             batches.push((batch, hyper.clone()));
         }
     }
+    keep.append(&mut gathered.objs);
     check_no_shared_outputs(who, batches.iter().map(|(b, _)| b))?;
     let grad_scale = AmpInput::from(grad_scale, "grad_scale")?;
     let found_inf = AmpInput::from(found_inf, "found_inf")?;
@@ -226,7 +296,7 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> Error {
     Error::Internal(format!("panic in the native step: {}", msg.unwrap_or_else(|| "(no message)".into())))
 }
 
-/// One optimizer step over `groups` (see [`group_tensors`] for their shape). Nothing is written
+/// One optimizer step over `groups` (see [`Gathered::push_group`] for their shape). Nothing is written
 /// unless every group validates (and, for groups with the `check_finite` flag, every gradient is
 /// finite). AMP: `grad_scale` divides every gradient and a non-zero `found_inf` skips the step;
 /// each is None, a one-element float32 tensor, or a dict {device index: tensor} (CUDA kernels read

@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
 use std::ffi::CStr;
+use std::sync::OnceLock;
 use tch::Tensor;
 use torch_sys::C_tensor;
 
@@ -75,85 +76,175 @@ fn is_dense(shape: &[i64], strides: &[i64]) -> bool {
 
 static TENSOR_TYPE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
-/// Whether `obj` is a `torch.Tensor` (or subclass, e.g. `nn.Parameter`). A plain subtype check:
-/// no `__instancecheck__` dispatch.
-fn is_tensor(obj: &Bound<'_, PyAny>) -> Result<bool> {
-    let py = obj.py();
+/// The `torch.Tensor` type object (looked up once, kept forever).
+fn tensor_type(py: Python<'_>) -> Result<*mut pyo3::ffi::PyTypeObject> {
     let ty = TENSOR_TYPE
         .get_or_try_init(py, || -> PyResult<Py<PyType>> {
             Ok(PyModule::import(py, "torch")?.getattr("Tensor")?.cast_into::<PyType>()?.unbind())
         })
         .map_err(|e| Error::Internal(format!("cannot find torch.Tensor: {e}")))?;
-    // SAFETY: both pointers are live type objects (obj is borrowed, ty is cached forever).
-    Ok(unsafe { pyo3::ffi::PyType_IsSubtype(pyo3::ffi::Py_TYPE(obj.as_ptr()), ty.as_ptr() as *mut pyo3::ffi::PyTypeObject) } != 0)
+    Ok(ty.as_ptr() as *mut pyo3::ffi::PyTypeObject)
+}
+
+/// Fail unless `obj` is a `torch.Tensor` (or a subclass, e.g. `nn.Parameter`): a plain subtype
+/// check (a read of the type's MRO), no `__instancecheck__` dispatch.
+fn check_tensor(obj: &Bound<'_, PyAny>, tensor_type: *mut pyo3::ffi::PyTypeObject, role: &dyn Fn() -> String) -> Result<()> {
+    // SAFETY: both pointers are live type objects (obj is borrowed, tensor_type cached forever).
+    if unsafe { pyo3::ffi::PyType_IsSubtype(pyo3::ffi::Py_TYPE(obj.as_ptr()), tensor_type) } == 0 {
+        return Err(Error::Value(format!("{}: expected a torch.Tensor, got {}", role(), type_name(obj))));
+    }
+    Ok(())
+}
+
+/// Whether `torch.Tensor` objects can be read in place (see [`in_place`]), once per process.
+static IN_PLACE: OnceLock<bool> = OnceLock::new();
+
+/// The `at::Tensor` inside a `torch.Tensor` object, if this torch lays it out as torch 2.11 does:
+/// `THPVariable { PyObject_HEAD; at::Tensor cdata; ... }` (torch/csrc/autograd/python_variable.h).
+/// Reading it there costs no copy and no reference count. A copy (torch's unpack) would incref
+/// the tensor's Python object, which needs the GIL and, on long lists, costs as much as the
+/// rest of the read. The layout is checked once against torch's own unpack; where it differs,
+/// tensors are copied out instead.
+///
+/// # Safety
+/// `obj` is a live `torch.Tensor` and the GIL is held.
+unsafe fn in_place(obj: *mut pyo3::ffi::PyObject) -> Result<Option<*mut C_tensor>> {
+    let cdata = (obj as *mut u8).add(std::mem::size_of::<pyo3::ffi::PyObject>()) as *mut C_tensor;
+    let ok = match IN_PLACE.get() {
+        Some(&ok) => ok,
+        None => {
+            let copy = Copied::of(obj)?;
+            // An at::Tensor is one pointer to its TensorImpl: both must point to the same one.
+            let ok = *(copy.0 as *const usize) == *(cdata as *const usize);
+            *IN_PLACE.get_or_init(|| ok)
+        }
+    };
+    Ok(ok.then_some(cdata))
+}
+
+/// A copy of a `torch.Tensor` object's `at::Tensor` made by torch's unpack, deleted on drop.
+struct Copied(*mut C_tensor);
+
+impl Copied {
+    /// # Safety
+    /// `obj` is a live `torch.Tensor` and the GIL is held.
+    unsafe fn of(obj: *mut pyo3::ffi::PyObject) -> Result<Copied> {
+        let raw = torch_sys::python::thp_variable_unpack(obj as *mut torch_sys::python::C_pyobject);
+        if raw.is_null() {
+            return Err(Error::Internal(take_torch_error().unwrap_or_else(|| "cannot unpack tensor".into())));
+        }
+        Ok(Copied(raw))
+    }
+}
+
+impl Drop for Copied {
+    fn drop(&mut self) {
+        // SAFETY: self.0 came from thp_variable_unpack and is deleted once, here.
+        drop(unsafe { Tensor::from_ptr(self.0) });
+    }
+}
+
+/// Read `obj` (a `torch.Tensor`) on the calling thread, which holds the GIL.
+///
+/// # Safety
+/// `obj` is a live `torch.Tensor`, kept alive by the caller.
+unsafe fn read_holding_gil(obj: *mut pyo3::ffi::PyObject, role: &dyn Fn() -> String) -> Result<TensorInfo> {
+    match in_place(obj)? {
+        Some(t) => read_info(t, role),
+        // The copy keeps nothing alive past the call: the Python object, kept by the caller,
+        // holds the storage.
+        None => read_info(Copied::of(obj)?.0, role),
+    }
 }
 
 /// Unpack `obj` (which must be a `torch.Tensor`) for the role `role` (used in messages).
 pub fn unpack<'py>(obj: &Bound<'py, PyAny>, role: &dyn Fn() -> String) -> Result<Unpacked<'py>> {
-    if !is_tensor(obj)? {
-        return Err(Error::Value(format!("{}: expected a torch.Tensor, got {}", role(), type_name(obj))));
+    check_tensor(obj, tensor_type(obj.py())?, role)?;
+    // SAFETY: obj is a live torch.Tensor, borrowed for the call, and this thread holds the GIL.
+    let info = unsafe { read_holding_gil(obj.as_ptr(), role)? };
+    Ok(Unpacked { obj: obj.clone(), info })
+}
+
+/// Below this many tensors, [`infos`] reads them on the calling thread alone.
+const PARALLEL_FROM: usize = 512;
+
+/// What the engine needs of each of `objs` (`role(i)` names object `i` in messages), or the
+/// first error in list order. Reading a tensor's metadata costs a few cache misses on torch's
+/// objects; for long lists (thousands of parameters, each with several state tensors) the reads
+/// run on emafuse's pool beside this thread.
+pub fn infos(objs: &[Bound<'_, PyAny>], role: &(dyn Fn(usize) -> String + Sync)) -> Result<Vec<TensorInfo>> {
+    let Some(first) = objs.first() else { return Ok(Vec::new()) };
+    let tensor_type = tensor_type(first.py())?;
+    for (i, obj) in objs.iter().enumerate() {
+        check_tensor(obj, tensor_type, &|| role(i))?;
     }
-    // SAFETY: obj is a live torch.Tensor (checked above); the returned at::Tensor is a new
-    // reference owned by `handle`, dropped as soon as the metadata is read (the Python object,
-    // kept by the caller, holds the storage).
-    let handle = unsafe {
-        let raw = torch_sys::python::thp_variable_unpack(obj.as_ptr() as *mut torch_sys::python::C_pyobject);
-        if raw.is_null() {
-            return Err(Error::Internal(take_torch_error().unwrap_or_else(|| "cannot unpack tensor".into())));
-        }
-        Tensor::from_ptr(raw)
+    // SAFETY (all blocks below): every object is a live torch.Tensor (checked above), kept alive
+    // by `objs`, and this thread holds the GIL throughout.
+    let parallel = objs.len() >= PARALLEL_FROM && unsafe { in_place(first.as_ptr())? }.is_some();
+    if !parallel {
+        return objs.iter().enumerate().map(|(i, o)| unsafe { read_holding_gil(o.as_ptr(), &|| role(i)) }).collect();
+    }
+    let header = std::mem::size_of::<pyo3::ffi::PyObject>();
+    let tensors: Vec<usize> = objs.iter().map(|o| o.as_ptr() as usize + header).collect();
+    // The helpers read the tensors in place with libtorch calls only: no Python API, no
+    // reference count. This thread waits for them holding the GIL, so no Python code runs
+    // meanwhile and nothing can change the objects.
+    let read = |i: usize| unsafe { read_info(tensors[i] as *mut C_tensor, &|| role(i)) };
+    crate::cpu::map_indices(objs.len(), read).into_iter().collect()
+}
+
+/// Read a tensor's dtype, device, shape, layout and data address.
+///
+/// # Safety
+/// `raw` is a valid `at::Tensor` that nothing changes during the call.
+unsafe fn read_info(raw: *mut C_tensor, role: &dyn Fn() -> String) -> Result<TensorInfo> {
+    // Each call is wrapped by libtorch's PROTECT, which turns C++ exceptions into the
+    // (thread-local) last-error string checked below.
+    // Sparse and other non-strided layouts throw here.
+    let contiguous = torch_sys::at_is_contiguous(raw);
+    if take_torch_error().is_some() {
+        return Err(Error::Sparse(format!("{} is sparse (or has another non-strided layout)", role())));
+    }
+    let code = torch_sys::at_scalar_type(raw);
+    if (8..=10).contains(&code) {
+        // Complex tensors are updated as real views; the Python layer stages them.
+        return Err(Error::Layout(format!("{} is complex", role())));
+    }
+    let dtype = dtype_of(code).ok_or_else(|| {
+        Error::DType(format!(
+            "{} has dtype {}; supported: torch.float32, torch.bfloat16, torch.float16, torch.float64",
+            role(),
+            dtype_name(code)
+        ))
+    })?;
+    let device = match torch_sys::at_device(raw) {
+        -1 => Device::Cpu,
+        i if i >= 0 => Device::Cuda(i as u32),
+        _ => return Err(Error::Device(format!("{} is on an unsupported device (only cpu and cuda are)", role()))),
     };
-    let raw = handle.as_ptr() as *mut C_tensor;
-    // SAFETY: raw is a valid at::Tensor owned by `handle`; each call is wrapped by libtorch's
-    // PROTECT, which turns C++ exceptions into the last-error string checked below.
-    unsafe {
-        // Sparse and other non-strided layouts throw here.
-        let contiguous = torch_sys::at_is_contiguous(raw);
-        if take_torch_error().is_some() {
-            return Err(Error::Sparse(format!("{} is sparse (or has another non-strided layout)", role())));
-        }
-        let code = torch_sys::at_scalar_type(raw);
-        if (8..=10).contains(&code) {
-            // Complex tensors are updated as real views; the Python layer stages them.
-            return Err(Error::Layout(format!("{} is complex", role())));
-        }
-        let dtype = dtype_of(code).ok_or_else(|| {
-            Error::DType(format!(
-                "{} has dtype {}; supported: torch.float32, torch.bfloat16, torch.float16, torch.float64",
-                role(),
-                dtype_name(code)
-            ))
-        })?;
-        let device = match torch_sys::at_device(raw) {
-            -1 => Device::Cpu,
-            i if i >= 0 => Device::Cuda(i as u32),
-            _ => return Err(Error::Device(format!("{} is on an unsupported device (only cpu and cuda are)", role()))),
-        };
-        let dim = torch_sys::at_dim(raw);
-        let mut shape = Shape::zeros(dim);
-        torch_sys::at_shape(raw, shape.as_mut_slice().as_mut_ptr());
-        let numel = shape.as_slice().iter().product::<i64>() as usize;
-        let layout = if contiguous == 1 {
-            Layout::Contiguous
+    let dim = torch_sys::at_dim(raw);
+    let mut shape = Shape::zeros(dim);
+    torch_sys::at_shape(raw, shape.as_mut_slice().as_mut_ptr());
+    let numel = shape.as_slice().iter().product::<i64>() as usize;
+    let layout = if contiguous == 1 {
+        Layout::Contiguous
+    } else {
+        let mut strides = vec![0i64; dim];
+        torch_sys::at_stride(raw, strides.as_mut_ptr());
+        if is_dense(shape.as_slice(), &strides) {
+            Layout::Dense(strides)
         } else {
-            let mut strides = vec![0i64; dim];
-            torch_sys::at_stride(raw, strides.as_mut_ptr());
-            if is_dense(shape.as_slice(), &strides) {
-                Layout::Dense(strides)
-            } else {
-                Layout::Strided
-            }
-        };
-        let ptr = if numel == 0 { std::ptr::null_mut() } else { torch_sys::at_data_ptr(raw) as *mut u8 };
-        if let Some(e) = take_torch_error() {
-            if torch_sys::at_is_sparse(raw) == 1 {
-                return Err(Error::Sparse(format!("{} is sparse", role())));
-            }
-            return Err(Error::Value(format!("{}: {e}", role())));
+            Layout::Strided
         }
-        drop(handle);
-        Ok(Unpacked { obj: obj.clone(), info: TensorInfo { view: TensorView::new(ptr, numel, dtype, device), shape, layout } })
+    };
+    let ptr = if numel == 0 { std::ptr::null_mut() } else { torch_sys::at_data_ptr(raw) as *mut u8 };
+    if let Some(e) = take_torch_error() {
+        if torch_sys::at_is_sparse(raw) == 1 {
+            return Err(Error::Sparse(format!("{} is sparse", role())));
+        }
+        return Err(Error::Value(format!("{}: {e}", role())));
     }
+    Ok(TensorInfo { view: TensorView::new(ptr, numel, dtype, device), shape, layout })
 }
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
