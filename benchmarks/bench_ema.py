@@ -35,9 +35,9 @@ from torch import nn
 
 import emafuse  # noqa: E402
 from emafuse import ModelEMA  # noqa: E402
+from common import write_section  # noqa: E402
 
 DECAY = 0.999
-BEGIN, END = "<!-- EMA:BEGIN -->", "<!-- EMA:END -->"
 
 
 # -- workloads ----------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ def machine() -> str:
 
 
 def format_section(rows: list, device: torch.device, reps: int, overlap: list[str]) -> str:
-    out = [BEGIN, "## EMA (model weight averaging)", ""]
+    out = ["## EMA (model weight averaging)", ""]
     out.append(f"`python benchmarks/bench_ema.py --device {device.type} --reps {reps}` — {datetime.date.today()}, {machine()}"
                + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else "") + ".")
     out.append("")
@@ -354,20 +354,7 @@ def format_section(rows: list, device: torch.device, reps: int, overlap: list[st
     if overlap:
         out += ["", "CPU-offloaded average overlapping training (CUDA model, average in pinned host memory):", "",
                 "| workload | step alone | step + offloaded EMA | added |", "| --- | ---: | ---: | ---: |", *overlap]
-    out.append(END)
     return "\n".join(out)
-
-
-def write_results(section: str, path: str) -> None:
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        pre, rest = text.split(BEGIN, 1)
-        post = rest.split(END, 1)[1]
-        text = pre + section + post
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(path, "w") as f:
-        f.write(text)
 
 
 def main() -> None:
@@ -392,7 +379,7 @@ def main() -> None:
     print()
     print(section)
     if args.write:
-        write_results(section, os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+        write_section(os.path.join(os.path.dirname(__file__), "RESULTS.md"), "EMA", section)
 
 
 if __name__ == "__main__":

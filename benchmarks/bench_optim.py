@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import emafuse
-from common import copy_bandwidth, inplace_bandwidth, machine_info, markdown_table, time_calls
+from common import copy_bandwidth, inplace_bandwidth, machine_info, markdown_table, time_calls, write_section
 from workloads import WORKLOADS, make_params, numel
 
 EMAFUSE = "emafuse"
@@ -240,13 +240,13 @@ def main() -> None:
 
     flags = " --quick" * args.quick + (f" --threads {args.threads}" if args.threads else "") + (f" --workloads {args.workloads}" if args.workloads != ",".join(WORKLOADS) else "")
     text = [
-        "# emafuse benchmark results",
+        "## CPU optimizer step: emafuse.AdamW, Adam, SGD",
         "",
         f"Written by `python benchmarks/bench_optim.py{flags}`. Each implementation took {plan.rounds} "
         f"turns of {plan.warmup} warm-up + {plan.steps} timed steps, in rotation with the others; "
         "ms/step is the median of its timed steps, best ms the fastest.",
         "",
-        "## Machine",
+        "### Machine",
         "",
         *(f"- {k}: {v}" for k, v in info.items()),
         f"- load average at end: {load_end}",
@@ -255,7 +255,7 @@ def main() -> None:
         f"(range {min(c for c, _ in bw):.1f} to {copy_gbs:.1f}), in-place `x.mul_(1.0)` {inplace_gbs:.1f} "
         f"(range {min(i for _, i in bw):.1f} to {inplace_gbs:.1f})",
         "",
-        "## Optimizer step (CPU)",
+        "### Optimizer step (CPU)",
         "",
         "GB/s = bytes per parameter (optimizers.md §1: 28 for AdamW/Adam fp32, 20 for SGD with "
         "momentum fp32, 14 for AdamW bf16 with bf16 state) x parameters / ms/step. % of copy, % of "
@@ -266,20 +266,20 @@ def main() -> None:
         "",
         steps,
         "",
-        "## Per-step overhead",
+        "### Per-step overhead",
         "",
         "AdamW fp32 step over one-element tensors: the cost per tensor outside the arithmetic.",
         "",
         over,
         "",
-        "## Targets (emafuse.AdamW fp32)",
+        "### Targets (emafuse.AdamW fp32)",
         "",
         targets,
         "",
     ]
     if args.note:
-        text += ["## Notes", "", *(f"- {n}" for n in args.note), ""]
-    output.write_text("\n".join(text))
+        text += ["### Notes", "", *(f"- {n}" for n in args.note), ""]
+    write_section(output, "OPTIM:CPU", "\n".join(text))
     print(f"\nwrote {output}")
 
 

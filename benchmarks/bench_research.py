@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 import emafuse
-from common import copy_bandwidth, inplace_bandwidth, machine_info, markdown_table, time_calls
+from common import copy_bandwidth, inplace_bandwidth, machine_info, markdown_table, time_calls, write_section
 from workloads import WORKLOADS, make_params, numel
 
 try:
@@ -154,26 +153,19 @@ def main() -> None:
 
     info = machine_info()
     table = markdown_table(["workload", "optimizer", "implementation", "ms/step", "GB/s", "% of in-place", "emafuse speed-up"], rows)
+    tag = f"RESEARCH:{device.type.upper()}"
     section = (
-        f"<!-- RESEARCH:{device.type.upper()}:BEGIN -->\n## The EMA optimizer family ({device.type.upper()})\n\n"
+        f"## The EMA optimizer family ({device.type.upper()})\n\n"
         f"`python benchmarks/bench_research.py` — {info['date']}, {info.get('cpu', '')}, torch {torch.__version__}, "
         f"emafuse threads {emafuse.num_threads()}. Median of {rounds} rounds x {steps} steps after a warm-up step. "
         f"Memory bandwidth in the same run (median, read + written): copy {copy_gbs:.1f} GB/s, in-place {inplace_gbs:.1f} GB/s. "
         "GB/s = fp32 bytes per parameter (optimizers.md §1) x parameters / time; emafuse speed-up = peer time / emafuse time. "
         "Peers: pytorch_optimizer 4.1.0 (its default loop and `foreach=True`), heavyball 3.2.1 (eager, `compile_mode=None`) "
-        "where it has the algorithm. AdaMomentum has no packaged implementation.\n\n" + table + f"\n<!-- RESEARCH:{device.type.upper()}:END -->\n"
+        "where it has the algorithm. AdaMomentum has no packaged implementation.\n\n" + table
     )
     print(section)
     if output:
-        path = Path(output)
-        text = path.read_text() if path.exists() else "# emafuse benchmark results\n"
-        tag = f"RESEARCH:{device.type.upper()}"
-        if f"<!-- {tag}:BEGIN -->" in text:
-            text = re.sub(rf"<!-- {tag}:BEGIN -->.*<!-- {tag}:END -->\n", lambda _: section, text, flags=re.S)
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        path.write_text(text)
-
+        write_section(output, tag, section)
 
 if __name__ == "__main__":
     main()

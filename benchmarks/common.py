@@ -1,6 +1,6 @@
 """Shared tools of emafuse's benchmarks: step timing, the machine's memory bandwidth (the
 physical limit a memory-bound update is compared with), a description of the machine, markdown
-tables."""
+tables, and the sections of RESULTS.md."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import datetime
 import os
 import platform
 import statistics
+import re
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["time_calls", "copy_bandwidth", "inplace_bandwidth", "machine_info", "markdown_table"]
+__all__ = ["time_calls", "copy_bandwidth", "inplace_bandwidth", "machine_info", "markdown_table", "write_section"]
 
 
 def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
@@ -107,3 +109,17 @@ def _is_number(s: str) -> bool:
         return True
     except ValueError:
         return s in ("", "-")
+
+
+def write_section(path: str | Path, tag: str, body: str) -> None:
+    """Put ``body`` into the results file between ``<!-- TAG:BEGIN -->`` and ``<!-- TAG:END -->``,
+    replacing that section if present, else appending it; the other scripts' sections stay."""
+    path = Path(path)
+    begin, end = f"<!-- {tag}:BEGIN -->", f"<!-- {tag}:END -->"
+    section = f"{begin}\n{body.strip()}\n{end}\n"
+    text = path.read_text() if path.exists() else "# emafuse benchmark results\n"
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end) + "\n?", lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)

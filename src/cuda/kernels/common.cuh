@@ -47,6 +47,7 @@ typedef long long ef_i64;
 
 // ---- compute-type helpers (float or double), mirroring src/real.rs ----------------------------
 
+// The float with the bit pattern `u`.
 EF_FN float ef_bits_to_float(ef_u32 u) {
     float f;
 #ifdef EF_HOST
@@ -127,16 +128,7 @@ struct ef_f16 { ef_u16 bits; };
 EF_FN float ef_to_float(float x) { return x; }
 EF_FN double ef_to_double(double x) { return x; }
 
-EF_FN float ef_bf16_to_float(ef_u16 b) {
-    ef_u32 u = ((ef_u32)b) << 16;
-    float f;
-#ifdef EF_HOST
-    std::memcpy(&f, &u, 4);
-#else
-    f = __uint_as_float(u);
-#endif
-    return f;
-}
+EF_FN float ef_bf16_to_float(ef_u16 b) { return ef_bits_to_float(((ef_u32)b) << 16); }
 
 EF_FN ef_u16 ef_float_to_bf16(float f) {
 #ifdef EF_HOST
