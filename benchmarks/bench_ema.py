@@ -22,11 +22,9 @@ each peer's time to emafuse's, and the machine's copy bandwidth measured in the 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import os
 import platform
-import sys
 import time
 from typing import Callable
 
