@@ -100,16 +100,21 @@ fn map_spans<T: Send + Sync>(numels: &[usize], f: impl Fn(Span) -> T + Sync) -> 
     results.into_iter().flat_map(|r| r.into_inner().expect("every item ran")).collect()
 }
 
-/// `f(i)` for every `i < n`, in index order, with blocks of indices spread over the pool: for
-/// host work per tensor (e.g. reading metadata) on long tensor lists.
-pub fn map_indices<T: Send + Sync>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+/// `f(i)` for every `i < n`, in index order, or the error of the first `i` that fails; blocks
+/// of indices run spread over the pool (for host work per tensor, e.g. reading metadata, on long
+/// tensor lists). A block stops at its first error.
+pub fn try_map_indices<T: Send + Sync, E: Send + Sync>(n: usize, f: impl Fn(usize) -> std::result::Result<T, E> + Sync) -> std::result::Result<Vec<T>, E> {
     const BLOCK: usize = 64;
     let blocks = n.div_ceil(BLOCK);
-    let results: Vec<OnceLock<Vec<T>>> = (0..blocks).map(|_| OnceLock::new()).collect();
+    let results: Vec<OnceLock<std::result::Result<Vec<T>, E>>> = (0..blocks).map(|_| OnceLock::new()).collect();
     run_items(blocks, true, |b| {
         let _ = results[b].set((b * BLOCK..n.min((b + 1) * BLOCK)).map(&f).collect());
     });
-    results.into_iter().flat_map(|r| r.into_inner().expect("every block ran")).collect()
+    let mut out = Vec::with_capacity(n);
+    for r in results {
+        out.extend(r.into_inner().expect("every block ran")?);
+    }
+    Ok(out)
 }
 
 /// A batch ready to run on the CPU.

@@ -34,8 +34,8 @@ pub(super) fn hyper_from(d: &Bound<'_, PyDict>) -> Result<Hyper> {
 /// Where a tensor passed to [`step`] sits, for messages: group, parameter index, which tensor.
 #[derive(Clone, Copy)]
 struct Role {
-    group: usize,
-    index: usize,
+    group: u32,
+    index: u32,
     what: What,
 }
 
@@ -44,7 +44,7 @@ enum What {
     Param,
     Grad,
     /// A state entry; the index into the plan's state names.
-    State(usize),
+    State(u32),
 }
 
 /// The role of each gathered tensor, and the state names they refer to.
@@ -60,7 +60,7 @@ impl Roles {
         match what {
             What::Param => format!("param group {group}, parameter {index}"),
             What::Grad => format!("param group {group}, grad {index}"),
-            What::State(k) => format!("param group {group}, parameter {index}: state '{}'", self.names[k]),
+            What::State(k) => format!("param group {group}, parameter {index}: state '{}'", self.names[k as usize]),
         }
     }
 }
@@ -86,7 +86,8 @@ struct GroupLists {
 impl<'py> Gathered<'py> {
     fn push(&mut self, obj: Bound<'py, PyAny>, group: usize, index: usize, what: What) {
         self.objs.push(obj);
-        self.roles.roles.push(Role { group, index, what });
+        // u32 keeps the table small; a step over more than 4 billion tensors is not a real case.
+        self.roles.roles.push(Role { group: group as u32, index: index as u32, what });
     }
 
     fn push_list(&mut self, list: &Bound<'py, PyAny>, what: What, gi: usize) -> Result<usize> {
@@ -108,7 +109,7 @@ impl<'py> Gathered<'py> {
                 .get_item(key)
                 .map_err(|e| Error::Value(e.to_string()))?
                 .ok_or_else(|| Error::Value(format!("param group {gi}, parameter {i}: state has no '{key}'")))?;
-            self.push(t, gi, i, What::State(k));
+            self.push(t, gi, i, What::State(k as u32));
         }
         Ok(dicts.len())
     }

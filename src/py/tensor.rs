@@ -190,7 +190,7 @@ pub fn infos(objs: &[Bound<'_, PyAny>], role: &(dyn Fn(usize) -> String + Sync))
     // reference count. This thread waits for them holding the GIL, so no Python code runs
     // meanwhile and nothing can change the objects.
     let read = |i: usize| unsafe { read_info(tensors[i] as *mut C_tensor, &|| role(i)) };
-    crate::cpu::map_indices(objs.len(), read).into_iter().collect()
+    crate::cpu::try_map_indices(objs.len(), read)
 }
 
 /// Read a tensor's dtype, device, shape, layout and data address.
