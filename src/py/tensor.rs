@@ -96,6 +96,12 @@ fn check_tensor(obj: &Bound<'_, PyAny>, tensor_type: *mut pyo3::ffi::PyTypeObjec
     Ok(())
 }
 
+/// Where torch 2.11 keeps a `torch.Tensor` object's `at::Tensor`: right after the object header
+/// (see [`in_place`]).
+fn cdata(obj: *mut pyo3::ffi::PyObject) -> *mut C_tensor {
+    (obj as *mut u8).wrapping_add(std::mem::size_of::<pyo3::ffi::PyObject>()) as *mut C_tensor
+}
+
 /// Whether `torch.Tensor` objects can be read in place (see [`in_place`]), once per process.
 static IN_PLACE: OnceLock<bool> = OnceLock::new();
 
@@ -109,7 +115,7 @@ static IN_PLACE: OnceLock<bool> = OnceLock::new();
 /// # Safety
 /// `obj` is a live `torch.Tensor` and the GIL is held.
 unsafe fn in_place(obj: *mut pyo3::ffi::PyObject) -> Result<Option<*mut C_tensor>> {
-    let cdata = (obj as *mut u8).add(std::mem::size_of::<pyo3::ffi::PyObject>()) as *mut C_tensor;
+    let cdata = cdata(obj);
     let ok = match IN_PLACE.get() {
         Some(&ok) => ok,
         None => {
@@ -184,8 +190,7 @@ pub fn infos(objs: &[Bound<'_, PyAny>], role: &(dyn Fn(usize) -> String + Sync))
     if !parallel {
         return objs.iter().enumerate().map(|(i, o)| unsafe { read_holding_gil(o.as_ptr(), &|| role(i)) }).collect();
     }
-    let header = std::mem::size_of::<pyo3::ffi::PyObject>();
-    let tensors: Vec<usize> = objs.iter().map(|o| o.as_ptr() as usize + header).collect();
+    let tensors: Vec<usize> = objs.iter().map(|o| cdata(o.as_ptr()) as usize).collect();
     // The helpers read the tensors in place with libtorch calls only: no Python API, no
     // reference count. This thread waits for them holding the GIL, so no Python code runs
     // meanwhile and nothing can change the objects.
