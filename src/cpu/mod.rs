@@ -58,6 +58,25 @@ fn work_items(numels: impl Iterator<Item = usize>) -> Vec<Vec<Span>> {
     items
 }
 
+/// Calls running work on the pool right now (e.g. an average updated on a background thread).
+static POOL_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts one call in [`POOL_CALLS`] while alive (also when the work panics).
+struct PoolCall;
+
+impl PoolCall {
+    fn start() -> PoolCall {
+        POOL_CALLS.fetch_add(1, Ordering::Relaxed);
+        PoolCall
+    }
+}
+
+impl Drop for PoolCall {
+    fn drop(&mut self) {
+        POOL_CALLS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Run `f(i)` for every work item index `i < items`, on the pool if `parallel`. The calling
 /// thread works too, beside up to `threads − 1` pool helpers, taking items from a shared counter.
 fn run_items(items: usize, parallel: bool, f: impl Fn(usize) + Sync) {
@@ -66,6 +85,7 @@ fn run_items(items: usize, parallel: bool, f: impl Fn(usize) + Sync) {
         (0..items).for_each(f);
         return;
     }
+    let _counted = PoolCall::start();
     let next = AtomicUsize::new(0);
     let work = || loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
@@ -102,12 +122,13 @@ fn map_spans<T: Send + Sync>(numels: &[usize], f: impl Fn(Span) -> T + Sync) -> 
 
 /// `f(i)` for every `i < n`, in index order, or the error of the first `i` that fails; blocks
 /// of indices run spread over the pool (for host work per tensor, e.g. reading metadata, on long
-/// tensor lists). A block stops at its first error.
+/// tensor lists) unless the pool is busy: helpers would only join after the running work (e.g. a
+/// background average update) finished, stalling the caller. A block stops at its first error.
 pub fn try_map_indices<T: Send + Sync, E: Send + Sync>(n: usize, f: impl Fn(usize) -> std::result::Result<T, E> + Sync) -> std::result::Result<Vec<T>, E> {
     const BLOCK: usize = 64;
     let blocks = n.div_ceil(BLOCK);
     let results: Vec<OnceLock<std::result::Result<Vec<T>, E>>> = (0..blocks).map(|_| OnceLock::new()).collect();
-    run_items(blocks, true, |b| {
+    run_items(blocks, POOL_CALLS.load(Ordering::Relaxed) == 0, |b| {
         let _ = results[b].set((b * BLOCK..n.min((b + 1) * BLOCK)).map(&f).collect());
     });
     let mut out = Vec::with_capacity(n);
@@ -357,5 +378,42 @@ mod tests {
             }
         }
         assert_eq!(seen.to_vec(), sizes.to_vec());
+    }
+
+    #[test]
+    fn try_map_indices_keeps_order_and_reports_the_first_error() {
+        assert_eq!(try_map_indices(1000, |i| Ok::<_, ()>(i * 2)), Ok((0..1000).map(|i| i * 2).collect()));
+        assert_eq!(try_map_indices(1000, |i| if i % 300 == 299 { Err(i) } else { Ok(i) }), Err(299));
+        assert_eq!(try_map_indices(0, Ok::<_, ()>), Ok(vec![]));
+    }
+
+    /// While other work holds the pool (an average updated on a background thread), per-tensor
+    /// host work runs on the caller instead of queueing behind it.
+    #[test]
+    fn try_map_indices_does_not_wait_for_a_busy_pool() {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let busy = pool::num_threads().min(8);
+        let (started, release) = (AtomicUsize::new(0), AtomicBool::new(false));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                run_items(busy, true, |_| {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    while !release.load(Ordering::SeqCst) {
+                        std::thread::yield_now();
+                    }
+                })
+            });
+            // Every thread that will ever run an item of the blocking call is inside one now.
+            while started.load(Ordering::SeqCst) < busy {
+                std::thread::yield_now();
+            }
+            let (tx, rx) = mpsc::channel();
+            s.spawn(move || tx.send(try_map_indices(5000, Ok::<_, ()>).map(|v| v.len())));
+            let got = rx.recv_timeout(Duration::from_secs(60));
+            release.store(true, Ordering::SeqCst);
+            assert_eq!(got, Ok(Ok(5000)), "try_map_indices queued behind the busy pool");
+        });
     }
 }
