@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .. import _native
 from .._cuda import current_streams
+from .._staging import stage_calls
 from ..errors import LayoutError
 
 __all__ = ["native_step", "native_step_async", "real_view"]
@@ -35,7 +36,7 @@ def native_step(who: str, rule: str, calls: Sequence[Call]) -> None:
     try:
         _native.step(who, rule, full, None, None, current_streams())
     except LayoutError:
-        copy_back = _stage(full)
+        full, copy_back = stage_calls(full)
         _native.step(who, rule, full, None, None, current_streams())
         for orig, copy in copy_back:
             orig.copy_(copy)
@@ -49,7 +50,7 @@ def native_step_async(who: str, rule: str, calls: Sequence[Call], wait_for: Call
     try:
         return _native.step_async(who, rule, full, wait_for)
     except LayoutError:
-        copy_back = _stage(full)
+        full, copy_back = stage_calls(full)
         return _StagedPending(_native.step_async(who, rule, full, wait_for), copy_back)
 
 
@@ -66,26 +67,3 @@ class _StagedPending:
 
     def done(self) -> bool:
         return self._inner.done()
-
-
-def _stage(full: list[tuple]) -> list[tuple[Tensor, Tensor]]:
-    """Replace non-contiguous tensors in ``full`` (in place) by contiguous copies; returns the
-    (original, copy) pairs of written tensors to copy back."""
-    copy_back: list[tuple[Tensor, Tensor]] = []
-
-    def stage(t: Tensor, writable: bool) -> Tensor:
-        if t.is_complex():
-            t = torch.view_as_real(t)
-        if t.is_contiguous():
-            return t
-        c = t.contiguous()
-        if writable:
-            copy_back.append((t, c))
-        return c
-
-    for k, (h, targets, inputs, states, slots, scalars) in enumerate(full):
-        ts = [stage(t, True) for t in targets]
-        ins = None if inputs is None else [stage(t, False) for t in inputs]
-        ss = None if states is None else [{name: stage(st[name], True) for name in slots} for st in states]
-        full[k] = (h, ts, ins, ss, slots, scalars)
-    return copy_back

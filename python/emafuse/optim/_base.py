@@ -17,7 +17,8 @@ from torch import Tensor
 
 from .. import _native
 from .._cuda import current_streams, per_device
-from ..errors import DTypeError, LayoutError, UnsupportedOptionError
+from .._staging import stage_calls
+from ..errors import LayoutError, UnsupportedOptionError
 
 __all__ = ["FusedOptimizer", "scalar", "sum_squares"]
 
@@ -456,33 +457,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The slow path for complex parameters, tensors that cannot be walked linearly together
         (non-dense parameters, gradients strided differently) and scalar state found away from its
         parameter: run the native step on real views / contiguous copies, then copy back."""
-        copy_back: list[tuple[Tensor, Tensor]] = []
-
-        def stage(t: Tensor, writable: bool) -> Tensor:
-            if t.is_complex():
-                if not self._supports_complex:
-                    raise DTypeError(f"{who} does not support complex parameters")
-                t = torch.view_as_real(t)
-            if t.is_contiguous():
-                return t
-            c = t.contiguous()
-            if writable:
-                copy_back.append((t, c))
-            return c
-
-        staged = []
-        for hyper, params, grads, states, slots, scalar_keys in calls:
-            ps = [stage(p, True) for p in params]
-            gs = None if grads is None else [stage(g, False) for g in grads]
-            if states is None:
-                ss = None
-            else:
-                ss = []
-                for st in states:
-                    d = {name: stage(st[name], True) for name in slots}
-                    d.update((key, st[key]) for key in scalar_keys)
-                    ss.append(d)
-            staged.append((hyper, ps, gs, ss, slots, scalar_keys))
+        no_complex = None if self._supports_complex else f"{who} does not support complex parameters"
+        staged, copy_back = stage_calls(calls, no_complex)
         applied = _native.step(who, self._rule, staged, grad_scale, found_inf, streams)
         for orig, copy in copy_back:
             orig.copy_(copy)

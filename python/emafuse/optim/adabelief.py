@@ -97,7 +97,7 @@ class AdaBelief(FusedOptimizer):
             degenerated_to_sgd=degenerated_to_sgd,
             maximize=maximize,
         )
-        torch.optim.Optimizer.__init__(self, params, defaults)
+        super().__init__(params, defaults)
         self._init_emafuse_defaults(check_finite)
 
     def state_dict(self) -> dict[str, Any]:

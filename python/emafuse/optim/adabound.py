@@ -103,8 +103,6 @@ class AdaBound(FusedOptimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            group.setdefault("amsbound", False)
-            group.setdefault("maximize", False)
             group.setdefault("base_lr", scalar(group["lr"]))
 
     def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
@@ -63,7 +62,7 @@ class AdaMod(FusedOptimizer):
             raise ValueError("Invalid beta3 parameter: {}".format(beta3))
         check_hyper(weight_decay=weight_decay)
         defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, maximize=maximize)
-        torch.optim.Optimizer.__init__(self, params, defaults)
+        super().__init__(params, defaults)
         self._init_emafuse_defaults(check_finite)
 
     def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
@@ -75,7 +74,7 @@ class AdaMomentum(FusedOptimizer):
             fixed_decay=fixed_decay,
             maximize=maximize,
         )
-        torch.optim.Optimizer.__init__(self, params, defaults)
+        super().__init__(params, defaults)
         self._init_emafuse_defaults(check_finite)
 
     def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:

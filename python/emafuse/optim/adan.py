@@ -92,9 +92,6 @@ class Adan(FusedOptimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("no_prox", False)
-            group.setdefault("maximize", False)
         self._clip = 1.0
 
     @torch.no_grad()

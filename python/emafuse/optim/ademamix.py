@@ -96,7 +96,7 @@ class AdEMAMix(FusedOptimizer):
             fp32_states=fp32_states,
             maximize=maximize,
         )
-        torch.optim.Optimizer.__init__(self, params, defaults)
+        super().__init__(params, defaults)
         self._init_emafuse_defaults(check_finite)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
@@ -86,7 +85,7 @@ class Lion(FusedOptimizer):
             caution_norm=caution_norm,
             maximize=maximize,
         )
-        torch.optim.Optimizer.__init__(self, params, defaults)
+        super().__init__(params, defaults)
         self._init_emafuse_defaults(check_finite)
 
     def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:

@@ -68,11 +68,6 @@ class SGDSaI(FusedOptimizer):
         super().__init__(params, defaults)
         self._init_emafuse_defaults(check_finite)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("maximize", False)
-
     def _scalar_dtype(self, key: str) -> torch.dtype:
         return torch.float64
 

@@ -121,9 +121,6 @@ class SPAM(FusedOptimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("correct_bias", True)
         self.state.setdefault("total_step", 0)
         self.state.setdefault("current_step", int(self.defaults.get("warmup_steps", 150)) + 1)
         self._plan = (1, 1.0, False)
