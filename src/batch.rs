@@ -85,7 +85,7 @@ impl From<&[i64]> for Shape {
 }
 
 /// What the engine needs to know of one tensor.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct TensorInfo {
     pub view: TensorView,
     pub shape: Shape,
@@ -123,6 +123,9 @@ pub struct Batch {
     /// Scalar entries per parameter; `scalars[i * n_scalars + k]` (f32 or f64, one element).
     pub n_scalars: usize,
     pub scalars: Vec<TensorView>,
+    /// The index in its group of each parameter of the batch (`params[j]` is parameter
+    /// `members[j]`).
+    pub members: Vec<usize>,
 }
 
 impl Batch {
@@ -143,6 +146,42 @@ pub fn input_dtype_ok(param: DType, input: DType) -> bool {
     param == input || (param == DType::F32 && matches!(input, DType::BF16 | DType::F16))
 }
 
+/// Check that `x` (a gradient or state tensor of parameter `p`, `at` names the parameter in
+/// messages) lies with the parameter: same device, shape and strides.
+fn check_peer(at: &str, role: &str, p: &TensorInfo, x: &TensorInfo) -> Result<()> {
+    if x.view.device() != p.view.device() {
+        return Err(Error::Device(format!("{at}: {role} is on {} but the parameter is on {}", x.view.device(), p.view.device())));
+    }
+    if x.shape != p.shape {
+        return Err(Error::Shape(format!(
+            "{at}: {role} has shape {} but the parameter has shape {}",
+            fmt_shape(&x.shape),
+            fmt_shape(&p.shape)
+        )));
+    }
+    if x.layout != p.layout {
+        return Err(Error::Layout(format!("{at}: {role} is strided differently from the parameter")));
+    }
+    Ok(())
+}
+
+/// Check the read-only input `g` (a gradient, or the model tensor an average reads) of
+/// parameter `p`: as [`check_peer`], not the parameter's memory, and a dtype it may read.
+pub fn check_input(at: &str, p: &TensorInfo, g: &TensorInfo) -> Result<()> {
+    check_peer(at, "grad", p, g)?;
+    if g.view.numel() > 0 && g.view.ptr() == p.view.ptr() {
+        return Err(Error::Value(format!("{at}: grad shares memory with the parameter")));
+    }
+    if !input_dtype_ok(p.view.dtype(), g.view.dtype()) {
+        return Err(Error::DType(format!(
+            "{at}: grad dtype {} differs from parameter dtype {} (only a float32 parameter may read a bfloat16/float16 input)",
+            g.view.dtype().name(),
+            p.view.dtype().name()
+        )));
+    }
+    Ok(())
+}
+
 /// Validate `t` and split it into batches. `who` names the optimizer for messages.
 pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batch>> {
     let n = t.params.len();
@@ -161,42 +200,8 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
         if p.layout == Layout::Strided {
             return Err(Error::Layout(format!("{}: parameter is not dense", at(i))));
         }
-        let check_peer = |role: &str, x: &TensorInfo| -> Result<()> {
-            if x.view.device() != p.view.device() {
-                return Err(Error::Device(format!(
-                    "{}: {role} is on {} but the parameter is on {}",
-                    at(i),
-                    x.view.device(),
-                    p.view.device()
-                )));
-            }
-            if x.shape != p.shape {
-                return Err(Error::Shape(format!(
-                    "{}: {role} has shape {} but the parameter has shape {}",
-                    at(i),
-                    fmt_shape(&x.shape),
-                    fmt_shape(&p.shape)
-                )));
-            }
-            if x.layout != p.layout {
-                return Err(Error::Layout(format!("{}: {role} is strided differently from the parameter", at(i))));
-            }
-            Ok(())
-        };
         if let Some(grads) = &t.grads {
-            let g = &grads[i];
-            check_peer("grad", g)?;
-            if g.view.numel() > 0 && g.view.ptr() == p.view.ptr() {
-                return Err(Error::Value(format!("{}: grad shares memory with the parameter", at(i))));
-            }
-            if !input_dtype_ok(p.view.dtype(), g.view.dtype()) {
-                return Err(Error::DType(format!(
-                    "{}: grad dtype {} differs from parameter dtype {} (only a float32 parameter may read a bfloat16/float16 input)",
-                    at(i),
-                    g.view.dtype().name(),
-                    p.view.dtype().name()
-                )));
-            }
+            check_input(&at(i), p, &grads[i])?;
         }
         let input_dtype = t.grads.as_ref().map_or(p.view.dtype(), |g| g[i].view.dtype());
         let state_dtype = match t.states.first() {
@@ -205,7 +210,7 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
         };
         for (k, slot) in t.states.iter().enumerate() {
             let s = &slot[i];
-            check_peer(&format!("state {k}"), s)?;
+            check_peer(&at(i), &format!("state {k}"), p, s)?;
             if s.view.dtype() != state_dtype {
                 return Err(Error::DType(format!("{}: state tensors have different dtypes", at(i))));
             }
@@ -254,11 +259,13 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
                     states: Vec::new(),
                     n_scalars,
                     scalars: Vec::new(),
+                    members: Vec::new(),
                 });
                 batches.last_mut().expect("just pushed")
             }
         };
         b.params.push(p.view);
+        b.members.push(i);
         if let Some(grads) = &t.grads {
             b.grads.push(grads[i].view);
         }

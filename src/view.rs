@@ -21,7 +21,7 @@ impl std::fmt::Display for Device {
 /// The memory of one dense tensor: `numel` elements of `dtype` starting at `ptr`, laid out so that
 /// element-wise math may walk them linearly (contiguous, or dense with strides identical to the
 /// other tensors of the same parameter).
-#[derive(Copy, Clone, Debug)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct TensorView {
     ptr: usize,
     numel: usize,

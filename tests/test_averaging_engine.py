@@ -19,7 +19,7 @@ def rand(shapes, seed, dtype=torch.float32):
 
 
 def ema_call(targets, inputs, **hyper):
-    return (hyper, targets, inputs, None, (), ())
+    return _native.Group(hyper=hyper, params=targets, inputs=inputs)
 
 
 @pytest.mark.parametrize("w", [1e-3, 0.3, 0.7, 1.0])
@@ -72,7 +72,7 @@ def test_swap_is_exact(dtype):
     a = rand(ODD_SHAPES, 8, dtype)
     b = rand(ODD_SHAPES, 9, dtype)
     a0, b0 = [x.clone() for x in a], [x.clone() for x in b]
-    _native.step("t", "swap", [({}, a, None, [{"b": y} for y in b], ("b",), ())])
+    _native.step("t", "swap", [_native.Group(hyper={}, params=a, states=[{"b": y} for y in b], slots=("b",))])
     assert all(torch.equal(x, y) for x, y in zip(a, b0)) and all(torch.equal(x, y) for x, y in zip(b, a0))
 
 
@@ -81,14 +81,14 @@ def test_multi_track_and_axpby():
     tracks = [rand(ODD_SHAPES, 11 + j) for j in range(3)]
     ref = [[torch.lerp(e, t, w) for e, t in zip(tr, th)] for tr, w in zip(tracks, (0.1, 0.6, 0.01))]
     states = [{"t1": tracks[1][i], "t2": tracks[2][i]} for i in range(len(th))]
-    _native.step("t", "ema_multi", [({"tracks": 3.0, "w0": 0.1, "w1": 0.6, "w2": 0.01}, tracks[0], th, states, ("t1", "t2"), ())])
+    _native.step("t", "ema_multi", [_native.Group(hyper={"tracks": 3.0, "w0": 0.1, "w1": 0.6, "w2": 0.01}, params=tracks[0], inputs=th, states=states, slots=("t1", "t2"))])
     for tr, rf in zip(tracks, ref):
         for x, y in zip(tr, rf):
             torch.testing.assert_close(x, y, rtol=2.4e-7, atol=2.4e-7)
     s = rand(ODD_SHAPES, 20)
     x = rand(ODD_SHAPES, 21, torch.float16)
     expect = [0.5 * a + 3.0 * b.float() for a, b in zip(s, x)]
-    _native.step("t", "axpby", [({"a": 0.5, "b": 3.0}, s, x, None, (), ())])
+    _native.step("t", "axpby", [_native.Group(hyper={"a": 0.5, "b": 3.0}, params=s, inputs=x)])
     assert all(torch.equal(a, b) for a, b in zip(s, expect))
 
 

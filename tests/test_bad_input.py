@@ -196,13 +196,13 @@ def test_native_call_rejects_malformed_arguments():
     st = {"exp_avg": torch.rand(3), "exp_avg_sq": torch.rand(3), "step": torch.tensor(0.0)}
     slots, scalars = ("exp_avg", "exp_avg_sq"), ("step",)
     with pytest.raises(errors.InvalidArgumentError):
-        _native.step("t", "no_such_rule", [(hyper, [p], [g], [st], slots, scalars)])
+        _native.step("t", "no_such_rule", [_native.Group(hyper=hyper, params=[p], inputs=[g], states=[st], slots=slots, scalars=scalars)])
     with pytest.raises(errors.InvalidArgumentError):
-        _native.step("t", "adam", [(hyper, [p], [g, g], [st], slots, scalars)])
+        _native.step("t", "adam", [_native.Group(hyper=hyper, params=[p], inputs=[g, g], states=[st], slots=slots, scalars=scalars)])
     with pytest.raises(errors.InvalidArgumentError):
-        _native.step("t", "adam", [(hyper, [p], ["not a tensor"], [st], slots, scalars)])
+        _native.step("t", "adam", [_native.Group(hyper=hyper, params=[p], inputs=["not a tensor"], states=[st], slots=slots, scalars=scalars)])
     with pytest.raises(errors.InvalidArgumentError):
-        _native.step("t", "adam", [({**hyper, "beta1": 1.5}, [p], [g], [st], slots, scalars)])
+        _native.step("t", "adam", [_native.Group(hyper={**hyper, "beta1": 1.5}, params=[p], inputs=[g], states=[st], slots=slots, scalars=scalars)])
     with pytest.raises(errors.InvalidArgumentError):
-        _native.step("t", "adam", [(hyper, [p], [g], [st], ("exp_avg",), scalars)])
+        _native.step("t", "adam", [_native.Group(hyper=hyper, params=[p], inputs=[g], states=[st], slots=("exp_avg",), scalars=scalars)])
     assert st["step"].item() == 0.0

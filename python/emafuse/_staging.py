@@ -7,16 +7,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _native
 from .errors import DTypeError
 
-__all__ = ["stage_calls"]
+__all__ = ["stage_groups"]
 
 
-def stage_calls(calls: list[tuple], complex_error: str | None = None) -> tuple[list[tuple], list[tuple[Tensor, Tensor]]]:
-    """``calls`` (the native step's ``(hyper, targets, inputs, states, slots, scalars)`` tuples)
-    with every tensor made contiguous and complex ones viewed as real, and the (original, copy)
-    pairs of written tensors to copy back once the step ran. Scalar state passes unchanged.
-    ``complex_error``: raise :class:`DTypeError` with it on a complex tensor instead."""
+def stage_groups(groups: list[_native.Group], complex_error: str | None = None) -> tuple[list[_native.Group], list[tuple[Tensor, Tensor]]]:
+    """``groups`` with every tensor made contiguous and complex ones viewed as real, and the
+    (original, copy) pairs of written tensors to copy back once the step ran. Scalar state passes
+    unchanged. ``complex_error``: raise :class:`DTypeError` with it on a complex tensor instead."""
     copy_back: list[tuple[Tensor, Tensor]] = []
 
     def stage(t: Tensor, writable: bool) -> Tensor:
@@ -32,11 +32,18 @@ def stage_calls(calls: list[tuple], complex_error: str | None = None) -> tuple[l
         return c
 
     staged = []
-    for hyper, targets, inputs, states, slots, scalars in calls:
-        ts = [stage(t, True) for t in targets]
-        ins = None if inputs is None else [stage(t, False) for t in inputs]
-        ss = None
-        if states is not None:
-            ss = [{**{name: stage(st[name], True) for name in slots}, **{key: st[key] for key in scalars}} for st in states]
-        staged.append((hyper, ts, ins, ss, slots, scalars))
+    for g in groups:
+        states = None
+        if g.states is not None:
+            states = [{**{name: stage(st[name], True) for name in g.slots}, **{key: st[key] for key in g.scalars}} for st in g.states]
+        staged.append(
+            _native.Group(
+                hyper=g.hyper,
+                params=[stage(t, True) for t in g.params],
+                inputs=None if g.inputs is None else [stage(t, False) for t in g.inputs],
+                states=states,
+                slots=g.slots,
+                scalars=g.scalars,
+            )
+        )
     return staged, copy_back

@@ -148,7 +148,7 @@ pub trait CpuStep: Send + Sync {
 }
 
 /// Pair a batch with the rule named `rule`, built from `hyper`.
-pub fn plan(rule: &str, hyper: &Hyper, batch: Batch) -> Result<Box<dyn CpuStep>> {
+pub fn plan<'a>(rule: &str, hyper: &Hyper, batch: &'a Batch) -> Result<Box<dyn CpuStep + 'a>> {
     let options = Options { maximize: hyper.flag_or_false("maximize")?, check_finite: hyper.flag_or_false("check_finite")? };
     visit_rule(rule, hyper, Planner { batch, options })?
 }
@@ -162,15 +162,15 @@ struct Options {
     check_finite: bool,
 }
 
-struct Planner {
-    batch: Batch,
+struct Planner<'a> {
+    batch: &'a Batch,
     options: Options,
 }
 
-impl RuleVisitor for Planner {
-    type Output = Result<Box<dyn CpuStep>>;
+impl<'a> RuleVisitor for Planner<'a> {
+    type Output = Result<Box<dyn CpuStep + 'a>>;
     fn visit<Ru: Rule>(self, rule: Ru) -> Self::Output {
-        let b = &self.batch;
+        let b = self.batch;
         if b.slots != Ru::SLOTS || b.n_scalars != Ru::SCALARS || (Ru::READS_INPUT && b.grads.len() != b.params.len()) {
             return Err(Error::Value(format!(
                 "rule expects {} state tensors, {} scalars and {} input; got {}, {} and {}",
@@ -186,9 +186,9 @@ impl RuleVisitor for Planner {
     }
 }
 
-struct RuleBatch<Ru: Rule> {
+struct RuleBatch<'a, Ru: Rule> {
     rule: Ru,
-    batch: Batch,
+    batch: &'a Batch,
     options: Options,
 }
 
@@ -223,7 +223,7 @@ unsafe fn write_scalar(v: &TensorView, x: f64) {
     }
 }
 
-impl<Ru: Rule> RuleBatch<Ru> {
+impl<Ru: Rule> RuleBatch<'_, Ru> {
     fn numels(&self) -> Vec<usize> {
         self.batch.params.iter().map(|p| p.numel()).collect()
     }
@@ -327,7 +327,7 @@ impl<Ru: Rule> RuleBatch<Ru> {
     }
 }
 
-impl<Ru: Rule> CpuStep for RuleBatch<Ru> {
+impl<Ru: Rule> CpuStep for RuleBatch<'_, Ru> {
     fn check_finite(&self, who: &str) -> Result<()> {
         if !self.options.check_finite || !Ru::READS_INPUT {
             return Ok(());

@@ -1,6 +1,7 @@
 //! The Python boundary: the only code that touches pyo3 or tch.
 
 mod errors;
+mod plan;
 mod reduce;
 mod step;
 mod tensor;
@@ -10,7 +11,9 @@ use pyo3::prelude::*;
 /// emafuse's native module.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(step::step, m)?)?;
+    m.add_class::<plan::Group>()?;
+    m.add_class::<plan::StepPlan>()?;
+    m.add_function(wrap_pyfunction!(plan::step, m)?)?;
     m.add_function(wrap_pyfunction!(step::step_async, m)?)?;
     m.add_class::<step::PendingStep>()?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
@@ -34,7 +37,7 @@ fn cuda_source<'py>(
     rule: &str,
     hyper: &Bound<'py, pyo3::types::PyDict>,
 ) -> PyResult<(String, String, Bound<'py, pyo3::types::PyBytes>, &'static str)> {
-    let h = step::hyper_from(hyper).map_err(|e| errors::to_py(py, e))?;
+    let h = plan::hyper_from(hyper).map_err(|e| errors::to_py(py, e))?;
     let (kernel, bytes) = crate::cuda::describe(rule, &h).map_err(|e| errors::to_py(py, e))?;
     let source = crate::cuda::program_source(&kernel);
     Ok((kernel.type_name, source, pyo3::types::PyBytes::new(py, &bytes), kernel.source))
@@ -44,7 +47,7 @@ fn cuda_source<'py>(
 /// Needs libnvrtc (shipped with torch's CUDA wheels), not a GPU.
 #[pyfunction]
 fn cuda_compile(py: Python<'_>, rule: &str, hyper: &Bound<'_, pyo3::types::PyDict>, arch: &str) -> PyResult<String> {
-    let h = step::hyper_from(hyper).map_err(|e| errors::to_py(py, e))?;
+    let h = plan::hyper_from(hyper).map_err(|e| errors::to_py(py, e))?;
     let (kernel, _) = crate::cuda::describe(rule, &h).map_err(|e| errors::to_py(py, e))?;
     let arch = arch.to_string();
     py.detach(move || crate::cuda::compile_ptx(&kernel, &arch)).map_err(|e| errors::to_py(py, e))

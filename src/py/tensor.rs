@@ -198,6 +198,37 @@ pub fn infos(objs: &[Bound<'_, PyAny>], role: &(dyn Fn(usize) -> String + Sync))
     crate::cpu::try_map_indices(objs.len(), read)
 }
 
+/// Whether every one of `objs` still has the metadata in `cached` (data address, size, strides,
+/// dtype, device): read as [`infos`] does, in parallel for long lists, with nothing allocated
+/// per tensor.
+///
+/// # Safety
+/// Every object is a live `torch.Tensor`, kept alive by the caller, who holds the GIL.
+pub unsafe fn unchanged(objs: &[Py<PyAny>], cached: &[TensorInfo]) -> bool {
+    let Some(first) = objs.first() else { return true };
+    let same = |i: usize, raw: *mut C_tensor| {
+        // SAFETY: per the contract; nothing changes the tensors while the caller holds the GIL.
+        match unsafe { read_info(raw, &String::new) } {
+            Ok(info) if info == cached[i] => Ok(()),
+            _ => Err(()),
+        }
+    };
+    // SAFETY: per the contract.
+    let readable_in_place = unsafe { in_place(first.as_ptr()) }.ok().flatten().is_some();
+    if objs.len() < PARALLEL_FROM || !readable_in_place {
+        return objs.iter().enumerate().all(|(i, o)| {
+            // SAFETY: per the contract.
+            match unsafe { in_place(o.as_ptr()) } {
+                Ok(Some(raw)) => same(i, raw).is_ok(),
+                // SAFETY: per the contract.
+                _ => unsafe { Copied::of(o.as_ptr()) }.is_ok_and(|c| same(i, c.0).is_ok()),
+            }
+        });
+    }
+    let tensors: Vec<usize> = objs.iter().map(|o| cdata(o.as_ptr()) as usize).collect();
+    crate::cpu::try_map_indices(objs.len(), |i| same(i, tensors[i] as *mut C_tensor)).is_ok()
+}
+
 /// Read a tensor's dtype, device, shape, layout and data address.
 ///
 /// # Safety

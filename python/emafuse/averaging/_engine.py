@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import _native
 from .._cuda import current_streams
-from .._staging import stage_calls
+from .._staging import stage_groups
 from ..errors import LayoutError
 
 __all__ = ["native_step", "native_step_async", "real_view"]
@@ -25,19 +25,22 @@ def real_view(t: Tensor) -> Tensor:
     return torch.view_as_real(t.detach()) if t.is_complex() else t
 
 
-def _full(calls: Sequence[Call]) -> list[tuple]:
-    return [(h, list(t), None if i is None else list(i), None if s is None else list(s), slots, ()) for h, t, i, s, slots in calls]
+def _groups(calls: Sequence[Call]) -> list[_native.Group]:
+    return [
+        _native.Group(hyper=h, params=list(t), inputs=None if i is None else list(i), states=None if s is None else list(s), slots=slots)
+        for h, t, i, s, slots in calls
+    ]
 
 
 def native_step(who: str, rule: str, calls: Sequence[Call]) -> None:
     """Run ``rule`` over ``calls`` in one native call; tensors that are not dense (or strided
     differently from their partners) are staged through contiguous copies."""
-    full = _full(calls)
+    groups = _groups(calls)
     try:
-        _native.step(who, rule, full, None, None, current_streams())
+        _native.step(who, rule, groups, streams=current_streams())
     except LayoutError:
-        full, copy_back = stage_calls(full)
-        _native.step(who, rule, full, None, None, current_streams())
+        groups, copy_back = stage_groups(groups)
+        _native.step(who, rule, groups, streams=current_streams())
         for orig, copy in copy_back:
             orig.copy_(copy)
 
@@ -46,12 +49,12 @@ def native_step_async(who: str, rule: str, calls: Sequence[Call], wait_for: Call
     """Validate now, run on a native background thread; returns a handle with ``wait()``.
     The caller must not touch the tensors until ``wait()`` returned. Tensors the engine cannot
     walk linearly are staged (the copy back then happens in ``wait()``)."""
-    full = _full(calls)
+    groups = _groups(calls)
     try:
-        return _native.step_async(who, rule, full, wait_for)
+        return _native.step_async(who, rule, groups, wait_for)
     except LayoutError:
-        full, copy_back = stage_calls(full)
-        return _StagedPending(_native.step_async(who, rule, full, wait_for), copy_back)
+        groups, copy_back = stage_groups(groups)
+        return _StagedPending(_native.step_async(who, rule, groups, wait_for), copy_back)
 
 
 class _StagedPending:

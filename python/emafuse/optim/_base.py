@@ -9,6 +9,7 @@ support, complex and non-contiguous parameters, atomic error handling) lives her
 
 from __future__ import annotations
 
+from collections import defaultdict
 from itertools import chain
 from typing import Any, Callable, ClassVar
 
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from .. import _native
 from .._cuda import current_streams, per_device
-from .._staging import stage_calls
+from .._staging import stage_groups
 from ..errors import LayoutError, UnsupportedOptionError
 
 __all__ = ["FusedOptimizer", "scalar", "sum_squares"]
@@ -174,13 +175,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("check_finite", check_finite)
             self._reject_unsupported(group)
+        self.state = _StateDict(dict, self.state)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         self._reject_unsupported(self.param_groups[-1])
+        self.__dict__.pop("_step_plan", None)  # release the tensors the plan holds
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.state = _StateDict(dict, self.state)
+        self.__dict__.pop("_step_plan", None)
         defaults = getattr(self, "defaults", {})
         for group in self.param_groups:
             # Checkpoints of reference implementations (or older emafuse) may lack options that
@@ -313,114 +318,100 @@ class FusedOptimizer(torch.optim.Optimizer):
         if ema is not None:
             ema_steps = ema.num_steps_seen
             ema_plan = ema._fused_plan(float(found_inf.item()) if found_inf is not None else 0.0)
-        ema_targets = ema_plan[1] if ema_plan is not None else None
         try:
-            return self._step_calls(loss, grad_scale, found_inf, ema, ema_plan, ema_targets)
+            fused = self._run_step(grad_scale, found_inf, ema_plan)
         except BaseException:
             if ema is not None:
                 ema.num_steps_seen = ema_steps  # a refused step is not counted by the average
             raise
-
-    def _step_calls(self, loss: Any, grad_scale: Any, found_inf: Any, ema: Any, ema_plan: Any, ema_targets: Any) -> Any:
-        """The native call(s) of one step; with a fused ModelEMA (``ema``) the averages of the
-        parameters it maps (``ema_targets``) are updated in the same pass, the rest right after."""
-        calls: list[tuple] = []
-        created: dict[Tensor, dict[str, Tensor]] = {}
-        for group in self.param_groups:
-            self._collect(group, calls, created)
-        if ema_targets:
-            calls = self._with_fused_ema(calls, ema_targets, 1.0 - ema_plan[0])
-        if not calls:
-            if ema_plan is not None:
-                ema._fused_done(ema_plan, set())
-            self._end_step(True)
-            return loss
-
-        grad_scale = per_device(grad_scale)
-        found_inf = per_device(found_inf)
-        streams = current_streams()
-        who = type(self).__name__
-        try:
-            applied = _native.step(who, self._rule, calls, grad_scale, found_inf, streams)
-        except LayoutError:
-            self._normalize_steps()  # e.g. a step counter left on the CPU by a model moved to CUDA
-            applied = self._staged_step(who, calls, grad_scale, found_inf, streams)
-        self.state.update(created)
-        # The kernels wrote parameter memory directly: tell autograd, as an in-place op would, so
-        # that a graph that saved a parameter before this step refuses to backpropagate.
-        for call in calls:
-            torch._C._increment_version(call[1])
-        self._end_step(bool(applied))
         if ema_plan is not None:
-            done = {id(p) for c in calls if c[0].get("ema") for p in c[1]}
-            ema._fused_done(ema_plan, done)
+            ema._fused_done(ema_plan, fused)
         return loss
 
-    @staticmethod
-    def _with_fused_ema(calls: list[tuple], targets: dict[Tensor, Tensor], weight: float) -> list[tuple]:
-        """Split each call into parameters whose average is updated in the same pass (extra slot
-        "ema") and the rest. Only calls without fresh-state flags are fused."""
-        out: list[tuple] = []
-        for hyper, params, grads, states, slots, scalar_keys in calls:
-            if states is None or hyper.get("first"):
-                out.append((hyper, params, grads, states, slots, scalar_keys))
-                continue
-            fp, fg, fs, rp, rg, rs = [], [], [], [], [], []
-            for p, g, st in zip(params, grads, states):
-                e = targets.get(p)
-                if e is not None and e.dtype == p.dtype and all(st[name].dtype == e.dtype for name in slots):
-                    fp.append(p)
-                    fg.append(g)
-                    fs.append({**st, "ema": e})
-                else:
-                    rp.append(p)
-                    rg.append(g)
-                    rs.append(st)
-            if fp:
-                out.append(({**hyper, "ema": True, "ema_weight": weight}, fp, fg, fs, slots + ("ema",), scalar_keys))
-            if rp:
-                out.append((hyper, rp, rg, rs, slots, scalar_keys))
-        return out
-
-    def _collect(self, group: dict[str, Any], calls: list[tuple], created: dict[Tensor, dict[str, Tensor]]) -> None:
-        """Append ``group``'s native call(s): (hyper, params, grads, state dicts, slots, scalars)."""
+    def _group_hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
+        """The rule's hyper-parameters for ``group``, with the options every rule takes."""
         self._reject_unsupported(group)
-        slots = self._slots(group)
+        hyper = self._hyper(group)
+        hyper["maximize"] = bool(group.get("maximize", False))
+        hyper["check_finite"] = bool(group.get("check_finite", False))
+        return hyper
+
+    def _run_step(self, grad_scale: Tensor | None, found_inf: Tensor | None, ema_plan: Any) -> set[int]:
+        """The native call of one step, through the cached plan while it still describes the
+        tensors (see ``_StepPlan``), else through a new one. With a fused ModelEMA (``ema_plan``)
+        the averages of the parameters it maps are updated in the same pass; returns the ids of
+        those parameters."""
+        hypers = [self._group_hyper(g) for g in self.param_groups]
+        slots = [self._slots(g) for g in self.param_groups]
+        amp = (per_device(grad_scale), per_device(found_inf), current_streams())
+        targets = ema_plan[1] if ema_plan is not None else None
+        plan = self.__dict__.get("_step_plan")
+        applied = None
+        if plan is not None and not targets and plan.describes(self.state, slots):
+            applied = plan.run(hypers, amp)
+        if applied is None:
+            self._step_plan = None
+            plan = self._new_plan(hypers, slots, targets, 1.0 - ema_plan[0] if targets else 0.0)
+            if plan is None:  # no parameter has a gradient
+                self._end_step(True)
+                return set()
+            try:
+                applied = plan.run(hypers, amp)
+            except LayoutError:
+                # Tensors the engine cannot walk linearly together: stage them (below).
+                self._normalize_steps()  # e.g. a step counter left on the CPU by a model moved to CUDA
+                applied = self._staged_step(plan, amp)
+            plan.commit(self.state)
+            if plan.cacheable:
+                self._step_plan = plan
+        # The kernels wrote parameter memory directly: tell autograd, as an in-place op would, so
+        # that a graph that saved a parameter before this step refuses to backpropagate.
+        torch._C._increment_version(plan.params)
+        self._end_step(bool(applied))
+        return plan.fused
+
+    def _new_plan(
+        self, hypers: list[dict[str, Any]], slots: list[tuple[str, ...]], targets: dict[Tensor, Tensor] | None, weight: float
+    ) -> _StepPlan | None:
+        """Collect every group's native call(s) and validate them in a new plan (which also holds
+        the lazily created state, committed once a run succeeded); None if no parameter has a
+        gradient."""
+        calls: list[_Call] = []
+        created: dict[Tensor, dict[str, Tensor]] = {}
+        for gi, group in enumerate(self.param_groups):
+            self._collect(gi, group, slots[gi], calls, created)
+        if targets:
+            calls = _with_fused_ema(calls, targets, weight)
+        if not calls:
+            return None
+        watch = [g["params"] for g in self.param_groups]
+        return _StepPlan(type(self).__name__, self._rule, calls, watch, created, self.state, slots)
+
+    def _collect(
+        self, gi: int, group: dict[str, Any], slots: tuple[str, ...], calls: list[_Call], created: dict[Tensor, dict[str, Tensor]]
+    ) -> None:
+        """Append group ``gi``'s native call(s): its parameters with a gradient, with their state
+        (completed where missing: ``created``), fresh state in a call of its own for rules that
+        are told (``_flags_fresh_state``)."""
         scalar_keys = self._scalar_keys
         keeps_state = bool(slots) or bool(scalar_keys)
         want = len(slots) + len(scalar_keys)
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        states: list[dict[str, Tensor]] = []
-        fresh: tuple[list, list, list] | None = ([], [], []) if self._flags_fresh_state else None
+        normal = _Call(gi, {}, slots, scalar_keys, keeps_state)
+        fresh = _Call(gi, {"first": True}, slots, scalar_keys, keeps_state)
         get_state = self.state.get
         for p in group["params"]:
             g = p.grad
             if g is None:
                 continue
             if not keeps_state:
-                params.append(p)
-                grads.append(g)
+                normal.add(p, g, None)
                 continue
             st = get_state(p)
             is_new = False
             if st is None or len(st) < want:
                 st, is_new = self._complete_state(p, st, slots, group, created)
-            if fresh is not None and is_new:
-                fresh[0].append(p)
-                fresh[1].append(g)
-                fresh[2].append(st)
-            else:
-                params.append(p)
-                grads.append(g)
-                states.append(st)
-        hyper = self._hyper(group)
-        hyper["maximize"] = bool(group.get("maximize", False))
-        hyper["check_finite"] = bool(group.get("check_finite", False))
-        if params:
-            calls.append((hyper, params, grads, states if keeps_state else None, slots, scalar_keys))
-        if fresh is not None and fresh[0]:
-            calls.append(({**hyper, "first": True}, fresh[0], fresh[1], fresh[2], slots, scalar_keys))
+            (fresh if is_new and self._flags_fresh_state else normal).add(p, g, st)
+        calls.extend(c for c in (normal, fresh) if c.params)
 
     def _complete_state(
         self,
@@ -453,13 +444,164 @@ class FusedOptimizer(torch.optim.Optimizer):
         created[p] = fixed
         return fixed, False
 
-    def _staged_step(self, who: str, calls: list[tuple], grad_scale, found_inf, streams) -> bool:
+    def _staged_step(self, plan: _StepPlan, amp: tuple) -> bool:
         """The slow path for complex parameters, tensors that cannot be walked linearly together
         (non-dense parameters, gradients strided differently) and scalar state found away from its
         parameter: run the native step on real views / contiguous copies, then copy back."""
-        no_complex = None if self._supports_complex else f"{who} does not support complex parameters"
-        staged, copy_back = stage_calls(calls, no_complex)
-        applied = _native.step(who, self._rule, staged, grad_scale, found_inf, streams)
+        no_complex = None if self._supports_complex else f"{plan.who} does not support complex parameters"
+        groups = [c.group(plan.hypers[c.group_index]) for c in plan.calls]
+        staged, copy_back = stage_groups(groups, no_complex)
+        applied = _native.step(plan.who, self._rule, staged, *amp)
         for orig, copy in copy_back:
             orig.copy_(copy)
+        plan.cacheable = False
         return applied
+
+
+class _StateDict(defaultdict):
+    """``optimizer.state`` (a ``defaultdict(dict)``, as torch keeps it) that counts changes to its
+    per-parameter entries, so that a cached step plan knows when a parameter's state dict was
+    replaced (changes inside one are seen by the native plan itself). Entries under other keys
+    (optimizer-level counters some reference implementations keep there) are not counted."""
+
+    __slots__ = ("version",)
+
+    def __init__(self, default_factory: Callable[[], Any] | None = dict, *args: Any, **kwargs: Any) -> None:
+        super().__init__(default_factory, *args, **kwargs)
+        self.version = 0
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if isinstance(key, Tensor):
+            self.version += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self.version += 1
+        super().__delitem__(key)
+
+    def _changed(name: str):  # noqa: N805 - a decorator factory used in the class body
+        def method(self: _StateDict, *args: Any, **kwargs: Any) -> Any:
+            self.version += 1
+            return getattr(defaultdict, name)(self, *args, **kwargs)
+
+        method.__name__ = name
+        return method
+
+    pop = _changed("pop")
+    popitem = _changed("popitem")
+    clear = _changed("clear")
+    update = _changed("update")
+    setdefault = _changed("setdefault")
+    __ior__ = _changed("__ior__")
+    del _changed
+
+
+class _Call:
+    """The tensors of one native call while a plan is collected: a parameter group's parameters
+    with a gradient (or those among them that share ``extra`` flags)."""
+
+    __slots__ = ("group_index", "extra", "slots", "scalars", "params", "grads", "states")
+
+    def __init__(self, group_index: int, extra: dict[str, Any], slots: tuple[str, ...], scalars: tuple[str, ...], keeps_state: bool) -> None:
+        self.group_index = group_index
+        self.extra = extra
+        self.slots = slots
+        self.scalars = scalars
+        self.params: list[Tensor] = []
+        self.grads: list[Tensor] = []
+        self.states: list[dict[str, Tensor]] | None = [] if keeps_state else None
+
+    def add(self, p: Tensor, g: Tensor, st: dict[str, Tensor] | None) -> None:
+        self.params.append(p)
+        self.grads.append(g)
+        if self.states is not None:
+            self.states.append(st)  # type: ignore[arg-type]
+
+    def hyper(self, group_hyper: dict[str, Any]) -> dict[str, Any]:
+        return {**group_hyper, **self.extra} if self.extra else group_hyper
+
+    def group(self, group_hyper: dict[str, Any]) -> _native.Group:
+        return _native.Group(
+            hyper=self.hyper(group_hyper),
+            params=self.params,
+            inputs=self.grads,
+            states=self.states,
+            slots=self.slots,
+            scalars=self.scalars,
+        )
+
+
+class _StepPlan:
+    """An optimizer's native step plan (``_native.StepPlan``) with what decides whether it still
+    describes the optimizer: the ``optimizer.state`` it was built from (its object and change
+    count) and each group's state slots (which follow the group's flags). The native plan checks
+    the rest at every run (the parameter lists and their gradients, each state dict's entries,
+    every tensor's memory and metadata) and refuses to run, writing nothing, when anything
+    changed; the optimizer then builds a new plan.
+
+    A plan also carries the state created lazily for its parameters, committed into
+    ``optimizer.state`` once a run succeeded (``commit``)."""
+
+    def __init__(
+        self,
+        who: str,
+        rule: str,
+        calls: list[_Call],
+        watch: list[list[Tensor]],
+        created: dict[Tensor, dict[str, Tensor]],
+        state: _StateDict,
+        slots: list[tuple[str, ...]],
+    ) -> None:
+        self.who = who
+        self.calls = calls
+        self.created = created
+        self.slots = slots
+        self.params = [p for c in calls for p in c.params]
+        self.fused = {id(p) for c in calls if c.extra.get("ema") for p in c.params}
+        # Fresh-state flags and fused averages hold for one step only.
+        self.cacheable = not any(c.extra for c in calls)
+        self.hypers: list[dict[str, Any]] = []
+        self._state = state
+        self._version = -1
+        self._rule = rule
+        self._watch = watch
+        self._native: _native.StepPlan | None = None
+
+    def describes(self, state: Any, slots: list[tuple[str, ...]]) -> bool:
+        return state is self._state and state.version == self._version and slots == self.slots
+
+    def run(self, hypers: list[dict[str, Any]], amp: tuple) -> bool | None:
+        """One step (the first run validates every tensor into a native plan); None if the
+        tensors changed since."""
+        self.hypers = hypers
+        call_hypers = [c.hyper(hypers[c.group_index]) for c in self.calls]
+        if self._native is None:
+            groups = [c.group(h) for c, h in zip(self.calls, call_hypers)]
+            self._native = _native.StepPlan(self.who, self._rule, groups, self._watch)
+        return self._native.run(call_hypers, *amp)
+
+    def commit(self, state: _StateDict) -> None:
+        if self.created:
+            state.update(self.created)
+            self.created = {}
+        self._version = state.version
+
+
+def _with_fused_ema(calls: list[_Call], targets: dict[Tensor, Tensor], weight: float) -> list[_Call]:
+    """Split each call into parameters whose average is updated in the same pass (extra slot
+    "ema") and the rest. Only calls without fresh-state flags are fused."""
+    out: list[_Call] = []
+    for c in calls:
+        if c.states is None or c.extra:
+            out.append(c)
+            continue
+        fused = _Call(c.group_index, {"ema": True, "ema_weight": weight}, c.slots + ("ema",), c.scalars, True)
+        rest = _Call(c.group_index, {}, c.slots, c.scalars, True)
+        for p, g, st in zip(c.params, c.grads, c.states):
+            e = targets.get(p)
+            if e is not None and e.dtype == p.dtype and all(st[name].dtype == e.dtype for name in c.slots):
+                fused.add(p, g, {**st, "ema": e})
+            else:
+                rest.add(p, g, st)
+        out.extend(x for x in (fused, rest) if x.params)
+    return out

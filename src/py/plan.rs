@@ -1,0 +1,650 @@
+//! The Python → native boundary: [`Group`] (the tensors of one native call, by name) and
+//! [`StepPlan`] (every group of a step, validated once and kept between steps).
+//!
+//! Building a plan reads and validates every tensor and splits the groups into batches (one per
+//! device and dtypes). A run performs one update with it. While the tensors stay what they were
+//! when the plan was built (the same Python objects, over the same memory, in the same lists and
+//! state dicts), a run re-reads only what changes from step to step (the gradients, for an
+//! optimizer) and checks that nothing else did: the parameter lists, the state dicts' entries
+//! and every tensor's data address, size, strides, dtype and device. If anything else changed,
+//! the run writes nothing and returns None, and the caller builds a new plan.
+
+use super::errors::to_py;
+use super::tensor::{infos, unchanged, unpack, Unpacked};
+use crate::batch::{check_input, check_no_shared_outputs, split_group, Batch, GroupTensors, TensorInfo};
+use crate::cpu;
+use crate::cuda::{self, DeviceAmp};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::rules::{Hyper, HyperValue};
+use crate::view::{Device, TensorView};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Read a Python dict of numbers and bools.
+pub(super) fn hyper_from(d: &Bound<'_, PyDict>) -> Result<Hyper> {
+    let mut entries = Vec::with_capacity(d.len());
+    for (k, v) in d.iter() {
+        let name: String = k.extract().map_err(|_| Error::Value("hyper-parameter names must be str".into()))?;
+        let value = if v.is_instance_of::<PyBool>() {
+            HyperValue::Flag(v.extract().expect("a bool"))
+        } else {
+            HyperValue::Num(v.extract::<f64>().map_err(|_| Error::Value(format!("hyper-parameter '{name}' must be a number or a bool")))?)
+        };
+        entries.push((name, value));
+    }
+    Ok(Hyper::new(entries))
+}
+
+/// The tensors of one native call: a parameter group (or the part of one that shares flags), or
+/// the tensors of one averaging update.
+#[pyclass(module = "emafuse._native", frozen, get_all)]
+pub struct Group {
+    /// The rule's hyper-parameters and flags, by name.
+    hyper: Py<PyDict>,
+    /// The written tensors: parameters, or averages.
+    params: Py<PyList>,
+    /// One read-only input per parameter (its gradient, or the model tensor an average reads),
+    /// or None for rules that read none.
+    inputs: Option<Py<PyList>>,
+    /// One dict per parameter holding its state tensors (named in `slots`) and its one-element
+    /// scalar state (named in `scalars`), or None for rules that keep none.
+    states: Option<Py<PyList>>,
+    /// Names of the state tensors, in the rule's order.
+    slots: Py<PyTuple>,
+    /// Names of the scalar state entries, in the rule's order.
+    scalars: Py<PyTuple>,
+}
+
+#[pymethods]
+impl Group {
+    #[new]
+    #[pyo3(signature = (*, hyper, params, inputs=None, states=None, slots=None, scalars=None))]
+    fn new(
+        py: Python<'_>,
+        hyper: Py<PyDict>,
+        params: Py<PyList>,
+        inputs: Option<Py<PyList>>,
+        states: Option<Py<PyList>>,
+        slots: Option<Py<PyTuple>>,
+        scalars: Option<Py<PyTuple>>,
+    ) -> Group {
+        let empty = || PyTuple::empty(py).unbind();
+        Group { hyper, params, inputs, states, slots: slots.unwrap_or_else(empty), scalars: scalars.unwrap_or_else(empty) }
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        format!(
+            "Group(hyper={}, params=<{} tensors>, inputs={}, states={}, slots={}, scalars={})",
+            self.hyper.bind(py),
+            self.params.bind(py).len(),
+            if self.inputs.is_some() { "<list>" } else { "None" },
+            if self.states.is_some() { "<list>" } else { "None" },
+            self.slots.bind(py),
+            self.scalars.bind(py)
+        )
+    }
+}
+
+/// Where a tensor of a plan sits, for messages: call, parameter index, which tensor.
+#[derive(Clone, Copy)]
+struct Role {
+    call: u32,
+    index: u32,
+    what: What,
+}
+
+#[derive(Clone, Copy)]
+enum What {
+    Param,
+    Input,
+    /// A state entry; the index into [`Roles::names`].
+    State(u32),
+}
+
+/// The role of each gathered tensor, and the state names they refer to.
+#[derive(Default)]
+struct Roles {
+    roles: Vec<Role>,
+    names: Vec<String>,
+}
+
+impl Roles {
+    fn describe(&self, i: usize) -> String {
+        let Role { call, index, what } = self.roles[i];
+        match what {
+            What::Param => format!("param group {call}, parameter {index}"),
+            What::Input => format!("param group {call}, grad {index}"),
+            What::State(k) => format!("param group {call}, parameter {index}: state '{}'", self.names[k as usize]),
+        }
+    }
+
+    fn push(&mut self, call: usize, index: usize, what: What) {
+        // u32 keeps the table small; a step over more than 4 billion tensors is not a real case.
+        self.roles.push(Role { call: call as u32, index: index as u32, what });
+    }
+}
+
+/// Where a call's read-only inputs come from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Inputs {
+    /// The rule reads none.
+    None,
+    /// Kept in the plan, after the parameters (averaging: the model's tensors).
+    Fixed,
+    /// Each parameter's `.grad`, re-read at every run; the call's first one is at this index of
+    /// the run's gradients.
+    Grads(usize),
+}
+
+/// One call of a plan. Its tensor objects lie in [`StepPlan::objs`] from `base`: `n` parameters,
+/// then `n` fixed inputs (if any), then `n` per state key.
+struct Call {
+    base: usize,
+    n: usize,
+    inputs: Inputs,
+    /// State slots (the first `n_slots` keys); the other keys are scalar state.
+    n_slots: usize,
+    /// Slot names, then scalar names: the keys of each state dict.
+    keys: Vec<Py<PyString>>,
+    /// The state dict of each parameter (empty when the rule keeps no state).
+    dicts: Vec<Py<PyDict>>,
+    batches: Vec<Batch>,
+}
+
+impl Call {
+    /// The index in [`StepPlan::objs`] of state entry `key` of parameter `i`.
+    fn state_obj(&self, key: usize, i: usize) -> usize {
+        self.base + (1 + usize::from(self.inputs == Inputs::Fixed) + key) * self.n + i
+    }
+}
+
+/// A list a run walks to read gradients (a parameter group's `params`): each item's address and,
+/// for a planned parameter, the index of its gradient among the run's gradients (None: it had
+/// no gradient when the plan was built, and must still have none).
+struct Watched {
+    list: Py<PyList>,
+    items: Vec<(usize, Option<usize>)>,
+}
+
+/// Every group of a step, validated, with the tensors' metadata as it was when the plan was
+/// built (see the module docs).
+#[pyclass(module = "emafuse._native")]
+pub struct StepPlan {
+    who: String,
+    rule: String,
+    /// Every tensor object the plan keeps (parameters, fixed inputs, state), kept alive.
+    objs: Vec<Py<PyAny>>,
+    /// Their metadata when the plan was built.
+    infos: Vec<TensorInfo>,
+    calls: Vec<Call>,
+    /// The hyper-parameters given at build time, used by runs that pass none.
+    hypers: Vec<Hyper>,
+    /// Parameter lists whose `.grad`s are the inputs (optimizers); empty for fixed inputs.
+    watched: Vec<Watched>,
+    /// Gradients read per run, and their roles for messages.
+    grad_roles: Roles,
+    /// Built and not yet run: the cached metadata is current.
+    fresh: bool,
+}
+
+/// Collects tensor objects and their roles while a plan is built.
+#[derive(Default)]
+struct Gathered<'py> {
+    objs: Vec<Bound<'py, PyAny>>,
+    roles: Roles,
+}
+
+impl<'py> Gathered<'py> {
+    fn push_list(&mut self, list: &Bound<'py, PyList>, call: usize, what: What) {
+        for (i, obj) in list.iter().enumerate() {
+            self.objs.push(obj);
+            self.roles.push(call, i, what);
+        }
+    }
+
+    fn infos(&self) -> Result<Vec<TensorInfo>> {
+        let roles = &self.roles;
+        infos(&self.objs, &|i| roles.describe(i))
+    }
+}
+
+fn state_dicts<'py>(states: &Bound<'py, PyList>, call: usize) -> Result<Vec<Bound<'py, PyDict>>> {
+    states
+        .iter()
+        .enumerate()
+        .map(|(i, d)| d.cast_into::<PyDict>().map_err(|_| Error::Value(format!("param group {call}: state {i} is not a dict"))))
+        .collect()
+}
+
+fn names<'py>(t: &Bound<'py, PyTuple>, what: &str) -> Result<Vec<Bound<'py, PyString>>> {
+    t.iter().map(|n| n.cast_into::<PyString>().map_err(|_| Error::Value(format!("{what} must be a tuple of str")))).collect()
+}
+
+impl StepPlan {
+    /// Read and validate every tensor of `groups`. With `watch` (the parameter groups' `params`
+    /// lists), the inputs are the parameters' gradients, re-read by every run.
+    pub(super) fn build(py: Python<'_>, who: &str, rule: &str, groups: &Bound<'_, PyList>, watch: Option<&Bound<'_, PyList>>) -> Result<StepPlan> {
+        let mut kept = Gathered::default();
+        let mut grads = Gathered::default();
+        let mut calls = Vec::with_capacity(groups.len());
+        let mut hypers = Vec::with_capacity(groups.len());
+        for (ci, group) in groups.iter().enumerate() {
+            let group = group.cast::<Group>().map_err(|_| Error::Value(format!("{who}: groups must be emafuse._native.Group objects")))?;
+            let g = group.get();
+            hypers.push(hyper_from(g.hyper.bind(py))?);
+            let params = g.params.bind(py);
+            let (base, n) = (kept.objs.len(), params.len());
+            kept.push_list(params, ci, What::Param);
+            let inputs = match (&g.inputs, watch) {
+                (None, _) => Inputs::None,
+                (Some(inputs), None) => {
+                    kept.push_list(inputs.bind(py), ci, What::Input);
+                    Inputs::Fixed
+                }
+                (Some(inputs), Some(_)) => {
+                    let first = grads.objs.len();
+                    grads.push_list(inputs.bind(py), ci, What::Input);
+                    Inputs::Grads(first)
+                }
+            };
+            let (slots, scalars) = (names(g.slots.bind(py), "slots")?, names(g.scalars.bind(py), "scalars")?);
+            let dicts = match &g.states {
+                None if !slots.is_empty() || !scalars.is_empty() => {
+                    return Err(Error::Value(format!("{who}: slots or scalars given without states")));
+                }
+                None => Vec::new(),
+                Some(states) => state_dicts(states.bind(py), ci)?,
+            };
+            for key in slots.iter().chain(&scalars) {
+                let k = kept.roles.names.len() as u32;
+                kept.roles.names.push(key.to_string());
+                for (i, d) in dicts.iter().enumerate() {
+                    let t = d
+                        .get_item(key)
+                        .map_err(|e| Error::Value(e.to_string()))?
+                        .ok_or_else(|| Error::Value(format!("param group {ci}, parameter {i}: state has no '{key}'")))?;
+                    kept.objs.push(t);
+                    kept.roles.push(ci, i, What::State(k));
+                }
+            }
+            let keys = slots.iter().chain(&scalars).map(|k| k.clone().unbind()).collect();
+            calls.push(Call { base, n, inputs, n_slots: slots.len(), keys, dicts: dicts.into_iter().map(Bound::unbind).collect(), batches: Vec::new() });
+            let lens_ok = [g.inputs.as_ref().map(|l| l.bind(py).len()), g.states.as_ref().map(|l| l.bind(py).len())]
+                .into_iter()
+                .flatten()
+                .all(|len| len == n);
+            if !lens_ok {
+                return Err(Error::Value(format!("{who}: param group {ci}: tensor lists of different lengths")));
+            }
+        }
+        let kept_infos = kept.infos()?;
+        let grad_infos = grads.infos()?;
+        for (ci, call) in calls.iter_mut().enumerate() {
+            let tensors = call_tensors(call, &kept_infos, &grad_infos);
+            call.batches = split_group(who, ci, &tensors)?;
+        }
+        check_no_shared_outputs(who, calls.iter().flat_map(|c| &c.batches))?;
+        let watched = match watch {
+            Some(watch) => watched_lists(who, watch, &kept.objs, &calls)?,
+            None => Vec::new(),
+        };
+        Ok(StepPlan {
+            who: who.to_string(),
+            rule: rule.to_string(),
+            objs: kept.objs.into_iter().map(Bound::unbind).collect(),
+            infos: kept_infos,
+            calls,
+            hypers,
+            watched,
+            grad_roles: grads.roles,
+            fresh: true,
+        })
+    }
+}
+
+/// A call's tensors as `split_group` takes them.
+fn call_tensors(call: &Call, kept: &[TensorInfo], grads: &[TensorInfo]) -> GroupTensors {
+    let n = call.n;
+    let list = |start: usize| kept[start..start + n].to_vec();
+    let grads = match call.inputs {
+        Inputs::None => None,
+        Inputs::Fixed => Some(list(call.base + n)),
+        Inputs::Grads(first) => Some(grads[first..first + n].to_vec()),
+    };
+    let states = (0..call.n_slots).map(|k| list(call.state_obj(k, 0))).collect();
+    let scalars = (call.n_slots..call.keys.len()).map(|k| list(call.state_obj(k, 0))).collect();
+    GroupTensors { params: list(call.base), grads, states, scalars }
+}
+
+/// Map every parameter whose gradient a run reads to its place in the watched lists.
+fn watched_lists(who: &str, watch: &Bound<'_, PyList>, kept: &[Bound<'_, PyAny>], calls: &[Call]) -> Result<Vec<Watched>> {
+    let mut grad_of = std::collections::HashMap::new();
+    for call in calls {
+        if let Inputs::Grads(first) = call.inputs {
+            for i in 0..call.n {
+                grad_of.insert(kept[call.base + i].as_ptr() as usize, first + i);
+            }
+        }
+    }
+    let mut watched = Vec::with_capacity(watch.len());
+    for list in watch.iter() {
+        let list = list.cast_into::<PyList>().map_err(|_| Error::Value(format!("{who}: watch must be a list of lists")))?;
+        let items = list.iter().map(|p| (p.as_ptr() as usize, grad_of.remove(&(p.as_ptr() as usize)))).collect();
+        watched.push(Watched { list: list.unbind(), items });
+    }
+    if !grad_of.is_empty() {
+        return Err(Error::Value(format!("{who}: a parameter with a gradient is in no watched list (or in one twice)")));
+    }
+    Ok(watched)
+}
+
+impl StepPlan {
+    /// Whether the kept tensors are still the ones the plan was built with: the same objects in
+    /// the state dicts, over the same memory with the same metadata.
+    fn current(&self, py: Python<'_>) -> Result<bool> {
+        for call in &self.calls {
+            for (i, d) in call.dicts.iter().enumerate() {
+                let d = d.bind(py);
+                for (k, key) in call.keys.iter().enumerate() {
+                    let now = d.get_item(key.bind(py)).map_err(|e| Error::Value(e.to_string()))?;
+                    if now.is_none_or(|t| t.as_ptr() != self.objs[call.state_obj(k, i)].as_ptr()) {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        // SAFETY: the objects are live torch.Tensors (checked when the plan was built, kept
+        // alive by the plan) and this thread holds the GIL.
+        Ok(unsafe { unchanged(&self.objs, &self.infos) })
+    }
+
+    /// Each planned parameter's current `.grad`, in the order of the run's gradients; None if a
+    /// watched list changed, a planned parameter lost its gradient or another one gained one.
+    fn current_grads<'py>(&self, py: Python<'py>) -> Result<Option<Vec<Bound<'py, PyAny>>>> {
+        let grad = pyo3::intern!(py, "grad");
+        let mut grads: Vec<Option<Bound<'py, PyAny>>> = vec![None; self.grad_roles.roles.len()];
+        for w in &self.watched {
+            let list = w.list.bind(py);
+            if list.len() != w.items.len() {
+                return Ok(None);
+            }
+            for (p, &(ptr, slot)) in list.iter().zip(&w.items) {
+                if p.as_ptr() as usize != ptr {
+                    return Ok(None);
+                }
+                let g = p.getattr(grad).map_err(|e| Error::Value(e.to_string()))?;
+                match slot {
+                    Some(k) if !g.is_none() => grads[k] = Some(g),
+                    None if g.is_none() => {}
+                    _ => return Ok(None),
+                }
+            }
+        }
+        Ok(Some(grads.into_iter().map(|g| g.expect("every planned parameter is watched")).collect()))
+    }
+
+    /// Put this run's gradients into the batches, checking each against its parameter; Ok(false)
+    /// if one has another dtype than its batch was planned for (the plan must be rebuilt).
+    fn set_grads(&mut self, grads: &[TensorInfo]) -> Result<bool> {
+        for (ci, call) in self.calls.iter_mut().enumerate() {
+            let Inputs::Grads(first) = call.inputs else { continue };
+            for batch in &mut call.batches {
+                for (j, &i) in batch.members.iter().enumerate() {
+                    let (p, g) = (&self.infos[call.base + i], &grads[first + i]);
+                    check_input(&format!("{}: param group {ci}, parameter {i}", self.who), p, g)?;
+                    if g.view.dtype() != batch.input_dtype {
+                        return Ok(false);
+                    }
+                    batch.grads[j] = g.view;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// One update; None (nothing written) when the plan no longer describes the tensors.
+    fn run(
+        &mut self,
+        py: Python<'_>,
+        hypers: Option<&Bound<'_, PyList>>,
+        grad_scale: Option<&Bound<'_, PyAny>>,
+        found_inf: Option<&Bound<'_, PyAny>>,
+        streams: Option<&Bound<'_, PyAny>>,
+    ) -> Result<Option<bool>> {
+        let given = match hypers {
+            None => None,
+            Some(h) if h.len() == self.calls.len() => {
+                Some(h.iter().map(|d| hyper_from(d.cast::<PyDict>().map_err(|_| Error::Value("hypers must be dicts".into()))?)).collect::<Result<Vec<_>>>()?)
+            }
+            Some(h) => return Err(Error::Value(format!("{}: {} hyper dicts for {} groups", self.who, h.len(), self.calls.len()))),
+        };
+        if !self.fresh && !self.current(py)? {
+            return Ok(None);
+        }
+        let mut keep_grads = Vec::new();
+        if !self.watched.is_empty() {
+            let Some(grads) = self.current_grads(py)? else { return Ok(None) };
+            let roles = &self.grad_roles;
+            let infos = infos(&grads, &|i| roles.describe(i))?;
+            if !self.set_grads(&infos)? {
+                return Ok(None);
+            }
+            keep_grads = grads;
+        }
+        let env = RunEnv::resolve(&self.who, self.calls.iter().flat_map(|c| c.batches.iter().map(|b| b.device)), grad_scale, found_inf, streams)?;
+        self.fresh = false;
+        let hypers = given.as_ref().unwrap_or(&self.hypers);
+        let (who, rule, calls) = (&self.who, &self.rule, &self.calls);
+        let work = || calls.iter().zip(hypers).flat_map(|(c, h)| c.batches.iter().map(move |b| (h, b)));
+        let applied = py.detach(|| guarded(|| execute(who, rule, work(), &env)))?;
+        drop(keep_grads);
+        Ok(Some(applied))
+    }
+}
+
+#[pymethods]
+impl StepPlan {
+    /// Validate `groups` (a list of [`Group`]) for the rule `rule`; `who` names the caller in
+    /// messages. `watch`: see [`StepPlan::build`].
+    #[new]
+    #[pyo3(signature = (who, rule, groups, watch=None))]
+    fn py_new(py: Python<'_>, who: &str, rule: &str, groups: &Bound<'_, PyList>, watch: Option<&Bound<'_, PyList>>) -> PyResult<StepPlan> {
+        guarded(|| StepPlan::build(py, who, rule, groups, watch)).map_err(|e| to_py(py, e))
+    }
+
+    /// Run one update. `hypers`: one dict per group (None: the groups' own). AMP: `grad_scale`
+    /// divides every input and a non-zero `found_inf` skips the update; each is None, a
+    /// one-element float32 tensor, or a dict {device index: tensor} (CUDA kernels read them on
+    /// the device). `streams[i]`: the CUDA stream to launch on for cuda:i. Returns whether the
+    /// update was applied (False: AMP skipped the CPU part; CUDA kernels decide on the device),
+    /// or None when the tensors changed since the plan was built: nothing was written and a new
+    /// plan is needed. A refused update (an error) writes nothing either.
+    #[pyo3(name = "run", signature = (hypers=None, grad_scale=None, found_inf=None, streams=None))]
+    fn py_run(
+        &mut self,
+        py: Python<'_>,
+        hypers: Option<&Bound<'_, PyList>>,
+        grad_scale: Option<&Bound<'_, PyAny>>,
+        found_inf: Option<&Bound<'_, PyAny>>,
+        streams: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Option<bool>> {
+        guarded(|| self.run(py, hypers, grad_scale, found_inf, streams)).map_err(|e| to_py(py, e))
+    }
+
+    /// The parameters (written tensors) of every group, in order.
+    fn params(&self, py: Python<'_>) -> Vec<Py<PyAny>> {
+        self.calls.iter().flat_map(|c| self.objs[c.base..c.base + c.n].iter().map(|o| o.clone_ref(py))).collect()
+    }
+}
+
+/// One update over `groups` without keeping a plan: build, then run (see [`StepPlan`]).
+#[pyfunction]
+#[pyo3(signature = (who, rule, groups, grad_scale=None, found_inf=None, streams=None))]
+pub fn step(
+    py: Python<'_>,
+    who: &str,
+    rule: &str,
+    groups: &Bound<'_, PyList>,
+    grad_scale: Option<&Bound<'_, PyAny>>,
+    found_inf: Option<&Bound<'_, PyAny>>,
+    streams: Option<&Bound<'_, PyAny>>,
+) -> PyResult<bool> {
+    let run = || -> Result<bool> {
+        let mut plan = StepPlan::build(py, who, rule, groups, None)?;
+        Ok(plan.run(py, None, grad_scale, found_inf, streams)?.expect("a fresh plan is current"))
+    };
+    guarded(run).map_err(|e| to_py(py, e))
+}
+
+impl StepPlan {
+    /// The plan's update with the hyper-parameters given at build time, for a run on another
+    /// thread (no AMP, CPU batches only); the tensor objects are released with the GIL held.
+    pub(super) fn into_background(self) -> Result<impl FnOnce() -> Result<bool> + Send> {
+        let env = RunEnv::resolve(&self.who, self.calls.iter().flat_map(|c| c.batches.iter().map(|b| b.device)), None, None, None)?;
+        Ok(move || {
+            let StepPlan { who, rule, objs, calls, hypers, .. } = self;
+            let work = calls.iter().zip(&hypers).flat_map(|(c, h)| c.batches.iter().map(move |b| (h, b)));
+            let result = guarded(|| execute(&who, &rule, work, &env));
+            Python::attach(move |_| drop((objs, calls)));
+            result
+        })
+    }
+}
+
+/// AMP inputs as Python passed them: None, one tensor, or a dict {device index (-1: CPU): tensor}.
+struct AmpInput<'py> {
+    by_device: Vec<(Device, Unpacked<'py>)>,
+}
+
+impl<'py> AmpInput<'py> {
+    fn from(obj: Option<&Bound<'py, PyAny>>, role: &str) -> Result<AmpInput<'py>> {
+        let mut by_device = Vec::new();
+        if let Some(obj) = obj {
+            if let Ok(d) = obj.cast::<PyDict>() {
+                for (_, t) in d.iter() {
+                    let u = unpack(&t, &|| role.to_string())?;
+                    by_device.push((u.info.view.device(), u));
+                }
+            } else {
+                let u = unpack(obj, &|| role.to_string())?;
+                by_device.push((u.info.view.device(), u));
+            }
+            for (_, u) in &by_device {
+                if u.info.view.numel() != 1 || u.info.view.dtype() != DType::F32 {
+                    return Err(Error::Value(format!("{role} must be a one-element float32 tensor")));
+                }
+            }
+        }
+        Ok(AmpInput { by_device })
+    }
+
+    /// The tensor for `device`; `Ok(None)` when no AMP input was given at all.
+    fn on(&self, device: Device, role: &str) -> Result<Option<TensorView>> {
+        if self.by_device.is_empty() {
+            return Ok(None);
+        }
+        self.by_device
+            .iter()
+            .find(|(d, _)| *d == device)
+            .map(|(_, u)| Some(u.info.view))
+            .ok_or_else(|| Error::Device(format!("{role} is not available on {device}, where parameters are")))
+    }
+}
+
+/// AMP and stream settings of one run, resolved for the devices its batches are on.
+#[derive(Default)]
+struct RunEnv {
+    /// CPU batches: the grad scale, and whether found-inf skips them.
+    cpu_scale: Option<f64>,
+    cpu_skip: bool,
+    /// CUDA batches: (device, AMP addresses, stream handle).
+    cuda: Vec<(u32, DeviceAmp, u64)>,
+}
+
+impl RunEnv {
+    fn resolve(
+        who: &str,
+        devices: impl Iterator<Item = Device>,
+        grad_scale: Option<&Bound<'_, PyAny>>,
+        found_inf: Option<&Bound<'_, PyAny>>,
+        streams: Option<&Bound<'_, PyAny>>,
+    ) -> Result<RunEnv> {
+        let grad_scale = AmpInput::from(grad_scale, "grad_scale")?;
+        let found_inf = AmpInput::from(found_inf, "found_inf")?;
+        let mut env = RunEnv::default();
+        let mut seen = Vec::new();
+        for device in devices {
+            if seen.contains(&device) {
+                continue;
+            }
+            seen.push(device);
+            match device {
+                Device::Cpu => {
+                    // SAFETY (both reads): one-element float32 CPU tensors (checked by AmpInput),
+                    // kept alive by the caller's arguments for the whole run.
+                    env.cpu_scale = grad_scale.on(device, "grad_scale")?.map(|v| unsafe { *v.at::<f32>(0) as f64 });
+                    env.cpu_skip = found_inf.on(device, "found_inf")?.is_some_and(|v| unsafe { *v.at::<f32>(0) } != 0.0);
+                }
+                Device::Cuda(i) => {
+                    let stream = streams
+                        .and_then(|s| s.get_item(i).ok())
+                        .and_then(|s| s.extract::<u64>().ok())
+                        .ok_or_else(|| Error::Value(format!("{who}: no CUDA stream given for cuda:{i}")))?;
+                    let address = |v: Option<TensorView>| v.map_or(0, |v| v.ptr() as u64);
+                    let amp = DeviceAmp {
+                        grad_scale: address(grad_scale.on(device, "grad_scale")?),
+                        found_inf: address(found_inf.on(device, "found_inf")?),
+                    };
+                    env.cuda.push((i, amp, stream));
+                }
+            }
+        }
+        Ok(env)
+    }
+
+    fn cuda(&self, device: u32) -> (DeviceAmp, u64) {
+        let &(_, amp, stream) = self.cuda.iter().find(|(d, ..)| *d == device).expect("resolved for every device");
+        (amp, stream)
+    }
+}
+
+/// Plan every batch, then run them all: nothing is written unless every batch planned (and, with
+/// `check_finite`, every gradient is finite). `Ok(false)` when AMP's found-inf flag skipped the
+/// CPU batches.
+fn execute<'a>(who: &str, rule: &str, work: impl Iterator<Item = (&'a Hyper, &'a Batch)>, env: &RunEnv) -> Result<bool> {
+    let mut cpu_steps = Vec::new();
+    let mut cuda_steps = Vec::new();
+    for (hyper, batch) in work {
+        match batch.device {
+            Device::Cpu => cpu_steps.push(cpu::plan(rule, hyper, batch)?),
+            Device::Cuda(i) => {
+                let (amp, stream) = env.cuda(i);
+                cuda_steps.push((cuda::plan(rule, hyper, batch.clone(), stream)?, amp));
+            }
+        }
+    }
+    if !env.cpu_skip {
+        for s in &cpu_steps {
+            s.check_finite(who)?;
+        }
+        for s in &cpu_steps {
+            s.run(env.cpu_scale);
+        }
+    }
+    for (s, amp) in &cuda_steps {
+        s.launch(*amp)?;
+    }
+    Ok(!env.cpu_skip)
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> Error {
+    let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+    Error::Internal(format!("panic in the native step: {}", msg.unwrap_or_else(|| "(no message)".into())))
+}
+
+/// Run `f`, turning a panic into an internal error.
+pub(super) fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| Err(panic_message(p)))
+}
