@@ -148,33 +148,35 @@ pub fn input_dtype_ok(param: DType, input: DType) -> bool {
 
 /// Check that `x` (a gradient or state tensor of parameter `p`, `at` names the parameter in
 /// messages) lies with the parameter: same device, shape and strides.
-fn check_peer(at: &str, role: &str, p: &TensorInfo, x: &TensorInfo) -> Result<()> {
+fn check_peer(at: &dyn Fn() -> String, role: &str, p: &TensorInfo, x: &TensorInfo) -> Result<()> {
     if x.view.device() != p.view.device() {
-        return Err(Error::Device(format!("{at}: {role} is on {} but the parameter is on {}", x.view.device(), p.view.device())));
+        return Err(Error::Device(format!("{}: {role} is on {} but the parameter is on {}", at(), x.view.device(), p.view.device())));
     }
     if x.shape != p.shape {
         return Err(Error::Shape(format!(
-            "{at}: {role} has shape {} but the parameter has shape {}",
+            "{}: {role} has shape {} but the parameter has shape {}",
+            at(),
             fmt_shape(&x.shape),
             fmt_shape(&p.shape)
         )));
     }
     if x.layout != p.layout {
-        return Err(Error::Layout(format!("{at}: {role} is strided differently from the parameter")));
+        return Err(Error::Layout(format!("{}: {role} is strided differently from the parameter", at())));
     }
     Ok(())
 }
 
 /// Check the read-only input `g` (a gradient, or the model tensor an average reads) of
 /// parameter `p`: as [`check_peer`], not the parameter's memory, and a dtype it may read.
-pub fn check_input(at: &str, p: &TensorInfo, g: &TensorInfo) -> Result<()> {
+pub fn check_input(at: &dyn Fn() -> String, p: &TensorInfo, g: &TensorInfo) -> Result<()> {
     check_peer(at, "grad", p, g)?;
     if g.view.numel() > 0 && g.view.ptr() == p.view.ptr() {
-        return Err(Error::Value(format!("{at}: grad shares memory with the parameter")));
+        return Err(Error::Value(format!("{}: grad shares memory with the parameter", at())));
     }
     if !input_dtype_ok(p.view.dtype(), g.view.dtype()) {
         return Err(Error::DType(format!(
-            "{at}: grad dtype {} differs from parameter dtype {} (only a float32 parameter may read a bfloat16/float16 input)",
+            "{}: grad dtype {} differs from parameter dtype {} (only a float32 parameter may read a bfloat16/float16 input)",
+            at(),
             g.view.dtype().name(),
             p.view.dtype().name()
         )));
@@ -201,7 +203,7 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
             return Err(Error::Layout(format!("{}: parameter is not dense", at(i))));
         }
         if let Some(grads) = &t.grads {
-            check_input(&at(i), p, &grads[i])?;
+            check_input(&|| at(i), p, &grads[i])?;
         }
         let input_dtype = t.grads.as_ref().map_or(p.view.dtype(), |g| g[i].view.dtype());
         let state_dtype = match t.states.first() {
@@ -210,7 +212,7 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
         };
         for (k, slot) in t.states.iter().enumerate() {
             let s = &slot[i];
-            check_peer(&at(i), &format!("state {k}"), p, s)?;
+            check_peer(&|| at(i), &format!("state {k}"), p, s)?;
             if s.view.dtype() != state_dtype {
                 return Err(Error::DType(format!("{}: state tensors have different dtypes", at(i))));
             }

@@ -393,7 +393,7 @@ impl StepPlan {
             for batch in &mut call.batches {
                 for (j, &i) in batch.members.iter().enumerate() {
                     let (p, g) = (&self.infos[call.base + i], &grads[first + i]);
-                    check_input(&format!("{}: param group {ci}, parameter {i}", self.who), p, g)?;
+                    check_input(&|| format!("{}: param group {ci}, parameter {i}", self.who), p, g)?;
                     if g.view.dtype() != batch.input_dtype {
                         return Ok(false);
                     }

@@ -348,7 +348,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         plan = self.__dict__.get("_step_plan")
         applied = None
         if plan is not None and not targets and plan.describes(self.state, slots):
-            applied = plan.run(hypers, amp)
+            try:
+                applied = plan.run(hypers, amp)
+            except LayoutError:
+                applied = None  # e.g. a gradient strided unlike its parameter: staged below
         if applied is None:
             self._step_plan = None
             plan = self._new_plan(hypers, slots, targets, 1.0 - ema_plan[0] if targets else 0.0)
@@ -581,9 +584,14 @@ class _StepPlan:
         return self._native.run(call_hypers, *amp)
 
     def commit(self, state: _StateDict) -> None:
+        """After the first run: store the lazily created state, and forget the gradients
+        collected for it (later runs read them from the parameters; the plan must not keep them
+        alive)."""
         if self.created:
             state.update(self.created)
             self.created = {}
+        for c in self.calls:
+            c.grads = []
         self._version = state.version
 
 

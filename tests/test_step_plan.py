@@ -1,0 +1,220 @@
+"""The cached step plan: while an optimizer's tensors are unchanged, steps reuse the validated
+plan; every change to them (new gradient objects, load_state_dict, add_param_group, replaced or
+re-allocated tensors, new state, toggled flags) is seen, and the step then equals torch's on the
+same tensors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import emafuse
+from helpers import make_params, random_grads
+
+STEPS = 4
+
+
+def _pair(shapes=((3,), (7, 5), (4097,)), check_finite=False):
+    """emafuse.AdamW and torch.optim.AdamW on identical copies of the same parameters."""
+    ours = make_params(shapes, seed=3)
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    kw = {"lr": 1e-2, "weight_decay": 0.1}
+    return ours, emafuse.AdamW(ours, check_finite=check_finite, **kw), theirs, torch.optim.AdamW(theirs, foreach=False, **kw)
+
+
+def _step(t, params_a, opt_a, params_b, opt_b):
+    grads = random_grads(params_a, t, seed=5)
+    for a, b, g in zip(params_a, params_b, grads):
+        a.grad = g.clone()  # new gradient objects every step, as zero_grad(set_to_none=True) leaves them
+        b.grad = g.clone()
+    opt_a.step()
+    opt_b.step()
+
+
+def _assert_same(params_a, opt_a, params_b, opt_b):
+    for a, b in zip(params_a, params_b):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        for key, value in opt_b.state[b].items():
+            torch.testing.assert_close(opt_a.state[a][key].to(value.dtype), value, rtol=1e-6, atol=1e-7)
+
+
+def test_unchanged_tensors_reuse_the_plan_and_new_gradient_objects_are_read():
+    pa, oa, pb, ob = _pair()
+    _step(0, pa, oa, pb, ob)
+    plan = oa._step_plan
+    assert plan is not None
+    for t in range(1, STEPS):
+        _step(t, pa, oa, pb, ob)
+        assert oa._step_plan is plan
+    _assert_same(pa, oa, pb, ob)
+
+
+def _replace_param_storage(pa, oa, pb, ob):
+    for a, b in ((pa[1], pb[1]),):
+        new = a.detach().clone()
+        a.data = new
+        b.data = b.detach().clone()
+
+
+def _replace_state_tensor(pa, oa, pb, ob):
+    oa.state[pa[0]]["exp_avg"] = oa.state[pa[0]]["exp_avg"].clone()
+
+
+def _replace_state_dict(pa, oa, pb, ob):
+    oa.state[pa[2]] = {k: v.clone() for k, v in oa.state[pa[2]].items()}
+
+
+def _reallocate_state_in_place(pa, oa, pb, ob):
+    s = oa.state[pa[2]]["exp_avg_sq"]
+    s.set_(s.clone())  # same object and shape, new memory
+
+
+def _reallocate_param_storage_in_place(pa, oa, pb, ob):
+    for p in (pa[1], pb[1]):
+        storage = p.untyped_storage()
+        keep = p.detach().clone()
+        storage.resize_(0)  # as FSDP frees and re-allocates unsharded parameters
+        blocker = torch.empty_like(keep)  # takes the freed memory: the storage gets new memory
+        storage.resize_(keep.numel() * keep.element_size())
+        with torch.no_grad():
+            p.copy_(keep)
+        del blocker
+
+
+def _load_state_dict(pa, oa, pb, ob):
+    oa.load_state_dict(copy.deepcopy(ob.state_dict()))  # torch's loader keeps same-dtype tensors as they are
+
+
+def _toggle_amsgrad(pa, oa, pb, ob):
+    oa.param_groups[0]["amsgrad"] = True
+    ob.param_groups[0]["amsgrad"] = True
+    for p in pb:  # torch cannot switch amsgrad on mid-run; emafuse starts the new slot at zero
+        ob.state[p]["max_exp_avg_sq"] = torch.zeros_like(p)
+
+
+def _swap_param_in_group(pa, oa, pb, ob):
+    extra_a = torch.nn.Parameter(torch.randn(6, dtype=torch.float32))
+    extra_b = torch.nn.Parameter(extra_a.detach().clone())
+    oa.param_groups[0]["params"][0] = extra_a
+    ob.param_groups[0]["params"][0] = extra_b
+    pa[0], pb[0] = extra_a, extra_b
+
+
+def _add_param_group(pa, oa, pb, ob):
+    extra_a = torch.nn.Parameter(torch.randn(5))
+    extra_b = torch.nn.Parameter(extra_a.detach().clone())
+    oa.add_param_group({"params": [extra_a]})
+    ob.add_param_group({"params": [extra_b]})
+    pa.append(extra_a)
+    pb.append(extra_b)
+
+
+def _clear_state(pa, oa, pb, ob):
+    oa.state.clear()
+    ob.state.clear()
+
+
+CHANGES = [
+    _replace_param_storage,
+    _replace_state_tensor,
+    _replace_state_dict,
+    _reallocate_state_in_place,
+    _reallocate_param_storage_in_place,
+    _load_state_dict,
+    _toggle_amsgrad,
+    _swap_param_in_group,
+    _add_param_group,
+    _clear_state,
+]
+
+
+@pytest.mark.parametrize("change", CHANGES, ids=[c.__name__.strip("_") for c in CHANGES])
+def test_a_change_is_seen_and_the_step_equals_torch(change):
+    pa, oa, pb, ob = _pair()
+    for t in range(2):
+        _step(t, pa, oa, pb, ob)
+    before = oa._step_plan
+    change(pa, oa, pb, ob)
+    for t in range(2, 2 + STEPS):
+        _step(t, pa, oa, pb, ob)
+    assert oa._step_plan is not None and oa._step_plan is not before
+    _assert_same(pa, oa, pb, ob)
+
+
+def test_parameters_gaining_and_losing_gradients():
+    pa, oa, pb, ob = _pair()
+    for t in range(6):
+        grads = random_grads(pa, t, seed=7)
+        for i, (a, b, g) in enumerate(zip(pa, pb, grads)):
+            has = (i + t) % 3 != 0
+            a.grad = g.clone() if has else None
+            b.grad = g.clone() if has else None
+        oa.step()
+        ob.step()
+    _assert_same(pa, oa, pb, ob)
+
+
+def test_a_refused_cached_step_changes_nothing_and_the_next_one_recovers():
+    pa, oa, pb, ob = _pair(check_finite=True)
+    for t in range(2):
+        _step(t, pa, oa, pb, ob)
+    plan = oa._step_plan
+    snapshot = [p.detach().clone() for p in pa]
+    states = {k: v.clone() for k, v in oa.state[pa[1]].items()}
+    pa[1].grad = torch.full_like(pa[1], float("nan"))
+    with pytest.raises(emafuse.NonFiniteError):
+        oa.step()
+    assert all(torch.equal(p, s) for p, s in zip(pa, snapshot))
+    assert all(torch.equal(oa.state[pa[1]][k], v) for k, v in states.items())
+    assert oa._step_plan is plan
+    for t in range(2, 4):
+        _step(t, pa, oa, pb, ob)
+    _assert_same(pa, oa, pb, ob)
+
+
+def test_a_gradient_strided_unlike_its_parameter_takes_the_staged_path():
+    pa, oa, pb, ob = _pair()
+    for t in range(2):
+        _step(t, pa, oa, pb, ob)
+    g = torch.randn(5, 7).t()  # (7, 5), column-major: the parameter is row-major
+    pa[1].grad, pb[1].grad = g, g.clone()
+    for p, q in ((pa[0], pb[0]), (pa[2], pb[2])):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    oa.step()
+    ob.step()
+    _assert_same(pa, oa, pb, ob)
+    for t in range(2, 4):
+        _step(t, pa, oa, pb, ob)
+    _assert_same(pa, oa, pb, ob)
+
+
+def test_plan_does_not_keep_gradients_alive():
+    import weakref
+
+    pa, oa, _, _ = _pair()
+    for p in pa:
+        p.grad = torch.randn_like(p)
+    oa.step()
+    refs = [weakref.ref(p.grad) for p in pa]
+    for p in pa:
+        p.grad = None
+    assert all(r() is None for r in refs)
+
+
+def test_native_plan_reports_a_stale_plan_without_writing():
+    from emafuse import _native
+
+    p = torch.nn.Parameter(torch.randn(5))
+    p.grad = torch.randn(5)
+    st = {"exp_avg": torch.rand(5), "exp_avg_sq": torch.rand(5), "step": torch.tensor(0.0)}
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, decoupled=True)
+    group = _native.Group(hyper=hyper, params=[p], inputs=[p.grad], states=[st], slots=("exp_avg", "exp_avg_sq"), scalars=("step",))
+    plan = _native.StepPlan("t", "adam", [group], [[p]])
+    assert plan.run([hyper]) is True
+    st["exp_avg"] = st["exp_avg"].clone()
+    before = (p.detach().clone(), {k: v.clone() for k, v in st.items()})
+    assert plan.run([hyper]) is None
+    assert torch.equal(p, before[0]) and all(torch.equal(st[k], v) for k, v in before[1].items())
