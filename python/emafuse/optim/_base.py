@@ -19,6 +19,7 @@ from .. import _native
 from .._cuda import current_streams, per_device
 from .._staging import stage_calls
 from ..errors import LayoutError, UnsupportedOptionError
+from ._fusion import FusedAverage, fuse_calls, fused_average, fused_parameters, register_fused_average
 
 __all__ = ["FusedOptimizer", "scalar", "sum_squares"]
 
@@ -131,8 +132,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     # implementations of most non-torch optimizers do (torch's own keep a tensor). The live state
     # keeps the 0-dim tensor the engine updates; load_state_dict accepts either.
     _int_step_in_state_dict: ClassVar[bool] = False
-    # Whether the rule can update a model EMA in the same pass (flag "ema", slot "ema" last,
-    # hyper-parameter "ema_weight"); see ModelEMA.attach(optimizer, fuse=True).
+    # Whether the rule can update a weight average in the same pass (flag "ema", slot "ema" last,
+    # hyper-parameter "ema_weight"); see register_fused_average and optim/_fusion.py.
     _supports_fused_ema: ClassVar[bool] = False
     _step_supports_amp_scaling = True
 
@@ -297,6 +298,14 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- the step ----------------------------------------------------------------------------
 
+    def register_fused_average(self, average: FusedAverage) -> torch.utils.hooks.RemovableHandle:
+        """Update ``average`` (a :class:`~emafuse.optim._fusion.FusedAverage`, e.g. a
+        :class:`~emafuse.ModelEMA`) inside every ``step()``: the parameters it maps are averaged in
+        the same native pass, the rest by the average right after. At most one per optimizer;
+        ``remove()`` on the returned handle unregisters it. Needs a rule with
+        ``_supports_fused_ema`` (e.g. Adam, AdamW)."""
+        return register_fused_average(self, average)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
@@ -308,31 +317,27 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._begin_step()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        ema = self.__dict__.get("_emafuse_ema")
-        ema_plan = None
-        if ema is not None:
-            ema_steps = ema.num_steps_seen
-            ema_plan = ema._fused_plan(float(found_inf.item()) if found_inf is not None else 0.0)
-        ema_targets = ema_plan[1] if ema_plan is not None else None
+        average = fused_average(self)
+        request = average.fused_begin(found_inf) if average is not None else None
         try:
-            return self._step_calls(loss, grad_scale, found_inf, ema, ema_plan, ema_targets)
+            return self._step_calls(loss, grad_scale, found_inf, average, request)
         except BaseException:
-            if ema is not None:
-                ema.num_steps_seen = ema_steps  # a refused step is not counted by the average
+            if average is not None:
+                average.fused_abort(request)  # a refused step is not counted by the average
             raise
 
-    def _step_calls(self, loss: Any, grad_scale: Any, found_inf: Any, ema: Any, ema_plan: Any, ema_targets: Any) -> Any:
-        """The native call(s) of one step; with a fused ModelEMA (``ema``) the averages of the
-        parameters it maps (``ema_targets``) are updated in the same pass, the rest right after."""
+    def _step_calls(self, loss: Any, grad_scale: Any, found_inf: Any, average: Any, request: Any) -> Any:
+        """The native call(s) of one step; with a fused average's ``request`` the averages of the
+        parameters it maps are updated in the same pass, the rest by the average right after."""
         calls: list[tuple] = []
         created: dict[Tensor, dict[str, Tensor]] = {}
         for group in self.param_groups:
             self._collect(group, calls, created)
-        if ema_targets:
-            calls = self._with_fused_ema(calls, ema_targets, 1.0 - ema_plan[0])
+        if request is not None and request.targets:
+            calls = fuse_calls(calls, request)
         if not calls:
-            if ema_plan is not None:
-                ema._fused_done(ema_plan, set())
+            if request is not None:
+                average.fused_end(request, set())
             self._end_step(True)
             return loss
 
@@ -351,36 +356,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         for call in calls:
             torch._C._increment_version(call[1])
         self._end_step(bool(applied))
-        if ema_plan is not None:
-            done = {id(p) for c in calls if c[0].get("ema") for p in c[1]}
-            ema._fused_done(ema_plan, done)
+        if request is not None:
+            average.fused_end(request, fused_parameters(calls))
         return loss
-
-    @staticmethod
-    def _with_fused_ema(calls: list[tuple], targets: dict[Tensor, Tensor], weight: float) -> list[tuple]:
-        """Split each call into parameters whose average is updated in the same pass (extra slot
-        "ema") and the rest. Only calls without fresh-state flags are fused."""
-        out: list[tuple] = []
-        for hyper, params, grads, states, slots, scalar_keys in calls:
-            if states is None or hyper.get("first"):
-                out.append((hyper, params, grads, states, slots, scalar_keys))
-                continue
-            fp, fg, fs, rp, rg, rs = [], [], [], [], [], []
-            for p, g, st in zip(params, grads, states):
-                e = targets.get(p)
-                if e is not None and e.dtype == p.dtype and all(st[name].dtype == e.dtype for name in slots):
-                    fp.append(p)
-                    fg.append(g)
-                    fs.append({**st, "ema": e})
-                else:
-                    rp.append(p)
-                    rg.append(g)
-                    rs.append(st)
-            if fp:
-                out.append(({**hyper, "ema": True, "ema_weight": weight}, fp, fg, fs, slots + ("ema",), scalar_keys))
-            if rp:
-                out.append((hyper, rp, rg, rs, slots, scalar_keys))
-        return out
 
     def _collect(self, group: dict[str, Any], calls: list[tuple], created: dict[Tensor, dict[str, Tensor]]) -> None:
         """Append ``group``'s native call(s): (hyper, params, grads, state dicts, slots, scalars)."""
