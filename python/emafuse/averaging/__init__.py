@@ -10,8 +10,8 @@ Vocabulary, the same on every class (``ModelEMA``, ``SwitchEMA``, ``SWA``, ``Tea
 name                        meaning                                                 old spellings (still accepted)
 ==========================  ======================================================  ==========================================
 ``update(model)``           account for one optimizer step, average if it is due
-``module``                  property: the ``nn.Module`` holding the average         ``PowerEMA.module(track)`` is now
-                            (multi-track ``PowerEMA``/``PostHocEMA``: the first     ``module_for(track)``
+``module``                  property: the ``nn.Module`` holding the average
+                            (multi-track ``PowerEMA``/``PostHocEMA``: the first
                             track; ``module_for(j)`` / ``modules`` the others)
 ``num_steps_seen``          calls of ``update`` observed (optimizer steps)          ``step`` (BEMA, LAWA), ``num_steps``
                                                                                     (PowerEMA)
@@ -29,7 +29,10 @@ name                        meaning                                             
 ==========================  ======================================================  ==========================================
 
 Old spellings work as keyword arguments, as attributes (properties) and in checkpoints:
-``load_state_dict`` reads state dicts written before the names were unified.
+``load_state_dict`` reads state dicts written before the names were unified. One change is not
+backward compatible: ``PowerEMA.module(track, model)`` was a method that also copied the live
+buffers into the track; use ``module_for(track)`` (every track now takes the model's buffers at
+each update).
 """
 
 from . import schedules

@@ -9,9 +9,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Mapping
 
-from torch import Tensor, nn
-
 import torch
+from torch import Tensor, nn
 
 from ..errors import InvalidArgumentError, ShapeError
 from ._tracking import Tracking

@@ -7,7 +7,7 @@ Lightning), B.3 (EMA scaling rule), B.8 (teacher schedules), D.2/D.3 (fusion).
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import AbstractSet, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -235,10 +235,11 @@ class ModelEMA(Averager):
         self._tracking.check_not_swapped()
         self._mirror.join()
         s = self.num_steps_seen + 1 if step is None else int(step)
-        self.num_steps_seen = s
         if not (force or self.is_update_step(s)):
+            self.num_steps_seen = s
             return False
         self._apply(self._tracking.model_tensors(self._tracking.model(model)), self.decay_at(s))
+        self.num_steps_seen = s
         self.num_updates += 1
         return True
 
@@ -246,7 +247,7 @@ class ModelEMA(Averager):
         f = self._cfg["formula"]
         return {"weight": weight, "muladd": f == "muladd", "sub": f == "sub"}
 
-    def _apply(self, thetas: list[Tensor], d: float, done: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+    def _apply(self, thetas: list[Tensor], d: float, done: AbstractSet[int] = frozenset()) -> None:
         """One event with decay ``d`` from the model's tensors ``thetas``; ``done``: ids of the
         parameters whose average the optimizer's native pass already updated."""
         if self.offloaded:
@@ -329,8 +330,8 @@ class ModelEMA(Averager):
             return None
         self._tracking.check_not_swapped()
         s = self.num_steps_seen + 1
-        self.num_steps_seen = s
         if not self.is_update_step(s):
+            self.num_steps_seen = s
             return None
         tr = self._tracking
         thetas = tr.model_tensors(tr.model())
@@ -342,6 +343,7 @@ class ModelEMA(Averager):
                 if (tr.entries[i].is_param and th.dtype in (torch.float32, torch.float64) and own.dtype == th.dtype
                         and own.device == th.device and own.is_contiguous() and th.is_contiguous()):
                     targets[th] = own
+        self.num_steps_seen = s
         self._fused_event = (thetas, d)
         return FusedRequest(weight=1.0 - d, targets=targets)
 
