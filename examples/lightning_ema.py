@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
 import torch
@@ -83,10 +82,15 @@ def main(epochs: int = 5, device: str = "cpu", posthoc: bool = False) -> dict[st
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, train, val)
 
-    results = {"live weights": val_loss(model, val), "EMA (decay 0.99, warm-up)": val_loss(ema_cb.ema.module, val)}
+    ema = ema_cb.ema
+    print(f"EMA: {ema.num_updates} updates over {ema.num_steps_seen} optimizer steps")
+    results = {"live weights": val_loss(model, val), "EMA (decay 0.99, warm-up)": val_loss(ema.module, val)}
     if ph_cb is not None:
+        ph = ph_cb.posthoc
+        for j, s in enumerate(ph.sigma_rels):  # the tracks themselves
+            results[f"power EMA track sigma_rel={s}"] = val_loss(ph.module_for(j), val)
         for s in (0.05, 0.08, 0.12):
-            rec = ph_cb.posthoc.reconstruct(s, model=model)
+            rec = ph.reconstruct(s, model=model)
             results[f"post-hoc EMA sigma_rel={s}"] = val_loss(rec, val)
     ckpt = torch.load(os.path.join(ckdir, "last.ckpt"), weights_only=False)
     print(f"checkpoint keys: {sorted(k for k in ckpt if k in ('state_dict', 'current_model_state', 'averaging_state'))}; "

@@ -54,7 +54,7 @@ def rand_model(seed: int, shapes=((7, 5), (3,), (4097,)), dtype=torch.float32) -
 
 def test_bema_spec_vectors():
     m = scalar_model(0.0)
-    b = BEMA(m, update_freq=1)
+    b = BEMA(m, update_every=1)
     expect = [(0.3015113446, 0.9205552653), (0.7918227858, 2.0085514696), (1.4042609528, 3.2003695194),
               (2.0980013942, 4.4575796437), (2.8472942123, 5.7563480081)]
     for t in range(1, 6):
@@ -63,7 +63,7 @@ def test_bema_spec_vectors():
         assert b._ema[0].item() == pytest.approx(expect[t - 1][0], abs=1e-9)
         assert b.module.w.item() == pytest.approx(expect[t - 1][1], abs=1e-9)
     m = scalar_model(0.0)
-    b = BEMA(m, update_after=2, update_freq=3)
+    b = BEMA(m, update_after_step=2, update_every=3)
     for t in range(1, 9):
         set_(m, t)
         b.update(m)
@@ -86,7 +86,7 @@ def test_bema_against_f64_reference_and_resume():
                     p.add_(d)
             bema.update(model)
 
-    kw = dict(update_after=3, update_freq=2, lag=5.0, multiplier=1.5, min_ema_multiplier=0.05)
+    kw = dict(update_after_step=3, update_every=2, lag=5.0, multiplier=1.5, min_ema_multiplier=0.05)
     m = rand_model(0)
     b = BEMA(m, **kw)
     ref_theta0 = [p.detach().double().clone() for p in m.parameters()]
@@ -122,16 +122,16 @@ def test_bema_against_f64_reference_and_resume():
 
 def test_bema_switches_and_trl_compat():
     m = scalar_model(1.0)
-    b = BEMA(m, bias_power=None, update_freq=1)
+    b = BEMA(m, bias_power=None, update_every=1)
     set_(m, 3.0)
     b.update(m)
     assert b.module.w.item() == b._ema[0].item()  # no correction: O = E
-    b = BEMA(m, ema_power=None, update_freq=1)
+    b = BEMA(m, ema_power=None, update_every=1)
     set_(m, 5.0)
     b.update(m)
     assert b._ema[0].item() == 5.0  # beta = 1: E follows theta
-    assert BEMA(m, update_after=4, compat="trl").coefficients(8) == pytest.approx((18.0**-0.2, 18.0**-0.5))
-    assert BEMA(m, update_after=4).coefficients(8) == pytest.approx((14.0**-0.2, 14.0**-0.5))
+    assert BEMA(m, update_after_step=4, compat="trl").coefficients(8) == pytest.approx((18.0**-0.2, 18.0**-0.5))
+    assert BEMA(m, update_after_step=4).coefficients(8) == pytest.approx((14.0**-0.2, 14.0**-0.5))
 
 
 # -- Switch EMA ------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ def test_power_ema_tracks_in_one_pass_match_separate_f64():
 
 
 def test_posthoc_vectors():
-    from emafuse.averaging.methods import _p_dot
+    from emafuse.averaging.power_ema import _p_dot
 
     assert _p_dot(1000, sigma_rel_to_gamma(0.05), 3000, sigma_rel_to_gamma(0.10)) == pytest.approx(9.3518328455e-07, rel=1e-9)
     # Numerical quadrature of the same inner product.
@@ -264,7 +264,7 @@ def test_power_ema_resume():
 
 def test_lawa_spec_vector_and_resume():
     m = scalar_model(0.0, dtype=torch.float32)
-    lawa = LAWA(m, k=3, every=1)
+    lawa = LAWA(m, k=3, update_every=1)
     outs = []
     for t in range(1, 6):
         set_(m, t * t)
@@ -272,14 +272,14 @@ def test_lawa_spec_vector_and_resume():
         outs.append(lawa.average().w.item())
     assert outs == pytest.approx([1, 2.5, 4.6666667, 9.6666667, 16.6666667], abs=1e-5)
     saved = copy.deepcopy(lawa.state_dict())
-    other = LAWA(scalar_model(0.0, dtype=torch.float32), k=3, every=1)
+    other = LAWA(scalar_model(0.0, dtype=torch.float32), k=3, update_every=1)
     other.load_state_dict(saved)
     set_(m, 36)
     lawa.update(m)
     other.update(m)
     assert lawa.average().w.item() == other.average().w.item() == pytest.approx((16 + 25 + 36) / 3)
     with pytest.raises(InvalidArgumentError):
-        LAWA(m, k=2, every=1).load_state_dict(saved)
+        LAWA(m, k=2, update_every=1).load_state_dict(saved)
 
 
 def test_teacher_cosine():

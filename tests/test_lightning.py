@@ -85,7 +85,7 @@ def test_parity_with_lightning_ema_weight_averaging(accumulate):
     for (k, a), (_, b) in zip(ours_model.state_dict().items(), ref_model.state_dict().items()):
         assert torch.equal(a, b), k
     assert ours_t.callback_metrics["val_loss"] == ref_t.callback_metrics["val_loss"]
-    assert ours_cb.ema.num_updates_applied == int(ref_cb._average_model.n_averaged) == 8 // accumulate
+    assert ours_cb.ema.num_updates == ours_cb.ema.n_averaged == int(ref_cb._average_model.n_averaged) == 8 // accumulate
 
 
 def test_validation_uses_the_average_and_default_lerp():
@@ -131,6 +131,37 @@ def test_checkpoint_layout_and_exact_resume(tmp_path):
     for k, v in full_model.state_dict().items():
         assert torch.equal(resumed_model.state_dict()[k], v), k
     assert resumed_cb.ema.num_steps_seen == full_cb.ema.num_steps_seen == 24
+
+
+def test_resume_from_a_checkpoint_with_the_old_averaging_names(tmp_path):
+    """Checkpoints written before the averaging names were unified (``num_updates_applied`` in
+    ``averaging_state["emafuse"]``, PowerEMA's ``num_steps``) resume exactly."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    full_cb, full_ph = EMACallback(decay=0.85, copy_at_train_end=False), PostHocEMACallback((0.05, 0.10), snapshot_every=4)
+    fit(full_cb, max_epochs=2, extra=[full_ph])
+    ck = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    fit(EMACallback(decay=0.85, copy_at_train_end=False), max_epochs=1,
+        extra=[PostHocEMACallback((0.05, 0.10), snapshot_every=4), ck], ckpt=True)
+    path = os.path.join(tmp_path, "epoch=0.ckpt")
+    ckpt = torch.load(path, weights_only=False)
+    st = ckpt["averaging_state"]["emafuse"]
+    st["num_updates_applied"] = st.pop("num_updates")
+    st["initialized"] = True
+    ph = next(v for k, v in ckpt["callbacks"].items() if "PostHocEMACallback" in k)["posthoc"]
+    ph["num_steps"] = ph.pop("num_steps_seen")
+    del ph["num_updates"]
+    old_path = os.path.join(tmp_path, "old.ckpt")
+    torch.save(ckpt, old_path)
+
+    cb, ph_cb = EMACallback(decay=0.85, copy_at_train_end=False), PostHocEMACallback((0.05, 0.10), snapshot_every=4)
+    fit(cb, max_epochs=2, ckpt_path=old_path, extra=[ph_cb])
+    for k, v in full_cb.ema.module.state_dict().items():
+        assert torch.equal(cb.ema.module.state_dict()[k], v), k
+    assert (cb.ema.num_steps_seen, cb.ema.num_updates) == (full_cb.ema.num_steps_seen, full_cb.ema.num_updates) == (16, 16)
+    for a, b in zip(full_ph.posthoc.modules, ph_cb.posthoc.modules):
+        assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert (ph_cb.posthoc.num_steps_seen, ph_cb.posthoc.num_updates) == (16, 16)
 
 
 def test_should_update_timing():

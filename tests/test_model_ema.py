@@ -132,7 +132,7 @@ def test_ema_pytorch_trace():
     m = nn.Module()
     m.w = nn.Parameter(torch.tensor([0.0], dtype=torch.float64))
     ema = ModelEMA(m, 0.9, preset="ema_pytorch", update_after_step=3, update_every=2, power=1.0)
-    ema._cfg["_float32_decay"] = False  # exact f64 decays for the f64 trace
+    ema._schedule.float32_warmup = False  # exact f64 decays for the f64 trace
     out = []
     for k in range(1, 12):
         with torch.no_grad():
@@ -375,7 +375,7 @@ def test_exact_resume(schedule):
         e3.update(m3)
     for k, v in e1.module.state_dict().items():
         assert torch.equal(v, e3.module.state_dict()[k]), k
-    assert (e3.num_steps_seen, e3.num_updates_applied) == (e1.num_steps_seen, e1.num_updates_applied)
+    assert (e3.num_steps_seen, e3.num_updates) == (e1.num_steps_seen, e1.num_updates)
 
 
 # -- devices and the background update (T.6) ------------------------------------------------------
@@ -390,7 +390,7 @@ def test_async_cpu_update_equals_sync():
         train_step(m, s)
         sync.update(m)
         off.update(m)  # returns while the native thread runs; the next call joins it
-    assert off._pending is not None
+    assert off._mirror.busy
     for k, v in sync.module.state_dict().items():  # `module` joins the pending update
         assert torch.equal(v, off.module.state_dict()[k]), k
 
@@ -437,7 +437,7 @@ def test_fused_ema_in_adamw_equals_separate_update(amsgrad):
     for k, v in e1.module.state_dict().items():
         assert torch.equal(v, e2.module.state_dict()[k]), k
     assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
-    assert e2.num_updates_applied == e1.num_updates_applied == 5
+    assert e2.num_updates == e1.num_updates == 5
     with pytest.raises(InvalidArgumentError, match="fused"):
         e2.update(m2)
 
@@ -495,17 +495,146 @@ def test_fused_ema_skips_refused_and_amp_skipped_steps():
     x = torch.randn(8, 6) + 0.1
     m(x).square().mean().backward()
     opt.step()
-    assert (ema.num_steps_seen, ema.num_updates_applied) == (1, 1)
+    assert (ema.num_steps_seen, ema.num_updates) == (1, 1)
     avg = copy.deepcopy(ema.module.state_dict())
     m.lin1.weight.grad[0, 0] = float("nan")
     with pytest.raises(emafuse.NonFiniteError):
         opt.step()
-    assert (ema.num_steps_seen, ema.num_updates_applied) == (1, 1)
+    assert (ema.num_steps_seen, ema.num_updates) == (1, 1)
     opt.found_inf = torch.tensor(1.0)  # what GradScaler hands over when it found inf/NaN
     opt.grad_scale = torch.tensor(1.0)
     opt.step()
-    assert (ema.num_steps_seen, ema.num_updates_applied) == (1, 1)
+    assert (ema.num_steps_seen, ema.num_updates) == (1, 1)
     assert all(torch.equal(v, avg[k]) for k, v in ema.module.state_dict().items())
+
+
+# -- the fusion hook (optim/_fusion.py) ------------------------------------------------------------
+
+
+def fused_setup(seed=0):
+    torch.manual_seed(seed)
+    m = Net()
+    opt = emafuse.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    return m, opt
+
+
+def train_with(m, opt, s, ema=None):
+    opt.zero_grad()
+    m.train()
+    m((torch.randn(8, 6, generator=torch.Generator().manual_seed(s)) + 0.1)).square().mean().backward()
+    opt.step()
+    if ema is not None:
+        ema.update(m)
+
+
+def test_fusion_hook_registers_once_and_refuses_optimizers_that_cannot_fuse():
+    m, opt = fused_setup()
+    ema = ModelEMA(m, 0.9).attach(opt, fuse=True)
+    with pytest.raises(InvalidArgumentError, match="already updates a fused average"):
+        ModelEMA(m, 0.9).attach(opt, fuse=True)
+    with pytest.raises(InvalidArgumentError, match="already updates a fused average"):
+        opt.register_fused_average(ema)
+    with pytest.raises(InvalidArgumentError, match="already fused"):
+        ema.attach(emafuse.AdamW(m.parameters(), lr=1e-2), fuse=True)
+    with pytest.raises(InvalidArgumentError, match="cannot update a weight average"):
+        ModelEMA(m, 0.9).attach(emafuse.SGD(m.parameters(), lr=0.1), fuse=True)
+    with pytest.raises(InvalidArgumentError, match="cannot update a ModelEMA"):
+        ModelEMA(m, 0.9).attach(torch.optim.AdamW(m.parameters()), fuse=True)
+    # A copy of the optimizer (pickle, deepcopy) comes without the registered average.
+    assert emafuse.optim._fusion.fused_average(copy.deepcopy(opt)) is None
+
+
+def test_removed_hook_no_longer_fuses():
+    m1, o1 = fused_setup()
+    m2, o2 = fused_setup()
+    e1 = ModelEMA(m1, 0.8)
+    e2 = ModelEMA(m2, 0.8).attach(o2, fuse=True)
+    for s in range(1, 4):
+        train_with(m1, o1, s, e1)
+        train_with(m2, o2, s)
+    e2.detach_optimizer()
+    frozen = copy.deepcopy(e2.module.state_dict())
+    train_with(m2, o2, 4)  # no longer fused: the average stays as it was ...
+    assert e2.num_steps_seen == 3
+    assert all(torch.equal(v, frozen[k]) for k, v in e2.module.state_dict().items())
+    e2.update(m2)  # ... and update() works again
+    train_with(m1, o1, 4, e1)
+    for k, v in e1.module.state_dict().items():
+        assert torch.equal(v, e2.module.state_dict()[k]), k
+    # A handle removed directly unregisters the average too.
+    m3, o3 = fused_setup()
+    handle = o3.register_fused_average(ModelEMA(m3, 0.8))
+    handle.remove()
+    assert emafuse.optim._fusion.fused_average(o3) is None
+
+
+@pytest.mark.parametrize("event", [True, False])
+def test_refused_fused_step_changes_neither_counters_nor_average(event):
+    m, opt = fused_setup()
+    ema = ModelEMA(m, 0.9, update_every=1 if event else 2).attach(opt, fuse=True)
+    for s in range(1, 4):
+        train_with(m, opt, s)
+    before = (ema.num_steps_seen, ema.num_updates)
+    avg = copy.deepcopy(ema.module.state_dict())
+    good = opt.state[m.lin1.weight]["exp_avg_sq"]
+    opt.state[m.lin1.weight]["exp_avg_sq"] = torch.rand(3, 5)  # the native step refuses it
+    with pytest.raises(ShapeError):
+        train_with(m, opt, 4)
+    assert (ema.num_steps_seen, ema.num_updates) == before
+    assert all(torch.equal(v, avg[k]) for k, v in ema.module.state_dict().items())
+    opt.state[m.lin1.weight]["exp_avg_sq"] = good
+    train_with(m, opt, 4)  # and the next good step is counted once
+    assert ema.num_steps_seen == before[0] + 1
+
+
+@pytest.mark.parametrize("cls", ["ModelEMA", "SWA", "TeacherEMA"])
+def test_fused_equals_unfused_for_ema_variants(cls):
+    from emafuse import averaging
+
+    make = {"ModelEMA": lambda m: ModelEMA(m, 0.7, schedule="tf_num_updates"), "SWA": averaging.SWA,
+            "TeacherEMA": lambda m: averaging.TeacherEMA(m, base=0.9, total_steps=6)}[cls]
+    m1, o1 = fused_setup(3)
+    m2, o2 = fused_setup(3)
+    e1, e2 = make(m1), make(m2).attach(o2, fuse=True)
+    for s in range(1, 8):
+        train_with(m1, o1, s, e1)
+        train_with(m2, o2, s)
+    assert (e1.num_steps_seen, e1.num_updates) == (e2.num_steps_seen, e2.num_updates) == (7, 7)
+    for k, v in e1.module.state_dict().items():
+        assert torch.equal(v, e2.module.state_dict()[k]), k
+
+
+def test_fusion_protocol_with_a_custom_average():
+    """The optimizer only speaks the FusedAverage protocol: a hand-written average works too."""
+    from emafuse.optim._fusion import FusedRequest
+
+    class Shadow:
+        def __init__(self, params):
+            self.params = list(params)
+            self.avg = [p.detach().clone() for p in self.params]
+            self.log = []
+
+        def fused_begin(self, found_inf):
+            self.log.append(("begin", found_inf))
+            return FusedRequest(weight=0.25, targets={p: a for p, a in zip(self.params[:1], self.avg[:1])})
+
+        def fused_end(self, request, fused):
+            self.log.append(("end", fused))
+
+        def fused_abort(self, request):
+            self.log.append(("abort", request))
+
+    m, opt = fused_setup()
+    shadow = Shadow(m.parameters())
+    opt.register_fused_average(shadow)
+    a0 = shadow.avg[0].clone()
+    train_with(m, opt, 1)
+    assert shadow.log == [("begin", None), ("end", {id(m.lin1.weight)})]
+    torch.testing.assert_close(shadow.avg[0], torch.lerp(a0, m.lin1.weight.detach(), 0.25), rtol=2.4e-7, atol=2.4e-7)
+    opt.state[m.lin1.bias]["exp_avg"] = torch.rand(2)
+    with pytest.raises(ShapeError):
+        train_with(m, opt, 2)
+    assert shadow.log[-1][0] == "abort" and isinstance(shadow.log[-1][1], FusedRequest)
 
 
 def test_replaced_parameter_is_picked_up():

@@ -48,9 +48,11 @@ class EMACallback(Callback):
       copy of the model);
     * ``on_train_end`` copies the average into the module (``copy_at_train_end=True``);
     * checkpoints: ``state_dict`` = the averaged weights, ``current_model_state`` = the live
-      weights, ``averaging_state`` = ``{"n_averaged", "emafuse"}`` (counters and schedule
-      position); the callback's own state holds ``latest_update_step`` and
-      ``latest_update_epoch``. Resuming with ``Trainer.fit(ckpt_path=...)`` continues exactly.
+      weights, ``averaging_state`` = ``{"n_averaged", "emafuse"}`` (``n_averaged`` =
+      ``ema.num_updates``; ``emafuse``: counters and schedule position); the callback's own
+      state holds ``latest_update_step`` and ``latest_update_epoch``. Resuming with
+      ``Trainer.fit(ckpt_path=...)`` continues exactly (also from checkpoints written before the
+      averaging names were unified).
 
     Deliberate deviations (spec Q7; flags restore Lightning's behaviour):
 
@@ -151,7 +153,7 @@ class EMACallback(Callback):
             self._finished = True
 
     def _has_average(self) -> bool:
-        return self.ema is not None and (self.ema.num_updates_applied > 0 or self.swap_before_first_update)
+        return self.ema is not None and (self.ema.num_updates > 0 or self.swap_before_first_update)
 
     def _swap_in(self, pl_module: "pl.LightningModule") -> None:
         if self.ema is not None and not self._swapped and not self._finished and self._has_average():
@@ -193,7 +195,7 @@ class EMACallback(Callback):
         st = self.ema.state_dict()
         checkpoint["current_model_state"] = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v.detach().clone() for k, v in st.pop("module").items()}
-        checkpoint["averaging_state"] = {"n_averaged": torch.tensor(self.ema.num_updates_applied, dtype=torch.long), "emafuse": st}
+        checkpoint["averaging_state"] = {"n_averaged": torch.tensor(self.ema.n_averaged, dtype=torch.long), "emafuse": st}
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
         if self.ema is None:
@@ -204,7 +206,7 @@ class EMACallback(Callback):
             st = dict(avg.get("emafuse") or {})
             if not st:  # written by Lightning's WeightAveraging
                 n = int(avg.get("n_averaged", 0))
-                st = {"num_steps_seen": self._latest_update_step, "num_updates_applied": n}
+                st = {"num_steps_seen": self._latest_update_step, "num_updates": n}
             st["module"] = checkpoint["state_dict"]
             self.ema.load_state_dict(st)
             pl_module.load_state_dict(checkpoint["current_model_state"])
@@ -251,14 +253,14 @@ class PostHocEMACallback(Callback):
             self._latest_update_step = trainer.global_step
 
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.posthoc is not None and self.posthoc.num_steps > 0:
-            self.posthoc.swap(pl_module, self.eval_track)
+        if self.posthoc is not None and self.posthoc.num_updates > 0:
+            self.posthoc.swap(pl_module, track=self.eval_track)
             self._swapped = True
 
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._swapped:
             assert self.posthoc is not None
-            self.posthoc.swap(pl_module, self.eval_track)
+            self.posthoc.swap(pl_module, track=self.eval_track)
             self._swapped = False
 
     def state_dict(self) -> dict[str, Any]:

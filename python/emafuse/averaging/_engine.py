@@ -13,7 +13,7 @@ from .._cuda import current_streams
 from .._staging import stage_groups
 from ..errors import LayoutError
 
-__all__ = ["native_step", "native_step_async", "real_view"]
+__all__ = ["native_step", "native_step_async", "real_view", "input_dtype", "engine_input"]
 
 # (hyper, targets, inputs or None, state dicts or None, slot names)
 Call = tuple[dict[str, Any], Sequence[Tensor], "Sequence[Tensor] | None", "Sequence[dict[str, Tensor]] | None", tuple[str, ...]]
@@ -23,6 +23,22 @@ def real_view(t: Tensor) -> Tensor:
     """``t`` as the engine can take it: complex tensors as real views (lerp and weighted sums with
     real coefficients act on real and imaginary parts alike)."""
     return torch.view_as_real(t.detach()) if t.is_complex() else t
+
+
+def input_dtype(target: Tensor, x: Tensor) -> torch.dtype:
+    """The dtype in which the engine reads input ``x`` when writing ``target``: ``x``'s own if it
+    is the target's, or bf16/fp16 for an fp32 target (an fp32 average of a low-precision model);
+    otherwise the target's (``x`` must be converted first)."""
+    if x.dtype == target.dtype or (target.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)):
+        return x.dtype
+    return target.dtype
+
+
+def engine_input(target: Tensor, x: Tensor) -> Tensor:
+    """``x`` as the engine can read it for ``target``: itself, or a converted copy (e.g. an fp64
+    average of an fp32 model)."""
+    want = input_dtype(target, x)
+    return x if want == x.dtype else x.to(want)
 
 
 def _groups(calls: Sequence[Call]) -> list[_native.Group]:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InvalidArgumentError, ShapeError
-from ._engine import native_step, real_view
+from ._engine import engine_input, native_step, real_view
 
 __all__ = ["weighted_sum", "uniform_soup", "greedy_soup", "slerp", "liti"]
 
@@ -50,16 +50,11 @@ def _out_like(t: Tensor, dtype: torch.dtype | None) -> Tensor:
     return torch.empty(t.shape, dtype=dtype or torch.float32, device=t.device)
 
 
-def _engine_dtype_ok(out: Tensor, x: Tensor) -> bool:
-    if out.is_complex() or x.is_complex():
-        return out.dtype == x.dtype
-    return out.dtype == x.dtype or (out.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16))
-
-
-def _axpby(outs: list[Tensor], xs: list[Tensor], a: float, b: float, assign: bool = False) -> None:
-    """``out ← a·out + b·x`` for every pair, one native call (inputs of other dtypes converted)."""
-    xs = [x if _engine_dtype_ok(o, x) else x.to(o.dtype) for o, x in zip(outs, xs)]
-    xs = [x if x.device == o.device else x.to(o.device) for o, x in zip(outs, xs)]
+def axpby(outs: list[Tensor], xs: list[Tensor], a: float, b: float, assign: bool = False) -> None:
+    """``out ← a·out + b·x`` (``out ← b·x`` with ``assign``) for every pair, one native call
+    (inputs of other dtypes or devices converted first); the streaming step of every weighted
+    sum (soups, LAWA's mean, post-hoc reconstruction)."""
+    xs = [engine_input(o, x if x.device == o.device else x.to(o.device)) for o, x in zip(outs, xs)]
     hyper: dict[str, Any] = {"b": float(b), "assign": assign}
     if not assign:
         hyper["a"] = float(a)
@@ -78,7 +73,7 @@ def weighted_sum(inputs: Sequence[Any], weights: Sequence[float], *, dtype: torc
     out = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in states[0].items()}
     acc = [_out_like(states[0][k], dtype) for k in keys]
     for i, (st, c) in enumerate(zip(states, weights)):
-        _axpby(acc, [st[k] for k in keys], 1.0, c, assign=(i == 0))
+        axpby(acc, [st[k] for k in keys], 1.0, c, assign=(i == 0))
     out.update(zip(keys, acc))
     return out
 
@@ -115,14 +110,14 @@ def greedy_soup(
     keys = _float_keys(states[0])
     soup = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in states[order[0]].items()}
     acc = [_out_like(states[0][k], dtype) for k in keys]
-    _axpby(acc, [states[order[0]][k] for k in keys], 0.0, 1.0, assign=True)
+    axpby(acc, [states[order[0]][k] for k in keys], 0.0, 1.0, assign=True)
     soup.update(zip(keys, acc))
     best = scores[order[0]]
     chosen = [order[0]]
     for i in order[1:]:
         n = len(chosen)
         cand_acc = [a.clone() for a in acc]
-        _axpby(cand_acc, [states[i][k] for k in keys], n / (n + 1), 1.0 / (n + 1))
+        axpby(cand_acc, [states[i][k] for k in keys], n / (n + 1), 1.0 / (n + 1))
         cand = dict(soup)
         cand.update(zip(keys, cand_acc))
         score = float(evaluate(cand))
@@ -179,7 +174,7 @@ def liti(init: Any, merged: Any, eta: float, *, dtype: torch.dtype | None = torc
     keys = _float_keys(a)
     out = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in a.items()}
     acc = [a[k].to(dtype=dtype, copy=True) if not a[k].is_complex() else a[k].clone() for k in keys]
-    ins = [b[k] if _engine_dtype_ok(o, b[k]) else b[k].to(o.dtype) for o, k in zip(acc, keys)]
+    ins = [engine_input(o, b[k]) for o, k in zip(acc, keys)]
     native_step("liti", "ema", [({"weight": float(eta)}, [real_view(o) for o in acc], [real_view(x) for x in ins], None, ())])
     out.update(zip(keys, acc))
     return out

@@ -9,15 +9,25 @@ References (spec ``averaging.md``): timm ``ModelEmaV3`` and lucidrains ``ema-pyt
 CVPR 2024), BYOL (Grill et al., NeurIPS 2020) and DINO (Caron et al., ICCV 2021) teacher cosine
 schedules, I-JEPA linear (Assran et al., CVPR 2023), mean teacher (Tarvainen & Valpola, NeurIPS
 2017), and the EMA scaling rule :math:`\hat\rho = \rho^\kappa` (Busbridge et al., "How to Scale
-Your EMA", NeurIPS 2023).
+Your EMA", NeurIPS 2023), SWA's running mean (Izmailov et al., UAI 2018) and BEMA's
+coefficients (Block & Zhang 2025).
+
+:class:`EMASchedule` chains them the way :class:`~emafuse.ModelEMA` uses them: which optimizer
+steps are update events, the copy at the first event and during ``update_after_step``, the named
+schedule or a callable, the EMA scaling rule and interval compensation.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 __all__ = [
+    "EMASchedule",
+    "SCHEDULES",
     "warmup_decay",
     "tf_num_updates_decay",
     "power_beta",
@@ -25,6 +35,8 @@ __all__ = [
     "dino_cosine",
     "linear_momentum",
     "mean_teacher_decay",
+    "swa_decay",
+    "bema_coefficients",
     "scale_momentum",
     "scaled_schedule",
     "sigma_rel_to_gamma",
@@ -32,12 +44,18 @@ __all__ = [
 ]
 
 
-def warmup_decay(k: float, decay: float = 0.9999, inv_gamma: float = 1.0, power: float = 2 / 3, min_decay: float = 0.0) -> float:
+def warmup_decay(
+    k: float, decay: float = 0.9999, inv_gamma: float = 1.0, power: float = 2 / 3, min_decay: float = 0.0, *, float32: bool = False
+) -> float:
     r"""timm/ema-pytorch warm-up (after @crowsonkb): :math:`d = \max(\min(1 - (1 + k/\gamma)^{-p},
     d_{max}), d_{min})` for :math:`k > 0`, and 0 (copy) for :math:`k \le 0`. ``k`` counts steps
-    after ``update_after_step`` (timm's ``step - update_after_step - 1``)."""
+    after ``update_after_step`` (timm's ``step - update_after_step - 1``). ``float32=True``
+    evaluates it in float32 tensors, as ema-pytorch does (its ``ema_pytorch`` preset)."""
     if k <= 0:
         return 0.0
+    if float32:
+        value = 1 - (1 + torch.tensor(float(k), dtype=torch.float32) / inv_gamma) ** -power
+        return float(value.clamp(min=min_decay, max=decay).item())
     return max(min(1.0 - (1.0 + k / inv_gamma) ** (-power), decay), min_decay)
 
 
@@ -82,6 +100,25 @@ def mean_teacher_decay(t: int, alpha: float = 0.999) -> float:
     return min(1.0 - 1.0 / (t + 1.0), alpha)
 
 
+def swa_decay(n: int) -> float:
+    r"""SWA's equal-weight running mean as a decay: :math:`d = n/(n+1)` after ``n`` averaged
+    models (``torch.optim.swa_utils.AveragedModel``'s default)."""
+    return n / (n + 1.0)
+
+
+def bema_coefficients(
+    s: float, *, lag: float, multiplier: float, ema_power: float | None, bias_power: float | None, min_ema_multiplier: float
+) -> tuple[float, float]:
+    r"""BEMA's :math:`(\alpha, \beta)` at time ``s`` (spec B.1): :math:`b = \rho + \gamma s`,
+    :math:`\beta = \min(\max(b^{-\kappa}, \beta_{min}), 1)` (an update *weight*),
+    :math:`\alpha = b^{-\eta}`; ``ema_power=None`` gives :math:`\beta = 1`, ``bias_power=None``
+    gives :math:`\alpha = 0` ("disabled" is never encoded as 0, since :math:`b^0 = 1`)."""
+    b = lag + multiplier * s
+    beta = 1.0 if ema_power is None else max(b ** (-ema_power), min_ema_multiplier)
+    alpha = 0.0 if bias_power is None else b ** (-bias_power)
+    return alpha, min(beta, 1.0)
+
+
 def scale_momentum(rho: float, kappa: float) -> float:
     r"""The EMA scaling rule (Busbridge et al. 2023): for a batch ``kappa`` times larger use
     :math:`\hat\rho = \rho^\kappa`."""
@@ -120,3 +157,110 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
             break
         g -= f / df
     return g
+
+
+#: The named schedules of :class:`EMASchedule` (and ``ModelEMA(schedule=...)``).
+SCHEDULES = ("constant", "warmup", "tf_num_updates", "power", "cosine", "dino", "linear", "mean_teacher")
+
+_FIRST_UPDATES = ("copy", "average")
+
+
+@dataclass
+class EMASchedule:
+    r"""When a model EMA updates and with which decay (spec A.2-A.10, B.3, B.8), as a pure
+    function of two counters: ``s``, the optimizer step (1 after the first one), and ``n``, the
+    number of earlier update events.
+
+    * Events: ``s - 1 >= start_step`` and ``(s - 1) % update_every == 0`` (steps 1, k+1, 2k+1,
+      ...: ema-pytorch, Lightning, NeMo).
+    * ``first_update="copy"``: the first event, and every event while
+      ``k = s - update_after_step - 1 <= 0``, copies the model (decay 0); ``"average"`` lerps from
+      the start (torch-ema, BYOL teachers).
+    * Otherwise ``schedule``: ``"constant"`` (``decay``); ``"warmup"`` (:func:`warmup_decay` of k;
+      ``inv_gamma``, ``power``, ``min_decay``; ``float32_warmup`` as ema-pytorch computes it);
+      ``"tf_num_updates"`` (:func:`tf_num_updates_decay` of n + 1); ``"power"``
+      (:func:`power_beta` of s with Δ = ``update_every``; ``gamma`` or ``sigma_rel``);
+      ``"cosine"``, ``"dino"``, ``"linear"`` (:func:`byol_cosine`, :func:`dino_cosine`,
+      :func:`linear_momentum` of n, from ``decay`` to ``final_decay`` over ``total_steps``);
+      ``"mean_teacher"`` (:func:`mean_teacher_decay` of s); or a callable ``f(k) -> decay``.
+    * ``batch_scale`` κ: the EMA scaling rule :math:`\hat d(k) = d(\kappa k)^\kappa` (not for
+      ``"power"``); ``interval_compensation``: :math:`d^{\Delta}` when updating every Δ steps.
+
+    Bad values raise ``ValueError`` at construction.
+    """
+
+    schedule: str | Callable[[float], float] = "constant"
+    decay: float = 0.9999
+    update_every: int = 1
+    update_after_step: int = 0
+    start_step: int = 0
+    first_update: str = "copy"
+    inv_gamma: float = 1.0
+    power: float = 2 / 3
+    min_decay: float = 0.0
+    gamma: float | None = None
+    sigma_rel: float | None = None
+    total_steps: int | None = None
+    final_decay: float = 1.0
+    batch_scale: float = 1.0
+    interval_compensation: bool = False
+    float32_warmup: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {self.decay}")
+        sch = self.schedule
+        if not callable(sch) and sch not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES} or a callable, got {sch!r}")
+        if sch in ("cosine", "dino", "linear") and not self.total_steps:
+            raise ValueError(f"schedule={sch!r} needs total_steps=")
+        if int(self.update_every) < 1:
+            raise ValueError(f"update_every must be >= 1, got {self.update_every}")
+        if int(self.update_after_step) < 0 or self.start_step < 0:
+            raise ValueError("update_after_step and start_step must be >= 0")
+        if self.first_update not in _FIRST_UPDATES:
+            raise ValueError(f"first_update must be one of {_FIRST_UPDATES}, got {self.first_update!r}")
+        if self.batch_scale <= 0:
+            raise ValueError(f"batch_scale must be positive, got {self.batch_scale}")
+        if sch == "power":
+            if (self.gamma is None) == (self.sigma_rel is None):
+                raise ValueError("schedule='power' needs exactly one of gamma= or sigma_rel=")
+            self.gamma = float(self.gamma) if self.gamma is not None else sigma_rel_to_gamma(float(self.sigma_rel))
+        self.update_every = int(self.update_every)
+        self.update_after_step = int(self.update_after_step)
+
+    def is_update_step(self, s: int) -> bool:
+        """Whether optimizer step ``s`` (1-based) is an update event."""
+        return s - 1 >= self.start_step and (s - 1) % self.update_every == 0
+
+    def decay_at(self, s: int, n: int) -> float:
+        """The decay of an event at step ``s`` after ``n`` earlier events; 0 copies the model."""
+        k = s - self.update_after_step - 1
+        if self.first_update == "copy" and (n == 0 or k <= 0):
+            return 0.0
+        sch, d, kappa = self.schedule, self.decay, self.batch_scale
+        if sch == "power":
+            return power_beta(float(s), self.gamma, float(self.update_every))  # type: ignore[arg-type]
+        if sch == "constant":
+            out = d
+        elif sch == "warmup":
+            out = warmup_decay(k * kappa, d, self.inv_gamma, self.power, self.min_decay, float32=self.float32_warmup)
+        elif sch == "tf_num_updates":
+            out = tf_num_updates_decay((n + 1) * kappa, d)  # type: ignore[arg-type]
+        elif sch == "cosine":
+            out = byol_cosine(n, self.total_steps, d, self.final_decay)  # type: ignore[arg-type]
+        elif sch == "dino":
+            out = dino_cosine(n, self.total_steps, d, self.final_decay)  # type: ignore[arg-type]
+        elif sch == "linear":
+            out = linear_momentum(n, self.total_steps, d, self.final_decay)  # type: ignore[arg-type]
+        elif sch == "mean_teacher":
+            out = mean_teacher_decay(int(s * kappa), d)
+        else:
+            out = float(sch(k * kappa))  # type: ignore[operator]
+            if not 0.0 <= out <= 1.0:
+                raise ValueError(f"schedule returned decay {out} outside [0, 1] at k={k}")
+        if kappa != 1.0:
+            out = out**kappa
+        if self.interval_compensation and self.update_every > 1:
+            out = out**self.update_every
+        return out

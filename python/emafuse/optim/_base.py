@@ -20,6 +20,7 @@ from .. import _native
 from .._cuda import current_streams, per_device
 from .._staging import stage_groups
 from ..errors import LayoutError, UnsupportedOptionError
+from ._fusion import FusedAverage, FusedRequest, fused_average, register_fused_average
 
 __all__ = ["FusedOptimizer", "scalar", "sum_squares"]
 
@@ -132,8 +133,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     # implementations of most non-torch optimizers do (torch's own keep a tensor). The live state
     # keeps the 0-dim tensor the engine updates; load_state_dict accepts either.
     _int_step_in_state_dict: ClassVar[bool] = False
-    # Whether the rule can update a model EMA in the same pass (flag "ema", slot "ema" last,
-    # hyper-parameter "ema_weight"); see ModelEMA.attach(optimizer, fuse=True).
+    # Whether the rule can update a weight average in the same pass (flag "ema", slot "ema" last,
+    # hyper-parameter "ema_weight"); see register_fused_average and optim/_fusion.py.
     _supports_fused_ema: ClassVar[bool] = False
     _step_supports_amp_scaling = True
 
@@ -302,6 +303,14 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- the step ----------------------------------------------------------------------------
 
+    def register_fused_average(self, average: FusedAverage) -> torch.utils.hooks.RemovableHandle:
+        """Update ``average`` (a :class:`~emafuse.optim._fusion.FusedAverage`, e.g. a
+        :class:`~emafuse.ModelEMA`) inside every ``step()``: the parameters it maps are averaged in
+        the same native pass, the rest by the average right after. At most one per optimizer;
+        ``remove()`` on the returned handle unregisters it. Needs a rule with
+        ``_supports_fused_ema`` (e.g. Adam, AdamW)."""
+        return register_fused_average(self, average)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
@@ -313,19 +322,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._begin_step()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        ema = self.__dict__.get("_emafuse_ema")
-        ema_plan = None
-        if ema is not None:
-            ema_steps = ema.num_steps_seen
-            ema_plan = ema._fused_plan(float(found_inf.item()) if found_inf is not None else 0.0)
+        average = fused_average(self)
+        request = average.fused_begin(found_inf) if average is not None else None
         try:
-            fused = self._run_step(grad_scale, found_inf, ema_plan)
+            fused = self._run_step(grad_scale, found_inf, request)
         except BaseException:
-            if ema is not None:
-                ema.num_steps_seen = ema_steps  # a refused step is not counted by the average
+            if average is not None:
+                average.fused_abort(request)  # a refused step is not counted by the average
             raise
-        if ema_plan is not None:
-            ema._fused_done(ema_plan, fused)
+        if request is not None:
+            average.fused_end(request, fused)
         return loss
 
     def _group_hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
@@ -336,15 +342,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         hyper["check_finite"] = bool(group.get("check_finite", False))
         return hyper
 
-    def _run_step(self, grad_scale: Tensor | None, found_inf: Tensor | None, ema_plan: Any) -> set[int]:
+    def _run_step(self, grad_scale: Tensor | None, found_inf: Tensor | None, request: FusedRequest | None) -> set[int]:
         """The native call of one step, through the cached plan while it still describes the
-        tensors (see ``_StepPlan``), else through a new one. With a fused ModelEMA (``ema_plan``)
+        tensors (see ``_StepPlan``), else through a new one. With a fused average's ``request``
         the averages of the parameters it maps are updated in the same pass; returns the ids of
         those parameters."""
         hypers = [self._group_hyper(g) for g in self.param_groups]
         slots = [self._slots(g) for g in self.param_groups]
         amp = (per_device(grad_scale), per_device(found_inf), current_streams())
-        targets = ema_plan[1] if ema_plan is not None else None
+        targets = request.targets if request is not None else None
         plan = self.__dict__.get("_step_plan")
         applied = None
         if plan is not None and not targets and plan.describes(self.state, slots):
@@ -354,7 +360,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 applied = None  # e.g. a gradient strided unlike its parameter: staged below
         if applied is None:
             self._step_plan = None
-            plan = self._new_plan(hypers, slots, targets, 1.0 - ema_plan[0] if targets else 0.0)
+            plan = self._new_plan(hypers, slots, request)
             if plan is None:  # no parameter has a gradient
                 self._end_step(True)
                 return set()
@@ -373,9 +379,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._end_step(bool(applied))
         return plan.fused
 
-    def _new_plan(
-        self, hypers: list[dict[str, Any]], slots: list[tuple[str, ...]], targets: dict[Tensor, Tensor] | None, weight: float
-    ) -> _StepPlan | None:
+    def _new_plan(self, hypers: list[dict[str, Any]], slots: list[tuple[str, ...]], request: FusedRequest | None) -> _StepPlan | None:
         """Collect every group's native call(s) and validate them in a new plan (which also holds
         the lazily created state, committed once a run succeeded); None if no parameter has a
         gradient."""
@@ -383,8 +387,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         created: dict[Tensor, dict[str, Tensor]] = {}
         for gi, group in enumerate(self.param_groups):
             self._collect(gi, group, slots[gi], calls, created)
-        if targets:
-            calls = _with_fused_ema(calls, targets, weight)
+        if request is not None and request.targets:
+            calls = _with_fused_average(calls, request)
         if not calls:
             return None
         watch = [g["params"] for g in self.param_groups]
@@ -595,9 +599,11 @@ class _StepPlan:
         self._version = state.version
 
 
-def _with_fused_ema(calls: list[_Call], targets: dict[Tensor, Tensor], weight: float) -> list[_Call]:
-    """Split each call into parameters whose average is updated in the same pass (extra slot
-    "ema") and the rest. Only calls without fresh-state flags are fused."""
+def _with_fused_average(calls: list[_Call], request: FusedRequest) -> list[_Call]:
+    """Split each call into the parameters whose average ``request`` maps, updated in the same
+    pass (the extra slot ``ema``, last, and the flag ``ema``), and the rest. Calls that flag fresh
+    state are not fused."""
+    targets, weight = request.targets, request.weight
     out: list[_Call] = []
     for c in calls:
         if c.states is None or c.extra:
