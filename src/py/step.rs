@@ -80,7 +80,8 @@ struct GroupLists {
     hyper: Hyper,
     lens: Vec<usize>,
     has_grads: bool,
-    slots: usize,
+    slot_names: Vec<String>,
+    scalar_names: Vec<String>,
 }
 
 impl<'py> Gathered<'py> {
@@ -147,7 +148,8 @@ impl<'py> Gathered<'py> {
                 lens.push(self.push_states(dicts, name, gi)?);
             }
         }
-        self.groups.push(GroupLists { hyper, lens, has_grads, slots: slots.len() });
+        let (slot_names, scalar_names) = (slots.iter().map(|n| n.to_string()).collect(), scalar_keys.iter().map(|n| n.to_string()).collect());
+        self.groups.push(GroupLists { hyper, lens, has_grads, slot_names, scalar_names });
         Ok(())
     }
 
@@ -160,9 +162,10 @@ impl<'py> Gathered<'py> {
             let mut lists = g.lens.iter().map(|&n| infos.by_ref().take(n).collect::<Vec<TensorInfo>>());
             let params = lists.next().expect("parameters come first");
             let grads = if g.has_grads { lists.next() } else { None };
-            let states = lists.by_ref().take(g.slots).collect();
+            let states = lists.by_ref().take(g.slot_names.len()).collect();
             let scalars = lists.collect();
-            out.push((g.hyper.clone(), GroupTensors { params, grads, states, scalars }));
+            let (slot_names, scalar_names) = (g.slot_names.clone(), g.scalar_names.clone());
+            out.push((g.hyper.clone(), GroupTensors { params, grads, slot_names, states, scalar_names, scalars }));
         }
         Ok(out)
     }
