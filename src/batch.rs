@@ -98,8 +98,12 @@ pub struct GroupTensors {
     pub params: Vec<TensorInfo>,
     /// The read-only inputs (gradients), or None for rules that read none.
     pub grads: Option<Vec<TensorInfo>>,
+    /// The state slot names Python passed, in order (the rule checks them).
+    pub slot_names: Vec<String>,
     /// `states[k][i]`: state slot `k` of parameter `i`.
     pub states: Vec<Vec<TensorInfo>>,
+    /// The scalar state names Python passed, in order (the rule checks them).
+    pub scalar_names: Vec<String>,
     /// `scalars[k][i]`: scalar state entry `k` (a one-element CPU float tensor, e.g. `step`) of
     /// parameter `i`.
     pub scalars: Vec<Vec<TensorInfo>>,
@@ -108,6 +112,8 @@ pub struct GroupTensors {
 /// Parameters of one group sharing device, parameter dtype, input dtype and state dtype.
 #[derive(Debug, Clone)]
 pub struct Batch {
+    /// The index of the parameter group, for messages.
+    pub group: usize,
     pub device: Device,
     pub param_dtype: DType,
     /// The inputs' dtype: the parameter's, or bf16/fp16 for an fp32 parameter (an fp32 average
@@ -117,11 +123,11 @@ pub struct Batch {
     pub params: Vec<TensorView>,
     /// One per parameter, or empty when the rule reads no input.
     pub grads: Vec<TensorView>,
-    /// Slots per parameter; `states[i * slots + k]`.
-    pub slots: usize,
+    /// State slot names as passed; `states[i * slots() + k]` is slot `k` of parameter `i`.
+    pub slot_names: Vec<String>,
     pub states: Vec<TensorView>,
-    /// Scalar entries per parameter; `scalars[i * n_scalars + k]` (f32 or f64, one element).
-    pub n_scalars: usize,
+    /// Scalar state names as passed; `scalars[i * n_scalars() + k]` (f32 or f64, one element).
+    pub scalar_names: Vec<String>,
     pub scalars: Vec<TensorView>,
     /// The index in its group of each parameter of the batch (`params[j]` is parameter
     /// `members[j]`).
@@ -132,6 +138,21 @@ impl Batch {
     /// Total parameter elements.
     pub fn numel(&self) -> usize {
         self.params.iter().map(|p| p.numel()).sum()
+    }
+
+    /// State slots per parameter.
+    pub fn slots(&self) -> usize {
+        self.slot_names.len()
+    }
+
+    /// Scalar state entries per parameter.
+    pub fn n_scalars(&self) -> usize {
+        self.scalar_names.len()
+    }
+
+    /// Whether every parameter comes with an input.
+    pub fn has_input(&self) -> bool {
+        self.grads.len() == self.params.len()
     }
 }
 
@@ -187,9 +208,10 @@ pub fn check_input(at: &dyn Fn() -> String, p: &TensorInfo, g: &TensorInfo) -> R
 /// Validate `t` and split it into batches. `who` names the optimizer for messages.
 pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batch>> {
     let n = t.params.len();
-    let slots = t.states.len();
-    let n_scalars = t.scalars.len();
     let at = |i: usize| format!("{who}: param group {group}, parameter {i}");
+    if t.slot_names.len() != t.states.len() || t.scalar_names.len() != t.scalars.len() {
+        return Err(Error::Internal(format!("{who}: param group {group}: state names and tensor lists disagree")));
+    }
     if t.grads.as_ref().is_some_and(|g| g.len() != n)
         || t.states.iter().any(|s| s.len() != n)
         || t.scalars.iter().any(|s| s.len() != n)
@@ -251,15 +273,16 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
             Some(j) => &mut batches[j],
             None => {
                 batches.push(Batch {
+                    group,
                     device: key.0,
                     param_dtype: key.1,
                     input_dtype: key.2,
                     state_dtype: key.3,
                     params: Vec::new(),
                     grads: Vec::new(),
-                    slots,
+                    slot_names: t.slot_names.clone(),
                     states: Vec::new(),
-                    n_scalars,
+                    scalar_names: t.scalar_names.clone(),
                     scalars: Vec::new(),
                     members: Vec::new(),
                 });

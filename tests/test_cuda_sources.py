@@ -26,147 +26,77 @@ from emafuse import _native
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "src" / "cuda" / "kernels"
 
-# Every rule: sample hyper-parameters, its flags, its state slots as a function of the variant's
-# hyper-parameters (flags included), its scalar keys, and optionally: `extra` variants of the
-# numbers, `valid` (which flag combinations the rule accepts), `reads_input` (default True) and
-# `inputs` (functions (p, g, states) -> g making inputs that reach other branches than random ones
-# do). `test_every_rule_is_covered` keeps this complete.
+# Every rule: sample numbers, and optionally `extra` variants of them, `valid` (which flag
+# combinations the rule accepts) and `inputs` (functions (p, g, states) -> g making inputs that reach
+# other branches than random ones do). Every combination of the rule's flags is tried; the flags,
+# state slots, scalar state and whether the rule reads an input come from the engine's own
+# description (`_native.rule_info`, `_native.rule_slots`). `test_every_rule_is_covered` keeps this
+# complete.
 RULES: dict[str, dict] = {
-    "adam": dict(
-        hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, ema_weight=0.01),
-        flags=["amsgrad", "decoupled", "ema"],
-        slots=lambda h: ("m", "v") + (("vmax",) if h["amsgrad"] else ()) + (("e",) if h["ema"] else ()),
-        scalars=("step",),
-    ),
-    "sgd": dict(
-        hyper=dict(lr=3e-2, momentum=0.9, dampening=0.2, weight_decay=0.01),
-        flags=["nesterov", "first"],
-        slots=lambda h: ("buf",) if h["momentum"] != 0.0 else (),
-        scalars=(),
-        extra=[dict(momentum=0.0)],
-    ),
+    "adam": dict(hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, ema_weight=0.01)),
+    "sgd": dict(hyper=dict(lr=3e-2, momentum=0.9, dampening=0.2, weight_decay=0.01), extra=[dict(momentum=0.0)]),
     # weight averaging: the written tensor is the average, the input the model
     "ema": dict(
         hyper=dict(weight=0.3),
-        flags=["muladd", "sub"],
         valid=lambda f: not (f["muladd"] and f["sub"]),
-        slots=lambda h: (),
-        scalars=(),
         extra=[dict(weight=0.75), dict(weight=1.0), dict(weight=0.0)],
     ),
     "ema_multi": dict(
         hyper=dict(tracks=5.0, w0=0.3, w1=0.7, w2=1e-3, w3=1.0, w4=0.5),
-        flags=[],
-        slots=lambda h: tuple(f"track{j}" for j in range(1, int(h["tracks"]))),
-        scalars=(),
         extra=[dict(tracks=1.0), dict(tracks=2.0), dict(tracks=3.0), dict(tracks=4.0)],
     ),
-    "bema": dict(
-        hyper=dict(alpha=0.4, beta=0.2),
-        flags=["reset"],
-        slots=lambda h: ("bema", "anchor"),
-        scalars=(),
-        extra=[dict(alpha=-1.3, beta=0.8)],
-    ),
-    "swap": dict(hyper={}, flags=[], slots=lambda h: ("b",), scalars=(), reads_input=False),
-    "axpby": dict(
-        hyper=dict(a=0.5, b=3.0),
-        flags=["assign"],
-        slots=lambda h: (),
-        scalars=(),
-        extra=[dict(a=-1.25, b=0.1)],
-    ),
+    "bema": dict(hyper=dict(alpha=0.4, beta=0.2), extra=[dict(alpha=-1.3, beta=0.8)]),
+    "swap": dict(hyper={}),
+    "axpby": dict(hyper=dict(a=0.5, b=3.0), extra=[dict(a=-1.25, b=0.1)]),
     "slerp": dict(
         hyper=dict(t=0.3),
-        flags=[],
-        slots=lambda h: ("base",),
-        scalars=(),
         extra=[dict(t=0.5), dict(t=0.0), dict(t=1.0)],
         # random task vectors (SLERP), nearly parallel ones (LERP), a zero one (LERP)
         inputs=[lambda p, g, s: g, lambda p, g, s: p + 1e-5 * g, lambda p, g, s: s[0].clone()],
     ),
-    "adan": dict(
-        hyper=dict(lr=3e-2, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.05, clip=0.7, step=7.0),
-        flags=["no_prox", "first"],
-        slots=lambda h: ("m", "n", "v", "r"),
-        scalars=(),
-    ),
+    "adan": dict(hyper=dict(lr=3e-2, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.05, clip=0.7, step=7.0)),
     "spam": dict(
         hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.1, threshold=5.0, scale=0.6),
-        flags=["reset", "clip", "correct_bias"],
-        slots=lambda h: ("m", "v"),
-        scalars=("step",),
         extra=[dict(weight_decay=0.0)],  # no decay: another kernel
     ),
     "diffgrad": dict(
         hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.05),
-        flags=[],
-        slots=lambda h: ("m", "v", "prev"),
-        scalars=("step",),
         extra=[dict(weight_decay=0.0)],  # no L2: another kernel
     ),
     "adabound": dict(
         # bounds f·(1 ∓ …) with f = 0.02 cut the step size η0/(sqrt(v) + eps) from below and above
         hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, final_lr=0.01, gamma=0.1, eps=1e-8, weight_decay=0.01, base_lr=1.5e-2),
-        flags=["amsbound"],
-        slots=lambda h: ("m", "v") + (("vmax",) if h["amsbound"] else ()),
-        scalars=("step",),
         extra=[dict(weight_decay=0.0)],
     ),
-    "sgd_sai": dict(
-        hyper=dict(lr=3e-2, momentum=0.9, eps=1e-8, weight_decay=0.01),
-        flags=["first"],
-        slots=lambda h: ("buf",) if h["momentum"] != 0.0 else (),
-        scalars=("gsnr",),
-        extra=[dict(momentum=0.0)],
-    ),
+    "sgd_sai": dict(hyper=dict(lr=3e-2, momentum=0.9, eps=1e-8, weight_decay=0.01), extra=[dict(momentum=0.0)]),
     "ademamix": dict(
         # warm-ups longer than any sampled step: both schedules are in their ramps
         hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, beta3=0.9999, alpha=5.0, alpha_warmup=1000.0, beta3_warmup=700.0, eps=1e-8, weight_decay=0.1),
-        flags=[],
-        slots=lambda h: (("m1",) if h["beta1"] != 0.0 else ()) + ("m2", "v"),
-        scalars=("step",),
         extra=[dict(alpha_warmup=0.0, beta3_warmup=0.0), dict(beta1=0.0)],
     ),
     "adabelief": dict(
         hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1),
-        flags=["amsgrad", "weight_decouple", "fixed_decay", "rectify", "degenerated_to_sgd"],
-        slots=lambda h: ("m", "s") + (("smax",) if h["amsgrad"] else ()),
-        scalars=("step",),
         extra=[dict(beta2=0.5)],  # rho_t < 5 at every step: the rectified update's SGD / no-update regimes
     ),
-    "adamomentum": dict(
-        hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1),
-        flags=["weight_decouple", "fixed_decay"],
-        slots=lambda h: ("m", "v"),
-        scalars=("step",),
-    ),
-    "lion": dict(
-        hyper=dict(lr=3e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, decay_base_lr=1e-2),
-        flags=["caution", "caution_count", "lr_independent_decay"],
-        slots=lambda h: ("m",),
-        scalars=(),
-    ),
-    "adamod": dict(
-        hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, beta3=0.99, eps=1e-8, weight_decay=0.1),
-        flags=[],
-        slots=lambda h: ("m", "v", "lr_avg"),
-        scalars=("step",),
-    ),
+    "adamomentum": dict(hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)),
+    "lion": dict(hyper=dict(lr=3e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, decay_base_lr=1e-2)),
+    "adamod": dict(hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, beta3=0.99, eps=1e-8, weight_decay=0.1)),
 }
 
 def variants():
     for name, spec in RULES.items():
-        for values in itertools.product([False, True], repeat=len(spec["flags"])):
-            flags = dict(zip(spec["flags"], values))
+        info = _native.rule_info(name)
+        for values in itertools.product([False, True], repeat=len(info["flags"])):
+            flags = dict(zip(info["flags"], values))
             if not spec.get("valid", lambda f: True)(flags):
                 continue
             for extra in [{}] + spec.get("extra", []):
                 hyper = {**spec["hyper"], **extra, **flags}
-                yield name, hyper, spec["slots"](hyper), spec["scalars"]
+                yield name, hyper, _native.rule_slots(name, hyper), info["scalars"]
 
 
 VARIANTS = list(variants())
+
 
 def test_every_rule_is_covered():
     assert set(_native.rule_names()) == set(RULES), "add the new rule (and its CUDA twin) to RULES in this file"
@@ -174,15 +104,21 @@ def test_every_rule_is_covered():
 
 def test_every_variant_has_a_cuda_twin():
     for name, hyper, *_ in VARIANTS:
-        cpp_type, source, hyper_bytes, _ = _native.cuda_source(name, hyper)
-        assert "EF_KERNELS(f32" in source and cpp_type in source.splitlines()[0]
-        assert len(hyper_bytes) % 8 == 0 and len(hyper_bytes) > 0
+        program = _native.cuda_source(name, hyper)
+        source, preamble, header = program["source"], program["preamble"], program["header"]
+        assert "EF_KERNELS(f32" in source and source.startswith(preamble)
+        assert preamble.splitlines()[0] == f"#define EF_RULE {program['type_name']}"
+        # EfHyper is generated from the Rust rule: one double per word of the kernel argument.
+        n_bytes = len(program["hyper_bytes"])
+        assert n_bytes > 0 and n_bytes == 8 * preamble.count("\n    double ")
+        # The rule's header states only math: its parameters and counts come from the preamble.
+        assert "struct Hyper" not in header and "SLOTS =" not in header and "READS_INPUT =" not in header
 
 
 @pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
 def test_every_kernel_compiles_with_nvrtc(arch):
     # One compilation per C++ type: the hyper-parameters are kernel arguments, not part of the program.
-    jobs = {(name, _native.cuda_source(name, h)[0]): h for name, h, *_ in VARIANTS}
+    jobs = {(name, _native.cuda_source(name, h)["type_name"]): h for name, h, *_ in VARIANTS}
 
     def compile_one(key):
         return key, _native.cuda_compile(key[0], jobs[key], arch)
@@ -199,6 +135,7 @@ def test_a_broken_kernel_is_a_clear_error(monkeypatch):
         _native.cuda_compile("adam", {**RULES["adam"]["hyper"], "amsgrad": False, "decoupled": True}, "compute_1")
 
 
+# Appended to the generated preamble (which defines EF_RULE, EfHyper and the EF_* counts).
 HARNESS = r"""
 #define EF_HOST
 #include "common.cuh"
@@ -208,27 +145,27 @@ void ef_host_run(const void* hyper, R* p, const R* g, R* s0, R* s1, R* s2, R* s3
     R* st[4] = {s0, s1, s2, s3};
     R f = R(factor);
     double sums[EF_MAX_SUMS] = {0, 0, 0, 0};
-    for (long i = 0; i < n && Rule::SUMS > 0; ++i) {
+    for (long i = 0; i < n && EF_SUMS > 0; ++i) {
         R s[EF_MAX_SLOTS];
-        for (int k = 0; k < Rule::SLOTS; ++k) s[k] = st[k][i];
-        Rule::template accumulate<R>(*(const typename Rule::Hyper*)hyper, p[i], Rule::READS_INPUT ? g[i] * f : R(0), s, sums);
+        for (int k = 0; k < EF_SLOTS; ++k) s[k] = st[k][i];
+        Rule::template accumulate<R>(*(const EfHyper*)hyper, p[i], EF_READS_INPUT ? g[i] * f : R(0), s, sums);
     }
     double sc[EF_MAX_SCALARS] = {0, 0, 0, 0};
-    for (int k = 0; k < Rule::SCALARS; ++k) sc[k] = scalars[k];
-    auto c = Rule::template coeffs<R>(*(const typename Rule::Hyper*)hyper, sc, sums);
+    for (int k = 0; k < EF_SCALARS; ++k) sc[k] = scalars[k];
+    auto c = Rule::template coeffs<R>(*(const EfHyper*)hyper, sc, sums);
     for (long i = 0; i < n; ++i) {
         R s[EF_MAX_SLOTS];
-        for (int k = 0; k < Rule::SLOTS; ++k) s[k] = st[k][i];
-        R gi = Rule::READS_INPUT ? g[i] * f : R(0);
+        for (int k = 0; k < EF_SLOTS; ++k) s[k] = st[k][i];
+        R gi = EF_READS_INPUT ? g[i] * f : R(0);
         p[i] = Rule::template update<R>(c, p[i], gi, s);
-        for (int k = 0; k < Rule::SLOTS; ++k) st[k][i] = s[k];
+        for (int k = 0; k < EF_SLOTS; ++k) st[k][i] = s[k];
     }
-    for (int k = 0; k < Rule::SCALARS; ++k) scalars[k] = (float)sc[k];
+    for (int k = 0; k < EF_SCALARS; ++k) scalars[k] = (float)sc[k];
 }
 extern "C" void run_f32(const void* h, float* p, const float* g, float* a, float* b, float* c, float* d, float* sc, long n, double f) {
     ef_host_run<EF_RULE, float>(h, p, g, a, b, c, d, sc, n, f);
 }
-extern "C" long hyper_size() { return (long)sizeof(EF_RULE::Hyper); }
+extern "C" long hyper_size() { return (long)sizeof(EfHyper); }
 extern "C" void run_f64(const void* h, double* p, const double* g, double* a, double* b, double* c, double* d, float* sc, long n, double f) {
     ef_host_run<EF_RULE, double>(h, p, g, a, b, c, d, sc, n, f);
 }
@@ -243,9 +180,10 @@ def host_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("host")
 
 
-def compile_host(directory, cpp_type: str, rule_source: str):
-    """The rule's header built as host C++ with the harness; once per C++ type and header text."""
-    key = (cpp_type, rule_source)
+def compile_host(directory, preamble: str, rule_source: str):
+    """The rule's header built as host C++ after its generated preamble, with the harness; once
+    per preamble (one per C++ type) and header text."""
+    key = (preamble, rule_source)
     if key in _HOST_LIBS:
         return _HOST_LIBS[key]
     if shutil.which("g++") is None:
@@ -254,7 +192,7 @@ def compile_host(directory, cpp_type: str, rule_source: str):
     d.mkdir()
     shutil.copy(KERNELS / "common.cuh", d / "common.cuh")
     (d / "rule.cuh").write_text(rule_source)
-    (d / "harness.cpp").write_text(f"#define EF_RULE {cpp_type}\n" + HARNESS)
+    (d / "harness.cpp").write_text(preamble + HARNESS)
     lib = d / "harness.so"
     subprocess.run(
         ["g++", "-O2", "-std=c++17", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", str(d / "harness.cpp"), "-o", str(lib)],
@@ -273,10 +211,11 @@ def ptr(t: torch.Tensor):
 def test_cuda_rule_equals_rust_rule_on_the_cpu(variant, tmp_path, host_dir):
     name, hyper, slots, scalar_keys = variant
     spec = RULES[name]
-    reads_input = spec.get("reads_input", True)
-    cpp_type, _, hyper_bytes, rule_source = _native.cuda_source(name, hyper)
-    lib = compile_host(host_dir, cpp_type, rule_source)
-    assert lib.hyper_size() == len(hyper_bytes), "the kernel's Hyper must have the Rust struct's fields"
+    reads_input = _native.rule_info(name)["reads_input"]
+    program = _native.cuda_source(name, hyper)
+    hyper_bytes = program["hyper_bytes"]
+    lib = compile_host(host_dir, program["preamble"], program["header"])
+    assert lib.hyper_size() == len(hyper_bytes), "EfHyper must have one double per parameter word"
     gen = torch.Generator().manual_seed(len(tmp_path.name))
     n = 3001  # one CPU work item: the CPU engine adds per-tensor sums in element order, as here
     # (target dtype, input dtype): an fp32 target may read a bf16/fp16 input (an fp32 average of a

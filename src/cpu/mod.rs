@@ -12,7 +12,7 @@ use crate::batch::Batch;
 use crate::dtype::{DType, Elem};
 use crate::error::{Error, Result};
 use crate::real::Real;
-use crate::rules::{visit_rule, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::rules::{check_state, visit_rule, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::view::TensorView;
 use half::{bf16, f16};
 use kernel::{GradTransform, SpanPtrs};
@@ -148,9 +148,9 @@ pub trait CpuStep: Send + Sync {
 }
 
 /// Pair a batch with the rule named `rule`, built from `hyper`.
-pub fn plan<'a>(rule: &str, hyper: &Hyper, batch: &'a Batch) -> Result<Box<dyn CpuStep + 'a>> {
-    let options = Options { maximize: hyper.flag_or_false("maximize")?, check_finite: hyper.flag_or_false("check_finite")? };
-    visit_rule(rule, hyper, Planner { batch, options })?
+pub fn plan<'a>(rule: &str, hyper: &'a Hyper, batch: &'a Batch) -> Result<Box<dyn CpuStep + 'a>> {
+    let options = Options { maximize: hyper.option("maximize")?, check_finite: hyper.option("check_finite")? };
+    visit_rule(rule, hyper, Planner { batch, hyper, options })?
 }
 
 /// Rule-independent options of a group.
@@ -164,6 +164,7 @@ struct Options {
 
 struct Planner<'a> {
     batch: &'a Batch,
+    hyper: &'a Hyper,
     options: Options,
 }
 
@@ -171,17 +172,7 @@ impl<'a> RuleVisitor for Planner<'a> {
     type Output = Result<Box<dyn CpuStep + 'a>>;
     fn visit<Ru: Rule>(self, rule: Ru) -> Self::Output {
         let b = self.batch;
-        if b.slots != Ru::SLOTS || b.n_scalars != Ru::SCALARS || (Ru::READS_INPUT && b.grads.len() != b.params.len()) {
-            return Err(Error::Value(format!(
-                "rule expects {} state tensors, {} scalars and {} input; got {}, {} and {}",
-                Ru::SLOTS,
-                Ru::SCALARS,
-                if Ru::READS_INPUT { "an" } else { "no" },
-                b.slots,
-                b.n_scalars,
-                if b.grads.is_empty() { "none" } else { "some" }
-            )));
-        }
+        check_state::<Ru>(self.hyper, b.group, &b.slot_names, &b.scalar_names, b.has_input())?;
         Ok(Box::new(RuleBatch { rule, batch: self.batch, options: self.options }))
     }
 }
@@ -239,8 +230,8 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
         let mut states = [std::ptr::null_mut::<S>(); MAX_SLOTS];
         // SAFETY: offsets stay inside the validated tensors.
         unsafe {
-            for (k, st) in states.iter_mut().enumerate().take(b.slots) {
-                *st = b.states[t * b.slots + k].at::<S>(s.start);
+            for (k, st) in states.iter_mut().enumerate().take(b.slots()) {
+                *st = b.states[t * b.slots() + k].at::<S>(s.start);
             }
             let grad = if Ru::READS_INPUT { b.grads[t].at::<G>(s.start) as *const G } else { std::ptr::null() };
             SpanPtrs { param: b.params[t].at::<P>(s.start), grad, states }
@@ -271,7 +262,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
     /// with equal scalar state (the common case) share one evaluation.
     fn coeffs<R: Real>(&self, sums: &[[f64; MAX_SUMS]]) -> Vec<Ru::Coeffs<R>> {
         let b = &self.batch;
-        let ns = b.n_scalars;
+        let ns = b.n_scalars();
         let mut out = Vec::with_capacity(b.params.len());
         // (scalar state before, after, coefficients) of the previous tensor
         type Memo<C> = Option<([f64; MAX_SCALARS], [f64; MAX_SCALARS], C)>;

@@ -1,26 +1,10 @@
-//! Assembling and compiling kernel programs with NVRTC.
+//! Compiling kernel programs with NVRTC.
 
-use super::CudaKernel;
+use super::Program;
 use crate::error::{Error, Result};
-
-const COMMON: &str = include_str!("kernels/common.cuh");
-const MULTI_TENSOR: &str = include_str!("kernels/multi_tensor.cuh");
 
 /// Suffixes of the kernels in every program, one per (param, input, state) dtype combination.
 pub const KERNEL_DTYPES: [&str; 8] = ["f32", "f64", "bf16", "bf16_f32", "f16", "f16_f32", "f32_bf16in", "f32_f16in"];
-
-/// The complete NVRTC program for `kernel`: the common header, the rule's header and the
-/// multi-tensor kernel, with `#include`s of local headers removed (their text is inlined here).
-pub fn program_source(kernel: &CudaKernel) -> String {
-    let strip = |s: &str| s.lines().filter(|l| !l.trim_start().starts_with("#include \"")).collect::<Vec<_>>().join("\n");
-    format!(
-        "#define EF_RULE {}\n{}\n{}\n{}\n",
-        kernel.type_name,
-        strip(COMMON),
-        strip(kernel.source),
-        strip(MULTI_TENSOR)
-    )
-}
 
 /// Whether libnvrtc can be loaded (it ships with torch's CUDA wheels and is loaded by
 /// `import torch` there).
@@ -29,10 +13,10 @@ pub fn nvrtc_available() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
-/// Compile `kernel` to PTX for the virtual architecture `arch` (e.g. "compute_90"). Multiply-add contraction is off so the
-/// device rounds exactly like the CPU kernels (IEEE division and square root are NVRTC's
-/// defaults).
-pub fn compile_ptx(kernel: &CudaKernel, arch: &str) -> Result<String> {
+/// Compile `program` to PTX for the virtual architecture `arch` (e.g. "compute_90").
+/// Multiply-add contraction is off so the device rounds exactly like the CPU kernels (IEEE
+/// division and square root are NVRTC's defaults).
+pub fn compile_ptx(program: &Program, arch: &str) -> Result<String> {
     if !nvrtc_available() {
         return Err(Error::Cuda("cannot load libnvrtc (install torch's CUDA wheel, or set LD_LIBRARY_PATH)".into()));
     }
@@ -42,7 +26,7 @@ pub fn compile_ptx(kernel: &CudaKernel, arch: &str) -> Result<String> {
         options: vec![arch_flag, "--std=c++17".into(), "-default-device".into()],
         ..Default::default()
     };
-    cudarc::nvrtc::compile_ptx_with_opts(program_source(kernel), opts)
+    cudarc::nvrtc::compile_ptx_with_opts(program.source(), opts)
         .map(|ptx| ptx.to_src())
-        .map_err(|e| Error::Cuda(format!("NVRTC could not compile {} for {arch}: {e}", kernel.type_name)))
+        .map_err(|e| Error::Cuda(format!("NVRTC could not compile {} for {arch}: {e}", program.type_name)))
 }

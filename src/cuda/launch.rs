@@ -5,7 +5,8 @@ use super::table::{self, TensorEntry};
 use crate::batch::Batch;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::rules::{visit_rule, Hyper, Rule, RuleVisitor, MAX_SUMS};
+use super::program::{hyper_bytes, Program};
+use crate::rules::{check_state, visit_rule, Hyper, Rule, RuleVisitor, MAX_SUMS};
 use crate::view::Device;
 use cudarc::driver::{result, sys};
 use std::collections::HashMap;
@@ -111,10 +112,10 @@ fn open_device(ordinal: u32) -> Result<DeviceState> {
 }
 
 impl DeviceState {
-    /// The compiled module of `kernel`, compiling it on first use.
-    fn module(&mut self, kernel: &super::CudaKernel) -> Result<&Module> {
-        if !self.modules.contains_key(&kernel.type_name) {
-            let ptx = compile_ptx(kernel, &self.arch)?;
+    /// The compiled module of `program`, compiling it on first use.
+    fn module(&mut self, program: &Program) -> Result<&Module> {
+        if !self.modules.contains_key(&program.type_name) {
+            let ptx = compile_ptx(program, &self.arch)?;
             let ptx = CString::new(ptx).map_err(|_| Error::Internal("PTX with a NUL byte".into()))?;
             // SAFETY: a NUL-terminated PTX image; the context is current.
             let module = unsafe { result::module::load_data(ptx.as_ptr() as *const c_void) }
@@ -128,9 +129,9 @@ impl DeviceState {
                 };
                 functions.insert(name, (get("ef_step")?, get("ef_sums")?));
             }
-            self.modules.insert(kernel.type_name.clone(), Module { _module: module, functions });
+            self.modules.insert(program.type_name.clone(), Module { _module: module, functions });
         }
-        Ok(&self.modules[&kernel.type_name])
+        Ok(&self.modules[&program.type_name])
     }
 
     /// The device copy of `entries`, uploading it (asynchronously, on `stream`) if it is new.
@@ -167,8 +168,8 @@ impl DeviceState {
             let host_buf = result::malloc_host(bytes, 0).map_err(|e| driver_error("cuMemAllocHost", e))?;
             let host = std::slice::from_raw_parts_mut(host_buf as *mut u8, bytes);
             host.fill(0);
-            let table_bytes = table::as_bytes(&entries);
-            host[..table_bytes.len()].copy_from_slice(table_bytes);
+            let table_bytes = table::to_bytes(&entries);
+            host[..table_bytes.len()].copy_from_slice(&table_bytes);
             let device_buf = match result::malloc_async(stream, bytes) {
                 Ok(d) => d,
                 Err(e) => {
@@ -186,12 +187,13 @@ impl DeviceState {
 /// Pair a batch on a CUDA device with the rule named `rule`; compiles and uploads what is
 /// needed, so that the launch itself does no allocation.
 pub fn plan(rule: &str, hyper: &Hyper, batch: Batch, stream: u64) -> Result<Box<dyn CudaStep>> {
-    let maximize = hyper.flag_or_false("maximize")?;
-    visit_rule(rule, hyper, Planner { batch, stream, maximize })?
+    let maximize = hyper.option("maximize")?;
+    visit_rule(rule, hyper, Planner { batch, hyper, stream, maximize })?
 }
 
-struct Planner {
+struct Planner<'a> {
     batch: Batch,
+    hyper: &'a Hyper,
     stream: u64,
     maximize: bool,
 }
@@ -210,17 +212,15 @@ fn kernel_suffix(p: DType, g: DType, s: DType) -> &'static str {
     }
 }
 
-impl RuleVisitor for Planner {
+impl RuleVisitor for Planner<'_> {
     type Output = Result<Box<dyn CudaStep>>;
     fn visit<Ru: Rule>(self, rule: Ru) -> Self::Output {
         let b = &self.batch;
         let Device::Cuda(ordinal) = b.device else {
             return Err(Error::Internal("CUDA planner given a CPU batch".into()));
         };
-        let kernel = Ru::cuda_kernel().ok_or_else(|| Error::Cuda("this rule has no CUDA kernel yet".into()))?;
-        if b.slots != Ru::SLOTS || b.n_scalars != Ru::SCALARS || (Ru::READS_INPUT && b.grads.len() != b.params.len()) {
-            return Err(Error::Value("tensor lists do not match the rule's state".into()));
-        }
+        check_state::<Ru>(self.hyper, b.group, &b.slot_names, &b.scalar_names, b.has_input())?;
+        let program = Program::of::<Ru>()?;
         if b.scalars.iter().any(|s| s.dtype() != DType::F32) {
             return Err(Error::DType("scalar state of CUDA parameters (e.g. 'step') must be float32".into()));
         }
@@ -228,7 +228,7 @@ impl RuleVisitor for Planner {
         let n_tensors = entries.len() as i32;
         let stream = self.stream as sys::CUstream;
         let (functions, table_index, table_addr, counters, sums) = with_device(ordinal, |dev| {
-            let functions = dev.module(&kernel)?.functions[kernel_suffix(b.param_dtype, b.input_dtype, b.state_dtype)];
+            let functions = dev.module(&program)?.functions[kernel_suffix(b.param_dtype, b.input_dtype, b.state_dtype)];
             let i = dev.table(entries, stream)?;
             let t = &dev.tables[i];
             Ok((functions, i, t.device_buf, t.counters(), t.sums()))
@@ -236,7 +236,7 @@ impl RuleVisitor for Planner {
         let _ = table_index;
         Ok(Box::new(Launch {
             ordinal,
-            hyper: super::rule_bytes(&rule),
+            hyper: hyper_bytes(&rule),
             step_fn: functions.0 as usize,
             sums_fn: functions.1 as usize,
             uses_sums: Ru::SUMS > 0,

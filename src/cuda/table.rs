@@ -33,12 +33,12 @@ pub fn build(batch: &Batch) -> (Vec<TensorEntry>, i64) {
     let table = (0..batch.params.len())
         .map(|i| {
             let mut s = [0u64; MAX_SLOTS];
-            for (k, x) in s.iter_mut().enumerate().take(batch.slots) {
-                *x = batch.states[i * batch.slots + k].ptr() as u64;
+            for (k, x) in s.iter_mut().enumerate().take(batch.slots()) {
+                *x = batch.states[i * batch.slots() + k].ptr() as u64;
             }
             let mut scalars = [0u64; MAX_SCALARS];
-            for (k, x) in scalars.iter_mut().enumerate().take(batch.n_scalars) {
-                *x = batch.scalars[i * batch.n_scalars + k].ptr() as u64;
+            for (k, x) in scalars.iter_mut().enumerate().take(batch.n_scalars()) {
+                *x = batch.scalars[i * batch.n_scalars() + k].ptr() as u64;
             }
             let numel = batch.params[i].numel() as i64;
             let e = TensorEntry {
@@ -56,10 +56,17 @@ pub fn build(batch: &Batch) -> (Vec<TensorEntry>, i64) {
     (table, next)
 }
 
+impl TensorEntry {
+    /// The entry's 8-byte fields in declaration order (the layout of `EfTensor`).
+    fn words(&self) -> impl Iterator<Item = u64> + '_ {
+        let counts = [self.numel as u64, self.first_block as u64];
+        [self.p, self.g].into_iter().chain(self.s).chain(self.scalars).chain(counts)
+    }
+}
+
 /// The table as bytes, for upload.
-pub fn as_bytes(table: &[TensorEntry]) -> &[u8] {
-    // SAFETY: TensorEntry is #[repr(C)] plain data without padding (all fields are 8 bytes).
-    unsafe { std::slice::from_raw_parts(table.as_ptr() as *const u8, std::mem::size_of_val(table)) }
+pub fn to_bytes(table: &[TensorEntry]) -> Vec<u8> {
+    table.iter().flat_map(TensorEntry::words).flat_map(u64::to_ne_bytes).collect()
 }
 
 #[cfg(test)]
@@ -70,6 +77,9 @@ mod tests {
     fn entry_layout_matches_the_kernel() {
         // void* p, g; void* s[4]; float* scalars[4]; long long numel, first_block
         assert_eq!(std::mem::size_of::<TensorEntry>(), 8 * (2 + MAX_SLOTS + MAX_SCALARS + 2));
+        let e = TensorEntry { p: 1, g: 2, s: [3, 4, 5, 6], scalars: [7, 8, 9, 10], numel: 11, first_block: -1 };
+        let words: Vec<u64> = to_bytes(&[e]).chunks(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(words, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, u64::MAX]);
         assert_eq!(blocks_of(0), 1);
         assert_eq!(blocks_of(CHUNK), 1);
         assert_eq!(blocks_of(CHUNK + 1), 2);

@@ -7,6 +7,7 @@ mod step;
 mod tensor;
 
 use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 
 /// emafuse's native module.
 #[pymodule]
@@ -18,6 +19,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<step::PendingStep>()?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(rule_names, m)?)?;
+    m.add_function(wrap_pyfunction!(rule_info, m)?)?;
+    m.add_function(wrap_pyfunction!(rule_slots, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_source, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_compile, m)?)?;
     m.add_function(wrap_pyfunction!(reduce::sum_squares, m)?)?;
@@ -27,30 +30,58 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// Names of every update rule the engine has.
 #[pyfunction]
 fn rule_names() -> Vec<&'static str> {
-    crate::rules::RULE_NAMES.to_vec()
+    crate::rules::all().map(|i| i.name).collect()
 }
 
-/// `(cpp_type, program_source, hyper_bytes, rule_header)` of a rule's CUDA twin (for tests).
+/// The description of the rule `name`: `{name, summary, numbers, flags, optional_flags, scalars,
+/// reads_input}` (names as tuples of str).
 #[pyfunction]
-fn cuda_source<'py>(
-    py: Python<'py>,
-    rule: &str,
-    hyper: &Bound<'py, pyo3::types::PyDict>,
-) -> PyResult<(String, String, Bound<'py, pyo3::types::PyBytes>, &'static str)> {
+fn rule_info<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyDict>> {
+    let info = crate::rules::info(name).map_err(|e| errors::to_py(py, e))?;
+    let d = PyDict::new(py);
+    d.set_item("name", info.name)?;
+    d.set_item("summary", info.summary)?;
+    d.set_item("numbers", PyTuple::new(py, info.numbers)?)?;
+    d.set_item("flags", PyTuple::new(py, info.flags)?)?;
+    d.set_item("optional_flags", PyTuple::new(py, info.optional_flags)?)?;
+    d.set_item("scalars", PyTuple::new(py, info.scalars)?)?;
+    d.set_item("reads_input", info.reads_input)?;
+    Ok(d)
+}
+
+/// The state slot names (in order) of the rule `name` built from the hyper-parameters `hyper`
+/// (the dict a step passes).
+#[pyfunction]
+fn rule_slots<'py>(py: Python<'py>, name: &str, hyper: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyTuple>> {
     let h = plan::hyper_from(hyper).map_err(|e| errors::to_py(py, e))?;
-    let (kernel, bytes) = crate::cuda::describe(rule, &h).map_err(|e| errors::to_py(py, e))?;
-    let source = crate::cuda::program_source(&kernel);
-    Ok((kernel.type_name, source, pyo3::types::PyBytes::new(py, &bytes), kernel.source))
+    let names = crate::rules::slot_names(name, &h).map_err(|e| errors::to_py(py, e))?;
+    PyTuple::new(py, names)
+}
+
+/// The CUDA program of a rule built from `hyper` (for tests): `{type_name, source, preamble,
+/// header, hyper_bytes}` (the whole NVRTC program, its generated part, the rule's `.cuh`, and the
+/// kernels' `EfHyper` argument).
+#[pyfunction]
+fn cuda_source<'py>(py: Python<'py>, rule: &str, hyper: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyDict>> {
+    let h = plan::hyper_from(hyper).map_err(|e| errors::to_py(py, e))?;
+    let (program, bytes) = crate::cuda::describe(rule, &h).map_err(|e| errors::to_py(py, e))?;
+    let d = PyDict::new(py);
+    d.set_item("type_name", &program.type_name)?;
+    d.set_item("source", program.source())?;
+    d.set_item("preamble", program.preamble())?;
+    d.set_item("header", program.header)?;
+    d.set_item("hyper_bytes", PyBytes::new(py, &bytes))?;
+    Ok(d)
 }
 
 /// Compile a rule's CUDA program with NVRTC for `arch` (e.g. "compute_90"); returns the PTX.
 /// Needs libnvrtc (shipped with torch's CUDA wheels), not a GPU.
 #[pyfunction]
-fn cuda_compile(py: Python<'_>, rule: &str, hyper: &Bound<'_, pyo3::types::PyDict>, arch: &str) -> PyResult<String> {
+fn cuda_compile(py: Python<'_>, rule: &str, hyper: &Bound<'_, PyDict>, arch: &str) -> PyResult<String> {
     let h = plan::hyper_from(hyper).map_err(|e| errors::to_py(py, e))?;
-    let (kernel, _) = crate::cuda::describe(rule, &h).map_err(|e| errors::to_py(py, e))?;
+    let (program, _) = crate::cuda::describe(rule, &h).map_err(|e| errors::to_py(py, e))?;
     let arch = arch.to_string();
-    py.detach(move || crate::cuda::compile_ptx(&kernel, &arch)).map_err(|e| errors::to_py(py, e))
+    py.detach(move || crate::cuda::compile_ptx(&program, &arch)).map_err(|e| errors::to_py(py, e))
 }
 
 /// Threads of emafuse's CPU pool (`EMAFUSE_NUM_THREADS`, else the available cores).

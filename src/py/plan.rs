@@ -315,7 +315,9 @@ fn call_tensors(call: &Call, kept: &[TensorInfo], grads: &[TensorInfo]) -> Group
     };
     let states = (0..call.n_slots).map(|k| list(call.state_obj(k, 0))).collect();
     let scalars = (call.n_slots..call.keys.len()).map(|k| list(call.state_obj(k, 0))).collect();
-    GroupTensors { params: list(call.base), grads, states, scalars }
+    let (slot_keys, scalar_keys) = call.keys.split_at(call.n_slots);
+    let names = |keys: &[Py<PyString>]| keys.iter().map(|k| k.to_string()).collect();
+    GroupTensors { params: list(call.base), grads, slot_names: names(slot_keys), states, scalar_names: names(scalar_keys), scalars }
 }
 
 /// Map every parameter whose gradient a run reads to its place in the watched lists.

@@ -21,24 +21,34 @@
 //! reference only when `s` or `m` is already infinite or NaN in the first (ρ_t < 5) steps.
 //! State slots: `exp_avg`, `exp_avg_var`, then `max_exp_avg_var` with amsgrad.
 
-use super::{next_step, bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
-use crate::cuda::CudaKernel;
+use super::{next_step, bool_dispatch, check_non_negative, check_unit_interval, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS, rule_params, RuleHyper, RuleInfo};
 use crate::error::Result;
 use crate::real::Real;
 
-/// AdaBelief's hyper-parameters. Flags: `AMSGRAD`, `DECOUPLE` (`weight_decouple`), `RECTIFY`.
-#[repr(C)]
-#[derive(Clone, Debug)]
-pub struct AdaBelief<const AMSGRAD: bool, const DECOUPLE: bool, const RECTIFY: bool> {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    /// What the decoupled decay rate is multiplied by: `lr`, or 1 with `fixed_decay`.
-    pub decay_lr: f64,
-    /// 1 if the rectified update falls back to SGD with momentum while ρ_t < 5, else 0.
-    pub degenerated_to_sgd: f64,
+/// The `adabelief` rule.
+pub const INFO: RuleInfo = RuleInfo {
+    name: "adabelief",
+    summary: "AdaBelief (Zhuang et al.) as adabelief-pytorch 0.2.1, optionally rectified",
+    numbers: &["lr", "beta1", "beta2", "eps", "weight_decay"],
+    flags: &["amsgrad", "weight_decouple", "fixed_decay", "rectify", "degenerated_to_sgd"],
+    optional_flags: &[],
+    scalars: &["step"],
+    reads_input: true,
+};
+
+rule_params! {
+    /// AdaBelief's hyper-parameters. Flags: `AMSGRAD`, `DECOUPLE` (`weight_decouple`), `RECTIFY`.
+    pub struct AdaBelief<const AMSGRAD: bool, const DECOUPLE: bool, const RECTIFY: bool> {
+        pub lr: f64,
+        pub beta1: f64,
+        pub beta2: f64,
+        pub eps: f64,
+        pub weight_decay: f64,
+        /// What the decoupled decay rate is multiplied by: `lr`, or 1 with `fixed_decay`.
+        pub decay_lr: f64,
+        /// 1 if the rectified update falls back to SGD with momentum while ρ_t < 5, else 0.
+        pub degenerated_to_sgd: f64,
+    }
 }
 
 /// AdaBelief's per-tensor coefficients.
@@ -74,8 +84,8 @@ pub fn rectified_step(beta1: f64, beta2: f64, t: f64, degenerated_to_sgd: bool) 
 }
 
 impl<const AMSGRAD: bool, const DECOUPLE: bool, const RECTIFY: bool> Rule for AdaBelief<AMSGRAD, DECOUPLE, RECTIFY> {
-    const SLOTS: usize = if AMSGRAD { 3 } else { 2 };
-    const SCALARS: usize = 1;
+    const INFO: &'static RuleInfo = &INFO;
+    const SLOT_NAMES: &'static [&'static str] = if AMSGRAD { &["exp_avg", "exp_avg_var", "max_exp_avg_var"] } else { &["exp_avg", "exp_avg_var"] };
     type Coeffs<R: Real> = AdaBeliefCoeffs<R>;
 
     /// `scalars[0]` is the per-parameter `step`, incremented here.
@@ -119,15 +129,11 @@ impl<const AMSGRAD: bool, const DECOUPLE: bool, const RECTIFY: bool> Rule for Ad
         let x = if AMSGRAD && !RECTIFY { s[2] } else { v };
         p + c.step * m / (x.sqrt() / c.div + c.add)
     }
-
-    fn cuda_kernel() -> Option<CudaKernel> {
-        Some(CudaKernel { source: include_str!("../cuda/kernels/adabelief.cuh"), type_name: format!("AdaBelief<{AMSGRAD}, {DECOUPLE}, {RECTIFY}>") })
-    }
 }
 
 /// Build AdaBelief from `lr, beta1, beta2, eps, weight_decay` and flags `amsgrad,
 /// weight_decouple, fixed_decay, rectify, degenerated_to_sgd`.
-pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
+pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let lr = check_non_negative("lr", h.num("lr")?)?;
     let beta1 = check_unit_interval("beta1", h.num("beta1")?)?;
     let beta2 = check_unit_interval("beta2", h.num("beta2")?)?;

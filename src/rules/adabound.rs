@@ -13,24 +13,34 @@
 //! `lo = f·(1 − 1/(γ·t + 1))`, `hi = f·(1 + 1/(γ·t))`.
 //! State slots: `exp_avg`, `exp_avg_sq`, then `max_exp_avg_sq` with amsbound; scalar `step`.
 
-use super::{next_step, bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
-use crate::cuda::CudaKernel;
+use super::{next_step, bool_dispatch, check_non_negative, check_unit_interval, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS, rule_params, RuleHyper, RuleInfo};
 use crate::error::{Error, Result};
 use crate::real::Real;
 
-/// AdaBound's hyper-parameters; `AMSBOUND` and `L2` (wd ≠ 0) are compile-time flags.
-#[derive(Clone, Debug)]
-#[repr(C)]
-pub struct AdaBound<const AMSBOUND: bool, const L2: bool> {
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    final_lr: f64,
-    gamma: f64,
-    eps: f64,
-    weight_decay: f64,
-    /// The group's learning rate when it was added (the scheduler's reference point).
-    base_lr: f64,
+/// The `adabound` rule.
+pub const INFO: RuleInfo = RuleInfo {
+    name: "adabound",
+    summary: "AdaBound / AMSBound (Luo et al.) as Luolc/AdaBound",
+    numbers: &["lr", "beta1", "beta2", "final_lr", "gamma", "eps", "weight_decay", "base_lr"],
+    flags: &["amsbound"],
+    optional_flags: &[],
+    scalars: &["step"],
+    reads_input: true,
+};
+
+rule_params! {
+    /// AdaBound's hyper-parameters; `AMSBOUND` and `L2` (wd ≠ 0) are compile-time flags.
+    pub struct AdaBound<const AMSBOUND: bool, const L2: bool> {
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        final_lr: f64,
+        gamma: f64,
+        eps: f64,
+        weight_decay: f64,
+        /// The group's learning rate when it was added (the scheduler's reference point).
+        base_lr: f64,
+    }
 }
 
 /// AdaBound's per-tensor coefficients.
@@ -48,8 +58,8 @@ pub struct AdaBoundCoeffs<R: Real> {
 }
 
 impl<const AMSBOUND: bool, const L2: bool> Rule for AdaBound<AMSBOUND, L2> {
-    const SLOTS: usize = if AMSBOUND { 3 } else { 2 };
-    const SCALARS: usize = 1;
+    const INFO: &'static RuleInfo = &INFO;
+    const SLOT_NAMES: &'static [&'static str] = if AMSBOUND { &["exp_avg", "exp_avg_sq", "max_exp_avg_sq"] } else { &["exp_avg", "exp_avg_sq"] };
     type Coeffs<R: Real> = AdaBoundCoeffs<R>;
 
     /// `scalars[0]` is the parameter's `step`, incremented here.
@@ -86,15 +96,11 @@ impl<const AMSBOUND: bool, const L2: bool> Rule for AdaBound<AMSBOUND, L2> {
         let step = (c.step_size / (v_bar.sqrt() + c.eps)).max_nan(c.lower).min_nan(c.upper);
         p + -(step * m)
     }
-
-    fn cuda_kernel() -> Option<CudaKernel> {
-        Some(CudaKernel { source: include_str!("../cuda/kernels/adabound.cuh"), type_name: format!("AdaBound<{AMSBOUND}, {L2}>") })
-    }
 }
 
 /// Build AdaBound from `lr, beta1, beta2, final_lr, gamma, eps, weight_decay, base_lr` and flag
 /// `amsbound`.
-pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
+pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let lr = check_non_negative("lr", h.num("lr")?)?;
     let beta1 = check_unit_interval("beta1", h.num("beta1")?)?;
     let beta2 = check_unit_interval("beta2", h.num("beta2")?)?;

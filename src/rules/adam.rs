@@ -17,22 +17,35 @@
 //! `ema` update after the step when the parameter's dtype is the compute type (fp32/fp64); the
 //! Python layer only uses it then.
 
-use super::{next_step, bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
-use crate::cuda::CudaKernel;
+use super::{
+    bool_dispatch, check_non_negative, check_unit_interval, next_step, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor,
+    MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
+};
 use crate::error::Result;
 use crate::real::{Lerp, Real};
 
-/// Adam's hyper-parameters; `AMSGRAD`, `DECOUPLED` (AdamW) and `EMA` (fused model EMA in the
-/// last slot) are compile-time flags.
-#[repr(C)]
-#[derive(Clone, Debug)]
-pub struct Adam<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool = false> {
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-    ema_weight: f64,
+/// The `adam` rule.
+pub const INFO: RuleInfo = RuleInfo {
+    name: "adam",
+    summary: "Adam / AdamW / AMSGrad as torch.optim, optionally with a fused model EMA",
+    numbers: &["lr", "beta1", "beta2", "eps", "weight_decay", "ema_weight"],
+    flags: &["amsgrad", "decoupled", "ema"],
+    optional_flags: &["ema"],
+    scalars: &["step"],
+    reads_input: true,
+};
+
+rule_params! {
+    /// Adam's hyper-parameters; `AMSGRAD`, `DECOUPLED` (AdamW) and `EMA` (fused model EMA in the
+    /// last slot) are compile-time flags.
+    pub struct Adam<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool> {
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+        ema_weight: f64,
+    }
 }
 
 /// Adam's per-tensor coefficients.
@@ -50,8 +63,13 @@ pub struct AdamCoeffs<R: Real> {
 }
 
 impl<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool> Rule for Adam<AMSGRAD, DECOUPLED, EMA> {
-    const SLOTS: usize = if AMSGRAD { 3 } else { 2 } + if EMA { 1 } else { 0 };
-    const SCALARS: usize = 1;
+    const INFO: &'static RuleInfo = &INFO;
+    const SLOT_NAMES: &'static [&'static str] = match (AMSGRAD, EMA) {
+        (false, false) => &["exp_avg", "exp_avg_sq"],
+        (true, false) => &["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
+        (false, true) => &["exp_avg", "exp_avg_sq", "ema"],
+        (true, true) => &["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ema"],
+    };
     type Coeffs<R: Real> = AdamCoeffs<R>;
 
     /// `scalars[0]` is torch's `state['step']`, incremented here.
@@ -91,21 +109,17 @@ impl<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool> Rule for Adam<
         }
         p
     }
-
-    fn cuda_kernel() -> Option<CudaKernel> {
-        Some(CudaKernel { source: include_str!("../cuda/kernels/adam.cuh"), type_name: format!("Adam<{AMSGRAD}, {DECOUPLED}, {EMA}>") })
-    }
 }
 
 /// Build Adam from `lr, beta1, beta2, eps, weight_decay` and flags `amsgrad, decoupled`; with
 /// the optional flag `ema`, also `ema_weight`.
-pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
+pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let lr = check_non_negative("lr", h.num("lr")?)?;
     let beta1 = check_unit_interval("beta1", h.num("beta1")?)?;
     let beta2 = check_unit_interval("beta2", h.num("beta2")?)?;
     let eps = check_non_negative("eps", h.num("eps")?)?;
     let weight_decay = check_non_negative("weight_decay", h.num("weight_decay")?)?;
-    let ema = h.flag_or_false("ema")?;
+    let ema = h.flag("ema")?;
     let ema_weight = if ema { h.num("ema_weight")? } else { 0.0 };
     if !(0.0..=1.0).contains(&ema_weight) {
         return Err(crate::error::Error::Value(format!("ema_weight must be in [0, 1], got {ema_weight}")));
@@ -131,17 +145,17 @@ mod tests {
     #[test]
     fn matches_spec_in_f64() {
         for &decoupled in &[true, false] {
-            let rule_d = Adam::<false, true> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
-            let rule_l = Adam::<false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
+            let rule_d = Adam::<false, true, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
+            let rule_l = Adam::<false, false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
             let (mut p, mut m, mut v) = (0.7f64, 0.05, 0.002);
             let (mut rp, mut rm, mut rv) = (p, m, v);
             for t in 1..=20 {
                 let g = ((t as f64) * 0.37).sin() + 0.1;
                 let mut s = [m, v, 0.0, 0.0];
                 p = if decoupled {
-                    Adam::<false, true>::update(&rule_d.coeffs::<f64>(&mut [t as f64 - 1.0; 4], &[0.0; 4]), p, g, &mut s)
+                    Adam::<false, true, false>::update(&rule_d.coeffs::<f64>(&mut [t as f64 - 1.0; 4], &[0.0; 4]), p, g, &mut s)
                 } else {
-                    Adam::<false, false>::update(&rule_l.coeffs::<f64>(&mut [t as f64 - 1.0; 4], &[0.0; 4]), p, g, &mut s)
+                    Adam::<false, false, false>::update(&rule_l.coeffs::<f64>(&mut [t as f64 - 1.0; 4], &[0.0; 4]), p, g, &mut s)
                 };
                 (m, v) = (s[0], s[1]);
                 (rp, rm, rv) = reference(rp, g, rm, rv, t as f64, 0.1, decoupled);
@@ -152,11 +166,11 @@ mod tests {
 
     #[test]
     fn fused_ema_lerps_towards_the_new_parameter() {
-        let plain = Adam::<false, true> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
+        let plain = Adam::<false, true, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
         let fused = Adam::<false, true, true> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.25 };
         let mut s1 = [0.1f32, 0.01, 0.0, 0.0];
         let mut s2 = [0.1f32, 0.01, 0.5, 0.0];
-        let p1 = Adam::<false, true>::update(&plain.coeffs::<f32>(&mut [3.0; 4], &[0.0; 4]), 0.7, 0.3, &mut s1);
+        let p1 = Adam::<false, true, false>::update(&plain.coeffs::<f32>(&mut [3.0; 4], &[0.0; 4]), 0.7, 0.3, &mut s1);
         let p2 = Adam::<false, true, true>::update(&fused.coeffs::<f32>(&mut [3.0; 4], &[0.0; 4]), 0.7, 0.3, &mut s2);
         assert_eq!(p1, p2);
         assert_eq!(s2[2], 0.5 + 0.25 * (p1 - 0.5));
@@ -164,15 +178,15 @@ mod tests {
 
     #[test]
     fn amsgrad_keeps_running_max_of_raw_v() {
-        let rule = Adam::<true, true> { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0, ema_weight: 0.0 };
+        let rule = Adam::<true, true, false> { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0, ema_weight: 0.0 };
         let mut s = [0.0f32, 0.5, 0.6, 0.0];
         let mut scalars = [2.0; MAX_SCALARS];
         let c = rule.coeffs::<f32>(&mut scalars, &[0.0; MAX_SUMS]);
         assert_eq!(scalars[0], 3.0);
-        Adam::<true, true>::update(&c, 1.0, 0.01, &mut s);
+        Adam::<true, true, false>::update(&c, 1.0, 0.01, &mut s);
         assert_eq!(s[2], 0.6);
         s[2] = 0.1;
-        Adam::<true, true>::update(&c, 1.0, 0.01, &mut s);
+        Adam::<true, true, false>::update(&c, 1.0, 0.01, &mut s);
         assert_eq!(s[2], s[1]);
     }
 }

@@ -12,21 +12,31 @@
 //! ```
 //! State slots: `exp_avg`, `exp_avg_sq`, `exp_avg_lr`.
 
-use super::{next_step, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
-use crate::cuda::CudaKernel;
+use super::{next_step, check_non_negative, check_unit_interval, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS, rule_params, RuleHyper, RuleInfo};
 use crate::error::Result;
 use crate::real::Real;
 
-/// AdaMod's hyper-parameters.
-#[repr(C)]
-#[derive(Clone, Debug)]
-pub struct AdaMod {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub beta3: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
+/// The `adamod` rule.
+pub const INFO: RuleInfo = RuleInfo {
+    name: "adamod",
+    summary: "AdaMod (Ding et al.) as lancopku/AdaMod: Adam with a momental bound on the step size",
+    numbers: &["lr", "beta1", "beta2", "beta3", "eps", "weight_decay"],
+    flags: &[],
+    optional_flags: &[],
+    scalars: &["step"],
+    reads_input: true,
+};
+
+rule_params! {
+    /// AdaMod's hyper-parameters.
+    pub struct AdaMod {
+        pub lr: f64,
+        pub beta1: f64,
+        pub beta2: f64,
+        pub beta3: f64,
+        pub eps: f64,
+        pub weight_decay: f64,
+    }
 }
 
 /// AdaMod's per-tensor coefficients.
@@ -44,8 +54,8 @@ pub struct AdaModCoeffs<R: Real> {
 }
 
 impl Rule for AdaMod {
-    const SLOTS: usize = 3;
-    const SCALARS: usize = 1;
+    const INFO: &'static RuleInfo = &INFO;
+    const SLOT_NAMES: &'static [&'static str] = &["exp_avg", "exp_avg_sq", "exp_avg_lr"];
     type Coeffs<R: Real> = AdaModCoeffs<R>;
 
     /// `scalars[0]` is the per-parameter `step`, incremented here.
@@ -76,14 +86,10 @@ impl Rule for AdaMod {
         s[2] = bound;
         p - eta.min_nan(bound) * m
     }
-
-    fn cuda_kernel() -> Option<CudaKernel> {
-        Some(CudaKernel { source: include_str!("../cuda/kernels/adamod.cuh"), type_name: "AdaMod".to_string() })
-    }
 }
 
 /// Build AdaMod from `lr, beta1, beta2, beta3, eps, weight_decay`.
-pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
+pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let lr = check_non_negative("lr", h.num("lr")?)?;
     let beta1 = check_unit_interval("beta1", h.num("beta1")?)?;
     let beta2 = check_unit_interval("beta2", h.num("beta2")?)?;

@@ -10,22 +10,32 @@
 //! ```
 //! State slots: `exp_avg`, `exp_avg_sq`.
 
-use super::{next_step, bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
-use crate::cuda::CudaKernel;
+use super::{next_step, bool_dispatch, check_non_negative, check_unit_interval, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS, rule_params, RuleHyper, RuleInfo};
 use crate::error::Result;
 use crate::real::Real;
 
-/// AdaMomentum's hyper-parameters. `DECOUPLE`: `weight_decouple`.
-#[repr(C)]
-#[derive(Clone, Debug)]
-pub struct AdaMomentum<const DECOUPLE: bool> {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    /// What the decoupled decay rate is multiplied by: `lr`, or 1 with `fixed_decay`.
-    pub decay_lr: f64,
+/// The `adamomentum` rule.
+pub const INFO: RuleInfo = RuleInfo {
+    name: "adamomentum",
+    summary: "AdaMomentum (Wang et al.): the second moment of the momentum instead of the gradient",
+    numbers: &["lr", "beta1", "beta2", "eps", "weight_decay"],
+    flags: &["weight_decouple", "fixed_decay"],
+    optional_flags: &[],
+    scalars: &["step"],
+    reads_input: true,
+};
+
+rule_params! {
+    /// AdaMomentum's hyper-parameters. `DECOUPLE`: `weight_decouple`.
+    pub struct AdaMomentum<const DECOUPLE: bool> {
+        pub lr: f64,
+        pub beta1: f64,
+        pub beta2: f64,
+        pub eps: f64,
+        pub weight_decay: f64,
+        /// What the decoupled decay rate is multiplied by: `lr`, or 1 with `fixed_decay`.
+        pub decay_lr: f64,
+    }
 }
 
 /// AdaMomentum's per-tensor coefficients.
@@ -43,8 +53,8 @@ pub struct AdaMomentumCoeffs<R: Real> {
 }
 
 impl<const DECOUPLE: bool> Rule for AdaMomentum<DECOUPLE> {
-    const SLOTS: usize = 2;
-    const SCALARS: usize = 1;
+    const INFO: &'static RuleInfo = &INFO;
+    const SLOT_NAMES: &'static [&'static str] = &["exp_avg", "exp_avg_sq"];
     type Coeffs<R: Real> = AdaMomentumCoeffs<R>;
 
     /// `scalars[0]` is the per-parameter `step`, incremented here.
@@ -72,15 +82,11 @@ impl<const DECOUPLE: bool> Rule for AdaMomentum<DECOUPLE> {
         s[1] = v;
         p + c.neg_step_size * m / (v.sqrt() / c.bc2_sqrt)
     }
-
-    fn cuda_kernel() -> Option<CudaKernel> {
-        Some(CudaKernel { source: include_str!("../cuda/kernels/adamomentum.cuh"), type_name: format!("AdaMomentum<{DECOUPLE}>") })
-    }
 }
 
 /// Build AdaMomentum from `lr, beta1, beta2, eps, weight_decay` and flags `weight_decouple,
 /// fixed_decay`.
-pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
+pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let lr = check_non_negative("lr", h.num("lr")?)?;
     let beta1 = check_unit_interval("beta1", h.num("beta1")?)?;
     let beta2 = check_unit_interval("beta2", h.num("beta2")?)?;

@@ -17,27 +17,37 @@
 //! ```
 //! State slots: `exp_avg` (m), `exp_avg_sq` (n), `exp_avg_diff` (v), `neg_pre_grad` (r).
 
-use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
-use crate::cuda::CudaKernel;
+use super::{bool_dispatch, check_non_negative, check_unit_interval, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS, rule_params, RuleHyper, RuleInfo};
 use crate::error::{Error, Result};
 use crate::real::Real;
 
-/// Adan's hyper-parameters for one group and step. `NO_PROX`: decoupled decay before the update
-/// instead of the proximal division after it; `FIRST`: the previous gradient is (re)started from
-/// this one.
-#[derive(Clone, Debug)]
-#[repr(C)]
-pub struct Adan<const NO_PROX: bool, const FIRST: bool> {
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    beta3: f64,
-    eps: f64,
-    weight_decay: f64,
-    /// Global gradient clipping factor, in [0, 1].
-    clip: f64,
-    /// The group's step counter after this step's increment (k >= 1).
-    step: f64,
+/// The `adan` rule; `first` is set by the engine on the group's first step and for fresh state.
+pub const INFO: RuleInfo = RuleInfo {
+    name: "adan",
+    summary: "Adan (Xie et al.) as sail-sg/Adan, with the group step and clipping factor from Python",
+    numbers: &["lr", "beta1", "beta2", "beta3", "eps", "weight_decay", "clip", "step"],
+    flags: &["no_prox", "first"],
+    optional_flags: &["first"],
+    scalars: &[],
+    reads_input: true,
+};
+
+rule_params! {
+    /// Adan's hyper-parameters for one group and step. `NO_PROX`: decoupled decay before the update
+    /// instead of the proximal division after it; `FIRST`: the previous gradient is (re)started from
+    /// this one.
+    pub struct Adan<const NO_PROX: bool, const FIRST: bool> {
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        beta3: f64,
+        eps: f64,
+        weight_decay: f64,
+        /// Global gradient clipping factor, in [0, 1].
+        clip: f64,
+        /// The group's step counter after this step's increment (k >= 1).
+        step: f64,
+    }
 }
 
 /// Adan's coefficients (the same for every tensor of a group).
@@ -59,7 +69,8 @@ pub struct AdanCoeffs<R: Real> {
 }
 
 impl<const NO_PROX: bool, const FIRST: bool> Rule for Adan<NO_PROX, FIRST> {
-    const SLOTS: usize = 4;
+    const INFO: &'static RuleInfo = &INFO;
+    const SLOT_NAMES: &'static [&'static str] = &["exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"];
     type Coeffs<R: Real> = AdanCoeffs<R>;
 
     fn coeffs<R: Real>(&self, _scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> AdanCoeffs<R> {
@@ -109,15 +120,11 @@ impl<const NO_PROX: bool, const FIRST: bool> Rule for Adan<NO_PROX, FIRST> {
             p / c.prox
         }
     }
-
-    fn cuda_kernel() -> Option<CudaKernel> {
-        Some(CudaKernel { source: include_str!("../cuda/kernels/adan.cuh"), type_name: format!("Adan<{NO_PROX}, {FIRST}>") })
-    }
 }
 
 /// Build Adan from `lr, beta1, beta2, beta3, eps, weight_decay, clip, step` and flags
 /// `no_prox, first`.
-pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
+pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let lr = check_non_negative("lr", h.num("lr")?)?;
     let beta1 = check_unit_interval("beta1", h.num("beta1")?)?;
     let beta2 = check_unit_interval("beta2", h.num("beta2")?)?;
@@ -134,7 +141,7 @@ pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
     if !(step >= 1.0 && step.fract() == 0.0) {
         return Err(Error::Value(format!("step must be a positive integer, got {step}")));
     }
-    let first = h.flag_or_false("first")?;
+    let first = h.flag("first")?;
     Ok(bool_dispatch!(h.flag("no_prox")? => N, first => F;
         v.visit(Adan::<N, F> { lr, beta1, beta2, beta3, eps, weight_decay, clip, step })))
 }

@@ -12,26 +12,36 @@
 //! for β3), evaluated per tensor on the host from its step counter.
 //! State slots: `exp_avg_fast` (only when β1 ≠ 0), `exp_avg_slow`, `exp_avg_sq`.
 
-use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
-use crate::cuda::CudaKernel;
+use super::{bool_dispatch, check_non_negative, check_unit_interval, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS, rule_params, RuleHyper, RuleInfo};
 use crate::error::Result;
 use crate::real::Real;
 
-/// AdEMAMix's hyper-parameters. `FAST`: β1 ≠ 0 (a fast EMA is kept).
-#[repr(C)]
-#[derive(Clone, Debug)]
-pub struct AdEMAMix<const FAST: bool> {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub beta3: f64,
-    pub alpha: f64,
-    /// Steps of α warm-up (0: none).
-    pub alpha_warmup: f64,
-    /// Steps of β3 warm-up (0: none).
-    pub beta3_warmup: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
+/// The `ademamix` rule.
+pub const INFO: RuleInfo = RuleInfo {
+    name: "ademamix",
+    summary: "AdEMAMix (Pagliardini et al.) as apple/ml-ademamix, with its alpha and beta3 warm-ups",
+    numbers: &["lr", "beta1", "beta2", "beta3", "alpha", "alpha_warmup", "beta3_warmup", "eps", "weight_decay"],
+    flags: &[],
+    optional_flags: &[],
+    scalars: &["step"],
+    reads_input: true,
+};
+
+rule_params! {
+    /// AdEMAMix's hyper-parameters. `FAST`: β1 ≠ 0 (a fast EMA is kept).
+    pub struct AdEMAMix<const FAST: bool> {
+        pub lr: f64,
+        pub beta1: f64,
+        pub beta2: f64,
+        pub beta3: f64,
+        pub alpha: f64,
+        /// Steps of α warm-up (0: none).
+        pub alpha_warmup: f64,
+        /// Steps of β3 warm-up (0: none).
+        pub beta3_warmup: f64,
+        pub eps: f64,
+        pub weight_decay: f64,
+    }
 }
 
 /// AdEMAMix's per-tensor coefficients.
@@ -75,8 +85,8 @@ pub fn beta3_at(t: f64, beta1: f64, beta3: f64, warmup: f64) -> f64 {
 }
 
 impl<const FAST: bool> Rule for AdEMAMix<FAST> {
-    const SLOTS: usize = if FAST { 3 } else { 2 };
-    const SCALARS: usize = 1;
+    const INFO: &'static RuleInfo = &INFO;
+    const SLOT_NAMES: &'static [&'static str] = if FAST { &["exp_avg_fast", "exp_avg_slow", "exp_avg_sq"] } else { &["exp_avg_slow", "exp_avg_sq"] };
     type Coeffs<R: Real> = AdEMAMixCoeffs<R>;
 
     /// `scalars[0]` is the per-parameter `step`, incremented here.
@@ -118,15 +128,11 @@ impl<const FAST: bool> Rule for AdEMAMix<FAST> {
         let u = (m1 / c.bc1 + c.alpha * m2) / denom + c.weight_decay * p;
         p + c.neg_lr * u
     }
-
-    fn cuda_kernel() -> Option<CudaKernel> {
-        Some(CudaKernel { source: include_str!("../cuda/kernels/ademamix.cuh"), type_name: format!("AdEMAMix<{FAST}>") })
-    }
 }
 
 /// Build AdEMAMix from `lr, beta1, beta2, beta3, alpha, alpha_warmup, beta3_warmup, eps,
 /// weight_decay` (warm-ups: 0 for none).
-pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
+pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let lr = check_non_negative("lr", h.num("lr")?)?;
     let beta1 = check_unit_interval("beta1", h.num("beta1")?)?;
     let beta2 = check_unit_interval("beta2", h.num("beta2")?)?;

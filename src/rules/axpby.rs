@@ -5,21 +5,32 @@
 //! ```
 //! Uniform/greedy soups, LAWA's output, post-hoc EMA reconstruction and LITI are built from it.
 
-use super::{bool_dispatch, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
-use crate::cuda::CudaKernel;
+use super::{bool_dispatch, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS, rule_params, RuleHyper, RuleInfo};
 use crate::error::{Error, Result};
 use crate::real::Real;
 
-/// `S ← a·S + b·X`.
-#[repr(C)]
-#[derive(Clone, Debug)]
-pub struct Axpby<const ASSIGN: bool> {
-    a: f64,
-    b: f64,
+/// The `axpby` rule.
+pub const INFO: RuleInfo = RuleInfo {
+    name: "axpby",
+    summary: "Weighted sum S <- a*S + b*X (or S <- b*X with assign), for soups, LAWA and post-hoc EMA",
+    numbers: &["a", "b"],
+    flags: &["assign"],
+    optional_flags: &["assign"],
+    scalars: &[],
+    reads_input: true,
+};
+
+rule_params! {
+    /// `S ← a·S + b·X`.
+    pub struct Axpby<const ASSIGN: bool> {
+        a: f64,
+        b: f64,
+    }
 }
 
 impl<const ASSIGN: bool> Rule for Axpby<ASSIGN> {
-    const SLOTS: usize = 0;
+    const INFO: &'static RuleInfo = &INFO;
+    const SLOT_NAMES: &'static [&'static str] = &[];
     type Coeffs<R: Real> = (R, R);
 
     fn coeffs<R: Real>(&self, _scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> (R, R) {
@@ -34,15 +45,11 @@ impl<const ASSIGN: bool> Rule for Axpby<ASSIGN> {
             c.0 * s + c.1 * x
         }
     }
-
-    fn cuda_kernel() -> Option<CudaKernel> {
-        Some(CudaKernel { source: include_str!("../cuda/kernels/axpby.cuh"), type_name: format!("Axpby<{ASSIGN}>") })
-    }
 }
 
 /// Build `axpby` from `a`, `b` and the flag `assign`.
-pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
-    let assign = h.flag_or_false("assign")?;
+pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
+    let assign = h.flag("assign")?;
     let a = if assign { 0.0 } else { h.num("a")? };
     let b = h.num("b")?;
     if !a.is_finite() || !b.is_finite() {

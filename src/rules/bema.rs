@@ -1,24 +1,34 @@
 //! BEMA, bias-corrected EMA (Block & Zhang, arXiv 2508.00180; spec averaging.md B.1, D.1 K3).
 //!
-//! Written tensor: the EMA `E`; input: the model `θ`; slot 0: the BEMA estimate `O` (written);
-//! slot 1: the anchor `θ₀` (read). Per event, with `β` (an update weight) and `α` from the host:
+//! Written tensor: the EMA `E`; input: the model `θ`; slot 0 (`out`): the BEMA estimate `O`
+//! (written); slot 1 (`anchor`): the anchor `θ₀` (read). Per event, with `β` (an update weight) and `α` from the host:
 //! ```text
 //! E ← lerp(E, θ, β)
 //! O ← α·(θ − θ₀) + E
 //! ```
 //! `RESET` (burn-in): `E ← θ`, `O ← θ`, `θ₀ ← θ`.
 
-use super::{bool_dispatch, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
-use crate::cuda::CudaKernel;
+use super::{bool_dispatch, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS, rule_params, RuleHyper, RuleInfo};
 use crate::error::{Error, Result};
 use crate::real::{Lerp, Real};
 
-/// BEMA's weights for one event.
-#[repr(C)]
-#[derive(Clone, Debug)]
-pub struct Bema<const RESET: bool> {
-    alpha: f64,
-    beta: f64,
+/// The `bema` rule.
+pub const INFO: RuleInfo = RuleInfo {
+    name: "bema",
+    summary: "BEMA, bias-corrected EMA (Block & Zhang): the EMA, the BEMA estimate and the anchor, or a reset",
+    numbers: &["alpha", "beta"],
+    flags: &["reset"],
+    optional_flags: &[],
+    scalars: &[],
+    reads_input: true,
+};
+
+rule_params! {
+    /// BEMA's weights for one event.
+    pub struct Bema<const RESET: bool> {
+        alpha: f64,
+        beta: f64,
+    }
 }
 
 /// Per-call coefficients.
@@ -29,7 +39,8 @@ pub struct BemaCoeffs<R: Real> {
 }
 
 impl<const RESET: bool> Rule for Bema<RESET> {
-    const SLOTS: usize = 2;
+    const INFO: &'static RuleInfo = &INFO;
+    const SLOT_NAMES: &'static [&'static str] = &["out", "anchor"];
     /// The anchor (slot 1) is only written by a reset.
     const WRITTEN_SLOTS: usize = if RESET { 2 } else { 1 };
     type Coeffs<R: Real> = BemaCoeffs<R>;
@@ -49,20 +60,16 @@ impl<const RESET: bool> Rule for Bema<RESET> {
         s[0] = c.alpha * (theta - s[1]) + e;
         e
     }
-
-    fn cuda_kernel() -> Option<CudaKernel> {
-        Some(CudaKernel { source: include_str!("../cuda/kernels/bema.cuh"), type_name: format!("Bema<{RESET}>") })
-    }
 }
 
 /// Build `bema` from `alpha`, `beta` and the flag `reset`.
-pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
+pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let alpha = h.num("alpha")?;
     let beta = h.num("beta")?;
     if !(0.0..=1.0).contains(&beta) || !alpha.is_finite() {
         return Err(Error::Value(format!("bema: need beta in [0, 1] and a finite alpha, got beta={beta}, alpha={alpha}")));
     }
-    Ok(bool_dispatch!(h.flag_or_false("reset")? => RS; v.visit(Bema::<RS> { alpha, beta })))
+    Ok(bool_dispatch!(h.flag("reset")? => RS; v.visit(Bema::<RS> { alpha, beta })))
 }
 
 #[cfg(test)]

@@ -12,20 +12,30 @@
 //! ```
 //! State slots: `exp_avg`, `exp_avg_sq`, `previous_grad`; scalar state `step`.
 
-use super::{next_step, bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
-use crate::cuda::CudaKernel;
+use super::{next_step, bool_dispatch, check_non_negative, check_unit_interval, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS, rule_params, RuleHyper, RuleInfo};
 use crate::error::Result;
 use crate::real::Real;
 
-/// diffGrad's hyper-parameters; `L2`: weight decay added to the gradient (wd ≠ 0).
-#[derive(Clone, Debug)]
-#[repr(C)]
-pub struct DiffGrad<const L2: bool> {
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
+/// The `diffgrad` rule.
+pub const INFO: RuleInfo = RuleInfo {
+    name: "diffgrad",
+    summary: "diffGrad (Dubey et al.) as the official diffGrad_v2.py",
+    numbers: &["lr", "beta1", "beta2", "eps", "weight_decay"],
+    flags: &[],
+    optional_flags: &[],
+    scalars: &["step"],
+    reads_input: true,
+};
+
+rule_params! {
+    /// diffGrad's hyper-parameters; `L2`: weight decay added to the gradient (wd ≠ 0).
+    pub struct DiffGrad<const L2: bool> {
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+    }
 }
 
 /// diffGrad's per-tensor coefficients.
@@ -41,8 +51,8 @@ pub struct DiffGradCoeffs<R: Real> {
 }
 
 impl<const L2: bool> Rule for DiffGrad<L2> {
-    const SLOTS: usize = 3;
-    const SCALARS: usize = 1;
+    const INFO: &'static RuleInfo = &INFO;
+    const SLOT_NAMES: &'static [&'static str] = &["exp_avg", "exp_avg_sq", "previous_grad"];
     type Coeffs<R: Real> = DiffGradCoeffs<R>;
 
     /// `scalars[0]` is the parameter's `step`, incremented here.
@@ -70,14 +80,10 @@ impl<const L2: bool> Rule for DiffGrad<L2> {
         s[2] = g;
         p + c.neg_step * (m * friction) / (v.sqrt() + c.eps)
     }
-
-    fn cuda_kernel() -> Option<CudaKernel> {
-        Some(CudaKernel { source: include_str!("../cuda/kernels/diffgrad.cuh"), type_name: format!("DiffGrad<{L2}>") })
-    }
 }
 
 /// Build diffGrad from `lr, beta1, beta2, eps, weight_decay`.
-pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
+pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let lr = check_non_negative("lr", h.num("lr")?)?;
     let beta1 = check_unit_interval("beta1", h.num("beta1")?)?;
     let beta2 = check_unit_interval("beta2", h.num("beta2")?)?;

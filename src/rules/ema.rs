@@ -9,15 +9,39 @@
 //! ```
 //! `ema_multi` (K2, EDM2 power EMA tracks): `J` averages of the same `θ`, each with its own weight,
 //! reading `θ` once: `E_j ← lerp(E_j, θ, w_j)`; track 0 is the written tensor, tracks 1.. are
-//! state slots 0...
+//! state slots 0.. (`t1`, `t2`, ...).
 
-use super::{Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
-use crate::cuda::CudaKernel;
+use super::{rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::error::{Error, Result};
 use crate::real::{Lerp, Real};
 
+/// The `ema` rule; `muladd` and `sub` (exclusive) pick another reference's rounding form.
+pub const INFO: RuleInfo = RuleInfo {
+    name: "ema",
+    summary: "Model EMA E <- lerp(E, theta, weight), or the muladd / sub forms of other references",
+    numbers: &["weight"],
+    flags: &["muladd", "sub"],
+    optional_flags: &["muladd", "sub"],
+    scalars: &[],
+    reads_input: true,
+};
+
+/// The `ema_multi` rule: `tracks` averages with weights `w0`, `w1`, ...
+pub const MULTI_INFO: RuleInfo = RuleInfo {
+    name: "ema_multi",
+    summary: "Up to five EMAs of the same model with their own weights (EDM2 power-EMA tracks), reading it once",
+    numbers: &["tracks", "w0", "w1", "w2", "w3", "w4"],
+    flags: &[],
+    optional_flags: &[],
+    scalars: &[],
+    reads_input: true,
+};
+
 /// The most tracks one `ema_multi` call updates.
 pub const MAX_TRACKS: usize = 1 + MAX_SLOTS;
+
+/// State slot names of tracks 1.. (track 0 is the written tensor).
+const TRACK_SLOTS: [&str; MAX_SLOTS] = ["t1", "t2", "t3", "t4"];
 
 /// Check an update weight `w = 1 − decay` in [0, 1].
 fn check_weight(name: &str, w: f64) -> Result<f64> {
@@ -28,11 +52,11 @@ fn check_weight(name: &str, w: f64) -> Result<f64> {
     }
 }
 
-/// One EMA with update weight `weight`; `MULADD` / `SUB` pick the reference's rounding form.
-#[repr(C)]
-#[derive(Clone, Debug)]
-pub struct Ema<const MULADD: bool, const SUB: bool> {
-    weight: f64,
+rule_params! {
+    /// One EMA with update weight `weight`; `MULADD` / `SUB` pick the reference's rounding form.
+    pub struct Ema<const MULADD: bool, const SUB: bool> {
+        weight: f64,
+    }
 }
 
 /// Per-call coefficients of [`Ema`].
@@ -44,7 +68,8 @@ pub struct EmaCoeffs<R: Real> {
 }
 
 impl<const MULADD: bool, const SUB: bool> Rule for Ema<MULADD, SUB> {
-    const SLOTS: usize = 0;
+    const INFO: &'static RuleInfo = &INFO;
+    const SLOT_NAMES: &'static [&'static str] = &[];
     type Coeffs<R: Real> = EmaCoeffs<R>;
 
     fn coeffs<R: Real>(&self, _scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> EmaCoeffs<R> {
@@ -62,25 +87,32 @@ impl<const MULADD: bool, const SUB: bool> Rule for Ema<MULADD, SUB> {
             c.lerp.apply(e, theta)
         }
     }
+}
 
-    fn cuda_kernel() -> Option<CudaKernel> {
-        Some(CudaKernel { source: include_str!("../cuda/kernels/ema.cuh"), type_name: format!("Ema<{MULADD}, {SUB}>") })
+rule_params! {
+    /// Several EMAs of the same input, `J` tracks with their own weights `w0..` (unused ones 0).
+    pub struct EmaMulti<const J: usize> {
+        w0: f64,
+        w1: f64,
+        w2: f64,
+        w3: f64,
+        w4: f64,
     }
 }
 
-/// Several EMAs of the same input, `J` tracks with their own weights (unused entries are 0).
-#[repr(C)]
-#[derive(Clone, Debug)]
-pub struct EmaMulti<const J: usize> {
-    weights: [f64; MAX_TRACKS],
+impl<const J: usize> EmaMulti<J> {
+    fn weights(&self) -> [f64; MAX_TRACKS] {
+        [self.w0, self.w1, self.w2, self.w3, self.w4]
+    }
 }
 
 impl<const J: usize> Rule for EmaMulti<J> {
-    const SLOTS: usize = J - 1;
+    const INFO: &'static RuleInfo = &MULTI_INFO;
+    const SLOT_NAMES: &'static [&'static str] = TRACK_SLOTS.split_at(J - 1).0;
     type Coeffs<R: Real> = [Lerp<R>; MAX_TRACKS];
 
     fn coeffs<R: Real>(&self, _scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> [Lerp<R>; MAX_TRACKS] {
-        self.weights.map(Lerp::new)
+        self.weights().map(Lerp::new)
     }
 
     #[inline(always)]
@@ -90,16 +122,12 @@ impl<const J: usize> Rule for EmaMulti<J> {
         }
         c[0].apply(e, theta)
     }
-
-    fn cuda_kernel() -> Option<CudaKernel> {
-        Some(CudaKernel { source: include_str!("../cuda/kernels/ema.cuh"), type_name: format!("EmaMulti<{J}>") })
-    }
 }
 
 /// Build `ema` from `weight` and the flags `muladd`, `sub` (both optional).
-pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
+pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let weight = check_weight("weight", h.num("weight")?)?;
-    match (h.flag_or_false("muladd")?, h.flag_or_false("sub")?) {
+    match (h.flag("muladd")?, h.flag("sub")?) {
         (false, false) => Ok(v.visit(Ema::<false, false> { weight })),
         (true, false) => Ok(v.visit(Ema::<true, false> { weight })),
         (false, true) => Ok(v.visit(Ema::<false, true> { weight })),
@@ -108,7 +136,7 @@ pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
 }
 
 /// Build `ema_multi` from `tracks` (1..=5) and `w0`, `w1`, ... (one weight per track).
-pub fn visit_multi<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
+pub fn visit_multi<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let tracks = h.num("tracks")?;
     if !(1.0..=MAX_TRACKS as f64).contains(&tracks) || tracks.fract() != 0.0 {
         return Err(Error::Value(format!("ema_multi: tracks must be an integer in 1..={MAX_TRACKS}, got {tracks}")));
@@ -118,12 +146,13 @@ pub fn visit_multi<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
     for (j, w) in weights.iter_mut().enumerate().take(n) {
         *w = check_weight(&format!("w{j}"), h.num(&format!("w{j}"))?)?;
     }
+    let [w0, w1, w2, w3, w4] = weights;
     Ok(match n {
-        1 => v.visit(EmaMulti::<1> { weights }),
-        2 => v.visit(EmaMulti::<2> { weights }),
-        3 => v.visit(EmaMulti::<3> { weights }),
-        4 => v.visit(EmaMulti::<4> { weights }),
-        _ => v.visit(EmaMulti::<5> { weights }),
+        1 => v.visit(EmaMulti::<1> { w0, w1, w2, w3, w4 }),
+        2 => v.visit(EmaMulti::<2> { w0, w1, w2, w3, w4 }),
+        3 => v.visit(EmaMulti::<3> { w0, w1, w2, w3, w4 }),
+        4 => v.visit(EmaMulti::<4> { w0, w1, w2, w3, w4 }),
+        _ => v.visit(EmaMulti::<5> { w0, w1, w2, w3, w4 }),
     })
 }
 
@@ -148,7 +177,7 @@ mod tests {
 
     #[test]
     fn multi_track_equals_separate_lerps() {
-        let rule = EmaMulti::<3> { weights: [0.5, 0.04, 0.7, 0.0, 0.0] };
+        let rule = EmaMulti::<3> { w0: 0.5, w1: 0.04, w2: 0.7, w3: 0.0, w4: 0.0 };
         let mut s = [2.0, -1.0, 0.0, 0.0];
         let e = run(&rule, 1.0, 3.0, &mut s);
         assert_eq!(e, 1.0 + 0.5 * 2.0);

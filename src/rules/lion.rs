@@ -14,22 +14,32 @@
 //! the old `m` and `g` (`accumulate`); decay is not masked.
 //! State slot: `exp_avg`. No step counter.
 
-use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
-use crate::cuda::CudaKernel;
+use super::{bool_dispatch, check_non_negative, check_unit_interval, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS, rule_params, RuleHyper, RuleInfo};
 use crate::error::{Error, Result};
 use crate::real::Real;
 
-/// Lion's hyper-parameters. `CAUTION`: the cautious mask; `COUNT`: its "count" normalisation
-/// (else "mean").
-#[repr(C)]
-#[derive(Clone, Debug)]
-pub struct Lion<const CAUTION: bool, const COUNT: bool> {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    /// The decoupled decay rate: `weight_decay`, or `weight_decay / decay_base_lr` with
-    /// lr-independent decay (lucidrains' `decoupled_weight_decay`).
-    pub weight_decay: f64,
+/// The `lion` rule.
+pub const INFO: RuleInfo = RuleInfo {
+    name: "lion",
+    summary: "Lion (Chen et al.) as google/automl, optionally cautious (mean or count normalisation)",
+    numbers: &["lr", "beta1", "beta2", "weight_decay", "decay_base_lr"],
+    flags: &["lr_independent_decay", "caution", "caution_count"],
+    optional_flags: &[],
+    scalars: &[],
+    reads_input: true,
+};
+
+rule_params! {
+    /// Lion's hyper-parameters. `CAUTION`: the cautious mask; `COUNT`: its "count" normalisation
+    /// (else "mean").
+    pub struct Lion<const CAUTION: bool, const COUNT: bool> {
+        pub lr: f64,
+        pub beta1: f64,
+        pub beta2: f64,
+        /// The decoupled decay rate: `weight_decay`, or `weight_decay / decay_base_lr` with
+        /// lr-independent decay (lucidrains' `decoupled_weight_decay`).
+        pub weight_decay: f64,
+    }
 }
 
 /// Lion's coefficients (identical for every tensor).
@@ -54,7 +64,8 @@ impl<const CAUTION: bool, const COUNT: bool> Lion<CAUTION, COUNT> {
 }
 
 impl<const CAUTION: bool, const COUNT: bool> Rule for Lion<CAUTION, COUNT> {
-    const SLOTS: usize = 1;
+    const INFO: &'static RuleInfo = &INFO;
+    const SLOT_NAMES: &'static [&'static str] = &["exp_avg"];
     /// With caution: Σφ and the element count.
     const SUMS: usize = if CAUTION { 2 } else { 0 };
     type Coeffs<R: Real> = LionCoeffs<R>;
@@ -96,27 +107,23 @@ impl<const CAUTION: bool, const COUNT: bool> Rule for Lion<CAUTION, COUNT> {
         s[0] = s[0] * c.beta2 + c.one_minus_beta2 * g;
         p + c.neg_lr * dir
     }
-
-    fn cuda_kernel() -> Option<CudaKernel> {
-        Some(CudaKernel { source: include_str!("../cuda/kernels/lion.cuh"), type_name: format!("Lion<{CAUTION}, {COUNT}>") })
-    }
 }
 
 /// Build Lion from `lr, beta1, beta2, weight_decay`, flags `lr_independent_decay` (then also
 /// `decay_base_lr`), `caution` and `caution_count`.
-pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
+pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let lr = check_non_negative("lr", h.num("lr")?)?;
     let beta1 = check_unit_interval("beta1", h.num("beta1")?)?;
     let beta2 = check_unit_interval("beta2", h.num("beta2")?)?;
     let mut weight_decay = check_non_negative("weight_decay", h.num("weight_decay")?)?;
-    if h.flag_or_false("lr_independent_decay")? {
+    if h.flag("lr_independent_decay")? {
         let base = h.num("decay_base_lr")?;
         if base.is_nan() || base <= 0.0 {
             return Err(Error::Value(format!("decay_base_lr must be > 0, got {base}")));
         }
         weight_decay /= base;
     }
-    Ok(bool_dispatch!(h.flag_or_false("caution")? => C, h.flag_or_false("caution_count")? => N;
+    Ok(bool_dispatch!(h.flag("caution")? => C, h.flag("caution_count")? => N;
         v.visit(Lion::<C, N> { lr, beta1, beta2, weight_decay })))
 }
 

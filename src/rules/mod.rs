@@ -1,5 +1,6 @@
 //! Update rules: one file per rule, each a host-side coefficient function plus the per-element
-//! math. Rules never loop over tensors and never know which backend runs them.
+//! math, and the rule's description ([`RuleInfo`]). Rules never loop over tensors and never know
+//! which backend runs them.
 
 pub mod adabelief;
 pub mod adabound;
@@ -12,12 +13,17 @@ pub mod axpby;
 pub mod bema;
 pub mod diffgrad;
 pub mod ema;
+mod hyper;
+mod info;
 pub mod lion;
 pub mod sgd;
 pub mod sgd_sai;
 pub mod slerp;
 pub mod spam;
 pub mod swap;
+
+pub use hyper::{Hyper, HyperValue, RuleHyper};
+pub use info::{RuleInfo, ENGINE_OPTIONS};
 
 use crate::error::{Error, Result};
 use crate::real::Real;
@@ -28,6 +34,82 @@ pub const MAX_SLOTS: usize = 4;
 pub const MAX_SCALARS: usize = 4;
 /// The most per-tensor sums any rule gathers before its update.
 pub const MAX_SUMS: usize = 4;
+
+/// One const generic argument of a rule type (a flag, or a count such as `ema_multi`'s tracks).
+/// Backends instantiate their twin of the rule with the same arguments, in the same order.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ConstArg {
+    Bool(bool),
+    Usize(usize),
+}
+
+impl From<bool> for ConstArg {
+    fn from(b: bool) -> ConstArg {
+        ConstArg::Bool(b)
+    }
+}
+
+impl From<usize> for ConstArg {
+    fn from(n: usize) -> ConstArg {
+        ConstArg::Usize(n)
+    }
+}
+
+impl std::fmt::Display for ConstArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConstArg::Bool(b) => write!(f, "{b}"),
+            ConstArg::Usize(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// A rule type's numeric parameters and const generic arguments, as backends pass them to their
+/// twin of the rule. Implemented by [`rule_params!`], which declares the type, so the names, the
+/// values and their order cannot drift apart.
+pub trait Params {
+    /// Names of the `f64` parameters, in declaration order.
+    const PARAM_NAMES: &'static [&'static str];
+    /// The parameters' values, in the order of [`Params::PARAM_NAMES`].
+    fn param_words(&self) -> Vec<f64>;
+    /// The type's const generic arguments, in declaration order.
+    fn const_args() -> Vec<ConstArg>;
+}
+
+/// Declare a rule type: a struct of `f64` parameters, optionally with const generic flags, and
+/// its [`Params`] implementation.
+///
+/// ```text
+/// rule_params! {
+///     /// Docs.
+///     pub struct Sgd<const MOMENTUM: bool, const NESTEROV: bool> { lr: f64, momentum: f64 }
+/// }
+/// ```
+macro_rules! rule_params {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident $(<$(const $g:ident: $gt:ty),+>)? {
+            $($(#[$fmeta:meta])* $fvis:vis $field:ident: f64),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug)]
+        $vis struct $name $(<$(const $g: $gt),+>)? {
+            $($(#[$fmeta])* $fvis $field: f64),*
+        }
+
+        impl $(<$(const $g: $gt),+>)? $crate::rules::Params for $name $(<$($g),+>)? {
+            const PARAM_NAMES: &'static [&'static str] = &[$(stringify!($field)),*];
+            fn param_words(&self) -> Vec<f64> {
+                vec![$(self.$field),*]
+            }
+            fn const_args() -> Vec<$crate::rules::ConstArg> {
+                vec![$($($crate::rules::ConstArg::from($g)),+)?]
+            }
+        }
+    };
+}
+pub(crate) use rule_params;
 
 /// An element-wise update rule over one written tensor `p` (a parameter, or an average), one
 /// read-only input `g` (its gradient, or the model weights being averaged) and `SLOTS` state
@@ -42,19 +124,26 @@ pub const MAX_SUMS: usize = 4;
 ///    and negated for `maximize`) and the state values.
 ///
 /// Flags are const generics of the implementing type, so the per-element code has no run-time
-/// branches on them.
-pub trait Rule: Send + Sync + 'static {
-    /// State tensors per parameter (slots `0..SLOTS` of the state array are live).
-    const SLOTS: usize;
+/// branches on them. `SLOTS`, `SCALARS` and `READS_INPUT` follow from `SLOT_NAMES` and `INFO`:
+/// implementations do not set them (the registry's tests check that none does).
+pub trait Rule: Params + Send + Sync + 'static {
+    /// The registry entry this type is built for.
+    const INFO: &'static RuleInfo;
+    /// Names of the state tensors per parameter, in slot order (the keys of the parameter's
+    /// state dict, e.g. torch's `exp_avg`, `exp_avg_sq`); slots `0..SLOTS` of the state array
+    /// are live.
+    const SLOT_NAMES: &'static [&'static str];
+    /// State tensors per parameter.
+    const SLOTS: usize = Self::SLOT_NAMES.len();
     /// State slots the rule writes: slots `WRITTEN_SLOTS..SLOTS` are only read, and the drivers
     /// do not store them back (no write traffic, e.g. BEMA's anchor between resets).
     const WRITTEN_SLOTS: usize = Self::SLOTS;
     /// Scalar state entries per parameter (`scalars[0..SCALARS]` are live in `coeffs`).
-    const SCALARS: usize = 0;
+    const SCALARS: usize = Self::INFO.scalars.len();
     /// Per-tensor sums gathered before the update (`sums[0..SUMS]`).
     const SUMS: usize = 0;
     /// Whether the rule reads the input tensor `g` (false: callers pass none, `g` is 0).
-    const READS_INPUT: bool = true;
+    const READS_INPUT: bool = Self::INFO.reads_input;
     /// Per-tensor coefficients in the compute type.
     type Coeffs<R: Real>: Copy + Send + Sync;
     /// Coefficients for one tensor, given its scalar state (which it may update, e.g. increment
@@ -65,64 +154,6 @@ pub trait Rule: Send + Sync + 'static {
     /// Add one element's contribution to the tensor's sums (only called when `SUMS > 0`).
     #[inline(always)]
     fn accumulate<R: Real>(&self, _p: R, _g: R, _s: &[R; MAX_SLOTS], _sums: &mut [f64; MAX_SUMS]) {}
-    /// The rule's CUDA twin (`src/cuda/kernels/<rule>.cuh` and its C++ type with these flags).
-    /// The implementing struct must then be `#[repr(C)]` with only `f64` fields, in the order of
-    /// the kernel's `Hyper`: its bytes are passed to the kernel as they are.
-    fn cuda_kernel() -> Option<crate::cuda::CudaKernel> {
-        None
-    }
-}
-
-/// One hyper-parameter value as Python passed it.
-#[derive(Clone, Debug)]
-pub enum HyperValue {
-    Num(f64),
-    Flag(bool),
-}
-
-/// A parameter group's hyper-parameters and flags, by name.
-#[derive(Clone, Debug, Default)]
-pub struct Hyper {
-    entries: Vec<(String, HyperValue)>,
-}
-
-impl Hyper {
-    pub fn new(entries: Vec<(String, HyperValue)>) -> Self {
-        Hyper { entries }
-    }
-
-    fn get(&self, name: &str) -> Result<&HyperValue> {
-        self.entries
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v)
-            .ok_or_else(|| Error::Value(format!("missing hyper-parameter '{name}'")))
-    }
-
-    /// A numeric hyper-parameter (booleans are refused).
-    pub fn num(&self, name: &str) -> Result<f64> {
-        match self.get(name)? {
-            HyperValue::Num(x) => Ok(*x),
-            HyperValue::Flag(_) => Err(Error::Value(format!("'{name}' must be a number, got a bool"))),
-        }
-    }
-
-    /// A boolean flag.
-    pub fn flag(&self, name: &str) -> Result<bool> {
-        match self.get(name)? {
-            HyperValue::Flag(b) => Ok(*b),
-            HyperValue::Num(_) => Err(Error::Value(format!("'{name}' must be a bool, got a number"))),
-        }
-    }
-
-    /// A boolean flag that defaults to `false` when absent.
-    pub fn flag_or_false(&self, name: &str) -> Result<bool> {
-        if self.entries.iter().any(|(k, _)| k == name) {
-            self.flag(name)
-        } else {
-            Ok(false)
-        }
-    }
 }
 
 /// Receives a concrete rule type; lets backends turn a rule name plus flags into monomorphised
@@ -132,44 +163,111 @@ pub trait RuleVisitor {
     fn visit<Ru: Rule>(self, rule: Ru) -> Self::Output;
 }
 
-/// The registry: rule names and the functions that build them, listed once.
+/// The registry: each rule's description and the function that builds it, listed once.
 macro_rules! registry {
-    ($($name:literal => $visit:path),* $(,)?) => {
-        /// Every registered rule name.
-        pub const RULE_NAMES: &[&str] = &[$($name),*];
+    ($($info:path => $visit:path),* $(,)?) => {
+        /// Every registered rule, in registry order.
+        const RULES: &[&RuleInfo] = &[$(&$info),*];
 
-        /// Build the rule called `name` from `hyper` and hand it to `visitor`.
-        pub fn visit_rule<V: RuleVisitor>(name: &str, hyper: &Hyper, visitor: V) -> Result<V::Output> {
-            match name {
-                $($name => $visit(hyper, visitor),)*
-                other => Err(Error::Value(format!("unknown update rule '{other}'"))),
-            }
+        /// Build the rule `info` from `h` and hand it to `visitor`.
+        fn dispatch<V: RuleVisitor>(info: &'static RuleInfo, h: &RuleHyper<'_>, visitor: V) -> Result<V::Output> {
+            $(if info.name == $info.name {
+                return $visit(h, visitor);
+            })*
+            Err(Error::Internal(format!("rule '{}' is described but not registered", info.name)))
         }
     };
 }
 
 registry! {
     // torch.optim
-    "adam" => adam::visit,
-    "sgd" => sgd::visit,
+    adam::INFO => adam::visit,
+    sgd::INFO => sgd::visit,
     // the EMA optimizer family (spec optimizers.md)
-    "adan" => adan::visit,
-    "spam" => spam::visit,
-    "diffgrad" => diffgrad::visit,
-    "adabound" => adabound::visit,
-    "sgd_sai" => sgd_sai::visit,
-    "ademamix" => ademamix::visit,
-    "adabelief" => adabelief::visit,
-    "adamomentum" => adamomentum::visit,
-    "lion" => lion::visit,
-    "adamod" => adamod::visit,
+    adan::INFO => adan::visit,
+    spam::INFO => spam::visit,
+    diffgrad::INFO => diffgrad::visit,
+    adabound::INFO => adabound::visit,
+    sgd_sai::INFO => sgd_sai::visit,
+    ademamix::INFO => ademamix::visit,
+    adabelief::INFO => adabelief::visit,
+    adamomentum::INFO => adamomentum::visit,
+    lion::INFO => lion::visit,
+    adamod::INFO => adamod::visit,
     // weight averaging (spec averaging.md D.1)
-    "ema" => ema::visit,
-    "ema_multi" => ema::visit_multi,
-    "bema" => bema::visit,
-    "swap" => swap::visit,
-    "axpby" => axpby::visit,
-    "slerp" => slerp::visit,
+    ema::INFO => ema::visit,
+    ema::MULTI_INFO => ema::visit_multi,
+    bema::INFO => bema::visit,
+    swap::INFO => swap::visit,
+    axpby::INFO => axpby::visit,
+    slerp::INFO => slerp::visit,
+}
+
+/// Every registered rule's description, in registry order.
+pub fn all() -> impl Iterator<Item = &'static RuleInfo> {
+    RULES.iter().copied()
+}
+
+/// The description of the rule called `name`.
+pub fn info(name: &str) -> Result<&'static RuleInfo> {
+    all().find(|i| i.name == name).ok_or_else(|| {
+        let known: Vec<&str> = all().map(|i| i.name).collect();
+        Error::Value(format!("unknown update rule '{name}' (known: {})", known.join(", ")))
+    })
+}
+
+/// Build the rule called `name` from `hyper` and hand it to `visitor`. `hyper` is checked
+/// against the rule's [`RuleInfo`] first.
+pub fn visit_rule<V: RuleVisitor>(name: &str, hyper: &Hyper, visitor: V) -> Result<V::Output> {
+    let info = info(name)?;
+    hyper.check(info)?;
+    dispatch(info, &RuleHyper::new(hyper, info), visitor)
+}
+
+/// The state slot names of the rule called `name` built from `hyper`.
+pub fn slot_names(name: &str, hyper: &Hyper) -> Result<&'static [&'static str]> {
+    struct SlotNames;
+    impl RuleVisitor for SlotNames {
+        type Output = &'static [&'static str];
+        fn visit<Ru: Rule>(self, _rule: Ru) -> Self::Output {
+            Ru::SLOT_NAMES
+        }
+    }
+    visit_rule(name, hyper, SlotNames)
+}
+
+/// Python's repr of a list of names: `['exp_avg', 'exp_avg_sq']`.
+fn py_list<S: AsRef<str>>(names: &[S]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("'{}'", n.as_ref())).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// Refuse a parameter group whose state names (as Python passed them, in order) or inputs do not
+/// match the rule `Ru` built from `hyper`. Every backend calls this before it plans a step.
+pub fn check_state<Ru: Rule>(hyper: &Hyper, group: usize, slots: &[String], scalars: &[String], has_input: bool) -> Result<()> {
+    let info = Ru::INFO;
+    let rule = match hyper.flags_text(info) {
+        flags if flags.is_empty() => format!("rule '{}'", info.name),
+        flags => format!("rule '{}' ({flags})", info.name),
+    };
+    if slots.len() != Ru::SLOTS || slots.iter().zip(Ru::SLOT_NAMES).any(|(a, b)| a != b) {
+        return Err(Error::Value(format!(
+            "param group {group}: {rule} keeps state {}, got {}",
+            py_list(Ru::SLOT_NAMES),
+            py_list(slots)
+        )));
+    }
+    if scalars.len() != info.scalars.len() || scalars.iter().zip(info.scalars).any(|(a, b)| a != b) {
+        return Err(Error::Value(format!(
+            "param group {group}: {rule} keeps scalar state {}, got {}",
+            py_list(info.scalars),
+            py_list(scalars)
+        )));
+    }
+    if Ru::READS_INPUT && !has_input {
+        return Err(Error::Value(format!("param group {group}: {rule} reads an input (gradient) for every parameter; none given")));
+    }
+    Ok(())
 }
 
 /// Expand run-time booleans into `const` items usable as const generic arguments:
@@ -212,5 +310,207 @@ pub(crate) fn check_non_negative(name: &str, x: f64) -> Result<f64> {
         Ok(x)
     } else {
         Err(Error::Value(format!("{name} must be >= 0, got {x}")))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    type Entries = Vec<(String, HyperValue)>;
+
+    /// Values tried for a numeric key: one valid for every rule, plus those that select other
+    /// const generic arguments (no momentum buffer, no weight decay, no fast EMA, 1..=5 tracks).
+    fn number_values(rule: &str, key: &str) -> Vec<f64> {
+        match (rule, key) {
+            ("adan", "step") => vec![3.0],
+            ("ema_multi", "tracks") => (1..=5).map(f64::from).collect(),
+            (_, "momentum" | "weight_decay" | "beta1") => vec![0.5, 0.0],
+            _ => vec![0.5],
+        }
+    }
+
+    fn product(entries: Vec<Entries>, key: &str, values: Vec<HyperValue>) -> Vec<Entries> {
+        let extend = |e: &Entries, v: &HyperValue| {
+            let mut e = e.clone();
+            e.push((key.to_string(), v.clone()));
+            e
+        };
+        entries.iter().flat_map(|e| values.iter().map(move |v| extend(e, v))).collect()
+    }
+
+    /// Hyper-parameters of `info` for every combination of its flags (each false and true) and of
+    /// [`number_values`]: every type the rule can be built as.
+    pub(crate) fn samples(info: &RuleInfo) -> Vec<Entries> {
+        let mut out = vec![Vec::new()];
+        for key in info.numbers {
+            out = product(out, key, number_values(info.name, key).into_iter().map(HyperValue::Num).collect());
+        }
+        for key in info.flags {
+            out = product(out, key, vec![HyperValue::Flag(false), HyperValue::Flag(true)]);
+        }
+        out
+    }
+
+    fn flag_set(e: &Entries, name: &str) -> bool {
+        e.iter().any(|(k, v)| k == name && matches!(v, HyperValue::Flag(true)))
+    }
+
+    /// Combinations a rule refuses by design.
+    fn exclusive(info: &RuleInfo, e: &Entries) -> bool {
+        info.name == "ema" && flag_set(e, "muladd") && flag_set(e, "sub")
+    }
+
+    /// Checks what a built rule type states about itself.
+    struct Facts(&'static RuleInfo);
+
+    impl RuleVisitor for Facts {
+        type Output = ();
+        fn visit<Ru: Rule>(self, rule: Ru) {
+            let name = self.0.name;
+            assert_eq!(Ru::INFO.name, name, "{name}: the type points at another rule's INFO");
+            assert_eq!(Ru::SLOTS, Ru::SLOT_NAMES.len(), "{name}: SLOTS is set apart from SLOT_NAMES");
+            assert_eq!(Ru::SCALARS, self.0.scalars.len(), "{name}: SCALARS is set apart from INFO.scalars");
+            assert_eq!(Ru::READS_INPUT, self.0.reads_input, "{name}: READS_INPUT is set apart from INFO");
+            assert!(Ru::SLOTS <= MAX_SLOTS && Ru::WRITTEN_SLOTS <= Ru::SLOTS && Ru::SUMS <= MAX_SUMS, "{name}");
+            assert_eq!(Ru::PARAM_NAMES.len(), rule.param_words().len(), "{name}");
+            let unique = |names: &[&str]| names.iter().collect::<HashSet<_>>().len() == names.len();
+            assert!(unique(Ru::PARAM_NAMES), "{name}: parameter names repeat");
+            // Slots and scalar entries are keys of one state dict.
+            let state: Vec<&str> = Ru::SLOT_NAMES.iter().chain(self.0.scalars).copied().collect();
+            assert!(unique(&state), "{name}: state names repeat: {state:?}");
+        }
+    }
+
+    #[test]
+    fn descriptions_are_well_formed() {
+        assert_eq!(all().map(|i| i.name).collect::<HashSet<_>>().len(), RULES.len(), "rule names repeat");
+        for info in all() {
+            let name = info.name;
+            let keys: Vec<&str> = info.numbers.iter().chain(info.flags).copied().collect();
+            assert_eq!(keys.iter().collect::<HashSet<_>>().len(), keys.len(), "{name}: keys repeat");
+            assert!(keys.len() <= 64, "{name}: too many keys for the read mask of the tests");
+            assert!(keys.iter().all(|k| !ENGINE_OPTIONS.contains(k)), "{name}: declares an engine option");
+            assert!(info.optional_flags.iter().all(|f| info.flags.contains(f)), "{name}: optional flags must be flags");
+            assert!(info.scalars.len() <= MAX_SCALARS, "{name}");
+            assert!(!info.summary.is_empty() && !info.summary.contains('\n'), "{name}: one-line summary");
+        }
+    }
+
+    /// Every rule, built from every combination of its flags and of the numbers that select
+    /// const generics: reads only (and every one of) the keys it declares, and its type states
+    /// consistent facts.
+    #[test]
+    fn every_rule_variant_is_consistent() {
+        for info in all() {
+            let mut read = HashSet::new();
+            for entries in samples(info) {
+                let refused = exclusive(info, &entries);
+                let hyper = Hyper::new(entries);
+                hyper.check(info).unwrap_or_else(|e| panic!("{}: {e}", info.name));
+                let h = RuleHyper::new(&hyper, info);
+                match dispatch(info, &h, Facts(info)) {
+                    Err(Error::Value(_)) if refused => {}
+                    Ok(()) if !refused => {}
+                    other => panic!("{}: {other:?} for {hyper:?}", info.name),
+                }
+                read.extend(h.read_keys());
+            }
+            let declared: HashSet<&str> = info.numbers.iter().chain(info.flags).copied().collect();
+            assert_eq!(read, declared, "{}: declared keys that no variant reads", info.name);
+        }
+    }
+
+    fn adam_entries() -> Entries {
+        let num = |k: &str, x: f64| (k.to_string(), HyperValue::Num(x));
+        let flag = |k: &str, b: bool| (k.to_string(), HyperValue::Flag(b));
+        vec![
+            num("lr", 1e-3),
+            num("beta1", 0.9),
+            num("beta2", 0.999),
+            num("eps", 1e-8),
+            num("weight_decay", 0.01),
+            flag("amsgrad", false),
+            flag("decoupled", true),
+            flag("maximize", false),
+            flag("check_finite", true),
+        ]
+    }
+
+    fn value_error(r: Result<&'static [&'static str]>) -> String {
+        match r {
+            Err(Error::Value(m)) => m,
+            other => panic!("expected a value error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_and_misspelled_keys_are_refused() {
+        let mut e = adam_entries();
+        e.push(("betas".into(), HyperValue::Num(0.9)));
+        let m = value_error(slot_names("adam", &Hyper::new(e)));
+        assert!(m.contains("'adam'") && m.contains("'betas'") && m.contains("lr, beta1, beta2"), "{m}");
+        let mut e = adam_entries();
+        e[5].0 = "amsgard".into();
+        let m = value_error(slot_names("adam", &Hyper::new(e)));
+        assert!(m.contains("'amsgard'") && m.contains("amsgrad, decoupled, ema"), "{m}");
+        let e: Entries = adam_entries().into_iter().filter(|(k, _)| k != "amsgrad").collect();
+        let m = value_error(slot_names("adam", &Hyper::new(e)));
+        assert!(m.contains("missing flag 'amsgrad'"), "{m}");
+        let e: Entries = adam_entries().into_iter().filter(|(k, _)| k != "lr").collect();
+        let m = value_error(slot_names("adam", &Hyper::new(e)));
+        assert!(m.contains("missing hyper-parameter 'lr'"), "{m}");
+        assert!(value_error(slot_names("adamw", &Hyper::new(adam_entries()))).contains("unknown update rule 'adamw'"));
+    }
+
+    #[test]
+    fn values_of_the_wrong_kind_are_refused() {
+        for (i, want) in [(0, "'lr' must be a number"), (5, "'amsgrad' must be a bool"), (7, "'maximize' must be a bool")] {
+            let mut e = adam_entries();
+            e[i].1 = match e[i].1 {
+                HyperValue::Num(_) => HyperValue::Flag(true),
+                HyperValue::Flag(_) => HyperValue::Num(1.0),
+            };
+            let m = value_error(slot_names("adam", &Hyper::new(e)));
+            assert!(m.contains(want), "{m}");
+        }
+    }
+
+    #[test]
+    fn optional_flags_default_to_false() {
+        assert_eq!(slot_names("adam", &Hyper::new(adam_entries())).unwrap(), ["exp_avg", "exp_avg_sq"]);
+        let mut e = adam_entries();
+        e[5].1 = HyperValue::Flag(true);
+        e.push(("ema".into(), HyperValue::Flag(true)));
+        e.push(("ema_weight".into(), HyperValue::Num(0.1)));
+        assert_eq!(slot_names("adam", &Hyper::new(e)).unwrap(), ["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ema"]);
+    }
+
+    #[test]
+    fn reading_an_undeclared_key_is_a_bug() {
+        static BARE: RuleInfo =
+            RuleInfo { name: "bare", summary: "x", numbers: &[], flags: &[], optional_flags: &[], scalars: &[], reads_input: true };
+        let hyper = Hyper::new(adam_entries());
+        let h = RuleHyper::new(&hyper, &BARE);
+        assert!(matches!(h.num("lr"), Err(Error::Internal(m)) if m.contains("'bare'") && m.contains("'lr'")));
+        assert!(matches!(h.flag("amsgrad"), Err(Error::Internal(_))));
+    }
+
+    #[test]
+    fn state_names_are_checked_not_counted() {
+        type AdamW = adam::Adam<false, true, false>;
+        let hyper = Hyper::new(adam_entries());
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let step = names(&["step"]);
+        assert!(check_state::<AdamW>(&hyper, 0, &names(&["exp_avg", "exp_avg_sq"]), &step, true).is_ok());
+        let swapped = check_state::<AdamW>(&hyper, 0, &names(&["exp_avg_sq", "exp_avg"]), &step, true);
+        assert!(matches!(swapped, Err(Error::Value(m)) if m == "param group 0: rule 'adam' (amsgrad=False, decoupled=True) keeps state ['exp_avg', 'exp_avg_sq'], got ['exp_avg_sq', 'exp_avg']"));
+        let short = check_state::<AdamW>(&hyper, 2, &names(&["exp_avg"]), &step, true);
+        assert!(matches!(short, Err(Error::Value(m)) if m.starts_with("param group 2:")));
+        let scalars = check_state::<AdamW>(&hyper, 0, &names(&["exp_avg", "exp_avg_sq"]), &names(&["t"]), true);
+        assert!(matches!(scalars, Err(Error::Value(m)) if m.contains("keeps scalar state ['step'], got ['t']")));
+        let no_input = check_state::<AdamW>(&hyper, 0, &names(&["exp_avg", "exp_avg_sq"]), &step, false);
+        assert!(matches!(no_input, Err(Error::Value(m)) if m.contains("reads an input")));
     }
 }

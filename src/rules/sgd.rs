@@ -10,20 +10,30 @@
 //! ```
 //! State slot: `momentum_buffer` (none when momentum is 0).
 
-use super::{bool_dispatch, check_non_negative, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
-use crate::cuda::CudaKernel;
+use super::{bool_dispatch, check_non_negative, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::error::Result;
 use crate::real::Real;
 
-/// SGD's hyper-parameters. `MOMENTUM`: keep a buffer; `NESTEROV`; `FIRST`: the buffers of this
-/// call are fresh (torch initialises them with the first direction, without dampening).
-#[repr(C)]
-#[derive(Clone, Debug)]
-pub struct Sgd<const MOMENTUM: bool, const NESTEROV: bool, const FIRST: bool> {
-    lr: f64,
-    momentum: f64,
-    dampening: f64,
-    weight_decay: f64,
+/// The `sgd` rule; `first` is set by the engine for fresh momentum buffers.
+pub const INFO: RuleInfo = RuleInfo {
+    name: "sgd",
+    summary: "SGD with momentum, dampening and Nesterov as torch.optim.SGD",
+    numbers: &["lr", "momentum", "dampening", "weight_decay"],
+    flags: &["nesterov", "first"],
+    optional_flags: &["first"],
+    scalars: &[],
+    reads_input: true,
+};
+
+rule_params! {
+    /// SGD's hyper-parameters. `MOMENTUM`: keep a buffer; `NESTEROV`; `FIRST`: the buffers of this
+    /// call are fresh (torch initialises them with the first direction, without dampening).
+    pub struct Sgd<const MOMENTUM: bool, const NESTEROV: bool, const FIRST: bool> {
+        lr: f64,
+        momentum: f64,
+        dampening: f64,
+        weight_decay: f64,
+    }
 }
 
 /// SGD's coefficients (identical for every tensor).
@@ -36,7 +46,8 @@ pub struct SgdCoeffs<R: Real> {
 }
 
 impl<const MOMENTUM: bool, const NESTEROV: bool, const FIRST: bool> Rule for Sgd<MOMENTUM, NESTEROV, FIRST> {
-    const SLOTS: usize = if MOMENTUM { 1 } else { 0 };
+    const INFO: &'static RuleInfo = &INFO;
+    const SLOT_NAMES: &'static [&'static str] = if MOMENTUM { &["momentum_buffer"] } else { &[] };
     type Coeffs<R: Real> = SgdCoeffs<R>;
 
     fn coeffs<R: Real>(&self, _scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> SgdCoeffs<R> {
@@ -58,23 +69,16 @@ impl<const MOMENTUM: bool, const NESTEROV: bool, const FIRST: bool> Rule for Sgd
         }
         p + c.neg_lr * d
     }
-
-    fn cuda_kernel() -> Option<CudaKernel> {
-        Some(CudaKernel {
-            source: include_str!("../cuda/kernels/sgd.cuh"),
-            type_name: format!("Sgd<{MOMENTUM}, {NESTEROV}, {FIRST}>"),
-        })
-    }
 }
 
 /// Build SGD from `lr, momentum, dampening, weight_decay` and flags `nesterov, first`.
-pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
+pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let lr = check_non_negative("lr", h.num("lr")?)?;
     let momentum = check_non_negative("momentum", h.num("momentum")?)?;
     let dampening = h.num("dampening")?;
     let weight_decay = check_non_negative("weight_decay", h.num("weight_decay")?)?;
     let nesterov = h.flag("nesterov")?;
-    let first = h.flag_or_false("first")?;
+    let first = h.flag("first")?;
     Ok(bool_dispatch!(momentum != 0.0 => M, nesterov => N, first => F;
         v.visit(Sgd::<M, N, F> { lr, momentum, dampening, weight_decay })))
 }

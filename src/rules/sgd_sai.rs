@@ -14,20 +14,30 @@
 //! ```
 //! State slot: `momentum_buffer` (none when μ = 0); scalar state `gsnr`.
 
-use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
-use crate::cuda::CudaKernel;
+use super::{bool_dispatch, check_non_negative, check_unit_interval, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS, rule_params, RuleHyper, RuleInfo};
 use crate::error::Result;
 use crate::real::Real;
 
-/// SGD-SaI's hyper-parameters. `MOMENTUM`: keep a buffer (μ ≠ 0); `FIRST`: the parameter's first
-/// step (measure gsnr, start the buffer as a copy of g).
-#[derive(Clone, Debug)]
-#[repr(C)]
-pub struct SgdSai<const MOMENTUM: bool, const FIRST: bool> {
-    lr: f64,
-    momentum: f64,
-    eps: f64,
-    weight_decay: f64,
+/// The `sgd_sai` rule; `first` is set by the engine for a parameter's first step.
+pub const INFO: RuleInfo = RuleInfo {
+    name: "sgd_sai",
+    summary: "SGD-SaI (Xu et al.): SGD scaled by each parameter's gradient signal-to-noise ratio at its first step",
+    numbers: &["lr", "momentum", "eps", "weight_decay"],
+    flags: &["first"],
+    optional_flags: &["first"],
+    scalars: &["gsnr"],
+    reads_input: true,
+};
+
+rule_params! {
+    /// SGD-SaI's hyper-parameters. `MOMENTUM`: keep a buffer (μ ≠ 0); `FIRST`: the parameter's first
+    /// step (measure gsnr, start the buffer as a copy of g).
+    pub struct SgdSai<const MOMENTUM: bool, const FIRST: bool> {
+        lr: f64,
+        momentum: f64,
+        eps: f64,
+        weight_decay: f64,
+    }
 }
 
 /// SGD-SaI's per-tensor coefficients.
@@ -53,8 +63,8 @@ fn gsnr(sum: f64, sum_sq: f64, n: f64, eps: f64) -> f64 {
 }
 
 impl<const MOMENTUM: bool, const FIRST: bool> Rule for SgdSai<MOMENTUM, FIRST> {
-    const SLOTS: usize = if MOMENTUM { 1 } else { 0 };
-    const SCALARS: usize = 1;
+    const INFO: &'static RuleInfo = &INFO;
+    const SLOT_NAMES: &'static [&'static str] = if MOMENTUM { &["momentum_buffer"] } else { &[] };
     const SUMS: usize = if FIRST { 3 } else { 0 };
     type Coeffs<R: Real> = SgdSaiCoeffs<R>;
 
@@ -87,19 +97,15 @@ impl<const MOMENTUM: bool, const FIRST: bool> Rule for SgdSai<MOMENTUM, FIRST> {
         }
         p * c.decay + c.neg_step * b
     }
-
-    fn cuda_kernel() -> Option<CudaKernel> {
-        Some(CudaKernel { source: include_str!("../cuda/kernels/sgd_sai.cuh"), type_name: format!("SgdSai<{MOMENTUM}, {FIRST}>") })
-    }
 }
 
 /// Build SGD-SaI from `lr, momentum, eps, weight_decay` and flag `first`.
-pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
+pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let lr = check_non_negative("lr", h.num("lr")?)?;
     let momentum = check_unit_interval("momentum", h.num("momentum")?)?;
     let eps = check_non_negative("eps", h.num("eps")?)?;
     let weight_decay = check_non_negative("weight_decay", h.num("weight_decay")?)?;
-    Ok(bool_dispatch!(momentum != 0.0 => M, h.flag_or_false("first")? => F;
+    Ok(bool_dispatch!(momentum != 0.0 => M, h.flag("first")? => F;
         v.visit(SgdSai::<M, F> { lr, momentum, eps, weight_decay })))
 }
 

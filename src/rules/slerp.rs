@@ -11,8 +11,7 @@
 //! ```
 //! and the update pass writes `θ_init + c₁·δ₁ + c₂·δ₂`.
 
-use super::{Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
-use crate::cuda::CudaKernel;
+use super::{Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS, rule_params, RuleHyper, RuleInfo};
 use crate::error::{Error, Result};
 use crate::real::Real;
 
@@ -21,11 +20,22 @@ pub const LERP_THRESHOLD: f64 = 0.9995;
 /// Task-vector norm at or below which SLERP falls back to LERP.
 pub const MIN_NORM: f64 = 1e-8;
 
-/// SLERP at fraction `t` (λ) from `θ₁` towards `θ₂`.
-#[repr(C)]
-#[derive(Clone, Debug)]
-pub struct Slerp {
-    t: f64,
+/// The `slerp` rule.
+pub const INFO: RuleInfo = RuleInfo {
+    name: "slerp",
+    summary: "Spherical interpolation of two task vectors per tensor (WARP), LERP when nearly parallel",
+    numbers: &["t"],
+    flags: &[],
+    optional_flags: &[],
+    scalars: &[],
+    reads_input: true,
+};
+
+rule_params! {
+    /// SLERP at fraction `t` (λ) from `θ₁` towards `θ₂`.
+    pub struct Slerp {
+        t: f64,
+    }
 }
 
 /// The two host-computed coefficients (f64) for one tensor.
@@ -44,7 +54,8 @@ pub fn coefficients(t: f64, dot: f64, n1sq: f64, n2sq: f64) -> (f64, f64) {
 }
 
 impl Rule for Slerp {
-    const SLOTS: usize = 1;
+    const INFO: &'static RuleInfo = &INFO;
+    const SLOT_NAMES: &'static [&'static str] = &["base"];
     const SUMS: usize = 3;
     type Coeffs<R: Real> = (R, R);
 
@@ -67,14 +78,10 @@ impl Rule for Slerp {
         let base = s[0];
         base + c.0 * (p - base) + c.1 * (g - base)
     }
-
-    fn cuda_kernel() -> Option<CudaKernel> {
-        Some(CudaKernel { source: include_str!("../cuda/kernels/slerp.cuh"), type_name: "Slerp".into() })
-    }
 }
 
 /// Build `slerp` from `t` (λ).
-pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
+pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let t = h.num("t")?;
     if !(0.0..=1.0).contains(&t) {
         return Err(Error::Value(format!("slerp: t must be in [0, 1], got {t}")));

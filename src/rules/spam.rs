@@ -15,24 +15,34 @@
 //! `k` is the parameter's own step counter (scalar state `step`, never reset).
 //! State slots: `exp_avg`, `exp_avg_sq`.
 
-use super::{bool_dispatch, check_non_negative, check_unit_interval, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
-use crate::cuda::CudaKernel;
+use super::{bool_dispatch, check_non_negative, check_unit_interval, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS, rule_params, RuleHyper, RuleInfo};
 use crate::error::{Error, Result};
 use crate::real::Real;
 
-/// SPAM's hyper-parameters for one group and step.
-#[derive(Clone, Debug)]
-#[repr(C)]
-pub struct Spam<const RESET: bool, const CLIP: bool, const CORRECT_BIAS: bool, const DECAY: bool> {
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-    /// Spike threshold θ (only read with CLIP).
-    threshold: f64,
-    /// Cosine warm-up factor after a momentum reset, in [0.01, 1].
-    scale: f64,
+/// The `spam` rule.
+pub const INFO: RuleInfo = RuleInfo {
+    name: "spam",
+    summary: "SPAM (Huang et al.) as galore_torch/SPAM.py: momentum reset and spike clipping decided in Python",
+    numbers: &["lr", "beta1", "beta2", "eps", "weight_decay", "threshold", "scale"],
+    flags: &["reset", "clip", "correct_bias"],
+    optional_flags: &[],
+    scalars: &["step"],
+    reads_input: true,
+};
+
+rule_params! {
+    /// SPAM's hyper-parameters for one group and step.
+    pub struct Spam<const RESET: bool, const CLIP: bool, const CORRECT_BIAS: bool, const DECAY: bool> {
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+        /// Spike threshold θ (only read with CLIP).
+        threshold: f64,
+        /// Cosine warm-up factor after a momentum reset, in [0.01, 1].
+        scale: f64,
+    }
 }
 
 /// SPAM's per-tensor coefficients.
@@ -49,8 +59,8 @@ pub struct SpamCoeffs<R: Real> {
 }
 
 impl<const RESET: bool, const CLIP: bool, const CORRECT_BIAS: bool, const DECAY: bool> Rule for Spam<RESET, CLIP, CORRECT_BIAS, DECAY> {
-    const SLOTS: usize = 2;
-    const SCALARS: usize = 1;
+    const INFO: &'static RuleInfo = &INFO;
+    const SLOT_NAMES: &'static [&'static str] = &["exp_avg", "exp_avg_sq"];
     type Coeffs<R: Real> = SpamCoeffs<R>;
 
     /// `scalars[0]` is the parameter's `step`, incremented here.
@@ -89,15 +99,11 @@ impl<const RESET: bool, const CLIP: bool, const CORRECT_BIAS: bool, const DECAY:
             p
         }
     }
-
-    fn cuda_kernel() -> Option<CudaKernel> {
-        Some(CudaKernel { source: include_str!("../cuda/kernels/spam.cuh"), type_name: format!("Spam<{RESET}, {CLIP}, {CORRECT_BIAS}, {DECAY}>") })
-    }
 }
 
 /// Build SPAM from `lr, beta1, beta2, eps, weight_decay, threshold, scale` and flags
 /// `reset, clip, correct_bias`.
-pub fn visit<V: RuleVisitor>(h: &Hyper, v: V) -> Result<V::Output> {
+pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let lr = check_non_negative("lr", h.num("lr")?)?;
     let beta1 = check_unit_interval("beta1", h.num("beta1")?)?;
     let beta2 = check_unit_interval("beta2", h.num("beta2")?)?;

@@ -6,21 +6,13 @@
 
 template <bool AMSGRAD, bool DECOUPLE, bool RECTIFY>
 struct AdaBelief {
-    struct Hyper {  // layout of the Rust `AdaBelief` struct (#[repr(C)])
-        double lr, beta1, beta2, eps, weight_decay, decay_lr, degenerated_to_sgd;
-    };
-    static const int SLOTS = AMSGRAD ? 3 : 2;  // exp_avg, exp_avg_var, [max_exp_avg_var]
-    static const int SCALARS = 1;  // step
-    static const int SUMS = 0;
-    static const bool READS_INPUT = true;
-
     template <class R>
     struct Coeffs {
         R decay, l2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step, div, add;
     };
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const Hyper& h, double* scalars, const double*) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double*) {
         double bc1, bc2;
         ef_next_step(scalars, h.beta1, h.beta2, &bc1, &bc2);
         double t = scalars[0];
@@ -84,5 +76,5 @@ struct AdaBelief {
     }
 
     template <class R>
-    EF_FN static void accumulate(const Hyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
 };

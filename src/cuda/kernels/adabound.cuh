@@ -5,21 +5,13 @@
 
 template <bool AMSBOUND, bool L2>
 struct AdaBound {
-    struct Hyper {  // layout of the Rust `AdaBound` struct (#[repr(C)])
-        double lr, beta1, beta2, final_lr, gamma, eps, weight_decay, base_lr;
-    };
-    static const int SLOTS = AMSBOUND ? 3 : 2;  // exp_avg, exp_avg_sq, [max_exp_avg_sq]
-    static const int SCALARS = 1;  // step
-    static const int SUMS = 0;
-    static const bool READS_INPUT = true;
-
     template <class R>
     struct Coeffs {
         R weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, lower, upper;
     };
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const Hyper& h, double* scalars, const double*) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double*) {
         double bc1, bc2;
         ef_next_step(scalars, h.beta1, h.beta2, &bc1, &bc2);
         double t = scalars[0];
@@ -54,5 +46,5 @@ struct AdaBound {
     }
 
     template <class R>
-    EF_FN static void accumulate(const Hyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
 };

@@ -6,14 +6,6 @@
 
 template <bool AMSGRAD, bool DECOUPLED, bool EMA>
 struct Adam {
-    struct Hyper {  // layout of the Rust `Adam` struct (#[repr(C)])
-        double lr, beta1, beta2, eps, weight_decay, ema_weight;
-    };
-    static const int SLOTS = (AMSGRAD ? 3 : 2) + (EMA ? 1 : 0);
-    static const int SCALARS = 1;
-    static const int SUMS = 0;
-    static const bool READS_INPUT = true;
-
     template <class R>
     struct Coeffs {
         R decay, l2;
@@ -23,7 +15,7 @@ struct Adam {
     };
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const Hyper& h, double* scalars, const double*) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double*) {
         double bc1, bc2;
         ef_next_step(scalars, h.beta1, h.beta2, &bc1, &bc2);
         Coeffs<R> c;
@@ -65,5 +57,5 @@ struct Adam {
     }
 
     template <class R>
-    EF_FN static void accumulate(const Hyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
 };

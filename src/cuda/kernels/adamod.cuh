@@ -4,21 +4,13 @@
 #include "common.cuh"
 
 struct AdaMod {
-    struct Hyper {  // layout of the Rust `AdaMod` struct (#[repr(C)])
-        double lr, beta1, beta2, beta3, eps, weight_decay;
-    };
-    static const int SLOTS = 3;  // exp_avg, exp_avg_sq, exp_avg_lr
-    static const int SCALARS = 1;  // step
-    static const int SUMS = 0;
-    static const bool READS_INPUT = true;
-
     template <class R>
     struct Coeffs {
         R beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, eps, step_size, neg_decay;
     };
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const Hyper& h, double* scalars, const double*) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double*) {
         double bc1, bc2;
         ef_next_step(scalars, h.beta1, h.beta2, &bc1, &bc2);
         Coeffs<R> c;
@@ -48,5 +40,5 @@ struct AdaMod {
     }
 
     template <class R>
-    EF_FN static void accumulate(const Hyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
 };

@@ -5,21 +5,13 @@
 
 template <bool DECOUPLE>
 struct AdaMomentum {
-    struct Hyper {  // layout of the Rust `AdaMomentum` struct (#[repr(C)])
-        double lr, beta1, beta2, eps, weight_decay, decay_lr;
-    };
-    static const int SLOTS = 2;  // exp_avg, exp_avg_sq
-    static const int SCALARS = 1;  // step
-    static const int SUMS = 0;
-    static const bool READS_INPUT = true;
-
     template <class R>
     struct Coeffs {
         R decay, l2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, neg_step_size;
     };
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const Hyper& h, double* scalars, const double*) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double*) {
         double bc1, bc2;
         ef_next_step(scalars, h.beta1, h.beta2, &bc1, &bc2);
         Coeffs<R> c;
@@ -50,5 +42,5 @@ struct AdaMomentum {
     }
 
     template <class R>
-    EF_FN static void accumulate(const Hyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
 };

@@ -5,14 +5,6 @@
 
 template <bool NO_PROX, bool FIRST>
 struct Adan {
-    struct Hyper {  // layout of the Rust `Adan` struct (#[repr(C)])
-        double lr, beta1, beta2, beta3, eps, weight_decay, clip, step;
-    };
-    static const int SLOTS = 4;  // exp_avg (m), exp_avg_sq (n), exp_avg_diff (v), neg_pre_grad (r)
-    static const int SCALARS = 0;
-    static const int SUMS = 0;
-    static const bool READS_INPUT = true;
-
     template <class R>
     struct Coeffs {
         R clip, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, bc3_sqrt, eps, neg_step,
@@ -20,7 +12,7 @@ struct Adan {
     };
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const Hyper& h, double*, const double*) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double*, const double*) {
         double k = h.step;
         double bc1 = 1.0 - EF_POW_D(h.beta1, k);
         double bc2 = 1.0 - EF_POW_D(h.beta2, k);
@@ -69,5 +61,5 @@ struct Adan {
     }
 
     template <class R>
-    EF_FN static void accumulate(const Hyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
 };

@@ -5,14 +5,6 @@
 
 template <bool FAST>
 struct AdEMAMix {
-    struct Hyper {  // layout of the Rust `AdEMAMix` struct (#[repr(C)])
-        double lr, beta1, beta2, beta3, alpha, alpha_warmup, beta3_warmup, eps, weight_decay;
-    };
-    static const int SLOTS = FAST ? 3 : 2;  // [exp_avg_fast], exp_avg_slow, exp_avg_sq
-    static const int SCALARS = 1;  // step
-    static const int SUMS = 0;
-    static const bool READS_INPUT = true;
-
     template <class R>
     struct Coeffs {
         R beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, bc1, bc2_sqrt, alpha, eps,
@@ -41,7 +33,7 @@ struct AdEMAMix {
     }
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const Hyper& h, double* scalars, const double*) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double*) {
         scalars[0] += 1.0;
         double t = scalars[0];
         double beta3 = beta3_at(t, h.beta1, h.beta3, h.beta3_warmup);
@@ -79,5 +71,5 @@ struct AdEMAMix {
     }
 
     template <class R>
-    EF_FN static void accumulate(const Hyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
 };

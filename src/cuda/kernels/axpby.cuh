@@ -5,21 +5,13 @@
 
 template <bool ASSIGN>
 struct Axpby {
-    struct Hyper {  // layout of the Rust `Axpby` struct (#[repr(C)])
-        double a, b;
-    };
-    static const int SLOTS = 0;
-    static const int SCALARS = 0;
-    static const int SUMS = 0;
-    static const bool READS_INPUT = true;
-
     template <class R>
     struct Coeffs {
         R a, b;
     };
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const Hyper& h, double*, const double*) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double*, const double*) {
         Coeffs<R> c;
         c.a = R(h.a);
         c.b = R(h.b);
@@ -33,5 +25,5 @@ struct Axpby {
     }
 
     template <class R>
-    EF_FN static void accumulate(const Hyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
 };

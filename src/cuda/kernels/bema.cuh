@@ -7,15 +7,6 @@
 
 template <bool RESET>
 struct Bema {
-    struct Hyper {  // layout of the Rust `Bema` struct (#[repr(C)])
-        double alpha, beta;
-    };
-    static const int SLOTS = 2;
-    static const int WRITTEN_SLOTS = RESET ? 2 : 1;  // the anchor is only written by a reset
-    static const int SCALARS = 0;
-    static const int SUMS = 0;
-    static const bool READS_INPUT = true;
-
     template <class R>
     struct Coeffs {
         EfLerp<R> lerp;
@@ -23,7 +14,7 @@ struct Bema {
     };
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const Hyper& h, double*, const double*) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double*, const double*) {
         Coeffs<R> c;
         c.lerp = EfLerp<R>::make(h.beta);
         c.alpha = R(h.alpha);
@@ -43,5 +34,5 @@ struct Bema {
     }
 
     template <class R>
-    EF_FN static void accumulate(const Hyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
 };

@@ -41,9 +41,8 @@ typedef unsigned int ef_u32;
 typedef long long ef_i64;
 #endif
 
-#define EF_MAX_SLOTS 4
-#define EF_MAX_SCALARS 4
-#define EF_MAX_SUMS 4
+// EF_MAX_SLOTS, EF_MAX_SCALARS and EF_MAX_SUMS (src/rules/mod.rs), the rule's EfHyper and its
+// counts come from the generated preamble before this file (src/cuda/program.rs).
 
 // ---- compute-type helpers (float or double), mirroring src/real.rs ----------------------------
 

@@ -6,21 +6,13 @@
 
 template <bool L2>
 struct DiffGrad {
-    struct Hyper {  // layout of the Rust `DiffGrad` struct (#[repr(C)])
-        double lr, beta1, beta2, eps, weight_decay;
-    };
-    static const int SLOTS = 3;  // exp_avg, exp_avg_sq, previous_grad
-    static const int SCALARS = 1;  // step
-    static const int SUMS = 0;
-    static const bool READS_INPUT = true;
-
     template <class R>
     struct Coeffs {
         R weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step;
     };
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const Hyper& h, double* scalars, const double*) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double*) {
         double bc1, bc2;
         ef_next_step(scalars, h.beta1, h.beta2, &bc1, &bc2);
         Coeffs<R> c;
@@ -47,5 +39,5 @@ struct DiffGrad {
     }
 
     template <class R>
-    EF_FN static void accumulate(const Hyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
 };

@@ -7,14 +7,6 @@
 
 template <bool CAUTION, bool COUNT>
 struct Lion {
-    struct Hyper {  // layout of the Rust `Lion` struct (#[repr(C)])
-        double lr, beta1, beta2, weight_decay;
-    };
-    static const int SLOTS = 1;  // exp_avg
-    static const int SCALARS = 0;
-    static const int SUMS = CAUTION ? 2 : 0;  // Σφ, n
-    static const bool READS_INPUT = true;
-
     template <class R>
     struct Coeffs {
         R decay, beta1, one_minus_beta1, beta2, one_minus_beta2, neg_lr, caution;
@@ -27,14 +19,14 @@ struct Lion {
     }
 
     template <class R>
-    EF_FN static void accumulate(const Hyper& h, R, R g, const R* s, double* sums) {
+    EF_FN static void accumulate(const EfHyper& h, R, R g, const R* s, double* sums) {
         R u = direction<R>(R(h.beta1), R(1.0 - h.beta1), s[0], g);
         sums[0] += (u * g > R(0)) ? 1.0 : 0.0;
         sums[1] += 1.0;
     }
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const Hyper& h, double*, const double* sums) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double*, const double* sums) {
         R agree = R(sums[0]), n = R(sums[1]);
         Coeffs<R> c;
         if (!CAUTION) {

@@ -1,6 +1,8 @@
 // The one multi-tensor kernel every rule runs through (the CUDA twin of src/cpu/). The program is
-// assembled as: common.cuh + <rule>.cuh + this file, with EF_RULE defined to the rule's C++ type
-// (flags included, e.g. Adam<true, false>).
+// assembled as: a preamble generated from the Rust rule type (src/cuda/program.rs) + common.cuh +
+// <rule>.cuh + this file. The preamble defines EF_RULE (the rule's C++ type, flags included, e.g.
+// Adam<true, false, false>), its parameters' struct EfHyper and its counts EF_SLOTS,
+// EF_WRITTEN_SLOTS (slots past it are only read), EF_SCALARS, EF_SUMS and EF_READS_INPUT.
 //
 // One launch updates every tensor of a (group, device, dtype) batch: block b finds its tensor by
 // binary search over the tensors' first block indices, thread 0 computes the tensor's
@@ -26,11 +28,6 @@ struct EfTensor {  // layout of the Rust `cuda::table::TensorEntry` (#[repr(C)])
     ef_i64 numel;
     ef_i64 first_block;
 };
-
-// Rule::WRITTEN_SLOTS where the rule declares it (slots past it are only read), else SLOTS.
-template <class...> using ef_void_t = void;
-template <class Rule, class = void> struct EfWritten { static const int value = Rule::SLOTS; };
-template <class Rule> struct EfWritten<Rule, ef_void_t<decltype(Rule::WRITTEN_SLOTS)>> { static const int value = Rule::WRITTEN_SLOTS; };
 
 EF_FN ef_i64 ef_blocks_of(ef_i64 numel) { return numel <= 0 ? 1 : (numel + EF_CHUNK - 1) / EF_CHUNK; }
 
@@ -58,16 +55,16 @@ template <class Rule, class R, class P, class G, class S>
 __device__ __forceinline__ void ef_update_one(const typename Rule::template Coeffs<R>& c, R factor, P* p, const G* g, S* const* st, ef_i64 i) {
     R s[EF_MAX_SLOTS];
 #pragma unroll
-    for (int k = 0; k < Rule::SLOTS; ++k) s[k] = EfElem<S, R>::load(st[k] + i);
-    R gv = Rule::READS_INPUT ? EfElem<G, R>::load(g + i) * factor : R(0);
+    for (int k = 0; k < EF_SLOTS; ++k) s[k] = EfElem<S, R>::load(st[k] + i);
+    R gv = EF_READS_INPUT ? EfElem<G, R>::load(g + i) * factor : R(0);
     R pv = Rule::template update<R>(c, EfElem<P, R>::load(p + i), gv, s);
     EfElem<P, R>::store(p + i, pv);
 #pragma unroll
-    for (int k = 0; k < EfWritten<Rule>::value; ++k) EfElem<S, R>::store(st[k] + i, s[k]);
+    for (int k = 0; k < EF_WRITTEN_SLOTS; ++k) EfElem<S, R>::store(st[k] + i, s[k]);
 }
 
 template <class Rule, class R, class P, class G, class S>
-__device__ __forceinline__ void ef_step_impl(const typename Rule::Hyper& hyper, const EfTensor* tensors, int n_tensors,
+__device__ __forceinline__ void ef_step_impl(const EfHyper& hyper, const EfTensor* tensors, int n_tensors,
                                              const float* grad_scale, const float* found_inf, double gsign,
                                              ef_u32* counters, const double* sums) {
     if (found_inf != nullptr && *found_inf != 0.0f) return;  // AMP overflow: skip the whole step
@@ -79,17 +76,17 @@ __device__ __forceinline__ void ef_step_impl(const typename Rule::Hyper& hyper, 
         const EfTensor& T = tensors[t];
         double sc[EF_MAX_SCALARS] = {0, 0, 0, 0};
         double sm[EF_MAX_SUMS] = {0, 0, 0, 0};
-        for (int k = 0; k < Rule::SCALARS; ++k) sc[k] = (double)*T.scalars[k];
-        if (Rule::SUMS > 0)
-            for (int k = 0; k < Rule::SUMS; ++k) sm[k] = sums[t * EF_MAX_SUMS + k];
+        for (int k = 0; k < EF_SCALARS; ++k) sc[k] = (double)*T.scalars[k];
+        if (EF_SUMS > 0)
+            for (int k = 0; k < EF_SUMS; ++k) sm[k] = sums[t * EF_MAX_SUMS + k];
         c_sh = Rule::template coeffs<R>(hyper, sc, sm);
         factor_sh = R(grad_scale != nullptr ? gsign / (double)*grad_scale : gsign);
         t_sh = t;
-        if (Rule::SCALARS > 0) {
+        if (EF_SCALARS > 0) {
             __threadfence();  // our reads of the scalars happen before we are counted
             ef_u32 arrived = atomicAdd(&counters[t], 1u);
             if (arrived + 1 == (ef_u32)ef_blocks_of(T.numel)) {
-                for (int k = 0; k < Rule::SCALARS; ++k) *T.scalars[k] = (float)sc[k];
+                for (int k = 0; k < EF_SCALARS; ++k) *T.scalars[k] = (float)sc[k];
                 counters[t] = 0;
             }
         }
@@ -103,43 +100,43 @@ __device__ __forceinline__ void ef_step_impl(const typename Rule::Hyper& hyper, 
     P* p = (P*)T.p;
     const G* g = (const G*)T.g;
     S* st[EF_MAX_SLOTS];
-    bool aligned = ef_aligned<P>(p) && (!Rule::READS_INPUT || ef_aligned<G>(g));
+    bool aligned = ef_aligned<P>(p) && (!EF_READS_INPUT || ef_aligned<G>(g));
 #pragma unroll
     for (int k = 0; k < EF_MAX_SLOTS; ++k) {
         st[k] = (S*)T.s[k];
-        if (k < Rule::SLOTS) aligned = aligned && ef_aligned<S>(st[k]);
+        if (k < EF_SLOTS) aligned = aligned && ef_aligned<S>(st[k]);
     }
     ef_i64 vec_end = aligned ? start + ((end - start) / EF_VEC) * EF_VEC : start;
     for (ef_i64 i = start + (ef_i64)threadIdx.x * EF_VEC; i < vec_end; i += (ef_i64)blockDim.x * EF_VEC) {
         EfVec<P> pv = *(const EfVec<P>*)(p + i);
         EfVec<G> gv;
-        if (Rule::READS_INPUT) gv = *(const EfVec<G>*)(g + i);
+        if (EF_READS_INPUT) gv = *(const EfVec<G>*)(g + i);
         EfVec<S> sv[EF_MAX_SLOTS];
 #pragma unroll
-        for (int k = 0; k < Rule::SLOTS; ++k) sv[k] = *(const EfVec<S>*)(st[k] + i);
+        for (int k = 0; k < EF_SLOTS; ++k) sv[k] = *(const EfVec<S>*)(st[k] + i);
 #pragma unroll
         for (int j = 0; j < EF_VEC; ++j) {
             R s[EF_MAX_SLOTS];
 #pragma unroll
-            for (int k = 0; k < Rule::SLOTS; ++k) s[k] = EfElem<S, R>::load(&sv[k].v[j]);
-            R gj = Rule::READS_INPUT ? EfElem<G, R>::load(&gv.v[j]) * factor : R(0);
+            for (int k = 0; k < EF_SLOTS; ++k) s[k] = EfElem<S, R>::load(&sv[k].v[j]);
+            R gj = EF_READS_INPUT ? EfElem<G, R>::load(&gv.v[j]) * factor : R(0);
             R pj = Rule::template update<R>(c, EfElem<P, R>::load(&pv.v[j]), gj, s);
             EfElem<P, R>::store(&pv.v[j], pj);
 #pragma unroll
-            for (int k = 0; k < Rule::SLOTS; ++k) EfElem<S, R>::store(&sv[k].v[j], s[k]);
+            for (int k = 0; k < EF_SLOTS; ++k) EfElem<S, R>::store(&sv[k].v[j], s[k]);
         }
         *(EfVec<P>*)(p + i) = pv;
 #pragma unroll
-        for (int k = 0; k < EfWritten<Rule>::value; ++k) *(EfVec<S>*)(st[k] + i) = sv[k];
+        for (int k = 0; k < EF_WRITTEN_SLOTS; ++k) *(EfVec<S>*)(st[k] + i) = sv[k];
     }
     for (ef_i64 i = vec_end + threadIdx.x; i < end; i += blockDim.x) ef_update_one<Rule, R, P, G, S>(c, factor, p, g, st, i);
 }
 
 // Per-tensor sums (rules with SUMS > 0): a read-only pass before ef_step, accumulated in double.
 template <class Rule, class R, class P, class G, class S>
-__device__ __forceinline__ void ef_sums_impl(const typename Rule::Hyper& hyper, const EfTensor* tensors, int n_tensors,
+__device__ __forceinline__ void ef_sums_impl(const EfHyper& hyper, const EfTensor* tensors, int n_tensors,
                                              const float* grad_scale, const float* found_inf, double gsign, double* sums) {
-    if (Rule::SUMS == 0) return;
+    if (EF_SUMS == 0) return;
     if (found_inf != nullptr && *found_inf != 0.0f) return;
     int t = ef_find_tensor(tensors, n_tensors);
     const EfTensor& T = tensors[t];
@@ -151,12 +148,12 @@ __device__ __forceinline__ void ef_sums_impl(const typename Rule::Hyper& hyper, 
     const G* g = (const G*)T.g;
     for (ef_i64 i = start + threadIdx.x; i < end; i += blockDim.x) {
         R s[EF_MAX_SLOTS];
-        for (int k = 0; k < Rule::SLOTS; ++k) s[k] = EfElem<S, R>::load((const S*)T.s[k] + i);
-        R gv = Rule::READS_INPUT ? EfElem<G, R>::load(g + i) * factor : R(0);
+        for (int k = 0; k < EF_SLOTS; ++k) s[k] = EfElem<S, R>::load((const S*)T.s[k] + i);
+        R gv = EF_READS_INPUT ? EfElem<G, R>::load(g + i) * factor : R(0);
         Rule::template accumulate<R>(hyper, EfElem<P, R>::load(p + i), gv, s, acc);
     }
     __shared__ double red[EF_THREADS];
-    for (int k = 0; k < Rule::SUMS; ++k) {
+    for (int k = 0; k < EF_SUMS; ++k) {
         red[threadIdx.x] = acc[k];
         __syncthreads();
         for (int w = blockDim.x / 2; w > 0; w /= 2) {
@@ -170,14 +167,14 @@ __device__ __forceinline__ void ef_sums_impl(const typename Rule::Hyper& hyper, 
 
 #define EF_KERNELS(NAME, R, P, G, S)                                                                          \
     extern "C" __global__ void __launch_bounds__(EF_THREADS)                                              \
-        ef_step_##NAME(const EF_RULE::Hyper hyper, const EfTensor* tensors, int n_tensors,                \
+        ef_step_##NAME(const EfHyper hyper, const EfTensor* tensors, int n_tensors,                \
                        const float* grad_scale, const float* found_inf, double gsign, ef_u32* counters,   \
                        const double* sums) {                                                              \
         ef_step_impl<EF_RULE, R, P, G, S>(hyper, tensors, n_tensors, grad_scale, found_inf, gsign, counters, \
                                        sums);                                                             \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(EF_THREADS)                                              \
-        ef_sums_##NAME(const EF_RULE::Hyper hyper, const EfTensor* tensors, int n_tensors,                \
+        ef_sums_##NAME(const EfHyper hyper, const EfTensor* tensors, int n_tensors,                \
                        const float* grad_scale, const float* found_inf, double gsign, double* sums) {     \
         ef_sums_impl<EF_RULE, R, P, G, S>(hyper, tensors, n_tensors, grad_scale, found_inf, gsign, sums);    \
     }

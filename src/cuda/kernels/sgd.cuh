@@ -4,21 +4,13 @@
 
 template <bool MOMENTUM, bool NESTEROV, bool FIRST>
 struct Sgd {
-    struct Hyper {  // layout of the Rust `Sgd` struct (#[repr(C)])
-        double lr, momentum, dampening, weight_decay;
-    };
-    static const int SLOTS = MOMENTUM ? 1 : 0;
-    static const int SCALARS = 0;
-    static const int SUMS = 0;
-    static const bool READS_INPUT = true;
-
     template <class R>
     struct Coeffs {
         R neg_lr, momentum, one_minus_dampening, weight_decay;
     };
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const Hyper& h, double*, const double*) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double*, const double*) {
         Coeffs<R> c;
         c.neg_lr = R(-h.lr);
         c.momentum = R(h.momentum);
@@ -39,5 +31,5 @@ struct Sgd {
     }
 
     template <class R>
-    EF_FN static void accumulate(const Hyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
 };

@@ -7,14 +7,6 @@
 
 template <bool MOMENTUM, bool FIRST>
 struct SgdSai {
-    struct Hyper {  // layout of the Rust `SgdSai` struct (#[repr(C)])
-        double lr, momentum, eps, weight_decay;
-    };
-    static const int SLOTS = MOMENTUM ? 1 : 0;  // momentum_buffer
-    static const int SCALARS = 1;  // gsnr, written on the first step
-    static const int SUMS = FIRST ? 3 : 0;  // Σg, Σg², n
-    static const bool READS_INPUT = true;
-
     template <class R>
     struct Coeffs {
         R momentum, one_minus_momentum, decay, neg_step;
@@ -32,7 +24,7 @@ struct SgdSai {
     }
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const Hyper& h, double* scalars, const double* sums) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double* sums) {
         if (FIRST) scalars[0] = gsnr(sums[0], sums[1], sums[2], h.eps);
         Coeffs<R> c;
         c.momentum = R(h.momentum);
@@ -50,7 +42,7 @@ struct SgdSai {
     }
 
     template <class R>
-    EF_FN static void accumulate(const Hyper&, R, R g, const R*, double* sums) {
+    EF_FN static void accumulate(const EfHyper&, R, R g, const R*, double* sums) {
         double gd = (double)g;
         sums[0] += gd;
         sums[1] += gd * gd;

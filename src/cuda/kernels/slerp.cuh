@@ -9,21 +9,13 @@
 #include "common.cuh"
 
 struct Slerp {
-    struct Hyper {  // layout of the Rust `Slerp` struct (#[repr(C)])
-        double t;
-    };
-    static const int SLOTS = 1;
-    static const int SCALARS = 0;
-    static const int SUMS = 3;
-    static const bool READS_INPUT = true;
-
     template <class R>
     struct Coeffs {
         R c1, c2;
     };
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const Hyper& h, double*, const double* sums) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double*, const double* sums) {
         const double t = h.t;
         double c1 = 1.0 - t, c2 = t;  // LERP: a tiny task vector, or nearly parallel ones
         const double n1 = EF_SQRT_D(sums[1]), n2 = EF_SQRT_D(sums[2]);
@@ -51,7 +43,7 @@ struct Slerp {
     }
 
     template <class R>
-    EF_FN static void accumulate(const Hyper&, R p, R g, const R* s, double* sums) {
+    EF_FN static void accumulate(const EfHyper&, R p, R g, const R* s, double* sums) {
         const double base = (double)s[0];
         const double d1 = (double)p - base, d2 = (double)g - base;
         sums[0] += d1 * d2;

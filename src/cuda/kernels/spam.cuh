@@ -5,21 +5,13 @@
 
 template <bool RESET, bool CLIP, bool CORRECT_BIAS, bool DECAY>
 struct Spam {
-    struct Hyper {  // layout of the Rust `Spam` struct (#[repr(C)])
-        double lr, beta1, beta2, eps, weight_decay, threshold, scale;
-    };
-    static const int SLOTS = 2;  // exp_avg, exp_avg_sq
-    static const int SCALARS = 1;  // step (the parameter's own, never reset)
-    static const int SUMS = 0;
-    static const bool READS_INPUT = true;
-
     template <class R>
     struct Coeffs {
         R threshold, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step, neg_lr_wd;
     };
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const Hyper& h, double* scalars, const double*) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double*) {
         scalars[0] += 1.0;
         double k = scalars[0];
         double step_size = CORRECT_BIAS ? h.lr * EF_SQRT_D(1.0 - EF_POW_D(h.beta2, k)) / (1.0 - EF_POW_D(h.beta1, k)) : h.lr;
@@ -50,5 +42,5 @@ struct Spam {
     }
 
     template <class R>
-    EF_FN static void accumulate(const Hyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
 };

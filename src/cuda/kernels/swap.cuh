@@ -4,19 +4,11 @@
 #include "common.cuh"
 
 struct Swap {
-    struct Hyper {  // layout of the Rust `Swap` struct (#[repr(C)]): a placeholder, so the kernel
-        double unused;  // argument is not an empty struct
-    };
-    static const int SLOTS = 1;
-    static const int SCALARS = 0;
-    static const int SUMS = 0;
-    static const bool READS_INPUT = false;
-
     template <class R>
     struct Coeffs {};
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const Hyper&, double*, const double*) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper&, double*, const double*) {
         return Coeffs<R>();
     }
 
@@ -28,5 +20,5 @@ struct Swap {
     }
 
     template <class R>
-    EF_FN static void accumulate(const Hyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
 };

@@ -1,0 +1,40 @@
+//! What the engine and Python know of a registered rule before building it: [`RuleInfo`].
+
+/// Options of every rule, read by the drivers rather than by rules: booleans, false when absent.
+pub const ENGINE_OPTIONS: &[&str] = &["maximize", "check_finite"];
+
+/// The description of one registered rule name: the hyper-parameter keys Python passes (checked
+/// before the rule is built), its per-parameter scalar state and whether it reads an input. Each
+/// rule file states its own as `pub const INFO`; the registry in `rules/mod.rs` lists them.
+#[derive(Debug)]
+pub struct RuleInfo {
+    /// The name Python passes (`_native.step(who, name, ...)`).
+    pub name: &'static str,
+    /// One line saying what the rule computes.
+    pub summary: &'static str,
+    /// Numeric hyper-parameters. A `visit` may leave some unread (e.g. `ema_weight` without the
+    /// `ema` flag); one it reads and Python did not pass is an error then.
+    pub numbers: &'static [&'static str],
+    /// Boolean hyper-parameters, including those the engine's Python layer sets (`first`,
+    /// `ema`). Each must be passed unless listed in `optional_flags`.
+    pub flags: &'static [&'static str],
+    /// The flags (a subset of `flags`) that are false when absent.
+    pub optional_flags: &'static [&'static str],
+    /// Names of the per-parameter scalar state entries (0-dim tensors, e.g. `step`), in order.
+    pub scalars: &'static [&'static str],
+    /// Whether the rule reads an input tensor (a gradient, the model being averaged).
+    pub reads_input: bool,
+}
+
+impl RuleInfo {
+    /// Every key a group of this rule may pass, for messages.
+    pub fn valid_keys(&self) -> String {
+        let list = |keys: &[&str]| if keys.is_empty() { "none".to_string() } else { keys.join(", ") };
+        format!(
+            "numbers: {}; flags: {}; engine options: {}",
+            list(self.numbers),
+            list(self.flags),
+            list(ENGINE_OPTIONS)
+        )
+    }
+}
