@@ -194,7 +194,7 @@ _ADAM_BAD = (
     Bad(dict(lr=float("nan")), r"^Invalid learning rate: nan$"),
     Bad(dict(fused=True, foreach=True), r"^`fused` and `foreach` cannot be `True` together.$", RuntimeError),
     # torch differentiates through its own step; emafuse's native step cannot be.
-    Bad(dict(differentiable=True), "differentiable=True is not supported", emafuse.UnsupportedOptionError),
+    Bad(dict(differentiable=True), "differentiable=True is not supported", emafuse.UnsupportedOptionError, official=False),
 )
 _ADAM_CONFIGS = (
     dict(),
@@ -275,7 +275,7 @@ ENTRIES: tuple[Entry, ...] = (
             Bad(dict(nesterov=True, momentum=0.9, dampening=0.1), r"^Nesterov momentum requires a momentum and zero dampening$"),
             Bad(dict(lr=torch.tensor([1.0, 2.0])), r"^Tensor lr must be 1-element$"),
             Bad(dict(fused=True, foreach=True), r"^`fused` and `foreach` cannot be `True` together.$", RuntimeError),
-            Bad(dict(differentiable=True), "differentiable=True is not supported", emafuse.UnsupportedOptionError),
+            Bad(dict(differentiable=True), "differentiable=True is not supported", emafuse.UnsupportedOptionError, official=False),
         ),
         group_options=dict(lr=1e-1, momentum=0.5, nesterov=False, dampening=0.2),
     ),
@@ -375,13 +375,13 @@ ENTRIES: tuple[Entry, ...] = (
         officials=(Official("adabound", adabound.AdaBound, steps=20),),
         bad_args=(
             Bad(dict(lr=-1.0), r"^Invalid learning rate: -1.0$"),
-            Bad(dict(lr=0.0), r"^Invalid learning rate: 0.0 \(AdaBound divides"),  # extra check
-            Bad(dict(gamma=0.0), r"^Invalid gamma parameter: 0.0 \(the upper bound divides"),  # extra
+            Bad(dict(lr=0.0), r"^Invalid learning rate: 0.0 \(AdaBound divides", official=False),  # extra check
+            Bad(dict(gamma=0.0), r"^Invalid gamma parameter: 0.0 \(the upper bound divides", official=False),  # extra
             Bad(dict(gamma=1.0), r"^Invalid gamma parameter: 1.0$"),
             Bad(dict(final_lr=-1.0), r"^Invalid final learning rate: -1.0$"),
             Bad(dict(betas=(0.9, 1.5)), r"^Invalid beta parameter at index 1: 1.5$"),
             Bad(dict(eps=-1.0), r"^Invalid epsilon value: -1.0$"),
-            Bad(dict(weight_decay=-1.0), r"^Invalid weight_decay value: -1.0$"),  # extra check
+            Bad(dict(weight_decay=-1.0), r"^Invalid weight_decay value: -1.0$", official=False),  # extra check
         ),
         group_options=dict(lr=1e-1, final_lr=0.05, amsbound=False),
     ),
@@ -431,7 +431,7 @@ ENTRIES: tuple[Entry, ...] = (
             Bad(dict(betas=(1.0, 0.9)), r"^Invalid beta parameter at index 0: 1.0$"),
             Bad(dict(betas=(0.9, -0.1)), r"^Invalid beta parameter at index 1: -0.1$"),
             Bad(dict(lr=float("nan")), r"^Invalid learning rate: nan$"),
-            Bad(dict(weight_decay=-0.1), r"^Invalid weight_decay value: -0.1$"),  # extra check
+            Bad(dict(weight_decay=-0.1), r"^Invalid weight_decay value: -0.1$", official=False),  # extra check
         ),
         group_options=dict(lr=1e-1, weight_decay=0.0, rectify=False, amsgrad=False),
     ),
@@ -522,13 +522,15 @@ ENTRIES: tuple[Entry, ...] = (
             Official("timm.Lion", timm.optim.Lion, lambda kw: {**kw, "foreach": False}, maximize=True,
                      applies=lambda kw: kw.get("caution", False) and kw.get("caution_norm", "mean") == "mean"),
         ),
-        bad_args=(  # lion-pytorch asserts instead (AssertionError); google/automl raises these
-            Bad(dict(lr=-1.0), r"^Invalid learning rate: -1.0$"),
-            Bad(dict(betas=(1.0, 0.9)), r"^Invalid beta parameter at index 0: 1.0$"),
-            Bad(dict(betas=(0.9, -1.0)), r"^Invalid beta parameter at index 1: -1.0$"),
-            Bad(dict(weight_decay=-0.1), r"^Invalid weight_decay value: -0.1$"),
-            Bad(dict(lr=0.0, lr_independent_decay=True), r"^lr_independent_decay needs lr > 0"),
-            Bad(dict(caution=True, caution_norm="sum"), r"^Invalid caution_norm"),
+        # lion-pytorch asserts (AssertionError) or accepts these; the messages are google/automl's (no
+        # package), the weight_decay and option checks emafuse's: none is compared with an official.
+        bad_args=(
+            Bad(dict(lr=-1.0), r"^Invalid learning rate: -1.0$", official=False),
+            Bad(dict(betas=(1.0, 0.9)), r"^Invalid beta parameter at index 0: 1.0$", official=False),
+            Bad(dict(betas=(0.9, -1.0)), r"^Invalid beta parameter at index 1: -1.0$", official=False),
+            Bad(dict(weight_decay=-0.1), r"^Invalid weight_decay value: -0.1$", official=False),
+            Bad(dict(lr=0.0, lr_independent_decay=True), r"^lr_independent_decay needs lr > 0", official=False),
+            Bad(dict(caution=True, caution_norm="sum"), r"^Invalid caution_norm", official=False),
         ),
         group_options=dict(lr=1e-2, weight_decay=0.0, caution=False),
         # From bf16/fp16 state, b1 m + (1 - b1) g can cancel to exactly 0 in fp32 but not in fp64
@@ -552,7 +554,7 @@ ENTRIES: tuple[Entry, ...] = (
             Bad(dict(betas=(1.0, 0.9)), r"^Invalid beta parameter at index 0: 1.0$"),
             Bad(dict(betas=(0.9, 1.0)), r"^Invalid beta parameter at index 1: 1.0$"),
             Bad(dict(beta3=1.0), r"^Invalid beta3 parameter: 1.0$"),
-            Bad(dict(weight_decay=-0.1), r"^Invalid weight_decay value: -0.1$"),  # extra check
+            Bad(dict(weight_decay=-0.1), r"^Invalid weight_decay value: -0.1$", official=False),  # extra check
         ),
         group_options=dict(lr=1e-1, weight_decay=0.0, beta3=0.99),
     ),

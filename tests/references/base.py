@@ -10,10 +10,11 @@ official (= emafuse's) state names, updated by the spec's numbered rule.
 * ``.params``: the float64 parameters.
 * ``.state_of(i)``: parameter ``i``'s state under emafuse's names: tensors, and the per-parameter
   scalar state (``scalars``, e.g. ``step``) as Python floats.
-* ``.load_from(opt, params)``: take the values of ``params``, their state, the current ``lr`` of
-  their group and the counters kept outside ``opt.state[p]`` from the emafuse optimizer ``opt``,
-  so that one step can be compared from identical state.
-* ``.set_lr(lr)``: the learning rate of the next steps (what a scheduler changed).
+* ``.load_from(opt, params)``: take the values of ``params``, their state, their group's current
+  hyper-parameters and the counters kept outside ``opt.state[p]`` from the emafuse optimizer
+  ``opt``, so that one step can be compared from identical state.
+* ``.follow(group)``: take the current values of the hyper-parameters this reference shares with
+  the param group ``group`` (what a scheduler changes: lr, betas, momentum, ...).
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ def f64(t: Tensor) -> Tensor:
     return t.detach().to(torch.float64).clone()
 
 
+def _plain(v: Any) -> Any:
+    """A hyper-parameter with tensors read as Python floats (a tensor lr, tensor betas)."""
+    if isinstance(v, Tensor):
+        return float(v)
+    if isinstance(v, tuple):
+        return tuple(_plain(x) for x in v)
+    return v
+
+
 class Reference:
     """Base class: subclasses implement ``update`` (one parameter) and, where the rule has
     counters beyond the parameter's own, ``begin`` / ``end`` and ``load_counters``."""
@@ -40,7 +50,7 @@ class Reference:
         self.params = [f64(p) for p in params]
         self.state: list[dict[str, Any]] = [{} for _ in self.params]
         self.maximize = maximize
-        self.h = {k: float(v) if isinstance(v, Tensor) else v for k, v in hyper.items()}
+        self.h = {k: _plain(v) for k, v in hyper.items()}
 
     # -- what a rule provides -----------------------------------------------------------------
 
@@ -79,8 +89,8 @@ class Reference:
     def state_of(self, i: int) -> dict[str, Any]:
         return self.to_emafuse(self.state[i])
 
-    def set_lr(self, lr: float | Tensor) -> None:
-        self.h["lr"] = float(lr)
+    def follow(self, group: dict[str, Any]) -> None:
+        self.h.update({k: _plain(v) for k, v in group.items() if k in self.h})
 
     def load_from(self, opt: torch.optim.Optimizer, params: list[Tensor]) -> None:
         group = next(g for g in opt.param_groups if any(q is params[0] for q in g["params"]))
@@ -90,5 +100,5 @@ class Reference:
             st = opt.state.get(p, {})
             ours = {k: float(v) if k in self.scalars else f64(v) for k, v in st.items()}
             self.state.append(self.from_emafuse(ours) if ours else {})
-        self.set_lr(group["lr"])
+        self.follow(group)
         self.load_counters(opt, group)
