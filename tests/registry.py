@@ -319,7 +319,7 @@ ENTRIES: tuple[Entry, ...] = (
             dict(),
             dict(lr=1e-2, weight_decay=0.1, **SPAM_FAST),
             dict(lr=1e-2, correct_bias=False, maximize=True, **SPAM_FAST),
-            dict(lr=1e-2, **{**SPAM_FAST, "threshold": 0, "warmup_steps": 8}),
+            dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-4, **{**SPAM_FAST, "threshold": 0, "warmup_steps": 8}),
         ),  # no official: TianjinYellow/SPAM (galore_torch/SPAM.py) has no package; f64 reference only
         main=dict(lr=1e-2, weight_decay=0.01, **SPAM_FAST),
         caps=Caps(optimizer_counters=("total_step", "current_step")),
@@ -341,7 +341,7 @@ ENTRIES: tuple[Entry, ...] = (
         emafuse.DiffGrad, RefDiffGrad,
         configs=(
             dict(),
-            dict(lr=1e-2, weight_decay=0.01, betas=(0.8, 0.99)),
+            dict(lr=1e-2, weight_decay=0.01, betas=(0.8, 0.99), eps=1e-6),
             dict(lr=1e-2, maximize=True),
         ),
         main=dict(lr=1e-2, weight_decay=0.01),
@@ -367,7 +367,7 @@ ENTRIES: tuple[Entry, ...] = (
         configs=(
             dict(),
             dict(lr=1e-2, amsbound=True, weight_decay=0.01),
-            dict(lr=1e-2, gamma=0.1, final_lr=0.05, maximize=True),
+            dict(lr=1e-2, gamma=0.1, final_lr=0.05, betas=(0.8, 0.99), eps=1e-6, maximize=True),
         ),
         main=dict(lr=1e-2, amsbound=True),
         caps=Caps(),
@@ -439,7 +439,7 @@ ENTRIES: tuple[Entry, ...] = (
         emafuse.AdEMAMix, RefAdEMAMix,
         configs=(
             dict(lr=1e-2),
-            dict(lr=1e-2, alpha=5.0, weight_decay=0.1, betas=(0.9, 0.99, 0.999)),
+            dict(lr=1e-2, alpha=5.0, weight_decay=0.1, betas=(0.9, 0.99, 0.999), eps=1e-6),
             dict(lr=1e-2, alpha=8.0, alpha_warmup=10, beta3_warmup=15, weight_decay=0.1, maximize=True),
             dict(lr=1e-2, betas=(0.0, 0.999, 0.9999), t_alpha_beta3=12),
             dict(lr=1e-2, betas=(0.0, 0.99, 0.999)),
