@@ -71,22 +71,19 @@ def test_fp64_trajectory_matches_the_reference(entry, kw):
 @pytest.mark.parametrize("entry, kw", configs())
 def test_fp32_odd_sizes_match_the_reference(entry, kw):
     """float32 parameters of odd sizes (block and chunk edges of the CPU driver, 278011 elements
-    in parallel chunks whose per-tensor sums are combined), ten steps with spikes against the
-    float64 reference run from the same start: to fp32 round-off for the first steps, to
-    accumulated round-off after ten."""
+    in parallel chunks whose per-tensor sums are combined), three steps with spikes against the
+    float64 reference run from the same start, each to fp32 round-off (longer trajectories:
+    the fp64 test above, and test_official_parity / the long fp32 test below)."""
     params = make_params(ODD_SHAPES, seed=12)
     opt = entry.cls(params, **kw)
     ref = entry.reference(params, **kw)
-    for t in range(10):
+    for t in range(3):
         grads = spiky_grads(params, t, seed=2)
         set_grads(params, grads)
         opt.step()
         ref.step(grads)
-        if t in (0, 2, 9):
-            rtol = 1e-6 if t < 3 else 2e-5
-            for i, (p, q) in enumerate(zip(params, ref.params)):
-                scale = scale_of(q)
-                assert_close(p, q, rtol=rtol, atol=rtol * scale, what=f"step {t} param {i} {tuple(p.shape)}")
+        for i, (p, q) in enumerate(zip(params, ref.params)):
+            assert_close(p, q, rtol=1e-6, atol=1e-6 * scale_of(q), what=f"step {t} param {i} {tuple(p.shape)}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
