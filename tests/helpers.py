@@ -83,16 +83,8 @@ def scale_of(t: torch.Tensor) -> float:
     return max(1.0, float(t.detach().abs().max()))
 
 
-def ulp(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps
-
-
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, what: str = "") -> None:
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
-
-
-def state_snapshot(opt: torch.optim.Optimizer) -> dict:
-    return copy.deepcopy(opt.state_dict())
 
 
 def raw_state(opt: torch.optim.Optimizer) -> dict:

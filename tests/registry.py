@@ -73,13 +73,14 @@ class Official:
     stand-in the spec names where the official has no package).
 
     ``translate`` maps emafuse's keyword arguments to its own. ``maximize``: its own ``maximize``
-    is used; otherwise ``maximize`` is dropped and the tests negate its gradients instead. ``applies``: the
-    configurations it implements. Tolerances: ``rtol``/``atol`` for fp32 trajectories of ``steps``
-    steps, ``step_rtol`` for three steps over odd sizes, ``fp64_rtol`` for an fp64 trajectory.
-    ``state_names``: our state names -> its names, compared after a trajectory (None: every
-    state tensor under the same name). ``checkpoints``: directions in which checkpoints move and
-    continue the same trajectory ("to_emafuse", "from_emafuse"). ``low_precision``: bf16/fp16
-    trajectories and mixed dtypes are compared too; ``complex``: complex parameters too."""
+    is used; otherwise ``maximize`` is dropped and the tests negate its gradients instead.
+    ``applies``: the configurations it implements. Tolerances: ``rtol``/``atol`` for fp32
+    trajectories of ``steps`` steps (``state_atol`` for the states), ``step_rtol`` for three steps
+    over odd sizes, ``fp64_rtol`` for an fp64 trajectory. ``state_names``: our state names -> its
+    names, compared after a trajectory (None: every state tensor under the same name).
+    ``checkpoints``: directions in which checkpoints move and continue the same trajectory
+    ("to_emafuse", "from_emafuse"). ``low_precision``: bf16/fp16 trajectories and mixed dtypes are
+    compared too; ``complex``: complex parameters too."""
 
     name: str
     cls: type
@@ -295,7 +296,8 @@ ENTRIES: tuple[Entry, ...] = (
                        foreach=True, fused=False),
         # pytorch_optimizer 4.1.0 equals the official sail-sg/Adan (spec §7 (g)), which has no package,
         # except that it accumulates the global gradient norm in float32 (fp64_rtol) and that its
-        # maximize is not a negation of the gradient (gradients negated instead). It keeps +g_prev as
+        # maximize disagrees with negating the gradient (spec 2.2; the tests negate the gradients
+        # instead). It keeps +g_prev as
         # "previous_grad" (ours: -g_prev as "neg_pre_grad"); exp_avg_diff, an EMA of gradient
         # differences, carries more round-off (state_atol). Its checkpoints are not the official's.
         officials=(Official("pytorch_optimizer.Adan", pytorch_optimizer.Adan, _adan_official, steps=20, state_atol=1e-5,
