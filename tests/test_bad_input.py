@@ -1,119 +1,200 @@
-"""Bad input gets a clear error, and a refused step changes nothing."""
+"""Bad input gets a clear emafuse error for every optimizer, and a refused call changes nothing:
+constructor arguments, hyper-parameters set later, corrupted state, gradients and parameters the
+engine cannot take, non-finite gradients under check_finite."""
 
 from __future__ import annotations
 
-import copy
+import re
 
 import pytest
 import torch
 
 import emafuse
 from emafuse import errors
-from helpers import SMALL_SHAPES, make_params, random_grads, run_steps, set_grads
+from helpers import SMALL_SHAPES, assert_unchanged, make_params, random_grads, run_steps, set_grads, snapshot, state_tensors
+from registry import BY_NAME, ENTRIES, entries
+
+# -- constructor arguments -------------------------------------------------------------------------
+
+BAD_ARGS = [
+    pytest.param(e, bad, id=f"{e.name}-" + "-".join(f"{k}={v}" for k, v in bad.kw.items())) for e in ENTRIES for bad in e.bad_args
+]
 
 
-def trained(cls=emafuse.AdamW, shapes=SMALL_SHAPES, **kw):
+@pytest.mark.parametrize("entry, bad", BAD_ARGS)
+def test_bad_constructor_arguments_are_refused_with_a_clear_message(entry, bad):
+    with pytest.raises(bad.exc) as info:
+        entry.cls(make_params([(3,)]), **bad.kw)
+    assert re.search(bad.match, str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("entry", entries(lambda e: any("differentiable" in b.kw for b in e.bad_args)))
+def test_differentiable_param_group_is_refused(entry):
+    opt = entry.cls(make_params([(3,)]))
+    with pytest.raises(emafuse.UnsupportedOptionError, match="differentiable"):
+        opt.add_param_group({"params": make_params([(4,)]), "differentiable": True})
+
+
+LATER = [("lr", float("nan"), "lr"), ("lr", -1.0, "lr"), ("weight_decay", -1.0, "weight_decay"), ("betas", 1.5, "beta1"),
+         ("beta3", 1.5, "beta3"), ("momentum", 1.5, "momentum")]
+
+
+@pytest.mark.parametrize("entry", entries())
+def test_bad_hyper_parameters_set_later_are_refused_before_any_write(entry):
+    """A value the constructor would refuse, written into a param group later (where torch's
+    schedulers and users write), is refused by the step, which then changes nothing."""
+    cases = 0
+    for key, value, named in LATER:
+        params = make_params(SMALL_SHAPES, seed=3)
+        opt = entry.cls(params, **entry.main)
+        run_steps(opt, params, 1)
+        group = opt.param_groups[0]
+        if key not in group or (key == "momentum" and entry.caps.torch_base is torch.optim.SGD):  # torch allows momentum >= 1
+            continue
+        group[key] = (value, *group["betas"][1:]) if key == "betas" else value
+        set_grads(params, random_grads(params, 3))
+        snap = snapshot(params, opt)
+        with pytest.raises(errors.InvalidArgumentError, match=named):
+            opt.step()
+        assert_unchanged(params, opt, snap)
+        cases += 1
+    assert cases >= 3
+
+
+# -- refused steps ---------------------------------------------------------------------------------
+
+
+def trained(entry, shapes=SMALL_SHAPES, **kw):
     params = make_params(shapes, seed=31)
-    opt = cls(params, lr=1e-2, **kw)
+    opt = entry.cls(params, **{**entry.main, **kw})
     run_steps(opt, params, 3)
     set_grads(params, random_grads(params, 99))
     return params, opt
 
 
-def snapshot(params, opt):
-    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+def slot(opt, p, k=0):
+    return state_tensors(opt, p)[k]
 
 
-def assert_unchanged(params, opt, snap):
-    ps, sd = snap
-    for p, q in zip(params, ps):
-        assert torch.equal(p, q), "a parameter changed during a refused step"
-    now = opt.state_dict()
-    assert now["state"].keys() == sd["state"].keys(), "state was created during a refused step"
-    for k, st in sd["state"].items():
-        for name, value in st.items():
-            if not isinstance(value, torch.Tensor) or value.is_meta:  # planted by the test
-                assert type(now["state"][k][name]) is type(value)
-                continue
-            assert torch.equal(now["state"][k][name], value), f"state {name} changed during a refused step"
+def first_scalar(entry):
+    return next(iter(entry.caps.scalar_state))
 
 
-def corrupt(mutate, exc, shapes=SMALL_SHAPES):
-    params, opt = trained(shapes=shapes)
-    mutate(params, opt)
+def slot_count(entry):
+    """How many state tensors the entry keeps per parameter (its main configuration)."""
+    params = make_params([(3,)])
+    opt = entry.cls(params, **entry.main)
+    run_steps(opt, params, 1)
+    return len(state_tensors(opt, params[0]))
+
+
+def _alias(ps, opt):
+    a, b = state_tensors(opt, ps[2])[:2]
+    opt.state[ps[2]][b] = opt.state[ps[2]][a]
+
+
+def _complex(ps, opt):
+    z = torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))
+    z.grad = torch.ones_like(z)
+    opt.add_param_group({"params": [z]})
+
+
+def _other_dtype_grad(ps, opt):
+    ps[1].grad_dtype = None  # torch >= 2.10 allows a gradient of another dtype
+    ps[1].grad = ps[1].grad.double()
+
+
+# name: (applies to entry, mutation (params, opt, entry), exception, what the message names)
+FAULTS = {
+    "sparse grad": (lambda e: True, lambda ps, opt, e: setattr(ps[2], "grad", ps[2].grad.to_sparse()), errors.SparseGradError, "sparse"),
+    "state of wrong shape": (lambda e: True, lambda ps, opt, e: opt.state[ps[3]].update({slot(opt, ps[3]): torch.rand(3, 5)}),
+                             errors.ShapeError, ("[3, 5]", "parameter 3")),
+    "state of same numel, other shape": (lambda e: True, lambda ps, opt, e: opt.state[ps[4]].update(
+        {slot(opt, ps[4]): opt.state[ps[4]][slot(opt, ps[4])].reshape(-1).clone()}), errors.ShapeError, "parameter 4"),
+    "state of wrong dtype": (lambda e: True, lambda ps, opt, e: opt.state[ps[0]].update(
+        {slot(opt, ps[0]): opt.state[ps[0]][slot(opt, ps[0])].double()}), errors.DTypeError, "parameter 0"),
+    "integer state": (lambda e: True, lambda ps, opt, e: opt.state[ps[0]].update(
+        {slot(opt, ps[0]): torch.ones(ps[0].shape, dtype=torch.int64)}), errors.DTypeError, "parameter 0"),
+    "meta device state": (lambda e: True, lambda ps, opt, e: opt.state[ps[0]].update(
+        {slot(opt, ps[0]): torch.empty(ps[0].shape, device="meta")}), errors.DeviceError, "unsupported device"),
+    "missing scalar state": (lambda e: bool(e.caps.scalar_state), lambda ps, opt, e: opt.state[ps[1]].pop(first_scalar(e)),
+                             KeyError, ""),
+    "scalar state of wrong shape": (lambda e: bool(e.caps.scalar_state),
+                                    lambda ps, opt, e: opt.state[ps[1]].update({first_scalar(e): torch.ones(2)}),
+                                    errors.InvalidArgumentError, ""),
+    "the same tensor twice": (lambda e: slot_count(e) >= 2, lambda ps, opt, e: _alias(ps, opt),
+                              errors.InvalidArgumentError, ""),
+    "grad of other dtype": (lambda e: True, lambda ps, opt, e: _other_dtype_grad(ps, opt), errors.DTypeError, ""),
+    "complex parameter": (lambda e: not e.caps.complex, lambda ps, opt, e: _complex(ps, opt), errors.DTypeError, "complex"),
+}
+
+REFUSED = [pytest.param(e, name, id=f"{e.name}-{name}") for e in ENTRIES for name, (applies, *_) in FAULTS.items() if applies(e)]
+
+
+@pytest.mark.parametrize("entry, fault", REFUSED)
+def test_refused_steps_change_nothing(entry, fault):
+    _, mutate, exc, names = FAULTS[fault]
+    params, opt = trained(entry)
+    mutate(params, opt, entry)
     snap = snapshot(params, opt)
     with pytest.raises(exc) as info:
         opt.step()
     assert_unchanged(params, opt, snap)
-    return str(info.value)
+    for name in (names,) if isinstance(names, str) else names:
+        assert name in str(info.value), (name, str(info.value))
 
 
-def test_sparse_grad():
-    def mutate(params, opt):
-        params[2].grad = params[2].grad.to_sparse()
-    msg = corrupt(mutate, errors.SparseGradError)
-    assert "sparse" in msg
-    assert issubclass(errors.SparseGradError, RuntimeError)
-
-
-def test_state_of_wrong_shape_from_a_foreign_checkpoint():
-    def mutate(params, opt):
-        opt.state[params[3]]["exp_avg_sq"] = torch.rand(3, 5)
-    msg = corrupt(mutate, errors.ShapeError)
-    assert "[3, 5]" in msg and "parameter 3" in msg
-
-
-def test_state_of_same_numel_but_other_shape():
-    def mutate(params, opt):
-        opt.state[params[4]]["exp_avg"] = opt.state[params[4]]["exp_avg"].reshape(-1).clone()
-    corrupt(mutate, errors.ShapeError)
-
-
-def test_state_of_wrong_dtype():
-    def mutate(params, opt):
-        opt.state[params[0]]["exp_avg"] = opt.state[params[0]]["exp_avg"].double()
-    corrupt(mutate, errors.DTypeError)
-
-
-def test_integer_state():
-    def mutate(params, opt):
-        opt.state[params[0]]["exp_avg"] = torch.ones(params[0].shape, dtype=torch.int64)
-    corrupt(mutate, errors.DTypeError)
-
-
-def test_missing_state_entry():
-    def mutate(params, opt):
-        del opt.state[params[1]]["step"]
-    corrupt(mutate, KeyError)
-
-
-def test_bad_step_counter():
-    def mutate(params, opt):
-        opt.state[params[1]]["step"] = torch.ones(2)
-    corrupt(mutate, errors.InvalidArgumentError)
-
-
-def test_the_same_tensor_twice_in_the_state():
-    def mutate(params, opt):
-        opt.state[params[2]]["exp_avg_sq"] = opt.state[params[2]]["exp_avg"]
-    corrupt(mutate, errors.InvalidArgumentError)
-
-
-def test_grad_of_other_dtype():
-    def mutate(params, opt):
-        params[1].grad_dtype = None  # torch >= 2.10 allows a gradient of another dtype
-        params[1].grad = params[1].grad.double()
-    corrupt(mutate, errors.DTypeError)
-
-
-def test_meta_device_tensor():
-    params, opt = trained()
-    opt.state[params[0]]["exp_avg"] = torch.empty(params[0].shape, device="meta")
-    before = [p.detach().clone() for p in params]
-    with pytest.raises(errors.DeviceError, match="unsupported device"):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("entry", entries())
+def test_check_finite_refuses_non_finite_gradients(entry, bad):
+    params, opt = trained(entry, check_finite=True)
+    params[3].grad[1, 1] = bad
+    snap = snapshot(params, opt)
+    with pytest.raises(errors.NonFiniteError):
         opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert_unchanged(params, opt, snap)
 
+
+@pytest.mark.parametrize("entry", entries())
+def test_nan_propagates_by_default_like_torch(entry):
+    """Without check_finite a NaN gradient element flows into its parameter (as in torch) and
+    nowhere else (defaults: no global clipping)."""
+    params = make_params(SMALL_SHAPES, seed=31)
+    opt = entry.cls(params, **entry.configs[0])
+    run_steps(opt, params, 3)
+    set_grads(params, random_grads(params, 99))
+    params[4].grad[0, 0] = float("nan")
+    opt.step()
+    assert torch.isnan(params[4]).any() and not any(torch.isnan(p).any() for p in params[:4])
+
+
+@pytest.mark.parametrize("entry", entries())
+def test_a_bad_group_leaves_the_good_groups_untouched(entry):
+    params = make_params(SMALL_SHAPES, seed=5)
+    opt = entry.cls([{"params": params[:3]}, {"params": params[3:]}], **entry.main)
+    run_steps(opt, params, 2)
+    set_grads(params, random_grads(params, 50))
+    params[4].grad = params[4].grad.to_sparse()
+    snap = snapshot(params, opt)
+    with pytest.raises(errors.SparseGradError):
+        opt.step()
+    assert_unchanged(params, opt, snap)
+
+
+@pytest.mark.parametrize("entry", entries())
+def test_fresh_state_is_not_created_by_a_refused_step(entry):
+    params = make_params(SMALL_SHAPES, seed=6)
+    opt = entry.cls(params, **entry.main)
+    snap = snapshot(params, opt)
+    set_grads(params, random_grads(params, 0))
+    params[2].grad = params[2].grad.to_sparse()
+    with pytest.raises(errors.SparseGradError):
+        opt.step()
+    assert not any(p in opt.state for p in params)
+    assert_unchanged(params, opt, snap)
+
+
+# -- the engine's parallel reads -------------------------------------------------------------------
 
 # 150 parameters: with their gradients, two state slots and step counters, 750 tensors, which the
 # engine reads on its thread pool (it does so from 512 tensors on). Errors must be the same there.
@@ -132,52 +213,14 @@ LONG_LIST_FAULTS = {
 @pytest.mark.parametrize("kind", sorted(LONG_LIST_FAULTS))
 def test_long_lists_report_the_first_bad_tensor(kind, where):
     mutate, exc, names = LONG_LIST_FAULTS[kind]
-
-    def two_faults(params, opt):
-        mutate(params, opt, where)
-        LONG_LIST_FAULTS["state dtype"][0](params, opt, 149)  # a later one, not reported
-
-    msg = corrupt(two_faults, exc, shapes=MANY_SHAPES)
-    assert names.format(i=where) in msg
-
-
-def test_check_finite_refuses_nan_and_inf():
-    for bad in (float("nan"), float("inf")):
-        params, opt = trained(check_finite=True)
-        params[3].grad[1, 1] = bad
-        snap = snapshot(params, opt)
-        with pytest.raises(errors.NonFiniteError):
-            opt.step()
-        assert_unchanged(params, opt, snap)
-
-
-def test_nan_propagates_by_default_like_torch():
-    params, opt = trained()
-    params[0].grad[0] = float("nan")
-    opt.step()
-    assert torch.isnan(params[0]).any() and not torch.isnan(params[1]).any()
-
-
-def test_a_bad_group_leaves_the_good_groups_untouched():
-    params = make_params(SMALL_SHAPES, seed=5)
-    opt = emafuse.AdamW([{"params": params[:3]}, {"params": params[3:]}], lr=1e-2)
-    run_steps(opt, params, 2)
-    set_grads(params, random_grads(params, 50))
-    params[4].grad = params[4].grad.to_sparse()
+    params, opt = trained(BY_NAME["AdamW"], shapes=MANY_SHAPES)
+    mutate(params, opt, where)
+    LONG_LIST_FAULTS["state dtype"][0](params, opt, 149)  # a later one, not reported
     snap = snapshot(params, opt)
-    with pytest.raises(errors.SparseGradError):
+    with pytest.raises(exc) as info:
         opt.step()
     assert_unchanged(params, opt, snap)
-
-
-def test_fresh_state_is_not_created_by_a_refused_step():
-    params = make_params(SMALL_SHAPES, seed=6)
-    opt = emafuse.AdamW(params)
-    set_grads(params, random_grads(params, 0))
-    params[2].grad = params[2].grad.to_sparse()
-    with pytest.raises(errors.SparseGradError):
-        opt.step()
-    assert len(opt.state) == 0
+    assert names.format(i=where) in str(info.value)
 
 
 def test_errors_form_one_hierarchy():
@@ -185,24 +228,4 @@ def test_errors_form_one_hierarchy():
                 errors.InvalidArgumentError, errors.UnsupportedOptionError, errors.CudaError, errors.InternalError]:
         assert issubclass(cls, emafuse.EmafuseError)
     assert issubclass(errors.DTypeError, TypeError) and issubclass(errors.ShapeError, ValueError)
-
-
-def test_native_call_rejects_malformed_arguments():
-    from emafuse import _native
-
-    p = torch.nn.Parameter(torch.randn(3))
-    g = torch.randn(3)
-    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, decoupled=True)
-    st = {"exp_avg": torch.rand(3), "exp_avg_sq": torch.rand(3), "step": torch.tensor(0.0)}
-    slots, scalars = ("exp_avg", "exp_avg_sq"), ("step",)
-    with pytest.raises(errors.InvalidArgumentError):
-        _native.step("t", "no_such_rule", [_native.Group(hyper=hyper, params=[p], inputs=[g], states=[st], slots=slots, scalars=scalars)])
-    with pytest.raises(errors.InvalidArgumentError):
-        _native.step("t", "adam", [_native.Group(hyper=hyper, params=[p], inputs=[g, g], states=[st], slots=slots, scalars=scalars)])
-    with pytest.raises(errors.InvalidArgumentError):
-        _native.step("t", "adam", [_native.Group(hyper=hyper, params=[p], inputs=["not a tensor"], states=[st], slots=slots, scalars=scalars)])
-    with pytest.raises(errors.InvalidArgumentError):
-        _native.step("t", "adam", [_native.Group(hyper={**hyper, "beta1": 1.5}, params=[p], inputs=[g], states=[st], slots=slots, scalars=scalars)])
-    with pytest.raises(errors.InvalidArgumentError):
-        _native.step("t", "adam", [_native.Group(hyper=hyper, params=[p], inputs=[g], states=[st], slots=("exp_avg",), scalars=scalars)])
-    assert st["step"].item() == 0.0
+    assert issubclass(errors.SparseGradError, RuntimeError)

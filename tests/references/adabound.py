@@ -1,0 +1,46 @@
+"""AdaBound / AMSBound in float64: spec §14 (d); base_lr = the group's lr when it was created."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Reference
+
+
+class RefAdaBound(Reference):
+    scalars = ("step",)
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), final_lr=0.1, gamma=1e-3, eps=1e-8, weight_decay=0.0,
+                 amsbound=False, *, maximize=False):
+        super().__init__(params, maximize=maximize, lr=lr, betas=betas, final_lr=final_lr, gamma=gamma, eps=eps,
+                         weight_decay=weight_decay, amsbound=amsbound)
+        self.base_lr = float(lr)
+
+    def load_counters(self, opt, group):
+        self.base_lr = group["base_lr"]
+
+    def update(self, p, g, st):
+        h = self.h
+        b1, b2 = h["betas"]
+        if not st:
+            st.update(step=0.0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            if h["amsbound"]:
+                st["max_exp_avg_sq"] = torch.zeros_like(p)
+        st["step"] += 1
+        t = st["step"]
+        if h["weight_decay"] != 0:
+            g = g + h["weight_decay"] * p
+        st["exp_avg"] = b1 * st["exp_avg"] + (1 - b1) * g
+        st["exp_avg_sq"] = b2 * st["exp_avg_sq"] + (1 - b2) * g * g
+        if h["amsbound"]:
+            st["max_exp_avg_sq"] = torch.maximum(st["max_exp_avg_sq"], st["exp_avg_sq"])
+            den = st["max_exp_avg_sq"].sqrt() + h["eps"]
+        else:
+            den = st["exp_avg_sq"].sqrt() + h["eps"]
+        eta0 = h["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t)
+        f = h["final_lr"] * h["lr"] / self.base_lr
+        lo = f * (1 - 1 / (h["gamma"] * t + 1))
+        hi = f * (1 + 1 / (h["gamma"] * t))
+        p.sub_((eta0 / den).clamp(lo, hi) * st["exp_avg"])
