@@ -13,10 +13,9 @@ from .._cuda import current_streams
 from .._staging import stage_groups
 from ..errors import LayoutError
 
-__all__ = ["native_step", "native_step_async", "real_view", "input_dtype", "engine_input"]
+__all__ = ["Group", "group", "native_step", "native_step_async", "real_view", "input_dtype", "engine_input"]
 
-# (hyper, targets, inputs or None, state dicts or None, slot names)
-Call = tuple[dict[str, Any], Sequence[Tensor], "Sequence[Tensor] | None", "Sequence[dict[str, Tensor]] | None", tuple[str, ...]]
+Group = _native.Group
 
 
 def real_view(t: Tensor) -> Tensor:
@@ -41,17 +40,22 @@ def engine_input(target: Tensor, x: Tensor) -> Tensor:
     return x if want == x.dtype else x.to(want)
 
 
-def _groups(calls: Sequence[Call]) -> list[_native.Group]:
-    return [
-        _native.Group(hyper=h, params=list(t), inputs=None if i is None else list(i), states=None if s is None else list(s), slots=slots)
-        for h, t, i, s, slots in calls
-    ]
+def group(
+    hyper: dict[str, Any],
+    targets: Sequence[Tensor],
+    inputs: Sequence[Tensor] | None = None,
+    states: Sequence[dict[str, Tensor]] | None = None,
+    slots: tuple[str, ...] = (),
+) -> Group:
+    """The tensors of one update: the written ``targets`` (averages), the read-only ``inputs``
+    (the model's tensors), and per target the state tensors named in ``slots``."""
+    return Group(hyper=hyper, params=list(targets), inputs=None if inputs is None else list(inputs), states=None if states is None else list(states), slots=slots)
 
 
-def native_step(who: str, rule: str, calls: Sequence[Call]) -> None:
-    """Run ``rule`` over ``calls`` in one native call; tensors that are not dense (or strided
+def native_step(who: str, rule: str, g: Group) -> None:
+    """Run ``rule`` over ``g`` in one native call; tensors that are not dense (or strided
     differently from their partners) are staged through contiguous copies."""
-    groups = _groups(calls)
+    groups = [g]
     try:
         _native.step(who, rule, groups, streams=current_streams())
     except LayoutError:
@@ -61,11 +65,11 @@ def native_step(who: str, rule: str, calls: Sequence[Call]) -> None:
             orig.copy_(copy)
 
 
-def native_step_async(who: str, rule: str, calls: Sequence[Call], wait_for: Callable[[], Any] | None = None):
+def native_step_async(who: str, rule: str, g: Group, wait_for: Callable[[], Any] | None = None):
     """Validate now, run on a native background thread; returns a handle with ``wait()``.
     The caller must not touch the tensors until ``wait()`` returned. Tensors the engine cannot
     walk linearly are staged (the copy back then happens in ``wait()``)."""
-    groups = _groups(calls)
+    groups = [g]
     try:
         return _native.step_async(who, rule, groups, wait_for)
     except LayoutError:

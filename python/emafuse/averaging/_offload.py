@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._engine import Call, native_step, native_step_async
+from ._engine import Group, native_step, native_step_async
 
 __all__ = ["HostMirror"]
 
@@ -77,17 +77,17 @@ class HostMirror:
             torch.cuda.current_stream(src).wait_event(ev)
         return bufs, ev.synchronize
 
-    def run(self, who: str, rule: str, calls: list[Call], wait_for: Callable[[], Any] | None, finish: Callable[[], None],
+    def run(self, who: str, rule: str, update: Group | None, wait_for: Callable[[], Any] | None, finish: Callable[[], None],
             *, background: bool) -> None:
-        """Run ``calls`` (which read the buffers) once ``wait_for`` returned: on a native
+        """Run ``update`` (which reads the buffers) once ``wait_for`` returned: on a native
         background thread when ``background``, else now. ``finish`` runs when the update is done
         (at :meth:`join` if it is pending)."""
-        if calls and background:
-            self._pending = native_step_async(who, rule, calls, wait_for)
-        elif calls:
+        if update is not None and background:
+            self._pending = native_step_async(who, rule, update, wait_for)
+        elif update is not None:
             if wait_for is not None:
                 wait_for()
-            native_step(who, rule, calls)
+            native_step(who, rule, update)
         elif wait_for is not None:
             self._pending = _Waiter(wait_for)
         if self._pending is None:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InvalidArgumentError, ShapeError
-from ._engine import native_step, real_view
+from ._engine import group, native_step, real_view
 
 __all__ = ["Policy", "Entry", "Tracking", "averaged_copy", "clone_tensors"]
 
@@ -230,8 +230,8 @@ class Tracking:
 
     def _native_swap(self, thetas: Sequence[Tensor], own: Sequence[Tensor], idx: list[int]) -> None:
         if idx:
-            native_step(f"{self.who}.swap", "swap", [({}, [real_view(thetas[i]) for i in idx], None,
-                                                      [{"b": real_view(own[i])} for i in idx], ("b",))])
+            targets = [real_view(thetas[i]) for i in idx]
+            native_step(f"{self.who}.swap", "swap", group({}, targets, states=[{"b": real_view(own[i])} for i in idx], slots=("b",)))
 
     @torch.no_grad()
     def swap(self, model: nn.Module, own: Sequence[Tensor]) -> None:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..errors import InvalidArgumentError, ShapeError
 from . import schedules as S
 from ._averager import Averager, alias, load_module_state, renamed, saved
-from ._engine import engine_input, native_step, real_view
+from ._engine import engine_input, group, native_step, real_view
 from ._tracking import Policy, Tracking, averaged_copy, clone_tensors
 
 __all__ = ["BEMA"]
@@ -119,7 +119,7 @@ class BEMA(Averager):
         thetas = tr.model_tensors(model)
         inputs = [real_view(engine_input(e, thetas[i])) for e, i in zip(self._ema, tr.averaged)]
         states = [{"out": real_view(self._own[i]), "anchor": real_view(a)} for i, a in zip(tr.averaged, self._anchor)]
-        native_step("BEMA", "bema", [(hyper, [real_view(e) for e in self._ema], inputs, states, ("out", "anchor"))])
+        native_step("BEMA", "bema", group(hyper, [real_view(e) for e in self._ema], inputs, states, ("out", "anchor")))
         for i in tr.copied:
             self._own[i].copy_(thetas[i])
         self.num_steps_seen = self.last_event = t

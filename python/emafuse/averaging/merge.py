@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InvalidArgumentError, ShapeError
-from ._engine import engine_input, native_step, real_view
+from ._engine import engine_input, group, native_step, real_view
 
 __all__ = ["weighted_sum", "uniform_soup", "greedy_soup", "slerp", "liti"]
 
@@ -58,7 +58,7 @@ def axpby(outs: list[Tensor], xs: list[Tensor], a: float, b: float, assign: bool
     hyper: dict[str, Any] = {"b": float(b), "assign": assign}
     if not assign:
         hyper["a"] = float(a)
-    native_step("weighted_sum", "axpby", [(hyper, [real_view(o) for o in outs], [real_view(x) for x in xs], None, ())])
+    native_step("weighted_sum", "axpby", group(hyper, [real_view(o) for o in outs], [real_view(x) for x in xs]))
 
 
 def weighted_sum(inputs: Sequence[Any], weights: Sequence[float], *, dtype: torch.dtype | None = torch.float32) -> dict[str, Tensor]:
@@ -159,7 +159,7 @@ def slerp(base: Any, models: Any, t: float | None = None, *, dtype: torch.dtype 
     for m in range(2, len(states) + 1):
         lam = (0.5 if t is None else float(t)) if len(states) == 2 else 1.0 / m
         other = [states[m - 1][k].to(dtype) if states[m - 1][k].dtype != dtype else states[m - 1][k] for k in keys]
-        native_step("slerp", "slerp", [({"t": lam}, out, other, [{"base": x} for x in bases], ("base",))])
+        native_step("slerp", "slerp", group({"t": lam}, out, other, [{"base": x} for x in bases], ("base",)))
     cur.update(zip(keys, out))
     return cur
 
@@ -175,6 +175,6 @@ def liti(init: Any, merged: Any, eta: float, *, dtype: torch.dtype | None = torc
     out = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in a.items()}
     acc = [a[k].to(dtype=dtype, copy=True) if not a[k].is_complex() else a[k].clone() for k in keys]
     ins = [engine_input(o, b[k]) for o, k in zip(acc, keys)]
-    native_step("liti", "ema", [({"weight": float(eta)}, [real_view(o) for o in acc], [real_view(x) for x in ins], None, ())])
+    native_step("liti", "ema", group({"weight": float(eta)}, [real_view(o) for o in acc], [real_view(x) for x in ins]))
     out.update(zip(keys, acc))
     return out

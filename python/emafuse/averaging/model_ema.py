@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..errors import InvalidArgumentError
 from ..optim._fusion import FusedRequest
 from ._averager import Averager, alias, load_module_state, saved
-from ._engine import engine_input, input_dtype, native_step, real_view
+from ._engine import engine_input, group, input_dtype, native_step, real_view
 from ._offload import HostMirror
 from ._tracking import Policy, Tracking, averaged_copy
 from .presets import preset_kwargs
@@ -260,7 +260,7 @@ class ModelEMA(Averager):
             targets, averaged = [targets[j] for j in keep], [averaged[j] for j in keep]
         if targets:
             inputs = [real_view(engine_input(self._own[i], thetas[i])) for i in averaged]
-            native_step(type(self).__name__, "ema", [(self._hyper(1.0 - d), targets, inputs, None, ())])
+            native_step(type(self).__name__, "ema", group(self._hyper(1.0 - d), targets, inputs))
         self._follow(thetas, d)
 
     def _follow(self, src: Sequence[Tensor] | Mapping[int, Tensor], d: float) -> None:
@@ -278,8 +278,8 @@ class ModelEMA(Averager):
         dtypes = [input_dtype(own[i], thetas[i]) if i in averaged else thetas[i].dtype for i in tr.followed]
         bufs, wait_for = self._mirror.fill([thetas[i] for i in tr.followed], dtypes, hold_compute=self._wait_hook is None)
         src = dict(zip(tr.followed, bufs))
-        calls = [(self._hyper(1.0 - d), self._avg_targets, [real_view(src[i]) for i in tr.averaged], None, ())] if tr.averaged else []
-        self._mirror.run(type(self).__name__, "ema", calls, wait_for, lambda: self._follow(src, d), background=self.async_update)
+        update = group(self._hyper(1.0 - d), self._avg_targets, [real_view(src[i]) for i in tr.averaged]) if tr.averaged else None
+        self._mirror.run(type(self).__name__, "ema", update, wait_for, lambda: self._follow(src, d), background=self.async_update)
 
     def wait(self) -> None:
         """Block until a background update has finished."""

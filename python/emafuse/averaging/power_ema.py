@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..errors import InvalidArgumentError
 from . import schedules as S
 from ._averager import Averager, alias, load_module_state, saved
-from ._engine import engine_input, native_step, real_view
+from ._engine import engine_input, group, native_step, real_view
 from ._tracking import Policy, Tracking, averaged_copy
 from .merge import axpby
 
@@ -125,7 +125,7 @@ class PowerEMA(Averager):
             hyper: dict[str, Any] = {"tracks": float(len(ws)), **{f"w{j}": w for j, w in enumerate(ws)}}
             slots = tuple(f"t{j}" for j in range(1, len(ws)))
             states = [{f"t{j}": real_view(tracks[j][i]) for j in range(1, len(ws))} for i in tr.averaged] if slots else None
-            native_step(tr.who, "ema_multi", [(hyper, [real_view(tracks[0][i]) for i in tr.averaged], inputs, states, slots)])
+            native_step(tr.who, "ema_multi", group(hyper, [real_view(tracks[0][i]) for i in tr.averaged], inputs, states, slots))
         for track in self._tracks:
             for i in tr.copied:
                 track[i].copy_(thetas[i])

@@ -1,14 +1,16 @@
 """Shared machinery of emafuse's optimizers: state handling, AMP, and the one native call per step.
 
-A concrete optimizer supplies three things: the native rule name (``_rule``), the names of the
-per-parameter state tensors for a group (``_slots``) and the rule's scalar hyper-parameters for a
-group (``_hyper``). Optimizers with group- or optimizer-level counters (Adan, SPAM) also use the
+A concrete optimizer supplies two things: the native rule's name (``_rule``) and the rule's
+hyper-parameters for a group (``_hyper``). The rule itself says which state it keeps (its
+description in the engine, ``_native.rule_info`` / ``rule_slots``), so the state names are
+stated once, in Rust. Optimizers with group- or optimizer-level counters (Adan, SPAM) also use the
 ``_begin_step`` / ``_end_step`` hooks. Everything else (lazy state, grouping by device and dtype, GradScaler
 support, complex and non-contiguous parameters, atomic error handling) lives here.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from itertools import chain
 from typing import Any, Callable, ClassVar
@@ -112,7 +114,7 @@ def sum_squares(tensors: list[Tensor]) -> float:
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class: ``step()`` runs one native call that updates every parameter of every group.
 
-    Subclasses set ``_rule`` and implement ``_slots`` and ``_hyper``. Semantics kept from
+    Subclasses set ``_rule`` and implement ``_hyper``. Semantics kept from
     ``torch.optim``: lazy state creation on the first step that sees a gradient, parameters whose
     ``.grad`` is None are skipped (no state, no step count), ``closure`` support, step hooks,
     ``state_dict``/``load_state_dict`` with torch's state names, and
@@ -122,9 +124,6 @@ class FusedOptimizer(torch.optim.Optimizer):
     """
 
     _rule: ClassVar[str]
-    # Keys of the per-parameter scalar state (0-dim CPU float tensors) the rule reads and updates,
-    # e.g. torch's step counter ("step",). The first one, if any, is treated as the step counter.
-    _scalar_keys: ClassVar[tuple[str, ...]] = ("step",)
     # Whether complex parameters are updated as real views (as torch's Adam/AdamW/SGD do).
     _supports_complex: ClassVar[bool] = False
     # Whether fresh state must be flagged to the rule (SGD's momentum buffer starts as a copy).
@@ -155,9 +154,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         """dtype of the 0-dim CPU tensor holding scalar state ``key`` (float32, or float64)."""
         return _step_dtype()
 
-    def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
-        """Names of the state tensors (same shape as the parameter) the rule keeps."""
-        raise NotImplementedError
+    @property
+    def _scalar_keys(self) -> tuple[str, ...]:
+        """Keys of the per-parameter scalar state (0-dim float tensors) the rule reads and
+        updates, e.g. torch's step counter ``("step",)``; the first one, if any, is the step
+        counter."""
+        return _rule_info(self._rule)["scalars"]
+
+    def _slots(self, hyper: dict[str, Any]) -> tuple[str, ...]:
+        """Names of the state tensors (shaped like the parameter) the rule keeps with these
+        hyper-parameters (they follow its flags, e.g. ``max_exp_avg_sq`` with amsgrad)."""
+        return _native.rule_slots(self._rule, hyper)
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         """The rule's numbers and flags for ``group``."""
@@ -348,7 +355,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         the averages of the parameters it maps are updated in the same pass; returns the ids of
         those parameters."""
         hypers = [self._group_hyper(g) for g in self.param_groups]
-        slots = [self._slots(g) for g in self.param_groups]
+        slots = [self._slots(h) for h in hypers]
         amp = (per_device(grad_scale), per_device(found_inf), current_streams())
         targets = request.targets if request is not None else None
         plan = self.__dict__.get("_step_plan")
@@ -463,6 +470,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             orig.copy_(copy)
         plan.cacheable = False
         return applied
+
+
+@functools.cache
+def _rule_info(rule: str) -> dict[str, Any]:
+    return _native.rule_info(rule)
 
 
 class _StateDict(defaultdict):

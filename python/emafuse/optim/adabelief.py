@@ -109,10 +109,6 @@ class AdaBelief(FusedOptimizer):
             g.setdefault("buffer", [[None, None, None] for _ in range(10)])
         return sd
 
-    def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
-        if group["amsgrad"]:
-            return ("exp_avg", "exp_avg_var", "max_exp_avg_var")
-        return ("exp_avg", "exp_avg_var")
 
     def _state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
         return torch.float32 if p.dtype == torch.float16 else p.dtype

@@ -43,7 +43,6 @@ class AdaBound(FusedOptimizer):
     """
 
     _rule = "adabound"
-    _scalar_keys = ("step",)
 
     def __init__(
         self,
@@ -105,10 +104,6 @@ class AdaBound(FusedOptimizer):
         for group in self.param_groups:
             group.setdefault("base_lr", scalar(group["lr"]))
 
-    def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
-        if group["amsbound"]:
-            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-        return ("exp_avg", "exp_avg_sq")
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         return {

@@ -20,10 +20,6 @@ class _AdamRule(FusedOptimizer):
     _supports_complex = True
     _supports_fused_ema = True
 
-    def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
-        if group["amsgrad"]:
-            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-        return ("exp_avg", "exp_avg_sq")
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         return {

@@ -65,8 +65,6 @@ class AdaMod(FusedOptimizer):
         super().__init__(params, defaults)
         self._init_emafuse_defaults(check_finite)
 
-    def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq", "exp_avg_lr")
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         return {**common_hyper(group), "beta3": float(group["beta3"])}

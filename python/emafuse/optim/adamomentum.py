@@ -77,8 +77,6 @@ class AdaMomentum(FusedOptimizer):
         super().__init__(params, defaults)
         self._init_emafuse_defaults(check_finite)
 
-    def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq")
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         return {

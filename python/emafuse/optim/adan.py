@@ -54,7 +54,6 @@ class Adan(FusedOptimizer):
     """
 
     _rule = "adan"
-    _scalar_keys = ()
     _flags_fresh_state = True
 
     def __init__(
@@ -128,8 +127,6 @@ class Adan(FusedOptimizer):
             for group in self.param_groups:
                 group["step"] = group.get("step", 0) + 1
 
-    def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         k = int(group.get("step", 0)) + 1

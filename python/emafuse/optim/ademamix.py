@@ -107,10 +107,6 @@ class AdEMAMix(FusedOptimizer):
             param_group["alpha_warmup"], param_group["beta3_warmup"] = a, b
         super().add_param_group(param_group)
 
-    def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
-        if scalar(group["betas"][0]) != 0.0:
-            return ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")
-        return ("exp_avg_slow", "exp_avg_sq")
 
     def _state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
         fp32 = group.get("fp32_states", self.defaults.get("fp32_states", True))

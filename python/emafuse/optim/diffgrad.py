@@ -41,7 +41,6 @@ class DiffGrad(FusedOptimizer):
     """
 
     _rule = "diffgrad"
-    _scalar_keys = ("step",)
 
     def __init__(
         self,
@@ -59,8 +58,6 @@ class DiffGrad(FusedOptimizer):
         super().__init__(params, defaults)
         self._init_emafuse_defaults(check_finite)
 
-    def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq", "previous_grad")
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         return common_hyper(group)

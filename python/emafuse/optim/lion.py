@@ -55,7 +55,6 @@ class Lion(FusedOptimizer):
     """
 
     _rule = "lion"
-    _scalar_keys = ()
 
     def __init__(
         self,
@@ -88,8 +87,6 @@ class Lion(FusedOptimizer):
         super().__init__(params, defaults)
         self._init_emafuse_defaults(check_finite)
 
-    def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("exp_avg",)
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         return {

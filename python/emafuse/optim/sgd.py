@@ -31,7 +31,6 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     """
 
     _rule = "sgd"
-    _scalar_keys = ()
     _supports_complex = True
     _flags_fresh_state = True
 
@@ -65,8 +64,6 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         )
         self._init_emafuse_defaults(check_finite)
 
-    def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         return {

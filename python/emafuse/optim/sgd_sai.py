@@ -46,7 +46,6 @@ class SGDSaI(FusedOptimizer):
     """
 
     _rule = "sgd_sai"
-    _scalar_keys = ("gsnr",)
     _flags_fresh_state = True
 
     def __init__(
@@ -71,8 +70,6 @@ class SGDSaI(FusedOptimizer):
     def _scalar_dtype(self, key: str) -> torch.dtype:
         return torch.float64
 
-    def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         return {**common_hyper(group), "momentum": float(group["momentum"])}

@@ -57,7 +57,6 @@ class SPAM(FusedOptimizer):
     """
 
     _rule = "spam"
-    _scalar_keys = ("step",)
 
     def __init__(
         self,
@@ -140,8 +139,6 @@ class SPAM(FusedOptimizer):
         if (total + 1) % self.defaults["DeltaT"] == 0:
             self.state["current_step"] = 0
 
-    def _slots(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq")
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         t, scale, reset = self._plan
