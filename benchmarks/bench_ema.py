@@ -26,14 +26,13 @@ import datetime
 import os
 import platform
 import time
-from typing import Callable
+from collections.abc import Callable
 
+import emafuse
 import torch
+from common import write_section
+from emafuse import ModelEMA
 from torch import nn
-
-import emafuse  # noqa: E402
-from emafuse import ModelEMA  # noqa: E402
-from common import write_section  # noqa: E402
 
 DECAY = 0.999
 
@@ -331,7 +330,8 @@ def format_section(rows: list, device: torch.device, reps: int, overlap: list[st
     out.append(f"Decay {DECAY}. Best of {reps} calls per implementation, measured round-robin with a 256 MiB "
                "`copy_` and a 256 MiB in-place `mul_` in the same rounds (the machine's bandwidth, bytes read + "
                "written ÷ time, shown per row group; a copy also reads its destination without credit, so in-place "
-               "updates can pass 100 % of it — the in-place figure is the tighter limit). GB/s = spec bytes ÷ time: 12 B/param per fp32 update (read E, read θ, write E), 10 with a "
+               "updates can pass 100 % of it — the in-place figure is the tighter limit). "
+               "GB/s = spec bytes ÷ time: 12 B/param per fp32 update (read E, read θ, write E), 10 with a "
                "bf16 model and fp32 average, 16 per swap; peers that average parameters only are counted on "
                "parameters only. `× emafuse` = peer time ÷ emafuse time (higher = emafuse faster).")
     out.append("")

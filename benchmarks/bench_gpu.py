@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import emafuse  # noqa: E402
-from common import markdown_table  # noqa: E402
-from workloads import gpt2_small, numel, resnet50, small_tensors, vit_b16  # noqa: E402
+import emafuse
+from common import markdown_table
+from workloads import gpt2_small, numel, resnet50, small_tensors, vit_b16
 
 BYTES_PER_PARAM = {"AdamW": 28, "SGD": 20}
 
@@ -58,12 +58,12 @@ def main() -> None:
                 ("SGD", emafuse.SGD, torch.optim.SGD, dict(lr=1e-4, momentum=0.9)),
             ]:
                 results = {}
-                for impl, make in [
-                    ("emafuse", lambda: ours(params, **kw)),
-                    ("torch fused", lambda: theirs(params, fused=True, **kw)),
-                    ("torch foreach", lambda: theirs(params, foreach=True, **kw)),
+                for impl, make, extra in [
+                    ("emafuse", ours, {}),
+                    ("torch fused", theirs, {"fused": True}),
+                    ("torch foreach", theirs, {"foreach": True}),
                 ]:
-                    opt = make()
+                    opt = make(params, **extra, **kw)
                     results[impl] = cuda_time(opt.step)
                     del opt
                     torch.cuda.empty_cache()

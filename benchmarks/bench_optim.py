@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import emafuse
+import torch
 from common import copy_bandwidth, inplace_bandwidth, machine_info, markdown_table, time_calls, write_section
 from workloads import WORKLOADS, make_params, numel
 
@@ -238,7 +237,8 @@ def main() -> None:
     if output is None:
         return
 
-    flags = " --quick" * args.quick + (f" --threads {args.threads}" if args.threads else "") + (f" --workloads {args.workloads}" if args.workloads != ",".join(WORKLOADS) else "")
+    flags = " --quick" * args.quick + (f" --threads {args.threads}" if args.threads else "")
+    flags += f" --workloads {args.workloads}" if args.workloads != ",".join(WORKLOADS) else ""
     text = [
         "## CPU optimizer step: emafuse.AdamW, Adam, SGD",
         "",

@@ -14,15 +14,16 @@ optimizer state exists at a time; load from other processes falls on all alike).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import Any
 
 import emafuse
+import torch
 from common import copy_bandwidth, inplace_bandwidth, machine_info, markdown_table, time_calls, write_section
 from workloads import WORKLOADS, make_params, numel
 
@@ -104,7 +105,7 @@ def measure(case: Case, params: list[torch.Tensor], grads: list[torch.Tensor], r
     for _ in range(rounds):
         for name, make in impls.items():
             opt = make(params)
-            times[name] += timer(lambda: step(opt), warmup, steps)
+            times[name] += timer(functools.partial(step, opt), warmup, steps)
             del opt
             gc.collect()
     return times

@@ -7,15 +7,15 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import statistics
 import re
+import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["time_calls", "copy_bandwidth", "inplace_bandwidth", "machine_info", "markdown_table", "write_section"]
+__all__ = ["copy_bandwidth", "inplace_bandwidth", "machine_info", "markdown_table", "time_calls", "write_section"]
 
 
 def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:

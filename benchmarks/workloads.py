@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 Shape = tuple[int, ...]
 
-__all__ = ["Shape", "WORKLOADS", "gpt2_small", "resnet50", "vit_b16", "small_tensors", "numel", "make_params"]
+__all__ = ["WORKLOADS", "Shape", "gpt2_small", "make_params", "numel", "resnet50", "small_tensors", "vit_b16"]
 
 
 def gpt2_small() -> list[Shape]:

@@ -15,12 +15,11 @@ import copy
 import statistics
 import time
 
+import emafuse
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
-
-import emafuse
 
 EPOCHS = 30
 BATCH = 64

@@ -14,14 +14,12 @@ import argparse
 import os
 import tempfile
 
+import emafuse
+import lightning.pytorch as pl
 import torch
+from emafuse.lightning import EMACallback, PostHocEMACallback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-
-import lightning.pytorch as pl  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-
-import emafuse  # noqa: E402
-from emafuse.lightning import EMACallback, PostHocEMACallback  # noqa: E402
 
 
 class Regressor(pl.LightningModule):

@@ -174,12 +174,7 @@ fn check_peer(at: &dyn Fn() -> String, role: &str, p: &TensorInfo, x: &TensorInf
         return Err(Error::Device(format!("{}: {role} is on {} but the parameter is on {}", at(), x.view.device(), p.view.device())));
     }
     if x.shape != p.shape {
-        return Err(Error::Shape(format!(
-            "{}: {role} has shape {} but the parameter has shape {}",
-            at(),
-            fmt_shape(&x.shape),
-            fmt_shape(&p.shape)
-        )));
+        return Err(Error::Shape(format!("{}: {role} has shape {} but the parameter has shape {}", at(), fmt_shape(&x.shape), fmt_shape(&p.shape))));
     }
     if x.layout != p.layout {
         return Err(Error::Layout(format!("{}: {role} is strided differently from the parameter", at())));
@@ -212,10 +207,7 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
     if t.slot_names.len() != t.states.len() || t.scalar_names.len() != t.scalars.len() {
         return Err(Error::Internal(format!("{who}: param group {group}: state names and tensor lists disagree")));
     }
-    if t.grads.as_ref().is_some_and(|g| g.len() != n)
-        || t.states.iter().any(|s| s.len() != n)
-        || t.scalars.iter().any(|s| s.len() != n)
-    {
+    if t.grads.as_ref().is_some_and(|g| g.len() != n) || t.states.iter().any(|s| s.len() != n) || t.scalars.iter().any(|s| s.len() != n) {
         return Err(Error::Value(format!("{who}: param group {group}: tensor lists of different lengths")));
     }
     let mut batches: Vec<Batch> = Vec::new();
@@ -309,9 +301,7 @@ pub fn check_no_shared_outputs<'a>(who: &str, batches: impl IntoIterator<Item = 
     for b in batches {
         for v in b.params.iter().chain(b.states.iter()).chain(b.scalars.iter()) {
             if v.numel() > 0 && !seen.insert(v.ptr() as usize) {
-                return Err(Error::Value(format!(
-                    "{who}: the same tensor memory appears twice among parameters and optimizer state"
-                )));
+                return Err(Error::Value(format!("{who}: the same tensor memory appears twice among parameters and optimizer state")));
             }
         }
     }

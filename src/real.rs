@@ -4,16 +4,7 @@ use std::ops::{Add, Div, Mul, Neg, Sub};
 
 /// Arithmetic the update rules use. Implemented for `f32` and `f64` only.
 pub trait Real:
-    Copy
-    + Send
-    + Sync
-    + PartialOrd
-    + 'static
-    + Add<Output = Self>
-    + Sub<Output = Self>
-    + Mul<Output = Self>
-    + Div<Output = Self>
-    + Neg<Output = Self>
+    Copy + Send + Sync + PartialOrd + 'static + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Div<Output = Self> + Neg<Output = Self>
 {
     const ZERO: Self;
     const ONE: Self;
@@ -131,11 +122,18 @@ impl Real for f64 {
 pub fn exp_f32(x: f32) -> f32 {
     const LO: f32 = -87.336_55;
     const HI: f32 = 88.722_83;
-    let xc = if x >= LO { if x <= HI { x } else { HI } } else { LO }; // NaN → LO, fixed below
+    let xc = if x >= LO {
+        if x <= HI {
+            x
+        } else {
+            HI
+        }
+    } else {
+        LO
+    }; // NaN → LO, fixed below
     let n = (xc * std::f32::consts::LOG2_E + 0.5).floor();
     let r = (xc - n * 0.693_359_4) - n * -2.121_944_4e-4;
-    let p = 1.0
-        + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     let n = n as i32;
     let (n1, n2) = (n >> 1, n - (n >> 1));
     let scale = |k: i32| f32::from_bits(((k + 127) as u32) << 23);

@@ -14,20 +14,20 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import adabelief_pytorch
 import adabound
 import adamod
+import emafuse
 import lion_pytorch
 import pytest
 import pytorch_optimizer
 import sgd_sai
 import timm.optim
 import torch
-
-import emafuse
 from references.adabelief import RefAdaBelief
 from references.adabound import RefAdaBound
 from references.adam import RefAdam, RefAdamW

@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-
 from helpers import assert_close, assert_same_state_dict, tiny_model
 from registry import entries, official_mains, quiet
 

@@ -9,10 +9,9 @@ import copy
 
 import pytest
 import torch
-from torch import nn
-
 from emafuse.averaging import BEMA, LAWA, SWA, ModelEMA, PostHocEMA, PowerEMA, SwitchEMA, TeacherEMA, _tracking
 from emafuse.errors import InvalidArgumentError
+from torch import nn
 
 
 class Net(nn.Module):
@@ -71,13 +70,13 @@ def followed(avg) -> set[str]:
 
 @pytest.mark.parametrize("name", CLASSES)
 def test_module_property_and_counters(name):
-    model, avg = built(name)
+    _model, avg = built(name)
     assert isinstance(type(avg).module, property)
     assert isinstance(avg.module, nn.Module) and not avg.module.training
     assert avg.num_steps_seen == 4
     assert avg.num_updates == CLASSES[name][1]
     assert avg.n_averaged == (min(avg.num_updates, avg.k) if name == "LAWA" else avg.num_updates)
-    assert "lin.weight" in followed(avg) and "bn.num_batches_tracked" in followed(avg) or name == "TeacherEMA"
+    assert ("lin.weight" in followed(avg) and "bn.num_batches_tracked" in followed(avg)) or name == "TeacherEMA"
 
 
 @pytest.mark.parametrize("name", CLASSES)
@@ -183,7 +182,7 @@ def test_lawa_module_is_the_current_mean():
 
 
 def test_model_ema_counter_aliases():
-    model, ema = built("ModelEMA")
+    _model, ema = built("ModelEMA")
     assert ema.num_updates_applied == ema.num_updates == ema.n_averaged == 2
     ema.num_updates_applied = 5
     assert ema.num_updates == 5
@@ -210,7 +209,7 @@ def test_lawa_aliases():
     m = Net()
     lawa = LAWA(m, k=2, every=3)
     assert lawa.update_every == lawa.every == 3
-    for t in range(1, 7):
+    for _t in range(1, 7):
         lawa.update(m)
     assert lawa.step == lawa.num_steps_seen == 6 and lawa.count == lawa.num_updates == 2
     with pytest.raises(InvalidArgumentError, match="update_every="):
@@ -220,7 +219,7 @@ def test_lawa_aliases():
 
 
 def test_power_ema_step_alias():
-    model, pe = built("PowerEMA")
+    _model, pe = built("PowerEMA")
     assert pe.num_steps == pe.num_steps_seen == 4
     pe.num_steps = 9
     assert pe.num_steps_seen == 9

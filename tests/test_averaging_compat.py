@@ -16,9 +16,8 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
-
 from emafuse.averaging import BEMA, LAWA, SWA, ModelEMA, PostHocEMA, PowerEMA, SwitchEMA, TeacherEMA
+from torch import nn
 
 
 def make() -> nn.Module:

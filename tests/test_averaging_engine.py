@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from emafuse import _native
 from emafuse.errors import DTypeError, InvalidArgumentError, ShapeError
-
 from helpers import ODD_SHAPES
 
 
@@ -81,7 +79,8 @@ def test_multi_track_and_axpby():
     tracks = [rand(ODD_SHAPES, 11 + j) for j in range(3)]
     ref = [[torch.lerp(e, t, w) for e, t in zip(tr, th)] for tr, w in zip(tracks, (0.1, 0.6, 0.01))]
     states = [{"t1": tracks[1][i], "t2": tracks[2][i]} for i in range(len(th))]
-    _native.step("t", "ema_multi", [_native.Group(hyper={"tracks": 3.0, "w0": 0.1, "w1": 0.6, "w2": 0.01}, params=tracks[0], inputs=th, states=states, slots=("t1", "t2"))])
+    hyper = {"tracks": 3.0, "w0": 0.1, "w1": 0.6, "w2": 0.01}
+    _native.step("t", "ema_multi", [_native.Group(hyper=hyper, params=tracks[0], inputs=th, states=states, slots=("t1", "t2"))])
     for tr, rf in zip(tracks, ref):
         for x, y in zip(tr, rf):
             torch.testing.assert_close(x, y, rtol=2.4e-7, atol=2.4e-7)

@@ -9,8 +9,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from emafuse.averaging import (
     BEMA,
     LAWA,
@@ -28,6 +26,7 @@ from emafuse.averaging import (
     weighted_sum,
 )
 from emafuse.errors import InvalidArgumentError, ShapeError
+from torch import nn
 
 
 def scalar_model(v: float = 0.0, dtype=torch.float64) -> nn.Module:
@@ -141,7 +140,7 @@ def test_switch_ema_spec_vector():
     m = scalar_model(0.0)
     sw = SwitchEMA(m, 0.5)
     trace = []
-    for epoch in range(2):
+    for _epoch in range(2):
         for _ in range(2):
             set_(m, m.w.item() + 1)
             sw.update(m)
@@ -223,7 +222,7 @@ def test_posthoc_reconstruction_of_a_stored_profile_and_disk_snapshots(tmp_path)
     m = rand_model(2)
     ph = PostHocEMA(m, (0.05, 0.10), snapshot_every=5, snapshot_dir=str(tmp_path))
     g = torch.Generator().manual_seed(1)
-    for t in range(1, 21):
+    for _t in range(1, 21):
         with torch.no_grad():
             for p in m.parameters():
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)

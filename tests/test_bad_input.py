@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import re
 
+import emafuse
 import pytest
 import torch
-
-import emafuse
 from emafuse import errors
 from helpers import SMALL_SHAPES, assert_unchanged, make_params, random_grads, run_steps, set_grads, snapshot, state_tensors
 from registry import BY_NAME, ENTRIES, entries
@@ -205,7 +204,11 @@ LONG_LIST_FAULTS = {
     "sparse grad": (lambda ps, opt, i: setattr(ps[i], "grad", ps[i].grad.to_sparse()), errors.SparseGradError, "grad {i}"),
     "state dtype": (lambda ps, opt, i: opt.state[ps[i]].update(exp_avg=opt.state[ps[i]]["exp_avg"].double()), errors.DTypeError, "parameter {i}"),
     "not a tensor": (lambda ps, opt, i: opt.state[ps[i]].update(exp_avg_sq=[1.0]), errors.InvalidArgumentError, "parameter {i}: state 'exp_avg_sq'"),
-    "meta device": (lambda ps, opt, i: opt.state[ps[i]].update(exp_avg=torch.empty(ps[i].shape, device="meta")), errors.DeviceError, "parameter {i}: state 'exp_avg'"),
+    "meta device": (
+        lambda ps, opt, i: opt.state[ps[i]].update(exp_avg=torch.empty(ps[i].shape, device="meta")),
+        errors.DeviceError,
+        "parameter {i}: state 'exp_avg'",
+    ),
 }
 
 

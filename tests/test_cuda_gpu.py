@@ -3,10 +3,9 @@ on the lent GPU machine)."""
 
 from __future__ import annotations
 
+import emafuse
 import pytest
 import torch
-
-import emafuse
 from helpers import clone_params, make_params, random_grads
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -185,7 +184,7 @@ def test_side_stream_and_multi_device():
     ref = [torch.nn.Parameter(p.detach().cpu()) for p in params]
     a, b = emafuse.AdamW(params, lr=1e-2), emafuse.AdamW(ref, lr=1e-2)
     s = torch.cuda.Stream()
-    for t in range(5):
+    for _t in range(5):
         grads = [torch.randn(1000) for _ in devices]
         for p, q, g in zip(params, ref, grads):
             p.grad, q.grad = g.to(p.device), g.clone()

@@ -17,10 +17,9 @@ import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
+import emafuse
 import pytest
 import torch
-
-import emafuse
 from emafuse import _native
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -237,7 +236,11 @@ def test_cuda_rule_equals_rust_rule_on_the_cpu(variant, tmp_path, host_dir):
             ours.update({k: torch.tensor(step) for k in scalar_keys})
             p_native = p.clone()
             inputs = [g] if reads_input else None
-            _native.step("check", name, [_native.Group(hyper={**hyper, "maximize": maximize}, params=[p_native], inputs=inputs, states=[ours] if (slots or scalar_keys) else None, slots=tuple(slots), scalars=tuple(scalar_keys))])
+            state_dicts = [ours] if (slots or scalar_keys) else None
+            group = _native.Group(
+                hyper={**hyper, "maximize": maximize}, params=[p_native], inputs=inputs, states=state_dicts, slots=tuple(slots), scalars=tuple(scalar_keys)
+            )
+            _native.step("check", name, [group])
 
             host_states = [s.clone() for s in states] + [torch.zeros(1, dtype=dtype) for _ in range(4 - len(states))]
             host_scalars = torch.tensor([step, 0.0, 0.0, 0.0], dtype=torch.float32)

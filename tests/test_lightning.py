@@ -63,7 +63,9 @@ def trainer(callbacks, max_epochs=2, **kw):
 
 def fit(callback, max_epochs=2, ckpt_path=None, **kw):
     model = Module()
-    t = trainer([callback, *kw.pop("extra", [])], max_epochs=max_epochs, enable_checkpointing=bool(kw.get("ckpt")), **{k: v for k, v in kw.items() if k != "ckpt"})
+    extra = kw.pop("extra", [])
+    options = {k: v for k, v in kw.items() if k != "ckpt"}
+    t = trainer([callback, *extra], max_epochs=max_epochs, enable_checkpointing=bool(kw.get("ckpt")), **options)
     train, val = loaders()
     t.fit(model, train, val, ckpt_path=ckpt_path)
     return model, t
@@ -179,7 +181,7 @@ def test_posthoc_callback_snapshots_and_resume(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     cb = PostHocEMACallback((0.05, 0.10), snapshot_every=4)
-    model, t = fit(cb)
+    model, _t = fit(cb)
     assert len(cb.posthoc.snapshots) == 2 * (16 // 4)
     rec = cb.posthoc.reconstruct(0.08)
     assert set(dict(rec.named_parameters())) == set(dict(model.named_parameters()))

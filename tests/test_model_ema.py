@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import copy
 
+import emafuse
 import pytest
 import torch
-from torch import nn
-
-import emafuse
 from emafuse import ModelEMA
 from emafuse.averaging import schedules as S
 from emafuse.errors import InvalidArgumentError, ShapeError
+from torch import nn
 
 
 class Net(nn.Module):
@@ -51,7 +50,7 @@ def states_close(ours: dict, ref: dict, rtol=3e-6, atol=3e-6, keys=None) -> None
     for k in keys or ref:
         a, b = ours[k], ref[k]
         if a.is_floating_point():
-            torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+            torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
         else:
             assert torch.equal(a, b), f"{k}: {a} != {b}"
 
@@ -186,9 +185,8 @@ def test_averaged_model_ema(use_buffers):
 
 
 def test_swa_matches_averaged_model():
-    from torch.optim.swa_utils import AveragedModel
-
     from emafuse.averaging import SWA
+    from torch.optim.swa_utils import AveragedModel
 
     model = Net()
     ref = AveragedModel(model)
@@ -449,12 +447,12 @@ def test_changed_model_structure_is_a_clear_error():
     model = Net()
     ema = ModelEMA(model, 0.9)
     model.lin3 = nn.Linear(4, 2)
-    with pytest.raises(InvalidArgumentError, match="structure changed.*lin3"):
+    with pytest.raises(InvalidArgumentError, match=r"structure changed.*lin3"):
         ema.update(model)
     model = Net()
     ema = ModelEMA(model, 0.9)
     model.lin2 = nn.Linear(9, 5)
-    with pytest.raises(ShapeError, match="lin2.weight"):
+    with pytest.raises(ShapeError, match=r"lin2\.weight"):
         ema.update(model)
 
 
@@ -466,7 +464,7 @@ def test_mismatched_state_dict_is_a_clear_error():
         ModelEMA(other, 0.9).load_state_dict(sd)
     bad = copy.deepcopy(sd)
     bad["module"]["lin1.weight"] = torch.zeros(2, 2)
-    with pytest.raises(ShapeError, match="lin1.weight"):
+    with pytest.raises(ShapeError, match=r"lin1\.weight"):
         ema.load_state_dict(bad)
     bad = copy.deepcopy(sd)
     del bad["num_steps_seen"]
@@ -521,7 +519,7 @@ def fused_setup(seed=0):
 def train_with(m, opt, s, ema=None):
     opt.zero_grad()
     m.train()
-    m((torch.randn(8, 6, generator=torch.Generator().manual_seed(s)) + 0.1)).square().mean().backward()
+    m(torch.randn(8, 6, generator=torch.Generator().manual_seed(s)) + 0.1).square().mean().backward()
     opt.step()
     if ema is not None:
         ema.update(m)

@@ -10,10 +10,9 @@ import os
 import subprocess
 import sys
 
+import emafuse
 import pytest
 import torch
-
-import emafuse
 from emafuse import _native, errors
 from emafuse.optim._base import sum_squares
 from registry import ENTRIES
@@ -125,7 +124,7 @@ def test_dataloader_workers_with_emafuse_in_the_parent():
     opt = emafuse.AdamW(ps)
     data = torch.utils.data.TensorDataset(torch.randn(64, 4))
     loader = torch.utils.data.DataLoader(data, batch_size=8, num_workers=2, multiprocessing_context="fork")
-    for (batch,) in loader:
+    for (_batch,) in loader:
         ps[0].grad = torch.randn_like(ps[0])
         opt.step()
     assert opt.state[ps[0]]["step"].item() == 8

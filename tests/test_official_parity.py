@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import (
     LOW_PRECISION,
     ODD_SHAPES,

@@ -10,10 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import emafuse
 import pytest
 import torch
-
-import emafuse
 from helpers import make_params
 from registry import ENTRIES, entries
 

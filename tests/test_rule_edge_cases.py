@@ -7,10 +7,9 @@ from __future__ import annotations
 import copy
 import math
 
+import emafuse
 import pytest
 import torch
-
-import emafuse
 from helpers import (
     ODD_SHAPES,
     SMALL_SHAPES,

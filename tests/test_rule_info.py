@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from emafuse import _native
 from emafuse.errors import InvalidArgumentError
 
@@ -104,7 +103,7 @@ def test_swapped_slot_names_are_refused_and_change_nothing():
 
 
 def test_wrong_scalar_names_are_refused():
-    p, _, st, call = adam_call(("exp_avg", "exp_avg_sq"))
+    _p, _, st, call = adam_call(("exp_avg", "exp_avg_sq"))
     g = call[0]
     st["t"] = st.pop("step")
     with pytest.raises(InvalidArgumentError, match=r"keeps scalar state \['step'\], got \['t'\]"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import SMALL_SHAPES, assert_close, clone_params, make_params, random_grads, set_grads
 from registry import entries, official_mains, quiet
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import inspect
 
+import emafuse
 import pytest
 import torch
-
-import emafuse
 from helpers import make_params
 from registry import ENTRIES, entries, quiet
 

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from helpers import (
     DTYPES,
     LOW_PRECISION,

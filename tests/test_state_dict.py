@@ -10,7 +10,6 @@ import pickle
 
 import pytest
 import torch
-
 from helpers import (
     LOW_PRECISION,
     SMALL_SHAPES,

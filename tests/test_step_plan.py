@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import copy
 
+import emafuse
 import pytest
 import torch
-
-import emafuse
 from helpers import make_params, random_grads
 
 STEPS = 4

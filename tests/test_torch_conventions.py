@@ -9,7 +9,6 @@ import inspect
 
 import pytest
 import torch
-
 from helpers import (
     SMALL_SHAPES,
     assert_close,

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch as _torch  # noqa: F401  (loads libtorch before the native module links against it)
 
-from . import errors
+from . import averaging, errors
 from ._native import num_threads
+from .averaging import ModelEMA
 from .errors import (
     CudaError,
     DeviceError,
@@ -25,38 +26,36 @@ from .errors import (
     SparseGradError,
     UnsupportedOptionError,
 )
-from .optim import SGD, SPAM, AdaBelief, AdaBound, Adam, AdaMod, AdaMomentum, Adan, AdamW, AdEMAMix, DiffGrad, Lion, SGDSaI
-from . import averaging
-from .averaging import ModelEMA
+from .optim import SGD, SPAM, AdaBelief, AdaBound, Adam, AdaMod, AdaMomentum, AdamW, Adan, AdEMAMix, DiffGrad, Lion, SGDSaI
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdamW",
-    "Adam",
     "SGD",
+    "SPAM",
     "AdEMAMix",
     "AdaBelief",
-    "AdaMomentum",
-    "Lion",
-    "AdaMod",
-    "Adan",
-    "SPAM",
-    "DiffGrad",
     "AdaBound",
-    "SGDSaI",
-    "ModelEMA",
-    "averaging",
-    "num_threads",
-    "errors",
-    "EmafuseError",
+    "AdaMod",
+    "AdaMomentum",
+    "Adam",
+    "AdamW",
+    "Adan",
+    "CudaError",
     "DTypeError",
     "DeviceError",
+    "DiffGrad",
+    "EmafuseError",
+    "InternalError",
+    "InvalidArgumentError",
+    "Lion",
+    "ModelEMA",
+    "NonFiniteError",
+    "SGDSaI",
     "ShapeError",
     "SparseGradError",
-    "NonFiniteError",
-    "InvalidArgumentError",
     "UnsupportedOptionError",
-    "CudaError",
-    "InternalError",
+    "averaging",
+    "errors",
+    "num_threads",
 ]

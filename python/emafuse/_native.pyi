@@ -6,8 +6,23 @@ from typing import Any, final
 
 from torch import Tensor
 
-Hyper = dict[str, float | bool]
-AmpTensor = Tensor | dict[int, Tensor] | None
+_Hyper = dict[str, float | bool]
+_AmpTensor = Tensor | dict[int, Tensor] | None
+
+__all__ = [
+    "Group",
+    "PendingStep",
+    "StepPlan",
+    "cuda_compile",
+    "cuda_source",
+    "num_threads",
+    "rule_info",
+    "rule_names",
+    "rule_slots",
+    "step",
+    "step_async",
+    "sum_squares",
+]
 
 @final
 class Group:
@@ -15,7 +30,7 @@ class Group:
     flags), or the tensors of one averaging update."""
 
     @property
-    def hyper(self) -> Hyper: ...
+    def hyper(self) -> _Hyper: ...
     @property
     def params(self) -> list[Tensor]: ...
     @property
@@ -29,7 +44,7 @@ class Group:
     def __new__(
         cls,
         *,
-        hyper: Hyper,
+        hyper: _Hyper,
         params: list[Tensor],
         inputs: list[Tensor] | None = None,
         states: list[dict[str, Tensor]] | None = None,
@@ -44,9 +59,9 @@ class StepPlan:
     def __new__(cls, who: str, rule: str, groups: list[Group], watch: list[list[Tensor]] | None = None) -> StepPlan: ...
     def run(
         self,
-        hypers: list[Hyper] | None = None,
-        grad_scale: AmpTensor = None,
-        found_inf: AmpTensor = None,
+        hypers: list[_Hyper] | None = None,
+        grad_scale: _AmpTensor = None,
+        found_inf: _AmpTensor = None,
         streams: Sequence[int] | None = None,
     ) -> bool | None: ...
     def params(self) -> list[Tensor]: ...
@@ -62,13 +77,21 @@ def step(
     who: str,
     rule: str,
     groups: list[Group],
-    grad_scale: AmpTensor = None,
-    found_inf: AmpTensor = None,
+    grad_scale: _AmpTensor = None,
+    found_inf: _AmpTensor = None,
     streams: Sequence[int] | None = None,
 ) -> bool: ...
 def step_async(who: str, rule: str, groups: list[Group], wait_for: Callable[[], Any] | None = None) -> PendingStep: ...
 def sum_squares(tensors: list[Tensor]) -> float: ...
 def num_threads() -> int: ...
 def rule_names() -> list[str]: ...
-def cuda_source(rule: str, hyper: Hyper) -> tuple[str, str, bytes, str]: ...
-def cuda_compile(rule: str, hyper: Hyper, arch: str) -> str: ...
+def rule_info(name: str) -> dict[str, Any]:
+    """The rule's description: name, summary, numbers, flags, optional_flags, scalars, reads_input."""
+
+def rule_slots(name: str, hyper: _Hyper) -> tuple[str, ...]:
+    """The state slot names (in order) of the rule built from these hyper-parameters."""
+
+def cuda_source(rule: str, hyper: _Hyper) -> dict[str, Any]:
+    """The rule's CUDA program (for tests): type_name, source, preamble, header, hyper_bytes."""
+
+def cuda_compile(rule: str, hyper: _Hyper, arch: str) -> str: ...

@@ -11,16 +11,16 @@ optimizer state and step counters exactly as they were.
 from __future__ import annotations
 
 __all__ = [
-    "EmafuseError",
+    "CudaError",
     "DTypeError",
     "DeviceError",
+    "EmafuseError",
+    "InternalError",
+    "InvalidArgumentError",
+    "NonFiniteError",
     "ShapeError",
     "SparseGradError",
-    "NonFiniteError",
-    "InvalidArgumentError",
     "UnsupportedOptionError",
-    "CudaError",
-    "InternalError",
 ]
 
 

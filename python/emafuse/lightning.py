@@ -13,7 +13,8 @@ this module.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -119,7 +120,7 @@ class EMACallback(Callback):
 
     # -- hooks ----------------------------------------------------------------------------------
 
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.ema is not None:
             return
         if is_overridden("configure_model", pl_module):
@@ -132,7 +133,7 @@ class EMACallback(Callback):
         self.ema = ModelEMA(pl_module, self.decay, device=self._device, **kw)
         self._finished = False
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._current_epoch = trainer.current_epoch
         step = trainer.global_step
         if step > self._latest_update_step and self.should_update(step_idx=step - 1):
@@ -140,14 +141,14 @@ class EMACallback(Callback):
             self.ema.update(pl_module, step=step, force=True)
             self._latest_update_step = step
 
-    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._current_epoch = trainer.current_epoch
         if trainer.current_epoch > self._latest_update_epoch and self.should_update(epoch_idx=trainer.current_epoch):
             assert self.ema is not None
             self.ema.update(pl_module, step=trainer.global_step, force=True)
             self._latest_update_epoch = trainer.current_epoch
 
-    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.ema is not None and self.copy_at_train_end and self._has_average():
             self.ema.copy_to(pl_module)
             self._finished = True
@@ -155,28 +156,28 @@ class EMACallback(Callback):
     def _has_average(self) -> bool:
         return self.ema is not None and (self.ema.num_updates > 0 or self.swap_before_first_update)
 
-    def _swap_in(self, pl_module: "pl.LightningModule") -> None:
+    def _swap_in(self, pl_module: pl.LightningModule) -> None:
         if self.ema is not None and not self._swapped and not self._finished and self._has_average():
             self.ema.swap(pl_module)
             self._swapped = True
 
-    def _swap_out(self, pl_module: "pl.LightningModule") -> None:
+    def _swap_out(self, pl_module: pl.LightningModule) -> None:
         if self._swapped:
             assert self.ema is not None
             self.ema.swap(pl_module)
             self._swapped = False
 
-    def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_in(pl_module)
 
-    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_out(pl_module)
 
-    def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.swap_for_test:
             self._swap_in(pl_module)
 
-    def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_out(pl_module)
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -188,7 +189,7 @@ class EMACallback(Callback):
         self._latest_update_step = state_dict["latest_update_step"]
         self._latest_update_epoch = state_dict.get("latest_update_epoch", -1)
 
-    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.ema is None:
             rank_zero_info("EMACallback: checkpoint saved outside fit; it holds the module's current weights only")
             return
@@ -197,7 +198,7 @@ class EMACallback(Callback):
         checkpoint["state_dict"] = {k: v.detach().clone() for k, v in st.pop("module").items()}
         checkpoint["averaging_state"] = {"n_averaged": torch.tensor(self.ema.n_averaged, dtype=torch.long), "emafuse": st}
 
-    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.ema is None:
             rank_zero_warn("EMACallback: checkpoint loaded outside fit; the average cannot be restored (the module holds it)")
             return
@@ -239,7 +240,7 @@ class PostHocEMACallback(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._swapped = False
 
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.posthoc is None:
             self.posthoc = PostHocEMA(pl_module, self.sigma_rels, snapshot_every=self.snapshot_every,
                                       snapshot_dir=self.snapshot_dir, **self._kwargs)
@@ -247,17 +248,17 @@ class PostHocEMACallback(Callback):
                 self.posthoc.load_state_dict(self._pending_state)
                 self._pending_state = None
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step > self._latest_update_step and self.posthoc is not None:
             self.posthoc.update(pl_module)
             self._latest_update_step = trainer.global_step
 
-    def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.posthoc is not None and self.posthoc.num_updates > 0:
             self.posthoc.swap(pl_module, track=self.eval_track)
             self._swapped = True
 
-    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._swapped:
             assert self.posthoc is not None
             self.posthoc.swap(pl_module, track=self.eval_track)

@@ -31,12 +31,7 @@ pub struct SpanPtrs<P, G, S> {
 ///
 /// # Safety
 /// As [`update_span`], except that the elements are only read.
-pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
-    rule: &Ru,
-    factor: R,
-    ptrs: SpanPtrs<P, G, S>,
-    len: usize,
-) -> [f64; MAX_SUMS] {
+pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(rule: &Ru, factor: R, ptrs: SpanPtrs<P, G, S>, len: usize) -> [f64; MAX_SUMS] {
     let mut pb = [R::ZERO; BLOCK];
     let mut gb = [R::ZERO; BLOCK];
     let mut sb = [[R::ZERO; BLOCK]; MAX_SLOTS];
@@ -193,21 +188,45 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>
             let p = &mut p[..n];
             for i in 0..n {
                 let mut s = [R::ZERO; MAX_SLOTS];
-                if Ru::SLOTS > 0 { s[0] = st0[i]; }
-                if Ru::SLOTS > 1 { s[1] = st1[i]; }
-                if Ru::SLOTS > 2 { s[2] = st2[i]; }
-                if Ru::SLOTS > 3 { s[3] = st3[i]; }
+                if Ru::SLOTS > 0 {
+                    s[0] = st0[i];
+                }
+                if Ru::SLOTS > 1 {
+                    s[1] = st1[i];
+                }
+                if Ru::SLOTS > 2 {
+                    s[2] = st2[i];
+                }
+                if Ru::SLOTS > 3 {
+                    s[3] = st3[i];
+                }
                 p[i] = Ru::update(c, p[i], g[i] * factor, &mut s);
-                if Ru::WRITTEN_SLOTS > 0 { st0[i] = s[0]; }
-                if Ru::WRITTEN_SLOTS > 1 { st1[i] = s[1]; }
-                if Ru::WRITTEN_SLOTS > 2 { st2[i] = s[2]; }
-                if Ru::WRITTEN_SLOTS > 3 { st3[i] = s[3]; }
+                if Ru::WRITTEN_SLOTS > 0 {
+                    st0[i] = s[0];
+                }
+                if Ru::WRITTEN_SLOTS > 1 {
+                    st1[i] = s[1];
+                }
+                if Ru::WRITTEN_SLOTS > 2 {
+                    st2[i] = s[2];
+                }
+                if Ru::WRITTEN_SLOTS > 3 {
+                    st3[i] = s[3];
+                }
             }
             finish::<R, P>(ptrs.param.add(off), p);
-            if Ru::WRITTEN_SLOTS > 0 { finish::<R, S>(sp(0), st0); }
-            if Ru::WRITTEN_SLOTS > 1 { finish::<R, S>(sp(1), st1); }
-            if Ru::WRITTEN_SLOTS > 2 { finish::<R, S>(sp(2), st2); }
-            if Ru::WRITTEN_SLOTS > 3 { finish::<R, S>(sp(3), st3); }
+            if Ru::WRITTEN_SLOTS > 0 {
+                finish::<R, S>(sp(0), st0);
+            }
+            if Ru::WRITTEN_SLOTS > 1 {
+                finish::<R, S>(sp(1), st1);
+            }
+            if Ru::WRITTEN_SLOTS > 2 {
+                finish::<R, S>(sp(2), st2);
+            }
+            if Ru::WRITTEN_SLOTS > 3 {
+                finish::<R, S>(sp(3), st3);
+            }
         }
         off += n;
     }

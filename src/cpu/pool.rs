@@ -56,5 +56,3 @@ pub fn pool() -> &'static ThreadPool {
         }
     }
 }
-
-

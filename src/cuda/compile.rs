@@ -21,11 +21,8 @@ pub fn compile_ptx(program: &Program, arch: &str) -> Result<String> {
         return Err(Error::Cuda("cannot load libnvrtc (install torch's CUDA wheel, or set LD_LIBRARY_PATH)".into()));
     }
     let arch_flag = format!("--gpu-architecture={arch}");
-    let opts = cudarc::nvrtc::CompileOptions {
-        fmad: Some(false),
-        options: vec![arch_flag, "--std=c++17".into(), "-default-device".into()],
-        ..Default::default()
-    };
+    let opts =
+        cudarc::nvrtc::CompileOptions { fmad: Some(false), options: vec![arch_flag, "--std=c++17".into(), "-default-device".into()], ..Default::default() };
     cudarc::nvrtc::compile_ptx_with_opts(program.source(), opts)
         .map(|ptx| ptx.to_src())
         .map_err(|e| Error::Cuda(format!("NVRTC could not compile {} for {arch}: {e}", program.type_name)))

@@ -1,11 +1,11 @@
 //! Devices, module and table caches, and launches on the caller's stream.
 
 use super::compile::compile_ptx;
+use super::program::{hyper_bytes, Program};
 use super::table::{self, TensorEntry};
 use crate::batch::Batch;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use super::program::{hyper_bytes, Program};
 use crate::rules::{check_state, visit_rule, Hyper, Rule, RuleVisitor, MAX_SUMS};
 use crate::view::Device;
 use cudarc::driver::{result, sys};
@@ -118,8 +118,7 @@ impl DeviceState {
             let ptx = compile_ptx(program, &self.arch)?;
             let ptx = CString::new(ptx).map_err(|_| Error::Internal("PTX with a NUL byte".into()))?;
             // SAFETY: a NUL-terminated PTX image; the context is current.
-            let module = unsafe { result::module::load_data(ptx.as_ptr() as *const c_void) }
-                .map_err(|e| driver_error("cuModuleLoadData", e))?;
+            let module = unsafe { result::module::load_data(ptx.as_ptr() as *const c_void) }.map_err(|e| driver_error("cuModuleLoadData", e))?;
             let mut functions = HashMap::new();
             for name in super::KERNEL_DTYPES {
                 let get = |prefix: &str| {
@@ -138,17 +137,14 @@ impl DeviceState {
     fn table(&mut self, entries: Vec<TensorEntry>, stream: sys::CUstream) -> Result<usize> {
         self.clock += 1;
         // SAFETY: stream is the caller's live stream.
-        let capturing = unsafe { result::stream::is_capturing(stream) }
-            .is_ok_and(|s| s != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE);
+        let capturing = unsafe { result::stream::is_capturing(stream) }.is_ok_and(|s| s != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE);
         if let Some(i) = self.tables.iter().position(|t| t.entries == entries) {
             self.tables[i].last_use = self.clock;
             self.tables[i].permanent |= capturing;
             return Ok(i);
         }
         if capturing {
-            return Err(Error::Cuda(
-                "a new set of tensors appeared during CUDA graph capture: run one step (warm-up) before capturing".into(),
-            ));
+            return Err(Error::Cuda("a new set of tensors appeared during CUDA graph capture: run one step (warm-up) before capturing".into()));
         }
         if self.tables.len() >= MAX_TABLES {
             if let Some(i) = (0..self.tables.len()).filter(|&i| !self.tables[i].permanent).min_by_key(|&i| self.tables[i].last_use) {

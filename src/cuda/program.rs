@@ -49,12 +49,7 @@ impl Program {
             header: k.header,
             rule,
             fields: hyper_fields(Ru::PARAM_NAMES),
-            counts: [
-                ("EF_SLOTS", Ru::SLOTS),
-                ("EF_WRITTEN_SLOTS", Ru::WRITTEN_SLOTS),
-                ("EF_SCALARS", Ru::SCALARS),
-                ("EF_SUMS", Ru::SUMS),
-            ],
+            counts: [("EF_SLOTS", Ru::SLOTS), ("EF_WRITTEN_SLOTS", Ru::WRITTEN_SLOTS), ("EF_SCALARS", Ru::SCALARS), ("EF_SUMS", Ru::SUMS)],
             reads_input: Ru::READS_INPUT,
         })
     }

@@ -41,14 +41,7 @@ pub fn build(batch: &Batch) -> (Vec<TensorEntry>, i64) {
                 *x = batch.scalars[i * batch.n_scalars() + k].ptr() as u64;
             }
             let numel = batch.params[i].numel() as i64;
-            let e = TensorEntry {
-                p: batch.params[i].ptr() as u64,
-                g: batch.grads.get(i).map_or(0, |g| g.ptr() as u64),
-                s,
-                scalars,
-                numel,
-                first_block: next,
-            };
+            let e = TensorEntry { p: batch.params[i].ptr() as u64, g: batch.grads.get(i).map_or(0, |g| g.ptr() as u64), s, scalars, numel, first_block: next };
             next += blocks_of(numel);
             e
         })

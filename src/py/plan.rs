@@ -211,11 +211,7 @@ impl<'py> Gathered<'py> {
 }
 
 fn state_dicts<'py>(states: &Bound<'py, PyList>, call: usize) -> Result<Vec<Bound<'py, PyDict>>> {
-    states
-        .iter()
-        .enumerate()
-        .map(|(i, d)| d.cast_into::<PyDict>().map_err(|_| Error::Value(format!("param group {call}: state {i} is not a dict"))))
-        .collect()
+    states.iter().enumerate().map(|(i, d)| d.cast_into::<PyDict>().map_err(|_| Error::Value(format!("param group {call}: state {i} is not a dict")))).collect()
 }
 
 fn names<'py>(t: &Bound<'py, PyTuple>, what: &str) -> Result<Vec<Bound<'py, PyString>>> {
@@ -271,10 +267,7 @@ impl StepPlan {
             }
             let keys = slots.iter().chain(&scalars).map(|k| k.clone().unbind()).collect();
             calls.push(Call { base, n, inputs, n_slots: slots.len(), keys, dicts: dicts.into_iter().map(Bound::unbind).collect(), batches: Vec::new() });
-            let lens_ok = [g.inputs.as_ref().map(|l| l.bind(py).len()), g.states.as_ref().map(|l| l.bind(py).len())]
-                .into_iter()
-                .flatten()
-                .all(|len| len == n);
+            let lens_ok = [g.inputs.as_ref().map(|l| l.bind(py).len()), g.states.as_ref().map(|l| l.bind(py).len())].into_iter().flatten().all(|len| len == n);
             if !lens_ok {
                 return Err(Error::Value(format!("{who}: param group {ci}: tensor lists of different lengths")));
             }
@@ -595,10 +588,7 @@ impl RunEnv {
                         .and_then(|s| s.extract::<u64>().ok())
                         .ok_or_else(|| Error::Value(format!("{who}: no CUDA stream given for cuda:{i}")))?;
                     let address = |v: Option<TensorView>| v.map_or(0, |v| v.ptr() as u64);
-                    let amp = DeviceAmp {
-                        grad_scale: address(grad_scale.on(device, "grad_scale")?),
-                        found_inf: address(found_inf.on(device, "found_inf")?),
-                    };
+                    let amp = DeviceAmp { grad_scale: address(grad_scale.on(device, "grad_scale")?), found_inf: address(found_inf.on(device, "found_inf")?) };
                     env.cuda.push((i, amp, stream));
                 }
             }

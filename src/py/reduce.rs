@@ -16,10 +16,7 @@ fn views<'py>(tensors: &Bound<'py, PyList>, keep: &mut Vec<Bound<'py, PyAny>>) -
         let Unpacked { obj: handle, info } = unpack(&obj, &|| format!("sum_squares: tensor {i}"))?;
         keep.push(handle);
         if info.view.device() != Device::Cpu {
-            return Err(Error::Device(format!(
-                "sum_squares: tensor {i} is on {}, which this build's engine does not reduce yet",
-                info.view.device()
-            )));
+            return Err(Error::Device(format!("sum_squares: tensor {i} is on {}, which this build's engine does not reduce yet", info.view.device())));
         }
         if info.layout == Layout::Strided {
             return Err(Error::Layout(format!("sum_squares: tensor {i} is not dense")));

@@ -79,9 +79,7 @@ static TENSOR_TYPE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 /// The `torch.Tensor` type object (looked up once, kept forever).
 fn tensor_type(py: Python<'_>) -> Result<*mut pyo3::ffi::PyTypeObject> {
     let ty = TENSOR_TYPE
-        .get_or_try_init(py, || -> PyResult<Py<PyType>> {
-            Ok(PyModule::import(py, "torch")?.getattr("Tensor")?.cast_into::<PyType>()?.unbind())
-        })
+        .get_or_try_init(py, || -> PyResult<Py<PyType>> { Ok(PyModule::import(py, "torch")?.getattr("Tensor")?.cast_into::<PyType>()?.unbind()) })
         .map_err(|e| Error::Internal(format!("cannot find torch.Tensor: {e}")))?;
     Ok(ty.as_ptr() as *mut pyo3::ffi::PyTypeObject)
 }
@@ -247,11 +245,7 @@ unsafe fn read_info(raw: *mut C_tensor, role: &dyn Fn() -> String) -> Result<Ten
         return Err(Error::Layout(format!("{} is complex", role())));
     }
     let dtype = dtype_of(code).ok_or_else(|| {
-        Error::DType(format!(
-            "{} has dtype {}; supported: torch.float32, torch.bfloat16, torch.float16, torch.float64",
-            role(),
-            dtype_name(code)
-        ))
+        Error::DType(format!("{} has dtype {}; supported: torch.float32, torch.bfloat16, torch.float16, torch.float64", role(), dtype_name(code)))
     })?;
     let device = match torch_sys::at_device(raw) {
         -1 => Device::Cpu,

@@ -21,7 +21,9 @@
 //! reference only when `s` or `m` is already infinite or NaN in the first (ρ_t < 5) steps.
 //! State slots: `exp_avg`, `exp_avg_var`, then `max_exp_avg_var` with amsgrad.
 
-use super::{next_step, bool_dispatch, check_non_negative, check_unit_interval, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS, rule_params, RuleHyper, RuleInfo};
+use super::{
+    bool_dispatch, check_non_negative, check_unit_interval, next_step, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
+};
 use crate::error::Result;
 use crate::real::Real;
 
@@ -249,15 +251,7 @@ mod tests {
 
     #[test]
     fn sgd_regime_denominator_is_exactly_one_in_f32() {
-        let rule = AdaBelief::<false, true, true> {
-            lr: 0.1,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-16,
-            weight_decay: 0.0,
-            decay_lr: 0.1,
-            degenerated_to_sgd: 1.0,
-        };
+        let rule = AdaBelief::<false, true, true> { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-16, weight_decay: 0.0, decay_lr: 0.1, degenerated_to_sgd: 1.0 };
         let c = rule.coeffs::<f32>(&mut [0.0; MAX_SCALARS], &[0.0; MAX_SUMS]);
         let mut s = [0.0f32; MAX_SLOTS];
         let p = AdaBelief::<false, true, true>::update(&c, 1.0, 0.5, &mut s);

@@ -18,8 +18,7 @@
 //! Python layer only uses it then.
 
 use super::{
-    bool_dispatch, check_non_negative, check_unit_interval, next_step, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor,
-    MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
+    bool_dispatch, check_non_negative, check_unit_interval, next_step, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::Result;
 use crate::real::{Lerp, Real};

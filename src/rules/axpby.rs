@@ -5,7 +5,7 @@
 //! ```
 //! Uniform/greedy soups, LAWA's output, post-hoc EMA reconstruction and LITI are built from it.
 
-use super::{bool_dispatch, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS, rule_params, RuleHyper, RuleInfo};
+use super::{bool_dispatch, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::error::{Error, Result};
 use crate::real::Real;
 

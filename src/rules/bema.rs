@@ -8,7 +8,7 @@
 //! ```
 //! `RESET` (burn-in): `E ← θ`, `O ← θ`, `θ₀ ← θ`.
 
-use super::{bool_dispatch, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS, rule_params, RuleHyper, RuleInfo};
+use super::{bool_dispatch, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::error::{Error, Result};
 use crate::real::{Lerp, Real};
 
@@ -79,7 +79,13 @@ mod tests {
     /// Spec B.1 test vector, τ = 0, φ = 1: θ_t = t, κ = 0.5, η = 0.2, ρ = 10, γ = 1.
     #[test]
     fn spec_vector() {
-        let expect = [(0.3015113446, 0.9205552653), (0.7918227858, 2.0085514696), (1.4042609528, 3.2003695194), (2.0980013942, 4.4575796437), (2.8472942123, 5.7563480081)];
+        let expect = [
+            (0.3015113446, 0.9205552653),
+            (0.7918227858, 2.0085514696),
+            (1.4042609528, 3.2003695194),
+            (2.0980013942, 4.4575796437),
+            (2.8472942123, 5.7563480081),
+        ];
         let mut s = [0.0f64; MAX_SLOTS];
         let mut e = Bema::<true>::update(&Bema::<true> { alpha: 0.0, beta: 0.0 }.coeffs(&mut [0.0; 4], &[0.0; 4]), 7.0, 0.0, &mut s);
         for t in 1..=5 {

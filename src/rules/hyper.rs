@@ -48,18 +48,11 @@ impl Hyper {
             } else if info.flags.contains(&key) || ENGINE_OPTIONS.contains(&key) {
                 true
             } else {
-                return Err(Error::Value(format!(
-                    "rule '{rule}' has no hyper-parameter '{key}' ({})",
-                    info.valid_keys()
-                )));
+                return Err(Error::Value(format!("rule '{rule}' has no hyper-parameter '{key}' ({})", info.valid_keys())));
             };
             match (want_flag, value) {
-                (true, HyperValue::Num(_)) => {
-                    return Err(Error::Value(format!("rule '{rule}': '{key}' must be a bool, got a number")))
-                }
-                (false, HyperValue::Flag(_)) => {
-                    return Err(Error::Value(format!("rule '{rule}': '{key}' must be a number, got a bool")))
-                }
+                (true, HyperValue::Num(_)) => return Err(Error::Value(format!("rule '{rule}': '{key}' must be a bool, got a number"))),
+                (false, HyperValue::Flag(_)) => return Err(Error::Value(format!("rule '{rule}': '{key}' must be a number, got a bool"))),
                 _ => {}
             }
         }

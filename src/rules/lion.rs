@@ -14,7 +14,7 @@
 //! the old `m` and `g` (`accumulate`); decay is not masked.
 //! State slot: `exp_avg`. No step counter.
 
-use super::{bool_dispatch, check_non_negative, check_unit_interval, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS, rule_params, RuleHyper, RuleInfo};
+use super::{bool_dispatch, check_non_negative, check_unit_interval, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::error::{Error, Result};
 use crate::real::Real;
 
@@ -142,7 +142,14 @@ mod tests {
             // spec §8 (d)
             rp *= 1.0 - 1e-2 * 0.5;
             let c = 0.9 * rm + 0.1 * g;
-            rp -= 1e-2 * if c > 0.0 { 1.0 } else if c < 0.0 { -1.0 } else { 0.0 };
+            rp -= 1e-2
+                * if c > 0.0 {
+                    1.0
+                } else if c < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                };
             rm = 0.99 * rm + 0.01 * g;
             assert!((p - rp).abs() < 1e-15 && (s[0] - rm).abs() < 1e-15, "t={t}");
         }

@@ -251,18 +251,10 @@ pub fn check_state<Ru: Rule>(hyper: &Hyper, group: usize, slots: &[String], scal
         flags => format!("rule '{}' ({flags})", info.name),
     };
     if slots.len() != Ru::SLOTS || slots.iter().zip(Ru::SLOT_NAMES).any(|(a, b)| a != b) {
-        return Err(Error::Value(format!(
-            "param group {group}: {rule} keeps state {}, got {}",
-            py_list(Ru::SLOT_NAMES),
-            py_list(slots)
-        )));
+        return Err(Error::Value(format!("param group {group}: {rule} keeps state {}, got {}", py_list(Ru::SLOT_NAMES), py_list(slots))));
     }
     if scalars.len() != info.scalars.len() || scalars.iter().zip(info.scalars).any(|(a, b)| a != b) {
-        return Err(Error::Value(format!(
-            "param group {group}: {rule} keeps scalar state {}, got {}",
-            py_list(info.scalars),
-            py_list(scalars)
-        )));
+        return Err(Error::Value(format!("param group {group}: {rule} keeps scalar state {}, got {}", py_list(info.scalars), py_list(scalars))));
     }
     if Ru::READS_INPUT && !has_input {
         return Err(Error::Value(format!("param group {group}: {rule} reads an input (gradient) for every parameter; none given")));
@@ -489,8 +481,7 @@ pub(crate) mod tests {
 
     #[test]
     fn reading_an_undeclared_key_is_a_bug() {
-        static BARE: RuleInfo =
-            RuleInfo { name: "bare", summary: "x", numbers: &[], flags: &[], optional_flags: &[], scalars: &[], reads_input: true };
+        static BARE: RuleInfo = RuleInfo { name: "bare", summary: "x", numbers: &[], flags: &[], optional_flags: &[], scalars: &[], reads_input: true };
         let hyper = Hyper::new(adam_entries());
         let h = RuleHyper::new(&hyper, &BARE);
         assert!(matches!(h.num("lr"), Err(Error::Internal(m)) if m.contains("'bare'") && m.contains("'lr'")));
@@ -505,7 +496,9 @@ pub(crate) mod tests {
         let step = names(&["step"]);
         assert!(check_state::<AdamW>(&hyper, 0, &names(&["exp_avg", "exp_avg_sq"]), &step, true).is_ok());
         let swapped = check_state::<AdamW>(&hyper, 0, &names(&["exp_avg_sq", "exp_avg"]), &step, true);
-        assert!(matches!(swapped, Err(Error::Value(m)) if m == "param group 0: rule 'adam' (amsgrad=False, decoupled=True) keeps state ['exp_avg', 'exp_avg_sq'], got ['exp_avg_sq', 'exp_avg']"));
+        assert!(
+            matches!(swapped, Err(Error::Value(m)) if m == "param group 0: rule 'adam' (amsgrad=False, decoupled=True) keeps state ['exp_avg', 'exp_avg_sq'], got ['exp_avg_sq', 'exp_avg']")
+        );
         let short = check_state::<AdamW>(&hyper, 2, &names(&["exp_avg"]), &step, true);
         assert!(matches!(short, Err(Error::Value(m)) if m.starts_with("param group 2:")));
         let scalars = check_state::<AdamW>(&hyper, 0, &names(&["exp_avg", "exp_avg_sq"]), &names(&["t"]), true);

@@ -11,7 +11,7 @@
 //! ```
 //! and the update pass writes `θ_init + c₁·δ₁ + c₂·δ₂`.
 
-use super::{Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS, rule_params, RuleHyper, RuleInfo};
+use super::{rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::error::{Error, Result};
 use crate::real::Real;
 

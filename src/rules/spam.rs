@@ -15,7 +15,7 @@
 //! `k` is the parameter's own step counter (scalar state `step`, never reset).
 //! State slots: `exp_avg`, `exp_avg_sq`.
 
-use super::{bool_dispatch, check_non_negative, check_unit_interval, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS, rule_params, RuleHyper, RuleInfo};
+use super::{bool_dispatch, check_non_negative, check_unit_interval, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::error::{Error, Result};
 use crate::real::Real;
 
@@ -67,11 +67,7 @@ impl<const RESET: bool, const CLIP: bool, const CORRECT_BIAS: bool, const DECAY:
     fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> SpamCoeffs<R> {
         scalars[0] += 1.0;
         let k = scalars[0];
-        let step_size = if CORRECT_BIAS {
-            self.lr * (1.0 - self.beta2.powf(k)).sqrt() / (1.0 - self.beta1.powf(k))
-        } else {
-            self.lr
-        };
+        let step_size = if CORRECT_BIAS { self.lr * (1.0 - self.beta2.powf(k)).sqrt() / (1.0 - self.beta1.powf(k)) } else { self.lr };
         SpamCoeffs {
             threshold: R::from_f64(self.threshold),
             beta1: R::from_f64(self.beta1),

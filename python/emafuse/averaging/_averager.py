@@ -7,7 +7,8 @@ working."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -15,10 +16,10 @@ from torch import Tensor, nn
 from ..errors import InvalidArgumentError, ShapeError
 from ._tracking import Tracking
 
-__all__ = ["Averager", "alias", "renamed", "saved", "load_module_state"]
+__all__ = ["Alias", "Averager", "load_module_state", "renamed", "saved"]
 
 
-class alias:
+class Alias:
     """An old spelling of attribute ``name``: reads and writes go to ``name``."""
 
     def __init__(self, name: str) -> None:

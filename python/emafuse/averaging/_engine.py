@@ -3,7 +3,8 @@ engine groups them by device and dtype), with a slow path for tensors it cannot 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -13,7 +14,7 @@ from .._cuda import current_streams
 from .._staging import stage_groups
 from ..errors import LayoutError
 
-__all__ = ["Group", "group", "native_step", "native_step_async", "real_view", "input_dtype", "engine_input"]
+__all__ = ["Group", "engine_input", "group", "input_dtype", "native_step", "native_step_async", "real_view"]
 
 Group = _native.Group
 
@@ -49,7 +50,8 @@ def group(
 ) -> Group:
     """The tensors of one update: the written ``targets`` (averages), the read-only ``inputs``
     (the model's tensors), and per target the state tensors named in ``slots``."""
-    return Group(hyper=hyper, params=list(targets), inputs=None if inputs is None else list(inputs), states=None if states is None else list(states), slots=slots)
+    inputs = None if inputs is None else list(inputs)
+    return Group(hyper=hyper, params=list(targets), inputs=inputs, states=None if states is None else list(states), slots=slots)
 
 
 def native_step(who: str, rule: str, g: Group) -> None:

@@ -4,7 +4,8 @@ on a native background thread while training goes on; reads of the average join 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -8,9 +8,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import weakref
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from ..errors import InvalidArgumentError, ShapeError
 from ._engine import group, native_step, real_view
 
-__all__ = ["Policy", "Entry", "Tracking", "averaged_copy", "clone_tensors"]
+__all__ = ["Entry", "Policy", "Tracking", "averaged_copy", "clone_tensors"]
 
 # dtypes the native swap exchanges in place (complex ones as real views); others take the backup path.
 _SWAP_DTYPES = {torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128}

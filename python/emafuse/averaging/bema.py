@@ -2,14 +2,15 @@ r"""BEMA, the bias-corrected EMA (spec ``averaging.md`` B.1)."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import InvalidArgumentError, ShapeError
 from . import schedules as S
-from ._averager import Averager, alias, load_module_state, renamed, saved
+from ._averager import Alias, Averager, load_module_state, renamed, saved
 from ._engine import engine_input, group, native_step, real_view
 from ._tracking import Policy, Tracking, averaged_copy, clone_tensors
 
@@ -49,9 +50,9 @@ class BEMA(Averager):
     (TRL also restricts to ``requires_grad`` ones: ``requires_grad_only=True``).
     """
 
-    update_after = alias("update_after_step")
-    update_freq = alias("update_every")
-    step = alias("num_steps_seen")
+    update_after = Alias("update_after_step")
+    update_freq = Alias("update_every")
+    step = Alias("num_steps_seen")
 
     def __init__(
         self,

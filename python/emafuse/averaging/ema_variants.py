@@ -3,7 +3,8 @@ r"""Methods that are a :class:`~emafuse.ModelEMA` with another schedule or an ex
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,7 +12,7 @@ from torch import nn
 from . import schedules as S
 from .model_ema import ModelEMA
 
-__all__ = ["SwitchEMA", "SWA", "TeacherEMA"]
+__all__ = ["SWA", "SwitchEMA", "TeacherEMA"]
 
 
 class SwitchEMA(ModelEMA):

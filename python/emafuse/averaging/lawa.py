@@ -2,13 +2,14 @@ r"""LAWA, the average of the latest checkpoints (spec ``averaging.md`` B.5)."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import InvalidArgumentError
-from ._averager import Averager, alias, load_module_state, renamed, saved
+from ._averager import Alias, Averager, load_module_state, renamed, saved
 from ._tracking import Policy, Tracking, averaged_copy
 from .merge import axpby
 
@@ -29,9 +30,9 @@ class LAWA(Averager):
     the snapshots, :attr:`n_averaged` is n. Float parameters and buffers are averaged; non-float
     tensors come from the newest snapshot. ``device="cpu"`` keeps the ring in host memory."""
 
-    every = alias("update_every")
-    count = alias("num_updates")
-    step = alias("num_steps_seen")
+    every = Alias("update_every")
+    count = Alias("num_updates")
+    step = Alias("num_steps_seen")
 
     def __init__(self, model: nn.Module, k: int = 5, *, update_every: int | None = None, start_step: int = 0,
                  device: str | torch.device | None = None, every: int | None = None) -> None:

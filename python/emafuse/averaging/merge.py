@@ -6,7 +6,8 @@ from the first/base input). Every pass is one native call over all tensors.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from ..errors import InvalidArgumentError, ShapeError
 from ._engine import engine_input, group, native_step, real_view
 
-__all__ = ["weighted_sum", "uniform_soup", "greedy_soup", "slerp", "liti"]
+__all__ = ["greedy_soup", "liti", "slerp", "uniform_soup", "weighted_sum"]
 
 StateLike = "nn.Module | Mapping[str, Tensor]"
 

@@ -7,14 +7,16 @@ Lightning), B.3 (EMA scaling rule), B.8 (teacher schedules), D.2/D.3 (fusion).
 from __future__ import annotations
 
 import warnings
-from typing import AbstractSet, Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import InvalidArgumentError
 from ..optim._fusion import FusedRequest
-from ._averager import Averager, alias, load_module_state, saved
+from ._averager import Alias, Averager, load_module_state, saved
 from ._engine import engine_input, group, input_dtype, native_step, real_view
 from ._offload import HostMirror
 from ._tracking import Policy, Tracking, averaged_copy
@@ -107,7 +109,7 @@ class ModelEMA(Averager):
     callable schedule receives ``k = s - update_after_step - 1``.
     """
 
-    num_updates_applied = alias("num_updates")
+    num_updates_applied = Alias("num_updates")
 
     def __init__(
         self,
@@ -132,7 +134,7 @@ class ModelEMA(Averager):
         formula: str | None = None,
         buffers: str | None = None,
         non_float: str | None = None,
-        complex: str | None = None,  # noqa: A002 (the spec's name for the policy)
+        complex: str | None = None,
         exclude: Sequence[str] = (),
         exclude_prefix: Sequence[str] = (),
         copy_names: Sequence[str] = (),

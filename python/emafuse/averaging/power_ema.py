@@ -7,7 +7,8 @@ import contextlib
 import math
 import os
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,12 +16,12 @@ from torch import Tensor, nn
 
 from ..errors import InvalidArgumentError
 from . import schedules as S
-from ._averager import Averager, alias, load_module_state, saved
+from ._averager import Alias, Averager, load_module_state, saved
 from ._engine import engine_input, group, native_step, real_view
 from ._tracking import Policy, Tracking, averaged_copy
 from .merge import axpby
 
-__all__ = ["PowerEMA", "PostHocEMA", "solve_posthoc_coefficients"]
+__all__ = ["PostHocEMA", "PowerEMA", "solve_posthoc_coefficients"]
 
 # Tracks per native call of the multi-track rule (its state slots t1..t4).
 _TRACKS_PER_CALL = 5
@@ -49,7 +50,7 @@ class PowerEMA(Averager):
     :func:`solve_posthoc_coefficients` / :class:`PostHocEMA` reconstruction.
     """
 
-    num_steps = alias("num_steps_seen")
+    num_steps = Alias("num_steps_seen")
 
     def __init__(self, model: nn.Module, sigma_rels: Sequence[float] | None = (0.05, 0.10), *, gammas: Sequence[float] | None = None,
                  time_unit: str = "steps", update_every: int = 1, ema_dtype: torch.dtype | None = None,

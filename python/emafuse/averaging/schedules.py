@@ -20,27 +20,27 @@ schedule or a callable, the EMA scaling rule and interval compensation.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 __all__ = [
-    "EMASchedule",
     "SCHEDULES",
-    "warmup_decay",
-    "tf_num_updates_decay",
-    "power_beta",
+    "EMASchedule",
+    "bema_coefficients",
     "byol_cosine",
     "dino_cosine",
+    "gamma_to_sigma_rel",
     "linear_momentum",
     "mean_teacher_decay",
-    "swa_decay",
-    "bema_coefficients",
+    "power_beta",
     "scale_momentum",
     "scaled_schedule",
     "sigma_rel_to_gamma",
-    "gamma_to_sigma_rel",
+    "swa_decay",
+    "tf_num_updates_decay",
+    "warmup_decay",
 ]
 
 

@@ -14,6 +14,17 @@ from .sgd_sai import SGDSaI
 from .spam import SPAM
 
 __all__ = [
-    "Adam", "AdamW", "SGD", "AdEMAMix", "AdaBelief", "AdaMomentum", "Lion", "AdaMod",
-    "Adan", "SPAM", "DiffGrad", "AdaBound", "SGDSaI",
+    "SGD",
+    "SPAM",
+    "AdEMAMix",
+    "AdaBelief",
+    "AdaBound",
+    "AdaMod",
+    "AdaMomentum",
+    "Adam",
+    "AdamW",
+    "Adan",
+    "DiffGrad",
+    "Lion",
+    "SGDSaI",
 ]

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
+from collections.abc import Callable
 from itertools import chain
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -31,7 +32,7 @@ class _Boxed:
     """A state tensor hidden from torch's ``load_state_dict`` casts (see ``_shield_state_dtypes``):
     torch's loader casts tensors and rebuilds dicts and iterables, and passes other objects as is."""
 
-    __slots__ = ("tensor", "scalar")
+    __slots__ = ("scalar", "tensor")
 
     def __init__(self, tensor: Tensor, scalar: bool = False) -> None:
         self.tensor = tensor
@@ -519,7 +520,7 @@ class _Call:
     """The tensors of one native call while a plan is collected: a parameter group's parameters
     with a gradient (or those among them that share ``extra`` flags)."""
 
-    __slots__ = ("group_index", "extra", "slots", "scalars", "params", "grads", "states")
+    __slots__ = ("extra", "grads", "group_index", "params", "scalars", "slots", "states")
 
     def __init__(self, group_index: int, extra: dict[str, Any], slots: tuple[str, ...], scalars: tuple[str, ...], keeps_state: bool) -> None:
         self.group_index = group_index

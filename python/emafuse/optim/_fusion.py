@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["FusedAverage", "FusedRequest", "register_fused_average", "fused_average"]
+__all__ = ["FusedAverage", "FusedRequest", "fused_average", "register_fused_average"]
 
 # The optimizer's registry of fused averages ({handle id: average}, at most one entry). Not part
 # of torch's optimizer state: pickled or deep-copied optimizers come without it.

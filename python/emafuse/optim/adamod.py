@@ -59,7 +59,7 @@ class AdaMod(FusedOptimizer):
     ) -> None:
         check_hyper(lr=lr, eps=eps, betas=betas[:2])
         if not 0.0 <= beta3 < 1.0:
-            raise ValueError("Invalid beta3 parameter: {}".format(beta3))
+            raise ValueError(f"Invalid beta3 parameter: {beta3}")
         check_hyper(weight_decay=weight_decay)
         defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)

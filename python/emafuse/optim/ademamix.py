@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, check_hyper, common_hyper, scalar
+from ._base import FusedOptimizer, check_hyper, common_hyper
 
 __all__ = ["AdEMAMix"]
 
@@ -80,10 +80,10 @@ class AdEMAMix(FusedOptimizer):
     ) -> None:
         check_hyper(lr=lr, eps=eps)
         if len(betas) != 3:
-            raise ValueError("Invalid betas: expected (beta1, beta2, beta3), got {}".format(betas))
+            raise ValueError(f"Invalid betas: expected (beta1, beta2, beta3), got {betas}")
         check_hyper(betas=betas, weight_decay=weight_decay)
         if not 0.0 <= alpha:
-            raise ValueError("Invalid alpha value: {}".format(alpha))
+            raise ValueError(f"Invalid alpha value: {alpha}")
         alpha_warmup, beta3_warmup = _warmups(alpha_warmup, beta3_warmup, t_alpha_beta3)
         defaults = dict(
             lr=lr,
@@ -115,7 +115,7 @@ class AdEMAMix(FusedOptimizer):
         return p.dtype
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
-        beta1, beta2, beta3 = group["betas"]
+        _beta1, _beta2, _beta3 = group["betas"]
         aw, bw = group["alpha_warmup"], group["beta3_warmup"]
         return {
             **common_hyper(group),
@@ -135,5 +135,5 @@ def _warmups(alpha_warmup, beta3_warmup, t_alpha_beta3):
         alpha_warmup = beta3_warmup = t_alpha_beta3
     for name, value in (("alpha_warmup", alpha_warmup), ("beta3_warmup", beta3_warmup)):
         if value is not None and not 0.0 <= value:
-            raise ValueError("Invalid {} value: {}".format(name, value))
+            raise ValueError(f"Invalid {name} value: {value}")
     return alpha_warmup, beta3_warmup

@@ -71,9 +71,9 @@ class Lion(FusedOptimizer):
     ) -> None:
         check_hyper(lr=lr, betas=betas[:2], weight_decay=weight_decay)
         if caution_norm not in ("mean", "count"):
-            raise ValueError("Invalid caution_norm: {!r} (expected 'mean' or 'count')".format(caution_norm))
+            raise ValueError(f"Invalid caution_norm: {caution_norm!r} (expected 'mean' or 'count')")
         if lr_independent_decay and not scalar(lr) > 0.0:
-            raise ValueError("lr_independent_decay needs lr > 0, got {}".format(lr))
+            raise ValueError(f"lr_independent_decay needs lr > 0, got {lr}")
         defaults = dict(
             lr=lr,
             betas=betas,

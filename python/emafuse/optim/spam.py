@@ -68,7 +68,7 @@ class SPAM(FusedOptimizer):
         correct_bias: bool = True,
         warmup_steps: int = 150,
         threshold: int = 5000,
-        DeltaT: int = 500,  # noqa: N803 (the official name)
+        DeltaT: int = 500,
         grad_accu_steps: int = 20,
         *,
         no_deprecation_warning: bool = False,
