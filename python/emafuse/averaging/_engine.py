@@ -14,7 +14,7 @@ from .._cuda import current_streams
 from .._staging import stage_groups
 from ..errors import LayoutError
 
-__all__ = ["Group", "engine_input", "group", "input_dtype", "native_step", "native_step_async", "real_view"]
+__all__ = ["CachedStep", "Group", "engine_input", "group", "input_dtype", "native_step", "native_step_async", "real_view"]
 
 Group = _native.Group
 
@@ -65,6 +65,47 @@ def native_step(who: str, rule: str, g: Group) -> None:
         _native.step(who, rule, groups, streams=current_streams())
         for orig, copy in copy_back:
             orig.copy_(copy)
+
+
+class CachedStep:
+    """One averaging update's validated native plan, kept between updates while it is built from
+    the same tensor lists (``key``: the list objects, compared by identity); the native plan itself
+    checks at every run that the tensors and their memory are unchanged, and is rebuilt when they
+    are not. Saves re-reading and re-validating every tensor of a model at each update."""
+
+    __slots__ = ("_inputs", "_key", "_plan")
+
+    def __init__(self) -> None:
+        self._key: tuple = ()
+        self._plan: _native.StepPlan | None = None
+        self._inputs: list[Tensor] | None = None
+
+    def run(self, who: str, rule: str, key: tuple, make: Callable[[], Group]) -> None:
+        """One update; ``make()`` gives this update's group (its hyper-parameters are used even
+        when the cached plan runs)."""
+        g = make()
+        streams = current_streams()
+        plan = self._plan
+        if plan is not None and len(key) == len(self._key) and all(a is b for a, b in zip(key, self._key)):
+            if plan.run([g.hyper], None, None, streams) is not None:
+                return
+        self._plan = None
+        try:
+            plan = _native.StepPlan(who, rule, [g])
+            plan.run(None, None, None, streams)
+        except LayoutError:
+            native_step(who, rule, g)  # staged copies every time: nothing to keep
+            return
+        self._plan, self._key, self._inputs = plan, key, g.inputs
+
+    def inputs_for(self, source: list[Tensor]) -> list[Tensor] | None:
+        """The inputs of the cached plan if it was built reading ``source`` (the list object
+        first in its key) as they are, else None."""
+        return self._inputs if self._plan is not None and self._key and self._key[0] is source else None
+
+    def clear(self) -> None:
+        """Forget the plan (and the tensors it holds)."""
+        self._plan, self._key, self._inputs = None, (), None
 
 
 def native_step_async(who: str, rule: str, g: Group, wait_for: Callable[[], Any] | None = None):

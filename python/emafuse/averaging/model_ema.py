@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..errors import InvalidArgumentError
 from ..optim._fusion import FusedRequest
 from ._averager import Alias, Averager, load_module_state, saved
-from ._engine import engine_input, group, input_dtype, native_step, real_view
+from ._engine import CachedStep, engine_input, group, input_dtype, native_step, real_view
 from ._offload import HostMirror
 from ._tracking import Policy, Tracking, averaged_copy
 from .presets import preset_kwargs
@@ -192,6 +192,7 @@ class ModelEMA(Averager):
         self._module = averaged_copy(model, ema_dtype, self.device if device is not None else None)
         self._own = self._tracking.tensors_of(self._module)
         self._avg_targets = [real_view(self._own[i]) for i in self._tracking.averaged]
+        self._step = CachedStep()
         self._mirror = HostMirror(self.device if self.device is not None else torch.device("cpu"))
         self.num_steps_seen = 0
         self.num_updates = 0
@@ -261,15 +262,23 @@ class ModelEMA(Averager):
             keep = [j for j, i in enumerate(averaged) if id(thetas[i]) not in done]
             targets, averaged = [targets[j] for j in keep], [averaged[j] for j in keep]
         if targets:
-            inputs = [real_view(engine_input(self._own[i], thetas[i])) for i in averaged]
-            native_step(type(self).__name__, "ema", group(self._hyper(1.0 - d), targets, inputs))
+            hyper = self._hyper(1.0 - d)
+            inputs = None if done else self._step.inputs_for(thetas)
+            if inputs is None:
+                inputs = [engine_input(self._own[i], thetas[i]) for i in averaged]
+                if done or any(x is not thetas[i] or x.is_complex() for x, i in zip(inputs, averaged)):
+                    # Converted or viewed inputs are new tensors each time: no plan to keep.
+                    native_step(type(self).__name__, "ema", group(hyper, targets, [real_view(x) for x in inputs]))
+                    inputs = None
+            if inputs is not None:
+                self._step.run(type(self).__name__, "ema", (thetas, targets), lambda: group(hyper, targets, inputs))
         self._follow(thetas, d)
 
     def _follow(self, src: Sequence[Tensor] | Mapping[int, Tensor], d: float) -> None:
         """The copied and truncated entries of an event, from ``src`` (by entry index)."""
-        own = self._own
-        for i in self._tracking.copied:
-            own[i].copy_(src[i])
+        own, copied = self._own, self._tracking.copied
+        if copied:
+            torch._foreach_copy_([own[i] for i in copied], [src[i] for i in copied])
         for i in self._tracking.truncated:
             # AveragedModel's / Lightning's integer path: the float result truncated on copy.
             own[i].copy_(own[i] * d + src[i].to(own[i].device) * (1 - d))
