@@ -219,7 +219,7 @@ def _adabelief_state_dtype(dtype: torch.dtype, kw: dict[str, Any]) -> torch.dtyp
 
 
 def _lion_official(kw: dict[str, Any]) -> dict[str, Any]:
-    if kw.pop("lr_independent_decay", False):
+    if kw.pop("lr_independent_decay", False) or kw.get("decoupled_weight_decay"):
         kw["decoupled_weight_decay"] = True  # lion-pytorch's name for it
     return kw
 
@@ -506,6 +506,7 @@ ENTRIES: tuple[Entry, ...] = (
             dict(lr=1e-3),
             dict(lr=1e-3, weight_decay=1.0, betas=(0.95, 0.98)),
             dict(lr=1e-3, weight_decay=0.5, lr_independent_decay=True, maximize=True),
+            dict(lr=1e-3, weight_decay=0.5, decoupled_weight_decay=True),  # lion-pytorch's spelling
             dict(lr=1e-3, weight_decay=0.1, caution=True),
             # No package ships the 'count' normalisation (only C-Optim's c_lion.py): f64 reference only.
             dict(lr=1e-3, caution=True, caution_norm="count", maximize=True),
@@ -517,7 +518,7 @@ ENTRIES: tuple[Entry, ...] = (
         # flags (spec §21.5); timm's Lion(caution=True) is C-Lion with the "mean" normalisation.
         signature_differences=dict(
             use_triton="lion-pytorch's switch to its Triton kernel (not in google/automl)",
-            decoupled_weight_decay="named lr_independent_decay here (keyword-only), spec §22.12",
+            decoupled_weight_decay="keyword-only here, default None: lion-pytorch's spelling of lr_independent_decay (spec §22.12)",
         ),
         officials=(
             Official("lion_pytorch", lion_pytorch.Lion, _lion_official, applies=lambda kw: not kw.get("caution")),
@@ -532,6 +533,7 @@ ENTRIES: tuple[Entry, ...] = (
             Bad(dict(betas=(0.9, -1.0)), r"^Invalid beta parameter at index 1: -1.0$", official=False),
             Bad(dict(weight_decay=-0.1), r"^Invalid weight_decay value: -0.1$", official=False),
             Bad(dict(lr=0.0, lr_independent_decay=True), r"^lr_independent_decay needs lr > 0", official=False),
+            Bad(dict(lr_independent_decay=True, decoupled_weight_decay=True), r"^give lr_independent_decay or", official=False),
             Bad(dict(caution=True, caution_norm="sum"), r"^Invalid caution_norm", official=False),
         ),
         group_options=dict(lr=1e-2, weight_decay=0.0, caution=False),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import emafuse
 import pytest
 import torch
 from helpers import assert_close, assert_same_state_dict, tiny_model
@@ -25,7 +26,8 @@ def loss_of(model, x, y):
 def test_grad_scaler_unscales_exactly_and_skips_inf_steps(entry):
     """A power-of-two loss scale (growing every 3 steps) is undone exactly in the kernel: the run
     equals an unscaled one bit for bit, counters included; an overflowing step changes nothing
-    (parameters, state, counters); ``.grad`` is never written."""
+    (parameters, state, counters, ``.grad``); after an applied step ``.grad`` holds the unscaled
+    gradient, as torch's fused optimizers leave it."""
     a, b = tiny_model(0), tiny_model(0)
     oa, ob = entry.cls(a.parameters(), **entry.main), entry.cls(b.parameters(), **entry.main)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
@@ -35,10 +37,12 @@ def test_grad_scaler_unscales_exactly_and_skips_inf_steps(entry):
         if step == 4:  # an overflow: this step must be skipped entirely
             next(a.parameters()).grad[0, 0] = float("inf")
             before = [p.detach().clone() for p in a.parameters()], copy.deepcopy(oa.state_dict())
+        scale = scaler.get_scale()
         grads = [p.grad.clone() for p in a.parameters()]
         scaler.step(oa)
         scaler.update()
-        assert all(torch.equal(p.grad, g) for p, g in zip(a.parameters(), grads)), ".grad was written"
+        expected = grads if step == 4 else [g / scale for g in grads]
+        assert all(torch.equal(p.grad, g) for p, g in zip(a.parameters(), expected)), ".grad is not what torch's fused step leaves"
         if step == 4:
             assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before[0]))
             assert_same_state_dict(oa.state_dict(), before[1], "skipped step")
@@ -98,3 +102,24 @@ def test_grad_scaler_loop_matches_official(entry, official):
             assert float(value) == float(theirs) == 11  # the skipped step did not count
     for p, q in zip(a.parameters(), b.parameters()):
         assert_close(p, q, rtol=official.rtol, atol=official.atol, what="param")
+
+
+@pytest.mark.parametrize("cls, theirs", [(emafuse.AdamW, torch.optim.AdamW), (emafuse.Adam, torch.optim.Adam), (emafuse.SGD, torch.optim.SGD)])
+def test_grads_after_a_scaled_step_are_what_torch_fused_leaves(cls, theirs):
+    """``.grad`` after ``scaler.step``: unscaled after an applied step, untouched (still scaled)
+    after a skipped one, for emafuse as for torch's fused CPU kernels (checked on both)."""
+    kw = dict(lr=1e-2, momentum=0.9) if cls is emafuse.SGD else dict(lr=1e-2)
+    for make in (lambda ps: cls(ps, **kw), lambda ps: theirs(ps, fused=True, **kw)):
+        model = tiny_model(5)
+        opt = make(model.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+        for step, (x, y) in enumerate(batches(6, seed=4)):
+            opt.zero_grad()
+            scaler.scale(loss_of(model, x, y)).backward()
+            if step == 3:
+                next(model.parameters()).grad[0, 0] = float("inf")
+            scale, grads = scaler.get_scale(), [p.grad.clone() for p in model.parameters()]
+            scaler.step(opt)
+            scaler.update()
+            expected = grads if step == 3 else [g / scale for g in grads]
+            assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), expected)), (type(opt), step)

@@ -7,13 +7,11 @@ from __future__ import annotations
 import os
 import warnings
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from emafuse.lightning import EMACallback, PostHocEMACallback
 from torch import nn
-
-pl = pytest.importorskip("lightning.pytorch")
-
-from emafuse.lightning import EMACallback, PostHocEMACallback  # noqa: E402
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")

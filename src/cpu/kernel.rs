@@ -9,12 +9,14 @@ use crate::rules::{Rule, MAX_SLOTS, MAX_SUMS};
 /// Elements per block: small enough for the block buffers to stay in L1.
 const BLOCK: usize = 256;
 
-/// The factor every gradient is multiplied by when loaded: `±1 / grad_scale` (AMP unscaling,
-/// then negation for `maximize`). For power-of-two scales (GradScaler's) this equals torch's
-/// division exactly.
+/// What happens to every gradient when loaded: it is multiplied by `factor` = `±1 / grad_scale`
+/// (AMP unscaling, then negation for `maximize`); with AMP (`unscale` = `1 / grad_scale`) the
+/// unscaled gradient is also stored back, as torch's fused optimizers leave `.grad`. For
+/// power-of-two scales (GradScaler's) both equal torch's division exactly.
 #[derive(Copy, Clone, Debug)]
 pub struct GradTransform<R: Real> {
     pub factor: R,
+    pub unscale: Option<R>,
 }
 
 /// Raw pointers to the first element of a span in each tensor of one parameter (`grad` is null
@@ -85,7 +87,8 @@ fn simd_level() -> u8 {
 ///
 /// # Safety
 /// Every pointer must be valid for `len` elements of its type (state pointers for slots
-/// `0..Ru::SLOTS`), and no other thread may access these elements during the call.
+/// `0..Ru::SLOTS`), and no other thread may access these elements during the call; with
+/// `xf.unscale` the gradient's elements are written too (stored back unscaled).
 pub unsafe fn update_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
     c: &Ru::Coeffs<R>,
     xf: &GradTransform<R>,
@@ -174,17 +177,18 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>
         let n = BLOCK.min(len - off);
         // SAFETY: [off, off + n) lies inside the span the caller vouched for, and the span is
         // ours alone; each block slice is dropped before the next block is formed. The gradient
-        // is only read (`block` takes *mut for uniformity; nothing is written through it).
+        // is written only with `xf.unscale` (AMP), when the caller vouched that it may be.
         unsafe {
             let sp = |k: usize| ptrs.states[k].add(off);
             let p = block::<R, P>(ptrs.param.add(off), n, &mut pb);
-            let g: &[R] = if Ru::READS_INPUT { block::<R, G>(ptrs.grad.add(off) as *mut G, n, &mut gb) } else { &gb[..n] };
+            // With AMP the gradient is written back unscaled (the caller vouched for it then).
+            let g: &mut [R] = if Ru::READS_INPUT { block::<R, G>(ptrs.grad.add(off) as *mut G, n, &mut gb) } else { &mut gb[..n] };
             // Slots the rule does not use stay empty and are never indexed.
             let st0 = if Ru::SLOTS > 0 { block::<R, S>(sp(0), n, &mut s0) } else { &mut s0[..0] };
             let st1 = if Ru::SLOTS > 1 { block::<R, S>(sp(1), n, &mut s1) } else { &mut s1[..0] };
             let st2 = if Ru::SLOTS > 2 { block::<R, S>(sp(2), n, &mut s2) } else { &mut s2[..0] };
             let st3 = if Ru::SLOTS > 3 { block::<R, S>(sp(3), n, &mut s3) } else { &mut s3[..0] };
-            let g = &g[..n];
+            let g = &mut g[..n];
             let p = &mut p[..n];
             for i in 0..n {
                 let mut s = [R::ZERO; MAX_SLOTS];
@@ -200,7 +204,11 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>
                 if Ru::SLOTS > 3 {
                     s[3] = st3[i];
                 }
-                p[i] = Ru::update(c, p[i], g[i] * factor, &mut s);
+                let gi = g[i] * factor;
+                if let Some(unscale) = xf.unscale {
+                    g[i] = g[i] * unscale;
+                }
+                p[i] = Ru::update(c, p[i], gi, &mut s);
                 if Ru::WRITTEN_SLOTS > 0 {
                     st0[i] = s[0];
                 }
@@ -215,6 +223,9 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>
                 }
             }
             finish::<R, P>(ptrs.param.add(off), p);
+            if Ru::READS_INPUT && xf.unscale.is_some() {
+                finish::<R, G>(ptrs.grad.add(off) as *mut G, g);
+            }
             if Ru::WRITTEN_SLOTS > 0 {
                 finish::<R, S>(sp(0), st0);
             }

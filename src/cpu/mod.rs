@@ -143,7 +143,8 @@ pub trait CpuStep: Send + Sync {
     /// Fail if the group asked for finite gradients (`check_finite`) and one holds NaN or
     /// infinity. Reads only.
     fn check_finite(&self, who: &str) -> Result<()>;
-    /// Update the scalar state and every tensor. Cannot fail.
+    /// Update the scalar state and every tensor. Cannot fail. With AMP's `grad_scale`, every
+    /// input is divided by it on the fly and stored back unscaled (as torch's fused optimizers do).
     fn run(&self, grad_scale: Option<f64>);
 }
 
@@ -293,7 +294,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
 
     fn run_typed<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, grad_scale: Option<f64>) {
         let sign = if self.options.maximize { -1.0 } else { 1.0 };
-        let xf = GradTransform { factor: R::from_f64(sign / grad_scale.unwrap_or(1.0)) };
+        let xf = GradTransform { factor: R::from_f64(sign / grad_scale.unwrap_or(1.0)), unscale: grad_scale.map(|s| R::from_f64(1.0 / s)) };
         let sums = self.sums::<R, P, G, S>(xf.factor);
         let coeffs = self.coeffs::<R>(&sums);
         for_each_span(&self.numels(), |s| {

@@ -11,6 +11,7 @@ support, complex and non-contiguous parameters, atomic error handling) lives her
 from __future__ import annotations
 
 import functools
+import sys
 from collections import defaultdict
 from collections.abc import Callable
 from itertools import chain
@@ -136,7 +137,22 @@ class FusedOptimizer(torch.optim.Optimizer):
     # Whether the rule can update a weight average in the same pass (flag "ema", slot "ema" last,
     # hyper-parameter "ema_weight"); see register_fused_average and optim/_fusion.py.
     _supports_fused_ema: ClassVar[bool] = False
-    _step_supports_amp_scaling = True
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Whether ``step()`` unscales gradients itself (``torch.amp.GradScaler`` then hands it
+        ``grad_scale`` / ``found_inf`` instead of unscaling, and ``.grad`` is left unscaled by the
+        kernel, as torch's fused optimizers leave it). True, except when PyTorch Lightning asks:
+        Lightning reads this flag as "the optimizer cannot be clipped under AMP" and refuses
+        ``gradient_clip_val``. emafuse can be: when gradients were unscaled before the step (Lightning
+        calls ``scaler.unscale_`` before clipping when the flag is False), GradScaler passes no scale
+        and the kernel unscales nothing, so gradients are unscaled exactly once."""
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        return not caller.startswith(_LIGHTNING_MODULES)
+
+    @_step_supports_amp_scaling.setter
+    def _step_supports_amp_scaling(self, value: bool) -> None:
+        """torch's constructors set it for ``fused=True``; emafuse always decides it as above."""
 
     # -- what a concrete optimizer provides --------------------------------------------------
 
@@ -471,6 +487,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             orig.copy_(copy)
         plan.cacheable = False
         return applied
+
+
+# Modules of PyTorch Lightning, whose precision plugins read ``_step_supports_amp_scaling``.
+_LIGHTNING_MODULES = ("lightning.", "lightning_fabric.", "pytorch_lightning.")
 
 
 @functools.cache

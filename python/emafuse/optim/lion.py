@@ -39,7 +39,8 @@ class Lion(FusedOptimizer):
       (renamed, since it is not AdamW-style decoupling; spec §22.12): the decay factor becomes
       :math:`1 - \mathrm{lr}\cdot\lambda/\mathrm{lr}_0`, where :math:`\mathrm{lr}_0` is the
       group's ``decay_base_lr`` (default: the constructor's lr), so the decay follows the lr
-      schedule's shape but not its scale.
+      schedule's shape but not its scale. ``decoupled_weight_decay=`` (lion-pytorch's spelling)
+      is accepted for it; giving both raises ``ValueError``.
     * Extra check: ``weight_decay < 0`` raises ``ValueError``.
     * ``caution=True``: Cautious Lion (K. Liang, L. Chen, B. Liu, Q. Liu, "Cautious Optimizers:
       Improving Training with One Line of Code", arXiv:2411.16085). With
@@ -64,11 +65,16 @@ class Lion(FusedOptimizer):
         weight_decay: float = 0.0,
         *,
         lr_independent_decay: bool = False,
+        decoupled_weight_decay: bool | None = None,
         caution: bool = False,
         caution_norm: str = "mean",
         maximize: bool = False,
         check_finite: bool = False,
     ) -> None:
+        if decoupled_weight_decay is not None:
+            if lr_independent_decay:
+                raise ValueError("give lr_independent_decay or its lion-pytorch spelling decoupled_weight_decay, not both")
+            lr_independent_decay = bool(decoupled_weight_decay)
         check_hyper(lr=lr, betas=betas[:2], weight_decay=weight_decay)
         if caution_norm not in ("mean", "count"):
             raise ValueError(f"Invalid caution_norm: {caution_norm!r} (expected 'mean' or 'count')")

@@ -52,11 +52,17 @@ __device__ __forceinline__ bool ef_aligned(const void* p) {
 }
 
 template <class Rule, class R, class P, class G, class S>
-__device__ __forceinline__ void ef_update_one(const typename Rule::template Coeffs<R>& c, R factor, P* p, const G* g, S* const* st, ef_i64 i) {
+__device__ __forceinline__ void ef_update_one(const typename Rule::template Coeffs<R>& c, R factor, R unscale, bool store_grad, P* p, G* g,
+                                              S* const* st, ef_i64 i) {
     R s[EF_MAX_SLOTS];
 #pragma unroll
     for (int k = 0; k < EF_SLOTS; ++k) s[k] = EfElem<S, R>::load(st[k] + i);
-    R gv = EF_READS_INPUT ? EfElem<G, R>::load(g + i) * factor : R(0);
+    R gv = R(0);
+    if (EF_READS_INPUT) {
+        R graw = EfElem<G, R>::load(g + i);
+        gv = graw * factor;
+        if (store_grad) EfElem<G, R>::store(g + i, graw * unscale);  // AMP: .grad left unscaled, as torch's fused kernels
+    }
     R pv = Rule::template update<R>(c, EfElem<P, R>::load(p + i), gv, s);
     EfElem<P, R>::store(p + i, pv);
 #pragma unroll
@@ -71,6 +77,7 @@ __device__ __forceinline__ void ef_step_impl(const EfHyper& hyper, const EfTenso
     __shared__ int t_sh;
     __shared__ typename Rule::template Coeffs<R> c_sh;
     __shared__ R factor_sh;
+    __shared__ R unscale_sh;
     if (threadIdx.x == 0) {
         int t = ef_find_tensor(tensors, n_tensors);
         const EfTensor& T = tensors[t];
@@ -81,6 +88,7 @@ __device__ __forceinline__ void ef_step_impl(const EfHyper& hyper, const EfTenso
             for (int k = 0; k < EF_SUMS; ++k) sm[k] = sums[t * EF_MAX_SUMS + k];
         c_sh = Rule::template coeffs<R>(hyper, sc, sm);
         factor_sh = R(grad_scale != nullptr ? gsign / (double)*grad_scale : gsign);
+        unscale_sh = R(grad_scale != nullptr ? 1.0 / (double)*grad_scale : 1.0);
         t_sh = t;
         if (EF_SCALARS > 0) {
             __threadfence();  // our reads of the scalars happen before we are counted
@@ -95,10 +103,12 @@ __device__ __forceinline__ void ef_step_impl(const EfHyper& hyper, const EfTenso
     const EfTensor& T = tensors[t_sh];
     const typename Rule::template Coeffs<R> c = c_sh;
     const R factor = factor_sh;
+    const R unscale = unscale_sh;
+    const bool store_grad = EF_READS_INPUT && grad_scale != nullptr;
     ef_i64 start = ((ef_i64)blockIdx.x - T.first_block) * EF_CHUNK;
     ef_i64 end = T.numel < start + EF_CHUNK ? T.numel : start + EF_CHUNK;
     P* p = (P*)T.p;
-    const G* g = (const G*)T.g;
+    G* g = (G*)T.g;
     S* st[EF_MAX_SLOTS];
     bool aligned = ef_aligned<P>(p) && (!EF_READS_INPUT || ef_aligned<G>(g));
 #pragma unroll
@@ -119,17 +129,23 @@ __device__ __forceinline__ void ef_step_impl(const EfHyper& hyper, const EfTenso
             R s[EF_MAX_SLOTS];
 #pragma unroll
             for (int k = 0; k < EF_SLOTS; ++k) s[k] = EfElem<S, R>::load(&sv[k].v[j]);
-            R gj = EF_READS_INPUT ? EfElem<G, R>::load(&gv.v[j]) * factor : R(0);
+            R gj = R(0);
+            if (EF_READS_INPUT) {
+                R graw = EfElem<G, R>::load(&gv.v[j]);
+                gj = graw * factor;
+                if (store_grad) EfElem<G, R>::store(&gv.v[j], graw * unscale);
+            }
             R pj = Rule::template update<R>(c, EfElem<P, R>::load(&pv.v[j]), gj, s);
             EfElem<P, R>::store(&pv.v[j], pj);
 #pragma unroll
             for (int k = 0; k < EF_SLOTS; ++k) EfElem<S, R>::store(&sv[k].v[j], s[k]);
         }
         *(EfVec<P>*)(p + i) = pv;
+        if (store_grad) *(EfVec<G>*)(g + i) = gv;
 #pragma unroll
         for (int k = 0; k < EF_WRITTEN_SLOTS; ++k) *(EfVec<S>*)(st[k] + i) = sv[k];
     }
-    for (ef_i64 i = vec_end + threadIdx.x; i < end; i += blockDim.x) ef_update_one<Rule, R, P, G, S>(c, factor, p, g, st, i);
+    for (ef_i64 i = vec_end + threadIdx.x; i < end; i += blockDim.x) ef_update_one<Rule, R, P, G, S>(c, factor, unscale, store_grad, p, g, st, i);
 }
 
 // Per-tensor sums (rules with SUMS > 0): a read-only pass before ef_step, accumulated in double.
