@@ -120,7 +120,8 @@ class Caps:
 
     ``complex``: complex parameters are updated as real views (else refused with DTypeError).
     ``scalar_state``: per-parameter 0-dim CPU state entries and their dtype. ``group_counters``:
-    param-group keys a step advances. ``optimizer_counters``: string keys of ``opt.state``.
+    param-group keys a step advances. ``optimizer_counters``: optimizer-wide counters (kept, equal, in
+    every param group).
     ``state_dtype(param dtype, kwargs)``: the dtype of the state tensors. ``int_step_in_state_dict``:
     ``state_dict()`` stores ``step`` as a Python int (as the official does). ``torch_base``: the
     torch.optim class it replaces (and subclasses)."""

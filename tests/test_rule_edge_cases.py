@@ -104,7 +104,7 @@ def test_spam_elements_without_gradient_since_reset_stay_frozen_until_next_reset
     assert torch.count_nonzero(v_frozen) == 0
     # t = 12 resets the moments; clipping is off right after the reset, so they move again.
     assert not torch.equal(history[12 - 1][frozen], history[11 - 1][frozen])
-    assert opt.state["total_step"] == 13 and opt.state["current_step"] == 2
+    assert opt.param_groups[0]["total_step"] == 13 and opt.param_groups[0]["current_step"] == 2
     assert float(st["step"]) == 13, "the per-parameter step is never reset"
 
 
@@ -129,16 +129,28 @@ def test_spam_global_hyper_parameters_cannot_differ_per_group():
     opt.add_param_group({"params": params[1:], "lr": 0.1})  # ordinary hyper-parameters may differ
 
 
-def test_spam_counters_are_in_the_state_dict_under_official_keys():
-    params = make_params([(4,)], seed=35)
+def test_spam_counters_are_in_every_param_group_and_official_checkpoints_load():
+    params = make_params([(4,), (3,)], seed=35)
     kw = dict(warmup_steps=3, DeltaT=5, grad_accu_steps=2, threshold=50)
-    opt = emafuse.SPAM(params, **kw)
+    opt = emafuse.SPAM([{"params": params[:1]}, {"params": params[1:]}], **kw)
     run_steps(opt, params, 7)
     sd = opt.state_dict()
-    assert sd["state"]["total_step"] == 7 and sd["state"]["current_step"] == 3
-    again = emafuse.SPAM(params, **kw)
+    assert all(g["total_step"] == 7 and g["current_step"] == 3 for g in sd["param_groups"])
+    assert all(isinstance(k, int) for k in sd["state"]), "only per-parameter entries in state"
+    again = emafuse.SPAM([{"params": params[:1]}, {"params": params[1:]}], **kw)
     again.load_state_dict(copy.deepcopy(sd))
-    assert again.state["total_step"] == 7 and again.state["current_step"] == 3
+    assert all(g["total_step"] == 7 and g["current_step"] == 3 for g in again.param_groups)
+    # the official layout: counters in optimizer.state under string keys, none in the groups
+    official = copy.deepcopy(sd)
+    for g in official["param_groups"]:
+        del g["total_step"], g["current_step"]
+    official["state"].update(total_step=7, current_step=3)
+    old = emafuse.SPAM([{"params": params[:1]}, {"params": params[1:]}], **kw)
+    old.load_state_dict(official)
+    assert all(g["total_step"] == 7 and g["current_step"] == 3 for g in old.param_groups)
+    assert "total_step" not in old.state
+    run_steps(old, params, 1, seed=9)
+    assert all(g["total_step"] == 8 and g["current_step"] == 4 for g in old.param_groups)
 
 
 # -- SGD-SaI ---------------------------------------------------------------------------------------

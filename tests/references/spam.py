@@ -20,8 +20,8 @@ class RefSPAM(Reference):
         self.current_step = warmup_steps + 1  # steps since the last reset (warm-up position)
 
     def load_counters(self, opt, group):
-        self.total_step = opt.state["total_step"]
-        self.current_step = opt.state["current_step"]
+        self.total_step = opt.param_groups[0]["total_step"]
+        self.current_step = opt.param_groups[0]["current_step"]
 
     def begin(self, grads):
         N, j = self.h["N"], self.current_step

@@ -7,6 +7,7 @@ Lightning), B.3 (EMA scaling rule), B.8 (teacher schedules), D.2/D.3 (fusion).
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import _compile
 from ..errors import InvalidArgumentError
 from ..optim._fusion import FusedRequest
 from ._averager import Alias, Averager, load_module_state, saved
@@ -193,6 +195,7 @@ class ModelEMA(Averager):
         self._own = self._tracking.tensors_of(self._module)
         self._avg_targets = [real_view(self._own[i]) for i in self._tracking.averaged]
         self._step = CachedStep()
+        self._compile_key = _compile.register(self)
         self._mirror = HostMirror(self.device if self.device is not None else torch.device("cpu"))
         self.num_steps_seen = 0
         self.num_updates = 0
@@ -229,10 +232,21 @@ class ModelEMA(Averager):
     # -- update -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def update(self, model: nn.Module | None = None, step: int | None = None, *, force: bool = False) -> bool:
+    def update(self, model: nn.Module | None = None, step: int | None = None, *, force: bool = False) -> bool | Tensor:
         """Account for one optimizer step (or set the step count to ``step``) and, if it is an
         update event (or ``force``), update the average from ``model`` (default: the model it was
-        built from). Returns whether the average changed."""
+        built from). Returns whether the average changed.
+
+        Under ``torch.compile`` the update is one opaque custom op (``emafuse::average_update``,
+        see ``emafuse._compile``) running this eager update, and the result is a 0-dim bool tensor."""
+        if torch.compiler.is_compiling():
+            target = self._tracking.model(model)
+            read = [*target.parameters(), *target.buffers()]
+            key = 0 if model is None else _compile_key_of(model)
+            return _compile.average_update(self._compile_key, key, step, force, self.fused_outputs(), read)
+        return self._eager_update(model, step, force)
+
+    def _eager_update(self, model: nn.Module | None, step: int | None, force: bool) -> bool:
         if self._fused is not None:
             raise InvalidArgumentError(f"{type(self).__name__} is fused with an optimizer: its step() updates the average")
         self._tracking.check_not_swapped()
@@ -366,6 +380,10 @@ class ModelEMA(Averager):
         self.num_updates += 1
         self._steps_before_fused = self._fused_event = None
 
+    def fused_outputs(self) -> list[Tensor]:
+        """Fusion protocol: the average's tensors, which an update writes."""
+        return [self._own[i] for i in self._tracking.followed]
+
     def fused_abort(self, request: FusedRequest | None) -> None:
         """Fusion protocol: the optimizer's step raised; the step is not counted."""
         if self._steps_before_fused is not None:
@@ -406,3 +424,16 @@ class ModelEMA(Averager):
         return (f"{type(self).__name__}(decay={c['decay']}, schedule={sch}, update_every={c['update_every']}, "
                 f"device={self.device}, updates={self.num_updates})")
 
+
+
+_model_keys: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch._dynamo.assume_constant_result
+def _compile_key_of(model: nn.Module) -> int:
+    """The ``emafuse._compile`` key of a model passed to a compiled ``update`` (constant per model:
+    dynamo guards on the model object itself)."""
+    key = _model_keys.get(model)
+    if key is None:
+        key = _model_keys[model] = _compile.register(model)
+    return key

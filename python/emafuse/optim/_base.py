@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .. import _native
+from .. import _compile, _native
 from .._cuda import current_streams, per_device
 from .._staging import stage_groups
 from ..errors import LayoutError, UnsupportedOptionError
@@ -201,6 +201,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             group.setdefault("check_finite", check_finite)
             self._reject_unsupported(group)
         self.state = _StateDict(dict, self.state)
+        self._compile_key = _compile.register(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -211,6 +212,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.state = _StateDict(dict, self.state)
         self.__dict__.pop("_step_plan", None)
+        self._compile_key = _compile.register(self)
         defaults = getattr(self, "defaults", {})
         for group in self.param_groups:
             # Checkpoints of reference implementations (or older emafuse) may lack options that
@@ -337,15 +339,44 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss.
+
+        Under ``torch.compile`` the step is one opaque custom op (``emafuse::optimizer_step``,
+        see ``emafuse._compile``) whose implementation is this eager step."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
-        self._begin_step()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if torch.compiler.is_compiling():
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            written: list[Tensor] = []
+            self._init_group(params, grads, written)  # run eagerly by dynamo (its optimizer hook)
+            _compile.optimizer_step(self._compile_key, params, grads, written, grad_scale, found_inf)
+        else:
+            self._update(grad_scale, found_inf)
+        return loss
+
+    def _init_group(self, params: list[Tensor], grads: list[Tensor], written: list[Tensor]) -> None:
+        """For ``torch.compile`` (dynamo runs this eagerly and guards on what it collects): the
+        tensors the step's custom op reads and writes: every parameter with a gradient, its
+        gradient, its state tensors, and the tensors a fused average writes."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                params.append(p)
+                grads.append(p.grad)
+                written.extend(v for v in self.state.get(p, {}).values() if isinstance(v, Tensor))
+        average = fused_average(self)
+        if average is not None:
+            written.extend(average.fused_outputs())
+
+    def _update(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """The step after the closure: one native call, with a fused average's update."""
+        self._begin_step()
         average = fused_average(self)
         request = average.fused_begin(found_inf) if average is not None else None
         try:
@@ -356,7 +387,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise
         if request is not None:
             average.fused_end(request, fused)
-        return loss
 
     def _group_hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         """The rule's hyper-parameters for ``group``, with the options every rule takes."""

@@ -52,6 +52,9 @@ class FusedAverage(Protocol):
     def fused_abort(self, request: FusedRequest | None) -> None:
         """The step raised: undo every bookkeeping change :meth:`fused_begin` made."""
 
+    def fused_outputs(self) -> list[Tensor]:
+        """Every tensor a fused update may write (declared by the step's ``torch.compile`` op)."""
+
 
 def register_fused_average(optimizer: Any, average: FusedAverage) -> RemovableHandle:
     """Register ``average`` with ``optimizer`` (at most one per optimizer); ``remove()`` on the

@@ -41,8 +41,10 @@ class SPAM(FusedOptimizer):
 
     State: ``step``, ``exp_avg``, ``exp_avg_sq`` per parameter; the optimizer-level counters
     ``total_step`` (completed steps) and ``current_step`` (warm-up position, starts at N + 1) live
-    in ``optimizer.state`` under those string keys, as in the official code, so they are saved by
-    ``state_dict()``. ``warmup_steps``, ``threshold``, ``DeltaT`` and ``grad_accu_steps`` are
+    in every param group (the same values in each), where ``torch.distributed.checkpoint`` and
+    ``state_dict()`` expect optimizer-wide values; the official code keeps them in
+    ``optimizer.state`` under those string keys, and such checkpoints (and those of emafuse before
+    0.2) load: the counters move into the groups. ``warmup_steps``, ``threshold``, ``DeltaT`` and ``grad_accu_steps`` are
     optimizer-wide (the official keeps them as attributes): a parameter group giving another value
     raises ``ValueError``. Steps skipped by AMP (``GradScaler`` found inf/NaN) advance no counter.
 
@@ -104,13 +106,14 @@ class SPAM(FusedOptimizer):
         )
         super().__init__(params, defaults)
         self._init_emafuse_defaults(check_finite)
-        self.state["total_step"] = 0
-        self.state["current_step"] = warmup_steps + 1
-        self._plan: tuple[int, float, bool] = (1, 1.0, False)
+        self._this_step: tuple[int, float, bool] = (1, 1.0, False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        first = self.param_groups[0]  # the counters are optimizer-wide: every group holds them
+        group["total_step"] = first.get("total_step", 0)
+        group["current_step"] = first.get("current_step", int(group["warmup_steps"]) + 1)
         for name in _GLOBAL:
             if group[name] != self.defaults[name]:
                 raise ValueError(
@@ -120,28 +123,36 @@ class SPAM(FusedOptimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.state.setdefault("total_step", 0)
-        self.state.setdefault("current_step", int(self.defaults.get("warmup_steps", 150)) + 1)
-        self._plan = (1, 1.0, False)
+        # Checkpoints of the official code (and of emafuse before 0.2) keep the counters in
+        # optimizer.state under string keys; they now live in every param group.
+        counters = {k: int(self.state.pop(k)) for k in ("total_step", "current_step") if k in self.state}
+        for group in self.param_groups:
+            for key, value in counters.items():
+                group.setdefault(key, value)
+            group.setdefault("total_step", 0)
+            group.setdefault("current_step", int(self.defaults.get("warmup_steps", 150)) + 1)
+        self._this_step = (1, 1.0, False)
 
     def _begin_step(self) -> None:
         n_warm = self.defaults["warmup_steps"]
-        t = int(self.state["total_step"]) + 1
-        j = int(self.state["current_step"])
+        first = self.param_groups[0]
+        t = int(first["total_step"]) + 1
+        j = int(first["current_step"])
         scale = 1.0 - 0.99 * (1.0 + math.cos(math.pi * j / (n_warm + 1))) / 2.0 if j < n_warm else 1.0
-        self._plan = (t, scale, t % self.defaults["DeltaT"] == 0)
+        self._this_step = (t, scale, t % self.defaults["DeltaT"] == 0)
 
     def _end_step(self, applied: bool) -> None:
         if not applied:
             return
-        self.state["total_step"] = total = int(self.state["total_step"]) + 1
-        self.state["current_step"] = int(self.state["current_step"]) + 1
-        if (total + 1) % self.defaults["DeltaT"] == 0:
-            self.state["current_step"] = 0
+        first = self.param_groups[0]
+        total = int(first["total_step"]) + 1
+        current = 0 if (total + 1) % self.defaults["DeltaT"] == 0 else int(first["current_step"]) + 1
+        for group in self.param_groups:
+            group["total_step"], group["current_step"] = total, current
 
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
-        t, scale, reset = self._plan
+        t, scale, reset = self._this_step
         d = self.defaults
         accu = d["grad_accu_steps"]
         return {
