@@ -7,7 +7,6 @@ Lightning), B.3 (EMA scaling rule), B.8 (teacher schedules), D.2/D.3 (fusion).
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
@@ -240,10 +239,14 @@ class ModelEMA(Averager):
         Under ``torch.compile`` the update is one opaque custom op (``emafuse::average_update``,
         see ``emafuse._compile``) running this eager update, and the result is a 0-dim bool tensor."""
         if torch.compiler.is_compiling():
-            target = self._tracking.model(model)
-            read = [*target.parameters(), *target.buffers()]
-            key = 0 if model is None else _compile_key_of(model)
-            return _compile.average_update(self._compile_key, key, step, force, self.fused_outputs(), read)
+            tracked = self._tracking.model(None)
+            if model is not None and model is not tracked:
+                raise InvalidArgumentError(
+                    f"{type(self).__name__}: under torch.compile, update() reads the model the average was built from; "
+                    "pass that model (or none)"
+                )
+            read = [*tracked.parameters(), *tracked.buffers()]
+            return _compile.average_update(self._compile_key, step, force, self.fused_outputs(), read)
         return self._eager_update(model, step, force)
 
     def _eager_update(self, model: nn.Module | None, step: int | None, force: bool) -> bool:
@@ -425,15 +428,3 @@ class ModelEMA(Averager):
                 f"device={self.device}, updates={self.num_updates})")
 
 
-
-_model_keys: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-@torch._dynamo.assume_constant_result
-def _compile_key_of(model: nn.Module) -> int:
-    """The ``emafuse._compile`` key of a model passed to a compiled ``update`` (constant per model:
-    dynamo guards on the model object itself)."""
-    key = _model_keys.get(model)
-    if key is None:
-        key = _model_keys[model] = _compile.register(model)
-    return key

@@ -207,12 +207,22 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         self._reject_unsupported(self.param_groups[-1])
         self.__dict__.pop("_step_plan", None)  # release the tensors the plan holds
+        self._sync_param_lists()
+
+    def _sync_param_lists(self) -> None:
+        """``_param_lists``: each group's ``params`` list, read by ``_compile_inputs`` (which dynamo
+        traces; reading ``param_groups`` there would make it guard on every hyper-parameter)."""
+        lists = [g["params"] for g in self.param_groups]
+        current = self.__dict__.get("_param_lists")
+        if current is None or len(current) != len(lists) or any(a is not b for a, b in zip(current, lists)):
+            self._param_lists = lists
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.state = _StateDict(dict, self.state)
         self.__dict__.pop("_step_plan", None)
         self._compile_key = _compile.register(self)
+        self._sync_param_lists()
         defaults = getattr(self, "defaults", {})
         for group in self.param_groups:
             # Checkpoints of reference implementations (or older emafuse) may lack options that
@@ -353,29 +363,31 @@ class FusedOptimizer(torch.optim.Optimizer):
             params: list[Tensor] = []
             grads: list[Tensor] = []
             written: list[Tensor] = []
-            self._init_group(params, grads, written)  # run eagerly by dynamo (its optimizer hook)
+            self._compile_inputs(params, grads, written)
             _compile.optimizer_step(self._compile_key, params, grads, written, grad_scale, found_inf)
         else:
             self._update(grad_scale, found_inf)
         return loss
 
-    def _init_group(self, params: list[Tensor], grads: list[Tensor], written: list[Tensor]) -> None:
-        """For ``torch.compile`` (dynamo runs this eagerly and guards on what it collects): the
-        tensors the step's custom op reads and writes: every parameter with a gradient, its
+    def _compile_inputs(self, params: list[Tensor], grads: list[Tensor], written: list[Tensor]) -> None:
+        """For ``torch.compile`` (traced by dynamo, which guards on what it reads: the parameter
+        lists, which gradients exist, the state; not the hyper-parameters or counters, which the
+        step's custom op reads when it runs): the tensors the op reads and writes: every parameter with a gradient, its
         gradient, its state tensors, and the tensors a fused average writes."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                params.append(p)
-                grads.append(p.grad)
-                written.extend(v for v in self.state.get(p, {}).values() if isinstance(v, Tensor))
+        for group_params in self._param_lists:
+            for p in group_params:
+                if p.grad is not None:
+                    params.append(p)
+                    grads.append(p.grad)
+        for p in params:  # after every gradient was read (dynamo's sources then stay the lists')
+            written.extend(v for v in self.state.get(p, {}).values() if isinstance(v, Tensor))
         average = fused_average(self)
         if average is not None:
             written.extend(average.fused_outputs())
 
     def _update(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """The step after the closure: one native call, with a fused average's update."""
+        self._sync_param_lists()  # a group's params list may have been replaced
         self._begin_step()
         average = fused_average(self)
         request = average.fused_begin(found_inf) if average is not None else None
