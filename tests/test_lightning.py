@@ -168,11 +168,8 @@ def test_should_update_timing():
     cb = EMACallback(update_every_n_steps=3, update_starting_at_step=4)
     assert [i for i in range(12) if cb.should_update(step_idx=i)] == [6, 9]
     assert not cb.should_update(epoch_idx=0)
-    cb = EMACallback(update_starting_at_epoch=1)
-    cb._current_epoch = 0
-    assert not cb.should_update(step_idx=3)
-    cb._current_epoch = 1
-    assert cb.should_update(step_idx=3)
+    cb = EMACallback(update_starting_at_epoch=1)  # Lightning's rule: epoch-end updates from epoch 1
+    assert cb.should_update(step_idx=3) and not cb.should_update(epoch_idx=0) and cb.should_update(epoch_idx=1)
 
 
 def test_posthoc_callback_snapshots_and_resume(tmp_path):

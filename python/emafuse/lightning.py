@@ -41,9 +41,13 @@ class EMACallback(Callback):
     * the average is created in ``setup("fit")`` (after ``configure_model``, as Lightning does);
     * ``on_train_batch_end`` updates when ``trainer.global_step`` advanced since the last update
       and :meth:`should_update` ``(step_idx=global_step - 1)`` agrees (so once per optimizer step
-      under gradient accumulation); :meth:`should_update` has ``EMAWeightAveraging``'s semantics
-      (every ``update_every_n_steps`` steps from ``update_starting_at_step``) and may be
-      overridden; ``on_train_epoch_end`` updates if it returns True for ``epoch_idx``;
+      under gradient accumulation); ``on_train_epoch_end`` updates if it returns True for
+      ``epoch_idx``. :meth:`should_update` is ``EMAWeightAveraging``'s, to the letter: a step
+      update every ``update_every_n_steps`` steps from ``update_starting_at_step``, and an epoch-end
+      update at every epoch from ``update_starting_at_epoch`` (when given); override it for other
+      timings;
+    * the average is reachable as Lightning's is: ``callback._average_model`` (the
+      :class:`~emafuse.ModelEMA`, with ``.module`` and ``.n_averaged``), also as ``callback.ema``;
     * validation (and test, ``swap_for_test``) runs with the averaged weights: they are swapped
       into the module in place at epoch start and back at epoch end by the fused swap kernel (no
       copy of the model);
@@ -59,27 +63,26 @@ class EMACallback(Callback):
 
     * no swap before the first update (``swap_before_first_update=False``): Lightning would
       validate the initial weights as if they were an average;
-    * ``update_starting_at_epoch`` *delays* step updates until that epoch instead of adding an
-      extra update at every epoch end with the weights of the last step (a double weighting);
-      override :meth:`should_update` for epoch-end updates;
     * ``latest_update_epoch`` is saved too.
 
-    Arguments: ``decay`` (0.999, Lightning's), ``update_every_n_steps``,
-    ``update_starting_at_step``, ``update_starting_at_epoch``, ``device`` (e.g. ``"cpu"`` to keep
-    the average in host memory, updated on a background thread), ``use_buffers`` (average float
-    buffers; else copy them), and any :class:`~emafuse.ModelEMA` keyword (``schedule``,
+    Arguments, in ``EMAWeightAveraging``'s order: ``device`` (e.g. ``"cpu"`` to keep the average in
+    host memory, updated on a background thread), ``use_buffers`` (average float buffers; else copy
+    them), ``decay`` (0.999), ``update_every_n_steps``, ``update_starting_at_step``,
+    ``update_starting_at_epoch``; then any :class:`~emafuse.ModelEMA` keyword (``schedule``,
     ``ema_dtype``, ``preset="lightning"`` for bitwise parity with ``EMAWeightAveraging``, ...).
+    Lightning's own tests of ``EMAWeightAveraging`` run against this class
+    (``tests/test_upstream_lightning.py``).
     """
 
     def __init__(
         self,
+        device: torch.device | str | None = None,
+        use_buffers: bool = True,
         decay: float = 0.999,
         update_every_n_steps: int = 1,
         update_starting_at_step: int | None = None,
         update_starting_at_epoch: int | None = None,
         *,
-        device: torch.device | str | None = None,
-        use_buffers: bool = True,
         swap_before_first_update: bool = False,
         swap_for_test: bool = True,
         copy_at_train_end: bool = True,
@@ -100,23 +103,27 @@ class EMACallback(Callback):
         self.ema: ModelEMA | None = None
         self._latest_update_step = 0
         self._latest_update_epoch = -1
-        self._current_epoch = 0
         self._swapped = False
         self._finished = False
 
     # -- timing ---------------------------------------------------------------------------------
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
-        """Whether to update after optimizer step ``step_idx`` (0-based) or epoch ``epoch_idx``.
-        Default: every ``update_every_n_steps`` steps from ``update_starting_at_step`` (and from
-        epoch ``update_starting_at_epoch``); never at epoch ends."""
-        if step_idx is None:
-            return False
-        if self.update_starting_at_step is not None and step_idx < self.update_starting_at_step:
-            return False
-        if self.update_starting_at_epoch is not None and self._current_epoch < self.update_starting_at_epoch:
-            return False
-        return self.update_every_n_steps > 0 and step_idx % self.update_every_n_steps == 0
+        """Whether to update after optimizer step ``step_idx`` (0-based) or after epoch
+        ``epoch_idx``: ``EMAWeightAveraging``'s rule. A step qualifies every
+        ``update_every_n_steps`` steps from ``update_starting_at_step`` (from the first when None);
+        an epoch end qualifies from ``update_starting_at_epoch`` on, when it is given."""
+        if step_idx is not None:
+            started = self.update_starting_at_step is None or step_idx >= self.update_starting_at_step
+            if started and self.update_every_n_steps > 0 and step_idx % self.update_every_n_steps == 0:
+                return True
+        return epoch_idx is not None and self.update_starting_at_epoch is not None and epoch_idx >= self.update_starting_at_epoch
+
+    @property
+    def _average_model(self) -> ModelEMA | None:
+        """The average, where Lightning's ``WeightAveraging`` keeps its ``AveragedModel`` (``.module``,
+        ``.n_averaged``)."""
+        return self.ema
 
     # -- hooks ----------------------------------------------------------------------------------
 
@@ -134,7 +141,6 @@ class EMACallback(Callback):
         self._finished = False
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._current_epoch = trainer.current_epoch
         step = trainer.global_step
         if step > self._latest_update_step and self.should_update(step_idx=step - 1):
             assert self.ema is not None
@@ -142,7 +148,6 @@ class EMACallback(Callback):
             self._latest_update_step = step
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._current_epoch = trainer.current_epoch
         if trainer.current_epoch > self._latest_update_epoch and self.should_update(epoch_idx=trainer.current_epoch):
             assert self.ema is not None
             self.ema.update(pl_module, step=trainer.global_step, force=True)
