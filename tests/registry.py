@@ -121,7 +121,8 @@ class Caps:
     ``complex``: complex parameters are updated as real views (else refused with DTypeError).
     ``scalar_state``: per-parameter 0-dim CPU state entries and their dtype. ``group_counters``:
     param-group keys a step advances. ``optimizer_counters``: optimizer-wide counters (kept, equal, in
-    every param group).
+    every param group). ``sparse_grads``: sparse gradients are stepped (as torch's SGD does), not
+    refused.
     ``state_dtype(param dtype, kwargs)``: the dtype of the state tensors. ``int_step_in_state_dict``:
     ``state_dict()`` stores ``step`` as a Python int (as the official does). ``torch_base``: the
     torch.optim class it replaces (and subclasses)."""
@@ -130,6 +131,7 @@ class Caps:
     scalar_state: Mapping[str, torch.dtype] = field(default_factory=lambda: {"step": torch.float32})
     group_counters: tuple[str, ...] = ()
     optimizer_counters: tuple[str, ...] = ()
+    sparse_grads: bool = False
     state_dtype: Callable[[torch.dtype, dict[str, Any]], torch.dtype] = _same_dtype
     int_step_in_state_dict: bool = False
     torch_base: type | None = None
@@ -264,7 +266,7 @@ ENTRIES: tuple[Entry, ...] = (
             dict(weight_decay=0.1, maximize=True),
         )),
         main=dict(lr=1e-2, momentum=0.9, nesterov=True),
-        caps=Caps(complex=True, scalar_state={}, torch_base=torch.optim.SGD),
+        caps=Caps(complex=True, scalar_state={}, torch_base=torch.optim.SGD, sparse_grads=True),
         signature=torch.optim.SGD,
         # torch 2.11's fused CPU SGD drifts from the f64 reference in bf16 (by ~10 after 20 steps with
         # spikes, where its single-tensor path stays at ~0.1): no low-precision reference.

@@ -105,7 +105,7 @@ def _other_dtype_grad(ps, opt):
 
 # name: (applies to entry, mutation (params, opt, entry), exception, what the message names)
 FAULTS = {
-    "sparse grad": (lambda e: True, lambda ps, opt, e: setattr(ps[2], "grad", ps[2].grad.to_sparse()), errors.SparseGradError, "sparse"),
+    "sparse grad": (lambda e: not e.caps.sparse_grads, lambda ps, opt, e: setattr(ps[2], "grad", ps[2].grad.to_sparse()), errors.SparseGradError, "sparse"),
     "state of wrong shape": (lambda e: True, lambda ps, opt, e: opt.state[ps[3]].update({slot(opt, ps[3]): torch.rand(3, 5)}),
                              errors.ShapeError, ("[3, 5]", "parameter 3")),
     "state of same numel, other shape": (lambda e: True, lambda ps, opt, e: opt.state[ps[4]].update(
@@ -115,7 +115,7 @@ FAULTS = {
     "integer state": (lambda e: True, lambda ps, opt, e: opt.state[ps[0]].update(
         {slot(opt, ps[0]): torch.ones(ps[0].shape, dtype=torch.int64)}), errors.DTypeError, "parameter 0"),
     "meta device state": (lambda e: True, lambda ps, opt, e: opt.state[ps[0]].update(
-        {slot(opt, ps[0]): torch.empty(ps[0].shape, device="meta")}), errors.DeviceError, "unsupported device"),
+        {slot(opt, ps[0]): torch.empty(ps[0].shape, device="meta")}), errors.DeviceError, "floating point Tensors of supported devices"),
     "missing scalar state": (lambda e: bool(e.caps.scalar_state), lambda ps, opt, e: opt.state[ps[1]].pop(first_scalar(e)),
                              KeyError, ""),
     "scalar state of wrong shape": (lambda e: bool(e.caps.scalar_state),
@@ -167,27 +167,37 @@ def test_nan_propagates_by_default_like_torch(entry):
     assert torch.isnan(params[4]).any() and not any(torch.isnan(p).any() for p in params[:4])
 
 
+def _refusal(entry):
+    """(constructor options, how to spoil parameter i's gradient, the error): a sparse gradient,
+    or a NaN under ``check_finite`` for optimizers that step sparse gradients."""
+    if entry.caps.sparse_grads:
+        return {"check_finite": True}, lambda p: p.grad.view(-1)[0].fill_(float("nan")), errors.NonFiniteError
+    return {}, lambda p: setattr(p, "grad", p.grad.to_sparse()), errors.SparseGradError
+
+
 @pytest.mark.parametrize("entry", entries())
 def test_a_bad_group_leaves_the_good_groups_untouched(entry):
+    extra, spoil, error = _refusal(entry)
     params = make_params(SMALL_SHAPES, seed=5)
-    opt = entry.cls([{"params": params[:3]}, {"params": params[3:]}], **entry.main)
+    opt = entry.cls([{"params": params[:3]}, {"params": params[3:]}], **entry.main, **extra)
     run_steps(opt, params, 2)
     set_grads(params, random_grads(params, 50))
-    params[4].grad = params[4].grad.to_sparse()
+    spoil(params[4])
     snap = snapshot(params, opt)
-    with pytest.raises(errors.SparseGradError):
+    with pytest.raises(error):
         opt.step()
     assert_unchanged(params, opt, snap)
 
 
 @pytest.mark.parametrize("entry", entries())
 def test_fresh_state_is_not_created_by_a_refused_step(entry):
+    extra, spoil, error = _refusal(entry)
     params = make_params(SMALL_SHAPES, seed=6)
-    opt = entry.cls(params, **entry.main)
+    opt = entry.cls(params, **entry.main, **extra)
     snap = snapshot(params, opt)
     set_grads(params, random_grads(params, 0))
-    params[2].grad = params[2].grad.to_sparse()
-    with pytest.raises(errors.SparseGradError):
+    spoil(params[2])
+    with pytest.raises(error):
         opt.step()
     assert not any(p in opt.state for p in params)
     assert_unchanged(params, opt, snap)

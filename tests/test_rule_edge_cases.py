@@ -326,3 +326,40 @@ def test_cautious_lion_where_every_element_disagrees(norm):
     ref.step([g])
     torch.testing.assert_close(p.detach(), before * (1 - 1e-2 * 0.5), rtol=1e-15, atol=0)
     torch.testing.assert_close(p.detach(), ref.params[0], rtol=1e-15, atol=0)
+
+
+# -- SGD with sparse gradients ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("momentum, nesterov, weight_decay", [(0.0, False, 0.0), (0.9, False, 0.0), (0.9, True, 0.0)])  # torch: no decay with sparse
+def test_sgd_steps_sparse_gradients_as_torch(momentum, nesterov, weight_decay):
+    """nn.Embedding(sparse=True) beside dense layers: the dense parameters stay fused, the sparse
+    one takes torch's path; the run equals torch.optim.SGD's (momentum buffers included)."""
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.ModuleDict({"emb": torch.nn.Embedding(20, 6, sparse=True), "lin": torch.nn.Linear(6, 1)})
+
+    kw = dict(lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    a, b = build(), build()
+    oa, ob = emafuse.SGD(a.parameters(), **kw), torch.optim.SGD(b.parameters(), foreach=False, **kw)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        idx = torch.randint(0, 20, (7,), generator=gen)
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            m["lin"](m["emb"](idx)).sum().backward()
+            assert m["emb"].weight.grad.is_sparse
+            o.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    if momentum:
+        torch.testing.assert_close(oa.state[a["emb"].weight]["momentum_buffer"].to_dense(), ob.state[b["emb"].weight]["momentum_buffer"].to_dense())
+
+
+def test_sparse_gradients_stay_an_error_where_the_rule_cannot_take_them():
+    emb = torch.nn.Embedding(5, 3, sparse=True)
+    opt = emafuse.AdamW(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(emafuse.SparseGradError):
+        opt.step()

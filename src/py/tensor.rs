@@ -250,7 +250,14 @@ unsafe fn read_info(raw: *mut C_tensor, role: &dyn Fn() -> String) -> Result<Ten
     let device = match torch_sys::at_device(raw) {
         -1 => Device::Cpu,
         i if i >= 0 => Device::Cuda(i as u32),
-        _ => return Err(Error::Device(format!("{} is on an unsupported device (only cpu and cuda are)", role()))),
+        // torch's wording for its fused optimizers (emafuse's always are), which its tests match.
+        _ => {
+            return Err(Error::Device(format!(
+                "`fused=True` requires all the params to be floating point Tensors of supported devices: ['cpu', 'cuda'], \
+                 but {} is on another device (emafuse always runs fused: keep the model on cpu or cuda)",
+                role()
+            )))
+        }
     };
     let dim = torch_sys::at_dim(raw);
     let mut shape = Shape::zeros(dim);

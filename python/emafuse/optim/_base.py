@@ -23,7 +23,7 @@ from torch import Tensor
 from .. import _compile, _native
 from .._cuda import current_streams, per_device
 from .._staging import stage_groups
-from ..errors import LayoutError, UnsupportedOptionError
+from ..errors import LayoutError, SparseGradError, UnsupportedOptionError
 from ._fusion import FusedAverage, FusedRequest, fused_average, register_fused_average
 
 __all__ = ["FusedOptimizer", "scalar", "sum_squares"]
@@ -128,6 +128,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     _rule: ClassVar[str]
     # Whether complex parameters are updated as real views (as torch's Adam/AdamW/SGD do).
     _supports_complex: ClassVar[bool] = False
+    # Whether parameters with sparse gradients are stepped (by ``_step_sparse``, outside the
+    # fused engine, which walks dense memory); else a sparse gradient is a SparseGradError.
+    _supports_sparse_grads: ClassVar[bool] = False
     # Whether fresh state must be flagged to the rule (SGD's momentum buffer starts as a copy).
     _flags_fresh_state: ClassVar[bool] = False
     # Whether state_dict() stores the step counter as a Python int, as the reference
@@ -424,6 +427,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 applied = plan.run(hypers, amp)
             except LayoutError:
                 applied = None  # e.g. a gradient strided unlike its parameter: staged below
+            except SparseGradError:
+                if not self._supports_sparse_grads:
+                    raise
+                applied = None  # a gradient became sparse: collected below
         if applied is None:
             self._step_plan = None
             plan = self._new_plan(hypers, slots, request)
@@ -436,6 +443,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 # Tensors the engine cannot walk linearly together: stage them (below).
                 self._normalize_steps()  # e.g. a step counter left on the CPU by a model moved to CUDA
                 applied = self._staged_step(plan, amp)
+            if plan.sparse and applied:
+                self._step_sparse(plan.sparse, grad_scale, found_inf)
             plan.commit(self.state)
             if plan.cacheable:
                 self._step_plan = plan
@@ -451,30 +460,41 @@ class FusedOptimizer(torch.optim.Optimizer):
         gradient."""
         calls: list[_Call] = []
         created: dict[Tensor, dict[str, Tensor]] = {}
+        sparse: list[Tensor] = []
         for gi, group in enumerate(self.param_groups):
-            self._collect(gi, group, slots[gi], calls, created)
+            self._collect(gi, group, slots[gi], calls, created, sparse)
         if request is not None and request.targets:
             calls = _with_fused_average(calls, request)
-        if not calls:
+        if not calls and not sparse:
             return None
-        watch = [g["params"] for g in self.param_groups]
-        return _StepPlan(type(self).__name__, self._rule, calls, watch, created, self.state, slots)
+        return _StepPlan(type(self).__name__, self._rule, calls, [g["params"] for g in self.param_groups], created, self.state, slots, sparse)
 
     def _collect(
-        self, gi: int, group: dict[str, Any], slots: tuple[str, ...], calls: list[_Call], created: dict[Tensor, dict[str, Tensor]]
+        self,
+        gi: int,
+        group: dict[str, Any],
+        slots: tuple[str, ...],
+        calls: list[_Call],
+        created: dict[Tensor, dict[str, Tensor]],
+        sparse: list[Tensor],
     ) -> None:
         """Append group ``gi``'s native call(s): its parameters with a gradient, with their state
         (completed where missing: ``created``), fresh state in a call of its own for rules that
-        are told (``_flags_fresh_state``)."""
+        are told (``_flags_fresh_state``); parameters with a sparse gradient go to ``sparse``
+        where the optimizer steps them itself (``_step_sparse``)."""
         scalar_keys = self._scalar_keys
         keeps_state = bool(slots) or bool(scalar_keys)
         want = len(slots) + len(scalar_keys)
         normal = _Call(gi, {}, slots, scalar_keys, keeps_state)
         fresh = _Call(gi, {"first": True}, slots, scalar_keys, keeps_state)
         get_state = self.state.get
+        sparse_ok = self._supports_sparse_grads
         for p in group["params"]:
             g = p.grad
             if g is None:
+                continue
+            if sparse_ok and g.layout != torch.strided:
+                sparse.append(p)
                 continue
             if not keeps_state:
                 normal.add(p, g, None)
@@ -485,6 +505,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 st, is_new = self._complete_state(p, st, slots, group, created)
             (fresh if is_new and self._flags_fresh_state else normal).add(p, g, st)
         calls.extend(c for c in (normal, fresh) if c.params)
+
+    def _step_sparse(self, params: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """Step the parameters whose gradient is sparse (``_supports_sparse_grads``), after the
+        fused step of the others; AMP's found-inf flag skips them too."""
+        raise NotImplementedError
 
     def _complete_state(
         self,
@@ -633,6 +658,7 @@ class _StepPlan:
         created: dict[Tensor, dict[str, Tensor]],
         state: _StateDict,
         slots: list[tuple[str, ...]],
+        sparse: list[Tensor],
     ) -> None:
         self.who = who
         self.calls = calls
@@ -640,13 +666,15 @@ class _StepPlan:
         self.slots = slots
         self.params = [p for c in calls for p in c.params]
         self.fused = {id(p) for c in calls if c.extra.get("ema") for p in c.params}
-        # Fresh-state flags and fused averages hold for one step only.
-        self.cacheable = not any(c.extra for c in calls)
+        self.sparse = sparse
+        # Fresh-state flags and fused averages hold for one step only; sparse gradients are
+        # checked for in Python, at every step.
+        self.cacheable = not any(c.extra for c in calls) and not sparse
         self.hypers: list[dict[str, Any]] = []
         self._state = state
         self._version = -1
         self._rule = rule
-        self._watch = watch
+        self._watch = watch if self.cacheable else None  # one run only: the inputs are the gradients given
         self._native: _native.StepPlan | None = None
 
     def describes(self, state: Any, slots: list[tuple[str, ...]]) -> bool:
@@ -657,6 +685,8 @@ class _StepPlan:
         tensors changed since."""
         self.hypers = hypers
         call_hypers = [c.hyper(hypers[c.group_index]) for c in self.calls]
+        if not self.calls:
+            return True
         if self._native is None:
             groups = [c.group(h) for c, h in zip(self.calls, call_hypers)]
             self._native = _native.StepPlan(self.who, self._rule, groups, self._watch)

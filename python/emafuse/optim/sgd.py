@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
+from torch.optim.sgd import sgd as torch_sgd
 
-from ._base import FusedOptimizer, common_hyper
+from ._base import FusedOptimizer, common_hyper, scalar
 
 __all__ = ["SGD"]
 
@@ -33,6 +34,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     _rule = "sgd"
     _supports_complex = True
     _flags_fresh_state = True
+    _supports_sparse_grads = True
 
     def __init__(
         self,
@@ -72,3 +74,32 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             "dampening": float(group["dampening"]),
             "nesterov": bool(group["nesterov"]),
         }
+
+    def _step_sparse(self, params: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """Sparse gradients (e.g. ``nn.Embedding(sparse=True)``): torch's own single-tensor SGD,
+        group by group, with the momentum buffers kept in ``self.state`` as torch keeps them. With
+        AMP the gradients are unscaled in place first (as the fused kernel leaves dense ones), and
+        a step with inf/NaN anywhere changes none of them (reading the flag is a host sync, paid
+        only when there are sparse gradients)."""
+        if found_inf is not None and float(found_inf.sum()) != 0.0:
+            return
+        chosen = {id(p) for p in params}
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if id(p) in chosen]
+            if not ps:
+                continue
+            grads = [p.grad for p in ps]
+            if grad_scale is not None:
+                inv = 1.0 / float(grad_scale.sum())
+                for g in grads:
+                    g.mul_(inv)
+            momentum = group["momentum"]
+            buffers = [self.state[p].get("momentum_buffer") if p in self.state else None for p in ps]
+            torch_sgd(
+                ps, grads, buffers, has_sparse_grad=True, foreach=False,
+                weight_decay=group["weight_decay"], momentum=momentum, lr=scalar(group["lr"]),
+                dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+            )
+            if momentum != 0:
+                for p, buf in zip(ps, buffers):
+                    self.state[p]["momentum_buffer"] = buf
