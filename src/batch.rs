@@ -4,26 +4,6 @@
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::view::{Device, TensorView};
-use std::collections::HashSet;
-use std::hash::{BuildHasherDefault, Hasher};
-
-/// Hashes memory addresses: one multiply (addresses are already well spread, bar alignment).
-#[derive(Default)]
-struct AddressHasher(u64);
-
-impl Hasher for AddressHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100000001b3);
-        }
-    }
-    fn write_usize(&mut self, x: usize) {
-        self.0 = (x as u64 >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
 
 /// How a tensor's elements are laid out.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,8 +12,11 @@ pub enum Layout {
     Contiguous,
     /// Dense and non-overlapping, with these strides (e.g. channels_last).
     Dense(Vec<i64>),
-    /// Gaps or overlaps: cannot be walked linearly.
+    /// Gaps between elements: cannot be walked linearly (a contiguous copy can).
     Strided,
+    /// Elements that may share memory (e.g. an expanded, stride-0 tensor): can be read through a
+    /// contiguous copy, never written in place.
+    Overlapping,
 }
 
 /// A tensor shape, stored inline up to `INLINE_DIMS` dimensions (no allocation per tensor).
@@ -213,6 +196,16 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
     let mut batches: Vec<Batch> = Vec::new();
     for i in 0..n {
         let p = &t.params[i];
+        let overlapping = std::iter::once(("parameter", p)).chain(t.states.iter().map(|slot| ("a state tensor", &slot[i])));
+        for (what, x) in overlapping {
+            if x.layout == Layout::Overlapping {
+                return Err(Error::Value(format!(
+                    "{}: {what} has elements that share memory (e.g. an expanded tensor), so it cannot be updated in \
+                     place; pass a tensor that owns its elements (e.g. .clone())",
+                    at(i)
+                )));
+            }
+        }
         if p.layout == Layout::Strided {
             return Err(Error::Layout(format!("{}: parameter is not dense", at(i))));
         }
@@ -292,20 +285,71 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
     Ok(batches)
 }
 
-/// Refuse a step in which one piece of memory would be written twice (the same tensor used as
-/// two parameters or two state slots, e.g. from a corrupted checkpoint): the result would depend
-/// on the order of writes.
-pub fn check_no_shared_outputs<'a>(who: &str, batches: impl IntoIterator<Item = &'a Batch> + Clone) -> Result<()> {
-    let n: usize = batches.clone().into_iter().map(|b| b.params.len() + b.states.len() + b.scalars.len()).sum();
-    let mut seen = HashSet::with_capacity_and_hasher(n, BuildHasherDefault::<AddressHasher>::default());
-    for b in batches {
-        for v in b.params.iter().chain(b.states.iter()).chain(b.scalars.iter()) {
-            if v.numel() > 0 && !seen.insert(v.ptr() as usize) {
-                return Err(Error::Value(format!("{who}: the same tensor memory appears twice among parameters and optimizer state")));
+/// The bytes one operand of a step spans on its device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Extent {
+    device: Device,
+    start: usize,
+    end: usize,
+}
+
+impl TensorInfo {
+    /// The bytes the tensor's elements span, or None when it has none. Exact for the dense
+    /// tensors the kernels walk (which are the only ones that reach them).
+    pub fn extent(&self) -> Option<Extent> {
+        let v = &self.view;
+        (v.numel() > 0).then(|| Extent { device: v.device(), start: v.ptr() as usize, end: v.ptr() as usize + v.numel() * v.dtype().size() })
+    }
+}
+
+/// The operands a step writes, sorted by address, checked to overlap nothing else of the step;
+/// later runs check their new read-only inputs (the gradients) against it with [`Written::overlapping`].
+#[derive(Debug, Default)]
+pub struct Written {
+    /// (extent, id) sorted by extent; pairwise disjoint.
+    items: Vec<(Extent, u32)>,
+}
+
+/// An operand of a step for [`Written::index`]: its extent, whether the step writes it, and an id
+/// the caller uses to name it.
+pub type Operand = (Extent, bool, u32);
+
+impl Written {
+    /// Index the written operands of `ops`, or the ids of a pair of operands of which one is
+    /// written and whose memory overlaps (the result would depend on the order of reads and writes).
+    /// One sort and one sweep.
+    pub fn index(mut ops: Vec<Operand>) -> std::result::Result<Written, (u32, u32)> {
+        ops.sort_unstable_by_key(|&(e, ..)| e);
+        let mut any: Option<(Extent, u32)> = None; // the operand reaching furthest so far, on this device
+        let mut written: Option<(Extent, u32)> = None; // the written one reaching furthest so far
+        let mut items = Vec::with_capacity(ops.iter().filter(|o| o.1).count());
+        for &(e, w, id) in &ops {
+            let reaches = |m: Option<(Extent, u32)>| m.filter(|(x, _)| x.device == e.device && x.end > e.start);
+            if let Some((_, other)) = reaches(written).or(if w { reaches(any) } else { None }) {
+                return Err((other, id));
+            }
+            let further = |m: Option<(Extent, u32)>| m.is_none_or(|(x, _)| x.device != e.device || x.end < e.end);
+            if further(any) {
+                any = Some((e, id));
+            }
+            if w {
+                if further(written) {
+                    written = Some((e, id));
+                }
+                items.push((e, id));
             }
         }
+        Ok(Written { items })
     }
-    Ok(())
+
+    /// The id of a written operand whose memory overlaps `e`, if any (a binary search).
+    pub fn overlapping(&self, e: Extent) -> Option<u32> {
+        // The written extents are disjoint, so sorted by start they are sorted by end too: only
+        // the last one starting before `e` ends may reach into it.
+        let i = self.items.partition_point(|(x, _)| (x.device, x.start) < (e.device, e.end));
+        let (x, id) = *self.items.get(i.checked_sub(1)?)?;
+        (x.device == e.device && x.end > e.start).then_some(id)
+    }
 }
 
 #[cfg(test)]
@@ -320,5 +364,49 @@ mod tests {
         }
         assert!(input_dtype_ok(F32, BF16) && input_dtype_ok(F32, F16));
         assert!(!input_dtype_ok(BF16, F32) && !input_dtype_ok(F64, F32) && !input_dtype_ok(F16, BF16) && !input_dtype_ok(F32, F64));
+    }
+
+    fn ext(start: usize, end: usize) -> Extent {
+        Extent { device: Device::Cpu, start, end }
+    }
+
+    /// Brute force: the pairs of operands that overlap with one of them written.
+    fn conflicts(ops: &[Operand]) -> bool {
+        ops.iter().enumerate().any(|(i, a)| ops[i + 1..].iter().any(|b| (a.1 || b.1) && a.0.device == b.0.device && a.0.start < b.0.end && b.0.start < a.0.end))
+    }
+
+    #[test]
+    fn overlaps_agree_with_brute_force() {
+        // A small deterministic generator (xorshift) of operand lists over a few devices.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for _ in 0..2000 {
+            let n = 1 + next(8) as usize;
+            let ops: Vec<Operand> = (0..n)
+                .map(|i| {
+                    let start = next(64) as usize;
+                    let device = if next(4) == 0 { Device::Cuda(0) } else { Device::Cpu };
+                    (Extent { device, start, end: start + 1 + next(12) as usize }, next(2) == 0, i as u32)
+                })
+                .collect();
+            let indexed = Written::index(ops.clone());
+            assert_eq!(indexed.is_err(), conflicts(&ops), "{ops:?}");
+            if let Err((a, b)) = indexed {
+                let (a, b) = (ops[a as usize], ops[b as usize]);
+                assert!((a.1 || b.1) && a.0.device == b.0.device && a.0.start < b.0.end && b.0.start < a.0.end);
+            }
+            if let Ok(w) = indexed {
+                // A new read-only operand: found iff it overlaps a written one.
+                let start = next(64) as usize;
+                let probe = ext(start, start + 1 + next(12) as usize);
+                let expect = ops.iter().any(|o| o.1 && o.0.device == Device::Cpu && o.0.start < probe.end && probe.start < o.0.end);
+                assert_eq!(w.overlapping(probe).is_some(), expect, "{ops:?} {probe:?}");
+            }
+        }
     }
 }

@@ -117,7 +117,7 @@ FAULTS = {
     "meta device state": (lambda e: True, lambda ps, opt, e: opt.state[ps[0]].update(
         {slot(opt, ps[0]): torch.empty(ps[0].shape, device="meta")}), errors.DeviceError, "floating point Tensors of supported devices"),
     "missing scalar state": (lambda e: bool(e.caps.scalar_state), lambda ps, opt, e: opt.state[ps[1]].pop(first_scalar(e)),
-                             KeyError, ""),
+                             errors.InvalidArgumentError, "lacks"),
     "scalar state of wrong shape": (lambda e: bool(e.caps.scalar_state),
                                     lambda ps, opt, e: opt.state[ps[1]].update({first_scalar(e): torch.ones(2)}),
                                     errors.InvalidArgumentError, ""),

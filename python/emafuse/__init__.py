@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch as _torch  # noqa: F401  (loads libtorch before the native module links against it)
 
-from . import averaging, errors
+from . import averaging, errors, optim
+from ._guard import check_thread_env as _check_thread_env
 from ._native import num_threads
 from .averaging import ModelEMA
 from .errors import (
@@ -26,32 +27,22 @@ from .errors import (
     SparseGradError,
     UnsupportedOptionError,
 )
-from .optim import SGD, SPAM, AdaBelief, AdaBound, Adam, AdaMod, AdaMomentum, AdamW, Adan, AdEMAMix, DiffGrad, Lion, SGDSaI
+from .optim import *  # noqa: F403  (every optimizer class, as listed in optim.__all__)
+
+_check_thread_env()
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SGD",
-    "SPAM",
-    "AdEMAMix",
-    "AdaBelief",
-    "AdaBound",
-    "AdaMod",
-    "AdaMomentum",
-    "Adam",
-    "AdamW",
-    "Adan",
+    *optim.__all__,
     "CudaError",
     "DTypeError",
     "DeviceError",
-    "DiffGrad",
     "EmafuseError",
     "InternalError",
     "InvalidArgumentError",
-    "Lion",
     "ModelEMA",
     "NonFiniteError",
-    "SGDSaI",
     "ShapeError",
     "SparseGradError",
     "UnsupportedOptionError",

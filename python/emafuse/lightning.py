@@ -26,6 +26,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without lightning
     raise ImportError("emafuse.lightning needs PyTorch Lightning: pip install 'lightning>=2.5'") from e
 
+from . import _dtensor
 from .averaging import ModelEMA, PostHocEMA
 
 __all__ = ["EMACallback", "PostHocEMACallback"]
@@ -131,10 +132,13 @@ class EMACallback(Callback):
         if stage != "fit" or self.ema is not None:
             return
         if is_overridden("configure_model", pl_module):
-            rank_zero_warn(
-                "EMACallback with a model that overrides configure_model: the average is a full, unsharded copy"
-            )
             pl_module.configure_model()
+            if not _dtensor.any_dtensor(pl_module.parameters()):
+                rank_zero_warn(
+                    "EMACallback with a model that overrides configure_model: the average is a full, unsharded copy"
+                )
+            # A model that configure_model shards with fully_shard (FSDP2, e.g. under
+            # ModelParallelStrategy) gets a shard-local average (see emafuse._dtensor).
         kw = dict(self._ema_kwargs)
         kw.setdefault("buffers", "average" if self._use_buffers else "copy")
         self.ema = ModelEMA(pl_module, self.decay, device=self._device, **kw)

@@ -174,6 +174,7 @@ impl<'a> RuleVisitor for Planner<'a> {
     fn visit<Ru: Rule>(self, rule: Ru) -> Self::Output {
         let b = self.batch;
         check_state::<Ru>(self.hyper, b.group, &b.slot_names, &b.scalar_names, b.has_input())?;
+        check_step_counters(b)?;
         Ok(Box::new(RuleBatch { rule, batch: self.batch, options: self.options }))
     }
 }
@@ -182,6 +183,25 @@ struct RuleBatch<'a, Ru: Rule> {
     rule: Ru,
     batch: &'a Batch,
     options: Options,
+}
+
+/// Refuse step counters (scalar state `step`) that are negative or not finite, e.g. from a
+/// corrupted checkpoint: the bias corrections would turn the parameters into NaN.
+fn check_step_counters(b: &Batch) -> Result<()> {
+    let Some(k) = b.scalar_names.iter().position(|n| n == "step") else { return Ok(()) };
+    let ns = b.n_scalars();
+    for (j, &member) in b.members.iter().enumerate() {
+        // SAFETY: validated one-element CPU float tensors, alive for the call; only read.
+        let step = unsafe { read_scalar(&b.scalars[j * ns + k]) };
+        if !(step.is_finite() && step >= 0.0) {
+            return Err(Error::Value(format!(
+                "param group {}, parameter {member}: state 'step' is {step}; a step counter must be a finite number >= 0 \
+                 (a corrupted checkpoint?)",
+                b.group
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Read a one-element f32/f64 CPU tensor.

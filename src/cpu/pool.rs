@@ -16,14 +16,17 @@ struct Entry {
 
 static CURRENT: AtomicPtr<Entry> = AtomicPtr::new(std::ptr::null_mut());
 
-/// Threads to use: `EMAFUSE_NUM_THREADS` if set to a positive integer, else the cores available
-/// to this process.
+/// Threads to use: `EMAFUSE_NUM_THREADS` if set to a positive integer, capped at the cores
+/// available to this process (more threads than cores only add contention); else (unset, or not
+/// a positive integer: the Python package warns about that at import) the cores available.
 pub fn num_threads() -> usize {
-    std::env::var("EMAFUSE_NUM_THREADS")
-        .ok()
-        .and_then(|s| s.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    threads_for(std::env::var("EMAFUSE_NUM_THREADS").ok().as_deref(), cores)
+}
+
+/// [`num_threads`] for the variable's value `var` on a machine with `cores` cores.
+fn threads_for(var: Option<&str>, cores: usize) -> usize {
+    var.and_then(|s| s.trim().parse::<usize>().ok()).filter(|&n| n > 0).map_or(cores, |n| n.min(cores))
 }
 
 /// The pool of this process, built on first use.
@@ -53,6 +56,23 @@ pub fn pool() -> &'static ThreadPool {
             // SAFETY: leaked entry, valid forever; it belongs to this pid since it was installed
             // after our load by a thread of this process.
             unsafe { &(*winner).pool }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::threads_for;
+
+    #[test]
+    fn thread_count_from_the_environment() {
+        assert_eq!(threads_for(None, 8), 8);
+        assert_eq!(threads_for(Some("3"), 8), 3);
+        assert_eq!(threads_for(Some(" 2 "), 8), 2);
+        assert_eq!(threads_for(Some("100000"), 8), 8);
+        assert_eq!(threads_for(Some("99999999999999999999999"), 8), 8); // overflows usize: garbage
+        for bad in ["0", "-4", "abc", "", "1.5"] {
+            assert_eq!(threads_for(Some(bad), 8), 8, "{bad}");
         }
     }
 }

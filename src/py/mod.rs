@@ -18,6 +18,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(step::step_async, m)?)?;
     m.add_class::<step::PendingStep>()?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(check_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(rule_names, m)?)?;
     m.add_function(wrap_pyfunction!(rule_info, m)?)?;
     m.add_function(wrap_pyfunction!(rule_slots, m)?)?;
@@ -25,6 +26,14 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_compile, m)?)?;
     m.add_function(wrap_pyfunction!(reduce::sum_squares, m)?)?;
     Ok(())
+}
+
+/// Raise the engine's error (`InvalidArgumentError`) unless `tensor` is a `torch.Tensor` the
+/// engine may update directly: not a subclass with its own `__torch_dispatch__` (a wrapper
+/// tensor such as DTensor). `role` names it in the message.
+#[pyfunction]
+fn check_tensor(py: Python<'_>, tensor: &Bound<'_, PyAny>, role: &str) -> PyResult<()> {
+    tensor::check_type(tensor, &|| role.to_string()).map_err(|e| errors::to_py(py, e))
 }
 
 /// Names of every update rule the engine has.
@@ -84,7 +93,8 @@ fn cuda_compile(py: Python<'_>, rule: &str, hyper: &Bound<'_, PyDict>, arch: &st
     py.detach(move || crate::cuda::compile_ptx(&program, &arch)).map_err(|e| errors::to_py(py, e))
 }
 
-/// Threads of emafuse's CPU pool (`EMAFUSE_NUM_THREADS`, else the available cores).
+/// Threads of emafuse's CPU pool (`EMAFUSE_NUM_THREADS` capped at the available cores, else
+/// the available cores).
 #[pyfunction]
 fn num_threads() -> usize {
     crate::cpu::pool::num_threads()

@@ -11,7 +11,7 @@
 
 use super::errors::to_py;
 use super::tensor::{infos, unchanged, unpack, Unpacked};
-use crate::batch::{check_input, check_no_shared_outputs, split_group, Batch, GroupTensors, TensorInfo};
+use crate::batch::{check_input, split_group, Batch, GroupTensors, Operand, TensorInfo, Written};
 use crate::cpu;
 use crate::cuda::{self, DeviceAmp};
 use crate::dtype::DType;
@@ -185,6 +185,10 @@ pub struct StepPlan {
     watched: Vec<Watched>,
     /// Gradients read per run, and their roles for messages.
     grad_roles: Roles,
+    /// The roles of the kept tensors, for messages.
+    kept_roles: Roles,
+    /// The written tensors' memory, against which each run checks its gradients.
+    written: Written,
     /// Built and not yet run: the cached metadata is current.
     fresh: bool,
 }
@@ -278,7 +282,7 @@ impl StepPlan {
             let tensors = call_tensors(call, &kept_infos, &grad_infos);
             call.batches = split_group(who, ci, &tensors)?;
         }
-        check_no_shared_outputs(who, calls.iter().flat_map(|c| &c.batches))?;
+        let written = index_written(who, &calls, &kept_infos, &grad_infos, &kept.roles, &grads.roles)?;
         let watched = match watch {
             Some(watch) => watched_lists(who, watch, &kept.objs, &calls)?,
             None => Vec::new(),
@@ -292,9 +296,43 @@ impl StepPlan {
             hypers,
             watched,
             grad_roles: grads.roles,
+            kept_roles: kept.roles,
+            written,
             fresh: true,
         })
     }
+}
+
+/// Check that no tensor a step writes (parameter, state, scalar state) shares memory with any
+/// other tensor of the step, before anything is written: the result would depend on the order of
+/// reads and writes (a gradient that is a view of its parameter, two state slots over one
+/// storage after a crafted `load_state_dict`). Returns the written tensors' index, against
+/// which later runs check their new gradients. Ids: kept tensors first, then gradients.
+fn index_written(who: &str, calls: &[Call], kept: &[TensorInfo], grads: &[TensorInfo], kept_roles: &Roles, grad_roles: &Roles) -> Result<Written> {
+    let mut ops: Vec<Operand> = Vec::with_capacity(kept.len() + grads.len());
+    for call in calls {
+        let fixed = usize::from(call.inputs == Inputs::Fixed);
+        for (k, info) in kept[call.base..call.base + (1 + fixed + call.keys.len()) * call.n].iter().enumerate() {
+            let written = k < call.n || k >= (1 + fixed) * call.n;
+            ops.extend(info.extent().map(|e| (e, written, (call.base + k) as u32)));
+        }
+    }
+    ops.extend(grads.iter().enumerate().filter_map(|(i, g)| g.extent().map(|e| (e, false, (kept.len() + i) as u32))));
+    Written::index(ops).map_err(|(a, b)| {
+        let name = |id: u32| match (id as usize).checked_sub(kept.len()) {
+            None => kept_roles.describe(id as usize),
+            Some(g) => grad_roles.describe(g),
+        };
+        overlap_error(who, &name(a), &name(b))
+    })
+}
+
+/// The refusal of a step whose written memory overlaps another operand (one wording).
+fn overlap_error(who: &str, a: &str, b: &str) -> Error {
+    Error::Value(format!(
+        "{who}: {a} and {b} share memory, and the step writes at least one of them: the result would depend on the \
+         order of reads and writes. Give every parameter, gradient and state tensor its own memory (e.g. .clone())"
+    ))
 }
 
 /// A call's tensors as `split_group` takes them.
@@ -426,6 +464,11 @@ impl StepPlan {
             if !self.set_grads(&infos)? {
                 return Ok(None);
             }
+            for (i, g) in infos.iter().enumerate() {
+                if let Some(w) = g.extent().and_then(|e| self.written.overlapping(e)) {
+                    return Err(overlap_error(&self.who, &self.kept_roles.describe(w as usize), &self.grad_roles.describe(i)));
+                }
+            }
             keep_grads = grads;
         }
         let env = RunEnv::resolve(&self.who, self.calls.iter().flat_map(|c| c.batches.iter().map(|b| b.device)), grad_scale, found_inf, streams)?;
@@ -433,7 +476,11 @@ impl StepPlan {
         let hypers = given.as_ref().unwrap_or(&self.hypers);
         let (who, rule, calls) = (&self.who, &self.rule, &self.calls);
         let work = || calls.iter().zip(hypers).flat_map(|(c, h)| c.batches.iter().map(move |b| (h, b)));
-        let applied = py.detach(|| guarded(|| execute(who, rule, work(), &env)))?;
+        // The GIL stays held while the kernels read and write: no Python thread can free or
+        // replace a tensor's memory meanwhile (a `.data` swap, `set_`, a storage resize), so
+        // every storage the step touches stays alive until it returns. (CUDA kernels only
+        // queue work on the stream, whose memory torch's caching allocator keeps.)
+        let applied = guarded(|| execute(who, rule, work(), &env))?;
         drop(keep_grads);
         Ok(Some(applied))
     }
@@ -502,7 +549,11 @@ impl StepPlan {
             let StepPlan { who, rule, objs, calls, hypers, .. } = self;
             let work = calls.iter().zip(&hypers).flat_map(|(c, h)| c.batches.iter().map(move |b| (h, b)));
             let result = guarded(|| execute(&who, &rule, work, &env));
-            Python::attach(move |_| drop((objs, calls)));
+            if super::step::interpreter_alive() {
+                Python::attach(move |_| drop((objs, calls)));
+            } else {
+                std::mem::forget((objs, calls)); // the process is ending: nothing to release into
+            }
             result
         })
     }

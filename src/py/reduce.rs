@@ -18,7 +18,7 @@ fn views<'py>(tensors: &Bound<'py, PyList>, keep: &mut Vec<Bound<'py, PyAny>>) -
         if info.view.device() != Device::Cpu {
             return Err(Error::Device(format!("sum_squares: tensor {i} is on {}, which this build's engine does not reduce yet", info.view.device())));
         }
-        if info.layout == Layout::Strided {
+        if matches!(info.layout, Layout::Strided | Layout::Overlapping) {
             return Err(Error::Layout(format!("sum_squares: tensor {i} is not dense")));
         }
         out.push(info.view);
@@ -27,22 +27,21 @@ fn views<'py>(tensors: &Bound<'py, PyList>, keep: &mut Vec<Bound<'py, PyAny>>) -
 }
 
 /// `Σ x²` over every element of every tensor in `tensors` (float32/64, bfloat16, float16, any
-/// mix), accumulated in float64 in a fixed order (reproducible), with the GIL released. Raises
+/// mix), accumulated in float64 in a fixed order (reproducible), holding the GIL. Raises
 /// `LayoutError` for tensors with gaps or overlaps (callers pass `.contiguous()` copies then).
 #[pyfunction]
 pub fn sum_squares<'py>(py: Python<'py>, tensors: &Bound<'py, PyList>) -> PyResult<f64> {
     let mut keep = Vec::new();
     let views = views(tensors, &mut keep).map_err(|e| to_py(py, e))?;
-    let result = py.detach(|| {
-        catch_unwind(AssertUnwindSafe(|| {
-            // SAFETY: every view is a dense CPU tensor checked above and kept alive by `keep`
-            // until after the call; the GIL-holding caller does not write them meanwhile (torch
-            // tensors are only mutated by Python code, which cannot run on this thread now, and
-            // concurrent writers from other threads would be a data race in torch itself).
-            unsafe { crate::cpu::sum_squares(&views) }
-        }))
-        .map_err(|_| Error::Internal("panic in sum_squares".into()))
-    });
+    // The GIL stays held: no Python thread can free a tensor's memory (a `.data` swap, `set_`, a
+    // storage resize) while it is read.
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: every view is a dense CPU tensor checked above and kept alive by `keep` until
+        // after the call; this thread holds the GIL, so no Python code changes the tensors
+        // meanwhile (concurrent writers from native threads would be a data race in torch itself).
+        unsafe { crate::cpu::sum_squares(&views) }
+    }))
+    .map_err(|_| Error::Internal("panic in sum_squares".into()));
     drop(keep);
     result.map_err(|e| to_py(py, e))
 }

@@ -60,6 +60,25 @@ fn dtype_name(code: i32) -> String {
     }
 }
 
+/// Whether two elements of a tensor with these sizes and strides may share memory (e.g. an
+/// expanded tensor): sufficient test for "no" is that, with dimensions sorted by stride, each
+/// stride exceeds the span of the dimensions before it.
+fn may_overlap(shape: &[i64], strides: &[i64]) -> bool {
+    if shape.contains(&0) {
+        return false;
+    }
+    let mut dims: Vec<(i64, i64)> = shape.iter().copied().zip(strides.iter().copied()).filter(|&(s, _)| s != 1).collect();
+    dims.sort_by_key(|&(_, st)| st);
+    let mut span = 0i64; // largest offset reachable with the dimensions so far
+    for (size, stride) in dims {
+        if stride <= span {
+            return true;
+        }
+        span = span.saturating_add((size - 1).saturating_mul(stride));
+    }
+    false
+}
+
 /// Whether strides describe a dense, non-overlapping layout (some permutation of a contiguous one).
 fn is_dense(shape: &[i64], strides: &[i64]) -> bool {
     let mut dims: Vec<(i64, i64)> = shape.iter().copied().zip(strides.iter().copied()).filter(|&(s, _)| s != 1).collect();
@@ -74,24 +93,66 @@ fn is_dense(shape: &[i64], strides: &[i64]) -> bool {
     true
 }
 
-static TENSOR_TYPE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-
-/// The `torch.Tensor` type object (looked up once, kept forever).
-fn tensor_type(py: Python<'_>) -> Result<*mut pyo3::ffi::PyTypeObject> {
-    let ty = TENSOR_TYPE
-        .get_or_try_init(py, || -> PyResult<Py<PyType>> { Ok(PyModule::import(py, "torch")?.getattr("Tensor")?.cast_into::<PyType>()?.unbind()) })
-        .map_err(|e| Error::Internal(format!("cannot find torch.Tensor: {e}")))?;
-    Ok(ty.as_ptr() as *mut pyo3::ffi::PyTypeObject)
+/// `torch.Tensor`, `torch.nn.Parameter` and `torch.Tensor.__torch_dispatch__` (looked up once,
+/// kept forever).
+struct TorchTypes {
+    tensor: Py<PyType>,
+    parameter: Py<PyType>,
+    disabled_dispatch: Py<PyAny>,
 }
 
-/// Fail unless `obj` is a `torch.Tensor` (or a subclass, e.g. `nn.Parameter`): a plain subtype
-/// check (a read of the type's MRO), no `__instancecheck__` dispatch.
-fn check_tensor(obj: &Bound<'_, PyAny>, tensor_type: *mut pyo3::ffi::PyTypeObject, role: &dyn Fn() -> String) -> Result<()> {
+static TORCH_TYPES: PyOnceLock<TorchTypes> = PyOnceLock::new();
+
+fn torch_types(py: Python<'_>) -> Result<&'static TorchTypes> {
+    TORCH_TYPES
+        .get_or_try_init(py, || -> PyResult<TorchTypes> {
+            let torch = PyModule::import(py, "torch")?;
+            let tensor = torch.getattr("Tensor")?.cast_into::<PyType>()?;
+            let parameter = torch.getattr("nn")?.getattr("Parameter")?.cast_into::<PyType>()?.unbind();
+            let disabled_dispatch = tensor.getattr("__torch_dispatch__")?.unbind();
+            Ok(TorchTypes { tensor: tensor.unbind(), parameter, disabled_dispatch })
+        })
+        .map_err(|e| Error::Internal(format!("cannot find torch.Tensor: {e}")))
+}
+
+/// Fail unless `obj` is a `torch.Tensor` (or a subclass, e.g. `nn.Parameter`) whose memory the
+/// engine may read and write directly: a plain subtype check (a read of the type's MRO), no
+/// `__instancecheck__` dispatch. Subclasses that define `__torch_dispatch__` (wrapper tensors made
+/// with `_make_wrapper_subclass`, e.g. DTensor; tensors that log or redirect their operations)
+/// are refused: their data is elsewhere, or writing their memory behind their back would skip
+/// their own logic.
+fn check_tensor(obj: &Bound<'_, PyAny>, types: &TorchTypes, role: &dyn Fn() -> String) -> Result<()> {
+    let py = obj.py();
+    let tensor_type = types.tensor.as_ptr() as *mut pyo3::ffi::PyTypeObject;
+    // SAFETY: obj is borrowed and live.
+    let ty = unsafe { pyo3::ffi::Py_TYPE(obj.as_ptr()) };
+    if ty == tensor_type || ty == types.parameter.as_ptr() as *mut pyo3::ffi::PyTypeObject {
+        return Ok(());
+    }
     // SAFETY: both pointers are live type objects (obj is borrowed, tensor_type cached forever).
-    if unsafe { pyo3::ffi::PyType_IsSubtype(pyo3::ffi::Py_TYPE(obj.as_ptr()), tensor_type) } == 0 {
+    if unsafe { pyo3::ffi::PyType_IsSubtype(ty, tensor_type) } == 0 {
         return Err(Error::Value(format!("{}: expected a torch.Tensor, got {}", role(), type_name(obj))));
     }
+    let dispatch = obj.get_type().getattr(pyo3::intern!(py, "__torch_dispatch__"));
+    if !dispatch.is_ok_and(|d| d.is(types.disabled_dispatch.bind(py))) {
+        return Err(Error::Value(wrapper_message(&role(), &type_name(obj))));
+    }
     Ok(())
+}
+
+/// Fail (as the engine would) unless `obj` is a `torch.Tensor` the engine may update directly
+/// (see [`check_tensor`]); its dtype, layout and memory are not looked at.
+pub fn check_type(obj: &Bound<'_, PyAny>, role: &dyn Fn() -> String) -> Result<()> {
+    check_tensor(obj, torch_types(obj.py())?, role)
+}
+
+/// The refusal of a tensor subclass the engine cannot read natively (one place for the wording).
+fn wrapper_message(role: &str, type_name: &str) -> String {
+    format!(
+        "{role} is a {type_name}, a tensor subclass with its own __torch_dispatch__ (a wrapper tensor such as DTensor, or a \
+         subclass that intercepts operations): emafuse updates tensor memory directly and cannot do that behind its back. \
+         Pass plain torch.Tensors (for a wrapper, its local tensor, e.g. DTensor.to_local()), or use a torch.optim optimizer"
+    )
 }
 
 /// Where torch 2.11 keeps a `torch.Tensor` object's `at::Tensor`: right after the object header
@@ -163,7 +224,7 @@ unsafe fn read_holding_gil(obj: *mut pyo3::ffi::PyObject, role: &dyn Fn() -> Str
 
 /// Unpack `obj` (which must be a `torch.Tensor`) for the role `role` (used in messages).
 pub fn unpack<'py>(obj: &Bound<'py, PyAny>, role: &dyn Fn() -> String) -> Result<Unpacked<'py>> {
-    check_tensor(obj, tensor_type(obj.py())?, role)?;
+    check_tensor(obj, torch_types(obj.py())?, role)?;
     // SAFETY: obj is a live torch.Tensor, borrowed for the call, and this thread holds the GIL.
     let info = unsafe { read_holding_gil(obj.as_ptr(), role)? };
     Ok(Unpacked { obj: obj.clone(), info })
@@ -178,9 +239,9 @@ const PARALLEL_FROM: usize = 512;
 /// run on emafuse's pool beside this thread.
 pub fn infos(objs: &[Bound<'_, PyAny>], role: &(dyn Fn(usize) -> String + Sync)) -> Result<Vec<TensorInfo>> {
     let Some(first) = objs.first() else { return Ok(Vec::new()) };
-    let tensor_type = tensor_type(first.py())?;
+    let types = torch_types(first.py())?;
     for (i, obj) in objs.iter().enumerate() {
-        check_tensor(obj, tensor_type, &|| role(i))?;
+        check_tensor(obj, types, &|| role(i))?;
     }
     // SAFETY (all blocks below): every object is a live torch.Tensor (checked above), kept alive
     // by `objs`, and this thread holds the GIL throughout.
@@ -270,6 +331,8 @@ unsafe fn read_info(raw: *mut C_tensor, role: &dyn Fn() -> String) -> Result<Ten
         torch_sys::at_stride(raw, strides.as_mut_ptr());
         if is_dense(shape.as_slice(), &strides) {
             Layout::Dense(strides)
+        } else if may_overlap(shape.as_slice(), &strides) {
+            Layout::Overlapping
         } else {
             Layout::Strided
         }
@@ -279,7 +342,14 @@ unsafe fn read_info(raw: *mut C_tensor, role: &dyn Fn() -> String) -> Result<Ten
         if torch_sys::at_is_sparse(raw) == 1 {
             return Err(Error::Sparse(format!("{} is sparse", role())));
         }
-        return Err(Error::Value(format!("{}: {e}", role())));
+        return Err(Error::Value(format!("{}: {e} (emafuse needs tensors with their own memory)", role())));
+    }
+    if numel > 0 && ptr.is_null() {
+        return Err(Error::Value(format!(
+            "{} has no memory (a tensor without storage, e.g. a wrapper subclass or a fake tensor): emafuse updates \
+             tensor memory directly; pass plain tensors that own their data",
+            role()
+        )));
     }
     Ok(TensorInfo { view: TensorView::new(ptr, numel, dtype, device), shape, layout })
 }
@@ -300,5 +370,16 @@ mod tests {
         assert!(is_dense(&[1, 3], &[100, 1])); // size-1 dims may have any stride
         assert!(!is_dense(&[2, 3], &[6, 1])); // every other row
         assert!(!is_dense(&[3], &[0])); // expanded
+    }
+
+    #[test]
+    fn overlapping_layouts() {
+        use super::may_overlap;
+        assert!(may_overlap(&[4, 3], &[0, 1])); // expanded rows
+        assert!(may_overlap(&[2, 2], &[1, 1])); // as_strided windows
+        assert!(!may_overlap(&[2, 3], &[6, 1])); // gaps, no overlap
+        assert!(!may_overlap(&[3, 2], &[1, 3])); // transposed
+        assert!(!may_overlap(&[1, 3], &[0, 1])); // size-1 dims may have any stride
+        assert!(!may_overlap(&[0, 3], &[0, 1])); // empty
     }
 }

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import _dtensor
 from ..errors import InvalidArgumentError, ShapeError
 from ._tracking import Tracking
 
-__all__ = ["Alias", "Averager", "load_module_state", "renamed", "saved"]
+__all__ = ["Alias", "Averager", "load_module_state", "renamed", "saved", "saved_count"]
 
 
 class Alias:
@@ -52,9 +53,36 @@ def saved(who: str, state: Mapping[str, Any], key: str, *old: str) -> Any:
     raise InvalidArgumentError(f"{who}.load_state_dict: missing '{key}'")
 
 
+def saved_count(who: str, state: Mapping[str, Any], key: str, *old: str) -> int:
+    """A saved counter (``state[key]`` or an old spelling, as :func:`saved`) as an int; a clear
+    error for anything but a whole number >= 0 (a string, NaN, a fraction, a negative count).
+    Callers read every counter before they write anything."""
+    value = saved(who, state, key, *old)
+    try:
+        number = value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
+        count = int(number) if not isinstance(number, bool) and float(number) == int(number) else None
+    except (TypeError, ValueError, OverflowError):
+        count = None
+    if count is None or count < 0:
+        raise InvalidArgumentError(f"{who}.load_state_dict: '{key}' is {value!r}; expected a whole number >= 0 (a corrupted checkpoint?). Nothing was loaded.")
+    return count
+
+
 def load_module_state(who: str, module: nn.Module, theirs: Mapping[str, Tensor]) -> None:
     """Copy a saved ``state_dict`` into the module holding an average, in place (into its dtype
     and device); a clear error, before anything is written, if it does not match."""
+    check_module_state(who, module, theirs)
+    own = module.state_dict()
+    with torch.no_grad():
+        for k, v in own.items():
+            _dtensor.copy_into(v, theirs[k])
+
+
+def check_module_state(who: str, module: nn.Module, theirs: Mapping[str, Tensor]) -> None:
+    """Raise (writing nothing) unless ``theirs`` can be loaded by :func:`load_module_state`: the
+    same keys, tensors of the same shapes."""
+    if not isinstance(theirs, Mapping):
+        raise InvalidArgumentError(f"{who}.load_state_dict: the saved average is a {type(theirs).__name__}, expected a state_dict")
     own = module.state_dict()
     missing = [k for k in own if k not in theirs]
     unexpected = [k for k in theirs if k not in own]
@@ -63,11 +91,10 @@ def load_module_state(who: str, module: nn.Module, theirs: Mapping[str, Tensor])
             f"{who}.load_state_dict: the saved average does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     for k, v in own.items():
+        if not isinstance(theirs[k], Tensor):
+            raise InvalidArgumentError(f"{who}.load_state_dict: '{k}' is a {type(theirs[k]).__name__}, expected a tensor")
         if tuple(theirs[k].shape) != tuple(v.shape):
             raise ShapeError(f"{who}.load_state_dict: '{k}' has shape {tuple(theirs[k].shape)}, expected {tuple(v.shape)}")
-    with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(theirs[k])
 
 
 class Averager:
@@ -95,6 +122,13 @@ class Averager:
     def n_averaged(self) -> int:
         """``torch.optim.swa_utils.AveragedModel``'s and Lightning's name for :attr:`num_updates`."""
         return self.num_updates
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The average as a state_dict of whole tensors, e.g. to save a consolidated checkpoint of
+        a sharded (FSDP2) model's average: DTensors are gathered, so every rank of the mesh must
+        call this (one ``all_gather`` per sharded tensor); the same as ``module.state_dict()`` for
+        an unsharded model."""
+        return _dtensor.full_state_dict(self.module.state_dict())
 
     def swap(self, model: nn.Module | None = None) -> None:
         """Exchange the model's weights with the average in place (the fused native swap for

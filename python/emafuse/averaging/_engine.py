@@ -61,7 +61,7 @@ def native_step(who: str, rule: str, g: Group) -> None:
     try:
         _native.step(who, rule, groups, streams=current_streams())
     except LayoutError:
-        groups, copy_back = stage_groups(groups)
+        groups, copy_back = stage_groups(groups, who=who)
         _native.step(who, rule, groups, streams=current_streams())
         for orig, copy in copy_back:
             orig.copy_(copy)
@@ -116,7 +116,7 @@ def native_step_async(who: str, rule: str, g: Group, wait_for: Callable[[], Any]
     try:
         return _native.step_async(who, rule, groups, wait_for)
     except LayoutError:
-        groups, copy_back = stage_groups(groups)
+        groups, copy_back = stage_groups(groups, who=who)
         return _StagedPending(_native.step_async(who, rule, groups, wait_for), copy_back)
 
 

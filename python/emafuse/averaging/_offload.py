@@ -1,6 +1,9 @@
 """The host mirror of an offloaded average (spec ``averaging.md`` T.6): the model's tensors are
 copied device-to-host on a side stream into pinned buffers, and the update that reads them runs
-on a native background thread while training goes on; reads of the average join it first."""
+on a native background thread while training goes on; reads of the average join it first. A
+pending update is also joined (completed) before ``fork()`` and at interpreter exit
+(``emafuse._guard.track_pending``): a child process never sees a half-written average, and the
+thread never outlives the interpreter."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._guard import track_pending
 from ._engine import Group, native_step, native_step_async
 
 __all__ = ["HostMirror"]
@@ -95,6 +99,7 @@ class HostMirror:
             finish()
         else:
             self._finish = finish
+            track_pending(self)  # joined before fork() and at exit
 
     def join(self) -> None:
         """Wait for the pending update, then finish it."""

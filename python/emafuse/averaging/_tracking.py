@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import _dtensor
 from ..errors import InvalidArgumentError, ShapeError
 from ._engine import group, native_step, real_view
 
@@ -90,7 +91,10 @@ def _named(m: nn.Module) -> Iterator[tuple[str, Tensor, bool]]:
 def averaged_copy(model: nn.Module, dtype: torch.dtype | None = None, device: torch.device | None = None) -> nn.Module:
     """A copy of ``model`` to hold an average: every parameter and buffer cloned directly onto
     ``device`` (None: where it is) and, for floating tensors, into ``dtype`` (None: its own), with
-    no transient copy on the model's device; eval mode, no gradients."""
+    no transient copy on the model's device; eval mode, no gradients. A model with DTensor
+    (FSDP2) tensors gets a shard-local copy instead (:func:`_sharded_copy`)."""
+    if _dtensor.any_dtensor(chain(model.parameters(), model.buffers())):
+        return _sharded_copy(model, dtype, device)
     memo: dict[int, Any] = {}
     for t in chain(model.parameters(), model.buffers()):
         if id(t) in memo:
@@ -99,6 +103,36 @@ def averaged_copy(model: nn.Module, dtype: torch.dtype | None = None, device: to
         x = x.to(device=device or x.device, dtype=dtype if dtype is not None and x.is_floating_point() else x.dtype, copy=True)
         memo[id(t)] = nn.Parameter(x, requires_grad=False) if isinstance(t, nn.Parameter) else x
     out = copy.deepcopy(model, memo)
+    out.eval()
+    return out
+
+
+def _sharded_copy(model: nn.Module, dtype: torch.dtype | None, device: torch.device | None) -> nn.Module:
+    """The average of a sharded (FSDP2) model: plain modules holding, under the model's names, a
+    copy of each tensor; a DTensor's copy is a DTensor placed like it whose local shard is a copy
+    of this rank's shard (no communication, 1/world_size of the model per rank), so ``state_dict``
+    is sharded as ``torch.distributed.checkpoint`` expects. The copy has no ``forward``: evaluate
+    the average by swapping it into the model (``average_parameters``)."""
+    out = nn.Module()
+    copies: dict[int, Tensor] = {}
+    for name, t, is_param in _named(model):
+        x = copies.get(id(t))
+        if x is None:
+            data = _dtensor.local(t).detach()
+            data = data.to(device=device or data.device, dtype=dtype if dtype is not None and data.is_floating_point() else data.dtype, copy=True)
+            x = _dtensor.sharded_like(t, data) if _dtensor.is_dtensor(t) else data
+            x = nn.Parameter(x, requires_grad=False) if is_param else x
+            copies[id(t)] = x
+        owner = out
+        *path, key = name.split(".")
+        for part in path:
+            if part not in owner._modules:
+                owner.add_module(part, nn.Module())
+            owner = owner._modules[part]  # type: ignore[assignment]
+        if is_param:
+            owner.register_parameter(key, x)  # type: ignore[arg-type]
+        else:
+            owner.register_buffer(key, x)
     out.eval()
     return out
 
@@ -144,7 +178,9 @@ class Tracking:
         self.who = who
         named = list(_named(model))
         self.entries = [Entry(n, is_param, policy.action(n, t, is_param)) for n, t, is_param in named]
-        self._shapes = [t.shape for _, t, _ in named]
+        # DTensor (FSDP2) tensors are followed through their local shards (see model_tensors).
+        self._shapes = [_dtensor.local(t).shape for _, t, _ in named]
+        self._layouts = [_dtensor.layout(t) for _, t, _ in named]
         self.averaged = self._where("average")
         self.copied = self._where("copy")
         self.truncated = self._where("truncate")
@@ -174,7 +210,8 @@ class Tracking:
 
     def model_tensors(self, model: nn.Module) -> list[Tensor]:
         """The model's tensors in entry order; a clear error if its structure or the shape of a
-        followed tensor changed since the average was made.
+        followed tensor changed since the average was made. A DTensor (FSDP2) tensor is given as
+        its local shard: every exchange with an average is then shard-local, with no collective.
 
         The lookup is cached: later calls only check that the module tree, each module's
         parameter/buffer/submodule counts and every tensor object are unchanged (a few dict
@@ -192,7 +229,7 @@ class Tracking:
                 f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                 f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
             )
-        ordered = [named[n] for n in names]
+        ordered = [_dtensor.local(named[n]) for n in names]
         for i in self.followed:
             if self._shapes[i] != ordered[i].shape:
                 raise ShapeError(
@@ -210,9 +247,20 @@ class Tracking:
 
     def tensors_of(self, average: nn.Module) -> list[Tensor]:
         """The tensors of ``average`` (a copy of the model, e.g. from :func:`averaged_copy`) in
-        entry order."""
-        named = {n: t.detach() for n, t, _ in _named(average)}
+        entry order (local shards of DTensors)."""
+        named = {n: _dtensor.local(t).detach() for n, t, _ in _named(average)}
         return [named[e.name] for e in self.entries]
+
+    def sharded(self, indices: Sequence[int], tensors: Sequence[Tensor]) -> list[Tensor]:
+        """An average's extra per-entry tensors (``tensors`` for entries ``indices``, local shards)
+        as they go into its ``state_dict``: DTensors placed like the model's where the model is
+        sharded (so ``torch.distributed.checkpoint`` saves each rank's part), else as they are."""
+        return [_dtensor.wrap(self._layouts[i], t) for i, t in zip(indices, tensors)]
+
+    def local_parts(self, indices: Sequence[int], tensors: Sequence[Tensor]) -> list[Tensor]:
+        """The inverse of :meth:`sharded` for loaded tensors (also whole tensors of a consolidated
+        checkpoint, of which each rank takes its part)."""
+        return [_dtensor.unwrap(self._layouts[i], t) for i, t in zip(indices, tensors)]
 
     # -- exchanges --------------------------------------------------------------------------------
 

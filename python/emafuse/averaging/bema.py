@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._guard import uninterrupted
 from ..errors import InvalidArgumentError, ShapeError
 from . import schedules as S
-from ._averager import Alias, Averager, load_module_state, renamed, saved
+from ._averager import Alias, Averager, load_module_state, renamed, saved, saved_count
 from ._engine import engine_input, group, native_step, real_view
 from ._tracking import Policy, Tracking, averaged_copy, clone_tensors
 
@@ -103,11 +104,13 @@ class BEMA(Averager):
                                    bias_power=self.bias_power, min_ema_multiplier=self.min_ema_multiplier)
 
     @torch.no_grad()
+    @uninterrupted
     def update(self, model: nn.Module | None = None) -> bool:
         """Account for one optimizer step; returns whether E/O changed."""
         tr = self._tracking
         tr.check_not_swapped()
         model = tr.model(model)
+        thetas = tr.model_tensors(model)  # checked at every call (cached): a refused call counts nothing
         t = self.num_steps_seen + 1
         if t <= self.update_after_step:
             hyper = {"alpha": 0.0, "beta": 1.0, "reset": True}
@@ -117,7 +120,6 @@ class BEMA(Averager):
         else:
             self.num_steps_seen = t
             return False
-        thetas = tr.model_tensors(model)
         inputs = [real_view(engine_input(e, thetas[i])) for e, i in zip(self._ema, tr.averaged)]
         states = [{"out": real_view(self._own[i]), "anchor": real_view(a)} for i, a in zip(tr.averaged, self._anchor)]
         native_step("BEMA", "bema", group(hyper, [real_view(e) for e in self._ema], inputs, states, ("out", "anchor")))
@@ -130,30 +132,36 @@ class BEMA(Averager):
     def state_dict(self) -> dict[str, Any]:
         return {
             "num_steps_seen": self.num_steps_seen, "num_updates": self.num_updates, "last_event": self.last_event,
-            "module": self._module.state_dict(), "ema": list(self._ema), "anchor": list(self._anchor),
+            "module": self._module.state_dict(), "ema": self._tracking.sharded(self._tracking.averaged, self._ema),
+            "anchor": self._tracking.sharded(self._tracking.averaged, self._anchor),
             "hyper": dict(ema_power=self.ema_power, bias_power=self.bias_power, lag=self.lag, multiplier=self.multiplier,
                           update_after_step=self.update_after_step, update_every=self.update_every,
                           min_ema_multiplier=self.min_ema_multiplier, compat=self.compat),
         }
 
+    @uninterrupted
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (also checkpoints of emafuse <= 0.1: ``step``,
         ``update_after``/``update_freq``, no event count)."""
         ema, anchor = list(saved("BEMA", state, "ema")), list(saved("BEMA", state, "anchor"))
         if len(ema) != len(self._ema) or len(anchor) != len(self._anchor):
             raise InvalidArgumentError("BEMA.load_state_dict: the saved state tracks another number of tensors")
+        ema, anchor = (self._tracking.local_parts(self._tracking.averaged, x) for x in (ema, anchor))
         for dst, src in zip(self._ema + self._anchor, ema + anchor):
+            if not isinstance(src, Tensor):
+                raise InvalidArgumentError(f"BEMA.load_state_dict: a saved tensor is a {type(src).__name__}")
             if dst.shape != src.shape:
                 raise ShapeError(f"BEMA.load_state_dict: shape {tuple(src.shape)} where {tuple(dst.shape)} is expected")
-        steps = int(saved("BEMA", state, "num_steps_seen", "step"))
+        steps = saved_count("BEMA", state, "num_steps_seen", "step")
         if "num_updates" in state:
-            updates = int(state["num_updates"])
+            updates = saved_count("BEMA", state, "num_updates")
         else:
             hyper = state.get("hyper", {})
             updates = _events_until(steps, int(hyper.get("update_after", self.update_after_step)),
                                          int(hyper.get("update_freq", self.update_every)))
+        last_event = saved_count("BEMA", state, "last_event")
         load_module_state("BEMA", self._module, saved("BEMA", state, "module"))
         with torch.no_grad():
             for dst, src in zip(self._ema + self._anchor, ema + anchor):
                 dst.copy_(src)
-        self.num_steps_seen, self.num_updates, self.last_event = steps, updates, int(saved("BEMA", state, "last_event"))
+        self.num_steps_seen, self.num_updates, self.last_event = steps, updates, last_event

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import schedules as S
+from ._averager import saved_count
 from .model_ema import ModelEMA
 
 __all__ = ["SWA", "SwitchEMA", "TeacherEMA"]
@@ -75,8 +76,11 @@ class SwitchEMA(ModelEMA):
         return {**super().state_dict(), "epoch": self.epoch, "num_switches": self.num_switches}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        who = type(self).__name__
+        epoch = saved_count(who, state, "epoch") if "epoch" in state else 0
+        switches = saved_count(who, state, "num_switches") if "num_switches" in state else 0
         super().load_state_dict(state)
-        self.epoch, self.num_switches = int(state.get("epoch", 0)), int(state.get("num_switches", 0))
+        self.epoch, self.num_switches = epoch, switches
 
 
 class SWA(ModelEMA):

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._guard import uninterrupted
 from ..errors import InvalidArgumentError
-from ._averager import Alias, Averager, load_module_state, renamed, saved
+from ._averager import Alias, Averager, load_module_state, renamed, saved, saved_count
 from ._tracking import Policy, Tracking, averaged_copy
 from .merge import axpby
 
@@ -65,16 +66,17 @@ class LAWA(Averager):
         return min(self.num_updates, self.k)
 
     @torch.no_grad()
+    @uninterrupted
     def update(self, model: nn.Module | None = None) -> bool:
         """Account for one optimizer step; snapshot if due."""
         tr = self._tracking
         tr.check_not_swapped()
         model = tr.model(model)
+        thetas = tr.model_tensors(model)  # checked at every call (cached): a refused call counts nothing
         t = self.num_steps_seen + 1
         if t < self.start_step or (t - self.start_step) % self.update_every != 0:
             self.num_steps_seen = t
             return False
-        thetas = tr.model_tensors(model)
         src = [thetas[i].detach() for i in tr.averaged]
         ring = self._ring[self.slot]
         if ring is None:
@@ -111,8 +113,9 @@ class LAWA(Averager):
     def state_dict(self) -> dict[str, Any]:
         return {"k": self.k, "update_every": self.update_every, "start_step": self.start_step, "slot": self.slot,
                 "num_updates": self.num_updates, "num_steps_seen": self.num_steps_seen, "slot_steps": list(self.slot_steps),
-                "ring": [None if r is None else list(r) for r in self._ring], "module": self._module.state_dict()}
+                "ring": [None if r is None else self._tracking.sharded(self._tracking.averaged, r) for r in self._ring], "module": self._module.state_dict()}
 
+    @uninterrupted
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (also checkpoints of emafuse <= 0.1: ``every``,
         ``count``, ``step``)."""
@@ -121,11 +124,18 @@ class LAWA(Averager):
         ring = [None if r is None else list(r) for r in state["ring"]]
         if any(r is not None and len(r) != len(self._tracking.averaged) for r in ring):
             raise InvalidArgumentError("LAWA.load_state_dict: the saved ring tracks another number of tensors")
+        slot, slot_steps = saved_count("LAWA", state, "slot"), list(saved("LAWA", state, "slot_steps"))
+        updates = saved_count("LAWA", state, "num_updates", "count")
+        steps = saved_count("LAWA", state, "num_steps_seen", "step")
+        every = saved_count("LAWA", state, "update_every", "every")
+        start = saved_count("LAWA", state, "start_step")
+        if slot >= self.k or every < 1 or len(slot_steps) != self.k:
+            raise InvalidArgumentError(f"LAWA.load_state_dict: slot={slot}, update_every={every}, {len(slot_steps)} slot steps do not fit k={self.k}")
+        if any(r is not None and not all(isinstance(x, Tensor) for x in r) for r in ring):
+            raise InvalidArgumentError("LAWA.load_state_dict: the saved ring holds something other than tensors")
+        parts = [None if r is None else self._tracking.local_parts(self._tracking.averaged, r) for r in ring]
         load_module_state("LAWA", self._module, saved("LAWA", state, "module"))
-        self._ring = [None if r is None else [x.to(self.device, copy=True) for x in r] for r in ring]
-        self.slot, self.slot_steps = int(state["slot"]), list(state["slot_steps"])
-        self.num_updates = int(saved("LAWA", state, "num_updates", "count"))
-        self.num_steps_seen = int(saved("LAWA", state, "num_steps_seen", "step"))
-        self.update_every = int(saved("LAWA", state, "update_every", "every"))
-        self.start_step = int(state["start_step"])
+        self._ring = [None if r is None else [x.to(self.device, copy=True) for x in r] for r in parts]
+        self.slot, self.slot_steps = slot, slot_steps
+        self.num_updates, self.num_steps_seen, self.update_every, self.start_step = updates, steps, every, start
         self._stale = self.num_updates > 0

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import InvalidArgumentError, ShapeError
+from .. import _dtensor
+from ..errors import InvalidArgumentError, ShapeError, UnsupportedOptionError
 from ._engine import engine_input, group, native_step, real_view
 
 __all__ = ["greedy_soup", "liti", "slerp", "uniform_soup", "weighted_sum"]
@@ -22,10 +23,18 @@ StateLike = "nn.Module | Mapping[str, Tensor]"
 
 def _state(x: Any) -> dict[str, Tensor]:
     if isinstance(x, nn.Module):
-        return {k: v.detach() for k, v in x.state_dict().items()}
-    if isinstance(x, Mapping):
-        return {k: v.detach() if isinstance(v, Tensor) else v for k, v in x.items()}
-    raise InvalidArgumentError(f"expected an nn.Module or a state dict, got {type(x).__name__}")
+        st = {k: v.detach() for k, v in x.state_dict().items()}
+    elif isinstance(x, Mapping):
+        st = {k: v.detach() if isinstance(v, Tensor) else v for k, v in x.items()}
+    else:
+        raise InvalidArgumentError(f"expected an nn.Module or a state dict, got {type(x).__name__}")
+    if _dtensor.any_dtensor(st.values()):
+        raise UnsupportedOptionError(
+            "merges read whole tensors (SLERP and the soups' scores need them), and this input holds DTensors (FSDP2 shards); "
+            "pass whole tensors: an average's full_state_dict(), or get_model_state_dict(model, "
+            "options=StateDictOptions(full_state_dict=True)) for a sharded model"
+        )
+    return st
 
 
 def _check_same(states: Sequence[dict[str, Tensor]], what: str) -> None:

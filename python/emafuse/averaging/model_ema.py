@@ -15,9 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import _compile
+from .._guard import deferred_interrupts, uninterrupted
 from ..errors import InvalidArgumentError
 from ..optim._fusion import FusedRequest
-from ._averager import Alias, Averager, load_module_state, saved
+from ._averager import Alias, Averager, load_module_state, saved, saved_count
 from ._engine import CachedStep, engine_input, group, input_dtype, native_step, real_view
 from ._offload import HostMirror
 from ._tracking import Policy, Tracking, averaged_copy
@@ -247,7 +248,8 @@ class ModelEMA(Averager):
                 )
             read = [*tracked.parameters(), *tracked.buffers()]
             return _compile.average_update(self._compile_key, step, force, self.fused_outputs(), read)
-        return self._eager_update(model, step, force)
+        with deferred_interrupts():
+            return self._eager_update(model, step, force)
 
     def _eager_update(self, model: nn.Module | None, step: int | None, force: bool) -> bool:
         if self._fused is not None:
@@ -255,10 +257,12 @@ class ModelEMA(Averager):
         self._tracking.check_not_swapped()
         self._mirror.join()
         s = self.num_steps_seen + 1 if step is None else int(step)
+        # Checked at every call (cached: a few lookups), so that a refused call counts nothing.
+        thetas = self._tracking.model_tensors(self._tracking.model(model))
         if not (force or self.is_update_step(s)):
             self.num_steps_seen = s
             return False
-        self._apply(self._tracking.model_tensors(self._tracking.model(model)), self.decay_at(s))
+        self._apply(thetas, self.decay_at(s))
         self.num_steps_seen = s
         self.num_updates += 1
         return True
@@ -406,14 +410,15 @@ class ModelEMA(Averager):
             "preset": self.preset,
         }
 
+    @uninterrupted
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (also checkpoints of emafuse <= 0.1, which
         name ``num_updates`` ``num_updates_applied``); a mismatched average raises, differing
         hyper-parameters warn."""
         self._mirror.join()
         who = type(self).__name__
-        steps = int(saved(who, state, "num_steps_seen"))
-        updates = int(saved(who, state, "num_updates", "num_updates_applied"))
+        steps = saved_count(who, state, "num_steps_seen")
+        updates = saved_count(who, state, "num_updates", "num_updates_applied")
         load_module_state(who, self._module, saved(who, state, "module"))
         self.num_steps_seen, self.num_updates = steps, updates
         theirs = state.get("config", {})

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._guard import uninterrupted
 from ..errors import InvalidArgumentError
 from . import schedules as S
-from ._averager import Alias, Averager, load_module_state, saved
+from ._averager import Alias, Averager, check_module_state, load_module_state, saved, saved_count
 from ._engine import engine_input, group, native_step, real_view
 from ._tracking import Policy, Tracking, averaged_copy
 from .merge import axpby
@@ -104,6 +105,7 @@ class PowerEMA(Averager):
         return [S.power_beta(t, g, delta) for g in self.gammas]
 
     @torch.no_grad()
+    @uninterrupted
     def update(self, model: nn.Module | None = None, batch_size: int | None = None) -> bool:
         """Account for one training step (of ``batch_size`` samples with ``time_unit="samples"``)."""
         tr = self._tracking
@@ -111,12 +113,12 @@ class PowerEMA(Averager):
         if self.time_unit == "samples" and batch_size is None:
             raise InvalidArgumentError(f"{tr.who}(time_unit='samples').update needs batch_size=")
         model = tr.model(model)
+        thetas = tr.model_tensors(model)  # checked at every call (cached): a refused call counts nothing
         t = self.t + (float(batch_size) if self.time_unit == "samples" else 1.0)  # type: ignore[arg-type]
         n = self.num_steps_seen + 1
         if (n - 1) % self.update_every != 0:
             self.t, self.num_steps_seen = t, n
             return False
-        thetas = tr.model_tensors(model)
         first = self._tracks[0]
         inputs = [real_view(engine_input(first[i], thetas[i])) for i in tr.averaged]
         weights = [1.0 - b for b in self.betas(t, t - self.t_last)]
@@ -165,6 +167,7 @@ class PowerEMA(Averager):
             "snapshots": [{k: v for k, v in r.items() if k != "state"} if "path" in r else r for r in self.snapshots],
         }
 
+    @uninterrupted
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (also checkpoints of emafuse <= 0.1:
         ``num_steps``, no event count)."""
@@ -174,12 +177,17 @@ class PowerEMA(Averager):
             raise InvalidArgumentError(f"{who}.load_state_dict: {len(tracks)} tracks saved, {len(self.modules)} here")
         if any(abs(a - b) > 1e-12 for a, b in zip(state["gammas"], self.gammas)):
             warnings.warn(f"{who}.load_state_dict: the saved tracks have other gammas", stacklevel=2)
-        steps = int(saved(who, state, "num_steps_seen", "num_steps"))
-        every = int(state.get("update_every", self.update_every))
-        updates = int(state["num_updates"]) if "num_updates" in state else math.ceil(steps / every)
+        steps = saved_count(who, state, "num_steps_seen", "num_steps")
+        every = saved_count(who, state, "update_every") if "update_every" in state else self.update_every
+        if every < 1:
+            raise InvalidArgumentError(f"{who}.load_state_dict: update_every={every}")
+        updates = saved_count(who, state, "num_updates") if "num_updates" in state else math.ceil(steps / every)
+        t, t_last = _saved_time(who, state, "t"), _saved_time(who, state, "t_last")
+        for m, sd in zip(self.modules, tracks):
+            check_module_state(who, m, sd)
         for m, sd in zip(self.modules, tracks):
             load_module_state(who, m, sd)
-        self.t, self.t_last = float(state["t"]), float(state["t_last"])
+        self.t, self.t_last = t, t_last
         self.num_steps_seen, self.num_updates = steps, updates
         self.snapshots = list(state.get("snapshots", []))
 
@@ -231,6 +239,7 @@ class PostHocEMA(PowerEMA):
             raise ValueError("snapshot_every must be >= 1")
         self.snapshot_every = int(snapshot_every)
 
+    @uninterrupted
     def update(self, model: nn.Module | None = None, batch_size: int | None = None) -> bool:
         changed = super().update(model, batch_size)
         if self.num_steps_seen % self.snapshot_every == 0:
@@ -255,6 +264,19 @@ class PostHocEMA(PowerEMA):
         acc = [own[i] for i in tr.averaged]
         names = tr.names(tr.averaged)
         for j, (rec, c) in enumerate(zip(use, x)):
-            state = rec["state"] if "state" in rec else torch.load(rec["path"])["state"]
+            # weights_only: the path comes from a checkpoint; never unpickle arbitrary objects.
+            state = rec["state"] if "state" in rec else torch.load(rec["path"], weights_only=True)["state"]
             axpby(acc, [state[n] for n in names], 1.0, float(c), assign=(j == 0))
         return out
+
+
+def _saved_time(who: str, state: Mapping[str, Any], key: str) -> float:
+    """A saved time (``t``, ``t_last``): a finite number >= 0, else a clear error."""
+    value = saved(who, state, key)
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = math.nan
+    if not (math.isfinite(t) and t >= 0):
+        raise InvalidArgumentError(f"{who}.load_state_dict: '{key}' is {value!r}; expected a finite number >= 0")
+    return t

@@ -11,6 +11,7 @@ support, complex and non-contiguous parameters, atomic error handling) lives her
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from collections import defaultdict
 from collections.abc import Callable
@@ -20,10 +21,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .. import _compile, _native
+from .. import _compile, _dtensor, _native
 from .._cuda import current_streams, per_device
+from .._guard import deferred_interrupts, refuse_subclass
 from .._staging import stage_groups
-from ..errors import LayoutError, SparseGradError, UnsupportedOptionError
+from ..errors import DTypeError, InvalidArgumentError, LayoutError, SparseGradError, UnsupportedOptionError
 from ._fusion import FusedAverage, FusedRequest, fused_average, register_fused_average
 
 __all__ = ["FusedOptimizer", "scalar", "sum_squares"]
@@ -94,7 +96,10 @@ def scalar(x: float | Tensor) -> float:
 def sum_squares(tensors: list[Tensor]) -> float:
     """``Σ x²`` over all elements of ``tensors``, accumulated in float64 by the native engine in
     one parallel pass (reproducible: the order does not depend on threads). Complex tensors
-    count as their real views; tensors with gaps are copied first."""
+    count as their real views; tensors with gaps are copied first. DTensor (FSDP2) shards are
+    summed across their mesh (see ``emafuse._dtensor``)."""
+    if _dtensor.any_dtensor(tensors):
+        return _dtensor.sum_squares(tensors, sum_squares)
     ts = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
     cuda = [t for t in ts if t.is_cuda]
     total = 0.0
@@ -190,6 +195,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The rule's numbers and flags for ``group``."""
         raise NotImplementedError
 
+    def _whole_tensor_sums(self, hyper: dict[str, Any]) -> bool:
+        """Whether the rule, with these hyper-parameters (a call's: the group's and its extra
+        flags), reads sums over each whole tensor (its ``SUMS``): a DTensor (FSDP2) parameter is
+        then stepped gathered, not on its local shard (see ``emafuse._dtensor``)."""
+        return False
+
     def _state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
         """The dtype of ``p``'s state tensors. torch's convention (the parameter's dtype) unless
         an optimizer overrides it; the engine also accepts float32 states for bf16/fp16
@@ -257,6 +268,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         would cast both to the parameter's dtype; so a resumed run continues bit for bit. User
         hooks see the checkpoint unchanged: the shield runs after every other pre-hook and is
         lifted before every other post-hook."""
+        self._check_loaded_counters(state_dict)
         pre = self.register_load_state_dict_pre_hook(FusedOptimizer._shield_state_dtypes)
         post = self.register_load_state_dict_post_hook(FusedOptimizer._unshield_state_dtypes, prepend=True)
         try:
@@ -264,6 +276,25 @@ class FusedOptimizer(torch.optim.Optimizer):
         finally:
             pre.remove()
             post.remove()
+
+    def _check_loaded_counters(self, state_dict: dict[str, Any]) -> None:
+        """Refuse (before anything is loaded) a checkpoint whose step counters are negative or not
+        finite numbers: the bias corrections would turn every parameter into NaN."""
+        if "step" not in self._scalar_keys:
+            return
+        for pid, st in state_dict.get("state", {}).items():
+            step = st.get("step") if isinstance(st, dict) else None
+            if step is None:
+                continue
+            try:
+                value = float(step.item() if isinstance(step, Tensor) else step)
+            except (TypeError, ValueError, RuntimeError):
+                value = float("nan")
+            if not (math.isfinite(value) and value >= 0):
+                raise InvalidArgumentError(
+                    f"{type(self).__name__}.load_state_dict: state of parameter {pid} has step={step!r}; a step counter must "
+                    "be a finite number >= 0 (a corrupted checkpoint?). Nothing was loaded."
+                )
 
     @staticmethod
     def _shield_state_dtypes(self: FusedOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -389,7 +420,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             written.extend(average.fused_outputs())
 
     def _update(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """The step after the closure: one native call, with a fused average's update."""
+        """The step after the closure: one native call, with a fused average's update. All or
+        nothing: an error changes nothing, and a Ctrl-C is held back until the step, its lazily
+        created state and its counters are complete (``emafuse._guard``)."""
+        with deferred_interrupts():
+            self._update_now(grad_scale, found_inf)
+
+    def _update_now(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         self._sync_param_lists()  # a group's params list may have been replaced
         self._begin_step()
         average = fused_average(self)
@@ -467,7 +504,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             calls = _with_fused_average(calls, request)
         if not calls and not sparse:
             return None
-        return _StepPlan(type(self).__name__, self._rule, calls, [g["params"] for g in self.param_groups], created, self.state, slots, sparse)
+        who = type(self).__name__
+        sharded = None
+        if _dtensor.any_dtensor(p for c in calls for p in c.params):
+            sharded = _local_calls(who, calls, hypers, self._whole_tensor_sums)
+            calls = sharded[0]
+        return _StepPlan(who, self._rule, calls, [g["params"] for g in self.param_groups], created, self.state, slots, sparse, sharded)
 
     def _collect(
         self,
@@ -493,6 +535,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             g = p.grad
             if g is None:
                 continue
+            self._check_operands(gi, p, g)
             if sparse_ok and g.layout != torch.strided:
                 sparse.append(p)
                 continue
@@ -505,6 +548,21 @@ class FusedOptimizer(torch.optim.Optimizer):
                 st, is_new = self._complete_state(p, st, slots, group, created)
             (fresh if is_new and self._flags_fresh_state else normal).add(p, g, st)
         calls.extend(c for c in (normal, fresh) if c.params)
+
+    def _check_operands(self, gi: int, p: Tensor, g: Tensor) -> None:
+        """Refuse, before any state is made, a parameter or gradient the engine cannot update
+        natively (a tensor subclass with its own dispatch) and a gradient of another dtype than its
+        parameter (as torch does). DTensor parameters pass: the step runs on their local shards
+        (``emafuse._dtensor`` unwraps them and checks their gradients and state)."""
+        plain = type(p) is torch.nn.Parameter and type(g) is Tensor  # the common case costs two type checks
+        if not plain and not _dtensor.is_dtensor(p):
+            refuse_subclass(p, f"{type(self).__name__}: param group {gi}: a parameter")
+            refuse_subclass(g, f"{type(self).__name__}: param group {gi}: a parameter's grad")
+        if g.dtype != p.dtype:
+            raise DTypeError(
+                f"{type(self).__name__}: param group {gi}: a gradient has dtype {g.dtype} but its parameter has dtype {p.dtype}; "
+                "gradients must have their parameter's dtype"
+            )
 
     def _step_sparse(self, params: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """Step the parameters whose gradient is sparse (``_supports_sparse_grads``), after the
@@ -530,7 +588,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         missing = [name for name in slots if name not in st]
         for key in self._scalar_keys:
             if key not in st:
-                raise KeyError(f"{type(self).__name__}: state of a parameter lacks '{key}'")
+                raise InvalidArgumentError(f"{type(self).__name__}: the state of a parameter lacks '{key}' (a corrupted checkpoint?)")
         if not missing:
             return st, False
         fixed = dict(st)
@@ -548,11 +606,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         parameter: run the native step on real views / contiguous copies, then copy back."""
         no_complex = None if self._supports_complex else f"{plan.who} does not support complex parameters"
         groups = [c.group(plan.hypers[c.group_index]) for c in plan.calls]
-        staged, copy_back = stage_groups(groups, no_complex)
+        staged, copy_back = stage_groups(groups, no_complex, plan.who)
         applied = _native.step(plan.who, self._rule, staged, *amp)
         for orig, copy in copy_back:
             orig.copy_(copy)
         plan.cacheable = False
+        if applied:
+            plan.copy_back_gathered()
         return applied
 
 
@@ -659,6 +719,7 @@ class _StepPlan:
         state: _StateDict,
         slots: list[tuple[str, ...]],
         sparse: list[Tensor],
+        sharded: tuple[list[_Call], list[Tensor], list[tuple[Tensor, Tensor]]] | None = None,
     ) -> None:
         self.who = who
         self.calls = calls
@@ -676,6 +737,19 @@ class _StepPlan:
         self._rule = rule
         self._watch = watch if self.cacheable else None  # one run only: the inputs are the gradients given
         self._native: _native.StepPlan | None = None
+        # DTensor (FSDP2) parameters: the calls hold their local shards (or gathered whole
+        # tensors, copied back after a run); such a plan is built at every step.
+        self._gathered: list[tuple[Tensor, Tensor]] = []
+        if sharded is not None:
+            _, originals, self._gathered = sharded
+            self.params.extend(originals)
+            self.cacheable = False
+            self._watch = None
+
+    def copy_back_gathered(self) -> None:
+        """Write this rank's part of the gathered whole tensors a run updated into the local shards."""
+        for dst, src in self._gathered:
+            dst.copy_(src)
 
     def describes(self, state: Any, slots: list[tuple[str, ...]]) -> bool:
         return state is self._state and state.version == self._version and slots == self.slots
@@ -690,7 +764,10 @@ class _StepPlan:
         if self._native is None:
             groups = [c.group(h) for c, h in zip(self.calls, call_hypers)]
             self._native = _native.StepPlan(self.who, self._rule, groups, self._watch)
-        return self._native.run(call_hypers, *amp)
+        applied = self._native.run(call_hypers, *amp)
+        if applied and self._gathered:
+            self.copy_back_gathered()
+        return applied
 
     def commit(self, state: _StateDict) -> None:
         """After the first run: store the lazily created state, and forget the gradients
@@ -702,6 +779,25 @@ class _StepPlan:
         for c in self.calls:
             c.grads = []
         self._version = state.version
+
+
+def _local_calls(
+    who: str, calls: list[_Call], hypers: list[dict[str, Any]], whole: Callable[[dict[str, Any]], bool]
+) -> tuple[list[_Call], list[Tensor], list[tuple[Tensor, Tensor]]]:
+    """``calls`` with DTensor (FSDP2) parameters replaced by what the engine reads (their local
+    shards, or gathered whole tensors where the rule reads whole-tensor sums: ``whole``), the
+    original parameters, and the (local shard, gathered part) pairs to copy back after a run."""
+    out: list[_Call] = []
+    originals: list[Tensor] = []
+    copy_back: list[tuple[Tensor, Tensor]] = []
+    for c in calls:
+        gather = whole(c.hyper(hypers[c.group_index]))
+        local = _Call(c.group_index, c.extra, c.slots, c.scalars, c.states is not None)
+        local.params, local.grads, local.states, back = _dtensor.local_call(c.params, c.grads, c.states, c.slots, who, gather)
+        originals.extend(p for p in c.params if _dtensor.is_dtensor(p))
+        copy_back.extend(back)
+        out.append(local)
+    return out, originals, copy_back
 
 
 def _with_fused_average(calls: list[_Call], request: FusedRequest) -> list[_Call]:

@@ -1,0 +1,275 @@
+"""DTensor parameters (``torch.distributed.fsdp.fully_shard``, FSDP2): emafuse's native engine
+works on each rank's local shards.
+
+A ``DTensor`` is a wrapper subclass with no storage of its own; its data is the plain local tensor
+it wraps (``_local_tensor``). Everything emafuse passes to the native engine is unwrapped here
+first, so the engine only ever sees plain tensors:
+
+* optimizers (:func:`local_call`): parameter, gradient and state slots of a DTensor parameter are
+  replaced by their local shards (state entries are DTensors with the parameter's placements, so
+  ``torch.distributed.checkpoint`` saves and reshards them). Element-wise rules need nothing else.
+  Rules that read whole-tensor sums run on gathered tensors (``gather=True``); optimizer-wide
+  norms add the local sums across the mesh (:func:`sum_squares`);
+* averaging (:func:`local`): the model's tensors are read as their local shards, the average keeps
+  one local shard per tensor inside a DTensor of the same placements (:func:`sharded_like`).
+
+Supported: DTensors on a 1-D device mesh whose placement is ``Shard(d)`` (any dim, uneven sizes
+included) or ``Replicate()``. Others (``Partial``, meshes of 2 or more dimensions, e.g. HSDP)
+are refused with :class:`~emafuse.errors.UnsupportedOptionError`.
+
+Collectives: none for element-wise steps and for averaging updates; one ``all_reduce`` (float64,
+one element per process group) per step for optimizer-wide norms (Adan's ``max_grad_norm``); one
+``all_gather`` per gathered tensor (parameter, gradient, each state slot) for rules with
+per-tensor sums (SGD-SaI on a parameter's first step, Lion with ``caution=True``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .errors import InvalidArgumentError, UnsupportedOptionError
+
+__all__ = [
+    "Layout", "any_dtensor", "check", "copy_into", "full_state_dict", "is_dtensor", "layout", "local", "local_call",
+    "sharded_like", "sum_squares", "unwrap", "wrap",
+]
+
+_DTENSOR: Any = False  # the DTensor class once looked up (None: torch.distributed unavailable)
+
+
+def _dtensor_type() -> Any:
+    global _DTENSOR
+    if _DTENSOR is False:
+        try:
+            from torch.distributed.tensor import DTensor
+        except Exception:
+            DTensor = None
+        _DTENSOR = DTensor
+    return _DTENSOR
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def any_dtensor(ts: Iterable[Any]) -> bool:
+    """Whether any of ``ts`` is a DTensor (False at once when torch.distributed is unavailable)."""
+    cls = _dtensor_type()
+    return cls is not None and any(isinstance(t, cls) for t in ts)
+
+
+def local(t: Tensor) -> Tensor:
+    """``t``'s local shard if it is a DTensor, else ``t``."""
+    return t._local_tensor if is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+# (id(mesh), placements) pairs already checked, with their mesh (kept, so that the id stays its).
+_SUPPORTED: dict[tuple[int, Any], Any] = {}
+
+
+def check(t: Tensor, who: str, what: str) -> None:
+    """Refuse DTensors emafuse does not handle: a mesh of more than one dimension, or a placement
+    other than ``Shard(d)`` / ``Replicate()``."""
+    spec = t._spec  # type: ignore[attr-defined]
+    key = (id(spec.mesh), spec.placements)
+    if key in _SUPPORTED:
+        return
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = spec.mesh
+    if mesh.ndim != 1:
+        raise UnsupportedOptionError(
+            f"{who}: {what} is a DTensor on a {mesh.ndim}-D device mesh (e.g. HSDP); emafuse handles DTensor/FSDP2 "
+            "tensors on a 1-D mesh only (fully_shard with a 1-D mesh). Use a 1-D mesh or torch.optim for this model."
+        )
+    placement = spec.placements[0]
+    if not isinstance(placement, (Shard, Replicate)):
+        raise UnsupportedOptionError(
+            f"{who}: {what} is a DTensor with placement {placement}; emafuse handles DTensor/FSDP2 tensors placed "
+            "Shard(dim) or Replicate() only (a Partial tensor must be reduced first, e.g. by redistribute())."
+        )
+    if len(_SUPPORTED) < 1024:
+        _SUPPORTED[key] = mesh
+
+
+def _check_partner(p: Tensor, x: Any, who: str, what: str) -> Tensor:
+    """``x`` (a gradient or state tensor of DTensor parameter ``p``) as its local shard; it must be
+    a DTensor placed like ``p``."""
+    if not is_dtensor(x):
+        raise InvalidArgumentError(
+            f"{who}: {what} of a DTensor (FSDP2) parameter is a plain {type(x).__name__}; it must be a DTensor placed like "
+            "the parameter. Load sharded optimizer state with torch.distributed.checkpoint.state_dict.set_optimizer_state_dict."
+        )
+    a, b = x._spec, p._spec
+    if a is not b and (a.placements != b.placements or a.shape != b.shape or (a.mesh is not b.mesh and a.mesh != b.mesh)):
+        raise InvalidArgumentError(
+            f"{who}: {what} of a DTensor (FSDP2) parameter is placed {x.placements} with shape {tuple(x.shape)}, "
+            f"the parameter {p.placements} with shape {tuple(p.shape)}; they must match."
+        )
+    return x._local_tensor
+
+
+def _sharded(t: Tensor) -> bool:
+    from torch.distributed.tensor import Shard
+
+    return isinstance(t.placements[0], Shard)  # type: ignore[attr-defined]
+
+
+def _local_slice(t: Any, full: Tensor) -> Tensor:
+    """The part of ``full`` (the whole tensor of DTensor ``t``) that this rank holds."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)  # type: ignore[attr-defined]
+    out = full
+    for d, (n, o) in enumerate(zip(shape, offset)):
+        if n != full.shape[d]:
+            out = out.narrow(d, o, n)
+    return out
+
+
+def local_call(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[dict[str, Tensor]] | None,
+    slots: tuple[str, ...],
+    who: str,
+    gather: bool,
+) -> tuple[list[Tensor], list[Tensor], list[dict[str, Tensor]] | None, list[tuple[Tensor, Tensor]]]:
+    """The tensors of one native call with DTensors replaced by what the engine reads: their
+    local shards, or with ``gather`` (a rule whose step reads sums over each whole tensor) the
+    whole tensors of sharded ones, gathered, plus the (local shard, part of the whole) pairs to
+    copy back once the step ran. Plain tensors pass unchanged; scalar state stays as it is."""
+    ps: list[Tensor] = []
+    gs: list[Tensor] = []
+    sts: list[dict[str, Tensor]] | None = None if states is None else []
+    copy_back: list[tuple[Tensor, Tensor]] = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        st = None if states is None else states[i]
+        if not is_dtensor(p):
+            if is_dtensor(g):
+                raise InvalidArgumentError(
+                    f"{who}: the gradient of a plain parameter is a DTensor; parameter and gradient must both be DTensors (FSDP2) or neither"
+                )
+            ps.append(p)
+            gs.append(g)
+            if sts is not None:
+                sts.append(st)  # type: ignore[arg-type]
+            continue
+        check(p, who, "a parameter")
+        g_local = _check_partner(p, g, who, "the gradient")
+        st_local = None
+        if st is not None:
+            st_local = dict(st)
+            for k in slots:
+                st_local[k] = _check_partner(p, st[k], who, f"state '{k}'")
+        if gather and _sharded(p):
+            full_p = p.full_tensor()  # type: ignore[attr-defined]
+            copy_back.append((p._local_tensor, _local_slice(p, full_p)))  # type: ignore[attr-defined]
+            ps.append(full_p)
+            gs.append(g.full_tensor())  # type: ignore[attr-defined]
+            if st_local is not None:
+                full_st = dict(st_local)
+                for k in slots:
+                    full_st[k] = st[k].full_tensor()  # type: ignore[index]
+                    copy_back.append((st_local[k], _local_slice(p, full_st[k])))
+                st_local = full_st
+        else:
+            ps.append(p._local_tensor)  # type: ignore[attr-defined]
+            gs.append(g_local)
+        if sts is not None:
+            sts.append(st_local)  # type: ignore[arg-type]
+    return ps, gs, sts, copy_back
+
+
+def sum_squares(tensors: Sequence[Tensor], local_sum: Callable[[list[Tensor]], float]) -> float:
+    """``Σ x²`` over every element of ``tensors`` where some are DTensors: ``local_sum`` over this
+    rank's plain tensors and local shards, the shards' part summed across each DTensor's mesh
+    (one float64 ``all_reduce`` per process group); replicated DTensors and plain tensors count
+    once, as every rank holds them whole."""
+    import torch.distributed as dist
+
+    plain: list[Tensor] = []
+    by_group: dict[Any, list[Tensor]] = {}
+    for t in tensors:
+        if not is_dtensor(t):
+            plain.append(t)
+            continue
+        check(t, "sum_squares", "a tensor")
+        if _sharded(t):
+            by_group.setdefault(t.device_mesh.get_group(), []).append(t._local_tensor)  # type: ignore[attr-defined]
+        else:
+            plain.append(t._local_tensor)  # type: ignore[attr-defined]
+    total = local_sum(plain) if plain else 0.0
+    for pg, shards in by_group.items():
+        device = shards[0].device if shards[0].is_cuda else torch.device("cpu")
+        part = torch.tensor([local_sum(shards)], dtype=torch.float64, device=device)
+        dist.all_reduce(part, group=pg)
+        total += float(part.item())
+    return total
+
+
+def sharded_like(t: Tensor, data: Tensor) -> Tensor:
+    """A DTensor placed like DTensor ``t`` whose local shard is ``data`` (no communication)."""
+    return wrap(layout(t), data)
+
+
+class Layout(NamedTuple):
+    """Where a DTensor's shards lie (what :func:`wrap` / :func:`unwrap` need; no data)."""
+
+    device_mesh: Any
+    placements: tuple
+    shape: torch.Size
+    strides: tuple[int, ...]
+
+
+def layout(t: Tensor) -> Layout | None:
+    """DTensor ``t``'s :class:`Layout`, or None for a plain tensor."""
+    if not is_dtensor(t):
+        return None
+    return Layout(t.device_mesh, tuple(t.placements), t.shape, t.stride())  # type: ignore[attr-defined]
+
+
+def wrap(like: Layout | None, data: Tensor) -> Tensor:
+    """Local shard ``data`` as a DTensor laid out as ``like``; ``data`` itself when ``like`` is
+    None. No communication, and ``data`` stays where it is: an average offloaded to the CPU of a
+    model sharded on CUDA is a CPU shard of a CUDA-mesh DTensor, as FSDP2's own CPU offload keeps
+    parameters (built the way FSDP2 builds them; ``DTensor.from_local`` would move it to the
+    mesh's device)."""
+    if like is None:
+        return data
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
+    spec = DTensorSpec(like.device_mesh, like.placements, tensor_meta=TensorMeta(like.shape, like.strides, data.dtype))
+    return DTensor(data, spec, requires_grad=False)  # type: ignore[call-arg]
+
+
+def unwrap(like: Layout | None, t: Tensor) -> Tensor:
+    """The inverse of :func:`wrap` on a loaded tensor: a DTensor's local shard, this rank's part of
+    a plain whole tensor (a consolidated checkpoint), or ``t`` as it is (already local)."""
+    if is_dtensor(t):
+        return t._local_tensor  # type: ignore[attr-defined]
+    if like is not None and tuple(t.shape) == tuple(like.shape):
+        return _local_slice(like, t)
+    return t
+
+
+def copy_into(dst: Tensor, src: Tensor) -> None:
+    """``dst.copy_(src)``, where a plain whole ``src`` (e.g. from a consolidated checkpoint) goes
+    into a DTensor ``dst`` as this rank's part of it (no communication)."""
+    if is_dtensor(dst) and not is_dtensor(src):
+        dst._local_tensor.copy_(_local_slice(dst, src.to(dst.device)))  # type: ignore[attr-defined]
+    else:
+        dst.copy_(src)
+
+
+def full_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with every DTensor gathered into a plain whole tensor (every rank of the mesh
+    must call this: one ``all_gather`` per sharded tensor)."""
+    return {k: v.full_tensor() if is_dtensor(v) else v for k, v in state.items()}

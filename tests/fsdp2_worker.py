@@ -1,0 +1,407 @@
+"""What the spawned ranks of ``test_fsdp2.py`` run (see ``distributed.py``): DTensor / FSDP2
+parameters under every emafuse optimizer, distributed checkpoints, the shard-local averages, DDP
+and ZeroRedundancyOptimizer, each compared with the same computation on unsharded tensors."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import emafuse
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from emafuse._dtensor import _local_slice
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.debug import CommDebugMode
+
+# Shapes with uneven shards over 2 ranks (7 -> 4 + 3, 3 -> 2 + 1) and an empty shard on rank 1 (1 row).
+SHAPES = [(7, 5), (7,), (1, 5), (3,), (4, 4)]
+
+
+def seeded(seed: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * 0.5 + 0.1).to(dtype)
+
+
+def part(p: DTensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full``, the whole tensor of DTensor ``p``."""
+    return _local_slice(p, full)
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor, exact: bool, what: str) -> None:
+    if exact:
+        assert torch.equal(a, b), f"{what}: differs by {(a.double() - b.double()).abs().max().item() if a.numel() else 0}"
+    else:
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7, msg=lambda m: f"{what}: {m}")
+
+
+def make(name: str, params: list, kw: dict[str, Any]) -> torch.optim.Optimizer:
+    return getattr(emafuse, name)(params, **kw)
+
+
+def synthetic_grads(step: int, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    return [seeded(1000 * step + i, s) for i, s in enumerate(shapes)]
+
+
+# -- optimizers ------------------------------------------------------------------------------------
+
+
+def optimizers_on_dtensors(checks, mesh, configs) -> None:
+    """Every optimizer configuration on DTensor parameters (uneven and empty shards) against the
+    same optimizer on the whole tensors: parameters and state after 3 steps."""
+    for name, kw, exact in configs:
+        with checks.check(f"optimizer {name} {kw}"):
+            full = [seeded(i, s) for i, s in enumerate(SHAPES)]
+            ref = [nn.Parameter(t.clone()) for t in full]
+            sharded = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full]
+            opt_ref, opt = make(name, ref, kw), make(name, sharded, kw)
+            for step in range(3):
+                for p, q, g in zip(ref, sharded, synthetic_grads(step, SHAPES)):
+                    p.grad = g.clone()
+                    q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+                opt_ref.step()
+                opt.step()
+                for i, (p, q) in enumerate(zip(ref, sharded)):
+                    assert isinstance(q, DTensor) and isinstance(q, nn.Parameter)
+                    assert_same(q._local_tensor, part(q, p.detach()), exact, f"step {step}, param {i}")
+                    for key, v in opt_ref.state[p].items():
+                        w = opt.state[q][key]
+                        if v.dim() == 0:
+                            assert not isinstance(w, DTensor), key
+                            assert_same(w, v, exact, f"step {step}, param {i}, scalar {key}")
+                        else:
+                            assert isinstance(w, DTensor) and w.placements == q.placements, key
+                            assert_same(w._local_tensor, part(q, v), exact, f"step {step}, param {i}, state {key}")
+
+
+def fsdp2_mixed_precision(checks, rank: int, configs) -> None:
+    """A model under ``fully_shard`` with bf16 compute and fp32 parameters (uneven shards): each
+    step equals the same optimizer on the whole fp32 parameters with the same (gathered) gradients."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for name, kw, exact in configs:
+        with checks.check(f"fsdp2 bf16 {name} {kw}"):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+            for layer in (model[0], model[2], model):
+                fully_shard(layer, mp_policy=policy)
+            params = list(model.parameters())
+            ref = [nn.Parameter(p.full_tensor()) for p in params]
+            opt, opt_ref = make(name, params, kw), make(name, ref, kw)
+            gen = torch.Generator().manual_seed(10 + rank)
+            for step in range(3):
+                x = torch.randn(6, 5, generator=gen)
+                model(x).float().square().mean().backward()
+                for p, q in zip(ref, params):
+                    p.grad = q.grad.full_tensor()
+                opt.step()
+                opt_ref.step()
+                opt.zero_grad()
+                for i, (p, q) in enumerate(zip(ref, params)):
+                    assert q.dtype == torch.float32
+                    assert_same(q._local_tensor, part(q, p.detach()), exact, f"step {step}, param {i}")
+
+
+def unsupported_dtensors(checks, mesh) -> None:
+    """Placements and meshes emafuse does not handle are refused, naming DTensor, changing nothing."""
+    def refused(opt, p, error, words, what):
+        """``opt.step()`` raises ``error`` naming each of ``words`` and leaves ``p`` as it was."""
+        before = p._local_tensor.clone()
+        try:
+            opt.step()
+        except error as e:
+            assert all(w in str(e) for w in words), str(e)
+        else:
+            raise AssertionError(f"{what} was stepped")
+        assert torch.equal(p._local_tensor, before)
+
+    with checks.check("refuses Partial"):
+        p = nn.Parameter(DTensor.from_local(seeded(1, (3, 2)), mesh, [Partial()]))
+        p.grad = DTensor.from_local(seeded(2, (3, 2)), mesh, [Partial()])
+        opt = emafuse.AdamW([p], lr=0.1)
+        refused(opt, p, emafuse.UnsupportedOptionError, ("DTensor", "Partial"), "a Partial DTensor")
+        assert not opt.state
+    with checks.check("refuses 2-D mesh"):
+        mesh2 = init_device_mesh("cpu", (1, 2))
+        p = nn.Parameter(distribute_tensor(seeded(3, (4, 2)), mesh2, [Replicate(), Shard(0)]))
+        p.grad = distribute_tensor(seeded(4, (4, 2)), mesh2, [Replicate(), Shard(0)])
+        opt = emafuse.Lion([p], lr=0.1)
+        refused(opt, p, emafuse.UnsupportedOptionError, ("DTensor", "2-D"), "a DTensor on a 2-D mesh")
+        assert not opt.state
+    with checks.check("refuses plain state of a DTensor parameter"):
+        p = nn.Parameter(distribute_tensor(seeded(5, (4, 2)), mesh, [Shard(0)]))
+        p.grad = distribute_tensor(seeded(6, (4, 2)), mesh, [Shard(0)])
+        opt = emafuse.AdamW([p], lr=0.1)
+        opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": seeded(7, (4, 2)), "exp_avg_sq": seeded(8, (4, 2)).abs()}
+        refused(opt, p, emafuse.InvalidArgumentError, ("DTensor", "set_optimizer_state_dict"), "plain state of a DTensor parameter")
+        assert float(opt.state[p]["step"]) == 1.0
+    with checks.check("merges refuse sharded inputs"):
+        from emafuse.averaging import uniform_soup
+
+        m = net(True)
+        try:
+            uniform_soup([m, m])
+        except emafuse.UnsupportedOptionError as e:
+            assert "DTensor" in str(e) and "full_state_dict" in str(e), str(e)
+        else:
+            raise AssertionError("a merge read DTensor shards")
+    with checks.check("Replicate placement steps whole tensors"):
+        full = seeded(7, (5, 3))
+        p = nn.Parameter(distribute_tensor(full.clone(), mesh, [Replicate()]))
+        p.grad = distribute_tensor(seeded(8, (5, 3)), mesh, [Replicate()])
+        r = nn.Parameter(full.clone())
+        r.grad = seeded(8, (5, 3))
+        for o in (emafuse.Adan([p], lr=0.01, max_grad_norm=0.5), emafuse.Adan([r], lr=0.01, max_grad_norm=0.5)):
+            o.step()
+        assert torch.equal(p._local_tensor, r.detach())
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+
+class Net(nn.Module):
+    """A small model whose weights shard unevenly over 2 ranks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 7)
+        self.b = nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def net(sharded: bool) -> Net:
+    torch.manual_seed(0)
+    m = Net()
+    if sharded:
+        fully_shard(m.a)
+        fully_shard(m.b)
+        fully_shard(m)
+    return m
+
+
+def set_grads(model: Net, step: int) -> None:
+    """The same whole gradients on every rank (sharded where the parameters are)."""
+    for i, p in enumerate(model.parameters()):
+        g = seeded(7000 + 100 * step + i, tuple(p.shape))
+        p.grad = distribute_tensor(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g
+
+
+def full_params(model: Net) -> dict[str, torch.Tensor]:
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p.detach()).clone() for n, p in model.named_parameters()}
+
+
+def train(model: Net, opt: torch.optim.Optimizer, steps: range) -> None:
+    for s in steps:
+        set_grads(model, s)
+        opt.step()
+        opt.zero_grad()
+
+
+def save(model: Net, opt: torch.optim.Optimizer, path: str) -> None:
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.save(state, checkpoint_id=path)
+
+
+def resume(model: Net, opt: torch.optim.Optimizer, path: str) -> None:
+    """Load a checkpoint written by :func:`save` (on any number of processes) into ``model`` and
+    ``opt`` (whose state is still empty)."""
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+
+
+def checkpoints(checks, rank: int, configs, root: str) -> None:
+    """For every optimizer: save a sharded checkpoint after 2 steps (the parent resumes it in one
+    process, 2 -> 1) and the expected parameters after 2 more; resume the parent's one-process
+    checkpoint here on 2 processes (1 -> 2) and compare 2 more steps with the parent's run."""
+    for name, kw, exact in configs:
+        with checks.check(f"checkpoint {name}"):
+            model = net(True)
+            opt = make(name, list(model.parameters()), kw)
+            train(model, opt, range(2))
+            save(model, opt, os.path.join(root, f"{name}-2ranks"))
+            for st in opt.state.values():
+                for k, v in st.items():
+                    assert v.dim() == 0 or isinstance(v, DTensor), f"state {k} is not sharded"
+            train(model, opt, range(2, 4))
+            expected = full_params(model)  # a collective: on every rank
+            if rank == 0:
+                torch.save(expected, os.path.join(root, f"{name}-2ranks-expected.pt"))
+            # 1 -> 2: the parent's checkpoint, written by one process from an unsharded model.
+            model = net(True)
+            opt = make(name, list(model.parameters()), kw)
+            resume(model, opt, os.path.join(root, f"{name}-1rank"))
+            train(model, opt, range(2, 4))
+            expected = torch.load(os.path.join(root, f"{name}-1rank-expected.pt"))
+            for n, t in full_params(model).items():
+                assert_same(t, expected[n], exact, f"resumed 1 -> 2, {n}")
+            dist.barrier()
+
+
+# -- averaging -------------------------------------------------------------------------------------
+
+
+def count_collectives(fn) -> int:
+    with CommDebugMode() as comm:
+        fn()
+    return comm.get_total_counts()
+
+
+def averaging(checks, rank: int, root: str) -> None:
+    """Shard-local averages of an FSDP2 model against the same average of an unsharded copy that
+    follows the same weights."""
+    from emafuse.averaging import BEMA, LAWA, SWA, PowerEMA, SwitchEMA
+
+    with checks.check("collective counter sees collectives"):
+        m = net(True)
+        assert count_collectives(lambda: [p.full_tensor() for p in m.parameters()]) == 4
+
+    def offloaded(m):
+        # The host-mirror path of an average offloaded from CUDA (copy into buffers, update on a
+        # native background thread), run here CPU to CPU on the local shards.
+        ema = emafuse.ModelEMA(m, decay=0.9, async_update=True)
+        ema.offloaded = True
+        return ema
+
+    makers = {
+        "ModelEMA": lambda m: emafuse.ModelEMA(m, decay=0.9),
+        "ModelEMA offloaded": offloaded,
+        "BEMA": lambda m: BEMA(m, ema_power=0.5),
+        "SwitchEMA": lambda m: SwitchEMA(m, decay=0.8),
+        "PowerEMA": lambda m: PowerEMA(m, gammas=(5.0, 16.0)),
+        "LAWA": lambda m: LAWA(m, k=2, update_every=1),
+        "SWA": lambda m: SWA(m),
+    }
+    for name, mk in makers.items():
+        with checks.check(f"average {name}"):
+            model, plain = net(True), net(False)
+            avg, avg_ref = mk(model), mk(plain)
+            opt = emafuse.AdamW(model.parameters(), lr=0.05)
+            for s in range(4):
+                train(model, opt, range(s, s + 1))
+                plain.load_state_dict(full_params(model), strict=False)
+                n = count_collectives(lambda a=avg, m=model: a.update(m))
+                assert n == 0, f"{n} collectives in one update"
+                avg_ref.update(plain)
+            sd, sd_ref = avg.state_dict(), avg_ref.state_dict()
+            mine = avg.full_state_dict()
+            ref = avg_ref.module.state_dict() if hasattr(avg_ref, "module") else None
+            if name == "PowerEMA":
+                ref = avg_ref.modules[0].state_dict()
+            for k, v in ref.items():
+                assert torch.equal(mine[k], v), f"{k} differs from the unsharded average"
+            # The sharded state_dict through DCP into an average of another model (same structure,
+            # other weights): it then goes on exactly as this one.
+            other_model = net(True)
+            other = mk(other_model)
+            for _ in range(4):
+                other.update(other_model)
+            path = os.path.join(root, f"average-{name}")
+            dcp.save({"avg": avg.state_dict()}, checkpoint_id=path)
+            target = {"avg": other.state_dict()}
+            dcp.load(target, checkpoint_id=path)
+            other.load_state_dict(target["avg"])
+            train(model, opt, range(4, 5))
+            avg.update(model)
+            other.update(model)
+            resumed, mine = other.full_state_dict(), avg.full_state_dict()
+            for k, v in mine.items():
+                assert torch.equal(resumed[k], v), f"{k} differs after resuming from DCP"
+            # Memory per rank: the local shards only.
+            local = sum(t._local_tensor.numel() for t in avg.module.parameters())
+            whole = sum(p.numel() for p in plain.parameters())
+            assert local == sum(p._local_tensor.numel() for p in model.parameters()) < whole
+            del sd, sd_ref
+
+    with checks.check("ModelEMA swap, export, DCP"):
+        model, plain = net(True), net(False)
+        ema, ema_ref = emafuse.ModelEMA(model, decay=0.7), emafuse.ModelEMA(plain, decay=0.7)
+        opt = emafuse.AdamW(model.parameters(), lr=0.05)
+        for s in range(3):
+            train(model, opt, range(s, s + 1))
+            plain.load_state_dict(full_params(model), strict=False)
+            ema.update()
+            ema_ref.update()
+        x = seeded(99, (4, 5))
+        before = full_params(model)
+        with ema.average_parameters():
+            out = model(x)
+            for k, v in full_params(model).items():
+                assert torch.equal(v, ema_ref.module.state_dict()[k]), k
+        for k, v in full_params(model).items():
+            assert torch.equal(v, before[k]), f"{k} not restored after average_parameters()"
+        torch.testing.assert_close(out, ema_ref.module(x), rtol=1e-6, atol=1e-6)
+        # Sharded state_dict: DTensors, saved and loaded by DCP into another (diverged) average.
+        sd = ema.state_dict()
+        assert all(isinstance(v, DTensor) for v in sd["module"].values())
+        dcp.save({"ema": sd}, checkpoint_id=os.path.join(root, "ema"))
+        other = emafuse.ModelEMA(net(True), decay=0.7)
+        target = {"ema": other.state_dict()}
+        dcp.load(target, checkpoint_id=os.path.join(root, "ema"))
+        other.load_state_dict(target["ema"])
+        assert other.num_updates == 3
+        for k, v in other.full_state_dict().items():
+            assert torch.equal(v, ema_ref.module.state_dict()[k]), k
+        # A consolidated (whole-tensor) average loads into the sharded one, each rank keeping its part.
+        other.load_state_dict(ema_ref.state_dict())
+        for k, v in other.full_state_dict().items():
+            assert torch.equal(v, ema_ref.module.state_dict()[k]), k
+
+
+# -- DDP and ZeroRedundancyOptimizer -----------------------------------------------------------------
+
+
+def ddp_and_zero(checks, rank: int) -> None:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    with checks.check("DDP"):
+        model, plain = net(False), net(False)
+        ddp = DistributedDataParallel(model)
+        opt, opt_ref = emafuse.AdamW(ddp.parameters(), lr=0.05), emafuse.AdamW(plain.parameters(), lr=0.05)
+        xs = [seeded(50 + r, (6, 5)) for r in range(2)]
+        for _ in range(2):
+            ddp(xs[rank]).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            sum(plain(x).square().mean() for x in xs).div(2).backward()
+            opt_ref.step()
+            opt_ref.zero_grad()
+        for p, q in zip(model.parameters(), plain.parameters()):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+    with checks.check("ZeroRedundancyOptimizer"):
+        model, plain = net(False), net(False)
+        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=emafuse.Lion, lr=0.01, weight_decay=0.1)
+        opt_ref = emafuse.Lion(plain.parameters(), lr=0.01, weight_decay=0.1)
+        for s in range(3):
+            set_grads(model, s)
+            set_grads(plain, s)
+            zero.step()
+            opt_ref.step()
+        for p, q in zip(model.parameters(), plain.parameters()):
+            assert torch.equal(p.detach(), q.detach())
+        zero.consolidate_state_dict(to=0)
+        if rank == 0:
+            assert len(zero.state_dict()["state"]) == len(list(model.parameters()))
+
+
+def main(rank: int, world_size: int, checks, opt_configs, mp_configs, ckpt_configs, root: str) -> None:
+    mesh = init_device_mesh("cpu", (world_size,))
+    optimizers_on_dtensors(checks, mesh, opt_configs)
+    fsdp2_mixed_precision(checks, rank, mp_configs)
+    unsupported_dtensors(checks, mesh)
+    checkpoints(checks, rank, ckpt_configs, root)
+    averaging(checks, rank, root)
+    ddp_and_zero(checks, rank)

@@ -1,0 +1,91 @@
+"""FSDP2 / DTensor parameters on the CPU with gloo and 2 processes spawned here (see
+``distributed.py``; the ranks run ``fsdp2_worker.main``): every optimizer configuration of the
+registry on sharded parameters against the unsharded optimizer (bit for bit, except Adan's global
+norm, summed across ranks: to round-off), FSDP2 with bf16 mixed precision and uneven shards,
+refused placements, distributed checkpoints resumed on 2 -> 1 and 1 -> 2 processes for every
+optimizer, the shard-local averages (equal to unsharded ones, no collective per update), and DDP /
+ZeroRedundancyOptimizer. One spawned run does every check; each test asserts one of them."""
+
+from __future__ import annotations
+
+import os
+
+import fsdp2_worker as W
+import pytest
+import torch
+from distributed import spawn
+from registry import ENTRIES
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+
+
+def _exact(name: str, kw: dict) -> bool:
+    # Adan's max_grad_norm sums squares across ranks (float64, another order): equal to round-off.
+    return not (name == "Adan" and float(kw.get("max_grad_norm", 0.0)) > 0.0)
+
+
+OPT_CONFIGS = [(e.name, kw, _exact(e.name, kw)) for e in ENTRIES for kw in e.configs]
+MP_CONFIGS = [
+    ("AdamW", dict(lr=1e-2, weight_decay=0.1), True),
+    ("Lion", dict(lr=1e-3, caution=True, weight_decay=0.1), True),
+    ("SGDSaI", dict(lr=1e-2), True),
+    ("Adan", dict(lr=1e-2, max_grad_norm=0.5), False),
+]
+CKPT_CONFIGS = [(e.name, e.main, _exact(e.name, e.main)) for e in ENTRIES]
+
+CHECKS = (
+    [f"optimizer {n} {kw}" for n, kw, _ in OPT_CONFIGS]
+    + [f"fsdp2 bf16 {n} {kw}" for n, kw, _ in MP_CONFIGS]
+    + ["refuses Partial", "refuses 2-D mesh", "refuses plain state of a DTensor parameter", "merges refuse sharded inputs",
+       "Replicate placement steps whole tensors"]
+    + [f"checkpoint {n}" for n, _, _ in CKPT_CONFIGS]
+    + ["collective counter sees collectives"]
+    + [f"average {n}" for n in ("ModelEMA", "ModelEMA offloaded", "BEMA", "SwitchEMA", "PowerEMA", "LAWA", "SWA")]
+    + ["ModelEMA swap, export, DCP", "DDP", "ZeroRedundancyOptimizer"]
+)
+
+
+def _one_process_checkpoints(root: str) -> None:
+    """For the 1 -> 2 resumes: each optimizer's checkpoint after 2 steps on an unsharded model
+    (written by this one process, no process group) and its parameters after 2 more."""
+    for name, kw, _ in CKPT_CONFIGS:
+        model = W.net(False)
+        opt = W.make(name, list(model.parameters()), kw)
+        W.train(model, opt, range(2))
+        W.save(model, opt, os.path.join(root, f"{name}-1rank"))
+        W.train(model, opt, range(2, 4))
+        torch.save(W.full_params(model), os.path.join(root, f"{name}-1rank-expected.pt"))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("fsdp2"))
+    _one_process_checkpoints(root)
+    outcomes = spawn(W.main, OPT_CONFIGS, MP_CONFIGS, CKPT_CONFIGS, root, timeout=540)
+    return outcomes, root
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_two_processes(run, check):
+    outcomes, _ = run
+    assert check in outcomes, f"the ranks did not run '{check}'"
+    assert outcomes[check] is None, outcomes[check]
+
+
+def test_no_unexpected_checks(run):
+    outcomes, _ = run
+    assert sorted(outcomes) == sorted(CHECKS)
+
+
+@pytest.mark.parametrize("name,kw,exact", CKPT_CONFIGS, ids=[c[0] for c in CKPT_CONFIGS])
+def test_resume_two_processes_on_one(run, name, kw, exact):
+    """2 -> 1: the checkpoint the 2 ranks wrote, loaded into an unsharded model in this process,
+    continues exactly as the sharded run did."""
+    _, root = run
+    model = W.net(False)
+    opt = W.make(name, list(model.parameters()), kw)
+    W.resume(model, opt, os.path.join(root, f"{name}-2ranks"))
+    W.train(model, opt, range(2, 4))
+    expected = torch.load(os.path.join(root, f"{name}-2ranks-expected.pt"))
+    for n, t in W.full_params(model).items():
+        W.assert_same(t, expected[n], exact, f"resumed 2 -> 1, {n}")
