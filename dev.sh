@@ -1,24 +1,39 @@
 #!/usr/bin/env bash
 # emafuse's two commands on a fresh machine (Rust, Python 3.11 and pip are all it assumes):
-#   ./dev.sh demo    set everything up, then train a small model with emafuse.AdamW beside torch's
-#   ./dev.sh test    set everything up, then run the lints and the whole test suite (Rust and Python)
-#   ./dev.sh lint    set everything up, then run the lints only
-#   ./dev.sh bench   set everything up, then run the CPU benchmarks (writes benchmarks/RESULTS.md)
-# Setup makes a virtual environment in .venv (override with EMAFUSE_VENV), installs torch 2.11.0 and
-# the test dependencies from requirements/test.txt, and builds and installs emafuse from source.
+#   ./dev.sh demo        set everything up, then train a small model with emafuse.AdamW beside torch's
+#   ./dev.sh test        set everything up, then run the lints and the whole test suite (Rust and
+#                        Python) against the newest supported torch, then the Python suite against
+#                        the oldest
+#   ./dev.sh suite M     set everything up for torch M (e.g. 2.13), then run the Python suite
+#   ./dev.sh lint        set everything up, then run the lints only
+#   ./dev.sh bench       set everything up, then run the CPU benchmarks (writes benchmarks/RESULTS.md)
+# The supported torch releases are the files requirements/torch-M.txt (torch, and the torchvision
+# built for it). Setup for release M makes a virtual environment in .venvs/torch-M (EMAFUSE_VENV
+# overrides it), installs that torch and the test dependencies of requirements/test.txt, and builds
+# emafuse from source against that torch and installs it. demo, lint and bench use the newest
+# release unless EMAFUSE_TORCH=M names another.
 set -euo pipefail
 cd "$(dirname "$0")"
-VENV=${EMAFUSE_VENV:-.venv}
 PY=${PYTHON:-python3}
+RELEASES=$(ls requirements/torch-*.txt | sed 's|requirements/torch-\(.*\)\.txt|\1|' | sort -V)
+OLDEST=$(echo "$RELEASES" | head -n 1)
+NEWEST=$(echo "$RELEASES" | tail -n 1)
 
 setup() {
-    if [ ! -x "$VENV/bin/python" ]; then
-        "$PY" -m venv "$VENV"
+    local release=$1
+    if [ ! -f "requirements/torch-$release.txt" ]; then
+        echo "torch $release is not supported; supported: $(echo $RELEASES)" >&2
+        exit 2
+    fi
+    local venv=${EMAFUSE_VENV:-.venvs/torch-$release}
+    if [ ! -x "$venv/bin/python" ]; then
+        "$PY" -m venv "$venv"
     fi
     # shellcheck disable=SC1091
-    . "$VENV/bin/activate"
-    python -m pip install --quiet --disable-pip-version-check -r requirements/test.txt
-    # torch is already in the environment: build against it instead of a private copy.
+    . "$venv/bin/activate"
+    python -m pip install --quiet --disable-pip-version-check -r "requirements/torch-$release.txt" -r requirements/test.txt
+    # The build compiles against the torch just installed (build_support/torch_build.py); maturin
+    # is already here, so pip need not make an isolated build environment.
     python -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps .
 }
 
@@ -26,32 +41,40 @@ setup() {
 # native module's type stubs against the built module.
 lint() {
     cargo fmt --check
-    cargo clippy --release --quiet --features python,pyo3/extension-module --all-targets -- -D warnings
+    python build_support/torch_build.py -- \
+        cargo clippy --release --quiet --features python,pyo3/extension-module --all-targets -- -D warnings
     python -m ruff check --quiet .
     python -m mypy.stubtest emafuse._native
 }
 
 case "${1:-}" in
     demo)
-        setup
+        setup "${EMAFUSE_TORCH:-$NEWEST}"
         python examples/demo.py
         ;;
     test)
-        setup
+        setup "$NEWEST"
         lint
         cargo test --release --quiet
         python -m pytest -q tests
+        if [ "$OLDEST" != "$NEWEST" ]; then
+            (EMAFUSE_VENV= setup "$OLDEST" && python -m pytest -q tests)
+        fi
+        ;;
+    suite)
+        setup "${2:?usage: $0 suite M (one of: $(echo $RELEASES))}"
+        python -m pytest -q tests "${@:3}"
         ;;
     lint)
-        setup
+        setup "${EMAFUSE_TORCH:-$NEWEST}"
         lint
         ;;
     bench)
-        setup
+        setup "${EMAFUSE_TORCH:-$NEWEST}"
         python benchmarks/bench_optim.py "${@:2}"
         ;;
     *)
-        echo "usage: $0 demo | test | lint | bench" >&2
+        echo "usage: $0 demo | test | suite M | lint | bench" >&2
         exit 2
         ;;
 esac

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import torch as _torch  # noqa: F401  (loads libtorch before the native module links against it)
 
-from . import averaging, errors, optim
+from . import (
+    _torch_release,  # noqa: F401  (checks the running torch; must run before _native loads)
+    averaging,
+    errors,
+    optim,
+)
 from ._guard import check_thread_env as _check_thread_env
 from ._native import num_threads
 from .averaging import ModelEMA

@@ -10,6 +10,7 @@ _Hyper = dict[str, float | bool]
 _AmpTensor = Tensor | dict[int, Tensor] | None
 
 __all__ = [
+    "TORCH_VERSION",
     "Group",
     "PendingStep",
     "StepPlan",
@@ -17,6 +18,7 @@ __all__ = [
     "cuda_compile",
     "cuda_source",
     "num_threads",
+    "read_tensor",
     "rule_info",
     "rule_names",
     "rule_slots",
@@ -86,6 +88,12 @@ def step_async(who: str, rule: str, groups: list[Group], wait_for: Callable[[], 
 def sum_squares(tensors: list[Tensor]) -> float: ...
 def num_threads() -> int: ...
 def check_tensor(tensor: Any, role: str) -> None: ...
+
+TORCH_VERSION: str
+"""The torch release (major.minor.patch) the module was compiled against."""
+
+def read_tensor(tensor: Tensor) -> dict[str, Any]:
+    """What the engine reads of a tensor: in_place, data_ptr, shape, layout, strides, dtype, device."""
 def rule_names() -> list[str]: ...
 def rule_info(name: str) -> dict[str, Any]:
     """The rule's description: name, summary, numbers, flags, optional_flags, scalars, reads_input."""

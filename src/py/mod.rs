@@ -6,6 +6,7 @@ mod reduce;
 mod step;
 mod tensor;
 
+use crate::batch::Layout;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 
@@ -19,6 +20,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<step::PendingStep>()?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(check_tensor, m)?)?;
+    m.add_function(wrap_pyfunction!(read_tensor, m)?)?;
+    m.add("TORCH_VERSION", TORCH_VERSION)?;
     m.add_function(wrap_pyfunction!(rule_names, m)?)?;
     m.add_function(wrap_pyfunction!(rule_info, m)?)?;
     m.add_function(wrap_pyfunction!(rule_slots, m)?)?;
@@ -34,6 +37,37 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
 #[pyfunction]
 fn check_tensor(py: Python<'_>, tensor: &Bound<'_, PyAny>, role: &str) -> PyResult<()> {
     tensor::check_type(tensor, &|| role.to_string()).map_err(|e| errors::to_py(py, e))
+}
+
+/// The torch release (`major.minor.patch`) this module was compiled against: its C++ ABI is the
+/// only one it runs with (`emafuse/_built_for.py` holds the same, for the check at import).
+const TORCH_VERSION: &str = env!(
+    "EMAFUSE_TORCH_VERSION",
+    "build the native module through build_support/torch_build.py (pip install ., or dev.sh), which sets it"
+);
+
+/// What the engine reads of `tensor` (for tests): `{in_place, data_ptr, shape, layout, strides,
+/// dtype, device}`, `in_place` telling whether it was read straight from the Python object (the
+/// fast path) or through torch's unpack; `layout` is "contiguous", "dense" (with `strides`),
+/// "strided" or "overlapping".
+#[pyfunction]
+fn read_tensor<'py>(py: Python<'py>, tensor: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+    let (in_place, info) = tensor::read_reporting_path(tensor).map_err(|e| errors::to_py(py, e))?;
+    let d = PyDict::new(py);
+    d.set_item("in_place", in_place)?;
+    d.set_item("data_ptr", info.view.ptr() as usize)?;
+    d.set_item("shape", PyTuple::new(py, info.shape.as_slice())?)?;
+    let (layout, strides) = match &info.layout {
+        Layout::Contiguous => ("contiguous", None),
+        Layout::Dense(strides) => ("dense", Some(PyTuple::new(py, strides)?)),
+        Layout::Strided => ("strided", None),
+        Layout::Overlapping => ("overlapping", None),
+    };
+    d.set_item("layout", layout)?;
+    d.set_item("strides", strides)?;
+    d.set_item("dtype", info.view.dtype().name())?;
+    d.set_item("device", info.view.device().to_string())?;
+    Ok(d)
 }
 
 /// Names of every update rule the engine has.

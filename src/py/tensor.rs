@@ -230,6 +230,16 @@ pub fn unpack<'py>(obj: &Bound<'py, PyAny>, role: &dyn Fn() -> String) -> Result
     Ok(Unpacked { obj: obj.clone(), info })
 }
 
+/// What the engine reads of `obj` (a `torch.Tensor`), and whether it read it in place (the fast
+/// path, see [`in_place`]) rather than through torch's unpack. For the tests that verify the
+/// in-place read against torch's own accessors on every supported torch release.
+pub fn read_reporting_path(obj: &Bound<'_, PyAny>) -> Result<(bool, TensorInfo)> {
+    let role = || "tensor".to_string();
+    check_tensor(obj, torch_types(obj.py())?, &role)?;
+    // SAFETY: obj is a live torch.Tensor, borrowed for the call, and this thread holds the GIL.
+    unsafe { Ok((in_place(obj.as_ptr())?.is_some(), read_holding_gil(obj.as_ptr(), &role)?)) }
+}
+
 /// Below this many tensors, [`infos`] reads them on the calling thread alone.
 const PARALLEL_FROM: usize = 512;
 

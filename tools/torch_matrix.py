@@ -1,0 +1,103 @@
+"""Build and test emafuse against every supported torch release, and write the results.
+
+For each release M with a requirements/torch-M.txt (or the ones named), in turn: `./dev.sh suite M`
+(make .venvs/torch-M, install that torch and the test dependencies, build emafuse against it,
+run the Python test suite), then benchmarks/bench_torch_release.py in that environment. Writes
+the compatibility table (torch × builds × tests) into README.md and the AdamW timings of all
+releases into benchmarks/RESULTS.md (section TORCH:RELEASES); each release's full log goes to
+target/torch-matrix/torch-M.log.
+
+    python tools/torch_matrix.py            # every supported release (about 25 min each here)
+    python tools/torch_matrix.py 2.12 2.13  # some; the table keeps the other releases' rows
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LOGS = ROOT / "target" / "torch-matrix"
+BENCH = LOGS / "bench.jsonl"
+README_BEGIN, README_END = "<!-- TORCH-MATRIX:BEGIN -->", "<!-- TORCH-MATRIX:END -->"
+ROW = re.compile(r"^\| (\d+\.\d+\.\d+\S*) \|")
+
+
+def releases() -> list[str]:
+    names = [p.stem.removeprefix("torch-") for p in (ROOT / "requirements").glob("torch-*.txt")]
+    return sorted(names, key=lambda m: tuple(map(int, m.split("."))))
+
+
+def pinned_torch(release: str) -> str:
+    text = (ROOT / "requirements" / f"torch-{release}.txt").read_text()
+    return re.search(r"^torch==(\S+)$", text, re.M).group(1)
+
+
+def venv_python(release: str) -> str:
+    return str(ROOT / ".venvs" / f"torch-{release}" / "bin" / "python")
+
+
+def run_release(release: str) -> str:
+    """Build, test and benchmark against one release; its README row."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log = LOGS / f"torch-{release}.log"
+    start = time.monotonic()
+    with log.open("w") as out:
+        suite = subprocess.run(["./dev.sh", "suite", release], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    minutes = (time.monotonic() - start) / 60
+    text = log.read_text()
+    # pytest runs only after setup built and installed emafuse.
+    summary = re.findall(r"^=*\s*(\d+ (?:passed|failed|errors?)\b.*?) in [\d.]+s", text, re.M)
+    tests = summary[-1] if summary else "not run"
+    if suite.returncode == 0:
+        bench = subprocess.run([venv_python(release), "benchmarks/bench_torch_release.py"], cwd=ROOT, capture_output=True, text=True)
+        if bench.returncode == 0:
+            with BENCH.open("a") as lines:
+                lines.write(bench.stdout.strip().splitlines()[-1] + "\n")
+    status = "yes" if summary else "**no**"
+    verdict = "passes" if suite.returncode == 0 else "**fails**"
+    row = f"| {pinned_torch(release)} | {status} | {verdict}: {tests} | {minutes:.0f} min | {datetime.date.today()} |"
+    print(row, flush=True)
+    return row
+
+
+def write_readme(rows: dict[str, str]) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    old = text[text.index(README_BEGIN) : text.index(README_END)]
+    for line in old.splitlines():
+        match = ROW.match(line)
+        if match and ".".join(match.group(1).split(".")[:2]) not in rows:
+            rows[".".join(match.group(1).split(".")[:2])] = line
+    table = [
+        "| torch | builds | test suite (`./dev.sh suite M`) | setup + build + tests | date |",
+        "| --- | --- | --- | --- | --- |",
+        *(rows[m] for m in sorted(rows, key=lambda m: tuple(map(int, m.split("."))))),
+    ]
+    new = README_BEGIN + "\n" + "\n".join(table) + "\n"
+    readme.write_text(text.replace(old, new))
+
+
+def main(argv: list[str]) -> int:
+    wanted = argv or releases()
+    unknown = sorted(set(wanted) - set(releases()))
+    if unknown:
+        print(f"not supported: {', '.join(unknown)} (supported: {', '.join(releases())})", file=sys.stderr)
+        return 2
+    BENCH.unlink(missing_ok=True)
+    rows = {}
+    for release in wanted:
+        rows[release] = run_release(release)
+        write_readme(dict(rows))
+    if BENCH.exists():
+        table = [venv_python(wanted[-1]), "benchmarks/bench_torch_release.py", "--table", str(BENCH)]
+        subprocess.run(table, cwd=ROOT, check=True)
+    return 0 if all("passes" in row for row in rows.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
