@@ -98,7 +98,7 @@ def probe(python: str) -> Torch | None:
     if result.returncode != 0:
         return None
     found = json.loads(result.stdout.strip().splitlines()[-1])
-    return Torch(found["version"], Path(found["path"]), found["cxx11_abi"])
+    return Torch(found["version"], Path(found["path"]).resolve(), found["cxx11_abi"])
 
 
 def installed_torch(python: str | None = None) -> Torch:

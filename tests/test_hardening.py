@@ -282,6 +282,15 @@ def test_negative_step_counter_set_directly_is_refused_by_the_step(entry):
 # -- interrupts: a step is all or nothing ----------------------------------------------------------
 
 
+@pytest.fixture
+def sigint_raises():
+    """Python's own SIGINT handler (KeyboardInterrupt), whatever the test run inherited: a run
+    started in the background of a non-interactive shell has SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _interrupt_after_native(monkeypatch) -> list[int]:
     """Deliver SIGINT right as the native call returns (as a Ctrl-C during it would)."""
     calls = [0]
@@ -297,6 +306,7 @@ def _interrupt_after_native(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.mark.usefixtures("sigint_raises")
 @pytest.mark.parametrize("steps_before", [0, 2])
 @pytest.mark.parametrize("entry", entries())
 def test_interrupt_during_the_native_call_leaves_a_complete_step(entry, steps_before, monkeypatch):
@@ -325,6 +335,7 @@ def test_interrupt_during_the_native_call_leaves_a_complete_step(entry, steps_be
             assert torch.equal(torch.as_tensor(got), torch.as_tensor(v)), (i, k)
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_interrupt_before_a_step_changes_nothing_and_handlers_are_restored():
     params, opt = _stepped(next(e for e in ENTRIES if e.name == "AdamW"))
     handler = signal.getsignal(signal.SIGINT)
@@ -337,6 +348,7 @@ def test_interrupt_before_a_step_changes_nothing_and_handlers_are_restored():
     assert opt.state[params[0]]["step"].item() == 2
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_interrupt_during_a_model_ema_update_leaves_it_complete(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     ema, twin = emafuse.ModelEMA(model, 0.9), emafuse.ModelEMA(model, 0.9)
