@@ -3,7 +3,7 @@
 #   ./dev.sh demo        set everything up, then train a small model with emafuse.AdamW beside torch's
 #   ./dev.sh test        set everything up, then run the lints and the whole test suite (Rust and
 #                        Python) against the newest supported torch, then the Python suite against
-#                        the oldest
+#                        the oldest (built while the first suite runs)
 #   ./dev.sh suite M     set everything up for torch M (e.g. 2.13), then run the Python suite
 #   ./dev.sh lint        set everything up, then run the lints only
 #   ./dev.sh bench       set everything up, then run the CPU benchmarks (writes benchmarks/RESULTS.md)
@@ -19,18 +19,21 @@ RELEASES=$(ls requirements/torch-*.txt | sed 's|requirements/torch-\(.*\)\.txt|\
 OLDEST=$(echo "$RELEASES" | head -n 1)
 NEWEST=$(echo "$RELEASES" | tail -n 1)
 
+venv_of() {
+    echo "${EMAFUSE_VENV:-.venvs/torch-$1}"
+}
+
 setup() {
     local release=$1
     if [ ! -f "requirements/torch-$release.txt" ]; then
         echo "torch $release is not supported; supported: $(echo $RELEASES)" >&2
         exit 2
     fi
-    local venv=${EMAFUSE_VENV:-.venvs/torch-$release}
-    if [ ! -x "$venv/bin/python" ]; then
-        "$PY" -m venv "$venv"
+    if [ ! -x "$(venv_of "$release")/bin/python" ]; then
+        "$PY" -m venv "$(venv_of "$release")"
     fi
     # shellcheck disable=SC1091
-    . "$venv/bin/activate"
+    . "$(venv_of "$release")/bin/activate"
     python -m pip install --quiet --disable-pip-version-check -r "requirements/torch-$release.txt" -r requirements/test.txt
     # The build compiles against the torch just installed (build_support/torch_build.py); maturin
     # is already here, so pip need not make an isolated build environment.
@@ -54,12 +57,20 @@ case "${1:-}" in
         ;;
     test)
         setup "$NEWEST"
+        # Meanwhile, set up and build against the oldest release (its own environment and target
+        # directory; the tests below use the installed package, not the source tree).
+        mkdir -p target
+        (EMAFUSE_VENV='' setup "$OLDEST") > target/setup-oldest.log 2>&1 &
+        oldest=$!
         lint
         cargo test --release --quiet
         python -m pytest -q tests
-        if [ "$OLDEST" != "$NEWEST" ]; then
-            (EMAFUSE_VENV= setup "$OLDEST" && python -m pytest -q tests)
+        if ! wait $oldest; then
+            cat target/setup-oldest.log >&2
+            exit 1
         fi
+        # shellcheck disable=SC1091
+        (EMAFUSE_VENV='' && . "$(venv_of "$OLDEST")/bin/activate" && python -m pytest -q tests)
         ;;
     suite)
         setup "${2:?usage: $0 suite M (one of: $(echo $RELEASES))}"

@@ -81,7 +81,7 @@ def supported_range() -> tuple[tuple[int, int], tuple[int, int]]:
     text = (ROOT / "pyproject.toml").read_text()
     match = re.search(r'"torch>=(\d+)\.(\d+),<(\d+)\.(\d+)"', text)
     if match is None:
-        raise TorchBuildError("pyproject.toml must require torch as \"torch>=X.Y,<A.B\"")
+        raise TorchBuildError('pyproject.toml must require torch as "torch>=X.Y,<A.B"')
     low_major, low_minor, high_major, high_minor = (int(part) for part in match.groups())
     return (low_major, low_minor), (high_major, high_minor)
 

@@ -178,9 +178,7 @@ def _pip_like_isolation(tmp_path: Path) -> dict[str, str]:
     PYTHONPATH that drops the environment's site-packages from sys.path, user site off."""
     site_dir = tmp_path / "overlay"
     site_dir.mkdir()
-    (site_dir / "sitecustomize.py").write_text(
-        "import sys\nsys.path[:] = [p for p in sys.path if 'site-packages' not in p and 'dist-packages' not in p]\n"
-    )
+    (site_dir / "sitecustomize.py").write_text("import sys\nsys.path[:] = [p for p in sys.path if 'site-packages' not in p and 'dist-packages' not in p]\n")
     return {"PYTHONPATH": str(site_dir), "PYTHONNOUSERSITE": "1"}
 
 

@@ -4,8 +4,8 @@ For each release M with a requirements/torch-M.txt (or the ones named), in turn:
 (make .venvs/torch-M, install that torch and the test dependencies, build emafuse against it,
 run the Python test suite), then benchmarks/bench_torch_release.py in that environment. Writes
 the compatibility table (torch × builds × tests) into README.md and the AdamW timings of all
-releases into benchmarks/RESULTS.md (section TORCH:RELEASES); each release's full log goes to
-target/torch-matrix/torch-M.log.
+releases measured so far into benchmarks/RESULTS.md (section TORCH:RELEASES); each release's log
+and timings go to target/torch-matrix/ (torch-M.log, bench-M.json).
 
     python tools/torch_matrix.py            # every supported release (about 25 min each here)
     python tools/torch_matrix.py 2.12 2.13  # some; the table keeps the other releases' rows
@@ -22,7 +22,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = ROOT / "target" / "torch-matrix"
-BENCH = LOGS / "bench.jsonl"
 README_BEGIN, README_END = "<!-- TORCH-MATRIX:BEGIN -->", "<!-- TORCH-MATRIX:END -->"
 ROW = re.compile(r"^\| (\d+\.\d+\.\d+\S*) \|")
 
@@ -53,11 +52,12 @@ def run_release(release: str) -> str:
     # pytest runs only after setup built and installed emafuse.
     summary = re.findall(r"^=*\s*(\d+ (?:passed|failed|errors?)\b.*?) in [\d.]+s", text, re.M)
     tests = summary[-1] if summary else "not run"
+    bench_file = LOGS / f"bench-{release}.json"
+    bench_file.unlink(missing_ok=True)
     if suite.returncode == 0:
         bench = subprocess.run([venv_python(release), "benchmarks/bench_torch_release.py"], cwd=ROOT, capture_output=True, text=True)
         if bench.returncode == 0:
-            with BENCH.open("a") as lines:
-                lines.write(bench.stdout.strip().splitlines()[-1] + "\n")
+            bench_file.write_text(bench.stdout.strip().splitlines()[-1] + "\n")
     status = "yes" if summary else "**no**"
     verdict = "passes" if suite.returncode == 0 else "**fails**"
     row = f"| {pinned_torch(release)} | {status} | {verdict}: {tests} | {minutes:.0f} min | {datetime.date.today()} |"
@@ -88,13 +88,15 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"not supported: {', '.join(unknown)} (supported: {', '.join(releases())})", file=sys.stderr)
         return 2
-    BENCH.unlink(missing_ok=True)
     rows = {}
     for release in wanted:
         rows[release] = run_release(release)
         write_readme(dict(rows))
-    if BENCH.exists():
-        table = [venv_python(wanted[-1]), "benchmarks/bench_torch_release.py", "--table", str(BENCH)]
+    # The timings of every release measured so far (this run's and earlier runs'), in one table.
+    lines = [(LOGS / f"bench-{r}.json").read_text() for r in releases() if (LOGS / f"bench-{r}.json").exists()]
+    if lines:
+        (LOGS / "bench.jsonl").write_text("".join(lines))
+        table = [venv_python(wanted[-1]), "benchmarks/bench_torch_release.py", "--table", str(LOGS / "bench.jsonl")]
         subprocess.run(table, cwd=ROOT, check=True)
     return 0 if all("passes" in row for row in rows.values()) else 1
 
