@@ -12,8 +12,8 @@ So every build of the native module goes through this module, which
   operators later releases removed from what torch-sys's generated bindings call;
 - keeps one cargo target directory per torch release (``target/torch-<version>``), so that a
   change of the installed torch always rebuilds, and switching back does not;
-- records the release in ``python/emafuse/_built_for.py``, which emafuse checks at import
-  before it loads the native module.
+- records the release in ``emafuse/_built_for.py`` (in the wheel, or in the source tree for
+  builds used from there), which emafuse checks at import before it loads the native module.
 
 Used by the PEP 517 backend (``backend.py``) and, as a command, by the development scripts:
 
@@ -151,15 +151,22 @@ def cargo_env(torch: Torch, base: dict[str, str] | None = None) -> dict[str, str
     return env
 
 
-def write_built_for(torch: Torch) -> None:
-    """Record the release the native module is being built against (checked at import)."""
-    text = (
+def built_for_text(torch: Torch) -> str:
+    """``emafuse/_built_for.py``: the release the native module is built against, which emafuse
+    checks at import."""
+    return (
         '"""The torch release emafuse\'s native module was compiled against (written by\n'
         'build_support/torch_build.py at build time; not in git)."""\n\n'
         f"TORCH_VERSION = {torch.release_str!r}\n"
     )
-    if not BUILT_FOR.exists() or BUILT_FOR.read_text() != text:
-        BUILT_FOR.write_text(text)
+
+
+def write_built_for(torch: Torch) -> None:
+    """Write the build record into the source tree, for builds used from it (in place, editable).
+    Wheels get theirs from the backend, inside the wheel: two builds from one checkout for two
+    releases at once must not share a file."""
+    if not BUILT_FOR.exists() or BUILT_FOR.read_text() != built_for_text(torch):
+        BUILT_FOR.write_text(built_for_text(torch))
 
 
 def main(argv: list[str]) -> int:

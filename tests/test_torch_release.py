@@ -13,11 +13,14 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib.util
 import os
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import emafuse
@@ -232,6 +235,25 @@ def test_backend_refuses_before_building(monkeypatch, tmp_path):
     assert str(err.value).startswith("error: emafuse is compiled against the torch installed")
     with pytest.raises(SystemExit):
         backend.build_wheel(str(tmp_path))
+
+
+def test_backend_puts_the_build_record_into_the_wheel(tmp_path):
+    backend = _load("backend")
+    wheel = tmp_path / "emafuse-0.1.0-cp310-abi3-linux_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as whl:
+        whl.writestr("emafuse/__init__.py", "x = 1\n")
+        whl.writestr("emafuse/_built_for.py", "stale\n")
+        whl.writestr("emafuse-0.1.0.dist-info/RECORD", "emafuse/__init__.py,sha256=abc,6\nemafuse-0.1.0.dist-info/RECORD,,\n")
+    torch_ = torch_build.Torch("2.13.0+cu130", Path("/x"), True)
+    backend._add_build_record(wheel, torch_)
+    with zipfile.ZipFile(wheel) as whl:
+        assert sorted(whl.namelist()) == ["emafuse-0.1.0.dist-info/RECORD", "emafuse/__init__.py", "emafuse/_built_for.py"]
+        record = whl.read("emafuse/_built_for.py")
+        assert "TORCH_VERSION = '2.13.0'" in record.decode()
+        lines = whl.read("emafuse-0.1.0.dist-info/RECORD").decode().splitlines()
+    digest = base64.urlsafe_b64encode(hashlib.sha256(record).digest()).rstrip(b"=").decode()
+    assert lines[-1] == f"emafuse/_built_for.py,sha256={digest},{len(record)}"
+    assert lines[:2] == ["emafuse/__init__.py,sha256=abc,6", "emafuse-0.1.0.dist-info/RECORD,,"]
 
 
 def test_build_environment_per_release():

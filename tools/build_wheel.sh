@@ -14,7 +14,8 @@ if [ "$found" != "$GPU_TORCH" ]; then
 fi
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 rm -rf .gpu && mkdir -p .gpu/peers
-python build_support/torch_build.py -- python -m maturin build --release --compatibility linux --out .gpu
+# Through the build backend, which compiles against this torch and puts the build record in the wheel.
+python -c 'import sys; sys.path.insert(0, "build_support"); import backend; backend.build_wheel(".gpu", {"build-args": "--compatibility linux"})'
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .gpu/peers pytorch-optimizer==4.1.0 ema-pytorch==0.8.3 torch-ema==0.3 heavyball==3.2.1 opt-einsum
