@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -96,7 +95,10 @@ def probe(python: str) -> Torch | None:
     env = {k: v for k, v in os.environ.items() if k not in _ISOLATION_VARIABLES}
     result = subprocess.run([python, "-c", _PROBE], env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        return None
+        if "No module named 'torch'" in result.stderr:
+            return None
+        last = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise TorchBuildError(f"the torch of {python} fails to import ({last}): repair that environment's torch first")
     found = json.loads(result.stdout.strip().splitlines()[-1])
     return Torch(found["version"], Path(found["path"]).resolve(), found["cxx11_abi"])
 
@@ -144,7 +146,8 @@ def cargo_env(torch: Torch, base: dict[str, str] | None = None) -> dict[str, str
         LIBTORCH_CXX11_ABI="1" if torch.cxx11_abi else "0",
         # torch-sys 0.24 expects 2.11.0; torch_compat.h bridges the later releases.
         LIBTORCH_BYPASS_VERSION_CHECK="1",
-        CXXFLAGS=" ".join([env.get("CXXFLAGS", ""), *map(shlex.quote, compat)]).strip(),
+        # cc splits CXXFLAGS at whitespace: the project's path must not contain any.
+        CXXFLAGS=" ".join([env.get("CXXFLAGS", ""), *compat]).strip(),
         CARGO_TARGET_DIR=str(target_dir(torch)),
         EMAFUSE_TORCH_VERSION=torch.release_str,
     )

@@ -212,6 +212,17 @@ def test_no_torch_is_refused_with_how_to_install_one(tmp_path):
     assert "has none" in message and f"pip install '{torch_build.range_text()}'" in message
 
 
+def test_torch_that_fails_to_import_is_reported_as_such(tmp_path):
+    broken = tmp_path / "site"
+    (broken / "torch").mkdir(parents=True)
+    (broken / "torch" / "__init__.py").write_text("raise OSError('libtorch_cpu.so: cannot open shared object file')\n")
+    script = tmp_path / "python-with-broken-torch"
+    script.write_text(f'#!/bin/sh\nPYTHONSAFEPATH=1 exec "{sys.executable}" -S -c "import sys; sys.path.insert(0, \'{broken}\'); exec(sys.argv[1])" "$2"\n')
+    script.chmod(0o755)
+    with pytest.raises(torch_build.TorchBuildError, match=r"fails to import .*libtorch_cpu\.so: cannot open shared object file"):
+        torch_build.installed_torch(str(script))
+
+
 @pytest.mark.parametrize("version", ["2.10.0", "2.16.0", "2.16.0.dev20261201", "3.0.0", "1.13.1"])
 def test_torch_outside_the_range_is_refused_naming_the_range(version, monkeypatch):
     monkeypatch.setattr(torch_build, "probe", lambda python: torch_build.Torch(version, Path("/x"), True))
