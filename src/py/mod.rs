@@ -41,10 +41,8 @@ fn check_tensor(py: Python<'_>, tensor: &Bound<'_, PyAny>, role: &str) -> PyResu
 
 /// The torch release (`major.minor.patch`) this module was compiled against: its C++ ABI is the
 /// only one it runs with (`emafuse/_built_for.py` holds the same, for the check at import).
-const TORCH_VERSION: &str = env!(
-    "EMAFUSE_TORCH_VERSION",
-    "build the native module through build_support/torch_build.py (pip install ., or dev.sh), which sets it"
-);
+const TORCH_VERSION: &str =
+    env!("EMAFUSE_TORCH_VERSION", "build the native module through build_support/torch_build.py (pip install ., or dev.sh), which sets it");
 
 /// What the engine reads of `tensor` (for tests): `{in_place, data_ptr, shape, layout, strides,
 /// dtype, device}`, `in_place` telling whether it was read straight from the Python object (the
