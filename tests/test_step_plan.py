@@ -72,14 +72,17 @@ def _reallocate_state_in_place(pa, oa, pb, ob):
 
 def _reallocate_param_storage_in_place(pa, oa, pb, ob):
     for p in (pa[1], pb[1]):
-        storage = p.untyped_storage()
-        keep = p.detach().clone()
-        storage.resize_(0)  # as FSDP frees and re-allocates unsharded parameters
-        blocker = torch.empty_like(keep)  # takes the freed memory: the storage gets new memory
-        storage.resize_(keep.numel() * keep.element_size())
+        storage, keep, old = p.untyped_storage(), p.detach().clone(), p.data_ptr()
+        blockers = []  # hold the freed memory, so that the storage gets other memory
+        for _ in range(8):  # the allocator may hand the same address back: free and take again
+            storage.resize_(0)  # as FSDP frees and re-allocates unsharded parameters
+            blockers.append(torch.empty_like(keep))
+            storage.resize_(keep.numel() * keep.element_size())
+            if p.data_ptr() != old:
+                break
+        assert p.data_ptr() != old, "could not move the parameter's storage"
         with torch.no_grad():
             p.copy_(keep)
-        del blocker
 
 
 def _load_state_dict(pa, oa, pb, ob):
