@@ -1,7 +1,7 @@
 """AdamW fp32 step time on the running torch release: emafuse beside torch's fused AdamW, on
 GPT-2-small and 4000-small, taking turns as in bench_optim.py.
 
-    python benchmarks/bench_torch_release.py [--rounds 5]       # prints one JSON line
+    python benchmarks/bench_torch_release.py [--rounds 3]       # prints one JSON line
     python benchmarks/bench_torch_release.py --table LINES.jsonl  # RESULTS.md section from those
 
 tools/torch_matrix.py runs the first in each release's environment, then the second over all of
@@ -11,32 +11,46 @@ their lines, so that the releases' numbers sit in one table.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 from pathlib import Path
 
 import torch
-from bench_optim import ADAMW, EMAFUSE, Plan, measure
-from common import copy_bandwidth, machine_info, markdown_table, write_section
+from bench_optim import ADAMW, EMAFUSE
+from common import copy_bandwidth, machine_info, markdown_table, time_calls, write_section
 from workloads import WORKLOADS, make_params
 
 FUSED = "torch fused"
 WORKLOAD_NAMES = ("gpt2-small", "4000-small")
-ROUNDS = 5
+ROUNDS, WARMUP, STEPS = 3, 1, 4
+
+
+def measure(params: list[torch.Tensor], rounds: int) -> dict[str, list[float]]:
+    """Seconds per AdamW step of emafuse and of torch's fused AdamW, taking turns round by round."""
+    times: dict[str, list[float]] = {EMAFUSE: [], FUSED: []}
+    for _ in range(rounds):
+        for impl in times:
+            opt = ADAMW.optimizer(impl, params)
+            times[impl] += time_calls(opt.step, WARMUP, STEPS)
+            del opt
+            gc.collect()
+    return times
 
 
 def measure_release(rounds: int) -> dict[str, object]:
     info = machine_info()
     result: dict[str, object] = {
         "torch": torch.__version__,
-        "machine": f"{info['cpu']}, {info['cores available']} cores, {info['date']}",
+        "machine": f"{info['cpu']}, {info['cores available']} cores, {info['date']}, load {info['load average at start (1, 5, 15 min)']}",
         "copy_gbs": round(copy_bandwidth()[1], 1),
     }
-    plan = Plan(rounds=rounds, warmup=1, steps=4)
     for name in WORKLOAD_NAMES:
         params = make_params(WORKLOADS[name](), torch.float32)
-        times = measure(ADAMW, params, plan)
-        result[name] = {impl: [min(times[impl]), statistics.median(times[impl]), max(times[impl])] for impl in (EMAFUSE, FUSED)}
+        times = measure(params, rounds)
+        result[name] = {impl: [min(t), statistics.median(t), max(t)] for impl, t in times.items()}
+        del params
+        gc.collect()
     return result
 
 
