@@ -7,7 +7,7 @@ the compatibility table (torch × builds × tests) into README.md and the AdamW 
 releases measured so far into benchmarks/RESULTS.md (section TORCH:RELEASES); each release's log
 and timings go to target/torch-matrix/ (torch-M.log, bench-M.json).
 
-    python tools/torch_matrix.py            # every supported release (about 25 min each here)
+    python tools/torch_matrix.py            # every supported release (25 to 35 min each here)
     python tools/torch_matrix.py 2.12 2.13  # some; the table keeps the other releases' rows
 """
 
@@ -26,9 +26,14 @@ README_BEGIN, README_END = "<!-- TORCH-MATRIX:BEGIN -->", "<!-- TORCH-MATRIX:END
 ROW = re.compile(r"^\| (\d+\.\d+\.\d+\S*) \|")
 
 
+def minor_key(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of "2.13" or "2.13.0": the release a README row belongs to."""
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
 def releases() -> list[str]:
-    names = [p.stem.removeprefix("torch-") for p in (ROOT / "requirements").glob("torch-*.txt")]
-    return sorted(names, key=lambda m: tuple(map(int, m.split("."))))
+    return sorted((p.stem.removeprefix("torch-") for p in (ROOT / "requirements").glob("torch-*.txt")), key=minor_key)
 
 
 def pinned_torch(release: str) -> str:
@@ -71,12 +76,12 @@ def write_readme(rows: dict[str, str]) -> None:
     old = text[text.index(README_BEGIN) : text.index(README_END)]
     for line in old.splitlines():
         match = ROW.match(line)
-        if match and ".".join(match.group(1).split(".")[:2]) not in rows:
-            rows[".".join(match.group(1).split(".")[:2])] = line
+        if match:
+            rows.setdefault(".".join(map(str, minor_key(match.group(1)))), line)
     table = [
         "| torch | builds | test suite (`./dev.sh suite M`) | setup + build + tests | date |",
         "| --- | --- | --- | --- | --- |",
-        *(rows[m] for m in sorted(rows, key=lambda m: tuple(map(int, m.split("."))))),
+        *(rows[m] for m in sorted(rows, key=minor_key)),
     ]
     new = README_BEGIN + "\n" + "\n".join(table) + "\n"
     readme.write_text(text.replace(old, new))
