@@ -1,6 +1,7 @@
 """What the spawned ranks of ``test_fsdp2.py`` run (see ``distributed.py``): DTensor / FSDP2
-parameters under every emafuse optimizer, distributed checkpoints, the shard-local averages, DDP
-and ZeroRedundancyOptimizer, each compared with the same computation on unsharded tensors."""
+parameters under every emafuse optimizer, distributed checkpoints, the shard-local averages, DDP,
+ZeroRedundancyOptimizer and Lightning's ModelParallelStrategy, each compared with the same
+computation on unsharded tensors."""
 
 from __future__ import annotations
 
@@ -397,6 +398,119 @@ def ddp_and_zero(checks, rank: int) -> None:
             assert len(zero.state_dict()["state"]) == len(list(model.parameters()))
 
 
+# -- Lightning: ModelParallelStrategy (FSDP2) with EMACallback ---------------------------------------
+
+
+def lightning_sharded(checks, rank: int, world_size: int, root: str) -> None:
+    """``EMACallback`` under Lightning's ``ModelParallelStrategy`` (the module shards itself with
+    ``fully_shard`` in ``configure_model``): a shard-local average equal to ``ModelEMA`` of an
+    unsharded copy fed the gathered weights, validation on the average (and back), and an exact
+    resume from the distributed checkpoint Lightning writes at an epoch's end."""
+    import lightning.pytorch as pl
+    from emafuse.lightning import EMACallback
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.fsdp import FSDPModule
+
+    # This process group was started outside Lightning: tell its environment so.
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world_size), RANK=str(rank))
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net(False)
+
+        def configure_model(self) -> None:
+            if isinstance(self.net, FSDPModule):  # EMACallback.setup calls it first; it must be idempotent
+                return
+            mesh = self.device_mesh["data_parallel"]
+            fully_shard(self.net.a, mesh=mesh)
+            fully_shard(self.net.b, mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val", nn.functional.mse_loss(self.net(x), y), sync_dist=True)
+
+        def configure_optimizers(self):
+            return emafuse.AdamW(self.parameters(), lr=0.05, weight_decay=0.1)
+
+    class Probe(pl.Callback):
+        """After EMACallback (callbacks run in order): an unsharded ModelEMA fed the gathered
+        weights after each step; what validation sees; the weights after it."""
+
+        def __init__(self) -> None:
+            self.plain = net(False)
+            self.ref: emafuse.ModelEMA | None = None
+            self.validated: list[str] = []
+
+        def setup(self, trainer, pl_module, stage):
+            self.plain.load_state_dict(full_params(pl_module.net))
+            self.ref = emafuse.ModelEMA(self.plain, decay=0.9)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.plain.load_state_dict(full_params(pl_module.net))
+            self.ref.update(self.plain, step=trainer.global_step, force=True)
+
+        def on_validation_epoch_start(self, trainer, pl_module):
+            if trainer.sanity_checking:
+                return
+            seen = full_params(pl_module.net)
+            for k, v in self.ref.module.state_dict().items():
+                assert torch.equal(seen[k], v), f"validation does not see the average: {k}"
+            self.validated.append("average")
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if trainer.sanity_checking:
+                return
+            for k, v in full_params(pl_module.net).items():
+                assert torch.equal(v, self.plain.state_dict()[k]), f"{k} not restored after validation"
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(64, 5, generator=g), torch.randn(64, 3, generator=g)
+    data = torch.utils.data.TensorDataset(x, y)
+
+    def fit(max_epochs: int, ckpt_path: str | None = None, checkpoint_dir: str | None = None, distributed: bool = True):
+        ema = EMACallback(decay=0.9)
+        probe = Probe() if ckpt_path is None else None  # its reference starts from the initial weights
+        callbacks: list[Any] = [ema] if probe is None else [ema, probe]
+        if checkpoint_dir is not None:
+            callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, every_n_epochs=1, save_top_k=-1))
+        # Data parallel over both ranks (the default would give each rank the whole model and all data).
+        strategy = ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1, save_distributed_checkpoint=distributed)
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=world_size, strategy=strategy, max_epochs=max_epochs,
+            callbacks=callbacks, logger=False, enable_checkpointing=checkpoint_dir is not None,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        )
+        loader = lambda: torch.utils.data.DataLoader(data, batch_size=8)
+        trainer.fit(Module(), loader(), loader(), ckpt_path=ckpt_path)
+        return ema, probe
+
+    for distributed in (True, False):
+        layout = "distributed" if distributed else "consolidated"
+        ckpts = os.path.join(root, f"lightning-{layout}")
+        with checks.check(f"Lightning ModelParallelStrategy EMACallback, {layout} checkpoint"):
+            ema, probe = fit(2, checkpoint_dir=ckpts, distributed=distributed)
+            assert probe.validated == ["average", "average"], probe.validated
+            assert all(isinstance(p, DTensor) for p in ema.ema.module.parameters())
+            assert ema.ema.num_updates == 8, ema.ema.num_updates
+            mine = ema.ema.full_state_dict()
+            for k, v in probe.ref.module.state_dict().items():
+                assert torch.equal(mine["net." + k], v), f"{k} differs from the unsharded average"
+            local = sum(p._local_tensor.numel() for p in ema.ema.module.parameters())
+            assert local < sum(p.numel() for p in probe.plain.parameters())
+            # Resumed from the checkpoint written at the end of epoch 0, the run ends as this one.
+            first = os.path.join(ckpts, sorted(os.listdir(ckpts))[0])
+            resumed, _ = fit(2, ckpt_path=first, distributed=distributed)
+            assert resumed.ema.num_updates == 8, resumed.ema.num_updates
+            for k, v in resumed.ema.full_state_dict().items():
+                assert torch.equal(v, mine[k]), f"{k}: the resumed average differs"
+
 def main(rank: int, world_size: int, checks, opt_configs, mp_configs, ckpt_configs, root: str) -> None:
     mesh = init_device_mesh("cpu", (world_size,))
     optimizers_on_dtensors(checks, mesh, opt_configs)
@@ -405,3 +519,4 @@ def main(rank: int, world_size: int, checks, opt_configs, mp_configs, ckpt_confi
     checkpoints(checks, rank, ckpt_configs, root)
     averaging(checks, rank, root)
     ddp_and_zero(checks, rank)
+    lightning_sharded(checks, rank, world_size, root)  # last: Lightning changes process-wide settings

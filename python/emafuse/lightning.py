@@ -58,7 +58,15 @@ class EMACallback(Callback):
       ``ema.num_updates``; ``emafuse``: counters and schedule position); the callback's own
       state holds ``latest_update_step`` and ``latest_update_epoch``. Resuming with
       ``Trainer.fit(ckpt_path=...)`` continues exactly (also from checkpoints written before the
-      averaging names were unified).
+      averaging names were unified);
+    * sharded modules (``ModelParallelStrategy``: ``configure_model`` applies ``fully_shard``, and
+      must be idempotent, as Lightning asks, since the callback calls it first in ``setup``) get a
+      shard-local average (no collective per update, 1/world_size of the weights per rank).
+      Checkpoints keep the layout above, except that with a distributed checkpoint
+      (``save_distributed_checkpoint=True``, the default) the live weights are saved shard by
+      shard inside ``state_dict`` under the prefix ``emafuse_live_weights.`` (only ``state_dict``
+      and the optimizer states go through ``torch.distributed.checkpoint``); a consolidated one
+      holds whole tensors (the average is gathered when it is saved).
 
     Deliberate deviations (spec Q7; flags restore Lightning's behaviour):
 
@@ -203,26 +211,73 @@ class EMACallback(Callback):
             rank_zero_info("EMACallback: checkpoint saved outside fit; it holds the module's current weights only")
             return
         st = self.ema.state_dict()
-        checkpoint["current_model_state"] = checkpoint["state_dict"]
-        checkpoint["state_dict"] = {k: v.detach().clone() for k, v in st.pop("module").items()}
+        average = st.pop("module")
+        live = checkpoint["state_dict"]
         checkpoint["averaging_state"] = {"n_averaged": torch.tensor(self.ema.n_averaged, dtype=torch.long), "emafuse": st}
+        if _dtensor.any_dtensor(live.values()):
+            # A distributed checkpoint of a sharded module (ModelParallelStrategy): only
+            # "state_dict" is saved by torch.distributed.checkpoint, shard by shard; the rest is
+            # rank 0's file. So the live weights stay in it too, under LIVE_PREFIX.
+            checkpoint["state_dict"] = {**{k: v.detach().clone() for k, v in average.items()},
+                                        **{LIVE_PREFIX + k: v for k, v in live.items()}}
+            return
+        if _dtensor.any_dtensor(average.values()):
+            # A consolidated checkpoint of a sharded module: whole tensors (every rank gathers).
+            average = self.ema.full_state_dict()
+        checkpoint["current_model_state"] = live
+        checkpoint["state_dict"] = {k: v.detach().clone() for k, v in average.items()}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.ema is None:
             rank_zero_warn("EMACallback: checkpoint loaded outside fit; the average cannot be restored (the module holds it)")
             return
-        if "current_model_state" in checkpoint and "averaging_state" in checkpoint:
-            avg = checkpoint["averaging_state"]
-            st = dict(avg.get("emafuse") or {})
-            if not st:  # written by Lightning's WeightAveraging
-                n = int(avg.get("n_averaged", 0))
-                st = {"num_steps_seen": self._latest_update_step, "num_updates": n}
-            st["module"] = checkpoint["state_dict"]
-            self.ema.load_state_dict(st)
-            pl_module.load_state_dict(checkpoint["current_model_state"])
-        else:
+        # A sharded module's checkpoint (ModelParallelStrategy) comes without "state_dict": the
+        # strategy loaded it into the module already.
+        weights = checkpoint["state_dict"] if "state_dict" in checkpoint else pl_module.state_dict()
+        if "averaging_state" not in checkpoint or ("state_dict" in checkpoint and "current_model_state" not in checkpoint):
             rank_zero_warn("EMACallback: the checkpoint holds no average; it starts from the checkpoint's weights")
-            self.ema.module.load_state_dict(checkpoint["state_dict"], strict=False)
+            self.ema.module.load_state_dict(weights, strict=False)
+            return
+        avg = checkpoint["averaging_state"]
+        st = dict(avg.get("emafuse") or {})
+        if not st:  # written by Lightning's WeightAveraging
+            n = int(avg.get("n_averaged", 0))
+            st = {"num_steps_seen": self._latest_update_step, "num_updates": n}
+        st["module"] = weights
+        self.ema.load_state_dict(st)
+        if "state_dict" in checkpoint:
+            pl_module.load_state_dict(checkpoint["current_model_state"])
+            return
+        # The module holds the average now: restore its live weights, from the consolidated
+        # checkpoint's whole tensors or the distributed checkpoint's LIVE_PREFIX entries (read
+        # here, each rank its shards).
+        if "current_model_state" in checkpoint:
+            with torch.no_grad():
+                own = pl_module.state_dict(keep_vars=True)
+                for k, v in checkpoint["current_model_state"].items():
+                    _dtensor.copy_into(own[k], v)
+            return
+        _load_live_weights(pl_module, trainer.ckpt_path)
+
+
+# The prefix of the live (training) weights in the "state_dict" of a distributed checkpoint written
+# by EMACallback for a sharded module; "state_dict" itself holds the average, as Lightning's.
+LIVE_PREFIX = "emafuse_live_weights."
+
+
+def _load_live_weights(pl_module: pl.LightningModule, path: Any) -> None:
+    """Read the live weights of a distributed checkpoint (``LIVE_PREFIX`` entries) into the sharded
+    module, each rank its own shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    if path is None:
+        raise RuntimeError("EMACallback: a distributed checkpoint was loaded, but the trainer does not say from where "
+                           "(trainer.ckpt_path); resume with Trainer.fit(ckpt_path=...)")
+    own = get_model_state_dict(pl_module)
+    target = {"state_dict": {LIVE_PREFIX + k: v for k, v in own.items()}}
+    dcp.load(target, checkpoint_id=path)
+    set_model_state_dict(pl_module, {k[len(LIVE_PREFIX):]: v for k, v in target["state_dict"].items()})
 
 
 class PostHocEMACallback(Callback):
