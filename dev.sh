@@ -2,8 +2,8 @@
 # emafuse's two commands on a fresh machine (Rust, Python 3.11 and pip are all it assumes):
 #   ./dev.sh demo        set everything up, then train a small model with emafuse.AdamW beside torch's
 #   ./dev.sh test        set everything up, then run the lints and the whole test suite (Rust and
-#                        Python) against the newest supported torch, then the Python suite against
-#                        the oldest (built while the first suite runs)
+#                        Python) against the newest supported torch, and the Python suite against
+#                        the oldest (built beside the newest, and run beside the lints)
 #   ./dev.sh suite M     set everything up for torch M (e.g. 2.13), then run the Python suite
 #   ./dev.sh lint        set everything up, then run the lints only
 #   ./dev.sh bench       set everything up, then run the CPU benchmarks (writes benchmarks/RESULTS.md)
@@ -23,7 +23,8 @@ venv_of() {
     echo "${EMAFUSE_VENV:-.venvs/torch-$1}"
 }
 
-setup() {
+# The environment for release M: its virtual environment, with that torch and the test dependencies.
+install() {
     local release=$1
     if [ ! -f "requirements/torch-$release.txt" ]; then
         echo "torch $release is not supported; supported: $(echo $RELEASES)" >&2
@@ -32,12 +33,31 @@ setup() {
     if [ ! -x "$(venv_of "$release")/bin/python" ]; then
         "$PY" -m venv "$(venv_of "$release")"
     fi
+    "$(venv_of "$release")/bin/python" -m pip install --quiet --disable-pip-version-check \
+        -r "requirements/torch-$release.txt" -r requirements/test.txt
+}
+
+# Build emafuse against release M's torch and install it there (build_support/torch_build.py finds
+# that torch; maturin is already installed, so pip need not make an isolated build environment).
+build() {
+    "$(venv_of "$1")/bin/python" -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps .
+}
+
+# Install and build for release M, then activate its environment.
+setup() {
+    install "$1"
+    build "$1"
     # shellcheck disable=SC1091
-    . "$(venv_of "$release")/bin/activate"
-    python -m pip install --quiet --disable-pip-version-check -r "requirements/torch-$release.txt" -r requirements/test.txt
-    # The build compiles against the torch just installed (build_support/torch_build.py); maturin
-    # is already here, so pip need not make an isolated build environment.
-    python -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps .
+    . "$(venv_of "$1")/bin/activate"
+}
+
+# Wait for background job $1; if it failed, show its log $2 and fail.
+finish() {
+    if ! wait "$1"; then
+        echo "failed: $2" >&2
+        cat "$2" >&2
+        exit 1
+    fi
 }
 
 # Formatting and lints (part of `test`): rustfmt, clippy (warnings are errors), ruff, and the
@@ -56,21 +76,28 @@ case "${1:-}" in
         python examples/demo.py
         ;;
     test)
-        setup "$NEWEST"
-        # Meanwhile, set up and build against the oldest release (its own environment and target
-        # directory; the tests below use the installed package, not the source tree).
+        # Two releases on a machine with few cores: the two builds (each mostly one compiler
+        # process at a time) run side by side, then the oldest release's suite runs beside the
+        # lints and the Rust tests, then the newest release's suite.
         mkdir -p target
-        (EMAFUSE_VENV='' setup "$OLDEST") > target/setup-oldest.log 2>&1 &
+        trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # a failure stops the background jobs too
+        install "$NEWEST"
+        EMAFUSE_VENV='' install "$OLDEST"
+        (EMAFUSE_VENV='' build "$OLDEST") > target/build-oldest.log 2>&1 &
         oldest=$!
-        lint
-        cargo test --release --quiet
-        python -m pytest -q tests
-        if ! wait $oldest; then
-            cat target/setup-oldest.log >&2
-            exit 1
-        fi
+        build "$NEWEST"
+        finish $oldest target/build-oldest.log
         # shellcheck disable=SC1091
-        (EMAFUSE_VENV='' && . "$(venv_of "$OLDEST")/bin/activate" && python -m pytest -q tests)
+        (EMAFUSE_VENV='' && . "$(venv_of "$OLDEST")/bin/activate" &&
+            TORCHINDUCTOR_CACHE_DIR="$PWD/target/inductor-$OLDEST" python -m pytest -q tests) > target/pytest-oldest.log 2>&1 &
+        oldest=$!
+        # shellcheck disable=SC1091
+        . "$(venv_of "$NEWEST")/bin/activate"
+        lint
+        cargo test --profile unit --quiet
+        python -m pytest -q tests
+        finish $oldest target/pytest-oldest.log
+        echo "torch $OLDEST: $(tail -n 1 target/pytest-oldest.log)"
         ;;
     suite)
         setup "${2:?usage: $0 suite M (one of: $(echo $RELEASES))}"

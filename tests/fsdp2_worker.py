@@ -361,6 +361,40 @@ def averaging(checks, rank: int, root: str) -> None:
             assert torch.equal(v, ema_ref.module.state_dict()[k]), k
 
 
+def posthoc_snapshots(checks, root: str) -> None:
+    """PostHocEMA's snapshots of a sharded model (in memory and in per-rank files): saved through
+    DCP, loaded into a new average (load_target), reconstructed equal to the unsharded one."""
+    from emafuse.averaging import PostHocEMA
+
+    for where in ("memory", "files"):
+        with checks.check(f"PostHocEMA snapshots in {where}, DCP"):
+            kw = {"snapshot_every": 2}
+            if where == "files":
+                kw["snapshot_dir"] = os.path.join(root, "snapshots")
+            model, plain = net(True), net(False)
+            ph = PostHocEMA(model, (0.05, 0.1), **kw)
+            ref = PostHocEMA(plain, (0.05, 0.1), snapshot_every=2)
+            opt = emafuse.AdamW(model.parameters(), lr=0.05)
+            for s in range(6):
+                train(model, opt, range(s, s + 1))
+                plain.load_state_dict(full_params(model), strict=False)
+                ph.update(model)
+                ref.update(plain)
+            assert len(ph.snapshots) == 6
+            if where == "memory":
+                assert all(isinstance(v, DTensor) for r in ph.snapshots for v in r["state"].values())
+            path = os.path.join(root, f"posthoc-{where}")
+            dcp.save({"ph": ph.state_dict()}, checkpoint_id=path)
+            other = PostHocEMA(model, (0.05, 0.1), snapshot_every=2)
+            target = {"ph": other.load_target(path, "ph")}
+            dcp.load(target, checkpoint_id=path)
+            other.load_state_dict(target["ph"])
+            expected = ref.reconstruct(0.07).state_dict()
+            for avg in (ph, other):
+                for k, v in avg.reconstruct(0.07).state_dict().items():
+                    assert torch.equal(v.full_tensor(), expected[k]), f"{k}: the reconstruction differs from the unsharded one"
+
+
 # -- DDP and ZeroRedundancyOptimizer -----------------------------------------------------------------
 
 
@@ -518,5 +552,6 @@ def main(rank: int, world_size: int, checks, opt_configs, mp_configs, ckpt_confi
     unsupported_dtensors(checks, mesh)
     checkpoints(checks, rank, ckpt_configs, root)
     averaging(checks, rank, root)
+    posthoc_snapshots(checks, root)
     ddp_and_zero(checks, rank)
     lightning_sharded(checks, rank, world_size, root)  # last: Lightning changes process-wide settings

@@ -3,7 +3,8 @@
 registry on sharded parameters against the unsharded optimizer (bit for bit, except Adan's global
 norm, summed across ranks: to round-off), FSDP2 with bf16 mixed precision and uneven shards,
 refused placements, distributed checkpoints resumed on 2 -> 1 and 1 -> 2 processes for every
-optimizer, the shard-local averages (equal to unsharded ones, no collective per update), DDP /
+optimizer, the shard-local averages (equal to unsharded ones, no collective per update),
+PostHocEMA's sharded snapshots through DCP, DDP /
 ZeroRedundancyOptimizer, and Lightning's ModelParallelStrategy with EMACallback (validation on the
 average, resume from distributed and consolidated checkpoints). One spawned run does every check; each test asserts one of them."""
 
@@ -42,7 +43,9 @@ CHECKS = (
     + [f"checkpoint {n}" for n, _, _ in CKPT_CONFIGS]
     + ["collective counter sees collectives"]
     + [f"average {n}" for n in ("ModelEMA", "ModelEMA offloaded", "BEMA", "SwitchEMA", "PowerEMA", "LAWA", "SWA")]
-    + ["ModelEMA swap, export, DCP", "DDP", "ZeroRedundancyOptimizer"]
+    + ["ModelEMA swap, export, DCP"]
+    + [f"PostHocEMA snapshots in {where}, DCP" for where in ("memory", "files")]
+    + ["DDP", "ZeroRedundancyOptimizer"]
     + [f"Lightning ModelParallelStrategy EMACallback, {c} checkpoint" for c in ("distributed", "consolidated")]
 )
 

@@ -257,6 +257,11 @@ class Tracking:
         sharded (so ``torch.distributed.checkpoint`` saves each rank's part), else as they are."""
         return [_dtensor.wrap(self._layouts[i], t) for i, t in zip(indices, tensors)]
 
+    @property
+    def is_sharded(self) -> bool:
+        """Whether the model has DTensor (FSDP2) tensors."""
+        return any(layout is not None for layout in self._layouts)
+
     def local_parts(self, indices: Sequence[int], tensors: Sequence[Tensor]) -> list[Tensor]:
         """The inverse of :meth:`sharded` for loaded tensors (also whole tensors of a consolidated
         checkpoint, of which each rank takes its part)."""

@@ -140,32 +140,79 @@ class PowerEMA(Averager):
     @torch.no_grad()
     def snapshot(self) -> list[dict[str, Any]]:
         """Store every track at the current time; returns the new snapshot records
-        ``{"t", "gamma", "sigma_rel", "state"|"path"}``."""
-        averaged = self._tracking.averaged
-        names = self._tracking.names(averaged)
+        ``{"t", "gamma", "sigma_rel", "state"|"path"}``.
+
+        Of a sharded (FSDP2) model, each rank stores its own shards: in memory as DTensors placed
+        like the parameters (so ``torch.distributed.checkpoint`` saves every rank's part), or in
+        a file per rank holding its local shards (the record's path says ``{rank}`` where the
+        rank goes in the file name)."""
+        tracking = self._tracking
+        averaged = tracking.averaged
+        names = tracking.names(averaged)
+        suffix = "-rank{rank}" if tracking.is_sharded else ""
         new = []
         for g, s, tr in zip(self.gammas, self.sigma_rels, self._tracks):
-            state = {n: tr[i].to("cpu", dtype=self.snapshot_dtype if tr[i].is_floating_point() else tr[i].dtype, copy=True)
-                     for n, i in zip(names, averaged)}
+            local = [tr[i].to("cpu", dtype=self.snapshot_dtype if tr[i].is_floating_point() else tr[i].dtype, copy=True)
+                     for i in averaged]
             rec: dict[str, Any] = {"t": self.t, "gamma": g, "sigma_rel": s}
             if self.snapshot_dir is not None:
                 os.makedirs(self.snapshot_dir, exist_ok=True)
-                path = os.path.join(self.snapshot_dir, f"phema-{int(self.t):010d}-{s:.3f}.pt")
-                torch.save({**rec, "state": state}, path)
+                path = os.path.join(self.snapshot_dir, f"phema-{int(self.t):010d}-{s:.3f}{suffix}.pt")
+                torch.save({**rec, "state": dict(zip(names, local))}, _rank_path(path))
                 rec["path"] = path
             else:
-                rec["state"] = state
+                rec["state"] = dict(zip(names, tracking.sharded(averaged, local)))
             new.append(rec)
         self.snapshots.extend(new)
         return new
 
+    def _snapshot_state(self, rec: Mapping[str, Any]) -> list[Tensor]:
+        """A snapshot's averaged tensors in entry order, as this rank's local parts."""
+        # weights_only: the path comes from a checkpoint; never unpickle arbitrary objects.
+        state = rec["state"] if "state" in rec else torch.load(_rank_path(rec["path"]), weights_only=True)["state"]
+        averaged = self._tracking.averaged
+        return self._tracking.local_parts(averaged, [state[n] for n in self._tracking.names(averaged)])
+
     def state_dict(self) -> dict[str, Any]:
+        """Counters, tracks and snapshots. In-memory snapshots are under ``snapshot_states`` (index
+        -> tensors; DTensors for a sharded model), their records and file snapshots' paths under
+        ``snapshots`` (a tuple, which ``torch.distributed.checkpoint`` keeps as one entry). To
+        load a checkpoint with in-memory snapshots through ``torch.distributed.checkpoint``, load
+        into :meth:`load_target`."""
+        records, states = [], {}
+        for i, r in enumerate(self.snapshots):
+            records.append({k: v for k, v in r.items() if k != "state"})
+            if "state" in r:
+                states[str(i)] = r["state"]
         return {
             "t": self.t, "t_last": self.t_last, "num_steps_seen": self.num_steps_seen, "num_updates": self.num_updates,
             "gammas": list(self.gammas), "sigma_rels": list(self.sigma_rels), "time_unit": self.time_unit,
             "update_every": self.update_every, "tracks": [m.state_dict() for m in self.modules],
-            "snapshots": [{k: v for k, v in r.items() if k != "state"} if "path" in r else r for r in self.snapshots],
+            "snapshots": tuple(records), "snapshot_states": states,
         }
+
+    def load_target(self, checkpoint_id: Any, key: str) -> dict[str, Any]:
+        """What to pass to ``torch.distributed.checkpoint.load`` (as ``{key: ...}``) for the
+        state of this average saved under ``key`` at ``checkpoint_id``: :meth:`state_dict` with
+        room for the saved in-memory snapshots, whose records are read first (every rank calls
+        this). Then ``load_state_dict`` the loaded value."""
+        import torch.distributed.checkpoint as dcp
+
+        probe: dict[str, Any] = {key: {"snapshots": ()}}
+        dcp.load(probe, checkpoint_id=checkpoint_id)
+        target = self.state_dict()
+        target["snapshots"] = tuple(probe[key]["snapshots"])
+        tracking = self._tracking
+        averaged = tracking.averaged
+        names = tracking.names(averaged)
+        track = self._tracks[0]
+        target["snapshot_states"] = {
+            str(i): dict(zip(names, tracking.sharded(averaged, [
+                torch.empty_like(track[j], device="cpu", dtype=self.snapshot_dtype if track[j].is_floating_point() else track[j].dtype)
+                for j in averaged])))
+            for i, r in enumerate(target["snapshots"]) if "path" not in r
+        }
+        return target
 
     @uninterrupted
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -189,7 +236,15 @@ class PowerEMA(Averager):
             load_module_state(who, m, sd)
         self.t, self.t_last = t, t_last
         self.num_steps_seen, self.num_updates = steps, updates
-        self.snapshots = list(state.get("snapshots", []))
+        # Records, with in-memory snapshot tensors apart (this layout) or inside them (earlier checkpoints).
+        states = state.get("snapshot_states", {})
+        self.snapshots = [{**r, "state": states[str(i)]} if str(i) in states else dict(r)
+                          for i, r in enumerate(state.get("snapshots", ()))]
+
+
+def _rank_path(path: str) -> str:
+    """A snapshot file's path for this rank (snapshots of sharded models are a file per rank)."""
+    return path.replace("{rank}", str(torch.distributed.get_rank())) if "{rank}" in path else path
 
 
 def _p_dot(ta: float, ga: float, tb: float, gb: float) -> float:
@@ -262,11 +317,8 @@ class PostHocEMA(PowerEMA):
         out = averaged_copy(tr.model(model), torch.float32, torch.device("cpu"))
         own = tr.tensors_of(out)
         acc = [own[i] for i in tr.averaged]
-        names = tr.names(tr.averaged)
         for j, (rec, c) in enumerate(zip(use, x)):
-            # weights_only: the path comes from a checkpoint; never unpickle arbitrary objects.
-            state = rec["state"] if "state" in rec else torch.load(rec["path"], weights_only=True)["state"]
-            axpby(acc, [state[n] for n in names], 1.0, float(c), assign=(j == 0))
+            axpby(acc, self._snapshot_state(rec), 1.0, float(c), assign=(j == 0))
         return out
 
 
