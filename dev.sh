@@ -76,17 +76,22 @@ case "${1:-}" in
         python examples/demo.py
         ;;
     test)
-        # Two releases on a machine with few cores: the two builds (each mostly one compiler
-        # process at a time) run side by side, then the oldest release's suite runs beside the
-        # lints and the Rust tests, then the newest release's suite.
+        # Two releases on a machine with few cores, scheduled so that the cores stay busy: the
+        # Rust unit tests (no torch needed) compile while pip downloads, the two builds (each
+        # mostly one compiler process at a time) run side by side, and the oldest release's
+        # suite runs beside the lints and the newest release's suite.
         mkdir -p target
         trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # a failure stops the background jobs too
+        cargo test --profile unit --quiet > target/cargo-test.log 2>&1 &
+        unit=$!
         install "$NEWEST"
         EMAFUSE_VENV='' install "$OLDEST"
         (EMAFUSE_VENV='' build "$OLDEST") > target/build-oldest.log 2>&1 &
         oldest=$!
         build "$NEWEST"
         finish $oldest target/build-oldest.log
+        finish $unit target/cargo-test.log
+        grep "test result" target/cargo-test.log
         # shellcheck disable=SC1091
         (EMAFUSE_VENV='' && . "$(venv_of "$OLDEST")/bin/activate" &&
             TORCHINDUCTOR_CACHE_DIR="$PWD/target/inductor-$OLDEST" python -m pytest -q tests) > target/pytest-oldest.log 2>&1 &
@@ -94,7 +99,6 @@ case "${1:-}" in
         # shellcheck disable=SC1091
         . "$(venv_of "$NEWEST")/bin/activate"
         lint
-        cargo test --profile unit --quiet
         python -m pytest -q tests
         finish $oldest target/pytest-oldest.log
         echo "torch $OLDEST: $(tail -n 1 target/pytest-oldest.log)"
