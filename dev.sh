@@ -77,15 +77,17 @@ case "${1:-}" in
         ;;
     test)
         # Two releases on a machine with few cores, scheduled so that the cores stay busy: the
-        # Rust unit tests (no torch needed) compile while pip downloads, the two builds (each
-        # mostly one compiler process at a time) run side by side, and the oldest release's
-        # suite runs beside the lints and the newest release's suite.
+        # Rust unit tests (no torch needed) compile while pip installs both releases (each pip
+        # mostly one process at a time, as is each build), the two builds run side by side, and
+        # the oldest release's suite runs beside the lints and the newest release's suite.
         mkdir -p target
         trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # a failure stops the background jobs too
         cargo test --profile unit --quiet > target/cargo-test.log 2>&1 &
         unit=$!
+        (EMAFUSE_VENV='' install "$OLDEST") > target/install-oldest.log 2>&1 &
+        oldest=$!
         install "$NEWEST"
-        EMAFUSE_VENV='' install "$OLDEST"
+        finish $oldest target/install-oldest.log
         (EMAFUSE_VENV='' build "$OLDEST") > target/build-oldest.log 2>&1 &
         oldest=$!
         build "$NEWEST"
