@@ -80,11 +80,12 @@ class Plan:
     steps: int  # timed, per round
 
 
-def measure(case: Case, params: list[torch.Tensor], plan: Plan) -> dict[str, list[float]]:
-    """Seconds per ``step()`` of every implementation, taking turns round by round."""
-    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+def measure(case: Case, params: list[torch.Tensor], plan: Plan, impls: tuple[str, ...] = IMPLS) -> dict[str, list[float]]:
+    """Seconds per ``step()`` of each of ``impls`` (default: every implementation), taking turns
+    round by round."""
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
     for _ in range(plan.rounds):
-        for impl in IMPLS:
+        for impl in impls:
             opt = case.optimizer(impl, params)
             times[impl] += time_calls(opt.step, plan.warmup, plan.steps)
             del opt

@@ -17,25 +17,13 @@ import statistics
 from pathlib import Path
 
 import torch
-from bench_optim import ADAMW, EMAFUSE
-from common import copy_bandwidth, machine_info, markdown_table, time_calls, write_section
+from bench_optim import ADAMW, EMAFUSE, Plan, measure
+from common import copy_bandwidth, machine_info, markdown_table, write_section
 from workloads import WORKLOADS, make_params
 
 FUSED = "torch fused"
 WORKLOAD_NAMES = ("gpt2-small", "4000-small")
-ROUNDS, WARMUP, STEPS = 3, 1, 4
-
-
-def measure(params: list[torch.Tensor], rounds: int) -> dict[str, list[float]]:
-    """Seconds per AdamW step of emafuse and of torch's fused AdamW, taking turns round by round."""
-    times: dict[str, list[float]] = {EMAFUSE: [], FUSED: []}
-    for _ in range(rounds):
-        for impl in times:
-            opt = ADAMW.optimizer(impl, params)
-            times[impl] += time_calls(opt.step, WARMUP, STEPS)
-            del opt
-            gc.collect()
-    return times
+ROUNDS = 3
 
 
 def measure_release(rounds: int) -> dict[str, object]:
@@ -47,7 +35,7 @@ def measure_release(rounds: int) -> dict[str, object]:
     }
     for name in WORKLOAD_NAMES:
         params = make_params(WORKLOADS[name](), torch.float32)
-        times = measure(params, rounds)
+        times = measure(ADAMW, params, Plan(rounds=rounds, warmup=1, steps=4), (EMAFUSE, FUSED))
         result[name] = {impl: [min(t), statistics.median(t), max(t)] for impl, t in times.items()}
         del params
         gc.collect()

@@ -214,18 +214,18 @@ class EMACallback(Callback):
         average = st.pop("module")
         live = checkpoint["state_dict"]
         checkpoint["averaging_state"] = {"n_averaged": torch.tensor(self.ema.n_averaged, dtype=torch.long), "emafuse": st}
-        if _dtensor.any_dtensor(live.values()):
-            # A distributed checkpoint of a sharded module (ModelParallelStrategy): only
-            # "state_dict" is saved by torch.distributed.checkpoint, shard by shard; the rest is
-            # rank 0's file. So the live weights stay in it too, under LIVE_PREFIX.
-            checkpoint["state_dict"] = {**{k: v.detach().clone() for k, v in average.items()},
-                                        **{LIVE_PREFIX + k: v for k, v in live.items()}}
-            return
-        if _dtensor.any_dtensor(average.values()):
+        distributed = _dtensor.any_dtensor(live.values())
+        if not distributed and _dtensor.any_dtensor(average.values()):
             # A consolidated checkpoint of a sharded module: whole tensors (every rank gathers).
             average = self.ema.full_state_dict()
-        checkpoint["current_model_state"] = live
         checkpoint["state_dict"] = {k: v.detach().clone() for k, v in average.items()}
+        if distributed:
+            # A distributed checkpoint of a sharded module (ModelParallelStrategy): only
+            # "state_dict" is saved by torch.distributed.checkpoint, shard by shard; the rest is
+            # rank 0's file. So the live weights go into it too, under LIVE_PREFIX.
+            checkpoint["state_dict"].update((LIVE_PREFIX + k, v) for k, v in live.items())
+        else:
+            checkpoint["current_model_state"] = live
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.ema is None:

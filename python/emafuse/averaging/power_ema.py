@@ -152,8 +152,7 @@ class PowerEMA(Averager):
         suffix = "-rank{rank}" if tracking.is_sharded else ""
         new = []
         for g, s, tr in zip(self.gammas, self.sigma_rels, self._tracks):
-            local = [tr[i].to("cpu", dtype=self.snapshot_dtype if tr[i].is_floating_point() else tr[i].dtype, copy=True)
-                     for i in averaged]
+            local = [tr[i].to("cpu", dtype=self._snapshot_dtype(tr[i]), copy=True) for i in averaged]
             rec: dict[str, Any] = {"t": self.t, "gamma": g, "sigma_rel": s}
             if self.snapshot_dir is not None:
                 os.makedirs(self.snapshot_dir, exist_ok=True)
@@ -165,6 +164,10 @@ class PowerEMA(Averager):
             new.append(rec)
         self.snapshots.extend(new)
         return new
+
+    def _snapshot_dtype(self, t: Tensor) -> torch.dtype:
+        """The dtype a snapshot stores tensor ``t`` in: ``snapshot_dtype`` for floating point."""
+        return self.snapshot_dtype if t.is_floating_point() else t.dtype
 
     def _snapshot_state(self, rec: Mapping[str, Any]) -> list[Tensor]:
         """A snapshot's averaged tensors in entry order, as this rank's local parts."""
@@ -208,8 +211,7 @@ class PowerEMA(Averager):
         track = self._tracks[0]
         target["snapshot_states"] = {
             str(i): dict(zip(names, tracking.sharded(averaged, [
-                torch.empty_like(track[j], device="cpu", dtype=self.snapshot_dtype if track[j].is_floating_point() else track[j].dtype)
-                for j in averaged])))
+                torch.empty_like(track[j], device="cpu", dtype=self._snapshot_dtype(track[j])) for j in averaged])))
             for i, r in enumerate(target["snapshots"]) if "path" not in r
         }
         return target
