@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 status=0
 for part in $PARTS; do
     case $part in
-        tests) (cd tests && python3 -m pytest -q -x test_cuda_gpu.py test_cuda_sources.py -k "not rust_rule") 2>&1 | tee "$OUT/tests.log"
+        tests) (cd tests && python3 -m pytest -q -x test_cuda_gpu.py test_cuda_sources.py test_step_plan.py -k "not rust_rule") 2>&1 | tee "$OUT/tests.log"
                status=${PIPESTATUS[0]} ;;
         optim) python3 benchmarks/bench_gpu.py --output "$OUT/RESULTS_gpu.md" 2>&1 | tee "$OUT/bench_gpu.log" ;;
         research) python3 benchmarks/bench_research.py --device cuda --workloads resnet50,gpt2-small --output "$OUT/RESULTS_research_gpu.md" 2>&1 | tail -40 ;;

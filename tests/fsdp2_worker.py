@@ -57,9 +57,25 @@ def synthetic_grads(step: int, shapes: list[tuple[int, ...]]) -> list[torch.Tens
 # -- optimizers ------------------------------------------------------------------------------------
 
 
+def step_collectives(opt: torch.optim.Optimizer) -> dict[str, int]:
+    """``opt.step()``, returning the collectives it issued by name."""
+    with CommDebugMode() as comm:
+        opt.step()
+    return {str(k): n for k, n in comm.get_comm_counts().items() if n}
+
+
+def reads_tensor_sums(opt: torch.optim.Optimizer, step: int) -> bool:
+    """Whether ``opt``'s step ``step`` reads sums over each whole tensor (Lion's cautious factor,
+    SGD-SaI's gradient signal-to-noise ratio on the first step)."""
+    name, group = type(opt).__name__, opt.param_groups[0]
+    return (name == "Lion" and bool(group["caution"])) or (name == "SGDSaI" and step == 0)
+
+
 def optimizers_on_dtensors(checks, mesh, configs) -> None:
     """Every optimizer configuration on DTensor parameters (uneven and empty shards) against the
-    same optimizer on the whole tensors: parameters and state after 3 steps."""
+    same optimizer on the whole tensors: parameters and state after 3 steps. No step gathers a
+    tensor: the only collective is one ``all_reduce`` for rules with optimizer-wide norms or
+    per-tensor sums."""
     for name, kw, exact in configs:
         with checks.check(f"optimizer {name} {kw}"):
             full = [seeded(i, s) for i, s in enumerate(SHAPES)]
@@ -71,7 +87,9 @@ def optimizers_on_dtensors(checks, mesh, configs) -> None:
                     p.grad = g.clone()
                     q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
                 opt_ref.step()
-                opt.step()
+                issued = step_collectives(opt)
+                reduces = reads_tensor_sums(opt, step) or float(kw.get("max_grad_norm", 0.0)) > 0.0
+                assert issued == ({"c10d.allreduce_": 1} if reduces else {}), f"step {step} issued {issued}"
                 for i, (p, q) in enumerate(zip(ref, sharded)):
                     assert isinstance(q, DTensor) and isinstance(q, nn.Parameter)
                     assert_same(q._local_tensor, part(q, p.detach()), exact, f"step {step}, param {i}")

@@ -220,3 +220,74 @@ def test_native_plan_reports_a_stale_plan_without_writing():
     before = (p.detach().clone(), {k: v.clone() for k, v in st.items()})
     assert plan.run([hyper]) is None
     assert torch.equal(p, before[0]) and all(torch.equal(st[k], v) for k, v in before[1].items())
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))]
+)
+def test_per_tensor_sums_computed_apart_then_given_to_the_update(device):
+    """What sharded (DTensor) steps use: ``StepPlan.sums`` writes the rule's per-tensor sums in
+    group order (here across two batches: f32 and bf16 tensors interleaved) and updates nothing;
+    ``run(sums=)`` with them equals the usual step bit for bit, and with other sums follows them
+    (Lion's cautious factor, spec §20); bad sums arrays are refused, nothing written."""
+    from emafuse import _native
+
+    hyper = dict(lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.1, decay_base_lr=1.0, lr_independent_decay=False, caution=True, caution_count=False)
+    shapes_dtypes = [((7, 5), torch.float32), ((33,), torch.bfloat16), ((4097,), torch.float32), ((3,), torch.bfloat16)]
+
+    def tensors(seed):
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for shape, dtype in shapes_dtypes:
+            p, grad, m = (torch.randn(shape, generator=g).to(dtype=dtype, device=device) for _ in range(3))
+            out.append((torch.nn.Parameter(p), grad, {"exp_avg": m}))
+        return out
+
+    def plan(ts):
+        group = _native.Group(hyper=hyper, params=[t[0] for t in ts], inputs=[t[1] for t in ts], states=[t[2] for t in ts], slots=("exp_avg",), scalars=())
+        return _native.StepPlan("t", "lion", [group])
+
+    def snapshot(ts):
+        return [(p.detach().clone(), st["exp_avg"].clone()) for p, _, st in ts]
+
+    def assert_equal(a, b):
+        assert all(torch.equal(x, y) and torch.equal(m, n) for (x, m), (y, n) in zip(a, b))
+
+    ours, usual = tensors(7), tensors(7)
+    before = snapshot(ours)
+    sums = [torch.zeros((len(ours), _native.MAX_SUMS), dtype=torch.float64, device=device)]
+    native = plan(ours)
+    assert native.sums(sums) is True
+    assert_equal(snapshot(ours), before)
+    for i, (p, g, st) in enumerate(ours):
+        u = (st["exp_avg"].float() * 0.9 + g.float() * 0.1).sign()
+        assert sums[0][i].tolist() == [float((u * g.float() > 0).sum()), float(p.numel()), 0.0, 0.0], i
+
+    bad = [
+        [torch.zeros((len(ours), _native.MAX_SUMS), dtype=torch.float32, device=device)],
+        [torch.zeros((len(ours) - 1, _native.MAX_SUMS), dtype=torch.float64, device=device)],
+        [sums[0], sums[0]],
+    ]
+    if device == "cuda":
+        bad.append([sums[0].cpu()])
+    for arrays in bad:
+        with pytest.raises((emafuse.InvalidArgumentError, emafuse.DeviceError)):
+            native.run(sums=arrays)
+        assert_equal(snapshot(ours), before)
+
+    assert native.run(sums=sums) is True
+    assert plan(usual).run() is True
+    assert_equal(snapshot(ours), snapshot(usual))
+
+    # Sums saying every element agrees: the cautious factor is 1, the mask stays the element's own.
+    ours = tensors(8)
+    before = snapshot(ours)
+    numels = torch.tensor([float(p.numel()) for p, _, _ in ours], dtype=torch.float64, device=device)
+    given = torch.zeros((len(ours), _native.MAX_SUMS), dtype=torch.float64, device=device)
+    given[:, 0], given[:, 1] = numels, numels
+    assert plan(ours).run(sums=[given]) is True
+    for (p, g, st), (p0, m0) in zip(ours, before):
+        u = (m0.float() * 0.9 + g.float() * 0.1).sign()
+        expected = p0.float() * (1 - 0.1 * 0.1) + -0.1 * (u * (u * g.float() > 0))
+        torch.testing.assert_close(p.detach(), expected.to(p.dtype))
+        torch.testing.assert_close(st["exp_avg"], (m0.float() * 0.99 + 0.01 * g.float()).to(m0.dtype))

@@ -8,8 +8,10 @@ first, so the engine only ever sees plain tensors:
 * optimizers (:func:`local_call`): parameter, gradient and state slots of a DTensor parameter are
   replaced by their local shards (state entries are DTensors with the parameter's placements, so
   ``torch.distributed.checkpoint`` saves and reshards them). Element-wise rules need nothing else.
-  Rules that read whole-tensor sums run on gathered tensors (``gather=True``); optimizer-wide
-  norms add the local sums across the mesh (:func:`sum_squares`);
+  Rules that read sums over each whole tensor (Lion's cautious factor, SGD-SaI's gradient
+  signal-to-noise ratio) have the engine compute them on the local shards, add them across the
+  mesh (:func:`add_shard_sums`), then update with the totals; optimizer-wide norms add the local
+  sums across the mesh (:func:`sum_squares`);
 * averaging (:func:`local`): the model's tensors are read as their local shards, the average keeps
   one local shard per tensor inside a DTensor of the same placements (:func:`sharded_like`).
 
@@ -19,8 +21,9 @@ are refused with :class:`~emafuse.errors.UnsupportedOptionError`.
 
 Collectives: none for element-wise steps and for averaging updates; one ``all_reduce`` (float64,
 one element per process group) per step for optimizer-wide norms (Adan's ``max_grad_norm``); one
-``all_gather`` per gathered tensor (parameter, gradient, each state slot) for rules with
-per-tensor sums (SGD-SaI on a parameter's first step, Lion with ``caution=True``).
+``all_reduce`` (float64, ``MAX_SUMS`` elements per sharded parameter, per process group) per step
+for rules with per-tensor sums (SGD-SaI on a parameter's first step, Lion with ``caution=True``).
+No tensor is ever gathered by a step.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from torch import Tensor
 from .errors import InvalidArgumentError, UnsupportedOptionError
 
 __all__ = [
-    "Layout", "any_dtensor", "check", "copy_into", "full_state_dict", "is_dtensor", "layout", "local", "local_call",
-    "sharded_like", "sum_squares", "unwrap", "wrap",
+    "Layout", "ShardRows", "add_shard_sums", "any_dtensor", "check", "copy_into", "full_state_dict", "is_dtensor", "layout",
+    "local", "local_call", "shard_rows", "sharded_like", "sum_squares", "unwrap", "wrap",
 ]
 
 _DTENSOR: Any = False  # the DTensor class once looked up (None: torch.distributed unavailable)
@@ -139,16 +142,13 @@ def local_call(
     states: Sequence[dict[str, Tensor]] | None,
     slots: tuple[str, ...],
     who: str,
-    gather: bool,
-) -> tuple[list[Tensor], list[Tensor], list[dict[str, Tensor]] | None, list[tuple[Tensor, Tensor]]]:
-    """The tensors of one native call with DTensors replaced by what the engine reads: their
-    local shards, or with ``gather`` (a rule whose step reads sums over each whole tensor) the
-    whole tensors of sharded ones, gathered, plus the (local shard, part of the whole) pairs to
-    copy back once the step ran. Plain tensors pass unchanged; scalar state stays as it is."""
+) -> tuple[list[Tensor], list[Tensor], list[dict[str, Tensor]] | None]:
+    """The tensors of one native call with DTensors replaced by their local shards (checked: a
+    supported placement, gradient and state slots placed like the parameter). Plain tensors pass
+    unchanged; scalar state stays as it is."""
     ps: list[Tensor] = []
     gs: list[Tensor] = []
     sts: list[dict[str, Tensor]] | None = None if states is None else []
-    copy_back: list[tuple[Tensor, Tensor]] = []
     for i, (p, g) in enumerate(zip(params, grads)):
         st = None if states is None else states[i]
         if not is_dtensor(p):
@@ -158,33 +158,49 @@ def local_call(
                 )
             ps.append(p)
             gs.append(g)
-            if sts is not None:
-                sts.append(st)  # type: ignore[arg-type]
-            continue
-        check(p, who, "a parameter")
-        g_local = _check_partner(p, g, who, "the gradient")
-        st_local = None
-        if st is not None:
-            st_local = dict(st)
-            for k in slots:
-                st_local[k] = _check_partner(p, st[k], who, f"state '{k}'")
-        if gather and _sharded(p):
-            full_p = p.full_tensor()  # type: ignore[attr-defined]
-            copy_back.append((p._local_tensor, _local_slice(p, full_p)))  # type: ignore[attr-defined]
-            ps.append(full_p)
-            gs.append(g.full_tensor())  # type: ignore[attr-defined]
-            if st_local is not None:
-                full_st = dict(st_local)
-                for k in slots:
-                    full_st[k] = st[k].full_tensor()  # type: ignore[index]
-                    copy_back.append((st_local[k], _local_slice(p, full_st[k])))
-                st_local = full_st
         else:
+            check(p, who, "a parameter")
+            gs.append(_check_partner(p, g, who, "the gradient"))
             ps.append(p._local_tensor)  # type: ignore[attr-defined]
-            gs.append(g_local)
+            if st is not None:
+                st = dict(st)
+                for k in slots:
+                    st[k] = _check_partner(p, st[k], who, f"state '{k}'")  # type: ignore[index]
         if sts is not None:
-            sts.append(st_local)  # type: ignore[arg-type]
-    return ps, gs, sts, copy_back
+            sts.append(st)  # type: ignore[arg-type]
+    return ps, gs, sts
+
+
+# Where the per-tensor sums of sharded tensors lie: {process group: {call index: [row, ...]}}.
+ShardRows = dict[Any, dict[int, list[int]]]
+
+
+def shard_rows(calls: Sequence[Sequence[Tensor]]) -> ShardRows:
+    """The rows (call index, parameter index) of the ``Shard``-placed DTensors among ``calls``'
+    parameters, by the process group of their mesh: their per-tensor sums are partial. Replicated
+    DTensors and plain tensors are whole on every rank: their sums are complete."""
+    rows: ShardRows = {}
+    for ci, params in enumerate(calls):
+        for i, p in enumerate(params):
+            if is_dtensor(p) and _sharded(p):
+                rows.setdefault(p.device_mesh.get_group(), {}).setdefault(ci, []).append(i)  # type: ignore[attr-defined]
+    return rows
+
+
+def add_shard_sums(sums: Sequence[Tensor], rows: ShardRows) -> None:
+    """Add, across each mesh, the rows ``rows`` of ``sums`` (one ``[n, MAX_SUMS]`` float64 tensor
+    per call, the engine's per-tensor sums over this rank's shards), in place: one ``all_reduce``
+    per process group. Every rank of the mesh must call this."""
+    import torch.distributed as dist
+
+    for pg, by_call in rows.items():
+        index = {ci: torch.tensor(r, device=sums[ci].device) for ci, r in by_call.items()}
+        part = torch.cat([sums[ci].index_select(0, ix) for ci, ix in index.items()])
+        dist.all_reduce(part, group=pg)
+        start = 0
+        for ci, ix in index.items():
+            sums[ci].index_copy_(0, ix, part[start : start + len(ix)])
+            start += len(ix)
 
 
 def sum_squares(tensors: Sequence[Tensor], local_sum: Callable[[list[Tensor]], float]) -> float:

@@ -10,6 +10,7 @@ _Hyper = dict[str, float | bool]
 _AmpTensor = Tensor | dict[int, Tensor] | None
 
 __all__ = [
+    "MAX_SUMS",
     "TORCH_VERSION",
     "Group",
     "PendingStep",
@@ -22,6 +23,7 @@ __all__ = [
     "rule_info",
     "rule_names",
     "rule_slots",
+    "rule_sums",
     "step",
     "step_async",
     "sum_squares",
@@ -66,7 +68,18 @@ class StepPlan:
         grad_scale: _AmpTensor = None,
         found_inf: _AmpTensor = None,
         streams: Sequence[int] | None = None,
+        sums: list[Tensor] | None = None,
     ) -> bool | None: ...
+    def sums(
+        self,
+        out: list[Tensor],
+        hypers: list[_Hyper] | None = None,
+        grad_scale: _AmpTensor = None,
+        found_inf: _AmpTensor = None,
+        streams: Sequence[int] | None = None,
+    ) -> bool | None:
+        """The rule's per-tensor sums into ``out`` (one zeroed float64 ``[n, MAX_SUMS]`` tensor per
+        group); nothing is updated."""
     def params(self) -> list[Tensor]: ...
 
 @final
@@ -100,6 +113,12 @@ def rule_info(name: str) -> dict[str, Any]:
 
 def rule_slots(name: str, hyper: _Hyper) -> tuple[str, ...]:
     """The state slot names (in order) of the rule built from these hyper-parameters."""
+
+def rule_sums(name: str, hyper: _Hyper) -> int:
+    """How many per-tensor sums the rule built from these hyper-parameters reads (0: element-wise)."""
+
+MAX_SUMS: int
+"""The most per-tensor sums any rule reads (the width of ``StepPlan.sums`` arrays)."""
 
 def cuda_source(rule: str, hyper: _Hyper) -> dict[str, Any]:
     """The rule's CUDA program (for tests): type_name, source, preamble, header, hyper_bytes."""

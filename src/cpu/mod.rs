@@ -143,9 +143,23 @@ pub trait CpuStep: Send + Sync {
     /// Fail if the group asked for finite gradients (`check_finite`) and one holds NaN or
     /// infinity. Reads only.
     fn check_finite(&self, who: &str) -> Result<()>;
+    /// The rule's per-tensor sums over this batch, in its parameters' order (zeros for a rule
+    /// without sums). Reads only.
+    fn sums(&self, grad_scale: Option<f64>) -> Vec<[f64; MAX_SUMS]>;
     /// Update the scalar state and every tensor. Cannot fail. With AMP's `grad_scale`, every
     /// input is divided by it on the fly and stored back unscaled (as torch's fused optimizers do).
-    fn run(&self, grad_scale: Option<f64>);
+    /// `sums`: the per-tensor sums to use (e.g. added across the shards of sharded tensors)
+    /// instead of the batch's own, in its parameters' order.
+    fn run(&self, grad_scale: Option<f64>, sums: Option<&[[f64; MAX_SUMS]]>);
+}
+
+/// What one typed pass over a batch does.
+#[derive(Copy, Clone)]
+enum Pass<'s> {
+    /// Only the per-tensor sums (read only).
+    Sums,
+    /// The update, with the given sums or (None) its own.
+    Update(Option<&'s [[f64; MAX_SUMS]]>),
 }
 
 /// Pair a batch with the rule named `rule`, built from `hyper`.
@@ -260,7 +274,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
     }
 
     /// Per-tensor sums of the rule (zeros when it has none).
-    fn sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factor: R) -> Vec<[f64; MAX_SUMS]> {
+    fn tensor_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factor: R) -> Vec<[f64; MAX_SUMS]> {
         let n = self.batch.params.len();
         if Ru::SUMS == 0 {
             return vec![[0.0; MAX_SUMS]; n];
@@ -312,10 +326,16 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
         out
     }
 
-    fn run_typed<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, grad_scale: Option<f64>) {
+    /// One pass in the types R (compute), P, G, S; returns the sums of a `Pass::Sums` (else
+    /// nothing).
+    fn pass_typed<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, grad_scale: Option<f64>, pass: Pass<'_>) -> Vec<[f64; MAX_SUMS]> {
         let sign = if self.options.maximize { -1.0 } else { 1.0 };
         let xf = GradTransform { factor: R::from_f64(sign / grad_scale.unwrap_or(1.0)), unscale: grad_scale.map(|s| R::from_f64(1.0 / s)) };
-        let sums = self.sums::<R, P, G, S>(xf.factor);
+        let sums = match pass {
+            Pass::Update(Some(given)) => given.to_vec(),
+            Pass::Sums => return self.tensor_sums::<R, P, G, S>(xf.factor),
+            Pass::Update(None) => self.tensor_sums::<R, P, G, S>(xf.factor),
+        };
         let coeffs = self.coeffs::<R>(&sums);
         for_each_span(&self.numels(), |s| {
             // SAFETY: all views were validated to hold numel elements of P (params), G (inputs) or
@@ -323,6 +343,22 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             // touched by one thread only; the tensors are kept alive by the caller.
             unsafe { kernel::update_span::<Ru, R, P, G, S>(&coeffs[s.tensor], &xf, self.span_ptrs::<R, P, G, S>(s), s.len) };
         });
+        Vec::new()
+    }
+
+    fn pass(&self, grad_scale: Option<f64>, pass: Pass<'_>) -> Vec<[f64; MAX_SUMS]> {
+        // Combinations accepted by `batch::split_group`: the input has the parameter's dtype, or
+        // an fp32 parameter (an average) reads a bf16/fp16 input (the model).
+        match (self.batch.param_dtype, self.batch.input_dtype, self.batch.state_dtype) {
+            (DType::F32, DType::BF16, _) => self.pass_typed::<f32, f32, bf16, f32>(grad_scale, pass),
+            (DType::F32, DType::F16, _) => self.pass_typed::<f32, f32, f16, f32>(grad_scale, pass),
+            (DType::F32, _, _) => self.pass_typed::<f32, f32, f32, f32>(grad_scale, pass),
+            (DType::F64, _, _) => self.pass_typed::<f64, f64, f64, f64>(grad_scale, pass),
+            (DType::BF16, _, DType::BF16) => self.pass_typed::<f32, bf16, bf16, bf16>(grad_scale, pass),
+            (DType::BF16, _, _) => self.pass_typed::<f32, bf16, bf16, f32>(grad_scale, pass),
+            (DType::F16, _, DType::F16) => self.pass_typed::<f32, f16, f16, f16>(grad_scale, pass),
+            (DType::F16, _, _) => self.pass_typed::<f32, f16, f16, f32>(grad_scale, pass),
+        }
     }
 
     fn grads_finite<R: Real, G: Elem<R>>(&self) -> bool {
@@ -357,19 +393,12 @@ impl<Ru: Rule> CpuStep for RuleBatch<'_, Ru> {
         }
     }
 
-    fn run(&self, grad_scale: Option<f64>) {
-        // Combinations accepted by `batch::split_group`: the input has the parameter's dtype, or
-        // an fp32 parameter (an average) reads a bf16/fp16 input (the model).
-        match (self.batch.param_dtype, self.batch.input_dtype, self.batch.state_dtype) {
-            (DType::F32, DType::BF16, _) => self.run_typed::<f32, f32, bf16, f32>(grad_scale),
-            (DType::F32, DType::F16, _) => self.run_typed::<f32, f32, f16, f32>(grad_scale),
-            (DType::F32, _, _) => self.run_typed::<f32, f32, f32, f32>(grad_scale),
-            (DType::F64, _, _) => self.run_typed::<f64, f64, f64, f64>(grad_scale),
-            (DType::BF16, _, DType::BF16) => self.run_typed::<f32, bf16, bf16, bf16>(grad_scale),
-            (DType::BF16, _, _) => self.run_typed::<f32, bf16, bf16, f32>(grad_scale),
-            (DType::F16, _, DType::F16) => self.run_typed::<f32, f16, f16, f16>(grad_scale),
-            (DType::F16, _, _) => self.run_typed::<f32, f16, f16, f32>(grad_scale),
-        }
+    fn sums(&self, grad_scale: Option<f64>) -> Vec<[f64; MAX_SUMS]> {
+        self.pass(grad_scale, Pass::Sums)
+    }
+
+    fn run(&self, grad_scale: Option<f64>, sums: Option<&[[f64; MAX_SUMS]]>) {
+        self.pass(grad_scale, Pass::Update(sums));
     }
 }
 

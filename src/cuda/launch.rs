@@ -33,8 +33,14 @@ pub struct DeviceAmp {
 pub trait CudaStep: Send + Sync {
     /// The device the batch lives on.
     fn device(&self) -> u32;
-    /// Enqueue the update on the batch's stream (asynchronous; no host synchronisation).
-    fn launch(&self, amp: DeviceAmp) -> Result<()>;
+    /// Enqueue the per-tensor sums pass, then copies of its sums into `out` (the device address
+    /// of a float64 `[n, MAX_SUMS]` array in group order: row `members[j]` for the batch's tensor
+    /// `j`). Reads only; zeros for a rule without sums.
+    fn sums(&self, amp: DeviceAmp, out: u64) -> Result<()>;
+    /// Enqueue the update on the batch's stream (asynchronous; no host synchronisation), with
+    /// the per-tensor sums read from `sums` (laid out as `out` of [`CudaStep::sums`]) instead of
+    /// its own sums pass when given.
+    fn launch(&self, amp: DeviceAmp, sums: Option<u64>) -> Result<()>;
 }
 
 /// A compiled rule: one module with a step and a sums kernel per dtype combination.
@@ -243,6 +249,7 @@ impl RuleVisitor for Planner<'_> {
             blocks: blocks as u32,
             stream: self.stream,
             gsign: if self.maximize { -1.0 } else { 1.0 },
+            members: b.members.clone(),
         }))
     }
 }
@@ -260,6 +267,64 @@ struct Launch {
     blocks: u32,
     stream: u64,
     gsign: f64,
+    /// The index in its group of each tensor of the batch (its row in a sums array).
+    members: Vec<usize>,
+}
+
+/// Bytes of one tensor's sums.
+const SUMS_BYTES: usize = 8 * MAX_SUMS;
+
+impl Launch {
+    /// Enqueue copies between the table's sums (batch order) and a sums array in group order at
+    /// `rows`: into the array with `to_rows`, else from it. Consecutive rows go in one copy.
+    ///
+    /// # Safety
+    /// The context is current; `rows` is a live device array of at least `max(members) + 1` rows
+    /// that stays alive until the stream has run the copies.
+    unsafe fn copy_sums(&self, rows: u64, to_rows: bool) -> Result<()> {
+        let stream = self.stream as sys::CUstream;
+        let mut j = 0;
+        while j < self.members.len() {
+            let mut run = 1;
+            while j + run < self.members.len() && self.members[j + run] == self.members[j] + run {
+                run += 1;
+            }
+            let table = self.sums + (j * SUMS_BYTES) as u64;
+            let row = rows + (self.members[j] * SUMS_BYTES) as u64;
+            let (dst, src) = if to_rows { (row, table) } else { (table, row) };
+            // SAFETY: both ranges lie inside live device buffers (per the contract and the table).
+            unsafe { result::memcpy_dtod_async(dst, src, run * SUMS_BYTES, stream) }.map_err(|e| driver_error("cuMemcpyDtoDAsync", e))?;
+            j += run;
+        }
+        Ok(())
+    }
+
+    /// Enqueue the sums pass into the table's sums.
+    ///
+    /// # Safety
+    /// The context is current (inside `with_device`); see `launch`.
+    unsafe fn launch_sums(&self, amp: DeviceAmp) -> Result<()> {
+        let stream = self.stream as sys::CUstream;
+        let (mut table, mut n, mut gs, mut fi, mut gsign, mut sums) = (self.table, self.n_tensors, amp.grad_scale, amp.found_inf, self.gsign, self.sums);
+        let mut hyper = self.hyper.clone();
+        let arg = |x: *mut c_void| x;
+        // SAFETY: as `launch`: the function comes from a loaded module and the arguments match
+        // ef_sums(hyper, tensors, n, grad_scale, found_inf, gsign, sums).
+        unsafe {
+            result::memset_d8_async(sums, 0, SUMS_BYTES * self.n_tensors as usize, stream).map_err(|e| driver_error("cuMemsetD8Async", e))?;
+            let mut params = [
+                arg(hyper.as_mut_ptr() as *mut c_void),
+                arg(&mut table as *mut u64 as *mut c_void),
+                arg(&mut n as *mut i32 as *mut c_void),
+                arg(&mut gs as *mut u64 as *mut c_void),
+                arg(&mut fi as *mut u64 as *mut c_void),
+                arg(&mut gsign as *mut f64 as *mut c_void),
+                arg(&mut sums as *mut u64 as *mut c_void),
+            ];
+            result::launch_kernel(self.sums_fn as sys::CUfunction, (self.blocks, 1, 1), (THREADS, 1, 1), 0, stream, &mut params)
+                .map_err(|e| driver_error("launching ef_sums", e))
+        }
+    }
 }
 
 impl CudaStep for Launch {
@@ -267,7 +332,19 @@ impl CudaStep for Launch {
         self.ordinal
     }
 
-    fn launch(&self, amp: DeviceAmp) -> Result<()> {
+    fn sums(&self, amp: DeviceAmp, out: u64) -> Result<()> {
+        if self.n_tensors == 0 || !self.uses_sums {
+            return Ok(()); // `out` comes zeroed
+        }
+        // SAFETY: see `launch_sums` and `copy_sums`; `out` is checked by the caller to hold a
+        // row for every member of the group.
+        with_device(self.ordinal, |_| unsafe {
+            self.launch_sums(amp)?;
+            self.copy_sums(out, true)
+        })
+    }
+
+    fn launch(&self, amp: DeviceAmp, given: Option<u64>) -> Result<()> {
         if self.n_tensors == 0 {
             return Ok(());
         }
@@ -277,27 +354,18 @@ impl CudaStep for Launch {
         let mut hyper = self.hyper.clone();
         with_device(self.ordinal, |_| {
             // SAFETY: functions come from a loaded module; every argument matches the kernel's
-            // signature (ef_sums: hyper, tensors, n, grad_scale, found_inf, gsign, sums; ef_step: hyper,
-            // tensors, n, grad_scale, found_inf, gsign, counters, sums); the table and the tensors it
-            // points to stay alive until the stream has run the kernels (the tensors are owned by
-            // the optimizer, the table by the cache, freed stream-ordered).
+            // signature (ef_step: hyper, tensors, n, grad_scale, found_inf, gsign, counters, sums);
+            // the table and the tensors it points to stay alive until the stream has run the
+            // kernels (the tensors are owned by the optimizer, the table by the cache, freed
+            // stream-ordered); given sums are checked by the caller as for `sums`.
             unsafe {
-                let arg = |x: *mut c_void| x;
                 if self.uses_sums {
-                    let bytes = 8 * MAX_SUMS * self.n_tensors as usize;
-                    result::memset_d8_async(sums, 0, bytes, stream).map_err(|e| driver_error("cuMemsetD8Async", e))?;
-                    let mut params = [
-                        arg(hyper.as_mut_ptr() as *mut c_void),
-                        arg(&mut table as *mut u64 as *mut c_void),
-                        arg(&mut n as *mut i32 as *mut c_void),
-                        arg(&mut gs as *mut u64 as *mut c_void),
-                        arg(&mut fi as *mut u64 as *mut c_void),
-                        arg(&mut gsign as *mut f64 as *mut c_void),
-                        arg(&mut sums as *mut u64 as *mut c_void),
-                    ];
-                    result::launch_kernel(self.sums_fn as sys::CUfunction, (self.blocks, 1, 1), (THREADS, 1, 1), 0, stream, &mut params)
-                        .map_err(|e| driver_error("launching ef_sums", e))?;
+                    match given {
+                        Some(rows) => self.copy_sums(rows, false)?,
+                        None => self.launch_sums(amp)?,
+                    }
                 }
+                let arg = |x: *mut c_void| x;
                 let mut params = [
                     arg(hyper.as_mut_ptr() as *mut c_void),
                     arg(&mut table as *mut u64 as *mut c_void),

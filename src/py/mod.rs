@@ -25,6 +25,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rule_names, m)?)?;
     m.add_function(wrap_pyfunction!(rule_info, m)?)?;
     m.add_function(wrap_pyfunction!(rule_slots, m)?)?;
+    m.add_function(wrap_pyfunction!(rule_sums, m)?)?;
+    m.add("MAX_SUMS", crate::rules::MAX_SUMS)?;
     m.add_function(wrap_pyfunction!(cuda_source, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_compile, m)?)?;
     m.add_function(wrap_pyfunction!(reduce::sum_squares, m)?)?;
@@ -97,6 +99,14 @@ fn rule_slots<'py>(py: Python<'py>, name: &str, hyper: &Bound<'py, PyDict>) -> P
     let h = plan::hyper_from(hyper).map_err(|e| errors::to_py(py, e))?;
     let names = crate::rules::slot_names(name, &h).map_err(|e| errors::to_py(py, e))?;
     PyTuple::new(py, names)
+}
+
+/// How many per-tensor sums (reductions over each whole tensor before its update) the rule
+/// `name` built from `hyper` reads: 0 for an element-wise rule. At most `MAX_SUMS`.
+#[pyfunction]
+fn rule_sums(py: Python<'_>, name: &str, hyper: &Bound<'_, PyDict>) -> PyResult<usize> {
+    let h = plan::hyper_from(hyper).map_err(|e| errors::to_py(py, e))?;
+    crate::rules::sum_count(name, &h).map_err(|e| errors::to_py(py, e))
 }
 
 /// The CUDA program of a rule built from `hyper` (for tests): `{type_name, source, preamble,

@@ -11,12 +11,13 @@
 
 use super::errors::to_py;
 use super::tensor::{infos, unchanged, unpack, Unpacked};
+use crate::batch::Layout;
 use crate::batch::{check_input, split_group, Batch, GroupTensors, Operand, TensorInfo, Written};
 use crate::cpu;
 use crate::cuda::{self, DeviceAmp};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::rules::{Hyper, HyperValue};
+use crate::rules::{Hyper, HyperValue, MAX_SUMS};
 use crate::view::{Device, TensorView};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
@@ -437,7 +438,8 @@ impl StepPlan {
         Ok(true)
     }
 
-    /// One update; None (nothing written) when the plan no longer describes the tensors.
+    /// One update (or with `SumsArg::Write`, only the per-tensor sums); None (nothing written)
+    /// when the plan no longer describes the tensors.
     fn run(
         &mut self,
         py: Python<'_>,
@@ -445,6 +447,7 @@ impl StepPlan {
         grad_scale: Option<&Bound<'_, PyAny>>,
         found_inf: Option<&Bound<'_, PyAny>>,
         streams: Option<&Bound<'_, PyAny>>,
+        sums: SumsArg<'_, '_>,
     ) -> Result<Option<bool>> {
         let given = match hypers {
             None => None,
@@ -472,16 +475,22 @@ impl StepPlan {
             keep_grads = grads;
         }
         let env = RunEnv::resolve(&self.who, self.calls.iter().flat_map(|c| c.batches.iter().map(|b| b.device)), grad_scale, found_inf, streams)?;
+        let mut keep_sums = Vec::new();
+        let io = match sums {
+            SumsArg::Own => SumsIo::Own,
+            SumsArg::Read(list) => SumsIo::Read(sums_arrays(&self.who, list, &self.calls, &mut keep_sums)?),
+            SumsArg::Write(list) => SumsIo::Write(sums_arrays(&self.who, list, &self.calls, &mut keep_sums)?),
+        };
         self.fresh = false;
         let hypers = given.as_ref().unwrap_or(&self.hypers);
         let (who, rule, calls) = (&self.who, &self.rule, &self.calls);
-        let work = || calls.iter().zip(hypers).flat_map(|(c, h)| c.batches.iter().map(move |b| (h, b)));
+        let work = || calls.iter().zip(hypers).enumerate().flat_map(|(ci, (c, h))| c.batches.iter().map(move |b| (ci, h, b)));
         // The GIL stays held while the kernels read and write: no Python thread can free or
         // replace a tensor's memory meanwhile (a `.data` swap, `set_`, a storage resize), so
         // every storage the step touches stays alive until it returns. (CUDA kernels only
         // queue work on the stream, whose memory torch's caching allocator keeps.)
-        let applied = guarded(|| execute(who, rule, work(), &env))?;
-        drop(keep_grads);
+        let applied = guarded(|| execute(who, rule, work(), &env, &io))?;
+        drop((keep_grads, keep_sums));
         Ok(Some(applied))
     }
 }
@@ -503,7 +512,11 @@ impl StepPlan {
     /// update was applied (False: AMP skipped the CPU part; CUDA kernels decide on the device),
     /// or None when the tensors changed since the plan was built: nothing was written and a new
     /// plan is needed. A refused update (an error) writes nothing either.
-    #[pyo3(name = "run", signature = (hypers=None, grad_scale=None, found_inf=None, streams=None))]
+    ///
+    /// `sums`: per-tensor sums to use instead of the rule's own pass (rules that reduce over each
+    /// tensor, e.g. when the tensors are shards and the sums were added across them), as
+    /// [`StepPlan::sums`] writes them.
+    #[pyo3(name = "run", signature = (hypers=None, grad_scale=None, found_inf=None, streams=None, sums=None))]
     fn py_run(
         &mut self,
         py: Python<'_>,
@@ -511,8 +524,27 @@ impl StepPlan {
         grad_scale: Option<&Bound<'_, PyAny>>,
         found_inf: Option<&Bound<'_, PyAny>>,
         streams: Option<&Bound<'_, PyAny>>,
+        sums: Option<&Bound<'_, PyList>>,
     ) -> PyResult<Option<bool>> {
-        guarded(|| self.run(py, hypers, grad_scale, found_inf, streams)).map_err(|e| to_py(py, e))
+        let sums = sums.map_or(SumsArg::Own, SumsArg::Read);
+        guarded(|| self.run(py, hypers, grad_scale, found_inf, streams, sums)).map_err(|e| to_py(py, e))
+    }
+
+    /// The rule's per-tensor sums (read only, nothing updated) into `out`: one zeroed,
+    /// contiguous float64 tensor of shape `[n, MAX_SUMS]` per group, on its parameters' device,
+    /// row `i` for parameter `i` (columns past the rule's sums stay zero). Queued on `streams` for
+    /// CUDA tensors. Other arguments and the return value as for `run`.
+    #[pyo3(name = "sums", signature = (out, hypers=None, grad_scale=None, found_inf=None, streams=None))]
+    fn py_sums(
+        &mut self,
+        py: Python<'_>,
+        out: &Bound<'_, PyList>,
+        hypers: Option<&Bound<'_, PyList>>,
+        grad_scale: Option<&Bound<'_, PyAny>>,
+        found_inf: Option<&Bound<'_, PyAny>>,
+        streams: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Option<bool>> {
+        guarded(|| self.run(py, hypers, grad_scale, found_inf, streams, SumsArg::Write(out))).map_err(|e| to_py(py, e))
     }
 
     /// The parameters (written tensors) of every group, in order.
@@ -535,7 +567,7 @@ pub fn step(
 ) -> PyResult<bool> {
     let run = || -> Result<bool> {
         let mut plan = StepPlan::build(py, who, rule, groups, None)?;
-        Ok(plan.run(py, None, grad_scale, found_inf, streams)?.expect("a fresh plan is current"))
+        Ok(plan.run(py, None, grad_scale, found_inf, streams, SumsArg::Own)?.expect("a fresh plan is current"))
     };
     guarded(run).map_err(|e| to_py(py, e))
 }
@@ -547,8 +579,8 @@ impl StepPlan {
         let env = RunEnv::resolve(&self.who, self.calls.iter().flat_map(|c| c.batches.iter().map(|b| b.device)), None, None, None)?;
         Ok(move || {
             let StepPlan { who, rule, objs, calls, hypers, .. } = self;
-            let work = calls.iter().zip(&hypers).flat_map(|(c, h)| c.batches.iter().map(move |b| (h, b)));
-            let result = guarded(|| execute(&who, &rule, work, &env));
+            let work = calls.iter().zip(&hypers).enumerate().flat_map(|(ci, (c, h))| c.batches.iter().map(move |b| (ci, h, b)));
+            let result = guarded(|| execute(&who, &rule, work, &env, &SumsIo::Own));
             if super::step::interpreter_alive() {
                 Python::attach(move |_| drop((objs, calls)));
             } else {
@@ -653,31 +685,110 @@ impl RunEnv {
     }
 }
 
-/// Plan every batch, then run them all: nothing is written unless every batch planned (and, with
-/// `check_finite`, every gradient is finite). `Ok(false)` when AMP's found-inf flag skipped the
-/// CPU batches.
-fn execute<'a>(who: &str, rule: &str, work: impl Iterator<Item = (&'a Hyper, &'a Batch)>, env: &RunEnv) -> Result<bool> {
+/// Per-tensor sums as Python passes them to a run (see `StepPlan::sums`).
+enum SumsArg<'a, 'py> {
+    /// Each batch computes its own (the usual update).
+    Own,
+    /// Only compute the sums, into these arrays.
+    Write(&'a Bound<'py, PyList>),
+    /// Update with the sums in these arrays.
+    Read(&'a Bound<'py, PyList>),
+}
+
+/// [`SumsArg`] validated: one float64 `[n, MAX_SUMS]` array per call.
+enum SumsIo {
+    Own,
+    Write(Vec<TensorView>),
+    Read(Vec<TensorView>),
+}
+
+/// The sums arrays of `list`, one per call, checked: contiguous float64, `n × MAX_SUMS`
+/// elements, on the device of every batch of its call. `keep` holds them while they are used.
+fn sums_arrays<'py>(who: &str, list: &Bound<'py, PyList>, calls: &[Call], keep: &mut Vec<Bound<'py, PyAny>>) -> Result<Vec<TensorView>> {
+    if list.len() != calls.len() {
+        return Err(Error::Value(format!("{who}: {} sums arrays for {} groups", list.len(), calls.len())));
+    }
+    let mut out = Vec::with_capacity(calls.len());
+    for (ci, (obj, call)) in list.iter().zip(calls).enumerate() {
+        let what = || format!("{who}: the sums of group {ci}");
+        let Unpacked { obj, info } = unpack(&obj, &what)?;
+        let v = info.view;
+        if v.dtype() != DType::F64 || info.layout != Layout::Contiguous || v.numel() != call.n * MAX_SUMS {
+            return Err(Error::Value(format!("{} must be a contiguous float64 tensor of shape [{}, {MAX_SUMS}]", what(), call.n)));
+        }
+        if let Some(b) = call.batches.iter().find(|b| b.device != v.device()) {
+            return Err(Error::Device(format!("{} are on {}, but some of its tensors are on {}", what(), v.device(), b.device)));
+        }
+        keep.push(obj);
+        out.push(v);
+    }
+    Ok(out)
+}
+
+/// The rows of `batch`'s tensors in a CPU sums array of its call.
+///
+/// # Safety
+/// `rows` is a live CPU float64 array validated by [`sums_arrays`] for the batch's call.
+unsafe fn read_rows(rows: &TensorView, batch: &Batch) -> Vec<[f64; MAX_SUMS]> {
+    // SAFETY: every member's row lies inside the array (per the contract).
+    batch.members.iter().map(|&m| std::array::from_fn(|k| unsafe { *rows.at::<f64>(m * MAX_SUMS + k) })).collect()
+}
+
+/// Write `sums` (in `batch`'s order) into the rows of its tensors in a CPU sums array.
+///
+/// # Safety
+/// As [`read_rows`], and nothing else accesses the array.
+unsafe fn write_rows(rows: &TensorView, batch: &Batch, sums: &[[f64; MAX_SUMS]]) {
+    for (&m, s) in batch.members.iter().zip(sums) {
+        for (k, &x) in s.iter().enumerate() {
+            // SAFETY: per the contract.
+            unsafe { *rows.at::<f64>(m * MAX_SUMS + k) = x };
+        }
+    }
+}
+
+/// Plan every batch (`(call index, hyper, batch)`), then run them all: nothing is written
+/// unless every batch planned (and, with `check_finite`, every gradient is finite). `Ok(false)`
+/// when AMP's found-inf flag skipped the CPU batches. With `SumsIo::Write`, only the per-tensor
+/// sums are computed.
+fn execute<'a>(who: &str, rule: &str, work: impl Iterator<Item = (usize, &'a Hyper, &'a Batch)>, env: &RunEnv, io: &SumsIo) -> Result<bool> {
     let mut cpu_steps = Vec::new();
     let mut cuda_steps = Vec::new();
-    for (hyper, batch) in work {
+    for (ci, hyper, batch) in work {
         match batch.device {
-            Device::Cpu => cpu_steps.push(cpu::plan(rule, hyper, batch)?),
+            Device::Cpu => cpu_steps.push((ci, batch, cpu::plan(rule, hyper, batch)?)),
             Device::Cuda(i) => {
                 let (amp, stream) = env.cuda(i);
-                cuda_steps.push((cuda::plan(rule, hyper, batch.clone(), stream)?, amp));
+                cuda_steps.push((ci, cuda::plan(rule, hyper, batch.clone(), stream)?, amp));
             }
         }
     }
     if !env.cpu_skip {
-        for s in &cpu_steps {
-            s.check_finite(who)?;
-        }
-        for s in &cpu_steps {
-            s.run(env.cpu_scale);
+        match io {
+            SumsIo::Write(out) => {
+                for (ci, batch, s) in &cpu_steps {
+                    // SAFETY: validated CPU arrays (sums_arrays), fresh from the caller.
+                    unsafe { write_rows(&out[*ci], batch, &s.sums(env.cpu_scale)) };
+                }
+            }
+            _ => {
+                for (_, _, s) in &cpu_steps {
+                    s.check_finite(who)?;
+                }
+                for (ci, batch, s) in &cpu_steps {
+                    // SAFETY: validated CPU arrays (sums_arrays).
+                    let given = if let SumsIo::Read(rows) = io { Some(unsafe { read_rows(&rows[*ci], batch) }) } else { None };
+                    s.run(env.cpu_scale, given.as_deref());
+                }
+            }
         }
     }
-    for (s, amp) in &cuda_steps {
-        s.launch(*amp)?;
+    for (ci, s, amp) in &cuda_steps {
+        match io {
+            SumsIo::Own => s.launch(*amp, None)?,
+            SumsIo::Read(rows) => s.launch(*amp, Some(rows[*ci].ptr() as u64))?,
+            SumsIo::Write(out) => s.sums(*amp, out[*ci].ptr() as u64)?,
+        }
     }
     Ok(!env.cpu_skip)
 }

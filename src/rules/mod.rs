@@ -236,6 +236,19 @@ pub fn slot_names(name: &str, hyper: &Hyper) -> Result<&'static [&'static str]> 
     visit_rule(name, hyper, SlotNames)
 }
 
+/// How many per-tensor sums the rule called `name` built from `hyper` reads (its `SUMS`: 0 for
+/// an element-wise rule).
+pub fn sum_count(name: &str, hyper: &Hyper) -> Result<usize> {
+    struct SumCount;
+    impl RuleVisitor for SumCount {
+        type Output = usize;
+        fn visit<Ru: Rule>(self, _rule: Ru) -> Self::Output {
+            Ru::SUMS
+        }
+    }
+    visit_rule(name, hyper, SumCount)
+}
+
 /// Python's repr of a list of names: `['exp_avg', 'exp_avg_sq']`.
 fn py_list<S: AsRef<str>>(names: &[S]) -> String {
     let quoted: Vec<String> = names.iter().map(|n| format!("'{}'", n.as_ref())).collect();

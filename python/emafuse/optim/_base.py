@@ -195,12 +195,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The rule's numbers and flags for ``group``."""
         raise NotImplementedError
 
-    def _whole_tensor_sums(self, hyper: dict[str, Any]) -> bool:
-        """Whether the rule, with these hyper-parameters (a call's: the group's and its extra
-        flags), reads sums over each whole tensor (its ``SUMS``): a DTensor (FSDP2) parameter is
-        then stepped gathered, not on its local shard (see ``emafuse._dtensor``)."""
-        return False
-
     def _state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
         """The dtype of ``p``'s state tensors. torch's convention (the parameter's dtype) unless
         an optimizer overrides it; the engine also accepts float32 states for bf16/fp16
@@ -507,7 +501,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         who = type(self).__name__
         sharded = None
         if _dtensor.any_dtensor(p for c in calls for p in c.params):
-            sharded = _local_calls(who, calls, hypers, self._whole_tensor_sums)
+            sharded = _local_calls(who, self._rule, calls, hypers)
             calls = sharded[0]
         return _StepPlan(who, self._rule, calls, [g["params"] for g in self.param_groups], created, self.state, slots, sparse, sharded)
 
@@ -607,13 +601,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         no_complex = None if self._supports_complex else f"{plan.who} does not support complex parameters"
         groups = [c.group(plan.hypers[c.group_index]) for c in plan.calls]
         staged, copy_back = stage_groups(groups, no_complex, plan.who)
-        applied = _native.step(plan.who, self._rule, staged, *amp)
+        applied = plan.run_native(_native.StepPlan(plan.who, self._rule, staged), None, amp)
         for orig, copy in copy_back:
             orig.copy_(copy)
         plan.cacheable = False
-        if applied:
-            plan.copy_back_gathered()
-        return applied
+        return bool(applied)
 
 
 # Modules of PyTorch Lightning, whose precision plugins read ``_step_supports_amp_scaling``.
@@ -719,7 +711,7 @@ class _StepPlan:
         state: _StateDict,
         slots: list[tuple[str, ...]],
         sparse: list[Tensor],
-        sharded: tuple[list[_Call], list[Tensor], list[tuple[Tensor, Tensor]]] | None = None,
+        sharded: tuple[list[_Call], list[Tensor], _dtensor.ShardRows] | None = None,
     ) -> None:
         self.who = who
         self.calls = calls
@@ -737,19 +729,28 @@ class _StepPlan:
         self._rule = rule
         self._watch = watch if self.cacheable else None  # one run only: the inputs are the gradients given
         self._native: _native.StepPlan | None = None
-        # DTensor (FSDP2) parameters: the calls hold their local shards (or gathered whole
-        # tensors, copied back after a run); such a plan is built at every step.
-        self._gathered: list[tuple[Tensor, Tensor]] = []
+        # DTensor (FSDP2) parameters: the calls hold their local shards, and the per-tensor sums
+        # of the sharded ones are added across their mesh (`run_native`); such a plan is built at
+        # every step.
+        self._shard_rows: _dtensor.ShardRows = {}
         if sharded is not None:
-            _, originals, self._gathered = sharded
+            _, originals, self._shard_rows = sharded
             self.params.extend(originals)
             self.cacheable = False
             self._watch = None
 
-    def copy_back_gathered(self) -> None:
-        """Write this rank's part of the gathered whole tensors a run updated into the local shards."""
-        for dst, src in self._gathered:
-            dst.copy_(src)
+    def run_native(self, native: _native.StepPlan, hypers: list[dict[str, Any]] | None, amp: tuple) -> bool | None:
+        """One run of ``native`` (this plan's calls, or staged copies of them; ``hypers``: one per
+        call, None for those it was built with). Where calls hold shards of tensors whose rule
+        reads sums over each whole tensor, the sums are computed on the shards first, added
+        across the mesh, then the update reads them."""
+        if not self._shard_rows:
+            return native.run(hypers, *amp)
+        sums = [torch.zeros((len(c.params), _native.MAX_SUMS), dtype=torch.float64, device=c.params[0].device) for c in self.calls]
+        if native.sums(sums, hypers, *amp) is None:
+            return None
+        _dtensor.add_shard_sums(sums, self._shard_rows)
+        return native.run(hypers, *amp, sums=sums)
 
     def describes(self, state: Any, slots: list[tuple[str, ...]]) -> bool:
         return state is self._state and state.version == self._version and slots == self.slots
@@ -764,10 +765,7 @@ class _StepPlan:
         if self._native is None:
             groups = [c.group(h) for c, h in zip(self.calls, call_hypers)]
             self._native = _native.StepPlan(self.who, self._rule, groups, self._watch)
-        applied = self._native.run(call_hypers, *amp)
-        if applied and self._gathered:
-            self.copy_back_gathered()
-        return applied
+        return self.run_native(self._native, call_hypers, amp)
 
     def commit(self, state: _StateDict) -> None:
         """After the first run: store the lazily created state, and forget the gradients
@@ -782,22 +780,21 @@ class _StepPlan:
 
 
 def _local_calls(
-    who: str, calls: list[_Call], hypers: list[dict[str, Any]], whole: Callable[[dict[str, Any]], bool]
-) -> tuple[list[_Call], list[Tensor], list[tuple[Tensor, Tensor]]]:
-    """``calls`` with DTensor (FSDP2) parameters replaced by what the engine reads (their local
-    shards, or gathered whole tensors where the rule reads whole-tensor sums: ``whole``), the
-    original parameters, and the (local shard, gathered part) pairs to copy back after a run."""
+    who: str, rule: str, calls: list[_Call], hypers: list[dict[str, Any]]
+) -> tuple[list[_Call], list[Tensor], _dtensor.ShardRows]:
+    """``calls`` with DTensor (FSDP2) parameters replaced by their local shards, the original
+    parameters, and where the per-tensor sums of sharded ones lie in calls whose rule (with the
+    call's flags) reads such sums."""
     out: list[_Call] = []
     originals: list[Tensor] = []
-    copy_back: list[tuple[Tensor, Tensor]] = []
+    summed: list[list[Tensor]] = []
     for c in calls:
-        gather = whole(c.hyper(hypers[c.group_index]))
         local = _Call(c.group_index, c.extra, c.slots, c.scalars, c.states is not None)
-        local.params, local.grads, local.states, back = _dtensor.local_call(c.params, c.grads, c.states, c.slots, who, gather)
+        local.params, local.grads, local.states = _dtensor.local_call(c.params, c.grads, c.states, c.slots, who)
         originals.extend(p for p in c.params if _dtensor.is_dtensor(p))
-        copy_back.extend(back)
+        summed.append(c.params if _native.rule_sums(rule, c.hyper(hypers[c.group_index])) else [])
         out.append(local)
-    return out, originals, copy_back
+    return out, originals, _dtensor.shard_rows(summed)
 
 
 def _with_fused_average(calls: list[_Call], request: FusedRequest) -> list[_Call]:

@@ -93,11 +93,6 @@ class Lion(FusedOptimizer):
         super().__init__(params, defaults)
         self._init_emafuse_defaults(check_finite)
 
-
-    def _whole_tensor_sums(self, hyper: dict[str, Any]) -> bool:
-        # The cautious factor normalises by the agreeing fraction of each whole tensor.
-        return bool(hyper["caution"])
-
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         return {
             **common_hyper(group),

@@ -67,10 +67,6 @@ class SGDSaI(FusedOptimizer):
         super().__init__(params, defaults)
         self._init_emafuse_defaults(check_finite)
 
-    def _whole_tensor_sums(self, hyper: dict[str, Any]) -> bool:
-        # gsnr is measured over the whole gradient on a parameter's first step.
-        return bool(hyper.get("first", False))
-
     def _scalar_dtype(self, key: str) -> torch.dtype:
         return torch.float64
 
