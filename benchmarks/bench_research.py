@@ -71,6 +71,8 @@ CASES = [
     Case("AdaMod", emafuse.AdaMod, 36, dict(lr=1e-4), "AdaMod", dict(lr=1e-4)),
     Case("DiffGrad", emafuse.DiffGrad, 36, dict(lr=1e-4), "DiffGrad", dict(lr=1e-4)),
     Case("AdaBound", emafuse.AdaBound, 28, dict(lr=1e-4), "AdaBound", dict(lr=1e-4)),
+    Case("AdaBoundW", emafuse.AdaBoundW, 28, dict(lr=1e-4, weight_decay=1e-4), "AdaBound",
+         dict(lr=1e-4, weight_decay=1e-4, weight_decouple=True, fixed_decay=True)),
     Case("SGDSaI", emafuse.SGDSaI, 20, dict(lr=1e-4), "SGDSaI", dict(lr=1e-4)),
 ]
 

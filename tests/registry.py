@@ -29,7 +29,7 @@ import sgd_sai
 import timm.optim
 import torch
 from references.adabelief import RefAdaBelief
-from references.adabound import RefAdaBound
+from references.adabound import RefAdaBound, RefAdaBoundW
 from references.adam import RefAdam, RefAdamW
 from references.adamod import RefAdaMod
 from references.adamomentum import RefAdaMomentum
@@ -232,6 +232,18 @@ def _adan_official(kw: dict[str, Any]) -> dict[str, Any]:
     return {**kw, "foreach": False}
 
 
+_ADABOUND_BAD = (
+    Bad(dict(lr=-1.0), r"^Invalid learning rate: -1.0$"),
+    Bad(dict(lr=0.0), r"^Invalid learning rate: 0.0 \(AdaBound divides", official=False),  # extra check
+    Bad(dict(gamma=0.0), r"^Invalid gamma parameter: 0.0 \(the upper bound divides", official=False),  # extra
+    Bad(dict(gamma=1.0), r"^Invalid gamma parameter: 1.0$"),
+    Bad(dict(final_lr=-1.0), r"^Invalid final learning rate: -1.0$"),
+    Bad(dict(betas=(0.9, 1.5)), r"^Invalid beta parameter at index 1: 1.5$"),
+    Bad(dict(eps=-1.0), r"^Invalid epsilon value: -1.0$"),
+    Bad(dict(weight_decay=-1.0), r"^Invalid weight_decay value: -1.0$", official=False),  # extra check
+)
+
+
 # -- the registry ----------------------------------------------------------------------------------
 
 ENTRIES: tuple[Entry, ...] = (
@@ -378,17 +390,34 @@ ENTRIES: tuple[Entry, ...] = (
         caps=Caps(),
         signature=adabound.AdaBound,
         officials=(Official("adabound", adabound.AdaBound, steps=20),),
-        bad_args=(
-            Bad(dict(lr=-1.0), r"^Invalid learning rate: -1.0$"),
-            Bad(dict(lr=0.0), r"^Invalid learning rate: 0.0 \(AdaBound divides", official=False),  # extra check
-            Bad(dict(gamma=0.0), r"^Invalid gamma parameter: 0.0 \(the upper bound divides", official=False),  # extra
-            Bad(dict(gamma=1.0), r"^Invalid gamma parameter: 1.0$"),
-            Bad(dict(final_lr=-1.0), r"^Invalid final learning rate: -1.0$"),
-            Bad(dict(betas=(0.9, 1.5)), r"^Invalid beta parameter at index 1: 1.5$"),
-            Bad(dict(eps=-1.0), r"^Invalid epsilon value: -1.0$"),
-            Bad(dict(weight_decay=-1.0), r"^Invalid weight_decay value: -1.0$", official=False),  # extra check
-        ),
+        bad_args=_ADABOUND_BAD,
         group_options=dict(lr=1e-1, final_lr=0.05, amsbound=False),
+    ),
+    Entry(
+        emafuse.AdaBoundW, RefAdaBoundW,
+        configs=(
+            dict(lr=1e-2, weight_decay=0.01),
+            dict(lr=1e-2, amsbound=True, weight_decay=0.05, maximize=True),
+            dict(lr=1e-2, gamma=0.1, final_lr=0.05, betas=(0.8, 0.99), eps=1e-6),
+        ),
+        main=dict(lr=1e-2, amsbound=True, weight_decay=0.01),
+        caps=Caps(),
+        # Luolc/AdaBound's AdaBoundW (spec §14) is not in the adabound package; its constructor is
+        # AdaBound's.
+        signature=dict(lr=1e-3, betas=(0.9, 0.999), final_lr=0.1, gamma=1e-3, eps=1e-8, weight_decay=0, amsbound=False),
+        # pytorch_optimizer 4.1.0's AdaBound with weight_decouple and fixed_decay computes the same
+        # update (it scales p by 1 - wd before the step instead of subtracting wd·p_old after it: to
+        # round-off). Its AdaBound differs from the official one (exp_avg by lerp, among others): by
+        # up to 8e-9 relatively over the 50 fp64 steps of the trajectory test, measured without
+        # AdaBoundW's decay (fp64_rtol). Its step counter is per group; its checkpoints are not the
+        # official's format.
+        officials=(Official("pytorch_optimizer.AdaBound", pytorch_optimizer.AdaBound,
+                            lambda kw: {**{k: v for k, v in kw.items() if k != "amsbound"}, "ams_bound": kw.get("amsbound", False),
+                                        "weight_decouple": True, "fixed_decay": True, "foreach": False},
+                            steps=20, fp64_rtol=2e-8, state_names=dict(exp_avg="exp_avg", exp_avg_sq="exp_avg_sq"),
+                            checkpoints=()),),
+        bad_args=_ADABOUND_BAD,
+        group_options=dict(lr=1e-1, final_lr=0.05, amsbound=False, weight_decay=0.0),
     ),
     Entry(
         emafuse.SGDSaI, RefSGDSaI,

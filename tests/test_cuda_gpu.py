@@ -71,6 +71,7 @@ FAMILY = [
     (emafuse.SPAM, dict(lr=1e-2, correct_bias=False, warmup_steps=0, threshold=0, DeltaT=100, grad_accu_steps=1)),
     (emafuse.DiffGrad, dict(lr=1e-2, weight_decay=0.05)),
     (emafuse.AdaBound, dict(lr=1e-2, final_lr=0.05, gamma=0.1, weight_decay=0.01, amsbound=True)),
+    (emafuse.AdaBoundW, dict(lr=1e-2, final_lr=0.05, gamma=0.1, weight_decay=0.01)),
     (emafuse.SGDSaI, dict(lr=1e-2, momentum=0.9, weight_decay=0.01)),
     (emafuse.SGDSaI, dict(lr=1e-2, momentum=0.0)),
     (emafuse.AdEMAMix, dict(lr=1e-2, alpha=5.0, alpha_warmup=10, beta3_warmup=10, weight_decay=0.1)),

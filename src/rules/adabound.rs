@@ -9,6 +9,9 @@
 //! v̄ ← max(vmax, v) (amsbound, stored in vmax) | v
 //! p ← p − clamp(η0 / (sqrt(v̄) + eps), lo, hi)·m
 //! ```
+//! AdaBoundW (`decoupled`, the official file's second class): no L2 term; the decay, taken from
+//! the parameter before the step and not scaled by the learning rate, is subtracted last:
+//! `p ← (p − clamp(…)·m) − wd·p_old`.
 //! with, on the host in f64, `η0 = lr·sqrt(1 − β2^t)/(1 − β1^t)`, `f = final_lr·lr/base_lr`,
 //! `lo = f·(1 − 1/(γ·t + 1))`, `hi = f·(1 + 1/(γ·t))`.
 //! State slots: `exp_avg`, `exp_avg_sq`, then `max_exp_avg_sq` with amsbound; scalar `step`.
@@ -22,17 +25,18 @@ use crate::real::Real;
 /// The `adabound` rule.
 pub const INFO: RuleInfo = RuleInfo {
     name: "adabound",
-    summary: "AdaBound / AMSBound (Luo et al.) as Luolc/AdaBound",
+    summary: "AdaBound / AMSBound (Luo et al.) as Luolc/AdaBound, with L2 or (AdaBoundW) decoupled decay",
     numbers: &["lr", "beta1", "beta2", "final_lr", "gamma", "eps", "weight_decay", "base_lr"],
-    flags: &["amsbound"],
-    optional_flags: &[],
+    flags: &["amsbound", "decoupled"],
+    optional_flags: &["decoupled"],
     scalars: &["step"],
     reads_input: true,
 };
 
 rule_params! {
-    /// AdaBound's hyper-parameters; `AMSBOUND` and `L2` (wd ≠ 0) are compile-time flags.
-    pub struct AdaBound<const AMSBOUND: bool, const L2: bool> {
+    /// AdaBound's hyper-parameters; `AMSBOUND`, `L2` (wd ≠ 0, AdaBound) and `DECOUPLED` (wd ≠ 0,
+    /// AdaBoundW) are compile-time flags.
+    pub struct AdaBound<const AMSBOUND: bool, const L2: bool, const DECOUPLED: bool> {
         lr: f64,
         beta1: f64,
         beta2: f64,
@@ -59,7 +63,7 @@ pub struct AdaBoundCoeffs<R: Real> {
     upper: R,
 }
 
-impl<const AMSBOUND: bool, const L2: bool> Rule for AdaBound<AMSBOUND, L2> {
+impl<const AMSBOUND: bool, const L2: bool, const DECOUPLED: bool> Rule for AdaBound<AMSBOUND, L2, DECOUPLED> {
     const INFO: &'static RuleInfo = &INFO;
     const SLOT_NAMES: &'static [&'static str] = if AMSBOUND { &["exp_avg", "exp_avg_sq", "max_exp_avg_sq"] } else { &["exp_avg", "exp_avg_sq"] };
     type Coeffs<R: Real> = AdaBoundCoeffs<R>;
@@ -96,12 +100,17 @@ impl<const AMSBOUND: bool, const L2: bool> Rule for AdaBound<AMSBOUND, L2> {
             v
         };
         let step = (c.step_size / (v_bar.sqrt() + c.eps)).max_nan(c.lower).min_nan(c.upper);
-        p + -(step * m)
+        let stepped = p + -(step * m);
+        if DECOUPLED {
+            stepped - c.weight_decay * p
+        } else {
+            stepped
+        }
     }
 }
 
-/// Build AdaBound from `lr, beta1, beta2, final_lr, gamma, eps, weight_decay, base_lr` and flag
-/// `amsbound`.
+/// Build AdaBound from `lr, beta1, beta2, final_lr, gamma, eps, weight_decay, base_lr` and flags
+/// `amsbound` and `decoupled` (optional: AdaBoundW).
 pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let lr = check_non_negative("lr", h.num("lr")?)?;
     let beta1 = check_unit_interval("beta1", h.num("beta1")?)?;
@@ -114,8 +123,9 @@ pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     if base_lr.is_nan() || base_lr <= 0.0 || gamma == 0.0 {
         return Err(Error::Value(format!("base_lr and gamma must be > 0, got {base_lr} and {gamma}")));
     }
-    Ok(bool_dispatch!(h.flag("amsbound")? => A, weight_decay != 0.0 => L;
-        v.visit(AdaBound::<A, L> { lr, beta1, beta2, final_lr, gamma, eps, weight_decay, base_lr })))
+    let decoupled = h.flag("decoupled")?;
+    Ok(bool_dispatch!(h.flag("amsbound")? => A, weight_decay != 0.0 && !decoupled => L, weight_decay != 0.0 && decoupled => D;
+        v.visit(AdaBound::<A, L, D> { lr, beta1, beta2, final_lr, gamma, eps, weight_decay, base_lr })))
 }
 
 #[cfg(test)]
@@ -131,11 +141,11 @@ mod tests {
             for step in 1..=40 {
                 let g0 = ((step as f64) * 0.9).sin() * if step % 5 == 0 { 0.1 } else { 1.0 };
                 p = if ams {
-                    let r = AdaBound::<true, true> { lr, beta1: b1, beta2: b2, final_lr: fl, gamma: gm, eps, weight_decay: wd, base_lr: base };
-                    AdaBound::<true, true>::update(&r.coeffs::<f64>(&mut t, &[0.0; 4]), p, g0, &mut s)
+                    let r = AdaBound::<true, true, false> { lr, beta1: b1, beta2: b2, final_lr: fl, gamma: gm, eps, weight_decay: wd, base_lr: base };
+                    AdaBound::<true, true, false>::update(&r.coeffs::<f64>(&mut t, &[0.0; 4]), p, g0, &mut s)
                 } else {
-                    let r = AdaBound::<false, true> { lr, beta1: b1, beta2: b2, final_lr: fl, gamma: gm, eps, weight_decay: wd, base_lr: base };
-                    AdaBound::<false, true>::update(&r.coeffs::<f64>(&mut t, &[0.0; 4]), p, g0, &mut s)
+                    let r = AdaBound::<false, true, false> { lr, beta1: b1, beta2: b2, final_lr: fl, gamma: gm, eps, weight_decay: wd, base_lr: base };
+                    AdaBound::<false, true, false>::update(&r.coeffs::<f64>(&mut t, &[0.0; 4]), p, g0, &mut s)
                 };
                 // Spec §14 (d).
                 let tt = step as f64;
@@ -156,12 +166,34 @@ mod tests {
         }
     }
 
+    /// AdaBoundW (spec §14 (d)): the step without L2, then `− wd·p_old`, no lr factor.
+    #[test]
+    fn decoupled_decay_matches_spec_in_f64() {
+        let (lr, b1, b2, fl, gm, eps, wd, base) = (2e-3, 0.9, 0.999, 0.05, 0.1, 1e-8, 0.01, 4e-3);
+        let r = AdaBound::<true, false, true> { lr, beta1: b1, beta2: b2, final_lr: fl, gamma: gm, eps, weight_decay: wd, base_lr: base };
+        let (mut p, mut s, mut t) = (0.5f64, [0.0f64; 4], [0.0f64; 4]);
+        let (mut rp, mut rm, mut rv, mut rmax) = (p, 0.0f64, 0.0f64, 0.0f64);
+        for step in 1..=40 {
+            let g = ((step as f64) * 0.9).sin() * if step % 5 == 0 { 0.1 } else { 1.0 };
+            p = AdaBound::<true, false, true>::update(&r.coeffs::<f64>(&mut t, &[0.0; 4]), p, g, &mut s);
+            let tt = step as f64;
+            rm = b1 * rm + (1.0 - b1) * g;
+            rv = b2 * rv + (1.0 - b2) * g * g;
+            rmax = rmax.max(rv);
+            let eta0 = lr * (1.0 - b2.powf(tt)).sqrt() / (1.0 - b1.powf(tt));
+            let f = fl * lr / base;
+            let (lo, hi) = (f * (1.0 - 1.0 / (gm * tt + 1.0)), f * (1.0 + 1.0 / (gm * tt)));
+            rp = rp - (eta0 / (rmax.sqrt() + eps)).clamp(lo, hi) * rm - wd * rp;
+            assert!((p - rp).abs() < 1e-15 && (s[0] - rm).abs() < 1e-15, "step {step}");
+        }
+    }
+
     #[test]
     fn bounds_clamp_the_step_size() {
         // Huge η0/D at t = 1 is cut to the upper bound f·(1 + 1/γ).
-        let r = AdaBound::<false, false> { lr: 1.0, beta1: 0.0, beta2: 0.0, final_lr: 0.1, gamma: 0.5, eps: 0.0, weight_decay: 0.0, base_lr: 1.0 };
+        let r = AdaBound::<false, false, false> { lr: 1.0, beta1: 0.0, beta2: 0.0, final_lr: 0.1, gamma: 0.5, eps: 0.0, weight_decay: 0.0, base_lr: 1.0 };
         let mut s = [0.0f64; 4];
-        let p = AdaBound::<false, false>::update(&r.coeffs::<f64>(&mut [0.0; 4], &[0.0; 4]), 0.0, 1e-6, &mut s);
+        let p = AdaBound::<false, false, false>::update(&r.coeffs::<f64>(&mut [0.0; 4], &[0.0; 4]), 0.0, 1e-6, &mut s);
         assert!((p - -(0.1 * 3.0 * 1e-6)).abs() < 1e-18);
     }
 }

@@ -1,4 +1,5 @@
-"""AdaBound / AMSBound in float64: spec §14 (d); base_lr = the group's lr when it was created."""
+"""AdaBound / AMSBound and AdaBoundW in float64: spec §14 (d); base_lr = the group's lr when it was
+created."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from .base import Reference
 
 class RefAdaBound(Reference):
     scalars = ("step",)
+    decoupled = False  # AdaBoundW: no L2 term, then p -= wd·p_old (no lr factor)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), final_lr=0.1, gamma=1e-3, eps=1e-8, weight_decay=0.0,
                  amsbound=False, *, maximize=False):
@@ -30,7 +32,8 @@ class RefAdaBound(Reference):
                 st["max_exp_avg_sq"] = torch.zeros_like(p)
         st["step"] += 1
         t = st["step"]
-        if h["weight_decay"] != 0:
+        p_old = p.clone()
+        if h["weight_decay"] != 0 and not self.decoupled:
             g = g + h["weight_decay"] * p
         st["exp_avg"] = b1 * st["exp_avg"] + (1 - b1) * g
         st["exp_avg_sq"] = b2 * st["exp_avg_sq"] + (1 - b2) * g * g
@@ -44,3 +47,9 @@ class RefAdaBound(Reference):
         lo = f * (1 - 1 / (h["gamma"] * t + 1))
         hi = f * (1 + 1 / (h["gamma"] * t))
         p.sub_((eta0 / den).clamp(lo, hi) * st["exp_avg"])
+        if self.decoupled:
+            p.sub_(h["weight_decay"] * p_old)
+
+
+class RefAdaBoundW(RefAdaBound):
+    decoupled = True

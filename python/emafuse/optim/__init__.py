@@ -1,7 +1,7 @@
 """emafuse's fused optimizers."""
 
 from .adabelief import AdaBelief
-from .adabound import AdaBound
+from .adabound import AdaBound, AdaBoundW
 from .adam import Adam, AdamW
 from .adamod import AdaMod
 from .adamomentum import AdaMomentum
@@ -19,6 +19,7 @@ __all__ = [
     "AdEMAMix",
     "AdaBelief",
     "AdaBound",
+    "AdaBoundW",
     "AdaMod",
     "AdaMomentum",
     "Adam",

@@ -1,5 +1,5 @@
-"""AdaBound / AMSBound: the official constructor and semantics (Luolc/AdaBound), one fused
-native step."""
+"""AdaBound / AMSBound and AdaBoundW: the official constructors and semantics (Luolc/AdaBound),
+one fused native step."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch.optim.optimizer import ParamsT
 
 from ._base import FusedOptimizer, check_hyper, common_hyper, scalar
 
-__all__ = ["AdaBound"]
+__all__ = ["AdaBound", "AdaBoundW"]
 
 
 class AdaBound(FusedOptimizer):
@@ -104,7 +104,6 @@ class AdaBound(FusedOptimizer):
         for group in self.param_groups:
             group.setdefault("base_lr", scalar(group["lr"]))
 
-
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         return {
             **common_hyper(group),
@@ -113,3 +112,25 @@ class AdaBound(FusedOptimizer):
             "base_lr": float(group["base_lr"]),
             "amsbound": bool(group["amsbound"]),
         }
+
+
+class AdaBoundW(AdaBound):
+    r"""AdaBoundW: :class:`AdaBound` with decoupled weight decay, as the official
+    ``adabound.AdaBoundW`` (Luolc/AdaBound ``adabound/adabound.py``; the PyPI package 0.0.5 ships
+    only ``AdaBound``), with one fused native call per step.
+
+    The same arguments, defaults, checks, state and checkpoints as :class:`AdaBound`; only the
+    decay differs. The gradient gets no L2 term, and the decay is subtracted after the bounded
+    step, from the parameter as it was before the step and **not scaled by the learning rate**
+    (so a schedule does not decay it, and useful values are small, e.g. ``1e-4``):
+
+    .. math::
+        p \leftarrow p_{old} - \operatorname{clamp}(\ldots)\, m - \lambda\, p_{old}
+
+    pytorch_optimizer's ``AdaBound(weight_decouple=True, fixed_decay=True)`` computes the same
+    update (it scales ``p`` by :math:`1-\lambda` first). A checkpoint of either class loads into
+    the other: their state is the same.
+    """
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
+        return {**super()._hyper(group), "decoupled": True}

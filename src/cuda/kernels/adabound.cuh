@@ -1,9 +1,9 @@
-// AdaBound / AMSBound: the CUDA twin of src/rules/adabound.rs (same coefficients, same
+// AdaBound / AMSBound / AdaBoundW (DECOUPLED): the CUDA twin of src/rules/adabound.rs (same coefficients, same
 // per-element operation order; checked against it on the CPU by tests/test_cuda_sources.py).
 #pragma once
 #include "common.cuh"
 
-template <bool AMSBOUND, bool L2>
+template <bool AMSBOUND, bool L2, bool DECOUPLED>
 struct AdaBound {
     template <class R>
     struct Coeffs {
@@ -42,7 +42,8 @@ struct AdaBound {
             v_bar = s[2];
         }
         R step = ef_min_nan(ef_max_nan(c.step_size / (ef_sqrt(v_bar) + c.eps), c.lower), c.upper);
-        return p + -(step * m);
+        R stepped = p + -(step * m);
+        return DECOUPLED ? stepped - c.weight_decay * p : stepped;
     }
 
     template <class R>
