@@ -453,6 +453,25 @@ def ddp_and_zero(checks, rank: int) -> None:
 # -- Lightning: ModelParallelStrategy (FSDP2) with EMACallback ---------------------------------------
 
 
+def lightning_refusals(checks, world_size: int) -> None:
+    """The averaging callbacks whose state cannot go into a distributed checkpoint yet refuse a
+    sharded module when the average would be made, naming DTensor/FSDP2."""
+    import lightning.pytorch as pl
+    from emafuse.lightning import BEMACallback, LAWACallback
+
+    with checks.check("Lightning BEMA/LAWA callbacks refuse a sharded module"):
+        module = pl.LightningModule()
+        module.net = net(False)
+        fully_shard(module.net, mesh=init_device_mesh("cpu", (world_size,)))
+        for cb in (BEMACallback(), LAWACallback(update_every=2)):
+            try:
+                cb.setup(None, module, "fit")
+            except emafuse.UnsupportedOptionError as e:
+                assert "DTensor/FSDP2" in str(e) and cb.average is None, str(e)
+            else:
+                raise AssertionError(f"{type(cb).__name__} made an average of a sharded module")
+
+
 def lightning_sharded(checks, rank: int, world_size: int, root: str) -> None:
     """``EMACallback`` under Lightning's ``ModelParallelStrategy`` (the module shards itself with
     ``fully_shard`` in ``configure_model``): a shard-local average equal to ``ModelEMA`` of an
@@ -572,4 +591,5 @@ def main(rank: int, world_size: int, checks, opt_configs, mp_configs, ckpt_confi
     averaging(checks, rank, root)
     posthoc_snapshots(checks, root)
     ddp_and_zero(checks, rank)
+    lightning_refusals(checks, world_size)
     lightning_sharded(checks, rank, world_size, root)  # last: Lightning changes process-wide settings

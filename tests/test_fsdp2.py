@@ -48,6 +48,7 @@ CHECKS = (
     + ["ModelEMA swap, export, DCP"]
     + [f"PostHocEMA snapshots in {where}, DCP" for where in ("memory", "files")]
     + ["DDP", "ZeroRedundancyOptimizer"]
+    + ["Lightning BEMA/LAWA callbacks refuse a sharded module"]
     + [f"Lightning ModelParallelStrategy EMACallback, {c} checkpoint" for c in ("distributed", "consolidated")]
 )
 

@@ -1,6 +1,8 @@
 """emafuse.lightning on CPU (spec averaging.md A.6, L, T.2, T.4): parity with Lightning's
 EMAWeightAveraging in a 2-epoch run, validation on the averaged weights, Lightning's checkpoint
-layout, exact resume from a checkpoint, and the post-hoc EMA callback."""
+layout, exact resume from a checkpoint, the BEMA, LAWA and Switch EMA callbacks (equal to the
+average driven by hand, validation on it, switches, exact resume), and the post-hoc EMA
+callback."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from emafuse.lightning import EMACallback, PostHocEMACallback
+from emafuse.averaging import BEMA, LAWA
+from emafuse.lightning import BEMACallback, EMACallback, LAWACallback, PostHocEMACallback, SwitchEMACallback
 from torch import nn
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -162,6 +165,100 @@ def test_resume_from_a_checkpoint_with_the_old_averaging_names(tmp_path):
     for a, b in zip(full_ph.posthoc.modules, ph_cb.posthoc.modules):
         assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
     assert (ph_cb.posthoc.num_steps_seen, ph_cb.posthoc.num_updates) == (16, 16)
+
+
+class Probe(pl.Callback):
+    """After the callback under test: drives ``make(module)``, an average built at fit start, by
+    hand at every optimizer step."""
+
+    def __init__(self, make):
+        self.make, self.average, self.step = make, None, 0
+
+    def on_fit_start(self, trainer, pl_module):
+        self.average = self.make(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step > self.step:
+            self.average.update(pl_module)
+            self.step = trainer.global_step
+
+
+def val_loss_of(module):
+    _, val = loaders()
+    with torch.no_grad():
+        return sum(nn.functional.mse_loss(module(x), y) * len(x) for x, y in val) / 32
+
+
+STEP_CALLBACKS = {
+    "BEMA": (lambda: BEMACallback(update_every=3, update_after_step=2, copy_at_train_end=False),
+             lambda m: BEMA(m, update_every=3, update_after_step=2)),
+    "LAWA": (lambda: LAWACallback(k=3, update_every=2, copy_at_train_end=False), lambda m: LAWA(m, k=3, update_every=2)),
+}
+
+
+@pytest.mark.parametrize("name", list(STEP_CALLBACKS))
+def test_bema_and_lawa_callbacks_equal_the_average_driven_by_hand(name):
+    make_cb, make_ref = STEP_CALLBACKS[name]
+    cb, probe = make_cb(), Probe(make_ref)
+    model, t = fit(cb, extra=[probe])
+    ours, ref = cb._average_model.module.state_dict(), probe.average.module.state_dict()
+    for k, v in ref.items():
+        assert torch.equal(ours[k], v), k
+    assert cb.average.num_updates == probe.average.num_updates > 0
+    # Validation ran on the average (the last one, after the last update); the module kept its
+    # own weights (copy_at_train_end=False).
+    torch.testing.assert_close(t.callback_metrics["val_loss"], val_loss_of(cb.average.module), rtol=1e-6, atol=1e-7)
+    assert not torch.equal(model.net[0].weight, cb.average.module.net[0].weight)
+
+
+def test_switch_ema_callback_switches_each_period():
+    class LiveIsAverage(pl.Callback):
+        """At each epoch end (after the switch): the module's weights are the average's."""
+
+        def __init__(self, cb):
+            self.cb, self.seen = cb, []
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            avg = self.cb.switch_ema.module.state_dict()
+            self.seen.append(all(torch.equal(v, avg[k]) for k, v in pl_module.state_dict().items()))
+
+    cb = SwitchEMACallback(decay=0.8, copy_at_train_end=False)
+    check = LiveIsAverage(cb)
+    fit(cb, extra=[check])
+    assert check.seen == [True, True] and cb.switch_ema.num_switches == 2
+    # Optimizer-step periods: 16 steps, a switch every 4th.
+    cb = SwitchEMACallback(decay=0.8, switch_every=4, switch_unit="step", copy_at_train_end=False)
+    fit(cb)
+    assert cb.switch_ema.num_switches == 4
+
+
+@pytest.mark.parametrize("name", ["BEMA", "LAWA", "SwitchEMA"])
+def test_bema_lawa_switch_callbacks_resume_exactly(tmp_path, name):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    make = {**{k: v[0] for k, v in STEP_CALLBACKS.items()}, "SwitchEMA": lambda: SwitchEMACallback(decay=0.8, copy_at_train_end=False)}[name]
+    full_cb = make()
+    full_model, _ = fit(full_cb, max_epochs=3)
+    ck = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    fit(make(), max_epochs=1, extra=[ck], ckpt=True)
+    path = os.path.join(tmp_path, "epoch=0.ckpt")
+    assert {"state_dict", "current_model_state", "averaging_state"} <= set(torch.load(path, weights_only=False))
+    resumed_cb = make()
+    resumed_model, _ = fit(resumed_cb, max_epochs=3, ckpt_path=path)
+    for k, v in full_cb.average.module.state_dict().items():
+        assert torch.equal(resumed_cb.average.module.state_dict()[k], v), k
+    for k, v in full_model.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[k], v), k
+    assert resumed_cb.average.num_updates == full_cb.average.num_updates
+
+
+def test_averaging_callbacks_refuse_bad_keywords_when_made():
+    with pytest.raises(TypeError, match=r"BEMACallback.*decay"):
+        BEMACallback(decay=0.9)
+    with pytest.raises(TypeError, match="LAWACallback needs update_every"):
+        LAWACallback(k=3)
+    with pytest.raises(TypeError, match=r"SwitchEMACallback.*switch_evry"):
+        SwitchEMACallback(switch_evry=2)
 
 
 def test_should_update_timing():

@@ -7,13 +7,17 @@ this module.
   update timing (``should_update``) and checkpoint layout of Lightning's ``WeightAveraging`` /
   ``EMAWeightAveraging``, validating and testing with the averaged weights through the fused
   in-place swap, saving the average in checkpoints and resuming exactly.
+* :class:`SwitchEMACallback`, :class:`BEMACallback`, :class:`LAWACallback` — the same for
+  :class:`~emafuse.averaging.SwitchEMA` (the average copied into the module at the end of each
+  switching period), :class:`~emafuse.averaging.BEMA` and :class:`~emafuse.averaging.LAWA`.
 * :class:`PostHocEMACallback` — EDM2 power-function EMA tracks (:class:`~emafuse.averaging.
   PostHocEMA`) with periodic snapshots for post-hoc reconstruction of any ``sigma_rel``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,12 +31,196 @@ except ImportError as e:  # pragma: no cover - exercised only without lightning
     raise ImportError("emafuse.lightning needs PyTorch Lightning: pip install 'lightning>=2.5'") from e
 
 from . import _dtensor
-from .averaging import ModelEMA, PostHocEMA
+from .averaging import BEMA, LAWA, ModelEMA, PostHocEMA, SwitchEMA
+from .averaging._averager import Averager
+from .errors import UnsupportedOptionError
 
-__all__ = ["EMACallback", "PostHocEMACallback"]
+__all__ = ["BEMACallback", "EMACallback", "LAWACallback", "PostHocEMACallback", "SwitchEMACallback"]
 
 
-class EMACallback(Callback):
+def _check_keywords(who: str, cls: type, kwargs: Mapping[str, Any]) -> None:
+    """Raise ``TypeError`` for keywords that averaging class ``cls`` does not take (those its
+    constructor passes on through ``**kwargs`` are checked against its base class's)."""
+    sig = inspect.signature(cls)
+    try:
+        bound = sig.bind(None, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{who}: {e} (keywords of {cls.__name__})") from None
+    rest = next((v for k, v in bound.arguments.items() if sig.parameters[k].kind is inspect.Parameter.VAR_KEYWORD), None)
+    if rest:
+        _check_keywords(who, cls.__mro__[1], rest)
+
+
+class _AveragingCallback(Callback):
+    """What the averaging callbacks share: the average is built in ``setup("fit")`` (after
+    ``configure_model``) by :meth:`_build`; it is advanced once per optimizer step by
+    :meth:`_optimizer_step` (``trainer.global_step`` advanced: once per step under gradient
+    accumulation); validation (and test, ``swap_for_test``) runs with the average swapped into the
+    module in place once there is one; ``copy_at_train_end`` copies it into the module; checkpoints
+    keep Lightning's ``WeightAveraging`` layout (see :class:`EMACallback`) and resume exactly."""
+
+    #: The averaging class, built from the module and the callback's averaging keywords.
+    _averager: type[Averager]
+    #: Whether the average may be of a sharded (FSDP2) module: its state beside the averaged
+    #: weights must then be counters only (the rest of a distributed checkpoint is rank 0's file).
+    _shardable = True
+
+    def __init__(self, averager_kwargs: Mapping[str, Any], *, swap_before_first_update: bool, swap_for_test: bool,
+                 copy_at_train_end: bool) -> None:
+        _check_keywords(type(self).__name__, self._averager, averager_kwargs)  # here, not when fit starts
+        self._averager_kwargs = dict(averager_kwargs)
+        self.swap_before_first_update = swap_before_first_update
+        self.swap_for_test = swap_for_test
+        self.copy_at_train_end = copy_at_train_end
+        self.average: Averager | None = None
+        self._latest_update_step = 0
+        self._latest_update_epoch = -1
+        self._swapped = False
+        self._finished = False
+
+    def _build(self, pl_module: pl.LightningModule) -> Averager:
+        """The average of ``pl_module`` (called once, in ``setup("fit")``)."""
+        return self._averager(pl_module, **self._averager_kwargs)
+
+    def _optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
+        """Account for optimizer step ``step`` (1-based ``global_step``); returns whether it was
+        taken into account (else the next batch end asks again). The average's own schedule
+        decides what each step does."""
+        assert self.average is not None
+        self.average.update(pl_module)  # type: ignore[attr-defined]
+        return True
+
+    @property
+    def _average_model(self) -> Averager | None:
+        """The average, where Lightning's ``WeightAveraging`` keeps its ``AveragedModel`` (``.module``,
+        ``.n_averaged``)."""
+        return self.average
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.average is not None:
+            return
+        name = type(self).__name__
+        if is_overridden("configure_model", pl_module):
+            pl_module.configure_model()
+            if not _dtensor.any_dtensor(pl_module.parameters()):
+                rank_zero_warn(f"{name} with a model that overrides configure_model: the average is a full, unsharded copy")
+            # A model that configure_model shards with fully_shard (FSDP2, e.g. under
+            # ModelParallelStrategy) gets a shard-local average (see emafuse._dtensor).
+        if not self._shardable and _dtensor.any_dtensor(pl_module.parameters()):
+            raise UnsupportedOptionError(
+                f"{name}: the module is sharded (DTensor/FSDP2 parameters, e.g. ModelParallelStrategy); this callback "
+                "cannot yet save its averaging state in a distributed checkpoint. Use EMACallback or SwitchEMACallback, "
+                "or a strategy that does not shard the module."
+            )
+        self.average = self._build(pl_module)
+        self._finished = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step > self._latest_update_step and self._optimizer_step(trainer, pl_module, step):
+            self._latest_update_step = step
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.average is not None and self.copy_at_train_end and self._has_average():
+            self.average.copy_to(pl_module)
+            self._finished = True
+
+    def _has_average(self) -> bool:
+        return self.average is not None and (self.average.num_updates > 0 or self.swap_before_first_update)
+
+    def _swap_in(self, pl_module: pl.LightningModule) -> None:
+        if self.average is not None and not self._swapped and not self._finished and self._has_average():
+            self.average.swap(pl_module)
+            self._swapped = True
+
+    def _swap_out(self, pl_module: pl.LightningModule) -> None:
+        if self._swapped:
+            assert self.average is not None
+            self.average.swap(pl_module)
+            self._swapped = False
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in(pl_module)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_out(pl_module)
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.swap_for_test:
+            self._swap_in(pl_module)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_out(pl_module)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"latest_update_step": self._latest_update_step, "latest_update_epoch": self._latest_update_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._latest_update_step = state_dict["latest_update_step"]
+        self._latest_update_epoch = state_dict.get("latest_update_epoch", -1)
+
+    def _saved_state(self, averaging_state: dict[str, Any]) -> dict[str, Any]:
+        """The average's own state (:meth:`Averager.state_dict` without ``module``) from a
+        checkpoint's ``averaging_state``; empty when another callback wrote it."""
+        return dict(averaging_state.get("emafuse") or {})
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        name = type(self).__name__
+        if self.average is None:
+            rank_zero_info(f"{name}: checkpoint saved outside fit; it holds the module's current weights only")
+            return
+        st = self.average.state_dict()
+        average = st.pop("module")
+        live = checkpoint["state_dict"]
+        checkpoint["averaging_state"] = {"n_averaged": torch.tensor(self.average.n_averaged, dtype=torch.long), "emafuse": st}
+        distributed = _dtensor.any_dtensor(live.values())
+        if not distributed and _dtensor.any_dtensor(average.values()):
+            # A consolidated checkpoint of a sharded module: whole tensors (every rank gathers).
+            average = self.average.full_state_dict()
+        checkpoint["state_dict"] = {k: v.detach().clone() for k, v in average.items()}
+        if distributed:
+            # A distributed checkpoint of a sharded module (ModelParallelStrategy): only
+            # "state_dict" is saved by torch.distributed.checkpoint, shard by shard; the rest is
+            # rank 0's file. So the live weights go into it too, under LIVE_PREFIX.
+            checkpoint["state_dict"].update((LIVE_PREFIX + k, v) for k, v in live.items())
+        else:
+            checkpoint["current_model_state"] = live
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        name = type(self).__name__
+        if self.average is None:
+            rank_zero_warn(f"{name}: checkpoint loaded outside fit; the average cannot be restored (the module holds it)")
+            return
+        # A sharded module's checkpoint (ModelParallelStrategy) comes without "state_dict": the
+        # strategy loaded it into the module already.
+        weights = checkpoint["state_dict"] if "state_dict" in checkpoint else pl_module.state_dict()
+        st = self._saved_state(checkpoint["averaging_state"]) if "averaging_state" in checkpoint else {}
+        if not st or ("state_dict" in checkpoint and "current_model_state" not in checkpoint):
+            rank_zero_warn(f"{name}: the checkpoint holds no average of this kind; it starts from the checkpoint's weights")
+            self.average.module.load_state_dict(weights, strict=False)
+            return
+        st["module"] = weights
+        self.average.load_state_dict(st)
+        if "state_dict" in checkpoint:
+            pl_module.load_state_dict(checkpoint["current_model_state"])
+            return
+        # The module holds the average now: restore its live weights, from the consolidated
+        # checkpoint's whole tensors or the distributed checkpoint's LIVE_PREFIX entries (read
+        # here, each rank its shards).
+        if "current_model_state" in checkpoint:
+            with torch.no_grad():
+                own = pl_module.state_dict(keep_vars=True)
+                for k, v in checkpoint["current_model_state"].items():
+                    _dtensor.copy_into(own[k], v)
+            return
+        _load_live_weights(pl_module, trainer.ckpt_path)
+
+
+class EMACallback(_AveragingCallback):
     r"""Keep an exponential moving average of the LightningModule's weights (Polyak averaging),
     :math:`E \leftarrow \mathrm{lerp}(E, \theta, 1 - d)` after optimizer steps, updated by one
     native call per step (:class:`emafuse.ModelEMA`).
@@ -83,6 +271,8 @@ class EMACallback(Callback):
     (``tests/test_upstream_lightning.py``).
     """
 
+    _averager = ModelEMA
+
     def __init__(
         self,
         device: torch.device | str | None = None,
@@ -99,21 +289,19 @@ class EMACallback(Callback):
     ) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
+        super().__init__(ema_kwargs, swap_before_first_update=swap_before_first_update, swap_for_test=swap_for_test,
+                         copy_at_train_end=copy_at_train_end)
         self.decay = decay
         self.update_every_n_steps = update_every_n_steps
         self.update_starting_at_step = update_starting_at_step
         self.update_starting_at_epoch = update_starting_at_epoch
         self._device = torch.device(device) if isinstance(device, str) else device
         self._use_buffers = use_buffers
-        self.swap_before_first_update = swap_before_first_update
-        self.swap_for_test = swap_for_test
-        self.copy_at_train_end = copy_at_train_end
-        self._ema_kwargs = ema_kwargs
-        self.ema: ModelEMA | None = None
-        self._latest_update_step = 0
-        self._latest_update_epoch = -1
-        self._swapped = False
-        self._finished = False
+
+    @property
+    def ema(self) -> ModelEMA | None:
+        """The :class:`~emafuse.ModelEMA` (None before ``setup``)."""
+        return self.average  # type: ignore[return-value]
 
     # -- timing ---------------------------------------------------------------------------------
 
@@ -128,36 +316,19 @@ class EMACallback(Callback):
                 return True
         return epoch_idx is not None and self.update_starting_at_epoch is not None and epoch_idx >= self.update_starting_at_epoch
 
-    @property
-    def _average_model(self) -> ModelEMA | None:
-        """The average, where Lightning's ``WeightAveraging`` keeps its ``AveragedModel`` (``.module``,
-        ``.n_averaged``)."""
-        return self.ema
-
     # -- hooks ----------------------------------------------------------------------------------
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.ema is not None:
-            return
-        if is_overridden("configure_model", pl_module):
-            pl_module.configure_model()
-            if not _dtensor.any_dtensor(pl_module.parameters()):
-                rank_zero_warn(
-                    "EMACallback with a model that overrides configure_model: the average is a full, unsharded copy"
-                )
-            # A model that configure_model shards with fully_shard (FSDP2, e.g. under
-            # ModelParallelStrategy) gets a shard-local average (see emafuse._dtensor).
-        kw = dict(self._ema_kwargs)
+    def _build(self, pl_module: pl.LightningModule) -> ModelEMA:
+        kw = dict(self._averager_kwargs)
         kw.setdefault("buffers", "average" if self._use_buffers else "copy")
-        self.ema = ModelEMA(pl_module, self.decay, device=self._device, **kw)
-        self._finished = False
+        return self._averager(pl_module, self.decay, device=self._device, **kw)  # type: ignore[call-arg, return-value]
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if step > self._latest_update_step and self.should_update(step_idx=step - 1):
-            assert self.ema is not None
-            self.ema.update(pl_module, step=step, force=True)
-            self._latest_update_step = step
+    def _optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
+        if not self.should_update(step_idx=step - 1):
+            return False
+        assert self.ema is not None
+        self.ema.update(pl_module, step=step, force=True)
+        return True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch > self._latest_update_epoch and self.should_update(epoch_idx=trainer.current_epoch):
@@ -165,99 +336,106 @@ class EMACallback(Callback):
             self.ema.update(pl_module, step=trainer.global_step, force=True)
             self._latest_update_epoch = trainer.current_epoch
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.ema is not None and self.copy_at_train_end and self._has_average():
-            self.ema.copy_to(pl_module)
-            self._finished = True
-
-    def _has_average(self) -> bool:
-        return self.ema is not None and (self.ema.num_updates > 0 or self.swap_before_first_update)
-
-    def _swap_in(self, pl_module: pl.LightningModule) -> None:
-        if self.ema is not None and not self._swapped and not self._finished and self._has_average():
-            self.ema.swap(pl_module)
-            self._swapped = True
-
-    def _swap_out(self, pl_module: pl.LightningModule) -> None:
-        if self._swapped:
-            assert self.ema is not None
-            self.ema.swap(pl_module)
-            self._swapped = False
-
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._swap_in(pl_module)
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._swap_out(pl_module)
-
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.swap_for_test:
-            self._swap_in(pl_module)
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._swap_out(pl_module)
-
     # -- checkpoints ------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"latest_update_step": self._latest_update_step, "latest_update_epoch": self._latest_update_epoch}
+    def _saved_state(self, averaging_state: dict[str, Any]) -> dict[str, Any]:
+        st = super()._saved_state(averaging_state)
+        if not st:  # written by Lightning's WeightAveraging: its counters only
+            st = {"num_steps_seen": self._latest_update_step, "num_updates": int(averaging_state.get("n_averaged", 0))}
+        return st
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._latest_update_step = state_dict["latest_update_step"]
-        self._latest_update_epoch = state_dict.get("latest_update_epoch", -1)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.ema is None:
-            rank_zero_info("EMACallback: checkpoint saved outside fit; it holds the module's current weights only")
-            return
-        st = self.ema.state_dict()
-        average = st.pop("module")
-        live = checkpoint["state_dict"]
-        checkpoint["averaging_state"] = {"n_averaged": torch.tensor(self.ema.n_averaged, dtype=torch.long), "emafuse": st}
-        distributed = _dtensor.any_dtensor(live.values())
-        if not distributed and _dtensor.any_dtensor(average.values()):
-            # A consolidated checkpoint of a sharded module: whole tensors (every rank gathers).
-            average = self.ema.full_state_dict()
-        checkpoint["state_dict"] = {k: v.detach().clone() for k, v in average.items()}
-        if distributed:
-            # A distributed checkpoint of a sharded module (ModelParallelStrategy): only
-            # "state_dict" is saved by torch.distributed.checkpoint, shard by shard; the rest is
-            # rank 0's file. So the live weights go into it too, under LIVE_PREFIX.
-            checkpoint["state_dict"].update((LIVE_PREFIX + k, v) for k, v in live.items())
-        else:
-            checkpoint["current_model_state"] = live
+class SwitchEMACallback(EMACallback):
+    r"""Switch EMA (:class:`~emafuse.averaging.SwitchEMA`; Li et al., arXiv 2402.09240) of the
+    LightningModule: :class:`EMACallback` (the same arguments, update timing, validation on the
+    average and checkpoints), and at the end of every switching period the average is copied into
+    the module, from which training goes on (the optimizer state is kept).
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.ema is None:
-            rank_zero_warn("EMACallback: checkpoint loaded outside fit; the average cannot be restored (the module holds it)")
-            return
-        # A sharded module's checkpoint (ModelParallelStrategy) comes without "state_dict": the
-        # strategy loaded it into the module already.
-        weights = checkpoint["state_dict"] if "state_dict" in checkpoint else pl_module.state_dict()
-        if "averaging_state" not in checkpoint or ("state_dict" in checkpoint and "current_model_state" not in checkpoint):
-            rank_zero_warn("EMACallback: the checkpoint holds no average; it starts from the checkpoint's weights")
-            self.ema.module.load_state_dict(weights, strict=False)
-            return
-        avg = checkpoint["averaging_state"]
-        st = dict(avg.get("emafuse") or {})
-        if not st:  # written by Lightning's WeightAveraging
-            n = int(avg.get("n_averaged", 0))
-            st = {"num_steps_seen": self._latest_update_step, "num_updates": n}
-        st["module"] = weights
-        self.ema.load_state_dict(st)
-        if "state_dict" in checkpoint:
-            pl_module.load_state_dict(checkpoint["current_model_state"])
-            return
-        # The module holds the average now: restore its live weights, from the consolidated
-        # checkpoint's whole tensors or the distributed checkpoint's LIVE_PREFIX entries (read
-        # here, each rank its shards).
-        if "current_model_state" in checkpoint:
-            with torch.no_grad():
-                own = pl_module.state_dict(keep_vars=True)
-                for k, v in checkpoint["current_model_state"].items():
-                    _dtensor.copy_into(own[k], v)
-            return
-        _load_live_weights(pl_module, trainer.ckpt_path)
+    ``switch_every`` periods of ``switch_unit`` (``"epoch"``, the paper's, or ``"step"``: optimizer
+    steps), from period ``switch_start`` to ``switch_end`` (inclusive; None: to the end). An
+    epoch's switch happens right after its last training batch, before validation, so that
+    validation and a checkpoint saved at its end see the switched weights and resuming continues
+    exactly (with a training loader of unknown length: at the epoch's end). Other keywords go to
+    :class:`~emafuse.averaging.SwitchEMA` as for :class:`EMACallback`.
+    """
+
+    _averager = SwitchEMA
+
+    def __init__(self, *args: Any, switch_every: int = 1, switch_unit: str = "epoch", switch_start: int = 0,
+                 switch_end: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, switch_every=switch_every, switch_unit=switch_unit, switch_start=switch_start,
+                         switch_end=switch_end, **kwargs)
+
+    @property
+    def switch_ema(self) -> SwitchEMA | None:
+        """The :class:`~emafuse.averaging.SwitchEMA` (None before ``setup``)."""
+        return self.average  # type: ignore[return-value]
+
+    def _optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
+        updated = super()._optimizer_step(trainer, pl_module, step)
+        if updated:
+            assert self.switch_ema is not None
+            self.switch_ema.end_of_step(pl_module)
+        return updated
+
+    def _end_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ema = self.switch_ema
+        if ema is not None and ema.epoch <= trainer.current_epoch:  # not yet done for this epoch
+            ema.end_of_epoch(pl_module, epoch=trainer.current_epoch)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if batch_idx + 1 == trainer.num_training_batches:
+            self._end_epoch(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._end_epoch(trainer, pl_module)
+
+
+class BEMACallback(_AveragingCallback):
+    r"""Bias-corrected EMA (:class:`~emafuse.averaging.BEMA`; Block & Zhang, arXiv 2508.00180) of
+    the LightningModule's parameters, with :class:`EMACallback`'s hooks: every optimizer step is
+    passed to :meth:`BEMA.update <emafuse.averaging.BEMA.update>` (its ``update_after_step`` and
+    ``update_every`` decide the events), validation and test run with the BEMA weights swapped in,
+    ``copy_at_train_end`` copies them into the module, and checkpoints hold them in
+    ``state_dict`` (the live weights in ``current_model_state``, BEMA's EMA, anchor and counters in
+    ``averaging_state``), so ``Trainer.fit(ckpt_path=...)`` resumes exactly. Keywords:
+    ``swap_before_first_update``, ``swap_for_test``, ``copy_at_train_end`` as for
+    :class:`EMACallback`; the others go to :class:`~emafuse.averaging.BEMA`. Sharded modules
+    (FSDP2) are refused: BEMA's state beside its weights cannot go into a distributed checkpoint
+    yet.
+    """
+
+    _averager = BEMA
+    _shardable = False
+
+    def __init__(self, *, swap_before_first_update: bool = False, swap_for_test: bool = True, copy_at_train_end: bool = True,
+                 **bema_kwargs: Any) -> None:
+        super().__init__(bema_kwargs, swap_before_first_update=swap_before_first_update, swap_for_test=swap_for_test,
+                         copy_at_train_end=copy_at_train_end)
+
+
+class LAWACallback(_AveragingCallback):
+    r"""Latest weight averaging (:class:`~emafuse.averaging.LAWA`: the mean of the ``k`` latest
+    snapshots, one every ``update_every`` optimizer steps from ``start_step``) of the
+    LightningModule, with :class:`EMACallback`'s hooks: validation and test run with the mean
+    swapped in once there is a snapshot, ``copy_at_train_end`` copies it into the module, and
+    checkpoints hold it in ``state_dict`` (the live weights in ``current_model_state``, the
+    snapshots and counters in ``averaging_state``), so ``Trainer.fit(ckpt_path=...)`` resumes
+    exactly. ``update_every`` has no default (as :class:`~emafuse.averaging.LAWA`); other keywords
+    as :class:`BEMACallback`. Sharded modules (FSDP2) are refused, as for :class:`BEMACallback`.
+    """
+
+    _averager = LAWA
+    _shardable = False
+
+    def __init__(self, k: int = 5, *, update_every: int | None = None, swap_before_first_update: bool = False,
+                 swap_for_test: bool = True, copy_at_train_end: bool = True, **lawa_kwargs: Any) -> None:
+        if update_every is None:
+            raise TypeError("LAWACallback needs update_every= (the step spacing of LAWA's snapshots; there is no default)")
+        super().__init__({"k": k, "update_every": update_every, **lawa_kwargs}, swap_before_first_update=swap_before_first_update,
+                         swap_for_test=swap_for_test, copy_at_train_end=copy_at_train_end)
 
 
 # The prefix of the live (training) weights in the "state_dict" of a distributed checkpoint written
