@@ -14,12 +14,14 @@ import torch as _torch  # noqa: F401  (loads libtorch before the native module l
 from . import (
     _torch_release,  # noqa: F401  (checks the running torch; must run before _native loads)
     averaging,
+    clipping,
     errors,
     optim,
 )
 from ._guard import check_thread_env as _check_thread_env
 from ._native import num_threads
 from .averaging import ModelEMA
+from .clipping import ZClip
 from .errors import (
     CudaError,
     DeviceError,
@@ -51,7 +53,9 @@ __all__ = [
     "ShapeError",
     "SparseGradError",
     "UnsupportedOptionError",
+    "ZClip",
     "averaging",
+    "clipping",
     "errors",
     "num_threads",
 ]

@@ -10,6 +10,7 @@ this module.
 * :class:`SwitchEMACallback`, :class:`BEMACallback`, :class:`LAWACallback` — the same for
   :class:`~emafuse.averaging.SwitchEMA` (the average copied into the module at the end of each
   switching period), :class:`~emafuse.averaging.BEMA` and :class:`~emafuse.averaging.LAWA`.
+* :class:`ZClipCallback` — :class:`~emafuse.ZClip` gradient clipping before each optimizer step.
 * :class:`PostHocEMACallback` — EDM2 power-function EMA tracks (:class:`~emafuse.averaging.
   PostHocEMA`) with periodic snapshots for post-hoc reconstruction of any ``sigma_rel``.
 """
@@ -33,9 +34,10 @@ except ImportError as e:  # pragma: no cover - exercised only without lightning
 from . import _dtensor
 from .averaging import BEMA, LAWA, ModelEMA, PostHocEMA, SwitchEMA
 from .averaging._averager import Averager
+from .clipping import ZClip
 from .errors import UnsupportedOptionError
 
-__all__ = ["BEMACallback", "EMACallback", "LAWACallback", "PostHocEMACallback", "SwitchEMACallback"]
+__all__ = ["BEMACallback", "EMACallback", "LAWACallback", "PostHocEMACallback", "SwitchEMACallback", "ZClipCallback"]
 
 
 def _check_keywords(who: str, cls: type, kwargs: Mapping[str, Any]) -> None:
@@ -519,3 +521,38 @@ class PostHocEMACallback(Callback):
                 self.posthoc.load_state_dict(state_dict["posthoc"])
             else:
                 self._pending_state = state_dict["posthoc"]
+
+
+class ZClipCallback(Callback):
+    r""":class:`~emafuse.ZClip` on the LightningModule's gradients, for users who keep their own
+    optimizer: :meth:`ZClip.step <emafuse.ZClip.step>` runs in ``on_before_optimizer_step`` (after
+    AMP's unscaling, once per optimizer step under gradient accumulation, before the step), as the
+    reference's ``ZClipLightningCallback``. The statistics are saved in the callback's state, so
+    ``Trainer.fit(ckpt_path=...)`` resumes exactly. The norm before clipping is logged as
+    ``log_name`` (None: not logged). Keywords go to :class:`~emafuse.ZClip`.
+
+    Lightning's own clipping (``Trainer(gradient_clip_val=...)``) runs right after this hook and
+    would clip twice: a non-zero ``gradient_clip_val`` is refused when fit starts (spec C.4).
+    """
+
+    def __init__(self, *, log_name: str | None = None, **zclip_kwargs: Any) -> None:
+        self.zclip = ZClip(**zclip_kwargs)
+        self.log_name = log_name
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.gradient_clip_val:
+            raise ValueError(
+                f"ZClipCallback with Trainer(gradient_clip_val={trainer.gradient_clip_val}): the gradients would be clipped "
+                "twice; leave gradient_clip_val unset (ZClip's max_grad_norm is its fixed cap)"
+            )
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        norm = self.zclip.step(pl_module)
+        if self.log_name is not None:
+            pl_module.log(self.log_name, norm, on_step=True, on_epoch=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.zclip.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.zclip.load_state_dict(state_dict)

@@ -1,0 +1,195 @@
+r"""Gradient stabilizers applied to a model's gradients before the optimizer step (spec
+``averaging.md`` part C): :class:`ZClip`.
+
+The global gradient norm is one native pass over every gradient (float64 accumulation,
+reproducible; DTensor/FSDP2 shards are summed across their mesh, one ``all_reduce``), the decision
+is host arithmetic in float64, and a clip scales the gradients in place with torch's multi-tensor
+multiply (one kernel per device and dtype on CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import _dtensor
+from .errors import InvalidArgumentError, SparseGradError
+from .optim._base import sum_squares
+
+__all__ = ["ZClip"]
+
+# Added to the norm in the clip coefficient (as torch.nn.utils.clip_grad_norm_ and the reference).
+_COEF_EPS = 1e-6
+
+
+def _gradients(who: str, params: nn.Module | Iterable[Tensor]) -> list[Tensor]:
+    """The gradients of ``params`` (a module's parameters, or tensors) that exist."""
+    if isinstance(params, Tensor):
+        params = [params]
+    elif isinstance(params, nn.Module):
+        params = params.parameters()
+    grads = [p.grad for p in params if p.grad is not None]
+    for g in grads:
+        if g.layout != torch.strided:
+            raise SparseGradError(f"{who}: a gradient is {g.layout}; norm-based clipping needs dense gradients (call .to_dense())")
+    return grads
+
+
+def _scale(grads: list[Tensor], coef: float) -> None:
+    """Multiply every gradient by ``coef`` in place (DTensors through their local shards)."""
+    torch._foreach_mul_([_dtensor.local(g) for g in grads], coef)
+
+
+class ZClip:
+    r"""ZClip (Kumar et al., "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", arXiv
+    2504.02507): clip the global gradient norm :math:`g` where it is an outlier against an EMA of
+    its own mean :math:`\mu` and variance :math:`v`, as the reference ``zclip.ZClip`` 1.0.0
+    (bluorion-com/ZClip), with the same arguments and defaults. Call :meth:`step` after
+    ``backward()`` (and after ``GradScaler.unscale_``), before ``optimizer.step()``; it returns
+    :math:`g` before clipping.
+
+    * Warm-up: the first ``warmup_steps`` norms are collected; then :math:`\mu` is their mean and
+      :math:`v` their population variance. Meanwhile only ``max_grad_norm`` clips (as
+      ``torch.nn.utils.clip_grad_norm_``).
+    * Then, with :math:`\sigma = \sqrt v`: ``mode="zscore"``: :math:`z = (g - \mu)/(\sigma +
+      \text{eps})`; if :math:`z > z_{th}` the threshold is :math:`c = (\mu + z_{th}^2\sigma/z)
+      \cdot \text{clip\_factor}` (``clip_option="adaptive_scaling"``) or :math:`c = \mu`
+      (``"mean"``). ``mode="percentile"``: :math:`c = \mu + z_{th}\sigma` when :math:`g` exceeds it.
+      The gradients are scaled by :math:`e/(g + 10^{-6})` when :math:`g > e = \min(c \text{ (or }
+      g), \text{max\_grad\_norm})`: the default ``max_grad_norm=1.0`` keeps a fixed cap active
+      (``None`` for pure ZClip).
+    * The statistics are fed :math:`x = c` (before the cap) or :math:`g`: :math:`\mu \leftarrow
+      \alpha\mu + (1-\alpha)x`, then :math:`v \leftarrow \alpha v + (1-\alpha)(x - \mu)^2` with the
+      new :math:`\mu`; not at all on a spike with ``skip_update_on_spike=True``.
+
+    Decisions beyond the reference (spec C.2): ``nonfinite="skip"`` (default) leaves gradients and
+    statistics untouched when :math:`g` is NaN or infinite (a step AMP's scaler will skip);
+    ``"reference"`` proceeds as the reference does. :meth:`state_dict` / :meth:`load_state_dict`
+    save and restore the statistics for an exact resume (the reference keeps none). :math:`g` is
+    accumulated in float64 by the native engine (the reference: per-tensor norms in the first
+    parameter's dtype); DTensor (FSDP2) shards are summed across their mesh. Invalid options raise
+    ``ValueError`` (the reference asserts).
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        max_grad_norm: float | None = 1.0,
+        eps: float = 1e-6,
+        warmup_steps: int = 25,
+        mode: str = "zscore",
+        clip_option: str = "adaptive_scaling",
+        clip_factor: float = 1.0,
+        skip_update_on_spike: bool = False,
+        *,
+        nonfinite: str = "skip",
+    ) -> None:
+        mode = mode.lower()
+        if mode not in ("zscore", "percentile"):
+            raise ValueError(f"ZClip: mode must be 'zscore' or 'percentile', got {mode!r}")
+        if mode == "zscore" and clip_option.lower() not in ("adaptive_scaling", "mean"):
+            raise ValueError(f"ZClip: clip_option must be 'adaptive_scaling' or 'mean' in zscore mode, got {clip_option!r}")
+        if not 0.0 <= alpha < 1.0:
+            raise ValueError(f"ZClip: alpha must be in [0, 1), got {alpha}")
+        if not z_thresh > 0.0 or not eps >= 0.0 or not clip_factor > 0.0:
+            raise ValueError(f"ZClip: z_thresh and clip_factor must be > 0 and eps >= 0, got {z_thresh}, {clip_factor}, {eps}")
+        if int(warmup_steps) != warmup_steps or warmup_steps < 1:
+            raise ValueError(f"ZClip: warmup_steps must be an integer >= 1, got {warmup_steps}")
+        if max_grad_norm is not None and not max_grad_norm > 0.0:
+            raise ValueError(f"ZClip: max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        if nonfinite not in ("skip", "reference"):
+            raise ValueError(f"ZClip: nonfinite must be 'skip' or 'reference', got {nonfinite!r}")
+        self.alpha, self.z_thresh, self.max_grad_norm, self.eps = float(alpha), float(z_thresh), max_grad_norm, float(eps)
+        self.warmup_steps, self.mode, self.clip_factor = int(warmup_steps), mode, float(clip_factor)
+        self.clip_option = clip_option.lower() if mode == "zscore" else None
+        self.skip_update_on_spike, self.nonfinite = bool(skip_update_on_spike), nonfinite
+        #: Warm-up norms collected so far.
+        self.buffer: list[float] = []
+        self.initialized = False
+        #: The EMA of the norm and of its variance (None during warm-up).
+        self.mean: float | None = None
+        self.var: float | None = None
+        #: Calls of :meth:`step` that counted (not skipped as non-finite).
+        self.num_steps = 0
+
+    def threshold(self, g: float) -> float | None:
+        """The adaptive clip threshold :math:`c` for norm ``g`` after warm-up (None: no spike)."""
+        assert self.mean is not None and self.var is not None
+        std = math.sqrt(self.var)
+        if self.mode == "percentile":
+            c = self.mean + self.z_thresh * std
+            return c if g > c else None
+        z = (g - self.mean) / (std + self.eps)
+        if not z > self.z_thresh:
+            return None
+        if self.clip_option == "mean":
+            return self.mean
+        return (self.mean + self.z_thresh * std / (z / self.z_thresh)) * self.clip_factor
+
+    @torch.no_grad()
+    def step(self, params: nn.Module | Iterable[Tensor]) -> float:
+        """Clip the gradients of ``params`` (a module, or its parameters) in place if due, update
+        the statistics, and return the global norm before clipping."""
+        grads = _gradients("ZClip", params)
+        g = math.sqrt(sum_squares(grads)) if grads else 0.0
+        if not math.isfinite(g) and self.nonfinite == "skip":
+            return g
+        self.num_steps += 1
+        if not self.initialized:
+            self.buffer.append(g)
+            if len(self.buffer) >= self.warmup_steps:
+                self.mean = sum(self.buffer) / len(self.buffer)
+                self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
+                self.initialized, self.buffer = True, []
+            if self.max_grad_norm is not None and grads:
+                # As torch.nn.utils.clip_grad_norm_: every gradient is multiplied, by at most 1.
+                _scale(grads, min(self.max_grad_norm / (g + _COEF_EPS), 1.0))
+            return g
+        c = self.threshold(g)
+        effective = g if c is None else c
+        if self.max_grad_norm is not None:
+            effective = min(effective, self.max_grad_norm)
+        if g > effective:
+            _scale(grads, effective / (g + _COEF_EPS))
+        if c is not None and self.skip_update_on_spike:
+            return g
+        x = g if c is None else c
+        assert self.mean is not None and self.var is not None
+        self.mean = self.alpha * self.mean + (1.0 - self.alpha) * x
+        self.var = self.alpha * self.var + (1.0 - self.alpha) * (x - self.mean) ** 2
+        return g
+
+    def state_dict(self) -> dict[str, Any]:
+        """The statistics and counters (what an exact resume needs) and the options."""
+        return {
+            "mean": self.mean, "var": self.var, "initialized": self.initialized, "buffer": list(self.buffer),
+            "num_steps": self.num_steps,
+            "options": dict(alpha=self.alpha, z_thresh=self.z_thresh, max_grad_norm=self.max_grad_norm, eps=self.eps,
+                            warmup_steps=self.warmup_steps, mode=self.mode, clip_option=self.clip_option,
+                            clip_factor=self.clip_factor, skip_update_on_spike=self.skip_update_on_spike),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; the options stay this object's."""
+        try:
+            initialized, buffer = bool(state["initialized"]), [float(x) for x in state["buffer"]]
+            mean, var = state["mean"], state["var"]
+            mean, var = (None, None) if not initialized else (float(mean), float(var))
+            num_steps = int(state.get("num_steps", 0))
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidArgumentError(f"ZClip.load_state_dict: not a ZClip state ({e!r}); pass what ZClip.state_dict() returned") from None
+        if not initialized and len(buffer) >= self.warmup_steps:
+            raise InvalidArgumentError(
+                f"ZClip.load_state_dict: {len(buffer)} warm-up norms saved but warmup_steps={self.warmup_steps} here; "
+                "build ZClip with the options it was saved with"
+            )
+        self.initialized, self.buffer, self.mean, self.var, self.num_steps = initialized, buffer, mean, var, num_steps
+
+    def __repr__(self) -> str:
+        state = f"mean={self.mean}, var={self.var}" if self.initialized else f"warm-up {len(self.buffer)}/{self.warmup_steps}"
+        return f"ZClip(mode={self.mode!r}, clip_option={self.clip_option!r}, z_thresh={self.z_thresh}, {state})"
