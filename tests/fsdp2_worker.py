@@ -130,26 +130,50 @@ def fsdp2_mixed_precision(checks, rank: int, configs) -> None:
                     assert_same(q._local_tensor, part(q, p.detach()), exact, f"step {step}, param {i}")
 
 
-def zclip_on_dtensors(checks, mesh) -> None:
-    """ZClip on DTensor gradients (uneven and empty shards) equals ZClip on the whole gradients,
-    with one all_reduce per step (the global norm's sum of squares)."""
-    with checks.check("ZClip on DTensor gradients"):
-        full = [nn.Parameter(seeded(i, s)) for i, s in enumerate(SHAPES)]
-        sharded = [nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in full]
-        ours, ref = emafuse.ZClip(warmup_steps=2, max_grad_norm=0.8), emafuse.ZClip(warmup_steps=2, max_grad_norm=0.8)
-        for step in range(6):
-            scale = 20.0 if step == 4 else 1.0  # a spike after the warm-up
-            for p, q, g in zip(full, sharded, synthetic_grads(step, SHAPES)):
-                p.grad = g * scale
-                q.grad = distribute_tensor(g * scale, mesh, [Shard(0)])
-            with CommDebugMode() as comm:
-                norm = ours.step(sharded)
-            assert {str(k): n for k, n in comm.get_comm_counts().items() if n} == {"c10d.allreduce_": 1}, step
-            ref_norm = ref.step(full)
-            assert abs(norm - ref_norm) <= 1e-12 * ref_norm, (step, norm, ref_norm)
-            for i, (p, q) in enumerate(zip(full, sharded)):
-                assert_same(q.grad._local_tensor, part(q, p.grad), False, f"step {step}, grad {i}")
-        assert ours.initialized and abs(ours.mean - ref.mean) <= 1e-12 * ref.mean
+def clippers_on_dtensors(checks, mesh) -> None:
+    """ZClip and AdaGC on DTensor gradients (uneven and empty shards) equal the same clipper on the
+    whole gradients, with one all_reduce per step (the per-tensor sums of squares)."""
+    for name, make in (("ZClip", lambda: emafuse.ZClip(warmup_steps=2, max_grad_norm=0.8)),
+                       ("AdaGC", lambda: emafuse.AdaGC(warmup_steps=3))):
+        with checks.check(f"{name} on DTensor gradients"):
+            clip_on_dtensors(mesh, make(), make())
+
+
+def clip_on_dtensors(mesh, ours, ref) -> None:
+    """6 steps of clipper ``ours`` on DTensor gradients and ``ref`` (the same) on the whole ones,
+    with a spike after the warm-up."""
+    full = [nn.Parameter(seeded(i, s)) for i, s in enumerate(SHAPES)]
+    sharded = [nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in full]
+    for step in range(6):
+        scale = 20.0 if step == 4 else 1.0
+        for p, q, g in zip(full, sharded, synthetic_grads(step, SHAPES)):
+            p.grad = g * scale
+            q.grad = distribute_tensor(g * scale, mesh, [Shard(0)])
+        with CommDebugMode() as comm:
+            norm = ours.step(sharded)
+        assert {str(k): n for k, n in comm.get_comm_counts().items() if n} == {"c10d.allreduce_": 1}, step
+        ref_norm = ref.step(full)
+        assert abs(norm - ref_norm) <= 1e-12 * ref_norm, (step, norm, ref_norm)
+        for i, (p, q) in enumerate(zip(full, sharded)):
+            assert_same(q.grad._local_tensor, part(q, p.grad), False, f"step {step}, grad {i}")
+    # The statistics (float64, from sums added in another order): equal to round-off.
+    a, b = ours.state_dict(), ref.state_dict()
+    numbers = [(x, y) for k in a for x, y in _numbers(a[k], b[k])]
+    assert numbers and all(abs(x - y) <= 1e-12 * max(abs(y), 1e-300) for x, y in numbers), (a, b)
+
+
+def _numbers(a, b):
+    """Pairs of the numbers in two equal structures (dicts, lists, scalars)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        return [pair for k in a for pair in _numbers(a[k], b[k])]
+    if isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        return [pair for x, y in zip(a, b) for pair in _numbers(x, y)]
+    if isinstance(a, float):
+        return [(a, b)]
+    assert a == b
+    return []
 
 
 def unsupported_dtensors(checks, mesh) -> None:
@@ -609,7 +633,7 @@ def main(rank: int, world_size: int, checks, opt_configs, mp_configs, ckpt_confi
     optimizers_on_dtensors(checks, mesh, opt_configs)
     fsdp2_mixed_precision(checks, rank, mp_configs)
     unsupported_dtensors(checks, mesh)
-    zclip_on_dtensors(checks, mesh)
+    clippers_on_dtensors(checks, mesh)
     checkpoints(checks, rank, ckpt_configs, root)
     averaging(checks, rank, root)
     posthoc_snapshots(checks, root)

@@ -1,6 +1,7 @@
-"""emafuse.ZClip (spec averaging.md C.2, C.4): the spec's test vectors for the three modes, parity
-with the reference zclip 1.0.0 on a model's gradients over many steps (every option), exact resume
-through state_dict, non-finite norms, bad options and gradients, and the Lightning callback."""
+"""emafuse.ZClip and emafuse.AdaGC (spec averaging.md C.2, C.3, C.4): the spec's test vectors (ZClip's
+three modes, AdaGC's warm-up and adaptive phases), parity with the reference zclip 1.0.0 and with a
+float64 AdaGC written from the spec on a model's gradients over many steps, exact resume through
+state_dict, non-finite norms, bad options and gradients, and the Lightning callbacks."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import zclip
-from emafuse.lightning import ZClipCallback
+from emafuse.lightning import AdaGCCallback, ZClipCallback
 from torch import nn
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -238,7 +239,7 @@ def test_lightning_callback_equals_zclip_by_hand_and_resumes_exactly(tmp_path):
     ref = _fit([hand], 3, enable_checkpointing=False)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
-    assert straight.zclip.mean == pytest.approx(hand.clip.mean, rel=1e-5) and straight.zclip.num_steps == 24
+    assert straight.clipper.mean == pytest.approx(hand.clip.mean, rel=1e-5) and straight.clipper.num_steps == 24
 
     ck = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     _fit([ZClipCallback(**kw), ck], 1)
@@ -246,9 +247,136 @@ def test_lightning_callback_equals_zclip_by_hand_and_resumes_exactly(tmp_path):
     resumed_model = _fit([resumed], 3, ckpt_path=str(tmp_path / "epoch=0.ckpt"), enable_checkpointing=False)
     for p, q in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(p, q)
-    assert resumed.zclip.state_dict() == straight.zclip.state_dict()
+    assert resumed.clipper.state_dict() == straight.clipper.state_dict()
 
 
-def test_lightning_callback_refuses_lightning_clipping():
+def test_lightning_callbacks_refuse_a_second_clipper():
     with pytest.raises(ValueError, match="clipped twice"):
         _fit([ZClipCallback()], 1, gradient_clip_val=1.0, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="ZClipCallback with AdaGCCallback"):
+        _fit([ZClipCallback(), AdaGCCallback()], 1, enable_checkpointing=False)
+
+
+# -- AdaGC -------------------------------------------------------------------------------------------
+
+# Spec C.3 test vector: warmup_steps=3, two tensors; per step the gradients, the scales applied and
+# (γ1, γ2) after it.
+ADAGC_STEPS = [
+    (([3.0, 4.0], [1.0]), (0.196116135, 0.196116135), (0.980580673768, 0.196116134754)),
+    (([0.3, 0.4], [2.0]), (0.485071248, 0.485071248), (0.242535623860, 0.196116134754)),
+    (([0.6, 0.8], [0.5]), (0.254662405, 0.411843883), (0.242778159484, 0.196312250888)),
+    (([30.0, 40.0], [0.1]), (0.005098341, 1.0), (0.243020937643, 0.194386005871)),
+    (([0.0, 0.5], [0.2]), (0.510343969, 1.0), (0.243263958581, 0.194498285753)),
+]
+
+
+def test_adagc_spec_test_vector():
+    clip = emafuse.AdaGC(warmup_steps=3)
+    a, b = nn.Parameter(torch.zeros(2, dtype=torch.float64)), nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    for t, ((ga, gb), scales, gammas) in enumerate(ADAGC_STEPS):
+        a.grad, b.grad = torch.tensor(ga, dtype=torch.float64), torch.tensor(gb, dtype=torch.float64)
+        total = clip.step([a, b])
+        assert total == pytest.approx(math.sqrt(sum(x * x for x in ga + gb)), rel=1e-15)
+        got = (float(a.grad.norm() / torch.tensor(ga, dtype=torch.float64).norm()), float(b.grad[0] / gb[0]))
+        assert got == pytest.approx(scales, abs=1e-9), t
+        assert (clip.gamma[0], clip.gamma[1]) == pytest.approx(gammas, abs=1e-12), t
+
+
+def _adagc_reference(grads_per_step, warmup_steps, beta=0.98, lambda_rel=1.05, lambda_abs=1.0, eps=1e-8):
+    """Spec C.3 in float64 on lists of gradients (None: no gradient this step); returns the
+    clipped gradients of every step and the final γ."""
+    gamma, out = {}, []
+    for t, grads in enumerate(grads_per_step, start=1):
+        present = {i: g.double() for i, g in enumerate(grads) if g is not None}
+        total = math.sqrt(sum(float(g.square().sum()) for g in present.values()))
+        clipped = {}
+        for i, g in present.items():
+            n = float(g.norm())
+            if t < warmup_steps or i not in gamma:
+                h = min(lambda_abs / (total + eps), 1.0)
+                gamma[i] = h * n if i not in gamma else min(gamma[i], h * n)
+            else:
+                h = min(lambda_rel * max(gamma[i], eps) / max(n, eps), 1.0)
+                gamma[i] = beta * gamma[i] + (1 - beta) * h * n
+            clipped[i] = g * h
+        out.append(clipped)
+    return out, gamma
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_adagc_matches_the_float64_reference(dtype):
+    """Odd sizes, spikes, a parameter that has no gradient on some steps, 30 steps."""
+    shapes = [(7, 5), (33,), (4097,), (1,)]
+    gen = torch.Generator().manual_seed(5)
+    steps = []
+    for t in range(30):
+        spike = 50.0 if t % 9 == 8 else 1.0
+        steps.append([None if (i == 3 and t % 4 == 1) else (torch.randn(s, generator=gen) * spike * (i + 1)).to(dtype)
+                      for i, s in enumerate(shapes)])
+    want, gamma = _adagc_reference(steps, warmup_steps=6)
+    clip = emafuse.AdaGC(warmup_steps=6)
+    params = [nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
+    tol = dict(rtol=1e-12, atol=0) if dtype == torch.float64 else dict(rtol=2e-6 if dtype == torch.float32 else 8e-3, atol=1e-6)
+    for t, grads in enumerate(steps):
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        clip.step(params)
+        for i, p in enumerate(params):
+            if i in want[t]:
+                torch.testing.assert_close(p.grad.double(), want[t][i], **tol, msg=lambda m, t=t, i=i: f"step {t}, tensor {i}: {m}")
+    assert clip.gamma.keys() == gamma.keys()
+    for i in gamma:
+        # γ is computed from the norms of the (exact) gradients given, in float64 for every dtype.
+        assert clip.gamma[i] == pytest.approx(gamma[i], rel=1e-12)
+
+
+def test_adagc_state_dict_resumes_exactly_and_refuses_garbage():
+    straight_model, resumed_model = _models()
+    straight = emafuse.AdaGC(warmup_steps=4)
+    for t in range(16):
+        _spiky_grads(straight_model, t)
+        straight.step(straight_model)
+    first = emafuse.AdaGC(warmup_steps=4)
+    for t in range(7):
+        _spiky_grads(resumed_model, t)
+        first.step(resumed_model)
+    resumed = emafuse.AdaGC(warmup_steps=4)
+    resumed.load_state_dict(torch.load(_saved(first.state_dict()), weights_only=True))
+    for t in range(7, 16):
+        _spiky_grads(resumed_model, t)
+        resumed.step(resumed_model)
+    for p, q in zip(straight_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    assert resumed.gamma == straight.gamma and resumed.num_steps == 16
+    with pytest.raises(emafuse.InvalidArgumentError, match="not an AdaGC state"):
+        resumed.load_state_dict({"gamma": 3})
+    assert resumed.gamma == straight.gamma
+
+
+def test_adagc_nonfinite_and_bad_options():
+    clip = emafuse.AdaGC(warmup_steps=1)
+    p = nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([1.0, 2.0, 2.0])
+    clip.step([p])
+    before = clip.state_dict()
+    p.grad = torch.tensor([1.0, math.inf, 2.0])
+    assert clip.step([p]) == math.inf and clip.state_dict() == before
+    for kw, words in [(dict(beta=1.0), "beta"), (dict(lambda_rel=0.0), "lambda_rel"), (dict(warmup_steps=0), "warmup_steps"),
+                      (dict(eps=-1.0), "eps"), (dict(nonfinite="x"), "nonfinite")]:
+        with pytest.raises(ValueError, match=words):
+            emafuse.AdaGC(**kw)
+
+
+def test_adagc_lightning_callback_resumes_exactly(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    straight = AdaGCCallback(warmup_steps=5, log_name="grad_norm")
+    model = _fit([straight], 3, enable_checkpointing=False)
+    assert straight.clipper.num_steps == 24 and len(straight.clipper.gamma) == 4
+    ck = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    _fit([AdaGCCallback(warmup_steps=5), ck], 1)
+    resumed = AdaGCCallback(warmup_steps=5)
+    resumed_model = _fit([resumed], 3, ckpt_path=str(tmp_path / "epoch=0.ckpt"), enable_checkpointing=False)
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+    assert resumed.clipper.state_dict() == straight.clipper.state_dict()

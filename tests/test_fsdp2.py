@@ -3,7 +3,7 @@
 registry on sharded parameters against the unsharded optimizer (bit for bit, except float sums
 added across ranks: Adan's global norm and SGD-SaI's gradient statistics, to round-off; no step
 gathers a tensor), FSDP2 with bf16 mixed precision and uneven shards,
-refused placements, ZClip on sharded gradients, distributed checkpoints resumed on 2 -> 1 and 1 -> 2 processes for every
+refused placements, ZClip and AdaGC on sharded gradients, distributed checkpoints resumed on 2 -> 1 and 1 -> 2 processes for every
 optimizer, the shard-local averages (equal to unsharded ones, no collective per update),
 PostHocEMA's sharded snapshots through DCP, DDP /
 ZeroRedundancyOptimizer, and Lightning's ModelParallelStrategy with EMACallback (validation on the
@@ -41,7 +41,7 @@ CHECKS = (
     [f"optimizer {n} {kw}" for n, kw, _ in OPT_CONFIGS]
     + [f"fsdp2 bf16 {n} {kw}" for n, kw, _ in MP_CONFIGS]
     + ["refuses Partial", "refuses 2-D mesh", "refuses plain state of a DTensor parameter", "merges refuse sharded inputs",
-       "Replicate placement steps whole tensors", "ZClip on DTensor gradients"]
+       "Replicate placement steps whole tensors", "ZClip on DTensor gradients", "AdaGC on DTensor gradients"]
     + [f"checkpoint {n}" for n, _, _ in CKPT_CONFIGS]
     + ["collective counter sees collectives"]
     + [f"average {n}" for n in ("ModelEMA", "ModelEMA offloaded", "BEMA", "SwitchEMA", "PowerEMA", "LAWA", "SWA")]

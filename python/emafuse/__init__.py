@@ -21,7 +21,7 @@ from . import (
 from ._guard import check_thread_env as _check_thread_env
 from ._native import num_threads
 from .averaging import ModelEMA
-from .clipping import ZClip
+from .clipping import AdaGC, ZClip
 from .errors import (
     CudaError,
     DeviceError,
@@ -42,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     *optim.__all__,
+    "AdaGC",
     "CudaError",
     "DTypeError",
     "DeviceError",

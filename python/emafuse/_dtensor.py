@@ -10,8 +10,8 @@ first, so the engine only ever sees plain tensors:
   ``torch.distributed.checkpoint`` saves and reshards them). Element-wise rules need nothing else.
   Rules that read sums over each whole tensor (Lion's cautious factor, SGD-SaI's gradient
   signal-to-noise ratio) have the engine compute them on the local shards, add them across the
-  mesh (:func:`add_shard_sums`), then update with the totals; optimizer-wide norms add the local
-  sums across the mesh (:func:`sum_squares`);
+  mesh (:func:`add_shard_sums`), then update with the totals; norms add the local sums across
+  the mesh (:func:`tensor_sum_squares`);
 * averaging (:func:`local`): the model's tensors are read as their local shards, the average keeps
   one local shard per tensor inside a DTensor of the same placements (:func:`sharded_like`).
 
@@ -20,7 +20,8 @@ included) or ``Replicate()``. Others (``Partial``, meshes of 2 or more dimension
 are refused with :class:`~emafuse.errors.UnsupportedOptionError`.
 
 Collectives: none for element-wise steps and for averaging updates; one ``all_reduce`` (float64,
-one element per process group) per step for optimizer-wide norms (Adan's ``max_grad_norm``); one
+one element per sharded tensor, per process group) per step for norms (Adan's ``max_grad_norm``,
+the clippers of ``emafuse.clipping``); one
 ``all_reduce`` (float64, ``MAX_SUMS`` elements per sharded parameter, per process group) per step
 for rules with per-tensor sums (SGD-SaI on a parameter's first step, Lion with ``caution=True``).
 No tensor is ever gathered by a step.
@@ -38,7 +39,7 @@ from .errors import InvalidArgumentError, UnsupportedOptionError
 
 __all__ = [
     "Layout", "ShardRows", "add_shard_sums", "any_dtensor", "check", "copy_into", "full_state_dict", "is_dtensor", "layout",
-    "local", "local_call", "shard_rows", "sharded_like", "sum_squares", "unwrap", "wrap",
+    "local", "local_call", "shard_rows", "sharded_like", "tensor_sum_squares", "unwrap", "wrap",
 ]
 
 _DTENSOR: Any = False  # the DTensor class once looked up (None: torch.distributed unavailable)
@@ -203,31 +204,30 @@ def add_shard_sums(sums: Sequence[Tensor], rows: ShardRows) -> None:
             start += len(ix)
 
 
-def sum_squares(tensors: Sequence[Tensor], local_sum: Callable[[list[Tensor]], float]) -> float:
-    """``Σ x²`` over every element of ``tensors`` where some are DTensors: ``local_sum`` over this
-    rank's plain tensors and local shards, the shards' part summed across each DTensor's mesh
-    (one float64 ``all_reduce`` per process group); replicated DTensors and plain tensors count
-    once, as every rank holds them whole."""
+def tensor_sum_squares(tensors: Sequence[Tensor], local_sums: Callable[[list[Tensor]], list[float]]) -> list[float]:
+    """``Σ x²`` of each of ``tensors`` where some are DTensors: ``local_sums`` over this rank's
+    plain tensors and local shards, the shards' sums added across each DTensor's mesh (one float64
+    ``all_reduce`` per process group); replicated DTensors and plain tensors count once, as every
+    rank holds them whole."""
     import torch.distributed as dist
 
-    plain: list[Tensor] = []
-    by_group: dict[Any, list[Tensor]] = {}
-    for t in tensors:
-        if not is_dtensor(t):
-            plain.append(t)
-            continue
-        check(t, "sum_squares", "a tensor")
-        if _sharded(t):
-            by_group.setdefault(t.device_mesh.get_group(), []).append(t._local_tensor)  # type: ignore[attr-defined]
-        else:
-            plain.append(t._local_tensor)  # type: ignore[attr-defined]
-    total = local_sum(plain) if plain else 0.0
-    for pg, shards in by_group.items():
-        device = shards[0].device if shards[0].is_cuda else torch.device("cpu")
-        part = torch.tensor([local_sum(shards)], dtype=torch.float64, device=device)
+    local_parts: list[Tensor] = []
+    by_group: dict[Any, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if is_dtensor(t):
+            check(t, "sum_squares", "a tensor")
+            if _sharded(t):
+                by_group.setdefault(t.device_mesh.get_group(), []).append(i)  # type: ignore[attr-defined]
+            t = t._local_tensor  # type: ignore[attr-defined]
+        local_parts.append(t)
+    sums = local_sums(local_parts)
+    for pg, index in by_group.items():
+        shard = local_parts[index[0]]
+        part = torch.tensor([sums[i] for i in index], dtype=torch.float64, device=shard.device if shard.is_cuda else "cpu")
         dist.all_reduce(part, group=pg)
-        total += float(part.item())
-    return total
+        for i, x in zip(index, part.tolist()):
+            sums[i] = x
+    return sums
 
 
 def sharded_like(t: Tensor, data: Tensor) -> Tensor:

@@ -1,10 +1,14 @@
 r"""Gradient stabilizers applied to a model's gradients before the optimizer step (spec
-``averaging.md`` part C): :class:`ZClip`.
+``averaging.md`` part C): :class:`ZClip` (global norm against its EMA statistics) and
+:class:`AdaGC` (each tensor's norm against an EMA of its own clipped norm).
 
-The global gradient norm is one native pass over every gradient (float64 accumulation,
-reproducible; DTensor/FSDP2 shards are summed across their mesh, one ``all_reduce``), the decision
-is host arithmetic in float64, and a clip scales the gradients in place with torch's multi-tensor
-multiply (one kernel per device and dtype on CUDA).
+The norms are one native pass over every gradient (per-tensor float64 sums, reproducible;
+DTensor/FSDP2 shards are summed across their mesh, one ``all_reduce``), the decisions are host
+arithmetic in float64 (one host synchronisation per step for CUDA gradients), and a clip scales
+the gradients in place with torch's multi-tensor multiply (one kernel per device and dtype on
+CUDA). Both refuse sparse gradients, ignore parameters without a gradient, and by default leave
+gradients and statistics untouched on a NaN/inf norm (``nonfinite="skip"``: a step AMP's scaler
+will skip, spec C.4).
 """
 
 from __future__ import annotations
@@ -18,30 +22,37 @@ from torch import Tensor, nn
 
 from . import _dtensor
 from .errors import InvalidArgumentError, SparseGradError
-from .optim._base import sum_squares
+from .optim._base import sum_squares, tensor_sum_squares
 
-__all__ = ["ZClip"]
+__all__ = ["AdaGC", "ZClip"]
 
 # Added to the norm in the clip coefficient (as torch.nn.utils.clip_grad_norm_ and the reference).
 _COEF_EPS = 1e-6
 
 
-def _gradients(who: str, params: nn.Module | Iterable[Tensor]) -> list[Tensor]:
-    """The gradients of ``params`` (a module's parameters, or tensors) that exist."""
+def _gradients(who: str, params: nn.Module | Iterable[Tensor]) -> list[tuple[int, Tensor]]:
+    """The gradients of ``params`` (a module's parameters, or tensors) that exist, with each
+    parameter's position."""
     if isinstance(params, Tensor):
         params = [params]
     elif isinstance(params, nn.Module):
         params = params.parameters()
-    grads = [p.grad for p in params if p.grad is not None]
-    for g in grads:
+    present = [(i, p.grad) for i, p in enumerate(params) if p.grad is not None]
+    for _, g in present:
         if g.layout != torch.strided:
             raise SparseGradError(f"{who}: a gradient is {g.layout}; norm-based clipping needs dense gradients (call .to_dense())")
-    return grads
+    return present
 
 
-def _scale(grads: list[Tensor], coef: float) -> None:
-    """Multiply every gradient by ``coef`` in place (DTensors through their local shards)."""
+def _scale(grads: list[Tensor], coef: float | list[float]) -> None:
+    """Multiply every gradient by ``coef`` (or each by its own) in place (DTensors through their
+    local shards)."""
     torch._foreach_mul_([_dtensor.local(g) for g in grads], coef)
+
+
+def _check_nonfinite(who: str, nonfinite: str) -> None:
+    if nonfinite not in ("skip", "reference"):
+        raise ValueError(f"{who}: nonfinite must be 'skip' or 'reference', got {nonfinite!r}")
 
 
 class ZClip:
@@ -102,8 +113,7 @@ class ZClip:
             raise ValueError(f"ZClip: warmup_steps must be an integer >= 1, got {warmup_steps}")
         if max_grad_norm is not None and not max_grad_norm > 0.0:
             raise ValueError(f"ZClip: max_grad_norm must be > 0 or None, got {max_grad_norm}")
-        if nonfinite not in ("skip", "reference"):
-            raise ValueError(f"ZClip: nonfinite must be 'skip' or 'reference', got {nonfinite!r}")
+        _check_nonfinite("ZClip", nonfinite)
         self.alpha, self.z_thresh, self.max_grad_norm, self.eps = float(alpha), float(z_thresh), max_grad_norm, float(eps)
         self.warmup_steps, self.mode, self.clip_factor = int(warmup_steps), mode, float(clip_factor)
         self.clip_option = clip_option.lower() if mode == "zscore" else None
@@ -135,7 +145,7 @@ class ZClip:
     def step(self, params: nn.Module | Iterable[Tensor]) -> float:
         """Clip the gradients of ``params`` (a module, or its parameters) in place if due, update
         the statistics, and return the global norm before clipping."""
-        grads = _gradients("ZClip", params)
+        grads = [g for _, g in _gradients("ZClip", params)]
         g = math.sqrt(sum_squares(grads)) if grads else 0.0
         if not math.isfinite(g) and self.nonfinite == "skip":
             return g
@@ -193,3 +203,91 @@ class ZClip:
     def __repr__(self) -> str:
         state = f"mean={self.mean}, var={self.var}" if self.initialized else f"warm-up {len(self.buffer)}/{self.warmup_steps}"
         return f"ZClip(mode={self.mode!r}, clip_option={self.clip_option!r}, z_thresh={self.z_thresh}, {state})"
+
+
+class AdaGC:
+    r"""AdaGC (Wang et al., "AdaGC: Improving Training Stability for Large Language Model
+    Pretraining", arXiv 2502.11034): each gradient tensor :math:`g_i` is clipped relative to
+    :math:`\gamma_i`, an EMA of its own clipped norm (spec ``averaging.md`` C.3, pytorch_optimizer's
+    defaults). Call :meth:`step` after ``backward()`` (and after ``GradScaler.unscale_``), before
+    ``optimizer.step()``; it returns the global norm before clipping.
+
+    At step :math:`t` (counted from 1), while :math:`t <` ``warmup_steps`` or for a tensor without
+    :math:`\gamma_i` yet: global clipping, :math:`h = \min(\lambda_{abs}/(G + \text{eps}), 1)`
+    with :math:`G` the global norm, and :math:`\gamma_i` is the running minimum of the clipped
+    norms :math:`h\lVert g_i\rVert`. After: :math:`h_i = \min(\lambda_{rel}\max(\gamma_i,
+    \text{eps})/\max(\lVert g_i\rVert, \text{eps}), 1)` and :math:`\gamma_i \leftarrow \beta\gamma_i
+    + (1-\beta)h_i\lVert g_i\rVert`. Gradients are scaled in place by :math:`h` or :math:`h_i`.
+
+    Decisions (no stand-alone reference exists: the official code is PaddlePaddle's, and
+    pytorch_optimizer fuses AdaGC into an Adam): :math:`\gamma_i` is kept on the host in float64,
+    keyed by the tensor's position in what :meth:`step` is given (a module's ``parameters()``, or a
+    list: pass the same one every step); the clipped norm is :math:`h\lVert g_i\rVert` (no second
+    norm pass; spec C.3); parameters without a gradient keep their :math:`\gamma_i`;
+    :meth:`state_dict` / :meth:`load_state_dict` save :math:`\gamma` and the step count for an exact
+    resume; ``nonfinite`` as :class:`ZClip`.
+    """
+
+    def __init__(self, beta: float = 0.98, lambda_rel: float = 1.05, lambda_abs: float = 1.0, warmup_steps: int = 100,
+                 eps: float = 1e-8, *, nonfinite: str = "skip") -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"AdaGC: beta must be in [0, 1), got {beta}")
+        if not lambda_rel > 0.0 or not lambda_abs > 0.0:
+            raise ValueError(f"AdaGC: lambda_rel and lambda_abs must be > 0, got {lambda_rel} and {lambda_abs}")
+        if int(warmup_steps) != warmup_steps or warmup_steps < 1:
+            raise ValueError(f"AdaGC: warmup_steps must be an integer >= 1, got {warmup_steps}")
+        if not eps >= 0.0:
+            raise ValueError(f"AdaGC: eps must be >= 0, got {eps}")
+        _check_nonfinite("AdaGC", nonfinite)
+        self.beta, self.lambda_rel, self.lambda_abs, self.eps = float(beta), float(lambda_rel), float(lambda_abs), float(eps)
+        self.warmup_steps, self.nonfinite = int(warmup_steps), nonfinite
+        #: γ_i by the tensor's position in the parameters :meth:`step` is given.
+        self.gamma: dict[int, float] = {}
+        #: Calls of :meth:`step` that counted (not skipped as non-finite): t.
+        self.num_steps = 0
+
+    @torch.no_grad()
+    def step(self, params: nn.Module | Iterable[Tensor]) -> float:
+        r"""Clip each gradient of ``params`` (a module, or its parameters, in the same order at
+        every step) in place, update :math:`\gamma`, and return the global norm before clipping."""
+        present = _gradients("AdaGC", params)
+        grads = [g for _, g in present]
+        sums = tensor_sum_squares(grads) if grads else []
+        total = math.sqrt(sum(sums))
+        if not math.isfinite(total) and self.nonfinite == "skip":
+            return total
+        self.num_steps += 1
+        warm = self.num_steps < self.warmup_steps
+        h_global = min(self.lambda_abs / (total + self.eps), 1.0)
+        factors: list[float] = []
+        for (i, _), sq in zip(present, sums):
+            norm, gamma = math.sqrt(sq), self.gamma.get(i)
+            if warm or gamma is None:
+                h = h_global
+                self.gamma[i] = h * norm if gamma is None else min(gamma, h * norm)
+            else:
+                h = min(self.lambda_rel * max(gamma, self.eps) / max(norm, self.eps), 1.0)
+                self.gamma[i] = self.beta * gamma + (1.0 - self.beta) * h * norm
+            factors.append(h)
+        if grads:
+            _scale(grads, factors)
+        return total
+
+    def state_dict(self) -> dict[str, Any]:
+        """γ (by tensor position), the step count and the options."""
+        return {"gamma": dict(self.gamma), "num_steps": self.num_steps,
+                "options": dict(beta=self.beta, lambda_rel=self.lambda_rel, lambda_abs=self.lambda_abs,
+                                warmup_steps=self.warmup_steps, eps=self.eps)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; the options stay this object's."""
+        try:
+            gamma = {int(k): float(v) for k, v in state["gamma"].items()}
+            num_steps = int(state["num_steps"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise InvalidArgumentError(f"AdaGC.load_state_dict: not an AdaGC state ({e!r}); pass what AdaGC.state_dict() returned") from None
+        self.gamma, self.num_steps = gamma, num_steps
+
+    def __repr__(self) -> str:
+        return f"AdaGC(beta={self.beta}, lambda_rel={self.lambda_rel}, lambda_abs={self.lambda_abs}, " \
+               f"warmup_steps={self.warmup_steps}, t={self.num_steps}, tensors={len(self.gamma)})"

@@ -10,7 +10,8 @@ this module.
 * :class:`SwitchEMACallback`, :class:`BEMACallback`, :class:`LAWACallback` — the same for
   :class:`~emafuse.averaging.SwitchEMA` (the average copied into the module at the end of each
   switching period), :class:`~emafuse.averaging.BEMA` and :class:`~emafuse.averaging.LAWA`.
-* :class:`ZClipCallback` — :class:`~emafuse.ZClip` gradient clipping before each optimizer step.
+* :class:`ZClipCallback`, :class:`AdaGCCallback` — :class:`~emafuse.ZClip` / :class:`~emafuse.AdaGC`
+  gradient clipping before each optimizer step.
 * :class:`PostHocEMACallback` — EDM2 power-function EMA tracks (:class:`~emafuse.averaging.
   PostHocEMA`) with periodic snapshots for post-hoc reconstruction of any ``sigma_rel``.
 """
@@ -34,10 +35,12 @@ except ImportError as e:  # pragma: no cover - exercised only without lightning
 from . import _dtensor
 from .averaging import BEMA, LAWA, ModelEMA, PostHocEMA, SwitchEMA
 from .averaging._averager import Averager
-from .clipping import ZClip
+from .clipping import AdaGC, ZClip
 from .errors import UnsupportedOptionError
 
-__all__ = ["BEMACallback", "EMACallback", "LAWACallback", "PostHocEMACallback", "SwitchEMACallback", "ZClipCallback"]
+__all__ = [
+    "AdaGCCallback", "BEMACallback", "EMACallback", "LAWACallback", "PostHocEMACallback", "SwitchEMACallback", "ZClipCallback",
+]
 
 
 def _check_keywords(who: str, cls: type, kwargs: Mapping[str, Any]) -> None:
@@ -523,36 +526,63 @@ class PostHocEMACallback(Callback):
                 self._pending_state = state_dict["posthoc"]
 
 
-class ZClipCallback(Callback):
+class _ClipCallback(Callback):
+    """A gradient clipper of :mod:`emafuse.clipping` (``_clipper``, built from the callback's
+    keywords) run in ``on_before_optimizer_step``; see :class:`ZClipCallback`."""
+
+    _clipper: type[ZClip] | type[AdaGC]
+
+    def __init__(self, *, log_name: str | None = None, **clipper_kwargs: Any) -> None:
+        self.clipper = self._clipper(**clipper_kwargs)
+        self.log_name = log_name
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse a second clipper (spec C.4): Lightning's ``gradient_clip_val`` (it runs right after
+        this hook) or another clipping callback."""
+        if stage != "fit":
+            return
+        name = type(self).__name__
+        if trainer.gradient_clip_val:
+            raise ValueError(
+                f"{name} with Trainer(gradient_clip_val={trainer.gradient_clip_val}): the gradients would be clipped twice; "
+                f"leave gradient_clip_val unset, or use one clipper ({self._clipper.__name__} or Lightning's)"
+            )
+        others = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, _ClipCallback) and cb is not self]
+        if others:
+            raise ValueError(f"{name} with {', '.join(others)}: the gradients would be clipped twice; keep one clipping callback")
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        norm = self.clipper.step(pl_module)
+        if self.log_name is not None:
+            pl_module.log(self.log_name, norm, on_step=True, on_epoch=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.clipper.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.clipper.load_state_dict(state_dict)
+
+
+class ZClipCallback(_ClipCallback):
     r""":class:`~emafuse.ZClip` on the LightningModule's gradients, for users who keep their own
     optimizer: :meth:`ZClip.step <emafuse.ZClip.step>` runs in ``on_before_optimizer_step`` (after
     AMP's unscaling, once per optimizer step under gradient accumulation, before the step), as the
     reference's ``ZClipLightningCallback``. The statistics are saved in the callback's state, so
     ``Trainer.fit(ckpt_path=...)`` resumes exactly. The norm before clipping is logged as
-    ``log_name`` (None: not logged). Keywords go to :class:`~emafuse.ZClip`.
+    ``log_name`` (None: not logged). Other keywords go to :class:`~emafuse.ZClip`; the clipper is
+    ``callback.clipper``.
 
     Lightning's own clipping (``Trainer(gradient_clip_val=...)``) runs right after this hook and
     would clip twice: a non-zero ``gradient_clip_val`` is refused when fit starts (spec C.4).
     """
 
-    def __init__(self, *, log_name: str | None = None, **zclip_kwargs: Any) -> None:
-        self.zclip = ZClip(**zclip_kwargs)
-        self.log_name = log_name
+    _clipper = ZClip
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.gradient_clip_val:
-            raise ValueError(
-                f"ZClipCallback with Trainer(gradient_clip_val={trainer.gradient_clip_val}): the gradients would be clipped "
-                "twice; leave gradient_clip_val unset (ZClip's max_grad_norm is its fixed cap)"
-            )
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        norm = self.zclip.step(pl_module)
-        if self.log_name is not None:
-            pl_module.log(self.log_name, norm, on_step=True, on_epoch=False)
+class AdaGCCallback(_ClipCallback):
+    r""":class:`~emafuse.AdaGC` on the LightningModule's gradients: as :class:`ZClipCallback`
+    (the same hook, logging, checkpointed state and refusal of ``gradient_clip_val``), with
+    :class:`~emafuse.AdaGC`'s keywords. :math:`\gamma_i` is keyed by the position of each parameter
+    in ``pl_module.parameters()``."""
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.zclip.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.zclip.load_state_dict(state_dict)
+    _clipper = AdaGC

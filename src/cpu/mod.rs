@@ -6,7 +6,7 @@ mod kernel;
 pub mod pool;
 mod reduce;
 
-pub use reduce::sum_squares;
+pub use reduce::{sum_squares, tensor_sum_squares};
 
 use crate::batch::Batch;
 use crate::dtype::{DType, Elem};

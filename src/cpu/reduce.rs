@@ -35,14 +35,24 @@ unsafe fn span_sum_squares<R: Real, E: Elem<R>>(ptr: *const E, len: usize) -> f6
 }
 
 /// The sum of the squares of every element of every tensor, accumulated in f64 (so
-/// `sqrt(sum_squares(grads))` is the global 2-norm). Runs on emafuse's pool; the result does not
-/// depend on the number of threads.
+/// `sqrt(sum_squares(grads))` is the global 2-norm): the per-tensor sums of
+/// [`tensor_sum_squares`] added in tensor order.
+///
+/// # Safety
+/// As [`tensor_sum_squares`].
+pub unsafe fn sum_squares(views: &[TensorView]) -> f64 {
+    // SAFETY: per the contract.
+    unsafe { tensor_sum_squares(views) }.iter().sum()
+}
+
+/// The sum of the squares of each tensor's elements, accumulated in f64. Runs on emafuse's pool;
+/// the result does not depend on the number of threads (partial sums are added in span order).
 ///
 /// # Safety
 /// Every view must describe live CPU memory holding `numel` elements of its dtype (any layout
 /// without gaps or overlaps: the order of elements does not matter), not written during the
 /// call.
-pub unsafe fn sum_squares(views: &[TensorView]) -> f64 {
+pub unsafe fn tensor_sum_squares(views: &[TensorView]) -> Vec<f64> {
     let numels: Vec<usize> = views.iter().map(|v| v.numel()).collect();
     let parts = map_spans(&numels, |s| {
         let v = &views[s.tensor];
@@ -57,7 +67,11 @@ pub unsafe fn sum_squares(views: &[TensorView]) -> f64 {
             }
         }
     });
-    parts.iter().map(|(_, x)| *x).sum()
+    let mut sums = vec![0.0; views.len()];
+    for (span, x) in parts {
+        sums[span.tensor] += x;
+    }
+    sums
 }
 
 #[cfg(test)]
@@ -87,5 +101,10 @@ mod tests {
         assert!((got - expect).abs() <= 1e-12 * expect, "{got} vs {expect}");
         // SAFETY: as above.
         assert_eq!(got.to_bits(), unsafe { sum_squares(&views) }.to_bits(), "reproducible");
+        // SAFETY: as above.
+        let each = unsafe { tensor_sum_squares(&views) };
+        assert_eq!(each.len(), 5);
+        assert_eq!((each[2], each[4]), (0.0, 3.0 * 6.25));
+        assert!((each[0] - a.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).abs() <= 1e-12 * each[0]);
     }
 }

@@ -30,6 +30,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_source, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_compile, m)?)?;
     m.add_function(wrap_pyfunction!(reduce::sum_squares, m)?)?;
+    m.add_function(wrap_pyfunction!(reduce::tensor_sum_squares, m)?)?;
     Ok(())
 }
 

@@ -1,4 +1,4 @@
-//! `_native.sum_squares`: generic reductions the Python layer needs before a step (e.g. Adan's
+//! `_native.sum_squares` / `tensor_sum_squares`: generic reductions the Python layer needs before a step (e.g. Adan's
 //! global gradient norm), computed by the engine instead of one torch call per tensor.
 
 use super::errors::to_py;
@@ -26,11 +26,11 @@ fn views<'py>(tensors: &Bound<'py, PyList>, keep: &mut Vec<Bound<'py, PyAny>>) -
     Ok(out)
 }
 
-/// `Σ x²` over every element of every tensor in `tensors` (float32/64, bfloat16, float16, any
-/// mix), accumulated in float64 in a fixed order (reproducible), holding the GIL. Raises
-/// `LayoutError` for tensors with gaps or overlaps (callers pass `.contiguous()` copies then).
+/// The sum of the squares of each tensor of `tensors` (float32/64, bfloat16, float16, any mix),
+/// accumulated in float64 in a fixed order (reproducible), holding the GIL. Raises `LayoutError`
+/// for tensors with gaps or overlaps (callers pass `.contiguous()` copies then).
 #[pyfunction]
-pub fn sum_squares<'py>(py: Python<'py>, tensors: &Bound<'py, PyList>) -> PyResult<f64> {
+pub fn tensor_sum_squares<'py>(py: Python<'py>, tensors: &Bound<'py, PyList>) -> PyResult<Vec<f64>> {
     let mut keep = Vec::new();
     let views = views(tensors, &mut keep).map_err(|e| to_py(py, e))?;
     // The GIL stays held: no Python thread can free a tensor's memory (a `.data` swap, `set_`, a
@@ -39,9 +39,16 @@ pub fn sum_squares<'py>(py: Python<'py>, tensors: &Bound<'py, PyList>) -> PyResu
         // SAFETY: every view is a dense CPU tensor checked above and kept alive by `keep` until
         // after the call; this thread holds the GIL, so no Python code changes the tensors
         // meanwhile (concurrent writers from native threads would be a data race in torch itself).
-        unsafe { crate::cpu::sum_squares(&views) }
+        unsafe { crate::cpu::tensor_sum_squares(&views) }
     }))
-    .map_err(|_| Error::Internal("panic in sum_squares".into()));
+    .map_err(|_| Error::Internal("panic in tensor_sum_squares".into()));
     drop(keep);
     result.map_err(|e| to_py(py, e))
+}
+
+/// `Σ x²` over every element of every tensor in `tensors`: the sums of [`tensor_sum_squares`]
+/// added in order.
+#[pyfunction]
+pub fn sum_squares<'py>(py: Python<'py>, tensors: &Bound<'py, PyList>) -> PyResult<f64> {
+    Ok(tensor_sum_squares(py, tensors)?.iter().sum())
 }

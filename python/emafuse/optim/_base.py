@@ -28,7 +28,7 @@ from .._staging import stage_groups
 from ..errors import DTypeError, InvalidArgumentError, LayoutError, SparseGradError, UnsupportedOptionError
 from ._fusion import FusedAverage, FusedRequest, fused_average, register_fused_average
 
-__all__ = ["FusedOptimizer", "scalar", "sum_squares"]
+__all__ = ["FusedOptimizer", "scalar", "sum_squares", "tensor_sum_squares"]
 
 
 class _Boxed:
@@ -94,28 +94,41 @@ def scalar(x: float | Tensor) -> float:
 
 
 def sum_squares(tensors: list[Tensor]) -> float:
-    """``Σ x²`` over all elements of ``tensors``, accumulated in float64 by the native engine in
-    one parallel pass (reproducible: the order does not depend on threads). Complex tensors
-    count as their real views; tensors with gaps are copied first. DTensor (FSDP2) shards are
-    summed across their mesh (see ``emafuse._dtensor``)."""
+    """``Σ x²`` over all elements of ``tensors``: the sums of :func:`tensor_sum_squares` added in
+    order."""
+    return sum(tensor_sum_squares(tensors))
+
+
+def tensor_sum_squares(tensors: list[Tensor]) -> list[float]:
+    """``Σ x²`` of each tensor, accumulated in float64 by the native engine in one parallel pass
+    over all of them (reproducible: the order does not depend on threads). Complex tensors count
+    as their real views; tensors with gaps are copied first. DTensor (FSDP2) shards are summed
+    across their mesh (see ``emafuse._dtensor``)."""
     if _dtensor.any_dtensor(tensors):
-        return _dtensor.sum_squares(tensors, sum_squares)
+        return _dtensor.tensor_sum_squares(tensors, _local_tensor_sum_squares)
+    return _local_tensor_sum_squares(tensors)
+
+
+def _local_tensor_sum_squares(tensors: list[Tensor]) -> list[float]:
     ts = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
-    cuda = [t for t in ts if t.is_cuda]
-    total = 0.0
+    out = [0.0] * len(ts)
+    cuda = [i for i, t in enumerate(ts) if t.is_cuda]
     if cuda:
-        # On the device with torch's fused norms (tree-ordered fp32 accumulation), squared and
-        # summed in float64, read back once: a host synchronisation, the price of a global norm
-        # that the host turns into a factor.
-        norms = torch.stack(torch._foreach_norm(cuda)).double()
-        total = float((norms * norms).sum())
-        ts = [t for t in ts if not t.is_cuda]
-    if not ts:
-        return total
-    try:
-        return total + _native.sum_squares(ts)
-    except LayoutError:
-        return total + _native.sum_squares([t.contiguous() for t in ts])
+        # On the device with torch's fused norms (tree-ordered fp32 accumulation), squared in
+        # float64, read back once: a host synchronisation, the price of norms that the host turns
+        # into factors.
+        norms = torch.stack(torch._foreach_norm([ts[i] for i in cuda])).double()
+        for i, x in zip(cuda, (norms * norms).tolist()):
+            out[i] = x
+    cpu = [i for i, t in enumerate(ts) if not t.is_cuda]
+    if cpu:
+        try:
+            sums = _native.tensor_sum_squares([ts[i] for i in cpu])
+        except LayoutError:
+            sums = _native.tensor_sum_squares([ts[i].contiguous() for i in cpu])
+        for i, x in zip(cpu, sums):
+            out[i] = x
+    return out
 
 
 class FusedOptimizer(torch.optim.Optimizer):
