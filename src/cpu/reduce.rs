@@ -25,9 +25,18 @@ unsafe fn span_sum_squares<R: Real, E: Elem<R>>(ptr: *const E, len: usize) -> f6
         let n = BLOCK.min(len - off);
         // SAFETY: [off, off + n) lies inside the range the caller vouched for.
         unsafe { E::load(std::slice::from_raw_parts(ptr.add(off), n), &mut buf[..n]) };
-        for (i, x) in buf[..n].iter().enumerate() {
+        // Element i of the block goes to lane i % LANES (BLOCK is a multiple of LANES): whole
+        // groups of LANES as fixed-size chunks, so that the lanes become vector registers.
+        let (groups, rest) = buf[..n].split_at(n - n % LANES);
+        for group in groups.chunks_exact(LANES) {
+            for (a, x) in acc.iter_mut().zip(group) {
+                let x = x.to_f64();
+                *a += x * x;
+            }
+        }
+        for (a, x) in acc.iter_mut().zip(rest) {
             let x = x.to_f64();
-            acc[i % LANES] += x * x;
+            *a += x * x;
         }
         off += n;
     }

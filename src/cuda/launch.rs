@@ -299,30 +299,42 @@ impl Launch {
         Ok(())
     }
 
+    /// Launch `function` (an `ef_sums` or `ef_step` of this batch's module) on the batch's stream
+    /// with the arguments every kernel takes first (hyper, tensors, n, grad_scale, found_inf,
+    /// gsign), then the device addresses `last` (ef_sums: sums; ef_step: counters, sums).
+    ///
+    /// # Safety
+    /// The context is current (inside `with_device`); `last` matches the kernel's signature; the
+    /// table and the tensors it points to stay alive until the stream has run the kernel (the
+    /// tensors are owned by the optimizer, the table by the cache, freed stream-ordered).
+    unsafe fn launch_kernel(&self, function: usize, amp: DeviceAmp, last: &mut [u64], what: &str) -> Result<()> {
+        let (mut table, mut n, mut gs, mut fi, mut gsign) = (self.table, self.n_tensors, amp.grad_scale, amp.found_inf, self.gsign);
+        let mut hyper = self.hyper.clone();
+        let mut params: Vec<*mut c_void> = vec![
+            hyper.as_mut_ptr() as *mut c_void,
+            &mut table as *mut u64 as *mut c_void,
+            &mut n as *mut i32 as *mut c_void,
+            &mut gs as *mut u64 as *mut c_void,
+            &mut fi as *mut u64 as *mut c_void,
+            &mut gsign as *mut f64 as *mut c_void,
+        ];
+        params.extend(last.iter_mut().map(|x| x as *mut u64 as *mut c_void));
+        // SAFETY: per the contract; the argument values live until the call returns (the driver
+        // copies them at launch).
+        unsafe { result::launch_kernel(function as sys::CUfunction, (self.blocks, 1, 1), (THREADS, 1, 1), 0, self.stream as sys::CUstream, &mut params) }
+            .map_err(|e| driver_error(what, e))
+    }
+
     /// Enqueue the sums pass into the table's sums.
     ///
     /// # Safety
-    /// The context is current (inside `with_device`); see `launch`.
+    /// As `launch_kernel`.
     unsafe fn launch_sums(&self, amp: DeviceAmp) -> Result<()> {
-        let stream = self.stream as sys::CUstream;
-        let (mut table, mut n, mut gs, mut fi, mut gsign, mut sums) = (self.table, self.n_tensors, amp.grad_scale, amp.found_inf, self.gsign, self.sums);
-        let mut hyper = self.hyper.clone();
-        let arg = |x: *mut c_void| x;
-        // SAFETY: as `launch`: the function comes from a loaded module and the arguments match
-        // ef_sums(hyper, tensors, n, grad_scale, found_inf, gsign, sums).
+        // SAFETY: the table's sums buffer holds MAX_SUMS f64 per tensor; ef_sums(…, sums).
         unsafe {
-            result::memset_d8_async(sums, 0, SUMS_BYTES * self.n_tensors as usize, stream).map_err(|e| driver_error("cuMemsetD8Async", e))?;
-            let mut params = [
-                arg(hyper.as_mut_ptr() as *mut c_void),
-                arg(&mut table as *mut u64 as *mut c_void),
-                arg(&mut n as *mut i32 as *mut c_void),
-                arg(&mut gs as *mut u64 as *mut c_void),
-                arg(&mut fi as *mut u64 as *mut c_void),
-                arg(&mut gsign as *mut f64 as *mut c_void),
-                arg(&mut sums as *mut u64 as *mut c_void),
-            ];
-            result::launch_kernel(self.sums_fn as sys::CUfunction, (self.blocks, 1, 1), (THREADS, 1, 1), 0, stream, &mut params)
-                .map_err(|e| driver_error("launching ef_sums", e))
+            result::memset_d8_async(self.sums, 0, SUMS_BYTES * self.n_tensors as usize, self.stream as sys::CUstream)
+                .map_err(|e| driver_error("cuMemsetD8Async", e))?;
+            self.launch_kernel(self.sums_fn, amp, &mut [self.sums], "launching ef_sums")
         }
     }
 }
@@ -348,37 +360,16 @@ impl CudaStep for Launch {
         if self.n_tensors == 0 {
             return Ok(());
         }
-        let stream = self.stream as sys::CUstream;
-        let (mut table, mut n, mut gs, mut fi, mut gsign, mut counters, mut sums) =
-            (self.table, self.n_tensors, amp.grad_scale, amp.found_inf, self.gsign, self.counters, self.sums);
-        let mut hyper = self.hyper.clone();
-        with_device(self.ordinal, |_| {
-            // SAFETY: functions come from a loaded module; every argument matches the kernel's
-            // signature (ef_step: hyper, tensors, n, grad_scale, found_inf, gsign, counters, sums);
-            // the table and the tensors it points to stay alive until the stream has run the
-            // kernels (the tensors are owned by the optimizer, the table by the cache, freed
-            // stream-ordered); given sums are checked by the caller as for `sums`.
-            unsafe {
-                if self.uses_sums {
-                    match given {
-                        Some(rows) => self.copy_sums(rows, false)?,
-                        None => self.launch_sums(amp)?,
-                    }
+        // SAFETY: see `launch_kernel`, `launch_sums` and `copy_sums` (given sums are checked by
+        // the caller as for `sums`); ef_step(…, counters, sums).
+        with_device(self.ordinal, |_| unsafe {
+            if self.uses_sums {
+                match given {
+                    Some(rows) => self.copy_sums(rows, false)?,
+                    None => self.launch_sums(amp)?,
                 }
-                let arg = |x: *mut c_void| x;
-                let mut params = [
-                    arg(hyper.as_mut_ptr() as *mut c_void),
-                    arg(&mut table as *mut u64 as *mut c_void),
-                    arg(&mut n as *mut i32 as *mut c_void),
-                    arg(&mut gs as *mut u64 as *mut c_void),
-                    arg(&mut fi as *mut u64 as *mut c_void),
-                    arg(&mut gsign as *mut f64 as *mut c_void),
-                    arg(&mut counters as *mut u64 as *mut c_void),
-                    arg(&mut sums as *mut u64 as *mut c_void),
-                ];
-                result::launch_kernel(self.step_fn as sys::CUfunction, (self.blocks, 1, 1), (THREADS, 1, 1), 0, stream, &mut params)
-                    .map_err(|e| driver_error("launching ef_step", e))
             }
+            self.launch_kernel(self.step_fn, amp, &mut [self.counters, self.sums], "launching ef_step")
         })
     }
 }

@@ -1,0 +1,126 @@
+"""Gradient clippers on the CPU: emafuse.ZClip against the reference zclip 1.0.0, emafuse.AdaGC
+(no stand-alone peer exists), and torch.nn.utils.clip_grad_norm_ (foreach) as the floor of a
+norm-based clip (one read pass for the norm, one read-write pass to scale), on the parameter shapes
+of real models, next to the machine's memory bandwidth.
+
+    PYTHONPATH=python python benchmarks/bench_clipping.py            # writes RESULTS.md
+    PYTHONPATH=python python benchmarks/bench_clipping.py --quick    # short, prints only
+
+Every timed call clips: the gradients are restored (untimed) before each call, and the fixed cap
+(``max_grad_norm`` / ``max_norm``) is below their norm. GB/s counts 12 bytes per fp32 parameter
+(4 read for the norm, 4 read + 4 written to scale). Implementations take turns call by call,
+round by round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import emafuse
+import torch
+from common import copy_bandwidth, inplace_bandwidth, machine_info, markdown_table, write_section
+from workloads import WORKLOADS, make_params, numel
+
+try:
+    import zclip
+except ImportError:  # pragma: no cover - optional peer
+    zclip = None
+
+BYTES_PER_PARAM = 12
+CAP = 1e-3  # below every workload's gradient norm: each call scales
+
+
+def clippers() -> dict[str, Callable[[], Callable[[torch.nn.Module], object]]]:
+    """Name -> a factory of ``clip(model)`` callables (a fresh clipper, warmed up by the caller)."""
+    out: dict[str, Callable[[], Callable[[torch.nn.Module], object]]] = {
+        "torch clip_grad_norm_": lambda: lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), CAP, foreach=True),
+        "emafuse.ZClip": lambda: emafuse.ZClip(warmup_steps=1, max_grad_norm=CAP).step,
+        "emafuse.AdaGC": lambda: emafuse.AdaGC(warmup_steps=1, lambda_abs=CAP).step,
+    }
+    if zclip is not None:
+        out["zclip.ZClip (reference)"] = lambda: zclip.ZClip(warmup_steps=1, max_grad_norm=CAP).step
+    return out
+
+
+def measure(model: torch.nn.Module, grads: list[torch.Tensor], rounds: int, calls: int) -> dict[str, list[float]]:
+    params = list(model.parameters())
+    impls = clippers()
+    times: dict[str, list[float]] = {name: [] for name in impls}
+
+    def restore() -> None:
+        for p, g in zip(params, grads):
+            p.grad.copy_(g)
+
+    for _ in range(rounds):
+        for name, make in impls.items():
+            clip = make()
+            restore()
+            clip(model)  # warm-up (ZClip / AdaGC leave their warm-up here)
+            for _ in range(calls):
+                restore()
+                t0 = time.perf_counter()
+                clip(model)
+                times[name].append(time.perf_counter() - t0)
+            del clip
+            gc.collect()
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="ResNet-50 only, one short round; prints only")
+    ap.add_argument("--workloads", default="resnet50,gpt2-small,vit-b16,4000-small")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--calls", type=int, default=3)
+    ap.add_argument("--output", default=None, help="RESULTS.md to update (default: benchmarks/RESULTS.md unless --quick)")
+    args = ap.parse_args()
+    workloads = ["resnet50"] if args.quick else args.workloads.split(",")
+    rounds, calls = (1, 2) if args.quick else (args.rounds, args.calls)
+    output = args.output or (None if args.quick else str(Path(__file__).with_name("RESULTS.md")))
+
+    copy_gbs, inplace_gbs = copy_bandwidth()[1], inplace_bandwidth()[1]
+    print(f"bandwidth GB/s (median): copy {copy_gbs:.1f}, in-place {inplace_gbs:.1f}", flush=True)
+    rows = []
+    for wl in workloads:
+        shapes = WORKLOADS[wl]()
+        n = numel(shapes)
+        model = torch.nn.Module()
+        model.params = torch.nn.ParameterList(torch.nn.Parameter(p.detach()) for p in make_params(shapes))
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+        times = measure(model, grads, rounds, calls)
+        floor = statistics.median(times["torch clip_grad_norm_"])
+        for impl, ts in times.items():
+            t = statistics.median(ts)
+            gbs = BYTES_PER_PARAM * n / t / 1e9
+            spread = f"{min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f}"
+            rows.append([wl, impl, f"{t * 1e3:.1f}", spread, f"{gbs:.1f}", f"{100 * gbs / inplace_gbs:.0f}%", f"{t / floor:.2f}"])
+            print(" | ".join(rows[-1]), flush=True)
+        del model, grads
+        gc.collect()
+
+    info = machine_info()
+    table = markdown_table(["workload", "clipper", "ms/call", "min-max ms", "GB/s", "% of in-place", "time / clip_grad_norm_"], rows)
+    section = (
+        "## Gradient clippers (CPU)\n\n"
+        f"`python benchmarks/bench_clipping.py` — {info['date']}, {info.get('cpu', '')}, torch {torch.__version__}, "
+        f"emafuse threads {emafuse.num_threads()}. Median of {rounds} rounds x {calls} calls after a warm-up call; every "
+        "call clips (gradients restored untimed before each; cap below their norm). "
+        f"Memory bandwidth in the same run (median, read + written): copy {copy_gbs:.1f} GB/s, in-place {inplace_gbs:.1f} GB/s. "
+        f"GB/s = {BYTES_PER_PARAM} bytes per fp32 parameter (norm pass + scale pass) x parameters / time. "
+        "AdaGC has no stand-alone peer (pytorch_optimizer fuses it into an Adam); torch's `clip_grad_norm_` (foreach) is "
+        "the floor of a norm-based clip.\n\n" + table
+    )
+    print(section)
+    if output:
+        write_section(output, "CLIPPING:CPU", section)
+
+
+if __name__ == "__main__":
+    main()
