@@ -19,12 +19,11 @@ Supported: DTensors on a 1-D device mesh whose placement is ``Shard(d)`` (any di
 included) or ``Replicate()``. Others (``Partial``, meshes of 2 or more dimensions, e.g. HSDP)
 are refused with :class:`~emafuse.errors.UnsupportedOptionError`.
 
-Collectives: none for element-wise steps and for averaging updates; one ``all_reduce`` (float64,
-one element per sharded tensor, per process group) per step for norms (Adan's ``max_grad_norm``,
-the clippers of ``emafuse.clipping``); one
-``all_reduce`` (float64, ``MAX_SUMS`` elements per sharded parameter, per process group) per step
-for rules with per-tensor sums (SGD-SaI on a parameter's first step, Lion with ``caution=True``).
-No tensor is ever gathered by a step.
+Collectives: none for element-wise steps and for averaging updates. One ``all_reduce`` per process
+group per step (float64) for norms, one element per sharded tensor (Adan's ``max_grad_norm``, the
+clippers of ``emafuse.clipping``), and for rules with per-tensor sums, ``MAX_SUMS`` elements per
+sharded parameter (SGD-SaI on a parameter's first step, Lion with ``caution=True``). No step
+gathers a tensor.
 """
 
 from __future__ import annotations

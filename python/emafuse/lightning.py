@@ -116,7 +116,7 @@ class _AveragingCallback(Callback):
         if not self._shardable and _dtensor.any_dtensor(pl_module.parameters()):
             raise UnsupportedOptionError(
                 f"{name}: the module is sharded (DTensor/FSDP2 parameters, e.g. ModelParallelStrategy); this callback "
-                "cannot yet save its averaging state in a distributed checkpoint. Use EMACallback or SwitchEMACallback, "
+                "cannot yet save its averaging state in a distributed checkpoint. Use EMACallback (a shard-local EMA), "
                 "or a strategy that does not shard the module."
             )
         self.average = self._build(pl_module)

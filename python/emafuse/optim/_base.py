@@ -110,6 +110,7 @@ def tensor_sum_squares(tensors: list[Tensor]) -> list[float]:
 
 
 def _local_tensor_sum_squares(tensors: list[Tensor]) -> list[float]:
+    """:func:`tensor_sum_squares` of plain tensors (CPU: the native engine; CUDA: torch)."""
     ts = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
     out = [0.0] * len(ts)
     cuda = [i for i, t in enumerate(ts) if t.is_cuda]
