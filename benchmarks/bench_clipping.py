@@ -14,7 +14,6 @@ round by round.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import emafuse
 import torch
-from common import copy_bandwidth, inplace_bandwidth, machine_info, markdown_table, write_section
+from common import copy_bandwidth, inplace_bandwidth, machine_info, markdown_table, workload_arguments, write_section
 from workloads import WORKLOADS, make_params, numel
 
 try:
@@ -72,12 +71,7 @@ def measure(model: torch.nn.Module, grads: list[torch.Tensor], rounds: int, call
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="ResNet-50 only, one short round; prints only")
-    ap.add_argument("--workloads", default="resnet50,gpt2-small,vit-b16,4000-small")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--calls", type=int, default=3)
-    ap.add_argument("--output", default=None, help="RESULTS.md to update (default: benchmarks/RESULTS.md unless --quick)")
+    ap = workload_arguments(__doc__, rounds=3, repeats="calls", repeats_default=3)
     args = ap.parse_args()
     workloads = ["resnet50"] if args.quick else args.workloads.split(",")
     rounds, calls = (1, 2) if args.quick else (args.rounds, args.calls)

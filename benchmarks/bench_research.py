@@ -13,7 +13,6 @@ optimizer state exists at a time; load from other processes falls on all alike).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
 import statistics
@@ -24,7 +23,7 @@ from typing import Any
 
 import emafuse
 import torch
-from common import copy_bandwidth, inplace_bandwidth, machine_info, markdown_table, time_calls, write_section
+from common import copy_bandwidth, inplace_bandwidth, machine_info, markdown_table, time_calls, workload_arguments, write_section
 from workloads import WORKLOADS, make_params, numel
 
 try:
@@ -114,12 +113,7 @@ def measure(case: Case, params: list[torch.Tensor], grads: list[torch.Tensor], r
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="ResNet-50 only, one short round; prints only")
-    ap.add_argument("--workloads", default="resnet50,gpt2-small,vit-b16,4000-small")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--output", default=None, help="RESULTS.md to update (default: benchmarks/RESULTS.md unless --quick)")
+    ap = workload_arguments(__doc__, rounds=2, repeats="steps", repeats_default=3)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     device = torch.device(args.device)

@@ -4,6 +4,7 @@ tables, and the sections of RESULTS.md."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["copy_bandwidth", "inplace_bandwidth", "machine_info", "markdown_table", "time_calls", "write_section"]
+__all__ = ["copy_bandwidth", "inplace_bandwidth", "machine_info", "markdown_table", "time_calls", "workload_arguments", "write_section"]
 
 
 def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
@@ -123,3 +124,17 @@ def write_section(path: str | Path, tag: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
+
+
+def workload_arguments(doc: str | None, rounds: int, repeats: str, repeats_default: int) -> argparse.ArgumentParser:
+    """The options of a script that times implementations on the workloads: ``--quick``
+    (ResNet-50, one short round, printed only), ``--workloads``, ``--rounds``, ``--<repeats>``
+    (timed calls per round) and ``--output`` (the results file, default ``RESULTS.md`` here
+    unless ``--quick``)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="ResNet-50 only, one short round; prints only")
+    ap.add_argument("--workloads", default="resnet50,gpt2-small,vit-b16,4000-small")
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument(f"--{repeats}", type=int, default=repeats_default)
+    ap.add_argument("--output", default=None, help="RESULTS.md to update (default: benchmarks/RESULTS.md unless --quick)")
+    return ap
