@@ -22,7 +22,7 @@ from pathlib import Path
 
 import emafuse
 import torch
-from common import copy_bandwidth, inplace_bandwidth, machine_info, markdown_table, workload_arguments, write_section
+from common import machine_info, markdown_table, median_bandwidth, workload_arguments, write_section
 from workloads import WORKLOADS, make_params, numel
 
 try:
@@ -77,8 +77,7 @@ def main() -> None:
     rounds, calls = (1, 2) if args.quick else (args.rounds, args.calls)
     output = args.output or (None if args.quick else str(Path(__file__).with_name("RESULTS.md")))
 
-    copy_gbs, inplace_gbs = copy_bandwidth()[1], inplace_bandwidth()[1]
-    print(f"bandwidth GB/s (median): copy {copy_gbs:.1f}, in-place {inplace_gbs:.1f}", flush=True)
+    copy_gbs, inplace_gbs = median_bandwidth()
     rows = []
     for wl in workloads:
         shapes = WORKLOADS[wl]()

@@ -23,7 +23,7 @@ from typing import Any
 
 import emafuse
 import torch
-from common import copy_bandwidth, inplace_bandwidth, machine_info, markdown_table, time_calls, workload_arguments, write_section
+from common import machine_info, markdown_table, median_bandwidth, time_calls, workload_arguments, write_section
 from workloads import WORKLOADS, make_params, numel
 
 try:
@@ -127,9 +127,9 @@ def main() -> None:
         t = statistics.median(_timer(device)(lambda: dst.copy_(src), 2, 10))
         copy_gbs = inplace_gbs = 2 * 4 * n / t / 1e9  # a device copy: reads and writes, no write-allocate
         del src, dst
+        print(f"device copy bandwidth GB/s (median): {copy_gbs:.1f}", flush=True)
     else:
-        copy_gbs, inplace_gbs = copy_bandwidth()[1], inplace_bandwidth()[1]
-    print(f"bandwidth GB/s (median): copy {copy_gbs:.1f}, in-place {inplace_gbs:.1f}", flush=True)
+        copy_gbs, inplace_gbs = median_bandwidth()
     rows = []
     for wl in workloads:
         shapes = WORKLOADS[wl]()

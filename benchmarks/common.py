@@ -16,7 +16,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["copy_bandwidth", "inplace_bandwidth", "machine_info", "markdown_table", "time_calls", "workload_arguments", "write_section"]
+__all__ = [
+    "copy_bandwidth", "inplace_bandwidth", "machine_info", "markdown_table", "median_bandwidth", "time_calls", "workload_arguments",
+    "write_section",
+]
 
 
 def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
@@ -56,6 +59,13 @@ def inplace_bandwidth(mbytes: int = 1024, repeats: int = 7) -> tuple[float, floa
     n = mbytes * 2**20 // 4
     x = torch.rand(n)
     return _bandwidth(lambda: x.mul_(1.0), 2 * n * 4, repeats)
+
+
+def median_bandwidth() -> tuple[float, float]:
+    """The medians of :func:`copy_bandwidth` and :func:`inplace_bandwidth` (GB/s), printed."""
+    copy_gbs, inplace_gbs = copy_bandwidth()[1], inplace_bandwidth()[1]
+    print(f"bandwidth GB/s (median): copy {copy_gbs:.1f}, in-place {inplace_gbs:.1f}", flush=True)
+    return copy_gbs, inplace_gbs
 
 
 def _cpu_model() -> str:

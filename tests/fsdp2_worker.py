@@ -57,11 +57,11 @@ def synthetic_grads(step: int, shapes: list[tuple[int, ...]]) -> list[torch.Tens
 # -- optimizers ------------------------------------------------------------------------------------
 
 
-def step_collectives(opt: torch.optim.Optimizer) -> dict[str, int]:
-    """``opt.step()``, returning the collectives it issued by name."""
+def collectives(fn) -> tuple[Any, dict[str, int]]:
+    """``fn()``'s result and the collectives it issued, by name."""
     with CommDebugMode() as comm:
-        opt.step()
-    return {str(k): n for k, n in comm.get_comm_counts().items() if n}
+        out = fn()
+    return out, {str(k): n for k, n in comm.get_comm_counts().items() if n}
 
 
 def reads_tensor_sums(opt: torch.optim.Optimizer, step: int) -> bool:
@@ -87,7 +87,7 @@ def optimizers_on_dtensors(checks, mesh, configs) -> None:
                     p.grad = g.clone()
                     q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
                 opt_ref.step()
-                issued = step_collectives(opt)
+                _, issued = collectives(opt.step)
                 reduces = reads_tensor_sums(opt, step) or float(kw.get("max_grad_norm", 0.0)) > 0.0
                 assert issued == ({"c10d.allreduce_": 1} if reduces else {}), f"step {step} issued {issued}"
                 for i, (p, q) in enumerate(zip(ref, sharded)):
@@ -149,9 +149,8 @@ def clip_on_dtensors(mesh, ours, ref) -> None:
         for p, q, g in zip(full, sharded, synthetic_grads(step, SHAPES)):
             p.grad = g * scale
             q.grad = distribute_tensor(g * scale, mesh, [Shard(0)])
-        with CommDebugMode() as comm:
-            norm = ours.step(sharded)
-        assert {str(k): n for k, n in comm.get_comm_counts().items() if n} == {"c10d.allreduce_": 1}, step
+        norm, issued = collectives(lambda: ours.step(sharded))
+        assert issued == {"c10d.allreduce_": 1}, (step, issued)
         ref_norm = ref.step(full)
         assert abs(norm - ref_norm) <= 1e-12 * ref_norm, (step, norm, ref_norm)
         for i, (p, q) in enumerate(zip(full, sharded)):
@@ -318,12 +317,6 @@ def checkpoints(checks, rank: int, configs, root: str) -> None:
 # -- averaging -------------------------------------------------------------------------------------
 
 
-def count_collectives(fn) -> int:
-    with CommDebugMode() as comm:
-        fn()
-    return comm.get_total_counts()
-
-
 def averaging(checks, rank: int, root: str) -> None:
     """Shard-local averages of an FSDP2 model against the same average of an unsharded copy that
     follows the same weights."""
@@ -331,7 +324,7 @@ def averaging(checks, rank: int, root: str) -> None:
 
     with checks.check("collective counter sees collectives"):
         m = net(True)
-        assert count_collectives(lambda: [p.full_tensor() for p in m.parameters()]) == 4
+        assert sum(collectives(lambda: [p.full_tensor() for p in m.parameters()])[1].values()) == 4
 
     def offloaded(m):
         # The host-mirror path of an average offloaded from CUDA (copy into buffers, update on a
@@ -357,7 +350,7 @@ def averaging(checks, rank: int, root: str) -> None:
             for s in range(4):
                 train(model, opt, range(s, s + 1))
                 plain.load_state_dict(full_params(model), strict=False)
-                n = count_collectives(lambda a=avg, m=model: a.update(m))
+                n = sum(collectives(lambda a=avg, m=model: a.update(m))[1].values())
                 assert n == 0, f"{n} collectives in one update"
                 avg_ref.update(plain)
             sd, sd_ref = avg.state_dict(), avg_ref.state_dict()

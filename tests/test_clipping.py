@@ -39,7 +39,7 @@ VECTOR_CASES = [(m, o, None) for m, o in VECTORS] + [("zscore", "adaptive_scalin
 @pytest.mark.parametrize("mode, option, max_grad_norm", VECTOR_CASES, ids=str)
 def test_spec_test_vectors(mode, option, max_grad_norm):
     clip = emafuse.ZClip(warmup_steps=5, max_grad_norm=max_grad_norm, mode=mode, clip_option=option)
-    p = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    p = nn.Parameter(torch.rand(3, dtype=torch.float64) + 0.5)  # a clipper never reads or writes weights
     direction = torch.tensor([2.0, -1.0, 2.0], dtype=torch.float64) / 3  # unit norm, not one element
     for t, g in enumerate(NORMS):
         p.grad = direction * g
@@ -145,7 +145,7 @@ def _saved(state):
 def test_nonfinite_norm_skips_by_default_and_follows_the_reference_on_request(bad):
     def warmed(**kw):
         clip = emafuse.ZClip(warmup_steps=3, max_grad_norm=None, **kw)
-        p = nn.Parameter(torch.zeros(4))
+        p = nn.Parameter(torch.rand(4) + 0.5)
         for g in (1.0, 1.5, 0.5):
             p.grad = torch.full((4,), g / 2)
             clip.step([p])
@@ -272,7 +272,7 @@ ADAGC_STEPS = [
 
 def test_adagc_spec_test_vector():
     clip = emafuse.AdaGC(warmup_steps=3)
-    a, b = nn.Parameter(torch.zeros(2, dtype=torch.float64)), nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    a, b = nn.Parameter(torch.rand(2, dtype=torch.float64) + 0.5), nn.Parameter(torch.rand(1, dtype=torch.float64) + 0.5)
     for t, ((ga, gb), scales, gammas) in enumerate(ADAGC_STEPS):
         a.grad, b.grad = torch.tensor(ga, dtype=torch.float64), torch.tensor(gb, dtype=torch.float64)
         total = clip.step([a, b])
@@ -315,7 +315,8 @@ def test_adagc_matches_the_float64_reference(dtype):
                       for i, s in enumerate(shapes)])
     want, gamma = _adagc_reference(steps, warmup_steps=6)
     clip = emafuse.AdaGC(warmup_steps=6)
-    params = [nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
+    params = [nn.Parameter((torch.rand(s, generator=gen) + 0.5).to(dtype)) for s in shapes]
+    weights = [p.detach().clone() for p in params]
     tol = dict(rtol=1e-12, atol=0) if dtype == torch.float64 else dict(rtol=2e-6 if dtype == torch.float32 else 8e-3, atol=1e-6)
     for t, grads in enumerate(steps):
         for p, g in zip(params, grads):
@@ -324,6 +325,7 @@ def test_adagc_matches_the_float64_reference(dtype):
         for i, p in enumerate(params):
             if i in want[t]:
                 torch.testing.assert_close(p.grad.double(), want[t][i], **tol, msg=lambda m, t=t, i=i: f"step {t}, tensor {i}: {m}")
+    assert all(torch.equal(p, w) for p, w in zip(params, weights)), "a clipper changed a weight"
     assert clip.gamma.keys() == gamma.keys()
     for i in gamma:
         # γ is computed from the norms of the (exact) gradients given, in float64 for every dtype.
@@ -355,7 +357,7 @@ def test_adagc_state_dict_resumes_exactly_and_refuses_garbage():
 
 def test_adagc_nonfinite_and_bad_options():
     clip = emafuse.AdaGC(warmup_steps=1)
-    p = nn.Parameter(torch.zeros(3))
+    p = nn.Parameter(torch.rand(3) + 0.5)
     p.grad = torch.tensor([1.0, 2.0, 2.0])
     clip.step([p])
     before = clip.state_dict()

@@ -3,8 +3,8 @@
 Importing this module runs the check. The native module is compiled against one torch release's
 C++ headers and links its libraries; torch changes symbols and object layouts between releases,
 so another release would fail to load it with an undefined-symbol message, or load it and crash.
-The release it was built for is recorded at build time in ``_built_for.py`` (by ``build_support/torch_build.py``) and compared
-here, before the native module is loaded. Only ``major.minor.patch`` is compared: the CPU and CUDA
+The release it was built for is recorded at build time in ``_built_for.py`` (by
+``build_support/torch_build.py``) and compared here, before the native module is loaded. Only ``major.minor.patch`` is compared: the CPU and CUDA
 builds of one release (``2.11.0+cpu``, ``2.11.0+cu130``) compile from the same headers.
 """
 

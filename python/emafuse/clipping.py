@@ -156,9 +156,10 @@ class ZClip:
                 self.mean = sum(self.buffer) / len(self.buffer)
                 self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
                 self.initialized, self.buffer = True, []
-            if self.max_grad_norm is not None and grads:
-                # As torch.nn.utils.clip_grad_norm_: every gradient is multiplied, by at most 1.
-                _scale(grads, min(self.max_grad_norm / (g + _COEF_EPS), 1.0))
+            coef = 1.0 if self.max_grad_norm is None else self.max_grad_norm / (g + _COEF_EPS)
+            if coef < 1.0:
+                # As torch.nn.utils.clip_grad_norm_ (which also multiplies by 1: the same bits).
+                _scale(grads, coef)
             return g
         c = self.threshold(g)
         effective = g if c is None else c
@@ -269,8 +270,9 @@ class AdaGC:
                 h = min(self.lambda_rel * max(gamma, self.eps) / max(norm, self.eps), 1.0)
                 self.gamma[i] = self.beta * gamma + (1.0 - self.beta) * h * norm
             factors.append(h)
-        if grads:
-            _scale(grads, factors)
+        clipped = [(g, h) for g, h in zip(grads, factors) if h < 1.0]  # a factor of 1 changes nothing
+        if clipped:
+            _scale([g for g, _ in clipped], [h for _, h in clipped])
         return total
 
     def state_dict(self) -> dict[str, Any]:

@@ -331,12 +331,16 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
     fn pass_typed<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, grad_scale: Option<f64>, pass: Pass<'_>) -> Vec<[f64; MAX_SUMS]> {
         let sign = if self.options.maximize { -1.0 } else { 1.0 };
         let xf = GradTransform { factor: R::from_f64(sign / grad_scale.unwrap_or(1.0)), unscale: grad_scale.map(|s| R::from_f64(1.0 / s)) };
+        let own;
         let sums = match pass {
-            Pass::Update(Some(given)) => given.to_vec(),
+            Pass::Update(Some(given)) => given,
             Pass::Sums => return self.tensor_sums::<R, P, G, S>(xf.factor),
-            Pass::Update(None) => self.tensor_sums::<R, P, G, S>(xf.factor),
+            Pass::Update(None) => {
+                own = self.tensor_sums::<R, P, G, S>(xf.factor);
+                &own[..]
+            }
         };
-        let coeffs = self.coeffs::<R>(&sums);
+        let coeffs = self.coeffs::<R>(sums);
         for_each_span(&self.numels(), |s| {
             // SAFETY: all views were validated to hold numel elements of P (params), G (inputs) or
             // S (states) on the CPU; spans are disjoint ranges inside them, so each element is
