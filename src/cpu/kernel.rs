@@ -47,7 +47,8 @@ pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(ru
             if Ru::READS_INPUT {
                 G::load(std::slice::from_raw_parts(ptrs.grad.add(off), n), &mut gb[..n]);
             }
-            for (state, buf) in ptrs.states.iter().zip(sb.iter_mut()).take(Ru::SLOTS) {
+            let read_slots = if Ru::SUMS_READ_STATE { Ru::SLOTS } else { 0 };
+            for (state, buf) in ptrs.states.iter().zip(sb.iter_mut()).take(read_slots) {
                 S::load(std::slice::from_raw_parts(state.add(off), n), &mut buf[..n]);
             }
         }

@@ -9,6 +9,8 @@ use crate::rules::{Rule, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 
 const COMMON: &str = include_str!("kernels/common.cuh");
 const MULTI_TENSOR: &str = include_str!("kernels/multi_tensor.cuh");
+/// Templates that wrap any rule (⊥Grad), part of every program.
+const WRAPPERS: &str = include_str!("kernels/orthograd.cuh");
 
 /// The one `EfHyper` field of a rule without parameters: a kernel argument cannot be an empty
 /// struct (C++ gives it size 1, which the launch would read from an empty buffer).
@@ -29,12 +31,12 @@ pub struct Program {
     /// The C++ type the kernels are instantiated with, e.g. `Adam<true, false, false>` (also the
     /// key of compiled modules).
     pub type_name: String,
-    /// The rule's header, `src/cuda/kernels/<rule>.cuh`.
-    pub header: &'static str,
+    /// The rule's header, `src/cuda/kernels/<rule>.cuh`, followed by the wrappers' headers.
+    pub header: String,
     rule: &'static str,
     fields: &'static [&'static str],
     counts: [(&'static str, usize); 4],
-    reads_input: bool,
+    bools: [(&'static str, bool); 2],
 }
 
 impl Program {
@@ -42,15 +44,13 @@ impl Program {
     pub fn of<Ru: Rule>() -> Result<Program> {
         let rule = Ru::INFO.name;
         let k = kernel(rule).ok_or_else(|| Error::Cuda(format!("rule '{rule}' has no CUDA kernel")))?;
-        let args: Vec<String> = Ru::const_args().iter().map(|a| a.to_string()).collect();
-        let type_name = if args.is_empty() { k.template.to_string() } else { format!("{}<{}>", k.template, args.join(", ")) };
         Ok(Program {
-            type_name,
-            header: k.header,
+            type_name: Ru::twin_type(k.template),
+            header: format!("{}\n{WRAPPERS}", k.header),
             rule,
             fields: hyper_fields(Ru::PARAM_NAMES),
             counts: [("EF_SLOTS", Ru::SLOTS), ("EF_WRITTEN_SLOTS", Ru::WRITTEN_SLOTS), ("EF_SCALARS", Ru::SCALARS), ("EF_SUMS", Ru::SUMS)],
-            reads_input: Ru::READS_INPUT,
+            bools: [("EF_READS_INPUT", Ru::READS_INPUT), ("EF_SUMS_READ_STATE", Ru::SUMS_READ_STATE)],
         })
     }
 
@@ -69,7 +69,9 @@ impl Program {
         for (name, value) in self.counts {
             s += &format!("constexpr int {name} = {value};\n");
         }
-        s += &format!("constexpr bool EF_READS_INPUT = {};\n", self.reads_input);
+        for (name, value) in self.bools {
+            s += &format!("constexpr bool {name} = {value};\n");
+        }
         s
     }
 
@@ -77,7 +79,7 @@ impl Program {
     /// local headers removed (their text is inlined here).
     pub fn source(&self) -> String {
         let strip = |s: &str| s.lines().filter(|l| !l.trim_start().starts_with("#include \"")).collect::<Vec<_>>().join("\n");
-        format!("{}\n{}\n{}\n{}\n", self.preamble(), strip(COMMON), strip(self.header), strip(MULTI_TENSOR))
+        format!("{}\n{}\n{}\n{}\n", self.preamble(), strip(COMMON), strip(&self.header), strip(MULTI_TENSOR))
     }
 }
 

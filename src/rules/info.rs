@@ -1,7 +1,8 @@
 //! What the engine and Python know of a registered rule before building it: [`RuleInfo`].
 
-/// Options of every rule, read by the drivers rather than by rules: booleans, false when absent.
-pub const ENGINE_OPTIONS: &[&str] = &["maximize", "check_finite"];
+/// Options of every rule, read by the drivers (and `visit_rule`) rather than by rules: booleans,
+/// false when absent.
+pub const ENGINE_OPTIONS: &[&str] = &["maximize", "check_finite", "orthograd", "orthograd_rescale"];
 
 /// The description of one registered rule name: the hyper-parameter keys Python passes (checked
 /// before the rule is built), its per-parameter scalar state and whether it reads an input. Each

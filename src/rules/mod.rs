@@ -16,6 +16,7 @@ pub mod ema;
 mod hyper;
 mod info;
 pub mod lion;
+pub mod orthograd;
 pub mod sgd;
 pub mod sgd_sai;
 pub mod slerp;
@@ -74,6 +75,16 @@ pub trait Params {
     fn param_words(&self) -> Vec<f64>;
     /// The type's const generic arguments, in declaration order.
     fn const_args() -> Vec<ConstArg>;
+    /// The C++ type of the type's CUDA twin, given the name of the rule's template in its header
+    /// (`Adam`): the template with [`Params::const_args`], e.g. `Adam<true, false, true>`.
+    fn twin_type(template: &str) -> String {
+        let args: Vec<String> = Self::const_args().iter().map(|a| a.to_string()).collect();
+        if args.is_empty() {
+            template.to_string()
+        } else {
+            format!("{template}<{}>", args.join(", "))
+        }
+    }
 }
 
 /// Declare a rule type: a struct of `f64` parameters, optionally with const generic flags, and
@@ -142,6 +153,9 @@ pub trait Rule: Params + Send + Sync + 'static {
     const SCALARS: usize = Self::INFO.scalars.len();
     /// Per-tensor sums gathered before the update (`sums[0..SUMS]`).
     const SUMS: usize = 0;
+    /// Whether [`Rule::accumulate`] reads the state values (false: the sums pass reads only the
+    /// parameter and the input).
+    const SUMS_READ_STATE: bool = true;
     /// Whether the rule reads the input tensor `g` (false: callers pass none, `g` is 0).
     const READS_INPUT: bool = Self::INFO.reads_input;
     /// Per-tensor coefficients in the compute type.
@@ -217,11 +231,16 @@ pub fn info(name: &str) -> Result<&'static RuleInfo> {
 }
 
 /// Build the rule called `name` from `hyper` and hand it to `visitor`. `hyper` is checked
-/// against the rule's [`RuleInfo`] first.
+/// against the rule's [`RuleInfo`] first. With the engine option `orthograd` the rule is wrapped
+/// in [`orthograd::OrthoGrad`] (`orthograd_rescale` selects its rescaling).
 pub fn visit_rule<V: RuleVisitor>(name: &str, hyper: &Hyper, visitor: V) -> Result<V::Output> {
     let info = info(name)?;
     hyper.check(info)?;
-    dispatch(info, &RuleHyper::new(hyper, info), visitor)
+    let h = RuleHyper::new(hyper, info);
+    if hyper.option("orthograd")? {
+        return dispatch(info, &h, orthograd::Wrap { visitor, rescale: hyper.option("orthograd_rescale")? })?;
+    }
+    dispatch(info, &h, visitor)
 }
 
 /// The state slot names of the rule called `name` built from `hyper`.

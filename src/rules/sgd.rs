@@ -29,10 +29,10 @@ rule_params! {
     /// SGD's hyper-parameters. `MOMENTUM`: keep a buffer; `NESTEROV`; `FIRST`: the buffers of this
     /// call are fresh (torch initialises them with the first direction, without dampening).
     pub struct Sgd<const MOMENTUM: bool, const NESTEROV: bool, const FIRST: bool> {
-        lr: f64,
-        momentum: f64,
-        dampening: f64,
-        weight_decay: f64,
+        pub(crate) lr: f64,
+        pub(crate) momentum: f64,
+        pub(crate) dampening: f64,
+        pub(crate) weight_decay: f64,
     }
 }
 

@@ -217,10 +217,17 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- torch.optim plumbing ----------------------------------------------------------------
 
-    def _init_emafuse_defaults(self, check_finite: bool) -> None:
-        self.defaults["check_finite"] = check_finite
+    def _init_emafuse_defaults(self, check_finite: bool, **options: bool) -> None:
+        """Add emafuse's options to the defaults and groups: ``check_finite``, and the gradient
+        transform ``orthograd`` / ``orthograd_rescale`` of optimizers that take it."""
+        options = {"check_finite": check_finite, **options}
+        for key, value in options.items():
+            if not isinstance(value, bool):
+                raise TypeError(f"{type(self).__name__}: {key} must be a bool, got {value!r}")
+        self.defaults.update(options)
         for group in self.param_groups:
-            group.setdefault("check_finite", check_finite)
+            for key, value in options.items():
+                group.setdefault(key, value)
             self._reject_unsupported(group)
         self.state = _StateDict(dict, self.state)
         self._compile_key = _compile.register(self)
@@ -350,11 +357,26 @@ class FusedOptimizer(torch.optim.Optimizer):
                     st[key] = v.tensor.to(device=device)
 
     def _reject_unsupported(self, group: dict[str, Any]) -> None:
+        name = type(self).__name__
         if group.get("differentiable", False):
             raise UnsupportedOptionError(
-                f"{type(self).__name__}: differentiable=True is not supported: emafuse's fused "
+                f"{name}: differentiable=True is not supported: emafuse's fused "
                 "native step cannot be differentiated through. Use torch.optim for that."
             )
+        if group.get("orthograd", False):
+            if "orthograd" not in self.defaults:
+                raise UnsupportedOptionError(f"{name} does not take orthograd=True (see its docstring); remove the key from the param group")
+            conflict = self._orthograd_conflict(group)
+            if conflict:
+                raise UnsupportedOptionError(
+                    f"{name}: orthograd=True cannot be combined with {conflict}: that option reads per-tensor sums of "
+                    "the gradient, which would have to be taken after the projection (a second pass emafuse does not "
+                    "run). Drop one of the two."
+                )
+
+    def _orthograd_conflict(self, group: dict[str, Any]) -> str | None:
+        """The option of ``group`` that rules out ``orthograd`` (None: none does)."""
+        return None
 
     def _normalize_steps(self) -> None:
         """Put scalar state (e.g. ``step``) where the kernels keep it: a 0-dim float tensor on the
@@ -454,6 +476,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         hyper = self._hyper(group)
         hyper["maximize"] = bool(group.get("maximize", False))
         hyper["check_finite"] = bool(group.get("check_finite", False))
+        if group.get("orthograd", False):
+            hyper["orthograd"] = True
+            hyper["orthograd_rescale"] = bool(group.get("orthograd_rescale", True))
         return hyper
 
     def _run_step(self, grad_scale: Tensor | None, found_inf: Tensor | None, request: FusedRequest | None) -> set[int]:

@@ -60,7 +60,7 @@ class AdaBelief(FusedOptimizer):
       ``eps`` = 1e-16 inside the state would flush to zero in fp16.
     * ``step`` is a 0-dim float32 tensor in the live state (as torch's optimizers keep it) and
       an int in ``state_dict()`` (as the reference keeps it); ``load_state_dict`` takes either.
-    * Extra keywords: ``maximize`` (negate the gradient) and ``check_finite`` (see
+    * Extra keywords: ``maximize`` (negate the gradient), ``check_finite`` and ``orthograd`` (see
       :class:`emafuse.AdamW`).
     """
 
@@ -83,6 +83,8 @@ class AdaBelief(FusedOptimizer):
         *,
         maximize: bool = False,
         check_finite: bool = False,
+        orthograd: bool = False,
+        orthograd_rescale: bool = True,
     ) -> None:
         check_hyper(lr=lr, eps=eps, betas=betas, weight_decay=weight_decay)
         defaults = dict(
@@ -98,7 +100,7 @@ class AdaBelief(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite)
+        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

@@ -38,7 +38,7 @@ class AdaBound(FusedOptimizer):
 
     Extra ``ValueError`` checks (open question settled for users): ``lr == 0`` (``base_lr`` is a
     divisor), ``gamma == 0`` (division by zero at the first step) and ``weight_decay < 0``. Extra
-    keywords: ``maximize`` and ``check_finite`` (as :class:`emafuse.AdamW`). ``p.grad`` is never
+    keywords: ``maximize``, ``check_finite`` and ``orthograd`` (as :class:`emafuse.AdamW`). ``p.grad`` is never
     written.
     """
 
@@ -57,6 +57,8 @@ class AdaBound(FusedOptimizer):
         *,
         maximize: bool = False,
         check_finite: bool = False,
+        orthograd: bool = False,
+        orthograd_rescale: bool = True,
     ) -> None:
         check_hyper(lr=lr, eps=eps, betas=betas[:2])
         if not 0.0 <= final_lr:
@@ -79,7 +81,7 @@ class AdaBound(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite)
+        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

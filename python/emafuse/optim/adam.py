@@ -53,6 +53,27 @@ class AdamW(_AdamRule, torch.optim.AdamW):
     or infinity raises :class:`emafuse.NonFiniteError` and changes nothing (torch's behaviour,
     the default, lets NaN flow into the parameters).
 
+    Extra keywords ``orthograd`` (default False) and ``orthograd_rescale`` (default True), taken
+    by every emafuse optimizer but SGD-SaI: ⊥Grad (L. Prieto et al., "Grokking at the Edge of
+    Numerical Stability", ICLR 2025). Each parameter is stepped with its gradient :math:`u` made
+    orthogonal to the parameter :math:`w` (both flattened, the whole tensor one vector):
+
+    .. math::
+        c = \frac{\langle w, u\rangle}{\langle w, w\rangle + 10^{-30}}, \qquad
+        u_\perp = (u - c\,w)\,\frac{\|u\|}{\|u - c\,w\| + 10^{-30}}
+
+    (the rescale to the original norm is the official code's; ``orthograd_rescale=False`` gives
+    the paper's equation without it). AdamW⊥ is ``AdamW(..., orthograd=True)``, used by the paper
+    without weight decay. The sums come from one extra read-only pass over the parameters and
+    gradients, in float64; ``p.grad`` is never written (the official wrapper and
+    pytorch_optimizer's ``OrthoGrad`` overwrite it). Decisions: a parameter with one element keeps
+    its gradient (its :math:`u_\perp` is rounding noise that the rescale would blow up to
+    :math:`|u|`; pytorch_optimizer 4.1 zeroes it instead); :math:`\|u_\perp\|` is derived from the
+    three sums, so for a gradient parallel to its parameter to within about 1e-8 it differs from
+    the norm of the materialised :math:`u_\perp`, which is rounding noise there anyway. Options
+    that read per-tensor sums of the gradient themselves (Lion's ``caution``) cannot be combined
+    with it (:class:`emafuse.UnsupportedOptionError`). Per param group, like ``maximize``.
+
     fp32, fp64, bf16 and fp16 parameters are supported; math runs in fp32 (fp64 for fp64
     parameters) and the state has the parameter's dtype, as in torch. Complex parameters are
     updated as real views, as torch does.
@@ -73,6 +94,8 @@ class AdamW(_AdamRule, torch.optim.AdamW):
         differentiable: bool = False,
         fused: bool | None = None,
         check_finite: bool = False,
+        orthograd: bool = False,
+        orthograd_rescale: bool = True,
     ) -> None:
         torch.optim.AdamW.__init__(
             self,
@@ -88,7 +111,7 @@ class AdamW(_AdamRule, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
-        self._init_emafuse_defaults(check_finite)
+        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
 
 class Adam(_AdamRule, torch.optim.Adam):
@@ -98,8 +121,8 @@ class Adam(_AdamRule, torch.optim.Adam):
     Same update as :class:`AdamW` except that weight decay is L2 regularisation added to the
     gradient, :math:`g \leftarrow g + \lambda p`, unless ``decoupled_weight_decay=True`` (then it
     is AdamW). AMSGrad (Reddi et al., ICLR 2018) keeps the running maximum of the raw :math:`v`
-    in ``max_exp_avg_sq``. Everything else (arguments, checkpoints, ``check_finite``) as
-    :class:`AdamW`.
+    in ``max_exp_avg_sq``. Everything else (arguments, checkpoints, ``check_finite``,
+    ``orthograd``) as :class:`AdamW`.
     """
 
     def __init__(
@@ -118,6 +141,8 @@ class Adam(_AdamRule, torch.optim.Adam):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         check_finite: bool = False,
+        orthograd: bool = False,
+        orthograd_rescale: bool = True,
     ) -> None:
         torch.optim.Adam.__init__(
             self,
@@ -134,4 +159,4 @@ class Adam(_AdamRule, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        self._init_emafuse_defaults(check_finite)
+        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)

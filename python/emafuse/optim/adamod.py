@@ -36,7 +36,7 @@ class AdaMod(FusedOptimizer):
 
     Decisions: weight decay is decoupled, as the reference (written there as
     :math:`p \leftarrow p - \mathrm{lr}\lambda p`); extra check ``weight_decay < 0`` raises
-    ``ValueError``; extra keywords ``maximize`` (negate the gradient) and ``check_finite`` (see
+    ``ValueError``; extra keywords ``maximize`` (negate the gradient), ``check_finite`` and ``orthograd`` (see
     :class:`emafuse.AdamW`). ``step`` is a 0-dim float32 tensor in the live state
     (as torch's optimizers keep it) and an int in ``state_dict()`` (as the reference keeps it);
     ``load_state_dict`` takes either.
@@ -56,6 +56,8 @@ class AdaMod(FusedOptimizer):
         *,
         maximize: bool = False,
         check_finite: bool = False,
+        orthograd: bool = False,
+        orthograd_rescale: bool = True,
     ) -> None:
         check_hyper(lr=lr, eps=eps, betas=betas[:2])
         if not 0.0 <= beta3 < 1.0:
@@ -63,7 +65,7 @@ class AdaMod(FusedOptimizer):
         check_hyper(weight_decay=weight_decay)
         defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite)
+        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:

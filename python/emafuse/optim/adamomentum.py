@@ -44,7 +44,7 @@ class AdaMomentum(FusedOptimizer):
       messages.
     * ``step`` is a 0-dim float32 tensor in the live state and an int in ``state_dict()`` (as
       the other reference implementations keep it); ``load_state_dict`` takes either.
-    * Extra keywords: ``maximize`` (negate the gradient) and ``check_finite`` (see
+    * Extra keywords: ``maximize`` (negate the gradient), ``check_finite`` and ``orthograd`` (see
       :class:`emafuse.AdamW`).
     """
 
@@ -63,6 +63,8 @@ class AdaMomentum(FusedOptimizer):
         *,
         maximize: bool = False,
         check_finite: bool = False,
+        orthograd: bool = False,
+        orthograd_rescale: bool = True,
     ) -> None:
         check_hyper(lr=lr, eps=eps, betas=betas, weight_decay=weight_decay)
         defaults = dict(
@@ -75,7 +77,7 @@ class AdaMomentum(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite)
+        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:

@@ -49,7 +49,7 @@ class Adan(FusedOptimizer):
     ``restart_opt``. ``foreach`` and ``fused`` are accepted and ignored (emafuse always runs
     fused). Differences from the reference, on purpose: ``p.grad`` is never written (the official
     clips it in place and leaves it scaled); ``weight_decay < 0`` raises ``ValueError``. Extra
-    keywords: ``maximize`` (negate gradients) and ``check_finite`` (as :class:`emafuse.AdamW`).
+    keywords: ``maximize`` (negate gradients), ``check_finite`` and ``orthograd`` (as :class:`emafuse.AdamW`).
     Complex parameters are not supported (neither are they by the official code).
     """
 
@@ -70,6 +70,8 @@ class Adan(FusedOptimizer):
         *,
         maximize: bool = False,
         check_finite: bool = False,
+        orthograd: bool = False,
+        orthograd_rescale: bool = True,
     ) -> None:
         if not 0.0 <= max_grad_norm:
             raise ValueError(f"Invalid Max grad norm: {max_grad_norm}")
@@ -86,7 +88,7 @@ class Adan(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite)
+        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
         self._clip = 1.0
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -55,7 +55,7 @@ class AdEMAMix(FusedOptimizer):
     * Extra checks: ``betas`` must have three entries; negative warm-ups raise ``ValueError``.
     * ``step`` is a 0-dim float32 tensor in the live state (as torch's optimizers keep it) and
       an int in ``state_dict()`` (as the reference keeps it); ``load_state_dict`` takes either.
-    * Extra keywords: ``maximize`` (negate the gradient) and ``check_finite`` (see
+    * Extra keywords: ``maximize`` (negate the gradient), ``check_finite`` and ``orthograd`` (see
       :class:`emafuse.AdamW`).
     """
 
@@ -77,6 +77,8 @@ class AdEMAMix(FusedOptimizer):
         fp32_states: bool = True,
         maximize: bool = False,
         check_finite: bool = False,
+        orthograd: bool = False,
+        orthograd_rescale: bool = True,
     ) -> None:
         check_hyper(lr=lr, eps=eps)
         if len(betas) != 3:
@@ -97,7 +99,7 @@ class AdEMAMix(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite)
+        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "t_alpha_beta3" in param_group:

@@ -37,7 +37,7 @@ class DiffGrad(FusedOptimizer):
     torch-optimizer port store a *reference* to ``p.grad`` as ``previous_grad``, which makes
     :math:`\xi = 0.5` from step 2 on when gradients are accumulated in place
     (``zero_grad(set_to_none=False)``); emafuse always keeps a copy, as v2. Extra keywords:
-    ``maximize`` and ``check_finite`` (as :class:`emafuse.AdamW`).
+    ``maximize``, ``check_finite`` and ``orthograd`` (as :class:`emafuse.AdamW`).
     """
 
     _rule = "diffgrad"
@@ -52,11 +52,13 @@ class DiffGrad(FusedOptimizer):
         *,
         maximize: bool = False,
         check_finite: bool = False,
+        orthograd: bool = False,
+        orthograd_rescale: bool = True,
     ) -> None:
         check_hyper(lr=lr, eps=eps, betas=betas, weight_decay=weight_decay)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite)
+        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:

@@ -51,7 +51,7 @@ class Lion(FusedOptimizer):
       :math:`k = \mathrm{numel}/(\sum\phi + 1)` with ``caution_norm="count"`` (the paper's
       first release, C-Optim ``c_lion.py``). This costs one extra read-only pass over
       ``exp_avg`` and the gradient.
-    * Extra keywords: ``maximize`` (negate the gradient) and ``check_finite`` (see
+    * Extra keywords: ``maximize`` (negate the gradient), ``check_finite`` and ``orthograd`` (see
       :class:`emafuse.AdamW`).
     """
 
@@ -70,6 +70,8 @@ class Lion(FusedOptimizer):
         caution_norm: str = "mean",
         maximize: bool = False,
         check_finite: bool = False,
+        orthograd: bool = False,
+        orthograd_rescale: bool = True,
     ) -> None:
         if decoupled_weight_decay is not None:
             if lr_independent_decay:
@@ -91,7 +93,10 @@ class Lion(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite)
+        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+
+    def _orthograd_conflict(self, group: dict[str, Any]) -> str | None:
+        return "caution=True" if group.get("caution") else None
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         return {

@@ -27,8 +27,9 @@ class SGD(FusedOptimizer, torch.optim.SGD):
 
     State: ``momentum_buffer`` (only when ``momentum != 0``), as torch. Arguments, validation and
     checkpoints are torch's; ``foreach``/``fused`` are accepted and ignored;
-    ``differentiable=True`` raises :class:`emafuse.UnsupportedOptionError`. Extra keyword
-    ``check_finite`` as in :class:`emafuse.AdamW`.
+    ``differentiable=True`` raises :class:`emafuse.UnsupportedOptionError`. Extra keywords
+    ``check_finite`` and ``orthograd`` as in :class:`emafuse.AdamW` (SGD⊥ with
+    ``orthograd=True``).
     """
 
     _rule = "sgd"
@@ -50,6 +51,8 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         differentiable: bool = False,
         fused: bool | None = None,
         check_finite: bool = False,
+        orthograd: bool = False,
+        orthograd_rescale: bool = True,
     ) -> None:
         torch.optim.SGD.__init__(
             self,
@@ -64,7 +67,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             differentiable=differentiable,
             fused=fused,
         )
-        self._init_emafuse_defaults(check_finite)
+        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:

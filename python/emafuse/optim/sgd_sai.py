@@ -42,7 +42,9 @@ class SGDSaI(FusedOptimizer):
     parameter gets gsnr = |g|/eps (≈ 1e8·|g|: an enormous step), and a parameter whose first
     gradient is exactly zero gets gsnr = 0 and never moves again except by weight decay. Changing
     ``momentum`` from 0 to non-zero later starts the buffer at zero. Extra keywords: ``maximize``
-    and ``check_finite`` (as :class:`emafuse.AdamW`). ``p.grad`` is never written.
+    and ``check_finite`` (as :class:`emafuse.AdamW`). ``p.grad`` is never written. ``orthograd``
+    is not taken: gsnr would have to be computed from the projected gradient, which needs the
+    projection's sums first (a dependent second pass the engine does not run yet).
     """
 
     _rule = "sgd_sai"

@@ -55,7 +55,7 @@ class SPAM(FusedOptimizer):
     official clips it in place); the sparse-momentum ``density`` groups are not supported; extra
     ``ValueError`` checks: ``weight_decay``, ``warmup_steps``, ``threshold``, ``grad_accu_steps``
     < 0 and ``DeltaT`` < 1. ``no_deprecation_warning`` is accepted and ignored (no warning is
-    given). Extra keywords: ``maximize`` and ``check_finite`` (as :class:`emafuse.AdamW`).
+    given). Extra keywords: ``maximize``, ``check_finite`` and ``orthograd`` (as :class:`emafuse.AdamW`).
     """
 
     _rule = "spam"
@@ -76,6 +76,8 @@ class SPAM(FusedOptimizer):
         no_deprecation_warning: bool = False,
         maximize: bool = False,
         check_finite: bool = False,
+        orthograd: bool = False,
+        orthograd_rescale: bool = True,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr} - should be >= 0.0")
@@ -105,7 +107,7 @@ class SPAM(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite)
+        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
         self._this_step: tuple[int, float, bool] = (1, 1.0, False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

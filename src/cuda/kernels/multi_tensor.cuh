@@ -2,7 +2,8 @@
 // assembled as: a preamble generated from the Rust rule type (src/cuda/program.rs) + common.cuh +
 // <rule>.cuh + this file. The preamble defines EF_RULE (the rule's C++ type, flags included, e.g.
 // Adam<true, false, false>), its parameters' struct EfHyper and its counts EF_SLOTS,
-// EF_WRITTEN_SLOTS (slots past it are only read), EF_SCALARS, EF_SUMS and EF_READS_INPUT.
+// EF_WRITTEN_SLOTS (slots past it are only read), EF_SCALARS, EF_SUMS, EF_READS_INPUT and
+// EF_SUMS_READ_STATE (whether the sums pass reads the state slots).
 //
 // One launch updates every tensor of a (group, device, dtype) batch: block b finds its tensor by
 // binary search over the tensors' first block indices, thread 0 computes the tensor's
@@ -164,7 +165,7 @@ __device__ __forceinline__ void ef_sums_impl(const EfHyper& hyper, const EfTenso
     const G* g = (const G*)T.g;
     for (ef_i64 i = start + threadIdx.x; i < end; i += blockDim.x) {
         R s[EF_MAX_SLOTS];
-        for (int k = 0; k < EF_SLOTS; ++k) s[k] = EfElem<S, R>::load((const S*)T.s[k] + i);
+        for (int k = 0; k < (EF_SUMS_READ_STATE ? EF_SLOTS : 0); ++k) s[k] = EfElem<S, R>::load((const S*)T.s[k] + i);
         R gv = EF_READS_INPUT ? EfElem<G, R>::load(g + i) * factor : R(0);
         Rule::template accumulate<R>(hyper, EfElem<P, R>::load(p + i), gv, s, acc);
     }

@@ -1,0 +1,159 @@
+//! ⊥Grad (Prieto et al., "Grokking at the Edge of Numerical Stability", ICLR 2025,
+//! arXiv:2501.04697; spec §19): any rule that reads a gradient, stepped with the gradient made
+//! orthogonal to the parameter. Per tensor, with `w` the parameter and `u` its gradient as flat
+//! vectors (the whole tensor is one vector):
+//! ```text
+//! c  = ⟨w, u⟩ / (⟨w, w⟩ + 1e-30)
+//! u⊥ = u − c·w
+//! u⊥ ← u⊥ · ‖u‖ / (‖u⊥‖ + 1e-30)      with RESCALE (the official code; without: the paper)
+//! ```
+//! and the wrapped rule updates with `u⊥` in place of `u`; nothing is written to the gradient.
+//! The sums ⟨w,u⟩, ⟨w,w⟩, ‖u‖² and the element count come from one read-only pass over `w` and
+//! `u`, accumulated in f64; `‖u⊥‖² = ‖u‖² − 2c⟨w,u⟩ + c²⟨w,w⟩` is derived from them in f64 (no
+//! second pass). A tensor of one element keeps its gradient: its `u⊥` is rounding noise that the
+//! rescale would blow up to `|u|` with an arbitrary sign (spec §19 (h), decision §22.5).
+//!
+//! The transform is linear in `u` and the rescale does not depend on `u`'s scale, so it commutes
+//! with the drivers' unscaling (AMP) and negation (`maximize`), which are applied first here.
+//! Rules with sums of their own (they would need sums of the transformed gradient: a second,
+//! dependent pass) are refused.
+
+use super::{bool_dispatch, ConstArg, Params, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::error::{Error, Result};
+use crate::real::Real;
+
+/// The constant of both denominators (the official code's).
+const EPS: f64 = 1e-30;
+
+/// The rule `Ru` stepped with ⊥Grad's gradient.
+#[derive(Clone, Debug)]
+pub struct OrthoGrad<Ru: Rule, const RESCALE: bool> {
+    pub inner: Ru,
+}
+
+/// The wrapped rule's coefficients, and the gradient's: `u⊥ = (u − along·w)·scale`.
+#[derive(Copy, Clone, Debug)]
+pub struct OrthoCoeffs<C, R> {
+    inner: C,
+    along: R,
+    scale: R,
+}
+
+impl<Ru: Rule, const RESCALE: bool> Params for OrthoGrad<Ru, RESCALE> {
+    const PARAM_NAMES: &'static [&'static str] = Ru::PARAM_NAMES;
+    fn param_words(&self) -> Vec<f64> {
+        self.inner.param_words()
+    }
+    fn const_args() -> Vec<ConstArg> {
+        Ru::const_args()
+    }
+    fn twin_type(template: &str) -> String {
+        format!("OrthoGrad<{}, {RESCALE}>", Ru::twin_type(template))
+    }
+}
+
+/// `(along, scale)` of one tensor from its sums `[⟨w,u⟩, ⟨w,w⟩, ‖u‖², numel]`, in f64.
+fn transform(sums: &[f64; MAX_SUMS], rescale: bool) -> (f64, f64) {
+    let [wu, ww, uu, numel] = *sums;
+    if numel <= 1.0 {
+        return (0.0, 1.0);
+    }
+    let along = wu / (ww + EPS);
+    let perp = (uu - 2.0 * along * wu + along * along * ww).max(0.0).sqrt();
+    (along, if rescale { uu.sqrt() / (perp + EPS) } else { 1.0 })
+}
+
+impl<Ru: Rule, const RESCALE: bool> Rule for OrthoGrad<Ru, RESCALE> {
+    const INFO: &'static super::RuleInfo = Ru::INFO;
+    const SLOT_NAMES: &'static [&'static str] = Ru::SLOT_NAMES;
+    const WRITTEN_SLOTS: usize = Ru::WRITTEN_SLOTS;
+    /// ⟨w,u⟩, ⟨w,w⟩, ‖u‖², numel.
+    const SUMS: usize = 4;
+    const SUMS_READ_STATE: bool = false;
+    type Coeffs<R: Real> = OrthoCoeffs<Ru::Coeffs<R>, R>;
+
+    #[inline(always)]
+    fn accumulate<R: Real>(&self, p: R, g: R, _s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
+        let (w, u) = (p.to_f64(), g.to_f64());
+        sums[0] += w * u;
+        sums[1] += w * w;
+        sums[2] += u * u;
+        sums[3] += 1.0;
+    }
+
+    fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> Self::Coeffs<R> {
+        let (along, scale) = transform(sums, RESCALE);
+        OrthoCoeffs { inner: self.inner.coeffs::<R>(scalars, &[0.0; MAX_SUMS]), along: R::from_f64(along), scale: R::from_f64(scale) }
+    }
+
+    #[inline(always)]
+    fn update<R: Real>(c: &Self::Coeffs<R>, p: R, g: R, s: &mut [R; MAX_SLOTS]) -> R {
+        Ru::update(&c.inner, p, (g - c.along * p) * c.scale, s)
+    }
+}
+
+/// A visitor that hands the rule it receives, wrapped in [`OrthoGrad`], to `visitor`.
+pub struct Wrap<V> {
+    pub visitor: V,
+    pub rescale: bool,
+}
+
+impl<V: RuleVisitor> RuleVisitor for Wrap<V> {
+    type Output = Result<V::Output>;
+    fn visit<Ru: Rule>(self, rule: Ru) -> Self::Output {
+        let name = Ru::INFO.name;
+        if !Ru::READS_INPUT {
+            return Err(Error::Value(format!("orthograd transforms a gradient; rule '{name}' reads none: pass orthograd=False")));
+        }
+        if Ru::SUMS > 0 {
+            return Err(Error::Value(format!(
+                "orthograd cannot be combined with rule '{name}' in this configuration: the rule reads per-tensor sums of the \
+                 gradient, which would have to be sums of the orthogonalised one (a second pass emafuse does not run); \
+                 pass orthograd=False or turn off the option that needs the sums (e.g. Lion's caution)"
+            )));
+        }
+        Ok(bool_dispatch!(self.rescale => RESCALE; self.visitor.visit(OrthoGrad::<Ru, RESCALE> { inner: rule })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::sgd::Sgd;
+
+    /// Plain SGD (p ← p − lr·g) shows the transformed gradient directly.
+    fn sgd_step<const RESCALE: bool>(w: &[f64], u: &[f64]) -> Vec<f64> {
+        let rule = OrthoGrad::<Sgd<false, false, false>, RESCALE> { inner: Sgd { lr: 1.0, momentum: 0.0, dampening: 0.0, weight_decay: 0.0 } };
+        let mut sums = [0.0; MAX_SUMS];
+        for (&p, &g) in w.iter().zip(u) {
+            rule.accumulate(p, g, &[0.0; MAX_SLOTS], &mut sums);
+        }
+        let c = rule.coeffs::<f64>(&mut [0.0; MAX_SCALARS], &sums);
+        w.iter().zip(u).map(|(&p, &g)| p - OrthoGrad::<Sgd<false, false, false>, RESCALE>::update(&c, p, g, &mut [0.0; MAX_SLOTS])).collect()
+    }
+
+    #[test]
+    fn gradient_is_made_orthogonal_and_keeps_its_norm() {
+        let (w, u) = ([1.0, 2.0, -0.5, 0.25], [0.3, -0.7, 1.1, 0.4]);
+        let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+        let along = dot(&w, &u) / (dot(&w, &w) + EPS);
+        let perp: Vec<f64> = u.iter().zip(w).map(|(g, p)| g - along * p).collect();
+        assert_eq!(sgd_step::<false>(&w, &u).iter().zip(&perp).filter(|(a, b)| (*a - *b).abs() > 1e-15).count(), 0);
+        let got = sgd_step::<true>(&w, &u);
+        assert!(dot(&got, &w).abs() < 1e-14);
+        assert!((dot(&got, &got) - dot(&u, &u)).abs() < 1e-14);
+        let k = dot(&u, &u).sqrt() / dot(&perp, &perp).sqrt();
+        assert!(got.iter().zip(&perp).all(|(a, b)| (a - b * k).abs() < 1e-14));
+    }
+
+    #[test]
+    fn one_element_tensors_and_zero_parameters_keep_their_gradient() {
+        assert_eq!(sgd_step::<true>(&[3.0], &[-0.5]), vec![-0.5]);
+        assert_eq!(sgd_step::<true>(&[0.0, 0.0], &[0.5, -2.0]), vec![0.5, -2.0]);
+    }
+
+    #[test]
+    fn a_zero_gradient_stays_zero() {
+        assert_eq!(sgd_step::<true>(&[1.0, 2.0], &[0.0, 0.0]), vec![0.0, 0.0]);
+    }
+}
