@@ -47,9 +47,10 @@ class Case:
     po_name: str | None = None  # pytorch_optimizer class
     po_kwargs: dict[str, Any] = field(default_factory=dict)
     heavyball_name: str | None = None
+    others: tuple[tuple[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]], ...] = ()
 
     def impls(self) -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
-        out: dict[str, Callable] = {"emafuse": lambda ps: self.ours(ps, **self.kwargs)}
+        out: dict[str, Callable] = {"emafuse": lambda ps: self.ours(ps, **self.kwargs), **dict(self.others)}
         if po is not None and self.po_name:
             cls = getattr(po, self.po_name)
             out["pytorch_optimizer"] = lambda ps: cls(ps, **self.po_kwargs, foreach=False)
@@ -73,6 +74,12 @@ CASES = [
     Case("AdaBoundW", emafuse.AdaBoundW, 28, dict(lr=1e-4, weight_decay=1e-4), "AdaBound",
          dict(lr=1e-4, weight_decay=1e-4, weight_decouple=True, fixed_decay=True)),
     Case("SGDSaI", emafuse.SGDSaI, 20, dict(lr=1e-4), "SGDSaI", dict(lr=1e-4)),
+    # ⊥Grad: what the option costs (plain AdamW in the same run), and pytorch_optimizer's wrapper
+    Case("AdamW⊥", emafuse.AdamW, 36, dict(lr=1e-4, orthograd=True), others=(
+        ("emafuse AdamW, no orthograd", lambda ps: emafuse.AdamW(ps, lr=1e-4)),
+        *((("pytorch_optimizer OrthoGrad(torch AdamW)", lambda ps: po.OrthoGrad(torch.optim.AdamW, params=ps, lr=1e-4, foreach=False)),)
+          if po is not None else ()),
+    )),
 ]
 
 
@@ -158,7 +165,8 @@ def main() -> None:
         f"Memory bandwidth in the same run (median, read + written): copy {copy_gbs:.1f} GB/s, in-place {inplace_gbs:.1f} GB/s. "
         "GB/s = fp32 bytes per parameter (optimizers.md §1) x parameters / time; emafuse speed-up = peer time / emafuse time. "
         "Peers: pytorch_optimizer 4.1.0 (its default loop and `foreach=True`), heavyball 3.2.1 (eager, `compile_mode=None`) "
-        "where it has the algorithm. AdaMomentum has no packaged implementation.\n\n" + table
+        "where it has the algorithm. AdaMomentum has no packaged implementation. AdamW⊥ is `AdamW(orthograd=True)`; its "
+        "rows' GB/s count AdamW⊥'s 36 bytes per parameter, plain AdamW's row included (it moves 28).\n\n" + table
     )
     print(section)
     if output:

@@ -12,6 +12,8 @@ failure.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import io
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -170,7 +172,13 @@ class Entry:
         return self.cls.__name__
 
     def officials_for(self, kw: dict[str, Any]) -> list[Official]:
-        return [o for o in self.officials if o.applies(kw)]
+        # ⊥Grad is compared with pytorch_optimizer's wrapper in test_orthograd.py (its one-element
+        # tensors differ by decision), not through the officials.
+        return [o for o in self.officials if o.applies(kw) and not kw.get("orthograd")]
+
+    @property
+    def takes_orthograd(self) -> bool:
+        return "orthograd" in inspect.signature(self.cls).parameters
 
 
 # -- shared pieces ---------------------------------------------------------------------------------
@@ -246,7 +254,7 @@ _ADABOUND_BAD = (
 
 # -- the registry ----------------------------------------------------------------------------------
 
-ENTRIES: tuple[Entry, ...] = (
+_ENTRIES: tuple[Entry, ...] = (
     Entry(
         emafuse.AdamW, RefAdamW,
         configs=_ADAM_CONFIGS,
@@ -596,6 +604,24 @@ ENTRIES: tuple[Entry, ...] = (
     ),
 )
 
+def orthograd_config(entry: Entry) -> dict[str, Any]:
+    """The entry's main configuration with ⊥Grad (without Lion's caution, which it rules out)."""
+    return {**{k: v for k, v in entry.main.items() if k != "caution"}, "orthograd": True, "orthograd_rescale": True}
+
+
+def _with_orthograd(entry: Entry) -> Entry:
+    """Every optimizer that takes ``orthograd`` has its main configuration with it among its
+    configurations (AdamW also the paper's form, unrescaled, with maximize; the wrapper around
+    each rule is the same code)."""
+    if not entry.takes_orthograd:
+        return entry
+    extra = [orthograd_config(entry)]
+    if entry.cls is emafuse.AdamW:
+        extra.append({**extra[0], "orthograd_rescale": False, "maximize": True})
+    return dataclasses.replace(entry, configs=(*entry.configs, *extra))
+
+
+ENTRIES: tuple[Entry, ...] = tuple(_with_orthograd(e) for e in _ENTRIES)
 BY_NAME: dict[str, Entry] = {e.name: e for e in ENTRIES}
 
 

@@ -83,6 +83,8 @@ FAMILY = [
     (emafuse.Lion, dict(lr=1e-3, weight_decay=0.1, caution=True)),
     (emafuse.Lion, dict(lr=1e-3, caution=True, caution_norm="count")),
     (emafuse.AdaMod, dict(lr=1e-2, weight_decay=0.1)),
+    (emafuse.AdamW, dict(lr=1e-2, weight_decay=0.1, orthograd=True)),
+    (emafuse.Lion, dict(lr=1e-3, weight_decay=0.1, orthograd=True, orthograd_rescale=False)),
 ]
 
 

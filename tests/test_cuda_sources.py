@@ -92,6 +92,12 @@ def variants():
             for extra in [{}] + spec.get("extra", []):
                 hyper = {**spec["hyper"], **extra, **flags}
                 yield name, hyper, _native.rule_slots(name, hyper), info["scalars"]
+        # ⊥Grad (the OrthoGrad wrapper) around each optimizer rule's plain variant; both forms
+        # around Adam
+        if "lr" in info["numbers"]:
+            hyper = {**spec["hyper"], **dict.fromkeys(info["flags"], False), "orthograd": True}
+            for rescale in (True, False) if name == "adam" else (True,):
+                yield name, {**hyper, "orthograd_rescale": rescale}, _native.rule_slots(name, hyper), info["scalars"]
 
 
 VARIANTS = list(variants())

@@ -24,8 +24,10 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 def _exact(name: str, kw: dict) -> bool:
     # Float sums added across ranks (float64, in another order) are equal to round-off: Adan's
-    # max_grad_norm, SGD-SaI's Σg and Σg². (Lion's cautious sums are counts: exact.)
-    return not (name == "SGDSaI" or (name == "Adan" and float(kw.get("max_grad_norm", 0.0)) > 0.0))
+    # max_grad_norm, SGD-SaI's Σg and Σg², ⊥Grad's ⟨w,u⟩, ⟨w,w⟩, ‖u‖². (Lion's cautious sums are
+    # counts: exact.)
+    sums = name == "SGDSaI" or kw.get("orthograd") or (name == "Adan" and float(kw.get("max_grad_norm", 0.0)) > 0.0)
+    return not sums
 
 
 OPT_CONFIGS = [(e.name, kw, _exact(e.name, kw)) for e in ENTRIES for kw in e.configs]

@@ -45,6 +45,9 @@ def test_signature_and_defaults_are_the_officials(entry):
     extra = [p for p in ours if p.name not in names]
     assert all(p.kind == p.KEYWORD_ONLY for p in extra), [p.name for p in extra]
     assert EMAFUSE_KEYWORDS <= {p.name for p in ours if p.kind == p.KEYWORD_ONLY} | names
+    if entry.takes_orthograd:
+        by_name = {p.name: p for p in ours}
+        assert (by_name["orthograd"].default, by_name["orthograd_rescale"].default) == (False, True)
     for name in entry.signature_differences:
         assert name not in names
     opt = entry.cls(make_params([(3,)]))
@@ -62,7 +65,8 @@ def test_is_a_torch_optimizer_with_amp_support_exported_from_emafuse(entry):
     base = entry.caps.torch_base
     if base is not None:
         assert isinstance(opt, base)
-        assert opt.defaults == {**base(make_params([(3,)])).defaults, "check_finite": False}
+        ours = {"check_finite": False, "orthograd": False, "orthograd_rescale": True}
+        assert opt.defaults == {**base(make_params([(3,)])).defaults, **ours}
 
 
 OFFICIAL_MESSAGES = [

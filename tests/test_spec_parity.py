@@ -60,10 +60,13 @@ def test_fp64_trajectory_matches_the_reference(entry, kw):
         set_grads(params, grads)
         opt.step()
         ref.step(grads)
+    # ⊥Grad's u − c·w cancels where u ≈ c·w: such an element's relative error is unbounded, its
+    # absolute error bounded by the tensor's scale (c from sums added in another order).
+    state_atol = (lambda v: 1e-13 * scale_of(v)) if kw.get("orthograd") else (lambda v: 1e-13)
     for i, (p, q) in enumerate(zip(params, ref.params)):
         assert p.dtype == torch.float64
         assert_close(p, q, rtol=1e-11, atol=1e-12, what=f"param {i}")
-        assert_state_matches(opt, ref, i, p, 1e-11, lambda v: 1e-13, f"param {i}")
+        assert_state_matches(opt, ref, i, p, 1e-11, state_atol, f"param {i}")
         assert_state_dtypes(entry, kw, opt, p)
 
 

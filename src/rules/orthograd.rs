@@ -7,7 +7,8 @@
 //! u⊥ = u − c·w
 //! u⊥ ← u⊥ · ‖u‖ / (‖u⊥‖ + 1e-30)      with RESCALE (the official code; without: the paper)
 //! ```
-//! and the wrapped rule updates with `u⊥` in place of `u`; nothing is written to the gradient.
+//! and the wrapped rule updates with `u⊥` (evaluated in f64, rounded once to the compute type) in
+//! place of `u`; nothing is written to the gradient.
 //! The sums ⟨w,u⟩, ⟨w,w⟩, ‖u‖² and the element count come from one read-only pass over `w` and
 //! `u`, accumulated in f64; `‖u⊥‖² = ‖u‖² − 2c⟨w,u⟩ + c²⟨w,w⟩` is derived from them in f64 (no
 //! second pass). A tensor of one element keeps its gradient: its `u⊥` is rounding noise that the
@@ -31,12 +32,14 @@ pub struct OrthoGrad<Ru: Rule, const RESCALE: bool> {
     pub inner: Ru,
 }
 
-/// The wrapped rule's coefficients, and the gradient's: `u⊥ = (u − along·w)·scale`.
+/// The wrapped rule's coefficients, and the gradient's: `u⊥ = (u − along·w)·scale`, evaluated in
+/// f64 and rounded once to the compute type (where `u ≈ along·w` the difference cancels: in f32 it
+/// would keep only the few bits that f32 rounding of `along·w` left).
 #[derive(Copy, Clone, Debug)]
-pub struct OrthoCoeffs<C, R> {
+pub struct OrthoCoeffs<C> {
     inner: C,
-    along: R,
-    scale: R,
+    along: f64,
+    scale: f64,
 }
 
 impl<Ru: Rule, const RESCALE: bool> Params for OrthoGrad<Ru, RESCALE> {
@@ -70,7 +73,7 @@ impl<Ru: Rule, const RESCALE: bool> Rule for OrthoGrad<Ru, RESCALE> {
     /// ⟨w,u⟩, ⟨w,w⟩, ‖u‖², numel.
     const SUMS: usize = 4;
     const SUMS_READ_STATE: bool = false;
-    type Coeffs<R: Real> = OrthoCoeffs<Ru::Coeffs<R>, R>;
+    type Coeffs<R: Real> = OrthoCoeffs<Ru::Coeffs<R>>;
 
     #[inline(always)]
     fn accumulate<R: Real>(&self, p: R, g: R, _s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
@@ -83,12 +86,13 @@ impl<Ru: Rule, const RESCALE: bool> Rule for OrthoGrad<Ru, RESCALE> {
 
     fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> Self::Coeffs<R> {
         let (along, scale) = transform(sums, RESCALE);
-        OrthoCoeffs { inner: self.inner.coeffs::<R>(scalars, &[0.0; MAX_SUMS]), along: R::from_f64(along), scale: R::from_f64(scale) }
+        OrthoCoeffs { inner: self.inner.coeffs::<R>(scalars, &[0.0; MAX_SUMS]), along, scale }
     }
 
     #[inline(always)]
     fn update<R: Real>(c: &Self::Coeffs<R>, p: R, g: R, s: &mut [R; MAX_SLOTS]) -> R {
-        Ru::update(&c.inner, p, (g - c.along * p) * c.scale, s)
+        let g = (g.to_f64() - c.along * p.to_f64()) * c.scale;
+        Ru::update(&c.inner, p, R::from_f64(g), s)
     }
 }
 

@@ -13,8 +13,8 @@ class RefAdaBelief(Reference):
     scalars = ("step",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-16, weight_decay=0.0, amsgrad=False,
-                 weight_decouple=True, fixed_decay=False, rectify=True, degenerated_to_sgd=True, *, maximize=False):
-        super().__init__(params, maximize=maximize, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                 weight_decouple=True, fixed_decay=False, rectify=True, degenerated_to_sgd=True, *, maximize=False, **options):
+        super().__init__(params, maximize=maximize, **options, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, weight_decouple=weight_decouple, fixed_decay=fixed_decay, rectify=rectify,
                          degenerated_to_sgd=degenerated_to_sgd)
 

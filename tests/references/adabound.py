@@ -15,8 +15,8 @@ class RefAdaBound(Reference):
     decoupled = False  # AdaBoundW: no L2 term, then p -= wd·p_old (no lr factor)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), final_lr=0.1, gamma=1e-3, eps=1e-8, weight_decay=0.0,
-                 amsbound=False, *, maximize=False):
-        super().__init__(params, maximize=maximize, lr=lr, betas=betas, final_lr=final_lr, gamma=gamma, eps=eps,
+                 amsbound=False, *, maximize=False, **options):
+        super().__init__(params, maximize=maximize, **options, lr=lr, betas=betas, final_lr=final_lr, gamma=gamma, eps=eps,
                          weight_decay=weight_decay, amsbound=amsbound)
         self.base_lr = float(lr)
 

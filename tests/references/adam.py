@@ -15,8 +15,8 @@ class RefAdam(Reference):
     scalars = ("step",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
-                 maximize=False, decoupled_weight_decay=False):
-        super().__init__(params, maximize=maximize, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                 maximize=False, decoupled_weight_decay=False, **options):
+        super().__init__(params, maximize=maximize, **options, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, decoupled=decoupled_weight_decay)
 
     def update(self, p, g, st):
@@ -45,5 +45,5 @@ class RefAdamW(RefAdam):
     """torch.optim.AdamW: Adam with decoupled weight decay (default 1e-2)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, decoupled_weight_decay=True)
+                 maximize=False, **options):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, **options, decoupled_weight_decay=True)

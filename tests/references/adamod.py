@@ -13,8 +13,8 @@ class RefAdaMod(Reference):
     scalars = ("step",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), beta3=0.999, eps=1e-8, weight_decay=0.0, *,
-                 maximize=False):
-        super().__init__(params, maximize=maximize, lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay)
+                 maximize=False, **options):
+        super().__init__(params, maximize=maximize, **options, lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay)
 
     def update(self, p, g, st):
         h = self.h

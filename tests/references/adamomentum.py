@@ -13,8 +13,8 @@ class RefAdaMomentum(Reference):
     scalars = ("step",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, weight_decouple=True,
-                 fixed_decay=False, *, maximize=False):
-        super().__init__(params, maximize=maximize, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                 fixed_decay=False, *, maximize=False, **options):
+        super().__init__(params, maximize=maximize, **options, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          weight_decouple=weight_decouple, fixed_decay=fixed_decay)
 
     def update(self, p, g, st):

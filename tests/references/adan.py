@@ -11,8 +11,8 @@ from .base import Reference
 
 class RefAdan(Reference):
     def __init__(self, params, lr=1e-3, betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=0.0, max_grad_norm=0.0,
-                 no_prox=False, *, maximize=False):
-        super().__init__(params, maximize=maximize, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                 no_prox=False, *, maximize=False, **options):
+        super().__init__(params, maximize=maximize, **options, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          max_grad_norm=max_grad_norm, no_prox=no_prox)
         self.k = 0  # the group's step
         self.c = 1.0  # this step's clipping factor

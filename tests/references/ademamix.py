@@ -13,11 +13,11 @@ class RefAdEMAMix(Reference):
     scalars = ("step",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0, beta3_warmup=None, alpha_warmup=None,
-                 eps=1e-8, weight_decay=0.0, *, t_alpha_beta3=None, fp32_states=True, maximize=False):
+                 eps=1e-8, weight_decay=0.0, *, t_alpha_beta3=None, fp32_states=True, maximize=False, **options):
         # t_alpha_beta3: both warm-ups (spec §6 (b)); fp32_states is a storage option (no effect in float64).
         if t_alpha_beta3 is not None:
             alpha_warmup = beta3_warmup = t_alpha_beta3
-        super().__init__(params, maximize=maximize, lr=lr, betas=betas, alpha=alpha, ta=alpha_warmup,
+        super().__init__(params, maximize=maximize, **options, lr=lr, betas=betas, alpha=alpha, ta=alpha_warmup,
                          tb=beta3_warmup, eps=eps, weight_decay=weight_decay)
 
     def update(self, p, g, st):

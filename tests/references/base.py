@@ -30,6 +30,18 @@ def f64(t: Tensor) -> Tensor:
     return t.detach().to(torch.float64).clone()
 
 
+def orthogonal(p: Tensor, g: Tensor, rescale: bool) -> Tensor:
+    """⊥Grad's gradient (spec §19 (d)): ``g`` minus its projection on ``p`` (both flattened),
+    rescaled to ``g``'s norm with ``rescale``; a one-element tensor keeps ``g`` (§22.5)."""
+    if p.numel() <= 1:
+        return g
+    w, u = p.reshape(-1), g.reshape(-1)
+    perp = u - (w @ u) / (w @ w + 1e-30) * w
+    if rescale:
+        perp = perp * (u.norm() / (perp.norm() + 1e-30))
+    return perp.reshape(g.shape)
+
+
 def _plain(v: Any) -> Any:
     """A hyper-parameter with tensors read as Python floats (a tensor lr, tensor betas)."""
     if isinstance(v, Tensor):
@@ -46,10 +58,13 @@ class Reference:
     # Names of the per-parameter scalar state entries (kept as Python floats).
     scalars: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, params: list[Tensor], *, maximize: bool = False, **hyper: Any) -> None:
+    def __init__(
+        self, params: list[Tensor], *, maximize: bool = False, orthograd: bool = False, orthograd_rescale: bool = True, **hyper: Any
+    ) -> None:
         self.params = [f64(p) for p in params]
         self.state: list[dict[str, Any]] = [{} for _ in self.params]
         self.maximize = maximize
+        self.orthograd = (orthograd, orthograd_rescale)
         self.h = {k: _plain(v) for k, v in hyper.items()}
 
     # -- what a rule provides -----------------------------------------------------------------
@@ -79,7 +94,10 @@ class Reference:
     # -- the interface ------------------------------------------------------------------------
 
     def step(self, grads: list[Tensor | None]) -> None:
-        grads = [None if g is None else (-f64(g) if self.maximize else f64(g)) for g in grads]
+        grads = [None if g is None else f64(g) for g in grads]
+        if self.orthograd[0]:
+            grads = [None if g is None else orthogonal(p, g, self.orthograd[1]) for p, g in zip(self.params, grads)]
+        grads = [None if g is None else (-g if self.maximize else g) for g in grads]
         self.begin(grads)
         for p, g, st in zip(self.params, grads, self.state):
             if g is not None:

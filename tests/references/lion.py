@@ -9,10 +9,10 @@ from .base import Reference
 
 class RefLion(Reference):
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, lr_independent_decay=False,
-                 decoupled_weight_decay=None, caution=False, caution_norm="mean", maximize=False):
+                 decoupled_weight_decay=None, caution=False, caution_norm="mean", maximize=False, **options):
         if decoupled_weight_decay is not None:  # lion-pytorch's spelling of the same option
             lr_independent_decay = decoupled_weight_decay
-        super().__init__(params, maximize=maximize, lr=lr, betas=betas, weight_decay=weight_decay,
+        super().__init__(params, maximize=maximize, **options, lr=lr, betas=betas, weight_decay=weight_decay,
                          lr_independent_decay=lr_independent_decay, caution=caution, caution_norm=caution_norm)
         self.decay_base_lr = float(lr)  # lr_independent_decay divides the decay by the initial lr
 

@@ -9,8 +9,8 @@ class RefSGD(Reference):
     """torch.optim.SGD's rule; no step counter."""
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 maximize=False):
-        super().__init__(params, maximize=maximize, lr=lr, momentum=momentum, dampening=dampening,
+                 maximize=False, **options):
+        super().__init__(params, maximize=maximize, **options, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov)
 
     def update(self, p, g, st):

@@ -10,8 +10,8 @@ from .base import Reference
 class RefSGDSaI(Reference):
     scalars = ("gsnr",)
 
-    def __init__(self, params, lr=1e-2, momentum=0.9, eps=1e-8, weight_decay=1e-2, *, maximize=False):
-        super().__init__(params, maximize=maximize, lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay)
+    def __init__(self, params, lr=1e-2, momentum=0.9, eps=1e-8, weight_decay=1e-2, *, maximize=False, **options):
+        super().__init__(params, maximize=maximize, **options, lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay)
 
     def update(self, p, g, st):
         h = self.h

@@ -13,8 +13,8 @@ class RefSPAM(Reference):
     scalars = ("step",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True,
-                 warmup_steps=150, threshold=5000, DeltaT=500, grad_accu_steps=20, *, maximize=False):
-        super().__init__(params, maximize=maximize, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                 warmup_steps=150, threshold=5000, DeltaT=500, grad_accu_steps=20, *, maximize=False, **options):
+        super().__init__(params, maximize=maximize, **options, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          correct_bias=correct_bias, N=warmup_steps, theta=threshold, dT=DeltaT, accu=grad_accu_steps)
         self.total_step = 0  # completed steps
         self.current_step = warmup_steps + 1  # steps since the last reset (warm-up position)

@@ -150,6 +150,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     # Whether parameters with sparse gradients are stepped (by ``_step_sparse``, outside the
     # fused engine, which walks dense memory); else a sparse gradient is a SparseGradError.
     _supports_sparse_grads: ClassVar[bool] = False
+    # Whether the class takes ``orthograd`` (⊥Grad, the engine's gradient projection).
+    _takes_orthograd: ClassVar[bool] = True
     # Whether fresh state must be flagged to the rule (SGD's momentum buffer starts as a copy).
     _flags_fresh_state: ClassVar[bool] = False
     # Whether state_dict() stores the step counter as a Python int, as the reference
@@ -364,7 +366,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 "native step cannot be differentiated through. Use torch.optim for that."
             )
         if group.get("orthograd", False):
-            if "orthograd" not in self.defaults:
+            if not self._takes_orthograd:
                 raise UnsupportedOptionError(f"{name} does not take orthograd=True (see its docstring); remove the key from the param group")
             conflict = self._orthograd_conflict(group)
             if conflict:

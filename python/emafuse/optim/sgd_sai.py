@@ -48,6 +48,7 @@ class SGDSaI(FusedOptimizer):
     """
 
     _rule = "sgd_sai"
+    _takes_orthograd = False
     _flags_fresh_state = True
 
     def __init__(

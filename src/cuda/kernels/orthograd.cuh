@@ -10,7 +10,7 @@ struct OrthoGrad {
     template <class R>
     struct Coeffs {
         typename Inner::template Coeffs<R> inner;
-        R along, scale;  // u⊥ = (u − along·w)·scale
+        double along, scale;  // u⊥ = (u − along·w)·scale, in double, rounded once
     };
 
     // ⟨w,u⟩, ⟨w,w⟩, ‖u‖², numel
@@ -35,13 +35,13 @@ struct OrthoGrad {
             double perp = EF_SQRT_D(perp2 > 0.0 ? perp2 : 0.0);
             if (RESCALE) scale = EF_SQRT_D(sums[2]) / (perp + 1e-30);
         }
-        c.along = R(along);
-        c.scale = R(scale);
+        c.along = along;
+        c.scale = scale;
         return c;
     }
 
     template <class R>
     EF_FN static R update(const Coeffs<R>& c, R p, R g, R* s) {
-        return Inner::template update<R>(c.inner, p, (g - c.along * p) * c.scale, s);
+        return Inner::template update<R>(c.inner, p, R(((double)g - c.along * (double)p) * c.scale), s);
     }
 };
