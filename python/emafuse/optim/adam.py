@@ -65,8 +65,8 @@ class AdamW(_AdamRule, torch.optim.AdamW):
     (the rescale to the original norm is the official code's; ``orthograd_rescale=False`` gives
     the paper's equation without it). AdamW⊥ is ``AdamW(..., orthograd=True)``, used by the paper
     without weight decay. The sums come from one extra read-only pass over the parameters and
-    gradients, in float64, and :math:`u_\\perp` is evaluated in float64 (rounded once to the
-    compute type, so cancellation where :math:`u \\approx c\\,w` costs no accuracy);
+    gradients, in float64, and :math:`u_\perp` is evaluated in float64 (rounded once to the
+    compute type, so cancellation where :math:`u \approx c\,w` costs no accuracy);
     ``p.grad`` is never written (the official wrapper and
     pytorch_optimizer's ``OrthoGrad`` overwrite it). Decisions: a parameter with one element keeps
     its gradient (its :math:`u_\perp` is rounding noise that the rescale would blow up to
