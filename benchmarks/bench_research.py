@@ -31,6 +31,10 @@ try:
 except ImportError:  # pragma: no cover - optional peer
     po = None
 try:
+    import timm.optim
+except ImportError:  # pragma: no cover - optional peer
+    timm = None
+try:
     import heavyball
 
     heavyball.utils.compile_mode = None  # eager: compiling for the CPU would dominate the run
@@ -74,11 +78,17 @@ CASES = [
     Case("AdaBoundW", emafuse.AdaBoundW, 28, dict(lr=1e-4, weight_decay=1e-4), "AdaBound",
          dict(lr=1e-4, weight_decay=1e-4, weight_decouple=True, fixed_decay=True)),
     Case("SGDSaI", emafuse.SGDSaI, 20, dict(lr=1e-4), "SGDSaI", dict(lr=1e-4)),
-    # ⊥Grad: what the option costs (plain AdamW in the same run), and pytorch_optimizer's wrapper
+    # The options on AdamW: what each costs (plain AdamW in the same run), and the peers'
     Case("AdamW⊥", emafuse.AdamW, 36, dict(lr=1e-4, orthograd=True), others=(
         ("emafuse AdamW, no orthograd", lambda ps: emafuse.AdamW(ps, lr=1e-4)),
         *((("pytorch_optimizer OrthoGrad(torch AdamW)", lambda ps: po.OrthoGrad(torch.optim.AdamW, params=ps, lr=1e-4, foreach=False)),)
           if po is not None else ()),
+    )),
+    Case("C-AdamW", emafuse.AdamW, 36, dict(lr=1e-4, caution=True), others=(
+        ("emafuse AdamW, no caution", lambda ps: emafuse.AdamW(ps, lr=1e-4)),
+        *((("timm AdamWLegacy(caution=True)", lambda ps: timm.optim.AdamWLegacy(ps, lr=1e-4, caution=True)),) if timm is not None else ()),
+        *((("timm AdamWLegacy(caution=True, foreach=True)", lambda ps: timm.optim.AdamWLegacy(ps, lr=1e-4, caution=True, foreach=True)),)
+          if timm is not None else ()),
     )),
 ]
 
@@ -165,8 +175,8 @@ def main() -> None:
         f"Memory bandwidth in the same run (median, read + written): copy {copy_gbs:.1f} GB/s, in-place {inplace_gbs:.1f} GB/s. "
         "GB/s = fp32 bytes per parameter (optimizers.md §1) x parameters / time; emafuse speed-up = peer time / emafuse time. "
         "Peers: pytorch_optimizer 4.1.0 (its default loop and `foreach=True`), heavyball 3.2.1 (eager, `compile_mode=None`) "
-        "where it has the algorithm. AdaMomentum has no packaged implementation. AdamW⊥ is `AdamW(orthograd=True)`; its "
-        "rows' GB/s count AdamW⊥'s 36 bytes per parameter, plain AdamW's row included (it moves 28).\n\n" + table
+        "where it has the algorithm. AdaMomentum has no packaged implementation. AdamW⊥ is `AdamW(orthograd=True)`, C-AdamW "
+        "`AdamW(caution=True)`; their rows' GB/s count their 36 bytes per parameter, plain AdamW's rows included (it moves 28).\n\n" + table
     )
     print(section)
     if output:

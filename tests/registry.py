@@ -184,15 +184,26 @@ class Entry:
 # -- shared pieces ---------------------------------------------------------------------------------
 
 
+def _no_caution(kw: dict[str, Any]) -> bool:
+    return not kw.get("caution")
+
+
 def _torch(cls: type, low_precision: bool = True) -> tuple[Official, Official]:
     """torch's class, as its two CPU implementations (single-tensor and fused)."""
     return (
-        Official(f"{cls.__name__}-foreach_false", cls, lambda kw: {**kw, "foreach": False}, steps=120, complex=True,
-                 maximize=True),
+        Official(f"{cls.__name__}-foreach_false", cls, lambda kw: {**kw, "foreach": False}, _no_caution, steps=120,
+                 complex=True, maximize=True),
         # fused: no complex parameters; checkpoints: the single-tensor one covers the format
-        Official(f"{cls.__name__}-fused", cls, lambda kw: {**kw, "fused": True}, steps=120, low_precision=low_precision,
-                 checkpoints=(), maximize=True),
+        Official(f"{cls.__name__}-fused", cls, lambda kw: {**kw, "fused": True}, _no_caution, steps=120,
+                 low_precision=low_precision, checkpoints=(), maximize=True),
     )
+
+
+# C-AdamW: timm's AdamWLegacy(caution=True) (the "mean" normalisation)
+_TIMM_CAUTIOUS_ADAMW = Official(
+    "timm-AdamWLegacy-caution", timm.optim.AdamWLegacy, lambda kw: {**kw, "foreach": False},
+    lambda kw: kw.get("caution", False) and kw.get("caution_norm", "mean") == "mean", maximize=True, complex=True,
+)
 
 
 _ADAM_BAD = (
@@ -215,6 +226,8 @@ _ADAM_CONFIGS = (
     dict(amsgrad=True, weight_decay=0.05, maximize=True),
     dict(maximize=True, betas=(0.8, 0.95), eps=1e-6),
     dict(betas=(0.6, 0.9), lr=3e-2),  # 1 - beta1 >= 0.5: the other torch.lerp form
+    dict(caution=True, weight_decay=0.1),
+    dict(caution=True, caution_norm="count", amsgrad=True, maximize=True),
 )
 # Small SPAM periods so that resets, warm-up and spike clipping all happen within a few steps.
 SPAM_FAST = dict(warmup_steps=3, DeltaT=5, grad_accu_steps=2, threshold=50)
@@ -261,7 +274,7 @@ _ENTRIES: tuple[Entry, ...] = (
         main=dict(lr=1e-2, weight_decay=0.1, amsgrad=True),
         caps=Caps(complex=True, torch_base=torch.optim.AdamW),
         signature=torch.optim.AdamW,
-        officials=_torch(torch.optim.AdamW),
+        officials=(*_torch(torch.optim.AdamW), _TIMM_CAUTIOUS_ADAMW),
         bad_args=_ADAM_BAD,
         group_options=dict(lr=1e-1, weight_decay=0.0, amsgrad=True),
     ),

@@ -11,6 +11,13 @@
 //! with `bc1 = 1 − β1^t`, `bc2 = 1 − β2^t` computed in f64 on the host.
 //! State slots: `exp_avg`, `exp_avg_sq`, then `max_exp_avg_sq` with amsgrad.
 //!
+//! Cautious AdamW (Liang et al., arXiv:2411.16085; spec §20, as timm's `AdamWLegacy(caution=True)`):
+//! with `φ = 1[m·g > 0]` for the new `m` (the update's sign is `m`'s: the denominator is
+//! positive), the step reads `m·φ·k` for `m`, where the per-tensor factor `k` is
+//! `1/max(mean φ, 1e-3)` ("mean") or `numel/(Σφ + 1)` ("count"); decay is not masked. `g` is the
+//! gradient the moments see (with Adam's L2 term). The sums come from a read-only pass that
+//! recomputes the new `m` (`accumulate`).
+//!
 //! Fused model EMA (spec averaging.md D.3 `ema_in_step`, flag `ema`, hyper-parameter
 //! `ema_weight` = 1 − decay): one more slot, the average `E`, last, updated from the new parameter
 //! value while it is still in registers, `E ← lerp(E, p_new, ema_weight)`. Equal to a separate
@@ -18,7 +25,8 @@
 //! Python layer only uses it then.
 
 use super::{
-    bool_dispatch, check_non_negative, check_unit_interval, next_step, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
+    bool_dispatch, caution_factor, cautious_count, check_non_negative, check_unit_interval, next_step, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor,
+    MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::Result;
 use crate::real::{Lerp, Real};
@@ -28,16 +36,17 @@ pub const INFO: RuleInfo = RuleInfo {
     name: "adam",
     summary: "Adam / AdamW / AMSGrad as torch.optim, optionally with a fused model EMA",
     numbers: &["lr", "beta1", "beta2", "eps", "weight_decay", "ema_weight"],
-    flags: &["amsgrad", "decoupled", "ema"],
-    optional_flags: &["ema"],
+    flags: &["amsgrad", "decoupled", "ema", "caution", "caution_count"],
+    optional_flags: &["ema", "caution", "caution_count"],
     scalars: &["step"],
     reads_input: true,
 };
 
 rule_params! {
-    /// Adam's hyper-parameters; `AMSGRAD`, `DECOUPLED` (AdamW) and `EMA` (fused model EMA in the
-    /// last slot) are compile-time flags.
-    pub struct Adam<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool> {
+    /// Adam's hyper-parameters; `AMSGRAD`, `DECOUPLED` (AdamW), `EMA` (fused model EMA in the
+    /// last slot), `CAUTION` (the cautious mask) and `COUNT` (its "count" normalisation) are
+    /// compile-time flags.
+    pub struct Adam<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool, const CAUTION: bool, const COUNT: bool> {
         lr: f64,
         beta1: f64,
         beta2: f64,
@@ -59,9 +68,25 @@ pub struct AdamCoeffs<R: Real> {
     neg_step_size: R,
     eps: R,
     ema: Lerp<R>,
+    /// The cautious factor k of this tensor (unused without caution).
+    caution: R,
 }
 
-impl<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool> Rule for Adam<AMSGRAD, DECOUPLED, EMA> {
+impl<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool, const CAUTION: bool, const COUNT: bool> Adam<AMSGRAD, DECOUPLED, EMA, CAUTION, COUNT> {
+    /// The gradient the moments see: with L2 decay (Adam), `g + wd·p`.
+    #[inline(always)]
+    fn moment_input<R: Real>(l2: R, p: R, g: R) -> R {
+        if DECOUPLED {
+            g
+        } else {
+            g + l2 * p
+        }
+    }
+}
+
+impl<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool, const CAUTION: bool, const COUNT: bool> Rule
+    for Adam<AMSGRAD, DECOUPLED, EMA, CAUTION, COUNT>
+{
     const INFO: &'static RuleInfo = &INFO;
     const SLOT_NAMES: &'static [&'static str] = match (AMSGRAD, EMA) {
         (false, false) => &["exp_avg", "exp_avg_sq"],
@@ -69,10 +94,19 @@ impl<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool> Rule for Adam<
         (false, true) => &["exp_avg", "exp_avg_sq", "ema"],
         (true, true) => &["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ema"],
     };
+    /// With caution: Σφ and the element count.
+    const SUMS: usize = if CAUTION { 2 } else { 0 };
     type Coeffs<R: Real> = AdamCoeffs<R>;
 
+    #[inline(always)]
+    fn accumulate<R: Real>(&self, p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
+        let g = Self::moment_input(R::from_f64(self.weight_decay), p, g);
+        let m = Lerp::new(1.0 - self.beta1).apply(s[0], g);
+        cautious_count(m, g, sums);
+    }
+
     /// `scalars[0]` is torch's `state['step']`, incremented here.
-    fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> AdamCoeffs<R> {
+    fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> AdamCoeffs<R> {
         let (bc1, bc2) = next_step(scalars, self.beta1, self.beta2);
         AdamCoeffs {
             decay: R::from_f64(if DECOUPLED { 1.0 - self.lr * self.weight_decay } else { 1.0 }),
@@ -84,12 +118,13 @@ impl<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool> Rule for Adam<
             neg_step_size: R::from_f64(-(self.lr / bc1)),
             eps: R::from_f64(self.eps),
             ema: Lerp::new(self.ema_weight),
+            caution: if CAUTION { caution_factor(sums, COUNT) } else { R::ONE },
         }
     }
 
     #[inline(always)]
     fn update<R: Real>(c: &AdamCoeffs<R>, p: R, g: R, s: &mut [R; MAX_SLOTS]) -> R {
-        let (p, g) = if DECOUPLED { (p * c.decay, g) } else { (p, g + c.l2 * p) };
+        let (p, g) = if DECOUPLED { (p * c.decay, g) } else { (p, Self::moment_input(c.l2, p, g)) };
         let m = c.m_lerp.apply(s[0], g);
         let v = s[1] * c.beta2 + c.one_minus_beta2 * g * g;
         s[0] = m;
@@ -101,7 +136,14 @@ impl<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool> Rule for Adam<
             v
         };
         let denom = v_hat.sqrt() / c.bc2_sqrt + c.eps;
-        let p = p + c.neg_step_size * m / denom;
+        let m_step = if !CAUTION {
+            m
+        } else if m * g > R::ZERO {
+            m * c.caution
+        } else {
+            R::ZERO
+        };
+        let p = p + c.neg_step_size * m_step / denom;
         if EMA {
             let k = if AMSGRAD { 3 } else { 2 };
             s[k] = c.ema.apply(s[k], p);
@@ -111,7 +153,7 @@ impl<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool> Rule for Adam<
 }
 
 /// Build Adam from `lr, beta1, beta2, eps, weight_decay` and flags `amsgrad, decoupled`; with
-/// the optional flag `ema`, also `ema_weight`.
+/// the optional flag `ema`, also `ema_weight`; optional flags `caution`, `caution_count`.
 pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let lr = check_non_negative("lr", h.num("lr")?)?;
     let beta1 = check_unit_interval("beta1", h.num("beta1")?)?;
@@ -123,8 +165,8 @@ pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     if !(0.0..=1.0).contains(&ema_weight) {
         return Err(crate::error::Error::Value(format!("ema_weight must be in [0, 1], got {ema_weight}")));
     }
-    Ok(bool_dispatch!(h.flag("amsgrad")? => A, h.flag("decoupled")? => D, ema => E;
-        v.visit(Adam::<A, D, E> { lr, beta1, beta2, eps, weight_decay, ema_weight })))
+    Ok(bool_dispatch!(h.flag("amsgrad")? => A, h.flag("decoupled")? => D, ema => E, h.flag("caution")? => C, h.flag("caution_count")? => N;
+        v.visit(Adam::<A, D, E, C, N> { lr, beta1, beta2, eps, weight_decay, ema_weight })))
 }
 
 #[cfg(test)]
@@ -144,17 +186,17 @@ mod tests {
     #[test]
     fn matches_spec_in_f64() {
         for &decoupled in &[true, false] {
-            let rule_d = Adam::<false, true, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
-            let rule_l = Adam::<false, false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
+            let rule_d = Adam::<false, true, false, false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
+            let rule_l = Adam::<false, false, false, false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
             let (mut p, mut m, mut v) = (0.7f64, 0.05, 0.002);
             let (mut rp, mut rm, mut rv) = (p, m, v);
             for t in 1..=20 {
                 let g = ((t as f64) * 0.37).sin() + 0.1;
                 let mut s = [m, v, 0.0, 0.0];
                 p = if decoupled {
-                    Adam::<false, true, false>::update(&rule_d.coeffs::<f64>(&mut [t as f64 - 1.0; 4], &[0.0; 4]), p, g, &mut s)
+                    Adam::<false, true, false, false, false>::update(&rule_d.coeffs::<f64>(&mut [t as f64 - 1.0; 4], &[0.0; 4]), p, g, &mut s)
                 } else {
-                    Adam::<false, false, false>::update(&rule_l.coeffs::<f64>(&mut [t as f64 - 1.0; 4], &[0.0; 4]), p, g, &mut s)
+                    Adam::<false, false, false, false, false>::update(&rule_l.coeffs::<f64>(&mut [t as f64 - 1.0; 4], &[0.0; 4]), p, g, &mut s)
                 };
                 (m, v) = (s[0], s[1]);
                 (rp, rm, rv) = reference(rp, g, rm, rv, t as f64, 0.1, decoupled);
@@ -165,27 +207,62 @@ mod tests {
 
     #[test]
     fn fused_ema_lerps_towards_the_new_parameter() {
-        let plain = Adam::<false, true, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
-        let fused = Adam::<false, true, true> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.25 };
+        let plain = Adam::<false, true, false, false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
+        let fused = Adam::<false, true, true, false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.25 };
         let mut s1 = [0.1f32, 0.01, 0.0, 0.0];
         let mut s2 = [0.1f32, 0.01, 0.5, 0.0];
-        let p1 = Adam::<false, true, false>::update(&plain.coeffs::<f32>(&mut [3.0; 4], &[0.0; 4]), 0.7, 0.3, &mut s1);
-        let p2 = Adam::<false, true, true>::update(&fused.coeffs::<f32>(&mut [3.0; 4], &[0.0; 4]), 0.7, 0.3, &mut s2);
+        let p1 = Adam::<false, true, false, false, false>::update(&plain.coeffs::<f32>(&mut [3.0; 4], &[0.0; 4]), 0.7, 0.3, &mut s1);
+        let p2 = Adam::<false, true, true, false, false>::update(&fused.coeffs::<f32>(&mut [3.0; 4], &[0.0; 4]), 0.7, 0.3, &mut s2);
         assert_eq!(p1, p2);
         assert_eq!(s2[2], 0.5 + 0.25 * (p1 - 0.5));
     }
 
+    /// Spec §20 (d), C-AdamW, on a small tensor in f64, both normalisations: the step reads m·φ·k.
+    fn cautious<const N: bool>() {
+        type C<const N: bool> = Adam<false, true, false, true, N>;
+        let rule = C::<N> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
+        let (p0, g, m0) = ([1.0f64, -2.0, 0.5, 3.0, 0.25], [0.3f64, -0.4, 0.2, -1.0, 0.0], [0.5f64, -0.1, -3.0, 0.2, 0.1]);
+        let mut sums = [0.0; MAX_SUMS];
+        for i in 0..5 {
+            rule.accumulate(p0[i], g[i], &[m0[i], 0.01, 0.0, 0.0], &mut sums);
+        }
+        // new m = 0.9 m + 0.1 g = [0.48, -0.13, -2.68, 0.08, 0.09]; m·g > 0 for elements 0 and 1
+        assert_eq!(&sums[..2], &[2.0, 5.0]);
+        let k = if N { 5.0 / 3.0 } else { 1.0 / 0.4 };
+        let c = rule.coeffs::<f64>(&mut [0.0; MAX_SCALARS], &sums);
+        for i in 0..5 {
+            let (mut s, mut plain_s) = ([m0[i], 0.01, 0.0, 0.0], [m0[i], 0.01, 0.0, 0.0]);
+            let p = C::<N>::update(&c, p0[i], g[i], &mut s);
+            let (rp, rm, rv) = reference(p0[i], g[i], m0[i], 0.01, 1.0, 0.1, true);
+            let plain = Adam::<false, true, false, false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
+            let decayed = p0[i] * (1.0 - 1e-2 * 0.1);
+            let _ =
+                Adam::<false, true, false, false, false>::update(&plain.coeffs::<f64>(&mut [0.0; MAX_SCALARS], &[0.0; MAX_SUMS]), p0[i], g[i], &mut plain_s);
+            let phi = if rm * g[i] > 0.0 { 1.0 } else { 0.0 };
+            let expected = decayed + (rp - decayed) * phi * k;
+            assert!((p - expected).abs() < 1e-15, "{i}: {p} vs {expected}");
+            assert_eq!((s[0], s[1]), (plain_s[0], plain_s[1]), "{i}: the moments are not masked");
+            assert!((s[0] - rm).abs() < 1e-15 && (s[1] - rv).abs() < 1e-15);
+        }
+    }
+
+    #[test]
+    fn cautious_mask_and_normalisations_match_spec() {
+        cautious::<false>();
+        cautious::<true>();
+    }
+
     #[test]
     fn amsgrad_keeps_running_max_of_raw_v() {
-        let rule = Adam::<true, true, false> { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0, ema_weight: 0.0 };
+        let rule = Adam::<true, true, false, false, false> { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0, ema_weight: 0.0 };
         let mut s = [0.0f32, 0.5, 0.6, 0.0];
         let mut scalars = [2.0; MAX_SCALARS];
         let c = rule.coeffs::<f32>(&mut scalars, &[0.0; MAX_SUMS]);
         assert_eq!(scalars[0], 3.0);
-        Adam::<true, true, false>::update(&c, 1.0, 0.01, &mut s);
+        Adam::<true, true, false, false, false>::update(&c, 1.0, 0.01, &mut s);
         assert_eq!(s[2], 0.6);
         s[2] = 0.1;
-        Adam::<true, true, false>::update(&c, 1.0, 0.01, &mut s);
+        Adam::<true, true, false, false, false>::update(&c, 1.0, 0.01, &mut s);
         assert_eq!(s[2], s[1]);
     }
 }

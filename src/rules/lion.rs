@@ -14,7 +14,10 @@
 //! the old `m` and `g` (`accumulate`); decay is not masked.
 //! State slot: `exp_avg`. No step counter.
 
-use super::{bool_dispatch, check_non_negative, check_unit_interval, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use super::{
+    bool_dispatch, caution_factor, cautious_count, check_non_negative, check_unit_interval, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS,
+    MAX_SLOTS, MAX_SUMS,
+};
 use crate::error::{Error, Result};
 use crate::real::Real;
 
@@ -72,22 +75,12 @@ impl<const CAUTION: bool, const COUNT: bool> Rule for Lion<CAUTION, COUNT> {
 
     #[inline(always)]
     fn accumulate<R: Real>(&self, _p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
-        let u = Self::direction(R::from_f64(self.beta1), R::from_f64(1.0 - self.beta1), s[0], g);
-        sums[0] += if u * g > R::ZERO { 1.0 } else { 0.0 };
-        sums[1] += 1.0;
+        cautious_count(Self::direction(R::from_f64(self.beta1), R::from_f64(1.0 - self.beta1), s[0], g), g, sums);
     }
 
     fn coeffs<R: Real>(&self, _scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> LionCoeffs<R> {
-        let (agree, n) = (R::from_f64(sums[0]), R::from_f64(sums[1]));
-        let caution = if !CAUTION {
-            R::ONE
-        } else if COUNT {
-            n / (agree + R::ONE)
-        } else {
-            R::ONE / (agree / n).max_nan(R::from_f64(1e-3))
-        };
         LionCoeffs {
-            caution,
+            caution: if CAUTION { caution_factor(sums, COUNT) } else { R::ONE },
             decay: R::from_f64(1.0 - self.lr * self.weight_decay),
             beta1: R::from_f64(self.beta1),
             one_minus_beta1: R::from_f64(1.0 - self.beta1),

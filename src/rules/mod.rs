@@ -318,6 +318,27 @@ pub(crate) fn next_step(scalars: &mut [f64; MAX_SCALARS], beta1: f64, beta2: f64
     (1.0 - beta1.powf(t), 1.0 - beta2.powf(t))
 }
 
+/// Count one element into the Cautious optimizers' sums `[Σφ, numel]` (spec §20): `φ = 1[u·g > 0]`
+/// for the update direction `u` (or anything of its sign) and the gradient `g`.
+#[inline(always)]
+pub(crate) fn cautious_count<R: Real>(u: R, g: R, sums: &mut [f64; MAX_SUMS]) {
+    sums[0] += if u * g > R::ZERO { 1.0 } else { 0.0 };
+    sums[1] += 1.0;
+}
+
+/// The Cautious optimizers' per-tensor factor k from the sums `[Σφ, numel]` (spec §20):
+/// `1/max(mean φ, 1e-3)` ("mean", timm), or with `count`, `numel/(Σφ + 1)` (C-Optim), evaluated in
+/// the compute type as the references do. The counts are exact in f64, so any order of addition
+/// gives the same factor.
+pub(crate) fn caution_factor<R: Real>(sums: &[f64; MAX_SUMS], count: bool) -> R {
+    let (agree, n) = (R::from_f64(sums[0]), R::from_f64(sums[1]));
+    if count {
+        n / (agree + R::ONE)
+    } else {
+        R::ONE / (agree / n).max_nan(R::from_f64(1e-3))
+    }
+}
+
 /// Check `0 <= x < 1` style ranges of rule inputs that Python already validated, so that a direct
 /// native call with garbage cannot produce silent nonsense.
 pub(crate) fn check_unit_interval(name: &str, x: f64) -> Result<f64> {
@@ -522,7 +543,7 @@ pub(crate) mod tests {
 
     #[test]
     fn state_names_are_checked_not_counted() {
-        type AdamW = adam::Adam<false, true, false>;
+        type AdamW = adam::Adam<false, true, false, false, false>;
         let hyper = Hyper::new(adam_entries());
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let step = names(&["step"]);

@@ -6,18 +6,19 @@ import math
 
 import torch
 
-from .base import Reference
+from .base import Reference, cautious
 
 
 class RefAdam(Reference):
-    """torch.optim.Adam's rule; ``decoupled_weight_decay=True`` is AdamW's."""
+    """torch.optim.Adam's rule; ``decoupled_weight_decay=True`` is AdamW's; ``caution``: §20 (d),
+    C-AdamW (the mask from the new m and the gradient the moments see)."""
 
     scalars = ("step",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
-                 maximize=False, decoupled_weight_decay=False, **options):
+                 maximize=False, decoupled_weight_decay=False, caution=False, caution_norm="mean", **options):
         super().__init__(params, maximize=maximize, **options, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, decoupled=decoupled_weight_decay)
+                         amsgrad=amsgrad, decoupled=decoupled_weight_decay, caution=caution, caution_norm=caution_norm)
 
     def update(self, p, g, st):
         h = self.h
@@ -38,6 +39,8 @@ class RefAdam(Reference):
         if h["amsgrad"]:  # 5.
             st["max_exp_avg_sq"] = v = torch.maximum(st["max_exp_avg_sq"], v)
         d = v.sqrt() / math.sqrt(1 - b2**t) + eps  # 6., 7.
+        if h["caution"]:
+            m = cautious(m, g, h["caution_norm"])
         p.sub_(lr / (1 - b1**t) * m / d)  # 8.
 
 

@@ -42,6 +42,14 @@ def orthogonal(p: Tensor, g: Tensor, rescale: bool) -> Tensor:
     return perp.reshape(g.shape)
 
 
+def cautious(u: Tensor, g: Tensor, norm: str) -> Tensor:
+    """The Cautious optimizers' masked update (spec §20 (d)): ``u·φ`` with ``φ = 1[u·g > 0]``,
+    normalised per tensor by ``1/max(mean φ, 1e-3)`` (``norm="mean"``) or ``numel/(Σφ + 1)``."""
+    phi = (u * g > 0).double()
+    k = 1 / max(phi.mean().item(), 1e-3) if norm == "mean" else phi.numel() / (phi.sum().item() + 1)
+    return u * phi * k
+
+
 def _plain(v: Any) -> Any:
     """A hyper-parameter with tensors read as Python floats (a tensor lr, tensor betas)."""
     if isinstance(v, Tensor):

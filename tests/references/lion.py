@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Reference
+from .base import Reference, cautious
 
 
 class RefLion(Reference):
@@ -29,10 +29,6 @@ class RefLion(Reference):
         p.mul_(1 - lr * wd)  # 1.
         u = torch.sign(b1 * st["exp_avg"] + (1 - b1) * g)  # 2.
         if h["caution"]:  # §20 (d), C-Lion
-            phi = (u * g > 0).double()
-            if h["caution_norm"] == "mean":
-                u = u * phi / max(phi.mean().item(), 1e-3)
-            else:
-                u = u * phi * (phi.numel() / (phi.sum().item() + 1))
+            u = cautious(u, g, h["caution_norm"])
         p.sub_(lr * u)  # 3.
         st["exp_avg"] = b2 * st["exp_avg"] + (1 - b2) * g  # 4.

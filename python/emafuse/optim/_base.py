@@ -88,6 +88,17 @@ def common_hyper(group: dict[str, Any]) -> dict[str, float]:
     return hyper
 
 
+def check_caution_norm(caution_norm: str) -> None:
+    """The Cautious mask's normalisations (spec §20)."""
+    if caution_norm not in ("mean", "count"):
+        raise ValueError(f"Invalid caution_norm: {caution_norm!r} (expected 'mean' or 'count')")
+
+
+def caution_hyper(group: dict[str, Any]) -> dict[str, bool]:
+    """The rule flags of the Cautious mask (``caution``, ``caution_norm`` in ``group``)."""
+    return {"caution": bool(group.get("caution", False)), "caution_count": group.get("caution_norm", "mean") == "count"}
+
+
 def scalar(x: float | Tensor) -> float:
     """A hyper-parameter as a Python float (a one-element tensor is read)."""
     return float(x.item()) if isinstance(x, Tensor) else float(x)
@@ -219,12 +230,13 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- torch.optim plumbing ----------------------------------------------------------------
 
-    def _init_emafuse_defaults(self, check_finite: bool, **options: bool) -> None:
-        """Add emafuse's options to the defaults and groups: ``check_finite``, and the gradient
-        transform ``orthograd`` / ``orthograd_rescale`` of optimizers that take it."""
+    def _init_emafuse_defaults(self, check_finite: bool, **options: Any) -> None:
+        """Add emafuse's options to the defaults and groups: ``check_finite``, and those the
+        optimizer takes beyond its reference's (``orthograd``, ``orthograd_rescale``; Adam's
+        ``caution``, ``caution_norm``)."""
         options = {"check_finite": check_finite, **options}
         for key, value in options.items():
-            if not isinstance(value, bool):
+            if key != "caution_norm" and not isinstance(value, bool):
                 raise TypeError(f"{type(self).__name__}: {key} must be a bool, got {value!r}")
         self.defaults.update(options)
         for group in self.param_groups:
@@ -368,17 +380,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         if group.get("orthograd", False):
             if not self._takes_orthograd:
                 raise UnsupportedOptionError(f"{name} does not take orthograd=True (see its docstring); remove the key from the param group")
-            conflict = self._orthograd_conflict(group)
-            if conflict:
+            if group.get("caution", False):
                 raise UnsupportedOptionError(
-                    f"{name}: orthograd=True cannot be combined with {conflict}: that option reads per-tensor sums of "
-                    "the gradient, which would have to be taken after the projection (a second pass emafuse does not "
-                    "run). Drop one of the two."
+                    f"{name}: orthograd=True cannot be combined with caution=True: the cautious mask's per-tensor "
+                    "sums would have to be taken over the projected gradient (a second pass emafuse does not run). "
+                    "Drop one of the two."
                 )
-
-    def _orthograd_conflict(self, group: dict[str, Any]) -> str | None:
-        """The option of ``group`` that rules out ``orthograd`` (None: none does)."""
-        return None
 
     def _normalize_steps(self) -> None:
         """Put scalar state (e.g. ``step``) where the kernels keep it: a 0-dim float tensor on the

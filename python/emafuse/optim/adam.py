@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, common_hyper
+from ._base import FusedOptimizer, caution_hyper, check_caution_norm, common_hyper
 
 __all__ = ["Adam", "AdamW"]
 
@@ -20,12 +20,19 @@ class _AdamRule(FusedOptimizer):
     _supports_complex = True
     _supports_fused_ema = True
 
+    def _init_adam_options(self, check_finite: bool, orthograd: bool, orthograd_rescale: bool, caution: bool, caution_norm: str) -> None:
+        """emafuse's options beyond torch's, in ``defaults`` and every group."""
+        check_caution_norm(caution_norm)
+        self._init_emafuse_defaults(
+            check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale, caution=caution, caution_norm=caution_norm
+        )
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         return {
             **common_hyper(group),
             "amsgrad": bool(group["amsgrad"]),
             "decoupled": bool(group.get("decoupled_weight_decay", False)),
+            **caution_hyper(group),
         }
 
 
@@ -76,6 +83,17 @@ class AdamW(_AdamRule, torch.optim.AdamW):
     that read per-tensor sums of the gradient themselves (Lion's ``caution``) cannot be combined
     with it (:class:`emafuse.UnsupportedOptionError`). Per param group, like ``maximize``.
 
+    Extra keywords ``caution`` (default False) and ``caution_norm`` (``"mean"``, the default, or
+    ``"count"``), on Adam too: Cautious AdamW (K. Liang, L. Chen, B. Liu, Q. Liu, "Cautious
+    Optimizers: Improving Training with One Line of Code", arXiv:2411.16085), as timm's
+    ``AdamWLegacy(caution=True)``. With the mask :math:`\phi = 1[m g > 0]` of the new first
+    moment and this step's gradient (the update's sign is :math:`m`'s), the step reads
+    :math:`m \phi k` in place of :math:`m`, with per tensor :math:`k = 1/\max(\operatorname{mean}
+    \phi, 10^{-3})` (``"mean"``, timm's) or :math:`k = \mathrm{numel}/(\sum\phi + 1)`
+    (``"count"``, the paper's first release); weight decay is not masked, and with Adam's L2
+    decay :math:`g` includes it (the gradient the moments see). It costs one extra read-only pass
+    over ``exp_avg`` and the gradient; if no element agrees, only decay moves the parameter.
+
     fp32, fp64, bf16 and fp16 parameters are supported; math runs in fp32 (fp64 for fp64
     parameters) and the state has the parameter's dtype, as in torch. Complex parameters are
     updated as real views, as torch does.
@@ -98,6 +116,8 @@ class AdamW(_AdamRule, torch.optim.AdamW):
         check_finite: bool = False,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
+        caution: bool = False,
+        caution_norm: str = "mean",
     ) -> None:
         torch.optim.AdamW.__init__(
             self,
@@ -113,7 +133,7 @@ class AdamW(_AdamRule, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
-        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_adam_options(check_finite, orthograd, orthograd_rescale, caution, caution_norm)
 
 
 class Adam(_AdamRule, torch.optim.Adam):
@@ -124,7 +144,7 @@ class Adam(_AdamRule, torch.optim.Adam):
     gradient, :math:`g \leftarrow g + \lambda p`, unless ``decoupled_weight_decay=True`` (then it
     is AdamW). AMSGrad (Reddi et al., ICLR 2018) keeps the running maximum of the raw :math:`v`
     in ``max_exp_avg_sq``. Everything else (arguments, checkpoints, ``check_finite``,
-    ``orthograd``) as :class:`AdamW`.
+    ``orthograd``, ``caution``) as :class:`AdamW`.
     """
 
     def __init__(
@@ -145,6 +165,8 @@ class Adam(_AdamRule, torch.optim.Adam):
         check_finite: bool = False,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
+        caution: bool = False,
+        caution_norm: str = "mean",
     ) -> None:
         torch.optim.Adam.__init__(
             self,
@@ -161,4 +183,4 @@ class Adam(_AdamRule, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_adam_options(check_finite, orthograd, orthograd_rescale, caution, caution_norm)

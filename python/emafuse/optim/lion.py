@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, check_hyper, common_hyper, scalar
+from ._base import FusedOptimizer, caution_hyper, check_caution_norm, check_hyper, common_hyper, scalar
 
 __all__ = ["Lion"]
 
@@ -78,8 +78,7 @@ class Lion(FusedOptimizer):
                 raise ValueError("give lr_independent_decay or its lion-pytorch spelling decoupled_weight_decay, not both")
             lr_independent_decay = bool(decoupled_weight_decay)
         check_hyper(lr=lr, betas=betas[:2], weight_decay=weight_decay)
-        if caution_norm not in ("mean", "count"):
-            raise ValueError(f"Invalid caution_norm: {caution_norm!r} (expected 'mean' or 'count')")
+        check_caution_norm(caution_norm)
         if lr_independent_decay and not scalar(lr) > 0.0:
             raise ValueError(f"lr_independent_decay needs lr > 0, got {lr}")
         defaults = dict(
@@ -95,14 +94,10 @@ class Lion(FusedOptimizer):
         super().__init__(params, defaults)
         self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
-    def _orthograd_conflict(self, group: dict[str, Any]) -> str | None:
-        return "caution=True" if group.get("caution") else None
-
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         return {
             **common_hyper(group),
             "lr_independent_decay": bool(group["lr_independent_decay"]),
             "decay_base_lr": float(group["decay_base_lr"]),
-            "caution": bool(group["caution"]),
-            "caution_count": group["caution_norm"] == "count",
+            **caution_hyper(group),
         }

@@ -1,10 +1,10 @@
-// Adam / AdamW / AMSGrad, optionally with a fused model EMA in the last slot: the CUDA twin of
+// Adam / AdamW / AMSGrad, optionally cautious and with a fused model EMA in the last slot: the CUDA twin of
 // src/rules/adam.rs (same coefficients, same per-element operation order; checked against it on
 // the CPU by tests/test_cuda_sources.py).
 #pragma once
 #include "common.cuh"
 
-template <bool AMSGRAD, bool DECOUPLED, bool EMA>
+template <bool AMSGRAD, bool DECOUPLED, bool EMA, bool CAUTION, bool COUNT>
 struct Adam {
     template <class R>
     struct Coeffs {
@@ -12,10 +12,17 @@ struct Adam {
         EfLerp<R> m_lerp;
         R beta2, one_minus_beta2, bc2_sqrt, neg_step_size, eps;
         EfLerp<R> ema;
+        R caution;
     };
 
+    // The gradient the moments see: with L2 decay (Adam), g + wd·p.
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double*) {
+    EF_FN static R moment_input(R l2, R p, R g) {
+        return DECOUPLED ? g : g + l2 * p;
+    }
+
+    template <class R>
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double* sums) {
         double bc1, bc2;
         ef_next_step(scalars, h.beta1, h.beta2, &bc1, &bc2);
         Coeffs<R> c;
@@ -28,6 +35,7 @@ struct Adam {
         c.neg_step_size = R(-(h.lr / bc1));
         c.eps = R(h.eps);
         c.ema = EfLerp<R>::make(h.ema_weight);
+        c.caution = CAUTION ? ef_caution_factor<R>(sums, COUNT) : R(1);
         return c;
     }
 
@@ -36,7 +44,7 @@ struct Adam {
         if (DECOUPLED) {
             p = p * c.decay;
         } else {
-            g = g + c.l2 * p;
+            g = moment_input<R>(c.l2, p, g);
         }
         R m = c.m_lerp.apply(s[0], g);
         R v = s[1] * c.beta2 + c.one_minus_beta2 * g * g;
@@ -48,7 +56,8 @@ struct Adam {
             v_hat = s[2];
         }
         R denom = ef_sqrt(v_hat) / c.bc2_sqrt + c.eps;
-        p = p + c.neg_step_size * m / denom;
+        R m_step = !CAUTION ? m : (m * g > R(0) ? m * c.caution : R(0));
+        p = p + c.neg_step_size * m_step / denom;
         if (EMA) {
             const int k = AMSGRAD ? 3 : 2;
             s[k] = c.ema.apply(s[k], p);
@@ -57,5 +66,8 @@ struct Adam {
     }
 
     template <class R>
-    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper& h, R p, R g, const R* s, double* sums) {
+        g = moment_input<R>(R(h.weight_decay), p, g);
+        ef_cautious_count(EfLerp<R>::make(1.0 - h.beta1).apply(s[0], g), g, sums);
+    }
 };

@@ -177,3 +177,15 @@ template <> struct EfElem<ef_f16, float> {
     EF_FN static void store(ef_f16* p, float x) { p->bits = ef_float_to_f16(x); }
 };
 #endif
+
+// The Cautious optimizers' sums [Σφ, numel] and per-tensor factor (src/rules/mod.rs
+// `cautious_count`, `caution_factor`). The sums are counts, exact in double, so the device's order
+// of addition cannot change them.
+template <class R> EF_FN void ef_cautious_count(R u, R g, double* sums) {
+    sums[0] += (u * g > R(0)) ? 1.0 : 0.0;
+    sums[1] += 1.0;
+}
+template <class R> EF_FN R ef_caution_factor(const double* sums, bool count) {
+    R agree = R(sums[0]), n = R(sums[1]);
+    return count ? n / (agree + R(1)) : R(1) / ef_max_nan(agree / n, R(1e-3));
+}

@@ -1,7 +1,5 @@
 // Lion and Cautious Lion: the CUDA twin of src/rules/lion.rs (same coefficients, same
 // per-element operation order; checked against it on the CPU by tests/test_cuda_sources.py).
-// The cautious sums are counts, exact in double, so the device's order of addition cannot change
-// them.
 #pragma once
 #include "common.cuh"
 
@@ -20,22 +18,13 @@ struct Lion {
 
     template <class R>
     EF_FN static void accumulate(const EfHyper& h, R, R g, const R* s, double* sums) {
-        R u = direction<R>(R(h.beta1), R(1.0 - h.beta1), s[0], g);
-        sums[0] += (u * g > R(0)) ? 1.0 : 0.0;
-        sums[1] += 1.0;
+        ef_cautious_count(direction<R>(R(h.beta1), R(1.0 - h.beta1), s[0], g), g, sums);
     }
 
     template <class R>
     EF_FN static Coeffs<R> coeffs(const EfHyper& h, double*, const double* sums) {
-        R agree = R(sums[0]), n = R(sums[1]);
         Coeffs<R> c;
-        if (!CAUTION) {
-            c.caution = R(1);
-        } else if (COUNT) {
-            c.caution = n / (agree + R(1));
-        } else {
-            c.caution = R(1) / ef_max_nan(agree / n, R(1e-3));
-        }
+        c.caution = CAUTION ? ef_caution_factor<R>(sums, COUNT) : R(1);
         c.decay = R(1.0 - h.lr * h.weight_decay);
         c.beta1 = R(h.beta1);
         c.one_minus_beta1 = R(1.0 - h.beta1);
