@@ -65,16 +65,16 @@ def collectives(fn) -> tuple[Any, dict[str, int]]:
 
 
 def reads_tensor_sums(opt: torch.optim.Optimizer, step: int) -> bool:
-    """Whether ``opt``'s step ``step`` reads sums over each whole tensor (Lion's cautious factor,
-    SGD-SaI's gradient signal-to-noise ratio on the first step)."""
-    name, group = type(opt).__name__, opt.param_groups[0]
-    return (name == "Lion" and bool(group["caution"])) or (name == "SGDSaI" and step == 0)
+    """Whether ``opt``'s step ``step`` reads sums over each whole tensor (the cautious factor,
+    ⊥Grad's projection, SGD-SaI's gradient signal-to-noise ratio on the first step)."""
+    group = opt.param_groups[0]
+    return bool(group.get("caution") or group.get("orthograd")) or (type(opt).__name__ == "SGDSaI" and step == 0)
 
 
 def optimizers_on_dtensors(checks, mesh, configs) -> None:
     """Every optimizer configuration on DTensor parameters (uneven and empty shards) against the
     same optimizer on the whole tensors: parameters and state after 3 steps. No step gathers a
-    tensor: the only collective is one ``all_reduce`` for rules with optimizer-wide norms or
+    tensor: the only collectives are one ``all_reduce`` for optimizer-wide norms and one for
     per-tensor sums."""
     for name, kw, exact in configs:
         with checks.check(f"optimizer {name} {kw}"):
@@ -88,8 +88,8 @@ def optimizers_on_dtensors(checks, mesh, configs) -> None:
                     q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
                 opt_ref.step()
                 _, issued = collectives(opt.step)
-                reduces = reads_tensor_sums(opt, step) or float(kw.get("max_grad_norm", 0.0)) > 0.0
-                assert issued == ({"c10d.allreduce_": 1} if reduces else {}), f"step {step} issued {issued}"
+                reduces = int(reads_tensor_sums(opt, step)) + int(float(kw.get("max_grad_norm", 0.0)) > 0.0)
+                assert issued == ({"c10d.allreduce_": reduces} if reduces else {}), f"step {step} issued {issued}"
                 for i, (p, q) in enumerate(zip(ref, sharded)):
                     assert isinstance(q, DTensor) and isinstance(q, nn.Parameter)
                     assert_same(q._local_tensor, part(q, p.detach()), exact, f"step {step}, param {i}")

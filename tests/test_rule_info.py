@@ -29,7 +29,8 @@ def test_every_rule_describes_itself():
 def test_descriptions_of_the_torch_rules():
     adam = _native.rule_info("adam")
     assert adam["numbers"] == ("lr", "beta1", "beta2", "eps", "weight_decay", "ema_weight")
-    assert adam["flags"] == ("amsgrad", "decoupled", "ema") and adam["optional_flags"] == ("ema",)
+    assert adam["flags"] == ("amsgrad", "decoupled", "ema", "caution", "caution_count")
+    assert adam["optional_flags"] == ("ema", "caution", "caution_count")
     assert adam["scalars"] == ("step",) and adam["reads_input"] is True
     sgd = _native.rule_info("sgd")
     assert sgd["scalars"] == () and sgd["optional_flags"] == ("first",)

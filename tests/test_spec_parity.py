@@ -60,13 +60,14 @@ def test_fp64_trajectory_matches_the_reference(entry, kw):
         set_grads(params, grads)
         opt.step()
         ref.step(grads)
-    # ⊥Grad's u − c·w cancels where u ≈ c·w: such an element's relative error is unbounded, its
-    # absolute error bounded by the tensor's scale (c from sums added in another order).
-    state_atol = (lambda v: 1e-13 * scale_of(v)) if kw.get("orthograd") else (lambda v: 1e-13)
+    # ⊥Grad's u − c·w cancels where u ≈ c·w (c from sums added in another order than the
+    # reference's): an element's relative error grows there, and AdaMod's exp_avg_lr ∝ 1/sqrt(v)
+    # carries it into the state (measured: 1.6e-11 relative after 25 steps).
+    state_rtol = 1e-10 if kw.get("orthograd") else 1e-11
     for i, (p, q) in enumerate(zip(params, ref.params)):
         assert p.dtype == torch.float64
         assert_close(p, q, rtol=1e-11, atol=1e-12, what=f"param {i}")
-        assert_state_matches(opt, ref, i, p, 1e-11, state_atol, f"param {i}")
+        assert_state_matches(opt, ref, i, p, state_rtol, lambda v: 1e-13, f"param {i}")
         assert_state_dtypes(entry, kw, opt, p)
 
 
