@@ -219,18 +219,18 @@ def ptr(t: torch.Tensor):
 def test_cuda_rule_equals_rust_rule_on_the_cpu(variant, tmp_path, host_dir):
     name, hyper, slots, scalar_keys = variant
     spec = RULES[name]
-    reads_input = _native.rule_info(name)["reads_input"]
+    info = _native.rule_info(name)
+    reads_input = info["reads_input"]
     program = _native.cuda_source(name, hyper)
     hyper_bytes = program["hyper_bytes"]
     lib = compile_host(host_dir, program["preamble"], program["header"])
     assert lib.hyper_size() == len(hyper_bytes), "EfHyper must have one double per parameter word"
     gen = torch.Generator().manual_seed(len(tmp_path.name))
     n = 3001  # one CPU work item: the CPU engine adds per-tensor sums in element order, as here
-    # (target dtype, input dtype): an fp32 target may read a bf16/fp16 input (an fp32 average of a
-    # low-precision model; the host side gets the same values widened to fp32, as the kernels
-    # load them).
+    # (target dtype, input dtype): an fp32 average may read bf16/fp16 weights (of a low-precision
+    # model; the host side gets the same values widened to fp32, as the kernels load them).
     dtypes = [(torch.float32, torch.float32), (torch.float64, torch.float64)]
-    if reads_input:
+    if info["input"] == "weights":
         dtypes += [(torch.float32, torch.bfloat16), (torch.float32, torch.float16)]
     for (dtype, in_dtype), make_input in itertools.product(dtypes, spec.get("inputs", [lambda p, g, s: g])):
         fn = lib.run_f32 if dtype == torch.float32 else lib.run_f64

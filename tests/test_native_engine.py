@@ -34,7 +34,11 @@ def test_native_call_rejects_malformed_arguments():
         _native.step("t", "adam", [_native.Group(hyper={**hyper, "beta1": 1.5}, params=[p], inputs=[g], states=[st], slots=slots, scalars=scalars)])
     with pytest.raises(errors.InvalidArgumentError):
         _native.step("t", "adam", [_native.Group(hyper=hyper, params=[p], inputs=[g], states=[st], slots=("exp_avg",), scalars=scalars)])
-    assert st["step"].item() == 0.0
+    # a gradient has its parameter's dtype (only an average may read narrower weights)
+    before = p.detach().clone()
+    with pytest.raises(errors.DTypeError, match="parameter's dtype"):
+        _native.step("t", "adam", [_native.Group(hyper=hyper, params=[p], inputs=[g.bfloat16()], states=[st], slots=slots, scalars=scalars)])
+    assert st["step"].item() == 0.0 and torch.equal(p.detach(), before)
 
 
 def test_native_sum_squares_any_dtype_and_layout():

@@ -21,7 +21,7 @@ def test_every_rule_describes_itself():
             assert isinstance(info[key], tuple) and all(isinstance(k, str) for k in info[key]), (name, key)
         assert set(info["optional_flags"]) <= set(info["flags"])
         assert not set(info["numbers"]) & set(info["flags"])
-        assert isinstance(info["reads_input"], bool)
+        assert isinstance(info["reads_input"], bool) and info["reads_input"] == (info["input"] != "none")
     with pytest.raises(InvalidArgumentError, match="unknown update rule 'adamw'"):
         _native.rule_info("adamw")
 
@@ -36,6 +36,10 @@ def test_descriptions_of_the_torch_rules():
     assert sgd["scalars"] == () and sgd["optional_flags"] == ("first",)
     assert _native.rule_info("sgd_sai")["scalars"] == ("gsnr",)
     assert _native.rule_info("swap")["reads_input"] is False
+    # optimizers read gradients; averages read the model's weights
+    assert {n: _native.rule_info(n)["input"] for n in ("adam", "lion", "ema", "slerp", "swap")} == dict(
+        adam="gradient", lion="gradient", ema="weights", slerp="weights", swap="none"
+    )
 
 
 def test_slot_names_follow_the_flags_and_the_numbers():

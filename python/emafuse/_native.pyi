@@ -111,7 +111,8 @@ def read_tensor(tensor: Tensor) -> dict[str, Any]:
     """What the engine reads of a tensor: in_place, data_ptr, shape, layout, strides, dtype, device."""
 def rule_names() -> list[str]: ...
 def rule_info(name: str) -> dict[str, Any]:
-    """The rule's description: name, summary, numbers, flags, optional_flags, scalars, reads_input."""
+    """The rule's description: name, summary, numbers, flags, optional_flags, scalars, reads_input,
+    input ("gradient", "weights" or "none")."""
 
 def rule_slots(name: str, hyper: _Hyper) -> tuple[str, ...]:
     """The state slot names (in order) of the rule built from these hyper-parameters."""

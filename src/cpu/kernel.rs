@@ -4,6 +4,7 @@
 
 use crate::dtype::Elem;
 use crate::real::Real;
+use crate::rules::orthograd::{self, Projection};
 use crate::rules::{Rule, MAX_SLOTS, MAX_SUMS};
 
 /// Elements per block: small enough for the block buffers to stay in L1.
@@ -64,6 +65,31 @@ pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(ru
     sums
 }
 
+/// ⊥Grad's projection sums (`orthograd::accumulate`) of the `len` parameter elements at `param`
+/// and gradient elements at `grad`, each gradient times `factor` (read-only pass).
+///
+/// # Safety
+/// Both pointers must be valid for `len` reads.
+pub unsafe fn projection_sums<R: Real, P: Elem<R>, G: Elem<R>>(factor: R, param: *const P, grad: *const G, len: usize) -> [f64; MAX_SUMS] {
+    let mut pb = [R::ZERO; BLOCK];
+    let mut gb = [R::ZERO; BLOCK];
+    let mut sums = [0.0; MAX_SUMS];
+    let mut off = 0;
+    while off < len {
+        let n = BLOCK.min(len - off);
+        // SAFETY: inside the range the caller vouched for; read only.
+        unsafe {
+            P::load(std::slice::from_raw_parts(param.add(off), n), &mut pb[..n]);
+            G::load(std::slice::from_raw_parts(grad.add(off), n), &mut gb[..n]);
+        }
+        for i in 0..n {
+            orthograd::accumulate(pb[i], gb[i] * factor, &mut sums);
+        }
+        off += n;
+    }
+    sums
+}
+
 /// The widest vector instruction set this CPU has, detected once.
 #[cfg(target_arch = "x86_64")]
 fn simd_level() -> u8 {
@@ -82,9 +108,9 @@ fn simd_level() -> u8 {
     })
 }
 
-/// Update `len` elements starting at `ptrs`, with the widest vector unit the CPU has. The math
-/// is the same IEEE arithmetic at any width (no fused multiply-add is formed), so results do not
-/// depend on the CPU.
+/// Update `len` elements starting at `ptrs`, with the widest vector unit the CPU has; with
+/// `projection` (⊥Grad) the rule reads the projected gradients. The math is the same IEEE
+/// arithmetic at any width (no fused multiply-add is formed), so results do not depend on the CPU.
 ///
 /// # Safety
 /// Every pointer must be valid for `len` elements of its type (state pointers for slots
@@ -93,6 +119,7 @@ fn simd_level() -> u8 {
 pub unsafe fn update_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
     c: &Ru::Coeffs<R>,
     xf: &GradTransform<R>,
+    projection: Option<Projection>,
     ptrs: SpanPtrs<P, G, S>,
     len: usize,
 ) {
@@ -100,13 +127,13 @@ pub unsafe fn update_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>
     match simd_level() {
         // SAFETY: the CPU supports the enabled features (checked at run time); the caller's
         // guarantees are passed on unchanged.
-        2 => return unsafe { update_span_avx512::<Ru, R, P, G, S>(c, xf, ptrs, len) },
+        2 => return unsafe { update_span_avx512::<Ru, R, P, G, S>(c, xf, projection, ptrs, len) },
         // SAFETY: as above.
-        1 => return unsafe { update_span_avx2::<Ru, R, P, G, S>(c, xf, ptrs, len) },
+        1 => return unsafe { update_span_avx2::<Ru, R, P, G, S>(c, xf, projection, ptrs, len) },
         _ => {}
     }
     // SAFETY: the caller's guarantees are passed on unchanged.
-    unsafe { update_span_body::<Ru, R, P, G, S>(c, xf, ptrs, len) }
+    unsafe { update_span_body::<Ru, R, P, G, S>(c, xf, projection, ptrs, len) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -114,11 +141,12 @@ pub unsafe fn update_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>
 unsafe fn update_span_avx512<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
     c: &Ru::Coeffs<R>,
     xf: &GradTransform<R>,
+    projection: Option<Projection>,
     ptrs: SpanPtrs<P, G, S>,
     len: usize,
 ) {
     // SAFETY: forwarded from update_span.
-    unsafe { update_span_body::<Ru, R, P, G, S>(c, xf, ptrs, len) }
+    unsafe { update_span_body::<Ru, R, P, G, S>(c, xf, projection, ptrs, len) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -126,11 +154,12 @@ unsafe fn update_span_avx512<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<
 unsafe fn update_span_avx2<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
     c: &Ru::Coeffs<R>,
     xf: &GradTransform<R>,
+    projection: Option<Projection>,
     ptrs: SpanPtrs<P, G, S>,
     len: usize,
 ) {
     // SAFETY: forwarded from update_span.
-    unsafe { update_span_body::<Ru, R, P, G, S>(c, xf, ptrs, len) }
+    unsafe { update_span_body::<Ru, R, P, G, S>(c, xf, projection, ptrs, len) }
 }
 
 /// A block of `n` elements of one array as compute-type values: the tensor's own memory when its
@@ -166,13 +195,18 @@ unsafe fn finish<R: Real, E: Elem<R>>(ptr: *mut E, vals: &[R]) {
 unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
     c: &Ru::Coeffs<R>,
     xf: &GradTransform<R>,
+    projection: Option<Projection>,
     ptrs: SpanPtrs<P, G, S>,
     len: usize,
 ) {
     let mut pb = [R::ZERO; BLOCK];
     let mut gb = [R::ZERO; BLOCK];
+    // the projected gradients (⊥Grad), times `factor`
+    let mut xb = [R::ZERO; BLOCK];
     let [mut s0, mut s1, mut s2, mut s3] = [[R::ZERO; BLOCK]; MAX_SLOTS];
-    let factor = xf.factor;
+    // The rule reads `input[i] * factor`: the gradients (scaled on the fly), or their projections
+    // (scaled before the projection).
+    let factor = if projection.is_some() { R::ONE } else { xf.factor };
     let mut off = 0;
     while off < len {
         let n = BLOCK.min(len - off);
@@ -191,6 +225,15 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>
             let st3 = if Ru::SLOTS > 3 { block::<R, S>(sp(3), n, &mut s3) } else { &mut s3[..0] };
             let g = &mut g[..n];
             let p = &mut p[..n];
+            let input: &[R] = match projection {
+                Some(pr) if Ru::READS_INPUT => {
+                    for i in 0..n {
+                        xb[i] = pr.apply(p[i], g[i] * xf.factor);
+                    }
+                    &xb[..n]
+                }
+                _ => &*g,
+            };
             for i in 0..n {
                 let mut s = [R::ZERO; MAX_SLOTS];
                 if Ru::SLOTS > 0 {
@@ -205,11 +248,7 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>
                 if Ru::SLOTS > 3 {
                     s[3] = st3[i];
                 }
-                let gi = g[i] * factor;
-                if let Some(unscale) = xf.unscale {
-                    g[i] = g[i] * unscale;
-                }
-                p[i] = Ru::update(c, p[i], gi, &mut s);
+                p[i] = Ru::update(c, p[i], input[i] * factor, &mut s);
                 if Ru::WRITTEN_SLOTS > 0 {
                     st0[i] = s[0];
                 }
@@ -224,8 +263,13 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>
                 }
             }
             finish::<R, P>(ptrs.param.add(off), p);
-            if Ru::READS_INPUT && xf.unscale.is_some() {
-                finish::<R, G>(ptrs.grad.add(off) as *mut G, g);
+            if Ru::READS_INPUT {
+                if let Some(unscale) = xf.unscale {
+                    for x in g.iter_mut() {
+                        *x = *x * unscale;
+                    }
+                    finish::<R, G>(ptrs.grad.add(off) as *mut G, g);
+                }
             }
             if Ru::WRITTEN_SLOTS > 0 {
                 finish::<R, S>(sp(0), st0);

@@ -12,7 +12,8 @@ use crate::batch::Batch;
 use crate::dtype::{DType, Elem};
 use crate::error::{Error, Result};
 use crate::real::Real;
-use crate::rules::{check_state, visit_rule, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::rules::orthograd::{self, Projection};
+use crate::rules::{check_state, visit_base_rule, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::view::TensorView;
 use half::{bf16, f16};
 use kernel::{GradTransform, SpanPtrs};
@@ -143,8 +144,8 @@ pub trait CpuStep: Send + Sync {
     /// Fail if the group asked for finite gradients (`check_finite`) and one holds NaN or
     /// infinity. Reads only.
     fn check_finite(&self, who: &str) -> Result<()>;
-    /// The rule's per-tensor sums over this batch, in its parameters' order (zeros for a rule
-    /// without sums). Reads only.
+    /// The per-tensor sums over this batch, in its parameters' order: the rule's (zeros for a rule
+    /// without sums), or with `orthograd` the projection's. Reads only.
     fn sums(&self, grad_scale: Option<f64>) -> Vec<[f64; MAX_SUMS]>;
     /// Update the scalar state and every tensor. Cannot fail. With AMP's `grad_scale`, every
     /// input is divided by it on the fly and stored back unscaled (as torch's fused optimizers do).
@@ -162,10 +163,15 @@ enum Pass<'s> {
     Update(Option<&'s [[f64; MAX_SUMS]]>),
 }
 
-/// Pair a batch with the rule named `rule`, built from `hyper`.
+/// Pair a batch with the rule named `rule`, built from `hyper`. With `orthograd` the driver
+/// projects the gradients itself (`orthograd::Projection`) for the unwrapped rule.
 pub fn plan<'a>(rule: &str, hyper: &'a Hyper, batch: &'a Batch) -> Result<Box<dyn CpuStep + 'a>> {
-    let options = Options { maximize: hyper.option("maximize")?, check_finite: hyper.option("check_finite")? };
-    visit_rule(rule, hyper, Planner { batch, hyper, options })?
+    let options = Options {
+        maximize: hyper.option("maximize")?,
+        check_finite: hyper.option("check_finite")?,
+        orthograd: if hyper.option("orthograd")? { Some(hyper.option("orthograd_rescale")?) } else { None },
+    };
+    visit_base_rule(rule, hyper, Planner { batch, hyper, options })?
 }
 
 /// Rule-independent options of a group.
@@ -175,6 +181,8 @@ struct Options {
     maximize: bool,
     /// Refuse the step if a gradient holds NaN or infinity.
     check_finite: bool,
+    /// ⊥Grad: `Some(rescale)` projects every gradient.
+    orthograd: Option<bool>,
 }
 
 struct Planner<'a> {
@@ -187,7 +195,10 @@ impl<'a> RuleVisitor for Planner<'a> {
     type Output = Result<Box<dyn CpuStep + 'a>>;
     fn visit<Ru: Rule>(self, rule: Ru) -> Self::Output {
         let b = self.batch;
-        check_state::<Ru>(self.hyper, b.group, &b.slot_names, &b.scalar_names, b.has_input())?;
+        check_state::<Ru>(self.hyper, b.group, &b.slot_names, &b.scalar_names, b.has_input(), b.input_dtype != b.param_dtype)?;
+        if self.options.orthograd.is_some() {
+            orthograd::check_projectable::<Ru>()?;
+        }
         check_step_counters(b)?;
         Ok(Box::new(RuleBatch { rule, batch: self.batch, options: self.options }))
     }
@@ -273,21 +284,28 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
         }
     }
 
-    /// Per-tensor sums of the rule (zeros when it has none).
+    /// Per-tensor sums: the rule's (zeros when it has none), or with `orthograd` the projection's.
     fn tensor_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factor: R) -> Vec<[f64; MAX_SUMS]> {
         let n = self.batch.params.len();
-        if Ru::SUMS == 0 {
+        if self.options.orthograd.is_none() && Ru::SUMS == 0 {
             return vec![[0.0; MAX_SUMS]; n];
         }
         let parts = map_spans(&self.numels(), |s| {
             // SAFETY: validated views; the pass only reads.
-            unsafe { kernel::sum_span::<Ru, R, P, G, S>(&self.rule, factor, self.span_ptrs::<R, P, G, S>(s), s.len) }
+            unsafe {
+                let ptrs = self.span_ptrs::<R, P, G, S>(s);
+                if self.options.orthograd.is_some() {
+                    kernel::projection_sums::<R, P, G>(factor, ptrs.param, ptrs.grad, s.len)
+                } else {
+                    kernel::sum_span::<Ru, R, P, G, S>(&self.rule, factor, ptrs, s.len)
+                }
+            }
         });
         // Folded in span order: the sums (and so the step) are reproducible bit for bit.
         let mut sums = vec![[0.0; MAX_SUMS]; n];
         for (s, part) in parts {
-            for k in 0..Ru::SUMS {
-                sums[s.tensor][k] += part[k];
+            for (total, x) in sums[s.tensor].iter_mut().zip(part) {
+                *total += x;
             }
         }
         sums
@@ -340,28 +358,38 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
                 &own[..]
             }
         };
-        let coeffs = self.coeffs::<R>(sums);
+        // With orthograd the sums are the projection's, and the rule has none of its own.
+        let (coeffs, projections) = match self.options.orthograd {
+            Some(rescale) => {
+                let projections: Vec<Projection> = sums.iter().map(|s| Projection::from_sums(s, rescale)).collect();
+                (self.coeffs::<R>(&vec![[0.0; MAX_SUMS]; sums.len()]), Some(projections))
+            }
+            None => (self.coeffs::<R>(sums), None),
+        };
         for_each_span(&self.numels(), |s| {
+            let projection = projections.as_ref().map(|v| v[s.tensor]);
             // SAFETY: all views were validated to hold numel elements of P (params), G (inputs) or
             // S (states) on the CPU; spans are disjoint ranges inside them, so each element is
             // touched by one thread only; the tensors are kept alive by the caller.
-            unsafe { kernel::update_span::<Ru, R, P, G, S>(&coeffs[s.tensor], &xf, self.span_ptrs::<R, P, G, S>(s), s.len) };
+            unsafe { kernel::update_span::<Ru, R, P, G, S>(&coeffs[s.tensor], &xf, projection, self.span_ptrs::<R, P, G, S>(s), s.len) };
         });
         Vec::new()
     }
 
     fn pass(&self, grad_scale: Option<f64>, pass: Pass<'_>) -> Vec<[f64; MAX_SUMS]> {
         // Combinations accepted by `batch::split_group`: the input has the parameter's dtype, or
-        // an fp32 parameter (an average) reads a bf16/fp16 input (the model).
+        // an fp32 parameter (an average) reads a bf16/fp16 input (the model; `check_state` refused
+        // it for gradients, so that gradient rules compile no kernel for it).
         match (self.batch.param_dtype, self.batch.input_dtype, self.batch.state_dtype) {
-            (DType::F32, DType::BF16, _) => self.pass_typed::<f32, f32, bf16, f32>(grad_scale, pass),
-            (DType::F32, DType::F16, _) => self.pass_typed::<f32, f32, f16, f32>(grad_scale, pass),
-            (DType::F32, _, _) => self.pass_typed::<f32, f32, f32, f32>(grad_scale, pass),
+            (DType::F32, DType::BF16, _) if !Ru::READS_GRADIENT => self.pass_typed::<f32, f32, bf16, f32>(grad_scale, pass),
+            (DType::F32, DType::F16, _) if !Ru::READS_GRADIENT => self.pass_typed::<f32, f32, f16, f32>(grad_scale, pass),
+            (DType::F32, DType::F32, _) => self.pass_typed::<f32, f32, f32, f32>(grad_scale, pass),
             (DType::F64, _, _) => self.pass_typed::<f64, f64, f64, f64>(grad_scale, pass),
             (DType::BF16, _, DType::BF16) => self.pass_typed::<f32, bf16, bf16, bf16>(grad_scale, pass),
             (DType::BF16, _, _) => self.pass_typed::<f32, bf16, bf16, f32>(grad_scale, pass),
             (DType::F16, _, DType::F16) => self.pass_typed::<f32, f16, f16, f16>(grad_scale, pass),
             (DType::F16, _, _) => self.pass_typed::<f32, f16, f16, f32>(grad_scale, pass),
+            (DType::F32, input, _) => unreachable!("check_state refuses {} gradients for float32 parameters", input.name()),
         }
     }
 

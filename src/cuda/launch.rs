@@ -221,7 +221,7 @@ impl RuleVisitor for Planner<'_> {
         let Device::Cuda(ordinal) = b.device else {
             return Err(Error::Internal("CUDA planner given a CPU batch".into()));
         };
-        check_state::<Ru>(self.hyper, b.group, &b.slot_names, &b.scalar_names, b.has_input())?;
+        check_state::<Ru>(self.hyper, b.group, &b.slot_names, &b.scalar_names, b.has_input(), b.input_dtype != b.param_dtype)?;
         let program = Program::of::<Ru>()?;
         if b.scalars.iter().any(|s| s.dtype() != DType::F32) {
             return Err(Error::DType("scalar state of CUDA parameters (e.g. 'step') must be float32".into()));

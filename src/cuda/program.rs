@@ -126,8 +126,8 @@ mod tests {
 
     #[test]
     fn the_type_name_carries_the_const_arguments_in_order() {
-        type AdamW = crate::rules::adam::Adam<true, false, true, false, false>;
-        assert_eq!(Program::of::<AdamW>().unwrap().type_name, "Adam<true, false, true, false, false>");
+        type AdamW = crate::rules::adam::Adam<true, false, true, false>;
+        assert_eq!(Program::of::<AdamW>().unwrap().type_name, "Adam<true, false, true, false>");
         assert_eq!(Program::of::<crate::rules::ema::EmaMulti<3>>().unwrap().type_name, "EmaMulti<3>");
         let swap = Program::of::<crate::rules::swap::Swap>().unwrap();
         assert_eq!((swap.type_name.as_str(), swap.fields), ("Swap", PLACEHOLDER));

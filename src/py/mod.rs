@@ -7,6 +7,7 @@ mod step;
 mod tensor;
 
 use crate::batch::Layout;
+use crate::rules::Input;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 
@@ -78,7 +79,8 @@ fn rule_names() -> Vec<&'static str> {
 }
 
 /// The description of the rule `name`: `{name, summary, numbers, flags, optional_flags, scalars,
-/// reads_input}` (names as tuples of str).
+/// reads_input, input}` (names as tuples of str; `input` is "gradient", "weights" (an average's
+/// model, possibly narrower than the average) or "none").
 #[pyfunction]
 fn rule_info<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyDict>> {
     let info = crate::rules::info(name).map_err(|e| errors::to_py(py, e))?;
@@ -89,7 +91,15 @@ fn rule_info<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyDict>> {
     d.set_item("flags", PyTuple::new(py, info.flags)?)?;
     d.set_item("optional_flags", PyTuple::new(py, info.optional_flags)?)?;
     d.set_item("scalars", PyTuple::new(py, info.scalars)?)?;
-    d.set_item("reads_input", info.reads_input)?;
+    d.set_item("reads_input", info.input != Input::None)?;
+    d.set_item(
+        "input",
+        match info.input {
+            Input::None => "none",
+            Input::Gradient => "gradient",
+            Input::Weights => "weights",
+        },
+    )?;
     Ok(d)
 }
 

@@ -22,7 +22,8 @@
 //! State slots: `exp_avg`, `exp_avg_var`, then `max_exp_avg_var` with amsgrad.
 
 use super::{
-    bool_dispatch, check_non_negative, check_unit_interval, next_step, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
+    bool_dispatch, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS,
+    MAX_SUMS,
 };
 use crate::error::Result;
 use crate::real::Real;
@@ -35,7 +36,7 @@ pub const INFO: RuleInfo = RuleInfo {
     flags: &["amsgrad", "weight_decouple", "fixed_decay", "rectify", "degenerated_to_sgd"],
     optional_flags: &[],
     scalars: &["step"],
-    reads_input: true,
+    input: Input::Gradient,
 };
 
 rule_params! {

@@ -17,7 +17,8 @@
 //! State slots: `exp_avg`, `exp_avg_sq`, then `max_exp_avg_sq` with amsbound; scalar `step`.
 
 use super::{
-    bool_dispatch, check_non_negative, check_unit_interval, next_step, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
+    bool_dispatch, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS,
+    MAX_SUMS,
 };
 use crate::error::{Error, Result};
 use crate::real::Real;
@@ -30,7 +31,7 @@ pub const INFO: RuleInfo = RuleInfo {
     flags: &["amsbound", "decoupled"],
     optional_flags: &["decoupled"],
     scalars: &["step"],
-    reads_input: true,
+    input: Input::Gradient,
 };
 
 rule_params! {

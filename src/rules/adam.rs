@@ -25,8 +25,8 @@
 //! Python layer only uses it then.
 
 use super::{
-    bool_dispatch, caution_factor, cautious_count, check_non_negative, check_unit_interval, next_step, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor,
-    MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
+    bool_dispatch, caution_factor, cautious_count, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper, RuleInfo,
+    RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::Result;
 use crate::real::{Lerp, Real};
@@ -39,20 +39,21 @@ pub const INFO: RuleInfo = RuleInfo {
     flags: &["amsgrad", "decoupled", "ema", "caution", "caution_count"],
     optional_flags: &["ema", "caution", "caution_count"],
     scalars: &["step"],
-    reads_input: true,
+    input: Input::Gradient,
 };
 
 rule_params! {
     /// Adam's hyper-parameters; `AMSGRAD`, `DECOUPLED` (AdamW), `EMA` (fused model EMA in the
-    /// last slot), `CAUTION` (the cautious mask) and `COUNT` (its "count" normalisation) are
-    /// compile-time flags.
-    pub struct Adam<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool, const CAUTION: bool, const COUNT: bool> {
+    /// last slot) and `CAUTION` (the cautious mask) are compile-time flags.
+    pub struct Adam<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool, const CAUTION: bool> {
         lr: f64,
         beta1: f64,
         beta2: f64,
         eps: f64,
         weight_decay: f64,
         ema_weight: f64,
+        /// 1 for caution's "count" normalisation, 0 for "mean" (only read with `CAUTION`).
+        caution_count: f64,
     }
 }
 
@@ -72,7 +73,7 @@ pub struct AdamCoeffs<R: Real> {
     caution: R,
 }
 
-impl<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool, const CAUTION: bool, const COUNT: bool> Adam<AMSGRAD, DECOUPLED, EMA, CAUTION, COUNT> {
+impl<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool, const CAUTION: bool> Adam<AMSGRAD, DECOUPLED, EMA, CAUTION> {
     /// The gradient the moments see: with L2 decay (Adam), `g + wd·p`.
     #[inline(always)]
     fn moment_input<R: Real>(l2: R, p: R, g: R) -> R {
@@ -84,9 +85,7 @@ impl<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool, const CAUTION:
     }
 }
 
-impl<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool, const CAUTION: bool, const COUNT: bool> Rule
-    for Adam<AMSGRAD, DECOUPLED, EMA, CAUTION, COUNT>
-{
+impl<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool, const CAUTION: bool> Rule for Adam<AMSGRAD, DECOUPLED, EMA, CAUTION> {
     const INFO: &'static RuleInfo = &INFO;
     const SLOT_NAMES: &'static [&'static str] = match (AMSGRAD, EMA) {
         (false, false) => &["exp_avg", "exp_avg_sq"],
@@ -118,7 +117,7 @@ impl<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool, const CAUTION:
             neg_step_size: R::from_f64(-(self.lr / bc1)),
             eps: R::from_f64(self.eps),
             ema: Lerp::new(self.ema_weight),
-            caution: if CAUTION { caution_factor(sums, COUNT) } else { R::ONE },
+            caution: if CAUTION { caution_factor(sums, self.caution_count != 0.0) } else { R::ONE },
         }
     }
 
@@ -165,8 +164,9 @@ pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     if !(0.0..=1.0).contains(&ema_weight) {
         return Err(crate::error::Error::Value(format!("ema_weight must be in [0, 1], got {ema_weight}")));
     }
-    Ok(bool_dispatch!(h.flag("amsgrad")? => A, h.flag("decoupled")? => D, ema => E, h.flag("caution")? => C, h.flag("caution_count")? => N;
-        v.visit(Adam::<A, D, E, C, N> { lr, beta1, beta2, eps, weight_decay, ema_weight })))
+    let caution_count = if h.flag("caution_count")? { 1.0 } else { 0.0 };
+    Ok(bool_dispatch!(h.flag("amsgrad")? => A, h.flag("decoupled")? => D, ema => E, h.flag("caution")? => C;
+        v.visit(Adam::<A, D, E, C> { lr, beta1, beta2, eps, weight_decay, ema_weight, caution_count })))
 }
 
 #[cfg(test)]
@@ -186,17 +186,19 @@ mod tests {
     #[test]
     fn matches_spec_in_f64() {
         for &decoupled in &[true, false] {
-            let rule_d = Adam::<false, true, false, false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
-            let rule_l = Adam::<false, false, false, false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
+            let rule_d =
+                Adam::<false, true, false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0, caution_count: 0.0 };
+            let rule_l =
+                Adam::<false, false, false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0, caution_count: 0.0 };
             let (mut p, mut m, mut v) = (0.7f64, 0.05, 0.002);
             let (mut rp, mut rm, mut rv) = (p, m, v);
             for t in 1..=20 {
                 let g = ((t as f64) * 0.37).sin() + 0.1;
                 let mut s = [m, v, 0.0, 0.0];
                 p = if decoupled {
-                    Adam::<false, true, false, false, false>::update(&rule_d.coeffs::<f64>(&mut [t as f64 - 1.0; 4], &[0.0; 4]), p, g, &mut s)
+                    Adam::<false, true, false, false>::update(&rule_d.coeffs::<f64>(&mut [t as f64 - 1.0; 4], &[0.0; 4]), p, g, &mut s)
                 } else {
-                    Adam::<false, false, false, false, false>::update(&rule_l.coeffs::<f64>(&mut [t as f64 - 1.0; 4], &[0.0; 4]), p, g, &mut s)
+                    Adam::<false, false, false, false>::update(&rule_l.coeffs::<f64>(&mut [t as f64 - 1.0; 4], &[0.0; 4]), p, g, &mut s)
                 };
                 (m, v) = (s[0], s[1]);
                 (rp, rm, rv) = reference(rp, g, rm, rv, t as f64, 0.1, decoupled);
@@ -207,20 +209,21 @@ mod tests {
 
     #[test]
     fn fused_ema_lerps_towards_the_new_parameter() {
-        let plain = Adam::<false, true, false, false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
-        let fused = Adam::<false, true, true, false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.25 };
+        let plain = Adam::<false, true, false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0, caution_count: 0.0 };
+        let fused = Adam::<false, true, true, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.25, caution_count: 0.0 };
         let mut s1 = [0.1f32, 0.01, 0.0, 0.0];
         let mut s2 = [0.1f32, 0.01, 0.5, 0.0];
-        let p1 = Adam::<false, true, false, false, false>::update(&plain.coeffs::<f32>(&mut [3.0; 4], &[0.0; 4]), 0.7, 0.3, &mut s1);
-        let p2 = Adam::<false, true, true, false, false>::update(&fused.coeffs::<f32>(&mut [3.0; 4], &[0.0; 4]), 0.7, 0.3, &mut s2);
+        let p1 = Adam::<false, true, false, false>::update(&plain.coeffs::<f32>(&mut [3.0; 4], &[0.0; 4]), 0.7, 0.3, &mut s1);
+        let p2 = Adam::<false, true, true, false>::update(&fused.coeffs::<f32>(&mut [3.0; 4], &[0.0; 4]), 0.7, 0.3, &mut s2);
         assert_eq!(p1, p2);
         assert_eq!(s2[2], 0.5 + 0.25 * (p1 - 0.5));
     }
 
     /// Spec §20 (d), C-AdamW, on a small tensor in f64, both normalisations: the step reads m·φ·k.
-    fn cautious<const N: bool>() {
-        type C<const N: bool> = Adam<false, true, false, true, N>;
-        let rule = C::<N> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
+    fn cautious(count: bool) {
+        type C = Adam<false, true, false, true>;
+        let caution_count = if count { 1.0 } else { 0.0 };
+        let rule = C { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0, caution_count };
         let (p0, g, m0) = ([1.0f64, -2.0, 0.5, 3.0, 0.25], [0.3f64, -0.4, 0.2, -1.0, 0.0], [0.5f64, -0.1, -3.0, 0.2, 0.1]);
         let mut sums = [0.0; MAX_SUMS];
         for i in 0..5 {
@@ -228,16 +231,16 @@ mod tests {
         }
         // new m = 0.9 m + 0.1 g = [0.48, -0.13, -2.68, 0.08, 0.09]; m·g > 0 for elements 0 and 1
         assert_eq!(&sums[..2], &[2.0, 5.0]);
-        let k = if N { 5.0 / 3.0 } else { 1.0 / 0.4 };
+        let k = if count { 5.0 / 3.0 } else { 1.0 / 0.4 };
         let c = rule.coeffs::<f64>(&mut [0.0; MAX_SCALARS], &sums);
         for i in 0..5 {
             let (mut s, mut plain_s) = ([m0[i], 0.01, 0.0, 0.0], [m0[i], 0.01, 0.0, 0.0]);
-            let p = C::<N>::update(&c, p0[i], g[i], &mut s);
+            let p = C::update(&c, p0[i], g[i], &mut s);
             let (rp, rm, rv) = reference(p0[i], g[i], m0[i], 0.01, 1.0, 0.1, true);
-            let plain = Adam::<false, true, false, false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0 };
+            let plain =
+                Adam::<false, true, false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.0, caution_count: 0.0 };
             let decayed = p0[i] * (1.0 - 1e-2 * 0.1);
-            let _ =
-                Adam::<false, true, false, false, false>::update(&plain.coeffs::<f64>(&mut [0.0; MAX_SCALARS], &[0.0; MAX_SUMS]), p0[i], g[i], &mut plain_s);
+            let _ = Adam::<false, true, false, false>::update(&plain.coeffs::<f64>(&mut [0.0; MAX_SCALARS], &[0.0; MAX_SUMS]), p0[i], g[i], &mut plain_s);
             let phi = if rm * g[i] > 0.0 { 1.0 } else { 0.0 };
             let expected = decayed + (rp - decayed) * phi * k;
             assert!((p - expected).abs() < 1e-15, "{i}: {p} vs {expected}");
@@ -248,21 +251,21 @@ mod tests {
 
     #[test]
     fn cautious_mask_and_normalisations_match_spec() {
-        cautious::<false>();
-        cautious::<true>();
+        cautious(false);
+        cautious(true);
     }
 
     #[test]
     fn amsgrad_keeps_running_max_of_raw_v() {
-        let rule = Adam::<true, true, false, false, false> { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0, ema_weight: 0.0 };
+        let rule = Adam::<true, true, false, false> { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0, ema_weight: 0.0, caution_count: 0.0 };
         let mut s = [0.0f32, 0.5, 0.6, 0.0];
         let mut scalars = [2.0; MAX_SCALARS];
         let c = rule.coeffs::<f32>(&mut scalars, &[0.0; MAX_SUMS]);
         assert_eq!(scalars[0], 3.0);
-        Adam::<true, true, false, false, false>::update(&c, 1.0, 0.01, &mut s);
+        Adam::<true, true, false, false>::update(&c, 1.0, 0.01, &mut s);
         assert_eq!(s[2], 0.6);
         s[2] = 0.1;
-        Adam::<true, true, false, false, false>::update(&c, 1.0, 0.01, &mut s);
+        Adam::<true, true, false, false>::update(&c, 1.0, 0.01, &mut s);
         assert_eq!(s[2], s[1]);
     }
 }

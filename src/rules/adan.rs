@@ -17,7 +17,9 @@
 //! ```
 //! State slots: `exp_avg` (m), `exp_avg_sq` (n), `exp_avg_diff` (v), `neg_pre_grad` (r).
 
-use super::{bool_dispatch, check_non_negative, check_unit_interval, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use super::{
+    bool_dispatch, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
+};
 use crate::error::{Error, Result};
 use crate::real::Real;
 
@@ -29,7 +31,7 @@ pub const INFO: RuleInfo = RuleInfo {
     flags: &["no_prox", "first"],
     optional_flags: &["first"],
     scalars: &[],
-    reads_input: true,
+    input: Input::Gradient,
 };
 
 rule_params! {

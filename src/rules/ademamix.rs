@@ -12,7 +12,9 @@
 //! for β3), evaluated per tensor on the host from its step counter.
 //! State slots: `exp_avg_fast` (only when β1 ≠ 0), `exp_avg_slow`, `exp_avg_sq`.
 
-use super::{bool_dispatch, check_non_negative, check_unit_interval, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use super::{
+    bool_dispatch, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
+};
 use crate::error::Result;
 use crate::real::Real;
 
@@ -24,7 +26,7 @@ pub const INFO: RuleInfo = RuleInfo {
     flags: &[],
     optional_flags: &[],
     scalars: &["step"],
-    reads_input: true,
+    input: Input::Gradient,
 };
 
 rule_params! {

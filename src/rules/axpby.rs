@@ -5,7 +5,7 @@
 //! ```
 //! Uniform/greedy soups, LAWA's output, post-hoc EMA reconstruction and LITI are built from it.
 
-use super::{bool_dispatch, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use super::{bool_dispatch, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::error::{Error, Result};
 use crate::real::Real;
 
@@ -17,7 +17,7 @@ pub const INFO: RuleInfo = RuleInfo {
     flags: &["assign"],
     optional_flags: &["assign"],
     scalars: &[],
-    reads_input: true,
+    input: Input::Weights,
 };
 
 rule_params! {

@@ -8,7 +8,7 @@
 //! ```
 //! `RESET` (burn-in): `E ← θ`, `O ← θ`, `θ₀ ← θ`.
 
-use super::{bool_dispatch, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use super::{bool_dispatch, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::error::{Error, Result};
 use crate::real::{Lerp, Real};
 
@@ -20,7 +20,7 @@ pub const INFO: RuleInfo = RuleInfo {
     flags: &["reset"],
     optional_flags: &[],
     scalars: &[],
-    reads_input: true,
+    input: Input::Weights,
 };
 
 rule_params! {

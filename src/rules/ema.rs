@@ -11,7 +11,7 @@
 //! reading `θ` once: `E_j ← lerp(E_j, θ, w_j)`; track 0 is the written tensor, tracks 1.. are
 //! state slots 0.. (`t1`, `t2`, ...).
 
-use super::{rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use super::{rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::error::{Error, Result};
 use crate::real::{Lerp, Real};
 
@@ -23,7 +23,7 @@ pub const INFO: RuleInfo = RuleInfo {
     flags: &["muladd", "sub"],
     optional_flags: &["muladd", "sub"],
     scalars: &[],
-    reads_input: true,
+    input: Input::Weights,
 };
 
 /// The `ema_multi` rule: `tracks` averages with weights `w0`, `w1`, ...
@@ -34,7 +34,7 @@ pub const MULTI_INFO: RuleInfo = RuleInfo {
     flags: &[],
     optional_flags: &[],
     scalars: &[],
-    reads_input: true,
+    input: Input::Weights,
 };
 
 /// The most tracks one `ema_multi` call updates.

@@ -5,7 +5,7 @@
 pub const ENGINE_OPTIONS: &[&str] = &["maximize", "check_finite", "orthograd", "orthograd_rescale"];
 
 /// The description of one registered rule name: the hyper-parameter keys Python passes (checked
-/// before the rule is built), its per-parameter scalar state and whether it reads an input. Each
+/// before the rule is built), its per-parameter scalar state and what input it reads. Each
 /// rule file states its own as `pub const INFO`; the registry in `rules/mod.rs` lists them.
 #[derive(Debug)]
 pub struct RuleInfo {
@@ -23,8 +23,22 @@ pub struct RuleInfo {
     pub optional_flags: &'static [&'static str],
     /// Names of the per-parameter scalar state entries (0-dim tensors, e.g. `step`), in order.
     pub scalars: &'static [&'static str],
-    /// Whether the rule reads an input tensor (a gradient, the model being averaged).
-    pub reads_input: bool,
+    /// What the rule's read-only input tensor is.
+    pub input: Input,
+}
+
+/// What a rule's read-only input tensor is.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// None: callers pass no input (e.g. `swap`).
+    None,
+    /// The parameter's gradient, of the parameter's dtype (torch allows no other). The drivers
+    /// unscale it (AMP), negate it (`maximize`), check it (`check_finite`) and project it
+    /// (`orthograd`) before the rule sees it.
+    Gradient,
+    /// Model weights that an average reads: of the parameter's dtype, or bf16/fp16 for an fp32
+    /// average of a low-precision model.
+    Weights,
 }
 
 impl RuleInfo {

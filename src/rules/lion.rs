@@ -15,8 +15,8 @@
 //! State slot: `exp_avg`. No step counter.
 
 use super::{
-    bool_dispatch, caution_factor, cautious_count, check_non_negative, check_unit_interval, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS,
-    MAX_SLOTS, MAX_SUMS,
+    bool_dispatch, caution_factor, cautious_count, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor,
+    MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::{Error, Result};
 use crate::real::Real;
@@ -29,19 +29,20 @@ pub const INFO: RuleInfo = RuleInfo {
     flags: &["lr_independent_decay", "caution", "caution_count"],
     optional_flags: &[],
     scalars: &[],
-    reads_input: true,
+    input: Input::Gradient,
 };
 
 rule_params! {
-    /// Lion's hyper-parameters. `CAUTION`: the cautious mask; `COUNT`: its "count" normalisation
-    /// (else "mean").
-    pub struct Lion<const CAUTION: bool, const COUNT: bool> {
+    /// Lion's hyper-parameters. `CAUTION`: the cautious mask.
+    pub struct Lion<const CAUTION: bool> {
         pub lr: f64,
         pub beta1: f64,
         pub beta2: f64,
         /// The decoupled decay rate: `weight_decay`, or `weight_decay / decay_base_lr` with
         /// lr-independent decay (lucidrains' `decoupled_weight_decay`).
         pub weight_decay: f64,
+        /// 1 for caution's "count" normalisation, 0 for "mean" (only read with `CAUTION`).
+        pub caution_count: f64,
     }
 }
 
@@ -58,7 +59,7 @@ pub struct LionCoeffs<R: Real> {
     caution: R,
 }
 
-impl<const CAUTION: bool, const COUNT: bool> Lion<CAUTION, COUNT> {
+impl<const CAUTION: bool> Lion<CAUTION> {
     /// The update direction `sign(m·β1 + g·(1 − β1))`, identical in both passes.
     #[inline(always)]
     fn direction<R: Real>(beta1: R, one_minus_beta1: R, m: R, g: R) -> R {
@@ -66,7 +67,7 @@ impl<const CAUTION: bool, const COUNT: bool> Lion<CAUTION, COUNT> {
     }
 }
 
-impl<const CAUTION: bool, const COUNT: bool> Rule for Lion<CAUTION, COUNT> {
+impl<const CAUTION: bool> Rule for Lion<CAUTION> {
     const INFO: &'static RuleInfo = &INFO;
     const SLOT_NAMES: &'static [&'static str] = &["exp_avg"];
     /// With caution: Σφ and the element count.
@@ -80,7 +81,7 @@ impl<const CAUTION: bool, const COUNT: bool> Rule for Lion<CAUTION, COUNT> {
 
     fn coeffs<R: Real>(&self, _scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> LionCoeffs<R> {
         LionCoeffs {
-            caution: if CAUTION { caution_factor(sums, COUNT) } else { R::ONE },
+            caution: if CAUTION { caution_factor(sums, self.caution_count != 0.0) } else { R::ONE },
             decay: R::from_f64(1.0 - self.lr * self.weight_decay),
             beta1: R::from_f64(self.beta1),
             one_minus_beta1: R::from_f64(1.0 - self.beta1),
@@ -116,8 +117,8 @@ pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
         }
         weight_decay /= base;
     }
-    Ok(bool_dispatch!(h.flag("caution")? => C, h.flag("caution_count")? => N;
-        v.visit(Lion::<C, N> { lr, beta1, beta2, weight_decay })))
+    let caution_count = if h.flag("caution_count")? { 1.0 } else { 0.0 };
+    Ok(bool_dispatch!(h.flag("caution")? => C; v.visit(Lion::<C> { lr, beta1, beta2, weight_decay, caution_count })))
 }
 
 #[cfg(test)]
@@ -126,12 +127,12 @@ mod tests {
 
     #[test]
     fn matches_spec_in_f64() {
-        let rule = Lion::<false, false> { lr: 1e-2, beta1: 0.9, beta2: 0.99, weight_decay: 0.5 };
+        let rule = Lion::<false> { lr: 1e-2, beta1: 0.9, beta2: 0.99, weight_decay: 0.5, caution_count: 0.0 };
         let (mut p, mut s) = (0.7f64, [0.0f64; MAX_SLOTS]);
         let (mut rp, mut rm) = (p, 0.0f64);
         for t in 1..=20 {
             let g = ((t as f64) * 0.37).sin() + 0.1;
-            p = Lion::<false, false>::update(&rule.coeffs::<f64>(&mut [0.0; MAX_SCALARS], &[0.0; MAX_SUMS]), p, g, &mut s);
+            p = Lion::<false>::update(&rule.coeffs::<f64>(&mut [0.0; MAX_SCALARS], &[0.0; MAX_SUMS]), p, g, &mut s);
             // spec §8 (d)
             rp *= 1.0 - 1e-2 * 0.5;
             let c = 0.9 * rm + 0.1 * g;
@@ -150,17 +151,17 @@ mod tests {
 
     #[test]
     fn zero_direction_moves_only_by_decay() {
-        let rule = Lion::<false, false> { lr: 0.1, beta1: 0.5, beta2: 0.5, weight_decay: 0.0 };
+        let rule = Lion::<false> { lr: 0.1, beta1: 0.5, beta2: 0.5, weight_decay: 0.0, caution_count: 0.0 };
         let c = rule.coeffs::<f32>(&mut [0.0; MAX_SCALARS], &[0.0; MAX_SUMS]);
         let mut s = [1.0f32, 0.0, 0.0, 0.0];
         // m·β1 + g·(1 − β1) = 0.5 − 0.5 = 0: sign 0, p unchanged; m still decays.
-        assert_eq!(Lion::<false, false>::update(&c, 2.0, -1.0, &mut s), 2.0);
+        assert_eq!(Lion::<false>::update(&c, 2.0, -1.0, &mut s), 2.0);
         assert_eq!(s[0], 0.0);
     }
 
     /// Spec §20 (d), C-Lion, on a small tensor in f64, both normalisations.
-    fn cautious<const N: bool>() {
-        let rule = Lion::<true, N> { lr: 0.1, beta1: 0.9, beta2: 0.99, weight_decay: 0.2 };
+    fn cautious(count: bool) {
+        let rule = Lion::<true> { lr: 0.1, beta1: 0.9, beta2: 0.99, weight_decay: 0.2, caution_count: if count { 1.0 } else { 0.0 } };
         let (p0, g, m) = ([1.0f64, -2.0, 0.5, 3.0, 0.25], [0.3f64, -0.4, 0.2, -1.0, 0.0], [0.5f64, -0.1, -0.9, 0.2, 0.1]);
         let mut sums = [0.0; MAX_SUMS];
         for i in 0..5 {
@@ -168,11 +169,11 @@ mod tests {
         }
         // u = sign(0.9 m + 0.1 g) = [+, −, −, +, +]; u·g > 0 for elements 0 and 1 only
         assert_eq!(&sums[..2], &[2.0, 5.0]);
-        let k = if N { 5.0 / 3.0 } else { 1.0 / 0.4 };
+        let k = if count { 5.0 / 3.0 } else { 1.0 / 0.4 };
         let c = rule.coeffs::<f64>(&mut [0.0; MAX_SCALARS], &sums);
         for i in 0..5 {
             let mut s = [m[i], 0.0, 0.0, 0.0];
-            let p = Lion::<true, N>::update(&c, p0[i], g[i], &mut s);
+            let p = Lion::<true>::update(&c, p0[i], g[i], &mut s);
             let u = (0.9 * m[i] + 0.1 * g[i]).signum();
             let phi = if u * g[i] > 0.0 { 1.0 } else { 0.0 };
             let expected = p0[i] * (1.0 - 0.1 * 0.2) - 0.1 * u * phi * k;
@@ -183,13 +184,13 @@ mod tests {
 
     #[test]
     fn cautious_mask_and_normalisations_match_spec() {
-        cautious::<false>();
-        cautious::<true>();
+        cautious(false);
+        cautious(true);
     }
 
     #[test]
     fn cautious_mean_is_floored() {
-        let rule = Lion::<true, false> { lr: 0.1, beta1: 0.9, beta2: 0.99, weight_decay: 0.0 };
+        let rule = Lion::<true> { lr: 0.1, beta1: 0.9, beta2: 0.99, weight_decay: 0.0, caution_count: 0.0 };
         let c = rule.coeffs::<f32>(&mut [0.0; MAX_SCALARS], &[0.0, 1e6, 0.0, 0.0]);
         assert_eq!(c.caution, 1.0f32 / 1e-3f32);
     }

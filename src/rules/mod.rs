@@ -24,7 +24,7 @@ pub mod spam;
 pub mod swap;
 
 pub use hyper::{Hyper, HyperValue, RuleHyper};
-pub use info::{RuleInfo, ENGINE_OPTIONS};
+pub use info::{Input, RuleInfo, ENGINE_OPTIONS};
 
 use crate::error::{Error, Result};
 use crate::real::Real;
@@ -157,7 +157,10 @@ pub trait Rule: Params + Send + Sync + 'static {
     /// parameter and the input).
     const SUMS_READ_STATE: bool = true;
     /// Whether the rule reads the input tensor `g` (false: callers pass none, `g` is 0).
-    const READS_INPUT: bool = Self::INFO.reads_input;
+    const READS_INPUT: bool = !matches!(Self::INFO.input, Input::None);
+    /// Whether the input is a gradient ([`Input::Gradient`]): of the parameter's dtype, and what
+    /// `orthograd` projects.
+    const READS_GRADIENT: bool = matches!(Self::INFO.input, Input::Gradient);
     /// Per-tensor coefficients in the compute type.
     type Coeffs<R: Real>: Copy + Send + Sync;
     /// Coefficients for one tensor, given its scalar state (which it may update, e.g. increment
@@ -234,13 +237,18 @@ pub fn info(name: &str) -> Result<&'static RuleInfo> {
 /// against the rule's [`RuleInfo`] first. With the engine option `orthograd` the rule is wrapped
 /// in [`orthograd::OrthoGrad`] (`orthograd_rescale` selects its rescaling).
 pub fn visit_rule<V: RuleVisitor>(name: &str, hyper: &Hyper, visitor: V) -> Result<V::Output> {
+    if hyper.option("orthograd")? {
+        return visit_base_rule(name, hyper, orthograd::Wrap { visitor, rescale: hyper.option("orthograd_rescale")? })?;
+    }
+    visit_base_rule(name, hyper, visitor)
+}
+
+/// As [`visit_rule`], but the rule is never wrapped: for a driver that applies `orthograd`'s
+/// projection itself (the CPU's, which so compiles no kernel per wrapped rule type).
+pub fn visit_base_rule<V: RuleVisitor>(name: &str, hyper: &Hyper, visitor: V) -> Result<V::Output> {
     let info = info(name)?;
     hyper.check(info)?;
-    let h = RuleHyper::new(hyper, info);
-    if hyper.option("orthograd")? {
-        return dispatch(info, &h, orthograd::Wrap { visitor, rescale: hyper.option("orthograd_rescale")? })?;
-    }
-    dispatch(info, &h, visitor)
+    dispatch(info, &RuleHyper::new(hyper, info), visitor)
 }
 
 /// The state slot names of the rule called `name` built from `hyper`.
@@ -275,8 +283,10 @@ fn py_list<S: AsRef<str>>(names: &[S]) -> String {
 }
 
 /// Refuse a parameter group whose state names (as Python passed them, in order) or inputs do not
-/// match the rule `Ru` built from `hyper`. Every backend calls this before it plans a step.
-pub fn check_state<Ru: Rule>(hyper: &Hyper, group: usize, slots: &[String], scalars: &[String], has_input: bool) -> Result<()> {
+/// match the rule `Ru` built from `hyper`. `narrow_input`: the inputs' dtype is narrower than the
+/// parameters' (bf16/fp16 for fp32), which only [`Input::Weights`] allows. Every backend calls
+/// this before it plans a step.
+pub fn check_state<Ru: Rule>(hyper: &Hyper, group: usize, slots: &[String], scalars: &[String], has_input: bool, narrow_input: bool) -> Result<()> {
     let info = Ru::INFO;
     let rule = match hyper.flags_text(info) {
         flags if flags.is_empty() => format!("rule '{}'", info.name),
@@ -290,6 +300,12 @@ pub fn check_state<Ru: Rule>(hyper: &Hyper, group: usize, slots: &[String], scal
     }
     if Ru::READS_INPUT && !has_input {
         return Err(Error::Value(format!("param group {group}: {rule} reads an input (gradient) for every parameter; none given")));
+    }
+    if narrow_input && Ru::READS_GRADIENT {
+        return Err(Error::DType(format!(
+            "param group {group}: {rule} reads gradients, which must have their parameter's dtype; got gradients of a narrower \
+             dtype than the parameters"
+        )));
     }
     Ok(())
 }
@@ -417,7 +433,7 @@ pub(crate) mod tests {
             assert_eq!(Ru::INFO.name, name, "{name}: the type points at another rule's INFO");
             assert_eq!(Ru::SLOTS, Ru::SLOT_NAMES.len(), "{name}: SLOTS is set apart from SLOT_NAMES");
             assert_eq!(Ru::SCALARS, self.0.scalars.len(), "{name}: SCALARS is set apart from INFO.scalars");
-            assert_eq!(Ru::READS_INPUT, self.0.reads_input, "{name}: READS_INPUT is set apart from INFO");
+            assert_eq!(Ru::READS_INPUT, self.0.input != Input::None, "{name}: READS_INPUT is set apart from INFO");
             assert!(Ru::SLOTS <= MAX_SLOTS && Ru::WRITTEN_SLOTS <= Ru::SLOTS && Ru::SUMS <= MAX_SUMS, "{name}");
             assert_eq!(Ru::PARAM_NAMES.len(), rule.param_words().len(), "{name}");
             let unique = |names: &[&str]| names.iter().collect::<HashSet<_>>().len() == names.len();
@@ -534,7 +550,7 @@ pub(crate) mod tests {
 
     #[test]
     fn reading_an_undeclared_key_is_a_bug() {
-        static BARE: RuleInfo = RuleInfo { name: "bare", summary: "x", numbers: &[], flags: &[], optional_flags: &[], scalars: &[], reads_input: true };
+        static BARE: RuleInfo = RuleInfo { name: "bare", summary: "x", numbers: &[], flags: &[], optional_flags: &[], scalars: &[], input: Input::Gradient };
         let hyper = Hyper::new(adam_entries());
         let h = RuleHyper::new(&hyper, &BARE);
         assert!(matches!(h.num("lr"), Err(Error::Internal(m)) if m.contains("'bare'") && m.contains("'lr'")));
@@ -543,20 +559,22 @@ pub(crate) mod tests {
 
     #[test]
     fn state_names_are_checked_not_counted() {
-        type AdamW = adam::Adam<false, true, false, false, false>;
+        type AdamW = adam::Adam<false, true, false, false>;
         let hyper = Hyper::new(adam_entries());
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let step = names(&["step"]);
-        assert!(check_state::<AdamW>(&hyper, 0, &names(&["exp_avg", "exp_avg_sq"]), &step, true).is_ok());
-        let swapped = check_state::<AdamW>(&hyper, 0, &names(&["exp_avg_sq", "exp_avg"]), &step, true);
+        assert!(check_state::<AdamW>(&hyper, 0, &names(&["exp_avg", "exp_avg_sq"]), &step, true, false).is_ok());
+        let swapped = check_state::<AdamW>(&hyper, 0, &names(&["exp_avg_sq", "exp_avg"]), &step, true, false);
         assert!(
             matches!(swapped, Err(Error::Value(m)) if m == "param group 0: rule 'adam' (amsgrad=False, decoupled=True) keeps state ['exp_avg', 'exp_avg_sq'], got ['exp_avg_sq', 'exp_avg']")
         );
-        let short = check_state::<AdamW>(&hyper, 2, &names(&["exp_avg"]), &step, true);
+        let short = check_state::<AdamW>(&hyper, 2, &names(&["exp_avg"]), &step, true, false);
         assert!(matches!(short, Err(Error::Value(m)) if m.starts_with("param group 2:")));
-        let scalars = check_state::<AdamW>(&hyper, 0, &names(&["exp_avg", "exp_avg_sq"]), &names(&["t"]), true);
+        let scalars = check_state::<AdamW>(&hyper, 0, &names(&["exp_avg", "exp_avg_sq"]), &names(&["t"]), true, false);
         assert!(matches!(scalars, Err(Error::Value(m)) if m.contains("keeps scalar state ['step'], got ['t']")));
-        let no_input = check_state::<AdamW>(&hyper, 0, &names(&["exp_avg", "exp_avg_sq"]), &step, false);
+        let no_input = check_state::<AdamW>(&hyper, 0, &names(&["exp_avg", "exp_avg_sq"]), &step, false, false);
         assert!(matches!(no_input, Err(Error::Value(m)) if m.contains("reads an input")));
+        let narrow = check_state::<AdamW>(&hyper, 0, &names(&["exp_avg", "exp_avg_sq"]), &step, true, true);
+        assert!(matches!(narrow, Err(Error::DType(m)) if m.contains("parameter's dtype")));
     }
 }

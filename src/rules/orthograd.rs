@@ -18,6 +18,12 @@
 //! with the drivers' unscaling (AMP) and negation (`maximize`), which are applied first here.
 //! Rules with sums of their own (they would need sums of the transformed gradient: a second,
 //! dependent pass) are refused.
+//!
+//! The math is stated once, here: [`accumulate`] and [`Projection`]. Backends that instantiate a
+//! kernel per rule type run the wrapper [`OrthoGrad`] (CUDA's twin is compiled on demand); the
+//! CPU driver, whose kernels are compiled ahead for every rule type and dtype, instead applies
+//! [`Projection`] to each block of gradients before the unwrapped rule reads it, bit for bit the
+//! same, so that ⊥Grad adds no kernel per rule type to the build.
 
 use super::{bool_dispatch, ConstArg, Params, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::error::{Error, Result};
@@ -32,14 +38,73 @@ pub struct OrthoGrad<Ru: Rule, const RESCALE: bool> {
     pub inner: Ru,
 }
 
-/// The wrapped rule's coefficients, and the gradient's: `u⊥ = (u − along·w)·scale`, evaluated in
-/// f64 and rounded once to the compute type (where `u ≈ along·w` the difference cancels: in f32 it
-/// would keep only the few bits that f32 rounding of `along·w` left).
+/// How one tensor's gradient is projected: `u⊥ = (u − along·w)·scale`, evaluated in f64 and
+/// rounded once to the compute type (where `u ≈ along·w` the difference cancels: in f32 it would
+/// keep only the few bits that f32 rounding of `along·w` left).
+#[derive(Copy, Clone, Debug)]
+pub struct Projection {
+    along: f64,
+    scale: f64,
+}
+
+impl Projection {
+    /// The projection of a tensor with sums `[⟨w,u⟩, ⟨w,w⟩, ‖u‖², numel]` (see [`accumulate`]).
+    pub fn from_sums(sums: &[f64; MAX_SUMS], rescale: bool) -> Projection {
+        let [wu, ww, uu, numel] = *sums;
+        if numel <= 1.0 {
+            return Projection { along: 0.0, scale: 1.0 };
+        }
+        let along = wu / (ww + EPS);
+        let perp = (uu - 2.0 * along * wu + along * along * ww).max(0.0).sqrt();
+        Projection { along, scale: if rescale { uu.sqrt() / (perp + EPS) } else { 1.0 } }
+    }
+
+    /// `u⊥` of the element with parameter `w` and gradient `u`.
+    #[inline(always)]
+    pub fn apply<R: Real>(&self, w: R, u: R) -> R {
+        R::from_f64((u.to_f64() - self.along * w.to_f64()) * self.scale)
+    }
+}
+
+/// Add the element with parameter `w` and gradient `u` to a tensor's projection sums
+/// `[⟨w,u⟩, ⟨w,w⟩, ‖u‖², numel]`.
+#[inline(always)]
+pub fn accumulate<R: Real>(w: R, u: R, sums: &mut [f64; MAX_SUMS]) {
+    let (w, u) = (w.to_f64(), u.to_f64());
+    sums[0] += w * u;
+    sums[1] += w * w;
+    sums[2] += u * u;
+    sums[3] += 1.0;
+}
+
+/// Refuse ⊥Grad around `Ru`: a rule that reads no gradient, or one with sums of its own (they
+/// would have to be sums of the projected gradient: a second, dependent pass).
+pub fn check_projectable<Ru: Rule>() -> Result<()> {
+    if Ru::READS_GRADIENT && Ru::SUMS == 0 {
+        Ok(())
+    } else {
+        Err(refusal::<Ru>())
+    }
+}
+
+/// Why ⊥Grad cannot wrap `Ru` (see [`check_projectable`]).
+fn refusal<Ru: Rule>() -> Error {
+    let name = Ru::INFO.name;
+    if !Ru::READS_GRADIENT {
+        return Error::Value(format!("orthograd projects a gradient; rule '{name}' reads none: pass orthograd=False"));
+    }
+    Error::Value(format!(
+        "orthograd cannot be combined with rule '{name}' in this configuration: the rule reads per-tensor sums of the \
+         gradient, which would have to be sums of the orthogonalised one (a second pass emafuse does not run); \
+         pass orthograd=False or turn off the option that needs the sums (e.g. Lion's caution)"
+    ))
+}
+
+/// The wrapped rule's coefficients, and the gradient's projection.
 #[derive(Copy, Clone, Debug)]
 pub struct OrthoCoeffs<C> {
     inner: C,
-    along: f64,
-    scale: f64,
+    projection: Projection,
 }
 
 impl<Ru: Rule, const RESCALE: bool> Params for OrthoGrad<Ru, RESCALE> {
@@ -55,17 +120,6 @@ impl<Ru: Rule, const RESCALE: bool> Params for OrthoGrad<Ru, RESCALE> {
     }
 }
 
-/// `(along, scale)` of one tensor from its sums `[⟨w,u⟩, ⟨w,w⟩, ‖u‖², numel]`, in f64.
-fn transform(sums: &[f64; MAX_SUMS], rescale: bool) -> (f64, f64) {
-    let [wu, ww, uu, numel] = *sums;
-    if numel <= 1.0 {
-        return (0.0, 1.0);
-    }
-    let along = wu / (ww + EPS);
-    let perp = (uu - 2.0 * along * wu + along * along * ww).max(0.0).sqrt();
-    (along, if rescale { uu.sqrt() / (perp + EPS) } else { 1.0 })
-}
-
 impl<Ru: Rule, const RESCALE: bool> Rule for OrthoGrad<Ru, RESCALE> {
     const INFO: &'static super::RuleInfo = Ru::INFO;
     const SLOT_NAMES: &'static [&'static str] = Ru::SLOT_NAMES;
@@ -77,22 +131,16 @@ impl<Ru: Rule, const RESCALE: bool> Rule for OrthoGrad<Ru, RESCALE> {
 
     #[inline(always)]
     fn accumulate<R: Real>(&self, p: R, g: R, _s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
-        let (w, u) = (p.to_f64(), g.to_f64());
-        sums[0] += w * u;
-        sums[1] += w * w;
-        sums[2] += u * u;
-        sums[3] += 1.0;
+        accumulate(p, g, sums);
     }
 
     fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> Self::Coeffs<R> {
-        let (along, scale) = transform(sums, RESCALE);
-        OrthoCoeffs { inner: self.inner.coeffs::<R>(scalars, &[0.0; MAX_SUMS]), along, scale }
+        OrthoCoeffs { inner: self.inner.coeffs::<R>(scalars, &[0.0; MAX_SUMS]), projection: Projection::from_sums(sums, RESCALE) }
     }
 
     #[inline(always)]
     fn update<R: Real>(c: &Self::Coeffs<R>, p: R, g: R, s: &mut [R; MAX_SLOTS]) -> R {
-        let g = (g.to_f64() - c.along * p.to_f64()) * c.scale;
-        Ru::update(&c.inner, p, R::from_f64(g), s)
+        Ru::update(&c.inner, p, c.projection.apply(p, g), s)
     }
 }
 
@@ -105,18 +153,13 @@ pub struct Wrap<V> {
 impl<V: RuleVisitor> RuleVisitor for Wrap<V> {
     type Output = Result<V::Output>;
     fn visit<Ru: Rule>(self, rule: Ru) -> Self::Output {
-        let name = Ru::INFO.name;
-        if !Ru::READS_INPUT {
-            return Err(Error::Value(format!("orthograd transforms a gradient; rule '{name}' reads none: pass orthograd=False")));
+        // A condition on constants of `Ru` (not a call), so that the types it refuses are never
+        // instantiated wrapped.
+        if Ru::READS_GRADIENT && Ru::SUMS == 0 {
+            Ok(bool_dispatch!(self.rescale => RESCALE; self.visitor.visit(OrthoGrad::<Ru, RESCALE> { inner: rule })))
+        } else {
+            Err(refusal::<Ru>())
         }
-        if Ru::SUMS > 0 {
-            return Err(Error::Value(format!(
-                "orthograd cannot be combined with rule '{name}' in this configuration: the rule reads per-tensor sums of the \
-                 gradient, which would have to be sums of the orthogonalised one (a second pass emafuse does not run); \
-                 pass orthograd=False or turn off the option that needs the sums (e.g. Lion's caution)"
-            )));
-        }
-        Ok(bool_dispatch!(self.rescale => RESCALE; self.visitor.visit(OrthoGrad::<Ru, RESCALE> { inner: rule })))
     }
 }
 

@@ -10,7 +10,7 @@
 //! ```
 //! State slot: `momentum_buffer` (none when momentum is 0).
 
-use super::{bool_dispatch, check_non_negative, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use super::{bool_dispatch, check_non_negative, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::error::Result;
 use crate::real::Real;
 
@@ -22,7 +22,7 @@ pub const INFO: RuleInfo = RuleInfo {
     flags: &["nesterov", "first"],
     optional_flags: &["first"],
     scalars: &[],
-    reads_input: true,
+    input: Input::Gradient,
 };
 
 rule_params! {

@@ -14,7 +14,9 @@
 //! ```
 //! State slot: `momentum_buffer` (none when μ = 0); scalar state `gsnr`.
 
-use super::{bool_dispatch, check_non_negative, check_unit_interval, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use super::{
+    bool_dispatch, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
+};
 use crate::error::Result;
 use crate::real::Real;
 
@@ -26,7 +28,7 @@ pub const INFO: RuleInfo = RuleInfo {
     flags: &["first"],
     optional_flags: &["first"],
     scalars: &["gsnr"],
-    reads_input: true,
+    input: Input::Gradient,
 };
 
 rule_params! {

@@ -11,7 +11,7 @@
 //! ```
 //! and the update pass writes `θ_init + c₁·δ₁ + c₂·δ₂`.
 
-use super::{rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use super::{rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::error::{Error, Result};
 use crate::real::Real;
 
@@ -28,7 +28,7 @@ pub const INFO: RuleInfo = RuleInfo {
     flags: &[],
     optional_flags: &[],
     scalars: &[],
-    reads_input: true,
+    input: Input::Weights,
 };
 
 rule_params! {

@@ -15,7 +15,9 @@
 //! `k` is the parameter's own step counter (scalar state `step`, never reset).
 //! State slots: `exp_avg`, `exp_avg_sq`.
 
-use super::{bool_dispatch, check_non_negative, check_unit_interval, rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use super::{
+    bool_dispatch, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
+};
 use crate::error::{Error, Result};
 use crate::real::Real;
 
@@ -27,7 +29,7 @@ pub const INFO: RuleInfo = RuleInfo {
     flags: &["reset", "clip", "correct_bias"],
     optional_flags: &[],
     scalars: &["step"],
-    reads_input: true,
+    input: Input::Gradient,
 };
 
 rule_params! {

@@ -1,7 +1,7 @@
 //! In-place exchange of two equally typed tensor lists (spec averaging.md D.1 K4): the written
 //! tensor `A` and slot 0 `B` trade values in registers, 16 bytes per fp32 element, no temporary.
 
-use super::{rule_params, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use super::{rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::error::Result;
 use crate::real::Real;
 
@@ -13,7 +13,7 @@ pub const INFO: RuleInfo = RuleInfo {
     flags: &[],
     optional_flags: &[],
     scalars: &[],
-    reads_input: false,
+    input: Input::None,
 };
 
 rule_params! {

@@ -4,7 +4,7 @@
 #pragma once
 #include "common.cuh"
 
-template <bool AMSGRAD, bool DECOUPLED, bool EMA, bool CAUTION, bool COUNT>
+template <bool AMSGRAD, bool DECOUPLED, bool EMA, bool CAUTION>
 struct Adam {
     template <class R>
     struct Coeffs {
@@ -35,7 +35,7 @@ struct Adam {
         c.neg_step_size = R(-(h.lr / bc1));
         c.eps = R(h.eps);
         c.ema = EfLerp<R>::make(h.ema_weight);
-        c.caution = CAUTION ? ef_caution_factor<R>(sums, COUNT) : R(1);
+        c.caution = CAUTION ? ef_caution_factor<R>(sums, h.caution_count != 0.0) : R(1);
         return c;
     }
 

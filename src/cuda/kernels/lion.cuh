@@ -3,7 +3,7 @@
 #pragma once
 #include "common.cuh"
 
-template <bool CAUTION, bool COUNT>
+template <bool CAUTION>
 struct Lion {
     template <class R>
     struct Coeffs {
@@ -24,7 +24,7 @@ struct Lion {
     template <class R>
     EF_FN static Coeffs<R> coeffs(const EfHyper& h, double*, const double* sums) {
         Coeffs<R> c;
-        c.caution = CAUTION ? ef_caution_factor<R>(sums, COUNT) : R(1);
+        c.caution = CAUTION ? ef_caution_factor<R>(sums, h.caution_count != 0.0) : R(1);
         c.decay = R(1.0 - h.lr * h.weight_decay);
         c.beta1 = R(h.beta1);
         c.one_minus_beta1 = R(1.0 - h.beta1);
