@@ -152,12 +152,16 @@ template <class Rule, class R>
 void ef_host_run(const void* hyper, R* p, const R* g, R* s0, R* s1, R* s2, R* s3, float* scalars, long n, double factor) {
     R* st[4] = {s0, s1, s2, s3};
     R f = R(factor);
-    double sums[EF_MAX_SUMS] = {0, 0, 0, 0};
+    // the CPU engine's order (src/cpu/kernel.rs): element i into lane i % 8, lanes added in order
+    double lanes[8][EF_MAX_SUMS] = {};
     for (long i = 0; i < n && EF_SUMS > 0; ++i) {
         R s[EF_MAX_SLOTS];
         for (int k = 0; k < EF_SLOTS; ++k) s[k] = st[k][i];
-        Rule::template accumulate<R>(*(const EfHyper*)hyper, p[i], EF_READS_INPUT ? g[i] * f : R(0), s, sums);
+        Rule::template accumulate<R>(*(const EfHyper*)hyper, p[i], EF_READS_INPUT ? g[i] * f : R(0), s, lanes[i % 8]);
     }
+    double sums[EF_MAX_SUMS] = {0, 0, 0, 0};
+    for (int l = 0; l < 8; ++l)
+        for (int k = 0; k < EF_MAX_SUMS; ++k) sums[k] += lanes[l][k];
     double sc[EF_MAX_SCALARS] = {0, 0, 0, 0};
     for (int k = 0; k < EF_SCALARS; ++k) sc[k] = scalars[k];
     auto c = Rule::template coeffs<R>(*(const EfHyper*)hyper, sc, sums);
@@ -226,7 +230,7 @@ def test_cuda_rule_equals_rust_rule_on_the_cpu(variant, tmp_path, host_dir):
     lib = compile_host(host_dir, program["preamble"], program["header"])
     assert lib.hyper_size() == len(hyper_bytes), "EfHyper must have one double per parameter word"
     gen = torch.Generator().manual_seed(len(tmp_path.name))
-    n = 3001  # one CPU work item: the CPU engine adds per-tensor sums in element order, as here
+    n = 3001  # one CPU work item: the CPU engine adds per-tensor sums in the harness's order
     # (target dtype, input dtype): an fp32 average may read bf16/fp16 weights (of a low-precision
     # model; the host side gets the same values widened to fp32, as the kernels load them).
     dtypes = [(torch.float32, torch.float32), (torch.float64, torch.float64)]

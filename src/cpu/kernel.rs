@@ -30,6 +30,39 @@ pub struct SpanPtrs<P, G, S> {
     pub states: [*mut S; MAX_SLOTS],
 }
 
+/// Partial sums per span: element `i` of a span adds into lane `i % LANES`, and the lanes are
+/// added in order at the end. Independent chains hide the latency of f64 addition (one chain
+/// per sum is latency-bound, several times slower than reading the memory); the order is fixed,
+/// so the sums are reproducible bit for bit (`test_cuda_sources.py`'s host harness adds in the
+/// same order). `BLOCK` is a multiple of it.
+const LANES: usize = 8;
+
+/// Add each of the `n` elements of a block to its lane: `add(i, lane)` for element `i`.
+#[inline(always)]
+fn add_to_lanes(n: usize, lanes: &mut [[f64; MAX_SUMS]; LANES], mut add: impl FnMut(usize, &mut [f64; MAX_SUMS])) {
+    let mut i = 0;
+    while i + LANES <= n {
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            add(i + l, lane);
+        }
+        i += LANES;
+    }
+    for (l, lane) in lanes.iter_mut().enumerate().take(n - i) {
+        add(i + l, lane);
+    }
+}
+
+/// The lanes' sums, added in lane order.
+fn fold_lanes(lanes: &[[f64; MAX_SUMS]; LANES]) -> [f64; MAX_SUMS] {
+    let mut sums = [0.0; MAX_SUMS];
+    for lane in lanes {
+        for (total, x) in sums.iter_mut().zip(lane) {
+            *total += x;
+        }
+    }
+    sums
+}
+
 /// The rule's per-tensor sums over `len` elements at `ptrs` (read-only pass).
 ///
 /// # Safety
@@ -38,7 +71,7 @@ pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(ru
     let mut pb = [R::ZERO; BLOCK];
     let mut gb = [R::ZERO; BLOCK];
     let mut sb = [[R::ZERO; BLOCK]; MAX_SLOTS];
-    let mut sums = [0.0; MAX_SUMS];
+    let mut lanes = [[0.0; MAX_SUMS]; LANES];
     let mut off = 0;
     while off < len {
         let n = BLOCK.min(len - off);
@@ -53,27 +86,63 @@ pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(ru
                 S::load(std::slice::from_raw_parts(state.add(off), n), &mut buf[..n]);
             }
         }
-        for i in 0..n {
+        add_to_lanes(n, &mut lanes, |i, lane| {
             let mut s = [R::ZERO; MAX_SLOTS];
             for k in 0..Ru::SLOTS {
                 s[k] = sb[k][i];
             }
-            rule.accumulate(pb[i], gb[i] * factor, &s, &mut sums);
-        }
+            rule.accumulate(pb[i], gb[i] * factor, &s, lane);
+        });
         off += n;
     }
-    sums
+    fold_lanes(&lanes)
 }
 
 /// ⊥Grad's projection sums (`orthograd::accumulate`) of the `len` parameter elements at `param`
-/// and gradient elements at `grad`, each gradient times `factor` (read-only pass).
+/// and gradient elements at `grad`, each gradient times `factor` (read-only pass). The lanes of
+/// each sum are consecutive here, so that they become vector registers; the order of addition is
+/// [`sum_span`]'s.
 ///
 /// # Safety
 /// Both pointers must be valid for `len` reads.
 pub unsafe fn projection_sums<R: Real, P: Elem<R>, G: Elem<R>>(factor: R, param: *const P, grad: *const G, len: usize) -> [f64; MAX_SUMS] {
+    #[cfg(target_arch = "x86_64")]
+    match simd_level() {
+        // SAFETY: the CPU supports the enabled features (checked at run time); the caller's
+        // guarantees are passed on unchanged.
+        2 => return unsafe { projection_sums_avx512::<R, P, G>(factor, param, grad, len) },
+        // SAFETY: as above.
+        1 => return unsafe { projection_sums_avx2::<R, P, G>(factor, param, grad, len) },
+        _ => {}
+    }
+    // SAFETY: the caller's guarantees are passed on unchanged.
+    unsafe { projection_sums_body::<R, P, G>(factor, param, grad, len) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn projection_sums_avx512<R: Real, P: Elem<R>, G: Elem<R>>(factor: R, param: *const P, grad: *const G, len: usize) -> [f64; MAX_SUMS] {
+    // SAFETY: forwarded from projection_sums.
+    unsafe { projection_sums_body::<R, P, G>(factor, param, grad, len) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn projection_sums_avx2<R: Real, P: Elem<R>, G: Elem<R>>(factor: R, param: *const P, grad: *const G, len: usize) -> [f64; MAX_SUMS] {
+    // SAFETY: forwarded from projection_sums.
+    unsafe { projection_sums_body::<R, P, G>(factor, param, grad, len) }
+}
+
+#[inline(always)]
+unsafe fn projection_sums_body<R: Real, P: Elem<R>, G: Elem<R>>(factor: R, param: *const P, grad: *const G, len: usize) -> [f64; MAX_SUMS] {
     let mut pb = [R::ZERO; BLOCK];
     let mut gb = [R::ZERO; BLOCK];
-    let mut sums = [0.0; MAX_SUMS];
+    let mut lanes = [[0.0; LANES]; 3];
+    let mut add = |lane: usize, w: R, u: R| {
+        for (sum, x) in lanes.iter_mut().zip(orthograd::terms(w, u * factor)) {
+            sum[lane] += x;
+        }
+    };
     let mut off = 0;
     while off < len {
         let n = BLOCK.min(len - off);
@@ -82,10 +151,22 @@ pub unsafe fn projection_sums<R: Real, P: Elem<R>, G: Elem<R>>(factor: R, param:
             P::load(std::slice::from_raw_parts(param.add(off), n), &mut pb[..n]);
             G::load(std::slice::from_raw_parts(grad.add(off), n), &mut gb[..n]);
         }
-        for i in 0..n {
-            orthograd::accumulate(pb[i], gb[i] * factor, &mut sums);
+        let whole = n - n % LANES;
+        for (ws, us) in pb[..whole].chunks_exact(LANES).zip(gb[..whole].chunks_exact(LANES)) {
+            for l in 0..LANES {
+                add(l, ws[l], us[l]);
+            }
+        }
+        for l in 0..n - whole {
+            add(l, pb[whole + l], gb[whole + l]);
         }
         off += n;
+    }
+    let mut sums = [0.0, 0.0, 0.0, len as f64];
+    for (total, sum) in sums.iter_mut().zip(&lanes) {
+        for x in sum {
+            *total += x;
+        }
     }
     sums
 }

@@ -66,14 +66,21 @@ impl Projection {
     }
 }
 
+/// The element with parameter `w` and gradient `u`'s terms of the projection sums
+/// `[⟨w,u⟩, ⟨w,w⟩, ‖u‖²]` (the fourth sum counts the elements).
+#[inline(always)]
+pub fn terms<R: Real>(w: R, u: R) -> [f64; 3] {
+    let (w, u) = (w.to_f64(), u.to_f64());
+    [w * u, w * w, u * u]
+}
+
 /// Add the element with parameter `w` and gradient `u` to a tensor's projection sums
 /// `[⟨w,u⟩, ⟨w,w⟩, ‖u‖², numel]`.
 #[inline(always)]
 pub fn accumulate<R: Real>(w: R, u: R, sums: &mut [f64; MAX_SUMS]) {
-    let (w, u) = (w.to_f64(), u.to_f64());
-    sums[0] += w * u;
-    sums[1] += w * w;
-    sums[2] += u * u;
+    for (sum, x) in sums.iter_mut().zip(terms(w, u)) {
+        *sum += x;
+    }
     sums[3] += 1.0;
 }
 
