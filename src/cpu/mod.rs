@@ -311,16 +311,18 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
         sums
     }
 
-    /// Coefficients of every tensor; reads and writes back the scalar state. Consecutive tensors
-    /// with equal scalar state (the common case) share one evaluation.
-    fn coeffs<R: Real>(&self, sums: &[[f64; MAX_SUMS]]) -> Vec<Ru::Coeffs<R>> {
+    /// Coefficients of every tensor, from the rule's per-tensor sums (None: zeros, for a rule
+    /// without sums); reads and writes back the scalar state. Consecutive tensors with equal
+    /// scalar state (the common case) share one evaluation.
+    fn coeffs<R: Real>(&self, sums: Option<&[[f64; MAX_SUMS]]>) -> Vec<Ru::Coeffs<R>> {
         let b = &self.batch;
         let ns = b.n_scalars();
         let mut out = Vec::with_capacity(b.params.len());
         // (scalar state before, after, coefficients) of the previous tensor
         type Memo<C> = Option<([f64; MAX_SCALARS], [f64; MAX_SCALARS], C)>;
         let mut last: Memo<Ru::Coeffs<R>> = None;
-        for (i, sum) in sums.iter().enumerate() {
+        for i in 0..b.params.len() {
+            let sum = sums.map_or(&[0.0; MAX_SUMS], |s| &s[i]);
             let mut scalars = [0.0; MAX_SCALARS];
             for (k, x) in scalars.iter_mut().enumerate().take(ns) {
                 // SAFETY: validated one-element CPU float tensors, alive for the call.
@@ -351,20 +353,21 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
         let xf = GradTransform { factor: R::from_f64(sign / grad_scale.unwrap_or(1.0)), unscale: grad_scale.map(|s| R::from_f64(1.0 / s)) };
         let own;
         let sums = match pass {
-            Pass::Update(Some(given)) => given,
+            Pass::Update(Some(given)) => Some(given),
             Pass::Sums => return self.tensor_sums::<R, P, G, S>(xf.factor),
-            Pass::Update(None) => {
+            Pass::Update(None) if self.options.orthograd.is_some() || Ru::SUMS > 0 => {
                 own = self.tensor_sums::<R, P, G, S>(xf.factor);
-                &own[..]
+                Some(&own[..])
             }
+            Pass::Update(None) => None,
         };
         // With orthograd the sums are the projection's, and the rule has none of its own.
-        let (coeffs, projections) = match self.options.orthograd {
-            Some(rescale) => {
+        let (coeffs, projections) = match (self.options.orthograd, sums) {
+            (Some(rescale), Some(sums)) => {
                 let projections: Vec<Projection> = sums.iter().map(|s| Projection::from_sums(s, rescale)).collect();
-                (self.coeffs::<R>(&vec![[0.0; MAX_SUMS]; sums.len()]), Some(projections))
+                (self.coeffs::<R>(None), Some(projections))
             }
-            None => (self.coeffs::<R>(sums), None),
+            _ => (self.coeffs::<R>(sums), None),
         };
         for_each_span(&self.numels(), |s| {
             let projection = projections.as_ref().map(|v| v[s.tensor]);
