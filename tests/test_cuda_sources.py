@@ -83,7 +83,16 @@ RULES: dict[str, dict] = {
     "adamomentum": dict(hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)),
     "lion": dict(hyper=dict(lr=3e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, decay_base_lr=1e-2)),
     "adamod": dict(hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, beta3=0.99, eps=1e-8, weight_decay=0.1)),
+    # tau: the Polyak step size the Python layer computes from the sums of every tensor
+    "momo": dict(hyper=dict(lr=3e-2, beta=0.9, weight_decay=0.1, tau=0.02), extra=[dict(weight_decay=0.0)]),
+    "momo_adam": dict(
+        hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, tau=0.02, step=4.0),
+        extra=[dict(weight_decay=0.0)],
+    ),
 }
+
+# Rules whose every variant reads per-tensor sums, which ⊥Grad cannot be combined with.
+ALWAYS_SUMS = ("momo", "momo_adam")
 
 def variants():
     for name, spec in RULES.items():
@@ -97,7 +106,7 @@ def variants():
                 yield name, hyper, _native.rule_slots(name, hyper), info["scalars"]
         # ⊥Grad (the OrthoGrad wrapper) around each optimizer rule's plain variant; both forms
         # around Adam
-        if "lr" in info["numbers"]:
+        if "lr" in info["numbers"] and name not in ALWAYS_SUMS:
             hyper = {**spec["hyper"], **dict.fromkeys(info["flags"], False), "orthograd": True}
             for rescale in (True, False) if name == "adam" else (True,):
                 yield name, {**hyper, "orthograd_rescale": rescale}, _native.rule_slots(name, hyper), info["scalars"]
@@ -256,7 +265,7 @@ def test_cuda_rule_equals_rust_rule_on_the_cpu(variant, tmp_path, host_dir):
             _native.step("check", name, [group])
 
             host_states = [s.clone() for s in states] + [torch.zeros(1, dtype=dtype) for _ in range(4 - len(states))]
-            host_scalars = torch.tensor([step, 0.0, 0.0, 0.0], dtype=torch.float32)
+            host_scalars = torch.tensor([step] * len(scalar_keys) + [0.0] * (4 - len(scalar_keys)), dtype=torch.float32)
             p_host = p.clone()
             buf = ctypes.create_string_buffer(bytes(hyper_bytes), len(hyper_bytes))
             g_ptr = ptr(g_host) if reads_input else ctypes.c_void_p(None)

@@ -16,6 +16,7 @@ pub mod ema;
 mod hyper;
 mod info;
 pub mod lion;
+pub mod momo;
 pub mod orthograd;
 pub mod sgd;
 pub mod sgd_sai;
@@ -211,6 +212,8 @@ registry! {
     adamomentum::INFO => adamomentum::visit,
     lion::INFO => lion::visit,
     adamod::INFO => adamod::visit,
+    momo::INFO => momo::visit,
+    momo::ADAM_INFO => momo::visit_adam,
     // weight averaging (spec averaging.md D.1)
     ema::INFO => ema::visit,
     ema::MULTI_INFO => ema::visit_multi,
@@ -385,7 +388,7 @@ pub(crate) mod tests {
     /// const generic arguments (no momentum buffer, no weight decay, no fast EMA, 1..=5 tracks).
     fn number_values(rule: &str, key: &str) -> Vec<f64> {
         match (rule, key) {
-            ("adan", "step") => vec![3.0],
+            ("adan" | "momo_adam", "step") => vec![3.0],
             ("ema_multi", "tracks") => (1..=5).map(f64::from).collect(),
             (_, "momentum" | "weight_decay" | "beta1") => vec![0.5, 0.0],
             _ => vec![0.5],

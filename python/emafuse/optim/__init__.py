@@ -9,6 +9,7 @@ from .adan import Adan
 from .ademamix import AdEMAMix
 from .diffgrad import DiffGrad
 from .lion import Lion
+from .momo import Momo, MomoAdam
 from .sgd import SGD
 from .sgd_sai import SGDSaI
 from .spam import SPAM
@@ -27,5 +28,7 @@ __all__ = [
     "Adan",
     "DiffGrad",
     "Lion",
+    "Momo",
+    "MomoAdam",
     "SGDSaI",
 ]

@@ -172,6 +172,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     # Whether the rule can update a weight average in the same pass (flag "ema", slot "ema" last,
     # hyper-parameter "ema_weight"); see register_fused_average and optim/_fusion.py.
     _supports_fused_ema: ClassVar[bool] = False
+    # Whether the rule's update needs sums over every tensor of the step (a global reduction,
+    # e.g. MoMo's Polyak step size): ``_global_hypers`` then runs between the engine's sums pass
+    # and its update.
+    _reads_global_sums: ClassVar[bool] = False
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -220,6 +224,14 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         """The rule's numbers and flags for ``group``."""
+        raise NotImplementedError
+
+    def _global_hypers(self, calls: list[_Call], sums: list[Tensor], hypers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """With ``_reads_global_sums``: each call's hyper-parameters for the update, given
+        ``hypers`` (those of the sums pass) and the per-tensor sums of every call (``sums[i]``: an
+        ``n × MAX_SUMS`` float64 array, one row per parameter of ``calls[i]``, added across the
+        shards of sharded tensors). Must not change the optimizer: the step may still be refused
+        or skipped (``_end_step`` commits)."""
         raise NotImplementedError
 
     def _state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
@@ -551,7 +563,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if _dtensor.any_dtensor(p for c in calls for p in c.params):
             sharded = _local_calls(who, self._rule, calls, hypers)
             calls = sharded[0]
-        return _StepPlan(who, self._rule, calls, [g["params"] for g in self.param_groups], created, self.state, slots, sparse, sharded)
+        reduce = self._global_hypers if self._reads_global_sums else None
+        return _StepPlan(who, self._rule, calls, [g["params"] for g in self.param_groups], created, self.state, slots, sparse, sharded, reduce)
 
     def _collect(
         self,
@@ -760,6 +773,7 @@ class _StepPlan:
         slots: list[tuple[str, ...]],
         sparse: list[Tensor],
         sharded: tuple[list[_Call], list[Tensor], _dtensor.ShardRows] | None = None,
+        reduce: Callable[[list[_Call], list[Tensor], list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
     ) -> None:
         self.who = who
         self.calls = calls
@@ -777,6 +791,7 @@ class _StepPlan:
         self._rule = rule
         self._watch = watch if self.cacheable else None  # one run only: the inputs are the gradients given
         self._native: _native.StepPlan | None = None
+        self._reduce = reduce
         # DTensor (FSDP2) parameters: the calls hold their local shards, and the per-tensor sums
         # of the sharded ones are added across their mesh (`run_native`); such a plan is built at
         # every step.
@@ -791,13 +806,17 @@ class _StepPlan:
         """One run of ``native`` (this plan's calls, or staged copies of them; ``hypers``: one per
         call, None for those it was built with). Where calls hold shards of tensors whose rule
         reads sums over each whole tensor, the sums are computed on the shards first, added
-        across the mesh, then the update reads them."""
-        if not self._shard_rows:
+        across the mesh, then the update reads them. A rule that reads sums over every tensor
+        (``reduce``) gets its update's hyper-parameters from them in between."""
+        if not self._shard_rows and self._reduce is None:
             return native.run(hypers, *amp)
         sums = [torch.zeros((len(c.params), _native.MAX_SUMS), dtype=torch.float64, device=c.params[0].device) for c in self.calls]
         if native.sums(sums, hypers, *amp) is None:
             return None
         _dtensor.add_shard_sums(sums, self._shard_rows)
+        if self._reduce is not None:
+            built_with = [c.hyper(self.hypers[c.group_index]) for c in self.calls]
+            hypers = self._reduce(self.calls, sums, hypers if hypers is not None else built_with)
         return native.run(hypers, *amp, sums=sums)
 
     def describes(self, state: Any, slots: list[tuple[str, ...]]) -> bool:
