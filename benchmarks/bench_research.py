@@ -35,6 +35,10 @@ try:
 except ImportError:  # pragma: no cover - optional peer
     timm = None
 try:
+    import momo
+except ImportError:  # pragma: no cover - optional peer
+    momo = None
+try:
     import heavyball
 
     heavyball.utils.compile_mode = None  # eager: compiling for the CPU would dominate the run
@@ -52,6 +56,7 @@ class Case:
     po_kwargs: dict[str, Any] = field(default_factory=dict)
     heavyball_name: str | None = None
     others: tuple[tuple[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]], ...] = ()
+    takes_loss: bool = False  # step(loss=...) (MoMo)
 
     def impls(self) -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
         out: dict[str, Callable] = {"emafuse": lambda ps: self.ours(ps, **self.kwargs), **dict(self.others)}
@@ -78,6 +83,12 @@ CASES = [
     Case("AdaBoundW", emafuse.AdaBoundW, 28, dict(lr=1e-4, weight_decay=1e-4), "AdaBound",
          dict(lr=1e-4, weight_decay=1e-4, weight_decouple=True, fixed_decay=True)),
     Case("SGDSaI", emafuse.SGDSaI, 20, dict(lr=1e-4), "SGDSaI", dict(lr=1e-4)),
+    # MoMo's bytes: a sums pass (reads p, g, d; MoMo-Adam also v) and the update (reads them again,
+    # writes p and the moments): 32 and 44 per parameter, not the spec's 28 and 40, which write d
+    # in the first pass.
+    Case("Momo", emafuse.Momo, 32, takes_loss=True, others=(("momo-opt (official)", lambda ps: momo.Momo(ps)),) if momo is not None else ()),
+    Case("MomoAdam", emafuse.MomoAdam, 44, takes_loss=True,
+         others=(("momo-opt (official)", lambda ps: momo.MomoAdam(ps)),) if momo is not None else ()),
     # The options on AdamW: what each costs (plain AdamW in the same run), and the peers'
     Case("AdamW⊥", emafuse.AdamW, 36, dict(lr=1e-4, orthograd=True), others=(
         ("emafuse AdamW, no orthograd", lambda ps: emafuse.AdamW(ps, lr=1e-4)),
@@ -114,10 +125,12 @@ def measure(case: Case, params: list[torch.Tensor], grads: list[torch.Tensor], r
     impls = case.impls()
     times: dict[str, list[float]] = {name: [] for name in impls}
 
+    loss = {"loss": torch.tensor(1.0)} if case.takes_loss else {}
+
     def step(opt: torch.optim.Optimizer) -> None:
         for p, g in zip(params, grads):  # heavyball drops .grad after its step
             p.grad = g
-        opt.step()
+        opt.step(**loss)
 
     timer = _timer(params[0].device)
     for _ in range(rounds):
@@ -175,7 +188,8 @@ def main() -> None:
         f"Memory bandwidth in the same run (median, read + written): copy {copy_gbs:.1f} GB/s, in-place {inplace_gbs:.1f} GB/s. "
         "GB/s = fp32 bytes per parameter (optimizers.md §1) x parameters / time; emafuse speed-up = peer time / emafuse time. "
         "Peers: pytorch_optimizer 4.1.0 (its default loop and `foreach=True`), heavyball 3.2.1 (eager, `compile_mode=None`) "
-        "where it has the algorithm. AdaMomentum has no packaged implementation. AdamW⊥ is `AdamW(orthograd=True)`, C-AdamW "
+        "where it has the algorithm; for MoMo the official momo-opt 0.1.0. AdaMomentum has no packaged implementation. "
+        "AdamW⊥ is `AdamW(orthograd=True)`, C-AdamW "
         "`AdamW(caution=True)`; their rows' GB/s count their 36 bytes per parameter, plain AdamW's rows included (it moves 28).\n\n" + table
     )
     print(section)

@@ -5,6 +5,7 @@ computation on unsharded tensors."""
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -101,6 +102,32 @@ def optimizers_on_dtensors(checks, mesh, configs) -> None:
                         else:
                             assert isinstance(w, DTensor) and w.placements == q.placements, key
                             assert_same(w._local_tensor, part(q, v), exact, f"step {step}, param {i}, state {key}")
+
+
+def loss_taking_on_dtensors(checks, mesh) -> None:
+    """MoMo and MoMo-Adam (whose step needs the loss) on DTensor parameters against the same
+    optimizer on the whole tensors: the per-tensor sums are added across the mesh (one
+    all_reduce per step), then the global sums give every rank the same step size."""
+    for name in ("Momo", "MomoAdam"):
+        with checks.check(f"optimizer {name} with the loss"):
+            full = [seeded(i, s) for i, s in enumerate(SHAPES)]
+            ref = [nn.Parameter(t.clone()) for t in full]
+            sharded = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full]
+            kw = dict(weight_decay=0.1, use_fstar=True)
+            opt_ref, opt = make(name, ref, kw), make(name, sharded, kw)
+            for step in range(3):
+                for p, q, g in zip(ref, sharded, synthetic_grads(step, SHAPES)):
+                    p.grad = g.clone()
+                    q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+                loss = 1.0 / (step + 1)
+                opt_ref.step(loss=loss)
+                _, issued = collectives(functools.partial(opt.step, loss=loss))
+                assert issued == {"c10d.allreduce_": 1}, f"step {step} issued {issued}"
+                for i, (p, q) in enumerate(zip(ref, sharded)):
+                    assert_same(q._local_tensor, part(q, p.detach()), False, f"step {step}, param {i}")
+                    assert_same(opt.state[q]["grad_avg"]._local_tensor, part(q, opt_ref.state[p]["grad_avg"]), False, f"step {step}, param {i}")
+            lb, lb_ref = opt.param_groups[0]["lb_current"], opt_ref.param_groups[0]["lb_current"]
+            assert abs(lb - lb_ref) <= 1e-9 * max(1.0, abs(lb_ref)), (lb, lb_ref)
 
 
 def fsdp2_mixed_precision(checks, rank: int, configs) -> None:
@@ -624,6 +651,7 @@ def lightning_sharded(checks, rank: int, world_size: int, root: str) -> None:
 def main(rank: int, world_size: int, checks, opt_configs, mp_configs, ckpt_configs, root: str) -> None:
     mesh = init_device_mesh("cpu", (world_size,))
     optimizers_on_dtensors(checks, mesh, opt_configs)
+    loss_taking_on_dtensors(checks, mesh)
     fsdp2_mixed_precision(checks, rank, mp_configs)
     unsupported_dtensors(checks, mesh)
     clippers_on_dtensors(checks, mesh)

@@ -1,8 +1,8 @@
 """FSDP2 / DTensor parameters on the CPU with gloo and 2 processes spawned here (see
 ``distributed.py``; the ranks run ``fsdp2_worker.main``): every optimizer configuration of the
-registry on sharded parameters against the unsharded optimizer (bit for bit, except float sums
-added across ranks: Adan's global norm and SGD-SaI's gradient statistics, to round-off; no step
-gathers a tensor), FSDP2 with bf16 mixed precision and uneven shards,
+registry, and MoMo / MoMo-Adam, on sharded parameters against the unsharded optimizer (bit for
+bit, except float sums added across ranks: Adan's global norm, SGD-SaI's gradient statistics and
+MoMo's sums, to round-off; no step gathers a tensor), FSDP2 with bf16 mixed precision and uneven shards,
 refused placements, ZClip and AdaGC on sharded gradients, distributed checkpoints resumed on 2 -> 1 and 1 -> 2 processes for every
 optimizer, the shard-local averages (equal to unsharded ones, no collective per update),
 PostHocEMA's sharded snapshots through DCP, DDP /
@@ -41,6 +41,7 @@ CKPT_CONFIGS = [(e.name, e.main, _exact(e.name, e.main)) for e in ENTRIES]
 
 CHECKS = (
     [f"optimizer {n} {kw}" for n, kw, _ in OPT_CONFIGS]
+    + [f"optimizer {n} with the loss" for n in ("Momo", "MomoAdam")]
     + [f"fsdp2 bf16 {n} {kw}" for n, kw, _ in MP_CONFIGS]
     + ["refuses Partial", "refuses 2-D mesh", "refuses plain state of a DTensor parameter", "merges refuse sharded inputs",
        "Replicate placement steps whole tensors", "ZClip on DTensor gradients", "AdaGC on DTensor gradients"]
