@@ -22,12 +22,10 @@ from torch import Tensor, nn
 
 from . import _dtensor
 from .errors import InvalidArgumentError, SparseGradError
-from .optim._base import sum_squares, tensor_sum_squares
+from .optim._base import CLIP_COEF_EPS, cap_coefficient, sum_squares, tensor_sum_squares
 
 __all__ = ["AdaGC", "ZClip"]
 
-# Added to the norm in the clip coefficient (as torch.nn.utils.clip_grad_norm_ and the reference).
-_COEF_EPS = 1e-6
 
 
 def _gradients(who: str, params: nn.Module | Iterable[Tensor]) -> list[tuple[int, Tensor]]:
@@ -147,8 +145,19 @@ class ZClip:
         the statistics, and return the global norm before clipping."""
         grads = [g for _, g in _gradients("ZClip", params)]
         g = math.sqrt(sum_squares(grads)) if grads else 0.0
+        coef = self.coefficient(g)
+        if coef is not None:
+            # As torch.nn.utils.clip_grad_norm_ (which also multiplies by 1: the same bits).
+            _scale(grads, coef)
+        return g
+
+    def coefficient(self, g: float) -> float | None:
+        """Feed the global norm ``g`` (of unscaled gradients) to the statistics and return what
+        the gradients are to be multiplied by: None when no clip is due (and when ``g`` is not
+        finite with ``nonfinite="skip"``, which leaves the statistics untouched). :meth:`step` and
+        the optimizers' ``grad_clip=`` (which applies it inside the native step) call it."""
         if not math.isfinite(g) and self.nonfinite == "skip":
-            return g
+            return None
         self.num_steps += 1
         if not self.initialized:
             self.buffer.append(g)
@@ -156,24 +165,18 @@ class ZClip:
                 self.mean = sum(self.buffer) / len(self.buffer)
                 self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
                 self.initialized, self.buffer = True, []
-            coef = 1.0 if self.max_grad_norm is None else self.max_grad_norm / (g + _COEF_EPS)
-            if coef < 1.0:
-                # As torch.nn.utils.clip_grad_norm_ (which also multiplies by 1: the same bits).
-                _scale(grads, coef)
-            return g
+            return cap_coefficient(g, self.max_grad_norm)
         c = self.threshold(g)
         effective = g if c is None else c
         if self.max_grad_norm is not None:
             effective = min(effective, self.max_grad_norm)
-        if g > effective:
-            _scale(grads, effective / (g + _COEF_EPS))
-        if c is not None and self.skip_update_on_spike:
-            return g
-        x = g if c is None else c
-        assert self.mean is not None and self.var is not None
-        self.mean = self.alpha * self.mean + (1.0 - self.alpha) * x
-        self.var = self.alpha * self.var + (1.0 - self.alpha) * (x - self.mean) ** 2
-        return g
+        coef = effective / (g + CLIP_COEF_EPS) if g > effective else None
+        if c is None or not self.skip_update_on_spike:
+            x = g if c is None else c
+            assert self.mean is not None and self.var is not None
+            self.mean = self.alpha * self.mean + (1.0 - self.alpha) * x
+            self.var = self.alpha * self.var + (1.0 - self.alpha) * (x - self.mean) ** 2
+        return coef
 
     def state_dict(self) -> dict[str, Any]:
         """The statistics and counters (what an exact resume needs) and the options."""

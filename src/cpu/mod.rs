@@ -167,7 +167,7 @@ enum Pass<'s> {
 /// projects the gradients itself (`orthograd::Projection`) for the unwrapped rule.
 pub fn plan<'a>(rule: &str, hyper: &'a Hyper, batch: &'a Batch) -> Result<Box<dyn CpuStep + 'a>> {
     let options = Options {
-        maximize: hyper.option("maximize")?,
+        grad_multiplier: hyper.grad_multiplier()?,
         check_finite: hyper.option("check_finite")?,
         orthograd: if hyper.option("orthograd")? { Some(hyper.option("orthograd_rescale")?) } else { None },
     };
@@ -177,8 +177,8 @@ pub fn plan<'a>(rule: &str, hyper: &'a Hyper, batch: &'a Batch) -> Result<Box<dy
 /// Rule-independent options of a group.
 #[derive(Copy, Clone, Debug)]
 struct Options {
-    /// Negate gradients (torch's `maximize`).
-    maximize: bool,
+    /// Multiplies every gradient as loaded: −1 for torch's `maximize`, times `grad_factor`.
+    grad_multiplier: f64,
     /// Refuse the step if a gradient holds NaN or infinity.
     check_finite: bool,
     /// ⊥Grad: `Some(rescale)` projects every gradient.
@@ -349,8 +349,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
     /// One pass in the types R (compute), P, G, S; returns the sums of a `Pass::Sums` (else
     /// nothing).
     fn pass_typed<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, grad_scale: Option<f64>, pass: Pass<'_>) -> Vec<[f64; MAX_SUMS]> {
-        let sign = if self.options.maximize { -1.0 } else { 1.0 };
-        let xf = GradTransform { factor: R::from_f64(sign / grad_scale.unwrap_or(1.0)), unscale: grad_scale.map(|s| R::from_f64(1.0 / s)) };
+        let xf = GradTransform { factor: R::from_f64(self.options.grad_multiplier / grad_scale.unwrap_or(1.0)), unscale: grad_scale.map(|s| R::from_f64(1.0 / s)) };
         let own;
         let sums = match pass {
             Pass::Update(Some(given)) => Some(given),

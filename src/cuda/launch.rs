@@ -189,15 +189,16 @@ impl DeviceState {
 /// Pair a batch on a CUDA device with the rule named `rule`; compiles and uploads what is
 /// needed, so that the launch itself does no allocation.
 pub fn plan(rule: &str, hyper: &Hyper, batch: Batch, stream: u64) -> Result<Box<dyn CudaStep>> {
-    let maximize = hyper.option("maximize")?;
-    visit_rule(rule, hyper, Planner { batch, hyper, stream, maximize })?
+    let grad_multiplier = hyper.grad_multiplier()?;
+    visit_rule(rule, hyper, Planner { batch, hyper, stream, grad_multiplier })?
 }
 
 struct Planner<'a> {
     batch: Batch,
     hyper: &'a Hyper,
     stream: u64,
-    maximize: bool,
+    /// −1 for `maximize`, times `grad_factor` (the kernels' `gsign`).
+    grad_multiplier: f64,
 }
 
 /// The kernel for a batch's (param, input, state) dtypes (the combinations `batch` accepts).
@@ -248,7 +249,7 @@ impl RuleVisitor for Planner<'_> {
             n_tensors,
             blocks: blocks as u32,
             stream: self.stream,
-            gsign: if self.maximize { -1.0 } else { 1.0 },
+            gsign: self.grad_multiplier,
             members: b.members.clone(),
         }))
     }

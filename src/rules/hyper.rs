@@ -1,7 +1,7 @@
 //! A parameter group's hyper-parameters as Python passed them ([`Hyper`]), checked against the
 //! rule's [`RuleInfo`] and read by the rule's `visit` through [`RuleHyper`].
 
-use super::info::{RuleInfo, ENGINE_OPTIONS};
+use super::info::{RuleInfo, ENGINE_NUMBERS, ENGINE_OPTIONS};
 use crate::error::{Error, Result};
 
 /// One hyper-parameter value as Python passed it.
@@ -37,13 +37,24 @@ impl Hyper {
         }
     }
 
+    /// What every gradient is multiplied by as it is loaded (after AMP's unscaling): −1 for
+    /// `maximize`, times the engine number `grad_factor` (a finite number > 0; 1 when absent).
+    pub fn grad_multiplier(&self) -> Result<f64> {
+        let factor = match self.get("grad_factor") {
+            None => 1.0,
+            Some(HyperValue::Num(x)) if x.is_finite() && *x > 0.0 => *x,
+            Some(v) => return Err(Error::Value(format!("'grad_factor' must be a finite number > 0, got {v:?}"))),
+        };
+        Ok(if self.option("maximize")? { -factor } else { factor })
+    }
+
     /// Refuse keys the rule does not declare, values of the wrong kind and missing required
     /// flags.
     pub(super) fn check(&self, info: &RuleInfo) -> Result<()> {
         let rule = info.name;
         for (key, value) in &self.entries {
             let key = key.as_str();
-            let want_flag = if info.numbers.contains(&key) {
+            let want_flag = if info.numbers.contains(&key) || ENGINE_NUMBERS.contains(&key) {
                 false
             } else if info.flags.contains(&key) || ENGINE_OPTIONS.contains(&key) {
                 true

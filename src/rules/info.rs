@@ -4,6 +4,11 @@
 /// false when absent.
 pub const ENGINE_OPTIONS: &[&str] = &["maximize", "check_finite", "orthograd", "orthograd_rescale"];
 
+/// Numeric options of every rule, read by the drivers: `grad_factor` (default 1) multiplies every
+/// gradient as it is loaded, after AMP's unscaling and without changing what is stored back into
+/// `.grad` (a global clip coefficient such as ZClip's, applied inside the step).
+pub const ENGINE_NUMBERS: &[&str] = &["grad_factor"];
+
 /// The description of one registered rule name: the hyper-parameter keys Python passes (checked
 /// before the rule is built), its per-parameter scalar state and what input it reads. Each
 /// rule file states its own as `pub const INFO`; the registry in `rules/mod.rs` lists them.
@@ -45,6 +50,11 @@ impl RuleInfo {
     /// Every key a group of this rule may pass, for messages.
     pub fn valid_keys(&self) -> String {
         let list = |keys: &[&str]| if keys.is_empty() { "none".to_string() } else { keys.join(", ") };
-        format!("numbers: {}; flags: {}; engine options: {}", list(self.numbers), list(self.flags), list(ENGINE_OPTIONS))
+        format!(
+            "numbers: {}; flags: {}; engine options: {}",
+            list(self.numbers),
+            list(self.flags),
+            list(&[ENGINE_OPTIONS, ENGINE_NUMBERS].concat())
+        )
     }
 }

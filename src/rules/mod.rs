@@ -25,7 +25,7 @@ pub mod spam;
 pub mod swap;
 
 pub use hyper::{Hyper, HyperValue, RuleHyper};
-pub use info::{Input, RuleInfo, ENGINE_OPTIONS};
+pub use info::{Input, RuleInfo, ENGINE_NUMBERS, ENGINE_OPTIONS};
 
 use crate::error::{Error, Result};
 use crate::real::Real;
@@ -455,7 +455,7 @@ pub(crate) mod tests {
             let keys: Vec<&str> = info.numbers.iter().chain(info.flags).copied().collect();
             assert_eq!(keys.iter().collect::<HashSet<_>>().len(), keys.len(), "{name}: keys repeat");
             assert!(keys.len() <= 64, "{name}: too many keys for the read mask of the tests");
-            assert!(keys.iter().all(|k| !ENGINE_OPTIONS.contains(k)), "{name}: declares an engine option");
+            assert!(keys.iter().all(|k| !ENGINE_OPTIONS.contains(k) && !ENGINE_NUMBERS.contains(k)), "{name}: declares an engine option");
             assert!(info.optional_flags.iter().all(|f| info.flags.contains(f)), "{name}: optional flags must be flags");
             assert!(info.scalars.len() <= MAX_SCALARS, "{name}");
             assert!(!info.summary.is_empty() && !info.summary.contains('\n'), "{name}: one-line summary");

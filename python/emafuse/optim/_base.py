@@ -10,13 +10,14 @@ support, complex and non-contiguous parameters, atomic error handling) lives her
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import sys
 from collections import defaultdict
 from collections.abc import Callable
 from itertools import chain
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -29,6 +30,16 @@ from ..errors import DTypeError, InvalidArgumentError, LayoutError, SparseGradEr
 from ._fusion import FusedAverage, FusedRequest, fused_average, register_fused_average
 
 __all__ = ["FusedOptimizer", "scalar", "sum_squares", "tensor_sum_squares"]
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from ..clipping import ZClip
+
+    #: What every optimizer's ``grad_clip=`` takes: a maximal global norm or a ZClip.
+    GradClip: TypeAlias = float | ZClip | None
+else:
+    GradClip = Any
 
 
 class _Boxed:
@@ -104,6 +115,33 @@ def scalar(x: float | Tensor) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
 
+# Added to the norm in a clip coefficient (as torch.nn.utils.clip_grad_norm_ and the references).
+CLIP_COEF_EPS = 1e-6
+
+
+def cap_coefficient(norm: float, max_norm: float | None) -> float | None:
+    """``torch.nn.utils.clip_grad_norm_``'s coefficient for the global norm ``norm``: None when
+    it would not scale down (or there is no cap, or the norm is NaN)."""
+    if max_norm is None:
+        return None
+    coef = max_norm / (norm + CLIP_COEF_EPS)
+    return coef if coef < 1.0 else None
+
+
+def check_grad_clip(who: str, grad_clip: Any) -> None:
+    """``grad_clip``: None, a maximal global norm (a number > 0), or a clipper deciding from the
+    global norm (``coefficient(norm)``, ``state_dict()``: :class:`emafuse.ZClip`)."""
+    if grad_clip is None or (hasattr(grad_clip, "coefficient") and hasattr(grad_clip, "state_dict")):
+        return
+    if type(grad_clip).__name__ == "AdaGC":
+        raise UnsupportedOptionError(
+            f"{who}: grad_clip=AdaGC(...) is not supported: AdaGC clips each tensor by its own norm, which the step does not "
+            "apply yet. Call adagc.step(model) after backward() instead (or use grad_clip=ZClip(...) or a max norm)"
+        )
+    if isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float)) or not grad_clip > 0.0 or not math.isfinite(grad_clip):
+        raise ValueError(f"{who}: grad_clip must be None, a max norm > 0 or emafuse.ZClip(...), got {grad_clip!r}")
+
+
 def sum_squares(tensors: list[Tensor]) -> float:
     """``Σ x²`` over all elements of ``tensors``: the sums of :func:`tensor_sum_squares` added in
     order."""
@@ -153,6 +191,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     ``_step_supports_amp_scaling`` (``torch.amp.GradScaler`` hands its scale and found-inf flag to
     the native step, which unscales gradients on the fly and skips the step when inf/NaN was
     found, without writing ``.grad``).
+
+    Every optimizer also takes ``grad_clip=``: a maximal global gradient norm (as
+    ``torch.nn.utils.clip_grad_norm_``) or an :class:`emafuse.ZClip`, applied inside the native
+    step (``_begin_clip``): the gradients are multiplied by the clip coefficient as they are
+    loaded, ``.grad`` is not written, and the clipper (optimizer-wide, held by every param group)
+    is saved in the state dict.
     """
 
     _rule: ClassVar[str]
@@ -242,14 +286,18 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- torch.optim plumbing ----------------------------------------------------------------
 
-    def _init_emafuse_defaults(self, check_finite: bool, **options: Any) -> None:
-        """Add emafuse's options to the defaults and groups: ``check_finite``, and those the
-        optimizer takes beyond its reference's (``orthograd``, ``orthograd_rescale``; Adam's
-        ``caution``, ``caution_norm``)."""
-        options = {"check_finite": check_finite, **options}
+    def _init_emafuse_defaults(self, check_finite: bool, grad_clip: Any = None, **options: Any) -> None:
+        """Add emafuse's options to the defaults and groups: ``check_finite``, ``grad_clip``
+        (optimizer-wide: every group holds the same object), and those the optimizer takes beyond
+        its reference's (``orthograd``, ``orthograd_rescale``; Adam's ``caution``,
+        ``caution_norm``)."""
         for key, value in options.items():
             if key != "caution_norm" and not isinstance(value, bool):
                 raise TypeError(f"{type(self).__name__}: {key} must be a bool, got {value!r}")
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"{type(self).__name__}: check_finite must be a bool, got {check_finite!r}")
+        check_grad_clip(type(self).__name__, grad_clip)
+        options = {"check_finite": check_finite, "grad_clip": grad_clip, **options}
         self.defaults.update(options)
         for group in self.param_groups:
             for key, value in options.items():
@@ -259,6 +307,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._compile_key = _compile.register(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self.param_groups and "grad_clip" in param_group and param_group["grad_clip"] is not self.param_groups[0].get("grad_clip"):
+            raise ValueError(
+                f"{type(self).__name__}: grad_clip is optimizer-wide (it clips the norm of every gradient); a param group cannot "
+                f"set its own (got {param_group['grad_clip']!r})"
+            )
         super().add_param_group(param_group)
         self._reject_unsupported(self.param_groups[-1])
         self.__dict__.pop("_step_plan", None)  # release the tensors the plan holds
@@ -480,6 +533,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _update_now(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         self._sync_param_lists()  # a group's params list may have been replaced
         self._begin_step()
+        self._begin_clip(grad_scale, found_inf)
         average = fused_average(self)
         request = average.fused_begin(found_inf) if average is not None else None
         try:
@@ -488,8 +542,39 @@ class FusedOptimizer(torch.optim.Optimizer):
             if average is not None:
                 average.fused_abort(request)  # a refused step is not counted by the average
             raise
+        finally:
+            self._grad_factor, self._clip_trial = None, None
         if request is not None:
             average.fused_end(request, fused)
+
+    def _begin_clip(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """With ``grad_clip``: the global norm of the (unscaled) gradients, one native read-only
+        pass (DTensor shards summed across their mesh), and the factor the step multiplies every
+        gradient by as it loads it (``grad_factor``; ``.grad`` is not written). A clipper decides
+        on a copy of itself, which ``_finish_step`` keeps once the step is applied."""
+        self._grad_factor, self._clip_trial = None, None
+        clip = self.param_groups[0].get("grad_clip") if self.param_groups else None
+        if clip is None or (found_inf is not None and scalar(found_inf) != 0.0):  # AMP skips this step
+            return
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if any(g.layout != torch.strided for g in grads):
+            raise SparseGradError(f"{type(self).__name__}: grad_clip needs dense gradients; a gradient is sparse (call .to_dense())")
+        norm = math.sqrt(sum_squares(grads)) if grads else 0.0
+        if grad_scale is not None:
+            norm /= scalar(grad_scale)
+        if isinstance(clip, (int, float)):
+            self._grad_factor = cap_coefficient(norm, float(clip))
+        else:
+            self._clip_trial = copy.deepcopy(clip)
+            self._grad_factor = self._clip_trial.coefficient(norm)
+
+    def _finish_step(self, applied: bool) -> None:
+        """After the native step: keep the clipper's decision (its statistics) when the step was
+        applied, then the optimizer's own counters (``_end_step``)."""
+        trial = self.__dict__.get("_clip_trial")
+        if applied and trial is not None:
+            vars(self.param_groups[0]["grad_clip"]).update(vars(trial))
+        self._end_step(applied)
 
     def _group_hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         """The rule's hyper-parameters for ``group``, with the options every rule takes."""
@@ -497,6 +582,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         hyper = self._hyper(group)
         hyper["maximize"] = bool(group.get("maximize", False))
         hyper["check_finite"] = bool(group.get("check_finite", False))
+        if self.__dict__.get("_grad_factor") is not None:
+            hyper["grad_factor"] = self._grad_factor
         if group.get("orthograd", False):
             hyper["orthograd"] = True
             hyper["orthograd_rescale"] = bool(group.get("orthograd_rescale", True))
@@ -526,7 +613,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._step_plan = None
             plan = self._new_plan(hypers, slots, request)
             if plan is None:  # no parameter has a gradient
-                self._end_step(True)
+                self._finish_step(True)
                 return set()
             try:
                 applied = plan.run(hypers, amp)
@@ -542,7 +629,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         # The kernels wrote parameter memory directly: tell autograd, as an in-place op would, so
         # that a graph that saved a parameter before this step refuses to backpropagate.
         torch._C._increment_version(plan.params)
-        self._end_step(bool(applied))
+        self._finish_step(bool(applied))
         return plan.fused
 
     def _new_plan(self, hypers: list[dict[str, Any]], slots: list[tuple[str, ...]], request: FusedRequest | None) -> _StepPlan | None:
@@ -663,8 +750,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         groups = [c.group(plan.hypers[c.group_index]) for c in plan.calls]
         staged, copy_back = stage_groups(groups, no_complex, plan.who)
         applied = plan.run_native(_native.StepPlan(plan.who, self._rule, staged), None, amp)
-        for orig, copy in copy_back:
-            orig.copy_(copy)
+        for orig, staged_copy in copy_back:
+            orig.copy_(staged_copy)
         plan.cacheable = False
         return bool(applied)
 

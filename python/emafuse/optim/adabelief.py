@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, check_hyper, common_hyper
+from ._base import FusedOptimizer, GradClip, check_hyper, common_hyper
 
 __all__ = ["AdaBelief"]
 
@@ -83,6 +83,7 @@ class AdaBelief(FusedOptimizer):
         *,
         maximize: bool = False,
         check_finite: bool = False,
+        grad_clip: GradClip = None,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
     ) -> None:
@@ -100,7 +101,7 @@ class AdaBelief(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(check_finite, grad_clip, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

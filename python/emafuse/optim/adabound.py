@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, check_hyper, common_hyper, scalar
+from ._base import FusedOptimizer, GradClip, check_hyper, common_hyper, scalar
 
 __all__ = ["AdaBound", "AdaBoundW"]
 
@@ -57,6 +57,7 @@ class AdaBound(FusedOptimizer):
         *,
         maximize: bool = False,
         check_finite: bool = False,
+        grad_clip: GradClip = None,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
     ) -> None:
@@ -81,7 +82,7 @@ class AdaBound(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(check_finite, grad_clip, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, caution_hyper, check_caution_norm, common_hyper
+from ._base import FusedOptimizer, GradClip, caution_hyper, check_caution_norm, common_hyper
 
 __all__ = ["Adam", "AdamW"]
 
@@ -20,11 +20,13 @@ class _AdamRule(FusedOptimizer):
     _supports_complex = True
     _supports_fused_ema = True
 
-    def _init_adam_options(self, check_finite: bool, orthograd: bool, orthograd_rescale: bool, caution: bool, caution_norm: str) -> None:
+    def _init_adam_options(
+        self, check_finite: bool, grad_clip: GradClip, orthograd: bool, orthograd_rescale: bool, caution: bool, caution_norm: str
+    ) -> None:
         """emafuse's options beyond torch's, in ``defaults`` and every group."""
         check_caution_norm(caution_norm)
         self._init_emafuse_defaults(
-            check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale, caution=caution, caution_norm=caution_norm
+            check_finite, grad_clip, orthograd=orthograd, orthograd_rescale=orthograd_rescale, caution=caution, caution_norm=caution_norm
         )
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
@@ -59,6 +61,12 @@ class AdamW(_AdamRule, torch.optim.AdamW):
     Extra keyword: ``check_finite`` (default False). When True, a step whose gradients hold NaN
     or infinity raises :class:`emafuse.NonFiniteError` and changes nothing (torch's behaviour,
     the default, lets NaN flow into the parameters).
+
+    Extra keyword: ``grad_clip`` (default None), taken by every emafuse optimizer: a maximal
+    global gradient norm (``torch.nn.utils.clip_grad_norm_``'s) or an :class:`emafuse.ZClip`,
+    applied inside the step: one extra read-only pass for the global norm of the unscaled
+    gradients, then the update multiplies each gradient by the clip coefficient as it loads it
+    (``p.grad`` is not written). Optimizer-wide; the clipper is saved in the state dict.
 
     Extra keywords ``orthograd`` (default False) and ``orthograd_rescale`` (default True), taken
     by every emafuse optimizer but SGD-SaI: ⊥Grad (L. Prieto et al., "Grokking at the Edge of
@@ -114,6 +122,7 @@ class AdamW(_AdamRule, torch.optim.AdamW):
         differentiable: bool = False,
         fused: bool | None = None,
         check_finite: bool = False,
+        grad_clip: GradClip = None,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
         caution: bool = False,
@@ -133,7 +142,7 @@ class AdamW(_AdamRule, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
-        self._init_adam_options(check_finite, orthograd, orthograd_rescale, caution, caution_norm)
+        self._init_adam_options(check_finite, grad_clip, orthograd, orthograd_rescale, caution, caution_norm)
 
 
 class Adam(_AdamRule, torch.optim.Adam):
@@ -163,6 +172,7 @@ class Adam(_AdamRule, torch.optim.Adam):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         check_finite: bool = False,
+        grad_clip: GradClip = None,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
         caution: bool = False,
@@ -183,4 +193,4 @@ class Adam(_AdamRule, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        self._init_adam_options(check_finite, orthograd, orthograd_rescale, caution, caution_norm)
+        self._init_adam_options(check_finite, grad_clip, orthograd, orthograd_rescale, caution, caution_norm)

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, check_hyper, common_hyper
+from ._base import FusedOptimizer, GradClip, check_hyper, common_hyper
 
 __all__ = ["AdaMod"]
 
@@ -56,6 +56,7 @@ class AdaMod(FusedOptimizer):
         *,
         maximize: bool = False,
         check_finite: bool = False,
+        grad_clip: GradClip = None,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
     ) -> None:
@@ -65,7 +66,7 @@ class AdaMod(FusedOptimizer):
         check_hyper(weight_decay=weight_decay)
         defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(check_finite, grad_clip, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, check_hyper, common_hyper, scalar, sum_squares
+from ._base import FusedOptimizer, GradClip, check_hyper, common_hyper, scalar, sum_squares
 
 __all__ = ["Adan"]
 
@@ -70,6 +70,7 @@ class Adan(FusedOptimizer):
         *,
         maximize: bool = False,
         check_finite: bool = False,
+        grad_clip: GradClip = None,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
     ) -> None:
@@ -88,7 +89,7 @@ class Adan(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(check_finite, grad_clip, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
         self._clip = 1.0
 
     def __setstate__(self, state: dict[str, Any]) -> None:

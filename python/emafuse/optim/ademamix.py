@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, check_hyper, common_hyper
+from ._base import FusedOptimizer, GradClip, check_hyper, common_hyper
 
 __all__ = ["AdEMAMix"]
 
@@ -77,6 +77,7 @@ class AdEMAMix(FusedOptimizer):
         fp32_states: bool = True,
         maximize: bool = False,
         check_finite: bool = False,
+        grad_clip: GradClip = None,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
     ) -> None:
@@ -99,7 +100,7 @@ class AdEMAMix(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(check_finite, grad_clip, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "t_alpha_beta3" in param_group:

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, caution_hyper, check_caution_norm, check_hyper, common_hyper, scalar
+from ._base import FusedOptimizer, GradClip, caution_hyper, check_caution_norm, check_hyper, common_hyper, scalar
 
 __all__ = ["Lion"]
 
@@ -70,6 +70,7 @@ class Lion(FusedOptimizer):
         caution_norm: str = "mean",
         maximize: bool = False,
         check_finite: bool = False,
+        grad_clip: GradClip = None,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
     ) -> None:
@@ -92,7 +93,7 @@ class Lion(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(check_finite, grad_clip, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         return {

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 from torch.optim.sgd import sgd as torch_sgd
 
-from ._base import FusedOptimizer, common_hyper, scalar
+from ._base import FusedOptimizer, GradClip, common_hyper, scalar
 
 __all__ = ["SGD"]
 
@@ -51,6 +51,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         differentiable: bool = False,
         fused: bool | None = None,
         check_finite: bool = False,
+        grad_clip: GradClip = None,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
     ) -> None:
@@ -67,7 +68,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             differentiable=differentiable,
             fused=fused,
         )
-        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(check_finite, grad_clip, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:

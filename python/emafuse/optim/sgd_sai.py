@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, check_hyper, common_hyper
+from ._base import FusedOptimizer, GradClip, check_hyper, common_hyper
 
 __all__ = ["SGDSaI"]
 
@@ -61,6 +61,7 @@ class SGDSaI(FusedOptimizer):
         *,
         maximize: bool = False,
         check_finite: bool = False,
+        grad_clip: GradClip = None,
     ) -> None:
         check_hyper(lr=lr, eps=eps)
         if not 0.0 <= momentum < 1.0:
@@ -68,7 +69,7 @@ class SGDSaI(FusedOptimizer):
         check_hyper(weight_decay=weight_decay)
         defaults = dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite)
+        self._init_emafuse_defaults(check_finite, grad_clip)
 
     def _scalar_dtype(self, key: str) -> torch.dtype:
         return torch.float64

@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, common_hyper
+from ._base import FusedOptimizer, GradClip, common_hyper
 
 __all__ = ["SPAM"]
 
@@ -76,6 +76,7 @@ class SPAM(FusedOptimizer):
         no_deprecation_warning: bool = False,
         maximize: bool = False,
         check_finite: bool = False,
+        grad_clip: GradClip = None,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
     ) -> None:
@@ -107,7 +108,7 @@ class SPAM(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(check_finite, grad_clip, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
         self._this_step: tuple[int, float, bool] = (1, 1.0, False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -1,0 +1,169 @@
+"""``grad_clip=`` on every optimizer: ZClip (or a max global norm) applied inside the native step.
+Equal to the stand-alone clipper followed by the same optimizer, bit for bit in fp32; ``p.grad``
+is never written; the clipper's statistics are in the optimizer's state dict and resume exactly;
+AMP clips the unscaled norm and a skipped step changes no statistics; bad input is refused."""
+
+from __future__ import annotations
+
+import copy
+
+import emafuse
+import pytest
+import torch
+from helpers import ODD_SHAPES, make_params, set_grads, spiky_grads
+from registry import entries
+
+ZCLIP = dict(warmup_steps=3, z_thresh=1.5, max_grad_norm=40.0, alpha=0.9)
+
+
+def grads_for(params, t):
+    """Spiky gradients whose global norm jumps at steps 5 and 8 (ZClip's spikes)."""
+    grads = spiky_grads(params, t, seed=3)
+    return [g * (8.0 if t in (5, 8) else 1.0) for g in grads]
+
+
+def step(opt, t):
+    if isinstance(opt, (emafuse.Momo, emafuse.MomoAdam)):
+        return opt.step(loss=1.0 / (1 + t))
+    return opt.step()
+
+
+@pytest.mark.parametrize("entry", entries())
+def test_zclip_inside_the_step_equals_zclip_before_it(entry):
+    """Every optimizer (its main configuration): 10 fp32 steps with spikes, ``grad_clip=ZClip``
+    against ``ZClip.step(params)`` then the optimizer without it: the same parameters, bit for bit,
+    and the same statistics; the gradients are not written."""
+    params = make_params(ODD_SHAPES, seed=1)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    inside = emafuse.ZClip(**ZCLIP)
+    ours = entry.cls(params, **entry.main, grad_clip=inside)
+    theirs, before = entry.cls(twins, **entry.main), emafuse.ZClip(**ZCLIP)
+    for t in range(10):
+        grads = grads_for(params, t)
+        set_grads(params, grads)
+        set_grads(twins, grads)
+        step(ours, t)
+        before.step(twins)
+        step(theirs, t)
+        for p, g in zip(params, grads):
+            assert torch.equal(p.grad, g), "p.grad was written"
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q), (p - q).abs().max()
+    assert ours.param_groups[0]["grad_clip"] is inside
+    assert inside.state_dict() == before.state_dict() and inside.initialized
+
+
+@pytest.mark.parametrize("name", ["Momo", "MomoAdam"])
+def test_zclip_on_the_optimizers_that_take_the_loss(name):
+    params = make_params(ODD_SHAPES, seed=2)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    cls = getattr(emafuse, name)
+    ours, theirs, before = cls(params, grad_clip=emafuse.ZClip(**ZCLIP)), cls(twins), emafuse.ZClip(**ZCLIP)
+    for t in range(10):
+        grads = grads_for(params, t)
+        set_grads(params, grads)
+        set_grads(twins, grads)
+        step(ours, t)
+        before.step(twins)
+        step(theirs, t)
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)
+
+
+def test_max_norm_equals_clip_grad_norm():
+    """``grad_clip=max_norm``: ``torch.nn.utils.clip_grad_norm_`` inside the step (its norm is
+    summed in float64 here: the coefficient agrees to round-off)."""
+    params = make_params(ODD_SHAPES, seed=4)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours, theirs = emafuse.AdamW(params, lr=1e-2, grad_clip=2.0), torch.optim.AdamW(twins, lr=1e-2)
+    for t in range(6):
+        grads = grads_for(params, t)
+        set_grads(params, grads)
+        set_grads(twins, grads)
+        ours.step()
+        torch.nn.utils.clip_grad_norm_(twins, 2.0)
+        theirs.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_resume_exactly():
+    """The clipper's statistics travel in the state dict (every param group holds it) and a
+    resumed run continues bit for bit; the resumed optimizer clips with the loaded statistics."""
+    params = make_params(ODD_SHAPES, seed=5)
+    opt = emafuse.Lion(params, lr=1e-3, grad_clip=emafuse.ZClip(**ZCLIP))
+    for t in range(5):
+        set_grads(params, grads_for(params, t))
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = emafuse.Lion(copies, lr=1e-3, grad_clip=emafuse.ZClip(**ZCLIP))
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["grad_clip"].state_dict() == opt.param_groups[0]["grad_clip"].state_dict()
+    for t in range(5, 10):
+        grads = grads_for(params, t)
+        set_grads(params, grads)
+        set_grads(copies, grads)
+        opt.step()
+        resumed.step()
+    for p, q in zip(params, copies):
+        assert torch.equal(p, q)
+    assert resumed.param_groups[0]["grad_clip"].state_dict() == opt.param_groups[0]["grad_clip"].state_dict()
+
+
+def test_amp_clips_the_unscaled_norm_and_skips_without_a_trace():
+    """With GradScaler's ``grad_scale`` the norm is of the unscaled gradients (the same decisions
+    and parameters as without scaling, to the scale's exact powers of two); ``.grad`` is stored
+    back unscaled, not clipped. A found-inf step changes neither the parameters nor the statistics."""
+    params = make_params(ODD_SHAPES[:4], seed=6)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours, theirs = emafuse.AdamW(params, grad_clip=emafuse.ZClip(**ZCLIP)), emafuse.AdamW(twins, grad_clip=emafuse.ZClip(**ZCLIP))
+    for t in range(8):
+        grads = grads_for(params, t)
+        set_grads(params, [g * 1024 for g in grads])
+        set_grads(twins, grads)
+        ours.grad_scale, ours.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
+        ours.step()
+        theirs.step()
+        for p, g in zip(params, grads):
+            assert torch.equal(p.grad, g), "the stored-back gradient is the unscaled one, not the clipped one"
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)
+    clip = ours.param_groups[0]["grad_clip"]
+    stats, values = clip.state_dict(), [p.detach().clone() for p in params]
+    set_grads(params, [torch.full_like(p, float("inf")) for p in params])
+    ours.found_inf = torch.tensor(1.0)
+    ours.step()
+    assert clip.state_dict() == stats
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+
+
+def test_a_refused_step_keeps_the_statistics():
+    params = make_params(ODD_SHAPES[:3], seed=7)
+    opt = emafuse.AdamW(params, grad_clip=emafuse.ZClip(**ZCLIP), check_finite=True)
+    set_grads(params, grads_for(params, 0))
+    opt.step()
+    stats = opt.param_groups[0]["grad_clip"].state_dict()
+    grads = grads_for(params, 1)
+    grads[1][0] = float("nan")
+    set_grads(params, grads)
+    with pytest.raises(emafuse.NonFiniteError):
+        opt.step()
+    assert opt.param_groups[0]["grad_clip"].state_dict() == stats
+
+
+def test_bad_grad_clip_is_refused():
+    params = make_params([(3,)])
+    for bad in (-1.0, 0.0, float("inf"), "1.0", True):
+        with pytest.raises(ValueError, match=r"grad_clip must be None, a max norm > 0 or emafuse\.ZClip"):
+            emafuse.AdamW(params, grad_clip=bad)
+    with pytest.raises(emafuse.UnsupportedOptionError, match="AdaGC clips each tensor by its own norm"):
+        emafuse.AdamW(params, grad_clip=emafuse.AdaGC())
+    opt = emafuse.AdamW(params, grad_clip=emafuse.ZClip())
+    with pytest.raises(ValueError, match="grad_clip is optimizer-wide"):
+        opt.add_param_group({"params": make_params([(2,)]), "grad_clip": 1.0})
+    assert len(opt.param_groups) == 1
+    sgd = emafuse.SGD([torch.nn.Parameter(torch.randn(4, 3))], lr=0.1, grad_clip=1.0)
+    sgd.param_groups[0]["params"][0].grad = torch.randn(4, 3).to_sparse()
+    with pytest.raises(emafuse.SparseGradError, match="grad_clip needs dense gradients"):
+        sgd.step()
