@@ -47,8 +47,14 @@ def test_zclip_inside_the_step_equals_zclip_before_it(entry):
         step(theirs, t)
         for p, g in zip(params, grads):
             assert torch.equal(p.grad, g), "p.grad was written"
+    # Adan's own max_grad_norm reads the global norm of the clipped gradients: the product of
+    # two norms here, of the rounded clipped gradients there (to round-off).
+    exact = not (entry.name == "Adan" and entry.main.get("max_grad_norm", 0.0) > 0.0)
     for p, q in zip(params, twins):
-        assert torch.equal(p, q), (p - q).abs().max()
+        if exact:
+            assert torch.equal(p, q), (p - q).abs().max()
+        else:
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     assert ours.param_groups[0]["grad_clip"] is inside
     assert inside.state_dict() == before.state_dict() and inside.initialized
 

@@ -296,8 +296,11 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
                 let ptrs = self.span_ptrs::<R, P, G, S>(s);
                 if self.options.orthograd.is_some() {
                     kernel::projection_sums::<R, P, G>(factor, ptrs.param, ptrs.grad, s.len)
-                } else {
+                } else if Ru::SUMS > 0 {
+                    // (a guard on the constant: no sums kernel is compiled for rules without sums)
                     kernel::sum_span::<Ru, R, P, G, S>(&self.rule, factor, ptrs, s.len)
+                } else {
+                    [0.0; MAX_SUMS]
                 }
             }
         });

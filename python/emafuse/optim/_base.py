@@ -240,7 +240,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     # -- what a concrete optimizer provides --------------------------------------------------
 
     def _begin_step(self) -> None:
-        """Called once per ``step()``, after the closure and before any state is read: compute
+        """Called once per ``step()``, after the closure and ``grad_clip``'s decision
+        (``_grad_clip_factor``) and before any state is read: compute
         per-step values that span groups (e.g. a global gradient norm), for ``_hyper`` to use.
         Must not change anything that ``_end_step`` would not commit."""
 
@@ -532,8 +533,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _update_now(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         self._sync_param_lists()  # a group's params list may have been replaced
-        self._begin_step()
         self._begin_clip(grad_scale, found_inf)
+        self._begin_step()
         average = fused_average(self)
         request = average.fused_begin(found_inf) if average is not None else None
         try:
@@ -567,6 +568,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         else:
             self._clip_trial = copy.deepcopy(clip)
             self._grad_factor = self._clip_trial.coefficient(norm)
+
+    def _grad_clip_factor(self) -> float:
+        """What ``grad_clip=`` multiplies this step's gradients by (1: no clip), for
+        ``_begin_step`` (e.g. Adan's own norm is of the clipped gradients)."""
+        factor = self.__dict__.get("_grad_factor")
+        return 1.0 if factor is None else factor
 
     def _finish_step(self, applied: bool) -> None:
         """After the native step: keep the clipper's decision (its statistics) when the step was

@@ -122,6 +122,7 @@ class Adan(FusedOptimizer):
         grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is not None:
             norm /= scalar(grad_scale)
+        norm *= self._grad_clip_factor()  # the norm of the gradients grad_clip= hands the rule
         eps_last = float(self.param_groups[-1]["eps"])
         self._clip = min(max_norm / (norm + eps_last), 1.0)
 
