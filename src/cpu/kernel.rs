@@ -37,98 +37,61 @@ pub struct SpanPtrs<P, G, S> {
 /// same order). `BLOCK` is a multiple of it.
 const LANES: usize = 8;
 
-/// Add each of the `n` elements of a block to its lane: `terms(i, t)` adds element `i`'s terms
-/// into the zeroed `t`, which is then added to lane `i % LANES` of each sum. The lanes of each sum
-/// are consecutive, so that they become vector registers.
+/// Add each of the `n` elements of a block to its lane: `add(i, lane)` for element `i`.
 #[inline(always)]
-fn add_to_lanes(n: usize, lanes: &mut [[f64; LANES]; MAX_SUMS], used: usize, mut terms: impl FnMut(usize, &mut [f64; MAX_SUMS])) {
-    let mut add = |i: usize, l: usize| {
-        let mut t = [0.0; MAX_SUMS];
-        terms(i, &mut t);
-        for k in 0..used {
-            lanes[k][l] += t[k];
+fn add_to_lanes(n: usize, lanes: &mut [[f64; MAX_SUMS]; LANES], mut add: impl FnMut(usize, &mut [f64; MAX_SUMS])) {
+    let mut i = 0;
+    while i + LANES <= n {
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            add(i + l, lane);
         }
-    };
-    let whole = n - n % LANES;
-    for i in (0..whole).step_by(LANES) {
-        for l in 0..LANES {
-            add(i + l, l);
-        }
+        i += LANES;
     }
-    for l in 0..n - whole {
-        add(whole + l, l);
+    for (l, lane) in lanes.iter_mut().enumerate().take(n - i) {
+        add(i + l, lane);
     }
 }
 
 /// The lanes' sums, added in lane order.
-fn fold_lanes(lanes: &[[f64; LANES]; MAX_SUMS]) -> [f64; MAX_SUMS] {
+fn fold_lanes(lanes: &[[f64; MAX_SUMS]; LANES]) -> [f64; MAX_SUMS] {
     let mut sums = [0.0; MAX_SUMS];
-    for (total, lane) in sums.iter_mut().zip(lanes) {
-        for x in lane {
+    for lane in lanes {
+        for (total, x) in sums.iter_mut().zip(lane) {
             *total += x;
         }
     }
     sums
 }
 
-/// The rule's per-tensor sums over `len` elements at `ptrs` (read-only pass), with the widest
-/// vector unit the CPU has (the order of addition does not depend on it).
+/// The rule's per-tensor sums over `len` elements at `ptrs` (read-only pass).
 ///
 /// # Safety
 /// As [`update_span`], except that the elements are only read.
 pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(rule: &Ru, factor: R, ptrs: SpanPtrs<P, G, S>, len: usize) -> [f64; MAX_SUMS] {
-    #[cfg(target_arch = "x86_64")]
-    match simd_level() {
-        // SAFETY: the CPU supports the enabled features (checked at run time); the caller's
-        // guarantees are passed on unchanged.
-        2 => return unsafe { sum_span_avx512::<Ru, R, P, G, S>(rule, factor, ptrs, len) },
-        // SAFETY: as above.
-        1 => return unsafe { sum_span_avx2::<Ru, R, P, G, S>(rule, factor, ptrs, len) },
-        _ => {}
-    }
-    // SAFETY: the caller's guarantees are passed on unchanged.
-    unsafe { sum_span_body::<Ru, R, P, G, S>(rule, factor, ptrs, len) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2")]
-unsafe fn sum_span_avx512<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(rule: &Ru, factor: R, ptrs: SpanPtrs<P, G, S>, len: usize) -> [f64; MAX_SUMS] {
-    // SAFETY: forwarded from sum_span.
-    unsafe { sum_span_body::<Ru, R, P, G, S>(rule, factor, ptrs, len) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn sum_span_avx2<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(rule: &Ru, factor: R, ptrs: SpanPtrs<P, G, S>, len: usize) -> [f64; MAX_SUMS] {
-    // SAFETY: forwarded from sum_span.
-    unsafe { sum_span_body::<Ru, R, P, G, S>(rule, factor, ptrs, len) }
-}
-
-#[inline(always)]
-unsafe fn sum_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(rule: &Ru, factor: R, ptrs: SpanPtrs<P, G, S>, len: usize) -> [f64; MAX_SUMS] {
     let mut pb = [R::ZERO; BLOCK];
     let mut gb = [R::ZERO; BLOCK];
     let mut sb = [[R::ZERO; BLOCK]; MAX_SLOTS];
-    let mut lanes = [[0.0; LANES]; MAX_SUMS];
-    let read_slots = if Ru::SUMS_READ_STATE { Ru::SLOTS } else { 0 };
+    let mut lanes = [[0.0; MAX_SUMS]; LANES];
     let mut off = 0;
     while off < len {
         let n = BLOCK.min(len - off);
-        let mut slots: [&[R]; MAX_SLOTS] = [&[]; MAX_SLOTS];
         // SAFETY: inside the span the caller vouched for; read only.
-        let (p, g) = unsafe {
-            for ((slot, state), buf) in slots.iter_mut().zip(&ptrs.states).zip(sb.iter_mut()).take(read_slots) {
-                *slot = read_block(state.add(off), n, buf);
+        unsafe {
+            P::load(std::slice::from_raw_parts(ptrs.param.add(off), n), &mut pb[..n]);
+            if Ru::READS_INPUT {
+                G::load(std::slice::from_raw_parts(ptrs.grad.add(off), n), &mut gb[..n]);
             }
-            let g = if Ru::READS_INPUT { read_block(ptrs.grad.add(off), n, &mut gb) } else { &gb[..n] };
-            (read_block(ptrs.param.add(off), n, &mut pb), g)
-        };
-        add_to_lanes(n, &mut lanes, Ru::SUMS, |i, t| {
+            let read_slots = if Ru::SUMS_READ_STATE { Ru::SLOTS } else { 0 };
+            for (state, buf) in ptrs.states.iter().zip(sb.iter_mut()).take(read_slots) {
+                S::load(std::slice::from_raw_parts(state.add(off), n), &mut buf[..n]);
+            }
+        }
+        add_to_lanes(n, &mut lanes, |i, lane| {
             let mut s = [R::ZERO; MAX_SLOTS];
-            for k in 0..read_slots {
-                s[k] = slots[k][i];
+            for k in 0..Ru::SLOTS {
+                s[k] = sb[k][i];
             }
-            rule.accumulate(p[i], g[i] * factor, &s, t);
+            rule.accumulate(pb[i], gb[i] * factor, &s, lane);
         });
         off += n;
     }
@@ -184,15 +147,18 @@ unsafe fn projection_sums_body<R: Real, P: Elem<R>, G: Elem<R>>(factor: R, param
     while off < len {
         let n = BLOCK.min(len - off);
         // SAFETY: inside the range the caller vouched for; read only.
-        let (w, u) = unsafe { (read_block(param.add(off), n, &mut pb), read_block(grad.add(off), n, &mut gb)) };
+        unsafe {
+            P::load(std::slice::from_raw_parts(param.add(off), n), &mut pb[..n]);
+            G::load(std::slice::from_raw_parts(grad.add(off), n), &mut gb[..n]);
+        }
         let whole = n - n % LANES;
-        for (ws, us) in w[..whole].chunks_exact(LANES).zip(u[..whole].chunks_exact(LANES)) {
+        for (ws, us) in pb[..whole].chunks_exact(LANES).zip(gb[..whole].chunks_exact(LANES)) {
             for l in 0..LANES {
                 add(l, ws[l], us[l]);
             }
         }
         for l in 0..n - whole {
-            add(l, w[whole + l], u[whole + l]);
+            add(l, pb[whole + l], gb[whole + l]);
         }
         off += n;
     }
@@ -291,23 +257,6 @@ unsafe fn block<R: Real, E: Elem<R>>(ptr: *mut E, n: usize, buf: &mut [R]) -> &m
         // SAFETY: ptr is valid for n reads.
         unsafe { E::load(std::slice::from_raw_parts(ptr, n), &mut buf[..n]) };
         &mut buf[..n]
-    }
-}
-
-/// A block of `n` elements of one array as compute-type values, to read: the tensor's own memory
-/// when its dtype is the compute type, else a converted copy in `buf`.
-///
-/// # Safety
-/// `ptr` must be valid for `n` reads, not written by anyone while the slice lives.
-#[inline(always)]
-unsafe fn read_block<'b, R: Real, E: Elem<R>>(ptr: *const E, n: usize, buf: &'b mut [R]) -> &'b [R] {
-    if E::IS_COMPUTE {
-        // SAFETY: E is R (IS_COMPUTE), so the memory holds n valid R values.
-        unsafe { std::slice::from_raw_parts(ptr as *const R, n) }
-    } else {
-        // SAFETY: ptr is valid for n reads.
-        unsafe { E::load(std::slice::from_raw_parts(ptr, n), &mut buf[..n]) };
-        &buf[..n]
     }
 }
 

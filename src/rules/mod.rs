@@ -169,9 +169,7 @@ pub trait Rule: Params + Send + Sync + 'static {
     fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> Self::Coeffs<R>;
     /// New parameter value; updates the state values in place.
     fn update<R: Real>(c: &Self::Coeffs<R>, p: R, g: R, s: &mut [R; MAX_SLOTS]) -> R;
-    /// Add one element's contribution to the tensor's sums (only called when `SUMS > 0`): at most
-    /// one term per sum (the CPU driver adds each element's terms to its running sums in a fixed
-    /// lane order, which the host harness of `test_cuda_sources.py` repeats).
+    /// Add one element's contribution to the tensor's sums (only called when `SUMS > 0`).
     #[inline(always)]
     fn accumulate<R: Real>(&self, _p: R, _g: R, _s: &[R; MAX_SLOTS], _sums: &mut [f64; MAX_SUMS]) {}
 }
