@@ -352,7 +352,8 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
     /// One pass in the types R (compute), P, G, S; returns the sums of a `Pass::Sums` (else
     /// nothing).
     fn pass_typed<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, grad_scale: Option<f64>, pass: Pass<'_>) -> Vec<[f64; MAX_SUMS]> {
-        let xf = GradTransform { factor: R::from_f64(self.options.grad_multiplier / grad_scale.unwrap_or(1.0)), unscale: grad_scale.map(|s| R::from_f64(1.0 / s)) };
+        let xf =
+            GradTransform { factor: R::from_f64(self.options.grad_multiplier / grad_scale.unwrap_or(1.0)), unscale: grad_scale.map(|s| R::from_f64(1.0 / s)) };
         let own;
         let sums = match pass {
             Pass::Update(Some(given)) => Some(given),

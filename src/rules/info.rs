@@ -50,11 +50,6 @@ impl RuleInfo {
     /// Every key a group of this rule may pass, for messages.
     pub fn valid_keys(&self) -> String {
         let list = |keys: &[&str]| if keys.is_empty() { "none".to_string() } else { keys.join(", ") };
-        format!(
-            "numbers: {}; flags: {}; engine options: {}",
-            list(self.numbers),
-            list(self.flags),
-            list(&[ENGINE_OPTIONS, ENGINE_NUMBERS].concat())
-        )
+        format!("numbers: {}; flags: {}; engine options: {}", list(self.numbers), list(self.flags), list(&[ENGINE_OPTIONS, ENGINE_NUMBERS].concat()))
     }
 }
