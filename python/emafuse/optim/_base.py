@@ -533,18 +533,19 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _update_now(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         self._sync_param_lists()  # a group's params list may have been replaced
-        self._begin_clip(grad_scale, found_inf)
-        self._begin_step()
-        average = fused_average(self)
-        request = average.fused_begin(found_inf) if average is not None else None
         try:
-            fused = self._run_step(grad_scale, found_inf, request)
-        except BaseException:
-            if average is not None:
-                average.fused_abort(request)  # a refused step is not counted by the average
-            raise
+            self._begin_clip(grad_scale, found_inf)
+            self._begin_step()
+            average = fused_average(self)
+            request = average.fused_begin(found_inf) if average is not None else None
+            try:
+                fused = self._run_step(grad_scale, found_inf, request)
+            except BaseException:
+                if average is not None:
+                    average.fused_abort(request)  # a refused step is not counted by the average
+                raise
         finally:
-            self._grad_factor, self._clip_trial = None, None
+            self._grad_factor, self._clip_trial = None, None  # one step's decision
         if request is not None:
             average.fused_end(request, fused)
 
