@@ -68,34 +68,52 @@ fn fold_lanes(lanes: &[[f64; MAX_SUMS]; LANES]) -> [f64; MAX_SUMS] {
 /// # Safety
 /// As [`update_span`], except that the elements are only read.
 pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(rule: &Ru, factor: R, ptrs: SpanPtrs<P, G, S>, len: usize) -> [f64; MAX_SUMS] {
+    let zeros = [R::ZERO; BLOCK];
     let mut pb = [R::ZERO; BLOCK];
     let mut gb = [R::ZERO; BLOCK];
     let mut sb = [[R::ZERO; BLOCK]; MAX_SLOTS];
     let mut lanes = [[0.0; MAX_SUMS]; LANES];
+    let read_slots = if Ru::SUMS_READ_STATE { Ru::SLOTS } else { 0 };
     let mut off = 0;
     while off < len {
         let n = BLOCK.min(len - off);
+        let mut slots: [&[R; BLOCK]; MAX_SLOTS] = [&zeros; MAX_SLOTS];
         // SAFETY: inside the span the caller vouched for; read only.
-        unsafe {
-            P::load(std::slice::from_raw_parts(ptrs.param.add(off), n), &mut pb[..n]);
-            if Ru::READS_INPUT {
-                G::load(std::slice::from_raw_parts(ptrs.grad.add(off), n), &mut gb[..n]);
+        let (p, g) = unsafe {
+            for ((slot, state), buf) in slots.iter_mut().zip(&ptrs.states).zip(sb.iter_mut()).take(read_slots) {
+                *slot = read_block(state.add(off), n, buf);
             }
-            let read_slots = if Ru::SUMS_READ_STATE { Ru::SLOTS } else { 0 };
-            for (state, buf) in ptrs.states.iter().zip(sb.iter_mut()).take(read_slots) {
-                S::load(std::slice::from_raw_parts(state.add(off), n), &mut buf[..n]);
-            }
-        }
+            let g = if Ru::READS_INPUT { read_block(ptrs.grad.add(off), n, &mut gb) } else { &zeros };
+            (read_block(ptrs.param.add(off), n, &mut pb), g)
+        };
         add_to_lanes(n, &mut lanes, |i, lane| {
             let mut s = [R::ZERO; MAX_SLOTS];
             for k in 0..Ru::SLOTS {
-                s[k] = sb[k][i];
+                s[k] = slots[k][i];
             }
-            rule.accumulate(pb[i], gb[i] * factor, &s, lane);
+            rule.accumulate(p[i], g[i] * factor, &s, lane);
         });
         off += n;
     }
     fold_lanes(&lanes)
+}
+
+/// A block of `n <= BLOCK` elements of one array as compute-type values, to read: a whole block
+/// of the compute type is the tensor's own memory (no copy); anything else is converted (or
+/// copied) into `buf`, whose elements past `n` are not read.
+///
+/// # Safety
+/// `ptr` must be valid for `n` reads, not written by anyone while the block is read.
+#[inline(always)]
+unsafe fn read_block<'b, R: Real, E: Elem<R>>(ptr: *const E, n: usize, buf: &'b mut [R; BLOCK]) -> &'b [R; BLOCK] {
+    if E::IS_COMPUTE && n == BLOCK {
+        // SAFETY: E is R (IS_COMPUTE), so the memory holds BLOCK valid R values.
+        unsafe { &*(ptr as *const [R; BLOCK]) }
+    } else {
+        // SAFETY: ptr is valid for n reads.
+        unsafe { E::load(std::slice::from_raw_parts(ptr, n), &mut buf[..n]) };
+        buf
+    }
 }
 
 /// ⊥Grad's projection sums (`orthograd::accumulate`) of the `len` parameter elements at `param`
@@ -147,18 +165,15 @@ unsafe fn projection_sums_body<R: Real, P: Elem<R>, G: Elem<R>>(factor: R, param
     while off < len {
         let n = BLOCK.min(len - off);
         // SAFETY: inside the range the caller vouched for; read only.
-        unsafe {
-            P::load(std::slice::from_raw_parts(param.add(off), n), &mut pb[..n]);
-            G::load(std::slice::from_raw_parts(grad.add(off), n), &mut gb[..n]);
-        }
+        let (w, u) = unsafe { (read_block(param.add(off), n, &mut pb), read_block(grad.add(off), n, &mut gb)) };
         let whole = n - n % LANES;
-        for (ws, us) in pb[..whole].chunks_exact(LANES).zip(gb[..whole].chunks_exact(LANES)) {
+        for (ws, us) in w[..whole].chunks_exact(LANES).zip(u[..whole].chunks_exact(LANES)) {
             for l in 0..LANES {
                 add(l, ws[l], us[l]);
             }
         }
         for l in 0..n - whole {
-            add(l, pb[whole + l], gb[whole + l]);
+            add(l, w[whole + l], u[whole + l]);
         }
         off += n;
     }
