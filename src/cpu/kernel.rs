@@ -105,7 +105,7 @@ pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(ru
 /// # Safety
 /// `ptr` must be valid for `n` reads, not written by anyone while the block is read.
 #[inline(always)]
-unsafe fn read_block<'b, R: Real, E: Elem<R>>(ptr: *const E, n: usize, buf: &'b mut [R; BLOCK]) -> &'b [R; BLOCK] {
+unsafe fn read_block<R: Real, E: Elem<R>>(ptr: *const E, n: usize, buf: &mut [R; BLOCK]) -> &[R; BLOCK] {
     if E::IS_COMPUTE && n == BLOCK {
         // SAFETY: E is R (IS_COMPUTE), so the memory holds BLOCK valid R values.
         unsafe { &*(ptr as *const [R; BLOCK]) }
