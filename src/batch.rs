@@ -225,10 +225,13 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
             }
         }
         let pd = p.view.dtype();
-        let state_ok = state_dtype == pd || (state_dtype == DType::F32 && matches!(pd, DType::BF16 | DType::F16));
+        let state_ok = state_dtype == pd
+            || (state_dtype == DType::F32 && matches!(pd, DType::BF16 | DType::F16))
+            || (state_dtype == DType::BF16 && pd == DType::F32 && input_dtype == DType::F32);
         if !state_ok {
             return Err(Error::DType(format!(
-                "{}: state dtype {} cannot go with parameter dtype {} (use the parameter's dtype, or float32 for bf16/fp16 parameters)",
+                "{}: state dtype {} cannot go with parameter dtype {} (use the parameter's dtype, float32 for bf16/fp16 \
+                 parameters, or bfloat16 for float32 parameters with float32 gradients)",
                 at(i),
                 state_dtype.name(),
                 pd.name()

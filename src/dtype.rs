@@ -5,6 +5,7 @@
 //! per-element math loops stay free of conversion code and vectorise.
 
 use crate::real::Real;
+use crate::rounding;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
@@ -51,6 +52,13 @@ pub trait Elem<R: Real>: Copy + Send + Sync + 'static {
     fn load(src: &[Self], dst: &mut [R]);
     /// Round `src` into `dst` (same length), round-to-nearest-even.
     fn store(src: &[R], dst: &mut [Self]);
+    /// Round `src` into `dst` stochastically, element `j` with the bits of element `first + j`
+    /// of `stream` (see [`crate::rounding`]). Only bf16 does; the compute types store exactly, and
+    /// fp16 stores round to nearest (the planners refuse stochastic rounding for fp16 tensors).
+    #[inline(always)]
+    fn store_stochastic(src: &[R], dst: &mut [Self], _stream: u32, _first: u32) {
+        Self::store(src, dst)
+    }
 }
 
 impl Elem<f32> for f32 {
@@ -92,6 +100,12 @@ impl Elem<f32> for bf16 {
             let u = x.to_bits();
             let rounded = if x.is_nan() { (u >> 16) | 0x40 } else { (u + 0x7fff + ((u >> 16) & 1)) >> 16 };
             *d = bf16::from_bits(rounded as u16);
+        }
+    }
+    #[inline(always)]
+    fn store_stochastic(src: &[f32], dst: &mut [bf16], stream: u32, first: u32) {
+        for (j, (d, &x)) in dst.iter_mut().zip(src).enumerate() {
+            *d = bf16::from_bits(rounding::bf16_stochastic(x, rounding::random16(stream, first.wrapping_add(j as u32))));
         }
     }
 }

@@ -11,5 +11,6 @@ pub mod error;
 #[cfg(feature = "python")]
 mod py;
 pub mod real;
+pub mod rounding;
 pub mod rules;
 pub mod view;

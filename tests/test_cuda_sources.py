@@ -143,7 +143,7 @@ def test_every_kernel_compiles_with_nvrtc(arch):
     with ThreadPoolExecutor(max_workers=2) as pool:
         for (name, _), ptx in pool.map(compile_one, jobs):
             assert f".target sm_{arch[-2:]}" in ptx, name
-            for dtype in ["f32", "f64", "bf16", "bf16_f32", "f16", "f16_f32", "f32_bf16in", "f32_f16in"]:
+            for dtype in ["f32", "f64", "bf16", "bf16_f32", "f16", "f16_f32", "f32_bf16in", "f32_f16in", "f32_bf16"]:
                 assert f".entry ef_step_{dtype}" in ptx and f".entry ef_sums_{dtype}" in ptx, (name, dtype)
 
 
@@ -277,3 +277,41 @@ def test_cuda_rule_equals_rust_rule_on_the_cpu(variant, tmp_path, host_dir):
                 assert torch.equal(ours[k], s), (k, *where)
             for i, k in enumerate(scalar_keys):
                 assert ours[k].item() == host_scalars[i].item()
+
+
+ROUNDING_HARNESS = r"""
+#define EF_HOST
+#include "common.cuh"
+// Element i of a stream: the bf16 bits of x[i] rounded stochastically, as the kernels store them.
+extern "C" void round_bf16(ef_u64 step_key, ef_u64 first_member, ef_u64 tensor, ef_u64 array, const float* x, ef_u16* out, long n) {
+    ef_u64 batch_key = ef_mix64(step_key ^ ef_mix64(first_member));  // src/rounding.rs batch_key (done on the host there)
+    ef_u32 stream = ef_stream_key(batch_key, tensor, array);
+    for (long i = 0; i < n; ++i) {
+        ef_bf16 b;
+        ef_store<ef_bf16, float>(&b, x[i], true, stream, i);
+        out[i] = b.bits;
+    }
+}
+"""
+
+
+def test_cuda_stochastic_rounding_equals_the_reference(tmp_path):
+    """The kernels' bf16 stochastic rounding (``common.cuh``), built as host C++, against the
+    reference written from ``src/rounding.rs``, which the CPU engine equals (test_lean_state)."""
+    from references import rounding as ref
+
+    if shutil.which("g++") is None:
+        pytest.fail("g++ is needed to check the CUDA rounding on the CPU")
+    shutil.copy(KERNELS / "common.cuh", tmp_path / "common.cuh")
+    (tmp_path / "harness.cpp").write_text(ROUNDING_HARNESS)
+    lib_path = tmp_path / "rounding.so"
+    subprocess.run(["g++", "-O2", "-std=c++17", "-shared", "-fPIC", str(tmp_path / "harness.cpp"), "-o", str(lib_path)], check=True, capture_output=True)
+    lib = ctypes.CDLL(str(lib_path))
+    x = torch.randn(5001, generator=torch.Generator().manual_seed(4), dtype=torch.float64).float() * 3
+    for step_key, member, tensor, array in [(12345, 0, 0, 0), (2**53 - 1, 7, 3, 2), (1, 1, 100, 4)]:
+        out = torch.empty(x.numel(), dtype=torch.int16)
+        lib.round_bf16(
+            ctypes.c_uint64(step_key), ctypes.c_uint64(member), ctypes.c_uint64(tensor), ctypes.c_uint64(array), ptr(x), ptr(out), ctypes.c_long(x.numel())
+        )
+        want = ref.to_bf16_stochastic(x, ref.stream(step_key, member, tensor, array)).view(torch.int16)
+        assert torch.equal(out, want), (step_key, member, tensor, array)

@@ -271,12 +271,28 @@ def test_constructor_checks_match_official():
 
 
 def test_zero_momentum_norm_takes_the_capped_step():
-    """Σ‖d‖² = 0 (every gradient zero on the first step): τ = lr/ρ, and d = 0 leaves p unchanged."""
-    params = make_params([(3,), (4,)])
+    """Σ‖d‖² = 0 (every gradient zero on the first step): τ = lr/ρ, and d = 0 leaves p unchanged;
+    the state written is the reference's (d = 0, γ = 0), and a second step with random gradients
+    from that state matches the reference."""
+    params = make_params([(3,), (4,)], dtype=torch.float64)
     before = [p.detach().clone() for p in params]
     opt = emafuse.Momo(params, lr=0.5)
-    set_grads(params, [torch.zeros_like(p) for p in params])
+    ref = RefMomo([{"params": params, "lr": 0.5, "weight_decay": 0.0}], adam=False)
+    zeros = [torch.zeros_like(p) for p in params]
+    set_grads(params, zeros)
     opt.step(loss=1.0)
+    ref.step([zeros], 1.0)
     for p, q in zip(params, before):
         assert torch.equal(p, q)
-    assert opt.param_groups[0]["momo_step"] == 1
+    assert opt.param_groups[0]["momo_step"] == 1 == ref.k
+    for i, p in enumerate(params):
+        rst = ref.state[id(ref.params()[i])]
+        assert torch.equal(opt.state[p]["grad_avg"], torch.zeros_like(p)) and torch.equal(rst["grad_avg"], torch.zeros_like(p))
+        assert float(opt.state[p]["grad_dot_w"]) == rst["grad_dot_w"] == 0.0
+    grads = random_grads(params, 1)
+    set_grads(params, grads)
+    opt.step(loss=0.5)
+    ref.step([grads], 0.5)
+    for p, r in zip(params, ref.params()):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-10, atol=1e-12)
+    assert opt.param_groups[0]["lb_current"] == pytest.approx(ref.lb, rel=1e-10)

@@ -204,8 +204,18 @@ fn simd_level() -> u8 {
     })
 }
 
+/// Stochastic rounding of one span's stores (see [`crate::rounding`]): the stream of the
+/// parameter (`streams[0]`) and of each state slot `k` (`streams[1 + k]`), and the index in its
+/// tensor of the span's first element.
+#[derive(Copy, Clone, Debug)]
+pub struct SpanRounding {
+    pub streams: [u32; 1 + MAX_SLOTS],
+    pub first: usize,
+}
+
 /// Update `len` elements starting at `ptrs`, with the widest vector unit the CPU has; with
-/// `projection` (⊥Grad) the rule reads the projected gradients. The math is the same IEEE
+/// `projection` (⊥Grad) the rule reads the projected gradients; with `rounding` the parameter and
+/// state stores round stochastically. The math is the same IEEE
 /// arithmetic at any width (no fused multiply-add is formed), so results do not depend on the CPU.
 ///
 /// # Safety
@@ -216,6 +226,7 @@ pub unsafe fn update_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>
     c: &Ru::Coeffs<R>,
     xf: &GradTransform<R>,
     projection: Option<Projection>,
+    rounding: Option<SpanRounding>,
     ptrs: SpanPtrs<P, G, S>,
     len: usize,
 ) {
@@ -223,13 +234,13 @@ pub unsafe fn update_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>
     match simd_level() {
         // SAFETY: the CPU supports the enabled features (checked at run time); the caller's
         // guarantees are passed on unchanged.
-        2 => return unsafe { update_span_avx512::<Ru, R, P, G, S>(c, xf, projection, ptrs, len) },
+        2 => return unsafe { update_span_avx512::<Ru, R, P, G, S>(c, xf, projection, rounding, ptrs, len) },
         // SAFETY: as above.
-        1 => return unsafe { update_span_avx2::<Ru, R, P, G, S>(c, xf, projection, ptrs, len) },
+        1 => return unsafe { update_span_avx2::<Ru, R, P, G, S>(c, xf, projection, rounding, ptrs, len) },
         _ => {}
     }
     // SAFETY: the caller's guarantees are passed on unchanged.
-    unsafe { update_span_body::<Ru, R, P, G, S>(c, xf, projection, ptrs, len) }
+    unsafe { update_span_body::<Ru, R, P, G, S>(c, xf, projection, rounding, ptrs, len) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -238,11 +249,12 @@ unsafe fn update_span_avx512<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<
     c: &Ru::Coeffs<R>,
     xf: &GradTransform<R>,
     projection: Option<Projection>,
+    rounding: Option<SpanRounding>,
     ptrs: SpanPtrs<P, G, S>,
     len: usize,
 ) {
     // SAFETY: forwarded from update_span.
-    unsafe { update_span_body::<Ru, R, P, G, S>(c, xf, projection, ptrs, len) }
+    unsafe { update_span_body::<Ru, R, P, G, S>(c, xf, projection, rounding, ptrs, len) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -251,11 +263,12 @@ unsafe fn update_span_avx2<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>
     c: &Ru::Coeffs<R>,
     xf: &GradTransform<R>,
     projection: Option<Projection>,
+    rounding: Option<SpanRounding>,
     ptrs: SpanPtrs<P, G, S>,
     len: usize,
 ) {
     // SAFETY: forwarded from update_span.
-    unsafe { update_span_body::<Ru, R, P, G, S>(c, xf, projection, ptrs, len) }
+    unsafe { update_span_body::<Ru, R, P, G, S>(c, xf, projection, rounding, ptrs, len) }
 }
 
 /// A block of `n` elements of one array as compute-type values: the tensor's own memory when its
@@ -275,15 +288,20 @@ unsafe fn block<R: Real, E: Elem<R>>(ptr: *mut E, n: usize, buf: &mut [R]) -> &m
     }
 }
 
-/// Write a converted block back (no-op when the block is the tensor's own memory).
+/// Write a converted block back (no-op when the block is the tensor's own memory), rounding
+/// stochastically with `stream`'s bits from element `first` when given.
 ///
 /// # Safety
 /// As [`block`].
 #[inline(always)]
-unsafe fn finish<R: Real, E: Elem<R>>(ptr: *mut E, vals: &[R]) {
+unsafe fn finish<R: Real, E: Elem<R>>(ptr: *mut E, vals: &[R], stochastic: Option<(u32, usize)>) {
     if !E::IS_COMPUTE {
         // SAFETY: ptr is valid for vals.len() writes and exclusively ours.
-        unsafe { E::store(vals, std::slice::from_raw_parts_mut(ptr, vals.len())) };
+        let dst = unsafe { std::slice::from_raw_parts_mut(ptr, vals.len()) };
+        match stochastic {
+            Some((stream, first)) => E::store_stochastic(vals, dst, stream, first as u32),
+            None => E::store(vals, dst),
+        }
     }
 }
 
@@ -292,6 +310,7 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>
     c: &Ru::Coeffs<R>,
     xf: &GradTransform<R>,
     projection: Option<Projection>,
+    rounding: Option<SpanRounding>,
     ptrs: SpanPtrs<P, G, S>,
     len: usize,
 ) {
@@ -358,26 +377,27 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>
                     st3[i] = s[3];
                 }
             }
-            finish::<R, P>(ptrs.param.add(off), p);
+            let sr = |array: usize| rounding.map(|r| (r.streams[array], r.first + off));
+            finish::<R, P>(ptrs.param.add(off), p, sr(0));
             if Ru::READS_INPUT {
                 if let Some(unscale) = xf.unscale {
                     for x in g.iter_mut() {
                         *x = *x * unscale;
                     }
-                    finish::<R, G>(ptrs.grad.add(off) as *mut G, g);
+                    finish::<R, G>(ptrs.grad.add(off) as *mut G, g, None);
                 }
             }
             if Ru::WRITTEN_SLOTS > 0 {
-                finish::<R, S>(sp(0), st0);
+                finish::<R, S>(sp(0), st0, sr(1));
             }
             if Ru::WRITTEN_SLOTS > 1 {
-                finish::<R, S>(sp(1), st1);
+                finish::<R, S>(sp(1), st1, sr(2));
             }
             if Ru::WRITTEN_SLOTS > 2 {
-                finish::<R, S>(sp(2), st2);
+                finish::<R, S>(sp(2), st2, sr(3));
             }
             if Ru::WRITTEN_SLOTS > 3 {
-                finish::<R, S>(sp(3), st3);
+                finish::<R, S>(sp(3), st3, sr(4));
             }
         }
         off += n;

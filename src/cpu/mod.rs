@@ -12,11 +12,12 @@ use crate::batch::Batch;
 use crate::dtype::{DType, Elem};
 use crate::error::{Error, Result};
 use crate::real::Real;
+use crate::rounding;
 use crate::rules::orthograd::{self, Projection};
 use crate::rules::{check_state, visit_base_rule, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::view::TensorView;
 use half::{bf16, f16};
-use kernel::{GradTransform, SpanPtrs};
+use kernel::{GradTransform, SpanPtrs, SpanRounding};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
@@ -170,6 +171,7 @@ pub fn plan<'a>(rule: &str, hyper: &'a Hyper, batch: &'a Batch) -> Result<Box<dy
         grad_multiplier: hyper.grad_multiplier()?,
         check_finite: hyper.option("check_finite")?,
         orthograd: if hyper.option("orthograd")? { Some(hyper.option("orthograd_rescale")?) } else { None },
+        rounding_key: hyper.rounding_key()?,
     };
     visit_base_rule(rule, hyper, Planner { batch, hyper, options })?
 }
@@ -183,6 +185,8 @@ struct Options {
     check_finite: bool,
     /// ⊥Grad: `Some(rescale)` projects every gradient.
     orthograd: Option<bool>,
+    /// Stochastic rounding of bf16 stores with this step's key (None: round to nearest).
+    rounding_key: Option<u64>,
 }
 
 struct Planner<'a> {
@@ -200,6 +204,9 @@ impl<'a> RuleVisitor for Planner<'a> {
             orthograd::check_projectable::<Ru>()?;
         }
         check_step_counters(b)?;
+        if self.options.rounding_key.is_some() {
+            rounding::check_batch(b)?;
+        }
         Ok(Box::new(RuleBatch { rule, batch: self.batch, options: self.options }))
     }
 }
@@ -372,12 +379,14 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             }
             _ => (self.coeffs::<R>(sums), None),
         };
+        let batch_key = self.options.rounding_key.map(|key| rounding::batch_key(key, self.batch.members[0]));
         for_each_span(&self.numels(), |s| {
             let projection = projections.as_ref().map(|v| v[s.tensor]);
+            let rounding = batch_key.map(|key| SpanRounding { streams: std::array::from_fn(|a| rounding::stream_key(key, s.tensor, a)), first: s.start });
             // SAFETY: all views were validated to hold numel elements of P (params), G (inputs) or
             // S (states) on the CPU; spans are disjoint ranges inside them, so each element is
             // touched by one thread only; the tensors are kept alive by the caller.
-            unsafe { kernel::update_span::<Ru, R, P, G, S>(&coeffs[s.tensor], &xf, projection, self.span_ptrs::<R, P, G, S>(s), s.len) };
+            unsafe { kernel::update_span::<Ru, R, P, G, S>(&coeffs[s.tensor], &xf, projection, rounding, self.span_ptrs::<R, P, G, S>(s), s.len) };
         });
         Vec::new()
     }
@@ -385,10 +394,12 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
     fn pass(&self, grad_scale: Option<f64>, pass: Pass<'_>) -> Vec<[f64; MAX_SUMS]> {
         // Combinations accepted by `batch::split_group`: the input has the parameter's dtype, or
         // an fp32 parameter (an average) reads a bf16/fp16 input (the model; `check_state` refused
-        // it for gradients, so that gradient rules compile no kernel for it).
+        // it for gradients, so that gradient rules compile no kernel for it); the state has the
+        // parameter's dtype, or fp32 for bf16/fp16 parameters, or bf16 for fp32 parameters.
         match (self.batch.param_dtype, self.batch.input_dtype, self.batch.state_dtype) {
             (DType::F32, DType::BF16, _) if !Ru::READS_GRADIENT => self.pass_typed::<f32, f32, bf16, f32>(grad_scale, pass),
             (DType::F32, DType::F16, _) if !Ru::READS_GRADIENT => self.pass_typed::<f32, f32, f16, f32>(grad_scale, pass),
+            (DType::F32, DType::F32, DType::BF16) => self.pass_typed::<f32, f32, f32, bf16>(grad_scale, pass),
             (DType::F32, DType::F32, _) => self.pass_typed::<f32, f32, f32, f32>(grad_scale, pass),
             (DType::F64, _, _) => self.pass_typed::<f64, f64, f64, f64>(grad_scale, pass),
             (DType::BF16, _, DType::BF16) => self.pass_typed::<f32, bf16, bf16, bf16>(grad_scale, pass),

@@ -6,6 +6,7 @@ use super::table::{self, TensorEntry};
 use crate::batch::Batch;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::rounding;
 use crate::rules::{check_state, visit_rule, Hyper, Rule, RuleVisitor, MAX_SUMS};
 use crate::view::Device;
 use cudarc::driver::{result, sys};
@@ -190,7 +191,13 @@ impl DeviceState {
 /// needed, so that the launch itself does no allocation.
 pub fn plan(rule: &str, hyper: &Hyper, batch: Batch, stream: u64) -> Result<Box<dyn CudaStep>> {
     let grad_multiplier = hyper.grad_multiplier()?;
-    visit_rule(rule, hyper, Planner { batch, hyper, stream, grad_multiplier })?
+    let rounding_key = hyper.rounding_key()?;
+    if rounding_key.is_some() {
+        rounding::check_batch(&batch)?;
+    }
+    // (0 tells the kernel to round to nearest; a batch key of 0 has probability 2^-64)
+    let rounding = rounding_key.map_or(0, |key| rounding::batch_key(key, batch.members[0]));
+    visit_rule(rule, hyper, Planner { batch, hyper, stream, grad_multiplier, rounding })?
 }
 
 struct Planner<'a> {
@@ -199,6 +206,8 @@ struct Planner<'a> {
     stream: u64,
     /// −1 for `maximize`, times `grad_factor` (the kernels' `gsign`).
     grad_multiplier: f64,
+    /// The batch's stochastic-rounding key (the kernels' `rkey`; 0: round to nearest).
+    rounding: u64,
 }
 
 /// The kernel for a batch's (param, input, state) dtypes (the combinations `batch` accepts).
@@ -206,6 +215,7 @@ fn kernel_suffix(p: DType, g: DType, s: DType) -> &'static str {
     match (p, g, s) {
         (DType::F32, DType::BF16, _) => "f32_bf16in",
         (DType::F32, DType::F16, _) => "f32_f16in",
+        (DType::F32, _, DType::BF16) => "f32_bf16",
         (DType::F32, _, _) => "f32",
         (DType::F64, _, _) => "f64",
         (DType::BF16, _, DType::BF16) => "bf16",
@@ -250,6 +260,7 @@ impl RuleVisitor for Planner<'_> {
             blocks: blocks as u32,
             stream: self.stream,
             gsign: self.grad_multiplier,
+            rounding: self.rounding,
             members: b.members.clone(),
         }))
     }
@@ -268,6 +279,7 @@ struct Launch {
     blocks: u32,
     stream: u64,
     gsign: f64,
+    rounding: u64,
     /// The index in its group of each tensor of the batch (its row in a sums array).
     members: Vec<usize>,
 }
@@ -302,7 +314,7 @@ impl Launch {
 
     /// Launch `function` (an `ef_sums` or `ef_step` of this batch's module) on the batch's stream
     /// with the arguments every kernel takes first (hyper, tensors, n, grad_scale, found_inf,
-    /// gsign), then the device addresses `last` (ef_sums: sums; ef_step: counters, sums).
+    /// gsign), then the values `last` (ef_sums: sums; ef_step: counters, sums, rkey).
     ///
     /// # Safety
     /// The context is current (inside `with_device`); `last` matches the kernel's signature; the
@@ -362,7 +374,7 @@ impl CudaStep for Launch {
             return Ok(());
         }
         // SAFETY: see `launch_kernel`, `launch_sums` and `copy_sums` (given sums are checked by
-        // the caller as for `sums`); ef_step(…, counters, sums).
+        // the caller as for `sums`); ef_step(…, counters, sums, rkey).
         with_device(self.ordinal, |_| unsafe {
             if self.uses_sums {
                 match given {
@@ -370,7 +382,7 @@ impl CudaStep for Launch {
                     None => self.launch_sums(amp)?,
                 }
             }
-            self.launch_kernel(self.step_fn, amp, &mut [self.counters, self.sums], "launching ef_step")
+            self.launch_kernel(self.step_fn, amp, &mut [self.counters, self.sums, self.rounding], "launching ef_step")
         })
     }
 }

@@ -48,6 +48,16 @@ impl Hyper {
         Ok(if self.option("maximize")? { -factor } else { factor })
     }
 
+    /// The step's stochastic-rounding key (engine number `rounding_key`), or None: round to
+    /// nearest.
+    pub fn rounding_key(&self) -> Result<Option<u64>> {
+        match self.get("rounding_key") {
+            None => Ok(None),
+            Some(HyperValue::Num(x)) if x.fract() == 0.0 && *x >= 1.0 && *x < 2f64.powi(53) => Ok(Some(*x as u64)),
+            Some(v) => Err(Error::Value(format!("'rounding_key' must be an integer in [1, 2^53), got {v:?}"))),
+        }
+    }
+
     /// Refuse keys the rule does not declare, values of the wrong kind and missing required
     /// flags.
     pub(super) fn check(&self, info: &RuleInfo) -> Result<()> {

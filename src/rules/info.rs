@@ -6,8 +6,10 @@ pub const ENGINE_OPTIONS: &[&str] = &["maximize", "check_finite", "orthograd", "
 
 /// Numeric options of every rule, read by the drivers: `grad_factor` (default 1) multiplies every
 /// gradient as it is loaded, after AMP's unscaling and without changing what is stored back into
-/// `.grad` (a global clip coefficient such as ZClip's, applied inside the step).
-pub const ENGINE_NUMBERS: &[&str] = &["grad_factor"];
+/// `.grad` (a global clip coefficient such as ZClip's, applied inside the step); `rounding_key`
+/// (an integer in [1, 2^53); absent: round to nearest) makes every bf16 parameter and state store
+/// round stochastically with this step's random bits (see `crate::rounding`).
+pub const ENGINE_NUMBERS: &[&str] = &["grad_factor", "rounding_key"];
 
 /// The description of one registered rule name: the hyper-parameter keys Python passes (checked
 /// before the rule is built), its per-parameter scalar state and what input it reads. Each

@@ -27,9 +27,15 @@ from .._cuda import current_streams, per_device
 from .._guard import deferred_interrupts, refuse_subclass
 from .._staging import stage_groups
 from ..errors import DTypeError, InvalidArgumentError, LayoutError, SparseGradError, UnsupportedOptionError
+from . import _precision
 from ._fusion import FusedAverage, FusedRequest, fused_average, register_fused_average
+from ._precision import Rounding, StateDType
 
-__all__ = ["FusedOptimizer", "scalar", "sum_squares", "tensor_sum_squares"]
+__all__ = ["FusedOptimizer", "Precision", "Rounding", "StateDType", "scalar", "sum_squares", "tensor_sum_squares"]
+
+#: A constructor's ``(state_dtype, rounding, rounding_seed)``, as it hands them to
+#: ``FusedOptimizer._init_emafuse_defaults``.
+Precision = tuple[StateDType, "Rounding | None", int]
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -197,6 +203,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     step (``_begin_clip``): the gradients are multiplied by the clip coefficient as they are
     loaded, ``.grad`` is not written, and the clipper (optimizer-wide, held by every param group)
     is saved in the state dict.
+
+    And lean state (per param group, see ``optim/_precision.py``): ``state_dtype=`` stores the
+    state tensors in float32 or bfloat16 whatever the parameters' dtype (math stays in float32);
+    ``rounding=`` rounds every bfloat16 store of the step (parameters and state) to nearest or
+    stochastically (the default for ``state_dtype=torch.bfloat16``), with counter-based random
+    bits from ``rounding_seed`` and the group's applied-step count ``rounding_step``, both saved in
+    the state dict. ``load_state_dict`` keeps the optimizer's own ``state_dtype`` and
+    ``rounding`` and converts the checkpoint's state to them.
     """
 
     _rule: ClassVar[str]
@@ -279,26 +293,30 @@ class FusedOptimizer(torch.optim.Optimizer):
         or skipped (``_end_step`` commits)."""
         raise NotImplementedError
 
-    def _state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
-        """The dtype of ``p``'s state tensors. torch's convention (the parameter's dtype) unless
-        an optimizer overrides it; the engine also accepts float32 states for bf16/fp16
-        parameters. ``group`` may be a group of a checkpoint being loaded (keys may be missing)."""
+    def _default_state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
+        """The dtype of ``p``'s state tensors when ``group`` sets no ``state_dtype``: torch's
+        convention (the parameter's dtype) unless an optimizer overrides it; the engine also
+        accepts float32 states for bf16/fp16 parameters and bf16 states for fp32 ones. ``group``
+        may be a group of a checkpoint being loaded (keys may be missing)."""
         return p.dtype
+
+    def _state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
+        """The dtype of ``p``'s state tensors: its group's ``state_dtype`` or the default."""
+        return _precision.state_dtype_for(type(self).__name__, p, group.get("state_dtype"), self._default_state_dtype(p, group))
 
     # -- torch.optim plumbing ----------------------------------------------------------------
 
-    def _init_emafuse_defaults(self, check_finite: bool, grad_clip: Any = None, **options: Any) -> None:
+    def _init_emafuse_defaults(self, check_finite: bool, grad_clip: Any, precision: Precision, **options: Any) -> None:
         """Add emafuse's options to the defaults and groups: ``check_finite``, ``grad_clip``
-        (optimizer-wide: every group holds the same object), and those the optimizer takes beyond
-        its reference's (``orthograd``, ``orthograd_rescale``; Adam's ``caution``,
-        ``caution_norm``)."""
-        for key, value in options.items():
+        (optimizer-wide: every group holds the same object), the lean-state ``precision``
+        (``state_dtype``, ``rounding``, ``rounding_seed``) and those the optimizer takes beyond its
+        reference's (``orthograd``, ``orthograd_rescale``; Adam's ``caution``, ``caution_norm``)."""
+        who = type(self).__name__
+        for key, value in {"check_finite": check_finite, **options}.items():
             if key != "caution_norm" and not isinstance(value, bool):
-                raise TypeError(f"{type(self).__name__}: {key} must be a bool, got {value!r}")
-        if not isinstance(check_finite, bool):
-            raise TypeError(f"{type(self).__name__}: check_finite must be a bool, got {check_finite!r}")
-        check_grad_clip(type(self).__name__, grad_clip)
-        options = {"check_finite": check_finite, "grad_clip": grad_clip, **options}
+                raise TypeError(f"{who}: {key} must be a bool, got {value!r}")
+        check_grad_clip(who, grad_clip)
+        options = {"check_finite": check_finite, "grad_clip": grad_clip, **_precision.precision_options(who, *precision), **options}
         self.defaults.update(options)
         for group in self.param_groups:
             for key, value in options.items():
@@ -393,12 +411,15 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _shield_state_dtypes(self: FusedOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Pre-hook: cast float state tensors to ``_state_dtype`` where it differs from the
-        parameter's dtype, put scalar state other than ``step`` in its own dtype, and box both so
-        that torch's loader does not cast them."""
-        ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        """Pre-hook: keep this optimizer's ``state_dtype`` and ``rounding`` in the loaded groups,
+        cast float state tensors to ``_state_dtype`` where it differs from the parameter's dtype
+        (converting a checkpoint of another state precision), put scalar state other than
+        ``step`` in its own dtype, and box both so that torch's loader does not cast them."""
+        kept = ("state_dtype", "rounding")
+        loaded = [{**g, **{k: own[k] for k in kept if k in own}} for g, own in zip(state_dict["param_groups"], self.param_groups)]
+        ids = chain.from_iterable(g["params"] for g in loaded)
         params = chain.from_iterable(g["params"] for g in self.param_groups)
-        groups = {pid: g for g in state_dict["param_groups"] for pid in g["params"]}
+        groups = {pid: g for g in loaded for pid in g["params"]}
         saved = state_dict["state"]
         state = None
         for pid, p in zip(ids, params):
@@ -419,9 +440,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 else v
                 for key, v in st.items()
             }
-        if state is None:
-            return state_dict
-        return {**state_dict, "state": state}
+        return {**state_dict, "param_groups": loaded + state_dict["param_groups"][len(loaded) :], "state": saved if state is None else state}
 
     @staticmethod
     def _unshield_state_dtypes(self: FusedOptimizer) -> None:
@@ -438,6 +457,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _reject_unsupported(self, group: dict[str, Any]) -> None:
         name = type(self).__name__
+        _precision.check_group(name, group)
         if group.get("differentiable", False):
             raise UnsupportedOptionError(
                 f"{name}: differentiable=True is not supported: emafuse's fused "
@@ -545,7 +565,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     average.fused_abort(request)  # a refused step is not counted by the average
                 raise
         finally:
-            self._grad_factor, self._clip_trial = None, None  # one step's decision
+            self._grad_factor, self._clip_trial, self._grad_norm = None, None, None  # one step's decision
         if request is not None:
             average.fused_end(request, fused)
 
@@ -554,21 +574,32 @@ class FusedOptimizer(torch.optim.Optimizer):
         pass (DTensor shards summed across their mesh), and the factor the step multiplies every
         gradient by as it loads it (``grad_factor``; ``.grad`` is not written). A clipper decides
         on a copy of itself, which ``_finish_step`` keeps once the step is applied."""
-        self._grad_factor, self._clip_trial = None, None
+        self._grad_factor, self._clip_trial, self._grad_norm = None, None, None
         clip = self.param_groups[0].get("grad_clip") if self.param_groups else None
         if clip is None or (found_inf is not None and scalar(found_inf) != 0.0):  # AMP skips this step
             return
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if any(g.layout != torch.strided for g in grads):
+        if any(p.grad is not None and p.grad.layout != torch.strided for group in self.param_groups for p in group["params"]):
             raise SparseGradError(f"{type(self).__name__}: grad_clip needs dense gradients; a gradient is sparse (call .to_dense())")
-        norm = math.sqrt(sum_squares(grads)) if grads else 0.0
-        if grad_scale is not None:
-            norm /= scalar(grad_scale)
+        norm = self._unscaled_grad_norm()
         if isinstance(clip, (int, float)):
             self._grad_factor = cap_coefficient(norm, float(clip))
         else:
             self._clip_trial = copy.deepcopy(clip)
             self._grad_factor = self._clip_trial.coefficient(norm)
+
+    def _unscaled_grad_norm(self) -> float:
+        """The global norm of this step's gradients (divided by AMP's scale), one native
+        read-only pass (DTensor shards summed across their mesh), taken once per step: ``grad_clip``
+        and an optimizer's own clipping (Adan's ``max_grad_norm``) share it."""
+        norm = self.__dict__.get("_grad_norm")
+        if norm is None:
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            norm = math.sqrt(sum_squares(grads)) if grads else 0.0
+            grad_scale = getattr(self, "grad_scale", None)
+            if grad_scale is not None:
+                norm /= scalar(grad_scale)
+            self._grad_norm = norm
+        return norm
 
     def _grad_clip_factor(self) -> float:
         """What ``grad_clip=`` multiplies this step's gradients by (1: no clip), for
@@ -582,16 +613,26 @@ class FusedOptimizer(torch.optim.Optimizer):
         trial = self.__dict__.get("_clip_trial")
         if applied and trial is not None:
             vars(self.param_groups[0]["grad_clip"]).update(vars(trial))
+        if applied:
+            _precision.advance(self.param_groups)
         self._end_step(applied)
 
-    def _group_hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
-        """The rule's hyper-parameters for ``group``, with the options every rule takes."""
+    def _group_hyper(self, gi: int, group: dict[str, Any]) -> dict[str, float | bool]:
+        """The rule's hyper-parameters for group ``gi``, with the options every rule takes."""
         self._reject_unsupported(group)
         hyper = self._hyper(group)
         hyper["maximize"] = bool(group.get("maximize", False))
         hyper["check_finite"] = bool(group.get("check_finite", False))
         if self.__dict__.get("_grad_factor") is not None:
             hyper["grad_factor"] = self._grad_factor
+        key = _precision.rounding_key(group, gi)
+        if key is not None:
+            if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+                raise UnsupportedOptionError(
+                    f"{type(self).__name__}: stochastic rounding draws new random bits every step, which a captured CUDA graph "
+                    "would replay unchanged; use rounding='nearest' (or float32 state) for steps captured in a graph"
+                )
+            hyper["rounding_key"] = float(key)
         if group.get("orthograd", False):
             hyper["orthograd"] = True
             hyper["orthograd_rescale"] = bool(group.get("orthograd_rescale", True))
@@ -602,7 +643,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         tensors (see ``_StepPlan``), else through a new one. With a fused average's ``request``
         the averages of the parameters it maps are updated in the same pass; returns the ids of
         those parameters."""
-        hypers = [self._group_hyper(g) for g in self.param_groups]
+        hypers = [self._group_hyper(gi, g) for gi, g in enumerate(self.param_groups)]
         slots = [self._slots(h) for h in hypers]
         amp = (per_device(grad_scale), per_device(found_inf), current_streams())
         targets = request.targets if request is not None else None

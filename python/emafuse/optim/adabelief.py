@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, GradClip, check_hyper, common_hyper
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, check_hyper, common_hyper
 
 __all__ = ["AdaBelief"]
 
@@ -60,7 +60,7 @@ class AdaBelief(FusedOptimizer):
       ``eps`` = 1e-16 inside the state would flush to zero in fp16.
     * ``step`` is a 0-dim float32 tensor in the live state (as torch's optimizers keep it) and
       an int in ``state_dict()`` (as the reference keeps it); ``load_state_dict`` takes either.
-    * Extra keywords: ``maximize`` (negate the gradient), ``check_finite`` and ``orthograd`` (see
+    * Extra keywords: ``maximize`` (negate the gradient), ``check_finite``, ``orthograd`` and the lean-state ``state_dtype`` / ``rounding`` (see
       :class:`emafuse.AdamW`).
     """
 
@@ -84,6 +84,9 @@ class AdaBelief(FusedOptimizer):
         maximize: bool = False,
         check_finite: bool = False,
         grad_clip: GradClip = None,
+        state_dtype: StateDType = None,
+        rounding: Rounding | None = None,
+        rounding_seed: int = 0,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
     ) -> None:
@@ -101,7 +104,7 @@ class AdaBelief(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, grad_clip, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed), orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -113,7 +116,7 @@ class AdaBelief(FusedOptimizer):
         return sd
 
 
-    def _state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
+    def _default_state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
         return torch.float32 if p.dtype == torch.float16 else p.dtype
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:

@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, GradClip, check_hyper, common_hyper, scalar
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, check_hyper, common_hyper, scalar
 
 __all__ = ["AdaBound", "AdaBoundW"]
 
@@ -38,7 +38,7 @@ class AdaBound(FusedOptimizer):
 
     Extra ``ValueError`` checks (open question settled for users): ``lr == 0`` (``base_lr`` is a
     divisor), ``gamma == 0`` (division by zero at the first step) and ``weight_decay < 0``. Extra
-    keywords: ``maximize``, ``check_finite`` and ``orthograd`` (as :class:`emafuse.AdamW`). ``p.grad`` is never
+    keywords: ``maximize``, ``check_finite``, ``orthograd`` and the lean-state ``state_dtype`` / ``rounding`` (as :class:`emafuse.AdamW`). ``p.grad`` is never
     written.
     """
 
@@ -58,6 +58,9 @@ class AdaBound(FusedOptimizer):
         maximize: bool = False,
         check_finite: bool = False,
         grad_clip: GradClip = None,
+        state_dtype: StateDType = None,
+        rounding: Rounding | None = None,
+        rounding_seed: int = 0,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
     ) -> None:
@@ -82,7 +85,7 @@ class AdaBound(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, grad_clip, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed), orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

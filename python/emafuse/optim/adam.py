@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, GradClip, caution_hyper, check_caution_norm, common_hyper
+from ._base import FusedOptimizer, GradClip, Precision, Rounding, StateDType, caution_hyper, check_caution_norm, common_hyper
 
 __all__ = ["Adam", "AdamW"]
 
@@ -21,12 +21,19 @@ class _AdamRule(FusedOptimizer):
     _supports_fused_ema = True
 
     def _init_adam_options(
-        self, check_finite: bool, grad_clip: GradClip, orthograd: bool, orthograd_rescale: bool, caution: bool, caution_norm: str
+        self,
+        check_finite: bool,
+        grad_clip: GradClip,
+        precision: Precision,
+        orthograd: bool,
+        orthograd_rescale: bool,
+        caution: bool,
+        caution_norm: str,
     ) -> None:
         """emafuse's options beyond torch's, in ``defaults`` and every group."""
         check_caution_norm(caution_norm)
         self._init_emafuse_defaults(
-            check_finite, grad_clip, orthograd=orthograd, orthograd_rescale=orthograd_rescale, caution=caution, caution_norm=caution_norm
+            check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale, caution=caution, caution_norm=caution_norm
         )
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
@@ -105,6 +112,28 @@ class AdamW(_AdamRule, torch.optim.AdamW):
     fp32, fp64, bf16 and fp16 parameters are supported; math runs in fp32 (fp64 for fp64
     parameters) and the state has the parameter's dtype, as in torch. Complex parameters are
     updated as real views, as torch does.
+
+    Lean state, taken by every emafuse optimizer (per param group; bytes per parameter for AdamW
+    in the README):
+
+    * ``state_dtype`` (default None: the parameter's dtype, as torch): ``torch.bfloat16`` stores
+      the moments in bf16 (4 bytes per parameter instead of 8 for fp32 parameters; math stays
+      fp32), ``torch.float32`` keeps fp32 moments for bf16/fp16 parameters. float64 and complex
+      parameters keep their own state dtype; fp16 parameters take float32 only. It applies to
+      state created from then on, and to state loaded by ``load_state_dict``, which converts a
+      checkpoint of another precision (rounding to nearest when narrowing) and keeps this
+      optimizer's ``state_dtype`` and ``rounding``.
+    * ``rounding`` (``"nearest"`` or ``"stochastic"``; default None: stochastic exactly when
+      ``state_dtype=torch.bfloat16``): how every bf16 store of the step is rounded, the state's
+      and the parameters'. Stochastic rounding is unbiased, so updates smaller than a bf16 ulp
+      still move the weights on average: with bf16 parameters and ``rounding="stochastic"``
+      there is no need for an fp32 master copy. fp16 tensors cannot be rounded stochastically
+      (a ``DTypeError`` says so).
+    * ``rounding_seed`` (default 0, the same on every rank, so data-parallel replicas stay
+      identical): the random bits are a hash of the seed, the group's count of applied steps
+      (``rounding_step``, in the param group and so in ``state_dict``) and each element's
+      position, so a resumed run rounds bit for bit as the uninterrupted one. Steps captured in
+      a CUDA graph cannot round stochastically (the key would be replayed).
     """
 
     def __init__(
@@ -123,6 +152,9 @@ class AdamW(_AdamRule, torch.optim.AdamW):
         fused: bool | None = None,
         check_finite: bool = False,
         grad_clip: GradClip = None,
+        state_dtype: StateDType = None,
+        rounding: Rounding | None = None,
+        rounding_seed: int = 0,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
         caution: bool = False,
@@ -142,7 +174,7 @@ class AdamW(_AdamRule, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
-        self._init_adam_options(check_finite, grad_clip, orthograd, orthograd_rescale, caution, caution_norm)
+        self._init_adam_options(check_finite, grad_clip, (state_dtype, rounding, rounding_seed), orthograd, orthograd_rescale, caution, caution_norm)
 
 
 class Adam(_AdamRule, torch.optim.Adam):
@@ -173,6 +205,9 @@ class Adam(_AdamRule, torch.optim.Adam):
         decoupled_weight_decay: bool = False,
         check_finite: bool = False,
         grad_clip: GradClip = None,
+        state_dtype: StateDType = None,
+        rounding: Rounding | None = None,
+        rounding_seed: int = 0,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
         caution: bool = False,
@@ -193,4 +228,4 @@ class Adam(_AdamRule, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        self._init_adam_options(check_finite, grad_clip, orthograd, orthograd_rescale, caution, caution_norm)
+        self._init_adam_options(check_finite, grad_clip, (state_dtype, rounding, rounding_seed), orthograd, orthograd_rescale, caution, caution_norm)

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, GradClip, check_hyper, common_hyper
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, check_hyper, common_hyper
 
 __all__ = ["AdaMod"]
 
@@ -36,7 +36,7 @@ class AdaMod(FusedOptimizer):
 
     Decisions: weight decay is decoupled, as the reference (written there as
     :math:`p \leftarrow p - \mathrm{lr}\lambda p`); extra check ``weight_decay < 0`` raises
-    ``ValueError``; extra keywords ``maximize`` (negate the gradient), ``check_finite`` and ``orthograd`` (see
+    ``ValueError``; extra keywords ``maximize`` (negate the gradient), ``check_finite``, ``orthograd`` and the lean-state ``state_dtype`` / ``rounding`` (see
     :class:`emafuse.AdamW`). ``step`` is a 0-dim float32 tensor in the live state
     (as torch's optimizers keep it) and an int in ``state_dict()`` (as the reference keeps it);
     ``load_state_dict`` takes either.
@@ -57,6 +57,9 @@ class AdaMod(FusedOptimizer):
         maximize: bool = False,
         check_finite: bool = False,
         grad_clip: GradClip = None,
+        state_dtype: StateDType = None,
+        rounding: Rounding | None = None,
+        rounding_seed: int = 0,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
     ) -> None:
@@ -66,7 +69,7 @@ class AdaMod(FusedOptimizer):
         check_hyper(weight_decay=weight_decay)
         defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, grad_clip, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed), orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, GradClip, check_hyper, common_hyper
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, check_hyper, common_hyper
 
 __all__ = ["AdaMomentum"]
 
@@ -44,7 +44,7 @@ class AdaMomentum(FusedOptimizer):
       messages.
     * ``step`` is a 0-dim float32 tensor in the live state and an int in ``state_dict()`` (as
       the other reference implementations keep it); ``load_state_dict`` takes either.
-    * Extra keywords: ``maximize`` (negate the gradient), ``check_finite`` and ``orthograd`` (see
+    * Extra keywords: ``maximize`` (negate the gradient), ``check_finite``, ``orthograd`` and the lean-state ``state_dtype`` / ``rounding`` (see
       :class:`emafuse.AdamW`).
     """
 
@@ -64,6 +64,9 @@ class AdaMomentum(FusedOptimizer):
         maximize: bool = False,
         check_finite: bool = False,
         grad_clip: GradClip = None,
+        state_dtype: StateDType = None,
+        rounding: Rounding | None = None,
+        rounding_seed: int = 0,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
     ) -> None:
@@ -78,7 +81,7 @@ class AdaMomentum(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, grad_clip, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed), orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:

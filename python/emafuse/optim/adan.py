@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, GradClip, check_hyper, common_hyper, scalar, sum_squares
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, check_hyper, common_hyper
 
 __all__ = ["Adan"]
 
@@ -49,7 +48,7 @@ class Adan(FusedOptimizer):
     ``restart_opt``. ``foreach`` and ``fused`` are accepted and ignored (emafuse always runs
     fused). Differences from the reference, on purpose: ``p.grad`` is never written (the official
     clips it in place and leaves it scaled); ``weight_decay < 0`` raises ``ValueError``. Extra
-    keywords: ``maximize`` (negate gradients), ``check_finite`` and ``orthograd`` (as :class:`emafuse.AdamW`).
+    keywords: ``maximize`` (negate gradients), ``check_finite``, ``orthograd`` and the lean-state ``state_dtype`` / ``rounding`` (as :class:`emafuse.AdamW`).
     Complex parameters are not supported (neither are they by the official code).
     """
 
@@ -71,6 +70,9 @@ class Adan(FusedOptimizer):
         maximize: bool = False,
         check_finite: bool = False,
         grad_clip: GradClip = None,
+        state_dtype: StateDType = None,
+        rounding: Rounding | None = None,
+        rounding_seed: int = 0,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
     ) -> None:
@@ -89,7 +91,7 @@ class Adan(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, grad_clip, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed), orthograd=orthograd, orthograd_rescale=orthograd_rescale)
         self._clip = 1.0
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -117,12 +119,8 @@ class Adan(FusedOptimizer):
         self._clip = 1.0
         if max_norm <= 0 or not self.param_groups:
             return
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        norm = math.sqrt(sum_squares(grads))
-        grad_scale = getattr(self, "grad_scale", None)
-        if grad_scale is not None:
-            norm /= scalar(grad_scale)
-        norm *= self._grad_clip_factor()  # the norm of the gradients grad_clip= hands the rule
+        # the norm of the gradients grad_clip= hands the rule
+        norm = self._unscaled_grad_norm() * self._grad_clip_factor()
         eps_last = float(self.param_groups[-1]["eps"])
         self._clip = min(max_norm / (norm + eps_last), 1.0)
 

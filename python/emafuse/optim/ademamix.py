@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, GradClip, check_hyper, common_hyper
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, check_hyper, common_hyper
 
 __all__ = ["AdEMAMix"]
 
@@ -55,7 +55,7 @@ class AdEMAMix(FusedOptimizer):
     * Extra checks: ``betas`` must have three entries; negative warm-ups raise ``ValueError``.
     * ``step`` is a 0-dim float32 tensor in the live state (as torch's optimizers keep it) and
       an int in ``state_dict()`` (as the reference keeps it); ``load_state_dict`` takes either.
-    * Extra keywords: ``maximize`` (negate the gradient), ``check_finite`` and ``orthograd`` (see
+    * Extra keywords: ``maximize`` (negate the gradient), ``check_finite``, ``orthograd`` and the lean-state ``state_dtype`` / ``rounding`` (see
       :class:`emafuse.AdamW`).
     """
 
@@ -78,6 +78,9 @@ class AdEMAMix(FusedOptimizer):
         maximize: bool = False,
         check_finite: bool = False,
         grad_clip: GradClip = None,
+        state_dtype: StateDType = None,
+        rounding: Rounding | None = None,
+        rounding_seed: int = 0,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
     ) -> None:
@@ -100,7 +103,7 @@ class AdEMAMix(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, grad_clip, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed), orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "t_alpha_beta3" in param_group:
@@ -111,7 +114,7 @@ class AdEMAMix(FusedOptimizer):
         super().add_param_group(param_group)
 
 
-    def _state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
+    def _default_state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
         fp32 = group.get("fp32_states", self.defaults.get("fp32_states", True))
         if fp32 and p.dtype in (torch.bfloat16, torch.float16):
             return torch.float32

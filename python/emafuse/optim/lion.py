@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, GradClip, caution_hyper, check_caution_norm, check_hyper, common_hyper, scalar
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, caution_hyper, check_caution_norm, check_hyper, common_hyper, scalar
 
 __all__ = ["Lion"]
 
@@ -51,7 +51,7 @@ class Lion(FusedOptimizer):
       :math:`k = \mathrm{numel}/(\sum\phi + 1)` with ``caution_norm="count"`` (the paper's
       first release, C-Optim ``c_lion.py``). This costs one extra read-only pass over
       ``exp_avg`` and the gradient.
-    * Extra keywords: ``maximize`` (negate the gradient), ``check_finite`` and ``orthograd`` (see
+    * Extra keywords: ``maximize`` (negate the gradient), ``check_finite``, ``orthograd`` and the lean-state ``state_dtype`` / ``rounding`` (see
       :class:`emafuse.AdamW`).
     """
 
@@ -71,6 +71,9 @@ class Lion(FusedOptimizer):
         maximize: bool = False,
         check_finite: bool = False,
         grad_clip: GradClip = None,
+        state_dtype: StateDType = None,
+        rounding: Rounding | None = None,
+        rounding_seed: int = 0,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
     ) -> None:
@@ -93,7 +96,7 @@ class Lion(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, grad_clip, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed), orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         return {

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from ..errors import NonFiniteError
-from ._base import FusedOptimizer, GradClip, check_hyper, common_hyper, scalar
+from ._base import FusedOptimizer, GradClip, Precision, Rounding, StateDType, check_hyper, common_hyper, scalar
 
 __all__ = ["Momo", "MomoAdam"]
 
@@ -47,8 +47,8 @@ class _MomoBase(FusedOptimizer):
     # attributes); a param group may not set other values.
     _optimizer_wide: ClassVar[tuple[str, ...]]
 
-    def _init_counters(self, check_finite: bool, grad_clip: GradClip) -> None:
-        self._init_emafuse_defaults(check_finite, grad_clip)
+    def _init_counters(self, check_finite: bool, grad_clip: GradClip, precision: Precision) -> None:
+        self._init_emafuse_defaults(check_finite, grad_clip, precision)
         for group in self.param_groups:
             self._set_counters(group, (0, 0.0, float(self.defaults["lb"])))
         self._pending: tuple[int, float, float] | None = None
@@ -205,7 +205,7 @@ class Momo(_MomoBase):
     step with the step-1 rule above (the official crashes); the sums are accumulated in float64;
     with :math:`\sum\lVert d\rVert^2 = 0`, :math:`\tau = \alpha/\rho`. A non-finite loss is a
     :class:`~emafuse.NonFiniteError`. ``orthograd`` is not taken (the sums would have to be over the
-    projected gradient). Extra keywords: ``maximize``, ``check_finite`` (as :class:`emafuse.AdamW`).
+    projected gradient). Extra keywords: ``maximize``, ``check_finite``, ``state_dtype`` / ``rounding`` (as :class:`emafuse.AdamW`).
     """
 
     _rule = "momo"
@@ -225,6 +225,9 @@ class Momo(_MomoBase):
         maximize: bool = False,
         check_finite: bool = False,
         grad_clip: GradClip = None,
+        state_dtype: StateDType = None,
+        rounding: Rounding | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -236,7 +239,7 @@ class Momo(_MomoBase):
             lr=lr, weight_decay=weight_decay, beta=beta, lb=lb, bias_correction=bias_correction, use_fstar=use_fstar, maximize=maximize
         )
         super().__init__(params, defaults)
-        self._init_counters(check_finite, grad_clip)
+        self._init_counters(check_finite, grad_clip, (state_dtype, rounding, rounding_seed))
 
     def _next_loss_avg(self, k: int, loss_avg: float, loss: float) -> float:
         beta = float(self.defaults["beta"])
@@ -303,13 +306,16 @@ class MomoAdam(_MomoBase):
         maximize: bool = False,
         check_finite: bool = False,
         grad_clip: GradClip = None,
+        state_dtype: StateDType = None,
+        rounding: Rounding | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         check_hyper(lr=lr, eps=eps, betas=betas)
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight decay: {weight_decay}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lb=lb, divide=divide, use_fstar=use_fstar, maximize=maximize)
         super().__init__(params, defaults)
-        self._init_counters(check_finite, grad_clip)
+        self._init_counters(check_finite, grad_clip, (state_dtype, rounding, rounding_seed))
 
     def _next_loss_avg(self, k: int, loss_avg: float, loss: float) -> float:
         beta1 = scalar(self.param_groups[-1]["betas"][0])

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 from torch.optim.sgd import sgd as torch_sgd
 
-from ._base import FusedOptimizer, GradClip, common_hyper, scalar
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, common_hyper, scalar
 
 __all__ = ["SGD"]
 
@@ -28,7 +28,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     State: ``momentum_buffer`` (only when ``momentum != 0``), as torch. Arguments, validation and
     checkpoints are torch's; ``foreach``/``fused`` are accepted and ignored;
     ``differentiable=True`` raises :class:`emafuse.UnsupportedOptionError`. Extra keywords
-    ``check_finite`` and ``orthograd`` as in :class:`emafuse.AdamW` (SGD⊥ with
+    ``check_finite``, ``orthograd`` and the lean-state ``state_dtype`` / ``rounding`` as in :class:`emafuse.AdamW` (SGD⊥ with
     ``orthograd=True``).
     """
 
@@ -52,6 +52,9 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         fused: bool | None = None,
         check_finite: bool = False,
         grad_clip: GradClip = None,
+        state_dtype: StateDType = None,
+        rounding: Rounding | None = None,
+        rounding_seed: int = 0,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
     ) -> None:
@@ -68,7 +71,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             differentiable=differentiable,
             fused=fused,
         )
-        self._init_emafuse_defaults(check_finite, grad_clip, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed), orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:

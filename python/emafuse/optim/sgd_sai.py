@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, GradClip, check_hyper, common_hyper
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, check_hyper, common_hyper
 
 __all__ = ["SGDSaI"]
 
@@ -42,7 +42,7 @@ class SGDSaI(FusedOptimizer):
     parameter gets gsnr = |g|/eps (≈ 1e8·|g|: an enormous step), and a parameter whose first
     gradient is exactly zero gets gsnr = 0 and never moves again except by weight decay. Changing
     ``momentum`` from 0 to non-zero later starts the buffer at zero. Extra keywords: ``maximize``
-    and ``check_finite`` (as :class:`emafuse.AdamW`). ``p.grad`` is never written. ``orthograd``
+    ``check_finite`` and ``state_dtype`` / ``rounding`` (as :class:`emafuse.AdamW`). ``p.grad`` is never written. ``orthograd``
     is not taken: gsnr would have to be computed from the projected gradient, which needs the
     projection's sums first (a dependent second pass the engine does not run yet).
     """
@@ -62,6 +62,9 @@ class SGDSaI(FusedOptimizer):
         maximize: bool = False,
         check_finite: bool = False,
         grad_clip: GradClip = None,
+        state_dtype: StateDType = None,
+        rounding: Rounding | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         check_hyper(lr=lr, eps=eps)
         if not 0.0 <= momentum < 1.0:
@@ -69,7 +72,7 @@ class SGDSaI(FusedOptimizer):
         check_hyper(weight_decay=weight_decay)
         defaults = dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, grad_clip)
+        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed))
 
     def _scalar_dtype(self, key: str) -> torch.dtype:
         return torch.float64

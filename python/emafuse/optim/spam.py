@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, GradClip, common_hyper
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, common_hyper
 
 __all__ = ["SPAM"]
 
@@ -55,7 +55,7 @@ class SPAM(FusedOptimizer):
     official clips it in place); the sparse-momentum ``density`` groups are not supported; extra
     ``ValueError`` checks: ``weight_decay``, ``warmup_steps``, ``threshold``, ``grad_accu_steps``
     < 0 and ``DeltaT`` < 1. ``no_deprecation_warning`` is accepted and ignored (no warning is
-    given). Extra keywords: ``maximize``, ``check_finite`` and ``orthograd`` (as :class:`emafuse.AdamW`).
+    given). Extra keywords: ``maximize``, ``check_finite``, ``orthograd`` and the lean-state ``state_dtype`` / ``rounding`` (as :class:`emafuse.AdamW`).
     """
 
     _rule = "spam"
@@ -77,6 +77,9 @@ class SPAM(FusedOptimizer):
         maximize: bool = False,
         check_finite: bool = False,
         grad_clip: GradClip = None,
+        state_dtype: StateDType = None,
+        rounding: Rounding | None = None,
+        rounding_seed: int = 0,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
     ) -> None:
@@ -108,7 +111,7 @@ class SPAM(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, grad_clip, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed), orthograd=orthograd, orthograd_rescale=orthograd_rescale)
         self._this_step: tuple[int, float, bool] = (1, 1.0, False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

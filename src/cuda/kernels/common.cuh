@@ -22,6 +22,7 @@
 #define EF_ACOS_D(x) std::acos(x)
 typedef std::uint16_t ef_u16;
 typedef std::uint32_t ef_u32;
+typedef std::uint64_t ef_u64;
 typedef std::int64_t ef_i64;
 #else
 #define EF_FN __device__ __forceinline__
@@ -38,6 +39,7 @@ typedef std::int64_t ef_i64;
 #define EF_ACOS_D(x) acos(x)
 typedef unsigned short ef_u16;
 typedef unsigned int ef_u32;
+typedef unsigned long long ef_u64;
 typedef long long ef_i64;
 #endif
 
@@ -157,26 +159,71 @@ EF_FN ef_u16 ef_float_to_f16(float f) {
 }
 #endif
 
-// Load/store one element of storage type S as compute type R.
+// ---- stochastic rounding of bf16 stores (src/rounding.rs, bit for bit) ------------------------
+
+EF_FN ef_u64 ef_mix64(ef_u64 x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+// The 32-bit stream of array `array` (0: the parameter, 1 + k: state slot k) of tensor `tensor`.
+EF_FN ef_u32 ef_stream_key(ef_u64 batch_key, ef_u64 tensor, ef_u64 array) {
+    return (ef_u32)(ef_mix64(batch_key ^ ef_mix64((tensor << 3) | array)) >> 32);
+}
+// 16 random bits for element `index` of a stream.
+EF_FN ef_u32 ef_random16(ef_u32 stream, ef_u32 index) {
+    ef_u32 x = index ^ stream;
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x >> 16;
+}
+EF_FN ef_u16 ef_bf16_stochastic(float f, ef_u32 r16) {
+    ef_u32 u;
+#ifdef EF_HOST
+    std::memcpy(&u, &f, 4);
+#else
+    u = __float_as_uint(f);
+#endif
+    if (f != f) return (ef_u16)((u >> 16) | 0x40);
+    if ((u & 0x7fffffffu) == 0x7f800000u) return (ef_u16)(u >> 16);
+    return (ef_u16)((u + r16) >> 16);
+}
+
+// Load/store one element of storage type S as compute type R; `store_sr` rounds with the 16
+// random bits `r16` (bf16 only: the compute types store exactly, fp16 is refused on the host).
 template <class S, class R> struct EfElem;
 template <> struct EfElem<float, float> {
     EF_FN static float load(const float* p) { return *p; }
     EF_FN static void store(float* p, float x) { *p = x; }
+    EF_FN static void store_sr(float* p, float x, ef_u32) { *p = x; }
 };
 template <> struct EfElem<double, double> {
     EF_FN static double load(const double* p) { return *p; }
     EF_FN static void store(double* p, double x) { *p = x; }
+    EF_FN static void store_sr(double* p, double x, ef_u32) { *p = x; }
 };
 template <> struct EfElem<ef_bf16, float> {
     EF_FN static float load(const ef_bf16* p) { return ef_bf16_to_float(p->bits); }
     EF_FN static void store(ef_bf16* p, float x) { p->bits = ef_float_to_bf16(x); }
+    EF_FN static void store_sr(ef_bf16* p, float x, ef_u32 r16) { p->bits = ef_bf16_stochastic(x, r16); }
 };
 #ifndef EF_HOST
 template <> struct EfElem<ef_f16, float> {
     EF_FN static float load(const ef_f16* p) { return ef_f16_to_float(p->bits); }
     EF_FN static void store(ef_f16* p, float x) { p->bits = ef_float_to_f16(x); }
+    EF_FN static void store_sr(ef_f16* p, float x, ef_u32) { p->bits = ef_float_to_f16(x); }
 };
 #endif
+
+// A store of element `i` of an array: stochastic with the array's stream when `sr`.
+template <class S, class R> EF_FN void ef_store(S* p, R x, bool sr, ef_u32 stream, ef_i64 i) {
+    if (sr) EfElem<S, R>::store_sr(p, x, ef_random16(stream, (ef_u32)i));
+    else EfElem<S, R>::store(p, x);
+}
 
 // The Cautious optimizers' sums [Σφ, numel] and per-tensor factor (src/rules/mod.rs
 // `cautious_count`, `caution_factor`). The sums are counts, exact in double, so the device's order

@@ -54,7 +54,7 @@ __device__ __forceinline__ bool ef_aligned(const void* p) {
 
 template <class Rule, class R, class P, class G, class S>
 __device__ __forceinline__ void ef_update_one(const typename Rule::template Coeffs<R>& c, R factor, R unscale, bool store_grad, P* p, G* g,
-                                              S* const* st, ef_i64 i) {
+                                              S* const* st, bool sr, const ef_u32* streams, ef_i64 i) {
     R s[EF_MAX_SLOTS];
 #pragma unroll
     for (int k = 0; k < EF_SLOTS; ++k) s[k] = EfElem<S, R>::load(st[k] + i);
@@ -65,15 +65,15 @@ __device__ __forceinline__ void ef_update_one(const typename Rule::template Coef
         if (store_grad) EfElem<G, R>::store(g + i, graw * unscale);  // AMP: .grad left unscaled, as torch's fused kernels
     }
     R pv = Rule::template update<R>(c, EfElem<P, R>::load(p + i), gv, s);
-    EfElem<P, R>::store(p + i, pv);
+    ef_store<P, R>(p + i, pv, sr, streams[0], i);
 #pragma unroll
-    for (int k = 0; k < EF_WRITTEN_SLOTS; ++k) EfElem<S, R>::store(st[k] + i, s[k]);
+    for (int k = 0; k < EF_WRITTEN_SLOTS; ++k) ef_store<S, R>(st[k] + i, s[k], sr, streams[1 + k], i);
 }
 
 template <class Rule, class R, class P, class G, class S>
 __device__ __forceinline__ void ef_step_impl(const EfHyper& hyper, const EfTensor* tensors, int n_tensors,
                                              const float* grad_scale, const float* found_inf, double gsign,
-                                             ef_u32* counters, const double* sums) {
+                                             ef_u32* counters, const double* sums, ef_u64 rkey) {
     if (found_inf != nullptr && *found_inf != 0.0f) return;  // AMP overflow: skip the whole step
     __shared__ int t_sh;
     __shared__ typename Rule::template Coeffs<R> c_sh;
@@ -106,6 +106,11 @@ __device__ __forceinline__ void ef_step_impl(const EfHyper& hyper, const EfTenso
     const R factor = factor_sh;
     const R unscale = unscale_sh;
     const bool store_grad = EF_READS_INPUT && grad_scale != nullptr;
+    // Stochastic rounding of bf16 stores with the batch's key (0: round to nearest).
+    const bool sr = rkey != 0;
+    ef_u32 streams[1 + EF_MAX_SLOTS];
+#pragma unroll
+    for (int a = 0; a <= EF_MAX_SLOTS; ++a) streams[a] = sr && a <= EF_SLOTS ? ef_stream_key(rkey, (ef_u64)t_sh, (ef_u64)a) : 0u;
     ef_i64 start = ((ef_i64)blockIdx.x - T.first_block) * EF_CHUNK;
     ef_i64 end = T.numel < start + EF_CHUNK ? T.numel : start + EF_CHUNK;
     P* p = (P*)T.p;
@@ -137,16 +142,16 @@ __device__ __forceinline__ void ef_step_impl(const EfHyper& hyper, const EfTenso
                 if (store_grad) EfElem<G, R>::store(&gv.v[j], graw * unscale);
             }
             R pj = Rule::template update<R>(c, EfElem<P, R>::load(&pv.v[j]), gj, s);
-            EfElem<P, R>::store(&pv.v[j], pj);
+            ef_store<P, R>(&pv.v[j], pj, sr, streams[0], i + j);
 #pragma unroll
-            for (int k = 0; k < EF_SLOTS; ++k) EfElem<S, R>::store(&sv[k].v[j], s[k]);
+            for (int k = 0; k < EF_WRITTEN_SLOTS; ++k) ef_store<S, R>(&sv[k].v[j], s[k], sr, streams[1 + k], i + j);
         }
         *(EfVec<P>*)(p + i) = pv;
         if (store_grad) *(EfVec<G>*)(g + i) = gv;
 #pragma unroll
         for (int k = 0; k < EF_WRITTEN_SLOTS; ++k) *(EfVec<S>*)(st[k] + i) = sv[k];
     }
-    for (ef_i64 i = vec_end + threadIdx.x; i < end; i += blockDim.x) ef_update_one<Rule, R, P, G, S>(c, factor, unscale, store_grad, p, g, st, i);
+    for (ef_i64 i = vec_end + threadIdx.x; i < end; i += blockDim.x) ef_update_one<Rule, R, P, G, S>(c, factor, unscale, store_grad, p, g, st, sr, streams, i);
 }
 
 // Per-tensor sums (rules with SUMS > 0): a read-only pass before ef_step, accumulated in double.
@@ -186,9 +191,9 @@ __device__ __forceinline__ void ef_sums_impl(const EfHyper& hyper, const EfTenso
     extern "C" __global__ void __launch_bounds__(EF_THREADS)                                              \
         ef_step_##NAME(const EfHyper hyper, const EfTensor* tensors, int n_tensors,                \
                        const float* grad_scale, const float* found_inf, double gsign, ef_u32* counters,   \
-                       const double* sums) {                                                              \
+                       const double* sums, ef_u64 rkey) {                                                 \
         ef_step_impl<EF_RULE, R, P, G, S>(hyper, tensors, n_tensors, grad_scale, found_inf, gsign, counters, \
-                                       sums);                                                             \
+                                       sums, rkey);                                                       \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(EF_THREADS)                                              \
         ef_sums_##NAME(const EfHyper hyper, const EfTensor* tensors, int n_tensors,                \
@@ -205,3 +210,4 @@ EF_KERNELS(f16, float, ef_f16, ef_f16, ef_f16)
 EF_KERNELS(f16_f32, float, ef_f16, ef_f16, float)
 EF_KERNELS(f32_bf16in, float, float, ef_bf16, float)
 EF_KERNELS(f32_f16in, float, float, ef_f16, float)
+EF_KERNELS(f32_bf16, float, float, float, ef_bf16)

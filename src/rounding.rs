@@ -1,0 +1,131 @@
+//! Stochastic rounding of bf16 stores: a value between two bf16 neighbours is rounded up with
+//! probability equal to its distance from the lower one, so the stored value is unbiased and
+//! updates far smaller than a bf16 ulp still move a weight or a moment on average.
+//!
+//! The random bits are a counter-based hash, not a generator's sequence: element `i` of array `a`
+//! (the parameter, or state slot `k` as array `1 + k`) of tensor `t` of a batch gets
+//! `hash(i ^ stream(key, t, a))`. So the result depends only on the step's key and the element's
+//! position, never on how the work was split over threads or blocks, and the CUDA twin
+//! (`kernels/common.cuh`, `ef_stream_key`, `ef_random16`, `ef_bf16_stochastic`) rounds every element
+//! exactly as the CPU does.
+
+use crate::batch::Batch;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+/// Refuse stochastic rounding for a batch that stores fp16 (only bf16 stores round
+/// stochastically; fp32 and fp64 ones are exact in the compute type).
+pub fn check_batch(b: &Batch) -> Result<()> {
+    let fp16 = b.param_dtype == DType::F16 || (b.slots() > 0 && b.state_dtype == DType::F16);
+    if fp16 {
+        return Err(Error::DType(format!(
+            "param group {}: stochastic rounding writes bfloat16 tensors only, and this group stores float16 ({}); \
+             use bfloat16 parameters or float32 state, or rounding='nearest'",
+            b.group,
+            if b.param_dtype == DType::F16 { "parameters" } else { "state" }
+        )));
+    }
+    Ok(())
+}
+
+/// splitmix64's finaliser: a bijective mix of 64 bits.
+#[inline(always)]
+pub fn mix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The key of one batch of a step: the step's key (from Python) and the index in its group of
+/// the batch's first parameter, so that two batches of a call draw different bits.
+pub fn batch_key(step_key: u64, first_member: usize) -> u64 {
+    mix64(step_key ^ mix64(first_member as u64))
+}
+
+/// The 32-bit stream of array `array` (0: the parameter, 1 + k: state slot k) of tensor `tensor`
+/// of a batch.
+#[inline(always)]
+pub fn stream_key(batch_key: u64, tensor: usize, array: usize) -> u32 {
+    (mix64(batch_key ^ mix64(((tensor as u64) << 3) | array as u64)) >> 32) as u32
+}
+
+/// 16 random bits for element `index` of a stream (a bijective 32-bit hash, "lowbias32").
+#[inline(always)]
+pub fn random16(stream: u32, index: u32) -> u32 {
+    let mut x = index ^ stream;
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x >> 16
+}
+
+/// `x` rounded to bf16 stochastically with the 16 random bits `r16`: the 16 bits bf16 drops are
+/// added to `r16` and the carry decides. NaN stays a quiet NaN; infinities stay.
+#[inline(always)]
+pub fn bf16_stochastic(x: f32, r16: u32) -> u16 {
+    let u = x.to_bits();
+    if x.is_nan() {
+        ((u >> 16) | 0x40) as u16
+    } else if x.is_infinite() {
+        (u >> 16) as u16
+    } else {
+        (u.wrapping_add(r16) >> 16) as u16
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bf16_value(bits: u16) -> f64 {
+        f32::from_bits((bits as u32) << 16) as f64
+    }
+
+    /// The mean of many roundings of one value is the value (within 5 standard errors), for
+    /// values of both signs, at both ends of a bf16 interval and across binades.
+    #[test]
+    fn stochastic_rounding_is_unbiased() {
+        let n = 200_000u32;
+        for (j, &x) in [1.0f32 + 1e-3, -3.7e-5, 123.456, 1.0 + 2f32.powi(-7) * 0.999, -0.1].iter().enumerate() {
+            let stream = stream_key(0xfeed, j, 0);
+            let (lo, hi) = {
+                let down = x.to_bits() & 0xffff_0000;
+                (bf16_value((down >> 16) as u16), bf16_value(((down >> 16) + 1) as u16))
+            };
+            let mut sum = 0.0;
+            for i in 0..n {
+                let v = bf16_value(bf16_stochastic(x, random16(stream, i)));
+                assert!(v == lo || v == hi, "{x}: {v} is not a neighbour");
+                sum += v;
+            }
+            let mean = sum / n as f64;
+            let p = (x as f64 - lo) / (hi - lo);
+            let std_err = (hi - lo).abs() * (p * (1.0 - p) / n as f64).sqrt();
+            assert!((mean - x as f64).abs() <= 5.0 * std_err + 1e-12, "{x}: mean {mean}, std err {std_err}");
+        }
+    }
+
+    #[test]
+    fn representable_values_and_specials_are_kept() {
+        for bits in [0x3f80u16, 0xbf80, 0x0000, 0x8000, 0x7f80, 0xff80, 0x7f7f, 0x0001] {
+            let x = f32::from_bits((bits as u32) << 16);
+            for r in [0, 1, 0x7fff, 0xffff] {
+                assert_eq!(bf16_stochastic(x, r), bits);
+            }
+        }
+        assert!(f32::from_bits((bf16_stochastic(f32::NAN, 0xffff) as u32) << 16).is_nan());
+    }
+
+    #[test]
+    fn streams_differ_by_tensor_array_and_key() {
+        let keys = [stream_key(1, 0, 0), stream_key(1, 0, 1), stream_key(1, 1, 0), stream_key(2, 0, 0), stream_key(batch_key(1, 3), 0, 0)];
+        for a in 0..keys.len() {
+            for b in a + 1..keys.len() {
+                assert_ne!(keys[a], keys[b]);
+            }
+        }
+    }
+}

@@ -1,0 +1,44 @@
+"""Stochastic rounding to bfloat16, written from the description in ``src/rounding.rs``: element
+``i`` of array ``a`` (0: the parameter, 1 + k: state slot k) of tensor ``t`` of a batch adds 16
+random bits ``lowbias32(i ^ stream) >> 16`` to the float32 bit pattern and keeps its top 16 bits,
+where ``stream = mix64(batch_key ^ mix64(t << 3 | a)) >> 32`` and ``batch_key = mix64(step_key ^
+mix64(first member))``. Vectorised over elements with numpy integers."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+M64 = (1 << 64) - 1
+
+
+def mix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
+    return x ^ (x >> 31)
+
+
+def stream(step_key: int, first_member: int, tensor: int, array: int) -> int:
+    batch = mix64(step_key ^ mix64(first_member))
+    return mix64(batch ^ mix64((tensor << 3) | array)) >> 32
+
+
+def random16(stream_key: int, n: int) -> np.ndarray:
+    """The 16 random bits of elements 0..n-1 of a stream (uint32)."""
+    x = np.arange(n, dtype=np.uint64).astype(np.uint32) ^ np.uint32(stream_key)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint32(16)
+        x = (x.astype(np.uint64) * 0x7FEB352D & 0xFFFFFFFF).astype(np.uint32)
+        x ^= x >> np.uint32(15)
+        x = (x.astype(np.uint64) * 0x846CA68B & 0xFFFFFFFF).astype(np.uint32)
+        x ^= x >> np.uint32(16)
+    return x >> np.uint32(16)
+
+
+def to_bf16_stochastic(x: torch.Tensor, stream_key: int) -> torch.Tensor:
+    """float32 ``x`` (finite) rounded to bfloat16 with the stream's bits, element by element in
+    flattened order."""
+    bits = x.detach().contiguous().view(torch.int32).numpy().reshape(-1).view(np.uint32)
+    rounded = ((bits.astype(np.uint64) + random16(stream_key, bits.size)) >> 16).astype(np.uint16)
+    return torch.from_numpy(rounded.view(np.int16).copy()).view(torch.bfloat16).reshape(x.shape)
