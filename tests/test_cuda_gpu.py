@@ -293,3 +293,44 @@ def test_model_ema_on_cuda_equals_cpu():
             assert not torch.equal(p, q)  # the model holds the average now, the average the model
     for p, q in zip(gpu_model.parameters(), before):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "dtype, kw",
+    [
+        (torch.float32, dict(state_dtype=torch.bfloat16)),
+        (torch.bfloat16, dict(rounding="stochastic")),
+        (torch.bfloat16, dict(state_dtype=torch.float32, rounding="stochastic")),
+    ],
+    ids=["fp32-bf16-state", "bf16-stochastic", "bf16-fp32-state-stochastic"],
+)
+def test_lean_state_cuda_rounds_as_the_cpu(dtype, kw):
+    """Lean state on CUDA: the kernel's stochastic rounding draws the same bits as the CPU engine
+    (src/rounding.rs, common.cuh), so the bf16 stores agree; the fp32 math may differ by an ulp
+    (pow in the coefficients), which can move a rounding by one bf16 ulp, hence a one-ulp check."""
+    cpu = make_params(ODD, dtype=dtype, seed=4)
+    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    a, b = emafuse.AdamW(cpu, lr=1e-2, weight_decay=0.1, **kw), emafuse.AdamW(gpu, lr=1e-2, weight_decay=0.1, **kw)
+    steps(a, cpu, 5)
+    steps(b, gpu, 5)
+    for p, q in zip(cpu, gpu):
+        pairs = [(q, p)] + [(b.state[q][k], v) for k, v in a.state[p].items() if v.dim() > 0]
+        for got, want in pairs:
+            assert got.dtype == want.dtype
+            got = got.cpu()
+            if got.dtype == torch.bfloat16:
+                ulps = (got.view(torch.int16).int() - want.view(torch.int16).int()).abs()
+                assert ulps.max() <= 1 and (ulps == 0).float().mean() > 0.99
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_stochastic_rounding_is_refused_in_a_captured_graph():
+    params = cuda_params([(4097,)], dtype=torch.bfloat16)
+    opt = emafuse.AdamW(params, lr=1e-2, rounding="stochastic")
+    params[0].grad = torch.randn_like(params[0])
+    opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(emafuse.errors.UnsupportedOptionError, match="graph"):
+        with torch.cuda.graph(graph):
+            opt.step()

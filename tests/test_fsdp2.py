@@ -30,7 +30,10 @@ def _exact(name: str, kw: dict) -> bool:
     return not sums
 
 
-OPT_CONFIGS = [(e.name, kw, _exact(e.name, kw)) for e in ENTRIES for kw in e.configs]
+# ... and bf16 state (lean state, rounded to nearest: the stochastic streams follow local positions).
+OPT_CONFIGS = [(e.name, kw, _exact(e.name, kw)) for e in ENTRIES for kw in e.configs] + [
+    ("AdamW", dict(lr=1e-2, weight_decay=0.1, state_dtype=torch.bfloat16, rounding="nearest"), True)
+]
 MP_CONFIGS = [
     ("AdamW", dict(lr=1e-2, weight_decay=0.1), True),
     ("Lion", dict(lr=1e-3, caution=True, weight_decay=0.1), True),

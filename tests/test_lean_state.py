@@ -285,3 +285,79 @@ def test_unsupported_pairs_change_nothing(dtype, kw, match):
         opt.step()
     assert_unchanged(params, opt, snap)
     assert "rounding_step" not in opt.param_groups[0]
+
+
+# -- stochastic rounding of a bf16 model EMA -----------------------------------------------------
+
+
+def _bf16_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(33, 17), torch.nn.Tanh(), torch.nn.Linear(17, 5)).to(BF16)
+
+
+def test_model_ema_rounds_as_the_reference():
+    """A bf16 average with ``rounding="stochastic"``: each event's result is the fp32 average (an
+    fp32 twin from the same bf16 state) rounded with the event's stream, parameter by parameter."""
+    model = _bf16_model(0)
+    sr = emafuse.ModelEMA(model, 0.9, rounding="stochastic", rounding_seed=5)
+    for event in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        twin = copy.deepcopy(sr.module).float()  # the fp32 average of the same bf16 state
+        key = emafuse.optim._precision.step_key(5, sr.num_updates)
+        sr.update()
+        for i, (e, t, p) in enumerate(zip(sr.module.parameters(), twin.parameters(), model.parameters())):
+            fp32 = torch.lerp(t.detach(), p.detach().float(), torch.tensor(1 - sr.decay_at(event + 1, event)))
+            want = ref.to_bf16_stochastic(fp32, ref.stream(int(key), 0, i, 0))
+            assert torch.equal(e.detach().view(torch.int16), want.view(torch.int16)), (event, i)
+
+
+def test_model_ema_stochastic_rounding_absorbs_small_updates_and_resumes():
+    """With decay 0.999, a bf16 average of weights in [1, 1.5) (ulp 2^-7) and a model 0.01 away
+    never moves when rounded to nearest (each event moves it by 1e-5), but follows the fp32
+    average's mean (within 8 standard errors) when rounded stochastically; a resumed average
+    continues bit for bit."""
+    model = torch.nn.Linear(256, 256).to(BF16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(1 + 0.5 * torch.rand(p.shape, generator=torch.Generator().manual_seed(1)))
+    with pytest.warns(UserWarning, match="cannot absorb small updates"):
+        ema_near = emafuse.ModelEMA(model, 0.999)
+    ema_sr = emafuse.ModelEMA(model, 0.999, rounding="stochastic")
+    ema_fp32 = emafuse.ModelEMA(model, 0.999, ema_dtype=torch.float32)
+    for e in (ema_near, ema_sr, ema_fp32):
+        e.update()  # the first event copies the model
+    start = [p.detach().clone() for p in ema_near.module.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    for _ in range(20):
+        for e in (ema_near, ema_sr, ema_fp32):
+            e.update()
+    assert all(torch.equal(p, s) for p, s in zip(ema_near.module.parameters(), start))
+    sr_mean = torch.cat([p.detach().double().flatten() for p in ema_sr.module.parameters()]).mean()
+    fp32_mean = torch.cat([p.detach().double().flatten() for p in ema_fp32.module.parameters()]).mean()
+    start_mean = torch.cat([p.double().flatten() for p in start]).mean()
+    assert abs(sr_mean - fp32_mean) < 0.2 * abs(fp32_mean - start_mean)
+    saved = copy.deepcopy(ema_sr.state_dict())
+    resumed = emafuse.ModelEMA(copy.deepcopy(model), 0.999, rounding="stochastic")
+    resumed.load_state_dict(saved)
+    for e in (ema_sr, resumed):
+        for _ in range(3):
+            e.update(model)
+    assert all(torch.equal(a, b) for a, b in zip(ema_sr.module.parameters(), resumed.module.parameters()))
+
+
+def test_model_ema_refuses_stochastic_fp16_and_bad_options():
+    with pytest.raises(ValueError, match="rounding must be"):
+        emafuse.ModelEMA(_bf16_model(2), 0.9, rounding="up")
+    with pytest.raises(ValueError, match="rounding_seed"):
+        emafuse.ModelEMA(_bf16_model(2), 0.9, rounding="stochastic", rounding_seed=-3)
+    model = _bf16_model(2).half()
+    with pytest.warns(UserWarning, match="cannot absorb"):
+        ema = emafuse.ModelEMA(model, 0.9, rounding="stochastic")
+    before = [p.detach().clone() for p in ema.module.parameters()]
+    with pytest.raises(emafuse.errors.DTypeError, match="bfloat16 tensors only"):
+        ema.update()
+    assert all(torch.equal(p, b) for p, b in zip(ema.module.parameters(), before)) and ema.num_updates == 0

@@ -19,8 +19,9 @@ def mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def stream(step_key: int, first_member: int, tensor: int, array: int) -> int:
-    batch = mix64(step_key ^ mix64(first_member))
+def stream(step_key: float | int, first_member: int, tensor: int, array: int) -> int:
+    """``step_key``: the engine's ``rounding_key`` (an integer, possibly as a float)."""
+    batch = mix64(int(step_key) ^ mix64(first_member))
     return mix64(batch ^ mix64((tensor << 3) | array)) >> 32
 
 

@@ -18,6 +18,7 @@ from .. import _compile
 from .._guard import deferred_interrupts, uninterrupted
 from ..errors import InvalidArgumentError
 from ..optim._fusion import FusedRequest
+from ..optim._precision import check_group, step_key
 from ._averager import Alias, Averager, load_module_state, saved, saved_count
 from ._engine import CachedStep, engine_input, group, input_dtype, native_step, real_view
 from ._offload import HostMirror
@@ -103,8 +104,16 @@ class ModelEMA(Averager):
 
     ``preset=`` one of :data:`~emafuse.averaging.presets.PRESETS` (``"timm_v3"``,
     ``"ema_pytorch"``, ``"torch_swa"``, ``"torch_ema"``, ``"lightning"``, ``"nemo"``, ``"keras"``,
-    ``"teacher"``) sets the reference's defaults; explicit keywords override them. Not
-    implemented: timm's stochastic rounding of bf16 averages (use ``ema_dtype=float32``).
+    ``"teacher"``) sets the reference's defaults; explicit keywords override them.
+
+    ``rounding="stochastic"`` (spec §1.3, timm ``ModelEmaV3(stochastic_rounding=True)``'s scheme:
+    the fp32 result's bit pattern plus 16 random bits, truncated) rounds every bf16 average
+    unbiasedly, so a bf16 average absorbs updates far below its ulp (2 bytes per parameter
+    instead of ``ema_dtype=torch.float32``'s 4). The bits are a hash of ``rounding_seed`` (default
+    0, the same on every rank), the count of earlier update events (``num_updates``, saved in
+    ``state_dict``) and each element's position, so a resumed average continues bit for bit
+    (timm's generator state is not saved; its bits differ from emafuse's). fp16 averages cannot
+    round stochastically (``DTypeError`` at the update).
 
     Open questions decided (spec Q): integer buffers are copied by default (timm V3); hyper-
     parameters stored in a checkpoint that differ on load give a warning, not an error; the
@@ -141,6 +150,8 @@ class ModelEMA(Averager):
         exclude_prefix: Sequence[str] = (),
         copy_names: Sequence[str] = (),
         ema_dtype: torch.dtype | None = None,
+        rounding: str = "nearest",
+        rounding_seed: int = 0,
         device: str | torch.device | None = None,
         async_update: bool | None = None,
     ) -> None:
@@ -155,7 +166,11 @@ class ModelEMA(Averager):
             start_step=int(start_step), min_decay=float(min_decay), gamma=gamma, sigma_rel=sigma_rel,
             total_steps=total_steps, batch_scale=float(batch_scale), interval_compensation=bool(interval_compensation),
             exclude=tuple(exclude), exclude_prefix=tuple(exclude_prefix), copy_names=tuple(copy_names),
+            rounding=rounding, rounding_seed=rounding_seed,
         )
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"{type(self).__name__}: rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+        check_group(type(self).__name__, {"rounding_seed": rounding_seed})
         self._schedule = EMASchedule(
             schedule=cfg["schedule"], decay=cfg["decay"], update_every=cfg["update_every"],
             update_after_step=cfg["update_after_step"], start_step=cfg["start_step"], first_update=cfg["first_update"],
@@ -182,10 +197,11 @@ class ModelEMA(Averager):
         if async_update is None:
             async_update = self.offloaded and model_device is not None and model_device.type == "cuda"
         self.async_update = bool(async_update)
-        if ema_dtype is None and any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
+        unabsorbing = (torch.float16,) if rounding == "stochastic" else (torch.bfloat16, torch.float16)
+        if ema_dtype is None and any(p.dtype in unabsorbing for p in model.parameters()):
             warnings.warn(
                 "ModelEMA of a bf16/fp16 model keeps a bf16/fp16 average, which cannot absorb small updates; "
-                "pass ema_dtype=torch.float32 for an fp32 average",
+                "pass ema_dtype=torch.float32 for an fp32 average (or rounding='stochastic' for a bf16 one)",
                 stacklevel=2,
             )
 
@@ -269,7 +285,11 @@ class ModelEMA(Averager):
 
     def _hyper(self, weight: float) -> dict[str, Any]:
         f = self._cfg["formula"]
-        return {"weight": weight, "muladd": f == "muladd", "sub": f == "sub"}
+        hyper: dict[str, Any] = {"weight": weight, "muladd": f == "muladd", "sub": f == "sub"}
+        if self._cfg["rounding"] == "stochastic":
+            # this event's random bits: from the seed and the count of earlier events (saved)
+            hyper["rounding_key"] = step_key(int(self._cfg["rounding_seed"]), self.num_updates)
+        return hyper
 
     def _apply(self, thetas: list[Tensor], d: float, done: AbstractSet[int] = frozenset()) -> None:
         """One event with decay ``d`` from the model's tensors ``thetas``; ``done``: ids of the

@@ -632,7 +632,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"{type(self).__name__}: stochastic rounding draws new random bits every step, which a captured CUDA graph "
                     "would replay unchanged; use rounding='nearest' (or float32 state) for steps captured in a graph"
                 )
-            hyper["rounding_key"] = float(key)
+            hyper["rounding_key"] = key
         if group.get("orthograd", False):
             hyper["orthograd"] = True
             hyper["orthograd_rescale"] = bool(group.get("orthograd_rescale", True))

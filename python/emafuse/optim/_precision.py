@@ -87,14 +87,19 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def rounding_key(group: dict[str, Any], group_index: int) -> int | None:
+def step_key(seed: int, step: int, index: int = 0) -> float:
+    """The engine's ``rounding_key`` for step ``step`` of stream ``index`` (e.g. a param group)
+    from ``seed``: 53 bits (a float64 carries them exactly), never 0."""
+    key = _mix64(_mix64(seed) ^ _mix64((step << 16) ^ index)) >> 11
+    return float(key or 1)
+
+
+def rounding_key(group: dict[str, Any], group_index: int) -> float | None:
     """This step's key for the engine's stochastic rounding of ``group`` (None: round to
-    nearest): 53 bits (a float64 carries them exactly), never 0."""
+    nearest)."""
     if effective_rounding(group) != "stochastic":
         return None
-    seed, step = int(group.get("rounding_seed", 0)), int(group.get("rounding_step", 0))
-    key = _mix64(_mix64(seed) ^ _mix64((step << 16) ^ group_index)) >> 11
-    return key or 1
+    return step_key(int(group.get("rounding_seed", 0)), int(group.get("rounding_step", 0)), group_index)
 
 
 def advance(groups: list[dict[str, Any]]) -> None:
