@@ -230,8 +230,8 @@ def _train(seed: int, dtype: torch.dtype, **options) -> float:
 
 # (parameter dtype, options, tolerance on the final loss relative to fp32 training)
 TRAINING = {
-    "bf16 state": (torch.float32, {"state_dtype": BF16}, 0.05),
-    "bf16 weights and state, stochastic": (BF16, {"rounding": "stochastic"}, 0.10),
+    "bf16 state": (torch.float32, {"state_dtype": BF16}, 0.01),  # measured: within 0.1%
+    "bf16 weights and state, stochastic": (BF16, {"rounding": "stochastic"}, 0.03),  # measured: within 1.1%
 }
 
 
