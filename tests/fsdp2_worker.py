@@ -83,12 +83,14 @@ def optimizers_on_dtensors(checks, mesh, configs) -> None:
             ref = [nn.Parameter(t.clone()) for t in full]
             sharded = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full]
             opt_ref, opt = make(name, ref, kw), make(name, sharded, kw)
+            plans = []
             for step in range(3):
                 for p, q, g in zip(ref, sharded, synthetic_grads(step, SHAPES)):
                     p.grad = g.clone()
                     q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
                 opt_ref.step()
                 _, issued = collectives(opt.step)
+                plans.append(opt.__dict__.get("_step_plan"))
                 reduces = int(reads_tensor_sums(opt, step)) + int(float(kw.get("max_grad_norm", 0.0)) > 0.0)
                 assert issued == ({"c10d.allreduce_": reduces} if reduces else {}), f"step {step} issued {issued}"
                 for i, (p, q) in enumerate(zip(ref, sharded)):
@@ -102,6 +104,48 @@ def optimizers_on_dtensors(checks, mesh, configs) -> None:
                         else:
                             assert isinstance(w, DTensor) and w.placements == q.placements, key
                             assert_same(w._local_tensor, part(q, v), exact, f"step {step}, param {i}, state {key}")
+            # The step plan over the local shards is kept between steps (SGD's first step, which
+            # flags fresh momentum buffers, runs a one-step plan).
+            assert plans[1] is not None and plans[2] is plans[1], plans
+
+
+def cached_plan_notices_changes(checks, mesh) -> None:
+    """The kept DTensor step plan is rebuilt when a state tensor is replaced (the new one is
+    updated, as on whole tensors), and a gradient placed unlike its parameter is refused with
+    nothing written."""
+    with checks.check("cached DTensor plan notices changes"):
+        full = [seeded(i, s) for i, s in enumerate(SHAPES)]
+        ref = [nn.Parameter(t.clone()) for t in full]
+        sharded = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full]
+        opt_ref, opt = emafuse.AdamW(ref, lr=1e-2), emafuse.AdamW(sharded, lr=1e-2)
+
+        def step(t):
+            for p, q, g in zip(ref, sharded, synthetic_grads(t, SHAPES)):
+                p.grad = g.clone()
+                q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+            opt_ref.step()
+            opt.step()
+
+        step(0)
+        step(1)
+        kept = opt._step_plan
+        opt.state[sharded[0]]["exp_avg"] = opt.state[sharded[0]]["exp_avg"].clone()
+        opt_ref.state[ref[0]]["exp_avg"] = opt_ref.state[ref[0]]["exp_avg"].clone()
+        step(2)
+        assert opt._step_plan is not kept
+        for p, q in zip(ref, sharded):
+            assert_same(q._local_tensor, part(q, p.detach()), True, "after the state was replaced")
+            assert_same(opt.state[q]["exp_avg"]._local_tensor, part(q, opt_ref.state[p]["exp_avg"]), True, "the new state")
+        step(3)
+        before = [q._local_tensor.clone() for q in sharded]
+        sharded[1].grad = distribute_tensor(synthetic_grads(4, SHAPES)[1], mesh, [Replicate()])
+        try:
+            opt.step()
+        except emafuse.errors.InvalidArgumentError as e:
+            assert "placed" in str(e), e
+        else:
+            raise AssertionError("a gradient placed unlike its parameter was accepted")
+        assert all(torch.equal(q._local_tensor, b) for q, b in zip(sharded, before))
 
 
 def loss_taking_on_dtensors(checks, mesh) -> None:
@@ -651,6 +695,7 @@ def lightning_sharded(checks, rank: int, world_size: int, root: str) -> None:
 def main(rank: int, world_size: int, checks, opt_configs, mp_configs, ckpt_configs, root: str) -> None:
     mesh = init_device_mesh("cpu", (world_size,))
     optimizers_on_dtensors(checks, mesh, opt_configs)
+    cached_plan_notices_changes(checks, mesh)
     loss_taking_on_dtensors(checks, mesh)
     fsdp2_mixed_precision(checks, rank, mp_configs)
     unsupported_dtensors(checks, mesh)

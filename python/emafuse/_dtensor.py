@@ -101,7 +101,7 @@ def check(t: Tensor, who: str, what: str) -> None:
         _SUPPORTED[key] = mesh
 
 
-def _check_partner(p: Tensor, x: Any, who: str, what: str) -> Tensor:
+def check_partner(p: Tensor, x: Any, who: str, what: str) -> Tensor:
     """``x`` (a gradient or state tensor of DTensor parameter ``p``) as its local shard; it must be
     a DTensor placed like ``p``."""
     if not is_dtensor(x):
@@ -160,12 +160,12 @@ def local_call(
             gs.append(g)
         else:
             check(p, who, "a parameter")
-            gs.append(_check_partner(p, g, who, "the gradient"))
+            gs.append(check_partner(p, g, who, "the gradient"))
             ps.append(p._local_tensor)  # type: ignore[attr-defined]
             if st is not None:
                 st = dict(st)
                 for k in slots:
-                    st[k] = _check_partner(p, st[k], who, f"state '{k}'")  # type: ignore[index]
+                    st[k] = check_partner(p, st[k], who, f"state '{k}'")  # type: ignore[index]
         if sts is not None:
             sts.append(st)  # type: ignore[arg-type]
     return ps, gs, sts

@@ -62,7 +62,9 @@ class Group:
 class StepPlan:
     """Every group of a step, validated once and kept between steps (see ``src/py/plan.rs``)."""
 
-    def __new__(cls, who: str, rule: str, groups: list[Group], watch: list[list[Tensor]] | None = None) -> StepPlan: ...
+    def __new__(
+        cls, who: str, rule: str, groups: list[Group], watch: list[list[Tensor]] | None = None, grads_given: bool = False
+    ) -> StepPlan: ...
     def run(
         self,
         hypers: list[_Hyper] | None = None,
@@ -70,6 +72,7 @@ class StepPlan:
         found_inf: _AmpTensor = None,
         streams: Sequence[int] | None = None,
         sums: list[Tensor] | None = None,
+        grads: list[Tensor] | None = None,
     ) -> bool | None: ...
     def sums(
         self,
@@ -78,6 +81,7 @@ class StepPlan:
         grad_scale: _AmpTensor = None,
         found_inf: _AmpTensor = None,
         streams: Sequence[int] | None = None,
+        grads: list[Tensor] | None = None,
     ) -> bool | None:
         """The rule's per-tensor sums into ``out`` (one zeroed float64 ``[n, MAX_SUMS]`` tensor per
         group); nothing is updated."""

@@ -184,6 +184,8 @@ pub struct StepPlan {
     hypers: Vec<Hyper>,
     /// Parameter lists whose `.grad`s are the inputs (optimizers); empty for fixed inputs.
     watched: Vec<Watched>,
+    /// Whether every run is given the gradients (see [`StepPlan::build`]).
+    grads_given: bool,
     /// Gradients read per run, and their roles for messages.
     grad_roles: Roles,
     /// The roles of the kept tensors, for messages.
@@ -225,8 +227,17 @@ fn names<'py>(t: &Bound<'py, PyTuple>, what: &str) -> Result<Vec<Bound<'py, PySt
 
 impl StepPlan {
     /// Read and validate every tensor of `groups`. With `watch` (the parameter groups' `params`
-    /// lists), the inputs are the parameters' gradients, re-read by every run.
-    pub(super) fn build(py: Python<'_>, who: &str, rule: &str, groups: &Bound<'_, PyList>, watch: Option<&Bound<'_, PyList>>) -> Result<StepPlan> {
+    /// lists), the inputs are the parameters' gradients, re-read by every run; with
+    /// `grads_given`, every run is given them (`run(grads=...)`, e.g. the local shards of DTensor
+    /// gradients, which no parameter list holds); else they are fixed.
+    pub(super) fn build(
+        py: Python<'_>,
+        who: &str,
+        rule: &str,
+        groups: &Bound<'_, PyList>,
+        watch: Option<&Bound<'_, PyList>>,
+        grads_given: bool,
+    ) -> Result<StepPlan> {
         let mut kept = Gathered::default();
         let mut grads = Gathered::default();
         let mut calls = Vec::with_capacity(groups.len());
@@ -238,13 +249,13 @@ impl StepPlan {
             let params = g.params.bind(py);
             let (base, n) = (kept.objs.len(), params.len());
             kept.push_list(params, ci, What::Param);
-            let inputs = match (&g.inputs, watch) {
+            let inputs = match (&g.inputs, watch.is_some() || grads_given) {
                 (None, _) => Inputs::None,
-                (Some(inputs), None) => {
+                (Some(inputs), false) => {
                     kept.push_list(inputs.bind(py), ci, What::Input);
                     Inputs::Fixed
                 }
-                (Some(inputs), Some(_)) => {
+                (Some(inputs), true) => {
                     let first = grads.objs.len();
                     grads.push_list(inputs.bind(py), ci, What::Input);
                     Inputs::Grads(first)
@@ -296,6 +307,7 @@ impl StepPlan {
             calls,
             hypers,
             watched,
+            grads_given,
             grad_roles: grads.roles,
             kept_roles: kept.roles,
             written,
@@ -448,6 +460,7 @@ impl StepPlan {
         found_inf: Option<&Bound<'_, PyAny>>,
         streams: Option<&Bound<'_, PyAny>>,
         sums: SumsArg<'_, '_>,
+        given_grads: Option<&Bound<'_, PyList>>,
     ) -> Result<Option<bool>> {
         let given = match hypers {
             None => None,
@@ -460,8 +473,20 @@ impl StepPlan {
             return Ok(None);
         }
         let mut keep_grads = Vec::new();
-        if !self.watched.is_empty() {
-            let Some(grads) = self.current_grads(py)? else { return Ok(None) };
+        let per_run = match (given_grads, self.grads_given) {
+            (Some(list), true) if list.len() == self.grad_roles.roles.len() => Some(list.iter().collect()),
+            (Some(list), true) => {
+                return Err(Error::Value(format!("{}: {} gradients given for {} planned", self.who, list.len(), self.grad_roles.roles.len())))
+            }
+            (Some(_), false) => return Err(Error::Value(format!("{}: gradients given to a plan that reads its own", self.who))),
+            (None, true) => return Err(Error::Value(format!("{}: this plan is given its gradients at every run", self.who))),
+            (None, false) if !self.watched.is_empty() => match self.current_grads(py)? {
+                Some(grads) => Some(grads),
+                None => return Ok(None),
+            },
+            (None, false) => None,
+        };
+        if let Some(grads) = per_run {
             let roles = &self.grad_roles;
             let infos = infos(&grads, &|i| roles.describe(i))?;
             if !self.set_grads(&infos)? {
@@ -498,11 +523,11 @@ impl StepPlan {
 #[pymethods]
 impl StepPlan {
     /// Validate `groups` (a list of [`Group`]) for the rule `rule`; `who` names the caller in
-    /// messages. `watch`: see [`StepPlan::build`].
+    /// messages. `watch`, `grads_given`: see [`StepPlan::build`].
     #[new]
-    #[pyo3(signature = (who, rule, groups, watch=None))]
-    fn py_new(py: Python<'_>, who: &str, rule: &str, groups: &Bound<'_, PyList>, watch: Option<&Bound<'_, PyList>>) -> PyResult<StepPlan> {
-        guarded(|| StepPlan::build(py, who, rule, groups, watch)).map_err(|e| to_py(py, e))
+    #[pyo3(signature = (who, rule, groups, watch=None, grads_given=false))]
+    fn py_new(py: Python<'_>, who: &str, rule: &str, groups: &Bound<'_, PyList>, watch: Option<&Bound<'_, PyList>>, grads_given: bool) -> PyResult<StepPlan> {
+        guarded(|| StepPlan::build(py, who, rule, groups, watch, grads_given)).map_err(|e| to_py(py, e))
     }
 
     /// Run one update. `hypers`: one dict per group (None: the groups' own). AMP: `grad_scale`
@@ -515,8 +540,10 @@ impl StepPlan {
     ///
     /// `sums`: per-tensor sums to use instead of the rule's own pass (rules that reduce over each
     /// tensor, e.g. when the tensors are shards and the sums were added across them), as
-    /// [`StepPlan::sums`] writes them.
-    #[pyo3(name = "run", signature = (hypers=None, grad_scale=None, found_inf=None, streams=None, sums=None))]
+    /// [`StepPlan::sums`] writes them. `grads`: this run's gradients, in the order of the
+    /// groups' inputs (only and always for a plan built with `grads_given`).
+    #[pyo3(name = "run", signature = (hypers=None, grad_scale=None, found_inf=None, streams=None, sums=None, grads=None))]
+    #[allow(clippy::too_many_arguments)]
     fn py_run(
         &mut self,
         py: Python<'_>,
@@ -525,16 +552,18 @@ impl StepPlan {
         found_inf: Option<&Bound<'_, PyAny>>,
         streams: Option<&Bound<'_, PyAny>>,
         sums: Option<&Bound<'_, PyList>>,
+        grads: Option<&Bound<'_, PyList>>,
     ) -> PyResult<Option<bool>> {
         let sums = sums.map_or(SumsArg::Own, SumsArg::Read);
-        guarded(|| self.run(py, hypers, grad_scale, found_inf, streams, sums)).map_err(|e| to_py(py, e))
+        guarded(|| self.run(py, hypers, grad_scale, found_inf, streams, sums, grads)).map_err(|e| to_py(py, e))
     }
 
     /// The rule's per-tensor sums (read only, nothing updated) into `out`: one zeroed,
     /// contiguous float64 tensor of shape `[n, MAX_SUMS]` per group, on its parameters' device,
     /// row `i` for parameter `i` (columns past the rule's sums stay zero). Queued on `streams` for
     /// CUDA tensors. Other arguments and the return value as for `run`.
-    #[pyo3(name = "sums", signature = (out, hypers=None, grad_scale=None, found_inf=None, streams=None))]
+    #[pyo3(name = "sums", signature = (out, hypers=None, grad_scale=None, found_inf=None, streams=None, grads=None))]
+    #[allow(clippy::too_many_arguments)]
     fn py_sums(
         &mut self,
         py: Python<'_>,
@@ -543,8 +572,9 @@ impl StepPlan {
         grad_scale: Option<&Bound<'_, PyAny>>,
         found_inf: Option<&Bound<'_, PyAny>>,
         streams: Option<&Bound<'_, PyAny>>,
+        grads: Option<&Bound<'_, PyList>>,
     ) -> PyResult<Option<bool>> {
-        guarded(|| self.run(py, hypers, grad_scale, found_inf, streams, SumsArg::Write(out))).map_err(|e| to_py(py, e))
+        guarded(|| self.run(py, hypers, grad_scale, found_inf, streams, SumsArg::Write(out), grads)).map_err(|e| to_py(py, e))
     }
 
     /// The parameters (written tensors) of every group, in order.
@@ -566,8 +596,8 @@ pub fn step(
     streams: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<bool> {
     let run = || -> Result<bool> {
-        let mut plan = StepPlan::build(py, who, rule, groups, None)?;
-        Ok(plan.run(py, None, grad_scale, found_inf, streams, SumsArg::Own)?.expect("a fresh plan is current"))
+        let mut plan = StepPlan::build(py, who, rule, groups, None, false)?;
+        Ok(plan.run(py, None, grad_scale, found_inf, streams, SumsArg::Own, None)?.expect("a fresh plan is current"))
     };
     guarded(run).map_err(|e| to_py(py, e))
 }

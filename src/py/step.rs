@@ -65,7 +65,7 @@ impl Error {
 #[pyfunction]
 #[pyo3(signature = (who, rule, groups, wait_for=None))]
 pub fn step_async(py: Python<'_>, who: &str, rule: &str, groups: &Bound<'_, PyList>, wait_for: Option<Py<PyAny>>) -> PyResult<PendingStep> {
-    let job = guarded(|| StepPlan::build(py, who, rule, groups, None)?.into_background()).map_err(|e| to_py(py, e))?;
+    let job = guarded(|| StepPlan::build(py, who, rule, groups, None, false)?.into_background()).map_err(|e| to_py(py, e))?;
     let name = who.to_string();
     let thread_name = name.clone();
     let handle = std::thread::Builder::new()

@@ -697,8 +697,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         who = type(self).__name__
         sharded = None
         if _dtensor.any_dtensor(p for c in calls for p in c.params):
-            sharded = _local_calls(who, self._rule, calls, hypers)
-            calls = sharded[0]
+            calls, originals, rows = _local_calls(who, self._rule, calls, hypers)
+            sharded = (originals, rows)
         reduce = self._global_hypers if self._reads_global_sums else None
         return _StepPlan(who, self._rule, calls, [g["params"] for g in self.param_groups], created, self.state, slots, sparse, sharded, reduce)
 
@@ -908,7 +908,7 @@ class _StepPlan:
         state: _StateDict,
         slots: list[tuple[str, ...]],
         sparse: list[Tensor],
-        sharded: tuple[list[_Call], list[Tensor], _dtensor.ShardRows] | None = None,
+        sharded: tuple[list[list[Tensor]], _dtensor.ShardRows] | None = None,
         reduce: Callable[[list[_Call], list[Tensor], list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
     ) -> None:
         self.who = who
@@ -929,31 +929,68 @@ class _StepPlan:
         self._native: _native.StepPlan | None = None
         self._reduce = reduce
         # DTensor (FSDP2) parameters: the calls hold their local shards, and the per-tensor sums
-        # of the sharded ones are added across their mesh (`run_native`); such a plan is built at
-        # every step.
+        # of the sharded ones are added across their mesh (`run_native`). No parameter holds the
+        # local shards of the gradients, so every run is given them (`_shard_grads`), and checks
+        # what the native plan cannot see: the groups' parameter lists, the DTensors' local shards
+        # and state tensors.
         self._shard_rows: _dtensor.ShardRows = {}
+        self._originals: list[list[Tensor]] | None = None
         if sharded is not None:
-            _, originals, self._shard_rows = sharded
-            self.params.extend(originals)
-            self.cacheable = False
+            self._originals, self._shard_rows = sharded
+            self.params.extend(p for ps in self._originals for p in ps if _dtensor.is_dtensor(p))
+            self._lists = [(ps, tuple(ps)) for ps in watch]
+            self._planned = {id(p) for ps in self._originals for p in ps}
             self._watch = None
 
-    def run_native(self, native: _native.StepPlan, hypers: list[dict[str, Any]] | None, amp: tuple) -> bool | None:
+    def run_native(
+        self, native: _native.StepPlan, hypers: list[dict[str, Any]] | None, amp: tuple, grads: list[Tensor] | None = None
+    ) -> bool | None:
         """One run of ``native`` (this plan's calls, or staged copies of them; ``hypers``: one per
-        call, None for those it was built with). Where calls hold shards of tensors whose rule
-        reads sums over each whole tensor, the sums are computed on the shards first, added
-        across the mesh, then the update reads them. A rule that reads sums over every tensor
-        (``reduce``) gets its update's hyper-parameters from them in between."""
+        call, None for those it was built with; ``grads``: the gradients of a plan that is given
+        them). Where calls hold shards of tensors whose rule reads sums over each whole tensor,
+        the sums are computed on the shards first, added across the mesh, then the update reads
+        them. A rule that reads sums over every tensor (``reduce``) gets its update's
+        hyper-parameters from them in between."""
+        given = {} if grads is None else {"grads": grads}
         if not self._shard_rows and self._reduce is None:
-            return native.run(hypers, *amp)
+            return native.run(hypers, *amp, **given)
         sums = [torch.zeros((len(c.params), _native.MAX_SUMS), dtype=torch.float64, device=c.params[0].device) for c in self.calls]
-        if native.sums(sums, hypers, *amp) is None:
+        if native.sums(sums, hypers, *amp, **given) is None:
             return None
         _dtensor.add_shard_sums(sums, self._shard_rows)
         if self._reduce is not None:
             built_with = [c.hyper(self.hypers[c.group_index]) for c in self.calls]
             hypers = self._reduce(self.calls, sums, hypers if hypers is not None else built_with)
-        return native.run(hypers, *amp, sums=sums)
+        return native.run(hypers, *amp, sums=sums, **given)
+
+    def _shard_grads(self) -> list[Tensor] | None:
+        """This run's gradients for a plan over DTensor shards, in the calls' order (local shards
+        of DTensor gradients, checked to be placed like their parameter); None when the groups'
+        parameters, which of them have a gradient, a DTensor's local shard or one of its state
+        tensors changed since the plan was built."""
+        assert self._originals is not None
+        for ps, built in self._lists:
+            if len(ps) != len(built) or any(a is not b for a, b in zip(ps, built)):
+                return None
+            if any((p.grad is not None) != (id(p) in self._planned) for p in ps):
+                return None
+        grads: list[Tensor] = []
+        state = self._state
+        for call, originals in zip(self.calls, self._originals):
+            for i, p in enumerate(originals):
+                g = p.grad
+                if _dtensor.is_dtensor(p):
+                    if p._local_tensor is not call.params[i]:  # type: ignore[attr-defined]
+                        return None
+                    if call.states is not None:
+                        st, local = state.get(p, {}), call.states[i]
+                        if any(getattr(st.get(k), "_local_tensor", None) is not local[k] for k in call.slots) or any(
+                            st.get(k) is not local[k] for k in call.scalars
+                        ):
+                            return None
+                    g = _dtensor.check_partner(p, g, self.who, "the gradient")
+                grads.append(g)
+        return grads
 
     def describes(self, state: Any, slots: list[tuple[str, ...]]) -> bool:
         return state is self._state and state.version == self._version and slots == self.slots
@@ -965,10 +1002,18 @@ class _StepPlan:
         call_hypers = [c.hyper(hypers[c.group_index]) for c in self.calls]
         if not self.calls:
             return True
+        grads = None
         if self._native is None:
             groups = [c.group(h) for c, h in zip(self.calls, call_hypers)]
-            self._native = _native.StepPlan(self.who, self._rule, groups, self._watch)
-        return self.run_native(self._native, call_hypers, amp)
+            sharded = self._originals is not None
+            self._native = _native.StepPlan(self.who, self._rule, groups, self._watch, grads_given=sharded)
+            if sharded:
+                grads = [g for c in self.calls for g in c.grads]
+        elif self._originals is not None:
+            grads = self._shard_grads()
+            if grads is None:
+                return None
+        return self.run_native(self._native, call_hypers, amp, grads)
 
     def commit(self, state: _StateDict) -> None:
         """After the first run: store the lazily created state, and forget the gradients
@@ -984,17 +1029,17 @@ class _StepPlan:
 
 def _local_calls(
     who: str, rule: str, calls: list[_Call], hypers: list[dict[str, Any]]
-) -> tuple[list[_Call], list[Tensor], _dtensor.ShardRows]:
-    """``calls`` with DTensor (FSDP2) parameters replaced by their local shards, the original
-    parameters, and where the per-tensor sums of sharded ones lie in calls whose rule (with the
-    call's flags) reads such sums."""
+) -> tuple[list[_Call], list[list[Tensor]], _dtensor.ShardRows]:
+    """``calls`` with DTensor (FSDP2) parameters replaced by their local shards, each call's
+    original parameters, and where the per-tensor sums of sharded ones lie in calls whose rule
+    (with the call's flags) reads such sums."""
     out: list[_Call] = []
-    originals: list[Tensor] = []
+    originals: list[list[Tensor]] = []
     summed: list[list[Tensor]] = []
     for c in calls:
         local = _Call(c.group_index, c.extra, c.slots, c.scalars, c.states is not None)
         local.params, local.grads, local.states = _dtensor.local_call(c.params, c.grads, c.states, c.slots, who)
-        originals.extend(p for p in c.params if _dtensor.is_dtensor(p))
+        originals.append(list(c.params))
         summed.append(c.params if _native.rule_sums(rule, c.hyper(hypers[c.group_index])) else [])
         out.append(local)
     return out, originals, _dtensor.shard_rows(summed)
