@@ -451,14 +451,13 @@ impl StepPlan {
     }
 
     /// One update (or with `SumsArg::Write`, only the per-tensor sums); None (nothing written)
-    /// when the plan no longer describes the tensors.
+    /// when the plan no longer describes the tensors. `given_grads`: this run's gradients, for a
+    /// plan built with `grads_given` (and only then).
     fn run(
         &mut self,
         py: Python<'_>,
         hypers: Option<&Bound<'_, PyList>>,
-        grad_scale: Option<&Bound<'_, PyAny>>,
-        found_inf: Option<&Bound<'_, PyAny>>,
-        streams: Option<&Bound<'_, PyAny>>,
+        amp: AmpArgs<'_, '_>,
         sums: SumsArg<'_, '_>,
         given_grads: Option<&Bound<'_, PyList>>,
     ) -> Result<Option<bool>> {
@@ -499,7 +498,7 @@ impl StepPlan {
             }
             keep_grads = grads;
         }
-        let env = RunEnv::resolve(&self.who, self.calls.iter().flat_map(|c| c.batches.iter().map(|b| b.device)), grad_scale, found_inf, streams)?;
+        let env = RunEnv::resolve(&self.who, self.calls.iter().flat_map(|c| c.batches.iter().map(|b| b.device)), amp.grad_scale, amp.found_inf, amp.streams)?;
         let mut keep_sums = Vec::new();
         let io = match sums {
             SumsArg::Own => SumsIo::Own,
@@ -555,7 +554,7 @@ impl StepPlan {
         grads: Option<&Bound<'_, PyList>>,
     ) -> PyResult<Option<bool>> {
         let sums = sums.map_or(SumsArg::Own, SumsArg::Read);
-        guarded(|| self.run(py, hypers, grad_scale, found_inf, streams, sums, grads)).map_err(|e| to_py(py, e))
+        guarded(|| self.run(py, hypers, AmpArgs { grad_scale, found_inf, streams }, sums, grads)).map_err(|e| to_py(py, e))
     }
 
     /// The rule's per-tensor sums (read only, nothing updated) into `out`: one zeroed,
@@ -574,7 +573,7 @@ impl StepPlan {
         streams: Option<&Bound<'_, PyAny>>,
         grads: Option<&Bound<'_, PyList>>,
     ) -> PyResult<Option<bool>> {
-        guarded(|| self.run(py, hypers, grad_scale, found_inf, streams, SumsArg::Write(out), grads)).map_err(|e| to_py(py, e))
+        guarded(|| self.run(py, hypers, AmpArgs { grad_scale, found_inf, streams }, SumsArg::Write(out), grads)).map_err(|e| to_py(py, e))
     }
 
     /// The parameters (written tensors) of every group, in order.
@@ -597,7 +596,7 @@ pub fn step(
 ) -> PyResult<bool> {
     let run = || -> Result<bool> {
         let mut plan = StepPlan::build(py, who, rule, groups, None, false)?;
-        Ok(plan.run(py, None, grad_scale, found_inf, streams, SumsArg::Own, None)?.expect("a fresh plan is current"))
+        Ok(plan.run(py, None, AmpArgs { grad_scale, found_inf, streams }, SumsArg::Own, None)?.expect("a fresh plan is current"))
     };
     guarded(run).map_err(|e| to_py(py, e))
 }
@@ -713,6 +712,13 @@ impl RunEnv {
         let &(_, amp, stream) = self.cuda.iter().find(|(d, ..)| *d == device).expect("resolved for every device");
         (amp, stream)
     }
+}
+
+/// A run's AMP inputs and streams as Python passes them (see `StepPlan::run`).
+struct AmpArgs<'a, 'py> {
+    grad_scale: Option<&'a Bound<'py, PyAny>>,
+    found_inf: Option<&'a Bound<'py, PyAny>>,
+    streams: Option<&'a Bound<'py, PyAny>>,
 }
 
 /// Per-tensor sums as Python passes them to a run (see `StepPlan::sums`).
