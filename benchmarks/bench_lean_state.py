@@ -4,8 +4,9 @@ AdamW on the same parameter dtypes, on the parameter shapes of real models, next
 memory bandwidth, and bitsandbytes' 8-bit AdamW (blockwise quantized moments; its CPU path is
 unfused torch code) where it is installed (``pip install bitsandbytes==0.50.2``).
 
-    python benchmarks/bench_lean_state.py            # writes RESULTS.md
-    python benchmarks/bench_lean_state.py --quick    # short, prints only
+    python benchmarks/bench_lean_state.py                  # writes RESULTS.md
+    python benchmarks/bench_lean_state.py --quick          # short, prints only
+    python benchmarks/bench_lean_state.py --device cuda    # the GPU check (benchmarks/gpu_check.sh)
 
 Configurations take turns step by step, round by round. Bytes per parameter count the weights and
 the state (not the gradients, the same for all); GB/s counts the bytes a step must move (weights,
@@ -70,19 +71,35 @@ def bytes_per_param(params: list[torch.Tensor], opt: torch.optim.Optimizer) -> t
     return (weights + state) / n, state / n
 
 
-def measure(shapes, rounds: int, steps: int) -> dict[str, tuple[list[float], float, float]]:
-    """Per configuration: step times, bytes per parameter (weights + state) and state bytes."""
+def on(device: torch.device, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``params`` (with their gradients) moved to ``device``."""
+    if device.type == "cpu":
+        return params
+    moved = [torch.nn.Parameter(p.detach().to(device)) for p in params]
+    for m, p in zip(moved, params):
+        m.grad = p.grad.to(device)
+    return moved
+
+
+def measure(shapes, rounds: int, steps: int, device: torch.device) -> dict[str, tuple[list[float], float, float]]:
+    """Per configuration: step times, bytes per parameter (weights + state) and state bytes. On
+    CUDA the device is drained before and after each timed step."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # bitsandbytes' CPU path is unfused (slow); on CUDA it runs everywhere
+    limit = (lambda c: True) if device.type == "cuda" else (lambda c: numel(shapes) <= c.max_params)
     runs = {}
-    for c in (c for c in CONFIGS if numel(shapes) <= c.max_params):
-        params = make_params(shapes, c.dtype)
+    for c in filter(limit, CONFIGS):
+        params = on(device, make_params(shapes, c.dtype))
         opt = c.make(params)
         opt.step()  # lazy state, warm-up
         runs[c.name] = (params, opt, [])
     for _ in range(rounds):
         for _, opt, times in runs.values():
             for _ in range(steps):
+                sync()
                 t0 = time.perf_counter()
                 opt.step()
+                sync()
                 times.append(time.perf_counter() - t0)
     out = {name: (times, *bytes_per_param(params, opt)) for name, (params, opt, times) in runs.items()}
     del runs
@@ -92,17 +109,30 @@ def measure(shapes, rounds: int, steps: int) -> dict[str, tuple[list[float], flo
 
 def main() -> None:
     ap = workload_arguments(__doc__, rounds=3, repeats="steps", repeats_default=5)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    device = torch.device(args.device)
     workloads = ["resnet50"] if args.quick else args.workloads.split(",")
     rounds, steps = (1, 2) if args.quick else (args.rounds, args.steps)
     output = args.output or (None if args.quick else str(Path(__file__).with_name("RESULTS.md")))
 
-    copy_gbs, inplace_gbs = median_bandwidth()
+    if device.type == "cuda":
+        n = 256 * 2**20
+        src, dst = torch.rand(n, device=device), torch.empty(n, device=device)
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            dst.copy_(src)
+        torch.cuda.synchronize()
+        copy_gbs = inplace_gbs = 2 * 4 * n * 10 / (time.perf_counter() - t0) / 1e9  # a device copy: no write-allocate
+    else:
+        copy_gbs, inplace_gbs = median_bandwidth()
     rows = []
     for wl in workloads:
         shapes = WORKLOADS[wl]()
         n = numel(shapes)
-        results = measure(shapes, rounds, steps)
+        results = measure(shapes, rounds, steps, device)
         base = statistics.median(results["emafuse fp32 weights, fp32 state"][0])
         for name, (ts, total, state) in results.items():
             t = statistics.median(ts)
@@ -116,8 +146,9 @@ def main() -> None:
         ["workload", "AdamW", "B/param (weights + state)", "state B/param", "ms/step", "min-max ms", "GB/s", "speed vs emafuse fp32"], rows
     )
     section = (
-        "## Lean optimizer state: AdamW bytes per parameter and step time (CPU)\n\n"
-        f"`python benchmarks/bench_lean_state.py` — {info['date']}, {info.get('cpu', '')}, torch {torch.__version__}, "
+        f"## Lean optimizer state: AdamW bytes per parameter and step time ({device.type.upper()})\n\n"
+        f"`python benchmarks/bench_lean_state.py --device {device.type}` — {info['date']}, "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else info.get('cpu', '')}, torch {torch.__version__}, "
         f"emafuse threads {emafuse.num_threads()}. Median of {rounds} rounds x {steps} steps after a warm-up step, "
         "configurations taking turns round by round. Bytes per parameter are measured from the tensors each optimizer "
         "holds after a step (weights + state; gradients, the same everywhere, not counted). "
@@ -127,7 +158,7 @@ def main() -> None:
     )
     print(section)
     if output:
-        write_section(output, "LEAN_STATE:CPU", section)
+        write_section(output, f"LEAN_STATE:{device.type.upper()}", section)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,11 @@
 #
 # Here (dev machine):   tools/build_wheel.sh          # writes .gpu/ (ignored by git)
 # Device tool:          run(command="bash benchmarks/gpu_check.sh [parts]", carry=[".gpu"])
-# parts (default: all): tests optim research ema. Output also goes to $OUT.
+# parts (default: all): tests optim research ema lean. Output also goes to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/emafuse-gpu}
-PARTS=${*:-tests optim research ema}
+PARTS=${*:-tests optim research ema lean}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-index --force-reinstall .gpu/emafuse-*.whl || exit 1
@@ -22,6 +22,7 @@ for part in $PARTS; do
         optim) python3 benchmarks/bench_gpu.py --output "$OUT/RESULTS_gpu.md" 2>&1 | tee "$OUT/bench_gpu.log" ;;
         research) python3 benchmarks/bench_research.py --device cuda --workloads resnet50,gpt2-small --output "$OUT/RESULTS_research_gpu.md" 2>&1 | tail -40 ;;
         ema) python3 benchmarks/bench_ema.py --device cuda 2>&1 | tee "$OUT/bench_ema_gpu.log" | tail -40 ;;
+        lean) python3 benchmarks/bench_lean_state.py --device cuda --workloads resnet50,gpt2-small --output "$OUT/RESULTS_lean_gpu.md" 2>&1 | tail -30 ;;
     esac
 done
 exit "$status"

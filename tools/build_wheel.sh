@@ -18,5 +18,5 @@ rm -rf .gpu && mkdir -p .gpu/peers
 python -c 'import sys; sys.path.insert(0, "build_support"); import backend; backend.build_wheel(".gpu", {"build-args": "--compatibility linux"})'
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .gpu/peers pytorch-optimizer==4.1.0 ema-pytorch==0.8.3 torch-ema==0.3 heavyball==3.2.1 opt-einsum
+    -d .gpu/peers pytorch-optimizer==4.1.0 ema-pytorch==0.8.3 torch-ema==0.3 heavyball==3.2.1 opt-einsum bitsandbytes==0.50.2
 ls -l .gpu .gpu/peers
