@@ -63,14 +63,13 @@ pub fn random16(stream: u32, index: u32) -> u32 {
 }
 
 /// `x` rounded to bf16 stochastically with the 16 random bits `r16`: the 16 bits bf16 drops are
-/// added to `r16` and the carry decides. NaN stays a quiet NaN; infinities stay.
+/// added to `r16` and the carry decides. NaN stays a quiet NaN; infinities (whose dropped bits are
+/// zero) and every bf16 value stay as they are.
 #[inline(always)]
 pub fn bf16_stochastic(x: f32, r16: u32) -> u16 {
     let u = x.to_bits();
     if x.is_nan() {
         ((u >> 16) | 0x40) as u16
-    } else if x.is_infinite() {
-        (u >> 16) as u16
     } else {
         (u.wrapping_add(r16) >> 16) as u16
     }

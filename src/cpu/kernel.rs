@@ -215,8 +215,8 @@ pub struct SpanRounding {
 
 /// Update `len` elements starting at `ptrs`, with the widest vector unit the CPU has; with
 /// `projection` (⊥Grad) the rule reads the projected gradients; with `rounding` the parameter and
-/// state stores round stochastically. The math is the same IEEE
-/// arithmetic at any width (no fused multiply-add is formed), so results do not depend on the CPU.
+/// state stores round stochastically. The math is the same IEEE arithmetic at any width (no
+/// fused multiply-add is formed), so results do not depend on the CPU.
 ///
 /// # Safety
 /// Every pointer must be valid for `len` elements of its type (state pointers for slots

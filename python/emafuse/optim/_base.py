@@ -580,22 +580,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             return
         if any(p.grad is not None and p.grad.layout != torch.strided for group in self.param_groups for p in group["params"]):
             raise SparseGradError(f"{type(self).__name__}: grad_clip needs dense gradients; a gradient is sparse (call .to_dense())")
-        norm = self._unscaled_grad_norm()
+        norm = self._unscaled_grad_norm(grad_scale)
         if isinstance(clip, (int, float)):
             self._grad_factor = cap_coefficient(norm, float(clip))
         else:
             self._clip_trial = copy.deepcopy(clip)
             self._grad_factor = self._clip_trial.coefficient(norm)
 
-    def _unscaled_grad_norm(self) -> float:
-        """The global norm of this step's gradients (divided by AMP's scale), one native
+    def _unscaled_grad_norm(self, grad_scale: Tensor | None) -> float:
+        """The global norm of this step's gradients (divided by AMP's ``grad_scale``), one native
         read-only pass (DTensor shards summed across their mesh), taken once per step: ``grad_clip``
         and an optimizer's own clipping (Adan's ``max_grad_norm``) share it."""
         norm = self.__dict__.get("_grad_norm")
         if norm is None:
             grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
             norm = math.sqrt(sum_squares(grads)) if grads else 0.0
-            grad_scale = getattr(self, "grad_scale", None)
             if grad_scale is not None:
                 norm /= scalar(grad_scale)
             self._grad_norm = norm

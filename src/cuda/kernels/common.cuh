@@ -189,7 +189,6 @@ EF_FN ef_u16 ef_bf16_stochastic(float f, ef_u32 r16) {
     u = __float_as_uint(f);
 #endif
     if (f != f) return (ef_u16)((u >> 16) | 0x40);
-    if ((u & 0x7fffffffu) == 0x7f800000u) return (ef_u16)(u >> 16);
     return (ef_u16)((u + r16) >> 16);
 }
 
