@@ -155,6 +155,25 @@ def test_checkpoints_convert_between_state_precisions():
     run_steps(back, back_params, 1, first=3)
 
 
+def test_param_groups_choose_their_own_precision():
+    """One group with bf16 state (stochastic), one with the default: each keeps its state dtype,
+    only the first group's counter advances, and the default group equals an optimizer without
+    lean state bit for bit."""
+    params = make_params(ODD_SHAPES, seed=10)
+    twins = clone_params(params[3:])
+    opt = emafuse.AdamW([{"params": params[:3], "state_dtype": BF16}, {"params": params[3:]}], lr=1e-3)
+    plain = emafuse.AdamW(twins, lr=1e-3)
+    for t in range(3):
+        grads = random_grads(params, t)
+        set_grads(params, grads)
+        set_grads(twins, grads[3:])
+        opt.step()
+        plain.step()
+    assert [opt.state[p]["exp_avg"].dtype for p in params] == [BF16] * 3 + [torch.float32] * 3
+    assert opt.param_groups[0]["rounding_step"] == 3 and "rounding_step" not in opt.param_groups[1]
+    assert all(torch.equal(p, q) for p, q in zip(params[3:], twins))
+
+
 def test_bf16_state_halves_the_state_bytes():
     params = make_params([(1000,), (37, 11)], seed=8)
     opt = emafuse.AdamW(params, lr=1e-3, state_dtype=BF16)
