@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import gc
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import emafuse
 import torch
-from common import machine_info, markdown_table, median_bandwidth, workload_arguments, write_section
+from common import device_bandwidth, device_timer, machine_info, markdown_table, workload_arguments, write_section
 from workloads import WORKLOADS, make_params, numel
 
 try:
@@ -84,7 +83,7 @@ def on(device: torch.device, params: list[torch.Tensor]) -> list[torch.Tensor]:
 def measure(shapes, rounds: int, steps: int, device: torch.device) -> dict[str, tuple[list[float], float, float]]:
     """Per configuration: step times, bytes per parameter (weights + state) and state bytes. On
     CUDA the device is drained before and after each timed step."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    timer = device_timer(device)
     # bitsandbytes' CPU path is unfused (slow); on CUDA it runs everywhere
     limit = (lambda c: True) if device.type == "cuda" else (lambda c: numel(shapes) <= c.max_params)
     runs = {}
@@ -95,12 +94,7 @@ def measure(shapes, rounds: int, steps: int, device: torch.device) -> dict[str, 
         runs[c.name] = (params, opt, [])
     for _ in range(rounds):
         for _, opt, times in runs.values():
-            for _ in range(steps):
-                sync()
-                t0 = time.perf_counter()
-                opt.step()
-                sync()
-                times.append(time.perf_counter() - t0)
+            times += timer(opt.step, 0, steps)
     out = {name: (times, *bytes_per_param(params, opt)) for name, (params, opt, times) in runs.items()}
     del runs
     gc.collect()
@@ -116,18 +110,7 @@ def main() -> None:
     rounds, steps = (1, 2) if args.quick else (args.rounds, args.steps)
     output = args.output or (None if args.quick else str(Path(__file__).with_name("RESULTS.md")))
 
-    if device.type == "cuda":
-        n = 256 * 2**20
-        src, dst = torch.rand(n, device=device), torch.empty(n, device=device)
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(10):
-            dst.copy_(src)
-        torch.cuda.synchronize()
-        copy_gbs = inplace_gbs = 2 * 4 * n * 10 / (time.perf_counter() - t0) / 1e9  # a device copy: no write-allocate
-    else:
-        copy_gbs, inplace_gbs = median_bandwidth()
+    copy_gbs, inplace_gbs = device_bandwidth(device)
     rows = []
     for wl in workloads:
         shapes = WORKLOADS[wl]()

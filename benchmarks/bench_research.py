@@ -23,7 +23,7 @@ from typing import Any
 
 import emafuse
 import torch
-from common import machine_info, markdown_table, median_bandwidth, time_calls, workload_arguments, write_section
+from common import device_bandwidth, device_timer, machine_info, markdown_table, workload_arguments, write_section
 from workloads import WORKLOADS, make_params, numel
 
 try:
@@ -104,23 +104,6 @@ CASES = [
 ]
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], object], int, int], list[float]]:
-    """time_calls on the CPU; on CUDA the same, with the device drained before and after each
-    timed call (the step's own work is asynchronous)."""
-    if device.type != "cuda":
-        return lambda fn, warmup, steps: time_calls(fn, warmup, steps)
-
-    def synced(fn: Callable[[], object], warmup: int, steps: int) -> list[float]:
-        def call() -> None:
-            fn()
-            torch.cuda.synchronize()
-
-        torch.cuda.synchronize()
-        return time_calls(call, warmup, steps)
-
-    return synced
-
-
 def measure(case: Case, params: list[torch.Tensor], grads: list[torch.Tensor], rounds: int, warmup: int, steps: int) -> dict[str, list[float]]:
     impls = case.impls()
     times: dict[str, list[float]] = {name: [] for name in impls}
@@ -132,7 +115,7 @@ def measure(case: Case, params: list[torch.Tensor], grads: list[torch.Tensor], r
             p.grad = g
         opt.step(**loss)
 
-    timer = _timer(params[0].device)
+    timer = device_timer(params[0].device)
     for _ in range(rounds):
         for name, make in impls.items():
             opt = make(params)
@@ -151,15 +134,7 @@ def main() -> None:
     rounds, steps = (1, 2) if args.quick else (args.rounds, args.steps)
     output = args.output or (None if args.quick else str(Path(__file__).with_name("RESULTS.md")))
 
-    if device.type == "cuda":
-        n = 2**28
-        src, dst = torch.rand(n, device=device), torch.empty(n, device=device)
-        t = statistics.median(_timer(device)(lambda: dst.copy_(src), 2, 10))
-        copy_gbs = inplace_gbs = 2 * 4 * n / t / 1e9  # a device copy: reads and writes, no write-allocate
-        del src, dst
-        print(f"device copy bandwidth GB/s (median): {copy_gbs:.1f}", flush=True)
-    else:
-        copy_gbs, inplace_gbs = median_bandwidth()
+    copy_gbs, inplace_gbs = device_bandwidth(device)
     rows = []
     for wl in workloads:
         shapes = WORKLOADS[wl]()

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 __all__ = [
-    "copy_bandwidth", "inplace_bandwidth", "machine_info", "markdown_table", "median_bandwidth", "time_calls", "workload_arguments",
-    "write_section",
+    "copy_bandwidth", "device_bandwidth", "device_timer", "inplace_bandwidth", "machine_info", "markdown_table", "median_bandwidth",
+    "time_calls", "workload_arguments", "write_section",
 ]
 
 
@@ -66,6 +66,35 @@ def median_bandwidth() -> tuple[float, float]:
     copy_gbs, inplace_gbs = copy_bandwidth()[1], inplace_bandwidth()[1]
     print(f"bandwidth GB/s (median): copy {copy_gbs:.1f}, in-place {inplace_gbs:.1f}", flush=True)
     return copy_gbs, inplace_gbs
+
+
+def device_timer(device: torch.device) -> Callable[[Callable[[], object], int, int], list[float]]:
+    """:func:`time_calls` on the CPU; on CUDA the same, with the device drained before and after
+    each timed call (the work a call queues is asynchronous)."""
+    if device.type != "cuda":
+        return time_calls
+
+    def synced(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+        def call() -> None:
+            fn()
+            torch.cuda.synchronize()
+
+        torch.cuda.synchronize()
+        return time_calls(call, warmup, repeats)
+
+    return synced
+
+
+def device_bandwidth(device: torch.device) -> tuple[float, float]:
+    """(copy, in-place) memory bandwidth in GB/s, read + written: :func:`median_bandwidth` on the
+    CPU; on CUDA both are a 1 GiB device copy's (no write-allocate there), printed."""
+    if device.type != "cuda":
+        return median_bandwidth()
+    n = 2**28
+    src, dst = torch.rand(n, device=device), torch.empty(n, device=device)
+    gbs = 2 * 4 * n / statistics.median(device_timer(device)(lambda: dst.copy_(src), 2, 10)) / 1e9
+    print(f"device copy bandwidth GB/s (median): {gbs:.1f}", flush=True)
+    return gbs, gbs
 
 
 def _cpu_model() -> str:

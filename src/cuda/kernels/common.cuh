@@ -59,6 +59,17 @@ EF_FN float ef_bits_to_float(ef_u32 u) {
     return f;
 }
 
+// The bit pattern of the float `f`.
+EF_FN ef_u32 ef_float_to_bits(float f) {
+    ef_u32 u;
+#ifdef EF_HOST
+    std::memcpy(&u, &f, 4);
+#else
+    u = __float_as_uint(f);
+#endif
+    return u;
+}
+
 EF_FN float ef_sqrt(float x) { return EF_SQRT_F(x); }
 EF_FN double ef_sqrt(double x) { return EF_SQRT_D(x); }
 EF_FN float ef_abs(float x) { return EF_ABS_F(x); }
@@ -132,18 +143,10 @@ EF_FN double ef_to_double(double x) { return x; }
 EF_FN float ef_bf16_to_float(ef_u16 b) { return ef_bits_to_float(((ef_u32)b) << 16); }
 
 EF_FN ef_u16 ef_float_to_bf16(float f) {
-#ifdef EF_HOST
-    ef_u32 u;
-    std::memcpy(&u, &f, 4);
+    ef_u32 u = ef_float_to_bits(f);
     if (f != f) return (ef_u16)((u >> 16) | 0x40);
     u += 0x7fff + ((u >> 16) & 1);  // round to nearest even
     return (ef_u16)(u >> 16);
-#else
-    ef_u32 u = __float_as_uint(f);
-    if (f != f) return (ef_u16)((u >> 16) | 0x40);
-    u += 0x7fff + ((u >> 16) & 1);
-    return (ef_u16)(u >> 16);
-#endif
 }
 
 #ifndef EF_HOST
@@ -182,12 +185,7 @@ EF_FN ef_u32 ef_random16(ef_u32 stream, ef_u32 index) {
     return x >> 16;
 }
 EF_FN ef_u16 ef_bf16_stochastic(float f, ef_u32 r16) {
-    ef_u32 u;
-#ifdef EF_HOST
-    std::memcpy(&u, &f, 4);
-#else
-    u = __float_as_uint(f);
-#endif
+    ef_u32 u = ef_float_to_bits(f);
     if (f != f) return (ef_u16)((u >> 16) | 0x40);
     return (ef_u16)((u + r16) >> 16);
 }
