@@ -18,11 +18,10 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import emafuse
 import torch
-from common import machine_info, markdown_table, median_bandwidth, workload_arguments, write_section
+from common import machine_info, markdown_table, median_bandwidth, workload_settings, write_section
 from workloads import WORKLOADS, make_params, numel
 
 try:
@@ -71,11 +70,8 @@ def measure(model: torch.nn.Module, grads: list[torch.Tensor], rounds: int, call
 
 
 def main() -> None:
-    ap = workload_arguments(__doc__, rounds=3, repeats="calls", repeats_default=3)
-    args = ap.parse_args()
-    workloads = ["resnet50"] if args.quick else args.workloads.split(",")
-    rounds, calls = (1, 2) if args.quick else (args.rounds, args.calls)
-    output = args.output or (None if args.quick else str(Path(__file__).with_name("RESULTS.md")))
+    run = workload_settings(__doc__, rounds=3, repeats="calls", repeats_default=3)
+    workloads, rounds, calls, output = run.workloads, run.rounds, run.repeats, run.output
 
     copy_gbs, inplace_gbs = median_bandwidth()
     rows = []

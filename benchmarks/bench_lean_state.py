@@ -21,11 +21,10 @@ import gc
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import emafuse
 import torch
-from common import device_bandwidth, device_timer, machine_info, markdown_table, workload_arguments, write_section
+from common import device_bandwidth, device_timer, machine_info, markdown_table, workload_settings, write_section
 from workloads import WORKLOADS, make_params, numel
 
 try:
@@ -102,13 +101,8 @@ def measure(shapes, rounds: int, steps: int, device: torch.device) -> dict[str, 
 
 
 def main() -> None:
-    ap = workload_arguments(__doc__, rounds=3, repeats="steps", repeats_default=5)
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
-    device = torch.device(args.device)
-    workloads = ["resnet50"] if args.quick else args.workloads.split(",")
-    rounds, steps = (1, 2) if args.quick else (args.rounds, args.steps)
-    output = args.output or (None if args.quick else str(Path(__file__).with_name("RESULTS.md")))
+    run = workload_settings(__doc__, rounds=3, repeats="steps", repeats_default=5, device=True)
+    device, workloads, rounds, steps, output = run.device, run.workloads, run.rounds, run.repeats, run.output
 
     copy_gbs, inplace_gbs = device_bandwidth(device)
     rows = []

@@ -18,12 +18,11 @@ import gc
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import emafuse
 import torch
-from common import device_bandwidth, device_timer, machine_info, markdown_table, workload_arguments, write_section
+from common import device_bandwidth, device_timer, machine_info, markdown_table, workload_settings, write_section
 from workloads import WORKLOADS, make_params, numel
 
 try:
@@ -126,13 +125,8 @@ def measure(case: Case, params: list[torch.Tensor], grads: list[torch.Tensor], r
 
 
 def main() -> None:
-    ap = workload_arguments(__doc__, rounds=2, repeats="steps", repeats_default=3)
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
-    device = torch.device(args.device)
-    workloads = ["resnet50"] if args.quick else args.workloads.split(",")
-    rounds, steps = (1, 2) if args.quick else (args.rounds, args.steps)
-    output = args.output or (None if args.quick else str(Path(__file__).with_name("RESULTS.md")))
+    run = workload_settings(__doc__, rounds=2, repeats="steps", repeats_default=3, device=True)
+    device, workloads, rounds, steps, output = run.device, run.workloads, run.rounds, run.repeats, run.output
 
     copy_gbs, inplace_gbs = device_bandwidth(device)
     rows = []

@@ -12,13 +12,14 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 __all__ = [
     "copy_bandwidth", "device_bandwidth", "device_timer", "inplace_bandwidth", "machine_info", "markdown_table", "median_bandwidth",
-    "time_calls", "workload_arguments", "write_section",
+    "time_calls", "workload_settings", "write_section",
 ]
 
 
@@ -165,15 +166,36 @@ def write_section(path: str | Path, tag: str, body: str) -> None:
     path.write_text(text)
 
 
-def workload_arguments(doc: str | None, rounds: int, repeats: str, repeats_default: int) -> argparse.ArgumentParser:
-    """The options of a script that times implementations on the workloads: ``--quick``
-    (ResNet-50, one short round, printed only), ``--workloads``, ``--rounds``, ``--<repeats>``
-    (timed calls per round) and ``--output`` (the results file, default ``RESULTS.md`` here
-    unless ``--quick``)."""
+@dataclass(frozen=True)
+class WorkloadSettings:
+    """What a timing script was asked for (see :func:`workload_settings`)."""
+
+    device: torch.device
+    workloads: list[str]
+    rounds: int
+    repeats: int
+    output: str | None
+
+
+def workload_settings(doc: str | None, rounds: int, repeats: str, repeats_default: int, device: bool = False) -> WorkloadSettings:
+    """The command line of a script that times implementations on the workloads: ``--quick``
+    (ResNet-50, one round of 2 calls, printed only), ``--workloads``, ``--rounds``,
+    ``--<repeats>`` (timed calls per round), ``--output`` (the results file, default
+    ``RESULTS.md`` here unless ``--quick``) and, with ``device``, ``--device``."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="ResNet-50 only, one short round; prints only")
     ap.add_argument("--workloads", default="resnet50,gpt2-small,vit-b16,4000-small")
     ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument(f"--{repeats}", type=int, default=repeats_default)
     ap.add_argument("--output", default=None, help="RESULTS.md to update (default: benchmarks/RESULTS.md unless --quick)")
-    return ap
+    if device:
+        ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    quick = args.quick
+    return WorkloadSettings(
+        device=torch.device(getattr(args, "device", "cpu")),
+        workloads=["resnet50"] if quick else args.workloads.split(","),
+        rounds=1 if quick else args.rounds,
+        repeats=2 if quick else getattr(args, repeats),
+        output=args.output or (None if quick else str(Path(__file__).with_name("RESULTS.md"))),
+    )
