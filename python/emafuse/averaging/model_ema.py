@@ -168,9 +168,7 @@ class ModelEMA(Averager):
             exclude=tuple(exclude), exclude_prefix=tuple(exclude_prefix), copy_names=tuple(copy_names),
             rounding=rounding, rounding_seed=rounding_seed,
         )
-        if rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"{type(self).__name__}: rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-        check_group(type(self).__name__, {"rounding_seed": rounding_seed})
+        check_group(type(self).__name__, {"rounding": rounding, "rounding_seed": rounding_seed})
         self._schedule = EMASchedule(
             schedule=cfg["schedule"], decay=cfg["decay"], update_every=cfg["update_every"],
             update_after_step=cfg["update_after_step"], start_step=cfg["start_step"], first_update=cfg["first_update"],
