@@ -3,6 +3,7 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::rounding::WEIGHT_CORRECTION;
 use crate::view::{Device, TensorView};
 
 /// How a tensor's elements are laid out.
@@ -115,6 +116,9 @@ pub struct Batch {
     /// The index in its group of each parameter of the batch (`params[j]` is parameter
     /// `members[j]`).
     pub members: Vec<usize>,
+    /// The int8 weight corrections of the (bf16) parameters, one per parameter, or empty (see
+    /// [`crate::rounding`]).
+    pub corrections: Vec<TensorView>,
 }
 
 impl Batch {
@@ -183,6 +187,24 @@ pub fn check_input(at: &dyn Fn() -> String, p: &TensorInfo, g: &TensorInfo) -> R
     Ok(())
 }
 
+/// Check the weight correction `c` of parameter `p`: an int8 tensor placed like `p`, a bf16
+/// parameter.
+fn check_correction(at: &dyn Fn() -> String, p: &TensorInfo, c: &TensorInfo) -> Result<()> {
+    check_peer(at, WEIGHT_CORRECTION, p, c)?;
+    if c.view.dtype() != DType::I8 {
+        return Err(Error::DType(format!("{}: {WEIGHT_CORRECTION} must be a torch.int8 tensor, got {}", at(), c.view.dtype().name())));
+    }
+    if p.view.dtype() != DType::BF16 {
+        return Err(Error::DType(format!(
+            "{}: weight corrections go with bfloat16 parameters only, and this parameter is {} (float32 and float64 parameters \
+             are their own master weights; float16 ones are not supported yet)",
+            at(),
+            p.view.dtype().name()
+        )));
+    }
+    Ok(())
+}
+
 /// Validate `t` and split it into batches. `who` names the optimizer for messages.
 pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batch>> {
     let n = t.params.len();
@@ -193,9 +215,27 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
     if t.grads.as_ref().is_some_and(|g| g.len() != n) || t.states.iter().any(|s| s.len() != n) || t.scalars.iter().any(|s| s.len() != n) {
         return Err(Error::Value(format!("{who}: param group {group}: tensor lists of different lengths")));
     }
+    // A last state slot named WEIGHT_CORRECTION is the parameters' weight corrections, not the
+    // rule's state.
+    let corrected = t.slot_names.last().is_some_and(|name| name == WEIGHT_CORRECTION);
+    let n_slots = t.states.len() - usize::from(corrected);
+    let (states, corrections) = t.states.split_at(n_slots);
     let mut batches: Vec<Batch> = Vec::new();
     for i in 0..n {
         let p = &t.params[i];
+        let float_roles = std::iter::once(("parameter", p)).chain(t.grads.iter().map(|g| ("grad", &g[i])));
+        for (what, x) in float_roles.chain(states.iter().map(|slot| ("a state tensor", &slot[i]))) {
+            if !x.view.dtype().is_float() {
+                return Err(Error::DType(format!(
+                    "{}: {what} has dtype {}; supported: torch.float32, torch.bfloat16, torch.float16, torch.float64",
+                    at(i),
+                    x.view.dtype().name()
+                )));
+            }
+        }
+        if let Some(c) = corrections.first().map(|c| &c[i]) {
+            check_correction(&|| at(i), p, c)?;
+        }
         let overlapping = std::iter::once(("parameter", p)).chain(t.states.iter().map(|slot| ("a state tensor", &slot[i])));
         for (what, x) in overlapping {
             if x.layout == Layout::Overlapping {
@@ -213,11 +253,11 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
             check_input(&|| at(i), p, &grads[i])?;
         }
         let input_dtype = t.grads.as_ref().map_or(p.view.dtype(), |g| g[i].view.dtype());
-        let state_dtype = match t.states.first() {
+        let state_dtype = match states.first() {
             Some(s) => s[i].view.dtype(),
             None => p.view.dtype(),
         };
-        for (k, slot) in t.states.iter().enumerate() {
+        for (k, slot) in states.iter().enumerate() {
             let s = &slot[i];
             check_peer(&|| at(i), &format!("state {k}"), p, s)?;
             if s.view.dtype() != state_dtype {
@@ -268,11 +308,12 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
                     state_dtype: key.3,
                     params: Vec::new(),
                     grads: Vec::new(),
-                    slot_names: t.slot_names.clone(),
+                    slot_names: t.slot_names[..n_slots].to_vec(),
                     states: Vec::new(),
                     scalar_names: t.scalar_names.clone(),
                     scalars: Vec::new(),
                     members: Vec::new(),
+                    corrections: Vec::new(),
                 });
                 batches.last_mut().expect("just pushed")
             }
@@ -282,7 +323,8 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
         if let Some(grads) = &t.grads {
             b.grads.push(grads[i].view);
         }
-        b.states.extend(t.states.iter().map(|slot| slot[i].view));
+        b.states.extend(states.iter().map(|slot| slot[i].view));
+        b.corrections.extend(corrections.iter().map(|c| c[i].view));
         b.scalars.extend(t.scalars.iter().map(|entry| entry[i].view));
     }
     Ok(batches)

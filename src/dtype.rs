@@ -9,13 +9,15 @@ use crate::rounding;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
-/// A floating-point storage dtype the engine accepts.
+/// A storage dtype the engine accepts: the floating-point ones for parameters, inputs and state,
+/// and int8 for the weight-correction array of bf16 parameters ([`crate::rounding`]) only.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
     F64,
     BF16,
     F16,
+    I8,
 }
 
 impl DType {
@@ -25,6 +27,7 @@ impl DType {
             DType::F64 => 8,
             DType::F32 => 4,
             DType::BF16 | DType::F16 => 2,
+            DType::I8 => 1,
         }
     }
 
@@ -35,7 +38,13 @@ impl DType {
             DType::F64 => "torch.float64",
             DType::BF16 => "torch.bfloat16",
             DType::F16 => "torch.float16",
+            DType::I8 => "torch.int8",
         }
+    }
+
+    /// Whether this is a floating-point dtype (what parameters, inputs and state must be).
+    pub fn is_float(self) -> bool {
+        self != DType::I8
     }
 
     /// Whether math on this storage dtype runs in f64.
@@ -58,6 +67,18 @@ pub trait Elem<R: Real>: Copy + Send + Sync + 'static {
     #[inline(always)]
     fn store_stochastic(src: &[R], dst: &mut [Self], _stream: u32, _first: u32) {
         Self::store(src, dst)
+    }
+    /// Add the weight corrections `corr` to `vals`, loaded from this dtype (see
+    /// [`crate::rounding`]). Only bf16 parameters carry corrections (the planners refuse them for
+    /// any other dtype), so the others never call it.
+    #[inline(always)]
+    fn apply_corrections(_vals: &mut [R], _corr: &[i8]) {}
+    /// Round `src` into `dst` to nearest and write what that lost into `corr`; as
+    /// [`Elem::apply_corrections`], only bf16 does.
+    #[inline(always)]
+    fn store_corrected(src: &[R], dst: &mut [Self], corr: &mut [i8]) {
+        Self::store(src, dst);
+        corr.fill(0);
     }
 }
 
@@ -97,15 +118,27 @@ impl Elem<f32> for bf16 {
     #[inline(always)]
     fn store(src: &[f32], dst: &mut [bf16]) {
         for (d, &x) in dst.iter_mut().zip(src) {
-            let u = x.to_bits();
-            let rounded = if x.is_nan() { (u >> 16) | 0x40 } else { (u + 0x7fff + ((u >> 16) & 1)) >> 16 };
-            *d = bf16::from_bits(rounded as u16);
+            *d = bf16::from_bits(rounding::bf16_nearest(x));
         }
     }
     #[inline(always)]
     fn store_stochastic(src: &[f32], dst: &mut [bf16], stream: u32, first: u32) {
         for (j, (d, &x)) in dst.iter_mut().zip(src).enumerate() {
             *d = bf16::from_bits(rounding::bf16_stochastic(x, rounding::random16(stream, first.wrapping_add(j as u32))));
+        }
+    }
+    #[inline(always)]
+    fn apply_corrections(vals: &mut [f32], corr: &[i8]) {
+        for (v, &c) in vals.iter_mut().zip(corr) {
+            *v = rounding::corrected(*v, c);
+        }
+    }
+    #[inline(always)]
+    fn store_corrected(src: &[f32], dst: &mut [bf16], corr: &mut [i8]) {
+        for ((d, c), &x) in dst.iter_mut().zip(corr.iter_mut()).zip(src) {
+            let (hi, lo) = rounding::split_corrected(x);
+            *d = bf16::from_bits(hi);
+            *c = lo;
         }
     }
 }

@@ -8,7 +8,10 @@ deterministic for a seed and resumes bit for bit through ``state_dict`` (and ``t
 checkpoint converts between state precisions on load; every optimizer runs with bf16 state and
 stays close to its fp32-state trajectory; training the demo's digits MLP with bf16 state, or with
 bf16 weights and no fp32 master, ends within a stated tolerance of fp32 training over 3 seeds; bad
-input is refused and changes nothing."""
+input is refused and changes nothing. Weight corrections (``weight_correction=True``): a step of
+bf16 weights with their int8 corrections is the fp32 step of the corrected weights, split as the
+reference splits it, bit for bit; 7 bytes per parameter for AdamW; they resume exactly, convert on
+load, are kept by bf16 parameters only and refused where the engine cannot apply them."""
 
 from __future__ import annotations
 
@@ -306,6 +309,8 @@ TRAINING = {
     "digits MLP, bf16 weights and state, stochastic": (_train, BF16, {"rounding": "stochastic"}, 0.03),
     "LM, bf16 state": (_train_lm, torch.float32, {"state_dtype": BF16}, 0.005),
     "LM, bf16 weights and state, stochastic": (_train_lm, BF16, {"rounding": "stochastic"}, 0.005),
+    "digits MLP, bf16 weights + correction, bf16 state": (_train, BF16, {"state_dtype": BF16, "weight_correction": True}, 0.01),
+    "LM, bf16 weights + correction, bf16 state": (_train_lm, BF16, {"state_dtype": BF16, "weight_correction": True}, 0.01),
 }
 
 
@@ -435,3 +440,155 @@ def test_model_ema_refuses_stochastic_fp16_and_bad_options():
     with pytest.raises(emafuse.errors.DTypeError, match="bfloat16 tensors only"):
         ema.update()
     assert all(torch.equal(p, b) for p, b in zip(ema.module.parameters(), before)) and ema.num_updates == 0
+
+
+# -- weight corrections of bf16 parameters ---------------------------------------------------------
+
+
+def _correction(opt, p):
+    return opt.state[p]["weight_correction"]
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, BF16], ids=["fp32 state", "bf16 state"])
+def test_corrected_step_is_the_fp32_step_of_the_corrected_weights(state_dtype):
+    """In lockstep, 4 steps: AdamW on bf16 weights with corrections, and AdamW on fp32 weights set
+    to the corrected values with the same state and gradients; the bf16 weights and corrections
+    are the reference split of the fp32 result, and the states agree, bit for bit."""
+    params = make_params(ODD_SHAPES, dtype=BF16, seed=21)
+    twins = [torch.nn.Parameter(p.detach().float()) for p in params]
+    kw = dict(lr=3e-2, weight_decay=0.1, state_dtype=state_dtype, rounding_seed=7)
+    opt, fp32 = emafuse.AdamW(params, weight_correction=True, **kw), emafuse.AdamW(twins, **kw)
+    for t in range(4):
+        grads = random_grads(params, t)
+        set_grads(params, grads)
+        set_grads(twins, [g.float() for g in grads])
+        if t:
+            for p, q in zip(params, twins):
+                q.data.copy_(ref.corrected(p.detach(), _correction(opt, p)))
+                for key in ("exp_avg", "exp_avg_sq", "step"):
+                    fp32.state[q][key].copy_(opt.state[p][key])
+        opt.step()
+        fp32.step()
+        for i, (p, q) in enumerate(zip(params, twins)):
+            hi, c = ref.split_corrected(q.detach())
+            assert torch.equal(p.detach().view(torch.int16), hi.view(torch.int16)), f"step {t}, tensor {i}"
+            assert torch.equal(_correction(opt, p), c), f"step {t}, tensor {i}"
+            assert torch.equal(opt.state[p]["exp_avg"], fp32.state[q]["exp_avg"]), f"step {t}, tensor {i}"
+        if t == 0:  # the first step starts from corrections of zero: the weights as they are
+            assert any(_correction(opt, p).abs().sum() > 0 for p in params)
+
+
+def test_corrections_absorb_updates_far_below_a_bf16_ulp():
+    """SGD steps of 1/50 of an ulp: rounding to nearest never moves the weight, the correction
+    carries them (to within half a unit, 1/512 ulp, per step)."""
+    p = torch.nn.Parameter(torch.full((64,), 1.0, dtype=BF16))
+    opt = emafuse.SGD([p], lr=1.0, weight_correction=True)
+    ulp = 2.0**-7
+    for _ in range(100):
+        p.grad = torch.full_like(p, -ulp / 50)
+        opt.step()
+    weight = ref.corrected(p.detach(), _correction(opt, p))
+    assert torch.allclose(weight.double(), torch.full((64,), 1.0 + 2 * ulp, dtype=torch.float64), atol=100 * ulp / 512)
+    assert (p.detach() > 1.0).all()
+
+
+def test_adamw_with_corrections_and_bf16_state_takes_7_bytes_per_parameter():
+    params = make_params([(1000,), (37, 11)], dtype=BF16, seed=22)
+    opt = emafuse.AdamW(params, lr=1e-3, state_dtype=BF16, weight_correction=True)
+    run_steps(opt, params, 1)
+    n = sum(p.numel() for p in params)
+    state_bytes = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if v.dim() > 0)
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    assert (weight_bytes + state_bytes) == 7 * n
+    assert all(_correction(opt, p).dtype == torch.int8 for p in params)
+
+
+@pytest.mark.parametrize("via_torch_save", [False, True], ids=["state_dict", "torch.save"])
+def test_corrected_training_resumes_exactly(via_torch_save):
+    def make(seed_params):
+        ps = [torch.nn.Parameter(p.detach().clone()) for p in seed_params]
+        return ps, emafuse.AdamW(ps, lr=1e-2, state_dtype=BF16, weight_correction=True, rounding_seed=3)
+
+    start = make_params(ODD_SHAPES, dtype=BF16, seed=23)
+    straight, opt = make(start)
+    run_steps(opt, straight, 5)
+    first, opt1 = make(start)
+    run_steps(opt1, first, 3)
+    saved = opt1.state_dict()
+    if via_torch_save:
+        buf = io.BytesIO()
+        torch.save(saved, buf)
+        buf.seek(0)
+        saved = torch.load(buf)
+    resumed, opt2 = make(first)
+    opt2.load_state_dict(saved)
+    assert all(_correction(opt2, p).dtype == torch.int8 for p in resumed)
+    run_steps(opt2, resumed, 2, first=3)
+    for p, q in zip(straight, resumed):
+        assert torch.equal(p.view(torch.int16), q.view(torch.int16))
+        assert torch.equal(_correction(opt, p), _correction(opt2, q))
+
+
+def test_checkpoints_convert_to_and_from_corrections():
+    """A checkpoint without corrections loads into a correcting optimizer (they start at zero);
+    one with corrections loads into an optimizer without (they are dropped); switching the option
+    off drops them at the next step."""
+    params = make_params([(9,), (4, 5)], dtype=BF16, seed=24)
+    plain = emafuse.AdamW(params, lr=1e-2)
+    run_steps(plain, params, 2)
+    correcting = emafuse.AdamW(params, lr=1e-2, weight_correction=True)
+    correcting.load_state_dict(plain.state_dict())
+    run_steps(correcting, params, 1, first=2)
+    assert all(_correction(correcting, p).dtype == torch.int8 for p in params)
+    again = emafuse.AdamW(params, lr=1e-2)
+    again.load_state_dict(correcting.state_dict())
+    assert all("weight_correction" not in again.state[p] for p in params)
+    assert again.param_groups[0]["weight_correction"] is False
+    correcting.param_groups[0]["weight_correction"] = False
+    run_steps(correcting, params, 1, first=3)
+    assert all("weight_correction" not in correcting.state[p] for p in params)
+
+
+def test_only_bf16_parameters_keep_corrections():
+    """One group of bf16 and fp32 parameters: the fp32 ones step as without the option."""
+    mixed = [make_params([(7,)], dtype=BF16, seed=25)[0], make_params([(3, 4)], seed=26)[0]]
+    alone = torch.nn.Parameter(mixed[1].detach().clone())
+    opt = emafuse.AdamW(mixed, lr=1e-2, weight_correction=True)
+    ref_opt = emafuse.AdamW([alone], lr=1e-2)
+    for t in range(2):
+        grads = random_grads(mixed, t)
+        set_grads(mixed, grads)
+        alone.grad = grads[1].clone()
+        opt.step()
+        ref_opt.step()
+    assert _correction(opt, mixed[0]).shape == mixed[0].shape
+    assert "weight_correction" not in opt.state[mixed[1]]
+    assert torch.equal(mixed[1], alone)
+
+
+@pytest.mark.parametrize(
+    "case, exc, match",
+    [
+        ("fp16 parameters", emafuse.errors.DTypeError, "bfloat16 parameters only"),
+        ("float correction", emafuse.errors.DTypeError, "must be a torch.int8 tensor"),
+        ("misshapen correction", emafuse.errors.ShapeError, "weight_correction has shape"),
+    ],
+)
+def test_corrections_the_engine_cannot_apply_change_nothing(case, exc, match):
+    dtype = torch.float16 if case == "fp16 parameters" else BF16
+    params = make_params([(5,), (4, 3)], dtype=dtype, seed=27)
+    opt = emafuse.AdamW(params, lr=1e-2, weight_correction=True)
+    if case != "fp16 parameters":
+        run_steps(opt, params, 1)
+        bad = torch.zeros(5, dtype=torch.float32) if case == "float correction" else torch.zeros(6, dtype=torch.int8)
+        opt.state[params[0]]["weight_correction"] = bad
+    set_grads(params, random_grads(params, 5))
+    snap = snapshot(params, opt)
+    with pytest.raises(exc, match=match):
+        opt.step()
+    assert_unchanged(params, opt, snap)
+
+
+def test_weight_correction_must_be_a_bool():
+    with pytest.raises(TypeError, match="weight_correction must be a bool"):
+        emafuse.AdamW(make_params([(3,)], dtype=BF16), weight_correction=1)

@@ -12,6 +12,7 @@ _AmpTensor = Tensor | dict[int, Tensor] | None
 __all__ = [
     "MAX_SUMS",
     "TORCH_VERSION",
+    "WEIGHT_CORRECTION",
     "Group",
     "PendingStep",
     "StepPlan",
@@ -126,6 +127,10 @@ def rule_sums(name: str, hyper: _Hyper) -> int:
 
 MAX_SUMS: int
 """The most per-tensor sums any rule reads (the width of ``StepPlan.sums`` arrays)."""
+
+WEIGHT_CORRECTION: str
+"""The name of a bf16 parameter's weight correction: as the last state slot of a ``Group``, an int8
+tensor shaped like the parameter that the engine reads and writes with it (``src/rounding.rs``)."""
 
 def cuda_source(rule: str, hyper: _Hyper) -> dict[str, Any]:
     """The rule's CUDA program (for tests): type_name, source, preamble, header, hyper_bytes."""

@@ -21,13 +21,28 @@ pub struct GradTransform<R: Real> {
 }
 
 /// Raw pointers to the first element of a span in each tensor of one parameter (`grad` is null
-/// for rules that read no input). The input's element type `G` is usually the parameter's `P`;
-/// it differs for an fp32 average of a bf16/fp16 model.
+/// for rules that read no input; `correction` is null unless the bf16 parameter carries a weight
+/// correction, see [`crate::rounding`]). The input's element type `G` is usually the parameter's
+/// `P`; it differs for an fp32 average of a bf16/fp16 model.
 #[derive(Copy, Clone)]
 pub struct SpanPtrs<P, G, S> {
     pub param: *mut P,
     pub grad: *const G,
     pub states: [*mut S; MAX_SLOTS],
+    pub correction: *mut i8,
+}
+
+/// The parameter block `vals` (`n` elements loaded from `P`) with its weight corrections added,
+/// when it has any.
+///
+/// # Safety
+/// A non-null `correction` must be valid for `vals.len()` reads.
+#[inline(always)]
+unsafe fn add_corrections<R: Real, P: Elem<R>>(vals: &mut [R], correction: *const i8) {
+    if !correction.is_null() {
+        // SAFETY: per the contract.
+        P::apply_corrections(vals, unsafe { std::slice::from_raw_parts(correction, vals.len()) });
+    }
 }
 
 /// Partial sums per span: element `i` of a span adds into lane `i % LANES`, and the lanes are
@@ -84,7 +99,7 @@ pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(ru
                 *slot = read_block(state.add(off), n, buf);
             }
             let g = if Ru::READS_INPUT { read_block(ptrs.grad.add(off), n, &mut gb) } else { &zeros };
-            (read_block(ptrs.param.add(off), n, &mut pb), g)
+            (param_block(ptrs.param.add(off), ptrs.correction, off, n, &mut pb), g)
         };
         add_to_lanes(n, &mut lanes, |i, lane| {
             let mut s = [R::ZERO; MAX_SLOTS];
@@ -116,43 +131,87 @@ unsafe fn read_block<R: Real, E: Elem<R>>(ptr: *const E, n: usize, buf: &mut [R;
     }
 }
 
+/// A block of a parameter to read, as [`read_block`], with its weight corrections (if
+/// `correction` is not null) added.
+///
+/// # Safety
+/// As [`read_block`], for the parameter at `param` and (when not null) the corrections from
+/// `correction + off`.
+#[inline(always)]
+unsafe fn param_block<'b, R: Real, P: Elem<R>>(param: *const P, correction: *const i8, off: usize, n: usize, buf: &'b mut [R; BLOCK]) -> &'b [R; BLOCK] {
+    if correction.is_null() {
+        // SAFETY: per the contract.
+        return unsafe { read_block(param, n, buf) };
+    }
+    // SAFETY: per the contract; only bf16 parameters carry corrections, so the block is a copy.
+    unsafe {
+        P::load(std::slice::from_raw_parts(param, n), &mut buf[..n]);
+        add_corrections::<R, P>(&mut buf[..n], correction.add(off));
+    }
+    buf
+}
+
 /// ⊥Grad's projection sums (`orthograd::accumulate`) of the `len` parameter elements at `param`
 /// and gradient elements at `grad`, each gradient times `factor` (read-only pass). The lanes of
 /// each sum are consecutive here, so that they become vector registers; the order of addition is
 /// [`sum_span`]'s.
 ///
 /// # Safety
-/// Both pointers must be valid for `len` reads.
-pub unsafe fn projection_sums<R: Real, P: Elem<R>, G: Elem<R>>(factor: R, param: *const P, grad: *const G, len: usize) -> [f64; MAX_SUMS] {
+/// `param` and `grad` must be valid for `len` reads, and so must `correction` unless null.
+pub unsafe fn projection_sums<R: Real, P: Elem<R>, G: Elem<R>>(
+    factor: R,
+    param: *const P,
+    correction: *const i8,
+    grad: *const G,
+    len: usize,
+) -> [f64; MAX_SUMS] {
     #[cfg(target_arch = "x86_64")]
     match simd_level() {
         // SAFETY: the CPU supports the enabled features (checked at run time); the caller's
         // guarantees are passed on unchanged.
-        2 => return unsafe { projection_sums_avx512::<R, P, G>(factor, param, grad, len) },
+        2 => return unsafe { projection_sums_avx512::<R, P, G>(factor, param, correction, grad, len) },
         // SAFETY: as above.
-        1 => return unsafe { projection_sums_avx2::<R, P, G>(factor, param, grad, len) },
+        1 => return unsafe { projection_sums_avx2::<R, P, G>(factor, param, correction, grad, len) },
         _ => {}
     }
     // SAFETY: the caller's guarantees are passed on unchanged.
-    unsafe { projection_sums_body::<R, P, G>(factor, param, grad, len) }
+    unsafe { projection_sums_body::<R, P, G>(factor, param, correction, grad, len) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2")]
-unsafe fn projection_sums_avx512<R: Real, P: Elem<R>, G: Elem<R>>(factor: R, param: *const P, grad: *const G, len: usize) -> [f64; MAX_SUMS] {
+unsafe fn projection_sums_avx512<R: Real, P: Elem<R>, G: Elem<R>>(
+    factor: R,
+    param: *const P,
+    correction: *const i8,
+    grad: *const G,
+    len: usize,
+) -> [f64; MAX_SUMS] {
     // SAFETY: forwarded from projection_sums.
-    unsafe { projection_sums_body::<R, P, G>(factor, param, grad, len) }
+    unsafe { projection_sums_body::<R, P, G>(factor, param, correction, grad, len) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn projection_sums_avx2<R: Real, P: Elem<R>, G: Elem<R>>(factor: R, param: *const P, grad: *const G, len: usize) -> [f64; MAX_SUMS] {
+unsafe fn projection_sums_avx2<R: Real, P: Elem<R>, G: Elem<R>>(
+    factor: R,
+    param: *const P,
+    correction: *const i8,
+    grad: *const G,
+    len: usize,
+) -> [f64; MAX_SUMS] {
     // SAFETY: forwarded from projection_sums.
-    unsafe { projection_sums_body::<R, P, G>(factor, param, grad, len) }
+    unsafe { projection_sums_body::<R, P, G>(factor, param, correction, grad, len) }
 }
 
 #[inline(always)]
-unsafe fn projection_sums_body<R: Real, P: Elem<R>, G: Elem<R>>(factor: R, param: *const P, grad: *const G, len: usize) -> [f64; MAX_SUMS] {
+unsafe fn projection_sums_body<R: Real, P: Elem<R>, G: Elem<R>>(
+    factor: R,
+    param: *const P,
+    correction: *const i8,
+    grad: *const G,
+    len: usize,
+) -> [f64; MAX_SUMS] {
     let mut pb = [R::ZERO; BLOCK];
     let mut gb = [R::ZERO; BLOCK];
     let mut lanes = [[0.0; LANES]; 3];
@@ -165,7 +224,7 @@ unsafe fn projection_sums_body<R: Real, P: Elem<R>, G: Elem<R>>(factor: R, param
     while off < len {
         let n = BLOCK.min(len - off);
         // SAFETY: inside the range the caller vouched for; read only.
-        let (w, u) = unsafe { (read_block(param.add(off), n, &mut pb), read_block(grad.add(off), n, &mut gb)) };
+        let (w, u) = unsafe { (param_block(param.add(off), correction, off, n, &mut pb), read_block(grad.add(off), n, &mut gb)) };
         let whole = n - n % LANES;
         for (ws, us) in w[..whole].chunks_exact(LANES).zip(u[..whole].chunks_exact(LANES)) {
             for l in 0..LANES {
@@ -330,7 +389,9 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>
         // is written only with `xf.unscale` (AMP), when the caller vouched that it may be.
         unsafe {
             let sp = |k: usize| ptrs.states[k].add(off);
+            let corr = if ptrs.correction.is_null() { ptrs.correction } else { ptrs.correction.add(off) };
             let p = block::<R, P>(ptrs.param.add(off), n, &mut pb);
+            add_corrections::<R, P>(p, corr);
             // With AMP the gradient is written back unscaled (the caller vouched for it then).
             let g: &mut [R] = if Ru::READS_INPUT { block::<R, G>(ptrs.grad.add(off) as *mut G, n, &mut gb) } else { &mut gb[..n] };
             // Slots the rule does not use stay empty and are never indexed.
@@ -378,7 +439,12 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>
                 }
             }
             let sr = |array: usize| rounding.map(|r| (r.streams[array], r.first + off));
-            finish::<R, P>(ptrs.param.add(off), p, sr(0));
+            if ptrs.correction.is_null() {
+                finish::<R, P>(ptrs.param.add(off), p, sr(0));
+            } else {
+                // (only bf16 parameters carry corrections: the block is a copy to store)
+                P::store_corrected(p, std::slice::from_raw_parts_mut(ptrs.param.add(off), n), std::slice::from_raw_parts_mut(corr, n));
+            }
             if Ru::READS_INPUT {
                 if let Some(unscale) = xf.unscale {
                     for x in g.iter_mut() {

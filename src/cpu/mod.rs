@@ -287,7 +287,8 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
                 *st = b.states[t * b.slots() + k].at::<S>(s.start);
             }
             let grad = if Ru::READS_INPUT { b.grads[t].at::<G>(s.start) as *const G } else { std::ptr::null() };
-            SpanPtrs { param: b.params[t].at::<P>(s.start), grad, states }
+            let correction = if b.corrections.is_empty() { std::ptr::null_mut() } else { b.corrections[t].at::<i8>(s.start) };
+            SpanPtrs { param: b.params[t].at::<P>(s.start), grad, states, correction }
         }
     }
 
@@ -302,7 +303,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             unsafe {
                 let ptrs = self.span_ptrs::<R, P, G, S>(s);
                 if self.options.orthograd.is_some() {
-                    kernel::projection_sums::<R, P, G>(factor, ptrs.param, ptrs.grad, s.len)
+                    kernel::projection_sums::<R, P, G>(factor, ptrs.param, ptrs.correction, ptrs.grad, s.len)
                 } else if Ru::SUMS > 0 {
                     // (a guard on the constant: no sums kernel is compiled for rules without sums)
                     kernel::sum_span::<Ru, R, P, G, S>(&self.rule, factor, ptrs, s.len)
@@ -407,6 +408,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             (DType::F16, _, DType::F16) => self.pass_typed::<f32, f16, f16, f16>(grad_scale, pass),
             (DType::F16, _, _) => self.pass_typed::<f32, f16, f16, f32>(grad_scale, pass),
             (DType::F32, input, _) => unreachable!("check_state refuses {} gradients for float32 parameters", input.name()),
+            (DType::I8, _, _) => unreachable!("batch::split_group refuses int8 parameters"),
         }
     }
 
@@ -434,6 +436,7 @@ impl<Ru: Rule> CpuStep for RuleBatch<'_, Ru> {
             DType::BF16 => self.grads_finite::<f32, bf16>(),
             DType::F16 => self.grads_finite::<f32, f16>(),
             DType::F64 => self.grads_finite::<f64, f64>(),
+            DType::I8 => unreachable!("batch::split_group refuses int8 gradients"),
         };
         if fine {
             Ok(())

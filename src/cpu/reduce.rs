@@ -73,6 +73,7 @@ pub unsafe fn tensor_sum_squares(views: &[TensorView]) -> Vec<f64> {
                 DType::F64 => span_sum_squares::<f64, f64>(v.at::<f64>(s.start), s.len),
                 DType::BF16 => span_sum_squares::<f32, bf16>(v.at::<bf16>(s.start), s.len),
                 DType::F16 => span_sum_squares::<f32, f16>(v.at::<f16>(s.start), s.len),
+                DType::I8 => unreachable!("py/reduce.rs refuses int8 tensors"),
             }
         }
     });

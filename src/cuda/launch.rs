@@ -222,6 +222,7 @@ fn kernel_suffix(p: DType, g: DType, s: DType) -> &'static str {
         (DType::BF16, _, _) => "bf16_f32",
         (DType::F16, _, DType::F16) => "f16",
         (DType::F16, _, _) => "f16_f32",
+        (DType::I8, _, _) => unreachable!("batch::split_group refuses int8 parameters"),
     }
 }
 
@@ -233,6 +234,13 @@ impl RuleVisitor for Planner<'_> {
             return Err(Error::Internal("CUDA planner given a CPU batch".into()));
         };
         check_state::<Ru>(self.hyper, b.group, &b.slot_names, &b.scalar_names, b.has_input(), b.input_dtype != b.param_dtype)?;
+        if !b.corrections.is_empty() {
+            return Err(Error::Device(format!(
+                "param group {}: weight corrections (weight_correction=True) are applied by the CPU engine only so far; on CUDA, \
+                 train bf16 parameters with rounding='stochastic' instead, or keep float32 master weights",
+                b.group
+            )));
+        }
         let program = Program::of::<Ru>()?;
         if b.scalars.iter().any(|s| s.dtype() != DType::F32) {
             return Err(Error::DType("scalar state of CUDA parameters (e.g. 'step') must be float32".into()));

@@ -28,6 +28,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rule_slots, m)?)?;
     m.add_function(wrap_pyfunction!(rule_sums, m)?)?;
     m.add("MAX_SUMS", crate::rules::MAX_SUMS)?;
+    m.add("WEIGHT_CORRECTION", crate::rounding::WEIGHT_CORRECTION)?;
     m.add_function(wrap_pyfunction!(cuda_source, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_compile, m)?)?;
     m.add_function(wrap_pyfunction!(reduce::sum_squares, m)?)?;

@@ -15,6 +15,12 @@ fn views<'py>(tensors: &Bound<'py, PyList>, keep: &mut Vec<Bound<'py, PyAny>>) -
     for (i, obj) in tensors.iter().enumerate() {
         let Unpacked { obj: handle, info } = unpack(&obj, &|| format!("sum_squares: tensor {i}"))?;
         keep.push(handle);
+        if !info.view.dtype().is_float() {
+            return Err(Error::DType(format!(
+                "sum_squares: tensor {i} has dtype {}; supported: torch.float32, torch.bfloat16, torch.float16, torch.float64",
+                info.view.dtype().name()
+            )));
+        }
         if info.view.device() != Device::Cpu {
             return Err(Error::Device(format!("sum_squares: tensor {i} is on {}, which this build's engine does not reduce yet", info.view.device())));
         }

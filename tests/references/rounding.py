@@ -43,3 +43,30 @@ def to_bf16_stochastic(x: torch.Tensor, stream_key: int) -> torch.Tensor:
     bits = x.detach().contiguous().view(torch.int32).numpy().reshape(-1).view(np.uint32)
     rounded = ((bits.astype(np.uint64) + random16(stream_key, bits.size)) >> 16).astype(np.uint16)
     return torch.from_numpy(rounded.view(np.int16).copy()).view(torch.bfloat16).reshape(x.shape)
+
+
+# -- weight corrections of bf16 parameters -----------------------------------------------------------
+# A bf16 weight ``hi`` (exponent field E) with int8 correction ``c`` stands for
+# ``hi + c·2^(e − 142)``, e = E clamped to [16, 254]; a float32 weight splits into its nearest bf16
+# value and ``c = round_half_even((x − hi)·2^(142 − e))`` clamped to [−127, 127] (0 for infinities
+# and NaN).
+
+
+def _unit_exponents(hi: torch.Tensor) -> torch.Tensor:
+    return ((hi.float().view(torch.int32) >> 23) & 0xFF).clamp(16, 254)
+
+
+def corrected(hi: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The float32 weight of bf16 ``hi`` and int8 correction ``c``."""
+    unit = ((_unit_exponents(hi) - 15) << 23).view(torch.float32)
+    w = hi.float() + c.float() * unit
+    return torch.where(torch.isfinite(hi.float()), w, hi.float())
+
+
+def split_corrected(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``x`` as (bf16 weight, int8 correction)."""
+    hi = x.to(torch.bfloat16)
+    inverse_unit = ((269 - _unit_exponents(hi)) << 23).view(torch.float32)
+    units = torch.round((x - hi.float()) * inverse_unit).clamp(-127, 127)
+    c = torch.where(torch.isfinite(hi.float()), units, torch.zeros_like(units))
+    return hi, c.to(torch.int8)

@@ -29,13 +29,13 @@ from .._staging import stage_groups
 from ..errors import DTypeError, InvalidArgumentError, LayoutError, SparseGradError, UnsupportedOptionError
 from . import _precision
 from ._fusion import FusedAverage, FusedRequest, fused_average, register_fused_average
-from ._precision import Rounding, StateDType
+from ._precision import WEIGHT_CORRECTION, Rounding, StateDType
 
 __all__ = ["FusedOptimizer", "Precision", "Rounding", "StateDType", "scalar", "sum_squares", "tensor_sum_squares"]
 
-#: A constructor's ``(state_dtype, rounding, rounding_seed)``, as it hands them to
-#: ``FusedOptimizer._init_emafuse_defaults``.
-Precision = tuple[StateDType, "Rounding | None", int]
+#: A constructor's ``(state_dtype, rounding, rounding_seed, weight_correction)``, as it hands them
+#: to ``FusedOptimizer._init_emafuse_defaults``.
+Precision = tuple[StateDType, "Rounding | None", int, bool]
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -209,8 +209,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     ``rounding=`` rounds every bfloat16 store of the step (parameters and state) to nearest or
     stochastically (the default for ``state_dtype=torch.bfloat16``), with counter-based random
     bits from ``rounding_seed`` and the group's applied-step count ``rounding_step``, both saved in
-    the state dict. ``load_state_dict`` keeps the optimizer's own ``state_dtype`` and
-    ``rounding`` and converts the checkpoint's state to them.
+    the state dict; ``weight_correction=True`` gives each bf16 parameter an int8 state tensor
+    (``weight_correction``) holding what rounding its weight to bf16 lost, read and written by the
+    engine with the weight. ``load_state_dict`` keeps the optimizer's own ``state_dtype``,
+    ``rounding`` and ``weight_correction`` and converts the checkpoint's state to them.
     """
 
     _rule: ClassVar[str]
@@ -309,7 +311,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _init_emafuse_defaults(self, check_finite: bool, grad_clip: Any, precision: Precision, **options: Any) -> None:
         """Add emafuse's options to the defaults and groups: ``check_finite``, ``grad_clip``
         (optimizer-wide: every group holds the same object), the lean-state ``precision``
-        (``state_dtype``, ``rounding``, ``rounding_seed``) and those the optimizer takes beyond its
+        (``state_dtype``, ``rounding``, ``rounding_seed``, ``weight_correction``) and those the optimizer takes beyond its
         reference's (``orthograd``, ``orthograd_rescale``; Adam's ``caution``, ``caution_norm``)."""
         who = type(self).__name__
         for key, value in {"check_finite": check_finite, **options}.items():
@@ -411,11 +413,13 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _shield_state_dtypes(self: FusedOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Pre-hook: keep this optimizer's ``state_dtype`` and ``rounding`` in the loaded groups,
-        cast float state tensors to ``_state_dtype`` where it differs from the parameter's dtype
-        (converting a checkpoint of another state precision), put scalar state other than
-        ``step`` in its own dtype, and box both so that torch's loader does not cast them."""
-        kept = ("state_dtype", "rounding")
+        """Pre-hook: keep this optimizer's ``state_dtype``, ``rounding`` and ``weight_correction``
+        in the loaded groups, cast float state tensors to ``_state_dtype`` where it differs from
+        the parameter's dtype (converting a checkpoint of another state precision), put scalar
+        state other than ``step`` in its own dtype, keep weight corrections where this optimizer
+        keeps them (dropping them elsewhere; missing ones start at zero), and box all these so
+        that torch's loader does not cast them."""
+        kept = ("state_dtype", "rounding", "weight_correction")
         loaded = [{**g, **{k: own[k] for k in kept if k in own}} for g, own in zip(state_dict["param_groups"], self.param_groups)]
         ids = chain.from_iterable(g["params"] for g in loaded)
         params = chain.from_iterable(g["params"] for g in self.param_groups)
@@ -428,17 +432,21 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             want = self._state_dtype(p, groups[pid])
             exact = [key for key in self._scalar_keys if key != "step" and key in st]
-            if want == p.dtype and not exact:
+            if want == p.dtype and not exact and WEIGHT_CORRECTION not in st:
                 continue
             if state is None:
                 state = dict(saved)
+            corrects = _precision.corrects(groups[pid], p)
             state[pid] = {
                 key: _Boxed(torch.as_tensor(float(v), dtype=self._scalar_dtype(key)), scalar=True)
                 if key in exact
+                else _Boxed(v)
+                if key == WEIGHT_CORRECTION
                 else _Boxed(v.to(dtype=want))
                 if isinstance(v, Tensor) and v.is_floating_point() and key not in self._scalar_keys
                 else v
                 for key, v in st.items()
+                if key != WEIGHT_CORRECTION or corrects
             }
         return {**state_dict, "param_groups": loaded + state_dict["param_groups"][len(loaded) :], "state": saved if state is None else state}
 
@@ -493,7 +501,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         st: dict[str, Tensor] = {key: _scalar_state(p, 0.0, self._scalar_dtype(key)) for key in self._scalar_keys}
         dtype = self._state_dtype(p, group)
         for name in slots:
-            st[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            st[name] = _precision.new_correction(p) if name == WEIGHT_CORRECTION else torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return st
 
     # -- the step ----------------------------------------------------------------------------
@@ -648,7 +656,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         targets = request.targets if request is not None else None
         plan = self.__dict__.get("_step_plan")
         applied = None
-        if plan is not None and not targets and plan.describes(self.state, slots):
+        if plan is not None and not targets and plan.describes(self.state, self._state_layout(slots)):
             try:
                 applied = plan.run(hypers, amp)
             except LayoutError:
@@ -699,7 +707,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             calls, originals, rows = _local_calls(who, self._rule, calls, hypers)
             sharded = (originals, rows)
         reduce = self._global_hypers if self._reads_global_sums else None
-        return _StepPlan(who, self._rule, calls, [g["params"] for g in self.param_groups], created, self.state, slots, sparse, sharded, reduce)
+        return _StepPlan(
+            who, self._rule, calls, [g["params"] for g in self.param_groups], created, self.state, self._state_layout(slots), sparse, sharded, reduce
+        )
+
+    def _state_layout(self, slots: list[tuple[str, ...]]) -> list[tuple[tuple[str, ...], bool]]:
+        """What the state of each group holds (given its slots): a plan built for other slots, or
+        with weight corrections switched since, no longer describes the optimizer."""
+        return [(s, bool(g.get("weight_correction", False))) for s, g in zip(slots, self.param_groups)]
 
     def _collect(
         self,
@@ -719,6 +734,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         want = len(slots) + len(scalar_keys)
         normal = _Call(gi, {}, slots, scalar_keys, keeps_state)
         fresh = _Call(gi, {"first": True}, slots, scalar_keys, keeps_state)
+        # bf16 parameters with a weight correction: the same calls with the correction as a last slot
+        corrected_slots = (*slots, WEIGHT_CORRECTION)
+        corrected = _Call(gi, {}, corrected_slots, scalar_keys, True)
+        corrected_fresh = _Call(gi, {"first": True}, corrected_slots, scalar_keys, True)
+        corrections = bool(group.get("weight_correction", False))
         get_state = self.state.get
         sparse_ok = self._supports_sparse_grads
         for p in group["params"]:
@@ -729,15 +749,20 @@ class FusedOptimizer(torch.optim.Optimizer):
             if sparse_ok and g.layout != torch.strided:
                 sparse.append(p)
                 continue
-            if not keeps_state:
+            corrects = corrections and _precision.corrects(group, p)
+            if not keeps_state and not corrects:
                 normal.add(p, g, None)
                 continue
             st = get_state(p)
             is_new = False
-            if st is None or len(st) < want:
-                st, is_new = self._complete_state(p, st, slots, group, created)
-            (fresh if is_new and self._flags_fresh_state else normal).add(p, g, st)
-        calls.extend(c for c in (normal, fresh) if c.params)
+            if st is None or len(st) < want + corrects or (corrects and WEIGHT_CORRECTION not in st):
+                st, is_new = self._complete_state(p, st, corrected_slots if corrects else slots, group, created)
+            elif not corrects and WEIGHT_CORRECTION in st:
+                # weight_correction was switched off: the correction would go stale
+                st = created[p] = {k: v for k, v in st.items() if k != WEIGHT_CORRECTION}
+            first = is_new and self._flags_fresh_state
+            ((corrected_fresh if first else corrected) if corrects else (fresh if first else normal)).add(p, g, st)
+        calls.extend(c for c in (normal, fresh, corrected, corrected_fresh) if c.params)
 
     def _check_operands(self, gi: int, p: Tensor, g: Tensor) -> None:
         """Refuse, before any state is made, a parameter or gradient the engine cannot update
@@ -783,10 +808,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             return st, False
         fixed = dict(st)
         # New slots (e.g. amsgrad switched on) take the dtype of the slots already there.
-        present = [st[name] for name in slots if name in st]
+        present = [st[name] for name in slots if name in st and name != WEIGHT_CORRECTION]
         dtype = present[0].dtype if present else self._state_dtype(p, group)
         for name in missing:
-            fixed[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            fixed[name] = _precision.new_correction(p) if name == WEIGHT_CORRECTION else torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         created[p] = fixed
         return fixed, False
 
@@ -889,7 +914,8 @@ class _Call:
 class _StepPlan:
     """An optimizer's native step plan (``_native.StepPlan``) with what decides whether it still
     describes the optimizer: the ``optimizer.state`` it was built from (its object and change
-    count) and each group's state slots (which follow the group's flags). The native plan checks
+    count) and each group's state layout (its slots, which follow the group's flags, and whether
+    it keeps weight corrections). The native plan checks
     the rest at every run (the parameter lists and their gradients, each state dict's entries,
     every tensor's memory and metadata) and refuses to run, writing nothing, when anything
     changed; the optimizer then builds a new plan.
@@ -905,7 +931,7 @@ class _StepPlan:
         watch: list[list[Tensor]],
         created: dict[Tensor, dict[str, Tensor]],
         state: _StateDict,
-        slots: list[tuple[str, ...]],
+        layout: list[tuple[tuple[str, ...], bool]],
         sparse: list[Tensor],
         sharded: tuple[list[list[Tensor]], _dtensor.ShardRows] | None = None,
         reduce: Callable[[list[_Call], list[Tensor], list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
@@ -913,7 +939,7 @@ class _StepPlan:
         self.who = who
         self.calls = calls
         self.created = created
-        self.slots = slots
+        self.layout = layout
         self.params = [p for c in calls for p in c.params]
         self.fused = {id(p) for c in calls if c.extra.get("ema") for p in c.params}
         self.sparse = sparse
@@ -991,8 +1017,8 @@ class _StepPlan:
                 grads.append(g)
         return grads
 
-    def describes(self, state: Any, slots: list[tuple[str, ...]]) -> bool:
-        return state is self._state and state.version == self._version and slots == self.slots
+    def describes(self, state: Any, layout: list[tuple[tuple[str, ...], bool]]) -> bool:
+        return state is self._state and state.version == self._version and layout == self.layout
 
     def run(self, hypers: list[dict[str, Any]], amp: tuple) -> bool | None:
         """One step (the first run validates every tensor into a native plan); None if the

@@ -1,5 +1,6 @@
 """Lean optimizer state: the dtype an optimizer stores its state tensors in (``state_dtype=``),
-how bf16 stores are rounded (``rounding=``), and the seeded random bits of stochastic rounding.
+how bf16 stores are rounded (``rounding=``), the seeded random bits of stochastic rounding, and
+the weight corrections of bf16 parameters (``weight_correction=``).
 
 The random bits are counter based (``src/rounding.rs``): each step hands the engine one key per
 param group, made here from the group's ``rounding_seed`` and ``rounding_step`` (the number of
@@ -14,6 +15,7 @@ from typing import Any, Literal
 
 import torch
 
+from .. import _native
 from ..errors import DTypeError, UnsupportedOptionError
 
 __all__ = ["Rounding", "StateDType"]
@@ -28,11 +30,16 @@ ROUNDINGS = ("nearest", "stochastic")
 _MASK64 = (1 << 64) - 1
 
 
-def precision_options(who: str, state_dtype: StateDType, rounding: str | None, rounding_seed: int) -> dict[str, Any]:
-    """The param group entries of the constructor's ``state_dtype``, ``rounding`` and
-    ``rounding_seed``, checked. (A group's ``rounding_step`` counter appears with its first
-    stochastically rounded step.)"""
-    options = {"state_dtype": state_dtype, "rounding": rounding, "rounding_seed": rounding_seed}
+#: The state entry of a bf16 parameter's weight correction (an int8 tensor shaped like it; the
+#: engine's name, ``src/rounding.rs``).
+WEIGHT_CORRECTION: str = _native.WEIGHT_CORRECTION
+
+
+def precision_options(who: str, state_dtype: StateDType, rounding: str | None, rounding_seed: int, weight_correction: bool) -> dict[str, Any]:
+    """The param group entries of the constructor's ``state_dtype``, ``rounding``,
+    ``rounding_seed`` and ``weight_correction``, checked. (A group's ``rounding_step`` counter
+    appears with its first stochastically rounded step.)"""
+    options = {"state_dtype": state_dtype, "rounding": rounding, "rounding_seed": rounding_seed, "weight_correction": weight_correction}
     check_group(who, options)
     return options
 
@@ -53,6 +60,21 @@ def check_group(who: str, group: dict[str, Any]) -> None:
     seed = group.get("rounding_seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MASK64:
         raise ValueError(f"{who}: rounding_seed must be an int in [0, 2**64), got {seed!r}")
+    if not isinstance(group.get("weight_correction", False), bool):
+        raise TypeError(f"{who}: weight_correction must be a bool, got {group['weight_correction']!r}")
+
+
+def corrects(group: dict[str, Any], p: torch.Tensor) -> bool:
+    """Whether ``p`` (of ``group``) keeps a weight correction: a 16-bit parameter of a group with
+    ``weight_correction=True`` (float32 and float64 weights need none: they are their own master
+    copy; the engine refuses float16 ones, which it cannot correct yet)."""
+    return p.dtype in (torch.bfloat16, torch.float16) and bool(group.get("weight_correction", False))
+
+
+def new_correction(p: torch.Tensor) -> torch.Tensor:
+    """The weight correction of a bf16 parameter that has none yet: zeros (the weight is exactly
+    its bf16 value)."""
+    return torch.zeros_like(p, dtype=torch.int8, memory_format=torch.preserve_format)
 
 
 def effective_rounding(group: dict[str, Any]) -> str:

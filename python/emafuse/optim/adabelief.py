@@ -87,6 +87,7 @@ class AdaBelief(FusedOptimizer):
         state_dtype: StateDType = None,
         rounding: Rounding | None = None,
         rounding_seed: int = 0,
+        weight_correction: bool = False,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
     ) -> None:
@@ -104,7 +105,7 @@ class AdaBelief(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed), orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction), orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

@@ -134,6 +134,16 @@ class AdamW(_AdamRule, torch.optim.AdamW):
       (``rounding_step``, in the param group and so in ``state_dict``) and each element's
       position, so a resumed run rounds bit for bit as the uninterrupted one. Steps captured in
       a CUDA graph cannot round stochastically (the key would be replayed).
+    * ``weight_correction`` (default False): bf16 parameters keep an int8 state tensor
+      ``weight_correction`` with what rounding the weight to bf16 lost, in 1/256 of its ulp, so
+      that weight and correction hold the weight to about 16 significant bits, enough for
+      updates far below a bf16 ulp, without randomness: bf16 weights, bf16 moments and the
+      correction take 7 bytes per parameter (an fp32 master copy with fp32 moments: 14 with the
+      bf16 weights). The engine reads the corrected weight, updates it in fp32 and stores it
+      back rounded to nearest with its new correction; ``rounding`` then applies to the state
+      only. Parameters of other dtypes need none (float32 and float64 weights are their own
+      master copy) and keep none; float16 ones are refused. CPU only so far: on CUDA the step
+      raises a ``DeviceError`` saying so.
     """
 
     def __init__(
@@ -155,6 +165,7 @@ class AdamW(_AdamRule, torch.optim.AdamW):
         state_dtype: StateDType = None,
         rounding: Rounding | None = None,
         rounding_seed: int = 0,
+        weight_correction: bool = False,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
         caution: bool = False,
@@ -174,7 +185,7 @@ class AdamW(_AdamRule, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
-        self._init_adam_options(check_finite, grad_clip, (state_dtype, rounding, rounding_seed), orthograd, orthograd_rescale, caution, caution_norm)
+        self._init_adam_options(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction), orthograd, orthograd_rescale, caution, caution_norm)
 
 
 class Adam(_AdamRule, torch.optim.Adam):
@@ -208,6 +219,7 @@ class Adam(_AdamRule, torch.optim.Adam):
         state_dtype: StateDType = None,
         rounding: Rounding | None = None,
         rounding_seed: int = 0,
+        weight_correction: bool = False,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
         caution: bool = False,
@@ -228,4 +240,4 @@ class Adam(_AdamRule, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        self._init_adam_options(check_finite, grad_clip, (state_dtype, rounding, rounding_seed), orthograd, orthograd_rescale, caution, caution_norm)
+        self._init_adam_options(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction), orthograd, orthograd_rescale, caution, caution_norm)

@@ -60,6 +60,7 @@ class AdaMod(FusedOptimizer):
         state_dtype: StateDType = None,
         rounding: Rounding | None = None,
         rounding_seed: int = 0,
+        weight_correction: bool = False,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
     ) -> None:
@@ -69,7 +70,7 @@ class AdaMod(FusedOptimizer):
         check_hyper(weight_decay=weight_decay)
         defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed), orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction), orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:

@@ -81,6 +81,7 @@ class AdEMAMix(FusedOptimizer):
         state_dtype: StateDType = None,
         rounding: Rounding | None = None,
         rounding_seed: int = 0,
+        weight_correction: bool = False,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
     ) -> None:
@@ -103,7 +104,7 @@ class AdEMAMix(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed), orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction), orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "t_alpha_beta3" in param_group:

@@ -228,6 +228,7 @@ class Momo(_MomoBase):
         state_dtype: StateDType = None,
         rounding: Rounding | None = None,
         rounding_seed: int = 0,
+        weight_correction: bool = False,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -239,7 +240,7 @@ class Momo(_MomoBase):
             lr=lr, weight_decay=weight_decay, beta=beta, lb=lb, bias_correction=bias_correction, use_fstar=use_fstar, maximize=maximize
         )
         super().__init__(params, defaults)
-        self._init_counters(check_finite, grad_clip, (state_dtype, rounding, rounding_seed))
+        self._init_counters(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction))
 
     def _next_loss_avg(self, k: int, loss_avg: float, loss: float) -> float:
         beta = float(self.defaults["beta"])
@@ -309,13 +310,14 @@ class MomoAdam(_MomoBase):
         state_dtype: StateDType = None,
         rounding: Rounding | None = None,
         rounding_seed: int = 0,
+        weight_correction: bool = False,
     ) -> None:
         check_hyper(lr=lr, eps=eps, betas=betas)
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight decay: {weight_decay}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lb=lb, divide=divide, use_fstar=use_fstar, maximize=maximize)
         super().__init__(params, defaults)
-        self._init_counters(check_finite, grad_clip, (state_dtype, rounding, rounding_seed))
+        self._init_counters(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction))
 
     def _next_loss_avg(self, k: int, loss_avg: float, loss: float) -> float:
         beta1 = scalar(self.param_groups[-1]["betas"][0])

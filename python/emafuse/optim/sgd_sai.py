@@ -65,6 +65,7 @@ class SGDSaI(FusedOptimizer):
         state_dtype: StateDType = None,
         rounding: Rounding | None = None,
         rounding_seed: int = 0,
+        weight_correction: bool = False,
     ) -> None:
         check_hyper(lr=lr, eps=eps)
         if not 0.0 <= momentum < 1.0:
@@ -72,7 +73,7 @@ class SGDSaI(FusedOptimizer):
         check_hyper(weight_decay=weight_decay)
         defaults = dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed))
+        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction))
 
     def _scalar_dtype(self, key: str) -> torch.dtype:
         return torch.float64
