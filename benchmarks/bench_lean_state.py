@@ -43,8 +43,6 @@ class Config:
     dtype: torch.dtype
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
     max_params: int = 1 << 62
-    # whether it runs on CUDA (weight corrections are CPU only so far)
-    cuda: bool = True
 
 
 ADAMW = dict(lr=1e-3, weight_decay=0.01)
@@ -56,12 +54,7 @@ CONFIGS = [
     Config("emafuse bf16 weights and state, nearest", BF16, lambda ps: emafuse.AdamW(ps, **ADAMW)),
     Config("emafuse bf16 weights and state, stochastic", BF16, lambda ps: emafuse.AdamW(ps, **ADAMW, rounding="stochastic")),
     Config("emafuse bf16 weights, fp32 state, stochastic", BF16, lambda ps: emafuse.AdamW(ps, **ADAMW, state_dtype=torch.float32, rounding="stochastic")),
-    Config(
-        "emafuse bf16 weights + int8 correction, bf16 state",
-        BF16,
-        lambda ps: emafuse.AdamW(ps, **ADAMW, state_dtype=BF16, weight_correction=True),
-        cuda=False,
-    ),
+    Config("emafuse bf16 weights + int8 correction, bf16 state", BF16, lambda ps: emafuse.AdamW(ps, **ADAMW, state_dtype=BF16, weight_correction=True)),
 ]
 if bitsandbytes is not None:
     CONFIGS.append(
@@ -92,7 +85,7 @@ def measure(shapes, rounds: int, steps: int, device: torch.device) -> dict[str, 
     CUDA the device is drained before and after each timed step."""
     timer = device_timer(device)
     # bitsandbytes' CPU path is unfused (slow); on CUDA it runs everywhere
-    limit = (lambda c: c.cuda) if device.type == "cuda" else (lambda c: numel(shapes) <= c.max_params)
+    limit = (lambda c: True) if device.type == "cuda" else (lambda c: numel(shapes) <= c.max_params)
     runs = {}
     for c in filter(limit, CONFIGS):
         params = on(device, make_params(shapes, c.dtype))

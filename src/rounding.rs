@@ -17,7 +17,7 @@
 //! is stored again unchanged. A step reads the corrected weight, updates it in f32, and splits
 //! the result into its nearest bf16 and the rounded remainder: about 16 significant bits of
 //! master weight for 3 bytes instead of the 6 of a bf16 weight with an fp32 master copy.
-//! (`kernels/common.cuh` has no twin yet: the CUDA engine refuses corrections.)
+//! The CUDA twin is `kernels/common.cuh`'s `ef_corrected` / `ef_split_corrected`.
 
 use crate::batch::Batch;
 use crate::dtype::DType;
@@ -100,6 +100,10 @@ pub const WEIGHT_CORRECTION: &str = "weight_correction";
 /// own bf16 value.
 const MAX_CORRECTION: f32 = 127.0;
 
+/// 1.5·2^23: adding it to a float of magnitude below 2^22 rounds it to an integer (half to even,
+/// as every float addition rounds), which the low bits of the sum then hold in two's complement.
+const ROUND_TO_INTEGER: f32 = 12_582_912.0;
+
 /// The exponent field that sets the correction unit of the bf16 value `hi` (see the module docs).
 #[inline(always)]
 fn correction_exponent(hi: f32) -> u32 {
@@ -107,27 +111,23 @@ fn correction_exponent(hi: f32) -> u32 {
 }
 
 /// The weight the bf16 value `hi` and its correction `c` stand for (exact in f32). Infinities
-/// and NaN carry no correction.
+/// and NaN stay as they are (adding a finite number does not change them).
 #[inline(always)]
 pub fn corrected(hi: f32, c: i8) -> f32 {
-    if !hi.is_finite() {
-        return hi;
-    }
     hi + c as f32 * f32::from_bits((correction_exponent(hi) - 15) << 23)
 }
 
 /// `x` split into its nearest bf16 value (the bits) and the correction that restores it to
-/// 1/256 of that value's ulp (0 for infinities and NaN).
+/// 1/256 of that value's ulp (0 for infinities and NaN). Branch-free, so that it vectorises.
 #[inline(always)]
 pub fn split_corrected(x: f32) -> (u16, i8) {
     let bits = bf16_nearest(x);
     let hi = f32::from_bits((bits as u32) << 16);
-    if !hi.is_finite() {
-        return (bits, 0);
-    }
-    // x − hi is exact (hi is x's nearest bf16), and so is the product with a power of two.
-    let units = (x - hi) * f32::from_bits((269 - correction_exponent(hi)) << 23);
-    (bits, units.round_ties_even().clamp(-MAX_CORRECTION, MAX_CORRECTION) as i8)
+    // x − hi is exact (hi is x's nearest bf16), and so is the product with a power of two; max
+    // and min also turn the NaN of a non-finite x into a bound, replaced by 0 below.
+    let units = ((x - hi) * f32::from_bits((269 - correction_exponent(hi)) << 23)).max(-MAX_CORRECTION).min(MAX_CORRECTION);
+    let c = (units + ROUND_TO_INTEGER).to_bits() as u8 as i8;
+    (bits, if hi.is_finite() { c } else { 0 })
 }
 
 #[cfg(test)]
@@ -209,5 +209,10 @@ mod tests {
         let (nan, c) = split_corrected(f32::NAN);
         assert!(f32::from_bits((nan as u32) << 16).is_nan() && c == 0);
         assert!(corrected(f32::from_bits((nan as u32) << 16), 5).is_nan());
+        assert_eq!(corrected(f32::INFINITY, -127), f32::INFINITY);
+        // the rounding to an integer is half to even, as the reference's
+        for (units, want) in [(2.5f32, 2i8), (3.5, 4), (-2.5, -2), (-0.5, 0), (126.5, 126), (-126.5, -126)] {
+            assert_eq!((units + ROUND_TO_INTEGER).to_bits() as u8 as i8, want, "{units}");
+        }
     }
 }

@@ -325,6 +325,28 @@ def test_lean_state_cuda_rounds_as_the_cpu(dtype, kw):
                 torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
+def test_weight_corrections_on_cuda_follow_the_cpu():
+    """bf16 weights with corrections and bf16 state, 5 AdamW steps on both engines: the corrected
+    weights agree to a few correction units (the fp32 math may differ by an ulp, see above) and
+    the kernel splits every weight as the reference does."""
+    from references import rounding as ref
+
+    cpu = make_params(ODD, dtype=torch.bfloat16, seed=6)
+    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    kw = dict(lr=1e-2, weight_decay=0.1, state_dtype=torch.bfloat16, weight_correction=True)
+    a, b = emafuse.AdamW(cpu, **kw), emafuse.AdamW(gpu, **kw)
+    steps(a, cpu, 5)
+    steps(b, gpu, 5)
+    for p, q in zip(cpu, gpu):
+        c = b.state[q]["weight_correction"]
+        assert c.dtype == torch.int8 and c.is_cuda
+        mine = ref.corrected(q.detach().cpu(), c.cpu())
+        hi, lo = ref.split_corrected(mine)
+        assert torch.equal(hi.view(torch.int16), q.detach().cpu().view(torch.int16)) and torch.equal(lo, c.cpu())
+        theirs = ref.corrected(p.detach(), a.state[p]["weight_correction"])
+        torch.testing.assert_close(mine, theirs, rtol=2.0**-13, atol=1e-30)
+
+
 def test_stochastic_rounding_is_refused_in_a_captured_graph():
     params = cuda_params([(4097,)], dtype=torch.bfloat16)
     opt = emafuse.AdamW(params, lr=1e-2, rounding="stochastic")

@@ -282,6 +282,13 @@ def test_cuda_rule_equals_rust_rule_on_the_cpu(variant, tmp_path, host_dir):
 ROUNDING_HARNESS = r"""
 #define EF_HOST
 #include "common.cuh"
+// Weight corrections: x split into bf16 bits and corrections, and those joined back.
+extern "C" void split_corrected(const float* x, ef_u16* hi, signed char* c, long n) {
+    for (long i = 0; i < n; ++i) c[i] = ef_split_corrected(x[i], &hi[i]);
+}
+extern "C" void join_corrected(const ef_u16* hi, const signed char* c, float* w, long n) {
+    for (long i = 0; i < n; ++i) w[i] = ef_corrected(ef_bf16_to_float(hi[i]), c[i]);
+}
 // Element i of a stream: the bf16 bits of x[i] rounded stochastically, as the kernels store them.
 extern "C" void round_bf16(ef_u64 step_key, ef_u64 first_member, ef_u64 tensor, ef_u64 array, const float* x, ef_u16* out, long n) {
     ef_u64 batch_key = ef_mix64(step_key ^ ef_mix64(first_member));  // src/rounding.rs batch_key (done on the host there)
@@ -295,18 +302,46 @@ extern "C" void round_bf16(ef_u64 step_key, ef_u64 first_member, ef_u64 tensor, 
 """
 
 
-def test_cuda_stochastic_rounding_equals_the_reference(tmp_path):
-    """The kernels' bf16 stochastic rounding (``common.cuh``), built as host C++, against the
-    reference written from ``src/rounding.rs``, which the CPU engine equals (test_lean_state)."""
-    from references import rounding as ref
-
+@pytest.fixture(scope="module")
+def rounding_lib(tmp_path_factory):
+    """``common.cuh``'s rounding built as host C++ (``ROUNDING_HARNESS``)."""
     if shutil.which("g++") is None:
         pytest.fail("g++ is needed to check the CUDA rounding on the CPU")
+    tmp_path = tmp_path_factory.mktemp("rounding")
     shutil.copy(KERNELS / "common.cuh", tmp_path / "common.cuh")
     (tmp_path / "harness.cpp").write_text(ROUNDING_HARNESS)
     lib_path = tmp_path / "rounding.so"
     subprocess.run(["g++", "-O2", "-std=c++17", "-shared", "-fPIC", str(tmp_path / "harness.cpp"), "-o", str(lib_path)], check=True, capture_output=True)
-    lib = ctypes.CDLL(str(lib_path))
+    return ctypes.CDLL(str(lib_path))
+
+
+def test_cuda_weight_corrections_equal_the_reference(rounding_lib):
+    """The kernels' split of a weight into bf16 and correction and their join (``common.cuh``),
+    built as host C++, against the reference the CPU engine equals (test_lean_state): magnitudes
+    across the whole float range, ties, infinities and NaN."""
+    from references import rounding as ref
+
+    g = torch.Generator().manual_seed(5)
+    bits = torch.randint(-(2**31), 2**31 - 1, (20000,), generator=g, dtype=torch.int64).to(torch.int32)
+    x = torch.cat([bits.view(torch.float32), torch.tensor([0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-9, float("inf"), -float("inf"), float("nan"), 3.4e38])])
+    n = x.numel()
+    hi, c = torch.empty(n, dtype=torch.int16), torch.empty(n, dtype=torch.int8)
+    rounding_lib.split_corrected(ptr(x), ptr(hi), ptr(c), ctypes.c_long(n))
+    want_hi, want_c = ref.split_corrected(x)
+    same_hi = (hi == want_hi.view(torch.int16)) | (want_hi.isnan() & hi.view(torch.bfloat16).isnan())
+    assert same_hi.all() and torch.equal(c, want_c)
+    w = torch.empty(n, dtype=torch.float32)
+    rounding_lib.join_corrected(ptr(hi), ptr(c), ptr(w), ctypes.c_long(n))
+    want_w = ref.corrected(want_hi, want_c)
+    assert torch.equal(w.isnan(), want_w.isnan()) and torch.equal(w[~w.isnan()], want_w[~want_w.isnan()])
+
+
+def test_cuda_stochastic_rounding_equals_the_reference(rounding_lib):
+    """The kernels' bf16 stochastic rounding (``common.cuh``), built as host C++, against the
+    reference written from ``src/rounding.rs``, which the CPU engine equals (test_lean_state)."""
+    from references import rounding as ref
+
+    lib = rounding_lib
     x = torch.randn(5001, generator=torch.Generator().manual_seed(4), dtype=torch.float64).float() * 3
     for step_key, member, tensor, array in [(12345, 0, 0, 0), (2**53 - 1, 7, 3, 2), (1, 1, 100, 4)]:
         out = torch.empty(x.numel(), dtype=torch.int16)

@@ -234,13 +234,6 @@ impl RuleVisitor for Planner<'_> {
             return Err(Error::Internal("CUDA planner given a CPU batch".into()));
         };
         check_state::<Ru>(self.hyper, b.group, &b.slot_names, &b.scalar_names, b.has_input(), b.input_dtype != b.param_dtype)?;
-        if !b.corrections.is_empty() {
-            return Err(Error::Device(format!(
-                "param group {}: weight corrections (weight_correction=True) are applied by the CPU engine only so far; on CUDA, \
-                 train bf16 parameters with rounding='stochastic' instead, or keep float32 master weights",
-                b.group
-            )));
-        }
         let program = Program::of::<Ru>()?;
         if b.scalars.iter().any(|s| s.dtype() != DType::F32) {
             return Err(Error::DType("scalar state of CUDA parameters (e.g. 'step') must be float32".into()));

@@ -142,8 +142,7 @@ class AdamW(_AdamRule, torch.optim.AdamW):
       bf16 weights). The engine reads the corrected weight, updates it in fp32 and stores it
       back rounded to nearest with its new correction; ``rounding`` then applies to the state
       only. Parameters of other dtypes need none (float32 and float64 weights are their own
-      master copy) and keep none; float16 ones are refused. CPU only so far: on CUDA the step
-      raises a ``DeviceError`` saying so.
+      master copy) and keep none; float16 ones are refused.
     """
 
     def __init__(
@@ -185,7 +184,8 @@ class AdamW(_AdamRule, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
-        self._init_adam_options(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction), orthograd, orthograd_rescale, caution, caution_norm)
+        precision = (state_dtype, rounding, rounding_seed, weight_correction)
+        self._init_adam_options(check_finite, grad_clip, precision, orthograd, orthograd_rescale, caution, caution_norm)
 
 
 class Adam(_AdamRule, torch.optim.Adam):
@@ -240,4 +240,5 @@ class Adam(_AdamRule, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        self._init_adam_options(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction), orthograd, orthograd_rescale, caution, caution_norm)
+        precision = (state_dtype, rounding, rounding_seed, weight_correction)
+        self._init_adam_options(check_finite, grad_clip, precision, orthograd, orthograd_rescale, caution, caution_norm)

@@ -70,7 +70,8 @@ class AdaMod(FusedOptimizer):
         check_hyper(weight_decay=weight_decay)
         defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction), orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        precision = (state_dtype, rounding, rounding_seed, weight_correction)
+        self._init_emafuse_defaults(check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:

@@ -104,7 +104,8 @@ class AdEMAMix(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction), orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        precision = (state_dtype, rounding, rounding_seed, weight_correction)
+        self._init_emafuse_defaults(check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "t_alpha_beta3" in param_group:

@@ -63,7 +63,8 @@ class DiffGrad(FusedOptimizer):
         check_hyper(lr=lr, eps=eps, betas=betas, weight_decay=weight_decay)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction), orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        precision = (state_dtype, rounding, rounding_seed, weight_correction)
+        self._init_emafuse_defaults(check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:

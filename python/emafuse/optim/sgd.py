@@ -72,7 +72,8 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             differentiable=differentiable,
             fused=fused,
         )
-        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction), orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        precision = (state_dtype, rounding, rounding_seed, weight_correction)
+        self._init_emafuse_defaults(check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
 
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:

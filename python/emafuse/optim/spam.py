@@ -112,7 +112,8 @@ class SPAM(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction), orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        precision = (state_dtype, rounding, rounding_seed, weight_correction)
+        self._init_emafuse_defaults(check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
         self._this_step: tuple[int, float, bool] = (1, 1.0, False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

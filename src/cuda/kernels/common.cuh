@@ -190,36 +190,78 @@ EF_FN ef_u16 ef_bf16_stochastic(float f, ef_u32 r16) {
     return (ef_u16)((u + r16) >> 16);
 }
 
+// ---- weight corrections of bf16 parameters (src/rounding.rs, bit for bit) --------------------
+// A bf16 weight hi (exponent field E) with int8 correction c stands for hi + c·2^(e − 142), e = E
+// clamped to [16, 254]; a float splits into its nearest bf16 value and the rounded remainder.
+
+EF_FN ef_u32 ef_correction_exponent(float hi) {
+    ef_u32 e = (ef_float_to_bits(hi) >> 23) & 0xffu;
+    return e < 16u ? 16u : (e > 254u ? 254u : e);
+}
+// The weight of bf16 value hi with correction c (exact; infinities and NaN stay as they are).
+EF_FN float ef_corrected(float hi, signed char c) { return hi + (float)c * ef_bits_to_float((ef_correction_exponent(hi) - 15u) << 23); }
+// x as its nearest bf16 value (the bits, into *bits) and the correction (0 for infinities and NaN).
+EF_FN signed char ef_split_corrected(float x, ef_u16* bits) {
+    *bits = ef_float_to_bf16(x);
+    float hi = ef_bf16_to_float(*bits);
+    float units = (x - hi) * ef_bits_to_float((269u - ef_correction_exponent(hi)) << 23);  // exact
+    units = units != units || units < -127.0f ? -127.0f : (units > 127.0f ? 127.0f : units);
+    // adding 1.5·2^23 rounds to an integer, half to even, held by the low bits in two's complement
+    signed char c = (signed char)(unsigned char)(ef_float_to_bits(units + 12582912.0f) & 0xffu);
+    return hi - hi == 0.0f ? c : (signed char)0;
+}
+
 // Load/store one element of storage type S as compute type R; `store_sr` rounds with the 16
 // random bits `r16` (bf16 only: the compute types store exactly, fp16 is refused on the host).
+// `load_corrected` / `store_corrected` read and write a parameter with its weight correction
+// (bf16 only: the host refuses corrections of other parameters, so the others never run).
 template <class S, class R> struct EfElem;
 template <> struct EfElem<float, float> {
     EF_FN static float load(const float* p) { return *p; }
     EF_FN static void store(float* p, float x) { *p = x; }
     EF_FN static void store_sr(float* p, float x, ef_u32) { *p = x; }
+    EF_FN static float load_corrected(const float* p, signed char) { return *p; }
+    EF_FN static void store_corrected(float* p, float x, signed char* c) { *p = x; *c = 0; }
 };
 template <> struct EfElem<double, double> {
     EF_FN static double load(const double* p) { return *p; }
     EF_FN static void store(double* p, double x) { *p = x; }
     EF_FN static void store_sr(double* p, double x, ef_u32) { *p = x; }
+    EF_FN static double load_corrected(const double* p, signed char) { return *p; }
+    EF_FN static void store_corrected(double* p, double x, signed char* c) { *p = x; *c = 0; }
 };
 template <> struct EfElem<ef_bf16, float> {
     EF_FN static float load(const ef_bf16* p) { return ef_bf16_to_float(p->bits); }
     EF_FN static void store(ef_bf16* p, float x) { p->bits = ef_float_to_bf16(x); }
     EF_FN static void store_sr(ef_bf16* p, float x, ef_u32 r16) { p->bits = ef_bf16_stochastic(x, r16); }
+    EF_FN static float load_corrected(const ef_bf16* p, signed char c) { return ef_corrected(ef_bf16_to_float(p->bits), c); }
+    EF_FN static void store_corrected(ef_bf16* p, float x, signed char* c) { *c = ef_split_corrected(x, &p->bits); }
 };
 #ifndef EF_HOST
 template <> struct EfElem<ef_f16, float> {
     EF_FN static float load(const ef_f16* p) { return ef_f16_to_float(p->bits); }
     EF_FN static void store(ef_f16* p, float x) { p->bits = ef_float_to_f16(x); }
     EF_FN static void store_sr(ef_f16* p, float x, ef_u32) { p->bits = ef_float_to_f16(x); }
+    EF_FN static float load_corrected(const ef_f16* p, signed char) { return ef_f16_to_float(p->bits); }
+    EF_FN static void store_corrected(ef_f16* p, float x, signed char* c) { p->bits = ef_float_to_f16(x); *c = 0; }
 };
 #endif
+
+// A parameter element, with its weight correction when the tensor has them (`corr` not null).
+template <class P, class R> EF_FN R ef_load_param(const P* p, const signed char* corr, ef_i64 i) {
+    return corr != nullptr ? EfElem<P, R>::load_corrected(p + i, corr[i]) : EfElem<P, R>::load(p + i);
+}
 
 // A store of element `i` of an array: stochastic with the array's stream when `sr`.
 template <class S, class R> EF_FN void ef_store(S* p, R x, bool sr, ef_u32 stream, ef_i64 i) {
     if (sr) EfElem<S, R>::store_sr(p, x, ef_random16(stream, (ef_u32)i));
     else EfElem<S, R>::store(p, x);
+}
+// A store of parameter element `i` (at `p`): with its new weight correction when the tensor has
+// them (`corr` not null; rounded to nearest), else as `ef_store`.
+template <class P, class R> EF_FN void ef_store_param(P* p, R x, signed char* corr, bool sr, ef_u32 stream, ef_i64 i) {
+    if (corr != nullptr) EfElem<P, R>::store_corrected(p, x, corr + i);
+    else ef_store<P, R>(p, x, sr, stream, i);
 }
 
 // The Cautious optimizers' sums [Σφ, numel] and per-tensor factor (src/rules/mod.rs

@@ -26,6 +26,7 @@ struct EfTensor {  // layout of the Rust `cuda::table::TensorEntry` (#[repr(C)])
     const void* g;
     void* s[EF_MAX_SLOTS];
     float* scalars[EF_MAX_SCALARS];
+    signed char* corr;  // the parameter's weight corrections, or null
     ef_i64 numel;
     ef_i64 first_block;
 };
@@ -54,7 +55,7 @@ __device__ __forceinline__ bool ef_aligned(const void* p) {
 
 template <class Rule, class R, class P, class G, class S>
 __device__ __forceinline__ void ef_update_one(const typename Rule::template Coeffs<R>& c, R factor, R unscale, bool store_grad, P* p, G* g,
-                                              S* const* st, bool sr, const ef_u32* streams, ef_i64 i) {
+                                              S* const* st, signed char* corr, bool sr, const ef_u32* streams, ef_i64 i) {
     R s[EF_MAX_SLOTS];
 #pragma unroll
     for (int k = 0; k < EF_SLOTS; ++k) s[k] = EfElem<S, R>::load(st[k] + i);
@@ -64,8 +65,8 @@ __device__ __forceinline__ void ef_update_one(const typename Rule::template Coef
         gv = graw * factor;
         if (store_grad) EfElem<G, R>::store(g + i, graw * unscale);  // AMP: .grad left unscaled, as torch's fused kernels
     }
-    R pv = Rule::template update<R>(c, EfElem<P, R>::load(p + i), gv, s);
-    ef_store<P, R>(p + i, pv, sr, streams[0], i);
+    R pv = Rule::template update<R>(c, ef_load_param<P, R>(p, corr, i), gv, s);
+    ef_store_param<P, R>(p + i, pv, corr, sr, streams[0], i);
 #pragma unroll
     for (int k = 0; k < EF_WRITTEN_SLOTS; ++k) ef_store<S, R>(st[k] + i, s[k], sr, streams[1 + k], i);
 }
@@ -115,6 +116,7 @@ __device__ __forceinline__ void ef_step_impl(const EfHyper& hyper, const EfTenso
     ef_i64 end = T.numel < start + EF_CHUNK ? T.numel : start + EF_CHUNK;
     P* p = (P*)T.p;
     G* g = (G*)T.g;
+    signed char* corr = T.corr;
     S* st[EF_MAX_SLOTS];
     bool aligned = ef_aligned<P>(p) && (!EF_READS_INPUT || ef_aligned<G>(g));
 #pragma unroll
@@ -141,8 +143,8 @@ __device__ __forceinline__ void ef_step_impl(const EfHyper& hyper, const EfTenso
                 gj = graw * factor;
                 if (store_grad) EfElem<G, R>::store(&gv.v[j], graw * unscale);
             }
-            R pj = Rule::template update<R>(c, EfElem<P, R>::load(&pv.v[j]), gj, s);
-            ef_store<P, R>(&pv.v[j], pj, sr, streams[0], i + j);
+            R pj = Rule::template update<R>(c, corr != nullptr ? EfElem<P, R>::load_corrected(&pv.v[j], corr[i + j]) : EfElem<P, R>::load(&pv.v[j]), gj, s);
+            ef_store_param<P, R>(&pv.v[j], pj, corr, sr, streams[0], i + j);
 #pragma unroll
             for (int k = 0; k < EF_WRITTEN_SLOTS; ++k) ef_store<S, R>(&sv[k].v[j], s[k], sr, streams[1 + k], i + j);
         }
@@ -151,7 +153,7 @@ __device__ __forceinline__ void ef_step_impl(const EfHyper& hyper, const EfTenso
 #pragma unroll
         for (int k = 0; k < EF_WRITTEN_SLOTS; ++k) *(EfVec<S>*)(st[k] + i) = sv[k];
     }
-    for (ef_i64 i = vec_end + threadIdx.x; i < end; i += blockDim.x) ef_update_one<Rule, R, P, G, S>(c, factor, unscale, store_grad, p, g, st, sr, streams, i);
+    for (ef_i64 i = vec_end + threadIdx.x; i < end; i += blockDim.x) ef_update_one<Rule, R, P, G, S>(c, factor, unscale, store_grad, p, g, st, corr, sr, streams, i);
 }
 
 // Per-tensor sums (rules with SUMS > 0): a read-only pass before ef_step, accumulated in double.
@@ -172,7 +174,7 @@ __device__ __forceinline__ void ef_sums_impl(const EfHyper& hyper, const EfTenso
         R s[EF_MAX_SLOTS];
         for (int k = 0; k < (EF_SUMS_READ_STATE ? EF_SLOTS : 0); ++k) s[k] = EfElem<S, R>::load((const S*)T.s[k] + i);
         R gv = EF_READS_INPUT ? EfElem<G, R>::load(g + i) * factor : R(0);
-        Rule::template accumulate<R>(hyper, EfElem<P, R>::load(p + i), gv, s, acc);
+        Rule::template accumulate<R>(hyper, ef_load_param<P, R>(p, T.corr, i), gv, s, acc);
     }
     __shared__ double red[EF_THREADS];
     for (int k = 0; k < EF_SUMS; ++k) {
