@@ -123,9 +123,9 @@ pub fn corrected(hi: f32, c: i8) -> f32 {
 pub fn split_corrected(x: f32) -> (u16, i8) {
     let bits = bf16_nearest(x);
     let hi = f32::from_bits((bits as u32) << 16);
-    // x − hi is exact (hi is x's nearest bf16), and so is the product with a power of two; max
-    // and min also turn the NaN of a non-finite x into a bound, replaced by 0 below.
-    let units = ((x - hi) * f32::from_bits((269 - correction_exponent(hi)) << 23)).max(-MAX_CORRECTION).min(MAX_CORRECTION);
+    // x − hi is exact (hi is x's nearest bf16), and so is the product with a power of two. (It is
+    // infinite or NaN only when hi is not finite, and the correction then 0 below.)
+    let units = ((x - hi) * f32::from_bits((269 - correction_exponent(hi)) << 23)).clamp(-MAX_CORRECTION, MAX_CORRECTION);
     let c = (units + ROUND_TO_INTEGER).to_bits() as u8 as i8;
     (bits, if hi.is_finite() { c } else { 0 })
 }

@@ -109,6 +109,30 @@ def optimizers_on_dtensors(checks, mesh, configs) -> None:
             assert plans[1] is not None and plans[2] is plans[1], plans
 
 
+def corrections_on_dtensors(checks, mesh) -> None:
+    """bf16 DTensor parameters with weight corrections (int8 state sharded like the parameter) and
+    bf16 state rounded to nearest, against the same optimizer on the whole tensors: weights,
+    corrections and moments equal after 3 steps."""
+    with checks.check("weight corrections on DTensors"):
+        full = [seeded(i, s, torch.bfloat16) for i, s in enumerate(SHAPES)]
+        ref = [nn.Parameter(t.clone()) for t in full]
+        sharded = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full]
+        kw = dict(lr=1e-2, weight_decay=0.1, state_dtype=torch.bfloat16, rounding="nearest", weight_correction=True)
+        opt_ref, opt = emafuse.AdamW(ref, **kw), emafuse.AdamW(sharded, **kw)
+        for step in range(3):
+            for p, q, g in zip(ref, sharded, synthetic_grads(step, SHAPES)):
+                p.grad = g.to(torch.bfloat16)
+                q.grad = distribute_tensor(g.to(torch.bfloat16), mesh, [Shard(0)])
+            opt_ref.step()
+            opt.step()
+        for i, (p, q) in enumerate(zip(ref, sharded)):
+            assert_same(q._local_tensor, part(q, p.detach()), True, f"param {i}")
+            for key in ("weight_correction", "exp_avg", "exp_avg_sq"):
+                w = opt.state[q][key]
+                assert isinstance(w, DTensor) and w.placements == q.placements, key
+                assert_same(w._local_tensor, part(q, opt_ref.state[p][key]), True, f"param {i}, {key}")
+
+
 def cached_plan_notices_changes(checks, mesh) -> None:
     """The kept DTensor step plan is rebuilt when a state tensor is replaced (the new one is
     updated, as on whole tensors), and a gradient placed unlike its parameter is refused with
@@ -695,6 +719,7 @@ def lightning_sharded(checks, rank: int, world_size: int, root: str) -> None:
 def main(rank: int, world_size: int, checks, opt_configs, mp_configs, ckpt_configs, root: str) -> None:
     mesh = init_device_mesh("cpu", (world_size,))
     optimizers_on_dtensors(checks, mesh, opt_configs)
+    corrections_on_dtensors(checks, mesh)
     cached_plan_notices_changes(checks, mesh)
     loss_taking_on_dtensors(checks, mesh)
     fsdp2_mixed_precision(checks, rank, mp_configs)

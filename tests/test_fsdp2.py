@@ -44,7 +44,7 @@ CKPT_CONFIGS = [(e.name, e.main, _exact(e.name, e.main)) for e in ENTRIES]
 
 CHECKS = (
     [f"optimizer {n} {kw}" for n, kw, _ in OPT_CONFIGS]
-    + ["cached DTensor plan notices changes"]
+    + ["weight corrections on DTensors", "cached DTensor plan notices changes"]
     + [f"optimizer {n} with the loss" for n in ("Momo", "MomoAdam")]
     + [f"fsdp2 bf16 {n} {kw}" for n, kw, _ in MP_CONFIGS]
     + ["refuses Partial", "refuses 2-D mesh", "refuses plain state of a DTensor parameter", "merges refuse sharded inputs",

@@ -138,7 +138,7 @@ unsafe fn read_block<R: Real, E: Elem<R>>(ptr: *const E, n: usize, buf: &mut [R;
 /// As [`read_block`], for the parameter at `param` and (when not null) the corrections from
 /// `correction + off`.
 #[inline(always)]
-unsafe fn param_block<'b, R: Real, P: Elem<R>>(param: *const P, correction: *const i8, off: usize, n: usize, buf: &'b mut [R; BLOCK]) -> &'b [R; BLOCK] {
+unsafe fn param_block<R: Real, P: Elem<R>>(param: *const P, correction: *const i8, off: usize, n: usize, buf: &mut [R; BLOCK]) -> &[R; BLOCK] {
     if correction.is_null() {
         // SAFETY: per the contract.
         return unsafe { read_block(param, n, buf) };
