@@ -116,7 +116,7 @@ pub struct Batch {
     /// The index in its group of each parameter of the batch (`params[j]` is parameter
     /// `members[j]`).
     pub members: Vec<usize>,
-    /// The int8 weight corrections of the (bf16) parameters, one per parameter, or empty (see
+    /// The int8 weight corrections of the (bf16 or fp16) parameters, one per parameter, or empty (see
     /// [`crate::rounding`]).
     pub corrections: Vec<TensorView>,
 }
@@ -187,17 +187,17 @@ pub fn check_input(at: &dyn Fn() -> String, p: &TensorInfo, g: &TensorInfo) -> R
     Ok(())
 }
 
-/// Check the weight correction `c` of parameter `p`: an int8 tensor placed like `p`, a bf16
-/// parameter.
+/// Check the weight correction `c` of parameter `p`: an int8 tensor placed like `p`, a bf16 or
+/// fp16 parameter.
 fn check_correction(at: &dyn Fn() -> String, p: &TensorInfo, c: &TensorInfo) -> Result<()> {
     check_peer(at, WEIGHT_CORRECTION, p, c)?;
     if c.view.dtype() != DType::I8 {
         return Err(Error::DType(format!("{}: {WEIGHT_CORRECTION} must be a torch.int8 tensor, got {}", at(), c.view.dtype().name())));
     }
-    if p.view.dtype() != DType::BF16 {
+    if !matches!(p.view.dtype(), DType::BF16 | DType::F16) {
         return Err(Error::DType(format!(
-            "{}: weight corrections go with bfloat16 parameters only, and this parameter is {} (float32 and float64 parameters \
-             are their own master weights; float16 ones are not supported yet)",
+            "{}: weight corrections go with bfloat16 and float16 parameters only, and this parameter is {} (float32 and \
+             float64 parameters are their own master weights)",
             at(),
             p.view.dtype().name()
         )));

@@ -10,7 +10,7 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 /// A storage dtype the engine accepts: the floating-point ones for parameters, inputs and state,
-/// and int8 for the weight-correction array of bf16 parameters ([`crate::rounding`]) only.
+/// and int8 for the weight-correction array of bf16 and fp16 parameters ([`crate::rounding`]) only.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
@@ -69,12 +69,12 @@ pub trait Elem<R: Real>: Copy + Send + Sync + 'static {
         Self::store(src, dst)
     }
     /// Add the weight corrections `corr` to `vals`, loaded from this dtype (see
-    /// [`crate::rounding`]). Only bf16 parameters carry corrections (the planners refuse them for
-    /// any other dtype), so the others never call it.
+    /// [`crate::rounding`]). Only bf16 and fp16 parameters carry corrections (the planners refuse
+    /// them for any other dtype), so the others never call it.
     #[inline(always)]
     fn apply_corrections(_vals: &mut [R], _corr: &[i8]) {}
     /// Round `src` into `dst` to nearest and write what that lost into `corr`; as
-    /// [`Elem::apply_corrections`], only bf16 does.
+    /// [`Elem::apply_corrections`], only bf16 and fp16 do.
     #[inline(always)]
     fn store_corrected(src: &[R], dst: &mut [Self], corr: &mut [i8]) {
         Self::store(src, dst);
@@ -130,13 +130,13 @@ impl Elem<f32> for bf16 {
     #[inline(always)]
     fn apply_corrections(vals: &mut [f32], corr: &[i8]) {
         for (v, &c) in vals.iter_mut().zip(corr) {
-            *v = rounding::corrected(*v, c);
+            *v = rounding::BF16_CORRECTION.corrected(*v, c);
         }
     }
     #[inline(always)]
     fn store_corrected(src: &[f32], dst: &mut [bf16], corr: &mut [i8]) {
         for ((d, c), &x) in dst.iter_mut().zip(corr.iter_mut()).zip(src) {
-            let (hi, lo) = rounding::split_corrected(x);
+            let (hi, lo) = rounding::split_corrected_bf16(x);
             *d = bf16::from_bits(hi);
             *c = lo;
         }
@@ -151,6 +151,25 @@ impl Elem<f32> for f16 {
     #[inline(always)]
     fn store(src: &[f32], dst: &mut [f16]) {
         dst.convert_from_f32_slice(src)
+    }
+    #[inline(always)]
+    fn apply_corrections(vals: &mut [f32], corr: &[i8]) {
+        for (v, &c) in vals.iter_mut().zip(corr) {
+            *v = rounding::F16_CORRECTION.corrected(*v, c);
+        }
+    }
+    /// Rounded with the slice conversion (vectorised), then each correction against its result.
+    #[inline(always)]
+    fn store_corrected(src: &[f32], dst: &mut [f16], corr: &mut [i8]) {
+        dst.convert_from_f32_slice(src);
+        let mut hi = [0f32; 256];
+        for ((d, c), x) in dst.chunks(hi.len()).zip(corr.chunks_mut(hi.len())).zip(src.chunks(hi.len())) {
+            let hi = &mut hi[..d.len()];
+            d.convert_to_f32_slice(hi);
+            for ((c, &h), &x) in c.iter_mut().zip(hi.iter()).zip(x) {
+                *c = rounding::F16_CORRECTION.correction(x, h);
+            }
+        }
     }
 }
 

@@ -9,15 +9,17 @@
 //! (`kernels/common.cuh`, `ef_stream_key`, `ef_random16`, `ef_bf16_stochastic`) rounds every element
 //! exactly as the CPU does.
 //!
-//! Weight correction: a bf16 parameter may carry an int8 array (its optimizer state
-//! `weight_correction`) holding what rounding the weight to bf16 lost, in units of 1/256 of the
-//! weight's bf16 ulp: the weight is `hi + c·2^(E − 142)` for the bf16 value `hi` with exponent
-//! field `E` (clamped to [16, 254], so both scales are normal floats) and `c` in [−127, 127].
-//! That sum is exact in f32 (16 significant bits), and a weight stored this way and not updated
-//! is stored again unchanged. A step reads the corrected weight, updates it in f32, and splits
-//! the result into its nearest bf16 and the rounded remainder: about 16 significant bits of
-//! master weight for 3 bytes instead of the 6 of a bf16 weight with an fp32 master copy.
-//! The CUDA twin is `kernels/common.cuh`'s `ef_corrected` / `ef_split_corrected`.
+//! Weight correction: a bf16 or fp16 parameter may carry an int8 array (its optimizer state
+//! `weight_correction`) holding what rounding the weight to 16 bits lost, in units of 1/256 of the
+//! weight's ulp: the weight is `hi + c·u(hi)` with `c` in [−127, 127], where the unit `u` is 2^-8
+//! of the ulp of the 16-bit value `hi` ([`CorrectionFormat`]: `2^(E − 127 − m − 8)` for `hi`'s
+//! f32 exponent field `E`, clamped to the format's normal range, and `m` mantissa bits). That sum
+//! is exact in f32 (8 bits below `hi`'s last), and a weight stored this way and not updated is
+//! stored again unchanged (`|c| <= 127` keeps it nearer `hi` than any neighbour). A step reads the
+//! corrected weight, updates it in f32, and splits the result into its nearest 16-bit value and
+//! the rounded remainder: 8 more significant bits of master weight for 1 byte, instead of the 4 of
+//! an fp32 master copy. The CUDA twin is `kernels/common.cuh`'s `ef_corrected` /
+//! `ef_split_corrected`.
 
 use crate::batch::Batch;
 use crate::dtype::DType;
@@ -93,41 +95,70 @@ pub fn bf16_nearest(x: f32) -> u16 {
     rounded as u16
 }
 
-/// The name of a bf16 parameter's weight-correction state (an int8 tensor shaped like it).
+/// The name of a 16-bit parameter's weight-correction state (an int8 tensor shaped like it).
 pub const WEIGHT_CORRECTION: &str = "weight_correction";
 
-/// The largest correction magnitude: below half a bf16 ulp, so a stored weight rounds back to its
-/// own bf16 value.
+/// The largest correction magnitude: below half an ulp, so a stored weight rounds back to its
+/// own 16-bit value.
 const MAX_CORRECTION: f32 = 127.0;
 
 /// 1.5·2^23: adding it to a float of magnitude below 2^22 rounds it to an integer (half to even,
 /// as every float addition rounds), which the low bits of the sum then hold in two's complement.
 const ROUND_TO_INTEGER: f32 = 12_582_912.0;
 
-/// The exponent field that sets the correction unit of the bf16 value `hi` (see the module docs).
-#[inline(always)]
-fn correction_exponent(hi: f32) -> u32 {
-    ((hi.to_bits() >> 23) & 0xff).clamp(16, 254)
+/// Where a 16-bit float format's correction unit comes from: its mantissa bits, and the range of
+/// f32 exponent fields its ulp follows (below it, the subnormals' fixed ulp; above it, only
+/// infinities and NaN, which carry no correction).
+#[derive(Copy, Clone, Debug)]
+pub struct CorrectionFormat {
+    mantissa_bits: u32,
+    min_exponent: u32,
+    max_exponent: u32,
 }
 
-/// The weight the bf16 value `hi` and its correction `c` stand for (exact in f32). Infinities
-/// and NaN stay as they are (adding a finite number does not change them).
-#[inline(always)]
-pub fn corrected(hi: f32, c: i8) -> f32 {
-    hi + c as f32 * f32::from_bits((correction_exponent(hi) - 15) << 23)
+/// bf16: 7 mantissa bits; the lower bound keeps the unit a normal f32 (weights below 2^-111 get
+/// the unit of 2^-111).
+pub const BF16_CORRECTION: CorrectionFormat = CorrectionFormat { mantissa_bits: 7, min_exponent: 16, max_exponent: 254 };
+/// fp16: 10 mantissa bits, normal exponents 2^-14 (field 113) to 2^15 (142).
+pub const F16_CORRECTION: CorrectionFormat = CorrectionFormat { mantissa_bits: 10, min_exponent: 113, max_exponent: 142 };
+
+impl CorrectionFormat {
+    /// The f32 exponent field that sets the correction unit of the 16-bit value `hi`.
+    #[inline(always)]
+    fn exponent(self, hi: f32) -> u32 {
+        ((hi.to_bits() >> 23) & 0xff).clamp(self.min_exponent, self.max_exponent)
+    }
+
+    /// The weight the 16-bit value `hi` (as f32) and its correction `c` stand for (exact in f32).
+    /// Infinities and NaN stay as they are (adding a finite number does not change them).
+    #[inline(always)]
+    pub fn corrected(self, hi: f32, c: i8) -> f32 {
+        hi + c as f32 * f32::from_bits((self.exponent(hi) - self.mantissa_bits - 8) << 23)
+    }
+
+    /// The correction of `x` against `hi`, its nearest value in this format (as f32): what
+    /// restores `x` to 1/256 of `hi`'s ulp, 0 for infinities and NaN. Branch-free, so that it
+    /// vectorises.
+    #[inline(always)]
+    pub fn correction(self, x: f32, hi: f32) -> i8 {
+        // x − hi is exact (hi is x's nearest 16-bit value), and so is the product with a power of
+        // two. (It is infinite or NaN only when hi is not finite, and the correction then 0.)
+        let inverse_unit = f32::from_bits((254 + self.mantissa_bits + 8 - self.exponent(hi)) << 23);
+        let units = ((x - hi) * inverse_unit).clamp(-MAX_CORRECTION, MAX_CORRECTION);
+        let c = (units + ROUND_TO_INTEGER).to_bits() as u8 as i8;
+        if hi.is_finite() {
+            c
+        } else {
+            0
+        }
+    }
 }
 
-/// `x` split into its nearest bf16 value (the bits) and the correction that restores it to
-/// 1/256 of that value's ulp (0 for infinities and NaN). Branch-free, so that it vectorises.
+/// `x` split into its nearest bf16 value (the bits) and its correction.
 #[inline(always)]
-pub fn split_corrected(x: f32) -> (u16, i8) {
+pub fn split_corrected_bf16(x: f32) -> (u16, i8) {
     let bits = bf16_nearest(x);
-    let hi = f32::from_bits((bits as u32) << 16);
-    // x − hi is exact (hi is x's nearest bf16), and so is the product with a power of two. (It is
-    // infinite or NaN only when hi is not finite, and the correction then 0 below.)
-    let units = ((x - hi) * f32::from_bits((269 - correction_exponent(hi)) << 23)).clamp(-MAX_CORRECTION, MAX_CORRECTION);
-    let c = (units + ROUND_TO_INTEGER).to_bits() as u8 as i8;
-    (bits, if hi.is_finite() { c } else { 0 })
+    (bits, BF16_CORRECTION.correction(x, f32::from_bits((bits as u32) << 16)))
 }
 
 #[cfg(test)]
@@ -194,25 +225,52 @@ mod tests {
             x ^= x << 5;
             // magnitudes from 2^-60 to 2^60, both signs
             let v = f32::from_bits((x & 0x807f_ffff) | ((67 + (x >> 8) % 120) << 23));
-            let (bits, c) = split_corrected(v);
+            let (bits, c) = split_corrected_bf16(v);
             let hi = f32::from_bits((bits as u32) << 16);
-            let w = corrected(hi, c);
+            let w = BF16_CORRECTION.corrected(hi, c);
             let ulp = f32::from_bits(((hi.to_bits() >> 23) & 0xff) << 23) as f64 / 128.0;
             assert!(((w as f64) - (v as f64)).abs() <= ulp / 256.0 + 1e-300, "{v:e}: {w:e}");
-            assert_eq!(split_corrected(w), (bits, c), "{v:e} re-splits differently");
+            assert_eq!(split_corrected_bf16(w), (bits, c), "{v:e} re-splits differently");
             assert_eq!(bits, bf16_nearest(v));
         }
         for special in [f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, f32::MAX] {
-            let (bits, c) = split_corrected(special);
+            let (bits, c) = split_corrected_bf16(special);
             assert_eq!((bits, c), (bf16_nearest(special), 0), "{special}");
         }
-        let (nan, c) = split_corrected(f32::NAN);
+        let (nan, c) = split_corrected_bf16(f32::NAN);
         assert!(f32::from_bits((nan as u32) << 16).is_nan() && c == 0);
-        assert!(corrected(f32::from_bits((nan as u32) << 16), 5).is_nan());
-        assert_eq!(corrected(f32::INFINITY, -127), f32::INFINITY);
+        assert!(BF16_CORRECTION.corrected(f32::from_bits((nan as u32) << 16), 5).is_nan());
+        assert_eq!(BF16_CORRECTION.corrected(f32::INFINITY, -127), f32::INFINITY);
         // the rounding to an integer is half to even, as the reference's
         for (units, want) in [(2.5f32, 2i8), (3.5, 4), (-2.5, -2), (-0.5, 0), (126.5, 126), (-126.5, -126)] {
             assert_eq!((units + ROUND_TO_INTEGER).to_bits() as u8 as i8, want, "{units}");
         }
+    }
+
+    /// fp16: within 1/256 of an ulp across the normal range and the subnormals (whose ulp is
+    /// 2^-24), re-split unchanged; overflow to infinity carries no correction.
+    #[test]
+    fn fp16_weight_corrections_hold_the_weight_to_a_256th_of_an_ulp() {
+        use half::f16;
+        let mut x: u32 = 0x1234_5678;
+        for _ in 0..200_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            // magnitudes from 2^-30 (below the subnormals) to 2^15, both signs
+            let v = f32::from_bits((x & 0x807f_ffff) | ((97 + (x >> 8) % 46) << 23));
+            let hi = f16::from_f32(v).to_f32();
+            let c = F16_CORRECTION.correction(v, hi);
+            if hi.is_infinite() {
+                assert_eq!(c, 0, "{v:e}");
+                continue;
+            }
+            let w = F16_CORRECTION.corrected(hi, c);
+            let ulp = if hi.abs() < 2f32.powi(-14) { 2f64.powi(-24) } else { f32::from_bits(((hi.to_bits() >> 23) & 0xff) << 23) as f64 / 1024.0 };
+            assert!(((w as f64) - (v as f64)).abs() <= ulp / 256.0, "{v:e}: {w:e}");
+            assert_eq!(f16::from_f32(w).to_f32(), hi, "{v:e}");
+            assert_eq!(F16_CORRECTION.correction(w, hi), c, "{v:e} re-splits differently");
+        }
+        assert_eq!(F16_CORRECTION.correction(70000.0, f16::from_f32(70000.0).to_f32()), 0);
     }
 }

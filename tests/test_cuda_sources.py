@@ -283,11 +283,23 @@ ROUNDING_HARNESS = r"""
 #define EF_HOST
 #include "common.cuh"
 // Weight corrections: x split into bf16 bits and corrections, and those joined back.
+// (bf16: fp16's conversions are device instructions)
 extern "C" void split_corrected(const float* x, ef_u16* hi, signed char* c, long n) {
-    for (long i = 0; i < n; ++i) c[i] = ef_split_corrected(x[i], &hi[i]);
+    for (long i = 0; i < n; ++i) {
+        ef_bf16 b;
+        EfElem<ef_bf16, float>::store_corrected(&b, x[i], &c[i]);
+        hi[i] = b.bits;
+    }
 }
 extern "C" void join_corrected(const ef_u16* hi, const signed char* c, float* w, long n) {
-    for (long i = 0; i < n; ++i) w[i] = ef_corrected(ef_bf16_to_float(hi[i]), c[i]);
+    for (long i = 0; i < n; ++i) w[i] = EfBf16Correction::corrected(ef_bf16_to_float(hi[i]), c[i]);
+}
+// fp16's unit rule, given the fp16 values as floats.
+extern "C" void f16_corrections(const float* x, const float* hi, signed char* c, long n) {
+    for (long i = 0; i < n; ++i) c[i] = EfF16Correction::correction(x[i], hi[i]);
+}
+extern "C" void f16_join(const float* hi, const signed char* c, float* w, long n) {
+    for (long i = 0; i < n; ++i) w[i] = EfF16Correction::corrected(hi[i], c[i]);
 }
 // Element i of a stream: the bf16 bits of x[i] rounded stochastically, as the kernels store them.
 extern "C" void round_bf16(ef_u64 step_key, ef_u64 first_member, ef_u64 tensor, ef_u64 array, const float* x, ef_u16* out, long n) {
@@ -334,6 +346,18 @@ def test_cuda_weight_corrections_equal_the_reference(rounding_lib):
     rounding_lib.join_corrected(ptr(hi), ptr(c), ptr(w), ctypes.c_long(n))
     want_w = ref.corrected(want_hi, want_c)
     assert torch.equal(w.isnan(), want_w.isnan()) and torch.equal(w[~w.isnan()], want_w[~want_w.isnan()])
+    # fp16: the unit rule, on the fp16 values torch rounds to (the device's conversion instruction
+    # rounds to nearest even as well)
+    x16 = x[x.abs() < 1e6]
+    n16 = x16.numel()
+    want_hi16, want_c16 = ref.split_corrected(x16, torch.float16)
+    hi16 = want_hi16.float().contiguous()
+    c16, w16 = torch.empty(n16, dtype=torch.int8), torch.empty(n16, dtype=torch.float32)
+    rounding_lib.f16_corrections(ptr(x16), ptr(hi16), ptr(c16), ctypes.c_long(n16))
+    assert torch.equal(c16, want_c16)
+    rounding_lib.f16_join(ptr(hi16), ptr(c16), ptr(w16), ctypes.c_long(n16))
+    want_w16 = ref.corrected(want_hi16, want_c16)
+    assert torch.equal(w16.isnan(), want_w16.isnan()) and torch.equal(w16[~w16.isnan()], want_w16[~want_w16.isnan()])
 
 
 def test_cuda_stochastic_rounding_equals_the_reference(rounding_lib):

@@ -10,8 +10,8 @@ stays close to its fp32-state trajectory; training the demo's digits MLP with bf
 bf16 weights and no fp32 master, ends within a stated tolerance of fp32 training over 3 seeds; bad
 input is refused and changes nothing. Weight corrections (``weight_correction=True``): a step of
 bf16 weights with their int8 corrections is the fp32 step of the corrected weights, split as the
-reference splits it, bit for bit; 7 bytes per parameter for AdamW; they resume exactly, convert on
-load, are kept by bf16 parameters only and refused where the engine cannot apply them."""
+reference splits it, bit for bit (bf16 and fp16); 7 bytes per parameter for AdamW; they resume
+exactly, convert on load, are kept by 16-bit parameters only and refused where malformed."""
 
 from __future__ import annotations
 
@@ -449,12 +449,14 @@ def _correction(opt, p):
     return opt.state[p]["weight_correction"]
 
 
-@pytest.mark.parametrize("state_dtype", [torch.float32, BF16], ids=["fp32 state", "bf16 state"])
-def test_corrected_step_is_the_fp32_step_of_the_corrected_weights(state_dtype):
-    """In lockstep, 4 steps: AdamW on bf16 weights with corrections, and AdamW on fp32 weights set
-    to the corrected values with the same state and gradients; the bf16 weights and corrections
-    are the reference split of the fp32 result, and the states agree, bit for bit."""
-    params = make_params(ODD_SHAPES, dtype=BF16, seed=21)
+@pytest.mark.parametrize(
+    "dtype, state_dtype", [(BF16, torch.float32), (BF16, BF16), (torch.float16, torch.float32)], ids=["bf16", "bf16, bf16 state", "fp16"]
+)
+def test_corrected_step_is_the_fp32_step_of_the_corrected_weights(dtype, state_dtype):
+    """In lockstep, 4 steps: AdamW on 16-bit weights with corrections, and AdamW on fp32 weights
+    set to the corrected values with the same state and gradients; the 16-bit weights and
+    corrections are the reference split of the fp32 result, and the states agree, bit for bit."""
+    params = make_params(ODD_SHAPES, dtype=dtype, seed=21)
     twins = [torch.nn.Parameter(p.detach().float()) for p in params]
     kw = dict(lr=3e-2, weight_decay=0.1, state_dtype=state_dtype, rounding_seed=7)
     opt, fp32 = emafuse.AdamW(params, weight_correction=True, **kw), emafuse.AdamW(twins, **kw)
@@ -470,7 +472,7 @@ def test_corrected_step_is_the_fp32_step_of_the_corrected_weights(state_dtype):
         opt.step()
         fp32.step()
         for i, (p, q) in enumerate(zip(params, twins)):
-            hi, c = ref.split_corrected(q.detach())
+            hi, c = ref.split_corrected(q.detach(), dtype)
             assert torch.equal(p.detach().view(torch.int16), hi.view(torch.int16)), f"step {t}, tensor {i}"
             assert torch.equal(_correction(opt, p), c), f"step {t}, tensor {i}"
             assert torch.equal(opt.state[p]["exp_avg"], fp32.state[q]["exp_avg"]), f"step {t}, tensor {i}"
@@ -478,12 +480,12 @@ def test_corrected_step_is_the_fp32_step_of_the_corrected_weights(state_dtype):
             assert any(_correction(opt, p).abs().sum() > 0 for p in params)
 
 
-def test_corrections_absorb_updates_far_below_a_bf16_ulp():
+@pytest.mark.parametrize("dtype, ulp", [(BF16, 2.0**-7), (torch.float16, 2.0**-10)], ids=["bf16", "fp16"])
+def test_corrections_absorb_updates_far_below_an_ulp(dtype, ulp):
     """SGD steps of 1/50 of an ulp: rounding to nearest never moves the weight, the correction
     carries them (to within half a unit, 1/512 ulp, per step)."""
-    p = torch.nn.Parameter(torch.full((64,), 1.0, dtype=BF16))
+    p = torch.nn.Parameter(torch.full((64,), 1.0, dtype=dtype))
     opt = emafuse.SGD([p], lr=1.0, weight_correction=True)
-    ulp = 2.0**-7
     for _ in range(100):
         p.grad = torch.full_like(p, -ulp / 50)
         opt.step()
@@ -569,19 +571,16 @@ def test_only_bf16_parameters_keep_corrections():
 @pytest.mark.parametrize(
     "case, exc, match",
     [
-        ("fp16 parameters", emafuse.errors.DTypeError, "bfloat16 parameters only"),
         ("float correction", emafuse.errors.DTypeError, "must be a torch.int8 tensor"),
         ("misshapen correction", emafuse.errors.ShapeError, "weight_correction has shape"),
     ],
 )
 def test_corrections_the_engine_cannot_apply_change_nothing(case, exc, match):
-    dtype = torch.float16 if case == "fp16 parameters" else BF16
-    params = make_params([(5,), (4, 3)], dtype=dtype, seed=27)
+    params = make_params([(5,), (4, 3)], dtype=BF16, seed=27)
     opt = emafuse.AdamW(params, lr=1e-2, weight_correction=True)
-    if case != "fp16 parameters":
-        run_steps(opt, params, 1)
-        bad = torch.zeros(5, dtype=torch.float32) if case == "float correction" else torch.zeros(6, dtype=torch.int8)
-        opt.state[params[0]]["weight_correction"] = bad
+    run_steps(opt, params, 1)
+    bad = torch.zeros(5, dtype=torch.float32) if case == "float correction" else torch.zeros(6, dtype=torch.int8)
+    opt.state[params[0]]["weight_correction"] = bad
     set_grads(params, random_grads(params, 5))
     snap = snapshot(params, opt)
     with pytest.raises(exc, match=match):

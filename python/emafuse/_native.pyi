@@ -129,7 +129,7 @@ MAX_SUMS: int
 """The most per-tensor sums any rule reads (the width of ``StepPlan.sums`` arrays)."""
 
 WEIGHT_CORRECTION: str
-"""The name of a bf16 parameter's weight correction: as the last state slot of a ``Group``, an int8
+"""The name of a 16-bit parameter's weight correction: as the last state slot of a ``Group``, an int8
 tensor shaped like the parameter that the engine reads and writes with it (``src/rounding.rs``)."""
 
 def cuda_source(rule: str, hyper: _Hyper) -> dict[str, Any]:

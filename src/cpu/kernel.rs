@@ -21,7 +21,7 @@ pub struct GradTransform<R: Real> {
 }
 
 /// Raw pointers to the first element of a span in each tensor of one parameter (`grad` is null
-/// for rules that read no input; `correction` is null unless the bf16 parameter carries a weight
+/// for rules that read no input; `correction` is null unless the 16-bit parameter carries a weight
 /// correction, see [`crate::rounding`]). The input's element type `G` is usually the parameter's
 /// `P`; it differs for an fp32 average of a bf16/fp16 model.
 #[derive(Copy, Clone)]
@@ -143,7 +143,7 @@ unsafe fn param_block<R: Real, P: Elem<R>>(param: *const P, correction: *const i
         // SAFETY: per the contract.
         return unsafe { read_block(param, n, buf) };
     }
-    // SAFETY: per the contract; only bf16 parameters carry corrections, so the block is a copy.
+    // SAFETY: per the contract; only 16-bit parameters carry corrections, so the block is a copy.
     unsafe {
         P::load(std::slice::from_raw_parts(param, n), &mut buf[..n]);
         add_corrections::<R, P>(&mut buf[..n], correction.add(off));
@@ -442,7 +442,7 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>
             if ptrs.correction.is_null() {
                 finish::<R, P>(ptrs.param.add(off), p, sr(0));
             } else {
-                // (only bf16 parameters carry corrections: the block is a copy to store)
+                // (only 16-bit parameters carry corrections: the block is a copy to store)
                 P::store_corrected(p, std::slice::from_raw_parts_mut(ptrs.param.add(off), n), std::slice::from_raw_parts_mut(corr, n));
             }
             if Ru::READS_INPUT {

@@ -45,28 +45,34 @@ def to_bf16_stochastic(x: torch.Tensor, stream_key: int) -> torch.Tensor:
     return torch.from_numpy(rounded.view(np.int16).copy()).view(torch.bfloat16).reshape(x.shape)
 
 
-# -- weight corrections of bf16 parameters -----------------------------------------------------------
-# A bf16 weight ``hi`` (exponent field E) with int8 correction ``c`` stands for
-# ``hi + c·2^(e − 142)``, e = E clamped to [16, 254]; a float32 weight splits into its nearest bf16
-# value and ``c = round_half_even((x − hi)·2^(142 − e))`` clamped to [−127, 127] (0 for infinities
-# and NaN).
+# -- weight corrections of bf16 and fp16 parameters ---------------------------------------------------
+# A 16-bit weight ``hi`` with int8 correction ``c`` stands for ``hi + c·u``, where the unit ``u`` is
+# 2^-8 of hi's ulp: ``2^(E − 127 − M − 8)`` for hi's float32 exponent field E clamped to the
+# format's range (bf16: M = 7, [16, 254]; fp16: M = 10, [113, 142], the subnormals taking the
+# smallest normal's ulp). A float32 weight splits into its nearest 16-bit value and
+# ``c = round_half_even((x − hi)/u)`` clamped to [−127, 127] (0 for infinities and NaN).
+
+_FORMATS = {torch.bfloat16: (7, 16, 254), torch.float16: (10, 113, 142)}
 
 
-def _unit_exponents(hi: torch.Tensor) -> torch.Tensor:
-    return ((hi.float().view(torch.int32) >> 23) & 0xFF).clamp(16, 254)
+def _exponents(hi: torch.Tensor) -> tuple[torch.Tensor, int]:
+    m, lo, top = _FORMATS[hi.dtype]
+    return ((hi.float().view(torch.int32) >> 23) & 0xFF).clamp(lo, top), m
 
 
 def corrected(hi: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """The float32 weight of bf16 ``hi`` and int8 correction ``c``."""
-    unit = ((_unit_exponents(hi) - 15) << 23).view(torch.float32)
+    """The float32 weight of 16-bit ``hi`` and int8 correction ``c``."""
+    e, m = _exponents(hi)
+    unit = ((e - m - 8) << 23).view(torch.float32)
     w = hi.float() + c.float() * unit
     return torch.where(torch.isfinite(hi.float()), w, hi.float())
 
 
-def split_corrected(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 ``x`` as (bf16 weight, int8 correction)."""
-    hi = x.to(torch.bfloat16)
-    inverse_unit = ((269 - _unit_exponents(hi)) << 23).view(torch.float32)
+def split_corrected(x: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``x`` as (``dtype`` weight, int8 correction)."""
+    hi = x.to(dtype)
+    e, m = _exponents(hi)
+    inverse_unit = ((254 + m + 8 - e) << 23).view(torch.float32)
     units = torch.round((x - hi.float()) * inverse_unit).clamp(-127, 127)
     c = torch.where(torch.isfinite(hi.float()), units, torch.zeros_like(units))
     return hi, c.to(torch.int8)

@@ -209,9 +209,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     ``rounding=`` rounds every bfloat16 store of the step (parameters and state) to nearest or
     stochastically (the default for ``state_dtype=torch.bfloat16``), with counter-based random
     bits from ``rounding_seed`` and the group's applied-step count ``rounding_step``, both saved in
-    the state dict; ``weight_correction=True`` gives each bf16 parameter an int8 state tensor
-    (``weight_correction``) holding what rounding its weight to bf16 lost, read and written by the
-    engine with the weight. ``load_state_dict`` keeps the optimizer's own ``state_dtype``,
+    the state dict; ``weight_correction=True`` gives each bf16 or fp16 parameter an int8 state
+    tensor (``weight_correction``) holding what rounding its weight to 16 bits lost, read and
+    written by the engine with the weight. ``load_state_dict`` keeps the optimizer's own ``state_dtype``,
     ``rounding`` and ``weight_correction`` and converts the checkpoint's state to them.
     """
 
@@ -311,8 +311,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _init_emafuse_defaults(self, check_finite: bool, grad_clip: Any, precision: Precision, **options: Any) -> None:
         """Add emafuse's options to the defaults and groups: ``check_finite``, ``grad_clip``
         (optimizer-wide: every group holds the same object), the lean-state ``precision``
-        (``state_dtype``, ``rounding``, ``rounding_seed``, ``weight_correction``) and those the optimizer takes beyond its
-        reference's (``orthograd``, ``orthograd_rescale``; Adam's ``caution``, ``caution_norm``)."""
+        (``state_dtype``, ``rounding``, ``rounding_seed``, ``weight_correction``) and those the
+        optimizer takes beyond its reference's (``orthograd``, ``orthograd_rescale``; Adam's
+        ``caution``, ``caution_norm``)."""
         who = type(self).__name__
         for key, value in {"check_finite": check_finite, **options}.items():
             if key != "caution_norm" and not isinstance(value, bool):
@@ -731,7 +732,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         where the optimizer steps them itself (``_step_sparse``)."""
         scalar_keys = self._scalar_keys
         keeps_state = bool(slots) or bool(scalar_keys)
-        want = len(slots) + len(scalar_keys)
         normal = _Call(gi, {}, slots, scalar_keys, keeps_state)
         fresh = _Call(gi, {"first": True}, slots, scalar_keys, keeps_state)
         # bf16 parameters with a weight correction: the same calls with the correction as a last slot
@@ -753,11 +753,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not keeps_state and not corrects:
                 normal.add(p, g, None)
                 continue
+            needed = corrected_slots if corrects else slots
             st = get_state(p)
             is_new = False
-            if st is None or len(st) < want + corrects or (corrects and WEIGHT_CORRECTION not in st):
-                st, is_new = self._complete_state(p, st, corrected_slots if corrects else slots, group, created)
-            elif not corrects and WEIGHT_CORRECTION in st:
+            if st is None or any(k not in st for k in chain(needed, scalar_keys)):
+                st, is_new = self._complete_state(p, st, needed, group, created)
+            if not corrects and WEIGHT_CORRECTION in st:
                 # weight_correction was switched off: the correction would go stale
                 st = created[p] = {k: v for k, v in st.items() if k != WEIGHT_CORRECTION}
             first = is_new and self._flags_fresh_state
@@ -915,10 +916,9 @@ class _StepPlan:
     """An optimizer's native step plan (``_native.StepPlan``) with what decides whether it still
     describes the optimizer: the ``optimizer.state`` it was built from (its object and change
     count) and each group's state layout (its slots, which follow the group's flags, and whether
-    it keeps weight corrections). The native plan checks
-    the rest at every run (the parameter lists and their gradients, each state dict's entries,
-    every tensor's memory and metadata) and refuses to run, writing nothing, when anything
-    changed; the optimizer then builds a new plan.
+    it keeps weight corrections). The native plan checks the rest at every run (the parameter
+    lists and their gradients, each state dict's entries, every tensor's memory and metadata) and
+    refuses to run, writing nothing, when anything changed; the optimizer then builds a new plan.
 
     A plan also carries the state created lazily for its parameters, committed into
     ``optimizer.state`` once a run succeeded (``commit``)."""

@@ -1,6 +1,6 @@
 """Lean optimizer state: the dtype an optimizer stores its state tensors in (``state_dtype=``),
 how bf16 stores are rounded (``rounding=``), the seeded random bits of stochastic rounding, and
-the weight corrections of bf16 parameters (``weight_correction=``).
+the weight corrections of 16-bit parameters (``weight_correction=``).
 
 The random bits are counter based (``src/rounding.rs``): each step hands the engine one key per
 param group, made here from the group's ``rounding_seed`` and ``rounding_step`` (the number of
@@ -30,7 +30,7 @@ ROUNDINGS = ("nearest", "stochastic")
 _MASK64 = (1 << 64) - 1
 
 
-#: The state entry of a bf16 parameter's weight correction (an int8 tensor shaped like it; the
+#: The state entry of a 16-bit parameter's weight correction (an int8 tensor shaped like it; the
 #: engine's name, ``src/rounding.rs``).
 WEIGHT_CORRECTION: str = _native.WEIGHT_CORRECTION
 
@@ -65,14 +65,14 @@ def check_group(who: str, group: dict[str, Any]) -> None:
 
 
 def corrects(group: dict[str, Any], p: torch.Tensor) -> bool:
-    """Whether ``p`` (of ``group``) keeps a weight correction: a 16-bit parameter of a group with
-    ``weight_correction=True`` (float32 and float64 weights need none: they are their own master
-    copy; the engine refuses float16 ones, which it cannot correct yet)."""
+    """Whether ``p`` (of ``group``) keeps a weight correction: a bf16 or fp16 parameter of a group
+    with ``weight_correction=True`` (float32 and float64 weights need none: they are their own
+    master copy)."""
     return p.dtype in (torch.bfloat16, torch.float16) and bool(group.get("weight_correction", False))
 
 
 def new_correction(p: torch.Tensor) -> torch.Tensor:
-    """The weight correction of a bf16 parameter that has none yet: zeros (the weight is exactly
+    """The weight correction of a 16-bit parameter that has none yet: zeros (the weight is exactly
     its bf16 value)."""
     return torch.zeros_like(p, dtype=torch.int8, memory_format=torch.preserve_format)
 

@@ -134,15 +134,15 @@ class AdamW(_AdamRule, torch.optim.AdamW):
       (``rounding_step``, in the param group and so in ``state_dict``) and each element's
       position, so a resumed run rounds bit for bit as the uninterrupted one. Steps captured in
       a CUDA graph cannot round stochastically (the key would be replayed).
-    * ``weight_correction`` (default False): bf16 parameters keep an int8 state tensor
-      ``weight_correction`` with what rounding the weight to bf16 lost, in 1/256 of its ulp, so
-      that weight and correction hold the weight to about 16 significant bits, enough for
+    * ``weight_correction`` (default False): bf16 and fp16 parameters keep an int8 state tensor
+      ``weight_correction`` with what rounding the weight to 16 bits lost, in 1/256 of its ulp,
+      so that weight and correction hold 8 more significant bits of the weight, enough for
       updates far below a bf16 ulp, without randomness: bf16 weights, bf16 moments and the
       correction take 7 bytes per parameter (an fp32 master copy with fp32 moments: 14 with the
       bf16 weights). The engine reads the corrected weight, updates it in fp32 and stores it
       back rounded to nearest with its new correction; ``rounding`` then applies to the state
-      only. Parameters of other dtypes need none (float32 and float64 weights are their own
-      master copy) and keep none; float16 ones are refused.
+      only. float32 and float64 parameters need none (they are their own master copy) and keep
+      none.
     """
 
     def __init__(

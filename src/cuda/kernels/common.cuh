@@ -190,31 +190,35 @@ EF_FN ef_u16 ef_bf16_stochastic(float f, ef_u32 r16) {
     return (ef_u16)((u + r16) >> 16);
 }
 
-// ---- weight corrections of bf16 parameters (src/rounding.rs, bit for bit) --------------------
-// A bf16 weight hi (exponent field E) with int8 correction c stands for hi + c·2^(e − 142), e = E
-// clamped to [16, 254]; a float splits into its nearest bf16 value and the rounded remainder.
+// ---- weight corrections of bf16 and fp16 parameters (src/rounding.rs, bit for bit) -----------
+// A 16-bit weight hi with int8 correction c stands for hi + c·u(hi): u is 2^-8 of hi's ulp,
+// 2^(E − 127 − M − 8) for hi's f32 exponent field E clamped to [E_MIN, E_MAX] and M mantissa bits
+// (bf16: 7, [16, 254]; fp16: 10, [113, 142]); a float splits into its nearest 16-bit value and
+// the rounded remainder.
 
-EF_FN ef_u32 ef_correction_exponent(float hi) {
-    ef_u32 e = (ef_float_to_bits(hi) >> 23) & 0xffu;
-    return e < 16u ? 16u : (e > 254u ? 254u : e);
-}
-// The weight of bf16 value hi with correction c (exact; infinities and NaN stay as they are).
-EF_FN float ef_corrected(float hi, signed char c) { return hi + (float)c * ef_bits_to_float((ef_correction_exponent(hi) - 15u) << 23); }
-// x as its nearest bf16 value (the bits, into *bits) and the correction (0 for infinities and NaN).
-EF_FN signed char ef_split_corrected(float x, ef_u16* bits) {
-    *bits = ef_float_to_bf16(x);
-    float hi = ef_bf16_to_float(*bits);
-    float units = (x - hi) * ef_bits_to_float((269u - ef_correction_exponent(hi)) << 23);  // exact
-    units = units != units || units < -127.0f ? -127.0f : (units > 127.0f ? 127.0f : units);
-    // adding 1.5·2^23 rounds to an integer, half to even, held by the low bits in two's complement
-    signed char c = (signed char)(unsigned char)(ef_float_to_bits(units + 12582912.0f) & 0xffu);
-    return hi - hi == 0.0f ? c : (signed char)0;
-}
+template <ef_u32 M, ef_u32 E_MIN, ef_u32 E_MAX> struct EfCorrection {
+    EF_FN static ef_u32 exponent(float hi) {
+        ef_u32 e = (ef_float_to_bits(hi) >> 23) & 0xffu;
+        return e < E_MIN ? E_MIN : (e > E_MAX ? E_MAX : e);
+    }
+    // The weight of the 16-bit value hi with correction c (exact; infinities and NaN stay).
+    EF_FN static float corrected(float hi, signed char c) { return hi + (float)c * ef_bits_to_float((exponent(hi) - M - 8u) << 23); }
+    // The correction of x against hi, its nearest 16-bit value (0 for infinities and NaN).
+    EF_FN static signed char correction(float x, float hi) {
+        float units = (x - hi) * ef_bits_to_float((254u + M + 8u - exponent(hi)) << 23);  // exact
+        units = units != units || units < -127.0f ? -127.0f : (units > 127.0f ? 127.0f : units);
+        // adding 1.5·2^23 rounds to an integer, half to even, held by the low bits in two's complement
+        signed char c = (signed char)(unsigned char)(ef_float_to_bits(units + 12582912.0f) & 0xffu);
+        return hi - hi == 0.0f ? c : (signed char)0;
+    }
+};
+typedef EfCorrection<7u, 16u, 254u> EfBf16Correction;
+typedef EfCorrection<10u, 113u, 142u> EfF16Correction;
 
 // Load/store one element of storage type S as compute type R; `store_sr` rounds with the 16
 // random bits `r16` (bf16 only: the compute types store exactly, fp16 is refused on the host).
 // `load_corrected` / `store_corrected` read and write a parameter with its weight correction
-// (bf16 only: the host refuses corrections of other parameters, so the others never run).
+// (bf16 and fp16 only: the host refuses corrections of other parameters, so the others never run).
 template <class S, class R> struct EfElem;
 template <> struct EfElem<float, float> {
     EF_FN static float load(const float* p) { return *p; }
@@ -234,16 +238,22 @@ template <> struct EfElem<ef_bf16, float> {
     EF_FN static float load(const ef_bf16* p) { return ef_bf16_to_float(p->bits); }
     EF_FN static void store(ef_bf16* p, float x) { p->bits = ef_float_to_bf16(x); }
     EF_FN static void store_sr(ef_bf16* p, float x, ef_u32 r16) { p->bits = ef_bf16_stochastic(x, r16); }
-    EF_FN static float load_corrected(const ef_bf16* p, signed char c) { return ef_corrected(ef_bf16_to_float(p->bits), c); }
-    EF_FN static void store_corrected(ef_bf16* p, float x, signed char* c) { *c = ef_split_corrected(x, &p->bits); }
+    EF_FN static float load_corrected(const ef_bf16* p, signed char c) { return EfBf16Correction::corrected(ef_bf16_to_float(p->bits), c); }
+    EF_FN static void store_corrected(ef_bf16* p, float x, signed char* c) {
+        p->bits = ef_float_to_bf16(x);
+        *c = EfBf16Correction::correction(x, ef_bf16_to_float(p->bits));
+    }
 };
 #ifndef EF_HOST
 template <> struct EfElem<ef_f16, float> {
     EF_FN static float load(const ef_f16* p) { return ef_f16_to_float(p->bits); }
     EF_FN static void store(ef_f16* p, float x) { p->bits = ef_float_to_f16(x); }
     EF_FN static void store_sr(ef_f16* p, float x, ef_u32) { p->bits = ef_float_to_f16(x); }
-    EF_FN static float load_corrected(const ef_f16* p, signed char) { return ef_f16_to_float(p->bits); }
-    EF_FN static void store_corrected(ef_f16* p, float x, signed char* c) { p->bits = ef_float_to_f16(x); *c = 0; }
+    EF_FN static float load_corrected(const ef_f16* p, signed char c) { return EfF16Correction::corrected(ef_f16_to_float(p->bits), c); }
+    EF_FN static void store_corrected(ef_f16* p, float x, signed char* c) {
+        p->bits = ef_float_to_f16(x);
+        *c = EfF16Correction::correction(x, ef_f16_to_float(p->bits));
+    }
 };
 #endif
 
