@@ -91,6 +91,9 @@ pub struct GroupTensors {
     /// `scalars[k][i]`: scalar state entry `k` (a one-element CPU float tensor, e.g. `step`) of
     /// parameter `i`.
     pub scalars: Vec<Vec<TensorInfo>>,
+    /// The position of each parameter's first element in the whole tensor it is a shard of, or
+    /// empty: every parameter is whole (see [`Batch::offsets`]).
+    pub offsets: Vec<usize>,
 }
 
 /// Parameters of one group sharing device, parameter dtype, input dtype and state dtype.
@@ -119,6 +122,9 @@ pub struct Batch {
     /// The int8 weight corrections of the (bf16 or fp16) parameters, one per parameter, or empty (see
     /// [`crate::rounding`]).
     pub corrections: Vec<TensorView>,
+    /// The position of each parameter's first element in the whole tensor it is a shard of (0 for
+    /// whole tensors): stochastic rounding draws element `i`'s bits at position `offset + i`.
+    pub offsets: Vec<usize>,
 }
 
 impl Batch {
@@ -314,6 +320,7 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
                     scalars: Vec::new(),
                     members: Vec::new(),
                     corrections: Vec::new(),
+                    offsets: Vec::new(),
                 });
                 batches.last_mut().expect("just pushed")
             }
@@ -325,6 +332,7 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
         }
         b.states.extend(states.iter().map(|slot| slot[i].view));
         b.corrections.extend(corrections.iter().map(|c| c[i].view));
+        b.offsets.push(t.offsets.get(i).copied().unwrap_or(0));
         b.scalars.extend(t.scalars.iter().map(|entry| entry[i].view));
     }
     Ok(batches)

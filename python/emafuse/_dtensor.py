@@ -28,6 +28,7 @@ gathers a tensor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -142,14 +143,16 @@ def local_call(
     states: Sequence[dict[str, Tensor]] | None,
     slots: tuple[str, ...],
     who: str,
-) -> tuple[list[Tensor], list[Tensor], list[dict[str, Tensor]] | None]:
+) -> tuple[list[Tensor], list[Tensor], list[dict[str, Tensor]] | None, list[int]]:
     """The tensors of one native call with DTensors replaced by their local shards (checked: a
-    supported placement, gradient and state slots placed like the parameter). Plain tensors pass
-    unchanged; scalar state stays as it is."""
+    supported placement, gradient and state slots placed like the parameter), and each one's
+    ``flat_offset``. Plain tensors pass unchanged; scalar state stays as it is."""
     ps: list[Tensor] = []
     gs: list[Tensor] = []
+    offsets: list[int] = []
     sts: list[dict[str, Tensor]] | None = None if states is None else []
     for i, (p, g) in enumerate(zip(params, grads)):
+        offsets.append(flat_offset(p) if is_dtensor(p) else 0)
         st = None if states is None else states[i]
         if not is_dtensor(p):
             if is_dtensor(g):
@@ -168,7 +171,23 @@ def local_call(
                     st[k] = check_partner(p, st[k], who, f"state '{k}'")  # type: ignore[index]
         if sts is not None:
             sts.append(st)  # type: ignore[arg-type]
-    return ps, gs, sts
+    return ps, gs, sts, offsets
+
+
+def flat_offset(t: Tensor) -> int:
+    """The position in the whole (row-major) tensor of the first element of DTensor ``t``'s local
+    shard, where the shard is a contiguous range of it (``Shard(0)``, FSDP2's placement, and
+    ``Replicate()``); 0 for ``Shard(d > 0)``, whose elements are not one range. The engine's
+    stochastic rounding draws each element's bits at its position, so a step on ``Shard(0)``
+    shards rounds as the step on the whole tensor."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    placement = t.placements[0]  # type: ignore[attr-defined]
+    if not isinstance(placement, Shard) or placement.dim != 0 or t.dim() == 0:
+        return 0
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)  # type: ignore[attr-defined]
+    return int(offset[0]) * math.prod(t.shape[1:])
 
 
 # Where the per-tensor sums of sharded tensors lie: {process group: {call index: [row, ...]}}.

@@ -48,6 +48,10 @@ class Group:
     def slots(self) -> tuple[str, ...]: ...
     @property
     def scalars(self) -> tuple[str, ...]: ...
+    @property
+    def offsets(self) -> list[int] | None:
+        """Each parameter's first element's position in the whole tensor it is a shard of (where
+        stochastic rounding draws its bits), or None: every parameter is whole."""
     def __new__(
         cls,
         *,
@@ -57,6 +61,7 @@ class Group:
         states: list[dict[str, Tensor]] | None = None,
         slots: tuple[str, ...] | None = None,
         scalars: tuple[str, ...] | None = None,
+        offsets: list[int] | None = None,
     ) -> Group: ...
 
 @final

@@ -48,6 +48,7 @@ def stage_groups(
                 states=states,
                 slots=g.slots,
                 scalars=g.scalars,
+                offsets=g.offsets,
             )
         )
     return staged, copy_back

@@ -264,8 +264,9 @@ fn simd_level() -> u8 {
 }
 
 /// Stochastic rounding of one span's stores (see [`crate::rounding`]): the stream of the
-/// parameter (`streams[0]`) and of each state slot `k` (`streams[1 + k]`), and the index in its
-/// tensor of the span's first element.
+/// parameter (`streams[0]`) and of each state slot `k` (`streams[1 + k]`), and the position of the
+/// span's first element in its whole tensor (its index in the tensor, plus the shard's offset
+/// for a shard).
 #[derive(Copy, Clone, Debug)]
 pub struct SpanRounding {
     pub streams: [u32; 1 + MAX_SLOTS],

@@ -383,7 +383,10 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
         let batch_key = self.options.rounding_key.map(|key| rounding::batch_key(key, self.batch.members[0]));
         for_each_span(&self.numels(), |s| {
             let projection = projections.as_ref().map(|v| v[s.tensor]);
-            let rounding = batch_key.map(|key| SpanRounding { streams: std::array::from_fn(|a| rounding::stream_key(key, s.tensor, a)), first: s.start });
+            let rounding = batch_key.map(|key| SpanRounding {
+                streams: std::array::from_fn(|a| rounding::stream_key(key, s.tensor, a)),
+                first: self.batch.offsets[s.tensor] + s.start,
+            });
             // SAFETY: all views were validated to hold numel elements of P (params), G (inputs) or
             // S (states) on the CPU; spans are disjoint ranges inside them, so each element is
             // touched by one thread only; the tensors are kept alive by the caller.

@@ -16,6 +16,8 @@ pub struct TensorEntry {
     pub scalars: [u64; MAX_SCALARS],
     /// The parameter's weight corrections (int8), or 0.
     pub corr: u64,
+    /// The position of its first element in the whole tensor (stochastic rounding's index).
+    pub offset: i64,
     pub numel: i64,
     pub first_block: i64,
 }
@@ -49,6 +51,7 @@ pub fn build(batch: &Batch) -> (Vec<TensorEntry>, i64) {
                 s,
                 scalars,
                 corr: batch.corrections.get(i).map_or(0, |c| c.ptr() as u64),
+                offset: batch.offsets[i] as i64,
                 numel,
                 first_block: next,
             };
@@ -62,7 +65,7 @@ pub fn build(batch: &Batch) -> (Vec<TensorEntry>, i64) {
 impl TensorEntry {
     /// The entry's 8-byte fields in declaration order (the layout of `EfTensor`).
     fn words(&self) -> impl Iterator<Item = u64> + '_ {
-        let counts = [self.numel as u64, self.first_block as u64];
+        let counts = [self.offset as u64, self.numel as u64, self.first_block as u64];
         [self.p, self.g].into_iter().chain(self.s).chain(self.scalars).chain([self.corr]).chain(counts)
     }
 }
@@ -78,11 +81,11 @@ mod tests {
 
     #[test]
     fn entry_layout_matches_the_kernel() {
-        // void* p, g; void* s[4]; float* scalars[4]; signed char* corr; long long numel, first_block
-        assert_eq!(std::mem::size_of::<TensorEntry>(), 8 * (2 + MAX_SLOTS + MAX_SCALARS + 3));
-        let e = TensorEntry { p: 1, g: 2, s: [3, 4, 5, 6], scalars: [7, 8, 9, 10], corr: 11, numel: 12, first_block: -1 };
+        // void* p, g; void* s[4]; float* scalars[4]; signed char* corr; long long offset, numel, first_block
+        assert_eq!(std::mem::size_of::<TensorEntry>(), 8 * (2 + MAX_SLOTS + MAX_SCALARS + 4));
+        let e = TensorEntry { p: 1, g: 2, s: [3, 4, 5, 6], scalars: [7, 8, 9, 10], corr: 11, offset: 12, numel: 13, first_block: -1 };
         let words: Vec<u64> = to_bytes(&[e]).chunks(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap())).collect();
-        assert_eq!(words, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, u64::MAX]);
+        assert_eq!(words, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, u64::MAX]);
         assert_eq!(blocks_of(0), 1);
         assert_eq!(blocks_of(CHUNK), 1);
         assert_eq!(blocks_of(CHUNK + 1), 2);

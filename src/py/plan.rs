@@ -56,12 +56,17 @@ pub struct Group {
     slots: Py<PyTuple>,
     /// Names of the scalar state entries, in the rule's order.
     scalars: Py<PyTuple>,
+    /// For each parameter, the position of its first element in the whole tensor it is a shard
+    /// of (a DTensor's local shard), or None: every parameter is whole. Stochastic rounding draws
+    /// element `i`'s bits at position `offset + i`, so a sharded step rounds as the whole one.
+    offsets: Option<Vec<u64>>,
 }
 
 #[pymethods]
 impl Group {
     #[new]
-    #[pyo3(signature = (*, hyper, params, inputs=None, states=None, slots=None, scalars=None))]
+    #[pyo3(signature = (*, hyper, params, inputs=None, states=None, slots=None, scalars=None, offsets=None))]
+    #[allow(clippy::too_many_arguments)] // (keyword arguments of the Python constructor)
     fn new(
         py: Python<'_>,
         hyper: Py<PyDict>,
@@ -70,9 +75,10 @@ impl Group {
         states: Option<Py<PyList>>,
         slots: Option<Py<PyTuple>>,
         scalars: Option<Py<PyTuple>>,
+        offsets: Option<Vec<u64>>,
     ) -> Group {
         let empty = || PyTuple::empty(py).unbind();
-        Group { hyper, params, inputs, states, slots: slots.unwrap_or_else(empty), scalars: scalars.unwrap_or_else(empty) }
+        Group { hyper, params, inputs, states, slots: slots.unwrap_or_else(empty), scalars: scalars.unwrap_or_else(empty), offsets }
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
@@ -151,6 +157,8 @@ struct Call {
     keys: Vec<Py<PyString>>,
     /// The state dict of each parameter (empty when the rule keeps no state).
     dicts: Vec<Py<PyDict>>,
+    /// Each parameter's position in its whole tensor ([`Group`]'s `offsets`; empty: all 0).
+    offsets: Vec<usize>,
     batches: Vec<Batch>,
 }
 
@@ -282,8 +290,21 @@ impl StepPlan {
                 }
             }
             let keys = slots.iter().chain(&scalars).map(|k| k.clone().unbind()).collect();
-            calls.push(Call { base, n, inputs, n_slots: slots.len(), keys, dicts: dicts.into_iter().map(Bound::unbind).collect(), batches: Vec::new() });
-            let lens_ok = [g.inputs.as_ref().map(|l| l.bind(py).len()), g.states.as_ref().map(|l| l.bind(py).len())].into_iter().flatten().all(|len| len == n);
+            let offsets: Vec<usize> = g.offsets.iter().flatten().map(|&o| o as usize).collect();
+            calls.push(Call {
+                base,
+                n,
+                inputs,
+                n_slots: slots.len(),
+                keys,
+                dicts: dicts.into_iter().map(Bound::unbind).collect(),
+                offsets,
+                batches: Vec::new(),
+            });
+            let lens_ok = [g.inputs.as_ref().map(|l| l.bind(py).len()), g.states.as_ref().map(|l| l.bind(py).len()), g.offsets.as_ref().map(Vec::len)]
+                .into_iter()
+                .flatten()
+                .all(|len| len == n);
             if !lens_ok {
                 return Err(Error::Value(format!("{who}: param group {ci}: tensor lists of different lengths")));
             }
@@ -361,7 +382,15 @@ fn call_tensors(call: &Call, kept: &[TensorInfo], grads: &[TensorInfo]) -> Group
     let scalars = (call.n_slots..call.keys.len()).map(|k| list(call.state_obj(k, 0))).collect();
     let (slot_keys, scalar_keys) = call.keys.split_at(call.n_slots);
     let names = |keys: &[Py<PyString>]| keys.iter().map(|k| k.to_string()).collect();
-    GroupTensors { params: list(call.base), grads, slot_names: names(slot_keys), states, scalar_names: names(scalar_keys), scalars }
+    GroupTensors {
+        params: list(call.base),
+        grads,
+        slot_names: names(slot_keys),
+        states,
+        scalar_names: names(scalar_keys),
+        scalars,
+        offsets: call.offsets.clone(),
+    }
 }
 
 /// Map every parameter whose gradient a run reads to its place in the watched lists.

@@ -881,7 +881,7 @@ class _Call:
     """The tensors of one native call while a plan is collected: a parameter group's parameters
     with a gradient (or those among them that share ``extra`` flags)."""
 
-    __slots__ = ("extra", "grads", "group_index", "params", "scalars", "slots", "states")
+    __slots__ = ("extra", "grads", "group_index", "offsets", "params", "scalars", "slots", "states")
 
     def __init__(self, group_index: int, extra: dict[str, Any], slots: tuple[str, ...], scalars: tuple[str, ...], keeps_state: bool) -> None:
         self.group_index = group_index
@@ -891,6 +891,8 @@ class _Call:
         self.params: list[Tensor] = []
         self.grads: list[Tensor] = []
         self.states: list[dict[str, Tensor]] | None = [] if keeps_state else None
+        # shards of DTensors: each local shard's position in its whole tensor (_dtensor.flat_offset)
+        self.offsets: list[int] | None = None
 
     def add(self, p: Tensor, g: Tensor, st: dict[str, Tensor] | None) -> None:
         self.params.append(p)
@@ -909,6 +911,7 @@ class _Call:
             states=self.states,
             slots=self.slots,
             scalars=self.scalars,
+            offsets=self.offsets,
         )
 
 
@@ -1063,7 +1066,7 @@ def _local_calls(
     summed: list[list[Tensor]] = []
     for c in calls:
         local = _Call(c.group_index, c.extra, c.slots, c.scalars, c.states is not None)
-        local.params, local.grads, local.states = _dtensor.local_call(c.params, c.grads, c.states, c.slots, who)
+        local.params, local.grads, local.states, local.offsets = _dtensor.local_call(c.params, c.grads, c.states, c.slots, who)
         originals.append(list(c.params))
         summed.append(c.params if _native.rule_sums(rule, c.hyper(hypers[c.group_index])) else [])
         out.append(local)

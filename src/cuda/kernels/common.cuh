@@ -262,16 +262,17 @@ template <class P, class R> EF_FN R ef_load_param(const P* p, const signed char*
     return corr != nullptr ? EfElem<P, R>::load_corrected(p + i, corr[i]) : EfElem<P, R>::load(p + i);
 }
 
-// A store of element `i` of an array: stochastic with the array's stream when `sr`.
+// A store of the element at position `i` of an array: stochastic with the array's stream when `sr`.
 template <class S, class R> EF_FN void ef_store(S* p, R x, bool sr, ef_u32 stream, ef_i64 i) {
     if (sr) EfElem<S, R>::store_sr(p, x, ef_random16(stream, (ef_u32)i));
     else EfElem<S, R>::store(p, x);
 }
-// A store of parameter element `i` (at `p`): with its new weight correction when the tensor has
-// them (`corr` not null; rounded to nearest), else as `ef_store`.
-template <class P, class R> EF_FN void ef_store_param(P* p, R x, signed char* corr, bool sr, ef_u32 stream, ef_i64 i) {
+// A store of parameter element `i` (at `p`, at position `at` in its whole tensor): with its new
+// weight correction when the tensor has them (`corr` not null; rounded to nearest), else as
+// `ef_store`.
+template <class P, class R> EF_FN void ef_store_param(P* p, R x, signed char* corr, bool sr, ef_u32 stream, ef_i64 i, ef_i64 at) {
     if (corr != nullptr) EfElem<P, R>::store_corrected(p, x, corr + i);
-    else ef_store<P, R>(p, x, sr, stream, i);
+    else ef_store<P, R>(p, x, sr, stream, at);
 }
 
 // The Cautious optimizers' sums [Σφ, numel] and per-tensor factor (src/rules/mod.rs

@@ -27,6 +27,7 @@ struct EfTensor {  // layout of the Rust `cuda::table::TensorEntry` (#[repr(C)])
     void* s[EF_MAX_SLOTS];
     float* scalars[EF_MAX_SCALARS];
     signed char* corr;  // the parameter's weight corrections, or null
+    ef_i64 offset;      // its first element's position in the whole tensor (stochastic rounding)
     ef_i64 numel;
     ef_i64 first_block;
 };
@@ -55,7 +56,7 @@ __device__ __forceinline__ bool ef_aligned(const void* p) {
 
 template <class Rule, class R, class P, class G, class S>
 __device__ __forceinline__ void ef_update_one(const typename Rule::template Coeffs<R>& c, R factor, R unscale, bool store_grad, P* p, G* g,
-                                              S* const* st, signed char* corr, bool sr, const ef_u32* streams, ef_i64 i) {
+                                              S* const* st, signed char* corr, bool sr, const ef_u32* streams, ef_i64 offset, ef_i64 i) {
     R s[EF_MAX_SLOTS];
 #pragma unroll
     for (int k = 0; k < EF_SLOTS; ++k) s[k] = EfElem<S, R>::load(st[k] + i);
@@ -66,9 +67,9 @@ __device__ __forceinline__ void ef_update_one(const typename Rule::template Coef
         if (store_grad) EfElem<G, R>::store(g + i, graw * unscale);  // AMP: .grad left unscaled, as torch's fused kernels
     }
     R pv = Rule::template update<R>(c, ef_load_param<P, R>(p, corr, i), gv, s);
-    ef_store_param<P, R>(p + i, pv, corr, sr, streams[0], i);
+    ef_store_param<P, R>(p + i, pv, corr, sr, streams[0], i, offset + i);
 #pragma unroll
-    for (int k = 0; k < EF_WRITTEN_SLOTS; ++k) ef_store<S, R>(st[k] + i, s[k], sr, streams[1 + k], i);
+    for (int k = 0; k < EF_WRITTEN_SLOTS; ++k) ef_store<S, R>(st[k] + i, s[k], sr, streams[1 + k], offset + i);
 }
 
 template <class Rule, class R, class P, class G, class S>
@@ -144,16 +145,16 @@ __device__ __forceinline__ void ef_step_impl(const EfHyper& hyper, const EfTenso
                 if (store_grad) EfElem<G, R>::store(&gv.v[j], graw * unscale);
             }
             R pj = Rule::template update<R>(c, corr != nullptr ? EfElem<P, R>::load_corrected(&pv.v[j], corr[i + j]) : EfElem<P, R>::load(&pv.v[j]), gj, s);
-            ef_store_param<P, R>(&pv.v[j], pj, corr, sr, streams[0], i + j);
+            ef_store_param<P, R>(&pv.v[j], pj, corr, sr, streams[0], i + j, T.offset + i + j);
 #pragma unroll
-            for (int k = 0; k < EF_WRITTEN_SLOTS; ++k) ef_store<S, R>(&sv[k].v[j], s[k], sr, streams[1 + k], i + j);
+            for (int k = 0; k < EF_WRITTEN_SLOTS; ++k) ef_store<S, R>(&sv[k].v[j], s[k], sr, streams[1 + k], T.offset + i + j);
         }
         *(EfVec<P>*)(p + i) = pv;
         if (store_grad) *(EfVec<G>*)(g + i) = gv;
 #pragma unroll
         for (int k = 0; k < EF_WRITTEN_SLOTS; ++k) *(EfVec<S>*)(st[k] + i) = sv[k];
     }
-    for (ef_i64 i = vec_end + threadIdx.x; i < end; i += blockDim.x) ef_update_one<Rule, R, P, G, S>(c, factor, unscale, store_grad, p, g, st, corr, sr, streams, i);
+    for (ef_i64 i = vec_end + threadIdx.x; i < end; i += blockDim.x) ef_update_one<Rule, R, P, G, S>(c, factor, unscale, store_grad, p, g, st, corr, sr, streams, T.offset, i);
 }
 
 // Per-tensor sums (rules with SUMS > 0): a read-only pass before ef_step, accumulated in double.
