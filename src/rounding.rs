@@ -216,15 +216,22 @@ mod tests {
 
     /// The corrected weight is within 1/256 of a bf16 ulp of the value split (half a unit, one
     /// at the clamped ends), and re-splitting a stored weight gives it back unchanged.
-    #[test]
-    fn weight_corrections_hold_the_weight_to_a_256th_of_an_ulp() {
-        let mut x: u32 = 0x9e37_79b9;
-        for _ in 0..200_000 {
+    /// 200 000 random floats of both signs with f32 exponent fields `lowest..lowest + span`
+    /// (xorshift32 bits).
+    fn random_floats(seed: u32, lowest: u32, span: u32) -> impl Iterator<Item = f32> {
+        let mut x = seed;
+        (0..200_000).map(move |_| {
             x ^= x << 13;
             x ^= x >> 17;
             x ^= x << 5;
-            // magnitudes from 2^-60 to 2^60, both signs
-            let v = f32::from_bits((x & 0x807f_ffff) | ((67 + (x >> 8) % 120) << 23));
+            f32::from_bits((x & 0x807f_ffff) | ((lowest + (x >> 8) % span) << 23))
+        })
+    }
+
+    #[test]
+    fn weight_corrections_hold_the_weight_to_a_256th_of_an_ulp() {
+        // magnitudes from 2^-60 to 2^60
+        for v in random_floats(0x9e37_79b9, 67, 120) {
             let (bits, c) = split_corrected_bf16(v);
             let hi = f32::from_bits((bits as u32) << 16);
             let w = BF16_CORRECTION.corrected(hi, c);
@@ -252,13 +259,8 @@ mod tests {
     #[test]
     fn fp16_weight_corrections_hold_the_weight_to_a_256th_of_an_ulp() {
         use half::f16;
-        let mut x: u32 = 0x1234_5678;
-        for _ in 0..200_000 {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            // magnitudes from 2^-30 (below the subnormals) to 2^15, both signs
-            let v = f32::from_bits((x & 0x807f_ffff) | ((97 + (x >> 8) % 46) << 23));
+        // magnitudes from 2^-30 (below the subnormals) to 2^15
+        for v in random_floats(0x1234_5678, 97, 46) {
             let hi = f16::from_f32(v).to_f32();
             let c = F16_CORRECTION.correction(v, hi);
             if hi.is_infinite() {

@@ -480,6 +480,37 @@ def test_corrected_step_is_the_fp32_step_of_the_corrected_weights(dtype, state_d
             assert any(_correction(opt, p).abs().sum() > 0 for p in params)
 
 
+@pytest.mark.parametrize("cls, main", [pytest.param(e.cls, e.main, id=e.name) for e in ENTRIES])
+def test_every_optimizer_steps_corrected_weights_as_the_fp32_ones(cls, main):
+    """Every registry optimizer in its main configuration, 3 steps in lockstep as above (bf16
+    weights with corrections, fp32 state; the fp32 twin set to the corrected weights and given
+    the same state before each step): the split of the fp32 result, bit for bit."""
+    params = make_params(ODD_SHAPES, dtype=BF16, seed=28)
+    twins = [torch.nn.Parameter(p.detach().float()) for p in params]
+    opt = cls(params, **main, state_dtype=torch.float32, weight_correction=True)
+    fp32 = cls(twins, **main, state_dtype=torch.float32)
+    for t in range(3):
+        grads = random_grads(params, t)
+        set_grads(params, grads)
+        set_grads(twins, [g.float() for g in grads])
+        if t:
+            for p, q in zip(params, twins):
+                q.data.copy_(ref.corrected(p.detach(), _correction(opt, p)))
+                for key, v in opt.state[p].items():
+                    if key == "weight_correction":
+                        continue
+                    if isinstance(v, torch.Tensor):
+                        fp32.state[q][key].copy_(v)
+                    else:
+                        fp32.state[q][key] = v
+        opt.step()
+        fp32.step()
+        for i, (p, q) in enumerate(zip(params, twins)):
+            hi, c = ref.split_corrected(q.detach())
+            assert torch.equal(p.detach().view(torch.int16), hi.view(torch.int16)), f"step {t}, tensor {i}"
+            assert torch.equal(_correction(opt, p), c), f"step {t}, tensor {i}"
+
+
 @pytest.mark.parametrize("dtype, ulp", [(BF16, 2.0**-7), (torch.float16, 2.0**-10)], ids=["bf16", "fp16"])
 def test_corrections_absorb_updates_far_below_an_ulp(dtype, ulp):
     """SGD steps of 1/50 of an ulp: rounding to nearest never moves the weight, the correction

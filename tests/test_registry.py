@@ -21,7 +21,7 @@ from registry import ENTRIES, entries
 NOT_OPTIONS = {"foreach", "fused", "capturable", "differentiable", "check_finite", "print_change_log", "no_deprecation_warning"}
 # Options every optimizer takes that a test runs on every entry itself (the registry's concerns
 # compare with references that have no such option).
-COVERED_ELSEWHERE = {"grad_clip", "state_dtype", "rounding", "rounding_seed"}  # test_grad_clip.py, test_lean_state.py
+COVERED_ELSEWHERE = {"grad_clip", "state_dtype", "rounding", "rounding_seed", "weight_correction"}  # test_grad_clip.py, test_lean_state.py
 
 
 # Optimizers whose step needs the loss (MoMo's Polyak step size): the registry's concerns step
