@@ -431,6 +431,8 @@ def averaging(checks, rank: int, root: str) -> None:
     makers = {
         "ModelEMA": lambda m: emafuse.ModelEMA(m, decay=0.9),
         "ModelEMA offloaded": offloaded,
+        # a bf16 average rounded stochastically: each shard draws its elements' bits
+        "ModelEMA bf16 stochastic": lambda m: emafuse.ModelEMA(m, decay=0.9, ema_dtype=torch.bfloat16, rounding="stochastic"),
         "BEMA": lambda m: BEMA(m, ema_power=0.5),
         "SwitchEMA": lambda m: SwitchEMA(m, decay=0.8),
         "PowerEMA": lambda m: PowerEMA(m, gammas=(5.0, 16.0)),

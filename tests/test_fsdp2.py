@@ -52,7 +52,7 @@ CHECKS = (
        "Replicate placement steps whole tensors", "ZClip on DTensor gradients", "AdaGC on DTensor gradients"]
     + [f"checkpoint {n}" for n, _, _ in CKPT_CONFIGS]
     + ["collective counter sees collectives"]
-    + [f"average {n}" for n in ("ModelEMA", "ModelEMA offloaded", "BEMA", "SwitchEMA", "PowerEMA", "LAWA", "SWA")]
+    + [f"average {n}" for n in ("ModelEMA", "ModelEMA offloaded", "ModelEMA bf16 stochastic", "BEMA", "SwitchEMA", "PowerEMA", "LAWA", "SWA")]
     + ["ModelEMA swap, export, DCP"]
     + [f"PostHocEMA snapshots in {where}, DCP" for where in ("memory", "files")]
     + ["DDP", "ZeroRedundancyOptimizer"]

@@ -47,11 +47,14 @@ def group(
     inputs: Sequence[Tensor] | None = None,
     states: Sequence[dict[str, Tensor]] | None = None,
     slots: tuple[str, ...] = (),
+    offsets: Sequence[int] | None = None,
 ) -> Group:
     """The tensors of one update: the written ``targets`` (averages), the read-only ``inputs``
-    (the model's tensors), and per target the state tensors named in ``slots``."""
+    (the model's tensors), per target the state tensors named in ``slots``, and for local shards
+    of DTensors where each starts in its whole tensor (``offsets``, see ``_native.Group``)."""
     inputs = None if inputs is None else list(inputs)
-    return Group(hyper=hyper, params=list(targets), inputs=inputs, states=None if states is None else list(states), slots=slots)
+    offsets = None if offsets is None else list(offsets)
+    return Group(hyper=hyper, params=list(targets), inputs=inputs, states=None if states is None else list(states), slots=slots, offsets=offsets)
 
 
 def native_step(who: str, rule: str, g: Group) -> None:

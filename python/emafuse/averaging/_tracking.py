@@ -251,6 +251,16 @@ class Tracking:
         named = {n: _dtensor.local(t).detach() for n, t, _ in _named(average)}
         return [named[e.name] for e in self.entries]
 
+    def flat_offsets(self, average: nn.Module, indices: Sequence[int]) -> list[int] | None:
+        """Where the local shard of each of entries ``indices`` of ``average`` starts in its whole
+        tensor (``_dtensor.flat_offset``: the engine's stochastic rounding then draws a sharded
+        average's bits as the unsharded one's), or None when the model is not sharded."""
+        if not self.is_sharded:
+            return None
+        named = {n: t for n, t, _ in _named(average)}
+        tensors = [named[self.entries[i].name] for i in indices]
+        return [_dtensor.flat_offset(t) if _dtensor.is_dtensor(t) else 0 for t in tensors]
+
     def sharded(self, indices: Sequence[int], tensors: Sequence[Tensor]) -> list[Tensor]:
         """An average's extra per-entry tensors (``tensors`` for entries ``indices``, local shards)
         as they go into its ``state_dict``: DTensors placed like the model's where the model is

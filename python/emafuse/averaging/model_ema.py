@@ -208,6 +208,7 @@ class ModelEMA(Averager):
         self._module = averaged_copy(model, ema_dtype, self.device if device is not None else None)
         self._own = self._tracking.tensors_of(self._module)
         self._avg_targets = [real_view(self._own[i]) for i in self._tracking.averaged]
+        self._avg_offsets = self._tracking.flat_offsets(self._module, self._tracking.averaged)
         self._step = CachedStep()
         self._compile_key = _compile.register(self)
         self._mirror = HostMirror(self.device if self.device is not None else torch.device("cpu"))
@@ -296,10 +297,11 @@ class ModelEMA(Averager):
             self._apply_offloaded(thetas, d)
             return
         averaged = self._tracking.averaged
-        targets = self._avg_targets
+        targets, offsets = self._avg_targets, self._avg_offsets
         if done:
             keep = [j for j, i in enumerate(averaged) if id(thetas[i]) not in done]
             targets, averaged = [targets[j] for j in keep], [averaged[j] for j in keep]
+            offsets = None if offsets is None else [offsets[j] for j in keep]
         if targets:
             hyper = self._hyper(1.0 - d)
             inputs = None if done else self._step.inputs_for(thetas)
@@ -307,10 +309,10 @@ class ModelEMA(Averager):
                 inputs = [engine_input(self._own[i], thetas[i]) for i in averaged]
                 if done or any(x is not thetas[i] or x.is_complex() for x, i in zip(inputs, averaged)):
                     # Converted or viewed inputs are new tensors each time: no plan to keep.
-                    native_step(type(self).__name__, "ema", group(hyper, targets, [real_view(x) for x in inputs]))
+                    native_step(type(self).__name__, "ema", group(hyper, targets, [real_view(x) for x in inputs], offsets=offsets))
                     inputs = None
             if inputs is not None:
-                self._step.run(type(self).__name__, "ema", (thetas, targets), lambda: group(hyper, targets, inputs))
+                self._step.run(type(self).__name__, "ema", (thetas, targets), lambda: group(hyper, targets, inputs, offsets=offsets))
         self._follow(thetas, d)
 
     def _follow(self, src: Sequence[Tensor] | Mapping[int, Tensor], d: float) -> None:
@@ -328,7 +330,7 @@ class ModelEMA(Averager):
         dtypes = [input_dtype(own[i], thetas[i]) if i in averaged else thetas[i].dtype for i in tr.followed]
         bufs, wait_for = self._mirror.fill([thetas[i] for i in tr.followed], dtypes, hold_compute=self._wait_hook is None)
         src = dict(zip(tr.followed, bufs))
-        update = group(self._hyper(1.0 - d), self._avg_targets, [real_view(src[i]) for i in tr.averaged]) if tr.averaged else None
+        update = group(self._hyper(1.0 - d), self._avg_targets, [real_view(src[i]) for i in tr.averaged], offsets=self._avg_offsets) if tr.averaged else None
         self._mirror.run(type(self).__name__, "ema", update, wait_for, lambda: self._follow(src, d), background=self.async_update)
 
     def wait(self) -> None:
