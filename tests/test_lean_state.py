@@ -442,39 +442,50 @@ def test_model_ema_refuses_stochastic_fp16_and_bad_options():
     assert all(torch.equal(p, b) for p, b in zip(ema.module.parameters(), before)) and ema.num_updates == 0
 
 
-# -- weight corrections of bf16 parameters ---------------------------------------------------------
+# -- weight corrections of bf16 and fp16 parameters -------------------------------------------------
 
 
 def _correction(opt, p):
     return opt.state[p]["weight_correction"]
 
 
+def _step_in_lockstep(opt, fp32, params, twins, t: int) -> None:
+    """Step ``t`` of ``opt`` (16-bit ``params`` with weight corrections) beside ``fp32`` (the same
+    optimizer on fp32 ``twins``): from step 1 on, the twins are first set to the corrected weights
+    and given the same state; both step on the same gradients, and the 16-bit weights and their
+    corrections must be the reference split of the fp32 result, bit for bit."""
+    grads = random_grads(params, t)
+    set_grads(params, grads)
+    set_grads(twins, [g.float() for g in grads])
+    if t:
+        for p, q in zip(params, twins):
+            q.data.copy_(ref.corrected(p.detach(), _correction(opt, p)))
+            for key, v in opt.state[p].items():
+                if isinstance(v, torch.Tensor) and key != "weight_correction":
+                    fp32.state[q][key].copy_(v)
+                elif key != "weight_correction":
+                    fp32.state[q][key] = v
+    opt.step()
+    fp32.step()
+    for i, (p, q) in enumerate(zip(params, twins)):
+        hi, c = ref.split_corrected(q.detach(), p.dtype)
+        assert torch.equal(p.detach().view(torch.int16), hi.view(torch.int16)), f"step {t}, tensor {i}"
+        assert torch.equal(_correction(opt, p), c), f"step {t}, tensor {i}"
+
+
 @pytest.mark.parametrize(
     "dtype, state_dtype", [(BF16, torch.float32), (BF16, BF16), (torch.float16, torch.float32)], ids=["bf16", "bf16, bf16 state", "fp16"]
 )
 def test_corrected_step_is_the_fp32_step_of_the_corrected_weights(dtype, state_dtype):
-    """In lockstep, 4 steps: AdamW on 16-bit weights with corrections, and AdamW on fp32 weights
-    set to the corrected values with the same state and gradients; the 16-bit weights and
-    corrections are the reference split of the fp32 result, and the states agree, bit for bit."""
+    """In lockstep (``_step_in_lockstep``), 4 steps: AdamW on 16-bit weights with corrections and
+    AdamW on fp32 weights; the moments agree too, bit for bit."""
     params = make_params(ODD_SHAPES, dtype=dtype, seed=21)
     twins = [torch.nn.Parameter(p.detach().float()) for p in params]
     kw = dict(lr=3e-2, weight_decay=0.1, state_dtype=state_dtype, rounding_seed=7)
     opt, fp32 = emafuse.AdamW(params, weight_correction=True, **kw), emafuse.AdamW(twins, **kw)
     for t in range(4):
-        grads = random_grads(params, t)
-        set_grads(params, grads)
-        set_grads(twins, [g.float() for g in grads])
-        if t:
-            for p, q in zip(params, twins):
-                q.data.copy_(ref.corrected(p.detach(), _correction(opt, p)))
-                for key in ("exp_avg", "exp_avg_sq", "step"):
-                    fp32.state[q][key].copy_(opt.state[p][key])
-        opt.step()
-        fp32.step()
+        _step_in_lockstep(opt, fp32, params, twins, t)
         for i, (p, q) in enumerate(zip(params, twins)):
-            hi, c = ref.split_corrected(q.detach(), dtype)
-            assert torch.equal(p.detach().view(torch.int16), hi.view(torch.int16)), f"step {t}, tensor {i}"
-            assert torch.equal(_correction(opt, p), c), f"step {t}, tensor {i}"
             assert torch.equal(opt.state[p]["exp_avg"], fp32.state[q]["exp_avg"]), f"step {t}, tensor {i}"
         if t == 0:  # the first step starts from corrections of zero: the weights as they are
             assert any(_correction(opt, p).abs().sum() > 0 for p in params)
@@ -482,33 +493,14 @@ def test_corrected_step_is_the_fp32_step_of_the_corrected_weights(dtype, state_d
 
 @pytest.mark.parametrize("cls, main", [pytest.param(e.cls, e.main, id=e.name) for e in ENTRIES])
 def test_every_optimizer_steps_corrected_weights_as_the_fp32_ones(cls, main):
-    """Every registry optimizer in its main configuration, 3 steps in lockstep as above (bf16
-    weights with corrections, fp32 state; the fp32 twin set to the corrected weights and given
-    the same state before each step): the split of the fp32 result, bit for bit."""
+    """Every registry optimizer in its main configuration, 3 steps in lockstep (bf16 weights with
+    corrections, fp32 state)."""
     params = make_params(ODD_SHAPES, dtype=BF16, seed=28)
     twins = [torch.nn.Parameter(p.detach().float()) for p in params]
     opt = cls(params, **main, state_dtype=torch.float32, weight_correction=True)
     fp32 = cls(twins, **main, state_dtype=torch.float32)
     for t in range(3):
-        grads = random_grads(params, t)
-        set_grads(params, grads)
-        set_grads(twins, [g.float() for g in grads])
-        if t:
-            for p, q in zip(params, twins):
-                q.data.copy_(ref.corrected(p.detach(), _correction(opt, p)))
-                for key, v in opt.state[p].items():
-                    if key == "weight_correction":
-                        continue
-                    if isinstance(v, torch.Tensor):
-                        fp32.state[q][key].copy_(v)
-                    else:
-                        fp32.state[q][key] = v
-        opt.step()
-        fp32.step()
-        for i, (p, q) in enumerate(zip(params, twins)):
-            hi, c = ref.split_corrected(q.detach())
-            assert torch.equal(p.detach().view(torch.int16), hi.view(torch.int16)), f"step {t}, tensor {i}"
-            assert torch.equal(_correction(opt, p), c), f"step {t}, tensor {i}"
+        _step_in_lockstep(opt, fp32, params, twins, t)
 
 
 @pytest.mark.parametrize("dtype, ulp", [(BF16, 2.0**-7), (torch.float16, 2.0**-10)], ids=["bf16", "fp16"])
