@@ -602,7 +602,8 @@ def test_corrections_the_engine_cannot_apply_change_nothing(case, exc, match):
     params = make_params([(5,), (4, 3)], dtype=BF16, seed=27)
     opt = emafuse.AdamW(params, lr=1e-2, weight_correction=True)
     run_steps(opt, params, 1)
-    bad = torch.zeros(5, dtype=torch.float32) if case == "float correction" else torch.zeros(6, dtype=torch.int8)
+    # (non-zero, like a correction that was written)
+    bad = torch.full((5,), 3.0) if case == "float correction" else torch.full((6,), 3, dtype=torch.int8)
     opt.state[params[0]]["weight_correction"] = bad
     set_grads(params, random_grads(params, 5))
     snap = snapshot(params, opt)

@@ -33,6 +33,10 @@ from ._precision import WEIGHT_CORRECTION, Rounding, StateDType
 
 __all__ = ["FusedOptimizer", "Precision", "Rounding", "StateDType", "scalar", "sum_squares", "tensor_sum_squares"]
 
+#: What each param group's state holds, in the order of the groups: its state slots and whether
+#: it keeps weight corrections (``FusedOptimizer._state_layout``; a step plan is kept while equal).
+StateLayout = list[tuple[tuple[str, ...], bool]]
+
 #: A constructor's ``(state_dtype, rounding, rounding_seed, weight_correction)``, as it hands them
 #: to ``FusedOptimizer._init_emafuse_defaults``.
 Precision = tuple[StateDType, "Rounding | None", int, bool]
@@ -712,7 +716,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             who, self._rule, calls, [g["params"] for g in self.param_groups], created, self.state, self._state_layout(slots), sparse, sharded, reduce
         )
 
-    def _state_layout(self, slots: list[tuple[str, ...]]) -> list[tuple[tuple[str, ...], bool]]:
+    def _state_layout(self, slots: list[tuple[str, ...]]) -> StateLayout:
         """What the state of each group holds (given its slots): a plan built for other slots, or
         with weight corrections switched since, no longer describes the optimizer."""
         return [(s, bool(g.get("weight_correction", False))) for s, g in zip(slots, self.param_groups)]
@@ -738,7 +742,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         corrected_slots = (*slots, WEIGHT_CORRECTION)
         corrected = _Call(gi, {}, corrected_slots, scalar_keys, True)
         corrected_fresh = _Call(gi, {"first": True}, corrected_slots, scalar_keys, True)
-        corrections = bool(group.get("weight_correction", False))
         get_state = self.state.get
         sparse_ok = self._supports_sparse_grads
         for p in group["params"]:
@@ -749,7 +752,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if sparse_ok and g.layout != torch.strided:
                 sparse.append(p)
                 continue
-            corrects = corrections and _precision.corrects(group, p)
+            corrects = _precision.corrects(group, p)
             if not keeps_state and not corrects:
                 normal.add(p, g, None)
                 continue
@@ -934,7 +937,7 @@ class _StepPlan:
         watch: list[list[Tensor]],
         created: dict[Tensor, dict[str, Tensor]],
         state: _StateDict,
-        layout: list[tuple[tuple[str, ...], bool]],
+        layout: StateLayout,
         sparse: list[Tensor],
         sharded: tuple[list[list[Tensor]], _dtensor.ShardRows] | None = None,
         reduce: Callable[[list[_Call], list[Tensor], list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
@@ -1020,7 +1023,7 @@ class _StepPlan:
                 grads.append(g)
         return grads
 
-    def describes(self, state: Any, layout: list[tuple[tuple[str, ...], bool]]) -> bool:
+    def describes(self, state: Any, layout: StateLayout) -> bool:
         return state is self._state and state.version == self._version and layout == self.layout
 
     def run(self, hypers: list[dict[str, Any]], amp: tuple) -> bool | None:
