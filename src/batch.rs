@@ -3,6 +3,7 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::quant::{self, ABSMAX_SUFFIX};
 use crate::rounding::WEIGHT_CORRECTION;
 use crate::view::{Device, TensorView};
 
@@ -125,6 +126,9 @@ pub struct Batch {
     /// The position of each parameter's first element in the whole tensor it is a shard of (0 for
     /// whole tensors): stochastic rounding draws element `i`'s bits at position `offset + i`.
     pub offsets: Vec<usize>,
+    /// With 8-bit state (`state_dtype` U8): `scales[i * slots() + k]`, the float32 block scales of
+    /// slot `k` of parameter `i` (see [`crate::quant`]); else empty.
+    pub scales: Vec<TensorView>,
 }
 
 impl Batch {
@@ -211,6 +215,42 @@ fn check_correction(at: &dyn Fn() -> String, p: &TensorInfo, c: &TensorInfo) -> 
     Ok(())
 }
 
+/// Check the block scales `a` (named `name`) of an 8-bit state slot of parameter `p`: a dense
+/// float32 tensor with its device and one element per quantization block.
+fn check_scales(at: &dyn Fn() -> String, name: &str, p: &TensorInfo, a: &TensorInfo) -> Result<()> {
+    let want = quant::blocks(p.view.numel());
+    if a.view.dtype() != DType::F32 || a.view.device() != p.view.device() || a.view.numel() != want || a.layout != Layout::Contiguous {
+        return Err(Error::Value(format!(
+            "{}: state '{name}' must be a contiguous torch.float32 tensor of {want} elements (one per block of {} elements) on {}, got \
+             {} of {} elements on {} (a corrupted checkpoint?)",
+            at(),
+            quant::BLOCK,
+            p.view.device(),
+            a.view.dtype().name(),
+            a.view.numel(),
+            a.view.device()
+        )));
+    }
+    Ok(())
+}
+
+/// The number of rule slots among `names` (the slot names Python passed, weight corrections
+/// removed): all of them, or with 8-bit state the first half, each followed in the second half by
+/// its scales (`exp_avg`, `exp_avg_sq`, `exp_avg_absmax`, `exp_avg_sq_absmax`).
+fn rule_slots(who: &str, group: usize, names: &[String]) -> Result<usize> {
+    if !names.last().is_some_and(|n| n.ends_with(ABSMAX_SUFFIX)) {
+        return Ok(names.len());
+    }
+    let half = names.len() / 2;
+    let paired = names.len() % 2 == 0 && names[..half].iter().zip(&names[half..]).all(|(slot, scale)| *scale == format!("{slot}{ABSMAX_SUFFIX}"));
+    if !paired {
+        return Err(Error::Value(format!(
+            "{who}: param group {group}: 8-bit state slots {names:?} must list every slot, then its scales ('<slot>{ABSMAX_SUFFIX}') in the same order"
+        )));
+    }
+    Ok(half)
+}
+
 /// Validate `t` and split it into batches. `who` names the optimizer for messages.
 pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batch>> {
     let n = t.params.len();
@@ -224,13 +264,18 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
     // A last state slot named WEIGHT_CORRECTION is the parameters' weight corrections, not the
     // rule's state.
     let corrected = t.slot_names.last().is_some_and(|name| name == WEIGHT_CORRECTION);
-    let n_slots = t.states.len() - usize::from(corrected);
-    let (states, corrections) = t.states.split_at(n_slots);
+    let n_stored = t.states.len() - usize::from(corrected);
+    let (stored, corrections) = t.states.split_at(n_stored);
+    // With 8-bit state, the rule's slots hold the codes and are followed by their scales.
+    let n_slots = rule_slots(who, group, &t.slot_names[..n_stored])?;
+    let (states, scales) = stored.split_at(n_slots);
+    let quantized = !scales.is_empty();
     let mut batches: Vec<Batch> = Vec::new();
     for i in 0..n {
         let p = &t.params[i];
         let float_roles = std::iter::once(("parameter", p)).chain(t.grads.iter().map(|g| ("grad", &g[i])));
-        for (what, x) in float_roles.chain(states.iter().map(|slot| ("a state tensor", &slot[i]))) {
+        let float_states = states.iter().filter(|_| !quantized).map(|slot| ("a state tensor", &slot[i]));
+        for (what, x) in float_roles.chain(float_states) {
             if !x.view.dtype().is_float() {
                 return Err(Error::DType(format!(
                     "{}: {what} has dtype {}; supported: torch.float32, torch.bfloat16, torch.float16, torch.float64",
@@ -238,6 +283,17 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
                     x.view.dtype().name()
                 )));
             }
+        }
+        for (k, slot) in scales.iter().enumerate() {
+            if states[k][i].view.dtype() != DType::U8 {
+                return Err(Error::DType(format!(
+                    "{}: state '{}' comes with 8-bit scales but has dtype {}, not torch.uint8",
+                    at(i),
+                    t.slot_names[k],
+                    states[k][i].view.dtype().name()
+                )));
+            }
+            check_scales(&|| at(i), &t.slot_names[n_slots + k], p, &slot[i])?;
         }
         if let Some(c) = corrections.first().map(|c| &c[i]) {
             check_correction(&|| at(i), p, c)?;
@@ -273,11 +329,13 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
         let pd = p.view.dtype();
         let state_ok = state_dtype == pd
             || (state_dtype == DType::F32 && matches!(pd, DType::BF16 | DType::F16))
-            || (state_dtype == DType::BF16 && pd == DType::F32 && input_dtype == DType::F32);
+            || (state_dtype == DType::BF16 && pd == DType::F32 && input_dtype == DType::F32)
+            || (state_dtype == DType::U8 && quantized && matches!(pd, DType::F32 | DType::BF16 | DType::F16) && input_dtype == pd);
         if !state_ok {
             return Err(Error::DType(format!(
                 "{}: state dtype {} cannot go with parameter dtype {} (use the parameter's dtype, float32 for bf16/fp16 \
-                 parameters, or bfloat16 for float32 parameters with float32 gradients)",
+                 parameters, bfloat16 for float32 parameters with float32 gradients, or 8-bit state (uint8 codes with \
+                 their scales) for float32, bfloat16 and float16 parameters)",
                 at(i),
                 state_dtype.name(),
                 pd.name()
@@ -321,6 +379,7 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
                     members: Vec::new(),
                     corrections: Vec::new(),
                     offsets: Vec::new(),
+                    scales: Vec::new(),
                 });
                 batches.last_mut().expect("just pushed")
             }
@@ -332,6 +391,7 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
         }
         b.states.extend(states.iter().map(|slot| slot[i].view));
         b.corrections.extend(corrections.iter().map(|c| c[i].view));
+        b.scales.extend(scales.iter().map(|a| a[i].view));
         b.offsets.push(t.offsets.get(i).copied().unwrap_or(0));
         b.scalars.extend(t.scalars.iter().map(|entry| entry[i].view));
     }

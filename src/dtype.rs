@@ -4,13 +4,15 @@
 //! fused kernels do) and `f64` for fp64 storage. Conversions work on whole slices so that the
 //! per-element math loops stay free of conversion code and vectorise.
 
+use crate::quant::QuantMap;
 use crate::real::Real;
 use crate::rounding;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 /// A storage dtype the engine accepts: the floating-point ones for parameters, inputs and state,
-/// and int8 for the weight-correction array of bf16 and fp16 parameters ([`crate::rounding`]) only.
+/// int8 for the weight-correction array of bf16 and fp16 parameters ([`crate::rounding`]) and uint8
+/// for the codes of blockwise 8-bit state ([`crate::quant`]).
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
@@ -18,6 +20,7 @@ pub enum DType {
     BF16,
     F16,
     I8,
+    U8,
 }
 
 impl DType {
@@ -27,7 +30,7 @@ impl DType {
             DType::F64 => 8,
             DType::F32 => 4,
             DType::BF16 | DType::F16 => 2,
-            DType::I8 => 1,
+            DType::I8 | DType::U8 => 1,
         }
     }
 
@@ -39,12 +42,13 @@ impl DType {
             DType::BF16 => "torch.bfloat16",
             DType::F16 => "torch.float16",
             DType::I8 => "torch.int8",
+            DType::U8 => "torch.uint8",
         }
     }
 
     /// Whether this is a floating-point dtype (what parameters, inputs and state must be).
     pub fn is_float(self) -> bool {
-        self != DType::I8
+        !matches!(self, DType::I8 | DType::U8)
     }
 
     /// Whether math on this storage dtype runs in f64.
@@ -79,6 +83,39 @@ pub trait Elem<R: Real>: Copy + Send + Sync + 'static {
     fn store_corrected(src: &[R], dst: &mut [Self], corr: &mut [i8]) {
         Self::store(src, dst);
         corr.fill(0);
+    }
+    /// Whether this is the code of blockwise 8-bit state ([`crate::quant`]): read a block at a
+    /// time with its scale ([`Elem::dequantize`]) and written with [`Elem::quantize`], never with
+    /// `load` / `store`. Only `u8` is.
+    const QUANTIZED: bool = false;
+    /// Decode one block of codes with its scale `absmax` into `dst`.
+    #[inline(always)]
+    fn dequantize(_codes: &[Self], _absmax: f32, _map: &QuantMap, _dst: &mut [R]) {
+        unreachable!("only 8-bit codes are dequantized")
+    }
+    /// Encode one block `src` into `codes`; returns the block's scale.
+    #[inline(always)]
+    fn quantize(_src: &[R], _map: &QuantMap, _codes: &mut [Self]) -> f32 {
+        unreachable!("only 8-bit codes are quantized")
+    }
+}
+
+/// The codes of blockwise 8-bit state (math in f32).
+impl Elem<f32> for u8 {
+    const QUANTIZED: bool = true;
+    fn load(_src: &[u8], _dst: &mut [f32]) {
+        unreachable!("8-bit codes are read with their block's scale (Elem::dequantize)")
+    }
+    fn store(_src: &[f32], _dst: &mut [u8]) {
+        unreachable!("8-bit codes are written with their block's scale (Elem::quantize)")
+    }
+    #[inline(always)]
+    fn dequantize(codes: &[u8], absmax: f32, map: &QuantMap, dst: &mut [f32]) {
+        map.dequantize(codes, absmax, dst)
+    }
+    #[inline(always)]
+    fn quantize(src: &[f32], map: &QuantMap, codes: &mut [u8]) -> f32 {
+        map.quantize(src, codes)
     }
 }
 

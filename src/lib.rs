@@ -10,6 +10,7 @@ pub mod dtype;
 pub mod error;
 #[cfg(feature = "python")]
 mod py;
+pub mod quant;
 pub mod real;
 pub mod rounding;
 pub mod rules;

@@ -311,6 +311,9 @@ TRAINING = {
     "LM, bf16 weights and state, stochastic": (_train_lm, BF16, {"rounding": "stochastic"}, 0.005),
     "digits MLP, bf16 weights + correction, bf16 state": (_train, BF16, {"state_dtype": BF16, "weight_correction": True}, 0.01),
     "LM, bf16 weights + correction, bf16 state": (_train_lm, BF16, {"state_dtype": BF16, "weight_correction": True}, 0.01),
+    "digits MLP, 8-bit state": (_train, torch.float32, {"state_dtype": "8bit"}, 0.01),
+    "LM, 8-bit state": (_train_lm, torch.float32, {"state_dtype": "8bit"}, 0.01),
+    "LM, bf16 weights + correction, 8-bit state": (_train_lm, BF16, {"state_dtype": "8bit", "weight_correction": True}, 0.01),
 }
 
 
@@ -329,7 +332,7 @@ def test_training_ends_close_to_fp32(name):
 @pytest.mark.parametrize(
     "kw, exc, match",
     [
-        ({"state_dtype": "8bit"}, emafuse.errors.UnsupportedOptionError, "not implemented yet"),
+        ({"state_dtype": "int8"}, ValueError, "state_dtype must be"),
         ({"state_dtype": torch.float16}, ValueError, "state_dtype must be"),
         ({"rounding": "up"}, ValueError, "rounding must be"),
         ({"rounding_seed": -1}, ValueError, "rounding_seed"),

@@ -10,7 +10,9 @@ _Hyper = dict[str, float | bool]
 _AmpTensor = Tensor | dict[int, Tensor] | None
 
 __all__ = [
+    "ABSMAX_SUFFIX",
     "MAX_SUMS",
+    "QUANT_BLOCK",
     "TORCH_VERSION",
     "WEIGHT_CORRECTION",
     "Group",
@@ -20,6 +22,7 @@ __all__ = [
     "cuda_compile",
     "cuda_source",
     "num_threads",
+    "quantization_map",
     "read_tensor",
     "rule_info",
     "rule_names",
@@ -121,8 +124,9 @@ def read_tensor(tensor: Tensor) -> dict[str, Any]:
     """What the engine reads of a tensor: in_place, data_ptr, shape, layout, strides, dtype, device."""
 def rule_names() -> list[str]: ...
 def rule_info(name: str) -> dict[str, Any]:
-    """The rule's description: name, summary, numbers, flags, optional_flags, scalars, reads_input,
-    input ("gradient", "weights" or "none")."""
+    """The rule's description: name, summary, numbers, flags, optional_flags, scalars,
+    nonnegative_slots (stored with the unsigned 8-bit map), reads_input, input ("gradient", "weights"
+    or "none")."""
 
 def rule_slots(name: str, hyper: _Hyper) -> tuple[str, ...]:
     """The state slot names (in order) of the rule built from these hyper-parameters."""
@@ -136,6 +140,17 @@ MAX_SUMS: int
 WEIGHT_CORRECTION: str
 """The name of a 16-bit parameter's weight correction: as the last state slot of a ``Group``, an int8
 tensor shaped like the parameter that the engine reads and writes with it (``src/rounding.rs``)."""
+
+ABSMAX_SUFFIX: str
+"""8-bit state: the scales of slot ``s`` are the state entry ``s + ABSMAX_SUFFIX``; a ``Group``
+lists every (uint8) slot, then every slot's scales in the same order (``src/quant.rs``)."""
+
+QUANT_BLOCK: int
+"""8-bit state: elements per quantization block (one float32 scale each)."""
+
+def quantization_map(nonnegative: bool) -> list[float]:
+    """The 256 values of 8-bit state's map, ascending: the unsigned map for never-negative state,
+    else the signed (dynamic) one."""
 
 def cuda_source(rule: str, hyper: _Hyper) -> dict[str, Any]:
     """The rule's CUDA program (for tests): type_name, source, preamble, header, hyper_bytes."""

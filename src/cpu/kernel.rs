@@ -3,12 +3,15 @@
 //! once.
 
 use crate::dtype::Elem;
+use crate::quant::{self, QuantMap};
 use crate::real::Real;
 use crate::rules::orthograd::{self, Projection};
 use crate::rules::{Rule, MAX_SLOTS, MAX_SUMS};
 
-/// Elements per block: small enough for the block buffers to stay in L1.
+/// Elements per block: small enough for the block buffers to stay in L1. Also one quantization
+/// block of 8-bit state, whose spans start at multiples of it.
 const BLOCK: usize = 256;
+const _: () = assert!(BLOCK == quant::BLOCK);
 
 /// What happens to every gradient when loaded: it is multiplied by `factor` = `±1 / grad_scale`
 /// (AMP unscaling, then negation for `maximize`); with AMP (`unscale` = `1 / grad_scale`) the
@@ -23,13 +26,61 @@ pub struct GradTransform<R: Real> {
 /// Raw pointers to the first element of a span in each tensor of one parameter (`grad` is null
 /// for rules that read no input; `correction` is null unless the 16-bit parameter carries a weight
 /// correction, see [`crate::rounding`]). The input's element type `G` is usually the parameter's
-/// `P`; it differs for an fp32 average of a bf16/fp16 model.
+/// `P`; it differs for an fp32 average of a bf16/fp16 model. With 8-bit state (`S::QUANTIZED`,
+/// see [`crate::quant`]) the span starts a quantization block, `scales[k]` points at the scale of
+/// that block of slot `k` and `maps[k]` is the slot's map; otherwise they are not read.
 #[derive(Copy, Clone)]
 pub struct SpanPtrs<P, G, S> {
     pub param: *mut P,
     pub grad: *const G,
     pub states: [*mut S; MAX_SLOTS],
     pub correction: *mut i8,
+    pub scales: [*mut f32; MAX_SLOTS],
+    pub maps: [&'static QuantMap; MAX_SLOTS],
+}
+
+impl<P, G, S> SpanPtrs<P, G, S> {
+    /// Block `off / BLOCK` of state slot `k` as compute-type values, as [`block`]; 8-bit codes are
+    /// decoded with their block's scale into `buf`.
+    ///
+    /// # Safety
+    /// As [`block`], for slot `k` of the span and (8-bit state) its block's scale.
+    #[inline(always)]
+    unsafe fn state_block<'b, R: Real>(&self, k: usize, off: usize, n: usize, buf: &'b mut [R]) -> &'b mut [R]
+    where
+        S: Elem<R>,
+    {
+        // SAFETY: per the contract.
+        unsafe {
+            if S::QUANTIZED {
+                S::dequantize(std::slice::from_raw_parts(self.states[k].add(off), n), *self.scales[k].add(off / BLOCK), self.maps[k], &mut buf[..n]);
+                &mut buf[..n]
+            } else {
+                block::<R, S>(self.states[k].add(off), n, buf)
+            }
+        }
+    }
+
+    /// Write back block `off / BLOCK` of state slot `k`, as [`finish`]; 8-bit state is encoded
+    /// with the block's new scale.
+    ///
+    /// # Safety
+    /// As [`SpanPtrs::state_block`].
+    #[inline(always)]
+    unsafe fn finish_state<R: Real>(&self, k: usize, off: usize, vals: &[R], stochastic: Option<(u32, usize)>)
+    where
+        S: Elem<R>,
+    {
+        // SAFETY: per the contract.
+        unsafe {
+            if S::QUANTIZED {
+                let codes = std::slice::from_raw_parts_mut(self.states[k].add(off), vals.len());
+                *self.scales[k].add(off / BLOCK) = S::quantize(vals, self.maps[k], codes);
+            } else {
+                finish::<R, S>(self.states[k].add(off), vals, stochastic);
+            }
+        }
+    }
 }
 
 /// The parameter block `vals` (`n` elements loaded from `P`) with its weight corrections added,
@@ -95,8 +146,14 @@ pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(ru
         let mut slots: [&[R; BLOCK]; MAX_SLOTS] = [&zeros; MAX_SLOTS];
         // SAFETY: inside the span the caller vouched for; read only.
         let (p, g) = unsafe {
-            for ((slot, state), buf) in slots.iter_mut().zip(&ptrs.states).zip(sb.iter_mut()).take(read_slots) {
-                *slot = read_block(state.add(off), n, buf);
+            for (k, (slot, buf)) in slots.iter_mut().zip(sb.iter_mut()).enumerate().take(read_slots) {
+                *slot = if S::QUANTIZED {
+                    // (8-bit state: decoded into the buffer, which the pass does not write)
+                    ptrs.state_block(k, off, n, buf);
+                    buf
+                } else {
+                    read_block(ptrs.states[k].add(off), n, buf)
+                };
             }
             let g = if Ru::READS_INPUT { read_block(ptrs.grad.add(off), n, &mut gb) } else { &zeros };
             (param_block(ptrs.param.add(off), ptrs.correction, off, n, &mut pb), g)
@@ -389,17 +446,16 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>
         // ours alone; each block slice is dropped before the next block is formed. The gradient
         // is written only with `xf.unscale` (AMP), when the caller vouched that it may be.
         unsafe {
-            let sp = |k: usize| ptrs.states[k].add(off);
             let corr = if ptrs.correction.is_null() { ptrs.correction } else { ptrs.correction.add(off) };
             let p = block::<R, P>(ptrs.param.add(off), n, &mut pb);
             add_corrections::<R, P>(p, corr);
             // With AMP the gradient is written back unscaled (the caller vouched for it then).
             let g: &mut [R] = if Ru::READS_INPUT { block::<R, G>(ptrs.grad.add(off) as *mut G, n, &mut gb) } else { &mut gb[..n] };
             // Slots the rule does not use stay empty and are never indexed.
-            let st0 = if Ru::SLOTS > 0 { block::<R, S>(sp(0), n, &mut s0) } else { &mut s0[..0] };
-            let st1 = if Ru::SLOTS > 1 { block::<R, S>(sp(1), n, &mut s1) } else { &mut s1[..0] };
-            let st2 = if Ru::SLOTS > 2 { block::<R, S>(sp(2), n, &mut s2) } else { &mut s2[..0] };
-            let st3 = if Ru::SLOTS > 3 { block::<R, S>(sp(3), n, &mut s3) } else { &mut s3[..0] };
+            let st0 = if Ru::SLOTS > 0 { ptrs.state_block(0, off, n, &mut s0) } else { &mut s0[..0] };
+            let st1 = if Ru::SLOTS > 1 { ptrs.state_block(1, off, n, &mut s1) } else { &mut s1[..0] };
+            let st2 = if Ru::SLOTS > 2 { ptrs.state_block(2, off, n, &mut s2) } else { &mut s2[..0] };
+            let st3 = if Ru::SLOTS > 3 { ptrs.state_block(3, off, n, &mut s3) } else { &mut s3[..0] };
             let g = &mut g[..n];
             let p = &mut p[..n];
             let input: &[R] = match projection {
@@ -455,16 +511,16 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>
                 }
             }
             if Ru::WRITTEN_SLOTS > 0 {
-                finish::<R, S>(sp(0), st0, sr(1));
+                ptrs.finish_state(0, off, st0, sr(1));
             }
             if Ru::WRITTEN_SLOTS > 1 {
-                finish::<R, S>(sp(1), st1, sr(2));
+                ptrs.finish_state(1, off, st1, sr(2));
             }
             if Ru::WRITTEN_SLOTS > 2 {
-                finish::<R, S>(sp(2), st2, sr(3));
+                ptrs.finish_state(2, off, st2, sr(3));
             }
             if Ru::WRITTEN_SLOTS > 3 {
-                finish::<R, S>(sp(3), st3, sr(4));
+                ptrs.finish_state(3, off, st3, sr(4));
             }
         }
         off += n;

@@ -11,6 +11,7 @@ pub use reduce::{sum_squares, tensor_sum_squares};
 use crate::batch::Batch;
 use crate::dtype::{DType, Elem};
 use crate::error::{Error, Result};
+use crate::quant::{self, QuantMap};
 use crate::real::Real;
 use crate::rounding;
 use crate::rules::orthograd::{self, Projection};
@@ -36,19 +37,25 @@ struct Span {
     len: usize,
 }
 
-/// Cut tensors of the given sizes into work items of about `CHUNK` elements.
-fn work_items(numels: impl Iterator<Item = usize>) -> Vec<Vec<Span>> {
+/// Cut tensors of the given sizes into work items of about `CHUNK` elements, every span starting
+/// at a multiple of `align` in its tensor (blockwise 8-bit state is updated a whole block at a
+/// time: `quant::BLOCK`; `CHUNK` is a multiple of it).
+fn work_items(numels: impl Iterator<Item = usize>, align: usize) -> Vec<Vec<Span>> {
     let mut items = Vec::new();
     let mut cur: Vec<Span> = Vec::new();
     let mut room = CHUNK;
     for (tensor, n) in numels.enumerate() {
         let mut start = 0;
         while start < n {
-            let len = room.min(n - start);
+            // (room >= align here, so a cut span is never empty)
+            let mut len = room.min(n - start);
+            if len < n - start {
+                len -= len % align;
+            }
             cur.push(Span { tensor, start, len });
             start += len;
             room -= len;
-            if room == 0 {
+            if room < align {
                 items.push(std::mem::take(&mut cur));
                 room = CHUNK;
             }
@@ -104,17 +111,18 @@ fn run_items(items: usize, parallel: bool, f: impl Fn(usize) + Sync) {
     });
 }
 
-/// Run `f` on every span of tensors with the given sizes, in parallel when worth it.
-fn for_each_span(numels: &[usize], f: impl Fn(Span) + Sync) {
-    let items = work_items(numels.iter().copied());
+/// Run `f` on every span of tensors with the given sizes (spans aligned to `align`), in parallel
+/// when worth it.
+fn for_each_span(numels: &[usize], align: usize, f: impl Fn(Span) + Sync) {
+    let items = work_items(numels.iter().copied(), align);
     run_items(items.len(), numels.iter().sum::<usize>() >= INLINE_BELOW, |i| items[i].iter().for_each(|&s| f(s)));
 }
 
-/// `f` of every span of tensors with the given sizes, in parallel when worth it, returned in span
+/// `f` of every span of tensors with the given sizes (aligned to `align`), in parallel when worth it, returned in span
 /// order. Spans depend only on the sizes (not on the thread count), so a caller that folds the
 /// results in order gets the same bits on every run and every machine: reductions use this.
-fn map_spans<T: Send + Sync>(numels: &[usize], f: impl Fn(Span) -> T + Sync) -> Vec<(Span, T)> {
-    let items = work_items(numels.iter().copied());
+fn map_spans<T: Send + Sync>(numels: &[usize], align: usize, f: impl Fn(Span) -> T + Sync) -> Vec<(Span, T)> {
+    let items = work_items(numels.iter().copied(), align);
     let results: Vec<OnceLock<Vec<(Span, T)>>> = items.iter().map(|_| OnceLock::new()).collect();
     run_items(items.len(), numels.iter().sum::<usize>() >= INLINE_BELOW, |i| {
         let _ = results[i].set(items[i].iter().map(|&s| (s, f(s))).collect());
@@ -207,7 +215,9 @@ impl<'a> RuleVisitor for Planner<'a> {
         if self.options.rounding_key.is_some() {
             rounding::check_batch(b)?;
         }
-        Ok(Box::new(RuleBatch { rule, batch: self.batch, options: self.options }))
+        // 8-bit state: each slot's map (never-negative slots take the unsigned one)
+        let maps = std::array::from_fn(|k| quant::map_for(Ru::SLOT_NAMES.get(k).is_some_and(|name| Ru::INFO.nonnegative_slots.contains(name))));
+        Ok(Box::new(RuleBatch { rule, batch: self.batch, options: self.options, maps }))
     }
 }
 
@@ -215,6 +225,7 @@ struct RuleBatch<'a, Ru: Rule> {
     rule: Ru,
     batch: &'a Batch,
     options: Options,
+    maps: [&'static QuantMap; MAX_SLOTS],
 }
 
 /// Refuse step counters (scalar state `step`) that are negative or not finite, e.g. from a
@@ -272,6 +283,15 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
         self.batch.params.iter().map(|p| p.numel()).collect()
     }
 
+    /// Where spans may start: anywhere, or with 8-bit state at the start of a quantization block.
+    fn align(&self) -> usize {
+        if self.batch.scales.is_empty() {
+            1
+        } else {
+            quant::BLOCK
+        }
+    }
+
     /// Pointers to the first element of span `s` in every tensor of its parameter.
     ///
     /// # Safety
@@ -281,14 +301,20 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
         let b = &self.batch;
         let t = s.tensor;
         let mut states = [std::ptr::null_mut::<S>(); MAX_SLOTS];
-        // SAFETY: offsets stay inside the validated tensors.
+        let mut scales = [std::ptr::null_mut::<f32>(); MAX_SLOTS];
+        // SAFETY: offsets stay inside the validated tensors (8-bit spans start a block).
         unsafe {
             for (k, st) in states.iter_mut().enumerate().take(b.slots()) {
                 *st = b.states[t * b.slots() + k].at::<S>(s.start);
             }
+            if !b.scales.is_empty() {
+                for (k, sc) in scales.iter_mut().enumerate().take(b.slots()) {
+                    *sc = b.scales[t * b.slots() + k].at::<f32>(s.start / quant::BLOCK);
+                }
+            }
             let grad = if Ru::READS_INPUT { b.grads[t].at::<G>(s.start) as *const G } else { std::ptr::null() };
             let correction = if b.corrections.is_empty() { std::ptr::null_mut() } else { b.corrections[t].at::<i8>(s.start) };
-            SpanPtrs { param: b.params[t].at::<P>(s.start), grad, states, correction }
+            SpanPtrs { param: b.params[t].at::<P>(s.start), grad, states, correction, scales, maps: self.maps }
         }
     }
 
@@ -298,7 +324,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
         if self.options.orthograd.is_none() && Ru::SUMS == 0 {
             return vec![[0.0; MAX_SUMS]; n];
         }
-        let parts = map_spans(&self.numels(), |s| {
+        let parts = map_spans(&self.numels(), self.align(), |s| {
             // SAFETY: validated views; the pass only reads.
             unsafe {
                 let ptrs = self.span_ptrs::<R, P, G, S>(s);
@@ -381,7 +407,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             _ => (self.coeffs::<R>(sums), None),
         };
         let batch_key = self.options.rounding_key.map(|key| rounding::batch_key(key, self.batch.members[0]));
-        for_each_span(&self.numels(), |s| {
+        for_each_span(&self.numels(), self.align(), |s| {
             let projection = projections.as_ref().map(|v| v[s.tensor]);
             let rounding = batch_key.map(|key| SpanRounding {
                 streams: std::array::from_fn(|a| rounding::stream_key(key, s.tensor, a)),
@@ -404,6 +430,9 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             (DType::F32, DType::BF16, _) if !Ru::READS_GRADIENT => self.pass_typed::<f32, f32, bf16, f32>(grad_scale, pass),
             (DType::F32, DType::F16, _) if !Ru::READS_GRADIENT => self.pass_typed::<f32, f32, f16, f32>(grad_scale, pass),
             (DType::F32, DType::F32, DType::BF16) => self.pass_typed::<f32, f32, f32, bf16>(grad_scale, pass),
+            (DType::F32, DType::F32, DType::U8) => self.pass_typed::<f32, f32, f32, u8>(grad_scale, pass),
+            (DType::BF16, _, DType::U8) => self.pass_typed::<f32, bf16, bf16, u8>(grad_scale, pass),
+            (DType::F16, _, DType::U8) => self.pass_typed::<f32, f16, f16, u8>(grad_scale, pass),
             (DType::F32, DType::F32, _) => self.pass_typed::<f32, f32, f32, f32>(grad_scale, pass),
             (DType::F64, _, _) => self.pass_typed::<f64, f64, f64, f64>(grad_scale, pass),
             (DType::BF16, _, DType::BF16) => self.pass_typed::<f32, bf16, bf16, bf16>(grad_scale, pass),
@@ -411,14 +440,14 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             (DType::F16, _, DType::F16) => self.pass_typed::<f32, f16, f16, f16>(grad_scale, pass),
             (DType::F16, _, _) => self.pass_typed::<f32, f16, f16, f32>(grad_scale, pass),
             (DType::F32, input, _) => unreachable!("check_state refuses {} gradients for float32 parameters", input.name()),
-            (DType::I8, _, _) => unreachable!("batch::split_group refuses int8 parameters"),
+            (DType::I8 | DType::U8, _, _) => unreachable!("batch::split_group refuses integer parameters"),
         }
     }
 
     fn grads_finite<R: Real, G: Elem<R>>(&self) -> bool {
         let numels: Vec<usize> = self.batch.grads.iter().map(|g| g.numel()).collect();
         let ok = std::sync::atomic::AtomicBool::new(true);
-        for_each_span(&numels, |s| {
+        for_each_span(&numels, 1, |s| {
             // SAFETY: grads validated as numel elements of G on the CPU; read only.
             let fine = unsafe { kernel::all_finite::<R, G>(self.batch.grads[s.tensor].at::<G>(s.start), s.len) };
             if !fine {
@@ -439,7 +468,7 @@ impl<Ru: Rule> CpuStep for RuleBatch<'_, Ru> {
             DType::BF16 => self.grads_finite::<f32, bf16>(),
             DType::F16 => self.grads_finite::<f32, f16>(),
             DType::F64 => self.grads_finite::<f64, f64>(),
-            DType::I8 => unreachable!("batch::split_group refuses int8 gradients"),
+            DType::I8 | DType::U8 => unreachable!("batch::split_group refuses integer gradients"),
         };
         if fine {
             Ok(())
@@ -463,17 +492,20 @@ mod tests {
 
     #[test]
     fn work_items_cover_every_element_once() {
-        let sizes = [1usize, 3, CHUNK + 5, 0, 4097, 3 * CHUNK];
-        let items = work_items(sizes.iter().copied());
-        let mut seen = vec![0usize; sizes.len()];
-        for item in &items {
-            assert!(item.iter().map(|s| s.len).sum::<usize>() <= CHUNK);
-            for s in item {
-                assert_eq!(s.start, seen[s.tensor], "spans of a tensor are consecutive");
-                seen[s.tensor] += s.len;
+        let sizes = [1usize, 3, CHUNK + 5, 0, 4097, 3 * CHUNK, 300, CHUNK - 7, 2 * CHUNK + 999];
+        for align in [1, crate::quant::BLOCK] {
+            let items = work_items(sizes.iter().copied(), align);
+            let mut seen = vec![0usize; sizes.len()];
+            for item in &items {
+                assert!(!item.is_empty() && item.iter().map(|s| s.len).sum::<usize>() <= CHUNK);
+                for s in item {
+                    assert_eq!(s.start, seen[s.tensor], "spans of a tensor are consecutive");
+                    assert!(s.len > 0 && s.start % align == 0, "{s:?} is not aligned to {align}");
+                    seen[s.tensor] += s.len;
+                }
             }
+            assert_eq!(seen.to_vec(), sizes.to_vec());
         }
-        assert_eq!(seen.to_vec(), sizes.to_vec());
     }
 
     #[test]

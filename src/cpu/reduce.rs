@@ -63,7 +63,7 @@ pub unsafe fn sum_squares(views: &[TensorView]) -> f64 {
 /// call.
 pub unsafe fn tensor_sum_squares(views: &[TensorView]) -> Vec<f64> {
     let numels: Vec<usize> = views.iter().map(|v| v.numel()).collect();
-    let parts = map_spans(&numels, |s| {
+    let parts = map_spans(&numels, 1, |s| {
         let v = &views[s.tensor];
         // SAFETY: the span lies inside tensor `s.tensor`, which the caller vouched for; the
         // element type matches the view's dtype.
@@ -73,7 +73,7 @@ pub unsafe fn tensor_sum_squares(views: &[TensorView]) -> Vec<f64> {
                 DType::F64 => span_sum_squares::<f64, f64>(v.at::<f64>(s.start), s.len),
                 DType::BF16 => span_sum_squares::<f32, bf16>(v.at::<bf16>(s.start), s.len),
                 DType::F16 => span_sum_squares::<f32, f16>(v.at::<f16>(s.start), s.len),
-                DType::I8 => unreachable!("py/reduce.rs refuses int8 tensors"),
+                DType::I8 | DType::U8 => unreachable!("py/reduce.rs refuses integer tensors"),
             }
         }
     });

@@ -222,7 +222,7 @@ fn kernel_suffix(p: DType, g: DType, s: DType) -> &'static str {
         (DType::BF16, _, _) => "bf16_f32",
         (DType::F16, _, DType::F16) => "f16",
         (DType::F16, _, _) => "f16_f32",
-        (DType::I8, _, _) => unreachable!("batch::split_group refuses int8 parameters"),
+        (DType::I8 | DType::U8, _, _) => unreachable!("batch::split_group refuses integer parameters"),
     }
 }
 
@@ -234,6 +234,13 @@ impl RuleVisitor for Planner<'_> {
             return Err(Error::Internal("CUDA planner given a CPU batch".into()));
         };
         check_state::<Ru>(self.hyper, b.group, &b.slot_names, &b.scalar_names, b.has_input(), b.input_dtype != b.param_dtype)?;
+        if !b.scales.is_empty() {
+            return Err(Error::Value(format!(
+                "param group {}: 8-bit optimizer state runs on the CPU only in this release (the CUDA kernels do not quantize yet); \
+                 use state_dtype=torch.bfloat16 for CUDA parameters (2 bytes per moment)",
+                b.group
+            )));
+        }
         let program = Program::of::<Ru>()?;
         if b.scalars.iter().any(|s| s.dtype() != DType::F32) {
             return Err(Error::DType("scalar state of CUDA parameters (e.g. 'step') must be float32".into()));

@@ -29,6 +29,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rule_sums, m)?)?;
     m.add("MAX_SUMS", crate::rules::MAX_SUMS)?;
     m.add("WEIGHT_CORRECTION", crate::rounding::WEIGHT_CORRECTION)?;
+    m.add("ABSMAX_SUFFIX", crate::quant::ABSMAX_SUFFIX)?;
+    m.add("QUANT_BLOCK", crate::quant::BLOCK)?;
+    m.add_function(wrap_pyfunction!(quantization_map, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_source, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_compile, m)?)?;
     m.add_function(wrap_pyfunction!(reduce::sum_squares, m)?)?;
@@ -80,7 +83,7 @@ fn rule_names() -> Vec<&'static str> {
 }
 
 /// The description of the rule `name`: `{name, summary, numbers, flags, optional_flags, scalars,
-/// reads_input, input}` (names as tuples of str; `input` is "gradient", "weights" (an average's
+/// nonnegative_slots, reads_input, input}` (names as tuples of str; `input` is "gradient", "weights" (an average's
 /// model, possibly narrower than the average) or "none").
 #[pyfunction]
 fn rule_info<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyDict>> {
@@ -92,6 +95,7 @@ fn rule_info<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyDict>> {
     d.set_item("flags", PyTuple::new(py, info.flags)?)?;
     d.set_item("optional_flags", PyTuple::new(py, info.optional_flags)?)?;
     d.set_item("scalars", PyTuple::new(py, info.scalars)?)?;
+    d.set_item("nonnegative_slots", PyTuple::new(py, info.nonnegative_slots)?)?;
     d.set_item("reads_input", info.input != Input::None)?;
     d.set_item(
         "input",
@@ -145,6 +149,13 @@ fn cuda_compile(py: Python<'_>, rule: &str, hyper: &Bound<'_, PyDict>, arch: &st
     let (program, _) = crate::cuda::describe(rule, &h).map_err(|e| errors::to_py(py, e))?;
     let arch = arch.to_string();
     py.detach(move || crate::cuda::compile_ptx(&program, &arch)).map_err(|e| errors::to_py(py, e))
+}
+
+/// The 256 values of 8-bit state's quantization map, ascending: the unsigned one for state that
+/// is never negative, else the signed one (see `src/quant.rs`).
+#[pyfunction]
+fn quantization_map(nonnegative: bool) -> Vec<f32> {
+    crate::quant::map_for(nonnegative).values.to_vec()
 }
 
 /// Threads of emafuse's CPU pool (`EMAFUSE_NUM_THREADS` capped at the available cores, else

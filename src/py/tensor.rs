@@ -41,15 +41,16 @@ fn dtype_of(code: i32) -> Option<DType> {
         6 => Some(DType::F32),
         7 => Some(DType::F64),
         15 => Some(DType::BF16),
-        // (only a weight correction may be int8: `batch::split_group` refuses it elsewhere)
+        // (only a weight correction may be int8, and only 8-bit state codes uint8:
+        // `batch::split_group` refuses them elsewhere)
         1 => Some(DType::I8),
+        0 => Some(DType::U8),
         _ => None,
     }
 }
 
 fn dtype_name(code: i32) -> String {
     match code {
-        0 => "torch.uint8".into(),
         2 => "torch.int16".into(),
         3 => "torch.int32".into(),
         4 => "torch.int64".into(),

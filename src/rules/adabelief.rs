@@ -37,6 +37,7 @@ pub const INFO: RuleInfo = RuleInfo {
     optional_flags: &[],
     scalars: &["step"],
     input: Input::Gradient,
+    nonnegative_slots: &["exp_avg_var", "max_exp_avg_var"],
 };
 
 rule_params! {

@@ -40,6 +40,7 @@ pub const INFO: RuleInfo = RuleInfo {
     optional_flags: &["ema", "caution", "caution_count"],
     scalars: &["step"],
     input: Input::Gradient,
+    nonnegative_slots: &["exp_avg_sq", "max_exp_avg_sq"],
 };
 
 rule_params! {

@@ -25,6 +25,7 @@ pub const INFO: RuleInfo = RuleInfo {
     optional_flags: &[],
     scalars: &["step"],
     input: Input::Gradient,
+    nonnegative_slots: &["exp_avg_sq", "exp_avg_lr"],
 };
 
 rule_params! {

@@ -32,6 +32,7 @@ pub const INFO: RuleInfo = RuleInfo {
     optional_flags: &["first"],
     scalars: &[],
     input: Input::Gradient,
+    nonnegative_slots: &["exp_avg_sq"],
 };
 
 rule_params! {

@@ -27,6 +27,7 @@ pub const INFO: RuleInfo = RuleInfo {
     optional_flags: &[],
     scalars: &["step"],
     input: Input::Gradient,
+    nonnegative_slots: &["exp_avg_sq"],
 };
 
 rule_params! {

@@ -18,6 +18,7 @@ pub const INFO: RuleInfo = RuleInfo {
     optional_flags: &["assign"],
     scalars: &[],
     input: Input::Weights,
+    nonnegative_slots: &[],
 };
 
 rule_params! {

@@ -21,6 +21,7 @@ pub const INFO: RuleInfo = RuleInfo {
     optional_flags: &[],
     scalars: &[],
     input: Input::Weights,
+    nonnegative_slots: &[],
 };
 
 rule_params! {

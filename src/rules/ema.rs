@@ -24,6 +24,7 @@ pub const INFO: RuleInfo = RuleInfo {
     optional_flags: &["muladd", "sub"],
     scalars: &[],
     input: Input::Weights,
+    nonnegative_slots: &[],
 };
 
 /// The `ema_multi` rule: `tracks` averages with weights `w0`, `w1`, ...
@@ -35,6 +36,7 @@ pub const MULTI_INFO: RuleInfo = RuleInfo {
     optional_flags: &[],
     scalars: &[],
     input: Input::Weights,
+    nonnegative_slots: &[],
 };
 
 /// The most tracks one `ema_multi` call updates.

@@ -32,6 +32,9 @@ pub struct RuleInfo {
     pub scalars: &'static [&'static str],
     /// What the rule's read-only input tensor is.
     pub input: Input,
+    /// The state slots that are never negative (second moments): stored as 8-bit state with the
+    /// unsigned map, twice as fine as the signed one (see `crate::quant`).
+    pub nonnegative_slots: &'static [&'static str],
 }
 
 /// What a rule's read-only input tensor is.

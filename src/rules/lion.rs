@@ -30,6 +30,7 @@ pub const INFO: RuleInfo = RuleInfo {
     optional_flags: &[],
     scalars: &[],
     input: Input::Gradient,
+    nonnegative_slots: &[],
 };
 
 rule_params! {

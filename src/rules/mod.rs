@@ -426,12 +426,12 @@ pub(crate) mod tests {
         info.name == "ema" && flag_set(e, "muladd") && flag_set(e, "sub")
     }
 
-    /// Checks what a built rule type states about itself.
+    /// Checks what a built rule type states about itself; returns its slot names.
     struct Facts(&'static RuleInfo);
 
     impl RuleVisitor for Facts {
-        type Output = ();
-        fn visit<Ru: Rule>(self, rule: Ru) {
+        type Output = &'static [&'static str];
+        fn visit<Ru: Rule>(self, rule: Ru) -> Self::Output {
             let name = self.0.name;
             assert_eq!(Ru::INFO.name, name, "{name}: the type points at another rule's INFO");
             assert_eq!(Ru::SLOTS, Ru::SLOT_NAMES.len(), "{name}: SLOTS is set apart from SLOT_NAMES");
@@ -444,6 +444,7 @@ pub(crate) mod tests {
             // Slots and scalar entries are keys of one state dict.
             let state: Vec<&str> = Ru::SLOT_NAMES.iter().chain(self.0.scalars).copied().collect();
             assert!(unique(&state), "{name}: state names repeat: {state:?}");
+            Ru::SLOT_NAMES
         }
     }
 
@@ -469,6 +470,7 @@ pub(crate) mod tests {
     fn every_rule_variant_is_consistent() {
         for info in all() {
             let mut read = HashSet::new();
+            let mut slots = HashSet::new();
             for entries in samples(info) {
                 let refused = exclusive(info, &entries);
                 let hyper = Hyper::new(entries);
@@ -476,13 +478,14 @@ pub(crate) mod tests {
                 let h = RuleHyper::new(&hyper, info);
                 match dispatch(info, &h, Facts(info)) {
                     Err(Error::Value(_)) if refused => {}
-                    Ok(()) if !refused => {}
+                    Ok(names) if !refused => slots.extend(names.iter().copied()),
                     other => panic!("{}: {other:?} for {hyper:?}", info.name),
                 }
                 read.extend(h.read_keys());
             }
             let declared: HashSet<&str> = info.numbers.iter().chain(info.flags).copied().collect();
             assert_eq!(read, declared, "{}: declared keys that no variant reads", info.name);
+            assert!(info.nonnegative_slots.iter().all(|n| slots.contains(n)), "{}: a non-negative slot that no variant keeps", info.name);
         }
     }
 
@@ -553,7 +556,16 @@ pub(crate) mod tests {
 
     #[test]
     fn reading_an_undeclared_key_is_a_bug() {
-        static BARE: RuleInfo = RuleInfo { name: "bare", summary: "x", numbers: &[], flags: &[], optional_flags: &[], scalars: &[], input: Input::Gradient };
+        static BARE: RuleInfo = RuleInfo {
+            name: "bare",
+            summary: "x",
+            numbers: &[],
+            flags: &[],
+            optional_flags: &[],
+            scalars: &[],
+            input: Input::Gradient,
+            nonnegative_slots: &[],
+        };
         let hyper = Hyper::new(adam_entries());
         let h = RuleHyper::new(&hyper, &BARE);
         assert!(matches!(h.num("lr"), Err(Error::Internal(m)) if m.contains("'bare'") && m.contains("'lr'")));

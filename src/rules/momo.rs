@@ -37,6 +37,7 @@ pub const INFO: RuleInfo = RuleInfo {
     optional_flags: &["first"],
     scalars: &["grad_dot_w"],
     input: Input::Gradient,
+    nonnegative_slots: &[],
 };
 
 /// The `momo_adam` rule.
@@ -48,6 +49,7 @@ pub const ADAM_INFO: RuleInfo = RuleInfo {
     optional_flags: &[],
     scalars: &["step", "grad_dot_w"],
     input: Input::Gradient,
+    nonnegative_slots: &["grad_avg_sq"],
 };
 
 rule_params! {

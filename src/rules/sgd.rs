@@ -23,6 +23,7 @@ pub const INFO: RuleInfo = RuleInfo {
     optional_flags: &["first"],
     scalars: &[],
     input: Input::Gradient,
+    nonnegative_slots: &[],
 };
 
 rule_params! {

@@ -29,6 +29,7 @@ pub const INFO: RuleInfo = RuleInfo {
     optional_flags: &["first"],
     scalars: &["gsnr"],
     input: Input::Gradient,
+    nonnegative_slots: &[],
 };
 
 rule_params! {

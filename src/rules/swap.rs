@@ -14,6 +14,7 @@ pub const INFO: RuleInfo = RuleInfo {
     optional_flags: &[],
     scalars: &[],
     input: Input::None,
+    nonnegative_slots: &[],
 };
 
 rule_params! {

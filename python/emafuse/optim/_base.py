@@ -33,9 +33,10 @@ from ._precision import WEIGHT_CORRECTION, Rounding, StateDType
 
 __all__ = ["FusedOptimizer", "Precision", "Rounding", "StateDType", "scalar", "sum_squares", "tensor_sum_squares"]
 
-#: What each param group's state holds, in the order of the groups: its state slots and whether
-#: it keeps weight corrections (``FusedOptimizer._state_layout``; a step plan is kept while equal).
-StateLayout = list[tuple[tuple[str, ...], bool]]
+#: What each param group's state holds, in the order of the groups: its state slots, whether it
+#: keeps weight corrections, and its ``state_dtype`` (``FusedOptimizer._state_layout``; a step plan
+#: is kept while equal).
+StateLayout = list[tuple[tuple[str, ...], bool, str]]
 
 #: A constructor's ``(state_dtype, rounding, rounding_seed, weight_correction)``, as it hands them
 #: to ``FusedOptimizer._init_emafuse_defaults``.
@@ -209,7 +210,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     is saved in the state dict.
 
     And lean state (per param group, see ``optim/_precision.py``): ``state_dtype=`` stores the
-    state tensors in float32 or bfloat16 whatever the parameters' dtype (math stays in float32);
+    state tensors in float32 or bfloat16 whatever the parameters' dtype (math stays in float32),
+    or as ``"8bit"``: blockwise 8-bit codes (uint8, shaped like the parameter) with one float32
+    scale per block of 256 elements (``<slot>_absmax``), as bitsandbytes' 8-bit optimizers, the
+    second moments with the unsigned map; decoded, updated and re-encoded inside the one native
+    pass, always rounded to nearest. Parameters under 4096 elements keep float32 state then (as
+    bitsandbytes); 8-bit state runs on CPU parameters (not CUDA or DTensor ones yet), and
+    parameters in another memory format than row-major (channels_last) are stepped through a
+    staged copy;
     ``rounding=`` rounds every bfloat16 store of the step (parameters and state) to nearest or
     stochastically (the default for ``state_dtype=torch.bfloat16``), with counter-based random
     bits from ``rounding_seed`` and the group's applied-step count ``rounding_step``, both saved in
@@ -419,17 +427,19 @@ class FusedOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _shield_state_dtypes(self: FusedOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Pre-hook: keep this optimizer's ``state_dtype``, ``rounding`` and ``weight_correction``
-        in the loaded groups, cast float state tensors to ``_state_dtype`` where it differs from
-        the parameter's dtype (converting a checkpoint of another state precision), put scalar
-        state other than ``step`` in its own dtype, keep weight corrections where this optimizer
-        keeps them (dropping them elsewhere; missing ones start at zero), and box all these so
-        that torch's loader does not cast them."""
+        in the loaded groups, store state slots as this optimizer does (``_state_dtype``: cast to
+        it, quantized to 8-bit codes and scales, or dequantized from them; converting a checkpoint
+        of another state precision), put scalar state other than ``step`` in its own dtype, keep
+        weight corrections where this optimizer keeps them (dropping them elsewhere; missing ones
+        start at zero), and box all these so that torch's loader does not cast them."""
         kept = ("state_dtype", "rounding", "weight_correction")
         loaded = [{**g, **{k: own[k] for k in kept if k in own}} for g, own in zip(state_dict["param_groups"], self.param_groups)]
         ids = chain.from_iterable(g["params"] for g in loaded)
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         groups = {pid: g for g in loaded for pid in g["params"]}
         saved = state_dict["state"]
+        nonnegative = _rule_info(self._rule)["nonnegative_slots"]
+        suffix = _precision.ABSMAX_SUFFIX
         state = None
         for pid, p in zip(ids, params):
             st = saved.get(pid)
@@ -437,22 +447,27 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             want = self._state_dtype(p, groups[pid])
             exact = [key for key in self._scalar_keys if key != "step" and key in st]
-            if want == p.dtype and not exact and WEIGHT_CORRECTION not in st:
+            quantized = any(key.endswith(suffix) for key in st)
+            if want == p.dtype and not exact and WEIGHT_CORRECTION not in st and not quantized:
                 continue
             if state is None:
                 state = dict(saved)
             corrects = _precision.corrects(groups[pid], p)
-            state[pid] = {
-                key: _Boxed(torch.as_tensor(float(v), dtype=self._scalar_dtype(key)), scalar=True)
-                if key in exact
-                else _Boxed(v)
-                if key == WEIGHT_CORRECTION
-                else _Boxed(v.to(dtype=want))
-                if isinstance(v, Tensor) and v.is_floating_point() and key not in self._scalar_keys
-                else v
-                for key, v in st.items()
-                if key != WEIGHT_CORRECTION or corrects
-            }
+            converted: dict[str, Any] = {}
+            for key, v in st.items():
+                if key in exact:
+                    converted[key] = _Boxed(torch.as_tensor(float(v), dtype=self._scalar_dtype(key)), scalar=True)
+                elif key == WEIGHT_CORRECTION:
+                    if corrects:
+                        converted[key] = _Boxed(v)
+                elif key.endswith(suffix) and key[: -len(suffix)] in st:
+                    continue  # converted with its slot
+                elif isinstance(v, Tensor) and key not in self._scalar_keys and (v.is_floating_point() or v.dtype == torch.uint8):
+                    stored = _precision.stored_as(key, v, st.get(key + suffix), want, key in nonnegative)
+                    converted.update((k, _Boxed(t)) for k, t in stored.items())
+                else:
+                    converted[key] = v
+            state[pid] = converted
         return {**state_dict, "param_groups": loaded + state_dict["param_groups"][len(loaded) :], "state": saved if state is None else state}
 
     @staticmethod
@@ -506,7 +521,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         st: dict[str, Tensor] = {key: _scalar_state(p, 0.0, self._scalar_dtype(key)) for key in self._scalar_keys}
         dtype = self._state_dtype(p, group)
         for name in slots:
-            st[name] = _precision.new_correction(p) if name == WEIGHT_CORRECTION else torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            st[name] = _precision.new_slot(p, name, dtype)
         return st
 
     # -- the step ----------------------------------------------------------------------------
@@ -718,8 +733,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _state_layout(self, slots: list[tuple[str, ...]]) -> StateLayout:
         """What the state of each group holds (given its slots): a plan built for other slots, or
-        with weight corrections switched since, no longer describes the optimizer."""
-        return [(s, bool(g.get("weight_correction", False))) for s, g in zip(slots, self.param_groups)]
+        with weight corrections or the state dtype switched since, no longer describes the
+        optimizer."""
+        return [(s, bool(g.get("weight_correction", False)), str(g.get("state_dtype"))) for s, g in zip(slots, self.param_groups)]
 
     def _collect(
         self,
@@ -736,12 +752,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         where the optimizer steps them itself (``_step_sparse``)."""
         scalar_keys = self._scalar_keys
         keeps_state = bool(slots) or bool(scalar_keys)
-        normal = _Call(gi, {}, slots, scalar_keys, keeps_state)
-        fresh = _Call(gi, {"first": True}, slots, scalar_keys, keeps_state)
-        # bf16 parameters with a weight correction: the same calls with the correction as a last slot
-        corrected_slots = (*slots, WEIGHT_CORRECTION)
-        corrected = _Call(gi, {}, corrected_slots, scalar_keys, True)
-        corrected_fresh = _Call(gi, {"first": True}, corrected_slots, scalar_keys, True)
+        stateless = _Call(gi, {}, slots, scalar_keys, False)
+        # One call per stored layout (8-bit state adds the slots' scales; a 16-bit parameter's
+        # weight correction comes last) and per fresh-state flag.
+        calls_by: dict[tuple[tuple[str, ...], bool], _Call] = {}
         get_state = self.state.get
         sparse_ok = self._supports_sparse_grads
         for p in group["params"]:
@@ -754,10 +768,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             corrects = _precision.corrects(group, p)
             if not keeps_state and not corrects:
-                normal.add(p, g, None)
+                stateless.add(p, g, None)
                 continue
-            needed = corrected_slots if corrects else slots
             st = get_state(p)
+            quantized = _precision.is_quantized(st, slots)
+            if quantized is None:
+                quantized = bool(slots) and self._state_dtype(p, group) == torch.uint8
+            needed = _precision.stored_slots(slots, quantized) + ((WEIGHT_CORRECTION,) if corrects else ())
             is_new = False
             if st is None or any(k not in st for k in chain(needed, scalar_keys)):
                 st, is_new = self._complete_state(p, st, needed, group, created)
@@ -765,8 +782,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 # weight_correction was switched off: the correction would go stale
                 st = created[p] = {k: v for k, v in st.items() if k != WEIGHT_CORRECTION}
             first = is_new and self._flags_fresh_state
-            ((corrected_fresh if first else corrected) if corrects else (fresh if first else normal)).add(p, g, st)
-        calls.extend(c for c in (normal, fresh, corrected, corrected_fresh) if c.params)
+            call = calls_by.get((needed, first))
+            if call is None:
+                call = calls_by[needed, first] = _Call(gi, {"first": True} if first else {}, needed, scalar_keys, True)
+            call.add(p, g, st)
+        calls.extend(c for c in (stateless, *calls_by.values()) if c.params)
 
     def _check_operands(self, gi: int, p: Tensor, g: Tensor) -> None:
         """Refuse, before any state is made, a parameter or gradient the engine cannot update
@@ -812,10 +832,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             return st, False
         fixed = dict(st)
         # New slots (e.g. amsgrad switched on) take the dtype of the slots already there.
-        present = [st[name] for name in slots if name in st and name != WEIGHT_CORRECTION]
+        present = [st[name] for name in slots if name in st and name != WEIGHT_CORRECTION and not name.endswith(_precision.ABSMAX_SUFFIX)]
         dtype = present[0].dtype if present else self._state_dtype(p, group)
         for name in missing:
-            fixed[name] = _precision.new_correction(p) if name == WEIGHT_CORRECTION else torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            fixed[name] = _precision.new_slot(p, name, dtype)
         created[p] = fixed
         return fixed, False
 

@@ -1,6 +1,7 @@
-"""Lean optimizer state: the dtype an optimizer stores its state tensors in (``state_dtype=``),
-how bf16 stores are rounded (``rounding=``), the seeded random bits of stochastic rounding, and
-the weight corrections of 16-bit parameters (``weight_correction=``).
+"""Lean optimizer state: the dtype an optimizer stores its state tensors in (``state_dtype=``:
+float32, bfloat16, or ``"8bit"`` blockwise codes with a float32 scale per block), how bf16 stores
+are rounded (``rounding=``), the seeded random bits of stochastic rounding, and the weight
+corrections of 16-bit parameters (``weight_correction=``).
 
 The random bits are counter based (``src/rounding.rs``): each step hands the engine one key per
 param group, made here from the group's ``rounding_seed`` and ``rounding_step`` (the number of
@@ -11,21 +12,33 @@ one; nothing depends on torch's global generator or on the thread count.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Collection
 from typing import Any, Literal
 
 import torch
 
-from .. import _native
-from ..errors import DTypeError, UnsupportedOptionError
+from .. import _dtensor, _native
+from ..errors import DTypeError, InvalidArgumentError, UnsupportedOptionError
 
 __all__ = ["Rounding", "StateDType"]
 
-StateDType = torch.dtype | None
+StateDType = torch.dtype | Literal["8bit"] | None
 Rounding = Literal["nearest", "stochastic"]
 
+#: ``state_dtype`` of blockwise 8-bit state: each state tensor is stored as uint8 codes shaped like
+#: the parameter (in its row-major order) plus ``<slot>_absmax``, one float32 scale per block of
+#: ``QUANT_BLOCK`` elements (``src/quant.rs``).
+EIGHT_BIT = "8bit"
 # The state dtypes the engine stores (math always runs in float32 or float64).
-STATE_DTYPES = (torch.float32, torch.bfloat16)
+STATE_DTYPES = (torch.float32, torch.bfloat16, EIGHT_BIT)
 ROUNDINGS = ("nearest", "stochastic")
+#: Under ``state_dtype="8bit"``, parameters with fewer elements keep float32 state (as
+#: bitsandbytes' ``min_8bit_size``): their state is a negligible part of the memory, and
+#: quantizing biases and norms' scales costs accuracy for nothing.
+MIN_8BIT_NUMEL = 4096
+QUANT_BLOCK: int = _native.QUANT_BLOCK
+ABSMAX_SUFFIX: str = _native.ABSMAX_SUFFIX
 
 _MASK64 = (1 << 64) - 1
 
@@ -47,13 +60,11 @@ def precision_options(who: str, state_dtype: StateDType, rounding: str | None, r
 def check_group(who: str, group: dict[str, Any]) -> None:
     """Refuse a group whose precision entries are not ones this module knows."""
     state_dtype = group.get("state_dtype")
-    if isinstance(state_dtype, str) and state_dtype.lower() in ("8bit", "8-bit", "int8", "uint8"):
-        raise UnsupportedOptionError(
-            f"{who}: state_dtype={state_dtype!r} (blockwise 8-bit moments) is not implemented yet; use state_dtype=torch.bfloat16 "
-            "(2 bytes per moment, written with stochastic rounding) or leave it unset"
-        )
     if state_dtype is not None and state_dtype not in STATE_DTYPES:
-        raise ValueError(f"{who}: state_dtype must be None (the parameter's dtype), torch.float32 or torch.bfloat16, got {state_dtype!r}")
+        raise ValueError(
+            f"{who}: state_dtype must be None (the parameter's dtype), torch.float32, torch.bfloat16 or '8bit' (blockwise 8-bit), "
+            f"got {state_dtype!r}"
+        )
     rounding = group.get("rounding")
     if rounding is not None and rounding not in ROUNDINGS:
         raise ValueError(f"{who}: rounding must be 'nearest', 'stochastic' or None (stochastic for bfloat16 state), got {rounding!r}")
@@ -77,6 +88,85 @@ def new_correction(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(p, dtype=torch.int8, memory_format=torch.preserve_format)
 
 
+def new_slot(p: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """A new state entry ``name`` of ``p`` holding zeros: a slot of ``dtype`` (8-bit codes in
+    row-major order), a slot's 8-bit scales, or the weight correction."""
+    if name == WEIGHT_CORRECTION:
+        return new_correction(p)
+    if name.endswith(ABSMAX_SUFFIX):
+        return torch.zeros(-(-p.numel() // QUANT_BLOCK), dtype=torch.float32, device=p.device)
+    if dtype == torch.uint8:
+        return torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+    return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+
+def stored_slots(slots: tuple[str, ...], quantized: bool) -> tuple[str, ...]:
+    """The state entries of a parameter whose rule keeps ``slots``: the slots, and with 8-bit state
+    each one's scales after them (the order the engine expects)."""
+    return (*slots, *(name + ABSMAX_SUFFIX for name in slots)) if quantized and slots else slots
+
+
+@functools.cache
+def _map(nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's 8-bit map (float32) and the midpoints between its neighbours."""
+    values = torch.tensor(_native.quantization_map(nonnegative), dtype=torch.float32)
+    return values, (values[:-1] + values[1:]) / 2
+
+
+def quantize(x: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as 8-bit state: uint8 codes shaped like ``x`` and the float32 scale of each block of
+    its row-major elements, rounded as the engine does (for checkpoint conversions and tests)."""
+    _, mids = _map(nonnegative)
+    flat = x.detach().reshape(-1).to(torch.float32)
+    blocks = torch.nn.functional.pad(flat, (0, -flat.numel() % QUANT_BLOCK)).view(-1, QUANT_BLOCK)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1.0, 1.0)
+    codes = torch.bucketize(scaled, mids.to(x.device)).to(torch.uint8)
+    return codes.view(-1)[: flat.numel()].view(x.shape), absmax
+
+
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor, nonnegative: bool) -> torch.Tensor:
+    """The float32 values of 8-bit state (``codes`` and its block scales ``absmax``)."""
+    values, _ = _map(nonnegative)
+    n = codes.numel()
+    decoded = values.to(codes.device)[codes.reshape(-1).long()]
+    padded = torch.nn.functional.pad(decoded, (0, -n % QUANT_BLOCK)).view(-1, QUANT_BLOCK) * absmax.to(torch.float32)[:, None]
+    return padded.view(-1)[:n].view(codes.shape)
+
+
+def stored_as(name: str, value: torch.Tensor, scales: torch.Tensor | None, want: torch.dtype, nonnegative: bool) -> dict[str, torch.Tensor]:
+    """State slot ``name`` of a checkpoint (``value``, with its 8-bit ``scales`` if it is 8-bit) as
+    an optimizer storing ``want`` keeps it: cast, quantized (``want`` uint8: codes and scales) or
+    dequantized."""
+    if value.dtype == torch.uint8:
+        if scales is None:
+            raise InvalidArgumentError(
+                f"load_state_dict: state '{name}' is 8-bit (uint8) but its scales '{name}{ABSMAX_SUFFIX}' are missing (a corrupted "
+                "checkpoint?). Nothing was loaded."
+            )
+        if scales.numel() != -(-value.numel() // QUANT_BLOCK):
+            raise InvalidArgumentError(
+                f"load_state_dict: 8-bit state '{name}' has {value.numel()} elements but {scales.numel()} scales in "
+                f"'{name}{ABSMAX_SUFFIX}' (one per {QUANT_BLOCK} elements expected; a corrupted checkpoint?). Nothing was loaded."
+            )
+        if want == torch.uint8:
+            return {name: value, name + ABSMAX_SUFFIX: scales}
+        return {name: dequantize(value, scales, nonnegative).to(want)}
+    if want == torch.uint8:
+        codes, absmax = quantize(value, nonnegative)
+        return {name: codes, name + ABSMAX_SUFFIX: absmax}
+    return {name: value.to(dtype=want)}
+
+
+def is_quantized(st: dict[str, Any] | None, slots: Collection[str]) -> bool | None:
+    """Whether the existing state ``st`` holds its ``slots`` as 8-bit codes (None: none of them
+    exists yet)."""
+    for name in slots:
+        if st is not None and name in st:
+            return bool(st[name].dtype == torch.uint8)
+    return None
+
+
 def effective_rounding(group: dict[str, Any]) -> str:
     """The group's rounding: as chosen, or (None) stochastic exactly when the state was asked to
     be bfloat16."""
@@ -86,11 +176,14 @@ def effective_rounding(group: dict[str, Any]) -> str:
     return rounding
 
 
-def state_dtype_for(who: str, p: torch.Tensor, wanted: torch.dtype | None, default: torch.dtype) -> torch.dtype:
-    """The dtype of ``p``'s state: ``wanted`` (a group's ``state_dtype``) if the engine can pair
-    it with ``p``, else a DTypeError saying what to do; ``default`` when nothing was asked."""
+def state_dtype_for(who: str, p: torch.Tensor, wanted: StateDType, default: torch.dtype) -> torch.dtype:
+    """The dtype of ``p``'s state: ``wanted`` (a group's ``state_dtype``; ``"8bit"``: uint8 codes,
+    or float32 for parameters under ``MIN_8BIT_NUMEL`` elements) if the engine can pair it with
+    ``p``, else a DTypeError saying what to do; ``default`` when nothing was asked."""
     if wanted is None or wanted == default:
         return default
+    if wanted == EIGHT_BIT:
+        return _eight_bit_dtype(who, p)
     if p.is_complex() or p.dtype == torch.float64:
         raise DTypeError(
             f"{who}: state_dtype={wanted} cannot go with {p.dtype} parameters ({p.dtype} parameters keep their own state dtype); "
@@ -99,6 +192,26 @@ def state_dtype_for(who: str, p: torch.Tensor, wanted: torch.dtype | None, defau
     if p.dtype == torch.float16 and wanted == torch.bfloat16:
         raise DTypeError(f"{who}: state_dtype=torch.bfloat16 cannot go with float16 parameters; use torch.float32 for their state")
     return wanted
+
+
+def _eight_bit_dtype(who: str, p: torch.Tensor) -> torch.dtype:
+    """``state_dtype="8bit"``'s dtype for ``p``, or why it cannot have it."""
+    if p.is_complex() or p.dtype == torch.float64:
+        raise DTypeError(
+            f"{who}: state_dtype='8bit' cannot go with {p.dtype} parameters; put them in a param group without state_dtype "
+            "(8-bit state is for float32, bfloat16 and float16 parameters)"
+        )
+    if _dtensor.is_dtensor(p):
+        raise UnsupportedOptionError(
+            f"{who}: state_dtype='8bit' does not support DTensor (FSDP2) parameters yet: the blocks of a shard would not be the "
+            "blocks of the whole tensor. Use state_dtype=torch.bfloat16 for sharded parameters"
+        )
+    if p.device.type != "cpu":
+        raise UnsupportedOptionError(
+            f"{who}: state_dtype='8bit' runs on the CPU only in this release (parameter on {p.device}); use "
+            "state_dtype=torch.bfloat16 for CUDA parameters (2 bytes per moment, stochastic rounding)"
+        )
+    return torch.uint8 if p.numel() >= MIN_8BIT_NUMEL else torch.float32
 
 
 def _mix64(x: int) -> int:
