@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import math
 import pathlib
 import shutil
 import subprocess
@@ -143,7 +144,7 @@ def test_every_kernel_compiles_with_nvrtc(arch):
     with ThreadPoolExecutor(max_workers=2) as pool:
         for (name, _), ptx in pool.map(compile_one, jobs):
             assert f".target sm_{arch[-2:]}" in ptx, name
-            for dtype in ["f32", "f64", "bf16", "bf16_f32", "f16", "f16_f32", "f32_bf16in", "f32_f16in", "f32_bf16"]:
+            for dtype in ["f32", "f64", "bf16", "bf16_f32", "f16", "f16_f32", "f32_bf16in", "f32_f16in", "f32_bf16", "f32_q8", "bf16_q8", "f16_q8"]:
                 assert f".entry ef_step_{dtype}" in ptx and f".entry ef_sums_{dtype}" in ptx, (name, dtype)
 
 
@@ -301,6 +302,15 @@ extern "C" void f16_corrections(const float* x, const float* hi, signed char* c,
 extern "C" void f16_join(const float* hi, const signed char* c, float* w, long n) {
     for (long i = 0; i < n; ++i) w[i] = EfF16Correction::corrected(hi[i], c[i]);
 }
+// 8-bit state: a block's absmax (as bits) and the codes of its elements, as the kernels encode it
+// (their block-wide max is a max of the same bits).
+extern "C" float encode_block(const float* mids, const float* x, unsigned char* codes, long n) {
+    ef_u32 bits = 0;
+    for (long i = 0; i < n; ++i) bits = ef_abs_bits(x[i]) > bits ? ef_abs_bits(x[i]) : bits;
+    float absmax = ef_bits_to_float(bits);
+    for (long i = 0; i < n; ++i) codes[i] = ef_q8_code(mids, x[i] * ef_q8_inverse(absmax));
+    return absmax;
+}
 // Element i of a stream: the bf16 bits of x[i] rounded stochastically, as the kernels store them.
 extern "C" void round_bf16(ef_u64 step_key, ef_u64 first_member, ef_u64 tensor, ef_u64 array, const float* x, ef_u16* out, long n) {
     ef_u64 batch_key = ef_mix64(step_key ^ ef_mix64(first_member));  // src/rounding.rs batch_key (done on the host there)
@@ -358,6 +368,32 @@ def test_cuda_weight_corrections_equal_the_reference(rounding_lib):
     rounding_lib.f16_join(ptr(hi16), ptr(c16), ptr(w16), ctypes.c_long(n16))
     want_w16 = ref.corrected(want_hi16, want_c16)
     assert torch.equal(w16.isnan(), want_w16.isnan()) and torch.equal(w16[~w16.isnan()], want_w16[~want_w16.isnan()])
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_cuda_8bit_encoding_equals_the_engine(rounding_lib, nonnegative):
+    """The kernels' 8-bit encoding of a block (``common.cuh``: absmax as bits, binary search over
+    the midpoints), built as host C++ with the engine's map, against the engine's (through
+    ``_precision.quantize``, which the lockstep tests tie to it): values over 40 decades, midpoints
+    and their neighbours, zeros, infinities and NaN."""
+    from emafuse import _native
+    from emafuse.optim import _precision
+
+    values = torch.tensor(_native.quantization_map(nonnegative))
+    mids = ((values[:-1] + values[1:]) / 2).contiguous()
+    g = torch.Generator().manual_seed(9)
+    blocks = [torch.randn(256, generator=g) * 10.0 ** torch.randint(-30, 10, (1,), generator=g).item() for _ in range(40)]
+    blocks.append(torch.cat([mids, mids.nextafter(torch.tensor(2.0)), mids.nextafter(torch.tensor(-2.0))])[:256])
+    blocks += [torch.zeros(256), torch.tensor([1.0, float("inf"), -3.0] * 10), torch.tensor([2.0, float("nan"), 0.5])]
+    rounding_lib.encode_block.restype = ctypes.c_float
+    for x in blocks:
+        x = (x.abs() if nonnegative else x).contiguous()
+        codes = torch.empty(x.numel(), dtype=torch.uint8)
+        absmax = rounding_lib.encode_block(ptr(mids), ptr(x), ptr(codes), ctypes.c_long(x.numel()))
+        want_codes, want_absmax = _precision.quantize(x, nonnegative)
+        assert absmax == want_absmax.item() or (math.isnan(absmax) and want_absmax.isnan().item())
+        if not want_absmax.isnan().any():
+            assert torch.equal(codes, want_codes)
 
 
 def test_cuda_stochastic_rounding_equals_the_reference(rounding_lib):

@@ -4,7 +4,8 @@ use super::Program;
 use crate::error::{Error, Result};
 
 /// Suffixes of the kernels in every program, one per (param, input, state) dtype combination.
-pub const KERNEL_DTYPES: [&str; 9] = ["f32", "f64", "bf16", "bf16_f32", "f16", "f16_f32", "f32_bf16in", "f32_f16in", "f32_bf16"];
+pub const KERNEL_DTYPES: [&str; 12] =
+    ["f32", "f64", "bf16", "bf16_f32", "f16", "f16_f32", "f32_bf16in", "f32_f16in", "f32_bf16", "f32_q8", "bf16_q8", "f16_q8"];
 
 /// Whether libnvrtc can be loaded (it ships with torch's CUDA wheels and is loaded by
 /// `import torch` there).

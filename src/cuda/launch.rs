@@ -214,6 +214,9 @@ struct Planner<'a> {
 fn kernel_suffix(p: DType, g: DType, s: DType) -> &'static str {
     match (p, g, s) {
         (DType::F32, DType::BF16, _) => "f32_bf16in",
+        (DType::F32, _, DType::U8) => "f32_q8",
+        (DType::BF16, _, DType::U8) => "bf16_q8",
+        (DType::F16, _, DType::U8) => "f16_q8",
         (DType::F32, DType::F16, _) => "f32_f16in",
         (DType::F32, _, DType::BF16) => "f32_bf16",
         (DType::F32, _, _) => "f32",
@@ -234,13 +237,6 @@ impl RuleVisitor for Planner<'_> {
             return Err(Error::Internal("CUDA planner given a CPU batch".into()));
         };
         check_state::<Ru>(self.hyper, b.group, &b.slot_names, &b.scalar_names, b.has_input(), b.input_dtype != b.param_dtype)?;
-        if !b.scales.is_empty() {
-            return Err(Error::Value(format!(
-                "param group {}: 8-bit optimizer state runs on the CPU only in this release (the CUDA kernels do not quantize yet); \
-                 use state_dtype=torch.bfloat16 for CUDA parameters (2 bytes per moment)",
-                b.group
-            )));
-        }
         let program = Program::of::<Ru>()?;
         if b.scalars.iter().any(|s| s.dtype() != DType::F32) {
             return Err(Error::DType("scalar state of CUDA parameters (e.g. 'step') must be float32".into()));

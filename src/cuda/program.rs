@@ -5,6 +5,7 @@
 
 use super::kernels::kernel;
 use crate::error::{Error, Result};
+use crate::quant;
 use crate::rules::{Rule, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 
 const COMMON: &str = include_str!("kernels/common.cuh");
@@ -35,7 +36,7 @@ pub struct Program {
     pub header: String,
     rule: &'static str,
     fields: &'static [&'static str],
-    counts: [(&'static str, usize); 4],
+    counts: [(&'static str, usize); 5],
     bools: [(&'static str, bool); 2],
 }
 
@@ -49,7 +50,14 @@ impl Program {
             header: format!("{}\n{WRAPPERS}", k.header),
             rule,
             fields: hyper_fields(Ru::PARAM_NAMES),
-            counts: [("EF_SLOTS", Ru::SLOTS), ("EF_WRITTEN_SLOTS", Ru::WRITTEN_SLOTS), ("EF_SCALARS", Ru::SCALARS), ("EF_SUMS", Ru::SUMS)],
+            counts: [
+                ("EF_SLOTS", Ru::SLOTS),
+                ("EF_WRITTEN_SLOTS", Ru::WRITTEN_SLOTS),
+                ("EF_SCALARS", Ru::SCALARS),
+                ("EF_SUMS", Ru::SUMS),
+                // 8-bit state: bit k set when slot k is never negative (decoded with the unsigned map)
+                ("EF_NONNEG_SLOTS", nonnegative_mask::<Ru>()),
+            ],
             bools: [("EF_READS_INPUT", Ru::READS_INPUT), ("EF_SUMS_READ_STATE", Ru::SUMS_READ_STATE)],
         })
     }
@@ -76,11 +84,29 @@ impl Program {
     }
 
     /// The complete NVRTC program: the preamble, then the headers with their `#include`s of
-    /// local headers removed (their text is inlined here).
+    /// local headers removed (their text is inlined here), with 8-bit state's maps after
+    /// `common.cuh`.
     pub fn source(&self) -> String {
         let strip = |s: &str| s.lines().filter(|l| !l.trim_start().starts_with("#include \"")).collect::<Vec<_>>().join("\n");
-        format!("{}\n{}\n{}\n{}\n", self.preamble(), strip(COMMON), strip(&self.header), strip(MULTI_TENSOR))
+        format!("{}\n{}\n{}\n{}\n{}\n", self.preamble(), strip(COMMON), quant_tables(), strip(&self.header), strip(MULTI_TENSOR))
     }
+}
+
+/// The bit mask of `Ru`'s slots that are never negative (`RuleInfo::nonnegative_slots`).
+fn nonnegative_mask<Ru: Rule>() -> usize {
+    Ru::SLOT_NAMES.iter().enumerate().filter(|(_, name)| Ru::INFO.nonnegative_slots.contains(name)).map(|(k, _)| 1 << k).sum()
+}
+
+/// 8-bit state's maps as device constants: `EF_Q8_VALUES[m]` and `EF_Q8_MIDS[m]` (m = 1 for the
+/// unsigned map), the values of `crate::quant` to the bit (hexadecimal float literals).
+fn quant_tables() -> String {
+    let table = |name: &str, rows: [&[f32; 256]; 2]| {
+        // (the last midpoint, +inf, is never read: the code search stops at 255)
+        let row = |r: &[f32; 256]| r.iter().map(|x| format!("{:e}f", x.min(f32::MAX))).collect::<Vec<_>>().join(", ");
+        format!("__constant__ const float {name}[2][256] = {{{{{}}}, {{{}}}}};\n", row(rows[0]), row(rows[1]))
+    };
+    let (signed, unsigned) = (quant::signed(), quant::unsigned());
+    table("EF_Q8_VALUES", [&signed.values, &unsigned.values]) + &table("EF_Q8_MIDS", [&signed.mids, &unsigned.mids])
 }
 
 /// The bytes of `rule`'s `EfHyper` kernel argument: its parameter words in declaration order

@@ -16,6 +16,8 @@ pub struct TensorEntry {
     pub scalars: [u64; MAX_SCALARS],
     /// The parameter's weight corrections (int8), or 0.
     pub corr: u64,
+    /// With 8-bit state: each slot's block scales (float32, see `crate::quant`), else 0.
+    pub absmax: [u64; MAX_SLOTS],
     /// The position of its first element in the whole tensor (stochastic rounding's index).
     pub offset: i64,
     pub numel: i64,
@@ -40,6 +42,12 @@ pub fn build(batch: &Batch) -> (Vec<TensorEntry>, i64) {
             for (k, x) in s.iter_mut().enumerate().take(batch.slots()) {
                 *x = batch.states[i * batch.slots() + k].ptr() as u64;
             }
+            let mut absmax = [0u64; MAX_SLOTS];
+            if !batch.scales.is_empty() {
+                for (k, x) in absmax.iter_mut().enumerate().take(batch.slots()) {
+                    *x = batch.scales[i * batch.slots() + k].ptr() as u64;
+                }
+            }
             let mut scalars = [0u64; MAX_SCALARS];
             for (k, x) in scalars.iter_mut().enumerate().take(batch.n_scalars()) {
                 *x = batch.scalars[i * batch.n_scalars() + k].ptr() as u64;
@@ -51,6 +59,7 @@ pub fn build(batch: &Batch) -> (Vec<TensorEntry>, i64) {
                 s,
                 scalars,
                 corr: batch.corrections.get(i).map_or(0, |c| c.ptr() as u64),
+                absmax,
                 offset: batch.offsets[i] as i64,
                 numel,
                 first_block: next,
@@ -66,7 +75,7 @@ impl TensorEntry {
     /// The entry's 8-byte fields in declaration order (the layout of `EfTensor`).
     fn words(&self) -> impl Iterator<Item = u64> + '_ {
         let counts = [self.offset as u64, self.numel as u64, self.first_block as u64];
-        [self.p, self.g].into_iter().chain(self.s).chain(self.scalars).chain([self.corr]).chain(counts)
+        [self.p, self.g].into_iter().chain(self.s).chain(self.scalars).chain([self.corr]).chain(self.absmax).chain(counts)
     }
 }
 
@@ -81,11 +90,13 @@ mod tests {
 
     #[test]
     fn entry_layout_matches_the_kernel() {
-        // void* p, g; void* s[4]; float* scalars[4]; signed char* corr; long long offset, numel, first_block
-        assert_eq!(std::mem::size_of::<TensorEntry>(), 8 * (2 + MAX_SLOTS + MAX_SCALARS + 4));
-        let e = TensorEntry { p: 1, g: 2, s: [3, 4, 5, 6], scalars: [7, 8, 9, 10], corr: 11, offset: 12, numel: 13, first_block: -1 };
+        // void* p, g; void* s[4]; float* scalars[4]; signed char* corr; float* absmax[4];
+        // long long offset, numel, first_block
+        assert_eq!(std::mem::size_of::<TensorEntry>(), 8 * (2 + 2 * MAX_SLOTS + MAX_SCALARS + 4));
+        let e =
+            TensorEntry { p: 1, g: 2, s: [3, 4, 5, 6], scalars: [7, 8, 9, 10], corr: 11, absmax: [12, 13, 14, 15], offset: 16, numel: 17, first_block: -1 };
         let words: Vec<u64> = to_bytes(&[e]).chunks(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap())).collect();
-        assert_eq!(words, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, u64::MAX]);
+        assert_eq!(words, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, u64::MAX]);
         assert_eq!(blocks_of(0), 1);
         assert_eq!(blocks_of(CHUNK), 1);
         assert_eq!(blocks_of(CHUNK + 1), 2);

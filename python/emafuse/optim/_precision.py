@@ -120,7 +120,8 @@ def quantize(x: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, torch.Te
     flat = x.detach().reshape(-1).to(torch.float32)
     blocks = torch.nn.functional.pad(flat, (0, -flat.numel() % QUANT_BLOCK)).view(-1, QUANT_BLOCK)
     absmax = blocks.abs().amax(dim=1)
-    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1.0, 1.0)
+    # (NaN, e.g. infinity times the zero factor of an infinite absmax, goes to -1 as in the engine)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).nan_to_num(nan=-1.0).clamp(-1.0, 1.0)
     codes = torch.bucketize(scaled, mids.to(x.device)).to(torch.uint8)
     return codes.view(-1)[: flat.numel()].view(x.shape), absmax
 
@@ -163,7 +164,7 @@ def is_quantized(st: dict[str, Any] | None, slots: Collection[str]) -> bool | No
     exists yet)."""
     for name in slots:
         if st is not None and name in st:
-            return bool(st[name].dtype == torch.uint8)
+            return isinstance(st[name], torch.Tensor) and st[name].dtype == torch.uint8
     return None
 
 
@@ -205,11 +206,6 @@ def _eight_bit_dtype(who: str, p: torch.Tensor) -> torch.dtype:
         raise UnsupportedOptionError(
             f"{who}: state_dtype='8bit' does not support DTensor (FSDP2) parameters yet: the blocks of a shard would not be the "
             "blocks of the whole tensor. Use state_dtype=torch.bfloat16 for sharded parameters"
-        )
-    if p.device.type != "cpu":
-        raise UnsupportedOptionError(
-            f"{who}: state_dtype='8bit' runs on the CPU only in this release (parameter on {p.device}); use "
-            "state_dtype=torch.bfloat16 for CUDA parameters (2 bytes per moment, stochastic rounding)"
         )
     return torch.uint8 if p.numel() >= MIN_8BIT_NUMEL else torch.float32
 

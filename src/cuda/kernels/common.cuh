@@ -257,6 +257,31 @@ template <> struct EfElem<ef_f16, float> {
 };
 #endif
 
+// ---- blockwise 8-bit state (src/quant.rs, bit for bit) ------------------------------------------
+// A state slot stored as one code per element and one float scale (absmax) per block of 256: the
+// value is map[code] · absmax. The kernels decode a block, update it, and encode it again with the
+// block's new absmax (the largest magnitude, compared as bits so that NaN wins) and each scaled
+// element's nearest map entry (ties to the lower one): the number of midpoints below it.
+
+struct ef_q8 { unsigned char code; };  // the storage type of 8-bit state
+template <class S> struct EfIsQ8 { static constexpr bool value = false; };
+template <> struct EfIsQ8<ef_q8> { static constexpr bool value = true; };
+
+// |x| as bits: integers order magnitudes (infinity below NaN).
+EF_FN ef_u32 ef_abs_bits(float x) { return ef_float_to_bits(x) & 0x7fffffffu; }
+// The factor that scales a block of absmax `absmax` into [−1, 1] (Rust: 1 / absmax.max(1e-38)).
+EF_FN float ef_q8_inverse(float absmax) { return 1.0f / (absmax > 1e-38f ? absmax : 1e-38f); }
+// The code of the scaled value y: how many of the 255 sorted midpoints `mids` lie below it, after
+// clamping y to [−1, 1] (NaN to −1, as Rust's f32::max).
+EF_FN unsigned char ef_q8_code(const float* mids, float y) {
+    y = y > -1.0f ? y : -1.0f;
+    y = y < 1.0f ? y : 1.0f;
+    int below = 0;
+    for (int step = 128; step > 0; step >>= 1)
+        if (mids[below + step - 1] < y) below += step;
+    return (unsigned char)below;
+}
+
 // A parameter element, with its weight correction when the tensor has them (`corr` not null).
 template <class P, class R> EF_FN R ef_load_param(const P* p, const signed char* corr, ef_i64 i) {
     return corr != nullptr ? EfElem<P, R>::load_corrected(p + i, corr[i]) : EfElem<P, R>::load(p + i);

@@ -3,7 +3,9 @@
 // <rule>.cuh + this file. The preamble defines EF_RULE (the rule's C++ type, flags included, e.g.
 // Adam<true, false, false>), its parameters' struct EfHyper and its counts EF_SLOTS,
 // EF_WRITTEN_SLOTS (slots past it are only read), EF_SCALARS, EF_SUMS, EF_READS_INPUT and
-// EF_SUMS_READ_STATE (whether the sums pass reads the state slots).
+// EF_SUMS_READ_STATE (whether the sums pass reads the state slots), EF_NONNEG_SLOTS (bit k: slot k is
+// never negative, decoded from 8 bits with the unsigned map), and 8-bit state's maps EF_Q8_VALUES and
+// EF_Q8_MIDS.
 //
 // One launch updates every tensor of a (group, device, dtype) batch: block b finds its tensor by
 // binary search over the tensors' first block indices, thread 0 computes the tensor's
@@ -11,7 +13,9 @@
 // device, so steps can be captured in a CUDA graph), and the block updates its chunk of
 // EF_CHUNK elements, four consecutive elements per thread with vector loads when aligned. The
 // scalar state (e.g. `step`) is written back by the last block of each tensor to finish reading
-// it (a per-tensor arrival counter), so all blocks see the same pre-step value.
+// it (a per-tensor arrival counter), so all blocks see the same pre-step value. With 8-bit state
+// (storage type ef_q8) each thread takes one element of a quantization block of 256 at a time, and
+// the block finds the block's new absmax together before encoding it.
 #pragma once
 #include "common.cuh"
 
@@ -27,6 +31,7 @@ struct EfTensor {  // layout of the Rust `cuda::table::TensorEntry` (#[repr(C)])
     void* s[EF_MAX_SLOTS];
     float* scalars[EF_MAX_SCALARS];
     signed char* corr;  // the parameter's weight corrections, or null
+    float* absmax[EF_MAX_SLOTS];  // 8-bit state: each slot's block scales
     ef_i64 offset;      // its first element's position in the whole tensor (stochastic rounding)
     ef_i64 numel;
     ef_i64 first_block;
@@ -72,6 +77,62 @@ __device__ __forceinline__ void ef_update_one(const typename Rule::template Coef
     for (int k = 0; k < EF_WRITTEN_SLOTS; ++k) ef_store<S, R>(st[k] + i, s[k], sr, streams[1 + k], offset + i);
 }
 
+// 8-bit state: the map of slot k (1: unsigned) and the decoded value of element i.
+__device__ __forceinline__ int ef_q8_map(int k) { return (EF_NONNEG_SLOTS >> k) & 1; }
+__device__ __forceinline__ float ef_q8_load(const EfTensor& T, int k, ef_i64 i) {
+    return EF_Q8_VALUES[ef_q8_map(k)][((const unsigned char*)T.s[k])[i]] * T.absmax[k][i / 256];
+}
+
+// The largest of every thread's `bits` (all threads of the block call it; `red` holds a word per warp).
+__device__ __forceinline__ ef_u32 ef_block_max(ef_u32 bits, ef_u32* red) {
+    for (int o = 16; o > 0; o >>= 1) {
+        ef_u32 other = __shfl_xor_sync(0xffffffffu, bits, o);
+        bits = other > bits ? other : bits;
+    }
+    if ((threadIdx.x & 31u) == 0) red[threadIdx.x >> 5] = bits;
+    __syncthreads();
+    ef_u32 m = red[0];
+    for (int w = 1; w < EF_THREADS / 32; ++w) m = red[w] > m ? red[w] : m;
+    __syncthreads();  // `red` is reused by the next call
+    return m;
+}
+
+// The update of elements [start, end) of tensor T with 8-bit state: quantization block by block
+// (start is a multiple of 256, and EF_THREADS is 256: one element per thread).
+template <class Rule, class R, class P, class G>
+__device__ __forceinline__ void ef_step_q8(const EfTensor& T, const typename Rule::template Coeffs<R>& c, R factor, R unscale, bool store_grad,
+                                           bool sr, const ef_u32* streams, ef_i64 start, ef_i64 end) {
+    __shared__ float mids[2][256];
+    __shared__ ef_u32 red[EF_THREADS / 32];
+    for (int j = threadIdx.x; j < 2 * 256; j += blockDim.x) mids[j / 256][j % 256] = EF_Q8_MIDS[j / 256][j % 256];
+    __syncthreads();
+    P* p = (P*)T.p;
+    G* g = (G*)T.g;
+    for (ef_i64 block = start; block < end; block += EF_THREADS) {
+        const ef_i64 i = block + threadIdx.x;
+        const bool live = i < end;
+        R s[EF_MAX_SLOTS];
+#pragma unroll
+        for (int k = 0; k < EF_SLOTS; ++k) s[k] = live ? ef_q8_load(T, k, i) : R(0);
+        if (live) {
+            R gv = R(0);
+            if (EF_READS_INPUT) {
+                R graw = EfElem<G, R>::load(g + i);
+                gv = graw * factor;
+                if (store_grad) EfElem<G, R>::store(g + i, graw * unscale);
+            }
+            R pv = Rule::template update<R>(c, ef_load_param<P, R>(p, T.corr, i), gv, s);
+            ef_store_param<P, R>(p + i, pv, T.corr, sr, streams[0], i, T.offset + i);
+        }
+#pragma unroll
+        for (int k = 0; k < EF_WRITTEN_SLOTS; ++k) {
+            const float absmax = ef_bits_to_float(ef_block_max(live ? ef_abs_bits(s[k]) : 0u, red));
+            if (live) ((unsigned char*)T.s[k])[i] = ef_q8_code(mids[ef_q8_map(k)], s[k] * ef_q8_inverse(absmax));
+            if (threadIdx.x == 0) T.absmax[k][block / 256] = absmax;
+        }
+    }
+}
+
 template <class Rule, class R, class P, class G, class S>
 __device__ __forceinline__ void ef_step_impl(const EfHyper& hyper, const EfTensor* tensors, int n_tensors,
                                              const float* grad_scale, const float* found_inf, double gsign,
@@ -115,6 +176,10 @@ __device__ __forceinline__ void ef_step_impl(const EfHyper& hyper, const EfTenso
     for (int a = 0; a <= EF_MAX_SLOTS; ++a) streams[a] = sr && a <= EF_SLOTS ? ef_stream_key(rkey, (ef_u64)t_sh, (ef_u64)a) : 0u;
     ef_i64 start = ((ef_i64)blockIdx.x - T.first_block) * EF_CHUNK;
     ef_i64 end = T.numel < start + EF_CHUNK ? T.numel : start + EF_CHUNK;
+    if constexpr (EfIsQ8<S>::value) {
+        ef_step_q8<Rule, R, P, G>(T, c, factor, unscale, store_grad, sr, streams, start, end);
+        return;
+    } else {
     P* p = (P*)T.p;
     G* g = (G*)T.g;
     signed char* corr = T.corr;
@@ -155,6 +220,7 @@ __device__ __forceinline__ void ef_step_impl(const EfHyper& hyper, const EfTenso
         for (int k = 0; k < EF_WRITTEN_SLOTS; ++k) *(EfVec<S>*)(st[k] + i) = sv[k];
     }
     for (ef_i64 i = vec_end + threadIdx.x; i < end; i += blockDim.x) ef_update_one<Rule, R, P, G, S>(c, factor, unscale, store_grad, p, g, st, corr, sr, streams, T.offset, i);
+    }
 }
 
 // Per-tensor sums (rules with SUMS > 0): a read-only pass before ef_step, accumulated in double.
@@ -173,7 +239,10 @@ __device__ __forceinline__ void ef_sums_impl(const EfHyper& hyper, const EfTenso
     const G* g = (const G*)T.g;
     for (ef_i64 i = start + threadIdx.x; i < end; i += blockDim.x) {
         R s[EF_MAX_SLOTS];
-        for (int k = 0; k < (EF_SUMS_READ_STATE ? EF_SLOTS : 0); ++k) s[k] = EfElem<S, R>::load((const S*)T.s[k] + i);
+        for (int k = 0; k < (EF_SUMS_READ_STATE ? EF_SLOTS : 0); ++k) {
+            if constexpr (EfIsQ8<S>::value) s[k] = ef_q8_load(T, k, i);
+            else s[k] = EfElem<S, R>::load((const S*)T.s[k] + i);
+        }
         R gv = EF_READS_INPUT ? EfElem<G, R>::load(g + i) * factor : R(0);
         Rule::template accumulate<R>(hyper, ef_load_param<P, R>(p, T.corr, i), gv, s, acc);
     }
@@ -214,3 +283,6 @@ EF_KERNELS(f16_f32, float, ef_f16, ef_f16, float)
 EF_KERNELS(f32_bf16in, float, float, ef_bf16, float)
 EF_KERNELS(f32_f16in, float, float, ef_f16, float)
 EF_KERNELS(f32_bf16, float, float, float, ef_bf16)
+EF_KERNELS(f32_q8, float, float, float, ef_q8)
+EF_KERNELS(bf16_q8, float, ef_bf16, ef_bf16, ef_q8)
+EF_KERNELS(f16_q8, float, ef_f16, ef_f16, ef_q8)
