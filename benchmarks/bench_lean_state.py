@@ -43,8 +43,6 @@ class Config:
     dtype: torch.dtype
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
     max_params: int = 1 << 62
-    # emafuse's 8-bit state runs on the CPU only (no CUDA twin yet)
-    cpu_only: bool = False
 
 
 ADAMW = dict(lr=1e-3, weight_decay=0.01)
@@ -57,13 +55,12 @@ CONFIGS = [
     Config("emafuse bf16 weights and state, stochastic", BF16, lambda ps: emafuse.AdamW(ps, **ADAMW, rounding="stochastic")),
     Config("emafuse bf16 weights, fp32 state, stochastic", BF16, lambda ps: emafuse.AdamW(ps, **ADAMW, state_dtype=torch.float32, rounding="stochastic")),
     Config("emafuse bf16 weights + int8 correction, bf16 state", BF16, lambda ps: emafuse.AdamW(ps, **ADAMW, state_dtype=BF16, weight_correction=True)),
-    Config("emafuse fp32 weights, 8-bit state", torch.float32, lambda ps: emafuse.AdamW(ps, **ADAMW, state_dtype="8bit"), cpu_only=True),
-    Config("emafuse bf16 weights, 8-bit state", BF16, lambda ps: emafuse.AdamW(ps, **ADAMW, state_dtype="8bit"), cpu_only=True),
+    Config("emafuse fp32 weights, 8-bit state", torch.float32, lambda ps: emafuse.AdamW(ps, **ADAMW, state_dtype="8bit")),
+    Config("emafuse bf16 weights, 8-bit state", BF16, lambda ps: emafuse.AdamW(ps, **ADAMW, state_dtype="8bit")),
     Config(
         "emafuse bf16 weights + int8 correction, 8-bit state",
         BF16,
         lambda ps: emafuse.AdamW(ps, **ADAMW, state_dtype="8bit", weight_correction=True),
-        cpu_only=True,
     ),
 ]
 if bitsandbytes is not None:
@@ -95,7 +92,7 @@ def measure(shapes, rounds: int, steps: int, device: torch.device) -> dict[str, 
     CUDA the device is drained before and after each timed step."""
     timer = device_timer(device)
     # bitsandbytes' CPU path is unfused (slow); on CUDA it runs everywhere
-    limit = (lambda c: not c.cpu_only) if device.type == "cuda" else (lambda c: numel(shapes) <= c.max_params)
+    limit = (lambda c: True) if device.type == "cuda" else (lambda c: numel(shapes) <= c.max_params)
     runs = {}
     for c in filter(limit, CONFIGS):
         params = on(device, make_params(shapes, c.dtype))

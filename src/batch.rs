@@ -242,7 +242,7 @@ fn rule_slots(who: &str, group: usize, names: &[String]) -> Result<usize> {
         return Ok(names.len());
     }
     let half = names.len() / 2;
-    let paired = names.len() % 2 == 0 && names[..half].iter().zip(&names[half..]).all(|(slot, scale)| *scale == format!("{slot}{ABSMAX_SUFFIX}"));
+    let paired = names.len().is_multiple_of(2) && names[..half].iter().zip(&names[half..]).all(|(slot, scale)| *scale == format!("{slot}{ABSMAX_SUFFIX}"));
     if !paired {
         return Err(Error::Value(format!(
             "{who}: param group {group}: 8-bit state slots {names:?} must list every slot, then its scales ('<slot>{ABSMAX_SUFFIX}') in the same order"

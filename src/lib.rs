@@ -14,4 +14,5 @@ pub mod quant;
 pub mod real;
 pub mod rounding;
 pub mod rules;
+pub mod simd;
 pub mod view;

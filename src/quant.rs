@@ -13,8 +13,9 @@
 //! A step dequantizes a block, updates it in f32, takes the block's new absmax and rounds every
 //! element of `value / absmax` to the nearest map entry (ties toward the lower one), all inside the
 //! one pass. The nearest entry is found in constant time: the scaled value's top 16 bits select a
-//! bucket of a small table holding the number of midpoints below the bucket, and one comparison
-//! with the next midpoint finishes it (no bucket holds two midpoints: a test checks every one).
+//! bucket of a small table holding the number of midpoints below the bucket and the low 16 bits of
+//! the midpoint inside it, if any (no bucket holds two: a test checks every one); comparing the
+//! value's low 16 bits with those finishes it, one table lookup per element.
 //! The CUDA twin is `kernels/common.cuh`'s `EfQuantMap`.
 
 use std::sync::OnceLock;
@@ -44,8 +45,11 @@ pub struct QuantMap {
     /// `mids[c]`: the midpoint between `values[c]` and `values[c + 1]`, computed in f32; `mids[255]`
     /// is +∞.
     pub mids: [f32; 256],
-    /// Per bucket (see [`bucket`]): how many midpoints lie below the bucket's smallest value.
-    lower: Vec<u8>,
+    /// Per bucket (see [`bucket`]): `lower << 16 | split`, where `lower` is how many midpoints lie
+    /// below the bucket's smallest value and a value of the bucket lies above the midpoint inside
+    /// it exactly when its [`low_key`] exceeds `split` (0xffff: no midpoint inside). 32-bit words:
+    /// the vectorised lookups gather them.
+    table: Box<[u32; 2 * BUCKETS_PER_SIGN]>,
 }
 
 /// The bucket of a scaled value `y` in [−1, 1]: its sign, and its magnitude's exponent and top 7
@@ -54,9 +58,18 @@ pub struct QuantMap {
 fn bucket(y: f32) -> usize {
     let bits = y.to_bits();
     let magnitude = bits & 0x7fff_ffff;
-    let binade = (magnitude >> 23).saturating_sub(E_MIN - 1);
+    let binade = (magnitude >> 23).max(E_MIN - 1) - (E_MIN - 1);
     let fraction = if binade == 0 { 0 } else { (magnitude >> 16) & 127 };
-    (bits >> 31) as usize * BUCKETS_PER_SIGN + (binade as usize) * 128 + fraction as usize
+    // (32-bit arithmetic, so that the lookups gather with 32-bit indices)
+    ((bits >> 31) * BUCKETS_PER_SIGN as u32 + binade * 128 + fraction) as usize
+}
+
+/// The low 16 bits of `y`'s magnitude, ordered as `y` within its bucket (complemented for a
+/// negative `y`, whose larger magnitudes are smaller values).
+#[inline(always)]
+fn low_key(y: f32) -> u32 {
+    let bits = y.to_bits();
+    (bits & 0xffff) ^ ((bits >> 31) * 0xffff)
 }
 
 /// The smallest and largest value of bucket `b` (the inverse of [`bucket`]'s cut).
@@ -83,22 +96,56 @@ impl QuantMap {
         for c in 0..255 {
             mids[c] = (values[c] + values[c + 1]) / 2.0;
         }
-        let lower = (0..2 * BUCKETS_PER_SIGN).map(|b| mids.iter().filter(|&&m| m < bucket_range(b).0).count() as u8).collect();
-        QuantMap { values, mids, lower }
+        let mut table = Box::new([0u32; 2 * BUCKETS_PER_SIGN]);
+        for (b, entry) in table.iter_mut().enumerate() {
+            let (low, high) = bucket_range(b);
+            let lower = mids.iter().filter(|&&m| m < low).count() as u32;
+            // (the zero buckets span several binades and hold no midpoint)
+            let inside = mids[lower as usize];
+            let split = if inside <= high && b % BUCKETS_PER_SIGN >= 128 { low_key(inside) } else { 0xffff };
+            *entry = lower << 16 | split;
+        }
+        QuantMap { values, mids, table }
     }
 
     /// The code of `y` (a value scaled into [−1, 1]; larger magnitudes and NaN are clamped): the
     /// index of its nearest value, the lower one on a tie.
     #[inline(always)]
+    #[allow(clippy::manual_clamp)] // (clamp keeps NaN; this sends it to −1)
     pub fn code(&self, y: f32) -> u8 {
         let y = y.max(-1.0).min(1.0);
-        let lower = self.lower[bucket(y)];
-        lower + u8::from(self.mids[lower as usize] < y)
+        // SAFETY: the bucket of a value in [−1, 1] (exponent field <= 127) is below
+        // 2 · BUCKETS_PER_SIGN.
+        let entry = unsafe { *self.table.get_unchecked(bucket(y)) };
+        ((entry >> 16) + u32::from(low_key(y) > (entry & 0xffff))) as u8
     }
 
     /// Quantize one block: its absmax (NaN when it holds a NaN), and `codes[i]` for `vals[i]`.
+    /// With AVX-512 the lookups run 16 at a time (the same bits as [`QuantMap::quantize_portable`]).
     #[inline(always)]
     pub fn quantize(&self, vals: &[f32], codes: &mut [u8]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::level() == 2 {
+            // SAFETY: the CPU has AVX-512F (checked at run time); the slices bound every access.
+            return unsafe { avx512::quantize(self, vals, codes) };
+        }
+        self.quantize_portable(vals, codes)
+    }
+
+    /// Dequantize one block with scale `absmax` into `vals` (16 at a time with AVX-512).
+    #[inline(always)]
+    pub fn dequantize(&self, codes: &[u8], absmax: f32, vals: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::level() == 2 {
+            // SAFETY: as in `quantize`.
+            return unsafe { avx512::dequantize(self, codes, absmax, vals) };
+        }
+        self.dequantize_portable(codes, absmax, vals)
+    }
+
+    /// [`QuantMap::quantize`] in portable code.
+    #[inline(always)]
+    pub fn quantize_portable(&self, vals: &[f32], codes: &mut [u8]) -> f32 {
         // The largest magnitude as bits: integers order finite magnitudes, infinity and NaN alike.
         let absmax = f32::from_bits(vals.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff)));
         let inv = 1.0 / absmax.max(1e-38);
@@ -108,11 +155,98 @@ impl QuantMap {
         absmax
     }
 
-    /// Dequantize one block with scale `absmax` into `vals`.
+    /// [`QuantMap::dequantize`] in portable code.
     #[inline(always)]
-    pub fn dequantize(&self, codes: &[u8], absmax: f32, vals: &mut [f32]) {
+    pub fn dequantize_portable(&self, codes: &[u8], absmax: f32, vals: &mut [f32]) {
         for (v, &c) in vals.iter_mut().zip(codes) {
             *v = self.values[c as usize] * absmax;
+        }
+    }
+}
+
+/// The block codecs with AVX-512F intrinsics: the compiler does not vectorise the table lookups
+/// inside the update kernels, and gathers 16 lookups at a time here. Each step is the portable
+/// code's operation on 16 lanes (the same bits).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{QuantMap, BUCKETS_PER_SIGN, E_MIN};
+    use std::arch::x86_64::*;
+
+    /// The lanes of a block of `n` elements from `i`: 16, or the tail.
+    #[inline(always)]
+    fn lanes(n: usize, i: usize) -> __mmask16 {
+        if n - i >= 16 {
+            0xffff
+        } else {
+            ((1u32 << (n - i)) - 1) as __mmask16
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn quantize(map: &QuantMap, vals: &[f32], codes: &mut [u8]) -> f32 {
+        let n = vals.len().min(codes.len());
+        let magnitude = _mm512_set1_epi32(0x7fff_ffff);
+        let mut largest = _mm512_setzero_si512();
+        for i in (0..n).step_by(16) {
+            // SAFETY: the masked lanes lie inside `vals`.
+            let v = unsafe { _mm512_maskz_loadu_ps(lanes(n, i), vals.as_ptr().add(i)) };
+            largest = _mm512_max_epu32(largest, _mm512_and_si512(_mm512_castps_si512(v), magnitude));
+        }
+        let absmax = f32::from_bits(_mm512_reduce_max_epu32(largest));
+        let inv = _mm512_set1_ps(1.0 / absmax.max(1e-38));
+        let (low, high) = (_mm512_set1_ps(-1.0), _mm512_set1_ps(1.0));
+        let below = _mm512_set1_epi32((E_MIN - 1) as i32);
+        let per_sign = _mm512_set1_epi32(BUCKETS_PER_SIGN as i32);
+        for i in (0..n).step_by(16) {
+            let k = lanes(n, i);
+            // SAFETY: the masked lanes lie inside `vals` and `codes`; every bucket index is inside
+            // `map.table` (see `QuantMap::code`).
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(k, vals.as_ptr().add(i));
+                // (max with −1 first: a NaN lane becomes −1, as f32::max)
+                let y = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, inv), low), high);
+                let bits = _mm512_castps_si512(y);
+                let mag = _mm512_and_si512(bits, magnitude);
+                let binade = _mm512_sub_epi32(_mm512_max_epu32(_mm512_srli_epi32::<23>(mag), below), below);
+                let fraction = _mm512_maskz_and_epi32(_mm512_test_epi32_mask(binade, binade), _mm512_srli_epi32::<16>(mag), _mm512_set1_epi32(127));
+                let sign = _mm512_mullo_epi32(_mm512_srli_epi32::<31>(bits), per_sign);
+                let bucket = _mm512_add_epi32(_mm512_add_epi32(sign, _mm512_slli_epi32::<7>(binade)), fraction);
+                let entry = _mm512_mask_i32gather_epi32::<4>(_mm512_setzero_si512(), k, bucket, map.table.as_ptr() as *const i32);
+                let ones = _mm512_set1_epi32(0xffff);
+                let key = _mm512_xor_si512(_mm512_and_si512(bits, ones), _mm512_mullo_epi32(_mm512_srli_epi32::<31>(bits), ones));
+                let up = _mm512_cmpgt_epu32_mask(key, _mm512_and_si512(entry, ones));
+                let lower = _mm512_srli_epi32::<16>(entry);
+                let code = _mm512_mask_add_epi32(lower, up, lower, _mm512_set1_epi32(1));
+                _mm512_mask_cvtepi32_storeu_epi8(codes.as_mut_ptr().add(i) as *mut i8, k, code);
+            }
+        }
+        absmax
+    }
+
+    /// Decoding looks the 256 values up in registers (two-source permutes of 32 entries, then
+    /// blends on the code's top three bits), not with gathers, which are slow on some CPUs.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dequantize(map: &QuantMap, codes: &[u8], absmax: f32, vals: &mut [f32]) {
+        let n = vals.len().min(codes.len());
+        // SAFETY: `map.values` holds 256 floats, 16 per register.
+        let table: [__m512; 16] = std::array::from_fn(|r| unsafe { _mm512_loadu_ps(map.values.as_ptr().add(16 * r)) });
+        let scale = _mm512_set1_ps(absmax);
+        for i in (0..n).step_by(16) {
+            let k = lanes(n, i);
+            let mut bytes = [0u8; 16];
+            bytes[..(n - i).min(16)].copy_from_slice(&codes[i..(i + 16).min(n)]);
+            // SAFETY: `bytes` holds 16 codes; the masked lanes lie inside `vals`.
+            unsafe {
+                let c = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.as_ptr() as *const __m128i));
+                let quarter: [__m512; 8] = std::array::from_fn(|q| _mm512_permutex2var_ps(table[2 * q], c, table[2 * q + 1]));
+                let bit = |b: i32| _mm512_test_epi32_mask(c, _mm512_set1_epi32(b));
+                let (b5, b6, b7) = (bit(32), bit(64), bit(128));
+                let half: [__m512; 4] = std::array::from_fn(|h| _mm512_mask_blend_ps(b5, quarter[2 * h], quarter[2 * h + 1]));
+                let lower = _mm512_mask_blend_ps(b6, half[0], half[1]);
+                let upper = _mm512_mask_blend_ps(b6, half[2], half[3]);
+                let v = _mm512_mask_blend_ps(b7, lower, upper);
+                _mm512_mask_storeu_ps(vals.as_mut_ptr().add(i), k, _mm512_mul_ps(v, scale));
+            }
         }
     }
 }
@@ -174,7 +308,7 @@ mod tests {
 
     /// The nearest value's index by scanning every midpoint (ties to the lower value).
     fn brute_code(map: &QuantMap, y: f32) -> u8 {
-        let y = y.max(-1.0).min(1.0);
+        let y = if y.is_nan() { -1.0 } else { y.clamp(-1.0, 1.0) };
         map.mids[..255].iter().filter(|&&m| m < y).count() as u8
     }
 
@@ -221,8 +355,19 @@ mod tests {
                 let e = 87 + (x >> 8) % 41;
                 probes.push(f32::from_bits(((x & 1) << 31) | (e.min(127) << 23) | (x >> 9 & 0x7f_ffff)));
             }
-            for y in probes {
-                assert_eq!(map.code(y), brute_code(map, y), "{y:e}");
+            for y in &probes {
+                assert_eq!(map.code(*y), brute_code(map, *y), "{y:e}");
+            }
+            // The vectorised codec gives the portable one's bits (blocks of every length up to 256).
+            for (b, block) in probes.chunks(173).enumerate() {
+                let block = &block[..block.len() - b % 17];
+                let (mut fast, mut slow) = (vec![0u8; block.len()], vec![0u8; block.len()]);
+                let (a, b) = (map.quantize(block, &mut fast), map.quantize_portable(block, &mut slow));
+                assert!(a.to_bits() == b.to_bits() && fast == slow);
+                let (mut fast_v, mut slow_v) = (vec![0f32; block.len()], vec![0f32; block.len()]);
+                map.dequantize(&fast, 0.37, &mut fast_v);
+                map.dequantize_portable(&slow, 0.37, &mut slow_v);
+                assert_eq!(fast_v, slow_v);
             }
         }
     }

@@ -223,7 +223,7 @@ pub unsafe fn projection_sums<R: Real, P: Elem<R>, G: Elem<R>>(
     len: usize,
 ) -> [f64; MAX_SUMS] {
     #[cfg(target_arch = "x86_64")]
-    match simd_level() {
+    match crate::simd::level() {
         // SAFETY: the CPU supports the enabled features (checked at run time); the caller's
         // guarantees are passed on unchanged.
         2 => return unsafe { projection_sums_avx512::<R, P, G>(factor, param, correction, grad, len) },
@@ -302,24 +302,6 @@ unsafe fn projection_sums_body<R: Real, P: Elem<R>, G: Elem<R>>(
     sums
 }
 
-/// The widest vector instruction set this CPU has, detected once.
-#[cfg(target_arch = "x86_64")]
-fn simd_level() -> u8 {
-    use std::sync::OnceLock;
-    static LEVEL: OnceLock<u8> = OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        if std::env::var_os("EMAFUSE_NO_SIMD").is_some() {
-            0
-        } else if is_x86_feature_detected!("avx512f") {
-            2
-        } else if is_x86_feature_detected!("avx2") {
-            1
-        } else {
-            0
-        }
-    })
-}
-
 /// Stochastic rounding of one span's stores (see [`crate::rounding`]): the stream of the
 /// parameter (`streams[0]`) and of each state slot `k` (`streams[1 + k]`), and the position of the
 /// span's first element in its whole tensor (its index in the tensor, plus the shard's offset
@@ -348,7 +330,7 @@ pub unsafe fn update_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>
     len: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    match simd_level() {
+    match crate::simd::level() {
         // SAFETY: the CPU supports the enabled features (checked at run time); the caller's
         // guarantees are passed on unchanged.
         2 => return unsafe { update_span_avx512::<Ru, R, P, G, S>(c, xf, projection, rounding, ptrs, len) },

@@ -93,8 +93,7 @@ mod tests {
         // void* p, g; void* s[4]; float* scalars[4]; signed char* corr; float* absmax[4];
         // long long offset, numel, first_block
         assert_eq!(std::mem::size_of::<TensorEntry>(), 8 * (2 + 2 * MAX_SLOTS + MAX_SCALARS + 4));
-        let e =
-            TensorEntry { p: 1, g: 2, s: [3, 4, 5, 6], scalars: [7, 8, 9, 10], corr: 11, absmax: [12, 13, 14, 15], offset: 16, numel: 17, first_block: -1 };
+        let e = TensorEntry { p: 1, g: 2, s: [3, 4, 5, 6], scalars: [7, 8, 9, 10], corr: 11, absmax: [12, 13, 14, 15], offset: 16, numel: 17, first_block: -1 };
         let words: Vec<u64> = to_bytes(&[e]).chunks(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap())).collect();
         assert_eq!(words, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, u64::MAX]);
         assert_eq!(blocks_of(0), 1);

@@ -215,9 +215,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     scale per block of 256 elements (``<slot>_absmax``), as bitsandbytes' 8-bit optimizers, the
     second moments with the unsigned map; decoded, updated and re-encoded inside the one native
     pass, always rounded to nearest. Parameters under 4096 elements keep float32 state then (as
-    bitsandbytes); 8-bit state runs on CPU parameters (not CUDA or DTensor ones yet), and
-    parameters in another memory format than row-major (channels_last) are stepped through a
-    staged copy;
+    bitsandbytes); DTensor parameters cannot have 8-bit state yet, and parameters in another
+    memory format than row-major (channels_last) are stepped through a staged copy;
     ``rounding=`` rounds every bfloat16 store of the step (parameters and state) to nearest or
     stochastically (the default for ``state_dtype=torch.bfloat16``), with counter-based random
     bits from ``rounding_seed`` and the group's applied-step count ``rounding_step``, both saved in
