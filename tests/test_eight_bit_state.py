@@ -8,6 +8,7 @@ the decoded state, bit for bit, encoded as the reference quantizer encodes it (s
 block is bounded as designed: half a gap of the map times the block's absmax); the 8-bit AdamW
 and Lion trajectories stay as close to fp32 as bitsandbytes' CPU 8-bit ones; 2.03 bytes of state per parameter for AdamW;
 exact resume; conversions of checkpoints in both directions; small parameters keep float32 state;
+channels_last and transposed parameters, GradScaler and torch.compile give the plain step's bits;
 malformed checkpoints and unsupported parameters are refused and change nothing."""
 
 from __future__ import annotations
@@ -249,6 +250,74 @@ def test_groups_and_small_parameters_choose_their_own_precision():
     run_steps(opt, params, 2)
     assert [opt.state[p]["exp_avg"].dtype for p in params] == [torch.uint8, torch.float32, torch.float32]
     assert opt.state[params[0]]["exp_avg_absmax"].shape == (20,)
+
+
+# -- memory formats, AMP, torch.compile --------------------------------------------------------------
+
+
+def test_channels_last_and_transposed_parameters_step_as_contiguous_ones():
+    """The codes are kept in row-major order: a channels_last convolution weight and a transposed
+    parameter step (through a staged copy) exactly as their contiguous twins, codes included."""
+    g = torch.Generator().manual_seed(17)
+    conv = torch.randn(64, 32, 3, 3, generator=g)
+    mat = torch.randn(300, 70, generator=g)
+    params = [torch.nn.Parameter(conv.to(memory_format=torch.channels_last)), torch.nn.Parameter(mat.t().contiguous().t())]
+    twins = [torch.nn.Parameter(conv.clone()), torch.nn.Parameter(mat.clone())]
+    assert not params[0].is_contiguous() and not params[1].is_contiguous()
+    a, b = emafuse.AdamW(params, lr=1e-2, **EIGHT), emafuse.AdamW(twins, lr=1e-2, **EIGHT)
+    for t in range(3):
+        grads = random_grads(twins, t)
+        set_grads(twins, grads)
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone().to(memory_format=torch.channels_last) if p.dim() == 4 else gr.t().contiguous().t()
+        a.step()
+        b.step()
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax"):
+            assert torch.equal(a.state[p][key], b.state[q][key]), key
+
+
+def test_grad_scaler_steps_as_unscaled_and_skips_overflow():
+    """AMP's GradScaler: a power-of-two scale gives the unscaled run's bits; an overflowing step
+    changes neither the parameters nor the 8-bit state."""
+    params = make_params([(5000,), (40, 130)], seed=18)
+    twins = clone_params(params)
+    a, b = emafuse.AdamW(params, lr=1e-2, **EIGHT), emafuse.AdamW(twins, lr=1e-2, **EIGHT)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale(torch.ones(()))  # (as a scaled loss would: the scaler's state starts here)
+    for t in range(3):
+        grads = random_grads(params, t)
+        set_grads(params, [gr * scaler.get_scale() for gr in grads])
+        set_grads(twins, grads)
+        scaler.step(a)
+        scaler.update()
+        b.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, twins))
+    set_grads(params, [torch.full_like(p, float("inf")) for p in params])
+    snap = snapshot(params, a)
+    scaler.step(a)
+    assert_unchanged(params, a, snap)
+
+
+def test_compiled_step_equals_eager():
+    """``torch.compile(fullgraph=True)`` of an 8-bit step: one opaque op, the eager bits."""
+    torch._dynamo.reset()
+    try:
+        params = make_params([(5000,), (33,)], seed=19)
+        twins = clone_params(params)
+        a, b = emafuse.AdamW(params, lr=1e-2, **EIGHT), emafuse.AdamW(twins, lr=1e-2, **EIGHT)
+        step = torch.compile(a.step, backend="aot_eager", fullgraph=True)
+        for t in range(4):
+            grads = random_grads(params, t)
+            set_grads(params, grads)
+            set_grads(twins, grads)
+            step()
+            b.step()
+            assert all(torch.equal(p, q) for p, q in zip(params, twins)), t
+        assert torch.equal(a.state[params[0]]["exp_avg"], b.state[twins[0]]["exp_avg"])
+    finally:
+        torch._dynamo.reset()
 
 
 # -- bad input -----------------------------------------------------------------------------------------
