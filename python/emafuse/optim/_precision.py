@@ -88,13 +88,18 @@ def new_correction(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(p, dtype=torch.int8, memory_format=torch.preserve_format)
 
 
+def _blocks(numel: int) -> int:
+    """The number of 8-bit blocks (scales) of a tensor of ``numel`` elements."""
+    return -(-numel // QUANT_BLOCK)
+
+
 def new_slot(p: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
     """A new state entry ``name`` of ``p`` holding zeros: a slot of ``dtype`` (8-bit codes in
     row-major order), a slot's 8-bit scales, or the weight correction."""
     if name == WEIGHT_CORRECTION:
         return new_correction(p)
     if name.endswith(ABSMAX_SUFFIX):
-        return torch.zeros(-(-p.numel() // QUANT_BLOCK), dtype=torch.float32, device=p.device)
+        return torch.zeros(_blocks(p.numel()), dtype=torch.float32, device=p.device)
     if dtype == torch.uint8:
         return torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
     return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
@@ -145,7 +150,7 @@ def stored_as(name: str, value: torch.Tensor, scales: torch.Tensor | None, want:
                 f"load_state_dict: state '{name}' is 8-bit (uint8) but its scales '{name}{ABSMAX_SUFFIX}' are missing (a corrupted "
                 "checkpoint?). Nothing was loaded."
             )
-        if scales.numel() != -(-value.numel() // QUANT_BLOCK):
+        if scales.numel() != _blocks(value.numel()):
             raise InvalidArgumentError(
                 f"load_state_dict: 8-bit state '{name}' has {value.numel()} elements but {scales.numel()} scales in "
                 f"'{name}{ABSMAX_SUFFIX}' (one per {QUANT_BLOCK} elements expected; a corrupted checkpoint?). Nothing was loaded."
