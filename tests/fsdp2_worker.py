@@ -303,6 +303,12 @@ def unsupported_dtensors(checks, mesh) -> None:
         opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": seeded(7, (4, 2)), "exp_avg_sq": seeded(8, (4, 2)).abs()}
         refused(opt, p, emafuse.InvalidArgumentError, ("DTensor", "set_optimizer_state_dict"), "plain state of a DTensor parameter")
         assert float(opt.state[p]["step"]) == 1.0
+    with checks.check("refuses 8-bit state of a DTensor parameter"):
+        p = nn.Parameter(distribute_tensor(seeded(9, (64, 128)), mesh, [Shard(0)]))
+        p.grad = distribute_tensor(seeded(10, (64, 128)), mesh, [Shard(0)])
+        opt = emafuse.AdamW([p], lr=0.1, state_dtype="8bit")
+        refused(opt, p, emafuse.UnsupportedOptionError, ("8bit", "DTensor", "bfloat16"), "8-bit state of a DTensor parameter")
+        assert not opt.state
     with checks.check("merges refuse sharded inputs"):
         from emafuse.averaging import uniform_soup
 

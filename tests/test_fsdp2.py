@@ -48,7 +48,8 @@ CHECKS = (
     + ["weight corrections on DTensors", "cached DTensor plan notices changes"]
     + [f"optimizer {n} with the loss" for n in ("Momo", "MomoAdam")]
     + [f"fsdp2 bf16 {n} {kw}" for n, kw, _ in MP_CONFIGS]
-    + ["refuses Partial", "refuses 2-D mesh", "refuses plain state of a DTensor parameter", "merges refuse sharded inputs",
+    + ["refuses Partial", "refuses 2-D mesh", "refuses plain state of a DTensor parameter", "refuses 8-bit state of a DTensor parameter",
+       "merges refuse sharded inputs",
        "Replicate placement steps whole tensors", "ZClip on DTensor gradients", "AdaGC on DTensor gradients"]
     + [f"checkpoint {n}" for n, _, _ in CKPT_CONFIGS]
     + ["collective counter sees collectives"]
