@@ -84,6 +84,11 @@ def test_codes_are_the_nearest_map_entries(nonnegative, n):
 OPTIMIZERS = [pytest.param(e.cls, e.main, id=e.name) for e in ENTRIES] + [
     pytest.param(emafuse.Momo, {}, id="Momo"),
     pytest.param(emafuse.MomoAdam, {}, id="MomoAdam"),
+    # options whose read-only pass decodes the state (the Cautious mask's counts) or reads only
+    # parameters and gradients (⊥Grad's projection), and AMSGrad's third slot
+    pytest.param(emafuse.AdamW, {"lr": 1e-2, "caution": True}, id="AdamW-caution"),
+    pytest.param(emafuse.AdamW, {"lr": 1e-2, "orthograd": True}, id="AdamW-orthograd"),
+    pytest.param(emafuse.AdamW, {"lr": 1e-2, "amsgrad": True}, id="AdamW-amsgrad"),
 ]
 
 
