@@ -77,10 +77,11 @@ __device__ __forceinline__ void ef_update_one(const typename Rule::template Coef
     for (int k = 0; k < EF_WRITTEN_SLOTS; ++k) ef_store<S, R>(st[k] + i, s[k], sr, streams[1 + k], offset + i);
 }
 
-// 8-bit state: the map of slot k (1: unsigned) and the decoded value of element i.
+// 8-bit state: the map of slot k (1: unsigned) and the decoded value of element i, from `values`
+// (the maps: EF_Q8_VALUES, or a copy in shared memory, which serves divergent lookups faster).
 __device__ __forceinline__ int ef_q8_map(int k) { return (EF_NONNEG_SLOTS >> k) & 1; }
-__device__ __forceinline__ float ef_q8_load(const EfTensor& T, int k, ef_i64 i) {
-    return EF_Q8_VALUES[ef_q8_map(k)][((const unsigned char*)T.s[k])[i]] * T.absmax[k][i / 256];
+__device__ __forceinline__ float ef_q8_load(const float (*values)[256], const EfTensor& T, int k, ef_i64 i) {
+    return values[ef_q8_map(k)][((const unsigned char*)T.s[k])[i]] * T.absmax[k][i / 256];
 }
 
 // The largest of every thread's `bits` (all threads of the block call it; `red` holds a word per warp).
@@ -102,9 +103,12 @@ __device__ __forceinline__ ef_u32 ef_block_max(ef_u32 bits, ef_u32* red) {
 template <class Rule, class R, class P, class G>
 __device__ __forceinline__ void ef_step_q8(const EfTensor& T, const typename Rule::template Coeffs<R>& c, R factor, R unscale, bool store_grad,
                                            bool sr, const ef_u32* streams, ef_i64 start, ef_i64 end) {
-    __shared__ float mids[2][256];
+    __shared__ float values[2][256], mids[2][256];
     __shared__ ef_u32 red[EF_THREADS / 32];
-    for (int j = threadIdx.x; j < 2 * 256; j += blockDim.x) mids[j / 256][j % 256] = EF_Q8_MIDS[j / 256][j % 256];
+    for (int j = threadIdx.x; j < 2 * 256; j += blockDim.x) {
+        values[j / 256][j % 256] = EF_Q8_VALUES[j / 256][j % 256];
+        mids[j / 256][j % 256] = EF_Q8_MIDS[j / 256][j % 256];
+    }
     __syncthreads();
     P* p = (P*)T.p;
     G* g = (G*)T.g;
@@ -113,7 +117,7 @@ __device__ __forceinline__ void ef_step_q8(const EfTensor& T, const typename Rul
         const bool live = i < end;
         R s[EF_MAX_SLOTS];
 #pragma unroll
-        for (int k = 0; k < EF_SLOTS; ++k) s[k] = live ? ef_q8_load(T, k, i) : R(0);
+        for (int k = 0; k < EF_SLOTS; ++k) s[k] = live ? ef_q8_load(values, T, k, i) : R(0);
         if (live) {
             R gv = R(0);
             if (EF_READS_INPUT) {
@@ -240,7 +244,7 @@ __device__ __forceinline__ void ef_sums_impl(const EfHyper& hyper, const EfTenso
     for (ef_i64 i = start + threadIdx.x; i < end; i += blockDim.x) {
         R s[EF_MAX_SLOTS];
         for (int k = 0; k < (EF_SUMS_READ_STATE ? EF_SLOTS : 0); ++k) {
-            if constexpr (EfIsQ8<S>::value) s[k] = ef_q8_load(T, k, i);
+            if constexpr (EfIsQ8<S>::value) s[k] = ef_q8_load(EF_Q8_VALUES, T, k, i);
             else s[k] = EfElem<S, R>::load((const S*)T.s[k] + i);
         }
         R gv = EF_READS_INPUT ? EfElem<G, R>::load(g + i) * factor : R(0);
