@@ -499,6 +499,9 @@ _ENTRIES: tuple[Entry, ...] = (
             dict(lr=1e-2, betas=(0.0, 0.999, 0.9999), t_alpha_beta3=12),
             dict(lr=1e-2, betas=(0.0, 0.99, 0.999)),
             dict(lr=1e-2, weight_decay=0.1, fp32_states=False),
+            dict(lr=1e-2, alpha=5.0, weight_decay=0.1, caution=True, caution_norm="count"),
+            dict(lr=1e-2, alpha=8.0, alpha_warmup=10, beta3_warmup=15, caution=True, maximize=True),
+            dict(lr=1e-2, betas=(0.0, 0.99, 0.999), caution=True),
         ),
         main=dict(lr=1e-2, alpha=5.0, alpha_warmup=6, beta3_warmup=8, weight_decay=0.1),
         caps=Caps(state_dtype=_ademamix_state_dtype, int_step_in_state_dict=True),
@@ -508,11 +511,13 @@ _ENTRIES: tuple[Entry, ...] = (
         # without warm-ups and with beta1 > 0 (its warm-up schedule and beta1 = 0 differ, spec §6 (g)):
         # those configurations are tested against the f64 reference only. It calls the fast EMA
         # "exp_avg"; its checkpoints are not the official's format.
+        # Its cautious=True is the "count" normalisation.
         officials=(Official("pytorch_optimizer.AdEMAMix", pytorch_optimizer.AdEMAMix,
-                            lambda kw: {"alpha": 2.0, **{k: v for k, v in kw.items() if k != "fp32_states"},
-                                        "weight_decouple": True},
+                            lambda kw: {"alpha": 2.0, **{k: v for k, v in kw.items() if k not in ("fp32_states", "caution", "caution_norm")},
+                                        "weight_decouple": True, "cautious": kw.get("caution", False)},
                             applies=lambda kw: kw.get("betas", (0.9,))[0] != 0
-                            and not any(kw.get(k) for k in ("alpha_warmup", "beta3_warmup", "t_alpha_beta3")),
+                            and not any(kw.get(k) for k in ("alpha_warmup", "beta3_warmup", "t_alpha_beta3"))
+                            and (not kw.get("caution") or kw.get("caution_norm") == "count"),
                             state_names=dict(exp_avg_fast="exp_avg", exp_avg_slow="exp_avg_slow", exp_avg_sq="exp_avg_sq"),
                             checkpoints=()),),
         bad_args=(

@@ -9,11 +9,15 @@
 //! p  ← p + (−lr)·u
 //! ```
 //! `α_t` and `β3_t` follow the reference's warm-up schedulers (linear in α, linear in half-life
-//! for β3), evaluated per tensor on the host from its step counter.
+//! for β3), evaluated per tensor on the host from its step counter. With `caution` (Cautious
+//! AdEMAMix, spec §20, as pytorch_optimizer's `cautious=True`) the fast term reads `m1·φ·k` in
+//! place of `m1`, with `φ = 1[m1·g > 0]` and the tensor's factor `k` from a read-only pass
+//! counting φ (`caution_count`: `numel/(Σφ + 1)`, else `1/max(mean φ, 1e-3)`).
 //! State slots: `exp_avg_fast` (only when β1 ≠ 0), `exp_avg_slow`, `exp_avg_sq`.
 
 use super::{
-    bool_dispatch, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
+    bool_dispatch, caution_factor, cautious_count, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor,
+    MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::Result;
 use crate::real::Real;
@@ -23,16 +27,17 @@ pub const INFO: RuleInfo = RuleInfo {
     name: "ademamix",
     summary: "AdEMAMix (Pagliardini et al.) as apple/ml-ademamix, with its alpha and beta3 warm-ups",
     numbers: &["lr", "beta1", "beta2", "beta3", "alpha", "alpha_warmup", "beta3_warmup", "eps", "weight_decay"],
-    flags: &[],
-    optional_flags: &[],
+    flags: &["caution", "caution_count"],
+    optional_flags: &["caution", "caution_count"],
     scalars: &["step"],
     input: Input::Gradient,
     nonnegative_slots: &["exp_avg_sq"],
 };
 
 rule_params! {
-    /// AdEMAMix's hyper-parameters. `FAST`: β1 ≠ 0 (a fast EMA is kept).
-    pub struct AdEMAMix<const FAST: bool> {
+    /// AdEMAMix's hyper-parameters. `FAST`: β1 ≠ 0 (a fast EMA is kept); `CAUTION`: the
+    /// cautious mask on the fast term.
+    pub struct AdEMAMix<const FAST: bool, const CAUTION: bool> {
         pub lr: f64,
         pub beta1: f64,
         pub beta2: f64,
@@ -44,6 +49,8 @@ rule_params! {
         pub beta3_warmup: f64,
         pub eps: f64,
         pub weight_decay: f64,
+        /// 1 for caution's "count" normalisation, 0 for "mean" (only read with `CAUTION`).
+        pub caution_count: f64,
     }
 }
 
@@ -62,6 +69,8 @@ pub struct AdEMAMixCoeffs<R: Real> {
     eps: R,
     weight_decay: R,
     neg_lr: R,
+    /// The cautious factor k of this tensor (1 without caution).
+    caution: R,
 }
 
 /// α at step `t`: linear from 0 to `alpha` over `warmup` steps (reference `linear_warmup_scheduler`).
@@ -87,13 +96,15 @@ pub fn beta3_at(t: f64, beta1: f64, beta3: f64, warmup: f64) -> f64 {
     }
 }
 
-impl<const FAST: bool> Rule for AdEMAMix<FAST> {
+impl<const FAST: bool, const CAUTION: bool> Rule for AdEMAMix<FAST, CAUTION> {
     const INFO: &'static RuleInfo = &INFO;
     const SLOT_NAMES: &'static [&'static str] = if FAST { &["exp_avg_fast", "exp_avg_slow", "exp_avg_sq"] } else { &["exp_avg_slow", "exp_avg_sq"] };
     type Coeffs<R: Real> = AdEMAMixCoeffs<R>;
+    /// With caution: Σφ and the element count.
+    const SUMS: usize = if CAUTION { 2 } else { 0 };
 
     /// `scalars[0]` is the per-parameter `step`, incremented here.
-    fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> AdEMAMixCoeffs<R> {
+    fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> AdEMAMixCoeffs<R> {
         scalars[0] += 1.0;
         let t = scalars[0];
         let beta3 = beta3_at(t, self.beta1, self.beta3, self.beta3_warmup);
@@ -110,6 +121,7 @@ impl<const FAST: bool> Rule for AdEMAMix<FAST> {
             eps: R::from_f64(self.eps),
             weight_decay: R::from_f64(self.weight_decay),
             neg_lr: R::from_f64(-self.lr),
+            caution: if CAUTION { caution_factor(sums, self.caution_count != 0.0) } else { R::ONE },
         }
     }
 
@@ -128,8 +140,24 @@ impl<const FAST: bool> Rule for AdEMAMix<FAST> {
         s[slow] = m2;
         s[sq] = v;
         let denom = v.sqrt() / c.bc2_sqrt + c.eps;
+        let m1 = if !CAUTION {
+            m1
+        } else if m1 * g > R::ZERO {
+            m1 * c.caution
+        } else {
+            R::ZERO
+        };
         let u = (m1 / c.bc1 + c.alpha * m2) / denom + c.weight_decay * p;
         p + c.neg_lr * u
+    }
+
+    /// With caution: count φ for the new fast EMA (computed as `update` computes it).
+    #[inline(always)]
+    fn accumulate<R: Real>(&self, _p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
+        if CAUTION {
+            let m1 = if FAST { s[0] * R::from_f64(self.beta1) + R::from_f64(1.0 - self.beta1) * g } else { g };
+            cautious_count(m1, g, sums);
+        }
     }
 }
 
@@ -145,8 +173,9 @@ pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let beta3_warmup = check_non_negative("beta3_warmup", h.num("beta3_warmup")?)?;
     let eps = check_non_negative("eps", h.num("eps")?)?;
     let weight_decay = check_non_negative("weight_decay", h.num("weight_decay")?)?;
-    Ok(bool_dispatch!(beta1 != 0.0 => F;
-        v.visit(AdEMAMix::<F> { lr, beta1, beta2, beta3, alpha, alpha_warmup, beta3_warmup, eps, weight_decay })))
+    let caution_count = if h.flag("caution_count")? { 1.0 } else { 0.0 };
+    Ok(bool_dispatch!(beta1 != 0.0 => F, h.flag("caution")? => C;
+        v.visit(AdEMAMix::<F, C> { lr, beta1, beta2, beta3, alpha, alpha_warmup, beta3_warmup, eps, weight_decay, caution_count })))
 }
 
 #[cfg(test)]
@@ -155,7 +184,7 @@ mod tests {
 
     /// Straight f64 transcription of spec §6 (d), one element: returns (p, m1, m2, v).
     #[allow(clippy::too_many_arguments)]
-    fn reference(r: &AdEMAMix<true>, b1: f64, p: f64, g: f64, st: (f64, f64, f64), t: f64) -> (f64, f64, f64, f64) {
+    fn reference(r: &AdEMAMix<true, false>, b1: f64, p: f64, g: f64, st: (f64, f64, f64), t: f64) -> (f64, f64, f64, f64) {
         let (m1, m2, v) = st;
         let (bc1, bc2) = (1.0 - b1.powf(t), 1.0 - r.beta2.powf(t));
         let alpha = if r.alpha_warmup > 0.0 && t < r.alpha_warmup { r.alpha * t / r.alpha_warmup } else { r.alpha };
@@ -174,8 +203,8 @@ mod tests {
         (p - r.lr * u, m1, m2, v)
     }
 
-    fn check<const F: bool>(base: &AdEMAMix<true>, b1: f64) {
-        let rule = AdEMAMix::<F> {
+    fn check<const F: bool>(base: &AdEMAMix<true, false>, b1: f64) {
+        let rule = AdEMAMix::<F, false> {
             lr: base.lr,
             beta1: b1,
             beta2: base.beta2,
@@ -185,13 +214,14 @@ mod tests {
             beta3_warmup: base.beta3_warmup,
             eps: base.eps,
             weight_decay: base.weight_decay,
+            caution_count: 0.0,
         };
         let (mut p, mut s) = (0.7f64, [0.0f64; MAX_SLOTS]);
         let (mut rp, mut rs) = (p, (0.0, 0.0, 0.0));
         let mut scalars = [0.0; MAX_SCALARS];
         for t in 1..=30 {
             let g = ((t as f64) * 0.37).sin() + 0.1;
-            p = AdEMAMix::<F>::update(&rule.coeffs::<f64>(&mut scalars, &[0.0; MAX_SUMS]), p, g, &mut s);
+            p = AdEMAMix::<F, false>::update(&rule.coeffs::<f64>(&mut scalars, &[0.0; MAX_SUMS]), p, g, &mut s);
             let (np, m1, m2, v) = reference(base, b1, rp, g, rs, t as f64);
             (rp, rs) = (np, (m1, m2, v));
             assert!((p - rp).abs() < 1e-13, "t={t}: {p} vs {rp}");
@@ -205,7 +235,7 @@ mod tests {
 
     #[test]
     fn matches_spec_in_f64() {
-        let plain = AdEMAMix::<true> {
+        let plain = AdEMAMix::<true, false> {
             lr: 1e-2,
             beta1: 0.9,
             beta2: 0.999,
@@ -215,9 +245,10 @@ mod tests {
             beta3_warmup: 0.0,
             eps: 1e-8,
             weight_decay: 0.0,
+            caution_count: 0.0,
         };
         check::<true>(&plain, 0.9);
-        let warm = AdEMAMix::<true> { alpha: 5.0, alpha_warmup: 20.0, beta3_warmup: 25.0, weight_decay: 0.1, ..plain.clone() };
+        let warm = AdEMAMix::<true, false> { alpha: 5.0, alpha_warmup: 20.0, beta3_warmup: 25.0, weight_decay: 0.1, ..plain.clone() };
         check::<true>(&warm, 0.9);
         check::<false>(&warm, 0.0);
         check::<false>(&plain, 0.0);

@@ -1,4 +1,4 @@
-"""AdEMAMix (apple/ml-ademamix) in float64: spec §6 (d)."""
+"""AdEMAMix (apple/ml-ademamix) in float64: spec §6 (d); ``caution``: §20 (d) on the fast term."""
 
 from __future__ import annotations
 
@@ -6,19 +6,20 @@ import math
 
 import torch
 
-from .base import Reference
+from .base import Reference, cautious
 
 
 class RefAdEMAMix(Reference):
     scalars = ("step",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0, beta3_warmup=None, alpha_warmup=None,
-                 eps=1e-8, weight_decay=0.0, *, t_alpha_beta3=None, fp32_states=True, maximize=False, **options):
+                 eps=1e-8, weight_decay=0.0, *, t_alpha_beta3=None, fp32_states=True, maximize=False, caution=False,
+                 caution_norm="mean", **options):
         # t_alpha_beta3: both warm-ups (spec §6 (b)); fp32_states is a storage option (no effect in float64).
         if t_alpha_beta3 is not None:
             alpha_warmup = beta3_warmup = t_alpha_beta3
         super().__init__(params, maximize=maximize, **options, lr=lr, betas=betas, alpha=alpha, ta=alpha_warmup,
-                         tb=beta3_warmup, eps=eps, weight_decay=weight_decay)
+                         tb=beta3_warmup, eps=eps, weight_decay=weight_decay, caution=caution, caution_norm=caution_norm)
 
     def update(self, p, g, st):
         h = self.h
@@ -47,5 +48,7 @@ class RefAdEMAMix(Reference):
         st["exp_avg_slow"] = m2 = beta3_t * st["exp_avg_slow"] + (1 - beta3_t) * g  # 5.
         st["exp_avg_sq"] = v = b2 * st["exp_avg_sq"] + (1 - b2) * g * g  # 6.
         d = v.sqrt() / math.sqrt(bc2) + eps  # 7.
+        if h["caution"]:
+            m1 = cautious(m1, g, h["caution_norm"])
         u = (m1 / bc1 + alpha_t * m2) / d + wd * p  # 8.
         p.sub_(lr * u)  # 9.

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, GradClip, Rounding, StateDType, check_hyper, common_hyper
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, caution_hyper, check_caution_norm, check_hyper, common_hyper
 
 __all__ = ["AdEMAMix"]
 
@@ -57,6 +57,14 @@ class AdEMAMix(FusedOptimizer):
       an int in ``state_dict()`` (as the reference keeps it); ``load_state_dict`` takes either.
     * Extra keywords: ``maximize`` (negate the gradient), ``check_finite``, ``orthograd`` and the lean-state ``state_dtype`` / ``rounding`` (see
       :class:`emafuse.AdamW`).
+    * ``caution`` (default False) and ``caution_norm`` (``"mean"`` or ``"count"``): Cautious
+      AdEMAMix (Liang et al., arXiv:2411.16085), as pytorch_optimizer's ``AdEMAMix(cautious=True)``:
+      the fast term reads :math:`m_1 \phi k` in place of :math:`m_1`, with :math:`\phi = 1[m_1 g >
+      0]` (the slow EMA and the weight decay are not masked) and per tensor :math:`k =
+      1/\max(\operatorname{mean}\phi, 10^{-3})` (``"mean"``, timm's) or :math:`k =
+      \mathrm{numel}/(\sum\phi + 1)` (``"count"``, pytorch_optimizer's); one extra read-only pass
+      over ``exp_avg_fast`` and the gradient. With :math:`\beta_1 = 0` the mask is of :math:`g`
+      itself (all ones except zeros). Not combinable with ``orthograd``.
     """
 
     _rule = "ademamix"
@@ -84,6 +92,8 @@ class AdEMAMix(FusedOptimizer):
         weight_correction: bool = False,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
+        caution: bool = False,
+        caution_norm: str = "mean",
     ) -> None:
         check_hyper(lr=lr, eps=eps)
         if len(betas) != 3:
@@ -105,7 +115,10 @@ class AdEMAMix(FusedOptimizer):
         )
         super().__init__(params, defaults)
         precision = (state_dtype, rounding, rounding_seed, weight_correction)
-        self._init_emafuse_defaults(check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        check_caution_norm(caution_norm)
+        self._init_emafuse_defaults(
+            check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale, caution=caution, caution_norm=caution_norm
+        )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "t_alpha_beta3" in param_group:
@@ -131,6 +144,7 @@ class AdEMAMix(FusedOptimizer):
             # The reference switches a warm-up on with `step < warmup`: None and 0 never do.
             "alpha_warmup": 0.0 if aw is None else float(aw),
             "beta3_warmup": 0.0 if bw is None else float(bw),
+            **caution_hyper(group),
         }
 
 

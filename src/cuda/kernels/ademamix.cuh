@@ -3,12 +3,12 @@
 #pragma once
 #include "common.cuh"
 
-template <bool FAST>
+template <bool FAST, bool CAUTION>
 struct AdEMAMix {
     template <class R>
     struct Coeffs {
         R beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, bc1, bc2_sqrt, alpha, eps,
-            weight_decay, neg_lr;
+            weight_decay, neg_lr, caution;
     };
 
     // α at step t (ademamix.rs `alpha_at`).
@@ -33,7 +33,7 @@ struct AdEMAMix {
     }
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double*) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double* sums) {
         scalars[0] += 1.0;
         double t = scalars[0];
         double beta3 = beta3_at(t, h.beta1, h.beta3, h.beta3_warmup);
@@ -50,6 +50,7 @@ struct AdEMAMix {
         c.eps = R(h.eps);
         c.weight_decay = R(h.weight_decay);
         c.neg_lr = R(-h.lr);
+        c.caution = CAUTION ? ef_caution_factor<R>(sums, h.caution_count != 0.0) : R(1);
         return c;
     }
 
@@ -66,10 +67,17 @@ struct AdEMAMix {
         s[slow] = m2;
         s[sq] = v;
         R denom = ef_sqrt(v) / c.bc2_sqrt + c.eps;
+        if (CAUTION) m1 = m1 * g > R(0) ? m1 * c.caution : R(0);
         R u = (m1 / c.bc1 + c.alpha * m2) / denom + c.weight_decay * p;
         return p + c.neg_lr * u;
     }
 
+    // With caution: count φ for the new fast EMA (ademamix.rs `accumulate`).
     template <class R>
-    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper& h, R, R g, const R* s, double* sums) {
+        if (CAUTION) {
+            R m1 = FAST ? s[0] * R(h.beta1) + R(1.0 - h.beta1) * g : g;
+            ef_cautious_count(m1, g, sums);
+        }
+    }
 };
