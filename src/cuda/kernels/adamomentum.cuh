@@ -3,15 +3,15 @@
 #pragma once
 #include "common.cuh"
 
-template <bool DECOUPLE>
+template <bool DECOUPLE, bool CAUTION>
 struct AdaMomentum {
     template <class R>
     struct Coeffs {
-        R decay, l2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, neg_step_size;
+        R decay, l2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, neg_step_size, caution;
     };
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double*) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double* sums) {
         double bc1, bc2;
         ef_next_step(scalars, h.beta1, h.beta2, &bc1, &bc2);
         Coeffs<R> c;
@@ -24,6 +24,7 @@ struct AdaMomentum {
         c.eps = R(h.eps);
         c.bc2_sqrt = R(EF_SQRT_D(bc2));
         c.neg_step_size = R(-(h.lr / bc1));
+        c.caution = CAUTION ? ef_caution_factor<R>(sums, h.caution_count != 0.0) : R(1);
         return c;
     }
 
@@ -38,9 +39,17 @@ struct AdaMomentum {
         R v = s[1] * c.beta2 + c.one_minus_beta2 * m * m + c.eps;
         s[0] = m;
         s[1] = v;
+        if (CAUTION) m = m * g > R(0) ? m * c.caution : R(0);
         return p + c.neg_step_size * m / (ef_sqrt(v) / c.bc2_sqrt);
     }
 
+    // With caution: count φ for the new m (adamomentum.rs `accumulate`).
     template <class R>
-    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper& h, R p, R g, const R* s, double* sums) {
+        if (CAUTION) {
+            if (!DECOUPLE) g = g + R(h.weight_decay) * p;
+            R m = s[0] * R(h.beta1) + R(1.0 - h.beta1) * g;
+            ef_cautious_count(m, g, sums);
+        }
+    }
 };
