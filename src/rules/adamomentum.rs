@@ -150,8 +150,15 @@ mod tests {
     }
 
     fn check<const D: bool>(fixed: bool) {
-        let rule =
-            AdaMomentum::<D, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, decay_lr: if fixed { 1.0 } else { 1e-2 }, caution_count: 0.0 };
+        let rule = AdaMomentum::<D, false> {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            decay_lr: if fixed { 1.0 } else { 1e-2 },
+            caution_count: 0.0,
+        };
         let (mut p, mut s) = (0.7f64, [0.0f64; MAX_SLOTS]);
         let (mut rp, mut rm, mut rv) = (p, 0.0, 0.0);
         let mut scalars = [0.0; MAX_SCALARS];

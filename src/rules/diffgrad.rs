@@ -10,11 +10,14 @@
 //! prev ← g
 //! p ← p + ((−η)·(m·ξ)) / (sqrt(v) + eps)   η = lr·sqrt(1 − β2^t)/(1 − β1^t)
 //! ```
+//! With `caution` (spec §20) the last line reads `m·φ·k` for `φ = 1[m·g > 0]` (g with its L2
+//! decay) and the tensor's factor `k` from a read-only counting pass (`caution_count`:
+//! `numel/(Σφ + 1)`, else `1/max(mean φ, 1e-3)`).
 //! State slots: `exp_avg`, `exp_avg_sq`, `previous_grad`; scalar state `step`.
 
 use super::{
-    bool_dispatch, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS,
-    MAX_SUMS,
+    bool_dispatch, caution_factor, cautious_count, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper, RuleInfo,
+    RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::Result;
 use crate::real::Real;
@@ -24,21 +27,24 @@ pub const INFO: RuleInfo = RuleInfo {
     name: "diffgrad",
     summary: "diffGrad (Dubey et al.) as the official diffGrad_v2.py",
     numbers: &["lr", "beta1", "beta2", "eps", "weight_decay"],
-    flags: &[],
-    optional_flags: &[],
+    flags: &["caution", "caution_count"],
+    optional_flags: &["caution", "caution_count"],
     scalars: &["step"],
     input: Input::Gradient,
     nonnegative_slots: &["exp_avg_sq"],
 };
 
 rule_params! {
-    /// diffGrad's hyper-parameters; `L2`: weight decay added to the gradient (wd ≠ 0).
-    pub struct DiffGrad<const L2: bool> {
+    /// diffGrad's hyper-parameters; `L2`: weight decay added to the gradient (wd ≠ 0);
+    /// `CAUTION`: the cautious mask.
+    pub struct DiffGrad<const L2: bool, const CAUTION: bool> {
         lr: f64,
         beta1: f64,
         beta2: f64,
         eps: f64,
         weight_decay: f64,
+        /// 1 for caution's "count" normalisation, 0 for "mean" (only read with `CAUTION`).
+        caution_count: f64,
     }
 }
 
@@ -52,15 +58,19 @@ pub struct DiffGradCoeffs<R: Real> {
     one_minus_beta2: R,
     eps: R,
     neg_step: R,
+    /// The cautious factor k of this tensor (1 without caution).
+    caution: R,
 }
 
-impl<const L2: bool> Rule for DiffGrad<L2> {
+impl<const L2: bool, const CAUTION: bool> Rule for DiffGrad<L2, CAUTION> {
     const INFO: &'static RuleInfo = &INFO;
     const SLOT_NAMES: &'static [&'static str] = &["exp_avg", "exp_avg_sq", "previous_grad"];
     type Coeffs<R: Real> = DiffGradCoeffs<R>;
+    /// With caution: Σφ and the element count.
+    const SUMS: usize = if CAUTION { 2 } else { 0 };
 
     /// `scalars[0]` is the parameter's `step`, incremented here.
-    fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> DiffGradCoeffs<R> {
+    fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> DiffGradCoeffs<R> {
         let (bc1, bc2) = next_step(scalars, self.beta1, self.beta2);
         DiffGradCoeffs {
             weight_decay: R::from_f64(self.weight_decay),
@@ -70,6 +80,7 @@ impl<const L2: bool> Rule for DiffGrad<L2> {
             one_minus_beta2: R::from_f64(1.0 - self.beta2),
             eps: R::from_f64(self.eps),
             neg_step: R::from_f64(-(self.lr * bc2.sqrt() / bc1)),
+            caution: if CAUTION { caution_factor(sums, self.caution_count != 0.0) } else { R::ONE },
         }
     }
 
@@ -82,7 +93,24 @@ impl<const L2: bool> Rule for DiffGrad<L2> {
         s[0] = m;
         s[1] = v;
         s[2] = g;
+        let m = if !CAUTION {
+            m
+        } else if m * g > R::ZERO {
+            m * c.caution
+        } else {
+            R::ZERO
+        };
         p + c.neg_step * (m * friction) / (v.sqrt() + c.eps)
+    }
+
+    /// With caution: count φ for the new `m` (computed as `update` computes it).
+    #[inline(always)]
+    fn accumulate<R: Real>(&self, p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
+        if CAUTION {
+            let g = if L2 { g + R::from_f64(self.weight_decay) * p } else { g };
+            let m = s[0] * R::from_f64(self.beta1) + R::from_f64(1.0 - self.beta1) * g;
+            cautious_count(m, g, sums);
+        }
     }
 }
 
@@ -93,8 +121,9 @@ pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let beta2 = check_unit_interval("beta2", h.num("beta2")?)?;
     let eps = check_non_negative("eps", h.num("eps")?)?;
     let weight_decay = check_non_negative("weight_decay", h.num("weight_decay")?)?;
-    Ok(bool_dispatch!(weight_decay != 0.0 => L;
-        v.visit(DiffGrad::<L> { lr, beta1, beta2, eps, weight_decay })))
+    let caution_count = if h.flag("caution_count")? { 1.0 } else { 0.0 };
+    Ok(bool_dispatch!(weight_decay != 0.0 => L, h.flag("caution")? => C;
+        v.visit(DiffGrad::<L, C> { lr, beta1, beta2, eps, weight_decay, caution_count })))
 }
 
 #[cfg(test)]
@@ -104,12 +133,12 @@ mod tests {
     #[test]
     fn matches_spec_in_f64() {
         let (lr, b1, b2, eps, wd) = (1e-2, 0.9, 0.999, 1e-8, 0.05);
-        let rule = DiffGrad::<true> { lr, beta1: b1, beta2: b2, eps, weight_decay: wd };
+        let rule = DiffGrad::<true, false> { lr, beta1: b1, beta2: b2, eps, weight_decay: wd, caution_count: 0.0 };
         let (mut p, mut s, mut t) = (0.8f64, [0.0f64; 4], [0.0f64; 4]);
         let (mut rp, mut rm, mut rv, mut rprev) = (p, 0.0, 0.0, 0.0);
         for step in 1..=30 {
             let g0 = ((step as f64) * 1.3).cos() * 2.0;
-            p = DiffGrad::<true>::update(&rule.coeffs::<f64>(&mut t, &[0.0; 4]), p, g0, &mut s);
+            p = DiffGrad::<true, false>::update(&rule.coeffs::<f64>(&mut t, &[0.0; 4]), p, g0, &mut s);
             // Spec §13 (d).
             let g = g0 + wd * rp;
             rm = b1 * rm + (1.0 - b1) * g;
@@ -125,10 +154,10 @@ mod tests {
 
     #[test]
     fn first_friction_is_sigmoid_of_abs_grad() {
-        let rule = DiffGrad::<false> { lr: 1.0, beta1: 0.0, beta2: 0.0, eps: 0.0, weight_decay: 0.0 };
+        let rule = DiffGrad::<false, false> { lr: 1.0, beta1: 0.0, beta2: 0.0, eps: 0.0, weight_decay: 0.0, caution_count: 0.0 };
         let mut s = [0.0f64; 4];
         // β = 0: m = g, v = g², bias corrections 1, so the step is ξ·sign(g).
-        let p = DiffGrad::<false>::update(&rule.coeffs::<f64>(&mut [0.0; 4], &[0.0; 4]), 0.0, -2.0, &mut s);
+        let p = DiffGrad::<false, false>::update(&rule.coeffs::<f64>(&mut [0.0; 4], &[0.0; 4]), 0.0, -2.0, &mut s);
         assert!((p - 1.0 / (1.0 + (-2.0f64).exp())).abs() < 1e-15);
     }
 }

@@ -1,4 +1,4 @@
-"""diffGrad (diffGrad_v2) in float64: spec §13 (d)."""
+"""diffGrad (diffGrad_v2) in float64: spec §13 (d); ``caution``: §20 (d)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ import math
 
 import torch
 
-from .base import Reference
+from .base import Reference, cautious
 
 
 class RefDiffGrad(Reference):
     scalars = ("step",)
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, maximize=False, **options):
-        super().__init__(params, maximize=maximize, **options, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, maximize=False, caution=False,
+                 caution_norm="mean", **options):
+        super().__init__(params, maximize=maximize, **options, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         caution=caution, caution_norm=caution_norm)
 
     def update(self, p, g, st):
         h = self.h
@@ -29,4 +31,5 @@ class RefDiffGrad(Reference):
         den = st["exp_avg_sq"].sqrt() + h["eps"]
         xi = 1 / (1 + torch.exp(-(st["previous_grad"] - g).abs()))
         st["previous_grad"] = g.clone()
-        p.sub_(h["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t) * (st["exp_avg"] * xi) / den)
+        m = cautious(st["exp_avg"], g, h["caution_norm"]) if h["caution"] else st["exp_avg"]
+        p.sub_(h["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t) * (m * xi) / den)

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, GradClip, Rounding, StateDType, check_hyper, common_hyper
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, caution_hyper, check_caution_norm, check_hyper, common_hyper
 
 __all__ = ["DiffGrad"]
 
@@ -38,6 +38,13 @@ class DiffGrad(FusedOptimizer):
     :math:`\xi = 0.5` from step 2 on when gradients are accumulated in place
     (``zero_grad(set_to_none=False)``); emafuse always keeps a copy, as v2. Extra keywords:
     ``maximize``, ``check_finite``, ``orthograd`` and the lean-state ``state_dtype`` / ``rounding`` (as :class:`emafuse.AdamW`).
+
+    ``caution`` (default False) and ``caution_norm`` (``"mean"`` or ``"count"``): the Cautious mask
+    (Liang et al., arXiv:2411.16085; spec §20) on the step: it reads :math:`m \phi k` for
+    :math:`\phi = 1[m g > 0]` (:math:`g` with its L2 decay), :math:`k = 1/\max(\operatorname{mean}
+    \phi, 10^{-3})` or :math:`\mathrm{numel}/(\sum\phi + 1)` per tensor, as
+    :class:`emafuse.AdamW`'s ``caution`` (the friction :math:`\xi > 0` keeps the update's sign).
+    One extra read-only pass; not combinable with ``orthograd``.
     """
 
     _rule = "diffgrad"
@@ -59,13 +66,18 @@ class DiffGrad(FusedOptimizer):
         weight_correction: bool = False,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
+        caution: bool = False,
+        caution_norm: str = "mean",
     ) -> None:
         check_hyper(lr=lr, eps=eps, betas=betas, weight_decay=weight_decay)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
         precision = (state_dtype, rounding, rounding_seed, weight_correction)
-        self._init_emafuse_defaults(check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        check_caution_norm(caution_norm)
+        self._init_emafuse_defaults(
+            check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale, caution=caution, caution_norm=caution_norm
+        )
 
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
-        return common_hyper(group)
+        return {**common_hyper(group), **caution_hyper(group)}

@@ -4,15 +4,15 @@
 #pragma once
 #include "common.cuh"
 
-template <bool L2>
+template <bool L2, bool CAUTION>
 struct DiffGrad {
     template <class R>
     struct Coeffs {
-        R weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step;
+        R weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, neg_step, caution;
     };
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double*) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double* sums) {
         double bc1, bc2;
         ef_next_step(scalars, h.beta1, h.beta2, &bc1, &bc2);
         Coeffs<R> c;
@@ -23,6 +23,7 @@ struct DiffGrad {
         c.one_minus_beta2 = R(1.0 - h.beta2);
         c.eps = R(h.eps);
         c.neg_step = R(-(h.lr * EF_SQRT_D(bc2) / bc1));
+        c.caution = CAUTION ? ef_caution_factor<R>(sums, h.caution_count != 0.0) : R(1);
         return c;
     }
 
@@ -35,9 +36,17 @@ struct DiffGrad {
         s[0] = m;
         s[1] = v;
         s[2] = g;
+        if (CAUTION) m = m * g > R(0) ? m * c.caution : R(0);
         return p + c.neg_step * (m * friction) / (ef_sqrt(v) + c.eps);
     }
 
+    // With caution: count φ for the new m (diffgrad.rs `accumulate`).
     template <class R>
-    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper& h, R p, R g, const R* s, double* sums) {
+        if (CAUTION) {
+            if (L2) g = g + R(h.weight_decay) * p;
+            R m = s[0] * R(h.beta1) + R(1.0 - h.beta1) * g;
+            ef_cautious_count(m, g, sums);
+        }
+    }
 };
