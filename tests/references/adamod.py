@@ -6,15 +6,16 @@ import math
 
 import torch
 
-from .base import Reference
+from .base import Reference, cautious
 
 
 class RefAdaMod(Reference):
     scalars = ("step",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), beta3=0.999, eps=1e-8, weight_decay=0.0, *,
-                 maximize=False, **options):
-        super().__init__(params, maximize=maximize, **options, lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay)
+                 maximize=False, caution=False, caution_norm="mean", **options):
+        super().__init__(params, maximize=maximize, **options, lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay,
+                         caution=caution, caution_norm=caution_norm)
 
     def update(self, p, g, st):
         h = self.h
@@ -31,4 +32,6 @@ class RefAdaMod(Reference):
             p.mul_(1 - lr * wd)
         eta = eta0 / d  # 4.
         st["exp_avg_lr"] = s = b3 * st["exp_avg_lr"] + (1 - b3) * eta  # 5.
+        if h["caution"]:  # §20 (d)
+            m = cautious(m, g, h["caution_norm"])
         p.sub_(torch.minimum(eta, s) * m)  # 6.

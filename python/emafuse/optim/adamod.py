@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, GradClip, Rounding, StateDType, check_hyper, common_hyper
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, caution_hyper, check_caution_norm, check_hyper, common_hyper
 
 __all__ = ["AdaMod"]
 
@@ -40,6 +40,13 @@ class AdaMod(FusedOptimizer):
     :class:`emafuse.AdamW`). ``step`` is a 0-dim float32 tensor in the live state
     (as torch's optimizers keep it) and an int in ``state_dict()`` (as the reference keeps it);
     ``load_state_dict`` takes either.
+
+    ``caution`` (default False) and ``caution_norm`` (``"mean"`` or ``"count"``): the Cautious mask
+    (Liang et al., arXiv:2411.16085; spec §20) on the step: it reads :math:`m \phi k` for
+    :math:`\phi = 1[m g > 0]`, :math:`k = 1/\max(\operatorname{mean}\phi, 10^{-3})` or
+    :math:`\mathrm{numel}/(\sum\phi + 1)` per tensor, as :class:`emafuse.AdamW`'s ``caution`` (the
+    bounded step size is positive, so :math:`m` carries the update's sign). One extra read-only
+    pass; not combinable with ``orthograd``.
     """
 
     _rule = "adamod"
@@ -63,6 +70,8 @@ class AdaMod(FusedOptimizer):
         weight_correction: bool = False,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
+        caution: bool = False,
+        caution_norm: str = "mean",
     ) -> None:
         check_hyper(lr=lr, eps=eps, betas=betas[:2])
         if not 0.0 <= beta3 < 1.0:
@@ -71,8 +80,11 @@ class AdaMod(FusedOptimizer):
         defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
         precision = (state_dtype, rounding, rounding_seed, weight_correction)
-        self._init_emafuse_defaults(check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        check_caution_norm(caution_norm)
+        self._init_emafuse_defaults(
+            check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale, caution=caution, caution_norm=caution_norm
+        )
 
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
-        return {**common_hyper(group), "beta3": float(group["beta3"])}
+        return {**common_hyper(group), "beta3": float(group["beta3"]), **caution_hyper(group)}

@@ -1,16 +1,17 @@
 // AdaMod: the CUDA twin of src/rules/adamod.rs (same coefficients, same per-element operation
-// order; checked against it on the CPU by tests/test_cuda_sources.py). The rule has no flags.
+// order; checked against it on the CPU by tests/test_cuda_sources.py).
 #pragma once
 #include "common.cuh"
 
+template <bool CAUTION>
 struct AdaMod {
     template <class R>
     struct Coeffs {
-        R beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, eps, step_size, neg_decay;
+        R beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, eps, step_size, neg_decay, caution;
     };
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double*) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double* sums) {
         double bc1, bc2;
         ef_next_step(scalars, h.beta1, h.beta2, &bc1, &bc2);
         Coeffs<R> c;
@@ -23,6 +24,7 @@ struct AdaMod {
         c.eps = R(h.eps);
         c.step_size = R(h.lr * EF_SQRT_D(bc2) / bc1);
         c.neg_decay = R(-h.weight_decay * h.lr);
+        c.caution = CAUTION ? ef_caution_factor<R>(sums, h.caution_count != 0.0) : R(1);
         return c;
     }
 
@@ -36,9 +38,16 @@ struct AdaMod {
         s[0] = m;
         s[1] = v;
         s[2] = bound;
+        if (CAUTION) m = m * g > R(0) ? m * c.caution : R(0);
         return p - ef_min_nan(eta, bound) * m;
     }
 
+    // With caution: count φ for the new m (adamod.rs `accumulate`).
     template <class R>
-    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper& h, R, R g, const R* s, double* sums) {
+        if (CAUTION) {
+            R m = s[0] * R(h.beta1) + R(1.0 - h.beta1) * g;
+            ef_cautious_count(m, g, sums);
+        }
+    }
 };
