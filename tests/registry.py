@@ -297,6 +297,8 @@ _ENTRIES: tuple[Entry, ...] = (
             dict(momentum=0.9, nesterov=True, weight_decay=0.02),
             dict(momentum=0.5, maximize=True),
             dict(weight_decay=0.1, maximize=True),
+            dict(momentum=0.9, weight_decay=0.01, caution=True),
+            dict(momentum=0.9, nesterov=True, caution=True, caution_norm="count", maximize=True),
         )),
         main=dict(lr=1e-2, momentum=0.9, nesterov=True),
         caps=Caps(complex=True, scalar_state={}, torch_base=torch.optim.SGD, sparse_grads=True),

@@ -357,6 +357,17 @@ def test_sgd_steps_sparse_gradients_as_torch(momentum, nesterov, weight_decay):
         torch.testing.assert_close(oa.state[a["emb"].weight]["momentum_buffer"].to_dense(), ob.state[b["emb"].weight]["momentum_buffer"].to_dense())
 
 
+def test_cautious_sgd_refuses_sparse_gradients_before_stepping_anything():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"emb": torch.nn.Embedding(20, 6, sparse=True), "lin": torch.nn.Linear(6, 1)})
+    opt = emafuse.SGD(model.parameters(), lr=0.1, momentum=0.9, caution=True)
+    model["lin"](model["emb"](torch.tensor([1, 2]))).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(emafuse.UnsupportedOptionError, match="caution=True needs dense gradients"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and not opt.state
+
+
 def test_sparse_gradients_stay_an_error_where_the_rule_cannot_take_them():
     emb = torch.nn.Embedding(5, 3, sparse=True)
     opt = emafuse.AdamW(emb.parameters())

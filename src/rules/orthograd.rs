@@ -177,13 +177,15 @@ mod tests {
 
     /// Plain SGD (p ← p − lr·g) shows the transformed gradient directly.
     fn sgd_step<const RESCALE: bool>(w: &[f64], u: &[f64]) -> Vec<f64> {
-        let rule = OrthoGrad::<Sgd<false, false, false>, RESCALE> { inner: Sgd { lr: 1.0, momentum: 0.0, dampening: 0.0, weight_decay: 0.0 } };
+        let rule = OrthoGrad::<Sgd<false, false, false, false>, RESCALE> {
+            inner: Sgd { lr: 1.0, momentum: 0.0, dampening: 0.0, weight_decay: 0.0, caution_count: 0.0 },
+        };
         let mut sums = [0.0; MAX_SUMS];
         for (&p, &g) in w.iter().zip(u) {
             rule.accumulate(p, g, &[0.0; MAX_SLOTS], &mut sums);
         }
         let c = rule.coeffs::<f64>(&mut [0.0; MAX_SCALARS], &sums);
-        w.iter().zip(u).map(|(&p, &g)| p - OrthoGrad::<Sgd<false, false, false>, RESCALE>::update(&c, p, g, &mut [0.0; MAX_SLOTS])).collect()
+        w.iter().zip(u).map(|(&p, &g)| p - OrthoGrad::<Sgd<false, false, false, false>, RESCALE>::update(&c, p, g, &mut [0.0; MAX_SLOTS])).collect()
     }
 
     #[test]

@@ -1,17 +1,18 @@
-"""SGD with momentum, dampening and Nesterov momentum in float64: spec §15 (d)."""
+"""SGD with momentum, dampening and Nesterov momentum in float64: spec §15 (d); ``caution``: §20 (d)
+on the step's direction."""
 
 from __future__ import annotations
 
-from .base import Reference
+from .base import Reference, cautious
 
 
 class RefSGD(Reference):
     """torch.optim.SGD's rule; no step counter."""
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 maximize=False, **options):
+                 maximize=False, caution=False, caution_norm="mean", **options):
         super().__init__(params, maximize=maximize, **options, lr=lr, momentum=momentum, dampening=dampening,
-                         weight_decay=weight_decay, nesterov=nesterov)
+                         weight_decay=weight_decay, nesterov=nesterov, caution=caution, caution_norm=caution_norm)
 
     def update(self, p, g, st):
         h = self.h
@@ -26,4 +27,6 @@ class RefSGD(Reference):
                 st["momentum_buffer"] = mu * st["momentum_buffer"] + (1 - h["dampening"]) * g
             b = st["momentum_buffer"]
             d = g + mu * b if h["nesterov"] else b
+        if h["caution"]:
+            d = cautious(d, g, h["caution_norm"])
         p.sub_(h["lr"] * d)  # 4.

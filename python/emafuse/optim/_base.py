@@ -763,6 +763,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             self._check_operands(gi, p, g)
             if sparse_ok and g.layout != torch.strided:
+                if group.get("caution", False):  # refused before anything is stepped
+                    raise UnsupportedOptionError(
+                        f"{type(self).__name__}: param group {gi}: caution=True needs dense gradients (the mask's per-tensor counts "
+                        "run in the fused step) and a gradient is sparse; call .to_dense() on it or give its parameter a group "
+                        "with caution=False"
+                    )
                 sparse.append(p)
                 continue
             corrects = _precision.corrects(group, p)

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 from torch.optim.sgd import sgd as torch_sgd
 
-from ._base import FusedOptimizer, GradClip, Rounding, StateDType, common_hyper, scalar
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, caution_hyper, check_caution_norm, common_hyper, scalar
 
 __all__ = ["SGD"]
 
@@ -30,6 +30,14 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     ``differentiable=True`` raises :class:`emafuse.UnsupportedOptionError`. Extra keywords
     ``check_finite``, ``orthograd`` and the lean-state ``state_dtype`` / ``rounding`` as in :class:`emafuse.AdamW` (SGD⊥ with
     ``orthograd=True``).
+
+    ``caution`` (default False) and ``caution_norm`` (``"mean"`` or ``"count"``): Cautious SGD
+    (Liang et al., arXiv:2411.16085; spec §20): the step reads :math:`d \phi k` for the final
+    direction :math:`d` (the buffer, or its Nesterov look-ahead) with :math:`\phi = 1[d g > 0]`
+    (:math:`g` with its weight decay), :math:`k = 1/\max(\operatorname{mean}\phi, 10^{-3})` or
+    :math:`\mathrm{numel}/(\sum\phi + 1)` per tensor; the buffer keeps the unmasked direction.
+    One extra read-only pass; not combinable with ``orthograd``, nor with sparse gradients
+    (:class:`emafuse.UnsupportedOptionError`). Without momentum the mask only drops zero gradients.
     """
 
     _rule = "sgd"
@@ -58,6 +66,8 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         weight_correction: bool = False,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
+        caution: bool = False,
+        caution_norm: str = "mean",
     ) -> None:
         torch.optim.SGD.__init__(
             self,
@@ -73,7 +83,10 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             fused=fused,
         )
         precision = (state_dtype, rounding, rounding_seed, weight_correction)
-        self._init_emafuse_defaults(check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        check_caution_norm(caution_norm)
+        self._init_emafuse_defaults(
+            check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale, caution=caution, caution_norm=caution_norm
+        )
 
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
@@ -82,6 +95,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             "momentum": float(group["momentum"]),
             "dampening": float(group["dampening"]),
             "nesterov": bool(group["nesterov"]),
+            **caution_hyper(group),
         }
 
     def _step_sparse(self, params: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
@@ -97,6 +111,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             ps = [p for p in group["params"] if id(p) in chosen]
             if not ps:
                 continue
+
             grads = [p.grad for p in ps]
             if grad_scale is not None:
                 inv = 1.0 / float(grad_scale.sum())
