@@ -33,7 +33,7 @@ def test_descriptions_of_the_torch_rules():
     assert adam["optional_flags"] == ("ema", "caution", "caution_count")
     assert adam["scalars"] == ("step",) and adam["reads_input"] is True
     sgd = _native.rule_info("sgd")
-    assert sgd["scalars"] == () and sgd["optional_flags"] == ("first",)
+    assert sgd["scalars"] == () and sgd["optional_flags"] == ("first", "caution", "caution_count")
     assert _native.rule_info("sgd_sai")["scalars"] == ("gsnr",)
     assert _native.rule_info("swap")["reads_input"] is False
     # optimizers read gradients; averages read the model's weights
