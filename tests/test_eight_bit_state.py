@@ -361,7 +361,7 @@ def test_scales_the_engine_cannot_use_change_nothing():
     """Scales of the wrong size or dtype placed in the state by hand: the step is refused and
     nothing changes."""
     params, opt = _trained()
-    for bad in (torch.zeros(3), torch.zeros(20, dtype=torch.float64)):
+    for bad in (torch.full((3,), 0.5), torch.full((20,), 0.5, dtype=torch.float64)):
         opt.state[params[0]]["exp_avg_absmax"] = bad
         set_grads(params, random_grads(params, 5))
         snap = snapshot(params, opt)

@@ -25,7 +25,7 @@
 //! Python layer only uses it then.
 
 use super::{
-    bool_dispatch, caution_factor, cautious_count, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper, RuleInfo,
+    bool_dispatch, caution_factor, cautious, cautious_count, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper, RuleInfo,
     RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::Result;
@@ -136,13 +136,7 @@ impl<const AMSGRAD: bool, const DECOUPLED: bool, const EMA: bool, const CAUTION:
             v
         };
         let denom = v_hat.sqrt() / c.bc2_sqrt + c.eps;
-        let m_step = if !CAUTION {
-            m
-        } else if m * g > R::ZERO {
-            m * c.caution
-        } else {
-            R::ZERO
-        };
+        let m_step = if CAUTION { cautious(m, g, c.caution) } else { m };
         let p = p + c.neg_step_size * m_step / denom;
         if EMA {
             let k = if AMSGRAD { 3 } else { 2 };

@@ -14,7 +14,7 @@
 //! State slots: `exp_avg`, `exp_avg_sq`.
 
 use super::{
-    bool_dispatch, caution_factor, cautious_count, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper, RuleInfo,
+    bool_dispatch, caution_factor, cautious, cautious_count, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper, RuleInfo,
     RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::Result;
@@ -94,13 +94,7 @@ impl<const DECOUPLE: bool, const CAUTION: bool> Rule for AdaMomentum<DECOUPLE, C
         let v = s[1] * c.beta2 + c.one_minus_beta2 * m * m + c.eps;
         s[0] = m;
         s[1] = v;
-        let m = if !CAUTION {
-            m
-        } else if m * g > R::ZERO {
-            m * c.caution
-        } else {
-            R::ZERO
-        };
+        let m = if CAUTION { cautious(m, g, c.caution) } else { m };
         p + c.neg_step_size * m / (v.sqrt() / c.bc2_sqrt)
     }
 

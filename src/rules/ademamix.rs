@@ -16,8 +16,8 @@
 //! State slots: `exp_avg_fast` (only when β1 ≠ 0), `exp_avg_slow`, `exp_avg_sq`.
 
 use super::{
-    bool_dispatch, caution_factor, cautious_count, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor,
-    MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
+    bool_dispatch, caution_factor, cautious, cautious_count, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo,
+    RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::Result;
 use crate::real::Real;
@@ -140,13 +140,7 @@ impl<const FAST: bool, const CAUTION: bool> Rule for AdEMAMix<FAST, CAUTION> {
         s[slow] = m2;
         s[sq] = v;
         let denom = v.sqrt() / c.bc2_sqrt + c.eps;
-        let m1 = if !CAUTION {
-            m1
-        } else if m1 * g > R::ZERO {
-            m1 * c.caution
-        } else {
-            R::ZERO
-        };
+        let m1 = if CAUTION { cautious(m1, g, c.caution) } else { m1 };
         let u = (m1 / c.bc1 + c.alpha * m2) / denom + c.weight_decay * p;
         p + c.neg_lr * u
     }

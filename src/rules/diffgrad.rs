@@ -16,7 +16,7 @@
 //! State slots: `exp_avg`, `exp_avg_sq`, `previous_grad`; scalar state `step`.
 
 use super::{
-    bool_dispatch, caution_factor, cautious_count, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper, RuleInfo,
+    bool_dispatch, caution_factor, cautious, cautious_count, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper, RuleInfo,
     RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::Result;
@@ -93,13 +93,7 @@ impl<const L2: bool, const CAUTION: bool> Rule for DiffGrad<L2, CAUTION> {
         s[0] = m;
         s[1] = v;
         s[2] = g;
-        let m = if !CAUTION {
-            m
-        } else if m * g > R::ZERO {
-            m * c.caution
-        } else {
-            R::ZERO
-        };
+        let m = if CAUTION { cautious(m, g, c.caution) } else { m };
         p + c.neg_step * (m * friction) / (v.sqrt() + c.eps)
     }
 

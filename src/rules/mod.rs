@@ -345,6 +345,17 @@ pub(crate) fn cautious_count<R: Real>(u: R, g: R, sums: &mut [f64; MAX_SUMS]) {
     sums[1] += 1.0;
 }
 
+/// The Cautious mask applied to `u` (spec §20): `u·k` where `u·g > 0`, else 0 (`ef_cautious` in
+/// common.cuh).
+#[inline(always)]
+pub(crate) fn cautious<R: Real>(u: R, g: R, k: R) -> R {
+    if u * g > R::ZERO {
+        u * k
+    } else {
+        R::ZERO
+    }
+}
+
 /// The Cautious optimizers' per-tensor factor k from the sums `[Σφ, numel]` (spec §20):
 /// `1/max(mean φ, 1e-3)` ("mean", timm), or with `count`, `numel/(Σφ + 1)` (C-Optim), evaluated in
 /// the compute type as the references do. The counts are exact in f64, so any order of addition

@@ -14,8 +14,8 @@
 //! State slot: `momentum_buffer` (none when momentum is 0).
 
 use super::{
-    bool_dispatch, caution_factor, cautious_count, check_non_negative, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS,
-    MAX_SUMS,
+    bool_dispatch, caution_factor, cautious, cautious_count, check_non_negative, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS,
+    MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::Result;
 use crate::real::Real;
@@ -94,13 +94,7 @@ impl<const MOMENTUM: bool, const NESTEROV: bool, const FIRST: bool, const CAUTIO
         if MOMENTUM {
             s[0] = buf;
         }
-        let d = if !CAUTION {
-            d
-        } else if d * g > R::ZERO {
-            d * c.caution
-        } else {
-            R::ZERO
-        };
+        let d = if CAUTION { cautious(d, g, c.caution) } else { d };
         p + c.neg_lr * d
     }
 

@@ -56,7 +56,7 @@ struct Adam {
             v_hat = s[2];
         }
         R denom = ef_sqrt(v_hat) / c.bc2_sqrt + c.eps;
-        R m_step = !CAUTION ? m : (m * g > R(0) ? m * c.caution : R(0));
+        R m_step = !CAUTION ? m : ef_cautious(m, g, c.caution);
         p = p + c.neg_step_size * m_step / denom;
         if (EMA) {
             const int k = AMSGRAD ? 3 : 2;

@@ -38,7 +38,7 @@ struct AdaMod {
         s[0] = m;
         s[1] = v;
         s[2] = bound;
-        if (CAUTION) m = m * g > R(0) ? m * c.caution : R(0);
+        if (CAUTION) m = ef_cautious(m, g, c.caution);
         return p - ef_min_nan(eta, bound) * m;
     }
 

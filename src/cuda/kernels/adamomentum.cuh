@@ -39,7 +39,7 @@ struct AdaMomentum {
         R v = s[1] * c.beta2 + c.one_minus_beta2 * m * m + c.eps;
         s[0] = m;
         s[1] = v;
-        if (CAUTION) m = m * g > R(0) ? m * c.caution : R(0);
+        if (CAUTION) m = ef_cautious(m, g, c.caution);
         return p + c.neg_step_size * m / (ef_sqrt(v) / c.bc2_sqrt);
     }
 

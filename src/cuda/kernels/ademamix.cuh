@@ -67,7 +67,7 @@ struct AdEMAMix {
         s[slow] = m2;
         s[sq] = v;
         R denom = ef_sqrt(v) / c.bc2_sqrt + c.eps;
-        if (CAUTION) m1 = m1 * g > R(0) ? m1 * c.caution : R(0);
+        if (CAUTION) m1 = ef_cautious(m1, g, c.caution);
         R u = (m1 / c.bc1 + c.alpha * m2) / denom + c.weight_decay * p;
         return p + c.neg_lr * u;
     }

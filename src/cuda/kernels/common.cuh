@@ -307,6 +307,7 @@ template <class R> EF_FN void ef_cautious_count(R u, R g, double* sums) {
     sums[0] += (u * g > R(0)) ? 1.0 : 0.0;
     sums[1] += 1.0;
 }
+template <class R> EF_FN R ef_cautious(R u, R g, R k) { return u * g > R(0) ? u * k : R(0); }
 template <class R> EF_FN R ef_caution_factor(const double* sums, bool count) {
     R agree = R(sums[0]), n = R(sums[1]);
     return count ? n / (agree + R(1)) : R(1) / ef_max_nan(agree / n, R(1e-3));

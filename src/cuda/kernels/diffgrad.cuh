@@ -36,7 +36,7 @@ struct DiffGrad {
         s[0] = m;
         s[1] = v;
         s[2] = g;
-        if (CAUTION) m = m * g > R(0) ? m * c.caution : R(0);
+        if (CAUTION) m = ef_cautious(m, g, c.caution);
         return p + c.neg_step * (m * friction) / (ef_sqrt(v) + c.eps);
     }
 

@@ -32,7 +32,7 @@ struct Sgd {
     EF_FN static R update(const Coeffs<R>& c, R p, R g, R* s) {
         g = g + c.weight_decay * p;
         R d = direction<R>(c.momentum, c.one_minus_dampening, g, &s[0]);
-        if (CAUTION) d = d * g > R(0) ? d * c.caution : R(0);
+        if (CAUTION) d = ef_cautious(d, g, c.caution);
         return p + c.neg_lr * d;
     }
 
