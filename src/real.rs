@@ -16,6 +16,8 @@ pub trait Real:
     fn abs(self) -> Self;
     /// `e^x` (the platform libm; used by diffGrad's sigmoid).
     fn exp(self) -> Self;
+    /// `self^e` (the platform libm's pow).
+    fn powf(self, e: Self) -> Self;
     /// `torch.maximum`: NaN if either operand is NaN.
     #[inline(always)]
     fn max_nan(self, other: Self) -> Self {
@@ -78,6 +80,10 @@ impl Real for f32 {
         exp_f32(self)
     }
     #[inline(always)]
+    fn powf(self, e: Self) -> Self {
+        f32::powf(self, e)
+    }
+    #[inline(always)]
     fn is_finite(self) -> bool {
         f32::is_finite(self)
     }
@@ -105,6 +111,10 @@ impl Real for f64 {
     #[inline(always)]
     fn exp(self) -> Self {
         f64::exp(self)
+    }
+    #[inline(always)]
+    fn powf(self, e: Self) -> Self {
+        f64::powf(self, e)
     }
     #[inline(always)]
     fn is_finite(self) -> bool {

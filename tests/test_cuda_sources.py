@@ -84,6 +84,10 @@ RULES: dict[str, dict] = {
     "adamomentum": dict(hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)),
     "lion": dict(hyper=dict(lr=3e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, decay_base_lr=1e-2)),
     "adamod": dict(hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, beta3=0.99, eps=1e-8, weight_decay=0.1)),
+    "adahessian": dict(
+        hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, hessian_power=1.0),
+        extra=[dict(hessian_power=0.5, weight_decay=0.0)],  # a general power: another kernel
+    ),
     # tau: the Polyak step size the Python layer computes from the sums of every tensor
     "momo": dict(hyper=dict(lr=3e-2, beta=0.9, weight_decay=0.1, tau=0.02), extra=[dict(weight_decay=0.0)]),
     "momo_adam": dict(

@@ -24,16 +24,19 @@ NOT_OPTIONS = {"foreach", "fused", "capturable", "differentiable", "check_finite
 COVERED_ELSEWHERE = {"grad_clip", "state_dtype", "rounding", "rounding_seed", "weight_correction"}  # test_grad_clip.py, test_lean_state.py
 
 
-# Optimizers whose step needs the loss (MoMo's Polyak step size): the registry's concerns step
-# without one, so test_momo.py covers them on its own.
+# Optimizers whose step needs the loss (MoMo's Polyak step size), and second-order ones (whose
+# step differentiates the gradients again): the registry's concerns step on given gradients
+# alone, so test_momo.py and test_adahessian.py cover them on their own.
 TAKES_LOSS = {"Momo", "MomoAdam"}
+SECOND_ORDER = {"AdaHessian"}
 
 
 def test_every_exported_optimizer_has_exactly_one_entry():
     exported = {getattr(emafuse, n) for n in emafuse.__all__}
     optimizers = {c for c in exported if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)}
     assert {c.__name__ for c in optimizers if "loss" in inspect.signature(c.step).parameters} == TAKES_LOSS
-    assert sorted(e.name for e in ENTRIES) == sorted(c.__name__ for c in optimizers if c.__name__ not in TAKES_LOSS)
+    assert {c.__name__ for c in optimizers if getattr(c, "is_second_order", False)} == SECOND_ORDER
+    assert sorted(e.name for e in ENTRIES) == sorted(c.__name__ for c in optimizers if c.__name__ not in TAKES_LOSS | SECOND_ORDER)
     assert len({e.cls for e in ENTRIES}) == len(ENTRIES)
 
 

@@ -30,6 +30,7 @@ const KERNELS: &[Kernel] = &[
     k("adamomentum", include_str!("kernels/adamomentum.cuh"), "AdaMomentum"),
     k("lion", include_str!("kernels/lion.cuh"), "Lion"),
     k("adamod", include_str!("kernels/adamod.cuh"), "AdaMod"),
+    k("adahessian", include_str!("kernels/adahessian.cuh"), "AdaHessian"),
     k("momo", include_str!("kernels/momo.cuh"), "Momo"),
     k("momo_adam", include_str!("kernels/momo_adam.cuh"), "MomoAdam"),
     k("ema", include_str!("kernels/ema.cuh"), "Ema"),

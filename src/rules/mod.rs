@@ -3,6 +3,7 @@
 //! which backend runs them.
 
 pub mod adabelief;
+pub mod adahessian;
 pub mod adabound;
 pub mod adam;
 pub mod adamod;
@@ -214,6 +215,7 @@ registry! {
     adamod::INFO => adamod::visit,
     momo::INFO => momo::visit,
     momo::ADAM_INFO => momo::visit_adam,
+    adahessian::INFO => adahessian::visit,
     // weight averaging (spec averaging.md D.1)
     ema::INFO => ema::visit,
     ema::MULTI_INFO => ema::visit_multi,

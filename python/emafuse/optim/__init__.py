@@ -2,6 +2,7 @@
 
 from .adabelief import AdaBelief
 from .adabound import AdaBound, AdaBoundW
+from .adahessian import AdaHessian
 from .adam import Adam, AdamW
 from .adamod import AdaMod
 from .adamomentum import AdaMomentum
@@ -21,6 +22,7 @@ __all__ = [
     "AdaBelief",
     "AdaBound",
     "AdaBoundW",
+    "AdaHessian",
     "AdaMod",
     "AdaMomentum",
     "Adam",

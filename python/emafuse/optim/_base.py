@@ -15,8 +15,9 @@ import functools
 import math
 import sys
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from itertools import chain
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -247,6 +248,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     # e.g. MoMo's Polyak step size): ``_global_hypers`` then runs between the engine's sums pass
     # and its update.
     _reads_global_sums: ClassVar[bool] = False
+    # This step's values of state slots the rule only reads (AdaHessian's Hessian estimate), by
+    # parameter, in their stored form: they replace the stored ones in the step's calls and are
+    # committed with the step's new state (``_collect``), so a refused step keeps the old ones.
+    _step_slots: Mapping[Tensor, dict[str, Tensor]] = MappingProxyType({})
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -675,7 +680,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         targets = request.targets if request is not None else None
         plan = self.__dict__.get("_step_plan")
         applied = None
-        if plan is not None and not targets and plan.describes(self.state, self._state_layout(slots)):
+        if plan is not None and not targets and not self._step_slots and plan.describes(self.state, self._state_layout(slots)):
             try:
                 applied = plan.run(hypers, amp)
             except LayoutError:
@@ -783,6 +788,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             is_new = False
             if st is None or any(k not in st for k in chain(needed, scalar_keys)):
                 st, is_new = self._complete_state(p, st, needed, group, created)
+            supplied = self._step_slots.get(p)
+            if supplied is not None:  # this step's values of read-only slots, committed with the step
+                st = created[p] = {**st, **supplied}
             if not corrects and WEIGHT_CORRECTION in st:
                 # weight_correction was switched off: the correction would go stale
                 st = created[p] = {k: v for k, v in st.items() if k != WEIGHT_CORRECTION}

@@ -16,6 +16,7 @@
 #define EF_ABS_F(x) std::fabs(x)
 #define EF_ABS_D(x) std::fabs(x)
 #define EF_POW_D(x, y) std::pow(x, y)
+#define EF_POW_F(x, y) std::pow(x, y)
 #define EF_LOG_D(x) std::log(x)
 #define EF_COS_D(x) std::cos(x)
 #define EF_SIN_D(x) std::sin(x)
@@ -33,6 +34,7 @@ typedef std::int64_t ef_i64;
 #define EF_ABS_F(x) fabsf(x)
 #define EF_ABS_D(x) fabs(x)
 #define EF_POW_D(x, y) pow(x, y)
+#define EF_POW_F(x, y) powf(x, y)
 #define EF_LOG_D(x) log(x)
 #define EF_COS_D(x) cos(x)
 #define EF_SIN_D(x) sin(x)
@@ -74,6 +76,9 @@ EF_FN float ef_sqrt(float x) { return EF_SQRT_F(x); }
 EF_FN double ef_sqrt(double x) { return EF_SQRT_D(x); }
 EF_FN float ef_abs(float x) { return EF_ABS_F(x); }
 EF_FN double ef_abs(double x) { return EF_ABS_D(x); }
+// x^e: libm's pow on the host (as Rust's powf), CUDA's on the device (within 2 ulp).
+EF_FN float ef_pow(float x, float e) { return EF_POW_F(x, e); }
+EF_FN double ef_pow(double x, double e) { return EF_POW_D(x, e); }
 // e^x. float: the operations of `exp_f32` in src/real.rs, in the same order (bit-identical to the
 // CPU engine on host and device; within 2 ulp). double: libm's exp on the host (as Rust's
 // f64::exp), CUDA's on the device (may differ in the last bit).
