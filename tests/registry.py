@@ -326,8 +326,13 @@ _ENTRIES: tuple[Entry, ...] = (
             dict(lr=1e-2, weight_decay=0.05, no_prox=True, betas=(0.9, 0.8, 0.95)),
             dict(lr=1e-2, max_grad_norm=0.5, weight_decay=0.02),
             dict(lr=1e-2, maximize=True, eps=1e-3),
+            dict(lr=1e-2, weight_decay=0.05, max_grad_norm=0.5, caution=True),
+            dict(lr=1e-2, no_prox=True, weight_decay=0.02, caution=True, caution_norm="count", maximize=True),
         ),
         main=dict(lr=1e-2, max_grad_norm=1.0, weight_decay=0.01),
+        # With caution, from bf16/fp16 state the direction of an element can cancel to 0 or flip
+        # sign within round-off (the mask flips): such an element moves by up to the masked step.
+        low_precision_atol=lambda kw: 8 * kw["lr"] if kw.get("caution") else 0.0,
         caps=Caps(scalar_state={}, group_counters=("step",)),
         # sail-sg/Adan (spec §7 (b)) has no package.
         signature=dict(lr=1e-3, betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=0.0, max_grad_norm=0.0, no_prox=False,
@@ -338,7 +343,7 @@ _ENTRIES: tuple[Entry, ...] = (
         # instead). It keeps +g_prev as
         # "previous_grad" (ours: -g_prev as "neg_pre_grad"); exp_avg_diff, an EMA of gradient
         # differences, carries more round-off (state_atol). Its checkpoints are not the official's.
-        officials=(Official("pytorch_optimizer.Adan", pytorch_optimizer.Adan, _adan_official, steps=20, state_atol=1e-5,
+        officials=(Official("pytorch_optimizer.Adan", pytorch_optimizer.Adan, _adan_official, _no_caution, steps=20, state_atol=1e-5,
                             fp64_rtol=1e-6,
                             state_names=dict(exp_avg="exp_avg", exp_avg_sq="exp_avg_sq", exp_avg_diff="exp_avg_diff"),
                             checkpoints=()),),
@@ -413,11 +418,16 @@ _ENTRIES: tuple[Entry, ...] = (
             dict(),
             dict(lr=1e-2, amsbound=True, weight_decay=0.01),
             dict(lr=1e-2, gamma=0.1, final_lr=0.05, betas=(0.8, 0.99), eps=1e-6, maximize=True),
+            dict(lr=1e-2, weight_decay=0.01, caution=True),
+            dict(lr=1e-2, amsbound=True, caution=True, caution_norm="count", maximize=True),
         ),
         main=dict(lr=1e-2, amsbound=True),
         caps=Caps(),
         signature=adabound.AdaBound,
-        officials=(Official("adabound", adabound.AdaBound, steps=20),),
+        officials=(Official("adabound", adabound.AdaBound, dict, _no_caution, steps=20),),
+        # With caution, from bf16/fp16 state the new m of an element can cancel to 0 or flip sign
+        # within round-off (the mask flips): such an element moves by up to the whole masked step.
+        low_precision_atol=lambda kw: 8 * kw["lr"] if kw.get("caution") else 0.0,
         bad_args=_ADABOUND_BAD,
         group_options=dict(lr=1e-1, final_lr=0.05, amsbound=False),
     ),
@@ -427,7 +437,9 @@ _ENTRIES: tuple[Entry, ...] = (
             dict(lr=1e-2, weight_decay=0.01),
             dict(lr=1e-2, amsbound=True, weight_decay=0.05, maximize=True),
             dict(lr=1e-2, gamma=0.1, final_lr=0.05, betas=(0.8, 0.99), eps=1e-6),
+            dict(lr=1e-2, weight_decay=0.01, caution=True, caution_norm="count"),
         ),
+        low_precision_atol=lambda kw: 8 * kw["lr"] if kw.get("caution") else 0.0,
         main=dict(lr=1e-2, amsbound=True, weight_decay=0.01),
         caps=Caps(),
         # Luolc/AdaBound's AdaBoundW (spec §14) is not in the adabound package; its constructor is
@@ -439,7 +451,7 @@ _ENTRIES: tuple[Entry, ...] = (
         # up to 8e-9 relatively over the 50 fp64 steps of the trajectory test, measured without
         # AdaBoundW's decay (fp64_rtol). Its step counter is per group; its checkpoints are not the
         # official's format.
-        officials=(Official("pytorch_optimizer.AdaBound", pytorch_optimizer.AdaBound,
+        officials=(Official("pytorch_optimizer.AdaBound", pytorch_optimizer.AdaBound, applies=_no_caution, translate=
                             lambda kw: {**{k: v for k, v in kw.items() if k != "amsbound"}, "ams_bound": kw.get("amsbound", False),
                                         "weight_decouple": True, "fixed_decay": True, "foreach": False},
                             steps=20, fp64_rtol=2e-8, state_names=dict(exp_avg="exp_avg", exp_avg_sq="exp_avg_sq"),
@@ -481,12 +493,17 @@ _ENTRIES: tuple[Entry, ...] = (
             dict(lr=1e-2, rectify=False, eps=1e-12),
             dict(lr=1e-2, rectify=False, amsgrad=True, weight_decouple=False, weight_decay=0.1, maximize=True),
             dict(lr=1e-2, weight_decouple=False, weight_decay=0.05, betas=(0.8, 0.99)),
+            dict(lr=1e-2, weight_decay=0.1, caution=True),  # rectified, SGD fallback masked too
+            dict(lr=1e-2, rectify=False, weight_decouple=False, weight_decay=0.05, caution=True, caution_norm="count", maximize=True),
         ),
         main=dict(lr=1e-2, weight_decay=0.1, amsgrad=True),
         caps=Caps(state_dtype=_adabelief_state_dtype, int_step_in_state_dict=True),
         signature=adabelief_pytorch.AdaBelief,
         officials=(Official("adabelief_pytorch", adabelief_pytorch.AdaBelief,
-                            lambda kw: {**kw, "print_change_log": False}),),
+                            lambda kw: {**kw, "print_change_log": False}, _no_caution),),
+        # With caution, from bf16/fp16 state the new m of an element can cancel to 0 or flip sign
+        # within round-off (the mask flips): such an element moves by up to the whole masked step.
+        low_precision_atol=lambda kw: 8 * kw["lr"] if kw.get("caution") else 0.0,
         bad_args=(
             Bad(dict(lr=-1.0), r"^Invalid learning rate: -1.0$"),
             Bad(dict(eps=-1.0), r"^Invalid epsilon value: -1.0$"),

@@ -384,3 +384,23 @@ def test_stochastic_rounding_is_refused_in_a_captured_graph():
     with pytest.raises(emafuse.errors.UnsupportedOptionError, match="graph"):
         with torch.cuda.graph(graph):
             opt.step()
+
+
+def test_adahessian_on_cuda_follows_the_cpu():
+    """AdaHessian's estimate on the device (its generator on the device) and the CUDA twin of its
+    update: on a separable loss (the estimate is the exact Hessian diagonal for every draw) the
+    device run follows the CPU one."""
+    cpu = make_params(ODD, seed=6)
+    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    coeffs = [torch.rand(p.shape, generator=torch.Generator().manual_seed(i)) + 0.5 for i, p in enumerate(cpu)]
+    runs = []
+    for params in (cpu, gpu):
+        opt = emafuse.AdaHessian(params, lr=0.05, weight_decay=0.1, update_each=2)
+        for t in range(5):
+            opt.zero_grad()
+            sum((c.to(p.device) * (p - 0.1 * t) ** 2 / 2 + (p - 0.1 * t) ** 3 / 30).sum() for p, c in zip(params, coeffs)).backward(create_graph=True)
+            opt.step()
+        runs.append(opt)
+    for p, q in zip(cpu, gpu):
+        torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-5, atol=1e-6)
+        assert runs[1].state[q]["hessian"].is_cuda

@@ -2,7 +2,7 @@
 
 Drop-in replacements for ``torch.optim.AdamW``, ``Adam`` and ``SGD``, and the EMA-family
 optimizers of the research literature (AdEMAMix, AdaBelief, AdaMomentum, Adan, Lion, SPAM,
-AdaMod, diffGrad, AdaBound/AdaBoundW, SGD-SaI, MoMo/MoMo-Adam), whose whole step runs as one native (Rust) call over all
+AdaMod, diffGrad, AdaBound/AdaBoundW, SGD-SaI, MoMo/MoMo-Adam, AdaHessian), whose whole step runs as one native (Rust) call over all
 parameters of the optimizer; and model weight averaging (``emafuse.ModelEMA``,
 ``emafuse.averaging``; Lightning callbacks in ``emafuse.lightning``) updated the same way.
 """

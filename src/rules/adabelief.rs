@@ -22,8 +22,8 @@
 //! State slots: `exp_avg`, `exp_avg_var`, then `max_exp_avg_var` with amsgrad.
 
 use super::{
-    bool_dispatch, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS,
-    MAX_SUMS,
+    bool_dispatch, caution_factor, cautious, cautious_count, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper, RuleInfo,
+    RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::Result;
 use crate::real::Real;
@@ -33,16 +33,17 @@ pub const INFO: RuleInfo = RuleInfo {
     name: "adabelief",
     summary: "AdaBelief (Zhuang et al.) as adabelief-pytorch 0.2.1, optionally rectified",
     numbers: &["lr", "beta1", "beta2", "eps", "weight_decay"],
-    flags: &["amsgrad", "weight_decouple", "fixed_decay", "rectify", "degenerated_to_sgd"],
-    optional_flags: &[],
+    flags: &["amsgrad", "weight_decouple", "fixed_decay", "rectify", "degenerated_to_sgd", "caution", "caution_count"],
+    optional_flags: &["caution", "caution_count"],
     scalars: &["step"],
     input: Input::Gradient,
     nonnegative_slots: &["exp_avg_var", "max_exp_avg_var"],
 };
 
 rule_params! {
-    /// AdaBelief's hyper-parameters. Flags: `AMSGRAD`, `DECOUPLE` (`weight_decouple`), `RECTIFY`.
-    pub struct AdaBelief<const AMSGRAD: bool, const DECOUPLE: bool, const RECTIFY: bool> {
+    /// AdaBelief's hyper-parameters. Flags: `AMSGRAD`, `DECOUPLE` (`weight_decouple`), `RECTIFY`,
+    /// `CAUTION` (the cautious mask).
+    pub struct AdaBelief<const AMSGRAD: bool, const DECOUPLE: bool, const RECTIFY: bool, const CAUTION: bool> {
         pub lr: f64,
         pub beta1: f64,
         pub beta2: f64,
@@ -52,6 +53,8 @@ rule_params! {
         pub decay_lr: f64,
         /// 1 if the rectified update falls back to SGD with momentum while ρ_t < 5, else 0.
         pub degenerated_to_sgd: f64,
+        /// 1 for caution's "count" normalisation, 0 for "mean" (only read with `CAUTION`).
+        pub caution_count: f64,
     }
 }
 
@@ -68,6 +71,8 @@ pub struct AdaBeliefCoeffs<R: Real> {
     step: R,
     div: R,
     add: R,
+    /// The cautious factor k of this tensor (1 without caution).
+    caution: R,
 }
 
 /// The rectified update's regime at step `t` (spec §5 (d) 9): `Some(step size)` (before the
@@ -87,13 +92,15 @@ pub fn rectified_step(beta1: f64, beta2: f64, t: f64, degenerated_to_sgd: bool) 
     }
 }
 
-impl<const AMSGRAD: bool, const DECOUPLE: bool, const RECTIFY: bool> Rule for AdaBelief<AMSGRAD, DECOUPLE, RECTIFY> {
+impl<const AMSGRAD: bool, const DECOUPLE: bool, const RECTIFY: bool, const CAUTION: bool> Rule for AdaBelief<AMSGRAD, DECOUPLE, RECTIFY, CAUTION> {
     const INFO: &'static RuleInfo = &INFO;
     const SLOT_NAMES: &'static [&'static str] = if AMSGRAD { &["exp_avg", "exp_avg_var", "max_exp_avg_var"] } else { &["exp_avg", "exp_avg_var"] };
     type Coeffs<R: Real> = AdaBeliefCoeffs<R>;
+    /// With caution: Σφ and the element count.
+    const SUMS: usize = if CAUTION { 2 } else { 0 };
 
     /// `scalars[0]` is the per-parameter `step`, incremented here.
-    fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> AdaBeliefCoeffs<R> {
+    fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> AdaBeliefCoeffs<R> {
         let (bc1, bc2) = next_step(scalars, self.beta1, self.beta2);
         let t = scalars[0];
         let (step, div, add) = if !RECTIFY {
@@ -116,6 +123,7 @@ impl<const AMSGRAD: bool, const DECOUPLE: bool, const RECTIFY: bool> Rule for Ad
             step: R::from_f64(step),
             div: R::from_f64(div),
             add: R::from_f64(add),
+            caution: if CAUTION { caution_factor(sums, self.caution_count != 0.0) } else { R::ONE },
         }
     }
 
@@ -131,7 +139,18 @@ impl<const AMSGRAD: bool, const DECOUPLE: bool, const RECTIFY: bool> Rule for Ad
             s[2] = s[2].max_nan(v);
         }
         let x = if AMSGRAD && !RECTIFY { s[2] } else { v };
+        let m = if CAUTION { cautious(m, g, c.caution) } else { m };
         p + c.step * m / (x.sqrt() / c.div + c.add)
+    }
+
+    /// With caution: count φ for the new `m` (computed as `update` computes it).
+    #[inline(always)]
+    fn accumulate<R: Real>(&self, p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
+        if CAUTION {
+            let g = if DECOUPLE { g } else { g + R::from_f64(self.weight_decay) * p };
+            let m = s[0] * R::from_f64(self.beta1) + R::from_f64(1.0 - self.beta1) * g;
+            cautious_count(m, g, sums);
+        }
     }
 }
 
@@ -145,8 +164,9 @@ pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let weight_decay = check_non_negative("weight_decay", h.num("weight_decay")?)?;
     let decay_lr = if h.flag("fixed_decay")? { 1.0 } else { lr };
     let degenerated_to_sgd = if h.flag("degenerated_to_sgd")? { 1.0 } else { 0.0 };
-    Ok(bool_dispatch!(h.flag("amsgrad")? => A, h.flag("weight_decouple")? => D, h.flag("rectify")? => RE;
-        v.visit(AdaBelief::<A, D, RE> { lr, beta1, beta2, eps, weight_decay, decay_lr, degenerated_to_sgd })))
+    let caution_count = if h.flag("caution_count")? { 1.0 } else { 0.0 };
+    Ok(bool_dispatch!(h.flag("amsgrad")? => A, h.flag("weight_decouple")? => D, h.flag("rectify")? => RE, h.flag("caution")? => C;
+        v.visit(AdaBelief::<A, D, RE, C> { lr, beta1, beta2, eps, weight_decay, decay_lr, degenerated_to_sgd, caution_count })))
 }
 
 #[cfg(test)]
@@ -203,7 +223,7 @@ mod tests {
     }
 
     fn run<const A: bool, const D: bool, const RE: bool>(o: Opts) {
-        let rule = AdaBelief::<A, D, RE> {
+        let rule = AdaBelief::<A, D, RE, false> {
             lr: LR,
             beta1: B1,
             beta2: B2,
@@ -211,13 +231,14 @@ mod tests {
             weight_decay: WD,
             decay_lr: if o.fixed { 1.0 } else { LR },
             degenerated_to_sgd: if o.sgd { 1.0 } else { 0.0 },
+            caution_count: 0.0,
         };
         let (mut p, mut s) = (0.7f64, [0.0f64; MAX_SLOTS]);
         let (mut rp, mut rs) = (p, (0.0, 0.0, 0.0));
         let mut scalars = [0.0; MAX_SCALARS];
         for t in 1..=12 {
             let g = ((t as f64) * 0.37).sin() + 0.1;
-            p = AdaBelief::<A, D, RE>::update(&rule.coeffs::<f64>(&mut scalars, &[0.0; MAX_SUMS]), p, g, &mut s);
+            p = AdaBelief::<A, D, RE, false>::update(&rule.coeffs::<f64>(&mut scalars, &[0.0; MAX_SUMS]), p, g, &mut s);
             let (np, m, v, vmax) = reference(o, rp, g, rs, t as f64);
             (rp, rs) = (np, (m, v, vmax));
             assert_eq!(scalars[0], t as f64);
@@ -253,10 +274,10 @@ mod tests {
 
     #[test]
     fn sgd_regime_denominator_is_exactly_one_in_f32() {
-        let rule = AdaBelief::<false, true, true> { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-16, weight_decay: 0.0, decay_lr: 0.1, degenerated_to_sgd: 1.0 };
+        let rule = AdaBelief::<false, true, true, false> { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-16, weight_decay: 0.0, decay_lr: 0.1, degenerated_to_sgd: 1.0, caution_count: 0.0 };
         let c = rule.coeffs::<f32>(&mut [0.0; MAX_SCALARS], &[0.0; MAX_SUMS]);
         let mut s = [0.0f32; MAX_SLOTS];
-        let p = AdaBelief::<false, true, true>::update(&c, 1.0, 0.5, &mut s);
+        let p = AdaBelief::<false, true, true, false>::update(&c, 1.0, 0.5, &mut s);
         let bc1 = 1.0 - 0.9f64.powf(1.0);
         assert_eq!(c.step, (-(1.0 / bc1) * 0.1) as f32);
         assert_eq!(p, 1.0f32 + c.step * s[0]);

@@ -17,8 +17,8 @@
 //! State slots: `exp_avg`, `exp_avg_sq`, then `max_exp_avg_sq` with amsbound; scalar `step`.
 
 use super::{
-    bool_dispatch, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS,
-    MAX_SUMS,
+    bool_dispatch, caution_factor, cautious, cautious_count, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper, RuleInfo,
+    RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::{Error, Result};
 use crate::real::Real;
@@ -28,8 +28,8 @@ pub const INFO: RuleInfo = RuleInfo {
     name: "adabound",
     summary: "AdaBound / AMSBound (Luo et al.) as Luolc/AdaBound, with L2 or (AdaBoundW) decoupled decay",
     numbers: &["lr", "beta1", "beta2", "final_lr", "gamma", "eps", "weight_decay", "base_lr"],
-    flags: &["amsbound", "decoupled"],
-    optional_flags: &["decoupled"],
+    flags: &["amsbound", "decoupled", "caution", "caution_count"],
+    optional_flags: &["decoupled", "caution", "caution_count"],
     scalars: &["step"],
     input: Input::Gradient,
     nonnegative_slots: &["exp_avg_sq", "max_exp_avg_sq"],
@@ -37,8 +37,8 @@ pub const INFO: RuleInfo = RuleInfo {
 
 rule_params! {
     /// AdaBound's hyper-parameters; `AMSBOUND`, `L2` (wd ≠ 0, AdaBound) and `DECOUPLED` (wd ≠ 0,
-    /// AdaBoundW) are compile-time flags.
-    pub struct AdaBound<const AMSBOUND: bool, const L2: bool, const DECOUPLED: bool> {
+    /// AdaBoundW) and `CAUTION` (the cautious mask) are compile-time flags.
+    pub struct AdaBound<const AMSBOUND: bool, const L2: bool, const DECOUPLED: bool, const CAUTION: bool> {
         lr: f64,
         beta1: f64,
         beta2: f64,
@@ -48,6 +48,8 @@ rule_params! {
         weight_decay: f64,
         /// The group's learning rate when it was added (the scheduler's reference point).
         base_lr: f64,
+        /// 1 for caution's "count" normalisation, 0 for "mean" (only read with `CAUTION`).
+        caution_count: f64,
     }
 }
 
@@ -63,15 +65,19 @@ pub struct AdaBoundCoeffs<R: Real> {
     step_size: R,
     lower: R,
     upper: R,
+    /// The cautious factor k of this tensor (1 without caution).
+    caution: R,
 }
 
-impl<const AMSBOUND: bool, const L2: bool, const DECOUPLED: bool> Rule for AdaBound<AMSBOUND, L2, DECOUPLED> {
+impl<const AMSBOUND: bool, const L2: bool, const DECOUPLED: bool, const CAUTION: bool> Rule for AdaBound<AMSBOUND, L2, DECOUPLED, CAUTION> {
     const INFO: &'static RuleInfo = &INFO;
     const SLOT_NAMES: &'static [&'static str] = if AMSBOUND { &["exp_avg", "exp_avg_sq", "max_exp_avg_sq"] } else { &["exp_avg", "exp_avg_sq"] };
     type Coeffs<R: Real> = AdaBoundCoeffs<R>;
+    /// With caution: Σφ and the element count.
+    const SUMS: usize = if CAUTION { 2 } else { 0 };
 
     /// `scalars[0]` is the parameter's `step`, incremented here.
-    fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> AdaBoundCoeffs<R> {
+    fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> AdaBoundCoeffs<R> {
         let (bc1, bc2) = next_step(scalars, self.beta1, self.beta2);
         let t = scalars[0];
         let final_lr = self.final_lr * self.lr / self.base_lr;
@@ -85,6 +91,7 @@ impl<const AMSBOUND: bool, const L2: bool, const DECOUPLED: bool> Rule for AdaBo
             step_size: R::from_f64(self.lr * bc2.sqrt() / bc1),
             lower: R::from_f64(final_lr * (1.0 - 1.0 / (self.gamma * t + 1.0))),
             upper: R::from_f64(final_lr * (1.0 + 1.0 / (self.gamma * t))),
+            caution: if CAUTION { caution_factor(sums, self.caution_count != 0.0) } else { R::ONE },
         }
     }
 
@@ -102,11 +109,22 @@ impl<const AMSBOUND: bool, const L2: bool, const DECOUPLED: bool> Rule for AdaBo
             v
         };
         let step = (c.step_size / (v_bar.sqrt() + c.eps)).max_nan(c.lower).min_nan(c.upper);
+        let m = if CAUTION { cautious(m, g, c.caution) } else { m };
         let stepped = p + -(step * m);
         if DECOUPLED {
             stepped - c.weight_decay * p
         } else {
             stepped
+        }
+    }
+
+    /// With caution: count φ for the new `m` (computed as `update` computes it).
+    #[inline(always)]
+    fn accumulate<R: Real>(&self, p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
+        if CAUTION {
+            let g = if L2 { g + R::from_f64(self.weight_decay) * p } else { g };
+            let m = s[0] * R::from_f64(self.beta1) + R::from_f64(1.0 - self.beta1) * g;
+            cautious_count(m, g, sums);
         }
     }
 }
@@ -126,8 +144,9 @@ pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
         return Err(Error::Value(format!("base_lr and gamma must be > 0, got {base_lr} and {gamma}")));
     }
     let decoupled = h.flag("decoupled")?;
-    Ok(bool_dispatch!(h.flag("amsbound")? => A, weight_decay != 0.0 && !decoupled => L, weight_decay != 0.0 && decoupled => D;
-        v.visit(AdaBound::<A, L, D> { lr, beta1, beta2, final_lr, gamma, eps, weight_decay, base_lr })))
+    let caution_count = if h.flag("caution_count")? { 1.0 } else { 0.0 };
+    Ok(bool_dispatch!(h.flag("amsbound")? => A, weight_decay != 0.0 && !decoupled => L, weight_decay != 0.0 && decoupled => D, h.flag("caution")? => C;
+        v.visit(AdaBound::<A, L, D, C> { lr, beta1, beta2, final_lr, gamma, eps, weight_decay, base_lr, caution_count })))
 }
 
 #[cfg(test)]
@@ -143,11 +162,11 @@ mod tests {
             for step in 1..=40 {
                 let g0 = ((step as f64) * 0.9).sin() * if step % 5 == 0 { 0.1 } else { 1.0 };
                 p = if ams {
-                    let r = AdaBound::<true, true, false> { lr, beta1: b1, beta2: b2, final_lr: fl, gamma: gm, eps, weight_decay: wd, base_lr: base };
-                    AdaBound::<true, true, false>::update(&r.coeffs::<f64>(&mut t, &[0.0; 4]), p, g0, &mut s)
+                    let r = AdaBound::<true, true, false, false> { lr, beta1: b1, beta2: b2, final_lr: fl, gamma: gm, eps, weight_decay: wd, base_lr: base, caution_count: 0.0 };
+                    AdaBound::<true, true, false, false>::update(&r.coeffs::<f64>(&mut t, &[0.0; 4]), p, g0, &mut s)
                 } else {
-                    let r = AdaBound::<false, true, false> { lr, beta1: b1, beta2: b2, final_lr: fl, gamma: gm, eps, weight_decay: wd, base_lr: base };
-                    AdaBound::<false, true, false>::update(&r.coeffs::<f64>(&mut t, &[0.0; 4]), p, g0, &mut s)
+                    let r = AdaBound::<false, true, false, false> { lr, beta1: b1, beta2: b2, final_lr: fl, gamma: gm, eps, weight_decay: wd, base_lr: base, caution_count: 0.0 };
+                    AdaBound::<false, true, false, false>::update(&r.coeffs::<f64>(&mut t, &[0.0; 4]), p, g0, &mut s)
                 };
                 // Spec §14 (d).
                 let tt = step as f64;
@@ -172,12 +191,12 @@ mod tests {
     #[test]
     fn decoupled_decay_matches_spec_in_f64() {
         let (lr, b1, b2, fl, gm, eps, wd, base) = (2e-3, 0.9, 0.999, 0.05, 0.1, 1e-8, 0.01, 4e-3);
-        let r = AdaBound::<true, false, true> { lr, beta1: b1, beta2: b2, final_lr: fl, gamma: gm, eps, weight_decay: wd, base_lr: base };
+        let r = AdaBound::<true, false, true, false> { lr, beta1: b1, beta2: b2, final_lr: fl, gamma: gm, eps, weight_decay: wd, base_lr: base, caution_count: 0.0 };
         let (mut p, mut s, mut t) = (0.5f64, [0.0f64; 4], [0.0f64; 4]);
         let (mut rp, mut rm, mut rv, mut rmax) = (p, 0.0f64, 0.0f64, 0.0f64);
         for step in 1..=40 {
             let g = ((step as f64) * 0.9).sin() * if step % 5 == 0 { 0.1 } else { 1.0 };
-            p = AdaBound::<true, false, true>::update(&r.coeffs::<f64>(&mut t, &[0.0; 4]), p, g, &mut s);
+            p = AdaBound::<true, false, true, false>::update(&r.coeffs::<f64>(&mut t, &[0.0; 4]), p, g, &mut s);
             let tt = step as f64;
             rm = b1 * rm + (1.0 - b1) * g;
             rv = b2 * rv + (1.0 - b2) * g * g;
@@ -193,9 +212,9 @@ mod tests {
     #[test]
     fn bounds_clamp_the_step_size() {
         // Huge η0/D at t = 1 is cut to the upper bound f·(1 + 1/γ).
-        let r = AdaBound::<false, false, false> { lr: 1.0, beta1: 0.0, beta2: 0.0, final_lr: 0.1, gamma: 0.5, eps: 0.0, weight_decay: 0.0, base_lr: 1.0 };
+        let r = AdaBound::<false, false, false, false> { lr: 1.0, beta1: 0.0, beta2: 0.0, final_lr: 0.1, gamma: 0.5, eps: 0.0, weight_decay: 0.0, base_lr: 1.0, caution_count: 0.0 };
         let mut s = [0.0f64; 4];
-        let p = AdaBound::<false, false, false>::update(&r.coeffs::<f64>(&mut [0.0; 4], &[0.0; 4]), 0.0, 1e-6, &mut s);
+        let p = AdaBound::<false, false, false, false>::update(&r.coeffs::<f64>(&mut [0.0; 4], &[0.0; 4]), 0.0, 1e-6, &mut s);
         assert!((p - -(0.1 * 3.0 * 1e-6)).abs() < 1e-18);
     }
 }

@@ -15,10 +15,15 @@
 //! else:    p ← p + (−lr/bc1)·m/D;  p ← p + (−lr·β2/bc2)·v/D;  p ← p / (1 + lr·wd)
 //! r ← −ĝ
 //! ```
+//! With `caution` (spec §20) both update terms are multiplied by `φ·k` for `φ = 1[d·ĝ > 0]`, the
+//! direction `d = m/bc1 + (β2/bc2)·v` (the update's, before `−lr/D`), and the tensor's factor `k`
+//! from a read-only counting pass (`caution_count`: `numel/(Σφ + 1)`, else `1/max(mean φ, 1e-3)`);
+//! the decay is not masked.
 //! State slots: `exp_avg` (m), `exp_avg_sq` (n), `exp_avg_diff` (v), `neg_pre_grad` (r).
 
 use super::{
-    bool_dispatch, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
+    bool_dispatch, caution_factor, cautious_count, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor,
+    MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::{Error, Result};
 use crate::real::Real;
@@ -28,8 +33,8 @@ pub const INFO: RuleInfo = RuleInfo {
     name: "adan",
     summary: "Adan (Xie et al.) as sail-sg/Adan, with the group step and clipping factor from Python",
     numbers: &["lr", "beta1", "beta2", "beta3", "eps", "weight_decay", "clip", "step"],
-    flags: &["no_prox", "first"],
-    optional_flags: &["first"],
+    flags: &["no_prox", "first", "caution", "caution_count"],
+    optional_flags: &["first", "caution", "caution_count"],
     scalars: &[],
     input: Input::Gradient,
     nonnegative_slots: &["exp_avg_sq"],
@@ -38,8 +43,8 @@ pub const INFO: RuleInfo = RuleInfo {
 rule_params! {
     /// Adan's hyper-parameters for one group and step. `NO_PROX`: decoupled decay before the update
     /// instead of the proximal division after it; `FIRST`: the previous gradient is (re)started from
-    /// this one.
-    pub struct Adan<const NO_PROX: bool, const FIRST: bool> {
+    /// this one; `CAUTION`: the cautious mask.
+    pub struct Adan<const NO_PROX: bool, const FIRST: bool, const CAUTION: bool> {
         lr: f64,
         beta1: f64,
         beta2: f64,
@@ -50,6 +55,8 @@ rule_params! {
         clip: f64,
         /// The group's step counter after this step's increment (k >= 1).
         step: f64,
+        /// 1 for caution's "count" normalisation, 0 for "mean" (only read with `CAUTION`).
+        caution_count: f64,
     }
 }
 
@@ -69,18 +76,37 @@ pub struct AdanCoeffs<R: Real> {
     neg_step_diff: R,
     decay: R,
     prox: R,
+    /// The update direction's weights of m and v (`1/bc1`, `β2/bc2`), for the cautious mask.
+    dir_m: R,
+    dir_v: R,
+    /// The cautious factor k of this tensor (1 without caution).
+    caution: R,
 }
 
-impl<const NO_PROX: bool, const FIRST: bool> Rule for Adan<NO_PROX, FIRST> {
+impl<const NO_PROX: bool, const FIRST: bool, const CAUTION: bool> Adan<NO_PROX, FIRST, CAUTION> {
+    /// The bias corrections `(bc1, bc2, bc3)` of the group's step.
+    fn corrections(&self) -> (f64, f64, f64) {
+        let k = self.step;
+        (1.0 - self.beta1.powf(k), 1.0 - self.beta2.powf(k), 1.0 - self.beta3.powf(k))
+    }
+
+    /// The weights of m and v in the update's direction (see [`AdanCoeffs::dir_m`]).
+    fn direction<R: Real>(&self) -> (R, R) {
+        let (bc1, bc2, _) = self.corrections();
+        (R::from_f64(1.0 / bc1), R::from_f64(self.beta2 / bc2))
+    }
+}
+
+impl<const NO_PROX: bool, const FIRST: bool, const CAUTION: bool> Rule for Adan<NO_PROX, FIRST, CAUTION> {
     const INFO: &'static RuleInfo = &INFO;
     const SLOT_NAMES: &'static [&'static str] = &["exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"];
     type Coeffs<R: Real> = AdanCoeffs<R>;
+    /// With caution: Σφ and the element count.
+    const SUMS: usize = if CAUTION { 2 } else { 0 };
 
-    fn coeffs<R: Real>(&self, _scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> AdanCoeffs<R> {
-        let k = self.step;
-        let bc1 = 1.0 - self.beta1.powf(k);
-        let bc2 = 1.0 - self.beta2.powf(k);
-        let bc3 = 1.0 - self.beta3.powf(k);
+    fn coeffs<R: Real>(&self, _scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> AdanCoeffs<R> {
+        let (bc1, bc2, bc3) = self.corrections();
+        let (dir_m, dir_v) = self.direction();
         let lr_wd = self.lr * self.weight_decay;
         AdanCoeffs {
             clip: R::from_f64(self.clip),
@@ -96,6 +122,9 @@ impl<const NO_PROX: bool, const FIRST: bool> Rule for Adan<NO_PROX, FIRST> {
             neg_step_diff: R::from_f64(-(self.lr * self.beta2 / bc2)),
             decay: R::from_f64(1.0 - lr_wd),
             prox: R::from_f64(1.0 + lr_wd),
+            dir_m,
+            dir_v,
+            caution: if CAUTION { caution_factor(sums, self.caution_count != 0.0) } else { R::ONE },
         }
     }
 
@@ -113,6 +142,13 @@ impl<const NO_PROX: bool, const FIRST: bool> Rule for Adan<NO_PROX, FIRST> {
         s[2] = v;
         s[3] = -g;
         let denom = n.sqrt() / c.bc3_sqrt + c.eps;
+        let (m, v) = if !CAUTION {
+            (m, v)
+        } else if (m * c.dir_m + v * c.dir_v) * g > R::ZERO {
+            (m * c.caution, v * c.caution)
+        } else {
+            (R::ZERO, R::ZERO)
+        };
         if NO_PROX {
             let p = p * c.decay;
             let p = p + c.neg_step * m / denom;
@@ -121,6 +157,19 @@ impl<const NO_PROX: bool, const FIRST: bool> Rule for Adan<NO_PROX, FIRST> {
             let p = p + c.neg_step * m / denom;
             let p = p + c.neg_step_diff * v / denom;
             p / c.prox
+        }
+    }
+
+    /// With caution: count φ for the new direction (computed as `update` computes it).
+    #[inline(always)]
+    fn accumulate<R: Real>(&self, _p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
+        if CAUTION {
+            let g = g * R::from_f64(self.clip);
+            let diff = if FIRST { R::ZERO } else { s[3] + g };
+            let m = s[0] * R::from_f64(self.beta1) + R::from_f64(1.0 - self.beta1) * g;
+            let v = s[2] * R::from_f64(self.beta2) + R::from_f64(1.0 - self.beta2) * diff;
+            let (dir_m, dir_v) = self.direction::<R>();
+            cautious_count(m * dir_m + v * dir_v, g, sums);
         }
     }
 }
@@ -145,8 +194,9 @@ pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
         return Err(Error::Value(format!("step must be a positive integer, got {step}")));
     }
     let first = h.flag("first")?;
-    Ok(bool_dispatch!(h.flag("no_prox")? => N, first => F;
-        v.visit(Adan::<N, F> { lr, beta1, beta2, beta3, eps, weight_decay, clip, step })))
+    let caution_count = if h.flag("caution_count")? { 1.0 } else { 0.0 };
+    Ok(bool_dispatch!(h.flag("no_prox")? => N, first => F, h.flag("caution")? => C;
+        v.visit(Adan::<N, F, C> { lr, beta1, beta2, beta3, eps, weight_decay, clip, step, caution_count })))
 }
 
 #[cfg(test)]
@@ -179,11 +229,11 @@ mod tests {
     fn step<const N: bool>(h: (f64, f64, f64, f64, f64, f64, f64), k: f64, first: bool, p: f64, g: f64, s: &mut [f64; 4]) -> f64 {
         let (lr, beta1, beta2, beta3, eps, weight_decay, clip) = h;
         if first {
-            let r = Adan::<N, true> { lr, beta1, beta2, beta3, eps, weight_decay, clip, step: k };
-            Adan::<N, true>::update(&r.coeffs::<f64>(&mut [0.0; 4], &[0.0; 4]), p, g, s)
+            let r = Adan::<N, true, false> { lr, beta1, beta2, beta3, eps, weight_decay, clip, step: k, caution_count: 0.0 };
+            Adan::<N, true, false>::update(&r.coeffs::<f64>(&mut [0.0; 4], &[0.0; 4]), p, g, s)
         } else {
-            let r = Adan::<N, false> { lr, beta1, beta2, beta3, eps, weight_decay, clip, step: k };
-            Adan::<N, false>::update(&r.coeffs::<f64>(&mut [0.0; 4], &[0.0; 4]), p, g, s)
+            let r = Adan::<N, false, false> { lr, beta1, beta2, beta3, eps, weight_decay, clip, step: k, caution_count: 0.0 };
+            Adan::<N, false, false>::update(&r.coeffs::<f64>(&mut [0.0; 4], &[0.0; 4]), p, g, s)
         }
     }
 
@@ -213,9 +263,9 @@ mod tests {
 
     #[test]
     fn first_step_has_no_difference_term() {
-        let r = Adan::<false, true> { lr: 1e-3, beta1: 0.98, beta2: 0.92, beta3: 0.99, eps: 1e-8, weight_decay: 0.0, clip: 1.0, step: 1.0 };
+        let r = Adan::<false, true, false> { lr: 1e-3, beta1: 0.98, beta2: 0.92, beta3: 0.99, eps: 1e-8, weight_decay: 0.0, clip: 1.0, step: 1.0, caution_count: 0.0 };
         let mut s = [0.0f32, 0.0, 0.0, 123.0];
-        Adan::<false, true>::update(&r.coeffs::<f32>(&mut [0.0; 4], &[0.0; 4]), 1.0, 0.5, &mut s);
+        Adan::<false, true, false>::update(&r.coeffs::<f32>(&mut [0.0; 4], &[0.0; 4]), 1.0, 0.5, &mut s);
         assert_eq!(s[2], 0.0, "v stays 0 at the first step");
         assert_eq!(s[3], -0.5);
     }

@@ -1,4 +1,4 @@
-"""AdaBelief (adabelief-pytorch 0.2.1) in float64: spec §5 (d)."""
+"""AdaBelief (adabelief-pytorch 0.2.1) in float64: spec §5 (d); ``caution``: §20 (d)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,18 @@ import math
 
 import torch
 
-from .base import Reference
+from .base import Reference, cautious
 
 
 class RefAdaBelief(Reference):
     scalars = ("step",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-16, weight_decay=0.0, amsgrad=False,
-                 weight_decouple=True, fixed_decay=False, rectify=True, degenerated_to_sgd=True, *, maximize=False, **options):
+                 weight_decouple=True, fixed_decay=False, rectify=True, degenerated_to_sgd=True, *, maximize=False, caution=False,
+                 caution_norm="mean", **options):
         super().__init__(params, maximize=maximize, **options, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, weight_decouple=weight_decouple, fixed_decay=fixed_decay, rectify=rectify,
-                         degenerated_to_sgd=degenerated_to_sgd)
+                         degenerated_to_sgd=degenerated_to_sgd, caution=caution, caution_norm=caution_norm)
 
     def update(self, p, g, st):
         h = self.h
@@ -36,6 +37,8 @@ class RefAdaBelief(Reference):
         r = g - m  # 4.
         s = b2 * st["exp_avg_var"] + (1 - b2) * r * r  # 5.
         st["exp_avg_var"] = s = s + eps  # 6.
+        if h["caution"]:  # §20 (d): the step reads the masked m
+            m = cautious(m, g, h["caution_norm"])
         if h["amsgrad"]:  # 7.
             st["max_exp_avg_var"] = smax = torch.maximum(st["max_exp_avg_var"], s)
             d = smax.sqrt() / math.sqrt(bc2) + eps

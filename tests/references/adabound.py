@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .base import Reference
+from .base import Reference, cautious
 
 
 class RefAdaBound(Reference):
@@ -15,9 +15,9 @@ class RefAdaBound(Reference):
     decoupled = False  # AdaBoundW: no L2 term, then p -= wd·p_old (no lr factor)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), final_lr=0.1, gamma=1e-3, eps=1e-8, weight_decay=0.0,
-                 amsbound=False, *, maximize=False, **options):
+                 amsbound=False, *, maximize=False, caution=False, caution_norm="mean", **options):
         super().__init__(params, maximize=maximize, **options, lr=lr, betas=betas, final_lr=final_lr, gamma=gamma, eps=eps,
-                         weight_decay=weight_decay, amsbound=amsbound)
+                         weight_decay=weight_decay, amsbound=amsbound, caution=caution, caution_norm=caution_norm)
         self.base_lr = float(lr)
 
     def load_counters(self, opt, group):
@@ -46,7 +46,8 @@ class RefAdaBound(Reference):
         f = h["final_lr"] * h["lr"] / self.base_lr
         lo = f * (1 - 1 / (h["gamma"] * t + 1))
         hi = f * (1 + 1 / (h["gamma"] * t))
-        p.sub_((eta0 / den).clamp(lo, hi) * st["exp_avg"])
+        m = cautious(st["exp_avg"], g, h["caution_norm"]) if h["caution"] else st["exp_avg"]  # §20 (d)
+        p.sub_((eta0 / den).clamp(lo, hi) * m)
         if self.decoupled:
             p.sub_(h["weight_decay"] * p_old)
 

@@ -1,4 +1,4 @@
-"""Adan in float64: spec §7 (d); per-group step k, optional global clipping, restart."""
+"""Adan in float64: spec §7 (d); per-group step k, optional global clipping, restart; ``caution``: §20 (d)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import math
 
 import torch
 
-from .base import Reference
+from .base import Reference, cautious
 
 
 class RefAdan(Reference):
     def __init__(self, params, lr=1e-3, betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=0.0, max_grad_norm=0.0,
-                 no_prox=False, *, maximize=False, **options):
+                 no_prox=False, *, maximize=False, caution=False, caution_norm="mean", **options):
         super().__init__(params, maximize=maximize, **options, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         max_grad_norm=max_grad_norm, no_prox=no_prox)
+                         max_grad_norm=max_grad_norm, no_prox=no_prox, caution=caution, caution_norm=caution_norm)
         self.k = 0  # the group's step
         self.c = 1.0  # this step's clipping factor
 
@@ -62,6 +62,9 @@ class RefAdan(Reference):
         st["exp_avg_sq"] = b3 * st["exp_avg_sq"] + (1 - b3) * u * u  # 9.
         den = st["exp_avg_sq"].sqrt() / math.sqrt(1 - b3**k) + eps  # 10.
         upd = lr / (1 - b1**k) * st["exp_avg"] / den + lr * b2 / (1 - b2**k) * st["exp_avg_diff"] / den
+        if h["caution"]:  # §20 (d): the mask on the direction d, of the sign of the update's
+            direction = st["exp_avg"] / (1 - b1**k) + b2 / (1 - b2**k) * st["exp_avg_diff"]
+            upd = lr * cautious(direction, g, h["caution_norm"]) / den
         if h["no_prox"]:  # 11.
             p.copy_(p * (1 - lr * wd) - upd)
         else:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, GradClip, Rounding, StateDType, check_hyper, common_hyper
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, caution_hyper, check_caution_norm, check_hyper, common_hyper
 
 __all__ = ["AdaBelief"]
 
@@ -62,6 +62,13 @@ class AdaBelief(FusedOptimizer):
       an int in ``state_dict()`` (as the reference keeps it); ``load_state_dict`` takes either.
     * Extra keywords: ``maximize`` (negate the gradient), ``check_finite``, ``orthograd`` and the lean-state ``state_dtype`` / ``rounding`` (see
       :class:`emafuse.AdamW`).
+    * ``caution`` (default False) and ``caution_norm`` (``"mean"`` or ``"count"``): the Cautious
+      mask (Liang et al., arXiv:2411.16085; spec §20) on the step: it reads :math:`m \phi k` for
+      :math:`\phi = 1[m g > 0]` (:math:`g` with its L2 decay), :math:`k = 1/\max(\operatorname{mean}
+      \phi, 10^{-3})` or :math:`\mathrm{numel}/(\sum\phi + 1)` per tensor, as
+      :class:`emafuse.AdamW`'s ``caution`` (in every regime of the rectified update, the SGD
+      fallback included); :math:`s` keeps the unmasked :math:`m`. One extra read-only pass; not
+      combinable with ``orthograd``.
     """
 
     _rule = "adabelief"
@@ -90,8 +97,11 @@ class AdaBelief(FusedOptimizer):
         weight_correction: bool = False,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
+        caution: bool = False,
+        caution_norm: str = "mean",
     ) -> None:
         check_hyper(lr=lr, eps=eps, betas=betas, weight_decay=weight_decay)
+        check_caution_norm(caution_norm)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -106,7 +116,9 @@ class AdaBelief(FusedOptimizer):
         )
         super().__init__(params, defaults)
         precision = (state_dtype, rounding, rounding_seed, weight_correction)
-        self._init_emafuse_defaults(check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(
+            check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale, caution=caution, caution_norm=caution_norm
+        )
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -129,4 +141,5 @@ class AdaBelief(FusedOptimizer):
             "fixed_decay": bool(group["fixed_decay"]),
             "rectify": bool(group["rectify"]),
             "degenerated_to_sgd": bool(group["degenerated_to_sgd"]),
+            **caution_hyper(group),
         }

@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, GradClip, Rounding, StateDType, check_hyper, common_hyper, scalar
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, caution_hyper, check_caution_norm, check_hyper, common_hyper, scalar
 
 __all__ = ["AdaBound", "AdaBoundW"]
 
@@ -40,6 +40,12 @@ class AdaBound(FusedOptimizer):
     divisor), ``gamma == 0`` (division by zero at the first step) and ``weight_decay < 0``. Extra
     keywords: ``maximize``, ``check_finite``, ``orthograd`` and the lean-state ``state_dtype`` / ``rounding`` (as :class:`emafuse.AdamW`). ``p.grad`` is never
     written.
+
+    ``caution`` (default False) and ``caution_norm`` (``"mean"`` or ``"count"``): the Cautious mask
+    (Liang et al., arXiv:2411.16085; spec §20) on the step: it reads :math:`m \phi k` for
+    :math:`\phi = 1[m g > 0]` (:math:`g` with its L2 term), :math:`k = 1/\max(\operatorname{mean}\phi, 10^{-3})` or
+    :math:`\mathrm{numel}/(\sum\phi + 1)` per tensor, as :class:`emafuse.AdamW`'s ``caution``
+    (the bounded step size is positive, so :math:`m` carries the update's sign; AdaBoundW's decay is not masked). One extra read-only pass; not combinable with ``orthograd``.
     """
 
     _rule = "adabound"
@@ -64,8 +70,11 @@ class AdaBound(FusedOptimizer):
         weight_correction: bool = False,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
+        caution: bool = False,
+        caution_norm: str = "mean",
     ) -> None:
         check_hyper(lr=lr, eps=eps, betas=betas[:2])
+        check_caution_norm(caution_norm)
         if not 0.0 <= final_lr:
             raise ValueError(f"Invalid final learning rate: {final_lr}")
         if not 0.0 <= gamma < 1.0:
@@ -87,7 +96,9 @@ class AdaBound(FusedOptimizer):
         )
         super().__init__(params, defaults)
         precision = (state_dtype, rounding, rounding_seed, weight_correction)
-        self._init_emafuse_defaults(check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(
+            check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale, caution=caution, caution_norm=caution_norm
+        )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -119,6 +130,7 @@ class AdaBound(FusedOptimizer):
             "gamma": float(group["gamma"]),
             "base_lr": float(group["base_lr"]),
             "amsbound": bool(group["amsbound"]),
+            **caution_hyper(group),
         }
 
 

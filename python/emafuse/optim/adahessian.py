@@ -249,7 +249,8 @@ class AdaHessian(FusedOptimizer):
                 allow_unused=True,
             )
             for j, (hz, z) in enumerate(zip(hzs, zs)):
-                term = (hz.to(torch.float64 if hz.dtype == torch.float64 else torch.float32) * z if hz is not None else torch.zeros_like(z)) / n
+                term = hz.to(torch.float64 if hz.dtype == torch.float64 else torch.float32) * z if hz is not None else torch.zeros_like(z)
+                term = term / n if n > 1 else term
                 sums[j] = term if sums[j] is None else sums[j] + term
         scale = getattr(self, "grad_scale", None)
         out = {}

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, GradClip, Rounding, StateDType, check_hyper, common_hyper
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, caution_hyper, check_caution_norm, check_hyper, common_hyper
 
 __all__ = ["Adan"]
 
@@ -50,6 +50,13 @@ class Adan(FusedOptimizer):
     clips it in place and leaves it scaled); ``weight_decay < 0`` raises ``ValueError``. Extra
     keywords: ``maximize`` (negate gradients), ``check_finite``, ``orthograd`` and the lean-state ``state_dtype`` / ``rounding`` (as :class:`emafuse.AdamW`).
     Complex parameters are not supported (neither are they by the official code).
+
+    ``caution`` (default False) and ``caution_norm`` (``"mean"`` or ``"count"``): the Cautious mask
+    (Liang et al., arXiv:2411.16085; spec §20) on the step: both terms are multiplied by
+    :math:`\phi k` for :math:`\phi = 1[d \hat g > 0]`, the update's direction
+    :math:`d = m/(1-\beta_1^k) + \beta_2 v/(1-\beta_2^k)` and :math:`k = 1/\max(\operatorname{mean}
+    \phi, 10^{-3})` or :math:`\mathrm{numel}/(\sum\phi + 1)` per tensor, as :class:`emafuse.AdamW`'s
+    ``caution``; the decay is not masked. One extra read-only pass; not combinable with ``orthograd``.
     """
 
     _rule = "adan"
@@ -76,7 +83,10 @@ class Adan(FusedOptimizer):
         weight_correction: bool = False,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
+        caution: bool = False,
+        caution_norm: str = "mean",
     ) -> None:
+        check_caution_norm(caution_norm)
         if not 0.0 <= max_grad_norm:
             raise ValueError(f"Invalid Max grad norm: {max_grad_norm}")
         check_hyper(lr=lr, eps=eps, betas=betas[:3], weight_decay=weight_decay)
@@ -93,7 +103,9 @@ class Adan(FusedOptimizer):
         )
         super().__init__(params, defaults)
         precision = (state_dtype, rounding, rounding_seed, weight_correction)
-        self._init_emafuse_defaults(check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(
+            check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale, caution=caution, caution_norm=caution_norm
+        )
         self._clip = 1.0
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -140,4 +152,5 @@ class Adan(FusedOptimizer):
             "step": float(k),
             "no_prox": bool(group["no_prox"]),
             "first": k == 1,
+            **caution_hyper(group),
         }

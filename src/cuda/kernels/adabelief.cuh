@@ -4,15 +4,15 @@
 #pragma once
 #include "common.cuh"
 
-template <bool AMSGRAD, bool DECOUPLE, bool RECTIFY>
+template <bool AMSGRAD, bool DECOUPLE, bool RECTIFY, bool CAUTION>
 struct AdaBelief {
     template <class R>
     struct Coeffs {
-        R decay, l2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step, div, add;
+        R decay, l2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step, div, add, caution;
     };
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double*) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double* sums) {
         double bc1, bc2;
         ef_next_step(scalars, h.beta1, h.beta2, &bc1, &bc2);
         double t = scalars[0];
@@ -55,6 +55,7 @@ struct AdaBelief {
         c.step = R(step);
         c.div = R(div);
         c.add = R(add);
+        c.caution = CAUTION ? ef_caution_factor<R>(sums, h.caution_count != 0.0) : R(1);
         return c;
     }
 
@@ -72,9 +73,17 @@ struct AdaBelief {
         s[1] = v;
         if (AMSGRAD) s[2] = ef_max_nan(s[2], v);
         R x = (AMSGRAD && !RECTIFY) ? s[2] : v;
+        if (CAUTION) m = ef_cautious(m, g, c.caution);
         return p + c.step * m / (ef_sqrt(x) / c.div + c.add);
     }
 
+    // With caution: count φ for the new m (adabelief.rs `accumulate`).
     template <class R>
-    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper& h, R p, R g, const R* s, double* sums) {
+        if (CAUTION) {
+            if (!DECOUPLE) g = g + R(h.weight_decay) * p;
+            R m = s[0] * R(h.beta1) + R(1.0 - h.beta1) * g;
+            ef_cautious_count(m, g, sums);
+        }
+    }
 };

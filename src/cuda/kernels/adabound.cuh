@@ -3,15 +3,15 @@
 #pragma once
 #include "common.cuh"
 
-template <bool AMSBOUND, bool L2, bool DECOUPLED>
+template <bool AMSBOUND, bool L2, bool DECOUPLED, bool CAUTION>
 struct AdaBound {
     template <class R>
     struct Coeffs {
-        R weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, lower, upper;
+        R weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, lower, upper, caution;
     };
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double*) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double* sums) {
         double bc1, bc2;
         ef_next_step(scalars, h.beta1, h.beta2, &bc1, &bc2);
         double t = scalars[0];
@@ -26,6 +26,7 @@ struct AdaBound {
         c.step_size = R(h.lr * EF_SQRT_D(bc2) / bc1);
         c.lower = R(final_lr * (1.0 - 1.0 / (h.gamma * t + 1.0)));
         c.upper = R(final_lr * (1.0 + 1.0 / (h.gamma * t)));
+        c.caution = CAUTION ? ef_caution_factor<R>(sums, h.caution_count != 0.0) : R(1);
         return c;
     }
 
@@ -42,10 +43,18 @@ struct AdaBound {
             v_bar = s[2];
         }
         R step = ef_min_nan(ef_max_nan(c.step_size / (ef_sqrt(v_bar) + c.eps), c.lower), c.upper);
+        if (CAUTION) m = ef_cautious(m, g, c.caution);
         R stepped = p + -(step * m);
         return DECOUPLED ? stepped - c.weight_decay * p : stepped;
     }
 
+    // With caution: count φ for the new m (adabound.rs `accumulate`).
     template <class R>
-    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper& h, R p, R g, const R* s, double* sums) {
+        if (CAUTION) {
+            if (L2) g = g + R(h.weight_decay) * p;
+            R m = s[0] * R(h.beta1) + R(1.0 - h.beta1) * g;
+            ef_cautious_count(m, g, sums);
+        }
+    }
 };

@@ -3,16 +3,16 @@
 #pragma once
 #include "common.cuh"
 
-template <bool NO_PROX, bool FIRST>
+template <bool NO_PROX, bool FIRST, bool CAUTION>
 struct Adan {
     template <class R>
     struct Coeffs {
         R clip, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, bc3_sqrt, eps, neg_step,
-            neg_step_diff, decay, prox;
+            neg_step_diff, decay, prox, dir_m, dir_v, caution;
     };
 
     template <class R>
-    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double*, const double*) {
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double*, const double* sums) {
         double k = h.step;
         double bc1 = 1.0 - EF_POW_D(h.beta1, k);
         double bc2 = 1.0 - EF_POW_D(h.beta2, k);
@@ -32,6 +32,9 @@ struct Adan {
         c.neg_step_diff = R(-(h.lr * h.beta2 / bc2));
         c.decay = R(1.0 - lr_wd);
         c.prox = R(1.0 + lr_wd);
+        c.dir_m = R(1.0 / bc1);
+        c.dir_v = R(h.beta2 / bc2);
+        c.caution = CAUTION ? ef_caution_factor<R>(sums, h.caution_count != 0.0) : R(1);
         return c;
     }
 
@@ -49,6 +52,11 @@ struct Adan {
         s[2] = v;
         s[3] = -g;
         R denom = ef_sqrt(n) / c.bc3_sqrt + c.eps;
+        if (CAUTION) {
+            R k = (m * c.dir_m + v * c.dir_v) * g > R(0) ? c.caution : R(0);
+            m = m * k;
+            v = v * k;
+        }
         if (NO_PROX) {
             p = p * c.decay;
             p = p + c.neg_step * m / denom;
@@ -60,6 +68,18 @@ struct Adan {
         }
     }
 
+    // With caution: count φ for the new direction (adan.rs `accumulate`).
     template <class R>
-    EF_FN static void accumulate(const EfHyper&, R, R, const R*, double*) {}
+    EF_FN static void accumulate(const EfHyper& h, R, R g, const R* s, double* sums) {
+        if (CAUTION) {
+            g = g * R(h.clip);
+            R diff = FIRST ? R(0) : s[3] + g;
+            R m = s[0] * R(h.beta1) + R(1.0 - h.beta1) * g;
+            R v = s[2] * R(h.beta2) + R(1.0 - h.beta2) * diff;
+            double k = h.step;
+            R dir_m = R(1.0 / (1.0 - EF_POW_D(h.beta1, k)));
+            R dir_v = R(h.beta2 / (1.0 - EF_POW_D(h.beta2, k)));
+            ef_cautious_count(m * dir_m + v * dir_v, g, sums);
+        }
+    }
 };
