@@ -274,7 +274,16 @@ mod tests {
 
     #[test]
     fn sgd_regime_denominator_is_exactly_one_in_f32() {
-        let rule = AdaBelief::<false, true, true, false> { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-16, weight_decay: 0.0, decay_lr: 0.1, degenerated_to_sgd: 1.0, caution_count: 0.0 };
+        let rule = AdaBelief::<false, true, true, false> {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-16,
+            weight_decay: 0.0,
+            decay_lr: 0.1,
+            degenerated_to_sgd: 1.0,
+            caution_count: 0.0,
+        };
         let c = rule.coeffs::<f32>(&mut [0.0; MAX_SCALARS], &[0.0; MAX_SUMS]);
         let mut s = [0.0f32; MAX_SLOTS];
         let p = AdaBelief::<false, true, true, false>::update(&c, 1.0, 0.5, &mut s);

@@ -162,10 +162,30 @@ mod tests {
             for step in 1..=40 {
                 let g0 = ((step as f64) * 0.9).sin() * if step % 5 == 0 { 0.1 } else { 1.0 };
                 p = if ams {
-                    let r = AdaBound::<true, true, false, false> { lr, beta1: b1, beta2: b2, final_lr: fl, gamma: gm, eps, weight_decay: wd, base_lr: base, caution_count: 0.0 };
+                    let r = AdaBound::<true, true, false, false> {
+                        lr,
+                        beta1: b1,
+                        beta2: b2,
+                        final_lr: fl,
+                        gamma: gm,
+                        eps,
+                        weight_decay: wd,
+                        base_lr: base,
+                        caution_count: 0.0,
+                    };
                     AdaBound::<true, true, false, false>::update(&r.coeffs::<f64>(&mut t, &[0.0; 4]), p, g0, &mut s)
                 } else {
-                    let r = AdaBound::<false, true, false, false> { lr, beta1: b1, beta2: b2, final_lr: fl, gamma: gm, eps, weight_decay: wd, base_lr: base, caution_count: 0.0 };
+                    let r = AdaBound::<false, true, false, false> {
+                        lr,
+                        beta1: b1,
+                        beta2: b2,
+                        final_lr: fl,
+                        gamma: gm,
+                        eps,
+                        weight_decay: wd,
+                        base_lr: base,
+                        caution_count: 0.0,
+                    };
                     AdaBound::<false, true, false, false>::update(&r.coeffs::<f64>(&mut t, &[0.0; 4]), p, g0, &mut s)
                 };
                 // Spec §14 (d).
@@ -191,7 +211,17 @@ mod tests {
     #[test]
     fn decoupled_decay_matches_spec_in_f64() {
         let (lr, b1, b2, fl, gm, eps, wd, base) = (2e-3, 0.9, 0.999, 0.05, 0.1, 1e-8, 0.01, 4e-3);
-        let r = AdaBound::<true, false, true, false> { lr, beta1: b1, beta2: b2, final_lr: fl, gamma: gm, eps, weight_decay: wd, base_lr: base, caution_count: 0.0 };
+        let r = AdaBound::<true, false, true, false> {
+            lr,
+            beta1: b1,
+            beta2: b2,
+            final_lr: fl,
+            gamma: gm,
+            eps,
+            weight_decay: wd,
+            base_lr: base,
+            caution_count: 0.0,
+        };
         let (mut p, mut s, mut t) = (0.5f64, [0.0f64; 4], [0.0f64; 4]);
         let (mut rp, mut rm, mut rv, mut rmax) = (p, 0.0f64, 0.0f64, 0.0f64);
         for step in 1..=40 {
@@ -212,7 +242,17 @@ mod tests {
     #[test]
     fn bounds_clamp_the_step_size() {
         // Huge η0/D at t = 1 is cut to the upper bound f·(1 + 1/γ).
-        let r = AdaBound::<false, false, false, false> { lr: 1.0, beta1: 0.0, beta2: 0.0, final_lr: 0.1, gamma: 0.5, eps: 0.0, weight_decay: 0.0, base_lr: 1.0, caution_count: 0.0 };
+        let r = AdaBound::<false, false, false, false> {
+            lr: 1.0,
+            beta1: 0.0,
+            beta2: 0.0,
+            final_lr: 0.1,
+            gamma: 0.5,
+            eps: 0.0,
+            weight_decay: 0.0,
+            base_lr: 1.0,
+            caution_count: 0.0,
+        };
         let mut s = [0.0f64; 4];
         let p = AdaBound::<false, false, false, false>::update(&r.coeffs::<f64>(&mut [0.0; 4], &[0.0; 4]), 0.0, 1e-6, &mut s);
         assert!((p - -(0.1 * 3.0 * 1e-6)).abs() < 1e-18);

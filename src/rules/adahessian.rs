@@ -14,7 +14,10 @@
 //! `z ⊙ Hz` from autograd, averaged over samples and, for convolution kernels, over their spatial
 //! positions). State slots: `exp_avg`, `exp_hessian_diag_sq` (written), `hessian` (read only).
 
-use super::{bool_dispatch, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use super::{
+    bool_dispatch, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS,
+    MAX_SUMS,
+};
 use crate::error::{Error, Result};
 use crate::real::Real;
 

@@ -263,7 +263,17 @@ mod tests {
 
     #[test]
     fn first_step_has_no_difference_term() {
-        let r = Adan::<false, true, false> { lr: 1e-3, beta1: 0.98, beta2: 0.92, beta3: 0.99, eps: 1e-8, weight_decay: 0.0, clip: 1.0, step: 1.0, caution_count: 0.0 };
+        let r = Adan::<false, true, false> {
+            lr: 1e-3,
+            beta1: 0.98,
+            beta2: 0.92,
+            beta3: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            clip: 1.0,
+            step: 1.0,
+            caution_count: 0.0,
+        };
         let mut s = [0.0f32, 0.0, 0.0, 123.0];
         Adan::<false, true, false>::update(&r.coeffs::<f32>(&mut [0.0; 4], &[0.0; 4]), 1.0, 0.5, &mut s);
         assert_eq!(s[2], 0.0, "v stays 0 at the first step");

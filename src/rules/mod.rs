@@ -3,8 +3,8 @@
 //! which backend runs them.
 
 pub mod adabelief;
-pub mod adahessian;
 pub mod adabound;
+pub mod adahessian;
 pub mod adam;
 pub mod adamod;
 pub mod adamomentum;

@@ -12,11 +12,15 @@
 //! p ← p + (−η·s)·(m / (sqrt(v) + eps))           η = lr·sqrt(1 − β2^k)/(1 − β1^k) (correct_bias)
 //! p ← p + (−lr·wd)·p                             DECAY (wd > 0), after the update, not warmed up
 //! ```
-//! `k` is the parameter's own step counter (scalar state `step`, never reset).
+//! `k` is the parameter's own step counter (scalar state `step`, never reset). With `caution`
+//! (spec §20) the update reads `m·φ·k'` for `φ = 1[m·g > 0]` (`g` as clipped, the gradient the
+//! moments see) and the tensor's factor `k'` from a read-only counting pass (`caution_count`:
+//! `numel/(Σφ + 1)`, else `1/max(mean φ, 1e-3)`); the decay is not masked.
 //! State slots: `exp_avg`, `exp_avg_sq`.
 
 use super::{
-    bool_dispatch, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
+    bool_dispatch, caution_factor, cautious, cautious_count, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo,
+    RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::{Error, Result};
 use crate::real::Real;
@@ -26,16 +30,16 @@ pub const INFO: RuleInfo = RuleInfo {
     name: "spam",
     summary: "SPAM (Huang et al.) as galore_torch/SPAM.py: momentum reset and spike clipping decided in Python",
     numbers: &["lr", "beta1", "beta2", "eps", "weight_decay", "threshold", "scale"],
-    flags: &["reset", "clip", "correct_bias"],
-    optional_flags: &[],
+    flags: &["reset", "clip", "correct_bias", "caution", "caution_count"],
+    optional_flags: &["caution", "caution_count"],
     scalars: &["step"],
     input: Input::Gradient,
     nonnegative_slots: &["exp_avg_sq"],
 };
 
 rule_params! {
-    /// SPAM's hyper-parameters for one group and step.
-    pub struct Spam<const RESET: bool, const CLIP: bool, const CORRECT_BIAS: bool, const DECAY: bool> {
+    /// SPAM's hyper-parameters for one group and step; `CAUTION`: the cautious mask.
+    pub struct Spam<const RESET: bool, const CLIP: bool, const CORRECT_BIAS: bool, const DECAY: bool, const CAUTION: bool> {
         lr: f64,
         beta1: f64,
         beta2: f64,
@@ -45,6 +49,8 @@ rule_params! {
         threshold: f64,
         /// Cosine warm-up factor after a momentum reset, in [0.01, 1].
         scale: f64,
+        /// 1 for caution's "count" normalisation, 0 for "mean" (only read with `CAUTION`).
+        caution_count: f64,
     }
 }
 
@@ -59,15 +65,33 @@ pub struct SpamCoeffs<R: Real> {
     eps: R,
     neg_step: R,
     neg_lr_wd: R,
+    /// The cautious factor k of this tensor (1 without caution).
+    caution: R,
 }
 
-impl<const RESET: bool, const CLIP: bool, const CORRECT_BIAS: bool, const DECAY: bool> Rule for Spam<RESET, CLIP, CORRECT_BIAS, DECAY> {
+impl<const RESET: bool, const CLIP: bool, const CORRECT_BIAS: bool, const DECAY: bool, const CAUTION: bool> Spam<RESET, CLIP, CORRECT_BIAS, DECAY, CAUTION> {
+    /// The gradient the moments see (spike-clipped with CLIP) given the second moment `v`.
+    #[inline(always)]
+    fn clipped<R: Real>(threshold: R, g: R, v: R) -> R {
+        if CLIP && g * g > threshold * v {
+            g.sign() * (v * threshold).sqrt()
+        } else {
+            g
+        }
+    }
+}
+
+impl<const RESET: bool, const CLIP: bool, const CORRECT_BIAS: bool, const DECAY: bool, const CAUTION: bool> Rule
+    for Spam<RESET, CLIP, CORRECT_BIAS, DECAY, CAUTION>
+{
     const INFO: &'static RuleInfo = &INFO;
     const SLOT_NAMES: &'static [&'static str] = &["exp_avg", "exp_avg_sq"];
     type Coeffs<R: Real> = SpamCoeffs<R>;
+    /// With caution: Σφ and the element count.
+    const SUMS: usize = if CAUTION { 2 } else { 0 };
 
     /// `scalars[0]` is the parameter's `step`, incremented here.
-    fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> SpamCoeffs<R> {
+    fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> SpamCoeffs<R> {
         scalars[0] += 1.0;
         let k = scalars[0];
         let step_size = if CORRECT_BIAS { self.lr * (1.0 - self.beta2.powf(k)).sqrt() / (1.0 - self.beta1.powf(k)) } else { self.lr };
@@ -80,22 +104,34 @@ impl<const RESET: bool, const CLIP: bool, const CORRECT_BIAS: bool, const DECAY:
             eps: R::from_f64(self.eps),
             neg_step: R::from_f64(-step_size * self.scale),
             neg_lr_wd: R::from_f64(-self.lr * self.weight_decay),
+            caution: if CAUTION { caution_factor(sums, self.caution_count != 0.0) } else { R::ONE },
         }
     }
 
     #[inline(always)]
     fn update<R: Real>(c: &SpamCoeffs<R>, p: R, g: R, s: &mut [R; MAX_SLOTS]) -> R {
         let (m, v) = if RESET { (R::ZERO, R::ZERO) } else { (s[0], s[1]) };
-        let g = if CLIP && g * g > c.threshold * v { g.sign() * (v * c.threshold).sqrt() } else { g };
+        let g = Self::clipped(c.threshold, g, v);
         let m = m * c.beta1 + c.one_minus_beta1 * g;
         let v = v * c.beta2 + c.one_minus_beta2 * g * g;
         s[0] = m;
         s[1] = v;
+        let m = if CAUTION { cautious(m, g, c.caution) } else { m };
         let p = p + c.neg_step * (m / (v.sqrt() + c.eps));
         if DECAY {
             p + c.neg_lr_wd * p
         } else {
             p
+        }
+    }
+
+    /// With caution: count φ for the new `m` (computed as `update` computes it).
+    #[inline(always)]
+    fn accumulate<R: Real>(&self, _p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
+        if CAUTION {
+            let (m, v) = if RESET { (R::ZERO, R::ZERO) } else { (s[0], s[1]) };
+            let g = Self::clipped(R::from_f64(self.threshold), g, v);
+            cautious_count(m * R::from_f64(self.beta1) + R::from_f64(1.0 - self.beta1) * g, g, sums);
         }
     }
 }
@@ -113,15 +149,16 @@ pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     if !(0.0..=1.0).contains(&scale) {
         return Err(Error::Value(format!("scale must be in [0, 1], got {scale}")));
     }
-    Ok(bool_dispatch!(h.flag("reset")? => RS, h.flag("clip")? => CL, h.flag("correct_bias")? => CB, weight_decay > 0.0 => D;
-        v.visit(Spam::<RS, CL, CB, D> { lr, beta1, beta2, eps, weight_decay, threshold, scale })))
+    let caution_count = if h.flag("caution_count")? { 1.0 } else { 0.0 };
+    Ok(bool_dispatch!(h.flag("reset")? => RS, h.flag("clip")? => CL, h.flag("correct_bias")? => CB, weight_decay > 0.0 => D, h.flag("caution")? => C;
+        v.visit(Spam::<RS, CL, CB, D, C> { lr, beta1, beta2, eps, weight_decay, threshold, scale, caution_count })))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    type S<const R: bool, const C: bool> = Spam<R, C, true, true>;
+    type S<const R: bool, const C: bool> = Spam<R, C, true, true, false>;
 
     /// Spec §10 (d) steps 1–8 in f64 for one element.
     #[allow(clippy::too_many_arguments)]
@@ -137,7 +174,7 @@ mod tests {
     }
 
     fn run<const R: bool, const C: bool>(scale: f64, k: &mut [f64; 4], p: f64, g: f64, s: &mut [f64; 4]) -> f64 {
-        let r = S::<R, C> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.1, threshold: 50.0, scale };
+        let r = S::<R, C> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.1, threshold: 50.0, scale, caution_count: 0.0 };
         S::<R, C>::update(&r.coeffs::<f64>(k, &[0.0; 4]), p, g, s)
     }
 
@@ -171,7 +208,16 @@ mod tests {
     }
 
     fn run_f32(s: &mut [f32; 4], p: f32, g: f32) -> f32 {
-        let r = Spam::<false, true, true, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.0, threshold: 5000.0, scale: 1.0 };
-        Spam::<false, true, true, false>::update(&r.coeffs::<f32>(&mut [3.0; 4], &[0.0; 4]), p, g, s)
+        let r = Spam::<false, true, true, false, false> {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-6,
+            weight_decay: 0.0,
+            threshold: 5000.0,
+            scale: 1.0,
+            caution_count: 0.0,
+        };
+        Spam::<false, true, true, false, false>::update(&r.coeffs::<f32>(&mut [3.0; 4], &[0.0; 4]), p, g, s)
     }
 }

@@ -6,16 +6,18 @@ import math
 
 import torch
 
-from .base import Reference
+from .base import Reference, cautious
 
 
 class RefSPAM(Reference):
     scalars = ("step",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True,
-                 warmup_steps=150, threshold=5000, DeltaT=500, grad_accu_steps=20, *, maximize=False, **options):
+                 warmup_steps=150, threshold=5000, DeltaT=500, grad_accu_steps=20, *, maximize=False, caution=False, caution_norm="mean",
+                 **options):
         super().__init__(params, maximize=maximize, **options, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         correct_bias=correct_bias, N=warmup_steps, theta=threshold, dT=DeltaT, accu=grad_accu_steps)
+                         correct_bias=correct_bias, N=warmup_steps, theta=threshold, dT=DeltaT, accu=grad_accu_steps, caution=caution,
+                         caution_norm=caution_norm)
         self.total_step = 0  # completed steps
         self.current_step = warmup_steps + 1  # steps since the last reset (warm-up position)
 
@@ -47,7 +49,8 @@ class RefSPAM(Reference):
         st["exp_avg_sq"] = b2 * v + (1 - b2) * g * g
         den = st["exp_avg_sq"].sqrt() + h["eps"]
         eta = h["lr"] * math.sqrt(1 - b2**k) / (1 - b1**k) if h["correct_bias"] else h["lr"]
-        p.sub_(eta * self.s * st["exp_avg"] / den)
+        m = cautious(st["exp_avg"], g, h["caution_norm"]) if h["caution"] else st["exp_avg"]  # §20 (d), g as clipped
+        p.sub_(eta * self.s * m / den)
         if h["weight_decay"] > 0:  # after the update, not warmed up
             p.mul_(1 - h["lr"] * h["weight_decay"])
 

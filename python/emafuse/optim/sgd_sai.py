@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, GradClip, Rounding, StateDType, check_hyper, common_hyper
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, caution_hyper, check_caution_norm, check_hyper, common_hyper
 
 __all__ = ["SGDSaI"]
 
@@ -45,6 +45,14 @@ class SGDSaI(FusedOptimizer):
     ``check_finite`` and ``state_dtype`` / ``rounding`` (as :class:`emafuse.AdamW`). ``p.grad`` is never written. ``orthograd``
     is not taken: gsnr would have to be computed from the projected gradient, which needs the
     projection's sums first (a dependent second pass the engine does not run yet).
+
+    ``caution`` (default False) and ``caution_norm`` (``"mean"`` or ``"count"``): the Cautious mask
+    (Liang et al., arXiv:2411.16085; spec §20) on the step: it reads :math:`b \phi k` for
+    :math:`\phi = 1[b g > 0]`, :math:`k = 1/\max(\operatorname{mean}\phi, 10^{-3})` or
+    :math:`\mathrm{numel}/(\sum\phi + 1)` per tensor, as :class:`emafuse.AdamW`'s ``caution``; the
+    buffer keeps the unmasked :math:`b`, the decay is not masked. On a parameter's first step
+    :math:`b = g`, so only its zero gradients are masked. The counting shares the read-only pass
+    of gsnr's sums (one extra pass on the other steps).
     """
 
     _rule = "sgd_sai"
@@ -66,18 +74,22 @@ class SGDSaI(FusedOptimizer):
         rounding: Rounding | None = None,
         rounding_seed: int = 0,
         weight_correction: bool = False,
+        caution: bool = False,
+        caution_norm: str = "mean",
     ) -> None:
         check_hyper(lr=lr, eps=eps)
+        check_caution_norm(caution_norm)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"Invalid momentum parameter value: {momentum}")
         check_hyper(weight_decay=weight_decay)
         defaults = dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction))
+        precision = (state_dtype, rounding, rounding_seed, weight_correction)
+        self._init_emafuse_defaults(check_finite, grad_clip, precision, caution=caution, caution_norm=caution_norm)
 
     def _scalar_dtype(self, key: str) -> torch.dtype:
         return torch.float64
 
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
-        return {**common_hyper(group), "momentum": float(group["momentum"])}
+        return {**common_hyper(group), "momentum": float(group["momentum"]), **caution_hyper(group)}

@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizer, GradClip, Rounding, StateDType, common_hyper
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, caution_hyper, check_caution_norm, common_hyper
 
 __all__ = ["SPAM"]
 
@@ -56,6 +56,13 @@ class SPAM(FusedOptimizer):
     ``ValueError`` checks: ``weight_decay``, ``warmup_steps``, ``threshold``, ``grad_accu_steps``
     < 0 and ``DeltaT`` < 1. ``no_deprecation_warning`` is accepted and ignored (no warning is
     given). Extra keywords: ``maximize``, ``check_finite``, ``orthograd`` and the lean-state ``state_dtype`` / ``rounding`` (as :class:`emafuse.AdamW`).
+
+    ``caution`` (default False) and ``caution_norm`` (``"mean"`` or ``"count"``): the Cautious mask
+    (Liang et al., arXiv:2411.16085; spec §20) on the step: it reads :math:`m \phi k` for
+    :math:`\phi = 1[m g > 0]` (:math:`g` as spike-clipped: the gradient the moments see),
+    :math:`k = 1/\max(\operatorname{mean}\phi, 10^{-3})` or :math:`\mathrm{numel}/(\sum\phi + 1)` per
+    tensor, as :class:`emafuse.AdamW`'s ``caution``; the decay is not masked. One extra read-only
+    pass; not combinable with ``orthograd``.
     """
 
     _rule = "spam"
@@ -83,7 +90,10 @@ class SPAM(FusedOptimizer):
         weight_correction: bool = False,
         orthograd: bool = False,
         orthograd_rescale: bool = True,
+        caution: bool = False,
+        caution_norm: str = "mean",
     ) -> None:
+        check_caution_norm(caution_norm)
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr} - should be >= 0.0")
         if not 0.0 <= betas[0] < 1.0:
@@ -113,7 +123,9 @@ class SPAM(FusedOptimizer):
         )
         super().__init__(params, defaults)
         precision = (state_dtype, rounding, rounding_seed, weight_correction)
-        self._init_emafuse_defaults(check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale)
+        self._init_emafuse_defaults(
+            check_finite, grad_clip, precision, orthograd=orthograd, orthograd_rescale=orthograd_rescale, caution=caution, caution_norm=caution_norm
+        )
         self._this_step: tuple[int, float, bool] = (1, 1.0, False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -170,4 +182,5 @@ class SPAM(FusedOptimizer):
             "reset": bool(reset),
             "clip": d["threshold"] != 0 and t >= accu and t % d["DeltaT"] >= accu,
             "correct_bias": bool(group["correct_bias"]),
+            **caution_hyper(group),
         }

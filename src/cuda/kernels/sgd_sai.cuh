@@ -5,11 +5,11 @@
 #pragma once
 #include "common.cuh"
 
-template <bool MOMENTUM, bool FIRST>
+template <bool MOMENTUM, bool FIRST, bool CAUTION>
 struct SgdSai {
     template <class R>
     struct Coeffs {
-        R momentum, one_minus_momentum, decay, neg_step;
+        R momentum, one_minus_momentum, decay, neg_step, caution;
     };
 
     // gsnr of a tensor from its sums (Σg, Σg², n): ‖g‖ / (unbiased std + eps).
@@ -25,12 +25,13 @@ struct SgdSai {
 
     template <class R>
     EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double* sums) {
-        if (FIRST) scalars[0] = gsnr(sums[0], sums[1], sums[2], h.eps);
+        if (FIRST) scalars[0] = CAUTION ? gsnr(sums[2], sums[3], sums[1], h.eps) : gsnr(sums[0], sums[1], sums[2], h.eps);
         Coeffs<R> c;
         c.momentum = R(h.momentum);
         c.one_minus_momentum = R(1.0 - h.momentum);
         c.decay = R(1.0 - h.weight_decay * h.lr);
         c.neg_step = R(-(h.lr * scalars[0]));
+        c.caution = CAUTION ? ef_caution_factor<R>(sums, h.caution_count != 0.0) : R(1);
         return c;
     }
 
@@ -38,14 +39,24 @@ struct SgdSai {
     EF_FN static R update(const Coeffs<R>& c, R p, R g, R* s) {
         R b = (!MOMENTUM || FIRST) ? g : s[0] * c.momentum + c.one_minus_momentum * g;
         if (MOMENTUM) s[0] = b;
+        if (CAUTION) b = ef_cautious(b, g, c.caution);
         return p * c.decay + c.neg_step * b;
     }
 
+    // sgd_sai.rs `accumulate`: [Σφ, n] with caution, then on the first step Σg, Σg² (without
+    // caution: [Σg, Σg², n]).
     template <class R>
-    EF_FN static void accumulate(const EfHyper&, R, R g, const R*, double* sums) {
-        double gd = (double)g;
-        sums[0] += gd;
-        sums[1] += gd * gd;
-        sums[2] += 1.0;
+    EF_FN static void accumulate(const EfHyper& h, R, R g, const R* s, double* sums) {
+        if (CAUTION) {
+            R b = (!MOMENTUM || FIRST) ? g : s[0] * R(h.momentum) + R(1.0 - h.momentum) * g;
+            ef_cautious_count(b, g, sums);
+        }
+        if (FIRST) {
+            const int at = CAUTION ? 2 : 0;
+            double gd = (double)g;
+            sums[at] += gd;
+            sums[at + 1] += gd * gd;
+            if (!CAUTION) sums[2] += 1.0;
+        }
     }
 };
