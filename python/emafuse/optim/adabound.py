@@ -43,9 +43,10 @@ class AdaBound(FusedOptimizer):
 
     ``caution`` (default False) and ``caution_norm`` (``"mean"`` or ``"count"``): the Cautious mask
     (Liang et al., arXiv:2411.16085; spec §20) on the step: it reads :math:`m \phi k` for
-    :math:`\phi = 1[m g > 0]` (:math:`g` with its L2 term), :math:`k = 1/\max(\operatorname{mean}\phi, 10^{-3})` or
-    :math:`\mathrm{numel}/(\sum\phi + 1)` per tensor, as :class:`emafuse.AdamW`'s ``caution``
-    (the bounded step size is positive, so :math:`m` carries the update's sign; AdaBoundW's decay is not masked). One extra read-only pass; not combinable with ``orthograd``.
+    :math:`\phi = 1[m g > 0]` (:math:`g` with its L2 term), :math:`k = 1/\max(\operatorname{mean}
+    \phi, 10^{-3})` or :math:`\mathrm{numel}/(\sum\phi + 1)` per tensor, as :class:`emafuse.AdamW`'s
+    ``caution`` (the bounded step size is positive, so :math:`m` carries the update's sign;
+    AdaBoundW's decay is not masked). One extra read-only pass; not combinable with ``orthograd``.
     """
 
     _rule = "adabound"
