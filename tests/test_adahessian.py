@@ -364,3 +364,64 @@ def test_refuses_what_it_cannot_estimate():
     (p.abs() ** 4).sum().backward(create_graph=True)
     with pytest.raises(emafuse.UnsupportedOptionError, match="complex parameters"):
         emafuse.AdaHessian([p]).step()
+
+
+def test_lightning_trains_with_create_graph_backward():
+    """In Lightning, a module whose ``backward`` keeps the graph trains with AdaHessian (Lightning
+    calls ``step(closure)``): the same parameters as a hand-written loop."""
+    import lightning.pytorch as pl
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(48, 5, generator=g), torch.randn(48, 2, generator=g)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 2))
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net()
+
+        def training_step(self, batch, _):
+            return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def backward(self, loss, *args, **kwargs):
+            loss.backward(create_graph=True)
+
+        def configure_optimizers(self):
+            return emafuse.AdaHessian(self.parameters(), lr=0.05, eps=1e-4, update_each=2)
+
+    module = Module()
+    pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+               enable_model_summary=False).fit(module, data)
+    model = net()
+    opt = emafuse.AdaHessian(model.parameters(), lr=0.05, eps=1e-4, update_each=2)
+    for _ in range(2):
+        for xb, yb in data:
+            opt.zero_grad()
+            nn.functional.mse_loss(model(xb), yb).backward(create_graph=True)
+            opt.step()
+    for p, q in zip(module.net.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_compiled_training_step_runs_the_step_eagerly():
+    """Under ``torch.compile`` the step is a graph break (its Hessian-vector product calls autograd)
+    and runs eagerly: the same parameters as an eager run."""
+    model, twin = Net(conv1d=False, seed=8), Net(conv1d=False, seed=8)
+    opt = emafuse.AdaHessian(model.parameters(), lr=0.05, eps=1e-4)
+    other = emafuse.AdaHessian(twin.parameters(), lr=0.05, eps=1e-4)
+
+    @torch.compile(backend="eager")
+    def train_step(t: int) -> None:
+        opt.zero_grad()
+        backward(model, t)
+        opt.step()
+
+    for t in range(3):
+        train_step(t)
+        train(other, twin, range(t, t + 1))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -67,8 +67,8 @@ class AdaHessian(FusedOptimizer):
     are of the negated loss), ``check_finite``, ``grad_clip`` (clips the gradients the moments see,
     not the estimate) and the lean-state ``state_dtype`` / ``rounding`` (see
     :class:`emafuse.AdamW`; the estimate is stored like the other slots). ``update_each``,
-    ``n_samples`` and ``seed`` are optimizer-wide. Not available: ``orthograd``, ``torch.compile``
-    of the step (its Hessian-vector product calls autograd).
+    ``n_samples`` and ``seed`` are optimizer-wide. Under ``torch.compile`` the step runs eagerly (a
+    graph break: its Hessian-vector product calls autograd). Not available: ``orthograd``.
     """
 
     _rule = "adahessian"
@@ -156,16 +156,13 @@ class AdaHessian(FusedOptimizer):
 
     # -- the step ------------------------------------------------------------------------------
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One step. ``closure`` (optional) re-evaluates the model, calls
         ``loss.backward(create_graph=True)`` and returns the loss. Nothing changes when the step
-        is refused."""
-        if torch.compiler.is_compiling():
-            raise UnsupportedOptionError(
-                "AdaHessian.step cannot run under torch.compile: its Hessian-vector product calls torch.autograd.grad. "
-                "Call step() outside the compiled region (compile the model's forward instead)"
-            )
+        is refused. Under ``torch.compile`` the step runs eagerly (a graph break): its
+        Hessian-vector product calls ``torch.autograd.grad``."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
