@@ -17,8 +17,8 @@
 //! State slots: `exp_avg`, `exp_avg_sq`, then `max_exp_avg_sq` with amsbound; scalar `step`.
 
 use super::{
-    bool_dispatch, caution_factor, cautious, cautious_count, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper, RuleInfo,
-    RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
+    bool_dispatch, caution_factor, cautious, cautious_count_momentum, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper,
+    RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::{Error, Result};
 use crate::real::Real;
@@ -123,8 +123,7 @@ impl<const AMSBOUND: bool, const L2: bool, const DECOUPLED: bool, const CAUTION:
     fn accumulate<R: Real>(&self, p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
         if CAUTION {
             let g = if L2 { g + R::from_f64(self.weight_decay) * p } else { g };
-            let m = s[0] * R::from_f64(self.beta1) + R::from_f64(1.0 - self.beta1) * g;
-            cautious_count(m, g, sums);
+            cautious_count_momentum(s[0], g, self.beta1, sums);
         }
     }
 }
@@ -153,41 +152,24 @@ pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
 mod tests {
     use super::*;
 
+    const HYPER: (f64, f64, f64, f64, f64, f64, f64, f64) = (2e-3, 0.9, 0.999, 0.05, 0.1, 1e-8, 0.01, 4e-3);
+
+    /// One step of AdaBound with L2 decay (AMSBound with `A`) and the [`HYPER`] parameters.
+    fn l2_step<const A: bool>(t: &mut [f64; 4], p: f64, g: f64, s: &mut [f64; 4]) -> f64 {
+        let (lr, beta1, beta2, final_lr, gamma, eps, weight_decay, base_lr) = HYPER;
+        let r = AdaBound::<A, true, false, false> { lr, beta1, beta2, final_lr, gamma, eps, weight_decay, base_lr, caution_count: 0.0 };
+        AdaBound::<A, true, false, false>::update(&r.coeffs::<f64>(t, &[0.0; 4]), p, g, s)
+    }
+
     #[test]
     fn matches_spec_in_f64() {
-        let (lr, b1, b2, fl, gm, eps, wd, base) = (2e-3, 0.9, 0.999, 0.05, 0.1, 1e-8, 0.01, 4e-3);
+        let (lr, b1, b2, fl, gm, eps, wd, base) = HYPER;
         for ams in [false, true] {
             let (mut p, mut s, mut t) = (0.5f64, [0.0f64; 4], [0.0f64; 4]);
             let (mut rp, mut rm, mut rv, mut rmax) = (p, 0.0f64, 0.0f64, 0.0f64);
             for step in 1..=40 {
                 let g0 = ((step as f64) * 0.9).sin() * if step % 5 == 0 { 0.1 } else { 1.0 };
-                p = if ams {
-                    let r = AdaBound::<true, true, false, false> {
-                        lr,
-                        beta1: b1,
-                        beta2: b2,
-                        final_lr: fl,
-                        gamma: gm,
-                        eps,
-                        weight_decay: wd,
-                        base_lr: base,
-                        caution_count: 0.0,
-                    };
-                    AdaBound::<true, true, false, false>::update(&r.coeffs::<f64>(&mut t, &[0.0; 4]), p, g0, &mut s)
-                } else {
-                    let r = AdaBound::<false, true, false, false> {
-                        lr,
-                        beta1: b1,
-                        beta2: b2,
-                        final_lr: fl,
-                        gamma: gm,
-                        eps,
-                        weight_decay: wd,
-                        base_lr: base,
-                        caution_count: 0.0,
-                    };
-                    AdaBound::<false, true, false, false>::update(&r.coeffs::<f64>(&mut t, &[0.0; 4]), p, g0, &mut s)
-                };
+                p = if ams { l2_step::<true>(&mut t, p, g0, &mut s) } else { l2_step::<false>(&mut t, p, g0, &mut s) };
                 // Spec §14 (d).
                 let tt = step as f64;
                 let g = g0 + wd * rp;
@@ -210,7 +192,7 @@ mod tests {
     /// AdaBoundW (spec §14 (d)): the step without L2, then `− wd·p_old`, no lr factor.
     #[test]
     fn decoupled_decay_matches_spec_in_f64() {
-        let (lr, b1, b2, fl, gm, eps, wd, base) = (2e-3, 0.9, 0.999, 0.05, 0.1, 1e-8, 0.01, 4e-3);
+        let (lr, b1, b2, fl, gm, eps, wd, base) = HYPER;
         let r = AdaBound::<true, false, true, false> {
             lr,
             beta1: b1,

@@ -16,8 +16,8 @@
 //! State slots: `exp_avg`, `exp_avg_sq`, `exp_avg_lr`.
 
 use super::{
-    bool_dispatch, caution_factor, cautious, cautious_count, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper, RuleInfo,
-    RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
+    bool_dispatch, caution_factor, cautious, cautious_count_momentum, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper,
+    RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::Result;
 use crate::real::Real;
@@ -106,8 +106,7 @@ impl<const CAUTION: bool> Rule for AdaMod<CAUTION> {
     #[inline(always)]
     fn accumulate<R: Real>(&self, _p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
         if CAUTION {
-            let m = s[0] * R::from_f64(self.beta1) + R::from_f64(1.0 - self.beta1) * g;
-            cautious_count(m, g, sums);
+            cautious_count_momentum(s[0], g, self.beta1, sums);
         }
     }
 }

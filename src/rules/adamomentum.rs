@@ -14,8 +14,8 @@
 //! State slots: `exp_avg`, `exp_avg_sq`.
 
 use super::{
-    bool_dispatch, caution_factor, cautious, cautious_count, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper, RuleInfo,
-    RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
+    bool_dispatch, caution_factor, cautious, cautious_count_momentum, check_non_negative, check_unit_interval, next_step, rule_params, Input, Rule, RuleHyper,
+    RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::Result;
 use crate::real::Real;
@@ -103,8 +103,7 @@ impl<const DECOUPLE: bool, const CAUTION: bool> Rule for AdaMomentum<DECOUPLE, C
     fn accumulate<R: Real>(&self, p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
         if CAUTION {
             let g = if DECOUPLE { g } else { g + R::from_f64(self.weight_decay) * p };
-            let m = s[0] * R::from_f64(self.beta1) + R::from_f64(1.0 - self.beta1) * g;
-            cautious_count(m, g, sums);
+            cautious_count_momentum(s[0], g, self.beta1, sums);
         }
     }
 }

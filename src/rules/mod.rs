@@ -347,6 +347,13 @@ pub(crate) fn cautious_count<R: Real>(u: R, g: R, sums: &mut [f64; MAX_SUMS]) {
     sums[1] += 1.0;
 }
 
+/// [`cautious_count`] for a rule whose step has the sign of its new first moment
+/// `m = m_old·β1 + (1 − β1)·g`, computed as the rules' updates compute it.
+#[inline(always)]
+pub(crate) fn cautious_count_momentum<R: Real>(m_old: R, g: R, beta1: f64, sums: &mut [f64; MAX_SUMS]) {
+    cautious_count(m_old * R::from_f64(beta1) + R::from_f64(1.0 - beta1) * g, g, sums);
+}
+
 /// The Cautious mask applied to `u` (spec §20): `u·k` where `u·g > 0`, else 0 (`ef_cautious` in
 /// common.cuh).
 #[inline(always)]

@@ -19,7 +19,7 @@
 //! State slots: `exp_avg`, `exp_avg_sq`.
 
 use super::{
-    bool_dispatch, caution_factor, cautious, cautious_count, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo,
+    bool_dispatch, caution_factor, cautious, cautious_count_momentum, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo,
     RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::{Error, Result};
@@ -131,7 +131,7 @@ impl<const RESET: bool, const CLIP: bool, const CORRECT_BIAS: bool, const DECAY:
         if CAUTION {
             let (m, v) = if RESET { (R::ZERO, R::ZERO) } else { (s[0], s[1]) };
             let g = Self::clipped(R::from_f64(self.threshold), g, v);
-            cautious_count(m * R::from_f64(self.beta1) + R::from_f64(1.0 - self.beta1) * g, g, sums);
+            cautious_count_momentum(m, g, self.beta1, sums);
         }
     }
 }

@@ -312,6 +312,11 @@ template <class R> EF_FN void ef_cautious_count(R u, R g, double* sums) {
     sums[0] += (u * g > R(0)) ? 1.0 : 0.0;
     sums[1] += 1.0;
 }
+// ef_cautious_count for a rule whose step has the sign of its new first moment
+// m = m_old·β1 + (1 − β1)·g (src/rules/mod.rs `cautious_count_momentum`).
+template <class R> EF_FN void ef_cautious_count_momentum(R m_old, R g, double beta1, double* sums) {
+    ef_cautious_count(m_old * R(beta1) + R(1.0 - beta1) * g, g, sums);
+}
 template <class R> EF_FN R ef_cautious(R u, R g, R k) { return u * g > R(0) ? u * k : R(0); }
 template <class R> EF_FN R ef_caution_factor(const double* sums, bool count) {
     R agree = R(sums[0]), n = R(sums[1]);

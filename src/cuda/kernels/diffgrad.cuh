@@ -45,8 +45,7 @@ struct DiffGrad {
     EF_FN static void accumulate(const EfHyper& h, R p, R g, const R* s, double* sums) {
         if (CAUTION) {
             if (L2) g = g + R(h.weight_decay) * p;
-            R m = s[0] * R(h.beta1) + R(1.0 - h.beta1) * g;
-            ef_cautious_count(m, g, sums);
+            ef_cautious_count_momentum(s[0], g, h.beta1, sums);
         }
     }
 };

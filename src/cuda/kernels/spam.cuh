@@ -50,7 +50,7 @@ struct Spam {
             R m = RESET ? R(0) : s[0];
             R v = RESET ? R(0) : s[1];
             if (CLIP && g * g > R(h.threshold) * v) g = ef_sign(g) * ef_sqrt(v * R(h.threshold));
-            ef_cautious_count(m * R(h.beta1) + R(1.0 - h.beta1) * g, g, sums);
+            ef_cautious_count_momentum(m, g, h.beta1, sums);
         }
     }
 };
