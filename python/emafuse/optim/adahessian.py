@@ -224,16 +224,16 @@ class AdaHessian(FusedOptimizer):
             return {}
         params = [p for p, _ in due]
         grads = [p.grad for p in params]
+        for p, g in zip(params, grads):
+            if p.is_complex() or _dtensor.is_dtensor(p) or g.layout != torch.strided:
+                what = "complex parameters" if p.is_complex() else "DTensor (FSDP2) parameters" if _dtensor.is_dtensor(p) else "sparse gradients"
+                raise UnsupportedOptionError(f"AdaHessian does not support {what} (its Hessian estimate is drawn per whole dense real tensor)")
         differentiable = [i for i, g in enumerate(grads) if g.requires_grad]
         if not differentiable:
             raise InvalidArgumentError(
                 "AdaHessian.step: the gradients have no graph to differentiate for the Hessian estimate; call "
                 "loss.backward(create_graph=True) (not loss.backward()) before step()"
             )
-        for p, g in zip(params, grads):
-            if p.is_complex() or _dtensor.is_dtensor(p) or g.layout != torch.strided:
-                what = "complex parameters" if p.is_complex() else "DTensor (FSDP2) parameters" if _dtensor.is_dtensor(p) else "sparse gradients"
-                raise UnsupportedOptionError(f"AdaHessian does not support {what} (its Hessian estimate is drawn per whole dense real tensor)")
         n = int(self.defaults["n_samples"])
         sums: list[Tensor | None] = [None] * len(params)
         for i in range(n):
