@@ -1,8 +1,10 @@
-"""AdaHessian on the CPU: emafuse.AdaHessian against timm's Adahessian (the package users install;
-pytorch_optimizer's AdaHessian as a second peer), next to the machine's memory bandwidth.
+"""AdaHessian: emafuse.AdaHessian against timm's Adahessian (the package users install; left out
+where timm is not installed, as on the GPU machine) and pytorch_optimizer's AdaHessian, next to
+the machine's memory bandwidth.
 
-    PYTHONPATH=python python benchmarks/bench_adahessian.py            # writes RESULTS.md
-    PYTHONPATH=python python benchmarks/bench_adahessian.py --quick    # short, prints only
+    python benchmarks/bench_adahessian.py                  # writes RESULTS.md
+    python benchmarks/bench_adahessian.py --quick          # short, prints only
+    python benchmarks/bench_adahessian.py --device cuda    # the GPU check (benchmarks/gpu_check.sh)
 
 Two measurements:
 
@@ -24,10 +26,14 @@ from collections.abc import Callable
 
 import emafuse
 import pytorch_optimizer
-import timm.optim
 import torch
-from common import machine_info, markdown_table, median_bandwidth, workload_settings, write_section
+from common import device_bandwidth, machine_info, markdown_table, workload_settings, write_section
 from workloads import WORKLOADS, make_params, numel
+
+try:
+    import timm.optim
+except ImportError:  # pragma: no cover - optional peer (not on the GPU machine)
+    timm = None
 
 BYTES_PER_PARAM = 32
 NEVER = 10**9  # update_each: the estimate of the first step is reused for the whole run
@@ -35,9 +41,22 @@ NEVER = 10**9  # update_each: the estimate of the first step is reused for the w
 # name -> optimizer factory (params, update_each)
 IMPLS: dict[str, Callable[[list[torch.Tensor], int], torch.optim.Optimizer]] = {
     "emafuse.AdaHessian": lambda ps, k: emafuse.AdaHessian(ps, lr=1e-3, eps=1e-4, update_each=k),
-    "timm Adahessian": lambda ps, k: timm.optim.Adahessian(ps, lr=1e-3, eps=1e-4, update_each=k),
     "pytorch_optimizer AdaHessian": lambda ps, k: pytorch_optimizer.AdaHessian(ps, lr=1e-3, eps=1e-4, update_period=k),
 }
+if timm is not None:
+    IMPLS["timm Adahessian"] = lambda ps, k: timm.optim.Adahessian(ps, lr=1e-3, eps=1e-4, update_each=k)
+
+
+def timed(device: torch.device, fn: Callable[[], object]) -> float:
+    """Seconds of ``fn()``; on CUDA with the device drained before and after (its work is
+    asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
 
 
 def first_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
@@ -47,21 +66,19 @@ def first_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: li
     opt.step()
 
 
-def measure_update(shapes: list[tuple[int, ...]], rounds: int, calls: int) -> dict[str, list[float]]:
+def measure_update(shapes: list[tuple[int, ...]], rounds: int, calls: int, device: torch.device) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in IMPLS}
     for _ in range(rounds):
         for name, make in IMPLS.items():
-            params = make_params(shapes)
-            grads = [p.grad.clone() for p in params]
+            params = [p.detach().to(device).requires_grad_() for p in make_params(shapes)]
+            grads = [torch.randn_like(p) for p in params]
             opt = make(params, NEVER)
             first_step(opt, params, grads)
             for p, g in zip(params, grads):
                 p.grad = g  # no graph: the following steps reuse the estimate
             opt.step()  # warm-up
             for _ in range(calls):
-                t0 = time.perf_counter()
-                opt.step()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(timed(device, opt.step))
             del opt, params, grads
             gc.collect()
     return times
@@ -75,21 +92,20 @@ def conv_net() -> torch.nn.Module:
     )
 
 
-def measure_full_step(rounds: int, calls: int) -> tuple[int, dict[str, list[float]]]:
-    x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
+def measure_full_step(rounds: int, calls: int, device: torch.device) -> tuple[int, dict[str, list[float]]]:
+    x, y = torch.randn(32, 3, 16, 16, device=device), torch.randint(0, 10, (32,), device=device)
     times: dict[str, list[float]] = {name: [] for name in IMPLS}
     n = sum(p.numel() for p in conv_net().parameters())
     for _ in range(rounds):
         for name, make in IMPLS.items():
-            model = conv_net()
+            model = conv_net().to(device)
             opt = make(list(model.parameters()), 1)
             for i in range(calls + 1):
                 opt.zero_grad()
                 torch.nn.functional.cross_entropy(model(x), y).backward(create_graph=True)
-                t0 = time.perf_counter()
-                opt.step()
+                t = timed(device, opt.step)
                 if i:  # the first is a warm-up
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(t)
             del model, opt
             gc.collect()
     return n, times
@@ -108,19 +124,21 @@ def rows_of(label: str, times: dict[str, list[float]], n: int, bandwidth: float 
 
 
 def main() -> None:
-    run = workload_settings(__doc__, rounds=3, repeats="calls", repeats_default=3)
-    copy_gbs, inplace_gbs = median_bandwidth()
+    run = workload_settings(__doc__, rounds=3, repeats="calls", repeats_default=3, device=True)
+    device = run.device
+    copy_gbs, inplace_gbs = device_bandwidth(device)
     rows = []
     for wl in run.workloads:
         shapes = WORKLOADS[wl]()
-        rows += rows_of(f"{wl}: update (estimate reused)", measure_update(shapes, run.rounds, run.repeats), numel(shapes), inplace_gbs)
-    n, times = measure_full_step(run.rounds, max(run.repeats, 5))
+        rows += rows_of(f"{wl}: update (estimate reused)", measure_update(shapes, run.rounds, run.repeats, device), numel(shapes), inplace_gbs)
+    n, times = measure_full_step(run.rounds, max(run.repeats, 5), device)
     rows += rows_of(f"conv net ({n / 1e6:.2f}M params, batch 32): whole step with the Hessian-vector product", times, n, None)
     info = machine_info()
     table = markdown_table(["workload", "optimizer", "ms/step", "min-max ms", "GB/s", "% of in-place", "time / emafuse"], rows)
     section = (
-        "## AdaHessian (CPU)\n\n"
-        f"`python benchmarks/bench_adahessian.py` — {info['date']}, {info.get('cpu', '')}, torch {torch.__version__}, "
+        f"## AdaHessian ({device.type.upper()})\n\n"
+        f"`python benchmarks/bench_adahessian.py --device {device.type}` — {info['date']}, "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else info.get('cpu', '')}, torch {torch.__version__}, "
         f"emafuse threads {emafuse.num_threads()}. Median of {run.rounds} rounds x {run.repeats} steps after a warm-up step "
         "(the whole-step rows: at least 5 steps per round). Memory bandwidth in the same run (median, read + written): "
         f"copy {copy_gbs:.1f} GB/s, in-place {inplace_gbs:.1f} GB/s. Update rows: steps that reuse the stored estimate "
@@ -130,7 +148,7 @@ def main() -> None:
     )
     print(section)
     if run.output:
-        write_section(run.output, "ADAHESSIAN:CPU", section)
+        write_section(run.output, f"ADAHESSIAN:{device.type.upper()}", section)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 #
 # Here (dev machine):   tools/build_wheel.sh          # writes .gpu/ (ignored by git)
 # Device tool:          run(command="bash benchmarks/gpu_check.sh [parts]", carry=[".gpu"])
-# parts (default: all): tests optim research ema lean. Output also goes to $OUT.
+# parts (default: all but hessian): tests optim research ema lean hessian. Output also goes to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/emafuse-gpu}
@@ -23,6 +23,7 @@ for part in $PARTS; do
         research) python3 benchmarks/bench_research.py --device cuda --workloads resnet50,gpt2-small --output "$OUT/RESULTS_research_gpu.md" 2>&1 | tail -40 ;;
         ema) python3 benchmarks/bench_ema.py --device cuda 2>&1 | tee "$OUT/bench_ema_gpu.log" | tail -40 ;;
         lean) python3 benchmarks/bench_lean_state.py --device cuda --workloads resnet50,gpt2-small --output "$OUT/RESULTS_lean_gpu.md" 2>&1 | tail -30 ;;
+        hessian) python3 benchmarks/bench_adahessian.py --device cuda --workloads resnet50,gpt2-small --output "$OUT/RESULTS_adahessian_gpu.md" 2>&1 | tail -20 ;;
     esac
 done
 exit "$status"
