@@ -425,3 +425,20 @@ def test_compiled_training_step_runs_the_step_eagerly():
         train(other, twin, range(t, t + 1))
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_maximize_ascends_as_minimizing_the_negated_loss():
+    """``maximize=True`` on a loss steps exactly as minimizing its negation (the estimate's square
+    is the same for both)."""
+    model, twin = Net(conv1d=True, seed=9), Net(conv1d=True, seed=9)
+    up = emafuse.AdaHessian(model.parameters(), lr=0.05, eps=1e-4, maximize=True, weight_decay=0.1)
+    down = emafuse.AdaHessian(twin.parameters(), lr=0.05, eps=1e-4, weight_decay=0.1)
+    for t in range(3):
+        up.zero_grad()
+        backward(model, t)
+        up.step()
+        down.zero_grad()
+        backward(twin, t, scale=-1.0)
+        down.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
