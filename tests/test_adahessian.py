@@ -326,7 +326,8 @@ def test_bad_input_changes_nothing():
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="optimizer-wide"):
-        opt.add_param_group({"params": [nn.Parameter(torch.ones(3))], "update_each": 2})
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(3))], "update_each": 2})
+    assert len(opt.param_groups) == 1  # the refused group was not added
 
 
 @pytest.mark.official

@@ -57,6 +57,10 @@ rule_params! {
         step: f64,
         /// 1 for caution's "count" normalisation, 0 for "mean" (only read with `CAUTION`).
         caution_count: f64,
+        /// The weights of m and v in the update's direction, `1/bc1` and `β2/bc2` (only read with
+        /// `CAUTION`; computed once in `visit`, not per element by the counting pass).
+        dir_m: f64,
+        dir_v: f64,
     }
 }
 
@@ -83,20 +87,6 @@ pub struct AdanCoeffs<R: Real> {
     caution: R,
 }
 
-impl<const NO_PROX: bool, const FIRST: bool, const CAUTION: bool> Adan<NO_PROX, FIRST, CAUTION> {
-    /// The bias corrections `(bc1, bc2, bc3)` of the group's step.
-    fn corrections(&self) -> (f64, f64, f64) {
-        let k = self.step;
-        (1.0 - self.beta1.powf(k), 1.0 - self.beta2.powf(k), 1.0 - self.beta3.powf(k))
-    }
-
-    /// The weights of m and v in the update's direction (see [`AdanCoeffs::dir_m`]).
-    fn direction<R: Real>(&self) -> (R, R) {
-        let (bc1, bc2, _) = self.corrections();
-        (R::from_f64(1.0 / bc1), R::from_f64(self.beta2 / bc2))
-    }
-}
-
 impl<const NO_PROX: bool, const FIRST: bool, const CAUTION: bool> Rule for Adan<NO_PROX, FIRST, CAUTION> {
     const INFO: &'static RuleInfo = &INFO;
     const SLOT_NAMES: &'static [&'static str] = &["exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"];
@@ -105,8 +95,10 @@ impl<const NO_PROX: bool, const FIRST: bool, const CAUTION: bool> Rule for Adan<
     const SUMS: usize = if CAUTION { 2 } else { 0 };
 
     fn coeffs<R: Real>(&self, _scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> AdanCoeffs<R> {
-        let (bc1, bc2, bc3) = self.corrections();
-        let (dir_m, dir_v) = self.direction();
+        let k = self.step;
+        let bc1 = 1.0 - self.beta1.powf(k);
+        let bc2 = 1.0 - self.beta2.powf(k);
+        let bc3 = 1.0 - self.beta3.powf(k);
         let lr_wd = self.lr * self.weight_decay;
         AdanCoeffs {
             clip: R::from_f64(self.clip),
@@ -122,8 +114,8 @@ impl<const NO_PROX: bool, const FIRST: bool, const CAUTION: bool> Rule for Adan<
             neg_step_diff: R::from_f64(-(self.lr * self.beta2 / bc2)),
             decay: R::from_f64(1.0 - lr_wd),
             prox: R::from_f64(1.0 + lr_wd),
-            dir_m,
-            dir_v,
+            dir_m: R::from_f64(self.dir_m),
+            dir_v: R::from_f64(self.dir_v),
             caution: if CAUTION { caution_factor(sums, self.caution_count != 0.0) } else { R::ONE },
         }
     }
@@ -168,8 +160,7 @@ impl<const NO_PROX: bool, const FIRST: bool, const CAUTION: bool> Rule for Adan<
             let diff = if FIRST { R::ZERO } else { s[3] + g };
             let m = s[0] * R::from_f64(self.beta1) + R::from_f64(1.0 - self.beta1) * g;
             let v = s[2] * R::from_f64(self.beta2) + R::from_f64(1.0 - self.beta2) * diff;
-            let (dir_m, dir_v) = self.direction::<R>();
-            cautious_count(m * dir_m + v * dir_v, g, sums);
+            cautious_count(m * R::from_f64(self.dir_m) + v * R::from_f64(self.dir_v), g, sums);
         }
     }
 }
@@ -195,8 +186,9 @@ pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     }
     let first = h.flag("first")?;
     let caution_count = if h.flag("caution_count")? { 1.0 } else { 0.0 };
+    let (dir_m, dir_v) = (1.0 / (1.0 - beta1.powf(step)), beta2 / (1.0 - beta2.powf(step)));
     Ok(bool_dispatch!(h.flag("no_prox")? => N, first => F, h.flag("caution")? => C;
-        v.visit(Adan::<N, F, C> { lr, beta1, beta2, beta3, eps, weight_decay, clip, step, caution_count })))
+        v.visit(Adan::<N, F, C> { lr, beta1, beta2, beta3, eps, weight_decay, clip, step, caution_count, dir_m, dir_v })))
 }
 
 #[cfg(test)]
@@ -229,10 +221,10 @@ mod tests {
     fn step<const N: bool>(h: (f64, f64, f64, f64, f64, f64, f64), k: f64, first: bool, p: f64, g: f64, s: &mut [f64; 4]) -> f64 {
         let (lr, beta1, beta2, beta3, eps, weight_decay, clip) = h;
         if first {
-            let r = Adan::<N, true, false> { lr, beta1, beta2, beta3, eps, weight_decay, clip, step: k, caution_count: 0.0 };
+            let r = Adan::<N, true, false> { lr, beta1, beta2, beta3, eps, weight_decay, clip, step: k, caution_count: 0.0, dir_m: 0.0, dir_v: 0.0 };
             Adan::<N, true, false>::update(&r.coeffs::<f64>(&mut [0.0; 4], &[0.0; 4]), p, g, s)
         } else {
-            let r = Adan::<N, false, false> { lr, beta1, beta2, beta3, eps, weight_decay, clip, step: k, caution_count: 0.0 };
+            let r = Adan::<N, false, false> { lr, beta1, beta2, beta3, eps, weight_decay, clip, step: k, caution_count: 0.0, dir_m: 0.0, dir_v: 0.0 };
             Adan::<N, false, false>::update(&r.coeffs::<f64>(&mut [0.0; 4], &[0.0; 4]), p, g, s)
         }
     }
@@ -273,6 +265,8 @@ mod tests {
             clip: 1.0,
             step: 1.0,
             caution_count: 0.0,
+            dir_m: 0.0,
+            dir_v: 0.0,
         };
         let mut s = [0.0f32, 0.0, 0.0, 123.0];
         Adan::<false, true, false>::update(&r.coeffs::<f32>(&mut [0.0; 4], &[0.0; 4]), 1.0, 0.5, &mut s);

@@ -252,6 +252,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     # parameter, in their stored form: they replace the stored ones in the step's calls and are
     # committed with the step's new state (``_collect``), so a refused step keeps the old ones.
     _step_slots: Mapping[Tensor, dict[str, Tensor]] = MappingProxyType({})
+    # Hyper-parameters that are the optimizer's, not a group's (e.g. MoMo's lower bound, AdaHessian's
+    # sampling): a param group may not set other values than the constructor's.
+    _optimizer_wide: ClassVar[tuple[str, ...]] = ()
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -350,6 +353,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__}: grad_clip is optimizer-wide (it clips the norm of every gradient); a param group cannot "
                 f"set its own (got {param_group['grad_clip']!r})"
             )
+        for name in self._optimizer_wide:
+            if name in param_group and param_group[name] != self.defaults[name]:
+                raise ValueError(
+                    f"{type(self).__name__}: {name} is optimizer-wide (one value serves every group); a param group cannot set "
+                    f"{name}={param_group[name]!r} (optimizer: {self.defaults[name]!r})"
+                )
         super().add_param_group(param_group)
         self._reject_unsupported(self.param_groups[-1])
         self.__dict__.pop("_step_plan", None)  # release the tensors the plan holds

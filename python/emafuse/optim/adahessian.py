@@ -4,7 +4,7 @@ estimate from autograd, the update one fused native call."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -74,7 +74,8 @@ class AdaHessian(FusedOptimizer):
     _rule = "adahessian"
     _int_step_in_state_dict = True
     _takes_orthograd = False
-    _optimizer_wide: ClassVar[tuple[str, ...]] = ("update_each", "n_samples", "seed")
+    # (one Hessian-vector product per step serves every group)
+    _optimizer_wide = ("update_each", "n_samples", "seed")
 
     def __init__(
         self,
@@ -122,14 +123,7 @@ class AdaHessian(FusedOptimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        for name in self._optimizer_wide:
-            if group[name] != self.defaults[name]:
-                raise ValueError(
-                    f"AdaHessian: {name} is optimizer-wide (one Hessian-vector product serves every group); a param group "
-                    f"cannot set {name}={group[name]!r} (optimizer: {self.defaults[name]!r})"
-                )
-        group["hessian_step"] = self.param_groups[0]["hessian_step"]
+        self.param_groups[-1]["hessian_step"] = self.param_groups[0]["hessian_step"]
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         return {**common_hyper(group), "hessian_power": float(group["hessian_power"])}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,9 +43,6 @@ class _MomoBase(FusedOptimizer):
 
     _takes_orthograd = False
     _reads_global_sums = True
-    # Hyper-parameters that are the optimizer's, not a group's (the official keeps them as
-    # attributes); a param group may not set other values.
-    _optimizer_wide: ClassVar[tuple[str, ...]]
 
     def _init_counters(self, check_finite: bool, grad_clip: GradClip, precision: Precision) -> None:
         self._init_emafuse_defaults(check_finite, grad_clip, precision)
@@ -66,12 +63,6 @@ class _MomoBase(FusedOptimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for name in self._optimizer_wide:
-            if group[name] != self.defaults[name]:
-                raise ValueError(
-                    f"{type(self).__name__}: {name} is optimizer-wide (the official keeps it on the optimizer); "
-                    f"a param group cannot set {name}={group[name]!r} (optimizer: {self.defaults[name]!r})"
-                )
         if _COUNTERS[0] in self.param_groups[0]:  # not while the constructor adds the first groups
             self._set_counters(group, self._counters())
 

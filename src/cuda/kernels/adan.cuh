@@ -32,8 +32,8 @@ struct Adan {
         c.neg_step_diff = R(-(h.lr * h.beta2 / bc2));
         c.decay = R(1.0 - lr_wd);
         c.prox = R(1.0 + lr_wd);
-        c.dir_m = R(1.0 / bc1);
-        c.dir_v = R(h.beta2 / bc2);
+        c.dir_m = R(h.dir_m);
+        c.dir_v = R(h.dir_v);
         c.caution = CAUTION ? ef_caution_factor<R>(sums, h.caution_count != 0.0) : R(1);
         return c;
     }
@@ -76,10 +76,7 @@ struct Adan {
             R diff = FIRST ? R(0) : s[3] + g;
             R m = s[0] * R(h.beta1) + R(1.0 - h.beta1) * g;
             R v = s[2] * R(h.beta2) + R(1.0 - h.beta2) * diff;
-            double k = h.step;
-            R dir_m = R(1.0 / (1.0 - EF_POW_D(h.beta1, k)));
-            R dir_v = R(h.beta2 / (1.0 - EF_POW_D(h.beta2, k)));
-            ef_cautious_count(m * dir_m + v * dir_v, g, sums);
+            ef_cautious_count(m * R(h.dir_m) + v * R(h.dir_v), g, sums);
         }
     }
 };
