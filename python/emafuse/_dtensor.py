@@ -206,16 +206,33 @@ def shard_rows(calls: Sequence[Sequence[Tensor]]) -> ShardRows:
     return rows
 
 
-def add_shard_sums(sums: Sequence[Tensor], rows: ShardRows) -> None:
-    """Add, across each mesh, the rows ``rows`` of ``sums`` (one ``[n, MAX_SUMS]`` float64 tensor
-    per call, the engine's per-tensor sums over this rank's shards), in place: one ``all_reduce``
-    per process group. Every rank of the mesh must call this."""
+def add_shard_sums(sums: Sequence[Tensor], rows: ShardRows, columns: Sequence[Sequence[tuple[int, bool]]]) -> None:
+    """Combine, across each mesh, the rows ``rows`` of ``sums`` (one ``[n, MAX_SUMS]`` float64
+    tensor per call, the engine's per-tensor sums over this rank's shards), in place, in the
+    columns ``columns[ci]`` of call ``ci`` (``(column, is_max)``: added, or the largest kept):
+    one ``all_reduce`` per process group (two where some are maxima). Every rank of the mesh must
+    call this."""
     import torch.distributed as dist
 
     for pg, by_call in rows.items():
         index = {ci: torch.tensor(r, device=sums[ci].device) for ci, r in by_call.items()}
+        if not any(columns[ci] for ci in index):
+            continue
         part = torch.cat([sums[ci].index_select(0, ix) for ci, ix in index.items()])
-        dist.all_reduce(part, group=pg)
+        kind = torch.zeros_like(part, dtype=torch.int8)  # 0: kept, 1: added, 2: largest
+        start = 0
+        for ci, ix in index.items():
+            for col, is_max in columns[ci]:
+                kind[start : start + len(ix), col] = 2 if is_max else 1
+            start += len(ix)
+        zero = torch.zeros((), dtype=part.dtype, device=part.device)
+        added = torch.where(kind == 1, part, zero)
+        dist.all_reduce(added, group=pg)
+        part = torch.where(kind == 1, added, part)
+        if bool((kind == 2).any()):
+            largest = torch.where(kind == 2, part, zero)
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=pg)
+            part = torch.where(kind == 2, largest, part)
         start = 0
         for ci, ix in index.items():
             sums[ci].index_copy_(0, ix, part[start : start + len(ix)])

@@ -91,9 +91,11 @@ class StepPlan:
         found_inf: _AmpTensor = None,
         streams: Sequence[int] | None = None,
         grads: list[Tensor] | None = None,
+        sum_pass: int = 0,
     ) -> bool | None:
-        """The rule's per-tensor sums into ``out`` (one zeroed float64 ``[n, MAX_SUMS]`` tensor per
-        group); nothing is updated."""
+        """The rule's per-tensor sums of read-only pass ``sum_pass`` combined into ``out`` (one
+        float64 ``[n, MAX_SUMS]`` tensor per group, holding the earlier passes' sums: zeros for
+        pass 0); nothing is updated."""
     def params(self) -> list[Tensor]: ...
 
 @final
@@ -131,8 +133,9 @@ def rule_info(name: str) -> dict[str, Any]:
 def rule_slots(name: str, hyper: _Hyper) -> tuple[str, ...]:
     """The state slot names (in order) of the rule built from these hyper-parameters."""
 
-def rule_sums(name: str, hyper: _Hyper) -> int:
-    """How many per-tensor sums the rule built from these hyper-parameters reads (0: element-wise)."""
+def rule_sums(name: str, hyper: _Hyper) -> list[tuple[int, bool]]:
+    """The per-tensor sums the rule built from these hyper-parameters reads, as ``(pass, is_max)``
+    each: the read-only pass gathering it and whether it is a maximum (empty: element-wise)."""
 
 MAX_SUMS: int
 """The most per-tensor sums any rule reads (the width of ``StepPlan.sums`` arrays)."""

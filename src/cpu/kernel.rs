@@ -6,7 +6,7 @@ use crate::dtype::Elem;
 use crate::quant::{self, QuantMap};
 use crate::real::Real;
 use crate::rules::orthograd::{self, Projection};
-use crate::rules::{Rule, MAX_SLOTS, MAX_SUMS};
+use crate::rules::{combine_sums, Rule, MAX_SLOTS, MAX_SUMS};
 
 /// Elements per block: small enough for the block buffers to stay in L1. Also one quantization
 /// block of 8-bit state, whose spans start at multiples of it.
@@ -118,22 +118,28 @@ fn add_to_lanes(n: usize, lanes: &mut [[f64; MAX_SUMS]; LANES], mut add: impl Fn
     }
 }
 
-/// The lanes' sums, added in lane order.
-fn fold_lanes(lanes: &[[f64; MAX_SUMS]; LANES]) -> [f64; MAX_SUMS] {
+/// The lanes' sums, combined in lane order (added, or for the sums in `max_mask` the largest).
+fn fold_lanes(lanes: &[[f64; MAX_SUMS]; LANES], max_mask: u32) -> [f64; MAX_SUMS] {
     let mut sums = [0.0; MAX_SUMS];
     for lane in lanes {
-        for (total, x) in sums.iter_mut().zip(lane) {
-            *total += x;
-        }
+        combine_sums(&mut sums, lane, max_mask);
     }
     sums
 }
 
-/// The rule's per-tensor sums over `len` elements at `ptrs` (read-only pass).
+/// The rule's per-tensor sums of pass `pass` over `len` elements at `ptrs` (read-only pass);
+/// `prior`: the tensor's values from [`Rule::prepare`] (pass >= 1).
 ///
 /// # Safety
 /// As [`update_span`], except that the elements are only read.
-pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(rule: &Ru, factor: R, ptrs: SpanPtrs<P, G, S>, len: usize) -> [f64; MAX_SUMS] {
+pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
+    rule: &Ru,
+    factor: R,
+    pass: usize,
+    prior: &[R; MAX_SUMS],
+    ptrs: SpanPtrs<P, G, S>,
+    len: usize,
+) -> [f64; MAX_SUMS] {
     let zeros = [R::ZERO; BLOCK];
     let mut pb = [R::ZERO; BLOCK];
     let mut gb = [R::ZERO; BLOCK];
@@ -163,11 +169,15 @@ pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(ru
             for k in 0..Ru::SLOTS {
                 s[k] = slots[k][i];
             }
-            rule.accumulate(p[i], g[i] * factor, &s, lane);
+            if pass == 0 {
+                rule.accumulate(p[i], g[i] * factor, &s, lane);
+            } else {
+                rule.accumulate_after(pass, prior, p[i], g[i] * factor, &s, lane);
+            }
         });
         off += n;
     }
-    fold_lanes(&lanes)
+    fold_lanes(&lanes, Ru::MAX_SUMS_MASK)
 }
 
 /// A block of `n <= BLOCK` elements of one array as compute-type values, to read: a whole block

@@ -15,7 +15,7 @@ use crate::quant::{self, QuantMap};
 use crate::real::Real;
 use crate::rounding;
 use crate::rules::orthograd::{self, Projection};
-use crate::rules::{check_state, visit_base_rule, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use crate::rules::{check_state, combine_sums, visit_base_rule, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::view::TensorView;
 use half::{bf16, f16};
 use kernel::{GradTransform, SpanPtrs, SpanRounding};
@@ -153,9 +153,11 @@ pub trait CpuStep: Send + Sync {
     /// Fail if the group asked for finite gradients (`check_finite`) and one holds NaN or
     /// infinity. Reads only.
     fn check_finite(&self, who: &str) -> Result<()>;
-    /// The per-tensor sums over this batch, in its parameters' order: the rule's (zeros for a rule
-    /// without sums), or with `orthograd` the projection's. Reads only.
-    fn sums(&self, grad_scale: Option<f64>) -> Vec<[f64; MAX_SUMS]>;
+    /// The per-tensor sums of read-only pass `pass` over this batch, in its parameters' order,
+    /// combined into `prior` (the sums of the earlier passes, e.g. added across the shards of
+    /// sharded tensors; None: zeros): the rule's (zeros for a rule without sums), or with
+    /// `orthograd` the projection's (one pass). Reads only.
+    fn sums(&self, grad_scale: Option<f64>, pass: usize, prior: Option<Vec<[f64; MAX_SUMS]>>) -> Vec<[f64; MAX_SUMS]>;
     /// Update the scalar state and every tensor. Cannot fail. With AMP's `grad_scale`, every
     /// input is divided by it on the fly and stored back unscaled (as torch's fused optimizers do).
     /// `sums`: the per-tensor sums to use (e.g. added across the shards of sharded tensors)
@@ -164,10 +166,9 @@ pub trait CpuStep: Send + Sync {
 }
 
 /// What one typed pass over a batch does.
-#[derive(Copy, Clone)]
 enum Pass<'s> {
-    /// Only the per-tensor sums (read only).
-    Sums,
+    /// Only the per-tensor sums of one read-only pass, combined into those of the earlier ones.
+    Sums(usize, Option<Vec<[f64; MAX_SUMS]>>),
     /// The update, with the given sums or (None) its own.
     Update(Option<&'s [[f64; MAX_SUMS]]>),
 }
@@ -318,12 +319,34 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
         }
     }
 
-    /// Per-tensor sums: the rule's (zeros when it has none), or with `orthograd` the projection's.
-    fn tensor_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factor: R) -> Vec<[f64; MAX_SUMS]> {
-        let n = self.batch.params.len();
-        if self.options.orthograd.is_none() && Ru::SUMS == 0 {
-            return vec![[0.0; MAX_SUMS]; n];
+    /// The scalar state of tensor `i` before the step.
+    fn scalars(&self, i: usize) -> [f64; MAX_SCALARS] {
+        let b = &self.batch;
+        let ns = b.n_scalars();
+        let mut scalars = [0.0; MAX_SCALARS];
+        for (k, x) in scalars.iter_mut().enumerate().take(ns) {
+            // SAFETY: validated one-element CPU float tensors, alive for the call.
+            *x = unsafe { read_scalar(&b.scalars[i * ns + k]) };
         }
+        scalars
+    }
+
+    /// Per-tensor sums of every pass: the rule's (zeros when it has none), or with `orthograd`
+    /// the projection's.
+    fn tensor_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factor: R) -> Vec<[f64; MAX_SUMS]> {
+        let passes = if self.options.orthograd.is_some() { 1 } else { Ru::SUM_PASSES };
+        (0..passes).fold(vec![[0.0; MAX_SUMS]; self.batch.params.len()], |sums, pass| self.pass_sums::<R, P, G, S>(factor, pass, sums))
+    }
+
+    /// The per-tensor sums of read-only pass `pass` combined into `sums` (those of the earlier
+    /// passes).
+    fn pass_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factor: R, pass: usize, mut sums: Vec<[f64; MAX_SUMS]>) -> Vec<[f64; MAX_SUMS]> {
+        if self.options.orthograd.is_none() && pass >= Ru::SUM_PASSES {
+            return sums;
+        }
+        // The values each tensor's pass reads (none in pass 0).
+        let priors: Vec<[R; MAX_SUMS]> =
+            if pass == 0 { Vec::new() } else { sums.iter().enumerate().map(|(i, s)| self.rule.prepare(pass, &self.scalars(i), s).map(R::from_f64)).collect() };
         let parts = map_spans(&self.numels(), self.align(), |s| {
             // SAFETY: validated views; the pass only reads.
             unsafe {
@@ -332,18 +355,17 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
                     kernel::projection_sums::<R, P, G>(factor, ptrs.param, ptrs.correction, ptrs.grad, s.len)
                 } else if Ru::SUMS > 0 {
                     // (a guard on the constant: no sums kernel is compiled for rules without sums)
-                    kernel::sum_span::<Ru, R, P, G, S>(&self.rule, factor, ptrs, s.len)
+                    let prior = priors.get(s.tensor).copied().unwrap_or([R::ZERO; MAX_SUMS]);
+                    kernel::sum_span::<Ru, R, P, G, S>(&self.rule, factor, pass, &prior, ptrs, s.len)
                 } else {
                     [0.0; MAX_SUMS]
                 }
             }
         });
         // Folded in span order: the sums (and so the step) are reproducible bit for bit.
-        let mut sums = vec![[0.0; MAX_SUMS]; n];
+        let max_mask = if self.options.orthograd.is_some() { 0 } else { Ru::MAX_SUMS_MASK };
         for (s, part) in parts {
-            for (total, x) in sums[s.tensor].iter_mut().zip(part) {
-                *total += x;
-            }
+            combine_sums(&mut sums[s.tensor], &part, max_mask);
         }
         sums
     }
@@ -360,11 +382,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
         let mut last: Memo<Ru::Coeffs<R>> = None;
         for i in 0..b.params.len() {
             let sum = sums.map_or(&[0.0; MAX_SUMS], |s| &s[i]);
-            let mut scalars = [0.0; MAX_SCALARS];
-            for (k, x) in scalars.iter_mut().enumerate().take(ns) {
-                // SAFETY: validated one-element CPU float tensors, alive for the call.
-                *x = unsafe { read_scalar(&b.scalars[i * ns + k]) };
-            }
+            let scalars = self.scalars(i);
             let (updated, c) = match last {
                 Some((before, after, c)) if Ru::SUMS == 0 && before == scalars => (after, c),
                 _ => {
@@ -374,7 +392,8 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
                 }
             };
             for (k, &x) in updated.iter().enumerate().take(ns) {
-                // SAFETY: as above; no two scalar tensors share memory (check_no_shared_outputs).
+                // SAFETY: validated one-element CPU float tensors, alive for the call; no two share
+                // memory (check_no_shared_outputs).
                 unsafe { write_scalar(&b.scalars[i * ns + k], x) };
             }
             last = Some((scalars, updated, c));
@@ -391,7 +410,10 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
         let own;
         let sums = match pass {
             Pass::Update(Some(given)) => Some(given),
-            Pass::Sums => return self.tensor_sums::<R, P, G, S>(xf.factor),
+            Pass::Sums(pass, prior) => {
+                let prior = prior.unwrap_or_else(|| vec![[0.0; MAX_SUMS]; self.batch.params.len()]);
+                return self.pass_sums::<R, P, G, S>(xf.factor, pass, prior);
+            }
             Pass::Update(None) if self.options.orthograd.is_some() || Ru::SUMS > 0 => {
                 own = self.tensor_sums::<R, P, G, S>(xf.factor);
                 Some(&own[..])
@@ -477,8 +499,8 @@ impl<Ru: Rule> CpuStep for RuleBatch<'_, Ru> {
         }
     }
 
-    fn sums(&self, grad_scale: Option<f64>) -> Vec<[f64; MAX_SUMS]> {
-        self.pass(grad_scale, Pass::Sums)
+    fn sums(&self, grad_scale: Option<f64>, pass: usize, prior: Option<Vec<[f64; MAX_SUMS]>>) -> Vec<[f64; MAX_SUMS]> {
+        self.pass(grad_scale, Pass::Sums(pass, prior))
     }
 
     fn run(&self, grad_scale: Option<f64>, sums: Option<&[[f64; MAX_SUMS]]>) {

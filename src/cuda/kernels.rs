@@ -22,6 +22,7 @@ const KERNELS: &[Kernel] = &[
     k("sgd", include_str!("kernels/sgd.cuh"), "Sgd"),
     k("adan", include_str!("kernels/adan.cuh"), "Adan"),
     k("spam", include_str!("kernels/spam.cuh"), "Spam"),
+    k("stable_spam", include_str!("kernels/stable_spam.cuh"), "StableSpam"),
     k("diffgrad", include_str!("kernels/diffgrad.cuh"), "DiffGrad"),
     k("adabound", include_str!("kernels/adabound.cuh"), "AdaBound"),
     k("sgd_sai", include_str!("kernels/sgd_sai.cuh"), "SgdSai"),

@@ -34,10 +34,11 @@ pub struct DeviceAmp {
 pub trait CudaStep: Send + Sync {
     /// The device the batch lives on.
     fn device(&self) -> u32;
-    /// Enqueue the per-tensor sums pass, then copies of its sums into `out` (the device address
-    /// of a float64 `[n, MAX_SUMS]` array in group order: row `members[j]` for the batch's tensor
-    /// `j`). Reads only; zeros for a rule without sums.
-    fn sums(&self, amp: DeviceAmp, out: u64) -> Result<()>;
+    /// Enqueue read-only sums pass `pass`, combined into the sums of the earlier passes that
+    /// `out` holds (the device address of a float64 `[n, MAX_SUMS]` array in group order: row
+    /// `members[j]` for the batch's tensor `j`), then copies of the result into `out`. Nothing
+    /// for a rule without that pass.
+    fn sums(&self, amp: DeviceAmp, out: u64, pass: usize) -> Result<()>;
     /// Enqueue the update on the batch's stream (asynchronous; no host synchronisation), with
     /// the per-tensor sums read from `sums` (laid out as `out` of [`CudaStep::sums`]) instead of
     /// its own sums pass when given.
@@ -256,7 +257,7 @@ impl RuleVisitor for Planner<'_> {
             hyper: hyper_bytes(&rule),
             step_fn: functions.0 as usize,
             sums_fn: functions.1 as usize,
-            uses_sums: Ru::SUMS > 0,
+            sum_passes: Ru::SUM_PASSES,
             table: table_addr,
             counters,
             sums,
@@ -275,7 +276,8 @@ struct Launch {
     hyper: Vec<u8>,
     step_fn: usize,
     sums_fn: usize,
-    uses_sums: bool,
+    /// The rule's read-only sums passes (0: none).
+    sum_passes: usize,
     table: u64,
     counters: u64,
     sums: u64,
@@ -318,7 +320,7 @@ impl Launch {
 
     /// Launch `function` (an `ef_sums` or `ef_step` of this batch's module) on the batch's stream
     /// with the arguments every kernel takes first (hyper, tensors, n, grad_scale, found_inf,
-    /// gsign), then the values `last` (ef_sums: sums; ef_step: counters, sums, rkey).
+    /// gsign), then the values `last` (ef_sums: sums, pass; ef_step: counters, sums, rkey).
     ///
     /// # Safety
     /// The context is current (inside `with_device`); `last` matches the kernel's signature; the
@@ -342,16 +344,22 @@ impl Launch {
             .map_err(|e| driver_error(what, e))
     }
 
-    /// Enqueue the sums pass into the table's sums.
+    /// Enqueue the sums passes `passes` into the table's sums (zeroed first when they start with
+    /// pass 0; else they hold the earlier passes' sums).
     ///
     /// # Safety
     /// As `launch_kernel`.
-    unsafe fn launch_sums(&self, amp: DeviceAmp) -> Result<()> {
-        // SAFETY: the table's sums buffer holds MAX_SUMS f64 per tensor; ef_sums(…, sums).
+    unsafe fn launch_sums(&self, amp: DeviceAmp, passes: std::ops::Range<usize>) -> Result<()> {
+        // SAFETY: the table's sums buffer holds MAX_SUMS f64 per tensor; ef_sums(…, sums, pass).
         unsafe {
-            result::memset_d8_async(self.sums, 0, SUMS_BYTES * self.n_tensors as usize, self.stream as sys::CUstream)
-                .map_err(|e| driver_error("cuMemsetD8Async", e))?;
-            self.launch_kernel(self.sums_fn, amp, &mut [self.sums], "launching ef_sums")
+            if passes.start == 0 {
+                result::memset_d8_async(self.sums, 0, SUMS_BYTES * self.n_tensors as usize, self.stream as sys::CUstream)
+                    .map_err(|e| driver_error("cuMemsetD8Async", e))?;
+            }
+            for pass in passes {
+                self.launch_kernel(self.sums_fn, amp, &mut [self.sums, pass as u64], "launching ef_sums")?;
+            }
+            Ok(())
         }
     }
 }
@@ -361,14 +369,17 @@ impl CudaStep for Launch {
         self.ordinal
     }
 
-    fn sums(&self, amp: DeviceAmp, out: u64) -> Result<()> {
-        if self.n_tensors == 0 || !self.uses_sums {
-            return Ok(()); // `out` comes zeroed
+    fn sums(&self, amp: DeviceAmp, out: u64, pass: usize) -> Result<()> {
+        if self.n_tensors == 0 || pass >= self.sum_passes {
+            return Ok(()); // `out` already holds the sums
         }
         // SAFETY: see `launch_sums` and `copy_sums`; `out` is checked by the caller to hold a
         // row for every member of the group.
         with_device(self.ordinal, |_| unsafe {
-            self.launch_sums(amp)?;
+            if pass > 0 {
+                self.copy_sums(out, false)?;
+            }
+            self.launch_sums(amp, pass..pass + 1)?;
             self.copy_sums(out, true)
         })
     }
@@ -380,10 +391,10 @@ impl CudaStep for Launch {
         // SAFETY: see `launch_kernel`, `launch_sums` and `copy_sums` (given sums are checked by
         // the caller as for `sums`); ef_step(…, counters, sums, rkey).
         with_device(self.ordinal, |_| unsafe {
-            if self.uses_sums {
+            if self.sum_passes > 0 {
                 match given {
                     Some(rows) => self.copy_sums(rows, false)?,
-                    None => self.launch_sums(amp)?,
+                    None => self.launch_sums(amp, 0..self.sum_passes)?,
                 }
             }
             self.launch_kernel(self.step_fn, amp, &mut [self.counters, self.sums, self.rounding], "launching ef_step")

@@ -36,7 +36,7 @@ pub struct Program {
     pub header: String,
     rule: &'static str,
     fields: &'static [&'static str],
-    counts: [(&'static str, usize); 5],
+    counts: [(&'static str, usize); 7],
     bools: [(&'static str, bool); 2],
 }
 
@@ -55,6 +55,9 @@ impl Program {
                 ("EF_WRITTEN_SLOTS", Ru::WRITTEN_SLOTS),
                 ("EF_SCALARS", Ru::SCALARS),
                 ("EF_SUMS", Ru::SUMS),
+                ("EF_SUM_PASSES", Ru::SUM_PASSES),
+                // bit k set when sum k is a maximum (combined with max, not added)
+                ("EF_MAX_SUMS_MASK", Ru::MAX_SUMS_MASK as usize),
                 // 8-bit state: bit k set when slot k is never negative (decoded with the unsigned map)
                 ("EF_NONNEG_SLOTS", nonnegative_mask::<Ru>()),
             ],

@@ -117,12 +117,13 @@ fn rule_slots<'py>(py: Python<'py>, name: &str, hyper: &Bound<'py, PyDict>) -> P
     PyTuple::new(py, names)
 }
 
-/// How many per-tensor sums (reductions over each whole tensor before its update) the rule
-/// `name` built from `hyper` reads: 0 for an element-wise rule. At most `MAX_SUMS`.
+/// The per-tensor sums (reductions over each whole tensor before its update) the rule `name`
+/// built from `hyper` reads, as `(pass, is_max)` per sum: the read-only pass that gathers it, and
+/// whether it is a maximum (else a sum). Empty for an element-wise rule; at most `MAX_SUMS`.
 #[pyfunction]
-fn rule_sums(py: Python<'_>, name: &str, hyper: &Bound<'_, PyDict>) -> PyResult<usize> {
+fn rule_sums(py: Python<'_>, name: &str, hyper: &Bound<'_, PyDict>) -> PyResult<Vec<(usize, bool)>> {
     let h = plan::hyper_from(hyper).map_err(|e| errors::to_py(py, e))?;
-    crate::rules::sum_count(name, &h).map_err(|e| errors::to_py(py, e))
+    crate::rules::sum_kinds(name, &h).map_err(|e| errors::to_py(py, e))
 }
 
 /// The CUDA program of a rule built from `hyper` (for tests): `{type_name, source, preamble,

@@ -532,7 +532,7 @@ impl StepPlan {
         let io = match sums {
             SumsArg::Own => SumsIo::Own,
             SumsArg::Read(list) => SumsIo::Read(sums_arrays(&self.who, list, &self.calls, &mut keep_sums)?),
-            SumsArg::Write(list) => SumsIo::Write(sums_arrays(&self.who, list, &self.calls, &mut keep_sums)?),
+            SumsArg::Write(list, pass) => SumsIo::Write(sums_arrays(&self.who, list, &self.calls, &mut keep_sums)?, pass),
         };
         self.fresh = false;
         let hypers = given.as_ref().unwrap_or(&self.hypers);
@@ -586,11 +586,13 @@ impl StepPlan {
         guarded(|| self.run(py, hypers, AmpArgs { grad_scale, found_inf, streams }, sums, grads)).map_err(|e| to_py(py, e))
     }
 
-    /// The rule's per-tensor sums (read only, nothing updated) into `out`: one zeroed,
-    /// contiguous float64 tensor of shape `[n, MAX_SUMS]` per group, on its parameters' device,
-    /// row `i` for parameter `i` (columns past the rule's sums stay zero). Queued on `streams` for
-    /// CUDA tensors. Other arguments and the return value as for `run`.
-    #[pyo3(name = "sums", signature = (out, hypers=None, grad_scale=None, found_inf=None, streams=None, grads=None))]
+    /// The rule's per-tensor sums of read-only pass `sum_pass` (read only, nothing updated) into
+    /// `out`: one contiguous float64 tensor of shape `[n, MAX_SUMS]` per group, on its
+    /// parameters' device, row `i` for parameter `i`, holding the sums of the earlier passes
+    /// (zeros for pass 0; the pass's own columns zero); the pass's sums are combined into it
+    /// (see `rule_sums`). Queued on `streams` for CUDA tensors. Other arguments and the return
+    /// value as for `run`.
+    #[pyo3(name = "sums", signature = (out, hypers=None, grad_scale=None, found_inf=None, streams=None, grads=None, sum_pass=0))]
     #[allow(clippy::too_many_arguments)]
     fn py_sums(
         &mut self,
@@ -601,8 +603,9 @@ impl StepPlan {
         found_inf: Option<&Bound<'_, PyAny>>,
         streams: Option<&Bound<'_, PyAny>>,
         grads: Option<&Bound<'_, PyList>>,
+        sum_pass: usize,
     ) -> PyResult<Option<bool>> {
-        guarded(|| self.run(py, hypers, AmpArgs { grad_scale, found_inf, streams }, SumsArg::Write(out), grads)).map_err(|e| to_py(py, e))
+        guarded(|| self.run(py, hypers, AmpArgs { grad_scale, found_inf, streams }, SumsArg::Write(out, sum_pass), grads)).map_err(|e| to_py(py, e))
     }
 
     /// The parameters (written tensors) of every group, in order.
@@ -754,8 +757,8 @@ struct AmpArgs<'a, 'py> {
 enum SumsArg<'a, 'py> {
     /// Each batch computes its own (the usual update).
     Own,
-    /// Only compute the sums, into these arrays.
-    Write(&'a Bound<'py, PyList>),
+    /// Only compute the sums of one pass, into these arrays (which hold the earlier passes').
+    Write(&'a Bound<'py, PyList>, usize),
     /// Update with the sums in these arrays.
     Read(&'a Bound<'py, PyList>),
 }
@@ -763,7 +766,7 @@ enum SumsArg<'a, 'py> {
 /// [`SumsArg`] validated: one float64 `[n, MAX_SUMS]` array per call.
 enum SumsIo {
     Own,
-    Write(Vec<TensorView>),
+    Write(Vec<TensorView>, usize),
     Read(Vec<TensorView>),
 }
 
@@ -830,10 +833,13 @@ fn execute<'a>(who: &str, rule: &str, work: impl Iterator<Item = (usize, &'a Hyp
     }
     if !env.cpu_skip {
         match io {
-            SumsIo::Write(out) => {
+            SumsIo::Write(out, pass) => {
                 for (ci, batch, s) in &cpu_steps {
                     // SAFETY: validated CPU arrays (sums_arrays), fresh from the caller.
-                    unsafe { write_rows(&out[*ci], batch, &s.sums(env.cpu_scale)) };
+                    unsafe {
+                        let prior = read_rows(&out[*ci], batch);
+                        write_rows(&out[*ci], batch, &s.sums(env.cpu_scale, *pass, Some(prior)));
+                    }
                 }
             }
             _ => {
@@ -852,7 +858,7 @@ fn execute<'a>(who: &str, rule: &str, work: impl Iterator<Item = (usize, &'a Hyp
         match io {
             SumsIo::Own => s.launch(*amp, None)?,
             SumsIo::Read(rows) => s.launch(*amp, Some(rows[*ci].ptr() as u64))?,
-            SumsIo::Write(out) => s.sums(*amp, out[*ci].ptr() as u64)?,
+            SumsIo::Write(out, pass) => s.sums(*amp, out[*ci].ptr() as u64, *pass)?,
         }
     }
     Ok(!env.cpu_skip)

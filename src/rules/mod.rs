@@ -23,6 +23,7 @@ pub mod sgd;
 pub mod sgd_sai;
 pub mod slerp;
 pub mod spam;
+pub mod stable_spam;
 pub mod swap;
 
 pub use hyper::{Hyper, HyperValue, RuleHyper};
@@ -155,6 +156,16 @@ pub trait Rule: Params + Send + Sync + 'static {
     const SCALARS: usize = Self::INFO.scalars.len();
     /// Per-tensor sums gathered before the update (`sums[0..SUMS]`).
     const SUMS: usize = 0;
+    /// The read-only pass that gathers each sum: `SUM_PASS[k]` for sum `k`, non-decreasing (0
+    /// for every sum of a one-pass rule). A later pass reads values its rule derives from the
+    /// sums of the passes before it ([`Rule::prepare`]): a reduction that depends on another,
+    /// e.g. Stable-SPAM's norm of the gradient clipped at a threshold set by its largest element.
+    const SUM_PASS: [usize; MAX_SUMS] = [0; MAX_SUMS];
+    /// Bit `k`: sum `k` is a maximum of non-negative values, combined with `max` instead of
+    /// added (the same value for any order, as the sums' fixed order makes theirs).
+    const MAX_SUMS_MASK: u32 = 0;
+    /// Read-only passes run before the update: 0 without sums.
+    const SUM_PASSES: usize = if Self::SUMS == 0 { 0 } else { Self::SUM_PASS[Self::SUMS - 1] + 1 };
     /// Whether [`Rule::accumulate`] reads the state values (false: the sums pass reads only the
     /// parameter and the input).
     const SUMS_READ_STATE: bool = true;
@@ -170,9 +181,35 @@ pub trait Rule: Params + Send + Sync + 'static {
     fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> Self::Coeffs<R>;
     /// New parameter value; updates the state values in place.
     fn update<R: Real>(c: &Self::Coeffs<R>, p: R, g: R, s: &mut [R; MAX_SLOTS]) -> R;
-    /// Add one element's contribution to the tensor's sums (only called when `SUMS > 0`).
+    /// Add one element's contribution to the tensor's sums of pass 0 (only called when
+    /// `SUMS > 0`).
     #[inline(always)]
     fn accumulate<R: Real>(&self, _p: R, _g: R, _s: &[R; MAX_SLOTS], _sums: &mut [f64; MAX_SUMS]) {}
+    /// The per-tensor values pass `pass` (>= 1) reads, from the tensor's scalar state before the
+    /// step (read only: [`Rule::coeffs`] updates it) and the sums of the earlier passes (it must
+    /// not read the others). Runs on the host once per tensor (CUDA: once per block).
+    fn prepare(&self, _pass: usize, _scalars: &[f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> [f64; MAX_SUMS] {
+        [0.0; MAX_SUMS]
+    }
+    /// Add one element's contribution to the sums of pass `pass` >= 1, given the values
+    /// [`Rule::prepare`] returned for the tensor (in the compute type).
+    #[inline(always)]
+    fn accumulate_after<R: Real>(&self, _pass: usize, _prior: &[R; MAX_SUMS], _p: R, _g: R, _s: &[R; MAX_SLOTS], _sums: &mut [f64; MAX_SUMS]) {}
+}
+
+/// Fold `part` (a pass's partial sums) into `total`: added, or for the sums in `max_mask`, the
+/// larger kept (`ef_combine_sums` in multi_tensor.cuh).
+#[inline(always)]
+pub fn combine_sums(total: &mut [f64; MAX_SUMS], part: &[f64; MAX_SUMS], max_mask: u32) {
+    for (k, (t, &x)) in total.iter_mut().zip(part).enumerate() {
+        if max_mask >> k & 1 == 1 {
+            if x > *t || x.is_nan() {
+                *t = x;
+            }
+        } else {
+            *t += x;
+        }
+    }
 }
 
 /// Receives a concrete rule type; lets backends turn a rule name plus flags into monomorphised
@@ -205,6 +242,7 @@ registry! {
     // the EMA optimizer family (spec optimizers.md)
     adan::INFO => adan::visit,
     spam::INFO => spam::visit,
+    stable_spam::INFO => stable_spam::visit,
     diffgrad::INFO => diffgrad::visit,
     adabound::INFO => adabound::visit,
     sgd_sai::INFO => sgd_sai::visit,
@@ -268,17 +306,17 @@ pub fn slot_names(name: &str, hyper: &Hyper) -> Result<&'static [&'static str]> 
     visit_rule(name, hyper, SlotNames)
 }
 
-/// How many per-tensor sums the rule called `name` built from `hyper` reads (its `SUMS`: 0 for
-/// an element-wise rule).
-pub fn sum_count(name: &str, hyper: &Hyper) -> Result<usize> {
-    struct SumCount;
-    impl RuleVisitor for SumCount {
-        type Output = usize;
+/// The per-tensor sums the rule called `name` built from `hyper` reads (none for an element-wise
+/// rule): for each, the pass that gathers it and whether it is a maximum (else a sum).
+pub fn sum_kinds(name: &str, hyper: &Hyper) -> Result<Vec<(usize, bool)>> {
+    struct SumKinds;
+    impl RuleVisitor for SumKinds {
+        type Output = Vec<(usize, bool)>;
         fn visit<Ru: Rule>(self, _rule: Ru) -> Self::Output {
-            Ru::SUMS
+            (0..Ru::SUMS).map(|k| (Ru::SUM_PASS[k], Ru::MAX_SUMS_MASK >> k & 1 == 1)).collect()
         }
     }
-    visit_rule(name, hyper, SumCount)
+    visit_rule(name, hyper, SumKinds)
 }
 
 /// Python's repr of a list of names: `['exp_avg', 'exp_avg_sq']`.
@@ -458,6 +496,9 @@ pub(crate) mod tests {
             assert_eq!(Ru::SCALARS, self.0.scalars.len(), "{name}: SCALARS is set apart from INFO.scalars");
             assert_eq!(Ru::READS_INPUT, self.0.input != Input::None, "{name}: READS_INPUT is set apart from INFO");
             assert!(Ru::SLOTS <= MAX_SLOTS && Ru::WRITTEN_SLOTS <= Ru::SLOTS && Ru::SUMS <= MAX_SUMS, "{name}");
+            let passes = &Ru::SUM_PASS[..Ru::SUMS];
+            assert!(passes.windows(2).all(|w| w[1] == w[0] || w[1] == w[0] + 1) && passes.first().is_none_or(|&p| p == 0), "{name}: SUM_PASS");
+            assert_eq!(Ru::MAX_SUMS_MASK >> Ru::SUMS, 0, "{name}: a maximum past SUMS");
             assert_eq!(Ru::PARAM_NAMES.len(), rule.param_words().len(), "{name}");
             let unique = |names: &[&str]| names.iter().collect::<HashSet<_>>().len() == names.len();
             assert!(unique(Ru::PARAM_NAMES), "{name}: parameter names repeat");

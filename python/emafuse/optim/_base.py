@@ -1027,12 +1027,16 @@ class _StepPlan:
         given = {} if grads is None else {"grads": grads}
         if not self._shard_rows and self._reduce is None:
             return native.run(hypers, *amp, **given)
+        built_with = [c.hyper(self.hypers[c.group_index]) for c in self.calls]
         sums = [torch.zeros((len(c.params), _native.MAX_SUMS), dtype=torch.float64, device=c.params[0].device) for c in self.calls]
-        if native.sums(sums, hypers, *amp, **given) is None:
-            return None
-        _dtensor.add_shard_sums(sums, self._shard_rows)
+        # (pass, is_max) of each sum of each call: a pass may read the sums of the earlier ones,
+        # so each is added across the mesh before the next runs
+        kinds = [_native.rule_sums(self._rule, h) for h in (hypers if hypers is not None else built_with)] if self._shard_rows else []
+        for sum_pass in range(max((k[-1][0] + 1 for k in kinds if k), default=1)):
+            if native.sums(sums, hypers, *amp, sum_pass=sum_pass, **given) is None:
+                return None
+            _dtensor.add_shard_sums(sums, self._shard_rows, [[(col, is_max) for col, (p, is_max) in enumerate(k) if p == sum_pass] for k in kinds])
         if self._reduce is not None:
-            built_with = [c.hyper(self.hypers[c.group_index]) for c in self.calls]
             hypers = self._reduce(self.calls, sums, hypers if hypers is not None else built_with)
         return native.run(hypers, *amp, sums=sums, **given)
 

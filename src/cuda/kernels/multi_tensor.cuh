@@ -2,7 +2,8 @@
 // assembled as: a preamble generated from the Rust rule type (src/cuda/program.rs) + common.cuh +
 // <rule>.cuh + this file. The preamble defines EF_RULE (the rule's C++ type, flags included, e.g.
 // Adam<true, false, false>), its parameters' struct EfHyper and its counts EF_SLOTS,
-// EF_WRITTEN_SLOTS (slots past it are only read), EF_SCALARS, EF_SUMS, EF_READS_INPUT and
+// EF_WRITTEN_SLOTS (slots past it are only read), EF_SCALARS, EF_SUMS, EF_SUM_PASSES and
+// EF_MAX_SUMS_MASK (the read-only passes gathering them, and which are maxima), EF_READS_INPUT and
 // EF_SUMS_READ_STATE (whether the sums pass reads the state slots), EF_NONNEG_SLOTS (bit k: slot k is
 // never negative, decoded from 8 bits with the unsigned map), and 8-bit state's maps EF_Q8_VALUES and
 // EF_Q8_MIDS.
@@ -227,10 +228,42 @@ __device__ __forceinline__ void ef_step_impl(const EfHyper& hyper, const EfTenso
     }
 }
 
-// Per-tensor sums (rules with SUMS > 0): a read-only pass before ef_step, accumulated in double.
+// Fold `x` into the sum `*total` (sum k of a tensor): added, or for the maxima (EF_MAX_SUMS_MASK, of
+// non-negative values, whose order is that of their bits) the larger kept.
+__device__ __forceinline__ void ef_combine_sum(double* total, int k, double x) {
+    if ((EF_MAX_SUMS_MASK >> k) & 1) atomicMax((unsigned long long*)total, (unsigned long long)__double_as_longlong(x));
+    else atomicAdd(total, x);
+}
+
+// Calls the rule's second and later sums passes where it has them (a rule with one pass declares
+// neither `prepare` nor `accumulate_after`).
+template <class Rule, bool LATER = (EF_SUM_PASSES > 1)>
+struct EfLaterPasses {
+    template <class R>
+    __device__ static void prepare(const EfHyper&, int, const double*, const double*, R*) {}
+    template <class R>
+    __device__ static void accumulate(const EfHyper&, int, const R*, R, R, const R*, double*) {}
+};
+template <class Rule>
+struct EfLaterPasses<Rule, true> {
+    template <class R>
+    __device__ static void prepare(const EfHyper& h, int pass, const double* sc, const double* sm, R* prior) {
+        double out[EF_MAX_SUMS] = {0, 0, 0, 0};
+        Rule::prepare(h, pass, sc, sm, out);
+        for (int k = 0; k < EF_MAX_SUMS; ++k) prior[k] = R(out[k]);
+    }
+    template <class R>
+    __device__ static void accumulate(const EfHyper& h, int pass, const R* prior, R p, R g, const R* s, double* acc) {
+        Rule::template accumulate_after<R>(h, pass, prior, p, g, s, acc);
+    }
+};
+
+// Per-tensor sums (rules with SUMS > 0): read-only pass `pass` before ef_step, accumulated in
+// double into `sums`, which holds the earlier passes' sums (pass > 0 reads the values the rule's
+// `prepare` derives from them and from the scalar state).
 template <class Rule, class R, class P, class G, class S>
 __device__ __forceinline__ void ef_sums_impl(const EfHyper& hyper, const EfTensor* tensors, int n_tensors,
-                                             const float* grad_scale, const float* found_inf, double gsign, double* sums) {
+                                             const float* grad_scale, const float* found_inf, double gsign, double* sums, int pass) {
     if (EF_SUMS == 0) return;
     if (found_inf != nullptr && *found_inf != 0.0f) return;
     int t = ef_find_tensor(tensors, n_tensors);
@@ -238,6 +271,17 @@ __device__ __forceinline__ void ef_sums_impl(const EfHyper& hyper, const EfTenso
     const R factor = R(grad_scale != nullptr ? gsign / (double)*grad_scale : gsign);
     ef_i64 start = ((ef_i64)blockIdx.x - T.first_block) * EF_CHUNK;
     ef_i64 end = T.numel < start + EF_CHUNK ? T.numel : start + EF_CHUNK;
+    __shared__ R prior_sh[EF_MAX_SUMS];
+    if (pass > 0) {
+        if (threadIdx.x == 0) {
+            double sc[EF_MAX_SCALARS] = {0, 0, 0, 0};
+            for (int k = 0; k < EF_SCALARS; ++k) sc[k] = (double)*T.scalars[k];
+            EfLaterPasses<Rule>::template prepare<R>(hyper, pass, sc, sums + t * EF_MAX_SUMS, prior_sh);
+        }
+        __syncthreads();
+    }
+    R prior[EF_MAX_SUMS];
+    for (int k = 0; k < EF_MAX_SUMS; ++k) prior[k] = pass > 0 ? prior_sh[k] : R(0);
     double acc[EF_MAX_SUMS] = {0, 0, 0, 0};
     const P* p = (const P*)T.p;
     const G* g = (const G*)T.g;
@@ -248,17 +292,20 @@ __device__ __forceinline__ void ef_sums_impl(const EfHyper& hyper, const EfTenso
             else s[k] = EfElem<S, R>::load((const S*)T.s[k] + i);
         }
         R gv = EF_READS_INPUT ? EfElem<G, R>::load(g + i) * factor : R(0);
-        Rule::template accumulate<R>(hyper, ef_load_param<P, R>(p, T.corr, i), gv, s, acc);
+        R pv = ef_load_param<P, R>(p, T.corr, i);
+        if (pass == 0) Rule::template accumulate<R>(hyper, pv, gv, s, acc);
+        else EfLaterPasses<Rule>::template accumulate<R>(hyper, pass, prior, pv, gv, s, acc);
     }
     __shared__ double red[EF_THREADS];
     for (int k = 0; k < EF_SUMS; ++k) {
+        const bool is_max = (EF_MAX_SUMS_MASK >> k) & 1;
         red[threadIdx.x] = acc[k];
         __syncthreads();
         for (int w = blockDim.x / 2; w > 0; w /= 2) {
-            if ((int)threadIdx.x < w) red[threadIdx.x] += red[threadIdx.x + w];
+            if ((int)threadIdx.x < w) red[threadIdx.x] = is_max ? fmax(red[threadIdx.x], red[threadIdx.x + w]) : red[threadIdx.x] + red[threadIdx.x + w];
             __syncthreads();
         }
-        if (threadIdx.x == 0) atomicAdd(&sums[t * EF_MAX_SUMS + k], red[0]);
+        if (threadIdx.x == 0) ef_combine_sum(&sums[t * EF_MAX_SUMS + k], k, red[0]);
         __syncthreads();
     }
 }
@@ -273,8 +320,9 @@ __device__ __forceinline__ void ef_sums_impl(const EfHyper& hyper, const EfTenso
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(EF_THREADS)                                              \
         ef_sums_##NAME(const EfHyper hyper, const EfTensor* tensors, int n_tensors,                \
-                       const float* grad_scale, const float* found_inf, double gsign, double* sums) {     \
-        ef_sums_impl<EF_RULE, R, P, G, S>(hyper, tensors, n_tensors, grad_scale, found_inf, gsign, sums);    \
+                       const float* grad_scale, const float* found_inf, double gsign, double* sums,       \
+                       ef_u64 pass) {                                                                     \
+        ef_sums_impl<EF_RULE, R, P, G, S>(hyper, tensors, n_tensors, grad_scale, found_inf, gsign, sums, (int)pass); \
     }
 
 // (name, compute, param, input, state): the combinations src/batch.rs accepts.
