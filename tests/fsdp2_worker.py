@@ -65,18 +65,23 @@ def collectives(fn) -> tuple[Any, dict[str, int]]:
     return out, {str(k): n for k, n in comm.get_comm_counts().items() if n}
 
 
-def reads_tensor_sums(opt: torch.optim.Optimizer, step: int) -> bool:
-    """Whether ``opt``'s step ``step`` reads sums over each whole tensor (the cautious factor,
-    ⊥Grad's projection, SGD-SaI's gradient signal-to-noise ratio on the first step)."""
+def tensor_sum_reduces(opt: torch.optim.Optimizer, step: int) -> int:
+    """How many ``all_reduce`` ``opt``'s step ``step`` issues for sums over each whole tensor: one
+    per read-only pass (the cautious factor, ⊥Grad's projection, SGD-SaI's gradient
+    signal-to-noise ratio on the first step; Stable-SPAM's largest magnitude, then the clipped
+    norm, then the cautious factor)."""
     group = opt.param_groups[0]
-    return bool(group.get("caution") or group.get("orthograd")) or (type(opt).__name__ == "SGDSaI" and step == 0)
+    caution = bool(group.get("caution"))
+    if type(opt).__name__ == "StableSPAM":
+        return 2 + caution
+    return int(caution or bool(group.get("orthograd")) or (type(opt).__name__ == "SGDSaI" and step == 0))
 
 
 def optimizers_on_dtensors(checks, mesh, configs) -> None:
     """Every optimizer configuration on DTensor parameters (uneven and empty shards) against the
     same optimizer on the whole tensors: parameters and state after 3 steps. No step gathers a
-    tensor: the only collectives are one ``all_reduce`` for optimizer-wide norms and one for
-    per-tensor sums."""
+    tensor: the only collectives are one ``all_reduce`` for optimizer-wide norms and one per pass
+    of per-tensor sums."""
     for name, kw, exact in configs:
         with checks.check(f"optimizer {name} {kw}"):
             full = [seeded(i, s) for i, s in enumerate(SHAPES)]
@@ -91,7 +96,7 @@ def optimizers_on_dtensors(checks, mesh, configs) -> None:
                 opt_ref.step()
                 _, issued = collectives(opt.step)
                 plans.append(opt.__dict__.get("_step_plan"))
-                reduces = int(reads_tensor_sums(opt, step)) + int(float(kw.get("max_grad_norm", 0.0)) > 0.0)
+                reduces = tensor_sum_reduces(opt, step) + int(float(kw.get("max_grad_norm", 0.0)) > 0.0)
                 assert issued == ({"c10d.allreduce_": reduces} if reduces else {}), f"step {step} issued {issued}"
                 for i, (p, q) in enumerate(zip(ref, sharded)):
                     assert isinstance(q, DTensor) and isinstance(q, nn.Parameter)

@@ -43,6 +43,7 @@ from references.lion import RefLion
 from references.sgd import RefSGD
 from references.sgd_sai import RefSGDSaI
 from references.spam import RefSPAM
+from references.stable_spam import RefStableSPAM
 
 
 @contextlib.contextmanager
@@ -125,12 +126,15 @@ class Caps:
     param-group keys a step advances. ``optimizer_counters``: optimizer-wide counters (kept, equal, in
     every param group). ``sparse_grads``: sparse gradients are stepped (as torch's SGD does), not
     refused.
+    ``rounded_scalars``: scalar state taken from per-tensor sums over values the rule computes in
+    the compute type (fp32 for 16-bit and fp32 parameters), so exact to its round-off only.
     ``state_dtype(param dtype, kwargs)``: the dtype of the state tensors. ``int_step_in_state_dict``:
     ``state_dict()`` stores ``step`` as a Python int (as the official does). ``torch_base``: the
     torch.optim class it replaces (and subclasses)."""
 
     complex: bool = False
     scalar_state: Mapping[str, torch.dtype] = field(default_factory=lambda: {"step": torch.float32})
+    rounded_scalars: tuple[str, ...] = ()
     group_counters: tuple[str, ...] = ()
     optimizer_counters: tuple[str, ...] = ()
     sparse_grads: bool = False
@@ -229,6 +233,20 @@ _ADAM_CONFIGS = (
     dict(caution=True, weight_decay=0.1),
     dict(caution=True, caution_norm="count", amsgrad=True, maximize=True),
 )
+# Stable-SPAM with momentum resets and the cosine factor within a few steps.
+STABLE_SPAM_FAST = dict(update_proj_gap=4, total_T=12, eta_min=0.3)
+
+
+def _stable_spam_official(kw: dict[str, Any]) -> dict[str, Any]:
+    theirs = {k: v for k, v in kw.items() if k not in ("gamma3", "update_proj_gap", "reset_mode")}
+    return {**theirs, "theta": kw.get("gamma3", 0.999), "update_proj_gap": kw.get("update_proj_gap") or 10**9, "foreach": False}
+
+
+def _stable_spam_applies(kw: dict[str, Any]) -> bool:
+    gap = kw.get("update_proj_gap", 1000)
+    return not (kw.get("amsgrad") or kw.get("caution") or kw.get("total_T")) and (gap == 0 or gap > 120)
+
+
 # Small SPAM periods so that resets, warm-up and spike clipping all happen within a few steps.
 SPAM_FAST = dict(warmup_steps=3, DeltaT=5, grad_accu_steps=2, threshold=50)
 
@@ -386,6 +404,46 @@ _ENTRIES: tuple[Entry, ...] = (
             Bad(dict(grad_accu_steps=-1), r"^Invalid grad_accu_steps: -1 - should be >= 0$"),
         ),
         group_options=dict(lr=1e-1, weight_decay=0.0, correct_bias=False),
+    ),
+    Entry(
+        emafuse.StableSPAM, RefStableSPAM,
+        configs=(
+            dict(),
+            dict(lr=1e-2, weight_decay=0.1, gamma1=-1, gamma3=0.9),
+            dict(lr=1e-2, amsgrad=True, maximize=True, **STABLE_SPAM_FAST),
+            dict(lr=1e-2, weight_decay=0.05, reset_mode="clean", gamma2=0.99, **STABLE_SPAM_FAST),
+            dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, update_proj_gap=0, total_T=30, eta_min=0.2),
+            dict(lr=1e-2, weight_decay=0.1, caution=True, **STABLE_SPAM_FAST),
+            dict(lr=1e-2, caution=True, caution_norm="count", maximize=True),
+        ),  # the official (galore_torch/stablespam.py) has no package; pytorch_optimizer stands in where it agrees
+        low_precision_atol=lambda kw: 8 * kw["lr"] if kw.get("caution") else 0.0,  # as SPAM's
+        main=dict(lr=1e-2, weight_decay=0.01, **{**STABLE_SPAM_FAST, "update_proj_gap": 5}),  # the first reset after step 4
+        caps=Caps(scalar_state={"step": torch.float32, "m_max_t": torch.float64, "m_norm_t": torch.float64, "v_norm_t": torch.float64},
+                  rounded_scalars=("m_norm_t", "v_norm_t"), optimizer_counters=("total_steps",), int_step_in_state_dict=True),
+        signature=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, gamma1=0.7, gamma2=0.9, gamma3=0.999,
+                       total_T=None, eta_min=0.5, update_proj_gap=1000),  # spec §11 (b)
+        # pytorch_optimizer 4.1.0 implements the official rule while no momentum reset falls within
+        # the run (it counts bias corrections with its own group step and resets otherwise, spec
+        # §11 (g)) and without total_T (its cosine factor runs one step ahead of the official's).
+        # It keeps the norms in the gradient's dtype and sums them in float32 (fp64_rtol); its
+        # group-level step makes its checkpoints another format.
+        officials=(Official("pytorch_optimizer.StableSPAM", pytorch_optimizer.StableSPAM, _stable_spam_official, _stable_spam_applies,
+                            maximize=True, fp64_rtol=1e-9, checkpoints=()),),
+        bad_args=(
+            Bad(dict(lr=-1.0), r"^Invalid learning rate: -1.0$"),
+            Bad(dict(eps=-1.0), r"^Invalid epsilon value: -1.0$"),
+            Bad(dict(betas=(1.0, 0.9)), r"^Invalid beta parameter at index 0: 1.0$"),
+            Bad(dict(betas=(0.9, -0.1)), r"^Invalid beta parameter at index 1: -0.1$"),
+            Bad(dict(weight_decay=-1.0), r"^Invalid weight_decay value: -1.0$", official=False),
+            Bad(dict(gamma1=1.0), r"^Invalid gamma1: 1.0 ", official=False),
+            Bad(dict(gamma2=-0.5), r"^Invalid gamma2: -0.5 ", official=False),
+            Bad(dict(gamma3=1.0), r"^Invalid gamma3: 1.0 ", official=False),
+            Bad(dict(total_T=0), r"^Invalid total_T: 0 ", official=False),
+            Bad(dict(eta_min=1.5), r"^Invalid eta_min: 1.5 ", official=False),
+            Bad(dict(update_proj_gap=-1), r"^Invalid update_proj_gap: -1 ", official=False),
+            Bad(dict(reset_mode="zero"), r"^Invalid reset_mode: 'zero' ", official=False),
+        ),
+        group_options=dict(lr=1e-1, weight_decay=0.0, amsgrad=True),
     ),
     Entry(
         emafuse.DiffGrad, RefDiffGrad,

@@ -24,9 +24,9 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 def _exact(name: str, kw: dict) -> bool:
     # Float sums added across ranks (float64, in another order) are equal to round-off: Adan's
-    # max_grad_norm, SGD-SaI's Σg and Σg², ⊥Grad's ⟨w,u⟩, ⟨w,w⟩, ‖u‖². (Lion's cautious sums are
-    # counts: exact.)
-    sums = name == "SGDSaI" or kw.get("orthograd") or (name == "Adan" and float(kw.get("max_grad_norm", 0.0)) > 0.0)
+    # max_grad_norm, SGD-SaI's Σg and Σg², ⊥Grad's ⟨w,u⟩, ⟨w,w⟩, ‖u‖², Stable-SPAM's clipped
+    # ‖g‖² (its max|g| is exact). (Lion's cautious sums are counts: exact.)
+    sums = name in ("SGDSaI", "StableSPAM") or kw.get("orthograd") or (name == "Adan" and float(kw.get("max_grad_norm", 0.0)) > 0.0)
     return not sums
 
 

@@ -226,10 +226,11 @@ def add_shard_sums(sums: Sequence[Tensor], rows: ShardRows, columns: Sequence[Se
                 kind[start : start + len(ix), col] = 2 if is_max else 1
             start += len(ix)
         zero = torch.zeros((), dtype=part.dtype, device=part.device)
-        added = torch.where(kind == 1, part, zero)
-        dist.all_reduce(added, group=pg)
-        part = torch.where(kind == 1, added, part)
-        if bool((kind == 2).any()):
+        if any(not is_max for ci in index for _, is_max in columns[ci]):
+            added = torch.where(kind == 1, part, zero)
+            dist.all_reduce(added, group=pg)
+            part = torch.where(kind == 1, added, part)
+        if any(is_max for ci in index for _, is_max in columns[ci]):
             largest = torch.where(kind == 2, part, zero)
             dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=pg)
             part = torch.where(kind == 2, largest, part)

@@ -14,6 +14,7 @@ from .momo import Momo, MomoAdam
 from .sgd import SGD
 from .sgd_sai import SGDSaI
 from .spam import SPAM
+from .stable_spam import StableSPAM
 
 __all__ = [
     "SGD",
@@ -33,4 +34,5 @@ __all__ = [
     "Momo",
     "MomoAdam",
     "SGDSaI",
+    "StableSPAM",
 ]
