@@ -76,6 +76,9 @@ CASES = [
     Case("Adan", emafuse.Adan, 44, dict(lr=1e-4), "Adan", dict(lr=1e-4)),
     Case("Lion", emafuse.Lion, 20, dict(lr=1e-5), "Lion", dict(lr=1e-5)),
     Case("SPAM", emafuse.SPAM, 28, dict(lr=1e-4), "SPAM", dict(lr=1e-4)),
+    # Stable-SPAM's bytes: two read-only passes over g (its largest magnitude, then the clipped
+    # norm) and the Adam pass: 36 per parameter (spec §11 (f))
+    Case("StableSPAM", emafuse.StableSPAM, 36, dict(lr=1e-4), "StableSPAM", dict(lr=1e-4)),
     Case("AdaMod", emafuse.AdaMod, 36, dict(lr=1e-4), "AdaMod", dict(lr=1e-4)),
     Case("DiffGrad", emafuse.DiffGrad, 36, dict(lr=1e-4), "DiffGrad", dict(lr=1e-4)),
     Case("AdaBound", emafuse.AdaBound, 28, dict(lr=1e-4), "AdaBound", dict(lr=1e-4)),

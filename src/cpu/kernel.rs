@@ -103,32 +103,45 @@ unsafe fn add_corrections<R: Real, P: Elem<R>>(vals: &mut [R], correction: *cons
 /// same order). `BLOCK` is a multiple of it.
 const LANES: usize = 8;
 
-/// Add each of the `n` elements of a block to its lane: `add(i, lane)` for element `i`.
+/// Partial sums by lane, sums outermost (`lanes[k][l]`: sum `k` of lane `l`), so that the
+/// lanes of one sum lie side by side and their additions vectorise.
+type Lanes = [[f64; LANES]; MAX_SUMS];
+
+/// Add each of the `n` elements of a block to its lane: `add(i, sums)` for element `i` with the
+/// sums of its lane.
 #[inline(always)]
-fn add_to_lanes(n: usize, lanes: &mut [[f64; MAX_SUMS]; LANES], mut add: impl FnMut(usize, &mut [f64; MAX_SUMS])) {
+fn add_to_lanes(n: usize, lanes: &mut Lanes, mut add: impl FnMut(usize, &mut [f64; MAX_SUMS])) {
+    let mut one = |i: usize, l: usize, lanes: &mut Lanes| {
+        let mut lane = std::array::from_fn(|k| lanes[k][l]);
+        add(i, &mut lane);
+        for (sum, x) in lanes.iter_mut().zip(lane) {
+            sum[l] = x;
+        }
+    };
     let mut i = 0;
     while i + LANES <= n {
-        for (l, lane) in lanes.iter_mut().enumerate() {
-            add(i + l, lane);
+        for l in 0..LANES {
+            one(i + l, l, lanes);
         }
         i += LANES;
     }
-    for (l, lane) in lanes.iter_mut().enumerate().take(n - i) {
-        add(i + l, lane);
+    for l in 0..n - i {
+        one(i + l, l, lanes);
     }
 }
 
 /// The lanes' sums, combined in lane order (added, or for the sums in `max_mask` the largest).
-fn fold_lanes(lanes: &[[f64; MAX_SUMS]; LANES], max_mask: u32) -> [f64; MAX_SUMS] {
+fn fold_lanes(lanes: &Lanes, max_mask: u32) -> [f64; MAX_SUMS] {
     let mut sums = [0.0; MAX_SUMS];
-    for lane in lanes {
-        combine_sums(&mut sums, lane, max_mask);
+    for l in 0..LANES {
+        combine_sums(&mut sums, &std::array::from_fn(|k| lanes[k][l]), max_mask);
     }
     sums
 }
 
 /// The rule's per-tensor sums of pass `pass` over `len` elements at `ptrs` (read-only pass);
-/// `prior`: the tensor's values from [`Rule::prepare`] (pass >= 1).
+/// `prior`: the tensor's values from [`Rule::prepare`] (pass >= 1). Runs the widest vector
+/// variant this CPU has (the same bits).
 ///
 /// # Safety
 /// As [`update_span`], except that the elements are only read.
@@ -140,12 +153,65 @@ pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
     ptrs: SpanPtrs<P, G, S>,
     len: usize,
 ) -> [f64; MAX_SUMS] {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the variants run only where the CPU has their instructions; the rest is the
+    // caller's contract.
+    match crate::simd::level() {
+        2 => return unsafe { sum_span_avx512::<Ru, R, P, G, S>(rule, factor, pass, prior, ptrs, len) },
+        1 => return unsafe { sum_span_avx2::<Ru, R, P, G, S>(rule, factor, pass, prior, ptrs, len) },
+        _ => {}
+    }
+    // SAFETY: forwarded.
+    unsafe { sum_span_body::<Ru, R, P, G, S>(rule, factor, pass, prior, ptrs, len) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn sum_span_avx512<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
+    rule: &Ru,
+    factor: R,
+    pass: usize,
+    prior: &[R; MAX_SUMS],
+    ptrs: SpanPtrs<P, G, S>,
+    len: usize,
+) -> [f64; MAX_SUMS] {
+    // SAFETY: forwarded from sum_span.
+    unsafe { sum_span_body::<Ru, R, P, G, S>(rule, factor, pass, prior, ptrs, len) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_span_avx2<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
+    rule: &Ru,
+    factor: R,
+    pass: usize,
+    prior: &[R; MAX_SUMS],
+    ptrs: SpanPtrs<P, G, S>,
+    len: usize,
+) -> [f64; MAX_SUMS] {
+    // SAFETY: forwarded from sum_span.
+    unsafe { sum_span_body::<Ru, R, P, G, S>(rule, factor, pass, prior, ptrs, len) }
+}
+
+/// [`sum_span`]'s loop.
+///
+/// # Safety
+/// As [`sum_span`].
+#[inline(always)]
+unsafe fn sum_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
+    rule: &Ru,
+    factor: R,
+    pass: usize,
+    prior: &[R; MAX_SUMS],
+    ptrs: SpanPtrs<P, G, S>,
+    len: usize,
+) -> [f64; MAX_SUMS] {
     let zeros = [R::ZERO; BLOCK];
     let mut pb = [R::ZERO; BLOCK];
     let mut gb = [R::ZERO; BLOCK];
     let mut sb = [[R::ZERO; BLOCK]; MAX_SLOTS];
-    let mut lanes = [[0.0; MAX_SUMS]; LANES];
-    let read_slots = if Ru::SUMS_READ_STATE { Ru::SLOTS } else { 0 };
+    let mut lanes: Lanes = [[0.0; LANES]; MAX_SUMS];
+    let read_slots = if Ru::SUMS_READ_STATE && pass >= Ru::STATE_SUM_PASS { Ru::SLOTS } else { 0 };
     let mut off = 0;
     while off < len {
         let n = BLOCK.min(len - off);
@@ -162,19 +228,20 @@ pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
                 };
             }
             let g = if Ru::READS_INPUT { read_block(ptrs.grad.add(off), n, &mut gb) } else { &zeros };
-            (param_block(ptrs.param.add(off), ptrs.correction, off, n, &mut pb), g)
+            let p = if Ru::SUMS_READ_PARAM { param_block(ptrs.param.add(off), ptrs.correction, off, n, &mut pb) } else { &zeros };
+            (p, g)
         };
-        add_to_lanes(n, &mut lanes, |i, lane| {
-            let mut s = [R::ZERO; MAX_SLOTS];
-            for k in 0..Ru::SLOTS {
-                s[k] = slots[k][i];
-            }
-            if pass == 0 {
-                rule.accumulate(p[i], g[i] * factor, &s, lane);
-            } else {
-                rule.accumulate_after(pass, prior, p[i], g[i] * factor, &s, lane);
-            }
-        });
+        let state = |i: usize| std::array::from_fn(|k| if k < Ru::SLOTS { slots[k][i] } else { R::ZERO });
+        // One loop per pass, the pass a constant in it: no branch on the pass per element, which
+        // would keep the loop from vectorising (passes past the rule's are never compiled).
+        let mut after = |pass: usize| add_to_lanes(n, &mut lanes, |i, lane| rule.accumulate_after(pass, prior, p[i], g[i] * factor, &state(i), lane));
+        match pass {
+            0 => add_to_lanes(n, &mut lanes, |i, lane| rule.accumulate(p[i], g[i] * factor, &state(i), lane)),
+            1 if Ru::SUM_PASSES > 1 => after(1),
+            2 if Ru::SUM_PASSES > 2 => after(2),
+            3 if Ru::SUM_PASSES > 3 => after(3),
+            _ => unreachable!("sums pass {pass} of a rule with {} passes", Ru::SUM_PASSES),
+        }
         off += n;
     }
     fold_lanes(&lanes, Ru::MAX_SUMS_MASK)

@@ -36,8 +36,8 @@ pub struct Program {
     pub header: String,
     rule: &'static str,
     fields: &'static [&'static str],
-    counts: [(&'static str, usize); 7],
-    bools: [(&'static str, bool); 2],
+    counts: [(&'static str, usize); 8],
+    bools: [(&'static str, bool); 3],
 }
 
 impl Program {
@@ -56,12 +56,13 @@ impl Program {
                 ("EF_SCALARS", Ru::SCALARS),
                 ("EF_SUMS", Ru::SUMS),
                 ("EF_SUM_PASSES", Ru::SUM_PASSES),
+                ("EF_STATE_SUM_PASS", Ru::STATE_SUM_PASS),
                 // bit k set when sum k is a maximum (combined with max, not added)
                 ("EF_MAX_SUMS_MASK", Ru::MAX_SUMS_MASK as usize),
                 // 8-bit state: bit k set when slot k is never negative (decoded with the unsigned map)
                 ("EF_NONNEG_SLOTS", nonnegative_mask::<Ru>()),
             ],
-            bools: [("EF_READS_INPUT", Ru::READS_INPUT), ("EF_SUMS_READ_STATE", Ru::SUMS_READ_STATE)],
+            bools: [("EF_READS_INPUT", Ru::READS_INPUT), ("EF_SUMS_READ_STATE", Ru::SUMS_READ_STATE), ("EF_SUMS_READ_PARAM", Ru::SUMS_READ_PARAM)],
         })
     }
 

@@ -166,9 +166,13 @@ pub trait Rule: Params + Send + Sync + 'static {
     const MAX_SUMS_MASK: u32 = 0;
     /// Read-only passes run before the update: 0 without sums.
     const SUM_PASSES: usize = if Self::SUMS == 0 { 0 } else { Self::SUM_PASS[Self::SUMS - 1] + 1 };
-    /// Whether [`Rule::accumulate`] reads the state values (false: the sums pass reads only the
-    /// parameter and the input).
+    /// Whether the sums passes read the state values (false: they see zeros there), from pass
+    /// `STATE_SUM_PASS` on.
     const SUMS_READ_STATE: bool = true;
+    /// The first sums pass that reads the state values (when `SUMS_READ_STATE`).
+    const STATE_SUM_PASS: usize = 0;
+    /// Whether the sums passes read the parameter (false: they see zero there).
+    const SUMS_READ_PARAM: bool = true;
     /// Whether the rule reads the input tensor `g` (false: callers pass none, `g` is 0).
     const READS_INPUT: bool = !matches!(Self::INFO.input, Input::None);
     /// Whether the input is a gradient ([`Input::Gradient`]): of the parameter's dtype, and what

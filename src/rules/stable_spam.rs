@@ -26,8 +26,8 @@
 //! at a momentum reset), `m_max_t`, `m_norm_t`, `v_norm_t` (never reset).
 
 use super::{
-    bool_dispatch, caution_factor, cautious, cautious_count_momentum, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo,
-    RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
+    bool_dispatch, caution_factor, cautious, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS,
+    MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::Result;
 use crate::real::Real;
@@ -143,8 +143,10 @@ impl<const AMSGRAD: bool, const RESET: bool, const CLEAN: bool, const DECAY: boo
     const SUMS: usize = if CAUTION { 4 } else { 2 };
     const SUM_PASS: [usize; MAX_SUMS] = [0, 1, 2, 2];
     const MAX_SUMS_MASK: u32 = 1;
-    /// Passes 0 and 1 read only the gradient.
+    /// Passes 0 and 1 read only the gradient, pass 2 (caution) the first moment too.
     const SUMS_READ_STATE: bool = CAUTION;
+    const STATE_SUM_PASS: usize = 2;
+    const SUMS_READ_PARAM: bool = false;
 
     fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> StableSpamCoeffs<R> {
         let x = self.norms(scalars, sums);
@@ -217,10 +219,9 @@ impl<const AMSGRAD: bool, const RESET: bool, const CLEAN: bool, const DECAY: boo
         } else if CAUTION {
             let g = if prior[2] > R::ZERO { g / prior[2] * prior[3] } else { g };
             let (m, _) = Self::moments(s);
-            let mut counts = [0.0; MAX_SUMS];
-            cautious_count_momentum(m, g, self.beta1, &mut counts);
-            sums[2] += counts[0];
-            sums[3] += counts[1];
+            let m = m * R::from_f64(self.beta1) + R::from_f64(1.0 - self.beta1) * g;
+            sums[2] += if m * g > R::ZERO { 1.0 } else { 0.0 };
+            sums[3] += 1.0;
         }
     }
 }

@@ -4,9 +4,9 @@
 // Adam<true, false, false>), its parameters' struct EfHyper and its counts EF_SLOTS,
 // EF_WRITTEN_SLOTS (slots past it are only read), EF_SCALARS, EF_SUMS, EF_SUM_PASSES and
 // EF_MAX_SUMS_MASK (the read-only passes gathering them, and which are maxima), EF_READS_INPUT and
-// EF_SUMS_READ_STATE (whether the sums pass reads the state slots), EF_NONNEG_SLOTS (bit k: slot k is
-// never negative, decoded from 8 bits with the unsigned map), and 8-bit state's maps EF_Q8_VALUES and
-// EF_Q8_MIDS.
+// EF_SUMS_READ_STATE / EF_SUMS_READ_PARAM (whether the sums passes read the state slots, from pass
+// EF_STATE_SUM_PASS on / the parameter), EF_NONNEG_SLOTS (bit k: slot k is never negative, decoded from 8 bits with the
+// unsigned map), and 8-bit state's maps EF_Q8_VALUES and EF_Q8_MIDS.
 //
 // One launch updates every tensor of a (group, device, dtype) batch: block b finds its tensor by
 // binary search over the tensors' first block indices, thread 0 computes the tensor's
@@ -287,12 +287,12 @@ __device__ __forceinline__ void ef_sums_impl(const EfHyper& hyper, const EfTenso
     const G* g = (const G*)T.g;
     for (ef_i64 i = start + threadIdx.x; i < end; i += blockDim.x) {
         R s[EF_MAX_SLOTS];
-        for (int k = 0; k < (EF_SUMS_READ_STATE ? EF_SLOTS : 0); ++k) {
+        for (int k = 0; k < (EF_SUMS_READ_STATE && pass >= EF_STATE_SUM_PASS ? EF_SLOTS : 0); ++k) {
             if constexpr (EfIsQ8<S>::value) s[k] = ef_q8_load(EF_Q8_VALUES, T, k, i);
             else s[k] = EfElem<S, R>::load((const S*)T.s[k] + i);
         }
         R gv = EF_READS_INPUT ? EfElem<G, R>::load(g + i) * factor : R(0);
-        R pv = ef_load_param<P, R>(p, T.corr, i);
+        R pv = EF_SUMS_READ_PARAM ? ef_load_param<P, R>(p, T.corr, i) : R(0);
         if (pass == 0) Rule::template accumulate<R>(hyper, pv, gv, s, acc);
         else EfLaterPasses<Rule>::template accumulate<R>(hyper, pass, prior, pv, gv, s, acc);
     }

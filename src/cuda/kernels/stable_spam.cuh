@@ -111,10 +111,9 @@ struct StableSpam {
         } else if (CAUTION) {
             if (prior[2] > R(0)) g = g / prior[2] * prior[3];
             R m = (RESET && CLEAN) ? R(0) : s[0];
-            double counts[EF_MAX_SUMS] = {0, 0, 0, 0};
-            ef_cautious_count_momentum(m, g, h.beta1, counts);
-            sums[2] += counts[0];
-            sums[3] += counts[1];
+            m = m * R(h.beta1) + R(1.0 - h.beta1) * g;
+            sums[2] += m * g > R(0) ? 1.0 : 0.0;
+            sums[3] += 1.0;
         }
     }
 };
