@@ -69,6 +69,9 @@ FAMILY = [
     (emafuse.Adan, dict(lr=1e-2, weight_decay=0.02, no_prox=True)),
     (emafuse.SPAM, dict(lr=1e-2, weight_decay=0.1, warmup_steps=2, threshold=50, DeltaT=3, grad_accu_steps=1)),
     (emafuse.SPAM, dict(lr=1e-2, correct_bias=False, warmup_steps=0, threshold=0, DeltaT=100, grad_accu_steps=1)),
+    # Stable-SPAM: the three sums passes (max, clipped norm, cautious count) and both resets
+    (emafuse.StableSPAM, dict(lr=1e-2, weight_decay=0.1, update_proj_gap=3, total_T=10, caution=True)),
+    (emafuse.StableSPAM, dict(lr=1e-2, amsgrad=True, update_proj_gap=4, reset_mode="clean", gamma3=0.9)),
     (emafuse.DiffGrad, dict(lr=1e-2, weight_decay=0.05)),
     (emafuse.AdaBound, dict(lr=1e-2, final_lr=0.05, gamma=0.1, weight_decay=0.01, amsbound=True)),
     (emafuse.AdaBoundW, dict(lr=1e-2, final_lr=0.05, gamma=0.1, weight_decay=0.01)),

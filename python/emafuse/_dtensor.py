@@ -210,8 +210,8 @@ def add_shard_sums(sums: Sequence[Tensor], rows: ShardRows, columns: Sequence[Se
     """Combine, across each mesh, the rows ``rows`` of ``sums`` (one ``[n, MAX_SUMS]`` float64
     tensor per call, the engine's per-tensor sums over this rank's shards), in place, in the
     columns ``columns[ci]`` of call ``ci`` (``(column, is_max)``: added, or the largest kept):
-    one ``all_reduce`` per process group (two where some are maxima). Every rank of the mesh must
-    call this."""
+    one ``all_reduce`` per process group and kind of column. Every rank of the mesh must call
+    this."""
     import torch.distributed as dist
 
     for pg, by_call in rows.items():

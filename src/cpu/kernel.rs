@@ -133,9 +133,7 @@ fn add_to_lanes(n: usize, lanes: &mut Lanes, mut add: impl FnMut(usize, &mut [f6
 /// The lanes' sums, combined in lane order (added, or for the sums in `max_mask` the largest).
 fn fold_lanes(lanes: &Lanes, max_mask: u32) -> [f64; MAX_SUMS] {
     let mut sums = [0.0; MAX_SUMS];
-    for l in 0..LANES {
-        combine_sums(&mut sums, &std::array::from_fn(|k| lanes[k][l]), max_mask);
-    }
+    (0..LANES).for_each(|l| combine_sums(&mut sums, &std::array::from_fn(|k| lanes[k][l]), max_mask));
     sums
 }
 

@@ -341,7 +341,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
     /// The per-tensor sums of read-only pass `pass` combined into `sums` (those of the earlier
     /// passes).
     fn pass_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factor: R, pass: usize, mut sums: Vec<[f64; MAX_SUMS]>) -> Vec<[f64; MAX_SUMS]> {
-        if self.options.orthograd.is_none() && pass >= Ru::SUM_PASSES {
+        if pass >= if self.options.orthograd.is_some() { 1 } else { Ru::SUM_PASSES } {
             return sums;
         }
         // The values each tensor's pass reads (none in pass 0).

@@ -5,8 +5,8 @@
 // EF_WRITTEN_SLOTS (slots past it are only read), EF_SCALARS, EF_SUMS, EF_SUM_PASSES and
 // EF_MAX_SUMS_MASK (the read-only passes gathering them, and which are maxima), EF_READS_INPUT and
 // EF_SUMS_READ_STATE / EF_SUMS_READ_PARAM (whether the sums passes read the state slots, from pass
-// EF_STATE_SUM_PASS on / the parameter), EF_NONNEG_SLOTS (bit k: slot k is never negative, decoded from 8 bits with the
-// unsigned map), and 8-bit state's maps EF_Q8_VALUES and EF_Q8_MIDS.
+// EF_STATE_SUM_PASS on / the parameter), EF_NONNEG_SLOTS (bit k: slot k is never negative,
+// decoded from 8 bits with the unsigned map), and 8-bit state's maps EF_Q8_VALUES and EF_Q8_MIDS.
 //
 // One launch updates every tensor of a (group, device, dtype) batch: block b finds its tensor by
 // binary search over the tensors' first block indices, thread 0 computes the tensor's
