@@ -1,7 +1,8 @@
 """Gradient clippers on the CPU: emafuse.ZClip against the reference zclip 1.0.0, emafuse.AdaGC
 (no stand-alone peer exists), and torch.nn.utils.clip_grad_norm_ (foreach) as the floor of a
 norm-based clip (one read pass for the norm, one read-write pass to scale), on the parameter shapes
-of real models, next to the machine's memory bandwidth.
+of real models, next to the machine's memory bandwidth; and what each option of the fused step
+(``grad_clip=`` max norm, ZClip or AdaGC, ``caution``, ``orthograd``) adds to an AdamW step.
 
     PYTHONPATH=python python benchmarks/bench_clipping.py            # writes RESULTS.md
     PYTHONPATH=python python benchmarks/bench_clipping.py --quick    # short, prints only
@@ -69,6 +70,74 @@ def measure(model: torch.nn.Module, grads: list[torch.Tensor], rounds: int, call
     return times
 
 
+#: AdamW's options, each as the keywords that turn it on (every one active at every step).
+OPTIONS: dict[str, Callable[[], dict]] = {
+    "AdamW": dict,
+    "AdamW(grad_clip=max norm)": lambda: dict(grad_clip=CAP),
+    "AdamW(grad_clip=ZClip)": lambda: dict(grad_clip=emafuse.ZClip(warmup_steps=1, max_grad_norm=CAP)),
+    "AdamW(grad_clip=AdaGC)": lambda: dict(grad_clip=emafuse.AdaGC(warmup_steps=1, lambda_abs=CAP)),
+    "AdamW(caution=True)": lambda: dict(caution=True),
+    "AdamW(orthograd=True)": lambda: dict(orthograd=True),
+}
+
+
+def option_steps(shapes, rounds: int, calls: int) -> dict[str, list[float]]:
+    """Step times of AdamW with each of ``OPTIONS`` (and AdaGC.step before a plain AdamW step),
+    taking turns step by step over the same gradients."""
+    grads = [torch.randn(s) for s in shapes]
+    runs: dict[str, Callable[[], object]] = {}
+    for name, kw in OPTIONS.items():
+        params = [torch.nn.Parameter(p.detach()) for p in make_params(shapes)]
+        for p, g in zip(params, grads):
+            p.grad = g
+        runs[name] = emafuse.AdamW(params, lr=1e-4, **kw()).step
+    params = [torch.nn.Parameter(p.detach()) for p in make_params(shapes)]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    before, opt = emafuse.AdaGC(warmup_steps=1, lambda_abs=CAP), emafuse.AdamW(params, lr=1e-4)
+
+    def clip_then_step() -> None:
+        for p, g in zip(params, grads):
+            p.grad.copy_(g)  # (restored inside the timed call: a clip that scales .grad writes it)
+        before.step(params)
+        opt.step()
+
+    runs["AdaGC.step, then AdamW"] = clip_then_step
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run()  # warm-up: state created, the clippers past their warm-up
+    for _ in range(rounds):
+        for _ in range(calls):
+            for name, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - t0)
+    del runs
+    gc.collect()
+    return times
+
+
+def option_section(workloads: list[str], rounds: int, calls: int, info: dict) -> str:
+    rows = []
+    for wl in workloads:
+        times = option_steps(WORKLOADS[wl](), rounds, calls)
+        plain = statistics.median(times["AdamW"])
+        for name, ts in times.items():
+            t = statistics.median(ts)
+            rows.append([wl, name, f"{t * 1e3:.1f}", f"{min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f}", f"{t / plain:.2f}"])
+            print(" | ".join(rows[-1]), flush=True)
+    table = markdown_table(["workload", "step", "ms/step", "min-max ms", "time / AdamW"], rows)
+    return (
+        "## Options inside the fused AdamW step (CPU)\n\n"
+        f"`python benchmarks/bench_clipping.py` — {info['date']}, {info.get('cpu', '')}, torch {torch.__version__}, "
+        f"emafuse threads {emafuse.num_threads()}. Median of {rounds} rounds x {calls} steps after a warm-up step, the "
+        "configurations taking turns step by step; every option acts at every step (the clip caps are below the gradients' "
+        "norms). Each option adds one read-only pass over the gradients (⊥Grad: and the parameters) to the step's one "
+        "read-write pass. The last row clips with the stand-alone `AdaGC.step` (a norm pass and a scale pass that writes "
+        "`.grad`; its time includes restoring the gradients) before a plain step.\n\n" + table
+    )
+
+
 def main() -> None:
     run = workload_settings(__doc__, rounds=3, repeats="calls", repeats_default=3)
     workloads, rounds, calls, output = run.workloads, run.rounds, run.repeats, run.output
@@ -107,8 +176,11 @@ def main() -> None:
         "the floor of a norm-based clip.\n\n" + table
     )
     print(section)
+    options = option_section(workloads, rounds, calls, info)
+    print(options)
     if output:
         write_section(output, "CLIPPING:CPU", section)
+        write_section(output, "OPTIONS:CPU", options)
 
 
 if __name__ == "__main__":

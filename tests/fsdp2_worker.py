@@ -237,6 +237,33 @@ def clippers_on_dtensors(checks, mesh) -> None:
                        ("AdaGC", lambda: emafuse.AdaGC(warmup_steps=3))):
         with checks.check(f"{name} on DTensor gradients"):
             clip_on_dtensors(mesh, make(), make())
+    with checks.check("AdaGC inside the step on DTensors"):
+        adagc_in_step_on_dtensors(mesh)
+
+
+def adagc_in_step_on_dtensors(mesh) -> None:
+    """``AdamW(grad_clip=AdaGC)`` on DTensor parameters (uneven and empty shards) against the same
+    on the whole tensors, a spike after the warm-up: each shard is stepped with its tensor's
+    factor (one all_reduce per step, for the per-tensor norms; the factors come from float64 sums
+    added in another order: equal to round-off), and the local gradients are not written."""
+    full = [seeded(i, s) for i, s in enumerate(SHAPES)]
+    ref = [nn.Parameter(t.clone()) for t in full]
+    sharded = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full]
+    opt_ref, opt = (emafuse.AdamW(ps, lr=1e-2, grad_clip=emafuse.AdaGC(warmup_steps=2, lambda_abs=3.0)) for ps in (ref, sharded))
+    for step in range(5):
+        scale = 20.0 if step == 3 else 1.0
+        for p, q, g in zip(ref, sharded, synthetic_grads(step, SHAPES)):
+            p.grad = g * scale
+            q.grad = distribute_tensor(g * scale, mesh, [Shard(0)])
+        opt_ref.step()
+        _, issued = collectives(opt.step)
+        assert issued == {"c10d.allreduce_": 1}, (step, issued)
+        for i, (p, q, g) in enumerate(zip(ref, sharded, synthetic_grads(step, SHAPES))):
+            assert_same(q.grad._local_tensor, part(q, g * scale), True, f"step {step}, grad {i}")
+            assert_same(q._local_tensor, part(q, p.detach()), False, f"step {step}, param {i}")
+    a, b = opt.param_groups[0]["grad_clip"].state_dict(), opt_ref.param_groups[0]["grad_clip"].state_dict()
+    numbers = _numbers(a, b)
+    assert numbers and all(abs(x - y) <= 1e-12 * max(abs(y), 1e-300) for x, y in numbers), (a, b)
 
 
 def clip_on_dtensors(mesh, ours, ref) -> None:

@@ -110,6 +110,28 @@ def test_family_cuda_equals_cpu_engine(ours, kw, maximize):
                 torch.testing.assert_close(b.state[q][name].cpu(), value, rtol=1e-6, atol=1e-7, check_dtype=value.dim() > 0)
 
 
+@pytest.mark.parametrize("ours, kw", [(emafuse.AdamW, dict(lr=1e-2, weight_decay=0.1)), (emafuse.StableSPAM, dict(lr=1e-2, caution=True))],
+                         ids=["AdamW", "StableSPAM"])
+def test_adagc_inside_the_step_on_cuda_follows_the_cpu(ours, kw):
+    """``grad_clip=AdaGC``: each tensor's factor reaches its blocks (copied into the launch's
+    table before the sums passes and the update) and ``p.grad`` is not written. The device's
+    norms are torch's fp32 norms, the CPU's float64 sums: the factors agree to round-off."""
+    cpu = make_params(ODD, seed=5)
+    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    a, b = (ours(ps, grad_clip=emafuse.AdaGC(warmup_steps=2, lambda_abs=3.0), **kw) for ps in (cpu, gpu))
+    for t in range(6):
+        grads = [g * (20.0 if t == 4 and i % 2 else 1.0) for i, g in enumerate(random_grads(cpu, t, 2))]
+        for p, q, g in zip(cpu, gpu, grads):
+            p.grad, q.grad = g.clone(), g.cuda()
+        a.step()
+        b.step()
+        assert all(torch.equal(q.grad.cpu(), g) for q, g in zip(gpu, grads))
+    for p, q in zip(cpu, gpu):
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-5, atol=1e-6)
+    ga, gb = a.param_groups[0]["grad_clip"].gamma, b.param_groups[0]["grad_clip"].gamma
+    assert ga.keys() == gb.keys() and all(abs(ga[k] - gb[k]) <= 1e-5 * ga[k] for k in ga)
+
+
 def test_no_host_synchronisation_in_a_step():
     params = cuda_params(ODD)
     opt = emafuse.AdamW(params, lr=1e-2)

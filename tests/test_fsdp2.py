@@ -50,7 +50,8 @@ CHECKS = (
     + [f"fsdp2 bf16 {n} {kw}" for n, kw, _ in MP_CONFIGS]
     + ["refuses Partial", "refuses 2-D mesh", "refuses plain state of a DTensor parameter", "refuses 8-bit state of a DTensor parameter",
        "merges refuse sharded inputs",
-       "Replicate placement steps whole tensors", "ZClip on DTensor gradients", "AdaGC on DTensor gradients"]
+       "Replicate placement steps whole tensors", "ZClip on DTensor gradients", "AdaGC on DTensor gradients",
+       "AdaGC inside the step on DTensors"]
     + [f"checkpoint {n}" for n, _, _ in CKPT_CONFIGS]
     + ["collective counter sees collectives"]
     + [f"average {n}" for n in ("ModelEMA", "ModelEMA offloaded", "ModelEMA bf16 stochastic", "BEMA", "SwitchEMA", "PowerEMA", "LAWA", "SWA")]

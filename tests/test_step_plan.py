@@ -291,3 +291,55 @@ def test_per_tensor_sums_computed_apart_then_given_to_the_update(device):
         expected = p0.float() * (1 - 0.1 * 0.1) + -0.1 * (u * (u * g.float() > 0))
         torch.testing.assert_close(p.detach(), expected.to(p.dtype))
         torch.testing.assert_close(st["exp_avg"], (m0.float() * 0.99 + 0.01 * g.float()).to(m0.dtype))
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))]
+)
+def test_per_tensor_grad_factors_scale_each_gradient_as_loaded(device):
+    """``run(grad_factors=)`` / ``sums(grad_factors=)`` (what ``grad_clip=AdaGC`` uses): each
+    tensor's gradient is multiplied by its own factor in the sums pass and in the update (here
+    Lion's cautious counts, over two batches, f32 and bf16 tensors interleaved, so that the
+    factors follow each tensor into its batch), equal bit for bit to the usual step on
+    pre-multiplied gradients (powers of two: exact in every dtype); the gradients are not
+    written; bad factor lists are refused with nothing written."""
+    from emafuse import _native
+
+    hyper = dict(lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.1, decay_base_lr=1.0, lr_independent_decay=False, caution=True, caution_count=False)
+    shapes_dtypes = [((7, 5), torch.float32), ((33,), torch.bfloat16), ((4097,), torch.float32), ((3,), torch.bfloat16)]
+    factors = [0.5, 2.0, 0.25, 1.0]
+
+    def tensors(seed, scaled):
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for (shape, dtype), f in zip(shapes_dtypes, factors):
+            p, grad, m = (torch.randn(shape, generator=g).to(dtype=dtype, device=device) for _ in range(3))
+            out.append((torch.nn.Parameter(p), grad * f if scaled else grad, {"exp_avg": m}))
+        return out
+
+    def plan(ts):
+        group = _native.Group(hyper=hyper, params=[t[0] for t in ts], inputs=[t[1] for t in ts], states=[t[2] for t in ts], slots=("exp_avg",), scalars=())
+        return _native.StepPlan("t", "lion", [group])
+
+    def snapshot(ts):
+        return [(p.detach().clone(), g.clone(), st["exp_avg"].clone()) for p, g, st in ts]
+
+    def same(a, b):
+        return all(all(torch.equal(x, y) for x, y in zip(u, v)) for u, v in zip(a, b))
+
+    ours, usual = tensors(11, False), tensors(11, True)
+    before = snapshot(ours)
+    native = plan(ours)
+    for bad in ([factors[:3]], [[*factors[:3], -1.0]], [[*factors[:3], float("nan")]], [factors, factors], ["abc"]):
+        with pytest.raises(emafuse.InvalidArgumentError, match="gradient factor"):
+            native.run(grad_factors=bad)
+        assert same(snapshot(ours), before)
+    sums, expected = ([torch.zeros((len(ours), _native.MAX_SUMS), dtype=torch.float64, device=device)] for _ in range(2))
+    assert native.sums(sums, grad_factors=[factors]) is True and plan(usual).sums(expected) is True
+    assert torch.equal(sums[0], expected[0]) and same(snapshot(ours), before)
+    assert native.run(grad_factors=[factors]) is True
+    assert plan(usual).run() is True
+    for (p, g, m), (q, _, n), (_, g0, _) in zip(snapshot(ours), snapshot(usual), before):
+        assert torch.equal(p, q) and torch.equal(m, n) and torch.equal(g, g0)
+    # None: no factors for that group (the usual step)
+    assert native.run(grad_factors=[None]) is True

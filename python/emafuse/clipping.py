@@ -223,6 +223,10 @@ class AdaGC:
     \text{eps})/\max(\lVert g_i\rVert, \text{eps}), 1)` and :math:`\gamma_i \leftarrow \beta\gamma_i
     + (1-\beta)h_i\lVert g_i\rVert`. Gradients are scaled in place by :math:`h` or :math:`h_i`.
 
+    Every emafuse optimizer also takes it as ``grad_clip=AdaGC(...)``, which applies the factors
+    inside its native step (``p.grad`` is not written) and keys :math:`\gamma_i` by the
+    parameter's index in the optimizer's state dict (its position over all param groups).
+
     Decisions (no stand-alone reference exists: the official code is PaddlePaddle's, and
     pytorch_optimizer fuses AdaGC into an Adam): :math:`\gamma_i` is kept on the host in float64,
     keyed by the tensor's position in what :meth:`step` is given (a module's ``parameters()``, or a
@@ -257,14 +261,26 @@ class AdaGC:
         present = _gradients("AdaGC", params)
         grads = [g for _, g in present]
         sums = tensor_sum_squares(grads) if grads else []
+        factors = self.tensor_factors([i for i, _ in present], sums)
+        clipped = [(g, h) for g, h in zip(grads, factors or []) if h < 1.0]  # a factor of 1 changes nothing
+        if clipped:
+            _scale([g for g, _ in clipped], [h for _, h in clipped])
+        return math.sqrt(sum(sums))
+
+    def tensor_factors(self, positions: list[int], sums: list[float]) -> list[float] | None:
+        """Feed the squared norms ``sums`` of the gradients (unscaled) of the tensors at
+        ``positions`` to the statistics and return what each gradient is to be multiplied by;
+        None when their global norm is not finite with ``nonfinite="skip"`` (the statistics are
+        left untouched). :meth:`step` and the optimizers' ``grad_clip=`` (which applies the
+        factors inside the native step) call it."""
         total = math.sqrt(sum(sums))
         if not math.isfinite(total) and self.nonfinite == "skip":
-            return total
+            return None
         self.num_steps += 1
         warm = self.num_steps < self.warmup_steps
         h_global = min(self.lambda_abs / (total + self.eps), 1.0)
         factors: list[float] = []
-        for (i, _), sq in zip(present, sums):
+        for i, sq in zip(positions, sums):
             norm, gamma = math.sqrt(sq), self.gamma.get(i)
             if warm or gamma is None:
                 h = h_global
@@ -273,10 +289,7 @@ class AdaGC:
                 h = min(self.lambda_rel * max(gamma, self.eps) / max(norm, self.eps), 1.0)
                 self.gamma[i] = self.beta * gamma + (1.0 - self.beta) * h * norm
             factors.append(h)
-        clipped = [(g, h) for g, h in zip(grads, factors) if h < 1.0]  # a factor of 1 changes nothing
-        if clipped:
-            _scale([g for g, _ in clipped], [h for _, h in clipped])
-        return total
+        return factors
 
     def state_dict(self) -> dict[str, Any]:
         """γ (by tensor position), the step count and the options."""

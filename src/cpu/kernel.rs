@@ -13,8 +13,9 @@ use crate::rules::{combine_sums, Rule, MAX_SLOTS, MAX_SUMS};
 const BLOCK: usize = 256;
 const _: () = assert!(BLOCK == quant::BLOCK);
 
-/// What happens to every gradient when loaded: it is multiplied by `factor` = `±1 / grad_scale`
-/// (AMP unscaling, then negation for `maximize`); with AMP (`unscale` = `1 / grad_scale`) the
+/// What happens to every gradient of a tensor when loaded: it is multiplied by `factor` =
+/// `±c / grad_scale` (AMP unscaling, negation for `maximize`, the group's `grad_factor` times the
+/// tensor's clip factor, see `cpu::GradScaling`); with AMP (`unscale` = `1 / grad_scale`) the
 /// unscaled gradient is also stored back, as torch's fused optimizers leave `.grad`. For
 /// power-of-two scales (GradScaler's) both equal torch's division exactly.
 #[derive(Copy, Clone, Debug)]

@@ -157,12 +157,21 @@ pub trait CpuStep: Send + Sync {
     /// combined into `prior` (the sums of the earlier passes, e.g. added across the shards of
     /// sharded tensors; None: zeros): the rule's (zeros for a rule without sums), or with
     /// `orthograd` the projection's (one pass). Reads only.
-    fn sums(&self, grad_scale: Option<f64>, pass: usize, prior: Option<Vec<[f64; MAX_SUMS]>>) -> Vec<[f64; MAX_SUMS]>;
-    /// Update the scalar state and every tensor. Cannot fail. With AMP's `grad_scale`, every
-    /// input is divided by it on the fly and stored back unscaled (as torch's fused optimizers do).
-    /// `sums`: the per-tensor sums to use (e.g. added across the shards of sharded tensors)
-    /// instead of the batch's own, in its parameters' order.
-    fn run(&self, grad_scale: Option<f64>, sums: Option<&[[f64; MAX_SUMS]]>);
+    fn sums(&self, scaling: GradScaling<'_>, pass: usize, prior: Option<Vec<[f64; MAX_SUMS]>>) -> Vec<[f64; MAX_SUMS]>;
+    /// Update the scalar state and every tensor. Cannot fail. `sums`: the per-tensor sums to use
+    /// (e.g. added across the shards of sharded tensors) instead of the batch's own, in its
+    /// parameters' order.
+    fn run(&self, scaling: GradScaling<'_>, sums: Option<&[[f64; MAX_SUMS]]>);
+}
+
+/// What a run multiplies the gradients by as it loads them, besides the group's sign and
+/// `grad_factor`: AMP's `grad_scale` divides every input (which is also stored back unscaled, as
+/// torch's fused optimizers do), and `factors` (in the batch's order; e.g. AdaGC's clip factors)
+/// each tensor's. Neither is stored into the gradients.
+#[derive(Copy, Clone, Debug, Default)]
+pub struct GradScaling<'a> {
+    pub grad_scale: Option<f64>,
+    pub factors: Option<&'a [f64]>,
 }
 
 /// What one typed pass over a batch does.
@@ -333,14 +342,14 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
 
     /// Per-tensor sums of every pass: the rule's (zeros when it has none), or with `orthograd`
     /// the projection's.
-    fn tensor_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factor: R) -> Vec<[f64; MAX_SUMS]> {
+    fn tensor_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factors: &[R]) -> Vec<[f64; MAX_SUMS]> {
         let passes = if self.options.orthograd.is_some() { 1 } else { Ru::SUM_PASSES };
-        (0..passes).fold(vec![[0.0; MAX_SUMS]; self.batch.params.len()], |sums, pass| self.pass_sums::<R, P, G, S>(factor, pass, sums))
+        (0..passes).fold(vec![[0.0; MAX_SUMS]; self.batch.params.len()], |sums, pass| self.pass_sums::<R, P, G, S>(factors, pass, sums))
     }
 
     /// The per-tensor sums of read-only pass `pass` combined into `sums` (those of the earlier
-    /// passes).
-    fn pass_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factor: R, pass: usize, mut sums: Vec<[f64; MAX_SUMS]>) -> Vec<[f64; MAX_SUMS]> {
+    /// passes); `factors[t]` multiplies tensor `t`'s gradient as loaded.
+    fn pass_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factors: &[R], pass: usize, mut sums: Vec<[f64; MAX_SUMS]>) -> Vec<[f64; MAX_SUMS]> {
         if pass >= if self.options.orthograd.is_some() { 1 } else { Ru::SUM_PASSES } {
             return sums;
         }
@@ -350,7 +359,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
         let parts = map_spans(&self.numels(), self.align(), |s| {
             // SAFETY: validated views; the pass only reads.
             unsafe {
-                let ptrs = self.span_ptrs::<R, P, G, S>(s);
+                let (ptrs, factor) = (self.span_ptrs::<R, P, G, S>(s), factors[s.tensor]);
                 if self.options.orthograd.is_some() {
                     kernel::projection_sums::<R, P, G>(factor, ptrs.param, ptrs.correction, ptrs.grad, s.len)
                 } else if Ru::SUMS > 0 {
@@ -404,18 +413,23 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
 
     /// One pass in the types R (compute), P, G, S; returns the sums of a `Pass::Sums` (else
     /// nothing).
-    fn pass_typed<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, grad_scale: Option<f64>, pass: Pass<'_>) -> Vec<[f64; MAX_SUMS]> {
-        let xf =
-            GradTransform { factor: R::from_f64(self.options.grad_multiplier / grad_scale.unwrap_or(1.0)), unscale: grad_scale.map(|s| R::from_f64(1.0 / s)) };
+    fn pass_typed<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, scaling: GradScaling<'_>, pass: Pass<'_>) -> Vec<[f64; MAX_SUMS]> {
+        // Each tensor's gradient multiplier, rounded once to the compute type.
+        let base = self.options.grad_multiplier / scaling.grad_scale.unwrap_or(1.0);
+        let factors: Vec<R> = match scaling.factors {
+            Some(f) => f.iter().map(|&x| R::from_f64(base * x)).collect(),
+            None => vec![R::from_f64(base); self.batch.params.len()],
+        };
+        let unscale = scaling.grad_scale.map(|s| R::from_f64(1.0 / s));
         let own;
         let sums = match pass {
             Pass::Update(Some(given)) => Some(given),
             Pass::Sums(pass, prior) => {
                 let prior = prior.unwrap_or_else(|| vec![[0.0; MAX_SUMS]; self.batch.params.len()]);
-                return self.pass_sums::<R, P, G, S>(xf.factor, pass, prior);
+                return self.pass_sums::<R, P, G, S>(&factors, pass, prior);
             }
             Pass::Update(None) if self.options.orthograd.is_some() || Ru::SUMS > 0 => {
-                own = self.tensor_sums::<R, P, G, S>(xf.factor);
+                own = self.tensor_sums::<R, P, G, S>(&factors);
                 Some(&own[..])
             }
             Pass::Update(None) => None,
@@ -438,29 +452,30 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             // SAFETY: all views were validated to hold numel elements of P (params), G (inputs) or
             // S (states) on the CPU; spans are disjoint ranges inside them, so each element is
             // touched by one thread only; the tensors are kept alive by the caller.
+            let xf = GradTransform { factor: factors[s.tensor], unscale };
             unsafe { kernel::update_span::<Ru, R, P, G, S>(&coeffs[s.tensor], &xf, projection, rounding, self.span_ptrs::<R, P, G, S>(s), s.len) };
         });
         Vec::new()
     }
 
-    fn pass(&self, grad_scale: Option<f64>, pass: Pass<'_>) -> Vec<[f64; MAX_SUMS]> {
+    fn pass(&self, scaling: GradScaling<'_>, pass: Pass<'_>) -> Vec<[f64; MAX_SUMS]> {
         // Combinations accepted by `batch::split_group`: the input has the parameter's dtype, or
         // an fp32 parameter (an average) reads a bf16/fp16 input (the model; `check_state` refused
         // it for gradients, so that gradient rules compile no kernel for it); the state has the
         // parameter's dtype, or fp32 for bf16/fp16 parameters, or bf16 for fp32 parameters.
         match (self.batch.param_dtype, self.batch.input_dtype, self.batch.state_dtype) {
-            (DType::F32, DType::BF16, _) if !Ru::READS_GRADIENT => self.pass_typed::<f32, f32, bf16, f32>(grad_scale, pass),
-            (DType::F32, DType::F16, _) if !Ru::READS_GRADIENT => self.pass_typed::<f32, f32, f16, f32>(grad_scale, pass),
-            (DType::F32, DType::F32, DType::BF16) => self.pass_typed::<f32, f32, f32, bf16>(grad_scale, pass),
-            (DType::F32, DType::F32, DType::U8) => self.pass_typed::<f32, f32, f32, u8>(grad_scale, pass),
-            (DType::BF16, _, DType::U8) => self.pass_typed::<f32, bf16, bf16, u8>(grad_scale, pass),
-            (DType::F16, _, DType::U8) => self.pass_typed::<f32, f16, f16, u8>(grad_scale, pass),
-            (DType::F32, DType::F32, _) => self.pass_typed::<f32, f32, f32, f32>(grad_scale, pass),
-            (DType::F64, _, _) => self.pass_typed::<f64, f64, f64, f64>(grad_scale, pass),
-            (DType::BF16, _, DType::BF16) => self.pass_typed::<f32, bf16, bf16, bf16>(grad_scale, pass),
-            (DType::BF16, _, _) => self.pass_typed::<f32, bf16, bf16, f32>(grad_scale, pass),
-            (DType::F16, _, DType::F16) => self.pass_typed::<f32, f16, f16, f16>(grad_scale, pass),
-            (DType::F16, _, _) => self.pass_typed::<f32, f16, f16, f32>(grad_scale, pass),
+            (DType::F32, DType::BF16, _) if !Ru::READS_GRADIENT => self.pass_typed::<f32, f32, bf16, f32>(scaling, pass),
+            (DType::F32, DType::F16, _) if !Ru::READS_GRADIENT => self.pass_typed::<f32, f32, f16, f32>(scaling, pass),
+            (DType::F32, DType::F32, DType::BF16) => self.pass_typed::<f32, f32, f32, bf16>(scaling, pass),
+            (DType::F32, DType::F32, DType::U8) => self.pass_typed::<f32, f32, f32, u8>(scaling, pass),
+            (DType::BF16, _, DType::U8) => self.pass_typed::<f32, bf16, bf16, u8>(scaling, pass),
+            (DType::F16, _, DType::U8) => self.pass_typed::<f32, f16, f16, u8>(scaling, pass),
+            (DType::F32, DType::F32, _) => self.pass_typed::<f32, f32, f32, f32>(scaling, pass),
+            (DType::F64, _, _) => self.pass_typed::<f64, f64, f64, f64>(scaling, pass),
+            (DType::BF16, _, DType::BF16) => self.pass_typed::<f32, bf16, bf16, bf16>(scaling, pass),
+            (DType::BF16, _, _) => self.pass_typed::<f32, bf16, bf16, f32>(scaling, pass),
+            (DType::F16, _, DType::F16) => self.pass_typed::<f32, f16, f16, f16>(scaling, pass),
+            (DType::F16, _, _) => self.pass_typed::<f32, f16, f16, f32>(scaling, pass),
             (DType::F32, input, _) => unreachable!("check_state refuses {} gradients for float32 parameters", input.name()),
             (DType::I8 | DType::U8, _, _) => unreachable!("batch::split_group refuses integer parameters"),
         }
@@ -499,12 +514,12 @@ impl<Ru: Rule> CpuStep for RuleBatch<'_, Ru> {
         }
     }
 
-    fn sums(&self, grad_scale: Option<f64>, pass: usize, prior: Option<Vec<[f64; MAX_SUMS]>>) -> Vec<[f64; MAX_SUMS]> {
-        self.pass(grad_scale, Pass::Sums(pass, prior))
+    fn sums(&self, scaling: GradScaling<'_>, pass: usize, prior: Option<Vec<[f64; MAX_SUMS]>>) -> Vec<[f64; MAX_SUMS]> {
+        self.pass(scaling, Pass::Sums(pass, prior))
     }
 
-    fn run(&self, grad_scale: Option<f64>, sums: Option<&[[f64; MAX_SUMS]]>) {
-        self.pass(grad_scale, Pass::Update(sums));
+    fn run(&self, scaling: GradScaling<'_>, sums: Option<&[[f64; MAX_SUMS]]>) {
+        self.pass(scaling, Pass::Update(sums));
     }
 }
 

@@ -37,12 +37,14 @@ pub trait CudaStep: Send + Sync {
     /// Enqueue read-only sums pass `pass`, combined into the sums of the earlier passes that
     /// `out` holds (the device address of a float64 `[n, MAX_SUMS]` array in group order: row
     /// `members[j]` for the batch's tensor `j`), then copies of the result into `out`. Nothing
-    /// for a rule without that pass.
-    fn sums(&self, amp: DeviceAmp, out: u64, pass: usize) -> Result<()>;
-    /// Enqueue the update on the batch's stream (asynchronous; no host synchronisation), with
-    /// the per-tensor sums read from `sums` (laid out as `out` of [`CudaStep::sums`]) instead of
-    /// its own sums pass when given.
-    fn launch(&self, amp: DeviceAmp, sums: Option<u64>) -> Result<()>;
+    /// for a rule without that pass. `factors`: as for [`CudaStep::launch`].
+    fn sums(&self, amp: DeviceAmp, out: u64, pass: usize, factors: Option<&[f64]>) -> Result<()>;
+    /// Enqueue the update on the batch's stream (asynchronous; no host synchronisation, except
+    /// that given `factors` are copied from pageable host memory), with the per-tensor sums read
+    /// from `sums` (laid out as `out` of [`CudaStep::sums`]) instead of its own sums pass when
+    /// given. `factors[j]` multiplies the gradient of the batch's tensor `j` as loaded
+    /// (`cpu::GradScaling`).
+    fn launch(&self, amp: DeviceAmp, sums: Option<u64>, factors: Option<&[f64]>) -> Result<()>;
 }
 
 /// A compiled rule: one module with a step and a sums kernel per dtype combination.
@@ -52,7 +54,8 @@ struct Module {
 }
 
 /// A table uploaded to the device: tensor entries, then one u32 arrival counter per tensor
-/// (zeroed at creation, reset by the kernel), then MAX_SUMS f64 sums per tensor.
+/// (zeroed at creation, reset by the kernel), then MAX_SUMS f64 sums per tensor, then one f64
+/// gradient factor per tensor (written before a launch that is given factors).
 struct UploadedTable {
     entries: Vec<TensorEntry>,
     device_buf: u64,
@@ -70,8 +73,11 @@ impl UploadedTable {
         let counters = 4 * self.entries.len() as u64;
         self.counters() + counters.div_ceil(8) * 8
     }
+    fn factors(&self) -> u64 {
+        self.sums() + (8 * MAX_SUMS * self.entries.len()) as u64
+    }
     fn bytes(n: usize) -> usize {
-        n * std::mem::size_of::<TensorEntry>() + (4 * n).div_ceil(8) * 8 + 8 * MAX_SUMS * n
+        n * std::mem::size_of::<TensorEntry>() + (4 * n).div_ceil(8) * 8 + 8 * MAX_SUMS * n + 8 * n
     }
 }
 
@@ -245,13 +251,12 @@ impl RuleVisitor for Planner<'_> {
         let (entries, blocks) = table::build(b);
         let n_tensors = entries.len() as i32;
         let stream = self.stream as sys::CUstream;
-        let (functions, table_index, table_addr, counters, sums) = with_device(ordinal, |dev| {
+        let (functions, table_addr, counters, sums, factors) = with_device(ordinal, |dev| {
             let functions = dev.module(&program)?.functions[kernel_suffix(b.param_dtype, b.input_dtype, b.state_dtype)];
             let i = dev.table(entries, stream)?;
             let t = &dev.tables[i];
-            Ok((functions, i, t.device_buf, t.counters(), t.sums()))
+            Ok((functions, t.device_buf, t.counters(), t.sums(), t.factors()))
         })?;
-        let _ = table_index;
         Ok(Box::new(Launch {
             ordinal,
             hyper: hyper_bytes(&rule),
@@ -261,6 +266,7 @@ impl RuleVisitor for Planner<'_> {
             table: table_addr,
             counters,
             sums,
+            factors,
             n_tensors,
             blocks: blocks as u32,
             stream: self.stream,
@@ -281,6 +287,8 @@ struct Launch {
     table: u64,
     counters: u64,
     sums: u64,
+    /// The table's per-tensor gradient factors.
+    factors: u64,
     n_tensors: i32,
     blocks: u32,
     stream: u64,
@@ -318,15 +326,30 @@ impl Launch {
         Ok(())
     }
 
+    /// Copy `factors` (one per tensor of the batch; None: none) into the table and return the
+    /// kernels' `gfactors` argument: their device address, or 0.
+    ///
+    /// # Safety
+    /// The context is current.
+    unsafe fn upload_factors(&self, factors: Option<&[f64]>) -> Result<u64> {
+        let Some(f) = factors else { return Ok(0) };
+        debug_assert_eq!(f.len(), self.n_tensors as usize);
+        // SAFETY: the table holds one f64 per tensor at `self.factors`; a copy from pageable
+        // memory is staged before the call returns, so `f` may go once it has.
+        unsafe { result::memcpy_htod_async(self.factors, f, self.stream as sys::CUstream) }.map_err(|e| driver_error("cuMemcpyHtoDAsync", e))?;
+        Ok(self.factors)
+    }
+
     /// Launch `function` (an `ef_sums` or `ef_step` of this batch's module) on the batch's stream
     /// with the arguments every kernel takes first (hyper, tensors, n, grad_scale, found_inf,
-    /// gsign), then the values `last` (ef_sums: sums, pass; ef_step: counters, sums, rkey).
+    /// gsign, gfactors), then the values `last` (ef_sums: sums, pass; ef_step: counters, sums,
+    /// rkey).
     ///
     /// # Safety
     /// The context is current (inside `with_device`); `last` matches the kernel's signature; the
     /// table and the tensors it points to stay alive until the stream has run the kernel (the
     /// tensors are owned by the optimizer, the table by the cache, freed stream-ordered).
-    unsafe fn launch_kernel(&self, function: usize, amp: DeviceAmp, last: &mut [u64], what: &str) -> Result<()> {
+    unsafe fn launch_kernel(&self, function: usize, amp: DeviceAmp, mut gfactors: u64, last: &mut [u64], what: &str) -> Result<()> {
         let (mut table, mut n, mut gs, mut fi, mut gsign) = (self.table, self.n_tensors, amp.grad_scale, amp.found_inf, self.gsign);
         let mut hyper = self.hyper.clone();
         let mut params: Vec<*mut c_void> = vec![
@@ -336,6 +359,7 @@ impl Launch {
             &mut gs as *mut u64 as *mut c_void,
             &mut fi as *mut u64 as *mut c_void,
             &mut gsign as *mut f64 as *mut c_void,
+            &mut gfactors as *mut u64 as *mut c_void,
         ];
         params.extend(last.iter_mut().map(|x| x as *mut u64 as *mut c_void));
         // SAFETY: per the contract; the argument values live until the call returns (the driver
@@ -349,7 +373,7 @@ impl Launch {
     ///
     /// # Safety
     /// As `launch_kernel`.
-    unsafe fn launch_sums(&self, amp: DeviceAmp, passes: std::ops::Range<usize>) -> Result<()> {
+    unsafe fn launch_sums(&self, amp: DeviceAmp, gfactors: u64, passes: std::ops::Range<usize>) -> Result<()> {
         // SAFETY: the table's sums buffer holds MAX_SUMS f64 per tensor; ef_sums(…, sums, pass).
         unsafe {
             if passes.start == 0 {
@@ -357,7 +381,7 @@ impl Launch {
                     .map_err(|e| driver_error("cuMemsetD8Async", e))?;
             }
             for pass in passes {
-                self.launch_kernel(self.sums_fn, amp, &mut [self.sums, pass as u64], "launching ef_sums")?;
+                self.launch_kernel(self.sums_fn, amp, gfactors, &mut [self.sums, pass as u64], "launching ef_sums")?;
             }
             Ok(())
         }
@@ -369,7 +393,7 @@ impl CudaStep for Launch {
         self.ordinal
     }
 
-    fn sums(&self, amp: DeviceAmp, out: u64, pass: usize) -> Result<()> {
+    fn sums(&self, amp: DeviceAmp, out: u64, pass: usize, factors: Option<&[f64]>) -> Result<()> {
         if self.n_tensors == 0 || pass >= self.sum_passes {
             return Ok(()); // `out` already holds the sums
         }
@@ -379,25 +403,27 @@ impl CudaStep for Launch {
             if pass > 0 {
                 self.copy_sums(out, false)?;
             }
-            self.launch_sums(amp, pass..pass + 1)?;
+            let gfactors = self.upload_factors(factors)?;
+            self.launch_sums(amp, gfactors, pass..pass + 1)?;
             self.copy_sums(out, true)
         })
     }
 
-    fn launch(&self, amp: DeviceAmp, given: Option<u64>) -> Result<()> {
+    fn launch(&self, amp: DeviceAmp, given: Option<u64>, factors: Option<&[f64]>) -> Result<()> {
         if self.n_tensors == 0 {
             return Ok(());
         }
-        // SAFETY: see `launch_kernel`, `launch_sums` and `copy_sums` (given sums are checked by
-        // the caller as for `sums`); ef_step(…, counters, sums, rkey).
+        // SAFETY: see `launch_kernel`, `launch_sums`, `copy_sums` and `upload_factors` (given
+        // sums are checked by the caller as for `sums`); ef_step(…, counters, sums, rkey).
         with_device(self.ordinal, |_| unsafe {
+            let gfactors = self.upload_factors(factors)?;
             if self.sum_passes > 0 {
                 match given {
                     Some(rows) => self.copy_sums(rows, false)?,
-                    None => self.launch_sums(amp, 0..self.sum_passes)?,
+                    None => self.launch_sums(amp, gfactors, 0..self.sum_passes)?,
                 }
             }
-            self.launch_kernel(self.step_fn, amp, &mut [self.counters, self.sums, self.rounding], "launching ef_step")
+            self.launch_kernel(self.step_fn, amp, gfactors, &mut [self.counters, self.sums, self.rounding], "launching ef_step")
         })
     }
 }

@@ -489,6 +489,7 @@ impl StepPlan {
         amp: AmpArgs<'_, '_>,
         sums: SumsArg<'_, '_>,
         given_grads: Option<&Bound<'_, PyList>>,
+        grad_factors: Option<&Bound<'_, PyList>>,
     ) -> Result<Option<bool>> {
         let given = match hypers {
             None => None,
@@ -528,6 +529,7 @@ impl StepPlan {
             keep_grads = grads;
         }
         let env = RunEnv::resolve(&self.who, self.calls.iter().flat_map(|c| c.batches.iter().map(|b| b.device)), amp.grad_scale, amp.found_inf, amp.streams)?;
+        let factors = grad_factors.map(|list| factor_lists(&self.who, list, &self.calls)).transpose()?;
         let mut keep_sums = Vec::new();
         let io = match sums {
             SumsArg::Own => SumsIo::Own,
@@ -542,7 +544,7 @@ impl StepPlan {
         // replace a tensor's memory meanwhile (a `.data` swap, `set_`, a storage resize), so
         // every storage the step touches stays alive until it returns. (CUDA kernels only
         // queue work on the stream, whose memory torch's caching allocator keeps.)
-        let applied = guarded(|| execute(who, rule, work(), &env, &io))?;
+        let applied = guarded(|| execute(who, rule, work(), &env, &io, factors.as_deref()))?;
         drop((keep_grads, keep_sums));
         Ok(Some(applied))
     }
@@ -569,8 +571,11 @@ impl StepPlan {
     /// `sums`: per-tensor sums to use instead of the rule's own pass (rules that reduce over each
     /// tensor, e.g. when the tensors are shards and the sums were added across them), as
     /// [`StepPlan::sums`] writes them. `grads`: this run's gradients, in the order of the
-    /// groups' inputs (only and always for a plan built with `grads_given`).
-    #[pyo3(name = "run", signature = (hypers=None, grad_scale=None, found_inf=None, streams=None, sums=None, grads=None))]
+    /// groups' inputs (only and always for a plan built with `grads_given`). `grad_factors`: one
+    /// entry per group, None or a sequence of a float per parameter (finite, >= 0) that multiplies
+    /// its gradient as the step loads it (per-tensor clipping, e.g. AdaGC's; the gradients are
+    /// not written).
+    #[pyo3(name = "run", signature = (hypers=None, grad_scale=None, found_inf=None, streams=None, sums=None, grads=None, grad_factors=None))]
     #[allow(clippy::too_many_arguments)]
     fn py_run(
         &mut self,
@@ -581,9 +586,10 @@ impl StepPlan {
         streams: Option<&Bound<'_, PyAny>>,
         sums: Option<&Bound<'_, PyList>>,
         grads: Option<&Bound<'_, PyList>>,
+        grad_factors: Option<&Bound<'_, PyList>>,
     ) -> PyResult<Option<bool>> {
         let sums = sums.map_or(SumsArg::Own, SumsArg::Read);
-        guarded(|| self.run(py, hypers, AmpArgs { grad_scale, found_inf, streams }, sums, grads)).map_err(|e| to_py(py, e))
+        guarded(|| self.run(py, hypers, AmpArgs { grad_scale, found_inf, streams }, sums, grads, grad_factors)).map_err(|e| to_py(py, e))
     }
 
     /// The rule's per-tensor sums of read-only pass `sum_pass` (read only, nothing updated) into
@@ -591,8 +597,8 @@ impl StepPlan {
     /// parameters' device, row `i` for parameter `i`, holding the sums of the earlier passes
     /// (zeros for pass 0; the pass's own columns zero); the pass's sums are combined into it
     /// (see `rule_sums`). Queued on `streams` for CUDA tensors. Other arguments and the return
-    /// value as for `run`.
-    #[pyo3(name = "sums", signature = (out, hypers=None, grad_scale=None, found_inf=None, streams=None, grads=None, sum_pass=0))]
+    /// value as for `run` (give the same `grad_factors` as to the update).
+    #[pyo3(name = "sums", signature = (out, hypers=None, grad_scale=None, found_inf=None, streams=None, grads=None, sum_pass=0, grad_factors=None))]
     #[allow(clippy::too_many_arguments)]
     fn py_sums(
         &mut self,
@@ -604,8 +610,10 @@ impl StepPlan {
         streams: Option<&Bound<'_, PyAny>>,
         grads: Option<&Bound<'_, PyList>>,
         sum_pass: usize,
+        grad_factors: Option<&Bound<'_, PyList>>,
     ) -> PyResult<Option<bool>> {
-        guarded(|| self.run(py, hypers, AmpArgs { grad_scale, found_inf, streams }, SumsArg::Write(out, sum_pass), grads)).map_err(|e| to_py(py, e))
+        let amp = AmpArgs { grad_scale, found_inf, streams };
+        guarded(|| self.run(py, hypers, amp, SumsArg::Write(out, sum_pass), grads, grad_factors)).map_err(|e| to_py(py, e))
     }
 
     /// The parameters (written tensors) of every group, in order.
@@ -628,7 +636,7 @@ pub fn step(
 ) -> PyResult<bool> {
     let run = || -> Result<bool> {
         let mut plan = StepPlan::build(py, who, rule, groups, None, false)?;
-        Ok(plan.run(py, None, AmpArgs { grad_scale, found_inf, streams }, SumsArg::Own, None)?.expect("a fresh plan is current"))
+        Ok(plan.run(py, None, AmpArgs { grad_scale, found_inf, streams }, SumsArg::Own, None, None)?.expect("a fresh plan is current"))
     };
     guarded(run).map_err(|e| to_py(py, e))
 }
@@ -641,7 +649,7 @@ impl StepPlan {
         Ok(move || {
             let StepPlan { who, rule, objs, calls, hypers, .. } = self;
             let work = calls.iter().zip(&hypers).enumerate().flat_map(|(ci, (c, h))| c.batches.iter().map(move |b| (ci, h, b)));
-            let result = guarded(|| execute(&who, &rule, work, &env, &SumsIo::Own));
+            let result = guarded(|| execute(&who, &rule, work, &env, &SumsIo::Own, None));
             if super::step::interpreter_alive() {
                 Python::attach(move |_| drop((objs, calls)));
             } else {
@@ -740,6 +748,11 @@ impl RunEnv {
         Ok(env)
     }
 
+    /// How a CPU batch's gradients are scaled: AMP's scale, and the batch's factors `f`.
+    fn cpu_scaling<'f>(&self, f: &'f Option<Vec<f64>>) -> cpu::GradScaling<'f> {
+        cpu::GradScaling { grad_scale: self.cpu_scale, factors: f.as_deref() }
+    }
+
     fn cuda(&self, device: u32) -> (DeviceAmp, u64) {
         let &(_, amp, stream) = self.cuda.iter().find(|(d, ..)| *d == device).expect("resolved for every device");
         (amp, stream)
@@ -793,6 +806,37 @@ fn sums_arrays<'py>(who: &str, list: &Bound<'py, PyList>, calls: &[Call], keep: 
     Ok(out)
 }
 
+/// The per-tensor gradient factors of `list` (one entry per call: None, or a float per parameter
+/// of the call), checked: finite and >= 0.
+fn factor_lists(who: &str, list: &Bound<'_, PyList>, calls: &[Call]) -> Result<Vec<Option<Vec<f64>>>> {
+    if list.len() != calls.len() {
+        return Err(Error::Value(format!("{who}: {} gradient factor lists for {} groups", list.len(), calls.len())));
+    }
+    let mut out = Vec::with_capacity(calls.len());
+    for (ci, (obj, call)) in list.iter().zip(calls).enumerate() {
+        if obj.is_none() {
+            out.push(None);
+            continue;
+        }
+        let what = || format!("{who}: the gradient factors of group {ci}");
+        let factors: Vec<f64> = obj.extract().map_err(|_| Error::Value(format!("{} must be a sequence of floats", what())))?;
+        if factors.len() != call.n {
+            return Err(Error::Value(format!("{}: {} factors for {} parameters", what(), factors.len(), call.n)));
+        }
+        if let Some(x) = factors.iter().find(|x| !(x.is_finite() && **x >= 0.0)) {
+            return Err(Error::Value(format!("{} must be finite numbers >= 0, got {x}", what())));
+        }
+        out.push(Some(factors));
+    }
+    Ok(out)
+}
+
+/// `batch`'s tensors' entries of its call's factors (see [`factor_lists`]).
+fn batch_factors(factors: Option<&[Option<Vec<f64>>]>, ci: usize, batch: &Batch) -> Option<Vec<f64>> {
+    let call = factors?.get(ci)?.as_ref()?;
+    Some(batch.members.iter().map(|&m| call[m]).collect())
+}
+
 /// The rows of `batch`'s tensors in a CPU sums array of its call.
 ///
 /// # Safety
@@ -818,47 +862,56 @@ unsafe fn write_rows(rows: &TensorView, batch: &Batch, sums: &[[f64; MAX_SUMS]])
 /// Plan every batch (`(call index, hyper, batch)`), then run them all: nothing is written
 /// unless every batch planned (and, with `check_finite`, every gradient is finite). `Ok(false)`
 /// when AMP's found-inf flag skipped the CPU batches. With `SumsIo::Write`, only the per-tensor
-/// sums are computed.
-fn execute<'a>(who: &str, rule: &str, work: impl Iterator<Item = (usize, &'a Hyper, &'a Batch)>, env: &RunEnv, io: &SumsIo) -> Result<bool> {
+/// sums are computed. `factors`: per-tensor gradient factors of each call (see [`factor_lists`]).
+fn execute<'a>(
+    who: &str,
+    rule: &str,
+    work: impl Iterator<Item = (usize, &'a Hyper, &'a Batch)>,
+    env: &RunEnv,
+    io: &SumsIo,
+    factors: Option<&[Option<Vec<f64>>]>,
+) -> Result<bool> {
     let mut cpu_steps = Vec::new();
     let mut cuda_steps = Vec::new();
     for (ci, hyper, batch) in work {
+        let f = batch_factors(factors, ci, batch);
         match batch.device {
-            Device::Cpu => cpu_steps.push((ci, batch, cpu::plan(rule, hyper, batch)?)),
+            Device::Cpu => cpu_steps.push((ci, batch, cpu::plan(rule, hyper, batch)?, f)),
             Device::Cuda(i) => {
                 let (amp, stream) = env.cuda(i);
-                cuda_steps.push((ci, cuda::plan(rule, hyper, batch.clone(), stream)?, amp));
+                cuda_steps.push((ci, cuda::plan(rule, hyper, batch.clone(), stream)?, amp, f));
             }
         }
     }
     if !env.cpu_skip {
         match io {
             SumsIo::Write(out, pass) => {
-                for (ci, batch, s) in &cpu_steps {
+                for (ci, batch, s, f) in &cpu_steps {
                     // SAFETY: validated CPU arrays (sums_arrays), fresh from the caller.
                     unsafe {
                         let prior = read_rows(&out[*ci], batch);
-                        write_rows(&out[*ci], batch, &s.sums(env.cpu_scale, *pass, Some(prior)));
+                        write_rows(&out[*ci], batch, &s.sums(env.cpu_scaling(f), *pass, Some(prior)));
                     }
                 }
             }
             _ => {
-                for (_, _, s) in &cpu_steps {
+                for (_, _, s, _) in &cpu_steps {
                     s.check_finite(who)?;
                 }
-                for (ci, batch, s) in &cpu_steps {
+                for (ci, batch, s, f) in &cpu_steps {
                     // SAFETY: validated CPU arrays (sums_arrays).
                     let given = if let SumsIo::Read(rows) = io { Some(unsafe { read_rows(&rows[*ci], batch) }) } else { None };
-                    s.run(env.cpu_scale, given.as_deref());
+                    s.run(env.cpu_scaling(f), given.as_deref());
                 }
             }
         }
     }
-    for (ci, s, amp) in &cuda_steps {
+    for (ci, s, amp, f) in &cuda_steps {
+        let f = f.as_deref();
         match io {
-            SumsIo::Own => s.launch(*amp, None)?,
-            SumsIo::Read(rows) => s.launch(*amp, Some(rows[*ci].ptr() as u64))?,
-            SumsIo::Write(out, pass) => s.sums(*amp, out[*ci].ptr() as u64, *pass)?,
+            SumsIo::Own => s.launch(*amp, None, f)?,
+            SumsIo::Read(rows) => s.launch(*amp, Some(rows[*ci].ptr() as u64), f)?,
+            SumsIo::Write(out, pass) => s.sums(*amp, out[*ci].ptr() as u64, *pass, f)?,
         }
     }
     Ok(!env.cpu_skip)

@@ -27,7 +27,7 @@ from .. import _compile, _dtensor, _native
 from .._cuda import current_streams, per_device
 from .._guard import deferred_interrupts, refuse_subclass
 from .._staging import stage_groups
-from ..errors import DTypeError, InvalidArgumentError, LayoutError, SparseGradError, UnsupportedOptionError
+from ..errors import DTypeError, InvalidArgumentError, LayoutError, NonFiniteError, SparseGradError, UnsupportedOptionError
 from . import _precision
 from ._fusion import FusedAverage, FusedRequest, fused_average, register_fused_average
 from ._precision import WEIGHT_CORRECTION, Rounding, StateDType
@@ -46,10 +46,10 @@ Precision = tuple[StateDType, "Rounding | None", int, bool]
 if TYPE_CHECKING:
     from typing import TypeAlias
 
-    from ..clipping import ZClip
+    from ..clipping import AdaGC, ZClip
 
-    #: What every optimizer's ``grad_clip=`` takes: a maximal global norm or a ZClip.
-    GradClip: TypeAlias = float | ZClip | None
+    #: What every optimizer's ``grad_clip=`` takes: a maximal global norm, a ZClip or an AdaGC.
+    GradClip: TypeAlias = float | ZClip | AdaGC | None
 else:
     GradClip = Any
 
@@ -141,17 +141,14 @@ def cap_coefficient(norm: float, max_norm: float | None) -> float | None:
 
 
 def check_grad_clip(who: str, grad_clip: Any) -> None:
-    """``grad_clip``: None, a maximal global norm (a number > 0), or a clipper deciding from the
-    global norm (``coefficient(norm)``, ``state_dict()``: :class:`emafuse.ZClip`)."""
-    if grad_clip is None or (hasattr(grad_clip, "coefficient") and hasattr(grad_clip, "state_dict")):
+    """``grad_clip``: None, a maximal global norm (a number > 0), or a clipper with a
+    ``state_dict()`` that decides from the global norm (``coefficient(norm)``:
+    :class:`emafuse.ZClip`) or from each tensor's (``tensor_factors(positions, sums)``:
+    :class:`emafuse.AdaGC`)."""
+    if grad_clip is None or (hasattr(grad_clip, "state_dict") and (hasattr(grad_clip, "coefficient") or hasattr(grad_clip, "tensor_factors"))):
         return
-    if type(grad_clip).__name__ == "AdaGC":
-        raise UnsupportedOptionError(
-            f"{who}: grad_clip=AdaGC(...) is not supported: AdaGC clips each tensor by its own norm, which the step does not "
-            "apply yet. Call adagc.step(model) after backward() instead (or use grad_clip=ZClip(...) or a max norm)"
-        )
     if isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float)) or not grad_clip > 0.0 or not math.isfinite(grad_clip):
-        raise ValueError(f"{who}: grad_clip must be None, a max norm > 0 or emafuse.ZClip(...), got {grad_clip!r}")
+        raise ValueError(f"{who}: grad_clip must be None, a max norm > 0, emafuse.ZClip(...) or emafuse.AdaGC(...), got {grad_clip!r}")
 
 
 def sum_squares(tensors: list[Tensor]) -> float:
@@ -205,10 +202,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     found, without writing ``.grad``).
 
     Every optimizer also takes ``grad_clip=``: a maximal global gradient norm (as
-    ``torch.nn.utils.clip_grad_norm_``) or an :class:`emafuse.ZClip`, applied inside the native
-    step (``_begin_clip``): the gradients are multiplied by the clip coefficient as they are
-    loaded, ``.grad`` is not written, and the clipper (optimizer-wide, held by every param group)
-    is saved in the state dict.
+    ``torch.nn.utils.clip_grad_norm_``), an :class:`emafuse.ZClip` (one coefficient) or an
+    :class:`emafuse.AdaGC` (a factor per tensor), applied inside the native step
+    (``_begin_clip``): the gradients are multiplied by their clip factor as they are loaded,
+    ``.grad`` is not written, and the clipper (optimizer-wide, held by every param group) is saved
+    in the state dict.
 
     And lean state (per param group, see ``optim/_precision.py``): ``state_dtype=`` stores the
     state tensors in float32 or bfloat16 whatever the parameters' dtype (math stays in float32),
@@ -276,7 +274,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _begin_step(self) -> None:
         """Called once per ``step()``, after the closure and ``grad_clip``'s decision
-        (``_grad_clip_factor``) and before any state is read: compute
+        (``_clipped_grad_norm``) and before any state is read: compute
         per-step values that span groups (e.g. a global gradient norm), for ``_hyper`` to use.
         Must not change anything that ``_end_step`` would not commit."""
 
@@ -606,46 +604,74 @@ class FusedOptimizer(torch.optim.Optimizer):
                     average.fused_abort(request)  # a refused step is not counted by the average
                 raise
         finally:
-            self._grad_factor, self._clip_trial, self._grad_norm = None, None, None  # one step's decision
+            self._grad_factor, self._tensor_factors, self._clip_trial, self._grad_sums = None, None, None, None  # one step's decision
         if request is not None:
             average.fused_end(request, fused)
 
     def _begin_clip(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """With ``grad_clip``: the global norm of the (unscaled) gradients, one native read-only
-        pass (DTensor shards summed across their mesh), and the factor the step multiplies every
-        gradient by as it loads it (``grad_factor``; ``.grad`` is not written). A clipper decides
-        on a copy of itself, which ``_finish_step`` keeps once the step is applied."""
-        self._grad_factor, self._clip_trial, self._grad_norm = None, None, None
+        """With ``grad_clip``: the norms of the (unscaled) gradients, one native read-only pass
+        (DTensor shards summed across their mesh), and the factor the step multiplies every
+        gradient by as it loads it (``grad_factor``), or with AdaGC each tensor's
+        (``_tensor_factors``, by parameter id; ``.grad`` is not written). A clipper decides on a
+        copy of itself, which ``_finish_step`` keeps once the step is applied."""
+        self._grad_factor, self._tensor_factors, self._clip_trial, self._grad_sums = None, None, None, None
         clip = self.param_groups[0].get("grad_clip") if self.param_groups else None
         if clip is None or (found_inf is not None and scalar(found_inf) != 0.0):  # AMP skips this step
             return
         if any(p.grad is not None and p.grad.layout != torch.strided for group in self.param_groups for p in group["params"]):
             raise SparseGradError(f"{type(self).__name__}: grad_clip needs dense gradients; a gradient is sparse (call .to_dense())")
-        norm = self._unscaled_grad_norm(grad_scale)
         if isinstance(clip, (int, float)):
-            self._grad_factor = cap_coefficient(norm, float(clip))
-        else:
-            self._clip_trial = copy.deepcopy(clip)
-            self._grad_factor = self._clip_trial.coefficient(norm)
+            self._grad_factor = cap_coefficient(self._unscaled_grad_norm(grad_scale), float(clip))
+            return
+        self._clip_trial = copy.deepcopy(clip)
+        if not hasattr(clip, "tensor_factors"):
+            self._grad_factor = self._clip_trial.coefficient(self._unscaled_grad_norm(grad_scale))
+            return
+        params, positions, sums = self._unscaled_grad_sums(grad_scale)
+        factors = self._clip_trial.tensor_factors(positions, sums)
+        if factors is None:
+            return
+        if not all(math.isfinite(h) and h >= 0.0 for h in factors):
+            raise NonFiniteError(
+                f"{type(self).__name__}: grad_clip={type(clip).__name__}(nonfinite='reference') made a non-finite clip factor from "
+                "a NaN/inf gradient norm; nothing was updated. Use nonfinite='skip' (the default) to step such gradients unclipped "
+                "(a step AMP's scaler skips), or check_finite=True to refuse them"
+            )
+        self._tensor_factors = {id(p): h for p, h in zip(params, factors)}
+
+    def _unscaled_grad_sums(self, grad_scale: Tensor | None) -> tuple[list[Tensor], list[int], list[float]]:
+        """The parameters with a gradient, their positions over all param groups (their index in
+        the state dict) and the squared norms of their gradients divided by AMP's
+        ``grad_scale`` squared: one native read-only pass (DTensor shards summed across their
+        mesh), taken once per step, which ``grad_clip`` and an optimizer's own clipping (Adan's
+        ``max_grad_norm``) share."""
+        cached = self.__dict__.get("_grad_sums")
+        if cached is None:
+            present = [(i, p) for i, p in enumerate(p for group in self.param_groups for p in group["params"]) if p.grad is not None]
+            raw = tensor_sum_squares([p.grad for _, p in present]) if present else []
+            cached = self._grad_sums = ([p for _, p in present], [i for i, _ in present], raw)
+        params, positions, raw = cached
+        if grad_scale is None:
+            return params, positions, raw
+        # (GradScaler's scales are powers of two: these equal the unscaled gradients' sums exactly)
+        square = scalar(grad_scale) ** 2
+        return params, positions, [s / square for s in raw]
 
     def _unscaled_grad_norm(self, grad_scale: Tensor | None) -> float:
-        """The global norm of this step's gradients (divided by AMP's ``grad_scale``), one native
-        read-only pass (DTensor shards summed across their mesh), taken once per step: ``grad_clip``
-        and an optimizer's own clipping (Adan's ``max_grad_norm``) share it."""
-        norm = self.__dict__.get("_grad_norm")
-        if norm is None:
-            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-            norm = math.sqrt(sum_squares(grads)) if grads else 0.0
-            if grad_scale is not None:
-                norm /= scalar(grad_scale)
-            self._grad_norm = norm
-        return norm
+        """The global norm of this step's gradients (divided by AMP's ``grad_scale``), from
+        ``_unscaled_grad_sums``' pass."""
+        _, _, raw = self._unscaled_grad_sums(None)
+        return math.sqrt(sum(raw)) / (1.0 if grad_scale is None else scalar(grad_scale))
 
-    def _grad_clip_factor(self) -> float:
-        """What ``grad_clip=`` multiplies this step's gradients by (1: no clip), for
-        ``_begin_step`` (e.g. Adan's own norm is of the clipped gradients)."""
-        factor = self.__dict__.get("_grad_factor")
-        return 1.0 if factor is None else factor
+    def _clipped_grad_norm(self, grad_scale: Tensor | None) -> float:
+        """The global norm of the (unscaled) gradients as ``grad_clip=`` hands them to the rule,
+        for ``_begin_step`` (e.g. Adan's own clipping)."""
+        tensor_factors = self.__dict__.get("_tensor_factors")
+        if tensor_factors is None:
+            factor = self.__dict__.get("_grad_factor")
+            return self._unscaled_grad_norm(grad_scale) * (1.0 if factor is None else factor)
+        params, _, sums = self._unscaled_grad_sums(grad_scale)
+        return math.sqrt(sum(tensor_factors[id(p)] ** 2 * s for p, s in zip(params, sums)))
 
     def _finish_step(self, applied: bool) -> None:
         """After the native step: keep the clipper's decision (its statistics) when the step was
@@ -691,7 +717,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         applied = None
         if plan is not None and not targets and not self._step_slots and plan.describes(self.state, self._state_layout(slots)):
             try:
-                applied = plan.run(hypers, amp)
+                applied = plan.run(hypers, amp, self.__dict__.get("_tensor_factors"))
             except LayoutError:
                 applied = None  # e.g. a gradient strided unlike its parameter: staged below
             except SparseGradError:
@@ -705,7 +731,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._finish_step(True)
                 return set()
             try:
-                applied = plan.run(hypers, amp)
+                applied = plan.run(hypers, amp, self.__dict__.get("_tensor_factors"))
             except LayoutError:
                 # Tensors the engine cannot walk linearly together: stage them (below).
                 self._normalize_steps()  # e.g. a step counter left on the CPU by a model moved to CUDA
@@ -868,7 +894,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         no_complex = None if self._supports_complex else f"{plan.who} does not support complex parameters"
         groups = [c.group(plan.hypers[c.group_index]) for c in plan.calls]
         staged, copy_back = stage_groups(groups, no_complex, plan.who)
-        applied = plan.run_native(_native.StepPlan(plan.who, self._rule, staged), None, amp)
+        applied = plan.run_native(_native.StepPlan(plan.who, self._rule, staged), None, amp, factors=self.__dict__.get("_tensor_factors"))
         for orig, staged_copy in copy_back:
             orig.copy_(staged_copy)
         plan.cacheable = False
@@ -1016,15 +1042,25 @@ class _StepPlan:
             self._watch = None
 
     def run_native(
-        self, native: _native.StepPlan, hypers: list[dict[str, Any]] | None, amp: tuple, grads: list[Tensor] | None = None
+        self,
+        native: _native.StepPlan,
+        hypers: list[dict[str, Any]] | None,
+        amp: tuple,
+        grads: list[Tensor] | None = None,
+        factors: dict[int, float] | None = None,
     ) -> bool | None:
         """One run of ``native`` (this plan's calls, or staged copies of them; ``hypers``: one per
         call, None for those it was built with; ``grads``: the gradients of a plan that is given
-        them). Where calls hold shards of tensors whose rule reads sums over each whole tensor,
+        them; ``factors``: what each parameter's gradient is multiplied by, by parameter id, e.g.
+        AdaGC's). Where calls hold shards of tensors whose rule reads sums over each whole tensor,
         the sums are computed on the shards first, added across the mesh, then the update reads
         them. A rule that reads sums over every tensor (``reduce``) gets its update's
         hyper-parameters from them in between."""
-        given = {} if grads is None else {"grads": grads}
+        given: dict[str, Any] = {} if grads is None else {"grads": grads}
+        if factors is not None:
+            originals = self._originals if self._originals is not None else [c.params for c in self.calls]
+            # (a parameter without a factor has no gradient now: the native plan finds itself stale)
+            given["grad_factors"] = [[factors.get(id(p), 1.0) for p in ps] for ps in originals]
         if not self._shard_rows and self._reduce is None:
             return native.run(hypers, *amp, **given)
         built_with = [c.hyper(self.hypers[c.group_index]) for c in self.calls]
@@ -1072,9 +1108,9 @@ class _StepPlan:
     def describes(self, state: Any, layout: StateLayout) -> bool:
         return state is self._state and state.version == self._version and layout == self.layout
 
-    def run(self, hypers: list[dict[str, Any]], amp: tuple) -> bool | None:
-        """One step (the first run validates every tensor into a native plan); None if the
-        tensors changed since."""
+    def run(self, hypers: list[dict[str, Any]], amp: tuple, factors: dict[int, float] | None = None) -> bool | None:
+        """One step (the first run validates every tensor into a native plan; ``factors``: see
+        ``run_native``); None if the tensors changed since."""
         self.hypers = hypers
         call_hypers = [c.hyper(hypers[c.group_index]) for c in self.calls]
         if not self.calls:
@@ -1090,7 +1126,7 @@ class _StepPlan:
             grads = self._shard_grads()
             if grads is None:
                 return None
-        return self.run_native(self._native, call_hypers, amp, grads)
+        return self.run_native(self._native, call_hypers, amp, grads, factors)
 
     def commit(self, state: _StateDict) -> None:
         """After the first run: store the lazily created state, and forget the gradients

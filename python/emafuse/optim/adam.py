@@ -70,10 +70,11 @@ class AdamW(_AdamRule, torch.optim.AdamW):
     the default, lets NaN flow into the parameters).
 
     Extra keyword: ``grad_clip`` (default None), taken by every emafuse optimizer: a maximal
-    global gradient norm (``torch.nn.utils.clip_grad_norm_``'s) or an :class:`emafuse.ZClip`,
-    applied inside the step: one extra read-only pass for the global norm of the unscaled
-    gradients, then the update multiplies each gradient by the clip coefficient as it loads it
-    (``p.grad`` is not written). Optimizer-wide; the clipper is saved in the state dict.
+    global gradient norm (``torch.nn.utils.clip_grad_norm_``'s), an :class:`emafuse.ZClip` or an
+    :class:`emafuse.AdaGC` (a factor per tensor), applied inside the step: one extra read-only
+    pass for the norms of the unscaled gradients, then the update multiplies each gradient by its
+    clip factor as it loads it (``p.grad`` is not written). Optimizer-wide; the clipper is saved
+    in the state dict.
 
     Extra keywords ``orthograd`` (default False) and ``orthograd_rescale`` (default True), taken
     by every emafuse optimizer but SGD-SaI: ⊥Grad (L. Prieto et al., "Grokking at the Edge of

@@ -134,7 +134,7 @@ class Adan(FusedOptimizer):
         if max_norm <= 0 or not self.param_groups:
             return
         # the norm of the gradients grad_clip= hands the rule
-        norm = self._unscaled_grad_norm(getattr(self, "grad_scale", None)) * self._grad_clip_factor()
+        norm = self._clipped_grad_norm(getattr(self, "grad_scale", None))
         eps_last = float(self.param_groups[-1]["eps"])
         self._clip = min(max_norm / (norm + eps_last), 1.0)
 

@@ -138,10 +138,19 @@ __device__ __forceinline__ void ef_step_q8(const EfTensor& T, const typename Rul
     }
 }
 
+// What tensor t's gradients are multiplied by as loaded: gsign (−1 for maximize, times the group's
+// grad_factor) over AMP's grad scale, times the tensor's factor (gfactors: one per tensor of the
+// launch, e.g. AdaGC's clip factors, or null), in double, rounded once (cpu::GradScaling).
+template <class R>
+__device__ __forceinline__ R ef_grad_factor(const float* grad_scale, double gsign, const double* gfactors, int t) {
+    const double base = grad_scale != nullptr ? gsign / (double)*grad_scale : gsign;
+    return R(gfactors != nullptr ? base * gfactors[t] : base);
+}
+
 template <class Rule, class R, class P, class G, class S>
 __device__ __forceinline__ void ef_step_impl(const EfHyper& hyper, const EfTensor* tensors, int n_tensors,
                                              const float* grad_scale, const float* found_inf, double gsign,
-                                             ef_u32* counters, const double* sums, ef_u64 rkey) {
+                                             const double* gfactors, ef_u32* counters, const double* sums, ef_u64 rkey) {
     if (found_inf != nullptr && *found_inf != 0.0f) return;  // AMP overflow: skip the whole step
     __shared__ int t_sh;
     __shared__ typename Rule::template Coeffs<R> c_sh;
@@ -156,7 +165,7 @@ __device__ __forceinline__ void ef_step_impl(const EfHyper& hyper, const EfTenso
         if (EF_SUMS > 0)
             for (int k = 0; k < EF_SUMS; ++k) sm[k] = sums[t * EF_MAX_SUMS + k];
         c_sh = Rule::template coeffs<R>(hyper, sc, sm);
-        factor_sh = R(grad_scale != nullptr ? gsign / (double)*grad_scale : gsign);
+        factor_sh = ef_grad_factor<R>(grad_scale, gsign, gfactors, t);
         unscale_sh = R(grad_scale != nullptr ? 1.0 / (double)*grad_scale : 1.0);
         t_sh = t;
         if (EF_SCALARS > 0) {
@@ -263,12 +272,13 @@ struct EfLaterPasses<Rule, true> {
 // `prepare` derives from them and from the scalar state).
 template <class Rule, class R, class P, class G, class S>
 __device__ __forceinline__ void ef_sums_impl(const EfHyper& hyper, const EfTensor* tensors, int n_tensors,
-                                             const float* grad_scale, const float* found_inf, double gsign, double* sums, int pass) {
+                                             const float* grad_scale, const float* found_inf, double gsign,
+                                             const double* gfactors, double* sums, int pass) {
     if (EF_SUMS == 0) return;
     if (found_inf != nullptr && *found_inf != 0.0f) return;
     int t = ef_find_tensor(tensors, n_tensors);
     const EfTensor& T = tensors[t];
-    const R factor = R(grad_scale != nullptr ? gsign / (double)*grad_scale : gsign);
+    const R factor = ef_grad_factor<R>(grad_scale, gsign, gfactors, t);
     ef_i64 start = ((ef_i64)blockIdx.x - T.first_block) * EF_CHUNK;
     ef_i64 end = T.numel < start + EF_CHUNK ? T.numel : start + EF_CHUNK;
     __shared__ R prior_sh[EF_MAX_SUMS];
@@ -313,16 +323,17 @@ __device__ __forceinline__ void ef_sums_impl(const EfHyper& hyper, const EfTenso
 #define EF_KERNELS(NAME, R, P, G, S)                                                                          \
     extern "C" __global__ void __launch_bounds__(EF_THREADS)                                              \
         ef_step_##NAME(const EfHyper hyper, const EfTensor* tensors, int n_tensors,                \
-                       const float* grad_scale, const float* found_inf, double gsign, ef_u32* counters,   \
-                       const double* sums, ef_u64 rkey) {                                                 \
-        ef_step_impl<EF_RULE, R, P, G, S>(hyper, tensors, n_tensors, grad_scale, found_inf, gsign, counters, \
-                                       sums, rkey);                                                       \
+                       const float* grad_scale, const float* found_inf, double gsign,                     \
+                       const double* gfactors, ef_u32* counters, const double* sums, ef_u64 rkey) {       \
+        ef_step_impl<EF_RULE, R, P, G, S>(hyper, tensors, n_tensors, grad_scale, found_inf, gsign, gfactors, \
+                                       counters, sums, rkey);                                             \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(EF_THREADS)                                              \
         ef_sums_##NAME(const EfHyper hyper, const EfTensor* tensors, int n_tensors,                \
-                       const float* grad_scale, const float* found_inf, double gsign, double* sums,       \
-                       ef_u64 pass) {                                                                     \
-        ef_sums_impl<EF_RULE, R, P, G, S>(hyper, tensors, n_tensors, grad_scale, found_inf, gsign, sums, (int)pass); \
+                       const float* grad_scale, const float* found_inf, double gsign,                     \
+                       const double* gfactors, double* sums, ef_u64 pass) {                               \
+        ef_sums_impl<EF_RULE, R, P, G, S>(hyper, tensors, n_tensors, grad_scale, found_inf, gsign, gfactors, sums, \
+                                       (int)pass);                                                        \
     }
 
 // (name, compute, param, input, state): the combinations src/batch.rs accepts.
