@@ -256,6 +256,15 @@ def test_lightning_callbacks_refuse_a_second_clipper():
     with pytest.raises(ValueError, match="ZClipCallback with AdaGCCallback"):
         _fit([ZClipCallback(), AdaGCCallback()], 1, enable_checkpointing=False)
 
+    class Clipping(_Module):
+        def configure_optimizers(self):
+            return emafuse.AdamW(self.parameters(), lr=1e-3, grad_clip=emafuse.AdaGC())
+
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, callbacks=[AdaGCCallback()])
+    with pytest.raises(ValueError, match=r"AdaGCCallback with an optimizer built with grad_clip=AdaGC\(.*clipped twice"):
+        trainer.fit(Clipping(), _loader())
+
 
 # -- AdaGC -------------------------------------------------------------------------------------------
 

@@ -552,6 +552,12 @@ class _ClipCallback(Callback):
             raise ValueError(f"{name} with {', '.join(others)}: the gradients would be clipped twice; keep one clipping callback")
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        groups = getattr(optimizer, "param_groups", None) or [{}]
+        if groups[0].get("grad_clip") is not None:
+            raise ValueError(
+                f"{type(self).__name__} with an optimizer built with grad_clip={groups[0]['grad_clip']!r}: the gradients would be "
+                "clipped twice; keep one clipper (the callback, or the optimizer's grad_clip=, which clips inside its step)"
+            )
         norm = self.clipper.step(pl_module)
         if self.log_name is not None:
             pl_module.log(self.log_name, norm, on_step=True, on_epoch=False)
@@ -573,7 +579,8 @@ class ZClipCallback(_ClipCallback):
     ``callback.clipper``.
 
     Lightning's own clipping (``Trainer(gradient_clip_val=...)``) runs right after this hook and
-    would clip twice: a non-zero ``gradient_clip_val`` is refused when fit starts (spec C.4).
+    would clip twice: a non-zero ``gradient_clip_val`` is refused when fit starts, and an emafuse
+    optimizer built with ``grad_clip=`` at the first step (spec C.4).
     """
 
     _clipper = ZClip
