@@ -180,13 +180,14 @@ def cached_plan_notices_changes(checks, mesh) -> None:
 def loss_taking_on_dtensors(checks, mesh) -> None:
     """MoMo and MoMo-Adam (whose step needs the loss) on DTensor parameters against the same
     optimizer on the whole tensors: the per-tensor sums are added across the mesh (one
-    all_reduce per step), then the global sums give every rank the same step size."""
+    all_reduce per step), then the global sums give every rank the same step size (MoMo-Adam with
+    the Cautious mask: its counts are added with the sums)."""
     for name in ("Momo", "MomoAdam"):
         with checks.check(f"optimizer {name} with the loss"):
             full = [seeded(i, s) for i, s in enumerate(SHAPES)]
             ref = [nn.Parameter(t.clone()) for t in full]
             sharded = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full]
-            kw = dict(weight_decay=0.1, use_fstar=True)
+            kw = dict(weight_decay=0.1, use_fstar=True, caution=name == "MomoAdam")
             opt_ref, opt = make(name, ref, kw), make(name, sharded, kw)
             for step in range(3):
                 for p, q, g in zip(ref, sharded, synthetic_grads(step, SHAPES)):

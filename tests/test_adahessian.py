@@ -96,7 +96,13 @@ def test_trajectory_matches_timm(kw):
         torch.testing.assert_close(st["hessian"], q.hess, rtol=1e-4, atol=1e-7)
 
 
-REFERENCE_CONFIGS = [*CONFIGS, dict(lr=0.03, eps=1e-3, avg_conv_kernel=True, update_each=2, weight_decay=0.05)]
+REFERENCE_CONFIGS = [
+    *CONFIGS,
+    dict(lr=0.03, eps=1e-3, avg_conv_kernel=True, update_each=2, weight_decay=0.05),
+    # the Cautious mask (spec §20), both normalisations
+    dict(lr=0.05, eps=1e-4, weight_decay=0.1, caution=True),
+    dict(lr=0.05, eps=1e-4, hessian_power=0.5, caution=True, caution_norm="count"),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)

@@ -30,6 +30,9 @@ CONFIGS = [
     ("MomoAdam", {}, dict(weight_decay=0.1)),
     ("MomoAdam", dict(divide=False), dict(weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6)),
     ("MomoAdam", dict(use_fstar=True, lb=-1.0), dict(lr=0.05)),
+    # the Cautious mask (spec §20), both normalisations
+    ("Momo", {}, dict(weight_decay=0.1, caution=True)),
+    ("MomoAdam", dict(use_fstar=True), dict(caution=True, caution_norm="count")),
 ]
 
 
@@ -100,7 +103,7 @@ def test_matches_float64_reference(config, dtype):
     assert all(g["momo_step"] == ref.k for g in opt.param_groups)
 
 
-OFFICIAL_CONFIGS = [c for c in CONFIGS if not c[1].get("maximize")]
+OFFICIAL_CONFIGS = [c for c in CONFIGS if not c[1].get("maximize") and not c[2].get("caution")]  # (the official has no mask)
 
 
 @pytest.mark.official

@@ -369,7 +369,8 @@ unsafe fn projection_sums_body<R: Real, P: Elem<R>, G: Elem<R>>(
         }
         off += n;
     }
-    let mut sums = [0.0, 0.0, 0.0, len as f64];
+    let mut sums = [0.0; MAX_SUMS];
+    sums[3] = len as f64;
     for (total, sum) in sums.iter_mut().zip(&lanes) {
         for x in sum {
             *total += x;

@@ -158,7 +158,7 @@ mod tests {
     fn l2_step<const A: bool>(t: &mut [f64; 4], p: f64, g: f64, s: &mut [f64; 4]) -> f64 {
         let (lr, beta1, beta2, final_lr, gamma, eps, weight_decay, base_lr) = HYPER;
         let r = AdaBound::<A, true, false, false> { lr, beta1, beta2, final_lr, gamma, eps, weight_decay, base_lr, caution_count: 0.0 };
-        AdaBound::<A, true, false, false>::update(&r.coeffs::<f64>(t, &[0.0; 4]), p, g, s)
+        AdaBound::<A, true, false, false>::update(&r.coeffs::<f64>(t, &[0.0; MAX_SUMS]), p, g, s)
     }
 
     #[test]
@@ -208,7 +208,7 @@ mod tests {
         let (mut rp, mut rm, mut rv, mut rmax) = (p, 0.0f64, 0.0f64, 0.0f64);
         for step in 1..=40 {
             let g = ((step as f64) * 0.9).sin() * if step % 5 == 0 { 0.1 } else { 1.0 };
-            p = AdaBound::<true, false, true, false>::update(&r.coeffs::<f64>(&mut t, &[0.0; 4]), p, g, &mut s);
+            p = AdaBound::<true, false, true, false>::update(&r.coeffs::<f64>(&mut t, &[0.0; MAX_SUMS]), p, g, &mut s);
             let tt = step as f64;
             rm = b1 * rm + (1.0 - b1) * g;
             rv = b2 * rv + (1.0 - b2) * g * g;
@@ -236,7 +236,7 @@ mod tests {
             caution_count: 0.0,
         };
         let mut s = [0.0f64; 4];
-        let p = AdaBound::<false, false, false, false>::update(&r.coeffs::<f64>(&mut [0.0; 4], &[0.0; 4]), 0.0, 1e-6, &mut s);
+        let p = AdaBound::<false, false, false, false>::update(&r.coeffs::<f64>(&mut [0.0; 4], &[0.0; MAX_SUMS]), 0.0, 1e-6, &mut s);
         assert!((p - -(0.1 * 3.0 * 1e-6)).abs() < 1e-18);
     }
 }

@@ -191,9 +191,9 @@ mod tests {
                 let g = ((t as f64) * 0.37).sin() + 0.1;
                 let mut s = [m, v, 0.0, 0.0];
                 p = if decoupled {
-                    Adam::<false, true, false, false>::update(&rule_d.coeffs::<f64>(&mut [t as f64 - 1.0; 4], &[0.0; 4]), p, g, &mut s)
+                    Adam::<false, true, false, false>::update(&rule_d.coeffs::<f64>(&mut [t as f64 - 1.0; 4], &[0.0; MAX_SUMS]), p, g, &mut s)
                 } else {
-                    Adam::<false, false, false, false>::update(&rule_l.coeffs::<f64>(&mut [t as f64 - 1.0; 4], &[0.0; 4]), p, g, &mut s)
+                    Adam::<false, false, false, false>::update(&rule_l.coeffs::<f64>(&mut [t as f64 - 1.0; 4], &[0.0; MAX_SUMS]), p, g, &mut s)
                 };
                 (m, v) = (s[0], s[1]);
                 (rp, rm, rv) = reference(rp, g, rm, rv, t as f64, 0.1, decoupled);
@@ -208,8 +208,8 @@ mod tests {
         let fused = Adam::<false, true, true, false> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, ema_weight: 0.25, caution_count: 0.0 };
         let mut s1 = [0.1f32, 0.01, 0.0, 0.0];
         let mut s2 = [0.1f32, 0.01, 0.5, 0.0];
-        let p1 = Adam::<false, true, false, false>::update(&plain.coeffs::<f32>(&mut [3.0; 4], &[0.0; 4]), 0.7, 0.3, &mut s1);
-        let p2 = Adam::<false, true, true, false>::update(&fused.coeffs::<f32>(&mut [3.0; 4], &[0.0; 4]), 0.7, 0.3, &mut s2);
+        let p1 = Adam::<false, true, false, false>::update(&plain.coeffs::<f32>(&mut [3.0; 4], &[0.0; MAX_SUMS]), 0.7, 0.3, &mut s1);
+        let p2 = Adam::<false, true, true, false>::update(&fused.coeffs::<f32>(&mut [3.0; 4], &[0.0; MAX_SUMS]), 0.7, 0.3, &mut s2);
         assert_eq!(p1, p2);
         assert_eq!(s2[2], 0.5 + 0.25 * (p1 - 0.5));
     }

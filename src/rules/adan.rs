@@ -222,10 +222,10 @@ mod tests {
         let (lr, beta1, beta2, beta3, eps, weight_decay, clip) = h;
         if first {
             let r = Adan::<N, true, false> { lr, beta1, beta2, beta3, eps, weight_decay, clip, step: k, caution_count: 0.0, dir_m: 0.0, dir_v: 0.0 };
-            Adan::<N, true, false>::update(&r.coeffs::<f64>(&mut [0.0; 4], &[0.0; 4]), p, g, s)
+            Adan::<N, true, false>::update(&r.coeffs::<f64>(&mut [0.0; 4], &[0.0; MAX_SUMS]), p, g, s)
         } else {
             let r = Adan::<N, false, false> { lr, beta1, beta2, beta3, eps, weight_decay, clip, step: k, caution_count: 0.0, dir_m: 0.0, dir_v: 0.0 };
-            Adan::<N, false, false>::update(&r.coeffs::<f64>(&mut [0.0; 4], &[0.0; 4]), p, g, s)
+            Adan::<N, false, false>::update(&r.coeffs::<f64>(&mut [0.0; 4], &[0.0; MAX_SUMS]), p, g, s)
         }
     }
 
@@ -269,7 +269,7 @@ mod tests {
             dir_v: 0.0,
         };
         let mut s = [0.0f32, 0.0, 0.0, 123.0];
-        Adan::<false, true, false>::update(&r.coeffs::<f32>(&mut [0.0; 4], &[0.0; 4]), 1.0, 0.5, &mut s);
+        Adan::<false, true, false>::update(&r.coeffs::<f32>(&mut [0.0; 4], &[0.0; MAX_SUMS]), 1.0, 0.5, &mut s);
         assert_eq!(s[2], 0.0, "v stays 0 at the first step");
         assert_eq!(s[3], -0.5);
     }

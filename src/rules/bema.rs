@@ -88,11 +88,11 @@ mod tests {
             (2.8472942123, 5.7563480081),
         ];
         let mut s = [0.0f64; MAX_SLOTS];
-        let mut e = Bema::<true>::update(&Bema::<true> { alpha: 0.0, beta: 0.0 }.coeffs(&mut [0.0; 4], &[0.0; 4]), 7.0, 0.0, &mut s);
+        let mut e = Bema::<true>::update(&Bema::<true> { alpha: 0.0, beta: 0.0 }.coeffs(&mut [0.0; 4], &[0.0; MAX_SUMS]), 7.0, 0.0, &mut s);
         for t in 1..=5 {
             let b = 10.0 + t as f64;
             let rule = Bema::<false> { alpha: b.powf(-0.2), beta: b.powf(-0.5) };
-            e = Bema::<false>::update(&rule.coeffs(&mut [0.0; 4], &[0.0; 4]), e, t as f64, &mut s);
+            e = Bema::<false>::update(&rule.coeffs(&mut [0.0; 4], &[0.0; MAX_SUMS]), e, t as f64, &mut s);
             assert!((e - expect[t - 1].0).abs() < 1e-9 && (s[0] - expect[t - 1].1).abs() < 1e-9, "t={t}: {e} {}", s[0]);
         }
     }

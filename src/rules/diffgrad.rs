@@ -131,7 +131,7 @@ mod tests {
         let (mut rp, mut rm, mut rv, mut rprev) = (p, 0.0, 0.0, 0.0);
         for step in 1..=30 {
             let g0 = ((step as f64) * 1.3).cos() * 2.0;
-            p = DiffGrad::<true, false>::update(&rule.coeffs::<f64>(&mut t, &[0.0; 4]), p, g0, &mut s);
+            p = DiffGrad::<true, false>::update(&rule.coeffs::<f64>(&mut t, &[0.0; MAX_SUMS]), p, g0, &mut s);
             // Spec §13 (d).
             let g = g0 + wd * rp;
             rm = b1 * rm + (1.0 - b1) * g;
@@ -150,7 +150,7 @@ mod tests {
         let rule = DiffGrad::<false, false> { lr: 1.0, beta1: 0.0, beta2: 0.0, eps: 0.0, weight_decay: 0.0, caution_count: 0.0 };
         let mut s = [0.0f64; 4];
         // β = 0: m = g, v = g², bias corrections 1, so the step is ξ·sign(g).
-        let p = DiffGrad::<false, false>::update(&rule.coeffs::<f64>(&mut [0.0; 4], &[0.0; 4]), 0.0, -2.0, &mut s);
+        let p = DiffGrad::<false, false>::update(&rule.coeffs::<f64>(&mut [0.0; 4], &[0.0; MAX_SUMS]), 0.0, -2.0, &mut s);
         assert!((p - 1.0 / (1.0 + (-2.0f64).exp())).abs() < 1e-15);
     }
 }

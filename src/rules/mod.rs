@@ -37,7 +37,7 @@ pub const MAX_SLOTS: usize = 4;
 /// The most scalar state entries per parameter any rule keeps.
 pub const MAX_SCALARS: usize = 4;
 /// The most per-tensor sums any rule gathers before its update.
-pub const MAX_SUMS: usize = 4;
+pub const MAX_SUMS: usize = 5;
 
 /// One const generic argument of a rule type (a flag, or a count such as `ema_multi`'s tracks).
 /// Backends instantiate their twin of the rule with the same arguments, in the same order.
@@ -381,10 +381,11 @@ pub(crate) fn next_step(scalars: &mut [f64; MAX_SCALARS], beta1: f64, beta2: f64
     (1.0 - beta1.powf(t), 1.0 - beta2.powf(t))
 }
 
-/// Count one element into the Cautious optimizers' sums `[Σφ, numel]` (spec §20): `φ = 1[u·g > 0]`
-/// for the update direction `u` (or anything of its sign) and the gradient `g`.
+/// Count one element into the Cautious optimizers' sums `[Σφ, numel]` (spec §20, the first two of
+/// `sums`, e.g. `&mut sums[3..]` after a rule's own): `φ = 1[u·g > 0]` for the update direction
+/// `u` (or anything of its sign) and the gradient `g`.
 #[inline(always)]
-pub(crate) fn cautious_count<R: Real>(u: R, g: R, sums: &mut [f64; MAX_SUMS]) {
+pub(crate) fn cautious_count<R: Real>(u: R, g: R, sums: &mut [f64]) {
     sums[0] += if u * g > R::ZERO { 1.0 } else { 0.0 };
     sums[1] += 1.0;
 }
@@ -392,7 +393,7 @@ pub(crate) fn cautious_count<R: Real>(u: R, g: R, sums: &mut [f64; MAX_SUMS]) {
 /// [`cautious_count`] for a rule whose step has the sign of its new first moment
 /// `m = m_old·β1 + (1 − β1)·g`, computed as the rules' updates compute it.
 #[inline(always)]
-pub(crate) fn cautious_count_momentum<R: Real>(m_old: R, g: R, beta1: f64, sums: &mut [f64; MAX_SUMS]) {
+pub(crate) fn cautious_count_momentum<R: Real>(m_old: R, g: R, beta1: f64, sums: &mut [f64]) {
     cautious_count(m_old * R::from_f64(beta1) + R::from_f64(1.0 - beta1) * g, g, sums);
 }
 
@@ -407,11 +408,12 @@ pub(crate) fn cautious<R: Real>(u: R, g: R, k: R) -> R {
     }
 }
 
-/// The Cautious optimizers' per-tensor factor k from the sums `[Σφ, numel]` (spec §20):
+/// The Cautious optimizers' per-tensor factor k from the sums `[Σφ, numel]` (the first two of
+/// `sums`, as [`cautious_count`] gathered them; spec §20):
 /// `1/max(mean φ, 1e-3)` ("mean", timm), or with `count`, `numel/(Σφ + 1)` (C-Optim), evaluated in
 /// the compute type as the references do. The counts are exact in f64, so any order of addition
 /// gives the same factor.
-pub(crate) fn caution_factor<R: Real>(sums: &[f64; MAX_SUMS], count: bool) -> R {
+pub(crate) fn caution_factor<R: Real>(sums: &[f64], count: bool) -> R {
     let (agree, n) = (R::from_f64(sums[0]), R::from_f64(sums[1]));
     if count {
         n / (agree + R::ONE)

@@ -23,8 +23,16 @@
 //! p ← p / (1 + lr·wd)        with `divide`
 //! ```
 //! sums `[⟨p, g⟩, ⟨p, d⟩, ⟨d, d/D⟩]`, `γ ← β1·γ + (1 − β1)·⟨p, g⟩`, and the per-parameter `step`.
+//!
+//! With the optional flag `caution` (spec §20) both move along the masked direction: `d·φ·k` (or
+//! `(d/D)·φ·k`) for `φ = 1[d·g > 0]` (the direction has the sign of the new `d`) and the per-tensor
+//! factor `k` from the counts `[Σφ, numel]`, gathered as sums 3 and 4 in the same pass. The sums
+//! the Polyak step size reads stay those of the unmasked direction.
 
-use super::{check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
+use super::{
+    bool_dispatch, caution_factor, cautious, cautious_count, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo,
+    RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
+};
 use crate::error::{Error, Result};
 use crate::real::Real;
 
@@ -33,8 +41,8 @@ pub const INFO: RuleInfo = RuleInfo {
     name: "momo",
     summary: "MoMo (Schaipp et al.): momentum with a Polyak step size tau from global sums",
     numbers: &["lr", "beta", "weight_decay", "tau"],
-    flags: &["bias_correction", "first"],
-    optional_flags: &["first"],
+    flags: &["bias_correction", "first", "caution", "caution_count"],
+    optional_flags: &["first", "caution", "caution_count"],
     scalars: &["grad_dot_w"],
     input: Input::Gradient,
     nonnegative_slots: &[],
@@ -45,28 +53,30 @@ pub const ADAM_INFO: RuleInfo = RuleInfo {
     name: "momo_adam",
     summary: "MoMo-Adam (Schaipp et al.): Adam moments with a Polyak step size tau from global sums",
     numbers: &["lr", "beta1", "beta2", "eps", "weight_decay", "tau", "step"],
-    flags: &["divide"],
-    optional_flags: &[],
+    flags: &["divide", "caution", "caution_count"],
+    optional_flags: &["caution", "caution_count"],
     scalars: &["step", "grad_dot_w"],
     input: Input::Gradient,
     nonnegative_slots: &["grad_avg_sq"],
 };
 
 rule_params! {
-    /// MoMo's per-step values.
-    pub struct Momo {
+    /// MoMo's per-step values; `CAUTION`: the Cautious mask.
+    pub struct Momo<const CAUTION: bool> {
         /// `d ← keep·d + take·g`: `β, 1 − β`, or `0, 1` on a first step without bias correction.
         keep: f64,
         take: f64,
         tau: f64,
         /// `1 + lr·wd`.
         divisor: f64,
+        /// 1 for caution's "count" normalisation, 0 for "mean" (only read with `CAUTION`).
+        caution_count: f64,
     }
 }
 
 rule_params! {
-    /// MoMo-Adam's per-step values.
-    pub struct MomoAdam {
+    /// MoMo-Adam's per-step values; `CAUTION`: the Cautious mask.
+    pub struct MomoAdam<const CAUTION: bool> {
         beta1: f64,
         beta2: f64,
         eps: f64,
@@ -77,6 +87,26 @@ rule_params! {
         decay: f64,
         /// `1 + lr·wd` with `divide`, else 1.
         divisor: f64,
+        /// As [`Momo`]'s.
+        caution_count: f64,
+    }
+}
+
+/// The sums with caution: the three products, then the counts `[Σφ, numel]`.
+const fn sums_with(caution: bool) -> usize {
+    if caution {
+        5
+    } else {
+        3
+    }
+}
+
+/// The cautious factor of a tensor (1 without caution) from its sums.
+fn factor_of<R: Real>(caution: bool, sums: &[f64; MAX_SUMS], count: f64) -> R {
+    if caution {
+        caution_factor(&sums[3..], count != 0.0)
+    } else {
+        R::ONE
     }
 }
 
@@ -96,31 +126,43 @@ pub struct MomoCoeffs<R: Real> {
     take: R,
     neg_tau: R,
     divisor: R,
+    /// The cautious factor k of this tensor (unused without caution).
+    caution: R,
 }
 
-impl Rule for Momo {
+impl<const CAUTION: bool> Rule for Momo<CAUTION> {
     const INFO: &'static RuleInfo = &INFO;
     const SLOT_NAMES: &'static [&'static str] = &["grad_avg"];
-    const SUMS: usize = 3;
+    const SUMS: usize = sums_with(CAUTION);
     type Coeffs<R: Real> = MomoCoeffs<R>;
 
     #[inline(always)]
     fn accumulate<R: Real>(&self, p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
         let d = s[0] * R::from_f64(self.keep) + R::from_f64(self.take) * g;
         add_products(p, g, d, d, sums);
+        if CAUTION {
+            cautious_count(d, g, &mut sums[3..]);
+        }
     }
 
     /// `scalars[0]` is the parameter's `grad_dot_w` (γ), updated here from `sums[0] = ⟨p, g⟩`.
     fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> MomoCoeffs<R> {
         scalars[0] = self.keep * scalars[0] + self.take * sums[0];
-        MomoCoeffs { keep: R::from_f64(self.keep), take: R::from_f64(self.take), neg_tau: R::from_f64(-self.tau), divisor: R::from_f64(self.divisor) }
+        MomoCoeffs {
+            keep: R::from_f64(self.keep),
+            take: R::from_f64(self.take),
+            neg_tau: R::from_f64(-self.tau),
+            divisor: R::from_f64(self.divisor),
+            caution: factor_of(CAUTION, sums, self.caution_count),
+        }
     }
 
     #[inline(always)]
     fn update<R: Real>(c: &MomoCoeffs<R>, p: R, g: R, s: &mut [R; MAX_SLOTS]) -> R {
         let d = s[0] * c.keep + c.take * g;
         s[0] = d;
-        (p + c.neg_tau * d) / c.divisor
+        let u = if CAUTION { cautious(d, g, c.caution) } else { d };
+        (p + c.neg_tau * u) / c.divisor
     }
 }
 
@@ -136,6 +178,8 @@ pub struct MomoAdamCoeffs<R: Real> {
     neg_tau: R,
     decay: R,
     divisor: R,
+    /// The cautious factor k of this tensor (unused without caution).
+    caution: R,
 }
 
 impl<R: Real> MomoAdamCoeffs<R> {
@@ -148,8 +192,9 @@ impl<R: Real> MomoAdamCoeffs<R> {
     }
 }
 
-impl MomoAdam {
-    fn coefficients<R: Real>(&self) -> MomoAdamCoeffs<R> {
+impl<const CAUTION: bool> MomoAdam<CAUTION> {
+    /// The coefficients, with the cautious factor `caution`.
+    fn coefficients<R: Real>(&self, caution: R) -> MomoAdamCoeffs<R> {
         MomoAdamCoeffs {
             beta1: R::from_f64(self.beta1),
             one_minus_beta1: R::from_f64(1.0 - self.beta1),
@@ -160,27 +205,31 @@ impl MomoAdam {
             neg_tau: R::from_f64(-self.tau),
             decay: R::from_f64(self.decay),
             divisor: R::from_f64(self.divisor),
+            caution,
         }
     }
 }
 
-impl Rule for MomoAdam {
+impl<const CAUTION: bool> Rule for MomoAdam<CAUTION> {
     const INFO: &'static RuleInfo = &ADAM_INFO;
     const SLOT_NAMES: &'static [&'static str] = &["grad_avg", "grad_avg_sq"];
-    const SUMS: usize = 3;
+    const SUMS: usize = sums_with(CAUTION);
     type Coeffs<R: Real> = MomoAdamCoeffs<R>;
 
     #[inline(always)]
     fn accumulate<R: Real>(&self, p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
-        let (d, _, d_over) = self.coefficients::<R>().moments(g, s[0], s[1]);
+        let (d, _, d_over) = self.coefficients::<R>(R::ONE).moments(g, s[0], s[1]);
         add_products(p, g, d, d_over, sums);
+        if CAUTION {
+            cautious_count(d_over, g, &mut sums[3..]);
+        }
     }
 
     /// `scalars[0]` is the parameter's `step` (incremented), `scalars[1]` its `grad_dot_w` (γ).
     fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> MomoAdamCoeffs<R> {
         scalars[0] += 1.0;
         scalars[1] = self.beta1 * scalars[1] + (1.0 - self.beta1) * sums[0];
-        self.coefficients()
+        self.coefficients(factor_of(CAUTION, sums, self.caution_count))
     }
 
     #[inline(always)]
@@ -188,7 +237,8 @@ impl Rule for MomoAdam {
         let (d, v, d_over) = c.moments(g, s[0], s[1]);
         s[0] = d;
         s[1] = v;
-        (p * c.decay + c.neg_tau * d_over) / c.divisor
+        let u = if CAUTION { cautious(d_over, g, c.caution) } else { d_over };
+        (p * c.decay + c.neg_tau * u) / c.divisor
     }
 }
 
@@ -202,7 +252,8 @@ pub fn visit<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> {
     let weight_decay = check_non_negative("weight_decay", h.num("weight_decay")?)?;
     let tau = check_non_negative("tau", h.num("tau")?)?;
     let (keep, take) = if h.flag("first")? && !h.flag("bias_correction")? { (0.0, 1.0) } else { (beta, 1.0 - beta) };
-    Ok(v.visit(Momo { keep, take, tau, divisor: 1.0 + lr * weight_decay }))
+    let caution_count = if h.flag("caution_count")? { 1.0 } else { 0.0 };
+    Ok(bool_dispatch!(h.flag("caution")? => C; v.visit(Momo::<C> { keep, take, tau, divisor: 1.0 + lr * weight_decay, caution_count })))
 }
 
 /// Build MoMo-Adam from `lr, beta1, beta2, eps, weight_decay, tau`, the optimizer's `step` and the
@@ -220,7 +271,9 @@ pub fn visit_adam<V: RuleVisitor>(h: &RuleHyper<'_>, v: V) -> Result<V::Output> 
     }
     let shrink = lr * weight_decay;
     let (decay, divisor) = if h.flag("divide")? { (1.0, 1.0 + shrink) } else { (1.0 - shrink, 1.0) };
-    Ok(v.visit(MomoAdam { beta1, beta2, eps, tau, bias_correction2: 1.0 - beta2.powf(step), decay, divisor }))
+    let caution_count = if h.flag("caution_count")? { 1.0 } else { 0.0 };
+    Ok(bool_dispatch!(h.flag("caution")? => C;
+        v.visit(MomoAdam::<C> { beta1, beta2, eps, tau, bias_correction2: 1.0 - beta2.powf(step), decay, divisor, caution_count })))
 }
 
 #[cfg(test)]
@@ -234,7 +287,8 @@ mod tests {
         let (mut p, mut d, mut gamma) = (p0, [0.0f64; 3], 0.0f64);
         let (mut rp, mut rd, mut rgamma) = (p0, [0.0f64; 3], 0.0f64);
         for t in 0..4 {
-            let rule = Momo { keep: if t == 0 { 0.0 } else { 0.9 }, take: if t == 0 { 1.0 } else { 0.1 }, tau: 0.05, divisor: 1.01 };
+            let rule =
+                Momo::<false> { keep: if t == 0 { 0.0 } else { 0.9 }, take: if t == 0 { 1.0 } else { 0.1 }, tau: 0.05, divisor: 1.01, caution_count: 0.0 };
             let mut sums = [0.0; MAX_SUMS];
             for i in 0..3 {
                 rule.accumulate(p[i], g[i], &[d[i], 0.0, 0.0, 0.0], &mut sums);
@@ -244,7 +298,7 @@ mod tests {
             gamma = scalars[0];
             for i in 0..3 {
                 let mut s = [d[i], 0.0, 0.0, 0.0];
-                p[i] = Momo::update(&c, p[i], g[i], &mut s);
+                p[i] = Momo::<false>::update(&c, p[i], g[i], &mut s);
                 d[i] = s[0];
             }
             // reference: init (g, <p, g>) on the first step, then the EMA
@@ -270,14 +324,15 @@ mod tests {
         for divide in [true, false] {
             let (lr, wd, tau) = (0.1, 0.2, 0.03);
             let (decay, divisor) = if divide { (1.0, 1.0 + lr * wd) } else { (1.0 - lr * wd, 1.0) };
-            let rule = MomoAdam { beta1: 0.9, beta2: 0.99, eps: 1e-8, tau, bias_correction2: 1.0 - 0.99f64.powi(3), decay, divisor };
+            let rule =
+                MomoAdam::<false> { beta1: 0.9, beta2: 0.99, eps: 1e-8, tau, bias_correction2: 1.0 - 0.99f64.powi(3), decay, divisor, caution_count: 0.0 };
             let (p, g, d, v) = (0.7f64, -0.4f64, 0.2f64, 0.05f64);
             let mut sums = [0.0; MAX_SUMS];
             rule.accumulate(p, g, &[d, v, 0.0, 0.0], &mut sums);
             let mut scalars = [2.0, 0.5, 0.0, 0.0];
             let c = rule.coeffs::<f64>(&mut scalars, &sums);
             let mut s = [d, v, 0.0, 0.0];
-            let out = MomoAdam::update(&c, p, g, &mut s);
+            let out = MomoAdam::<false>::update(&c, p, g, &mut s);
             let (rd, rv) = (0.9 * d + 0.1 * g, 0.99 * v + 0.01 * g * g);
             let big_d = (rv / (1.0 - 0.99f64.powi(3))).sqrt() + 1e-8;
             let mut rp = if divide { p } else { p * (1.0 - lr * wd) };

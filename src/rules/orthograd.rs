@@ -50,7 +50,7 @@ pub struct Projection {
 impl Projection {
     /// The projection of a tensor with sums `[⟨w,u⟩, ⟨w,w⟩, ‖u‖², numel]` (see [`accumulate`]).
     pub fn from_sums(sums: &[f64; MAX_SUMS], rescale: bool) -> Projection {
-        let [wu, ww, uu, numel] = *sums;
+        let [wu, ww, uu, numel, ..] = *sums;
         if numel <= 1.0 {
             return Projection { along: 0.0, scale: 1.0 };
         }

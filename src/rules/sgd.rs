@@ -132,11 +132,11 @@ mod tests {
         let first = Sgd::<true, false, true, false> { lr: h.0, momentum: h.1, dampening: h.2, weight_decay: h.3, caution_count: 0.0 };
         let later = Sgd::<true, false, false, false> { lr: h.0, momentum: h.1, dampening: h.2, weight_decay: h.3, caution_count: 0.0 };
         let mut s = [0.0f64; MAX_SLOTS];
-        let p = Sgd::<true, false, true, false>::update(&first.coeffs(&mut [0.0; 4], &[0.0; 4]), 2.0, 0.5, &mut s);
+        let p = Sgd::<true, false, true, false>::update(&first.coeffs(&mut [0.0; 4], &[0.0; MAX_SUMS]), 2.0, 0.5, &mut s);
         let d = 0.5 + 0.01 * 2.0;
         assert_eq!(s[0], d);
         assert_eq!(p, 2.0 - 0.1 * d);
-        let p2 = Sgd::<true, false, false, false>::update(&later.coeffs(&mut [0.0; 4], &[0.0; 4]), p, -0.3, &mut s);
+        let p2 = Sgd::<true, false, false, false>::update(&later.coeffs(&mut [0.0; 4], &[0.0; MAX_SUMS]), p, -0.3, &mut s);
         let d2 = -0.3 + 0.01 * p;
         let b2 = d * 0.9 + 0.75 * d2;
         assert!((s[0] - b2).abs() < 1e-15);
@@ -147,7 +147,7 @@ mod tests {
     fn nesterov_looks_ahead() {
         let r = Sgd::<true, true, false, false> { lr: 0.5, momentum: 0.5, dampening: 0.0, weight_decay: 0.0, caution_count: 0.0 };
         let mut s = [1.0f64, 0.0, 0.0, 0.0];
-        let p = Sgd::<true, true, false, false>::update(&r.coeffs(&mut [0.0; 4], &[0.0; 4]), 0.0, 2.0, &mut s);
+        let p = Sgd::<true, true, false, false>::update(&r.coeffs(&mut [0.0; 4], &[0.0; MAX_SUMS]), 0.0, 2.0, &mut s);
         assert_eq!(s[0], 2.5);
         assert_eq!(p, -0.5 * (2.0 + 0.5 * 2.5));
     }

@@ -175,7 +175,7 @@ mod tests {
 
     fn run<const R: bool, const C: bool>(scale: f64, k: &mut [f64; 4], p: f64, g: f64, s: &mut [f64; 4]) -> f64 {
         let r = S::<R, C> { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.1, threshold: 50.0, scale, caution_count: 0.0 };
-        S::<R, C>::update(&r.coeffs::<f64>(k, &[0.0; 4]), p, g, s)
+        S::<R, C>::update(&r.coeffs::<f64>(k, &[0.0; MAX_SUMS]), p, g, s)
     }
 
     #[test]
@@ -218,6 +218,6 @@ mod tests {
             scale: 1.0,
             caution_count: 0.0,
         };
-        Spam::<false, true, true, false, false>::update(&r.coeffs::<f32>(&mut [3.0; 4], &[0.0; 4]), p, g, s)
+        Spam::<false, true, true, false, false>::update(&r.coeffs::<f32>(&mut [3.0; 4], &[0.0; MAX_SUMS]), p, g, s)
     }
 }

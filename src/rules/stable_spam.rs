@@ -26,8 +26,8 @@
 //! at a momentum reset), `m_max_t`, `m_norm_t`, `v_norm_t` (never reset).
 
 use super::{
-    bool_dispatch, caution_factor, cautious, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS,
-    MAX_SLOTS, MAX_SUMS,
+    bool_dispatch, caution_factor, cautious, cautious_count_momentum, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo,
+    RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::Result;
 use crate::real::Real;
@@ -141,7 +141,7 @@ impl<const AMSGRAD: bool, const RESET: bool, const CLEAN: bool, const DECAY: boo
     type Coeffs<R: Real> = StableSpamCoeffs<R>;
     /// `[max|g|, ‖clipped g‖²]`, with caution `Σφ` and the element count (pass 2).
     const SUMS: usize = if CAUTION { 4 } else { 2 };
-    const SUM_PASS: [usize; MAX_SUMS] = [0, 1, 2, 2];
+    const SUM_PASS: [usize; MAX_SUMS] = [0, 1, 2, 2, 2];
     const MAX_SUMS_MASK: u32 = 1;
     /// Passes 0 and 1 read only the gradient, pass 2 (caution) the first moment too.
     const SUMS_READ_STATE: bool = CAUTION;
@@ -167,7 +167,7 @@ impl<const AMSGRAD: bool, const RESET: bool, const CLEAN: bool, const DECAY: boo
             sqrt_bc2: R::from_f64(bc2.sqrt()),
             eps: R::from_f64(self.eps),
             neg_step: R::from_f64(-self.lr / bc1),
-            caution: if CAUTION { caution_factor(&[sums[2], sums[3], 0.0, 0.0], self.caution_count != 0.0) } else { R::ONE },
+            caution: if CAUTION { caution_factor(&sums[2..], self.caution_count != 0.0) } else { R::ONE },
         }
     }
 
@@ -202,11 +202,12 @@ impl<const AMSGRAD: bool, const RESET: bool, const CLEAN: bool, const DECAY: boo
     /// Pass 1: `[τ, M]`; pass 2 (caution): also the norm `n` and its target `c`.
     fn prepare(&self, pass: usize, scalars: &[f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> [f64; MAX_SUMS] {
         let x = self.norms(scalars, sums);
-        if pass == 1 {
-            [x.tau, sums[0], 0.0, 0.0]
-        } else {
-            [x.tau, sums[0], x.n, x.c]
+        let mut out = [0.0; MAX_SUMS];
+        out[..2].copy_from_slice(&[x.tau, sums[0]]);
+        if pass > 1 {
+            out[2..4].copy_from_slice(&[x.n, x.c]);
         }
+        out
     }
 
     /// Pass 1: `‖clipped g‖²`; pass 2: count φ for the new `m` (as `update` computes it).
@@ -219,9 +220,7 @@ impl<const AMSGRAD: bool, const RESET: bool, const CLEAN: bool, const DECAY: boo
         } else if CAUTION {
             let g = if prior[2] > R::ZERO { g / prior[2] * prior[3] } else { g };
             let (m, _) = Self::moments(s);
-            let m = m * R::from_f64(self.beta1) + R::from_f64(1.0 - self.beta1) * g;
-            sums[2] += if m * g > R::ZERO { 1.0 } else { 0.0 };
-            sums[3] += 1.0;
+            cautious_count_momentum(m, g, self.beta1, &mut sums[2..]);
         }
     }
 }

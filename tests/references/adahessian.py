@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .base import cautious
+
 
 def rademacher(params: Sequence[Tensor], generator: torch.Generator) -> list[Tensor]:
     """One Rademacher vector per parameter (±1 in float64), drawn as the optimizer draws them: one
@@ -34,11 +36,14 @@ def average_kernels(estimates: Sequence[Tensor]) -> list[Tensor]:
 
 
 class RefAdaHessian:
-    """The update of one param group in float64 from given gradients and estimates."""
+    """The update of one param group in float64 from given gradients and estimates; ``caution``:
+    the Cautious mask on the new first moment (spec §20 (d))."""
 
-    def __init__(self, params: Sequence[Tensor], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, hessian_power=1.0) -> None:
+    def __init__(self, params: Sequence[Tensor], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, hessian_power=1.0,
+                 caution=False, caution_norm="mean") -> None:
         self.params = [p.detach().double().clone() for p in params]
-        self.h = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power)
+        self.h = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power, caution=caution,
+                      caution_norm=caution_norm)
         self.state: list[dict] = [{} for _ in params]
 
     def step(self, grads: Sequence[Tensor], hessians: Sequence[Tensor]) -> None:
@@ -54,5 +59,6 @@ class RefAdaHessian:
             st["exp_hessian_diag_sq"] = b2 * st["exp_hessian_diag_sq"] + (1 - b2) * h * h
             st["hessian"] = h
             denom = (st["exp_hessian_diag_sq"] / (1 - b2**t)) ** (k / 2) + eps
-            p.sub_(lr / (1 - b1**t) * st["exp_avg"] / denom)
+            m = cautious(st["exp_avg"], g, self.h["caution_norm"]) if self.h["caution"] else st["exp_avg"]
+            p.sub_(lr / (1 - b1**t) * m / denom)
             assert math.isfinite(float(p.abs().max()))

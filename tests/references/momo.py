@@ -10,13 +10,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import f64
+from .base import cautious, f64
 
 
 class RefMomo:
     """``groups``: dicts with ``params`` and the group's ``lr``, ``weight_decay`` (MoMo-Adam also
-    ``betas``, ``eps``); ``adam`` selects MoMo-Adam; ``options``: the optimizer-wide ``beta``,
-    ``lb``, ``bias_correction``, ``use_fstar``, ``divide``."""
+    ``betas``, ``eps``; optionally ``caution``, ``caution_norm``: the Cautious mask on the move, spec
+    §20, after the step size of the unmasked model); ``adam`` selects MoMo-Adam; ``options``: the
+    optimizer-wide ``beta``, ``lb``, ``bias_correction``, ``use_fstar``, ``divide``."""
 
     def __init__(self, groups: list[dict[str, Any]], *, adam: bool, **options: Any) -> None:
         self.adam = adam
@@ -24,6 +25,10 @@ class RefMomo:
         self.o = dict(beta=0.9, lb=0.0, bias_correction=False, use_fstar=False, divide=True) | options
         self.state: dict[int, dict[str, Any]] = {}
         self.k, self.loss_avg, self.lb = 0, 0.0, float(self.o["lb"])
+
+    @staticmethod
+    def _masked(group: dict[str, Any], u: Tensor, g: Tensor) -> Tensor:
+        return cautious(u, g, group.get("caution_norm", "mean")) if group.get("caution") else u
 
     def params(self) -> list[Tensor]:
         return [p for g in self.groups for p in g["params"]]
@@ -58,7 +63,7 @@ class RefMomo:
                     st["grad_dot_w"] = b1 * st["grad_dot_w"] + (1 - b1) * pg
                     big_d = (st["grad_avg_sq"] / (1 - b2**k)).sqrt() + group["eps"]
                     norm += float((st["grad_avg"] * st["grad_avg"] / big_d).sum())
-                    moved.append((group, p, st["grad_avg"] / big_d))
+                    moved.append((group, p, self._masked(group, st["grad_avg"] / big_d, g)))
                 else:
                     beta = o["beta"]
                     if not st:
@@ -66,7 +71,7 @@ class RefMomo:
                     st["grad_avg"] = beta * st["grad_avg"] + (1 - beta) * g
                     st["grad_dot_w"] = beta * st["grad_dot_w"] + (1 - beta) * pg
                     norm += float((st["grad_avg"] ** 2).sum())
-                    moved.append((group, p, st["grad_avg"]))
+                    moved.append((group, p, self._masked(group, st["grad_avg"], g)))
                 dot += float((p * st["grad_avg"]).sum())
                 gamma += st["grad_dot_w"]
         for group in self.groups:

@@ -13,7 +13,7 @@ from torch.optim.optimizer import ParamsT
 from .. import _dtensor
 from ..errors import InvalidArgumentError, UnsupportedOptionError
 from . import _precision
-from ._base import FusedOptimizer, GradClip, Rounding, StateDType, check_hyper, common_hyper
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, caution_hyper, check_caution_norm, check_hyper, common_hyper
 
 __all__ = ["AdaHessian"]
 
@@ -66,7 +66,12 @@ class AdaHessian(FusedOptimizer):
     the previous estimate. Extra keywords ``maximize`` (the gradient and the Hessian-vector products
     are of the negated loss), ``check_finite``, ``grad_clip`` (clips the gradients the moments see,
     not the estimate) and the lean-state ``state_dtype`` / ``rounding`` (see
-    :class:`emafuse.AdamW`; the estimate is stored like the other slots). ``update_each``,
+    :class:`emafuse.AdamW`; the estimate is stored like the other slots). ``caution`` (default
+    False) and ``caution_norm`` (``"mean"`` or ``"count"``): the Cautious mask (spec §20) on the
+    step, as :class:`emafuse.AdamW`'s: it reads :math:`m \phi k` for :math:`\phi = 1[m g > 0]`
+    (the step has the sign of the new :math:`m`; the estimate only scales it), :math:`k = 1/\max(
+    \operatorname{mean}\phi, 10^{-3})` or :math:`\mathrm{numel}/(\sum\phi + 1)` per tensor; one
+    extra read-only pass. ``update_each``,
     ``n_samples`` and ``seed`` are optimizer-wide. Under ``torch.compile`` the step runs eagerly (a
     graph break: its Hessian-vector product calls autograd). Not available: ``orthograd``.
     """
@@ -97,8 +102,11 @@ class AdaHessian(FusedOptimizer):
         rounding: Rounding | None = None,
         rounding_seed: int = 0,
         weight_correction: bool = False,
+        caution: bool = False,
+        caution_norm: str = "mean",
     ) -> None:
         check_hyper(lr=lr, eps=eps, betas=betas)
+        check_caution_norm(caution_norm)
         if not 0.0 <= hessian_power <= 1.0:
             raise ValueError(f"Invalid Hessian power value: {hessian_power}")
         check_hyper(weight_decay=weight_decay)
@@ -112,7 +120,8 @@ class AdaHessian(FusedOptimizer):
             n_samples=n_samples, avg_conv_kernel=avg_conv_kernel, seed=seed, maximize=maximize, hessian_step=0,
         )
         super().__init__(params, defaults)
-        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction))
+        precision = (state_dtype, rounding, rounding_seed, weight_correction)
+        self._init_emafuse_defaults(check_finite, grad_clip, precision, caution=caution, caution_norm=caution_norm)
         self._generators: dict[torch.device, torch.Generator] = {}
         self._saved_rng: dict[str, Tensor] = {}
 
@@ -126,7 +135,7 @@ class AdaHessian(FusedOptimizer):
         self.param_groups[-1]["hessian_step"] = self.param_groups[0]["hessian_step"]
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
-        return {**common_hyper(group), "hessian_power": float(group["hessian_power"])}
+        return {**common_hyper(group), "hessian_power": float(group["hessian_power"]), **caution_hyper(group)}
 
     # -- checkpoints ---------------------------------------------------------------------------
 

@@ -12,7 +12,18 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from ..errors import NonFiniteError
-from ._base import FusedOptimizer, GradClip, Precision, Rounding, StateDType, check_hyper, common_hyper, scalar
+from ._base import (
+    FusedOptimizer,
+    GradClip,
+    Precision,
+    Rounding,
+    StateDType,
+    caution_hyper,
+    check_caution_norm,
+    check_hyper,
+    common_hyper,
+    scalar,
+)
 
 __all__ = ["Momo", "MomoAdam"]
 
@@ -44,8 +55,9 @@ class _MomoBase(FusedOptimizer):
     _takes_orthograd = False
     _reads_global_sums = True
 
-    def _init_counters(self, check_finite: bool, grad_clip: GradClip, precision: Precision) -> None:
-        self._init_emafuse_defaults(check_finite, grad_clip, precision)
+    def _init_counters(self, check_finite: bool, grad_clip: GradClip, precision: Precision, caution: bool, caution_norm: str) -> None:
+        check_caution_norm(caution_norm)
+        self._init_emafuse_defaults(check_finite, grad_clip, precision, caution=caution, caution_norm=caution_norm)
         for group in self.param_groups:
             self._set_counters(group, (0, 0.0, float(self.defaults["lb"])))
         self._pending: tuple[int, float, float] | None = None
@@ -197,6 +209,13 @@ class Momo(_MomoBase):
     with :math:`\sum\lVert d\rVert^2 = 0`, :math:`\tau = \alpha/\rho`. A non-finite loss is a
     :class:`~emafuse.NonFiniteError`. ``orthograd`` is not taken (the sums would have to be over the
     projected gradient). Extra keywords: ``maximize``, ``check_finite``, ``state_dtype`` / ``rounding`` (as :class:`emafuse.AdamW`).
+
+    ``caution`` (default False) and ``caution_norm`` (``"mean"`` or ``"count"``): the Cautious mask
+    (spec §20) on the move: :math:`p \leftarrow (p - \tau\, d \phi k)/q` for :math:`\phi = 1[d g > 0]`
+    and :math:`k = 1/\max(\operatorname{mean}\phi, 10^{-3})` (or :math:`\mathrm{numel}/(\sum\phi +
+    1)`) per tensor, counted in the same read-only pass as the sums. Decision: :math:`\tau` is the
+    Polyak step of the unmasked model (the sums are of :math:`d`), as the mask is defined on the
+    base optimizer's update direction.
     """
 
     _rule = "momo"
@@ -220,6 +239,8 @@ class Momo(_MomoBase):
         rounding: Rounding | None = None,
         rounding_seed: int = 0,
         weight_correction: bool = False,
+        caution: bool = False,
+        caution_norm: str = "mean",
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -231,7 +252,7 @@ class Momo(_MomoBase):
             lr=lr, weight_decay=weight_decay, beta=beta, lb=lb, bias_correction=bias_correction, use_fstar=use_fstar, maximize=maximize
         )
         super().__init__(params, defaults)
-        self._init_counters(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction))
+        self._init_counters(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction), caution, caution_norm)
 
     def _next_loss_avg(self, k: int, loss_avg: float, loss: float) -> float:
         beta = float(self.defaults["beta"])
@@ -253,6 +274,7 @@ class Momo(_MomoBase):
             "beta": float(self.defaults["beta"]),
             "bias_correction": bool(self.defaults["bias_correction"]),
             "tau": 0.0,  # the sums pass does not read it; _global_hypers sets the update's
+            **caution_hyper(group),
         }
 
 
@@ -278,6 +300,7 @@ class MomoAdam(_MomoBase):
     official. Decision (spec §16 (g)): :math:`D` in the sums uses the optimizer's step :math:`k`, as the
     update does; the official uses the parameter's own step count there, which differs only for
     parameters that skipped steps (the per-parameter ``step`` is still kept and saved).
+    ``caution`` / ``caution_norm``: the Cautious mask on :math:`d/D` as :class:`Momo`'s.
     """
 
     _rule = "momo_adam"
@@ -302,13 +325,15 @@ class MomoAdam(_MomoBase):
         rounding: Rounding | None = None,
         rounding_seed: int = 0,
         weight_correction: bool = False,
+        caution: bool = False,
+        caution_norm: str = "mean",
     ) -> None:
         check_hyper(lr=lr, eps=eps, betas=betas)
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight decay: {weight_decay}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lb=lb, divide=divide, use_fstar=use_fstar, maximize=maximize)
         super().__init__(params, defaults)
-        self._init_counters(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction))
+        self._init_counters(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction), caution, caution_norm)
 
     def _next_loss_avg(self, k: int, loss_avg: float, loss: float) -> float:
         beta1 = scalar(self.param_groups[-1]["betas"][0])
@@ -323,4 +348,4 @@ class MomoAdam(_MomoBase):
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
         assert self._pending is not None
-        return {**common_hyper(group), "divide": bool(self.defaults["divide"]), "step": float(self._pending[0]), "tau": 0.0}
+        return {**common_hyper(group), "divide": bool(self.defaults["divide"]), "step": float(self._pending[0]), "tau": 0.0, **caution_hyper(group)}

@@ -1,13 +1,15 @@
 // MoMo: the CUDA twin of src/rules/momo.rs `Momo` (same coefficients, same per-element operation
 // order; checked against it on the CPU by tests/test_cuda_sources.py). The Polyak step size tau
-// arrives as a hyper-parameter, computed by the Python layer from this rule's sums.
+// arrives as a hyper-parameter, computed by the Python layer from this rule's sums. CAUTION: the
+// Cautious mask on d, from the counts in sums 3 and 4.
 #pragma once
 #include "common.cuh"
 
+template <bool CAUTION>
 struct Momo {
     template <class R>
     struct Coeffs {
-        R keep, take, neg_tau, divisor;
+        R keep, take, neg_tau, divisor, caution;
     };
 
     template <class R>
@@ -17,6 +19,7 @@ struct Momo {
         sums[0] += pd * (double)g;
         sums[1] += pd * dd;
         sums[2] += dd * dd;
+        if (CAUTION) ef_cautious_count(d, g, sums + 3);
     }
 
     // scalars[0]: the parameter's grad_dot_w (γ), updated from sums[0] = <p, g>.
@@ -28,6 +31,7 @@ struct Momo {
         c.take = R(h.take);
         c.neg_tau = R(-h.tau);
         c.divisor = R(h.divisor);
+        c.caution = CAUTION ? ef_caution_factor<R>(sums + 3, h.caution_count != 0.0) : R(1);
         return c;
     }
 
@@ -35,6 +39,7 @@ struct Momo {
     EF_FN static R update(const Coeffs<R>& c, R p, R g, R* s) {
         R d = s[0] * c.keep + c.take * g;
         s[0] = d;
-        return (p + c.neg_tau * d) / c.divisor;
+        R u = !CAUTION ? d : ef_cautious(d, g, c.caution);
+        return (p + c.neg_tau * u) / c.divisor;
     }
 };

@@ -1,13 +1,15 @@
 // MoMo-Adam: the CUDA twin of src/rules/momo.rs `MomoAdam` (same coefficients, same per-element
 // operation order; checked against it on the CPU by tests/test_cuda_sources.py). The Polyak step
 // size tau arrives as a hyper-parameter, computed by the Python layer from this rule's sums.
+// CAUTION: the Cautious mask on d / D, from the counts in sums 3 and 4.
 #pragma once
 #include "common.cuh"
 
+template <bool CAUTION>
 struct MomoAdam {
     template <class R>
     struct Coeffs {
-        R beta1, one_minus_beta1, beta2, one_minus_beta2, bias_correction2, eps, neg_tau, decay, divisor;
+        R beta1, one_minus_beta1, beta2, one_minus_beta2, bias_correction2, eps, neg_tau, decay, divisor, caution;
     };
 
     template <class R>
@@ -22,6 +24,7 @@ struct MomoAdam {
         c.neg_tau = R(-h.tau);
         c.decay = R(h.decay);
         c.divisor = R(h.divisor);
+        c.caution = R(1);
         return c;
     }
 
@@ -43,6 +46,7 @@ struct MomoAdam {
         sums[0] += pd * (double)g;
         sums[1] += pd * dd;
         sums[2] += dd * (double)d_over;
+        if (CAUTION) ef_cautious_count(d_over, g, sums + 3);
     }
 
     // scalars[0]: the parameter's step (incremented); scalars[1]: its grad_dot_w (γ).
@@ -50,12 +54,15 @@ struct MomoAdam {
     EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double* sums) {
         scalars[0] += 1.0;
         scalars[1] = h.beta1 * scalars[1] + (1.0 - h.beta1) * sums[0];
-        return coefficients<R>(h);
+        Coeffs<R> c = coefficients<R>(h);
+        if (CAUTION) c.caution = ef_caution_factor<R>(sums + 3, h.caution_count != 0.0);
+        return c;
     }
 
     template <class R>
     EF_FN static R update(const Coeffs<R>& c, R p, R g, R* s) {
         R d_over = moments<R>(c, g, s, s);
-        return (p * c.decay + c.neg_tau * d_over) / c.divisor;
+        R u = !CAUTION ? d_over : ef_cautious(d_over, g, c.caution);
+        return (p * c.decay + c.neg_tau * u) / c.divisor;
     }
 };
