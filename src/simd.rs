@@ -23,3 +23,49 @@ pub fn level() -> u8 {
     #[cfg(not(target_arch = "x86_64"))]
     0
 }
+
+/// Define an `unsafe fn` that runs `body` (an `#[inline(always)]` function with the same generic
+/// and value parameters) compiled for the widest vector instruction set this CPU has: AVX-512F,
+/// AVX2, or the portable baseline. The bodies form no fused multiply-add, so every variant gives
+/// the same bits; only the speed differs.
+///
+/// ```text
+/// widest! {
+///     /// Docs (with the contract of `body`, which the function keeps).
+///     pub unsafe fn update_span<Ru: Rule, R: Real>(c: &Ru::Coeffs<R>, len: usize) = update_span_body;
+/// }
+/// ```
+macro_rules! widest {
+    (
+        $(#[$meta:meta])*
+        $vis:vis unsafe fn $name:ident<$($gen:ident: $bound:path),* $(,)?>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $body:ident;
+    ) => {
+        $(#[$meta])*
+        $vis unsafe fn $name<$($gen: $bound),*>($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2")]
+                unsafe fn avx512<$($gen: $bound),*>($($arg: $ty),*) $(-> $ret)? {
+                    // SAFETY: forwarded from the dispatching function's caller.
+                    unsafe { $body::<$($gen),*>($($arg),*) }
+                }
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2<$($gen: $bound),*>($($arg: $ty),*) $(-> $ret)? {
+                    // SAFETY: forwarded from the dispatching function's caller.
+                    unsafe { $body::<$($gen),*>($($arg),*) }
+                }
+                match $crate::simd::level() {
+                    // SAFETY: the CPU has the enabled features (checked at run time); the caller's
+                    // guarantees are passed on unchanged.
+                    2 => return unsafe { avx512::<$($gen),*>($($arg),*) },
+                    // SAFETY: as above.
+                    1 => return unsafe { avx2::<$($gen),*>($($arg),*) },
+                    _ => {}
+                }
+            }
+            // SAFETY: the caller's guarantees are passed on unchanged.
+            unsafe { $body::<$($gen),*>($($arg),*) }
+        }
+    };
+}
+pub(crate) use widest;

@@ -138,58 +138,21 @@ fn fold_lanes(lanes: &Lanes, max_mask: u32) -> [f64; MAX_SUMS] {
     sums
 }
 
-/// The rule's per-tensor sums of pass `pass` over `len` elements at `ptrs` (read-only pass);
-/// `prior`: the tensor's values from [`Rule::prepare`] (pass >= 1). Runs the widest vector
-/// variant this CPU has (the same bits).
-///
-/// # Safety
-/// As [`update_span`], except that the elements are only read.
-pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
-    rule: &Ru,
-    factor: R,
-    pass: usize,
-    prior: &[R; MAX_SUMS],
-    ptrs: SpanPtrs<P, G, S>,
-    len: usize,
-) -> [f64; MAX_SUMS] {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: the variants run only where the CPU has their instructions; the rest is the
-    // caller's contract.
-    match crate::simd::level() {
-        2 => return unsafe { sum_span_avx512::<Ru, R, P, G, S>(rule, factor, pass, prior, ptrs, len) },
-        1 => return unsafe { sum_span_avx2::<Ru, R, P, G, S>(rule, factor, pass, prior, ptrs, len) },
-        _ => {}
-    }
-    // SAFETY: forwarded.
-    unsafe { sum_span_body::<Ru, R, P, G, S>(rule, factor, pass, prior, ptrs, len) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2")]
-unsafe fn sum_span_avx512<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
-    rule: &Ru,
-    factor: R,
-    pass: usize,
-    prior: &[R; MAX_SUMS],
-    ptrs: SpanPtrs<P, G, S>,
-    len: usize,
-) -> [f64; MAX_SUMS] {
-    // SAFETY: forwarded from sum_span.
-    unsafe { sum_span_body::<Ru, R, P, G, S>(rule, factor, pass, prior, ptrs, len) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn sum_span_avx2<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
-    rule: &Ru,
-    factor: R,
-    pass: usize,
-    prior: &[R; MAX_SUMS],
-    ptrs: SpanPtrs<P, G, S>,
-    len: usize,
-) -> [f64; MAX_SUMS] {
-    // SAFETY: forwarded from sum_span.
-    unsafe { sum_span_body::<Ru, R, P, G, S>(rule, factor, pass, prior, ptrs, len) }
+crate::simd::widest! {
+    /// The rule's per-tensor sums of pass `pass` over `len` elements at `ptrs` (read-only pass);
+    /// `prior`: the tensor's values from [`Rule::prepare`] (pass >= 1). Runs the widest vector
+    /// variant this CPU has (the same bits).
+    ///
+    /// # Safety
+    /// As [`update_span`], except that the elements are only read.
+    pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
+        rule: &Ru,
+        factor: R,
+        pass: usize,
+        prior: &[R; MAX_SUMS],
+        ptrs: SpanPtrs<P, G, S>,
+        len: usize,
+    ) -> [f64; MAX_SUMS] = sum_span_body;
 }
 
 /// [`sum_span`]'s loop.
@@ -284,59 +247,27 @@ unsafe fn param_block<R: Real, P: Elem<R>>(param: *const P, correction: *const i
     buf
 }
 
-/// ⊥Grad's projection sums (`orthograd::accumulate`) of the `len` parameter elements at `param`
-/// and gradient elements at `grad`, each gradient times `factor` (read-only pass). The lanes of
-/// each sum are consecutive here, so that they become vector registers; the order of addition is
-/// [`sum_span`]'s.
+crate::simd::widest! {
+    /// ⊥Grad's projection sums (`orthograd::accumulate`) of the `len` parameter elements at `param`
+    /// and gradient elements at `grad`, each gradient times `factor` (read-only pass). The lanes of
+    /// each sum are consecutive here, so that they become vector registers; the order of addition is
+    /// [`sum_span`]'s.
+    ///
+    /// # Safety
+    /// `param` and `grad` must be valid for `len` reads, and so must `correction` unless null.
+    pub unsafe fn projection_sums<R: Real, P: Elem<R>, G: Elem<R>>(
+        factor: R,
+        param: *const P,
+        correction: *const i8,
+        grad: *const G,
+        len: usize,
+    ) -> [f64; MAX_SUMS] = projection_sums_body;
+}
+
+/// [`projection_sums`]' loop.
 ///
 /// # Safety
-/// `param` and `grad` must be valid for `len` reads, and so must `correction` unless null.
-pub unsafe fn projection_sums<R: Real, P: Elem<R>, G: Elem<R>>(
-    factor: R,
-    param: *const P,
-    correction: *const i8,
-    grad: *const G,
-    len: usize,
-) -> [f64; MAX_SUMS] {
-    #[cfg(target_arch = "x86_64")]
-    match crate::simd::level() {
-        // SAFETY: the CPU supports the enabled features (checked at run time); the caller's
-        // guarantees are passed on unchanged.
-        2 => return unsafe { projection_sums_avx512::<R, P, G>(factor, param, correction, grad, len) },
-        // SAFETY: as above.
-        1 => return unsafe { projection_sums_avx2::<R, P, G>(factor, param, correction, grad, len) },
-        _ => {}
-    }
-    // SAFETY: the caller's guarantees are passed on unchanged.
-    unsafe { projection_sums_body::<R, P, G>(factor, param, correction, grad, len) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2")]
-unsafe fn projection_sums_avx512<R: Real, P: Elem<R>, G: Elem<R>>(
-    factor: R,
-    param: *const P,
-    correction: *const i8,
-    grad: *const G,
-    len: usize,
-) -> [f64; MAX_SUMS] {
-    // SAFETY: forwarded from projection_sums.
-    unsafe { projection_sums_body::<R, P, G>(factor, param, correction, grad, len) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn projection_sums_avx2<R: Real, P: Elem<R>, G: Elem<R>>(
-    factor: R,
-    param: *const P,
-    correction: *const i8,
-    grad: *const G,
-    len: usize,
-) -> [f64; MAX_SUMS] {
-    // SAFETY: forwarded from projection_sums.
-    unsafe { projection_sums_body::<R, P, G>(factor, param, correction, grad, len) }
-}
-
+/// As [`projection_sums`].
 #[inline(always)]
 unsafe fn projection_sums_body<R: Real, P: Elem<R>, G: Elem<R>>(
     factor: R,
@@ -389,62 +320,24 @@ pub struct SpanRounding {
     pub first: usize,
 }
 
-/// Update `len` elements starting at `ptrs`, with the widest vector unit the CPU has; with
-/// `projection` (⊥Grad) the rule reads the projected gradients; with `rounding` the parameter and
-/// state stores round stochastically. The math is the same IEEE arithmetic at any width (no
-/// fused multiply-add is formed), so results do not depend on the CPU.
-///
-/// # Safety
-/// Every pointer must be valid for `len` elements of its type (state pointers for slots
-/// `0..Ru::SLOTS`), and no other thread may access these elements during the call; with
-/// `xf.unscale` the gradient's elements are written too (stored back unscaled).
-pub unsafe fn update_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
-    c: &Ru::Coeffs<R>,
-    xf: &GradTransform<R>,
-    projection: Option<Projection>,
-    rounding: Option<SpanRounding>,
-    ptrs: SpanPtrs<P, G, S>,
-    len: usize,
-) {
-    #[cfg(target_arch = "x86_64")]
-    match crate::simd::level() {
-        // SAFETY: the CPU supports the enabled features (checked at run time); the caller's
-        // guarantees are passed on unchanged.
-        2 => return unsafe { update_span_avx512::<Ru, R, P, G, S>(c, xf, projection, rounding, ptrs, len) },
-        // SAFETY: as above.
-        1 => return unsafe { update_span_avx2::<Ru, R, P, G, S>(c, xf, projection, rounding, ptrs, len) },
-        _ => {}
-    }
-    // SAFETY: the caller's guarantees are passed on unchanged.
-    unsafe { update_span_body::<Ru, R, P, G, S>(c, xf, projection, rounding, ptrs, len) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2")]
-unsafe fn update_span_avx512<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
-    c: &Ru::Coeffs<R>,
-    xf: &GradTransform<R>,
-    projection: Option<Projection>,
-    rounding: Option<SpanRounding>,
-    ptrs: SpanPtrs<P, G, S>,
-    len: usize,
-) {
-    // SAFETY: forwarded from update_span.
-    unsafe { update_span_body::<Ru, R, P, G, S>(c, xf, projection, rounding, ptrs, len) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn update_span_avx2<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
-    c: &Ru::Coeffs<R>,
-    xf: &GradTransform<R>,
-    projection: Option<Projection>,
-    rounding: Option<SpanRounding>,
-    ptrs: SpanPtrs<P, G, S>,
-    len: usize,
-) {
-    // SAFETY: forwarded from update_span.
-    unsafe { update_span_body::<Ru, R, P, G, S>(c, xf, projection, rounding, ptrs, len) }
+crate::simd::widest! {
+    /// Update `len` elements starting at `ptrs`, with the widest vector unit the CPU has; with
+    /// `projection` (⊥Grad) the rule reads the projected gradients; with `rounding` the parameter and
+    /// state stores round stochastically. The math is the same IEEE arithmetic at any width (no
+    /// fused multiply-add is formed), so results do not depend on the CPU.
+    ///
+    /// # Safety
+    /// Every pointer must be valid for `len` elements of its type (state pointers for slots
+    /// `0..Ru::SLOTS`), and no other thread may access these elements during the call; with
+    /// `xf.unscale` the gradient's elements are written too (stored back unscaled).
+    pub unsafe fn update_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
+        c: &Ru::Coeffs<R>,
+        xf: &GradTransform<R>,
+        projection: Option<Projection>,
+        rounding: Option<SpanRounding>,
+        ptrs: SpanPtrs<P, G, S>,
+        len: usize,
+    ) = update_span_body;
 }
 
 /// A block of `n` elements of one array as compute-type values: the tensor's own memory when its

@@ -13,11 +13,21 @@ const BLOCK: usize = 256;
 /// vectorises, and keeps a fixed summation order.
 const LANES: usize = 8;
 
-/// `Σ x²` over `len` elements at `ptr`, accumulated in f64.
+crate::simd::widest! {
+    /// `Σ x²` over `len` elements at `ptr`, accumulated in f64, with the widest vector unit the
+    /// CPU has (the same bits).
+    ///
+    /// # Safety
+    /// `ptr` must be valid for `len` reads of `E`.
+    unsafe fn span_sum_squares<R: Real, E: Elem<R>>(ptr: *const E, len: usize) -> f64 = span_sum_squares_body;
+}
+
+/// [`span_sum_squares`]' loop.
 ///
 /// # Safety
-/// `ptr` must be valid for `len` reads of `E`.
-unsafe fn span_sum_squares<R: Real, E: Elem<R>>(ptr: *const E, len: usize) -> f64 {
+/// As [`span_sum_squares`].
+#[inline(always)]
+unsafe fn span_sum_squares_body<R: Real, E: Elem<R>>(ptr: *const E, len: usize) -> f64 {
     let mut buf = [R::ZERO; BLOCK];
     let mut acc = [0.0f64; LANES];
     let mut off = 0;
