@@ -13,6 +13,7 @@ will skip, spec C.4).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -277,19 +278,29 @@ class AdaGC:
         if not math.isfinite(total) and self.nonfinite == "skip":
             return None
         self.num_steps += 1
-        warm = self.num_steps < self.warmup_steps
         h_global = min(self.lambda_abs / (total + self.eps), 1.0)
-        factors: list[float] = []
-        for i, sq in zip(positions, sums):
-            norm, gamma = math.sqrt(sq), self.gamma.get(i)
-            if warm or gamma is None:
-                h = h_global
-                self.gamma[i] = h * norm if gamma is None else min(gamma, h * norm)
-            else:
-                h = min(self.lambda_rel * max(gamma, self.eps) / max(norm, self.eps), 1.0)
-                self.gamma[i] = self.beta * gamma + (1.0 - self.beta) * h * norm
-            factors.append(h)
-        return factors
+        # Every tensor at once, in float64 with the operations of the scalar rule (Python's min
+        # and max as comparisons: the same values, NaN included): γ is NaN where not yet set.
+        norm = torch.tensor(sums, dtype=torch.float64).sqrt()
+        gamma = torch.tensor([self.gamma.get(i, math.nan) for i in positions], dtype=torch.float64)
+        fresh = gamma.isnan()
+        if self.num_steps < self.warmup_steps:  # warm-up: the global clip, γ the running minimum
+            h = torch.full_like(norm, h_global)
+            clipped = h * norm
+            gamma = torch.where(fresh | (clipped < gamma), clipped, gamma)
+        else:
+            floor = torch.tensor(self.eps, dtype=torch.float64)
+            ratio = self.lambda_rel * torch.where(floor > gamma, floor, gamma) / torch.where(floor > norm, floor, norm)
+            h = torch.where(fresh, h_global, torch.where(ratio > 1.0, 1.0, ratio))
+            gamma = torch.where(fresh, h * norm, self.beta * gamma + (1.0 - self.beta) * h * norm)
+        self.gamma.update(zip(positions, gamma.tolist()))
+        return h.tolist()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> AdaGC:
+        """A copy with its own γ (the optimizers decide on a copy; floats need no deeper copy)."""
+        twin = copy.copy(self)
+        twin.gamma = dict(self.gamma)
+        return twin
 
     def state_dict(self) -> dict[str, Any]:
         """γ (by tensor position), the step count and the options."""

@@ -618,8 +618,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         clip = self.param_groups[0].get("grad_clip") if self.param_groups else None
         if clip is None or (found_inf is not None and scalar(found_inf) != 0.0):  # AMP skips this step
             return
-        if any(p.grad is not None and p.grad.layout != torch.strided for group in self.param_groups for p in group["params"]):
-            raise SparseGradError(f"{type(self).__name__}: grad_clip needs dense gradients; a gradient is sparse (call .to_dense())")
         if isinstance(clip, (int, float)):
             self._grad_factor = cap_coefficient(self._unscaled_grad_norm(grad_scale), float(clip))
             return
@@ -647,9 +645,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         ``max_grad_norm``) share."""
         cached = self.__dict__.get("_grad_sums")
         if cached is None:
-            present = [(i, p) for i, p in enumerate(p for group in self.param_groups for p in group["params"]) if p.grad is not None]
-            raw = tensor_sum_squares([p.grad for _, p in present]) if present else []
-            cached = self._grad_sums = ([p for _, p in present], [i for i, _ in present], raw)
+            every = list(chain.from_iterable(group["params"] for group in self.param_groups))
+            positions = [i for i, p in enumerate(every) if p.grad is not None]
+            params = [every[i] for i in positions]
+            grads = [p.grad for p in params]
+            if any(g.layout != torch.strided for g in grads):
+                what = "grad_clip" if self.param_groups[0].get("grad_clip") is not None else "the global gradient norm"
+                raise SparseGradError(f"{type(self).__name__}: {what} needs dense gradients; a gradient is sparse (call .to_dense())")
+            cached = self._grad_sums = (params, positions, tensor_sum_squares(grads) if grads else [])
         params, positions, raw = cached
         if grad_scale is None:
             return params, positions, raw
