@@ -411,6 +411,18 @@ def test_stochastic_rounding_is_refused_in_a_captured_graph():
             opt.step()
 
 
+@pytest.mark.parametrize("clip", [lambda: 1.0, lambda: emafuse.ZClip(), lambda: emafuse.AdaGC()], ids=["max-norm", "ZClip", "AdaGC"])
+def test_grad_clip_is_refused_in_a_captured_graph(clip):
+    params = cuda_params([(4097,)])
+    opt = emafuse.AdamW(params, lr=1e-2, grad_clip=clip())
+    params[0].grad = torch.randn_like(params[0])
+    opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(emafuse.errors.UnsupportedOptionError, match="captured CUDA graph"):
+        with torch.cuda.graph(graph):
+            opt.step()
+
+
 def test_adahessian_on_cuda_follows_the_cpu():
     """AdaHessian's estimate on the device (its generator on the device) and the CUDA twin of its
     update: on a separable loss (the estimate is the exact Hessian diagonal for every draw) the

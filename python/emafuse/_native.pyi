@@ -82,7 +82,11 @@ class StepPlan:
         streams: Sequence[int] | None = None,
         sums: list[Tensor] | None = None,
         grads: list[Tensor] | None = None,
-    ) -> bool | None: ...
+        grad_factors: list[Sequence[float] | None] | None = None,
+    ) -> bool | None:
+        """One update (None: the tensors changed since the plan was built, nothing written).
+        ``grad_factors``: per group, None or a float per parameter (finite, >= 0) multiplying its
+        gradient as the step loads it (e.g. AdaGC's clip factors; ``.grad`` is not written)."""
     def sums(
         self,
         out: list[Tensor],
@@ -92,10 +96,11 @@ class StepPlan:
         streams: Sequence[int] | None = None,
         grads: list[Tensor] | None = None,
         sum_pass: int = 0,
+        grad_factors: list[Sequence[float] | None] | None = None,
     ) -> bool | None:
         """The rule's per-tensor sums of read-only pass ``sum_pass`` combined into ``out`` (one
         float64 ``[n, MAX_SUMS]`` tensor per group, holding the earlier passes' sums: zeros for
-        pass 0); nothing is updated."""
+        pass 0); nothing is updated. ``grad_factors``: as for ``run`` (give the update's)."""
     def params(self) -> list[Tensor]: ...
 
 @final

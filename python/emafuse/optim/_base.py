@@ -618,6 +618,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         clip = self.param_groups[0].get("grad_clip") if self.param_groups else None
         if clip is None or (found_inf is not None and scalar(found_inf) != 0.0):  # AMP skips this step
             return
+        if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+            raise UnsupportedOptionError(
+                f"{type(self).__name__}: grad_clip decides on the host from the gradients' norms (one synchronisation per step), "
+                "which a captured CUDA graph cannot replay; clip outside the graph, or leave grad_clip unset for captured steps"
+            )
         if isinstance(clip, (int, float)):
             self._grad_factor = cap_coefficient(self._unscaled_grad_norm(grad_scale), float(clip))
             return
