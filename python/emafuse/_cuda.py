@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["current_streams", "per_device"]
+__all__ = ["capturing", "current_streams", "per_device"]
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph: a step that decides anything on the
+    host at every step (a clip from the norms, fresh random bits) cannot be captured."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def current_streams() -> list[int] | None:

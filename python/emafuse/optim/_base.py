@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import _compile, _dtensor, _native
-from .._cuda import current_streams, per_device
+from .._cuda import capturing, current_streams, per_device
 from .._guard import deferred_interrupts, refuse_subclass
 from .._staging import stage_groups
 from ..errors import DTypeError, InvalidArgumentError, LayoutError, NonFiniteError, SparseGradError, UnsupportedOptionError
@@ -618,7 +618,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         clip = self.param_groups[0].get("grad_clip") if self.param_groups else None
         if clip is None or (found_inf is not None and scalar(found_inf) != 0.0):  # AMP skips this step
             return
-        if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        if capturing():
             raise UnsupportedOptionError(
                 f"{type(self).__name__}: grad_clip decides on the host from the gradients' norms (one synchronisation per step), "
                 "which a captured CUDA graph cannot replay; clip outside the graph, or leave grad_clip unset for captured steps"
@@ -701,7 +701,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             hyper["grad_factor"] = self._grad_factor
         key = _precision.rounding_key(group, gi)
         if key is not None:
-            if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+            if capturing():
                 raise UnsupportedOptionError(
                     f"{type(self).__name__}: stochastic rounding draws new random bits every step, which a captured CUDA graph "
                     "would replay unchanged; use rounding='nearest' (or float32 state) for steps captured in a graph"
