@@ -138,6 +138,59 @@ def corrections_on_dtensors(checks, mesh) -> None:
                 assert_same(w._local_tensor, part(q, opt_ref.state[p][key]), True, f"param {i}, {key}")
 
 
+# (rows, row length, placement): rows of whole 8-bit blocks sharded unevenly and with an empty
+# shard (8-bit state sharded like the parameter, its scales row by row), rows that are not whole
+# blocks and a long vector (their shards would cut blocks: float32 state when sharded), and a
+# replicated tensor (whole on every rank: 8-bit, flat scales).
+EIGHT_BIT_PARAMS = [((33, 256), Shard(0)), ((5, 1024), Shard(0)), ((1, 4096), Shard(0)), ((64, 100), Shard(0)), ((5000,), Shard(0)), ((40, 130), Replicate())]
+
+
+def eight_bit_on_dtensors(checks, mesh) -> None:
+    """``state_dtype="8bit"`` on DTensor parameters against the unsharded optimizer over 3 steps:
+    parameters, codes and scales equal bit for bit (the blocks of each shard are blocks of the
+    whole tensor), no collective, state sharded like the parameter; the parameters whose shards
+    would cut blocks keep float32 state (equal to float32 state on the whole tensor). Scales
+    placed unlike their parameter are refused with nothing written."""
+    with checks.check("8-bit state on DTensors"):
+        full = [seeded(40 + i, s) for i, (s, _) in enumerate(EIGHT_BIT_PARAMS)]
+        ref = [nn.Parameter(t.clone()) for t in full]
+        sharded = [nn.Parameter(distribute_tensor(t.clone(), mesh, [pl])) for t, (_, pl) in zip(full, EIGHT_BIT_PARAMS)]
+        kw = dict(lr=1e-2, weight_decay=0.1)
+        lean = [i for i, q in enumerate(sharded) if i not in (3, 4)]
+        opt_ref = emafuse.AdamW([{"params": [ref[i] for i in lean], "state_dtype": "8bit"}, {"params": [ref[3], ref[4]]}], **kw)
+        opt = emafuse.AdamW(sharded, state_dtype="8bit", **kw)
+        shapes = [s for s, _ in EIGHT_BIT_PARAMS]
+        for step in range(3):
+            for p, q, g in zip(ref, sharded, synthetic_grads(step, shapes)):
+                p.grad = g.clone()
+                q.grad = distribute_tensor(g.clone(), mesh, q.placements)
+            opt_ref.step()
+            _, issued = collectives(opt.step)
+            assert issued == {}, f"step {step} issued {issued}"
+        for i, (p, q) in enumerate(zip(ref, sharded)):
+            assert_same(q._local_tensor, part(q, p.detach()), True, f"param {i}")
+            st = opt.state[q]
+            assert st["exp_avg"].dtype == (torch.uint8 if i in lean else torch.float32), (i, st["exp_avg"].dtype)
+            for key, v in opt_ref.state[p].items():
+                w = st[key]
+                if v.dim() == 0:
+                    assert_same(w, v, True, f"param {i}, scalar {key}")
+                    continue
+                assert isinstance(w, DTensor) and w.placements == q.placements and w.shape == v.shape, (key, w)
+                assert_same(w._local_tensor, part(w, v), True, f"param {i}, state {key}")
+        scales = opt.state[sharded[0]]["exp_avg_absmax"]
+        assert scales.shape == (33, 1), scales.shape
+        opt.state[sharded[0]]["exp_avg_absmax"] = distribute_tensor(scales.full_tensor(), mesh, [Replicate()])
+        before = [q._local_tensor.clone() for q in sharded]
+        try:
+            opt.step()
+        except emafuse.errors.InvalidArgumentError as e:
+            assert "exp_avg_absmax" in str(e) and "placed" in str(e), e
+        else:
+            raise AssertionError("scales placed unlike their parameter were accepted")
+        assert all(torch.equal(q._local_tensor, b) for q, b in zip(sharded, before))
+
+
 def cached_plan_notices_changes(checks, mesh) -> None:
     """The kept DTensor step plan is rebuilt when a state tensor is replaced (the new one is
     updated, as on whole tensors), and a gradient placed unlike its parameter is refused with
@@ -336,12 +389,6 @@ def unsupported_dtensors(checks, mesh) -> None:
         opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": seeded(7, (4, 2)), "exp_avg_sq": seeded(8, (4, 2)).abs()}
         refused(opt, p, emafuse.InvalidArgumentError, ("DTensor", "set_optimizer_state_dict"), "plain state of a DTensor parameter")
         assert float(opt.state[p]["step"]) == 1.0
-    with checks.check("refuses 8-bit state of a DTensor parameter"):
-        p = nn.Parameter(distribute_tensor(seeded(9, (64, 128)), mesh, [Shard(0)]))
-        p.grad = distribute_tensor(seeded(10, (64, 128)), mesh, [Shard(0)])
-        opt = emafuse.AdamW([p], lr=0.1, state_dtype="8bit")
-        refused(opt, p, emafuse.UnsupportedOptionError, ("8bit", "DTensor", "bfloat16"), "8-bit state of a DTensor parameter")
-        assert not opt.state
     with checks.check("merges refuse sharded inputs"):
         from emafuse.averaging import uniform_soup
 
@@ -369,18 +416,22 @@ def unsupported_dtensors(checks, mesh) -> None:
 class Net(nn.Module):
     """A small model whose weights shard unevenly over 2 ranks."""
 
-    def __init__(self) -> None:
+    def __init__(self, sizes: tuple[int, int, int] = (5, 7, 3)) -> None:
         super().__init__()
-        self.a = nn.Linear(5, 7)
-        self.b = nn.Linear(7, 3)
+        self.a = nn.Linear(sizes[0], sizes[1])
+        self.b = nn.Linear(sizes[1], sizes[2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(torch.relu(self.a(x)))
 
 
-def net(sharded: bool) -> Net:
+#: A Net whose weights have rows of whole 8-bit blocks (8-bit state sharded like them).
+WIDE = (256, 512, 35)
+
+
+def net(sharded: bool, sizes: tuple[int, int, int] = (5, 7, 3)) -> Net:
     torch.manual_seed(0)
-    m = Net()
+    m = Net(sizes)
     if sharded:
         fully_shard(m.a)
         fully_shard(m.b)
@@ -424,25 +475,25 @@ def checkpoints(checks, rank: int, configs, root: str) -> None:
     """For every optimizer: save a sharded checkpoint after 2 steps (the parent resumes it in one
     process, 2 -> 1) and the expected parameters after 2 more; resume the parent's one-process
     checkpoint here on 2 processes (1 -> 2) and compare 2 more steps with the parent's run."""
-    for name, kw, exact in configs:
-        with checks.check(f"checkpoint {name}"):
-            model = net(True)
+    for label, name, kw, exact, sizes in configs:
+        with checks.check(f"checkpoint {label}"):
+            model = net(True, sizes)
             opt = make(name, list(model.parameters()), kw)
             train(model, opt, range(2))
-            save(model, opt, os.path.join(root, f"{name}-2ranks"))
+            save(model, opt, os.path.join(root, f"{label}-2ranks"))
             for st in opt.state.values():
                 for k, v in st.items():
                     assert v.dim() == 0 or isinstance(v, DTensor), f"state {k} is not sharded"
             train(model, opt, range(2, 4))
             expected = full_params(model)  # a collective: on every rank
             if rank == 0:
-                torch.save(expected, os.path.join(root, f"{name}-2ranks-expected.pt"))
+                torch.save(expected, os.path.join(root, f"{label}-2ranks-expected.pt"))
             # 1 -> 2: the parent's checkpoint, written by one process from an unsharded model.
-            model = net(True)
+            model = net(True, sizes)
             opt = make(name, list(model.parameters()), kw)
-            resume(model, opt, os.path.join(root, f"{name}-1rank"))
+            resume(model, opt, os.path.join(root, f"{label}-1rank"))
             train(model, opt, range(2, 4))
-            expected = torch.load(os.path.join(root, f"{name}-1rank-expected.pt"))
+            expected = torch.load(os.path.join(root, f"{label}-1rank-expected.pt"))
             for n, t in full_params(model).items():
                 assert_same(t, expected[n], exact, f"resumed 1 -> 2, {n}")
             dist.barrier()
@@ -761,6 +812,7 @@ def main(rank: int, world_size: int, checks, opt_configs, mp_configs, ckpt_confi
     mesh = init_device_mesh("cpu", (world_size,))
     optimizers_on_dtensors(checks, mesh, opt_configs)
     corrections_on_dtensors(checks, mesh)
+    eight_bit_on_dtensors(checks, mesh)
     cached_plan_notices_changes(checks, mesh)
     loss_taking_on_dtensors(checks, mesh)
     fsdp2_mixed_precision(checks, rank, mp_configs)

@@ -3,7 +3,7 @@
 registry, and MoMo / MoMo-Adam, on sharded parameters against the unsharded optimizer (bit for
 bit, except float sums added across ranks: Adan's global norm, SGD-SaI's gradient statistics and
 MoMo's sums, to round-off; no step gathers a tensor), FSDP2 with bf16 mixed precision and uneven shards,
-refused placements, ZClip and AdaGC on sharded gradients, distributed checkpoints resumed on 2 -> 1 and 1 -> 2 processes for every
+refused placements, 8-bit state sharded like its parameter (bit for bit), ZClip and AdaGC on sharded gradients, distributed checkpoints resumed on 2 -> 1 and 1 -> 2 processes for every
 optimizer, the shard-local averages (equal to unsharded ones, no collective per update),
 PostHocEMA's sharded snapshots through DCP, DDP /
 ZeroRedundancyOptimizer, and Lightning's ModelParallelStrategy with EMACallback (validation on the
@@ -41,18 +41,22 @@ MP_CONFIGS = [
     ("SGDSaI", dict(lr=1e-2), False),
     ("Adan", dict(lr=1e-2, max_grad_norm=0.5), False),
 ]
-CKPT_CONFIGS = [(e.name, e.main, _exact(e.name, e.main)) for e in ENTRIES]
+# (label, optimizer, keywords, exact, model sizes); 8-bit state on the wide model, whose weights'
+# rows are whole blocks, so its codes and scales are sharded like the weights.
+CKPT_CONFIGS = [(e.name, e.name, e.main, _exact(e.name, e.main), (5, 7, 3)) for e in ENTRIES] + [
+    ("AdamW 8-bit", "AdamW", dict(lr=1e-2, weight_decay=0.1, state_dtype="8bit"), True, W.WIDE)
+]
 
 CHECKS = (
     [f"optimizer {n} {kw}" for n, kw, _ in OPT_CONFIGS]
     + ["weight corrections on DTensors", "cached DTensor plan notices changes"]
     + [f"optimizer {n} with the loss" for n in ("Momo", "MomoAdam")]
     + [f"fsdp2 bf16 {n} {kw}" for n, kw, _ in MP_CONFIGS]
-    + ["refuses Partial", "refuses 2-D mesh", "refuses plain state of a DTensor parameter", "refuses 8-bit state of a DTensor parameter",
+    + ["refuses Partial", "refuses 2-D mesh", "refuses plain state of a DTensor parameter", "8-bit state on DTensors",
        "merges refuse sharded inputs",
        "Replicate placement steps whole tensors", "ZClip on DTensor gradients", "AdaGC on DTensor gradients",
        "AdaGC inside the step on DTensors"]
-    + [f"checkpoint {n}" for n, _, _ in CKPT_CONFIGS]
+    + [f"checkpoint {c[0]}" for c in CKPT_CONFIGS]
     + ["collective counter sees collectives"]
     + [f"average {n}" for n in ("ModelEMA", "ModelEMA offloaded", "ModelEMA bf16 stochastic", "BEMA", "SwitchEMA", "PowerEMA", "LAWA", "SWA")]
     + ["ModelEMA swap, export, DCP"]
@@ -66,13 +70,13 @@ CHECKS = (
 def _one_process_checkpoints(root: str) -> None:
     """For the 1 -> 2 resumes: each optimizer's checkpoint after 2 steps on an unsharded model
     (written by this one process, no process group) and its parameters after 2 more."""
-    for name, kw, _ in CKPT_CONFIGS:
-        model = W.net(False)
+    for label, name, kw, _, sizes in CKPT_CONFIGS:
+        model = W.net(False, sizes)
         opt = W.make(name, list(model.parameters()), kw)
         W.train(model, opt, range(2))
-        W.save(model, opt, os.path.join(root, f"{name}-1rank"))
+        W.save(model, opt, os.path.join(root, f"{label}-1rank"))
         W.train(model, opt, range(2, 4))
-        torch.save(W.full_params(model), os.path.join(root, f"{name}-1rank-expected.pt"))
+        torch.save(W.full_params(model), os.path.join(root, f"{label}-1rank-expected.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -95,15 +99,15 @@ def test_no_unexpected_checks(run):
     assert sorted(outcomes) == sorted(CHECKS)
 
 
-@pytest.mark.parametrize("name,kw,exact", CKPT_CONFIGS, ids=[c[0] for c in CKPT_CONFIGS])
-def test_resume_two_processes_on_one(run, name, kw, exact):
+@pytest.mark.parametrize("label,name,kw,exact,sizes", CKPT_CONFIGS, ids=[c[0] for c in CKPT_CONFIGS])
+def test_resume_two_processes_on_one(run, label, name, kw, exact, sizes):
     """2 -> 1: the checkpoint the 2 ranks wrote, loaded into an unsharded model in this process,
     continues exactly as the sharded run did."""
     _, root = run
-    model = W.net(False)
+    model = W.net(False, sizes)
     opt = W.make(name, list(model.parameters()), kw)
-    W.resume(model, opt, os.path.join(root, f"{name}-2ranks"))
+    W.resume(model, opt, os.path.join(root, f"{label}-2ranks"))
     W.train(model, opt, range(2, 4))
-    expected = torch.load(os.path.join(root, f"{name}-2ranks-expected.pt"))
+    expected = torch.load(os.path.join(root, f"{label}-2ranks-expected.pt"))
     for n, t in W.full_params(model).items():
         W.assert_same(t, expected[n], exact, f"resumed 2 -> 1, {n}")

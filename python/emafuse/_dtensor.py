@@ -7,7 +7,8 @@ first, so the engine only ever sees plain tensors:
 
 * optimizers (:func:`local_call`): parameter, gradient and state slots of a DTensor parameter are
   replaced by their local shards (state entries are DTensors with the parameter's placements, so
-  ``torch.distributed.checkpoint`` saves and reshards them). Element-wise rules need nothing else.
+  ``torch.distributed.checkpoint`` saves and reshards them; 8-bit block scales, shaped their own
+  way, are checked for placement only). Element-wise rules need nothing else.
   Rules that read sums over each whole tensor (Lion's cautious factor, SGD-SaI's gradient
   signal-to-noise ratio) have the engine compute them on the local shards, add them across the
   mesh (:func:`add_shard_sums`), then update with the totals; norms add the local sums across
@@ -29,7 +30,7 @@ gathers a tensor.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -39,7 +40,7 @@ from .errors import InvalidArgumentError, UnsupportedOptionError
 
 __all__ = [
     "Layout", "ShardRows", "add_shard_sums", "any_dtensor", "check", "copy_into", "full_state_dict", "is_dtensor", "layout",
-    "local", "local_call", "shard_rows", "sharded_like", "tensor_sum_squares", "unwrap", "wrap",
+    "local", "local_call", "reshaped", "shard_dim", "shard_rows", "sharded_like", "tensor_sum_squares", "unwrap", "wrap",
 ]
 
 _DTENSOR: Any = False  # the DTensor class once looked up (None: torch.distributed unavailable)
@@ -102,21 +103,33 @@ def check(t: Tensor, who: str, what: str) -> None:
         _SUPPORTED[key] = mesh
 
 
-def check_partner(p: Tensor, x: Any, who: str, what: str) -> Tensor:
+def check_partner(p: Tensor, x: Any, who: str, what: str, same_shape: bool = True) -> Tensor:
     """``x`` (a gradient or state tensor of DTensor parameter ``p``) as its local shard; it must be
-    a DTensor placed like ``p``."""
+    a DTensor placed like ``p`` (with ``p``'s shape unless ``same_shape`` is False)."""
     if not is_dtensor(x):
         raise InvalidArgumentError(
             f"{who}: {what} of a DTensor (FSDP2) parameter is a plain {type(x).__name__}; it must be a DTensor placed like "
             "the parameter. Load sharded optimizer state with torch.distributed.checkpoint.state_dict.set_optimizer_state_dict."
         )
     a, b = x._spec, p._spec
-    if a is not b and (a.placements != b.placements or a.shape != b.shape or (a.mesh is not b.mesh and a.mesh != b.mesh)):
+    if a is not b and (a.placements != b.placements or (same_shape and a.shape != b.shape) or (a.mesh is not b.mesh and a.mesh != b.mesh)):
         raise InvalidArgumentError(
             f"{who}: {what} of a DTensor (FSDP2) parameter is placed {x.placements} with shape {tuple(x.shape)}, "
-            f"the parameter {p.placements} with shape {tuple(p.shape)}; they must match."
+            f"the parameter {p.placements} with shape {tuple(p.shape)}; they must match"
+            f"{'' if same_shape else ' (on the same mesh, in placements)'}."
         )
     return x._local_tensor
+
+
+def shard_dim(t: Any) -> int | None:
+    """The dim DTensor ``t`` is sharded on (``Shard(d)``); None for a plain tensor and any other
+    placement (``Replicate()``; the others are refused when stepped)."""
+    if not is_dtensor(t):
+        return None
+    from torch.distributed.tensor import Shard
+
+    placement = t.placements[0]
+    return placement.dim if isinstance(placement, Shard) else None
 
 
 def _sharded(t: Tensor) -> bool:
@@ -143,10 +156,13 @@ def local_call(
     states: Sequence[dict[str, Tensor]] | None,
     slots: tuple[str, ...],
     who: str,
+    scales: Collection[str] = (),
 ) -> tuple[list[Tensor], list[Tensor], list[dict[str, Tensor]] | None, list[int]]:
     """The tensors of one native call with DTensors replaced by their local shards (checked: a
-    supported placement, gradient and state slots placed like the parameter), and each one's
-    ``flat_offset``. Plain tensors pass unchanged; scalar state stays as it is."""
+    supported placement, gradient and state slots placed like the parameter; the slots named in
+    ``scales``, 8-bit block scales, on its mesh with its placements but shaped their own way, which
+    the engine checks), and each one's ``flat_offset``. Plain tensors pass unchanged; scalar state
+    stays as it is."""
     ps: list[Tensor] = []
     gs: list[Tensor] = []
     offsets: list[int] = []
@@ -168,7 +184,7 @@ def local_call(
             if st is not None:
                 st = dict(st)
                 for k in slots:
-                    st[k] = check_partner(p, st[k], who, f"state '{k}'")  # type: ignore[index]
+                    st[k] = check_partner(p, st[k], who, f"state '{k}'", same_shape=k not in scales)  # type: ignore[index]
         if sts is not None:
             sts.append(st)  # type: ignore[arg-type]
     return ps, gs, sts, offsets
@@ -300,6 +316,16 @@ def wrap(like: Layout | None, data: Tensor) -> Tensor:
 
     spec = DTensorSpec(like.device_mesh, like.placements, tensor_meta=TensorMeta(like.shape, like.strides, data.dtype))
     return DTensor(data, spec, requires_grad=False)  # type: ignore[call-arg]
+
+
+def reshaped(like: Layout | None, shape: Sequence[int]) -> Layout | None:
+    """``like`` for a contiguous tensor of global shape ``shape`` with the same placements (e.g. a
+    parameter's 8-bit scales, whose rows follow its rows); None stays None."""
+    if like is None:
+        return None
+    size = torch.Size(shape)
+    strides = tuple(math.prod(size[d + 1 :]) for d in range(len(size)))
+    return like._replace(shape=size, strides=strides)
 
 
 def unwrap(like: Layout | None, t: Tensor) -> Tensor:

@@ -214,8 +214,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     scale per block of 256 elements (``<slot>_absmax``), as bitsandbytes' 8-bit optimizers, the
     second moments with the unsigned map; decoded, updated and re-encoded inside the one native
     pass, always rounded to nearest. Parameters under 4096 elements keep float32 state then (as
-    bitsandbytes); DTensor parameters cannot have 8-bit state yet, and parameters in another
-    memory format than row-major (channels_last) are stepped through a staged copy;
+    bitsandbytes), and so do DTensor parameters whose shards would cut blocks (8-bit DTensor state
+    is sharded like its parameter where the parameter's rows are whole blocks:
+    ``_precision.blocks_follow_shards``); parameters in another memory format than row-major
+    (channels_last) are stepped through a staged copy;
     ``rounding=`` rounds every bfloat16 store of the step (parameters and state) to nearest or
     stochastically (the default for ``state_dtype=torch.bfloat16``), with counter-based random
     bits from ``rounding_seed`` and the group's applied-step count ``rounding_step``, both saved in
@@ -1159,7 +1161,9 @@ def _local_calls(
     summed: list[list[Tensor]] = []
     for c in calls:
         local = _Call(c.group_index, c.extra, c.slots, c.scalars, c.states is not None)
-        local.params, local.grads, local.states, local.offsets = _dtensor.local_call(c.params, c.grads, c.states, c.slots, who)
+        local.params, local.grads, local.states, local.offsets = _dtensor.local_call(
+            c.params, c.grads, c.states, c.slots, who, scales=[k for k in c.slots if k.endswith(_precision.ABSMAX_SUFFIX)]
+        )
         originals.append(list(c.params))
         summed.append(c.params if _native.rule_sums(rule, c.hyper(hypers[c.group_index])) else [])
         out.append(local)

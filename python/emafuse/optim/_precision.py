@@ -13,13 +13,14 @@ one; nothing depends on torch's global generator or on the thread count.
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection
+import math
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Literal
 
 import torch
 
 from .. import _dtensor, _native
-from ..errors import DTypeError, InvalidArgumentError, UnsupportedOptionError
+from ..errors import DTypeError, InvalidArgumentError
 
 __all__ = ["Rounding", "StateDType"]
 
@@ -28,7 +29,7 @@ Rounding = Literal["nearest", "stochastic"]
 
 #: ``state_dtype`` of blockwise 8-bit state: each state tensor is stored as uint8 codes shaped like
 #: the parameter (in its row-major order) plus ``<slot>_absmax``, one float32 scale per block of
-#: ``QUANT_BLOCK`` elements (``src/quant.rs``).
+#: ``QUANT_BLOCK`` elements (``src/quant.rs``), shaped by :func:`scales_shape`.
 EIGHT_BIT = "8bit"
 # The state dtypes the engine stores (math always runs in float32 or float64).
 STATE_DTYPES = (torch.float32, torch.bfloat16, EIGHT_BIT)
@@ -95,14 +96,24 @@ def _blocks(numel: int) -> int:
 
 def new_slot(p: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
     """A new state entry ``name`` of ``p`` holding zeros: a slot of ``dtype`` (8-bit codes in
-    row-major order), a slot's 8-bit scales, or the weight correction."""
+    row-major order), a slot's 8-bit scales (:func:`scales_shape`), or the weight correction. For
+    a DTensor ``p``, a DTensor placed like it (of its local shard's part)."""
     if name == WEIGHT_CORRECTION:
         return new_correction(p)
     if name.endswith(ABSMAX_SUFFIX):
-        return torch.zeros(_blocks(p.numel()), dtype=torch.float32, device=p.device)
+        return _zeros_placed_like(p, scales_shape, torch.float32)
     if dtype == torch.uint8:
-        return torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+        return _zeros_placed_like(p, tuple, torch.uint8)
     return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+
+def _zeros_placed_like(p: torch.Tensor, shape_of: Callable[[Sequence[int]], tuple[int, ...]], dtype: torch.dtype) -> torch.Tensor:
+    """Contiguous zeros of shape ``shape_of(p.shape)`` on ``p``'s device; for a DTensor ``p``, a
+    DTensor of that global shape with ``p``'s placements whose local part is
+    ``shape_of(local shard's shape)`` (rows follow rows)."""
+    local = _dtensor.local(p)
+    data = torch.zeros(shape_of(local.shape), dtype=dtype, device=local.device)
+    return _dtensor.wrap(_dtensor.reshaped(_dtensor.layout(p), shape_of(p.shape)), data)
 
 
 def stored_slots(slots: tuple[str, ...], quantized: bool) -> tuple[str, ...]:
@@ -128,7 +139,7 @@ def quantize(x: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, torch.Te
     # (NaN, e.g. infinity times the zero factor of an infinite absmax, goes to -1 as in the engine)
     scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).nan_to_num(nan=-1.0).clamp(-1.0, 1.0)
     codes = torch.bucketize(scaled, mids.to(x.device)).to(torch.uint8)
-    return codes.view(-1)[: flat.numel()].view(x.shape), absmax
+    return codes.view(-1)[: flat.numel()].view(x.shape), absmax.view(scales_shape(x.shape))
 
 
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, nonnegative: bool) -> torch.Tensor:
@@ -136,14 +147,22 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, nonnegative: bool) -> 
     values, _ = _map(nonnegative)
     n = codes.numel()
     decoded = values.to(codes.device)[codes.reshape(-1).long()]
-    padded = torch.nn.functional.pad(decoded, (0, -n % QUANT_BLOCK)).view(-1, QUANT_BLOCK) * absmax.to(torch.float32)[:, None]
+    padded = torch.nn.functional.pad(decoded, (0, -n % QUANT_BLOCK)).view(-1, QUANT_BLOCK) * absmax.to(torch.float32).reshape(-1, 1)
     return padded.view(-1)[:n].view(codes.shape)
 
 
 def stored_as(name: str, value: torch.Tensor, scales: torch.Tensor | None, want: torch.dtype, nonnegative: bool) -> dict[str, torch.Tensor]:
     """State slot ``name`` of a checkpoint (``value``, with its 8-bit ``scales`` if it is 8-bit) as
-    an optimizer storing ``want`` keeps it: cast, quantized (``want`` uint8: codes and scales) or
-    dequantized."""
+    an optimizer storing ``want`` keeps it: cast, quantized (``want`` uint8: codes and scales,
+    shaped by :func:`scales_shape`) or dequantized. DTensors are converted shard by shard (their
+    blocks are the whole tensor's, :func:`blocks_follow_shards`) and stay placed as they were."""
+    like = _dtensor.layout(value)
+    if like is not None:
+        local = stored_as(name, _dtensor.local(value), None if scales is None else _dtensor.local(scales), want, nonnegative)
+        return {
+            key: _dtensor.wrap(_dtensor.reshaped(like, scales_shape(value.shape)) if key.endswith(ABSMAX_SUFFIX) else like, t)
+            for key, t in local.items()
+        }
     if value.dtype == torch.uint8:
         if scales is None:
             raise InvalidArgumentError(
@@ -156,7 +175,8 @@ def stored_as(name: str, value: torch.Tensor, scales: torch.Tensor | None, want:
                 f"'{name}{ABSMAX_SUFFIX}' (one per {QUANT_BLOCK} elements expected; a corrupted checkpoint?). Nothing was loaded."
             )
         if want == torch.uint8:
-            return {name: value, name + ABSMAX_SUFFIX: scales}
+            # (older checkpoints keep every tensor's scales flat)
+            return {name: value, name + ABSMAX_SUFFIX: scales.reshape(scales_shape(value.shape))}
         return {name: dequantize(value, scales, nonnegative).to(want)}
     if want == torch.uint8:
         codes, absmax = quantize(value, nonnegative)
@@ -207,12 +227,29 @@ def _eight_bit_dtype(who: str, p: torch.Tensor) -> torch.dtype:
             f"{who}: state_dtype='8bit' cannot go with {p.dtype} parameters; put them in a param group without state_dtype "
             "(8-bit state is for float32, bfloat16 and float16 parameters)"
         )
-    if _dtensor.is_dtensor(p):
-        raise UnsupportedOptionError(
-            f"{who}: state_dtype='8bit' does not support DTensor (FSDP2) parameters yet: the blocks of a shard would not be the "
-            "blocks of the whole tensor. Use state_dtype=torch.bfloat16 for sharded parameters"
-        )
-    return torch.uint8 if p.numel() >= MIN_8BIT_NUMEL else torch.float32
+    if p.numel() < MIN_8BIT_NUMEL or not blocks_follow_shards(p):
+        return torch.float32
+    return torch.uint8
+
+
+def scales_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape of the block scales of 8-bit state of a tensor of ``shape``: one row of scales
+    per row (dim-0 slice) where every row is a whole number of blocks, so that the scales shard
+    along dim 0 with the tensor (FSDP2) and a checkpoint holds one layout whatever the sharding;
+    else one flat row of scales."""
+    row = math.prod(shape[1:])
+    if len(shape) >= 2 and row > 0 and row % QUANT_BLOCK == 0:
+        return (shape[0], row // QUANT_BLOCK)
+    return (_blocks(math.prod(shape)),)
+
+
+def blocks_follow_shards(p: torch.Tensor) -> bool:
+    """Whether the 8-bit blocks of ``p``'s local part are blocks of the whole tensor: always for a
+    plain tensor and a replicated DTensor; for a DTensor sharded on dim 0 (FSDP2) when its rows
+    are whole blocks (:func:`scales_shape`), whatever the world size and however uneven the
+    shards; never for one sharded on another dim."""
+    dim = _dtensor.shard_dim(p)
+    return dim is None or (dim == 0 and len(scales_shape(p.shape)) == 2)
 
 
 def _mix64(x: int) -> int:
