@@ -340,17 +340,25 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
         scalars
     }
 
+    /// The read-only passes before the update: the rule's, or with `orthograd` the projection's one.
+    fn sum_passes(&self) -> usize {
+        if self.options.orthograd.is_some() {
+            1
+        } else {
+            Ru::SUM_PASSES
+        }
+    }
+
     /// Per-tensor sums of every pass: the rule's (zeros when it has none), or with `orthograd`
     /// the projection's.
     fn tensor_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factors: &[R]) -> Vec<[f64; MAX_SUMS]> {
-        let passes = if self.options.orthograd.is_some() { 1 } else { Ru::SUM_PASSES };
-        (0..passes).fold(vec![[0.0; MAX_SUMS]; self.batch.params.len()], |sums, pass| self.pass_sums::<R, P, G, S>(factors, pass, sums))
+        (0..self.sum_passes()).fold(vec![[0.0; MAX_SUMS]; self.batch.params.len()], |sums, pass| self.pass_sums::<R, P, G, S>(factors, pass, sums))
     }
 
     /// The per-tensor sums of read-only pass `pass` combined into `sums` (those of the earlier
     /// passes); `factors[t]` multiplies tensor `t`'s gradient as loaded.
     fn pass_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factors: &[R], pass: usize, mut sums: Vec<[f64; MAX_SUMS]>) -> Vec<[f64; MAX_SUMS]> {
-        if pass >= if self.options.orthograd.is_some() { 1 } else { Ru::SUM_PASSES } {
+        if pass >= self.sum_passes() {
             return sums;
         }
         // The values each tensor's pass reads (none in pass 0).
