@@ -2,12 +2,14 @@
 ``distributed.py``; the ranks run ``fsdp2_worker.main``): every optimizer configuration of the
 registry, and MoMo / MoMo-Adam, on sharded parameters against the unsharded optimizer (bit for
 bit, except float sums added across ranks: Adan's global norm, SGD-SaI's gradient statistics and
-MoMo's sums, to round-off; no step gathers a tensor), FSDP2 with bf16 mixed precision and uneven shards,
-refused placements, 8-bit state sharded like its parameter (bit for bit), ZClip and AdaGC on sharded gradients, distributed checkpoints resumed on 2 -> 1 and 1 -> 2 processes for every
-optimizer, the shard-local averages (equal to unsharded ones, no collective per update),
-PostHocEMA's sharded snapshots through DCP, DDP /
-ZeroRedundancyOptimizer, and Lightning's ModelParallelStrategy with EMACallback (validation on the
-average, resume from distributed and consolidated checkpoints). One spawned run does every check; each test asserts one of them."""
+MoMo's sums, to round-off; no step gathers a tensor), FSDP2 with bf16 mixed precision and uneven
+shards, refused placements, 8-bit state sharded like its parameter (bit for bit), ZClip and AdaGC
+on sharded gradients, distributed checkpoints resumed on 2 -> 1 and 1 -> 2 processes for every
+optimizer (and for 8-bit state), the shard-local averages (equal to unsharded ones, no collective
+per update), PostHocEMA's sharded snapshots through DCP, DDP / ZeroRedundancyOptimizer, and
+Lightning's ModelParallelStrategy with EMACallback (validation on the average, resume from
+distributed and consolidated checkpoints). One spawned run does every check; each test asserts
+one of them."""
 
 from __future__ import annotations
 
