@@ -178,6 +178,26 @@ def eight_bit_on_dtensors(checks, mesh) -> None:
                     continue
                 assert isinstance(w, DTensor) and w.placements == q.placements and w.shape == v.shape, (key, w)
                 assert_same(w._local_tensor, part(w, v), True, f"param {i}, state {key}")
+        # Checkpoint conversions convert shard by shard, as on the whole tensors: 8-bit -> float32
+        # (decoded) -> 8-bit (encoded again).
+        def groups(params, eight):
+            return [{"params": [params[i] for i in lean], **eight}, {"params": [params[3], params[4]]}]
+
+        wide, back = emafuse.AdamW(sharded, **kw), emafuse.AdamW(sharded, state_dtype="8bit", **kw)
+        wide_ref, back_ref = emafuse.AdamW(groups(ref, {}), **kw), emafuse.AdamW(groups(ref, {"state_dtype": "8bit"}), **kw)
+        wide.load_state_dict(opt.state_dict())
+        back.load_state_dict(wide.state_dict())
+        wide_ref.load_state_dict(opt_ref.state_dict())
+        back_ref.load_state_dict(wide_ref.state_dict())
+        for ours, theirs in ((wide, wide_ref), (back, back_ref)):
+            for i, (p, q) in enumerate(zip(ref, sharded)):
+                assert sorted(ours.state[q]) == sorted(theirs.state[p]), (i, sorted(ours.state[q]))
+                for key, v in theirs.state[p].items():
+                    w = ours.state[q][key]
+                    if v.dim():
+                        assert isinstance(w, DTensor) and w.placements == q.placements and w.dtype == v.dtype, (key, w)
+                        assert_same(w._local_tensor, part(w, v), True, f"converted, param {i}, state {key}")
+        assert back.state[sharded[0]]["exp_avg"].dtype == torch.uint8 and wide.state[sharded[0]]["exp_avg"].dtype == torch.float32
         scales = opt.state[sharded[0]]["exp_avg_absmax"]
         assert scales.shape == (33, 1), scales.shape
         opt.state[sharded[0]]["exp_avg_absmax"] = distribute_tensor(scales.full_tensor(), mesh, [Replicate()])
