@@ -132,12 +132,6 @@ def shard_dim(t: Any) -> int | None:
     return placement.dim if isinstance(placement, Shard) else None
 
 
-def _sharded(t: Tensor) -> bool:
-    from torch.distributed.tensor import Shard
-
-    return isinstance(t.placements[0], Shard)  # type: ignore[attr-defined]
-
-
 def _local_slice(t: Any, full: Tensor) -> Tensor:
     """The part of ``full`` (the whole tensor of DTensor ``t``) that this rank holds."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -217,7 +211,7 @@ def shard_rows(calls: Sequence[Sequence[Tensor]]) -> ShardRows:
     rows: ShardRows = {}
     for ci, params in enumerate(calls):
         for i, p in enumerate(params):
-            if is_dtensor(p) and _sharded(p):
+            if shard_dim(p) is not None:
                 rows.setdefault(p.device_mesh.get_group(), {}).setdefault(ci, []).append(i)  # type: ignore[attr-defined]
     return rows
 
@@ -268,7 +262,7 @@ def tensor_sum_squares(tensors: Sequence[Tensor], local_sums: Callable[[list[Ten
     for i, t in enumerate(tensors):
         if is_dtensor(t):
             check(t, "sum_squares", "a tensor")
-            if _sharded(t):
+            if shard_dim(t) is not None:
                 by_group.setdefault(t.device_mesh.get_group(), []).append(i)  # type: ignore[attr-defined]
             t = t._local_tensor  # type: ignore[attr-defined]
         local_parts.append(t)
