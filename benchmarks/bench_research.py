@@ -34,6 +34,10 @@ try:
 except ImportError:  # pragma: no cover - optional peer
     timm = None
 try:
+    import adamp
+except ImportError:  # pragma: no cover - optional peer
+    adamp = None
+try:
     import momo
 except ImportError:  # pragma: no cover - optional peer
     momo = None
@@ -79,6 +83,11 @@ CASES = [
     # Stable-SPAM's bytes: two read-only passes over g (its largest magnitude, then the clipped
     # norm) and the Adam pass: 36 per parameter (spec §11 (f))
     Case("StableSPAM", emafuse.StableSPAM, 36, dict(lr=1e-4), "StableSPAM", dict(lr=1e-4)),
+    # AdamP's bytes: a read-only pass gathering the row sums (reads p, g, m, v) and the update (reads
+    # them again, writes p, m, v): 44 per parameter, not the spec's 40, which writes m, v in the first
+    # pass
+    Case("AdamP", emafuse.AdamP, 44, dict(lr=1e-4, weight_decay=1e-2), "AdamP", dict(lr=1e-4, weight_decay=1e-2),
+         others=(("adamp (official)", lambda ps: adamp.AdamP(ps, lr=1e-4, weight_decay=1e-2)),) if adamp is not None else ()),
     Case("AdaMod", emafuse.AdaMod, 36, dict(lr=1e-4), "AdaMod", dict(lr=1e-4)),
     Case("DiffGrad", emafuse.DiffGrad, 36, dict(lr=1e-4), "DiffGrad", dict(lr=1e-4)),
     Case("AdaBound", emafuse.AdaBound, 28, dict(lr=1e-4), "AdaBound", dict(lr=1e-4)),

@@ -97,6 +97,33 @@ pub struct GroupTensors {
     pub offsets: Vec<usize>,
 }
 
+/// How a parameter divides into rows (its dim-0 slices), for rules that gather sums per row
+/// ([`crate::rules::Rule::ROW_SUMS`]).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Rows {
+    /// Fewer than two dimensions: no rows.
+    None,
+    /// This many rows of `numel / rows` elements each, every one a run of consecutive elements in
+    /// memory (dim 0 is the outermost).
+    Consecutive(usize),
+    /// Rows whose elements interleave in memory (a dense layout whose dim 0 is not the outermost).
+    Interleaved,
+}
+
+impl Rows {
+    fn of(t: &TensorInfo) -> Rows {
+        let shape = t.shape.as_slice();
+        if shape.len() < 2 {
+            return Rows::None;
+        }
+        let rows = shape[0] as usize;
+        match &t.layout {
+            Layout::Dense(strides) if rows > 1 && strides[0] as usize * rows != t.view.numel() => Rows::Interleaved,
+            _ => Rows::Consecutive(rows),
+        }
+    }
+}
+
 /// Parameters of one group sharing device, parameter dtype, input dtype and state dtype.
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -129,6 +156,8 @@ pub struct Batch {
     /// With 8-bit state (`state_dtype` U8): `scales[i * slots() + k]`, the float32 block scales of
     /// slot `k` of parameter `i` (see [`crate::quant`]); else empty.
     pub scales: Vec<TensorView>,
+    /// How each parameter divides into rows.
+    pub rows: Vec<Rows>,
 }
 
 impl Batch {
@@ -380,6 +409,7 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
                     corrections: Vec::new(),
                     offsets: Vec::new(),
                     scales: Vec::new(),
+                    rows: Vec::new(),
                 });
                 batches.last_mut().expect("just pushed")
             }
@@ -393,6 +423,7 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
         b.corrections.extend(corrections.iter().map(|c| c[i].view));
         b.scales.extend(scales.iter().map(|a| a[i].view));
         b.offsets.push(t.offsets.get(i).copied().unwrap_or(0));
+        b.rows.push(Rows::of(p));
         b.scalars.extend(t.scalars.iter().map(|entry| entry[i].view));
     }
     Ok(batches)

@@ -69,11 +69,14 @@ def tensor_sum_reduces(opt: torch.optim.Optimizer, step: int) -> int:
     """How many ``all_reduce`` ``opt``'s step ``step`` issues for sums over each whole tensor: one
     per read-only pass (the cautious factor, ⊥Grad's projection, SGD-SaI's gradient
     signal-to-noise ratio on the first step; Stable-SPAM's largest magnitude, then the clipped
-    norm, then the cautious factor)."""
+    norm, then the cautious factor; AdamP's row sums: one for the added columns, one for the
+    largest row cosine)."""
     group = opt.param_groups[0]
     caution = bool(group.get("caution"))
     if type(opt).__name__ == "StableSPAM":
         return 2 + caution
+    if type(opt).__name__ == "AdamP":
+        return 2
     return int(caution or bool(group.get("orthograd")) or (type(opt).__name__ == "SGDSaI" and step == 0))
 
 
@@ -401,6 +404,12 @@ def unsupported_dtensors(checks, mesh) -> None:
         p.grad = distribute_tensor(seeded(4, (4, 2)), mesh2, [Replicate(), Shard(0)])
         opt = emafuse.Lion([p], lr=0.1)
         refused(opt, p, emafuse.UnsupportedOptionError, ("DTensor", "2-D"), "a DTensor on a 2-D mesh")
+        assert not opt.state
+    with checks.check("AdamP refuses rows split across ranks"):
+        p = nn.Parameter(distribute_tensor(seeded(3, (4, 6)), mesh, [Shard(1)]))
+        p.grad = distribute_tensor(seeded(4, (4, 6)), mesh, [Shard(1)])
+        opt = emafuse.AdamP([p], lr=0.1)
+        refused(opt, p, emafuse.UnsupportedOptionError, ("sharded on dim 1", "row (dim-0 slice)"), "an AdamP parameter sharded on dim 1")
         assert not opt.state
     with checks.check("refuses plain state of a DTensor parameter"):
         p = nn.Parameter(distribute_tensor(seeded(5, (4, 2)), mesh, [Shard(0)]))

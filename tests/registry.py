@@ -23,6 +23,7 @@ from typing import Any
 import adabelief_pytorch
 import adabound
 import adamod
+import adamp
 import emafuse
 import lion_pytorch
 import pytest
@@ -35,6 +36,7 @@ from references.adabound import RefAdaBound, RefAdaBoundW
 from references.adam import RefAdam, RefAdamW
 from references.adamod import RefAdaMod
 from references.adamomentum import RefAdaMomentum
+from references.adamp import RefAdamP
 from references.adan import RefAdan
 from references.ademamix import RefAdEMAMix
 from references.base import Reference
@@ -444,6 +446,30 @@ _ENTRIES: tuple[Entry, ...] = (
             Bad(dict(reset_mode="zero"), r"^Invalid reset_mode: 'zero' ", official=False),
         ),
         group_options=dict(lr=1e-1, weight_decay=0.0, amsgrad=True),
+    ),
+    Entry(
+        emafuse.AdamP, RefAdamP,
+        configs=(
+            dict(),
+            # delta 10: every tensor of 2+ dims projects per channel; 1.5 and 1: some per channel,
+            # some over the whole layer, some not at all (cos·sqrt(L) of random data is about |N(0, 1)|)
+            dict(lr=1e-2, weight_decay=0.1, delta=10.0),
+            dict(lr=1e-2, weight_decay=0.1, nesterov=True, delta=1.5),
+            dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, wd_ratio=0.5, delta=1.0, maximize=True),
+        ),
+        main=dict(lr=1e-2, weight_decay=0.1, delta=1.5),
+        caps=Caps(int_step_in_state_dict=True),
+        signature=adamp.AdamP,
+        officials=(Official("adamp", adamp.AdamP),),
+        bad_args=(
+            Bad(dict(lr=-1.0), r"^Invalid learning rate: -1.0$", official=False),
+            Bad(dict(eps=-1.0), r"^Invalid epsilon value: -1.0$", official=False),
+            Bad(dict(betas=(1.0, 0.9)), r"^Invalid beta parameter at index 0: 1.0$", official=False),
+            Bad(dict(weight_decay=-0.1), r"^Invalid weight_decay value: -0.1$", official=False),
+            Bad(dict(delta=-0.1), r"^Invalid delta: -0.1 ", official=False),
+            Bad(dict(wd_ratio=1.5), r"^Invalid wd_ratio: 1.5 ", official=False),
+        ),
+        group_options=dict(lr=1e-1, weight_decay=0.0, nesterov=True),
     ),
     Entry(
         emafuse.DiffGrad, RefDiffGrad,

@@ -95,6 +95,11 @@ RULES: dict[str, dict] = {
         hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, hessian_power=1.0),
         extra=[dict(hessian_power=0.5, weight_decay=0.0)],  # a general power: another kernel
     ),
+    # (a flat tensor: no rows, so the update without projection; the launcher refuses row sums)
+    "adamp": dict(
+        hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, delta=0.1, wd_ratio=0.1),
+        extra=[dict(weight_decay=0.0)],
+    ),
     # tau: the Polyak step size the Python layer computes from the sums of every tensor
     "momo": dict(hyper=dict(lr=3e-2, beta=0.9, weight_decay=0.1, tau=0.02), extra=[dict(weight_decay=0.0)]),
     "momo_adam": dict(
@@ -104,7 +109,7 @@ RULES: dict[str, dict] = {
 }
 
 # Rules whose every variant reads per-tensor sums, which ⊥Grad cannot be combined with.
-ALWAYS_SUMS = ("momo", "momo_adam", "stable_spam")
+ALWAYS_SUMS = ("momo", "momo_adam", "stable_spam", "adamp")
 
 def variants():
     for name, spec in RULES.items():

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 def _exact(name: str, kw: dict) -> bool:
     # Float sums added across ranks (float64, in another order) are equal to round-off: Adan's
     # max_grad_norm, SGD-SaI's Σg and Σg², ⊥Grad's ⟨w,u⟩, ⟨w,w⟩, ‖u‖², Stable-SPAM's clipped
-    # ‖g‖² (its max|g| is exact). (Lion's cautious sums are counts: exact.)
-    sums = name in ("SGDSaI", "StableSPAM") or kw.get("orthograd") or (name == "Adan" and float(kw.get("max_grad_norm", 0.0)) > 0.0)
+    # ‖g‖² (its max|g| is exact), AdamP's layer sums. (Lion's cautious sums are counts: exact.)
+    sums = name in ("SGDSaI", "StableSPAM", "AdamP") or kw.get("orthograd") or (name == "Adan" and float(kw.get("max_grad_norm", 0.0)) > 0.0)
     return not sums
 
 
@@ -54,7 +54,8 @@ CHECKS = (
     + ["weight corrections on DTensors", "cached DTensor plan notices changes"]
     + [f"optimizer {n} with the loss" for n in ("Momo", "MomoAdam")]
     + [f"fsdp2 bf16 {n} {kw}" for n, kw, _ in MP_CONFIGS]
-    + ["refuses Partial", "refuses 2-D mesh", "refuses plain state of a DTensor parameter", "8-bit state on DTensors",
+    + ["refuses Partial", "refuses 2-D mesh", "AdamP refuses rows split across ranks", "refuses plain state of a DTensor parameter",
+       "8-bit state on DTensors",
        "merges refuse sharded inputs",
        "Replicate placement steps whole tensors", "ZClip on DTensor gradients", "AdaGC on DTensor gradients",
        "AdaGC inside the step on DTensors"]

@@ -8,7 +8,7 @@ mod reduce;
 
 pub use reduce::{sum_squares, tensor_sum_squares};
 
-use crate::batch::Batch;
+use crate::batch::{Batch, Rows};
 use crate::dtype::{DType, Elem};
 use crate::error::{Error, Result};
 use crate::quant::{self, QuantMap};
@@ -29,12 +29,39 @@ const CHUNK: usize = 1 << 15;
 /// (waking a helper costs more than it saves on a few hundred microseconds of work).
 const INLINE_BELOW: usize = 1 << 17;
 
-/// A piece of one tensor: `len` elements of tensor `tensor` from `start`.
+/// A piece of one tensor: `len` elements of tensor `tensor` from `start` (of unit `tensor`, in the
+/// spans cut from a [`RuleBatch`]'s units).
 #[derive(Copy, Clone, Debug)]
 struct Span {
     tensor: usize,
     start: usize,
     len: usize,
+}
+
+/// A piece of one tensor that gathers its own sums and reads its own coefficients: each row of a
+/// tensor with rows for a rule with row sums ([`Rule::ROW_SUMS`]), else a whole tensor.
+#[derive(Copy, Clone, Debug)]
+struct Unit {
+    tensor: usize,
+    start: usize,
+    len: usize,
+    /// Whether it is a row, whose sums fold into its tensor's.
+    row: bool,
+}
+
+/// The units of the tensors of `b`: rows where `by_rows` and a tensor has them, else tensors.
+fn units_of(b: &Batch, by_rows: bool) -> Vec<Unit> {
+    let mut units = Vec::with_capacity(b.params.len());
+    for (tensor, (p, rows)) in b.params.iter().zip(&b.rows).enumerate() {
+        match *rows {
+            Rows::Consecutive(n) if by_rows && n > 0 => {
+                let len = p.numel() / n;
+                units.extend((0..n).map(|r| Unit { tensor, start: r * len, len, row: true }));
+            }
+            _ => units.push(Unit { tensor, start: 0, len: p.numel(), row: false }),
+        }
+    }
+    units
 }
 
 /// Cut tensors of the given sizes into work items of about `CHUNK` elements, every span starting
@@ -225,9 +252,13 @@ impl<'a> RuleVisitor for Planner<'a> {
         if self.options.rounding_key.is_some() {
             rounding::check_batch(b)?;
         }
+        if Ru::ROW_SUMS {
+            check_rows(b, Ru::INFO.name)?;
+        }
         // 8-bit state: each slot's map (never-negative slots take the unsigned one)
         let maps = std::array::from_fn(|k| quant::map_for(Ru::SLOT_NAMES.get(k).is_some_and(|name| Ru::INFO.nonnegative_slots.contains(name))));
-        Ok(Box::new(RuleBatch { rule, batch: self.batch, options: self.options, maps }))
+        let units = units_of(b, Ru::ROW_SUMS);
+        Ok(Box::new(RuleBatch { rule, batch: self.batch, options: self.options, maps, units }))
     }
 }
 
@@ -236,6 +267,36 @@ struct RuleBatch<'a, Ru: Rule> {
     batch: &'a Batch,
     options: Options,
     maps: [&'static QuantMap; MAX_SLOTS],
+    /// What the spans are cut from, in tensor order.
+    units: Vec<Unit>,
+}
+
+/// Refuse tensors a rule with row sums cannot walk row by row: rows interleaved in memory (the
+/// Python layer then passes contiguous copies), and with 8-bit state rows that are not whole
+/// quantization blocks.
+fn check_rows(b: &Batch, rule: &str) -> Result<()> {
+    for (j, (p, rows)) in b.params.iter().zip(&b.rows).enumerate() {
+        let at = || format!("param group {}, parameter {}", b.group, b.members[j]);
+        match *rows {
+            Rows::Interleaved => {
+                return Err(Error::Layout(format!(
+                    "{}: rule '{rule}' reduces over each row (dim-0 slice), and this parameter's rows are not consecutive in memory",
+                    at()
+                )))
+            }
+            Rows::Consecutive(n) if !b.scales.is_empty() && n > 0 && (p.numel() / n) % quant::BLOCK != 0 => {
+                return Err(Error::Value(format!(
+                    "{}: rule '{rule}' updates each row (dim-0 slice) on its own, and 8-bit state needs rows of whole blocks of {} \
+                     elements; this parameter's rows have {}: keep its state in float32",
+                    at(),
+                    quant::BLOCK,
+                    p.numel() / n
+                )))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Refuse step counters (scalar state `step`) that are negative or not finite, e.g. from a
@@ -289,8 +350,15 @@ unsafe fn write_scalar(v: &TensorView, x: f64) {
 }
 
 impl<Ru: Rule> RuleBatch<'_, Ru> {
-    fn numels(&self) -> Vec<usize> {
-        self.batch.params.iter().map(|p| p.numel()).collect()
+    /// The sizes of the units, which the spans are cut from.
+    fn unit_lens(&self) -> Vec<usize> {
+        self.units.iter().map(|u| u.len).collect()
+    }
+
+    /// Span `s` of a unit as a span of its tensor.
+    fn in_tensor(&self, s: Span) -> Span {
+        let u = &self.units[s.tensor];
+        Span { tensor: u.tensor, start: u.start + s.start, len: s.len }
     }
 
     /// Where spans may start: anywhere, or with 8-bit state at the start of a quantization block.
@@ -349,22 +417,53 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
         }
     }
 
+    /// Whether read-only pass `pass` gathers any sums (else it is skipped).
+    fn gathers(&self, pass: usize) -> bool {
+        pass < self.sum_passes() && (self.options.orthograd.is_some() || Ru::SUM_PASS[..Ru::SUMS].contains(&pass))
+    }
+
     /// Per-tensor sums of every pass: the rule's (zeros when it has none), or with `orthograd`
-    /// the projection's.
-    fn tensor_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factors: &[R]) -> Vec<[f64; MAX_SUMS]> {
-        (0..self.sum_passes()).fold(vec![[0.0; MAX_SUMS]; self.batch.params.len()], |sums, pass| self.pass_sums::<R, P, G, S>(factors, pass, sums))
+    /// the projection's; and with row sums, each unit's (as [`RuleBatch::pass_sums_by_row`]).
+    fn tensor_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factors: &[R]) -> (Vec<[f64; MAX_SUMS]>, Vec<[f64; MAX_SUMS]>) {
+        let mut sums = vec![[0.0; MAX_SUMS]; self.batch.params.len()];
+        let mut rows = Vec::new();
+        for pass in 0..self.sum_passes() {
+            let by_row;
+            (sums, by_row) = self.pass_sums_by_row::<R, P, G, S>(factors, pass, sums);
+            if !by_row.is_empty() {
+                rows = by_row;
+            }
+        }
+        (sums, rows)
     }
 
     /// The per-tensor sums of read-only pass `pass` combined into `sums` (those of the earlier
     /// passes); `factors[t]` multiplies tensor `t`'s gradient as loaded.
-    fn pass_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factors: &[R], pass: usize, mut sums: Vec<[f64; MAX_SUMS]>) -> Vec<[f64; MAX_SUMS]> {
-        if pass >= self.sum_passes() {
-            return sums;
+    fn pass_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factors: &[R], pass: usize, sums: Vec<[f64; MAX_SUMS]>) -> Vec<[f64; MAX_SUMS]> {
+        self.pass_sums_by_row::<R, P, G, S>(factors, pass, sums).0
+    }
+
+    /// [`RuleBatch::pass_sums`], and the sums of each unit that is a row (one entry per unit,
+    /// zeros for the others; empty unless the rule has row sums), before they fold into their
+    /// tensor's.
+    fn pass_sums_by_row<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
+        &self,
+        factors: &[R],
+        pass: usize,
+        mut sums: Vec<[f64; MAX_SUMS]>,
+    ) -> (Vec<[f64; MAX_SUMS]>, Vec<[f64; MAX_SUMS]>) {
+        if !self.gathers(pass) {
+            return (sums, Vec::new());
         }
         // The values each tensor's pass reads (none in pass 0).
         let priors: Vec<[R; MAX_SUMS]> =
             if pass == 0 { Vec::new() } else { sums.iter().enumerate().map(|(i, s)| self.rule.prepare(pass, &self.scalars(i), s).map(R::from_f64)).collect() };
-        let parts = map_spans(&self.numels(), self.align(), |s| {
+        let by_rows = Ru::ROW_SUMS && self.options.orthograd.is_none();
+        let parts = map_spans(&self.unit_lens(), self.align(), |s| {
+            if by_rows && !self.units[s.tensor].row {
+                return [0.0; MAX_SUMS]; // (no sums outside rows)
+            }
+            let s = self.in_tensor(s);
             // SAFETY: validated views; the pass only reads.
             unsafe {
                 let (ptrs, factor) = (self.span_ptrs::<R, P, G, S>(s), factors[s.tensor]);
@@ -379,12 +478,18 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
                 }
             }
         });
-        // Folded in span order: the sums (and so the step) are reproducible bit for bit.
+        // Folded in span order, rows in row order: the sums (and so the step) are reproducible
+        // bit for bit.
         let max_mask = if self.options.orthograd.is_some() { 0 } else { Ru::MAX_SUMS_MASK };
+        let mut rows = if by_rows { vec![[0.0; MAX_SUMS]; self.units.len()] } else { Vec::new() };
         for (s, part) in parts {
-            combine_sums(&mut sums[s.tensor], &part, max_mask);
+            let into = if by_rows { &mut rows[s.tensor] } else { &mut sums[self.units[s.tensor].tensor] };
+            combine_sums(into, &part, max_mask);
         }
-        sums
+        for (u, row) in self.units.iter().zip(&rows).filter(|(u, _)| u.row) {
+            self.rule.fold_row(row, u.len, &mut sums[u.tensor]);
+        }
+        (sums, rows)
     }
 
     /// Coefficients of every tensor, from the rule's per-tensor sums (None: zeros, for a rule
@@ -430,14 +535,21 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
         };
         let unscale = scaling.grad_scale.map(|s| R::from_f64(1.0 / s));
         let own;
+        // With row sums: each unit's (those of the rows; given tensor sums come without them)
+        let mut rows = Vec::new();
         let sums = match pass {
-            Pass::Update(Some(given)) => Some(given),
+            Pass::Update(Some(given)) => {
+                if Ru::ROW_SUMS {
+                    rows = self.pass_sums_by_row::<R, P, G, S>(&factors, Ru::SUM_PASSES - 1, given.to_vec()).1;
+                }
+                Some(given)
+            }
             Pass::Sums(pass, prior) => {
                 let prior = prior.unwrap_or_else(|| vec![[0.0; MAX_SUMS]; self.batch.params.len()]);
                 return self.pass_sums::<R, P, G, S>(&factors, pass, prior);
             }
             Pass::Update(None) if self.options.orthograd.is_some() || Ru::SUMS > 0 => {
-                own = self.tensor_sums::<R, P, G, S>(&factors);
+                (own, rows) = self.tensor_sums::<R, P, G, S>(&factors);
                 Some(&own[..])
             }
             Pass::Update(None) => None,
@@ -450,8 +562,20 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             }
             _ => (self.coeffs::<R>(sums), None),
         };
+        // Each unit's: its row's own, else its tensor's (units are the tensors without row sums).
+        let coeffs = match sums {
+            Some(sums) if !rows.is_empty() => self
+                .units
+                .iter()
+                .zip(&rows)
+                .map(|(u, row)| if u.row { self.rule.row_coeffs(&coeffs[u.tensor], &sums[u.tensor], row) } else { coeffs[u.tensor] })
+                .collect(),
+            _ => coeffs,
+        };
         let batch_key = self.options.rounding_key.map(|key| rounding::batch_key(key, self.batch.members[0]));
-        for_each_span(&self.numels(), self.align(), |s| {
+        for_each_span(&self.unit_lens(), self.align(), |unit_span| {
+            let c = &coeffs[unit_span.tensor];
+            let s = self.in_tensor(unit_span);
             let projection = projections.as_ref().map(|v| v[s.tensor]);
             let rounding = batch_key.map(|key| SpanRounding {
                 streams: std::array::from_fn(|a| rounding::stream_key(key, s.tensor, a)),
@@ -461,7 +585,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             // S (states) on the CPU; spans are disjoint ranges inside them, so each element is
             // touched by one thread only; the tensors are kept alive by the caller.
             let xf = GradTransform { factor: factors[s.tensor], unscale };
-            unsafe { kernel::update_span::<Ru, R, P, G, S>(&coeffs[s.tensor], &xf, projection, rounding, self.span_ptrs::<R, P, G, S>(s), s.len) };
+            unsafe { kernel::update_span::<Ru, R, P, G, S>(c, &xf, projection, rounding, self.span_ptrs::<R, P, G, S>(s), s.len) };
         });
         Vec::new()
     }

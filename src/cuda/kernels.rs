@@ -32,6 +32,7 @@ const KERNELS: &[Kernel] = &[
     k("lion", include_str!("kernels/lion.cuh"), "Lion"),
     k("adamod", include_str!("kernels/adamod.cuh"), "AdaMod"),
     k("adahessian", include_str!("kernels/adahessian.cuh"), "AdaHessian"),
+    k("adamp", include_str!("kernels/adamp.cuh"), "AdamP"),
     k("momo", include_str!("kernels/momo.cuh"), "Momo"),
     k("momo_adam", include_str!("kernels/momo_adam.cuh"), "MomoAdam"),
     k("ema", include_str!("kernels/ema.cuh"), "Ema"),

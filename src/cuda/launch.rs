@@ -244,6 +244,13 @@ impl RuleVisitor for Planner<'_> {
             return Err(Error::Internal("CUDA planner given a CPU batch".into()));
         };
         check_state::<Ru>(self.hyper, b.group, &b.slot_names, &b.scalar_names, b.has_input(), b.input_dtype != b.param_dtype)?;
+        if Ru::ROW_SUMS {
+            return Err(Error::Cuda(format!(
+                "rule '{}' gathers its sums per row (dim-0 slice), which the CUDA backend does not do yet; keep these parameters on \
+                 the CPU",
+                Ru::INFO.name
+            )));
+        }
         let program = Program::of::<Ru>()?;
         if b.scalars.iter().any(|s| s.dtype() != DType::F32) {
             return Err(Error::DType("scalar state of CUDA parameters (e.g. 'step') must be float32".into()));

@@ -192,7 +192,7 @@ mod tests {
     #[test]
     fn cautious_mean_is_floored() {
         let rule = Lion::<true> { lr: 0.1, beta1: 0.9, beta2: 0.99, weight_decay: 0.0, caution_count: 0.0 };
-        let c = rule.coeffs::<f32>(&mut [0.0; MAX_SCALARS], &[0.0, 1e6, 0.0, 0.0, 0.0]);
+        let c = rule.coeffs::<f32>(&mut [0.0; MAX_SCALARS], &[0.0, 1e6, 0.0, 0.0, 0.0, 0.0]);
         assert_eq!(c.caution, 1.0f32 / 1e-3f32);
     }
 }

@@ -8,6 +8,7 @@ pub mod adahessian;
 pub mod adam;
 pub mod adamod;
 pub mod adamomentum;
+pub mod adamp;
 pub mod adan;
 pub mod ademamix;
 pub mod axpby;
@@ -37,7 +38,7 @@ pub const MAX_SLOTS: usize = 4;
 /// The most scalar state entries per parameter any rule keeps.
 pub const MAX_SCALARS: usize = 4;
 /// The most per-tensor sums any rule gathers before its update.
-pub const MAX_SUMS: usize = 5;
+pub const MAX_SUMS: usize = 6;
 
 /// One const generic argument of a rule type (a flag, or a count such as `ema_multi`'s tracks).
 /// Backends instantiate their twin of the rule with the same arguments, in the same order.
@@ -164,7 +165,8 @@ pub trait Rule: Params + Send + Sync + 'static {
     /// Bit `k`: sum `k` is a maximum of non-negative values, combined with `max` instead of
     /// added (the same value for any order, as the sums' fixed order makes theirs).
     const MAX_SUMS_MASK: u32 = 0;
-    /// Read-only passes run before the update: 0 without sums.
+    /// Read-only passes run before the update: 0 without sums. A pass that gathers none of the
+    /// sums is skipped (e.g. pass 0 of a rule whose only sums read [`Rule::prepare`]'s values).
     const SUM_PASSES: usize = if Self::SUMS == 0 { 0 } else { Self::SUM_PASS[Self::SUMS - 1] + 1 };
     /// Whether the sums passes read the state values (false: they see zeros there), from pass
     /// `STATE_SUM_PASS` on.
@@ -199,6 +201,19 @@ pub trait Rule: Params + Send + Sync + 'static {
     /// [`Rule::prepare`] returned for the tensor (in the compute type).
     #[inline(always)]
     fn accumulate_after<R: Real>(&self, _pass: usize, _prior: &[R; MAX_SUMS], _p: R, _g: R, _s: &[R; MAX_SLOTS], _sums: &mut [f64; MAX_SUMS]) {}
+    /// Whether the sums are gathered per row: over each row (dim-0 slice) of every tensor of two
+    /// or more dimensions, folded into the tensor's sums by [`Rule::fold_row`], and the update
+    /// reads each row's own coefficients ([`Rule::row_coeffs`]); e.g. AdamP's per-channel
+    /// cosines. Tensors of fewer dimensions gather no sums (their sums stay as given, zeros). Such
+    /// a rule gathers all its sums in one pass.
+    const ROW_SUMS: bool = false;
+    /// Fold the sums of one row of `len` elements into its tensor's sums (rows in order).
+    fn fold_row(&self, _row: &[f64; MAX_SUMS], _len: usize, _tensor: &mut [f64; MAX_SUMS]) {}
+    /// The coefficients of one row, from its tensor's coefficients and sums (all rows folded) and
+    /// the row's sums.
+    fn row_coeffs<R: Real>(&self, c: &Self::Coeffs<R>, _tensor: &[f64; MAX_SUMS], _row: &[f64; MAX_SUMS]) -> Self::Coeffs<R> {
+        *c
+    }
 }
 
 /// Fold `part` (a pass's partial sums) into `total`: added, or for the sums in `max_mask`, the
@@ -258,6 +273,7 @@ registry! {
     momo::INFO => momo::visit,
     momo::ADAM_INFO => momo::visit_adam,
     adahessian::INFO => adahessian::visit,
+    adamp::INFO => adamp::visit,
     // weight averaging (spec averaging.md D.1)
     ema::INFO => ema::visit,
     ema::MULTI_INFO => ema::visit_multi,
@@ -503,7 +519,8 @@ pub(crate) mod tests {
             assert_eq!(Ru::READS_INPUT, self.0.input != Input::None, "{name}: READS_INPUT is set apart from INFO");
             assert!(Ru::SLOTS <= MAX_SLOTS && Ru::WRITTEN_SLOTS <= Ru::SLOTS && Ru::SUMS <= MAX_SUMS, "{name}");
             let passes = &Ru::SUM_PASS[..Ru::SUMS];
-            assert!(passes.windows(2).all(|w| w[1] == w[0] || w[1] == w[0] + 1) && passes.first().is_none_or(|&p| p == 0), "{name}: SUM_PASS");
+            assert!(passes.windows(2).all(|w| w[1] == w[0] || w[1] == w[0] + 1) && passes.first().is_none_or(|&p| p <= 1), "{name}: SUM_PASS");
+            assert!(!Ru::ROW_SUMS || passes.windows(2).all(|w| w[0] == w[1]), "{name}: row sums in more than one pass");
             assert_eq!(Ru::MAX_SUMS_MASK >> Ru::SUMS, 0, "{name}: a maximum past SUMS");
             assert_eq!(Ru::PARAM_NAMES.len(), rule.param_words().len(), "{name}");
             let unique = |names: &[&str]| names.iter().collect::<HashSet<_>>().len() == names.len();

@@ -141,7 +141,7 @@ impl<const AMSGRAD: bool, const RESET: bool, const CLEAN: bool, const DECAY: boo
     type Coeffs<R: Real> = StableSpamCoeffs<R>;
     /// `[max|g|, ‖clipped g‖²]`, with caution `Σφ` and the element count (pass 2).
     const SUMS: usize = if CAUTION { 4 } else { 2 };
-    const SUM_PASS: [usize; MAX_SUMS] = [0, 1, 2, 2, 2];
+    const SUM_PASS: [usize; MAX_SUMS] = [0, 1, 2, 2, 2, 2];
     const MAX_SUMS_MASK: u32 = 1;
     /// Passes 0 and 1 read only the gradient, pass 2 (caution) the first moment too.
     const SUMS_READ_STATE: bool = CAUTION;

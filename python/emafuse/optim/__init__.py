@@ -6,6 +6,7 @@ from .adahessian import AdaHessian
 from .adam import Adam, AdamW
 from .adamod import AdaMod
 from .adamomentum import AdaMomentum
+from .adamp import AdamP
 from .adan import Adan
 from .ademamix import AdEMAMix
 from .diffgrad import DiffGrad
@@ -27,6 +28,7 @@ __all__ = [
     "AdaMod",
     "AdaMomentum",
     "Adam",
+    "AdamP",
     "AdamW",
     "Adan",
     "DiffGrad",

@@ -244,6 +244,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     # Whether the rule can update a weight average in the same pass (flag "ema", slot "ema" last,
     # hyper-parameter "ema_weight"); see register_fused_average and optim/_fusion.py.
     _supports_fused_ema: ClassVar[bool] = False
+    # Whether the rule gathers its sums per row (dim-0 slice) of tensors of 2+ dims and updates
+    # each row with its own coefficients (AdamP's channel view): such tensors keep 8-bit state only
+    # where their rows are whole blocks, and as DTensors must be sharded on dim 0 (or replicated).
+    _row_sums: ClassVar[bool] = False
     # Whether the rule's update needs sums over every tensor of the step (a global reduction,
     # e.g. MoMo's Polyak step size): ``_global_hypers`` then runs between the engine's sums pass
     # and its update.
@@ -323,7 +327,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
         """The dtype of ``p``'s state tensors: its group's ``state_dtype`` or the default."""
-        return _precision.state_dtype_for(type(self).__name__, p, group.get("state_dtype"), self._default_state_dtype(p, group))
+        return _precision.state_dtype_for(type(self).__name__, p, group.get("state_dtype"), self._default_state_dtype(p, group), self._row_sums)
 
     # -- torch.optim plumbing ----------------------------------------------------------------
 
@@ -773,7 +777,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         who = type(self).__name__
         sharded = None
         if _dtensor.any_dtensor(p for c in calls for p in c.params):
-            calls, originals, rows = _local_calls(who, self._rule, calls, hypers)
+            calls, originals, rows = _local_calls(who, self._rule, calls, hypers, self._row_sums)
             sharded = (originals, rows)
         reduce = self._global_hypers if self._reads_global_sums else None
         return _StepPlan(
@@ -1151,15 +1155,25 @@ class _StepPlan:
 
 
 def _local_calls(
-    who: str, rule: str, calls: list[_Call], hypers: list[dict[str, Any]]
+    who: str, rule: str, calls: list[_Call], hypers: list[dict[str, Any]], row_sums: bool
 ) -> tuple[list[_Call], list[list[Tensor]], _dtensor.ShardRows]:
     """``calls`` with DTensor (FSDP2) parameters replaced by their local shards, each call's
     original parameters, and where the per-tensor sums of sharded ones lie in calls whose rule
-    (with the call's flags) reads such sums."""
+    (with the call's flags) reads such sums. ``row_sums``: the rule gathers sums per row (dim-0
+    slice), which a shard holds whole only when it is sharded on dim 0."""
     out: list[_Call] = []
     originals: list[list[Tensor]] = []
     summed: list[list[Tensor]] = []
     for c in calls:
+        if row_sums:
+            for p in c.params:
+                dim = _dtensor.shard_dim(p)
+                if dim is not None and dim > 0 and p.dim() >= 2:
+                    raise UnsupportedOptionError(
+                        f"{who}: a parameter of shape {tuple(p.shape)} is a DTensor sharded on dim {dim}; {who} reduces over each "
+                        "row (dim-0 slice) of a parameter, which needs whole rows on every rank: shard it on dim 0 (as FSDP2's "
+                        "fully_shard does) or replicate it"
+                    )
         local = _Call(c.group_index, c.extra, c.slots, c.scalars, c.states is not None)
         local.params, local.grads, local.states, local.offsets = _dtensor.local_call(
             c.params, c.grads, c.states, c.slots, who, scales=[k for k in c.slots if k.endswith(_precision.ABSMAX_SUFFIX)]

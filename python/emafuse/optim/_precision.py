@@ -202,14 +202,15 @@ def effective_rounding(group: dict[str, Any]) -> str:
     return rounding
 
 
-def state_dtype_for(who: str, p: torch.Tensor, wanted: StateDType, default: torch.dtype) -> torch.dtype:
+def state_dtype_for(who: str, p: torch.Tensor, wanted: StateDType, default: torch.dtype, by_rows: bool = False) -> torch.dtype:
     """The dtype of ``p``'s state: ``wanted`` (a group's ``state_dtype``; ``"8bit"``: uint8 codes,
     or float32 for parameters under ``MIN_8BIT_NUMEL`` elements) if the engine can pair it with
-    ``p``, else a DTypeError saying what to do; ``default`` when nothing was asked."""
+    ``p``, else a DTypeError saying what to do; ``default`` when nothing was asked. ``by_rows``:
+    the rule updates each row (dim-0 slice) on its own, so 8-bit state needs rows of whole blocks."""
     if wanted is None or wanted == default:
         return default
     if wanted == EIGHT_BIT:
-        return _eight_bit_dtype(who, p)
+        return _eight_bit_dtype(who, p, by_rows)
     if p.is_complex() or p.dtype == torch.float64:
         raise DTypeError(
             f"{who}: state_dtype={wanted} cannot go with {p.dtype} parameters ({p.dtype} parameters keep their own state dtype); "
@@ -220,14 +221,16 @@ def state_dtype_for(who: str, p: torch.Tensor, wanted: StateDType, default: torc
     return wanted
 
 
-def _eight_bit_dtype(who: str, p: torch.Tensor) -> torch.dtype:
-    """``state_dtype="8bit"``'s dtype for ``p``, or why it cannot have it."""
+def _eight_bit_dtype(who: str, p: torch.Tensor, by_rows: bool) -> torch.dtype:
+    """``state_dtype="8bit"``'s dtype for ``p`` (``by_rows``: as :func:`state_dtype_for`), or why
+    it cannot have it."""
     if p.is_complex() or p.dtype == torch.float64:
         raise DTypeError(
             f"{who}: state_dtype='8bit' cannot go with {p.dtype} parameters; put them in a param group without state_dtype "
             "(8-bit state is for float32, bfloat16 and float16 parameters)"
         )
-    if p.numel() < MIN_8BIT_NUMEL or not blocks_follow_shards(p):
+    rows_split_blocks = by_rows and p.dim() >= 2 and len(scales_shape(p.shape)) != 2
+    if p.numel() < MIN_8BIT_NUMEL or not blocks_follow_shards(p) or rows_split_blocks:
         return torch.float32
     return torch.uint8
 
