@@ -95,10 +95,13 @@ RULES: dict[str, dict] = {
         hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, hessian_power=1.0),
         extra=[dict(hessian_power=0.5, weight_decay=0.0)],  # a general power: another kernel
     ),
-    # (a flat tensor: no rows, so the update without projection; the launcher refuses row sums)
+    # 8 rows: sums per row. delta 10 projects every row; rows alternately along and against
+    # the gradient cancel over the layer, which delta 3 then projects as a whole.
     "adamp": dict(
         hyper=dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, delta=0.1, wd_ratio=0.1),
-        extra=[dict(weight_decay=0.0)],
+        extra=[dict(weight_decay=0.0), dict(delta=10.0), dict(delta=3.0)],
+        rows=8,
+        inputs=[lambda p, g, s: g, lambda p, g, s: p.view(8, -1) * torch.tensor([1.0, -1.0] * 4, dtype=p.dtype).view(8, 1) + 0.01 * g.view(8, -1)],
     ),
     # tau: the Polyak step size the Python layer computes from the sums of every tensor
     "momo": dict(hyper=dict(lr=3e-2, beta=0.9, weight_decay=0.1, tau=0.02), extra=[dict(weight_decay=0.0)]),
@@ -174,8 +177,26 @@ HARNESS = r"""
 #define EF_HOST
 #include "common.cuh"
 #include "rule.cuh"
+// Rules with row sums (EF_ROW_SUMS) see `rows` rows of n / rows elements: each row's sums as the
+// CPU engine gathers them (its own lanes, from zeros), folded into the tensor's in row order, and
+// each row updated with its own coefficients.
+template <class Rule, class R, bool ROWS = EF_ROW_SUMS>
+struct EfHostRows {
+    static void fold(const EfHyper&, double (*)[EF_MAX_SUMS], long, long, double*) {}
+    template <class C>
+    static C coeffs(const EfHyper&, const C& c, const double*, const double*) { return c; }
+};
 template <class Rule, class R>
-void ef_host_run(const void* hyper, R* p, const R* g, R* s0, R* s1, R* s2, R* s3, float* scalars, long n, double factor) {
+struct EfHostRows<Rule, R, true> {
+    static void fold(const EfHyper& h, double (*rows)[EF_MAX_SUMS], long n_rows, long len, double* sums) {
+        for (long r = 0; r < n_rows; ++r) Rule::fold_row(h, rows[r], len, sums);
+    }
+    template <class C>
+    static C coeffs(const EfHyper& h, const C& c, const double* sums, const double* row) { return Rule::template row_coeffs<R>(h, c, sums, row); }
+};
+
+template <class Rule, class R>
+void ef_host_run(const void* hyper, R* p, const R* g, R* s0, R* s1, R* s2, R* s3, float* scalars, long n, long rows, double factor) {
     R* st[4] = {s0, s1, s2, s3};
     R f = R(factor);
     const EfHyper& h = *(const EfHyper*)hyper;
@@ -184,6 +205,8 @@ void ef_host_run(const void* hyper, R* p, const R* g, R* s0, R* s1, R* s2, R* s3
     // the CPU engine's order (src/cpu/kernel.rs): pass by pass, element i into lane i % 8, lanes
     // combined in order (added, or the largest kept for the maxima)
     double sums[EF_MAX_SUMS] = {0, 0, 0, 0};
+    const long n_rows = EF_ROW_SUMS ? rows : 1, len = n / n_rows;
+    double row_sums[64][EF_MAX_SUMS] = {};
     for (int pass = 0; pass < EF_SUM_PASSES; ++pass) {
         R prior[EF_MAX_SUMS] = {R(0), R(0), R(0), R(0)};
         if constexpr (EF_SUM_PASSES > 1) {
@@ -191,37 +214,44 @@ void ef_host_run(const void* hyper, R* p, const R* g, R* s0, R* s1, R* s2, R* s3
             if (pass > 0) Rule::prepare(h, pass, sc, sums, out);
             for (int k = 0; k < EF_MAX_SUMS; ++k) prior[k] = R(out[k]);
         }
-        double lanes[8][EF_MAX_SUMS] = {};
-        for (long i = 0; i < n; ++i) {
+        for (long r = 0; r < n_rows; ++r) {
+            double lanes[8][EF_MAX_SUMS] = {};
+            for (long i = r * len; i < (r + 1) * len; ++i) {
+                R s[EF_MAX_SLOTS];
+                for (int k = 0; k < EF_SLOTS; ++k) s[k] = st[k][i];
+                R gi = EF_READS_INPUT ? g[i] * f : R(0);
+                if (pass == 0) Rule::template accumulate<R>(h, p[i], gi, s, lanes[(i - r * len) % 8]);
+                else if constexpr (EF_SUM_PASSES > 1) Rule::template accumulate_after<R>(h, pass, prior, p[i], gi, s, lanes[(i - r * len) % 8]);
+            }
+            double* into = EF_ROW_SUMS ? row_sums[r] : sums;
+            for (int l = 0; l < 8; ++l)
+                for (int k = 0; k < EF_MAX_SUMS; ++k) {
+                    double x = lanes[l][k];
+                    if (!((EF_MAX_SUMS_MASK >> k) & 1)) into[k] += x;
+                    else if (x > into[k] || x != x) into[k] = x;
+                }
+        }
+        if (pass == EF_SUM_PASSES - 1) EfHostRows<Rule, R>::fold(h, row_sums, n_rows, len, sums);  // (a rule's row sums are its last pass's)
+    }
+    const auto c = Rule::template coeffs<R>(h, sc, sums);
+    for (long r = 0; r < n_rows; ++r) {
+        const auto cr = EfHostRows<Rule, R>::coeffs(h, c, sums, row_sums[r]);
+        for (long i = r * len; i < (r + 1) * len; ++i) {
             R s[EF_MAX_SLOTS];
             for (int k = 0; k < EF_SLOTS; ++k) s[k] = st[k][i];
             R gi = EF_READS_INPUT ? g[i] * f : R(0);
-            if (pass == 0) Rule::template accumulate<R>(h, p[i], gi, s, lanes[i % 8]);
-            else if constexpr (EF_SUM_PASSES > 1) Rule::template accumulate_after<R>(h, pass, prior, p[i], gi, s, lanes[i % 8]);
+            p[i] = Rule::template update<R>(cr, p[i], gi, s);
+            for (int k = 0; k < EF_SLOTS; ++k) st[k][i] = s[k];
         }
-        for (int l = 0; l < 8; ++l)
-            for (int k = 0; k < EF_MAX_SUMS; ++k) {
-                double x = lanes[l][k];
-                if (!((EF_MAX_SUMS_MASK >> k) & 1)) sums[k] += x;
-                else if (x > sums[k] || x != x) sums[k] = x;
-            }
-    }
-    auto c = Rule::template coeffs<R>(h, sc, sums);
-    for (long i = 0; i < n; ++i) {
-        R s[EF_MAX_SLOTS];
-        for (int k = 0; k < EF_SLOTS; ++k) s[k] = st[k][i];
-        R gi = EF_READS_INPUT ? g[i] * f : R(0);
-        p[i] = Rule::template update<R>(c, p[i], gi, s);
-        for (int k = 0; k < EF_SLOTS; ++k) st[k][i] = s[k];
     }
     for (int k = 0; k < EF_SCALARS; ++k) scalars[k] = (float)sc[k];
 }
-extern "C" void run_f32(const void* h, float* p, const float* g, float* a, float* b, float* c, float* d, float* sc, long n, double f) {
-    ef_host_run<EF_RULE, float>(h, p, g, a, b, c, d, sc, n, f);
+extern "C" void run_f32(const void* h, float* p, const float* g, float* a, float* b, float* c, float* d, float* sc, long n, long rows, double f) {
+    ef_host_run<EF_RULE, float>(h, p, g, a, b, c, d, sc, n, rows, f);
 }
 extern "C" long hyper_size() { return (long)sizeof(EfHyper); }
-extern "C" void run_f64(const void* h, double* p, const double* g, double* a, double* b, double* c, double* d, float* sc, long n, double f) {
-    ef_host_run<EF_RULE, double>(h, p, g, a, b, c, d, sc, n, f);
+extern "C" void run_f64(const void* h, double* p, const double* g, double* a, double* b, double* c, double* d, float* sc, long n, long rows, double f) {
+    ef_host_run<EF_RULE, double>(h, p, g, a, b, c, d, sc, n, rows, f);
 }
 """
 
@@ -272,7 +302,10 @@ def test_cuda_rule_equals_rust_rule_on_the_cpu(variant, tmp_path, host_dir):
     lib = compile_host(host_dir, program["preamble"], program["header"])
     assert lib.hyper_size() == len(hyper_bytes), "EfHyper must have one double per parameter word"
     gen = torch.Generator().manual_seed(len(tmp_path.name))
-    n = 3001  # one CPU work item: the CPU engine adds per-tensor sums in the harness's order
+    # one CPU work item: the CPU engine adds per-tensor sums in the harness's order (rule with row
+    # sums: a matrix of `rows` rows, the sums of each row in its own order)
+    rows = spec.get("rows", 1)
+    n = 3000 if rows > 1 else 3001
     # (target dtype, input dtype): an fp32 average may read bf16/fp16 weights (of a low-precision
     # model; the host side gets the same values widened to fp32, as the kernels load them).
     dtypes = [(torch.float32, torch.float32), (torch.float64, torch.float64)]
@@ -284,13 +317,13 @@ def test_cuda_rule_equals_rust_rule_on_the_cpu(variant, tmp_path, host_dir):
             p = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
             g = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
             states = [(torch.rand(n, generator=gen, dtype=torch.float64) + 0.01).to(dtype) for _ in slots]
-            g = make_input(p, g, states).to(in_dtype)
+            g = make_input(p, g, states).reshape(-1).to(in_dtype)
             g_host = g.to(dtype)
             step = float(torch.randint(0, 40, (1,), generator=gen).item())
-            ours = {k: s.clone() for k, s in zip(slots, states)}
+            p_native = p.clone().view(rows, -1) if rows > 1 else p.clone()
+            ours = {k: s.clone().view(p_native.shape) for k, s in zip(slots, states)}
             ours.update({k: torch.tensor(step) for k in scalar_keys})
-            p_native = p.clone()
-            inputs = [g] if reads_input else None
+            inputs = [g.view(p_native.shape)] if reads_input else None
             state_dicts = [ours] if (slots or scalar_keys) else None
             group = _native.Group(
                 hyper={**hyper, "maximize": maximize}, params=[p_native], inputs=inputs, states=state_dicts, slots=tuple(slots), scalars=tuple(scalar_keys)
@@ -302,12 +335,14 @@ def test_cuda_rule_equals_rust_rule_on_the_cpu(variant, tmp_path, host_dir):
             p_host = p.clone()
             buf = ctypes.create_string_buffer(bytes(hyper_bytes), len(hyper_bytes))
             g_ptr = ptr(g_host) if reads_input else ctypes.c_void_p(None)
-            fn(buf, ptr(p_host), g_ptr, *(ptr(s) for s in host_states), ptr(host_scalars), ctypes.c_long(n), ctypes.c_double(-1.0 if maximize else 1.0))
+            fn(buf, ptr(p_host), g_ptr, *(ptr(s) for s in host_states), ptr(host_scalars), ctypes.c_long(n), ctypes.c_long(rows),
+               ctypes.c_double(-1.0 if maximize else 1.0))
 
             where = (dtype, in_dtype, maximize)
+            p_native = p_native.reshape(-1)
             assert torch.equal(p_native, p_host), (*where, (p_native - p_host).abs().max())
             for k, s in zip(slots, host_states):
-                assert torch.equal(ours[k], s), (k, *where)
+                assert torch.equal(ours[k].reshape(-1), s), (k, *where)
             for i, k in enumerate(scalar_keys):
                 assert ours[k].item() == host_scalars[i].item()
 

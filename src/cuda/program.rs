@@ -37,7 +37,7 @@ pub struct Program {
     rule: &'static str,
     fields: &'static [&'static str],
     counts: [(&'static str, usize); 8],
-    bools: [(&'static str, bool); 3],
+    bools: [(&'static str, bool); 4],
 }
 
 impl Program {
@@ -62,7 +62,13 @@ impl Program {
                 // 8-bit state: bit k set when slot k is never negative (decoded with the unsigned map)
                 ("EF_NONNEG_SLOTS", nonnegative_mask::<Ru>()),
             ],
-            bools: [("EF_READS_INPUT", Ru::READS_INPUT), ("EF_SUMS_READ_STATE", Ru::SUMS_READ_STATE), ("EF_SUMS_READ_PARAM", Ru::SUMS_READ_PARAM)],
+            bools: [
+                ("EF_READS_INPUT", Ru::READS_INPUT),
+                ("EF_SUMS_READ_STATE", Ru::SUMS_READ_STATE),
+                ("EF_SUMS_READ_PARAM", Ru::SUMS_READ_PARAM),
+                // sums gathered per row and folded per tensor (`fold_row`, `row_coeffs`)
+                ("EF_ROW_SUMS", Ru::ROW_SUMS),
+            ],
         })
     }
 

@@ -1,7 +1,7 @@
 // AdamP: the CUDA twin of src/rules/adamp.rs (same coefficients, same per-element operation order;
-// checked against it on the CPU by tests/test_cuda_sources.py). The sums are gathered per row and
-// folded per tensor (fold_row, row_coeffs), which the CUDA launcher does not do yet: it refuses
-// rules with row sums, so only the element-wise parts below run today (in the host checks).
+// checked against it on the CPU by tests/test_cuda_sources.py, the row sums included). The sums are
+// gathered per row and folded per tensor (fold_row, row_coeffs), which the CUDA launcher does not do
+// yet: it refuses rules with row sums, so this header runs in the host checks only today.
 #pragma once
 #include "common.cuh"
 
@@ -78,6 +78,23 @@ struct AdamP {
         R u = direction(c, g, s) - c.proj * p;
         if (DECAY) p = p * c.decay;
         return p + c.neg_step * u;
+    }
+
+    // One row's sums {<g,p>, |g|^2, |p|^2, <p,u>} of `len` elements folded into its tensor's:
+    // the four added, the largest cos_i * sqrt(len) kept, len counted.
+    EF_FN static void fold_row(const EfHyper& h, const double* row, long long len, double* tensor) {
+        for (int k = 0; k < 4; ++k) tensor[k] += row[k];
+        const double cos = cosine(h, row) * EF_SQRT_D((double)len);
+        if (cos > tensor[4] || cos != cos) tensor[4] = cos;
+        tensor[5] += (double)len;
+    }
+
+    // A row's coefficients: its own radial coefficient under the channel view.
+    template <class R>
+    EF_FN static Coeffs<R> row_coeffs(const EfHyper& h, const Coeffs<R>& c, const double*, const double* row) {
+        Coeffs<R> out = c;
+        if (c.by_row) out.proj = R(radial(h, row));
+        return out;
     }
 
     // Pass 0 gathers nothing.
