@@ -169,7 +169,8 @@ def main() -> None:
         f"Memory bandwidth in the same run (median, read + written): copy {copy_gbs:.1f} GB/s, in-place {inplace_gbs:.1f} GB/s. "
         "GB/s = fp32 bytes per parameter (optimizers.md §1) x parameters / time; emafuse speed-up = peer time / emafuse time. "
         "Peers: pytorch_optimizer 4.1.0 (its default loop and `foreach=True`), heavyball 3.2.1 (eager, `compile_mode=None`) "
-        "where it has the algorithm; for MoMo the official momo-opt 0.1.0. AdaMomentum has no packaged implementation. "
+        "where it has the algorithm; for MoMo the official momo-opt 0.1.0, for AdamP the official adamp 0.3.0. "
+        "AdaMomentum has no packaged implementation. "
         "AdamW⊥ is `AdamW(orthograd=True)`, C-AdamW "
         "`AdamW(caution=True)`; their rows' GB/s count their 36 bytes per parameter, plain AdamW's rows included (it moves 28).\n\n" + table
     )
