@@ -121,7 +121,7 @@ def test_step_is_the_fp32_step_of_the_decoded_state(cls, main, dtype):
         _step(twin, t)
         for p, q in zip(params, twins):
             assert torch.equal(p, q), f"step {t}: the parameters differ"
-            rows_split_blocks = cls._row_sums and p.dim() >= 2 and len(_precision.scales_shape(p.shape)) != 2
+            rows_split_blocks = cls._row_sums and p.dim() >= 2 and not _precision.rows_are_blocks(p.shape)
             if p.numel() < _precision.MIN_8BIT_NUMEL or rows_split_blocks:
                 assert not _slots(opt, p)
                 continue

@@ -103,10 +103,9 @@ impl<const NESTEROV: bool, const DECAY: bool> AdamP<NESTEROV, DECAY> {
         (m, v, n / (v.sqrt() / c.sqrt_bc2 + c.eps))
     }
 
-    /// The coefficients before the projection is decided (no projection, no ratio), for the step
-    /// that follows `scalars` (read only).
-    fn base<R: Real>(&self, step: f64) -> AdamPCoeffs<R> {
-        let (bc1, bc2) = (1.0 - self.beta1.powf(step), 1.0 - self.beta2.powf(step));
+    /// The coefficients before the projection is decided (no projection, no ratio), from the
+    /// step's bias corrections.
+    fn base<R: Real>(&self, (bc1, bc2): (f64, f64)) -> AdamPCoeffs<R> {
         AdamPCoeffs {
             beta1: R::from_f64(self.beta1),
             one_minus_beta1: R::from_f64(1.0 - self.beta1),
@@ -134,8 +133,7 @@ impl<const NESTEROV: bool, const DECAY: bool> Rule for AdamP<NESTEROV, DECAY> {
 
     /// `scalars[0]` is the parameter's `step`, incremented here; the sums decide the view.
     fn coeffs<R: Real>(&self, scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> AdamPCoeffs<R> {
-        next_step(scalars, self.beta1, self.beta2);
-        let mut c = self.base::<R>(scalars[0]);
+        let mut c = self.base::<R>(next_step(scalars, self.beta1, self.beta2));
         let (channel, layer) = if sums[COUNT] > 0.0 {
             let channel = sums[COS] < self.delta;
             (channel, !channel && self.cosine(sums) * sums[COUNT].sqrt() < self.delta)
@@ -163,7 +161,7 @@ impl<const NESTEROV: bool, const DECAY: bool> Rule for AdamP<NESTEROV, DECAY> {
 
     /// The coefficients the direction needs, for the coming step.
     fn prepare(&self, _pass: usize, scalars: &[f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> [f64; MAX_SUMS] {
-        let c = self.base::<f64>(scalars[0] + 1.0);
+        let c = self.base::<f64>(next_step(&mut scalars.clone(), self.beta1, self.beta2));
         [c.beta1, c.one_minus_beta1, c.beta2, c.one_minus_beta2, c.sqrt_bc2, c.eps]
     }
 

@@ -229,7 +229,7 @@ def _eight_bit_dtype(who: str, p: torch.Tensor, by_rows: bool) -> torch.dtype:
             f"{who}: state_dtype='8bit' cannot go with {p.dtype} parameters; put them in a param group without state_dtype "
             "(8-bit state is for float32, bfloat16 and float16 parameters)"
         )
-    rows_split_blocks = by_rows and p.dim() >= 2 and len(scales_shape(p.shape)) != 2
+    rows_split_blocks = by_rows and p.dim() >= 2 and not rows_are_blocks(p.shape)
     if p.numel() < MIN_8BIT_NUMEL or not blocks_follow_shards(p) or rows_split_blocks:
         return torch.float32
     return torch.uint8
@@ -240,10 +240,16 @@ def scales_shape(shape: Sequence[int]) -> tuple[int, ...]:
     per row (dim-0 slice) where every row is a whole number of blocks, so that the scales shard
     along dim 0 with the tensor (FSDP2) and a checkpoint holds one layout whatever the sharding;
     else one flat row of scales."""
-    row = math.prod(shape[1:])
-    if len(shape) >= 2 and row > 0 and row % QUANT_BLOCK == 0:
-        return (shape[0], row // QUANT_BLOCK)
+    if rows_are_blocks(shape):
+        return (shape[0], math.prod(shape[1:]) // QUANT_BLOCK)
     return (_blocks(math.prod(shape)),)
+
+
+def rows_are_blocks(shape: Sequence[int]) -> bool:
+    """Whether every row (dim-0 slice) of a tensor of ``shape`` is a whole number of 8-bit
+    blocks (two or more dims, non-empty rows)."""
+    row = math.prod(shape[1:])
+    return len(shape) >= 2 and row > 0 and row % QUANT_BLOCK == 0
 
 
 def blocks_follow_shards(p: torch.Tensor) -> bool:
@@ -252,7 +258,7 @@ def blocks_follow_shards(p: torch.Tensor) -> bool:
     are whole blocks (:func:`scales_shape`), whatever the world size and however uneven the
     shards; never for one sharded on another dim."""
     dim = _dtensor.shard_dim(p)
-    return dim is None or (dim == 0 and len(scales_shape(p.shape)) == 2)
+    return dim is None or (dim == 0 and rows_are_blocks(p.shape))
 
 
 def _mix64(x: int) -> int:

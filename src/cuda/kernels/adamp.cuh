@@ -25,10 +25,9 @@ struct AdamP {
         return s[3] / (norm * norm);
     }
 
-    // The coefficients for step `step`, before the projection is decided.
+    // The coefficients before the projection is decided, from the step's bias corrections.
     template <class R>
-    EF_FN static Coeffs<R> base(const EfHyper& h, double step) {
-        const double bc1 = 1.0 - EF_POW_D(h.beta1, step), bc2 = 1.0 - EF_POW_D(h.beta2, step);
+    EF_FN static Coeffs<R> base(const EfHyper& h, double bc1, double bc2) {
         Coeffs<R> c;
         c.beta1 = R(h.beta1);
         c.one_minus_beta1 = R(1.0 - h.beta1);
@@ -45,11 +44,9 @@ struct AdamP {
 
     template <class R>
     EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double* sums) {
-        double bc1, bc2;  // (base recomputes them)
+        double bc1, bc2;
         ef_next_step(scalars, h.beta1, h.beta2, &bc1, &bc2);
-        (void)bc1;
-        (void)bc2;
-        Coeffs<R> c = base<R>(h, scalars[0]);
+        Coeffs<R> c = base<R>(h, bc1, bc2);
         bool channel = false, layer = false;
         if (sums[5] > 0.0) {
             channel = sums[4] < h.delta;
@@ -103,7 +100,9 @@ struct AdamP {
 
     // Pass 1: the coefficients the direction needs, for the coming step.
     EF_FN static void prepare(const EfHyper& h, int, const double* sc, const double*, double* out) {
-        Coeffs<double> c = base<double>(h, sc[0] + 1.0);
+        double next[EF_MAX_SCALARS] = {sc[0]}, bc1, bc2;  // (the scalars are read only here)
+        ef_next_step(next, h.beta1, h.beta2, &bc1, &bc2);
+        Coeffs<double> c = base<double>(h, bc1, bc2);
         out[0] = c.beta1;
         out[1] = c.one_minus_beta1;
         out[2] = c.beta2;
