@@ -95,6 +95,13 @@ pub struct GroupTensors {
     /// The position of each parameter's first element in the whole tensor it is a shard of, or
     /// empty: every parameter is whole (see [`Batch::offsets`]).
     pub offsets: Vec<usize>,
+    /// Whether the rule keeps factored state: its two slots are shaped as
+    /// [`Matrices::factor_shapes`], not like the parameter.
+    pub factored: bool,
+    /// For messages: the index of the param group these tensors belong to (a group may be
+    /// passed as several calls), and each parameter's index in it.
+    pub group: usize,
+    pub positions: Vec<usize>,
 }
 
 /// How a parameter divides into rows (its dim-0 slices), for rules that gather sums per row
@@ -124,6 +131,63 @@ impl Rows {
     }
 }
 
+/// How a parameter divides into matrices (its last two dimensions; the leading ones index the
+/// matrices), for rules with factored state ([`crate::rules::Rule::FACTORED`]).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Matrices {
+    /// Fewer than two dimensions.
+    None,
+    /// Row-major matrices of `rows × cols` elements, one after another in memory.
+    RowMajor { rows: usize, cols: usize },
+    /// Another memory layout (e.g. channels_last).
+    Other,
+}
+
+impl Matrices {
+    fn of(t: &TensorInfo) -> Matrices {
+        match (t.shape.as_slice(), &t.layout) {
+            (s, _) if s.len() < 2 => Matrices::None,
+            ([.., rows, cols], Layout::Contiguous) => Matrices::RowMajor { rows: *rows as usize, cols: *cols as usize },
+            _ => Matrices::Other,
+        }
+    }
+
+    /// The shapes of a factored rule's two slots for a parameter of shape `shape` (2+ dims): one
+    /// value per row (`[..., rows, 1]`), one per column (`[..., 1, cols]`).
+    fn factor_shapes(shape: &[i64]) -> [Vec<i64>; 2] {
+        let (mut rows, mut cols) = (shape.to_vec(), shape.to_vec());
+        let n = shape.len();
+        rows[n - 1] = 1;
+        cols[n - 2] = 1;
+        [rows, cols]
+    }
+}
+
+/// Check slot `k` of a factored rule's state (see [`Matrices::factor_shapes`]) of parameter `p`:
+/// on its device, of the factor's shape, row-major.
+fn check_factor(at: &dyn Fn() -> String, name: &str, k: usize, p: &TensorInfo, x: &TensorInfo) -> Result<()> {
+    if x.view.device() != p.view.device() {
+        return Err(Error::Device(format!("{}: state '{name}' is on {} but the parameter is on {}", at(), x.view.device(), p.view.device())));
+    }
+    let shape = p.shape.as_slice();
+    if shape.len() < 2 {
+        return Err(Error::Shape(format!("{}: factored state needs a parameter of two or more dimensions, got shape {}", at(), fmt_shape(&p.shape))));
+    }
+    let want = &Matrices::factor_shapes(shape)[k];
+    if x.shape.as_slice() != want.as_slice() {
+        return Err(Error::Shape(format!(
+            "{}: state '{name}' has shape {} but a parameter of shape {} needs {want:?}",
+            at(),
+            fmt_shape(&x.shape),
+            fmt_shape(&p.shape)
+        )));
+    }
+    if x.layout != Layout::Contiguous {
+        return Err(Error::Layout(format!("{}: state '{name}' is not contiguous", at())));
+    }
+    Ok(())
+}
+
 /// Parameters of one group sharing device, parameter dtype, input dtype and state dtype.
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -144,8 +208,10 @@ pub struct Batch {
     /// Scalar state names as passed; `scalars[i * n_scalars() + k]` (f32 or f64, one element).
     pub scalar_names: Vec<String>,
     pub scalars: Vec<TensorView>,
-    /// The index in its group of each parameter of the batch (`params[j]` is parameter
-    /// `members[j]`).
+    /// For messages: each parameter's index in its param group (`members` count within the call).
+    pub positions: Vec<usize>,
+    /// The index in its call of each parameter of the batch (`params[j]` is the call's parameter
+    /// `members[j]`): its row in the call's sums arrays, and what stochastic rounding's bits follow.
     pub members: Vec<usize>,
     /// The int8 weight corrections of the (bf16 or fp16) parameters, one per parameter, or empty (see
     /// [`crate::rounding`]).
@@ -158,6 +224,8 @@ pub struct Batch {
     pub scales: Vec<TensorView>,
     /// How each parameter divides into rows.
     pub rows: Vec<Rows>,
+    /// How each parameter divides into matrices.
+    pub matrices: Vec<Matrices>,
 }
 
 impl Batch {
@@ -281,14 +349,17 @@ fn rule_slots(who: &str, group: usize, names: &[String]) -> Result<usize> {
 }
 
 /// Validate `t` and split it into batches. `who` names the optimizer for messages.
-pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batch>> {
-    let n = t.params.len();
-    let at = |i: usize| format!("{who}: param group {group}, parameter {i}");
+pub fn split_group(who: &str, t: &GroupTensors) -> Result<Vec<Batch>> {
+    let (n, group) = (t.params.len(), t.group);
+    let at = |i: usize| format!("{who}: param group {group}, parameter {}", t.positions[i]);
     if t.slot_names.len() != t.states.len() || t.scalar_names.len() != t.scalars.len() {
         return Err(Error::Internal(format!("{who}: param group {group}: state names and tensor lists disagree")));
     }
     if t.grads.as_ref().is_some_and(|g| g.len() != n) || t.states.iter().any(|s| s.len() != n) || t.scalars.iter().any(|s| s.len() != n) {
         return Err(Error::Value(format!("{who}: param group {group}: tensor lists of different lengths")));
+    }
+    if t.positions.len() != n {
+        return Err(Error::Internal(format!("{who}: param group {group}: {} positions for {n} parameters", t.positions.len())));
     }
     // A last state slot named WEIGHT_CORRECTION is the parameters' weight corrections, not the
     // rule's state.
@@ -350,7 +421,11 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
         };
         for (k, slot) in states.iter().enumerate() {
             let s = &slot[i];
-            check_peer(&|| at(i), &format!("state {k}"), p, s)?;
+            if t.factored {
+                check_factor(&|| at(i), &t.slot_names[k], k, p, s)?;
+            } else {
+                check_peer(&|| at(i), &format!("state {k}"), p, s)?;
+            }
             if s.view.dtype() != state_dtype {
                 return Err(Error::DType(format!("{}: state tensors have different dtypes", at(i))));
             }
@@ -410,12 +485,15 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
                     offsets: Vec::new(),
                     scales: Vec::new(),
                     rows: Vec::new(),
+                    matrices: Vec::new(),
+                    positions: Vec::new(),
                 });
                 batches.last_mut().expect("just pushed")
             }
         };
         b.params.push(p.view);
         b.members.push(i);
+        b.positions.push(t.positions[i]);
         if let Some(grads) = &t.grads {
             b.grads.push(grads[i].view);
         }
@@ -424,6 +502,7 @@ pub fn split_group(who: &str, group: usize, t: &GroupTensors) -> Result<Vec<Batc
         b.scales.extend(scales.iter().map(|a| a[i].view));
         b.offsets.push(t.offsets.get(i).copied().unwrap_or(0));
         b.rows.push(Rows::of(p));
+        b.matrices.push(Matrices::of(p));
         b.scalars.extend(t.scalars.iter().map(|entry| entry[i].view));
     }
     Ok(batches)

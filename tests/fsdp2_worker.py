@@ -411,6 +411,12 @@ def unsupported_dtensors(checks, mesh) -> None:
         opt = emafuse.AdamP([p], lr=0.1)
         refused(opt, p, emafuse.UnsupportedOptionError, ("sharded on dim 1", "row (dim-0 slice)"), "an AdamP parameter sharded on dim 1")
         assert not opt.state
+    with checks.check("Adafactor refuses DTensor matrices"):
+        p = nn.Parameter(distribute_tensor(seeded(3, (4, 6)), mesh, [Shard(0)]))
+        p.grad = distribute_tensor(seeded(4, (4, 6)), mesh, [Shard(0)])
+        opt = emafuse.Adafactor([p])
+        refused(opt, p, emafuse.UnsupportedOptionError, ("DTensor", "rows and columns", "torch.optim.Adafactor"), "an Adafactor DTensor matrix")
+        assert not opt.state
     with checks.check("refuses plain state of a DTensor parameter"):
         p = nn.Parameter(distribute_tensor(seeded(5, (4, 2)), mesh, [Shard(0)]))
         p.grad = distribute_tensor(seeded(6, (4, 2)), mesh, [Shard(0)])

@@ -133,6 +133,16 @@ def assert_unchanged(params, opt: torch.optim.Optimizer, snap: tuple[list[torch.
     assert_same_state_dict(raw_state(opt), sd, "refused step")
 
 
+def _shaped_after(v: torch.Tensor, p: torch.Tensor) -> bool:
+    """Whether state tensor ``v`` is shaped after ``p``: its shape, or (Adafactor's factors) its
+    shape with one of the last two sizes 1."""
+    if v.shape == p.shape:
+        return True
+    mats = p.shape[:-2]
+    return p.dim() >= 2 and v.shape in ((*mats, p.shape[-2], 1), (*mats, 1, p.shape[-1]))
+
+
 def state_tensors(opt: torch.optim.Optimizer, p: torch.Tensor) -> list[str]:
-    """Names of ``p``'s state tensors of its shape (the slots, not scalar state), in order."""
-    return [k for k, v in opt.state[p].items() if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0]
+    """Names of ``p``'s state tensors shaped after it (the slots, not scalar state or 8-bit
+    scales), in order."""
+    return [k for k, v in opt.state[p].items() if isinstance(v, torch.Tensor) and v.dim() > 0 and _shaped_after(v, p)]

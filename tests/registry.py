@@ -33,6 +33,7 @@ import timm.optim
 import torch
 from references.adabelief import RefAdaBelief
 from references.adabound import RefAdaBound, RefAdaBoundW
+from references.adafactor import RefAdafactor
 from references.adam import RefAdam, RefAdamW
 from references.adamod import RefAdaMod
 from references.adamomentum import RefAdaMomentum
@@ -132,7 +133,8 @@ class Caps:
     the compute type (fp32 for 16-bit and fp32 parameters), so exact to its round-off only.
     ``state_dtype(param dtype, kwargs)``: the dtype of the state tensors. ``int_step_in_state_dict``:
     ``state_dict()`` stores ``step`` as a Python int (as the official does). ``torch_base``: the
-    torch.optim class it replaces (and subclasses)."""
+    torch.optim class it replaces (and subclasses). ``dtensor``: DTensor (FSDP2) parameters are
+    stepped (else refused, as the class docstring says; test_fsdp2 checks the refusal)."""
 
     complex: bool = False
     scalar_state: Mapping[str, torch.dtype] = field(default_factory=lambda: {"step": torch.float32})
@@ -143,6 +145,7 @@ class Caps:
     state_dtype: Callable[[torch.dtype, dict[str, Any]], torch.dtype] = _same_dtype
     int_step_in_state_dict: bool = False
     torch_base: type | None = None
+    dtensor: bool = True
 
 
 @dataclass(frozen=True)
@@ -470,6 +473,37 @@ _ENTRIES: tuple[Entry, ...] = (
             Bad(dict(wd_ratio=1.5), r"^Invalid wd_ratio: 1.5 ", official=False),
         ),
         group_options=dict(lr=1e-1, weight_decay=0.0, nesterov=True),
+    ),
+    Entry(
+        emafuse.Adafactor, RefAdafactor,
+        configs=(
+            dict(),
+            dict(weight_decay=0.1),
+            dict(lr=0.5, eps=(1e-30, 1e-3), d=2.0),  # the spec's checked settings: tiny ε1, update clipping at 2
+            dict(lr=3e-2, beta2_decay=-0.5, eps=(1e-6, 1e-2), weight_decay=0.05, maximize=True),
+        ),
+        # a fixed ε1 in the one-per-optimizer concerns: its default follows the parameters' dtype
+        # (torch's), which the lockstep tests of bf16 weights against fp32 ones would otherwise see
+        main=dict(lr=1e-2, weight_decay=0.1, eps=(1e-7, 1e-3)),
+        # The factors are stored, and read back, in the 16-bit state dtype (as torch's): V̂ carries
+        # their rounding (2^-8), each element's step a 2^-9 part of its size (lr·max(ε2, RMS p)·|U|,
+        # |U| up to a few units).
+        low_precision_atol=lambda kw: 2.0**-5 * kw.get("lr", 1e-2),
+        caps=Caps(torch_base=torch.optim.Adafactor, dtensor=False),
+        signature=torch.optim.Adafactor,
+        # torch's single-tensor path (foreach is used only when asked). It computes in the
+        # parameter's dtype (no low-precision comparison: bf16 norms and products there, f32 here).
+        officials=(Official("torch.Adafactor", torch.optim.Adafactor, lambda kw: {**kw, "foreach": False}, maximize=True),),
+        bad_args=(
+            Bad(dict(lr=-1.0), r"^Learning rate should be >= 0 but is: -1.0$"),
+            Bad(dict(beta2_decay=0.5), r"^beta2_decay should be <= 0 but is: 0.5$"),
+            Bad(dict(eps=(-1.0, 1e-3)), r"^epsilon1 should be >= 0 but is: -1.0$"),
+            Bad(dict(eps=(None, -1.0)), r"^epsilon2 should be >= 0 but is: -1.0$"),
+            Bad(dict(d=0.5), r"^Clipping threshold d should be >= 1 but is: 0.5$"),
+            Bad(dict(weight_decay=-0.1), r"^weight_decay should be >= 0 but is: -0.1$"),
+            Bad(dict(lr=torch.tensor([1.0, 2.0])), r"^Tensor lr must be 1-element$"),
+        ),
+        group_options=dict(lr=1e-1, weight_decay=0.0, d=2.0),
     ),
     Entry(
         emafuse.DiffGrad, RefDiffGrad,

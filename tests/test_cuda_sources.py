@@ -103,6 +103,13 @@ RULES: dict[str, dict] = {
         rows=8,
         inputs=[lambda p, g, s: g, lambda p, g, s: p.view(8, -1) * torch.tensor([1.0, -1.0] * 4, dtype=p.dtype).view(8, 1) + 0.01 * g.view(8, -1)],
     ),
+    # factored: 2 matrices of 30 × 50 (slots: a value per row, one per column); eps1 1e-30 with
+    # d 1.5: the clip of RMS(U) at 1.5 rather than 1
+    "adafactor": dict(
+        hyper=dict(lr=3e-2, beta2_decay=-0.8, eps1=1e-6, eps2=1e-3, d=1.0, weight_decay=0.1),
+        extra=[dict(weight_decay=0.0), dict(eps1=1e-30, d=1.5)],
+        matrices=(2, 30, 50),
+    ),
     # tau: the Polyak step size the Python layer computes from the sums of every tensor
     "momo": dict(hyper=dict(lr=3e-2, beta=0.9, weight_decay=0.1, tau=0.02), extra=[dict(weight_decay=0.0)]),
     "momo_adam": dict(
@@ -112,7 +119,7 @@ RULES: dict[str, dict] = {
 }
 
 # Rules whose every variant reads per-tensor sums, which ⊥Grad cannot be combined with.
-ALWAYS_SUMS = ("momo", "momo_adam", "stable_spam", "adamp")
+ALWAYS_SUMS = ("momo", "momo_adam", "stable_spam", "adamp", "adafactor")
 
 def variants():
     for name, spec in RULES.items():
@@ -175,6 +182,7 @@ def test_a_broken_kernel_is_a_clear_error(monkeypatch):
 # Appended to the generated preamble (which defines EF_RULE, EfHyper and the EF_* counts).
 HARNESS = r"""
 #define EF_HOST
+#include <vector>
 #include "common.cuh"
 #include "rule.cuh"
 // Rules with row sums (EF_ROW_SUMS) see `rows` rows of n / rows elements: each row's sums as the
@@ -195,13 +203,50 @@ struct EfHostRows<Rule, R, true> {
     static C coeffs(const EfHyper& h, const C& c, const double* sums, const double* row) { return Rule::template row_coeffs<R>(h, c, sums, row); }
 };
 
+// Rules with factored state (EF_FACTORED) see matrices of `rows` × `cols` elements, slot 0 holding
+// a value per row and slot 1 one per column: each row's and column's sums as the CPU engine adds
+// them over one span (a row's terms into lane (column % 8), lanes in order; a column's in row
+// order), each matrix's factors updated, and every element reading its row's and column's values.
+template <class Rule, class R, bool FACTORED = EF_FACTORED>
+struct EfHostFactors {
+    EfHostFactors(const EfHyper&, const double*, R**, const R*, R, long, long, long) {}
+    void read(R* s, R** st, long i) const { for (int k = 0; k < EF_SLOTS; ++k) s[k] = st[k][i]; }
+};
 template <class Rule, class R>
-void ef_host_run(const void* hyper, R* p, const R* g, R* s0, R* s1, R* s2, R* s3, float* scalars, long n, long rows, double factor) {
+struct EfHostFactors<Rule, R, true> {
+    long n_rows, n_cols;
+    std::vector<R> rows, cols;
+    EfHostFactors(const EfHyper& h, const double* sc, R** st, const R* g, R f, long n, long r, long c) : n_rows(r), n_cols(c) {
+        const long mats = n / (r * c);
+        std::vector<double> rs(mats * r, 0.0), cs(mats * c, 0.0);
+        for (long q = 0; q < mats * r; ++q) {
+            double lanes[8] = {};
+            for (long j = 0; j < c; ++j) {
+                const double t = Rule::template factor_term<R>(h, g[q * c + j] * f);
+                lanes[j % 8] += t;
+                cs[q / r * c + j] += t;
+            }
+            for (int l = 0; l < 8; ++l) rs[q] += lanes[l];
+        }
+        for (long m = 0; m < mats; ++m) Rule::template update_factors<R>(h, sc, &rs[m * r], &cs[m * c], st[0] + m * r, st[1] + m * c, r, c);
+        rows.assign(st[0], st[0] + mats * r);
+        cols.assign(st[1], st[1] + mats * c);
+        for (long m = 0; m < mats; ++m) Rule::template factor_reads<R>(h, &rows[m * r], &cols[m * c], r, c);
+    }
+    void read(R* s, R**, long i) const {
+        s[0] = rows[i / n_cols];
+        s[1] = cols[i / (n_rows * n_cols) * n_cols + i % n_cols];
+    }
+};
+
+template <class Rule, class R>
+void ef_host_run(const void* hyper, R* p, const R* g, R* s0, R* s1, R* s2, R* s3, float* scalars, long n, long rows, long cols, double factor) {
     R* st[4] = {s0, s1, s2, s3};
     R f = R(factor);
     const EfHyper& h = *(const EfHyper*)hyper;
     double sc[EF_MAX_SCALARS] = {0, 0, 0, 0};
     for (int k = 0; k < EF_SCALARS; ++k) sc[k] = scalars[k];
+    const EfHostFactors<Rule, R> factors(h, sc, st, g, f, n, rows, cols);
     // the CPU engine's order (src/cpu/kernel.rs): pass by pass, element i into lane i % 8, lanes
     // combined in order (added, or the largest kept for the maxima)
     double sums[EF_MAX_SUMS] = {0, 0, 0, 0};
@@ -218,7 +263,7 @@ void ef_host_run(const void* hyper, R* p, const R* g, R* s0, R* s1, R* s2, R* s3
             double lanes[8][EF_MAX_SUMS] = {};
             for (long i = r * len; i < (r + 1) * len; ++i) {
                 R s[EF_MAX_SLOTS];
-                for (int k = 0; k < EF_SLOTS; ++k) s[k] = st[k][i];
+                factors.read(s, st, i);
                 R gi = EF_READS_INPUT ? g[i] * f : R(0);
                 if (pass == 0) Rule::template accumulate<R>(h, p[i], gi, s, lanes[(i - r * len) % 8]);
                 else if constexpr (EF_SUM_PASSES > 1) Rule::template accumulate_after<R>(h, pass, prior, p[i], gi, s, lanes[(i - r * len) % 8]);
@@ -238,20 +283,22 @@ void ef_host_run(const void* hyper, R* p, const R* g, R* s0, R* s1, R* s2, R* s3
         const auto cr = EfHostRows<Rule, R>::coeffs(h, c, sums, row_sums[r]);
         for (long i = r * len; i < (r + 1) * len; ++i) {
             R s[EF_MAX_SLOTS];
-            for (int k = 0; k < EF_SLOTS; ++k) s[k] = st[k][i];
+            factors.read(s, st, i);
             R gi = EF_READS_INPUT ? g[i] * f : R(0);
             p[i] = Rule::template update<R>(cr, p[i], gi, s);
-            for (int k = 0; k < EF_SLOTS; ++k) st[k][i] = s[k];
+            for (int k = 0; k < EF_WRITTEN_SLOTS; ++k) st[k][i] = s[k];
         }
     }
     for (int k = 0; k < EF_SCALARS; ++k) scalars[k] = (float)sc[k];
 }
-extern "C" void run_f32(const void* h, float* p, const float* g, float* a, float* b, float* c, float* d, float* sc, long n, long rows, double f) {
-    ef_host_run<EF_RULE, float>(h, p, g, a, b, c, d, sc, n, rows, f);
+extern "C" void run_f32(const void* h, float* p, const float* g, float* a, float* b, float* c, float* d, float* sc, long n, long rows, long cols,
+                        double f) {
+    ef_host_run<EF_RULE, float>(h, p, g, a, b, c, d, sc, n, rows, cols, f);
 }
 extern "C" long hyper_size() { return (long)sizeof(EfHyper); }
-extern "C" void run_f64(const void* h, double* p, const double* g, double* a, double* b, double* c, double* d, float* sc, long n, long rows, double f) {
-    ef_host_run<EF_RULE, double>(h, p, g, a, b, c, d, sc, n, rows, f);
+extern "C" void run_f64(const void* h, double* p, const double* g, double* a, double* b, double* c, double* d, float* sc, long n, long rows,
+                        long cols, double f) {
+    ef_host_run<EF_RULE, double>(h, p, g, a, b, c, d, sc, n, rows, cols, f);
 }
 """
 
@@ -305,7 +352,15 @@ def test_cuda_rule_equals_rust_rule_on_the_cpu(variant, tmp_path, host_dir):
     # one CPU work item: the CPU engine adds per-tensor sums in the harness's order (rule with row
     # sums: a matrix of `rows` rows, the sums of each row in its own order)
     rows = spec.get("rows", 1)
-    n = 3000 if rows > 1 else 3001
+    n = 3000 if rows > 1 or "matrices" in spec else 3001
+    # the shapes of the parameter and its slots: factored state holds a value per row, one per column
+    if hyper.get("factored"):
+        shape = spec["matrices"]
+        slot_shapes = [(*shape[:-1], 1), (*shape[:-2], 1, shape[-1])]
+        rows, cols = shape[-2], shape[-1]
+    else:
+        shape = (rows, n // rows) if rows > 1 else (n,)
+        slot_shapes, cols = [shape] * len(slots), 0
     # (target dtype, input dtype): an fp32 average may read bf16/fp16 weights (of a low-precision
     # model; the host side gets the same values widened to fp32, as the kernels load them).
     dtypes = [(torch.float32, torch.float32), (torch.float64, torch.float64)]
@@ -316,12 +371,12 @@ def test_cuda_rule_equals_rust_rule_on_the_cpu(variant, tmp_path, host_dir):
         for maximize in (False, True):
             p = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
             g = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
-            states = [(torch.rand(n, generator=gen, dtype=torch.float64) + 0.01).to(dtype) for _ in slots]
+            states = [(torch.rand(math.prod(s), generator=gen, dtype=torch.float64) + 0.01).to(dtype) for s in slot_shapes]
             g = make_input(p, g, states).reshape(-1).to(in_dtype)
             g_host = g.to(dtype)
             step = float(torch.randint(0, 40, (1,), generator=gen).item())
-            p_native = p.clone().view(rows, -1) if rows > 1 else p.clone()
-            ours = {k: s.clone().view(p_native.shape) for k, s in zip(slots, states)}
+            p_native = p.clone().view(shape)
+            ours = {k: s.clone().view(sh) for k, s, sh in zip(slots, states, slot_shapes)}
             ours.update({k: torch.tensor(step) for k in scalar_keys})
             inputs = [g.view(p_native.shape)] if reads_input else None
             state_dicts = [ours] if (slots or scalar_keys) else None
@@ -336,7 +391,7 @@ def test_cuda_rule_equals_rust_rule_on_the_cpu(variant, tmp_path, host_dir):
             buf = ctypes.create_string_buffer(bytes(hyper_bytes), len(hyper_bytes))
             g_ptr = ptr(g_host) if reads_input else ctypes.c_void_p(None)
             fn(buf, ptr(p_host), g_ptr, *(ptr(s) for s in host_states), ptr(host_scalars), ctypes.c_long(n), ctypes.c_long(rows),
-               ctypes.c_double(-1.0 if maximize else 1.0))
+               ctypes.c_long(cols), ctypes.c_double(-1.0 if maximize else 1.0))
 
             where = (dtype, in_dtype, maximize)
             p_native = p_native.reshape(-1)

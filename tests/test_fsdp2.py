@@ -34,7 +34,7 @@ def _exact(name: str, kw: dict) -> bool:
 
 # ... and bf16 state (lean state, rounded stochastically: each shard draws the bits of its
 # elements' positions in the whole tensor, so the sharded step rounds as the whole one, bit for bit).
-OPT_CONFIGS = [(e.name, kw, _exact(e.name, kw)) for e in ENTRIES for kw in e.configs] + [
+OPT_CONFIGS = [(e.name, kw, _exact(e.name, kw)) for e in ENTRIES if e.caps.dtensor for kw in e.configs] + [
     ("AdamW", dict(lr=1e-2, weight_decay=0.1, state_dtype=torch.bfloat16), True)
 ]
 MP_CONFIGS = [
@@ -45,7 +45,7 @@ MP_CONFIGS = [
 ]
 # (label, optimizer, keywords, exact, model sizes); 8-bit state on the wide model, whose weights'
 # rows are whole blocks, so its codes and scales are sharded like the weights.
-CKPT_CONFIGS = [(e.name, e.name, e.main, _exact(e.name, e.main), (5, 7, 3)) for e in ENTRIES] + [
+CKPT_CONFIGS = [(e.name, e.name, e.main, _exact(e.name, e.main), (5, 7, 3)) for e in ENTRIES if e.caps.dtensor] + [
     ("AdamW 8-bit", "AdamW", dict(lr=1e-2, weight_decay=0.1, state_dtype="8bit"), True, W.WIDE)
 ]
 
@@ -54,7 +54,8 @@ CHECKS = (
     + ["weight corrections on DTensors", "cached DTensor plan notices changes"]
     + [f"optimizer {n} with the loss" for n in ("Momo", "MomoAdam")]
     + [f"fsdp2 bf16 {n} {kw}" for n, kw, _ in MP_CONFIGS]
-    + ["refuses Partial", "refuses 2-D mesh", "AdamP refuses rows split across ranks", "refuses plain state of a DTensor parameter",
+    + ["refuses Partial", "refuses 2-D mesh", "AdamP refuses rows split across ranks",
+       "Adafactor refuses DTensor matrices", "refuses plain state of a DTensor parameter",
        "8-bit state on DTensors",
        "merges refuse sharded inputs",
        "Replicate placement steps whole tensors", "ZClip on DTensor gradients", "AdaGC on DTensor gradients",

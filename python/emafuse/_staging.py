@@ -49,6 +49,7 @@ def stage_groups(
                 slots=g.slots,
                 scalars=g.scalars,
                 offsets=g.offsets,
+                place=g.place,
             )
         )
     return staged, copy_back

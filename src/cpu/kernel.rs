@@ -38,14 +38,61 @@ pub struct SpanPtrs<P, G, S> {
     pub correction: *mut i8,
     pub scales: [*mut f32; MAX_SLOTS],
     pub maps: [&'static QuantMap; MAX_SLOTS],
+    /// For a rule with factored state, what its elements read as slots 0 and 1.
+    pub factors: Option<FactorReads>,
+}
+
+/// What the elements of a tensor with factored state ([`Rule::FACTORED`]) read as slots 0 and 1:
+/// one value per row of each `rows × cols` matrix, and one per column (the rule's
+/// [`Rule::factor_reads`], as f64 holding compute-type values exactly); `start` is the span's
+/// first element in the tensor.
+#[derive(Copy, Clone)]
+pub struct FactorReads {
+    pub rows: *const f64,
+    pub cols: *const f64,
+    pub n_rows: usize,
+    pub n_cols: usize,
+    pub start: usize,
+}
+
+impl FactorReads {
+    /// Slot `k`'s values (0: the rows', 1: the columns') of the `n` elements from `off` in the
+    /// span, into `buf`.
+    ///
+    /// # Safety
+    /// `rows` and `cols` must hold the values of every matrix of the tensor the span lies in.
+    #[inline(always)]
+    unsafe fn gather<R: Real>(&self, k: usize, off: usize, n: usize, buf: &mut [R]) {
+        let first = self.start + off;
+        // the global row (over all matrices) and the column of the element at `first + j`
+        let (mut row, mut col) = (first / self.n_cols, first % self.n_cols);
+        let mut j = 0;
+        while j < n {
+            let run = (self.n_cols - col).min(n - j);
+            // SAFETY: row < matrices·n_rows, and the columns of its matrix end at base + n_cols.
+            unsafe {
+                if k == 0 {
+                    buf[j..j + run].fill(R::from_f64(*self.rows.add(row)));
+                } else {
+                    let base = row / self.n_rows * self.n_cols + col;
+                    for (x, i) in buf[j..j + run].iter_mut().zip(base..) {
+                        *x = R::from_f64(*self.cols.add(i));
+                    }
+                }
+            }
+            (j, row, col) = (j + run, row + 1, 0);
+        }
+    }
 }
 
 impl<P, G, S> SpanPtrs<P, G, S> {
     /// Block `off / BLOCK` of state slot `k` as compute-type values, as [`block`]; 8-bit codes are
-    /// decoded with their block's scale into `buf`.
+    /// decoded with their block's scale into `buf`, factored state gathered into it (neither is
+    /// written back by [`SpanPtrs::finish_state`] unless 8-bit).
     ///
     /// # Safety
-    /// As [`block`], for slot `k` of the span and (8-bit state) its block's scale.
+    /// As [`block`], for slot `k` of the span and (8-bit state) its block's scale, or (factored)
+    /// as [`FactorReads::gather`].
     #[inline(always)]
     unsafe fn state_block<'b, R: Real>(&self, k: usize, off: usize, n: usize, buf: &'b mut [R]) -> &'b mut [R]
     where
@@ -53,7 +100,10 @@ impl<P, G, S> SpanPtrs<P, G, S> {
     {
         // SAFETY: per the contract.
         unsafe {
-            if S::QUANTIZED {
+            if let Some(f) = &self.factors {
+                f.gather(k, off, n, buf);
+                &mut buf[..n]
+            } else if S::QUANTIZED {
                 S::dequantize(std::slice::from_raw_parts(self.states[k].add(off), n), *self.scales[k].add(off / BLOCK), self.maps[k], &mut buf[..n]);
                 &mut buf[..n]
             } else {
@@ -181,8 +231,9 @@ unsafe fn sum_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
         // SAFETY: inside the span the caller vouched for; read only.
         let (p, g) = unsafe {
             for (k, (slot, buf)) in slots.iter_mut().zip(sb.iter_mut()).enumerate().take(read_slots) {
-                *slot = if S::QUANTIZED {
-                    // (8-bit state: decoded into the buffer, which the pass does not write)
+                *slot = if S::QUANTIZED || ptrs.factors.is_some() {
+                    // (8-bit state decoded, factored state gathered, into the buffer, which the
+                    // pass does not write)
                     ptrs.state_block(k, off, n, buf);
                     buf
                 } else {
@@ -207,6 +258,87 @@ unsafe fn sum_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
         off += n;
     }
     fold_lanes(&lanes, Ru::MAX_SUMS_MASK)
+}
+
+/// The sums of [`Rule::factor_term`] over the rows and columns that one span of a tensor of
+/// matrices touches: `rows[i]` is global row `first_row + i` (rows counted over all matrices),
+/// `cols[i]` column entry `first_col + i` (entries `matrix·cols + column`).
+pub struct FactorParts {
+    pub first_row: usize,
+    pub rows: Vec<f64>,
+    pub first_col: usize,
+    pub cols: Vec<f64>,
+}
+
+crate::simd::widest! {
+    /// The row and column sums ([`FactorParts`]) of `rule.factor_term(g·factor)` over the `len > 0`
+    /// gradient elements at `grad`, elements `start..start + len` of a tensor of row-major
+    /// `n_rows × n_cols` matrices. Within a row the terms add into [`LANES`] lanes by position,
+    /// folded in lane order; each column's terms add in row order: the same bits for any thread
+    /// count, as the spans depend only on the sizes.
+    ///
+    /// # Safety
+    /// `grad` must be valid for `len` reads.
+    pub unsafe fn factor_sums<Ru: Rule, R: Real, G: Elem<R>>(
+        rule: &Ru,
+        factor: R,
+        grad: *const G,
+        start: usize,
+        len: usize,
+        n_rows: usize,
+        n_cols: usize,
+    ) -> FactorParts = factor_sums_body;
+}
+
+/// [`factor_sums`]' loop.
+///
+/// # Safety
+/// As [`factor_sums`].
+#[inline(always)]
+unsafe fn factor_sums_body<Ru: Rule, R: Real, G: Elem<R>>(
+    rule: &Ru,
+    factor: R,
+    grad: *const G,
+    start: usize,
+    len: usize,
+    n_rows: usize,
+    n_cols: usize,
+) -> FactorParts {
+    let (first_row, last_row) = (start / n_cols, (start + len - 1) / n_cols);
+    // the column entries touched: part of one row's, or every column of the matrices touched
+    let (first_col, n_entries) = if first_row == last_row {
+        (first_row / n_rows * n_cols + start % n_cols, len)
+    } else {
+        let (first, last) = (first_row / n_rows, last_row / n_rows);
+        (first * n_cols, (last - first + 1) * n_cols)
+    };
+    let mut rows = vec![0.0; last_row - first_row + 1];
+    let mut cols = vec![0.0; n_entries];
+    let mut buf = [R::ZERO; BLOCK];
+    let (mut row, mut col, mut i) = (first_row, start % n_cols, 0);
+    while i < len {
+        let run = (n_cols - col).min(len - i);
+        let entries = row / n_rows * n_cols + col - first_col;
+        let mut lanes = [0.0f64; LANES];
+        let mut j = 0;
+        while j < run {
+            let n = BLOCK.min(run - j);
+            // SAFETY: inside the range the caller vouched for; read only.
+            let g = unsafe { read_block(grad.add(i + j), n, &mut buf) };
+            let out = &mut cols[entries + j..entries + j + n];
+            for (gs, cs) in g[..n].chunks(LANES).zip(out.chunks_mut(LANES)) {
+                for (l, (&x, c)) in gs.iter().zip(cs.iter_mut()).enumerate() {
+                    let t = rule.factor_term(x * factor);
+                    lanes[l] += t;
+                    *c += t;
+                }
+            }
+            j += n;
+        }
+        rows[row - first_row] = lanes.iter().sum();
+        (i, row, col) = (i + run, row + 1, 0);
+    }
+    FactorParts { first_row, rows, first_col, cols }
 }
 
 /// A block of `n <= BLOCK` elements of one array as compute-type values, to read: a whole block

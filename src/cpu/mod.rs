@@ -8,7 +8,7 @@ mod reduce;
 
 pub use reduce::{sum_squares, tensor_sum_squares};
 
-use crate::batch::{Batch, Rows};
+use crate::batch::{Batch, Matrices, Rows};
 use crate::dtype::{DType, Elem};
 use crate::error::{Error, Result};
 use crate::quant::{self, QuantMap};
@@ -18,7 +18,7 @@ use crate::rules::orthograd::{self, Projection};
 use crate::rules::{check_state, combine_sums, visit_base_rule, Hyper, Rule, RuleVisitor, MAX_SCALARS, MAX_SLOTS, MAX_SUMS};
 use crate::view::TensorView;
 use half::{bf16, f16};
-use kernel::{GradTransform, SpanPtrs, SpanRounding};
+use kernel::{FactorReads, GradTransform, SpanPtrs, SpanRounding};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
@@ -255,6 +255,9 @@ impl<'a> RuleVisitor for Planner<'a> {
         if Ru::ROW_SUMS {
             check_rows(b, Ru::INFO.name)?;
         }
+        if Ru::FACTORED {
+            check_matrices(b, Ru::INFO.name)?;
+        }
         // 8-bit state: each slot's map (never-negative slots take the unsigned one)
         let maps = std::array::from_fn(|k| quant::map_for(Ru::SLOT_NAMES.get(k).is_some_and(|name| Ru::INFO.nonnegative_slots.contains(name))));
         let units = units_of(b, Ru::ROW_SUMS);
@@ -276,7 +279,7 @@ struct RuleBatch<'a, Ru: Rule> {
 /// quantization blocks.
 fn check_rows(b: &Batch, rule: &str) -> Result<()> {
     for (j, (p, rows)) in b.params.iter().zip(&b.rows).enumerate() {
-        let at = || format!("param group {}, parameter {}", b.group, b.members[j]);
+        let at = || format!("param group {}, parameter {}", b.group, b.positions[j]);
         match *rows {
             Rows::Interleaved => {
                 return Err(Error::Layout(format!(
@@ -299,12 +302,41 @@ fn check_rows(b: &Batch, rule: &str) -> Result<()> {
     Ok(())
 }
 
+/// Refuse tensors a rule with factored state cannot walk as row-major matrices (the Python layer
+/// then passes contiguous copies), tensors of fewer than two dimensions, and 8-bit state.
+fn check_matrices(b: &Batch, rule: &str) -> Result<()> {
+    let at = |j: usize| format!("param group {}, parameter {}", b.group, b.positions[j]);
+    if !b.scales.is_empty() {
+        return Err(Error::Value(format!("{}: rule '{rule}' keeps factored state, which cannot be stored as 8-bit codes", at(0))));
+    }
+    for (j, m) in b.matrices.iter().enumerate() {
+        match m {
+            Matrices::RowMajor { .. } => {}
+            Matrices::Other => return Err(Error::Layout(format!("{}: rule '{rule}' walks each parameter as row-major matrices", at(j)))),
+            Matrices::None => {
+                return Err(Error::Value(format!(
+                    "{}: rule '{rule}' with factored state updates parameters of two or more dimensions; this one has fewer",
+                    at(j)
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the elements of one tensor with factored state read ([`Rule::factor_reads`]): a value
+/// per row of its matrices and one per column, as f64.
+struct TensorFactors {
+    rows: Vec<f64>,
+    cols: Vec<f64>,
+}
+
 /// Refuse step counters (scalar state `step`) that are negative or not finite, e.g. from a
 /// corrupted checkpoint: the bias corrections would turn the parameters into NaN.
 fn check_step_counters(b: &Batch) -> Result<()> {
     let Some(k) = b.scalar_names.iter().position(|n| n == "step") else { return Ok(()) };
     let ns = b.n_scalars();
-    for (j, &member) in b.members.iter().enumerate() {
+    for (j, &member) in b.positions.iter().enumerate() {
         // SAFETY: validated one-element CPU float tensors, alive for the call; only read.
         let step = unsafe { read_scalar(&b.scalars[j * ns + k]) };
         if !(step.is_finite() && step >= 0.0) {
@@ -370,12 +402,13 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
         }
     }
 
-    /// Pointers to the first element of span `s` in every tensor of its parameter.
+    /// Pointers to the first element of span `s` in every tensor of its parameter (and for a rule
+    /// with factored state, to what its elements read: `reads`, one per tensor).
     ///
     /// # Safety
     /// The batch's views must be validated for element types P (params), G (inputs) and S
     /// (states).
-    unsafe fn span_ptrs<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, s: Span) -> SpanPtrs<P, G, S> {
+    unsafe fn span_ptrs<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, s: Span, reads: &[TensorFactors]) -> SpanPtrs<P, G, S> {
         let b = &self.batch;
         let t = s.tensor;
         let mut states = [std::ptr::null_mut::<S>(); MAX_SLOTS];
@@ -392,7 +425,11 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             }
             let grad = if Ru::READS_INPUT { b.grads[t].at::<G>(s.start) as *const G } else { std::ptr::null() };
             let correction = if b.corrections.is_empty() { std::ptr::null_mut() } else { b.corrections[t].at::<i8>(s.start) };
-            SpanPtrs { param: b.params[t].at::<P>(s.start), grad, states, correction, scales, maps: self.maps }
+            let factors = reads.get(t).map(|f| {
+                let Matrices::RowMajor { rows, cols } = b.matrices[t] else { unreachable!("check_matrices") };
+                FactorReads { rows: f.rows.as_ptr(), cols: f.cols.as_ptr(), n_rows: rows, n_cols: cols, start: s.start }
+            });
+            SpanPtrs { param: b.params[t].at::<P>(s.start), grad, states, correction, scales, maps: self.maps, factors }
         }
     }
 
@@ -424,12 +461,12 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
 
     /// Per-tensor sums of every pass: the rule's (zeros when it has none), or with `orthograd`
     /// the projection's; and with row sums, each unit's (as [`RuleBatch::pass_sums_by_row`]).
-    fn tensor_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factors: &[R]) -> (Vec<[f64; MAX_SUMS]>, Vec<[f64; MAX_SUMS]>) {
+    fn tensor_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factors: &[R], reads: &[TensorFactors]) -> (Vec<[f64; MAX_SUMS]>, Vec<[f64; MAX_SUMS]>) {
         let mut sums = vec![[0.0; MAX_SUMS]; self.batch.params.len()];
         let mut rows = Vec::new();
         for pass in 0..self.sum_passes() {
             let by_row;
-            (sums, by_row) = self.pass_sums_by_row::<R, P, G, S>(factors, pass, sums);
+            (sums, by_row) = self.pass_sums_by_row::<R, P, G, S>(factors, reads, pass, sums);
             if !by_row.is_empty() {
                 rows = by_row;
             }
@@ -438,9 +475,16 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
     }
 
     /// The per-tensor sums of read-only pass `pass` combined into `sums` (those of the earlier
-    /// passes); `factors[t]` multiplies tensor `t`'s gradient as loaded.
-    fn pass_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factors: &[R], pass: usize, sums: Vec<[f64; MAX_SUMS]>) -> Vec<[f64; MAX_SUMS]> {
-        self.pass_sums_by_row::<R, P, G, S>(factors, pass, sums).0
+    /// passes); `factors[t]` multiplies tensor `t`'s gradient as loaded; `reads`: what the
+    /// elements of a rule with factored state read (else empty).
+    fn pass_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
+        &self,
+        factors: &[R],
+        reads: &[TensorFactors],
+        pass: usize,
+        sums: Vec<[f64; MAX_SUMS]>,
+    ) -> Vec<[f64; MAX_SUMS]> {
+        self.pass_sums_by_row::<R, P, G, S>(factors, reads, pass, sums).0
     }
 
     /// [`RuleBatch::pass_sums`], and the sums of each unit that is a row (one entry per unit,
@@ -449,6 +493,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
     fn pass_sums_by_row<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
         &self,
         factors: &[R],
+        reads: &[TensorFactors],
         pass: usize,
         mut sums: Vec<[f64; MAX_SUMS]>,
     ) -> (Vec<[f64; MAX_SUMS]>, Vec<[f64; MAX_SUMS]>) {
@@ -466,7 +511,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             let s = self.in_tensor(s);
             // SAFETY: validated views; the pass only reads.
             unsafe {
-                let (ptrs, factor) = (self.span_ptrs::<R, P, G, S>(s), factors[s.tensor]);
+                let (ptrs, factor) = (self.span_ptrs::<R, P, G, S>(s, reads), factors[s.tensor]);
                 if self.options.orthograd.is_some() {
                     kernel::projection_sums::<R, P, G>(factor, ptrs.param, ptrs.correction, ptrs.grad, s.len)
                 } else if Ru::SUMS > 0 {
@@ -490,6 +535,81 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             self.rule.fold_row(row, u.len, &mut sums[u.tensor]);
         }
         (sums, rows)
+    }
+
+    /// For a rule with factored state ([`Rule::FACTORED`]; else nothing): the sums of
+    /// [`Rule::factor_term`] over every row and column of every matrix (folded in span order),
+    /// each matrix's factors updated from them ([`Rule::update_factors`]) and, with `store`,
+    /// written to its slots, and what its elements read ([`Rule::factor_reads`] of the factors as
+    /// stored: rounded to the state's dtype also without `store`). `factors[t]` multiplies
+    /// tensor `t`'s gradient as loaded.
+    fn factor_reads<R: Real, G: Elem<R>, S: Elem<R>>(&self, factors: &[R], store: bool) -> Vec<TensorFactors> {
+        if !Ru::FACTORED {
+            return Vec::new();
+        }
+        let b = self.batch;
+        let dims: Vec<(usize, usize)> = b
+            .matrices
+            .iter()
+            .map(|m| match *m {
+                Matrices::RowMajor { rows, cols } => (rows, cols),
+                _ => unreachable!("check_matrices refuses other tensors"),
+            })
+            .collect();
+        let matrices = |t: usize| b.params[t].numel().checked_div(dims[t].0 * dims[t].1).unwrap_or(0);
+        let parts = map_spans(&self.unit_lens(), 1, |s| {
+            let (n_rows, n_cols) = dims[s.tensor];
+            // SAFETY: validated gradients of numel elements of G; the span lies inside; read only.
+            unsafe { kernel::factor_sums::<Ru, R, G>(&self.rule, factors[s.tensor], b.grads[s.tensor].at::<G>(s.start), s.start, s.len, n_rows, n_cols) }
+        });
+        let mut row_sums: Vec<Vec<f64>> = (0..b.params.len()).map(|t| vec![0.0; matrices(t) * dims[t].0]).collect();
+        let mut col_sums: Vec<Vec<f64>> = (0..b.params.len()).map(|t| vec![0.0; matrices(t) * dims[t].1]).collect();
+        for (s, part) in parts {
+            for (total, x) in row_sums[s.tensor][part.first_row..].iter_mut().zip(&part.rows) {
+                *total += x;
+            }
+            for (total, x) in col_sums[s.tensor][part.first_col..].iter_mut().zip(&part.cols) {
+                *total += x;
+            }
+        }
+        let scratch = |mem: &[S], vals: &mut [R]| {
+            let mut copy = mem.to_vec();
+            S::store(vals, &mut copy);
+            S::load(&copy, vals);
+        };
+        (0..b.params.len())
+            .map(|t| {
+                let (n_rows, n_cols) = dims[t];
+                let (row_len, col_len) = (row_sums[t].len(), col_sums[t].len());
+                // SAFETY: validated slots of `matrices(t)` rows (cols) of S on the CPU, alive for the
+                // call and accessed by nobody else (check_no_shared_outputs).
+                let (row_mem, col_mem) = unsafe {
+                    let slot = |k: usize, len: usize| std::slice::from_raw_parts_mut(b.states[t * b.slots() + k].at::<S>(0), len);
+                    (slot(0, row_len), slot(1, col_len))
+                };
+                let (mut rows, mut cols) = (vec![R::ZERO; row_len], vec![R::ZERO; col_len]);
+                S::load(row_mem, &mut rows);
+                S::load(col_mem, &mut cols);
+                let scalars = self.scalars(t);
+                let per_matrix = rows.chunks_mut(n_rows.max(1)).zip(cols.chunks_mut(n_cols.max(1)));
+                for (m, (r, c)) in per_matrix.enumerate() {
+                    self.rule.update_factors(&scalars, &row_sums[t][m * n_rows..][..n_rows], &col_sums[t][m * n_cols..][..n_cols], r, c);
+                }
+                if store {
+                    S::store(&rows, row_mem);
+                    S::store(&cols, col_mem);
+                    S::load(row_mem, &mut rows);
+                    S::load(col_mem, &mut cols);
+                } else {
+                    scratch(row_mem, &mut rows);
+                    scratch(col_mem, &mut cols);
+                }
+                for (r, c) in rows.chunks_mut(n_rows.max(1)).zip(cols.chunks_mut(n_cols.max(1))) {
+                    self.rule.factor_reads(r, c);
+                }
+                TensorFactors { rows: rows.iter().map(|x| x.to_f64()).collect(), cols: cols.iter().map(|x| x.to_f64()).collect() }
+            })
+            .collect()
     }
 
     /// Coefficients of every tensor, from the rule's per-tensor sums (None: zeros, for a rule
@@ -534,22 +654,24 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             None => vec![R::from_f64(base); self.batch.params.len()],
         };
         let unscale = scaling.grad_scale.map(|s| R::from_f64(1.0 / s));
+        // Factored state: updated (stored) before the update's sums, only read for a sums pass.
+        let reads = self.factor_reads::<R, G, S>(&factors, matches!(pass, Pass::Update(_)));
         let own;
         // With row sums: each unit's (those of the rows; given tensor sums come without them)
         let mut rows = Vec::new();
         let sums = match pass {
             Pass::Update(Some(given)) => {
                 if Ru::ROW_SUMS {
-                    rows = self.pass_sums_by_row::<R, P, G, S>(&factors, Ru::SUM_PASSES - 1, given.to_vec()).1;
+                    rows = self.pass_sums_by_row::<R, P, G, S>(&factors, &reads, Ru::SUM_PASSES - 1, given.to_vec()).1;
                 }
                 Some(given)
             }
             Pass::Sums(pass, prior) => {
                 let prior = prior.unwrap_or_else(|| vec![[0.0; MAX_SUMS]; self.batch.params.len()]);
-                return self.pass_sums::<R, P, G, S>(&factors, pass, prior);
+                return self.pass_sums::<R, P, G, S>(&factors, &reads, pass, prior);
             }
             Pass::Update(None) if self.options.orthograd.is_some() || Ru::SUMS > 0 => {
-                (own, rows) = self.tensor_sums::<R, P, G, S>(&factors);
+                (own, rows) = self.tensor_sums::<R, P, G, S>(&factors, &reads);
                 Some(&own[..])
             }
             Pass::Update(None) => None,
@@ -585,7 +707,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             // S (states) on the CPU; spans are disjoint ranges inside them, so each element is
             // touched by one thread only; the tensors are kept alive by the caller.
             let xf = GradTransform { factor: factors[s.tensor], unscale };
-            unsafe { kernel::update_span::<Ru, R, P, G, S>(c, &xf, projection, rounding, self.span_ptrs::<R, P, G, S>(s), s.len) };
+            unsafe { kernel::update_span::<Ru, R, P, G, S>(c, &xf, projection, rounding, self.span_ptrs::<R, P, G, S>(s, &reads), s.len) };
         });
         Vec::new()
     }

@@ -251,6 +251,13 @@ impl RuleVisitor for Planner<'_> {
                 Ru::INFO.name
             )));
         }
+        if Ru::FACTORED {
+            return Err(Error::Cuda(format!(
+                "rule '{}' keeps factored state (row and column statistics), which the CUDA backend does not update yet; keep \
+                 these parameters on the CPU",
+                Ru::INFO.name
+            )));
+        }
         let program = Program::of::<Ru>()?;
         if b.scalars.iter().any(|s| s.dtype() != DType::F32) {
             return Err(Error::DType("scalar state of CUDA parameters (e.g. 'step') must be float32".into()));

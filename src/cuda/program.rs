@@ -37,7 +37,7 @@ pub struct Program {
     rule: &'static str,
     fields: &'static [&'static str],
     counts: [(&'static str, usize); 8],
-    bools: [(&'static str, bool); 4],
+    bools: [(&'static str, bool); 5],
 }
 
 impl Program {
@@ -68,6 +68,9 @@ impl Program {
                 ("EF_SUMS_READ_PARAM", Ru::SUMS_READ_PARAM),
                 // sums gathered per row and folded per tensor (`fold_row`, `row_coeffs`)
                 ("EF_ROW_SUMS", Ru::ROW_SUMS),
+                // factored state: a value per row and one per column (`factor_term`, `update_factors`,
+                // `factor_reads`)
+                ("EF_FACTORED", Ru::FACTORED),
             ],
         })
     }

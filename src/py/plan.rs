@@ -60,12 +60,16 @@ pub struct Group {
     /// of (a DTensor's local shard), or None: every parameter is whole. Stochastic rounding draws
     /// element `i`'s bits at position `offset + i`, so a sharded step rounds as the whole one.
     offsets: Option<Vec<u64>>,
+    /// For messages: the index of the param group the tensors belong to (one group may be passed
+    /// as several calls) and each parameter's index in it, or None: the call's index and the
+    /// parameters' indices in the call.
+    place: Option<(usize, Vec<usize>)>,
 }
 
 #[pymethods]
 impl Group {
     #[new]
-    #[pyo3(signature = (*, hyper, params, inputs=None, states=None, slots=None, scalars=None, offsets=None))]
+    #[pyo3(signature = (*, hyper, params, inputs=None, states=None, slots=None, scalars=None, offsets=None, place=None))]
     #[allow(clippy::too_many_arguments)] // (keyword arguments of the Python constructor)
     fn new(
         py: Python<'_>,
@@ -76,9 +80,10 @@ impl Group {
         slots: Option<Py<PyTuple>>,
         scalars: Option<Py<PyTuple>>,
         offsets: Option<Vec<u64>>,
+        place: Option<(usize, Vec<usize>)>,
     ) -> Group {
         let empty = || PyTuple::empty(py).unbind();
-        Group { hyper, params, inputs, states, slots: slots.unwrap_or_else(empty), scalars: scalars.unwrap_or_else(empty), offsets }
+        Group { hyper, params, inputs, states, slots: slots.unwrap_or_else(empty), scalars: scalars.unwrap_or_else(empty), offsets, place }
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
@@ -94,10 +99,10 @@ impl Group {
     }
 }
 
-/// Where a tensor of a plan sits, for messages: call, parameter index, which tensor.
+/// Where a tensor of a plan sits, for messages: param group, parameter index, which tensor.
 #[derive(Clone, Copy)]
 struct Role {
-    call: u32,
+    group: u32,
     index: u32,
     what: What,
 }
@@ -119,17 +124,39 @@ struct Roles {
 
 impl Roles {
     fn describe(&self, i: usize) -> String {
-        let Role { call, index, what } = self.roles[i];
+        let Role { group, index, what } = self.roles[i];
         match what {
-            What::Param => format!("param group {call}, parameter {index}"),
-            What::Input => format!("param group {call}, grad {index}"),
-            What::State(k) => format!("param group {call}, parameter {index}: state '{}'", self.names[k as usize]),
+            What::Param => format!("param group {group}, parameter {index}"),
+            What::Input => format!("param group {group}, grad {index}"),
+            What::State(k) => format!("param group {group}, parameter {index}: state '{}'", self.names[k as usize]),
         }
     }
 
-    fn push(&mut self, call: usize, index: usize, what: What) {
+    fn push(&mut self, place: &Place, i: usize, what: What) {
         // u32 keeps the table small; a step over more than 4 billion tensors is not a real case.
-        self.roles.push(Role { call: call as u32, index: index as u32, what });
+        self.roles.push(Role { group: place.group as u32, index: place.positions[i] as u32, what });
+    }
+}
+
+/// Where the tensors of one call sit, for messages: their param group and each parameter's index
+/// in it.
+#[derive(Clone)]
+struct Place {
+    group: usize,
+    positions: Vec<usize>,
+}
+
+impl Place {
+    /// The place Python gave a call (checked against its `n` parameters), else the call's index
+    /// and the parameters' indices in it.
+    fn of(given: &Option<(usize, Vec<usize>)>, call: usize, n: usize) -> Result<Place> {
+        match given {
+            Some((_, positions)) if positions.len() != n => {
+                Err(Error::Value(format!("param group {call}: {} positions given for {n} parameters", positions.len())))
+            }
+            Some((group, positions)) => Ok(Place { group: *group, positions: positions.clone() }),
+            None => Ok(Place { group: call, positions: (0..n).collect() }),
+        }
     }
 }
 
@@ -159,6 +186,8 @@ struct Call {
     dicts: Vec<Py<PyDict>>,
     /// Each parameter's position in its whole tensor ([`Group`]'s `offsets`; empty: all 0).
     offsets: Vec<usize>,
+    /// Where its tensors sit, for messages.
+    place: Place,
     batches: Vec<Batch>,
 }
 
@@ -212,10 +241,10 @@ struct Gathered<'py> {
 }
 
 impl<'py> Gathered<'py> {
-    fn push_list(&mut self, list: &Bound<'py, PyList>, call: usize, what: What) {
+    fn push_list(&mut self, list: &Bound<'py, PyList>, place: &Place, what: What) {
         for (i, obj) in list.iter().enumerate() {
             self.objs.push(obj);
-            self.roles.push(call, i, what);
+            self.roles.push(place, i, what);
         }
     }
 
@@ -256,16 +285,17 @@ impl StepPlan {
             hypers.push(hyper_from(g.hyper.bind(py))?);
             let params = g.params.bind(py);
             let (base, n) = (kept.objs.len(), params.len());
-            kept.push_list(params, ci, What::Param);
+            let place = Place::of(&g.place, ci, n)?;
+            kept.push_list(params, &place, What::Param);
             let inputs = match (&g.inputs, watch.is_some() || grads_given) {
                 (None, _) => Inputs::None,
                 (Some(inputs), false) => {
-                    kept.push_list(inputs.bind(py), ci, What::Input);
+                    kept.push_list(inputs.bind(py), &place, What::Input);
                     Inputs::Fixed
                 }
                 (Some(inputs), true) => {
                     let first = grads.objs.len();
-                    grads.push_list(inputs.bind(py), ci, What::Input);
+                    grads.push_list(inputs.bind(py), &place, What::Input);
                     Inputs::Grads(first)
                 }
             };
@@ -286,7 +316,7 @@ impl StepPlan {
                         .map_err(|e| Error::Value(e.to_string()))?
                         .ok_or_else(|| Error::Value(format!("param group {ci}, parameter {i}: state has no '{key}'")))?;
                     kept.objs.push(t);
-                    kept.roles.push(ci, i, What::State(k));
+                    kept.roles.push(&place, i, What::State(k));
                 }
             }
             let keys = slots.iter().chain(&scalars).map(|k| k.clone().unbind()).collect();
@@ -299,6 +329,7 @@ impl StepPlan {
                 keys,
                 dicts: dicts.into_iter().map(Bound::unbind).collect(),
                 offsets,
+                place,
                 batches: Vec::new(),
             });
             let lens_ok = [g.inputs.as_ref().map(|l| l.bind(py).len()), g.states.as_ref().map(|l| l.bind(py).len()), g.offsets.as_ref().map(Vec::len)]
@@ -312,8 +343,8 @@ impl StepPlan {
         let kept_infos = kept.infos()?;
         let grad_infos = grads.infos()?;
         for (ci, call) in calls.iter_mut().enumerate() {
-            let tensors = call_tensors(call, &kept_infos, &grad_infos);
-            call.batches = split_group(who, ci, &tensors)?;
+            let tensors = call_tensors(call, &kept_infos, &grad_infos, crate::rules::factored(rule, &hypers[ci])?);
+            call.batches = split_group(who, &tensors)?;
         }
         let written = index_written(who, &calls, &kept_infos, &grad_infos, &kept.roles, &grads.roles)?;
         let watched = match watch {
@@ -370,7 +401,7 @@ fn overlap_error(who: &str, a: &str, b: &str) -> Error {
 }
 
 /// A call's tensors as `split_group` takes them.
-fn call_tensors(call: &Call, kept: &[TensorInfo], grads: &[TensorInfo]) -> GroupTensors {
+fn call_tensors(call: &Call, kept: &[TensorInfo], grads: &[TensorInfo], factored: bool) -> GroupTensors {
     let n = call.n;
     let list = |start: usize| kept[start..start + n].to_vec();
     let grads = match call.inputs {
@@ -390,6 +421,9 @@ fn call_tensors(call: &Call, kept: &[TensorInfo], grads: &[TensorInfo]) -> Group
         scalar_names: names(scalar_keys),
         scalars,
         offsets: call.offsets.clone(),
+        factored,
+        group: call.place.group,
+        positions: call.place.positions.clone(),
     }
 }
 

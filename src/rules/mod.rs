@@ -4,6 +4,7 @@
 
 pub mod adabelief;
 pub mod adabound;
+pub mod adafactor;
 pub mod adahessian;
 pub mod adam;
 pub mod adamod;
@@ -214,6 +215,28 @@ pub trait Rule: Params + Send + Sync + 'static {
     fn row_coeffs<R: Real>(&self, c: &Self::Coeffs<R>, _tensor: &[f64; MAX_SUMS], _row: &[f64; MAX_SUMS]) -> Self::Coeffs<R> {
         *c
     }
+    /// Whether the rule keeps factored state (Adafactor's second moment). Every tensor it updates
+    /// has two or more dimensions and is seen as a stack of matrices: its last two dimensions, the
+    /// leading ones indexing the matrices. Its two slots are not shaped like it: slot 0 holds one
+    /// value per row of each matrix (shape `[..., rows, 1]`), slot 1 one per column
+    /// (`[..., 1, cols]`). Before the sums passes of the matrix's tensor, the driver adds
+    /// [`Rule::factor_term`] over every row and every column, [`Rule::update_factors`] rewrites
+    /// both slots from these sums (on the host, once per matrix), and [`Rule::factor_reads`] turns
+    /// the stored slots into what each element then reads as `s[0]` (its row's value) and `s[1]`
+    /// (its column's) in the sums passes and the update; the drivers write no slot back.
+    const FACTORED: bool = false;
+    /// One element's contribution to the sums of its row and of its column.
+    #[inline(always)]
+    fn factor_term<R: Real>(&self, _g: R) -> f64 {
+        0.0
+    }
+    /// Update one matrix's factors in place: `rows` (slot 0) and `cols` (slot 1) from the sums of
+    /// [`Rule::factor_term`] over each row and each column, given the tensor's scalar state before
+    /// the step.
+    fn update_factors<R: Real>(&self, _scalars: &[f64; MAX_SCALARS], _row_sums: &[f64], _col_sums: &[f64], _rows: &mut [R], _cols: &mut [R]) {}
+    /// What the elements of one matrix read, in place of its stored factors: `rows` becomes each
+    /// row's `s[0]`, `cols` each column's `s[1]`.
+    fn factor_reads<R: Real>(&self, _rows: &mut [R], _cols: &mut [R]) {}
 }
 
 /// Fold `part` (a pass's partial sums) into `total`: added, or for the sums in `max_mask`, the
@@ -274,6 +297,7 @@ registry! {
     momo::ADAM_INFO => momo::visit_adam,
     adahessian::INFO => adahessian::visit,
     adamp::INFO => adamp::visit,
+    adafactor::INFO => adafactor::visit,
     // weight averaging (spec averaging.md D.1)
     ema::INFO => ema::visit,
     ema::MULTI_INFO => ema::visit_multi,
@@ -324,6 +348,18 @@ pub fn slot_names(name: &str, hyper: &Hyper) -> Result<&'static [&'static str]> 
         }
     }
     visit_rule(name, hyper, SlotNames)
+}
+
+/// Whether the rule called `name` built from `hyper` keeps factored state ([`Rule::FACTORED`]).
+pub fn factored(name: &str, hyper: &Hyper) -> Result<bool> {
+    struct Factored;
+    impl RuleVisitor for Factored {
+        type Output = bool;
+        fn visit<Ru: Rule>(self, _rule: Ru) -> Self::Output {
+            Ru::FACTORED
+        }
+    }
+    visit_rule(name, hyper, Factored)
 }
 
 /// The per-tensor sums the rule called `name` built from `hyper` reads (none for an element-wise
@@ -470,6 +506,8 @@ pub(crate) mod tests {
         match (rule, key) {
             ("adan" | "momo_adam", "step") => vec![3.0],
             ("ema_multi", "tracks") => (1..=5).map(f64::from).collect(),
+            ("adafactor", "beta2_decay") => vec![-0.8],
+            ("adafactor", "d") => vec![1.5],
             (_, "momentum" | "weight_decay" | "beta1") => vec![0.5, 0.0],
             _ => vec![0.5],
         }
@@ -521,6 +559,7 @@ pub(crate) mod tests {
             let passes = &Ru::SUM_PASS[..Ru::SUMS];
             assert!(passes.windows(2).all(|w| w[1] == w[0] || w[1] == w[0] + 1) && passes.first().is_none_or(|&p| p <= 1), "{name}: SUM_PASS");
             assert!(!Ru::ROW_SUMS || passes.windows(2).all(|w| w[0] == w[1]), "{name}: row sums in more than one pass");
+            assert!(!Ru::FACTORED || (Ru::SLOTS == 2 && Ru::WRITTEN_SLOTS == 0 && !Ru::ROW_SUMS), "{name}: a factored rule keeps two slots it writes itself");
             assert_eq!(Ru::MAX_SUMS_MASK >> Ru::SUMS, 0, "{name}: a maximum past SUMS");
             assert_eq!(Ru::PARAM_NAMES.len(), rule.param_words().len(), "{name}");
             let unique = |names: &[&str]| names.iter().collect::<HashSet<_>>().len() == names.len();

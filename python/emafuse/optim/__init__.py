@@ -2,6 +2,7 @@
 
 from .adabelief import AdaBelief
 from .adabound import AdaBound, AdaBoundW
+from .adafactor import Adafactor
 from .adahessian import AdaHessian
 from .adam import Adam, AdamW
 from .adamod import AdaMod
@@ -27,6 +28,7 @@ __all__ = [
     "AdaHessian",
     "AdaMod",
     "AdaMomentum",
+    "Adafactor",
     "Adam",
     "AdamP",
     "AdamW",

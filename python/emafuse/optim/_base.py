@@ -310,6 +310,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The rule's numbers and flags for ``group``."""
         raise NotImplementedError
 
+    def _param_flags(self, p: Tensor) -> dict[str, bool]:
+        """The rule's flags that follow the parameter rather than its group (e.g. Adafactor's
+        ``factored`` for tensors of two or more dimensions): its native call carries them, and its
+        state slots are those of the group's flags with these."""
+        return {}
+
+    def _new_slot(self, p: Tensor, name: str, dtype: torch.dtype) -> Tensor:
+        """A new state slot ``name`` of ``p`` holding zeros (shaped like ``p`` unless an optimizer
+        keeps other shapes, e.g. Adafactor's row and column factors)."""
+        return _precision.new_slot(p, name, dtype)
+
     def _global_hypers(self, calls: list[_Call], sums: list[Tensor], hypers: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """With ``_reads_global_sums``: each call's hyper-parameters for the update, given
         ``hypers`` (those of the sums pass) and the per-tensor sums of every call (``sums[i]``: an
@@ -538,7 +549,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         st: dict[str, Tensor] = {key: _scalar_state(p, 0.0, self._scalar_dtype(key)) for key in self._scalar_keys}
         dtype = self._state_dtype(p, group)
         for name in slots:
-            st[name] = _precision.new_slot(p, name, dtype)
+            st[name] = self._new_slot(p, name, dtype)
         return st
 
     # -- the step ----------------------------------------------------------------------------
@@ -769,7 +780,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         created: dict[Tensor, dict[str, Tensor]] = {}
         sparse: list[Tensor] = []
         for gi, group in enumerate(self.param_groups):
-            self._collect(gi, group, slots[gi], calls, created, sparse)
+            self._collect(gi, group, hypers[gi], slots[gi], calls, created, sparse)
         if request is not None and request.targets:
             calls = _with_fused_average(calls, request)
         if not calls and not sparse:
@@ -794,6 +805,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self,
         gi: int,
         group: dict[str, Any],
+        hyper: dict[str, Any],
         slots: tuple[str, ...],
         calls: list[_Call],
         created: dict[Tensor, dict[str, Tensor]],
@@ -801,17 +813,20 @@ class FusedOptimizer(torch.optim.Optimizer):
     ) -> None:
         """Append group ``gi``'s native call(s): its parameters with a gradient, with their state
         (completed where missing: ``created``), fresh state in a call of its own for rules that
-        are told (``_flags_fresh_state``); parameters with a sparse gradient go to ``sparse``
-        where the optimizer steps them itself (``_step_sparse``)."""
+        are told (``_flags_fresh_state``), parameters with other flags of their own
+        (``_param_flags``, with the slots those flags keep) in calls of their own; parameters with
+        a sparse gradient go to ``sparse`` where the optimizer steps them itself
+        (``_step_sparse``)."""
         scalar_keys = self._scalar_keys
         keeps_state = bool(slots) or bool(scalar_keys)
         stateless = _Call(gi, {}, slots, scalar_keys, False)
         # One call per stored layout (8-bit state adds the slots' scales; a 16-bit parameter's
-        # weight correction comes last) and per fresh-state flag.
-        calls_by: dict[tuple[tuple[str, ...], bool], _Call] = {}
+        # weight correction comes last), per fresh-state flag and per parameter flags.
+        calls_by: dict[tuple[tuple[str, ...], bool, tuple], _Call] = {}
+        flagged_slots: dict[tuple, tuple[str, ...]] = {(): slots}
         get_state = self.state.get
         sparse_ok = self._supports_sparse_grads
-        for p in group["params"]:
+        for position, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
@@ -827,13 +842,17 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             corrects = _precision.corrects(group, p)
             if not keeps_state and not corrects:
-                stateless.add(p, g, None)
+                stateless.add(p, g, None, position)
                 continue
+            flags = tuple(self._param_flags(p).items())
+            p_slots = flagged_slots.get(flags)
+            if p_slots is None:
+                p_slots = flagged_slots[flags] = self._slots({**hyper, **dict(flags)})
             st = get_state(p)
-            quantized = _precision.is_quantized(st, slots)
+            quantized = _precision.is_quantized(st, p_slots)
             if quantized is None:
-                quantized = bool(slots) and self._state_dtype(p, group) == torch.uint8
-            needed = _precision.stored_slots(slots, quantized) + ((WEIGHT_CORRECTION,) if corrects else ())
+                quantized = bool(p_slots) and self._state_dtype(p, group) == torch.uint8
+            needed = _precision.stored_slots(p_slots, quantized) + ((WEIGHT_CORRECTION,) if corrects else ())
             is_new = False
             if st is None or any(k not in st for k in chain(needed, scalar_keys)):
                 st, is_new = self._complete_state(p, st, needed, group, created)
@@ -844,10 +863,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 # weight_correction was switched off: the correction would go stale
                 st = created[p] = {k: v for k, v in st.items() if k != WEIGHT_CORRECTION}
             first = is_new and self._flags_fresh_state
-            call = calls_by.get((needed, first))
+            call = calls_by.get((needed, first, flags))
             if call is None:
-                call = calls_by[needed, first] = _Call(gi, {"first": True} if first else {}, needed, scalar_keys, True)
-            call.add(p, g, st)
+                extra = {"first": True, **dict(flags)} if first else dict(flags)
+                call = calls_by[needed, first, flags] = _Call(gi, extra, needed, scalar_keys, True)
+            call.add(p, g, st, position)
         calls.extend(c for c in (stateless, *calls_by.values()) if c.params)
 
     def _check_operands(self, gi: int, p: Tensor, g: Tensor) -> None:
@@ -897,7 +917,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         present = [st[name] for name in slots if name in st and name != WEIGHT_CORRECTION and not name.endswith(_precision.ABSMAX_SUFFIX)]
         dtype = present[0].dtype if present else self._state_dtype(p, group)
         for name in missing:
-            fixed[name] = _precision.new_slot(p, name, dtype)
+            fixed[name] = self._new_slot(p, name, dtype)
         created[p] = fixed
         return fixed, False
 
@@ -966,7 +986,7 @@ class _Call:
     """The tensors of one native call while a plan is collected: a parameter group's parameters
     with a gradient (or those among them that share ``extra`` flags)."""
 
-    __slots__ = ("extra", "grads", "group_index", "offsets", "params", "scalars", "slots", "states")
+    __slots__ = ("extra", "grads", "group_index", "offsets", "params", "positions", "scalars", "slots", "states")
 
     def __init__(self, group_index: int, extra: dict[str, Any], slots: tuple[str, ...], scalars: tuple[str, ...], keeps_state: bool) -> None:
         self.group_index = group_index
@@ -976,12 +996,15 @@ class _Call:
         self.params: list[Tensor] = []
         self.grads: list[Tensor] = []
         self.states: list[dict[str, Tensor]] | None = [] if keeps_state else None
+        # each parameter's index in its param group (for the engine's messages)
+        self.positions: list[int] = []
         # shards of DTensors: each local shard's position in its whole tensor (_dtensor.flat_offset)
         self.offsets: list[int] | None = None
 
-    def add(self, p: Tensor, g: Tensor, st: dict[str, Tensor] | None) -> None:
+    def add(self, p: Tensor, g: Tensor, st: dict[str, Tensor] | None, position: int) -> None:
         self.params.append(p)
         self.grads.append(g)
+        self.positions.append(position)
         if self.states is not None:
             self.states.append(st)  # type: ignore[arg-type]
 
@@ -997,6 +1020,7 @@ class _Call:
             slots=self.slots,
             scalars=self.scalars,
             offsets=self.offsets,
+            place=(self.group_index, self.positions),
         )
 
 
@@ -1178,6 +1202,7 @@ def _local_calls(
         local.params, local.grads, local.states, local.offsets = _dtensor.local_call(
             c.params, c.grads, c.states, c.slots, who, scales=[k for k in c.slots if k.endswith(_precision.ABSMAX_SUFFIX)]
         )
+        local.positions = c.positions
         originals.append(list(c.params))
         summed.append(c.params if _native.rule_sums(rule, c.hyper(hypers[c.group_index])) else [])
         out.append(local)
@@ -1196,11 +1221,11 @@ def _with_fused_average(calls: list[_Call], request: FusedRequest) -> list[_Call
             continue
         fused = _Call(c.group_index, {"ema": True, "ema_weight": weight}, c.slots + ("ema",), c.scalars, True)
         rest = _Call(c.group_index, {}, c.slots, c.scalars, True)
-        for p, g, st in zip(c.params, c.grads, c.states):
+        for p, g, st, position in zip(c.params, c.grads, c.states, c.positions):
             e = targets.get(p)
             if e is not None and e.dtype == p.dtype and all(st[name].dtype == e.dtype for name in c.slots):
-                fused.add(p, g, {**st, "ema": e})
+                fused.add(p, g, {**st, "ema": e}, position)
             else:
-                rest.add(p, g, st)
+                rest.add(p, g, st, position)
         out.extend(x for x in (fused, rest) if x.params)
     return out

@@ -1,0 +1,108 @@
+// Adafactor: the CUDA twin of src/rules/adafactor.rs (same coefficients, same per-element operation
+// order, the same factor update and reads; checked against it on the CPU by
+// tests/test_cuda_sources.py, the factored statistics included). The CUDA launcher does not gather
+// row and column statistics yet: it refuses rules with factored state, so this header runs in the
+// host checks only today.
+#pragma once
+#include "common.cuh"
+
+template <bool FACTORED, bool DECAY>
+struct Adafactor {
+    template <class R>
+    struct Coeffs {
+        EfLerp<R> lerp;
+        R eps1_sq, decay, neg_step;
+    };
+
+    // The weight of new data t^beta2_decay of the step after `step`.
+    EF_FN static double weight(const EfHyper& h, double step) { return EF_POW_D(step + 1.0, h.beta2_decay); }
+
+    // U = g / sqrt(max(V, eps1^2)).
+    template <class R>
+    EF_FN static R direction(R eps1_sq, R vhat, R g) { return R(1) / ef_sqrt(ef_max_nan(vhat, eps1_sq)) * g; }
+
+    // V: the row's value times the column's (FACTORED), else the new variance.
+    template <class R>
+    EF_FN static R estimate(const EfLerp<R>& lerp, R g, const R* s) { return FACTORED ? s[0] * s[1] : lerp.apply(s[0], g * g); }
+
+    // {|p|^2, |U|^2, numel}.
+    template <class R>
+    EF_FN static void count(R eps1_sq, const EfLerp<R>& lerp, R p, R g, const R* s, double* sums) {
+        const double u = (double)direction(eps1_sq, estimate(lerp, g, s), g), w = (double)p;
+        sums[0] += w * w;
+        sums[1] += u * u;
+        sums[2] += 1.0;
+    }
+
+    template <class R>
+    EF_FN static Coeffs<R> coeffs(const EfHyper& h, double* scalars, const double* sums) {
+        const double w = weight(h, scalars[0]), t = scalars[0] + 1.0;
+        scalars[0] = t;
+        const double root_n = EF_SQRT_D(sums[2]), rms = EF_SQRT_D(sums[0]) / root_n, inv = 1.0 / EF_SQRT_D(t);
+        const double alpha = (rms > h.eps2 ? rms : h.eps2) * (inv < h.lr ? inv : h.lr);  // f64::max, f64::min
+        const double clip = EF_SQRT_D(sums[1]) / (root_n * h.d);
+        Coeffs<R> c;
+        c.lerp = EfLerp<R>::make(w);
+        c.eps1_sq = R(h.eps1 * h.eps1);
+        c.decay = R(1.0 - h.lr * h.weight_decay);
+        c.neg_step = R(-alpha / (clip > 1.0 ? clip : 1.0));
+        return c;
+    }
+
+    template <class R>
+    EF_FN static R update(const Coeffs<R>& c, R p, R g, R* s) {
+        const R vhat = estimate(c.lerp, g, s);
+        if (!FACTORED) s[0] = vhat;
+        if (DECAY) p = p * c.decay;
+        return p + c.neg_step * direction(c.eps1_sq, vhat, g);
+    }
+
+    // FACTORED: the sums in pass 0 (the factors are already new).
+    template <class R>
+    EF_FN static void accumulate(const EfHyper& h, R p, R g, const R* s, double* sums) {
+        if (FACTORED) count(R(h.eps1 * h.eps1), EfLerp<R>::make(0.0), p, g, s, sums);
+    }
+
+    // Not FACTORED: pass 1 reads the weight of new data and eps1^2.
+    EF_FN static void prepare(const EfHyper& h, int, const double* sc, const double*, double* out) {
+        out[0] = weight(h, sc[0]);
+        out[1] = h.eps1 * h.eps1;
+    }
+
+    template <class R>
+    EF_FN static void accumulate_after(const EfHyper&, int, const R* prior, R p, R g, const R* s, double* sums) {
+        count(prior[1], EfLerp<R>::make((double)prior[0]), p, g, s, sums);
+    }
+
+    // One element's part of its row's and its column's sums.
+    template <class R>
+    EF_FN static double factor_term(const EfHyper&, R g) {
+        const double x = (double)g;
+        return x * x;
+    }
+
+    // One matrix's factors from the sums of its rows and columns: R <- lerp(R, |row|^2/cols, w),
+    // C <- lerp(C, |column|^2/rows, w), the norm rounded to R first.
+    template <class R>
+    EF_FN static void update_factors(const EfHyper& h, const double* sc, const double* row_sums, const double* col_sums, R* rows, R* cols,
+                                     long long n_rows, long long n_cols) {
+        const EfLerp<R> lerp = EfLerp<R>::make(weight(h, sc[0]));
+        for (long long r = 0; r < n_rows; ++r) {
+            const R norm = R(EF_SQRT_D(row_sums[r]));
+            rows[r] = lerp.apply(rows[r], norm * norm / R((double)n_cols));
+        }
+        for (long long c = 0; c < n_cols; ++c) {
+            const R norm = R(EF_SQRT_D(col_sums[c]));
+            cols[c] = lerp.apply(cols[c], norm * norm / R((double)n_rows));
+        }
+    }
+
+    // What the elements read: rows R, columns C / max(mean of R, eps1).
+    template <class R>
+    EF_FN static void factor_reads(const EfHyper& h, R* rows, R* cols, long long n_rows, long long n_cols) {
+        double sum = 0.0;
+        for (long long r = 0; r < n_rows; ++r) sum += (double)rows[r];
+        const R divisor = ef_max_nan(R(sum / (double)n_rows), R(h.eps1));
+        for (long long c = 0; c < n_cols; ++c) cols[c] = cols[c] / divisor;
+    }
+};
