@@ -88,6 +88,13 @@ CASES = [
     # pass
     Case("AdamP", emafuse.AdamP, 44, dict(lr=1e-4, weight_decay=1e-2), "AdamP", dict(lr=1e-4, weight_decay=1e-2),
          others=(("adamp (official)", lambda ps: adamp.AdamP(ps, lr=1e-4, weight_decay=1e-2)),) if adamp is not None else ()),
+    # Adafactor's bytes for matrices: a read-only pass over g for the row and column sums, one over
+    # p and g for ‖p‖² and ‖U‖², and the update (reads p, g, writes p): 24 per parameter (vectors:
+    # 32); its peer is torch's own (pytorch_optimizer's AdaFactor is the HF variant, another rule)
+    Case("Adafactor", emafuse.Adafactor, 24, dict(lr=1e-2), others=(
+        ("torch.optim.Adafactor", lambda ps: torch.optim.Adafactor(ps, lr=1e-2)),
+        ("torch.optim.Adafactor foreach", lambda ps: torch.optim.Adafactor(ps, lr=1e-2, foreach=True)),
+    )),
     Case("AdaMod", emafuse.AdaMod, 36, dict(lr=1e-4), "AdaMod", dict(lr=1e-4)),
     Case("DiffGrad", emafuse.DiffGrad, 36, dict(lr=1e-4), "DiffGrad", dict(lr=1e-4)),
     Case("AdaBound", emafuse.AdaBound, 28, dict(lr=1e-4), "AdaBound", dict(lr=1e-4)),
@@ -169,7 +176,8 @@ def main() -> None:
         f"Memory bandwidth in the same run (median, read + written): copy {copy_gbs:.1f} GB/s, in-place {inplace_gbs:.1f} GB/s. "
         "GB/s = fp32 bytes per parameter (optimizers.md §1) x parameters / time; emafuse speed-up = peer time / emafuse time. "
         "Peers: pytorch_optimizer 4.1.0 (its default loop and `foreach=True`), heavyball 3.2.1 (eager, `compile_mode=None`) "
-        "where it has the algorithm; for MoMo the official momo-opt 0.1.0, for AdamP the official adamp 0.3.0. "
+        "where it has the algorithm; for MoMo the official momo-opt 0.1.0, for AdamP the official adamp 0.3.0, for Adafactor "
+        "torch's own (its default single-tensor loop and `foreach=True`). "
         "AdaMomentum has no packaged implementation. "
         "AdamW⊥ is `AdamW(orthograd=True)`, C-AdamW "
         "`AdamW(caution=True)`; their rows' GB/s count their 36 bytes per parameter, plain AdamW's rows included (it moves 28).\n\n" + table

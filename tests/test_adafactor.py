@@ -10,8 +10,10 @@ import torch
 from helpers import make_params, run_steps, set_grads
 from references.adafactor import RefAdafactor
 
-# Matrices with batch dimensions, single rows and columns, a conv kernel, vectors and a scalar.
-SHAPES = [(9, 13), (1, 17), (11, 1), (3, 4, 5), (2, 1, 6), (4, 3, 3, 3), (7,), (1,), ()]
+# Matrices with batch dimensions, single rows and columns, a conv kernel, vectors and a scalar;
+# and matrices the engine's work items cut (it adds their rows' and columns' sums across items):
+# long rows, many matrices of 129 × 65, short rows.
+SHAPES = [(9, 13), (1, 17), (11, 1), (3, 4, 5), (2, 1, 6), (4, 3, 3, 3), (7,), (1,), (), (300, 517), (5, 129, 65), (40000, 3)]
 
 
 def _pair(shapes, dtype, **kw):

@@ -260,33 +260,48 @@ unsafe fn sum_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
     fold_lanes(&lanes, Ru::MAX_SUMS_MASK)
 }
 
-/// The sums of [`Rule::factor_term`] over the rows and columns that one span of a tensor of
-/// matrices touches: `rows[i]` is global row `first_row + i` (rows counted over all matrices),
-/// `cols[i]` column entry `first_col + i` (entries `matrix·cols + column`).
-pub struct FactorParts {
-    pub first_row: usize,
-    pub rows: Vec<f64>,
-    pub first_col: usize,
-    pub cols: Vec<f64>,
+/// Where one span's row and column sums of [`Rule::factor_term`] go: the tensor's arrays (a
+/// value per global row, rows counted over all its matrices; one per column entry
+/// `matrix·cols + column`), which the span writes directly for the rows and matrices it holds
+/// whole (no other span touches them), and its partial sums of the ones its ends cut.
+#[derive(Copy, Clone)]
+pub struct FactorSink {
+    pub rows: *mut f64,
+    pub cols: *mut f64,
+    pub n_rows: usize,
+    pub n_cols: usize,
 }
 
+/// A span's sums of the rows and matrices its ends cut: `(global row, sum)`, and
+/// `(first column entry, sums)` of each cut matrix, to be added in span order.
+#[derive(Default)]
+pub struct FactorParts {
+    pub rows: Vec<(usize, f64)>,
+    pub cols: Vec<(usize, Vec<f64>)>,
+}
+
+/// Rows shorter than this are walked element by element (a row's run per block would cost more
+/// than its elements).
+const SHORT_ROW: usize = 64;
+
 crate::simd::widest! {
-    /// The row and column sums ([`FactorParts`]) of `rule.factor_term(g·factor)` over the `len > 0`
-    /// gradient elements at `grad`, elements `start..start + len` of a tensor of row-major
-    /// `n_rows × n_cols` matrices. Within a row the terms add into [`LANES`] lanes by position,
-    /// folded in lane order; each column's terms add in row order: the same bits for any thread
-    /// count, as the spans depend only on the sizes.
+    /// The row and column sums of `rule.factor_term(g·factor)` over the `len > 0` gradient
+    /// elements at `grad`, elements `start..start + len` of a tensor of row-major matrices (see
+    /// [`FactorSink`]): written into `sink` where the span holds the row or matrix whole, returned
+    /// where its ends cut one. Within a row the terms add into [`LANES`] lanes by position in the
+    /// span's part of the row, folded in lane order; each column's terms add in row order: the
+    /// same bits for any thread count, as the spans depend only on the sizes.
     ///
     /// # Safety
-    /// `grad` must be valid for `len` reads.
+    /// `grad` must be valid for `len` reads; `sink` must hold the tensor's arrays, zeros where
+    /// this span writes, which no other thread accesses there.
     pub unsafe fn factor_sums<Ru: Rule, R: Real, G: Elem<R>>(
         rule: &Ru,
         factor: R,
         grad: *const G,
         start: usize,
         len: usize,
-        n_rows: usize,
-        n_cols: usize,
+        sink: FactorSink,
     ) -> FactorParts = factor_sums_body;
 }
 
@@ -295,50 +310,91 @@ crate::simd::widest! {
 /// # Safety
 /// As [`factor_sums`].
 #[inline(always)]
-unsafe fn factor_sums_body<Ru: Rule, R: Real, G: Elem<R>>(
-    rule: &Ru,
-    factor: R,
-    grad: *const G,
-    start: usize,
-    len: usize,
-    n_rows: usize,
-    n_cols: usize,
-) -> FactorParts {
-    let (first_row, last_row) = (start / n_cols, (start + len - 1) / n_cols);
-    // the column entries touched: part of one row's, or every column of the matrices touched
-    let (first_col, n_entries) = if first_row == last_row {
-        (first_row / n_rows * n_cols + start % n_cols, len)
-    } else {
-        let (first, last) = (first_row / n_rows, last_row / n_rows);
-        (first * n_cols, (last - first + 1) * n_cols)
+unsafe fn factor_sums_body<Ru: Rule, R: Real, G: Elem<R>>(rule: &Ru, factor: R, grad: *const G, start: usize, len: usize, sink: FactorSink) -> FactorParts {
+    let FactorSink { n_rows, n_cols, .. } = sink;
+    let (end, size) = (start + len, n_rows * n_cols);
+    let mut parts = FactorParts::default();
+    // the cut matrices' partial column sums: the first one's, and the last one's if it is another
+    let (first, last) = (start / size, (end - 1) / size);
+    let first_cut = !start.is_multiple_of(size) || (first == last && !end.is_multiple_of(size));
+    let last_cut = last != first && !end.is_multiple_of(size);
+    let mut first_cols = vec![0.0; if first_cut { n_cols } else { 0 }];
+    let mut last_cols = vec![0.0; if last_cut { n_cols } else { 0 }];
+    // Where a matrix's column sums go: a cut one's partial sums, else the sink.
+    let cols_of = |matrix: usize, first_cols: &mut Vec<f64>, last_cols: &mut Vec<f64>| -> *mut f64 {
+        if matrix == first && first_cut {
+            first_cols.as_mut_ptr()
+        } else if matrix == last && last_cut {
+            last_cols.as_mut_ptr()
+        } else {
+            // SAFETY: the matrix lies whole in this span (per the contract, its columns are ours).
+            unsafe { sink.cols.add(matrix * n_cols) }
+        }
     };
-    let mut rows = vec![0.0; last_row - first_row + 1];
-    let mut cols = vec![0.0; n_entries];
+    let row_done = |row: usize, sum: f64, parts: &mut FactorParts| {
+        if row * n_cols >= start && (row + 1) * n_cols <= end {
+            // SAFETY: the row lies whole in this span (per the contract, its sum is ours).
+            unsafe { *sink.rows.add(row) = sum };
+        } else {
+            parts.rows.push((row, sum));
+        }
+    };
     let mut buf = [R::ZERO; BLOCK];
-    let (mut row, mut col, mut i) = (first_row, start % n_cols, 0);
-    while i < len {
-        let run = (n_cols - col).min(len - i);
-        let entries = row / n_rows * n_cols + col - first_col;
-        let mut lanes = [0.0f64; LANES];
-        let mut j = 0;
-        while j < run {
-            let n = BLOCK.min(run - j);
-            // SAFETY: inside the range the caller vouched for; read only.
-            let g = unsafe { read_block(grad.add(i + j), n, &mut buf) };
-            let out = &mut cols[entries + j..entries + j + n];
-            for (gs, cs) in g[..n].chunks(LANES).zip(out.chunks_mut(LANES)) {
-                for (l, (&x, c)) in gs.iter().zip(cs.iter_mut()).enumerate() {
+    let (mut row, mut col) = (start / n_cols, start % n_cols);
+    let mut cols = cols_of(row / n_rows, &mut first_cols, &mut last_cols);
+    // lanes of the current row, by position in this span's part of it (`k`)
+    let mut lanes = [0.0f64; LANES];
+    let mut k = 0;
+    let mut off = 0;
+    while off < len {
+        let n = BLOCK.min(len - off);
+        // SAFETY: inside the range the caller vouched for; read only.
+        let g = unsafe { read_block(grad.add(off), n, &mut buf) };
+        let mut i = 0;
+        while i < n {
+            let run = (n_cols - col).min(n - i);
+            // SAFETY: `cols` points at the n_cols column sums of the current matrix.
+            let out = unsafe { std::slice::from_raw_parts_mut(cols.add(col), run) };
+            if n_cols < SHORT_ROW {
+                for (j, (&x, c)) in g[i..i + run].iter().zip(out.iter_mut()).enumerate() {
                     let t = rule.factor_term(x * factor);
-                    lanes[l] += t;
+                    lanes[(k + j) % LANES] += t;
                     *c += t;
                 }
+            } else {
+                // the same lanes, rotated so that element j of the run adds into lane j % LANES
+                let skew = k % LANES;
+                lanes.rotate_left(skew);
+                for (gs, cs) in g[i..i + run].chunks(LANES).zip(out.chunks_mut(LANES)) {
+                    for (l, (&x, c)) in gs.iter().zip(cs.iter_mut()).enumerate() {
+                        let t = rule.factor_term(x * factor);
+                        lanes[l] += t;
+                        *c += t;
+                    }
+                }
+                lanes.rotate_right(skew);
             }
-            j += n;
+            (i, col, k) = (i + run, col + run, k + run);
+            if col == n_cols {
+                row_done(row, lanes.iter().sum(), &mut parts);
+                (lanes, k, col, row) = ([0.0; LANES], 0, 0, row + 1);
+                if row.is_multiple_of(n_rows) && off + i < len {
+                    cols = cols_of(row / n_rows, &mut first_cols, &mut last_cols);
+                }
+            }
         }
-        rows[row - first_row] = lanes.iter().sum();
-        (i, row, col) = (i + run, row + 1, 0);
+        off += n;
     }
-    FactorParts { first_row, rows, first_col, cols }
+    if col > 0 {
+        row_done(row, lanes.iter().sum(), &mut parts);
+    }
+    if first_cut {
+        parts.cols.push((first * n_cols, first_cols));
+    }
+    if last_cut {
+        parts.cols.push((last * n_cols, last_cols));
+    }
+    parts
 }
 
 /// A block of `n <= BLOCK` elements of one array as compute-type values, to read: a whole block

@@ -336,12 +336,12 @@ struct TensorFactors {
 fn check_step_counters(b: &Batch) -> Result<()> {
     let Some(k) = b.scalar_names.iter().position(|n| n == "step") else { return Ok(()) };
     let ns = b.n_scalars();
-    for (j, &member) in b.positions.iter().enumerate() {
+    for (j, &position) in b.positions.iter().enumerate() {
         // SAFETY: validated one-element CPU float tensors, alive for the call; only read.
         let step = unsafe { read_scalar(&b.scalars[j * ns + k]) };
         if !(step.is_finite() && step >= 0.0) {
             return Err(Error::Value(format!(
-                "param group {}, parameter {member}: state 'step' is {step}; a step counter must be a finite number >= 0 \
+                "param group {}, parameter {position}: state 'step' is {step}; a step counter must be a finite number >= 0 \
                  (a corrupted checkpoint?)",
                 b.group
             )));
@@ -557,19 +557,30 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             })
             .collect();
         let matrices = |t: usize| b.params[t].numel().checked_div(dims[t].0 * dims[t].1).unwrap_or(0);
-        let parts = map_spans(&self.unit_lens(), 1, |s| {
-            let (n_rows, n_cols) = dims[s.tensor];
-            // SAFETY: validated gradients of numel elements of G; the span lies inside; read only.
-            unsafe { kernel::factor_sums::<Ru, R, G>(&self.rule, factors[s.tensor], b.grads[s.tensor].at::<G>(s.start), s.start, s.len, n_rows, n_cols) }
-        });
         let mut row_sums: Vec<Vec<f64>> = (0..b.params.len()).map(|t| vec![0.0; matrices(t) * dims[t].0]).collect();
         let mut col_sums: Vec<Vec<f64>> = (0..b.params.len()).map(|t| vec![0.0; matrices(t) * dims[t].1]).collect();
+        let sinks: Vec<kernel::FactorSink> = (0..b.params.len())
+            .map(|t| kernel::FactorSink { rows: row_sums[t].as_mut_ptr(), cols: col_sums[t].as_mut_ptr(), n_rows: dims[t].0, n_cols: dims[t].1 })
+            .collect();
+        struct Sinks(Vec<kernel::FactorSink>);
+        // SAFETY: each span writes only the rows and matrices it holds whole (see `factor_sums`).
+        unsafe impl Sync for Sinks {}
+        let sinks = Sinks(sinks);
+        let parts = map_spans(&self.unit_lens(), 1, |s| {
+            let sinks = &sinks;
+            // SAFETY: validated gradients of numel elements of G, read only; the sums arrays are
+            // zeros of the tensor's rows and columns, alive until the spans ran.
+            unsafe { kernel::factor_sums::<Ru, R, G>(&self.rule, factors[s.tensor], b.grads[s.tensor].at::<G>(s.start), s.start, s.len, sinks.0[s.tensor]) }
+        });
+        // The cut rows' and matrices' sums, added in span order.
         for (s, part) in parts {
-            for (total, x) in row_sums[s.tensor][part.first_row..].iter_mut().zip(&part.rows) {
-                *total += x;
+            for (row, x) in part.rows {
+                row_sums[s.tensor][row] += x;
             }
-            for (total, x) in col_sums[s.tensor][part.first_col..].iter_mut().zip(&part.cols) {
-                *total += x;
+            for (first, cols) in part.cols {
+                for (total, x) in col_sums[s.tensor][first..].iter_mut().zip(cols) {
+                    *total += x;
+                }
             }
         }
         let scratch = |mem: &[S], vals: &mut [R]| {
@@ -590,11 +601,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
                 let (mut rows, mut cols) = (vec![R::ZERO; row_len], vec![R::ZERO; col_len]);
                 S::load(row_mem, &mut rows);
                 S::load(col_mem, &mut cols);
-                let scalars = self.scalars(t);
-                let per_matrix = rows.chunks_mut(n_rows.max(1)).zip(cols.chunks_mut(n_cols.max(1)));
-                for (m, (r, c)) in per_matrix.enumerate() {
-                    self.rule.update_factors(&scalars, &row_sums[t][m * n_rows..][..n_rows], &col_sums[t][m * n_cols..][..n_cols], r, c);
-                }
+                self.rule.update_factors(&self.scalars(t), n_rows, n_cols, &row_sums[t], &col_sums[t], &mut rows, &mut cols);
                 if store {
                     S::store(&rows, row_mem);
                     S::store(&cols, col_mem);
@@ -604,9 +611,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
                     scratch(row_mem, &mut rows);
                     scratch(col_mem, &mut cols);
                 }
-                for (r, c) in rows.chunks_mut(n_rows.max(1)).zip(cols.chunks_mut(n_cols.max(1))) {
-                    self.rule.factor_reads(r, c);
-                }
+                self.rule.factor_reads(n_rows, n_cols, &mut rows, &mut cols);
                 TensorFactors { rows: rows.iter().map(|x| x.to_f64()).collect(), cols: cols.iter().map(|x| x.to_f64()).collect() }
             })
             .collect()

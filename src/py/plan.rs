@@ -134,7 +134,9 @@ impl Roles {
 
     fn push(&mut self, place: &Place, i: usize, what: What) {
         // u32 keeps the table small; a step over more than 4 billion tensors is not a real case.
-        self.roles.push(Role { group: place.group as u32, index: place.positions[i] as u32, what });
+        // (a list longer than the parameters' is refused once gathered: its extra items keep `i`)
+        let index = place.positions.get(i).copied().unwrap_or(i);
+        self.roles.push(Role { group: place.group as u32, index: index as u32, what });
     }
 }
 

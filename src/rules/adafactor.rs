@@ -164,9 +164,19 @@ impl<const FACTORED: bool, const DECAY: bool> Rule for Adafactor<FACTORED, DECAY
 
     /// `R ← lerp(R, ‖row‖²/cols, w)`, `C ← lerp(C, ‖column‖²/rows, w)`: the norm rounded to the
     /// compute type, then squared and divided there, as torch's `vector_norm(...).square_().div_(n)`.
-    fn update_factors<R: Real>(&self, scalars: &[f64; MAX_SCALARS], row_sums: &[f64], col_sums: &[f64], rows: &mut [R], cols: &mut [R]) {
+    fn update_factors<R: Real>(
+        &self,
+        scalars: &[f64; MAX_SCALARS],
+        n_rows: usize,
+        n_cols: usize,
+        row_sums: &[f64],
+        col_sums: &[f64],
+        rows: &mut [R],
+        cols: &mut [R],
+    ) {
         let lerp = Lerp::<R>::new(self.weight(scalars).1);
-        for (stats, factors, n) in [(row_sums, rows, col_sums.len()), (col_sums, cols, row_sums.len())] {
+        // a row's mean is over the columns, a column's over the rows
+        for (stats, factors, n) in [(row_sums, rows, n_cols), (col_sums, cols, n_rows)] {
             let n = R::from_f64(n as f64);
             for (f, &sum) in factors.iter_mut().zip(stats) {
                 let norm = R::from_f64(sum.sqrt());
@@ -175,11 +185,13 @@ impl<const FACTORED: bool, const DECAY: bool> Rule for Adafactor<FACTORED, DECAY
         }
     }
 
-    /// Rows read R, columns C / max(mean of R, eps1).
-    fn factor_reads<R: Real>(&self, rows: &mut [R], cols: &mut [R]) {
-        let mean = R::from_f64(rows.iter().map(|r| r.to_f64()).sum::<f64>() / rows.len() as f64);
-        let divisor = mean.max_nan(R::from_f64(self.eps1));
-        cols.iter_mut().for_each(|c| *c = *c / divisor);
+    /// Rows read R, columns C / max(mean of R over the matrix's rows, eps1).
+    fn factor_reads<R: Real>(&self, n_rows: usize, n_cols: usize, rows: &mut [R], cols: &mut [R]) {
+        for (r, c) in rows.chunks(n_rows.max(1)).zip(cols.chunks_mut(n_cols.max(1))) {
+            let mean = R::from_f64(r.iter().map(|x| x.to_f64()).sum::<f64>() / n_rows as f64);
+            let divisor = mean.max_nan(R::from_f64(self.eps1));
+            c.iter_mut().for_each(|x| *x = *x / divisor);
+        }
     }
 }
 

@@ -230,13 +230,24 @@ pub trait Rule: Params + Send + Sync + 'static {
     fn factor_term<R: Real>(&self, _g: R) -> f64 {
         0.0
     }
-    /// Update one matrix's factors in place: `rows` (slot 0) and `cols` (slot 1) from the sums of
-    /// [`Rule::factor_term`] over each row and each column, given the tensor's scalar state before
-    /// the step.
-    fn update_factors<R: Real>(&self, _scalars: &[f64; MAX_SCALARS], _row_sums: &[f64], _col_sums: &[f64], _rows: &mut [R], _cols: &mut [R]) {}
-    /// What the elements of one matrix read, in place of its stored factors: `rows` becomes each
-    /// row's `s[0]`, `cols` each column's `s[1]`.
-    fn factor_reads<R: Real>(&self, _rows: &mut [R], _cols: &mut [R]) {}
+    /// Update one tensor's factors in place, its matrices' one after another: `rows` (slot 0,
+    /// `n_rows` per matrix) and `cols` (slot 1, `n_cols` per matrix) from the sums of
+    /// [`Rule::factor_term`] over each row and each column, given its scalar state before the step.
+    #[allow(clippy::too_many_arguments)]
+    fn update_factors<R: Real>(
+        &self,
+        _scalars: &[f64; MAX_SCALARS],
+        _n_rows: usize,
+        _n_cols: usize,
+        _row_sums: &[f64],
+        _col_sums: &[f64],
+        _rows: &mut [R],
+        _cols: &mut [R],
+    ) {
+    }
+    /// What the elements of one tensor's matrices read, in place of its stored factors (laid out
+    /// as [`Rule::update_factors`]'): `rows` becomes each row's `s[0]`, `cols` each column's `s[1]`.
+    fn factor_reads<R: Real>(&self, _n_rows: usize, _n_cols: usize, _rows: &mut [R], _cols: &mut [R]) {}
 }
 
 /// Fold `part` (a pass's partial sums) into `total`: added, or for the sums in `max_mask`, the
