@@ -6,6 +6,7 @@ bandwidth.
 
     PYTHONPATH=python python benchmarks/bench_research.py                   # writes RESULTS.md
     PYTHONPATH=python python benchmarks/bench_research.py --quick          # short, prints only
+    PYTHONPATH=python python benchmarks/bench_research.py --cases Adafactor  # these cases, a section of their own
 
 Implementations take turns step by step, round by round, as in bench_optim.py (only one
 optimizer state exists at a time; load from other processes falls on all alike).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import functools
 import gc
 import statistics
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +124,20 @@ CASES = [
 ]
 
 
+def selected_cases() -> tuple[list[Case], str]:
+    """``--cases A,B`` on the command line (taken out of it): only those cases, and a name for
+    their own results section; else every case and ""."""
+    if "--cases" not in sys.argv:
+        return CASES, ""
+    i = sys.argv.index("--cases")
+    names = sys.argv[i + 1].split(",")
+    del sys.argv[i : i + 2]
+    unknown = set(names) - {c.name for c in CASES}
+    if unknown:
+        raise SystemExit(f"unknown cases {sorted(unknown)}; known: {[c.name for c in CASES]}")
+    return [c for c in CASES if c.name in names], "+".join(names)
+
+
 def measure(case: Case, params: list[torch.Tensor], grads: list[torch.Tensor], rounds: int, warmup: int, steps: int) -> dict[str, list[float]]:
     impls = case.impls()
     times: dict[str, list[float]] = {name: [] for name in impls}
@@ -144,6 +160,7 @@ def measure(case: Case, params: list[torch.Tensor], grads: list[torch.Tensor], r
 
 
 def main() -> None:
+    cases, selection = selected_cases()
     run = workload_settings(__doc__, rounds=2, repeats="steps", repeats_default=3, device=True)
     device, workloads, rounds, steps, output = run.device, run.workloads, run.rounds, run.repeats, run.output
 
@@ -156,7 +173,7 @@ def main() -> None:
         for p in params:
             p.grad = torch.randn_like(p)
         grads = [p.grad for p in params]
-        for case in CASES:
+        for case in cases:
             times = {k: statistics.median(v) for k, v in measure(case, params, grads, rounds, 1, steps).items()}
             for impl, t in times.items():
                 gbs = case.bytes_per_param * n / t / 1e9
@@ -168,9 +185,9 @@ def main() -> None:
 
     info = machine_info()
     table = markdown_table(["workload", "optimizer", "implementation", "ms/step", "GB/s", "% of in-place", "emafuse speed-up"], rows)
-    tag = f"RESEARCH:{device.type.upper()}"
+    tag = f"RESEARCH:{device.type.upper()}" + (f":{selection.upper()}" if selection else "")
     section = (
-        f"## The EMA optimizer family ({device.type.upper()})\n\n"
+        f"## The EMA optimizer family ({device.type.upper()}){': ' + selection if selection else ''}\n\n"
         f"`python benchmarks/bench_research.py` — {info['date']}, {info.get('cpu', '')}, torch {torch.__version__}, "
         f"emafuse threads {emafuse.num_threads()}. Median of {rounds} rounds x {steps} steps after a warm-up step. "
         f"Memory bandwidth in the same run (median, read + written): copy {copy_gbs:.1f} GB/s, in-place {inplace_gbs:.1f} GB/s. "
