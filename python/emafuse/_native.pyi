@@ -55,6 +55,10 @@ class Group:
     def offsets(self) -> list[int] | None:
         """Each parameter's first element's position in the whole tensor it is a shard of (where
         stochastic rounding draws its bits), or None: every parameter is whole."""
+    @property
+    def place(self) -> tuple[int, list[int]] | None:
+        """For messages: the param group the tensors belong to and each parameter's index in it,
+        or None: the call's index and the parameters' indices in the call."""
     def __new__(
         cls,
         *,
@@ -65,6 +69,7 @@ class Group:
         slots: tuple[str, ...] | None = None,
         scalars: tuple[str, ...] | None = None,
         offsets: list[int] | None = None,
+        place: tuple[int, list[int]] | None = None,
     ) -> Group: ...
 
 @final
