@@ -6,7 +6,7 @@ bandwidth.
 
     PYTHONPATH=python python benchmarks/bench_research.py                   # writes RESULTS.md
     PYTHONPATH=python python benchmarks/bench_research.py --quick          # short, prints only
-    PYTHONPATH=python python benchmarks/bench_research.py --cases Adafactor  # these cases, a section of their own
+    PYTHONPATH=python python benchmarks/bench_research.py --cases Adafactor,AdafactorHF  # these cases, a section of their own
 
 Implementations take turns step by step, round by round, as in bench_optim.py (only one
 optimizer state exists at a time; load from other processes falls on all alike).
@@ -43,6 +43,10 @@ try:
     import momo
 except ImportError:  # pragma: no cover - optional peer
     momo = None
+try:
+    import transformers.optimization as hf_optim
+except ImportError:  # pragma: no cover - optional peer
+    hf_optim = None
 try:
     import heavyball
 
@@ -97,6 +101,9 @@ CASES = [
         ("torch.optim.Adafactor", lambda ps: torch.optim.Adafactor(ps, lr=1e-2)),
         ("torch.optim.Adafactor foreach", lambda ps: torch.optim.Adafactor(ps, lr=1e-2, foreach=True)),
     )),
+    # transformers' semantics (relative step sizes, no first moment by default): the same passes;
+    # its peer is transformers' own
+    Case("AdafactorHF", emafuse.AdafactorHF, 24, others=(("transformers Adafactor", lambda ps: hf_optim.Adafactor(ps)),) if hf_optim is not None else ()),
     Case("AdaMod", emafuse.AdaMod, 36, dict(lr=1e-4), "AdaMod", dict(lr=1e-4)),
     Case("DiffGrad", emafuse.DiffGrad, 36, dict(lr=1e-4), "DiffGrad", dict(lr=1e-4)),
     Case("AdaBound", emafuse.AdaBound, 28, dict(lr=1e-4), "AdaBound", dict(lr=1e-4)),
@@ -194,7 +201,7 @@ def main() -> None:
         "GB/s = fp32 bytes per parameter (optimizers.md §1) x parameters / time; emafuse speed-up = peer time / emafuse time. "
         "Peers: pytorch_optimizer 4.1.0 (its default loop and `foreach=True`), heavyball 3.2.1 (eager, `compile_mode=None`) "
         "where it has the algorithm; for MoMo the official momo-opt 0.1.0, for AdamP the official adamp 0.3.0, for Adafactor "
-        "torch's own (its default single-tensor loop and `foreach=True`). "
+        "torch's own (its default single-tensor loop and `foreach=True`), for AdafactorHF transformers' 4.57.1. "
         "AdaMomentum has no packaged implementation. "
         "AdamW⊥ is `AdamW(orthograd=True)`, C-AdamW "
         "`AdamW(caution=True)`; their rows' GB/s count their 36 bytes per parameter, plain AdamW's rows included (it moves 28).\n\n" + table

@@ -5,6 +5,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::quant::{self, ABSMAX_SUFFIX};
 use crate::rounding::WEIGHT_CORRECTION;
+use crate::rules::FactorDims;
 use crate::view::{Device, TensorView};
 
 /// How a tensor's elements are laid out.
@@ -95,9 +96,9 @@ pub struct GroupTensors {
     /// The position of each parameter's first element in the whole tensor it is a shard of, or
     /// empty: every parameter is whole (see [`Batch::offsets`]).
     pub offsets: Vec<usize>,
-    /// Whether the rule keeps factored state: its two slots are shaped as
-    /// [`Matrices::factor_shapes`], not like the parameter.
-    pub factored: bool,
+    /// With a rule that keeps factored state: how it shapes its last two slots (see
+    /// [`Matrices::factor_shapes`]), which are not shaped like the parameter.
+    pub factored: Option<FactorDims>,
     /// For messages: the index of the param group these tensors belong to (a group may be
     /// passed as several calls), and each parameter's index in it.
     pub group: usize,
@@ -152,20 +153,25 @@ impl Matrices {
         }
     }
 
-    /// The shapes of a factored rule's two slots for a parameter of shape `shape` (2+ dims): one
-    /// value per row (`[..., rows, 1]`), one per column (`[..., 1, cols]`).
-    fn factor_shapes(shape: &[i64]) -> [Vec<i64>; 2] {
-        let (mut rows, mut cols) = (shape.to_vec(), shape.to_vec());
+    /// The shapes of a factored rule's two factor slots for a parameter of shape `shape` (2+
+    /// dims): one value per row, one per column, shaped as `dims` says.
+    fn factor_shapes(shape: &[i64], dims: FactorDims) -> [Vec<i64>; 2] {
         let n = shape.len();
-        rows[n - 1] = 1;
-        cols[n - 2] = 1;
+        let (mut rows, mut cols) = (shape.to_vec(), shape.to_vec());
+        match dims {
+            FactorDims::Kept => (rows[n - 1], cols[n - 2]) = (1, 1),
+            FactorDims::Dropped => {
+                rows.remove(n - 1);
+                cols.remove(n - 2);
+            }
+        }
         [rows, cols]
     }
 }
 
-/// Check slot `k` of a factored rule's state (see [`Matrices::factor_shapes`]) of parameter `p`:
-/// on its device, of the factor's shape, row-major.
-fn check_factor(at: &dyn Fn() -> String, name: &str, k: usize, p: &TensorInfo, x: &TensorInfo) -> Result<()> {
+/// Check factor `k` (0: the rows', 1: the columns') of a factored rule's state (see
+/// [`Matrices::factor_shapes`]) of parameter `p`: on its device, of the factor's shape, row-major.
+fn check_factor(at: &dyn Fn() -> String, name: &str, k: usize, dims: FactorDims, p: &TensorInfo, x: &TensorInfo) -> Result<()> {
     if x.view.device() != p.view.device() {
         return Err(Error::Device(format!("{}: state '{name}' is on {} but the parameter is on {}", at(), x.view.device(), p.view.device())));
     }
@@ -173,7 +179,7 @@ fn check_factor(at: &dyn Fn() -> String, name: &str, k: usize, p: &TensorInfo, x
     if shape.len() < 2 {
         return Err(Error::Shape(format!("{}: factored state needs a parameter of two or more dimensions, got shape {}", at(), fmt_shape(&p.shape))));
     }
-    let want = &Matrices::factor_shapes(shape)[k];
+    let want = &Matrices::factor_shapes(shape, dims)[k];
     if x.shape.as_slice() != want.as_slice() {
         return Err(Error::Shape(format!(
             "{}: state '{name}' has shape {} but a parameter of shape {} needs {want:?}",
@@ -421,10 +427,10 @@ pub fn split_group(who: &str, t: &GroupTensors) -> Result<Vec<Batch>> {
         };
         for (k, slot) in states.iter().enumerate() {
             let s = &slot[i];
-            if t.factored {
-                check_factor(&|| at(i), &t.slot_names[k], k, p, s)?;
-            } else {
-                check_peer(&|| at(i), &format!("state {k}"), p, s)?;
+            // a factored rule's factors are its last two slots
+            match t.factored {
+                Some(dims) if k + 2 >= states.len() => check_factor(&|| at(i), &t.slot_names[k], k + 2 - states.len(), dims, p, s)?,
+                _ => check_peer(&|| at(i), &format!("state {k}"), p, s)?,
             }
             if s.view.dtype() != state_dtype {
                 return Err(Error::DType(format!("{}: state tensors have different dtypes", at(i))));

@@ -412,11 +412,12 @@ def unsupported_dtensors(checks, mesh) -> None:
         refused(opt, p, emafuse.UnsupportedOptionError, ("sharded on dim 1", "row (dim-0 slice)"), "an AdamP parameter sharded on dim 1")
         assert not opt.state
     with checks.check("Adafactor refuses DTensor matrices"):
-        p = nn.Parameter(distribute_tensor(seeded(3, (4, 6)), mesh, [Shard(0)]))
-        p.grad = distribute_tensor(seeded(4, (4, 6)), mesh, [Shard(0)])
-        opt = emafuse.Adafactor([p])
-        refused(opt, p, emafuse.UnsupportedOptionError, ("DTensor", "rows and columns", "torch.optim.Adafactor"), "an Adafactor DTensor matrix")
-        assert not opt.state
+        for cls, instead in ((emafuse.Adafactor, "torch.optim.Adafactor"), (emafuse.AdafactorHF, "transformers.optimization.Adafactor")):
+            p = nn.Parameter(distribute_tensor(seeded(3, (4, 6)), mesh, [Shard(0)]))
+            p.grad = distribute_tensor(seeded(4, (4, 6)), mesh, [Shard(0)])
+            opt = cls([p])
+            refused(opt, p, emafuse.UnsupportedOptionError, ("DTensor", "rows and columns", instead), f"a {cls.__name__} DTensor matrix")
+            assert not opt.state
     with checks.check("refuses plain state of a DTensor parameter"):
         p = nn.Parameter(distribute_tensor(seeded(5, (4, 2)), mesh, [Shard(0)]))
         p.grad = distribute_tensor(seeded(6, (4, 2)), mesh, [Shard(0)])

@@ -135,11 +135,11 @@ def assert_unchanged(params, opt: torch.optim.Optimizer, snap: tuple[list[torch.
 
 def _shaped_after(v: torch.Tensor, p: torch.Tensor) -> bool:
     """Whether state tensor ``v`` is shaped after ``p``: its shape, or (Adafactor's factors) its
-    shape with one of the last two sizes 1."""
+    shape with one of the last two sizes 1 (torch's) or dropped (transformers')."""
     if v.shape == p.shape:
         return True
-    mats = p.shape[:-2]
-    return p.dim() >= 2 and v.shape in ((*mats, p.shape[-2], 1), (*mats, 1, p.shape[-1]))
+    mats, rows, cols = p.shape[:-2], p.shape[-2:-1], p.shape[-1:]
+    return p.dim() >= 2 and v.shape in ((*mats, *rows, 1), (*mats, 1, *cols), (*mats, *rows), (*mats, *cols))
 
 
 def state_tensors(opt: torch.optim.Optimizer, p: torch.Tensor) -> list[str]:

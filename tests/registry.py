@@ -31,9 +31,11 @@ import pytorch_optimizer
 import sgd_sai
 import timm.optim
 import torch
+import transformers.optimization
 from references.adabelief import RefAdaBelief
 from references.adabound import RefAdaBound, RefAdaBoundW
 from references.adafactor import RefAdafactor
+from references.adafactor_hf import RefAdafactorHF
 from references.adam import RefAdam, RefAdamW
 from references.adamod import RefAdaMod
 from references.adamomentum import RefAdaMomentum
@@ -263,6 +265,14 @@ def _ademamix_state_dtype(dtype: torch.dtype, kw: dict[str, Any]) -> torch.dtype
 
 def _adabelief_state_dtype(dtype: torch.dtype, kw: dict[str, Any]) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype  # as adabelief-pytorch 0.2.1
+
+
+def _relative_step(kw: dict[str, Any]) -> bool:
+    return kw.get("relative_step", True)  # transformers' Adafactor
+
+
+def _upcast_state_dtype(dtype: torch.dtype, kw: dict[str, Any]) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype  # transformers' Adafactor
 
 
 def _lion_official(kw: dict[str, Any]) -> dict[str, Any]:
@@ -504,6 +514,44 @@ _ENTRIES: tuple[Entry, ...] = (
             Bad(dict(lr=torch.tensor([1.0, 2.0])), r"^Tensor lr must be 1-element$"),
         ),
         group_options=dict(lr=1e-1, weight_decay=0.0, d=2.0),
+    ),
+    Entry(
+        emafuse.AdafactorHF, RefAdafactorHF,
+        configs=(
+            dict(),  # relative step sizes scaled by RMS(p), no first moment
+            dict(beta1=0.9, weight_decay=0.1),
+            # T5's fine-tuning recipe: a fixed step size, no scaling; with a large ε1 and clipping at 2
+            dict(lr=1e-2, relative_step=False, scale_parameter=False, eps=(1e-3, 1e-3), clip_threshold=2.0),
+            dict(warmup_init=True, beta1=0.5, decay_rate=-0.5, weight_decay=0.05, maximize=True),
+            dict(lr=3e-2, relative_step=False, eps=(1e-30, 1e-2), weight_decay=0.01),
+        ),
+        # a fixed step size, which LR schedulers and tensor lrs act on (relative steps ignore lr)
+        main=dict(lr=1e-2, relative_step=False, beta1=0.9, weight_decay=0.1),
+        # 16-bit parameters: float32 state and arithmetic, as transformers', rounded once per step
+        low_precision_atol=lambda kw: 2.0**-9,
+        caps=Caps(scalar_state={"step": torch.float32, "RMS": torch.float64}, rounded_scalars=("RMS",), state_dtype=_upcast_state_dtype,
+                  int_step_in_state_dict=True, dtensor=False),
+        signature=transformers.optimization.Adafactor,
+        # transformers reduces in float32 (the row and column means, RMS(p), RMS(U))
+        # (relative steps ignore lr, which the checkpoint test's LR scheduler drives: their
+        # checkpoints, of the same format, move in the fixed-step configurations)
+        officials=(Official("transformers.Adafactor", transformers.optimization.Adafactor, applies=_relative_step, low_precision=True, checkpoints=()),
+                   Official("transformers.Adafactor-fixed_lr", transformers.optimization.Adafactor, applies=lambda kw: not _relative_step(kw),
+                            low_precision=True)),
+        bad_args=(
+            Bad(dict(lr=1e-3), r"^Cannot combine manual `lr` and `relative_step=True` options$"),
+            Bad(dict(lr=1e-3, relative_step=False, warmup_init=True), r"^`warmup_init=True` requires `relative_step=True`$"),
+            Bad(dict(relative_step=False), r"^relative_step=False needs a step size", official=False),
+            # checks transformers lacks (it runs any number)
+            Bad(dict(lr=-1.0, relative_step=False), r"^Invalid learning rate: -1.0$", official=False),
+            Bad(dict(eps=(-1.0, 1e-3)), r"^Invalid epsilon value at index 0: -1.0$", official=False),
+            Bad(dict(clip_threshold=0.0), r"^Invalid clip_threshold: 0.0 ", official=False),
+            Bad(dict(decay_rate=0.5), r"^Invalid decay_rate: 0.5 ", official=False),
+            Bad(dict(beta1=1.0), r"^Invalid beta1: 1.0 ", official=False),
+            Bad(dict(weight_decay=-0.1), r"^Invalid weight_decay value: -0.1$", official=False),
+        ),
+        # a fixed step size in one group, relative ones in the others (which ignore lr)
+        group_options=dict(lr=3e-2, relative_step=False, beta1=0.5, weight_decay=0.0, clip_threshold=2.0),
     ),
     Entry(
         emafuse.DiffGrad, RefDiffGrad,

@@ -4,6 +4,7 @@ engine cannot take, non-finite gradients under check_finite."""
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import emafuse
@@ -88,8 +89,14 @@ def slot_count(entry):
 
 
 def _alias(ps, opt):
-    a, b = state_tensors(opt, ps[2])[:2]
-    opt.state[ps[2]][b] = opt.state[ps[2]][a]
+    """One tensor for two state slots of one shape (Adafactor's factors are shaped otherwise)."""
+    for p in ps[2:]:
+        names = state_tensors(opt, p)
+        for a, b in itertools.combinations(names, 2):
+            if opt.state[p][a].shape == opt.state[p][b].shape:
+                opt.state[p][b] = opt.state[p][a]
+                return
+    raise AssertionError("no parameter has two state tensors of one shape")
 
 
 def _complex(ps, opt):

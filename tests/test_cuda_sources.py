@@ -110,6 +110,14 @@ RULES: dict[str, dict] = {
         extra=[dict(weight_decay=0.0), dict(eps1=1e-30, d=1.5)],
         matrices=(2, 30, 50),
     ),
+    # transformers' semantics: relative steps scaled by RMS(p); a fixed step without scaling and
+    # weight decay; the warm-up cap with clipping at 2 and a large ε1 (flags: factored, first moment)
+    "adafactor_hf": dict(
+        hyper=dict(lr=0.0, eps1=1e-30, eps2=1e-3, clip_threshold=1.0, decay_rate=-0.8, beta1=0.9, weight_decay=0.0, relative_step=1.0,
+                   scale_parameter=1.0, warmup_init=0.0),
+        extra=[dict(lr=3e-2, relative_step=0.0, scale_parameter=0.0, weight_decay=0.1), dict(warmup_init=1.0, clip_threshold=2.0, eps1=1e-3)],
+        matrices=(2, 30, 50),
+    ),
     # tau: the Polyak step size the Python layer computes from the sums of every tensor
     "momo": dict(hyper=dict(lr=3e-2, beta=0.9, weight_decay=0.1, tau=0.02), extra=[dict(weight_decay=0.0)]),
     "momo_adam": dict(
@@ -119,7 +127,7 @@ RULES: dict[str, dict] = {
 }
 
 # Rules whose every variant reads per-tensor sums, which ⊥Grad cannot be combined with.
-ALWAYS_SUMS = ("momo", "momo_adam", "stable_spam", "adamp", "adafactor")
+ALWAYS_SUMS = ("momo", "momo_adam", "stable_spam", "adamp", "adafactor", "adafactor_hf")
 
 def variants():
     for name, spec in RULES.items():
@@ -203,10 +211,10 @@ struct EfHostRows<Rule, R, true> {
     static C coeffs(const EfHyper& h, const C& c, const double* sums, const double* row) { return Rule::template row_coeffs<R>(h, c, sums, row); }
 };
 
-// Rules with factored state (EF_FACTORED) see matrices of `rows` × `cols` elements, slot 0 holding
-// a value per row and slot 1 one per column: each row's and column's sums as the CPU engine adds
+// Rules with factored state (EF_FACTORED) see matrices of `rows` × `cols` elements, their last two
+// slots (from F) holding a value per row and one per column: each row's and column's sums as the CPU engine adds
 // them over one span (a row's terms into lane (column % 8), lanes in order; a column's in row
-// order), each matrix's factors updated, and every element reading its row's and column's values.
+// order), the tensor's factors updated, and every element reading its row's and column's values.
 template <class Rule, class R, bool FACTORED = EF_FACTORED>
 struct EfHostFactors {
     EfHostFactors(const EfHyper&, const double*, R**, const R*, R, long, long, long) {}
@@ -214,6 +222,7 @@ struct EfHostFactors {
 };
 template <class Rule, class R>
 struct EfHostFactors<Rule, R, true> {
+    static constexpr int F = EF_SLOTS - 2;
     long n_rows, n_cols;
     std::vector<R> rows, cols;
     EfHostFactors(const EfHyper& h, const double* sc, R** st, const R* g, R f, long n, long r, long c) : n_rows(r), n_cols(c) {
@@ -228,14 +237,15 @@ struct EfHostFactors<Rule, R, true> {
             }
             for (int l = 0; l < 8; ++l) rs[q] += lanes[l];
         }
-        for (long m = 0; m < mats; ++m) Rule::template update_factors<R>(h, sc, &rs[m * r], &cs[m * c], st[0] + m * r, st[1] + m * c, r, c);
-        rows.assign(st[0], st[0] + mats * r);
-        cols.assign(st[1], st[1] + mats * c);
-        for (long m = 0; m < mats; ++m) Rule::template factor_reads<R>(h, &rows[m * r], &cols[m * c], r, c);
+        Rule::template update_factors<R>(h, sc, mats, r, c, rs.data(), cs.data(), st[F], st[F + 1]);
+        rows.assign(st[F], st[F] + mats * r);
+        cols.assign(st[F + 1], st[F + 1] + mats * c);
+        Rule::template factor_reads<R>(h, mats, r, c, rows.data(), cols.data());
     }
-    void read(R* s, R**, long i) const {
-        s[0] = rows[i / n_cols];
-        s[1] = cols[i / (n_rows * n_cols) * n_cols + i % n_cols];
+    void read(R* s, R** st, long i) const {
+        for (int k = 0; k < F; ++k) s[k] = st[k][i];
+        s[F] = rows[i / n_cols];
+        s[F + 1] = cols[i / (n_rows * n_cols) * n_cols + i % n_cols];
     }
 };
 
@@ -353,10 +363,11 @@ def test_cuda_rule_equals_rust_rule_on_the_cpu(variant, tmp_path, host_dir):
     # sums: a matrix of `rows` rows, the sums of each row in its own order)
     rows = spec.get("rows", 1)
     n = 3000 if rows > 1 or "matrices" in spec else 3001
-    # the shapes of the parameter and its slots: factored state holds a value per row, one per column
+    # the shapes of the parameter and its slots: factored state (the last two slots) holds a value
+    # per row, one per column
     if hyper.get("factored"):
         shape = spec["matrices"]
-        slot_shapes = [(*shape[:-1], 1), (*shape[:-2], 1, shape[-1])]
+        slot_shapes = [shape] * (len(slots) - 2) + [(*shape[:-1], 1), (*shape[:-2], 1, shape[-1])]
         rows, cols = shape[-2], shape[-1]
     else:
         shape = (rows, n // rows) if rows > 1 else (n,)

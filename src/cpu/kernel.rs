@@ -42,12 +42,13 @@ pub struct SpanPtrs<P, G, S> {
     pub factors: Option<FactorReads>,
 }
 
-/// What the elements of a tensor with factored state ([`Rule::FACTORED`]) read as slots 0 and 1:
-/// one value per row of each `rows × cols` matrix, and one per column (the rule's
-/// [`Rule::factor_reads`], as f64 holding compute-type values exactly); `start` is the span's
-/// first element in the tensor.
+/// What the elements of a tensor with factored state ([`Rule::FACTORED`]) read as its factor slots
+/// (`first` and the one after it): one value per row of each `rows × cols` matrix, and one per
+/// column (the rule's [`Rule::factor_reads`], as f64 holding compute-type values exactly);
+/// `start` is the span's first element in the tensor.
 #[derive(Copy, Clone)]
 pub struct FactorReads {
+    pub first: usize,
     pub rows: *const f64,
     pub cols: *const f64,
     pub n_rows: usize,
@@ -56,7 +57,7 @@ pub struct FactorReads {
 }
 
 impl FactorReads {
-    /// Slot `k`'s values (0: the rows', 1: the columns') of the `n` elements from `off` in the
+    /// Factor `k`'s values (0: the rows', 1: the columns') of the `n` elements from `off` in the
     /// span, into `buf`.
     ///
     /// # Safety
@@ -64,23 +65,40 @@ impl FactorReads {
     #[inline(always)]
     unsafe fn gather<R: Real>(&self, k: usize, off: usize, n: usize, buf: &mut [R]) {
         let first = self.start + off;
-        // the global row (over all matrices) and the column of the element at `first + j`
+        // One column (rows' values) or one row (columns' values) per matrix: a value per element.
+        let per_element = match k {
+            0 if self.n_cols == 1 => Some(self.rows),
+            1 if self.n_rows == 1 => Some(self.cols),
+            _ => None,
+        };
+        if let Some(vals) = per_element {
+            // SAFETY: the tensor's elements are its global rows (n_cols = 1) or its matrices'
+            // columns (n_rows = 1), one after another.
+            let vals = unsafe { std::slice::from_raw_parts(vals.add(first), n) };
+            buf[..n].iter_mut().zip(vals).for_each(|(x, &v)| *x = R::from_f64(v));
+            return;
+        }
+        // the element at `first + j`: its global row (over all matrices), its row within its
+        // matrix, its column, and its matrix's first column value
         let (mut row, mut col) = (first / self.n_cols, first % self.n_cols);
+        let mut row_in = row % self.n_rows;
+        let mut col_base = row / self.n_rows * self.n_cols;
         let mut j = 0;
         while j < n {
             let run = (self.n_cols - col).min(n - j);
-            // SAFETY: row < matrices·n_rows, and the columns of its matrix end at base + n_cols.
+            // SAFETY: row < matrices·n_rows, and the columns of its matrix end at col_base + n_cols.
             unsafe {
                 if k == 0 {
                     buf[j..j + run].fill(R::from_f64(*self.rows.add(row)));
                 } else {
-                    let base = row / self.n_rows * self.n_cols + col;
-                    for (x, i) in buf[j..j + run].iter_mut().zip(base..) {
-                        *x = R::from_f64(*self.cols.add(i));
-                    }
+                    let vals = std::slice::from_raw_parts(self.cols.add(col_base + col), run);
+                    buf[j..j + run].iter_mut().zip(vals).for_each(|(x, &v)| *x = R::from_f64(v));
                 }
             }
-            (j, row, col) = (j + run, row + 1, 0);
+            (j, row, row_in, col) = (j + run, row + 1, row_in + 1, 0);
+            if row_in == self.n_rows {
+                (row_in, col_base) = (0, col_base + self.n_cols);
+            }
         }
     }
 }
@@ -100,8 +118,8 @@ impl<P, G, S> SpanPtrs<P, G, S> {
     {
         // SAFETY: per the contract.
         unsafe {
-            if let Some(f) = &self.factors {
-                f.gather(k, off, n, buf);
+            if let Some(f) = self.factors.filter(|f| k >= f.first) {
+                f.gather(k - f.first, off, n, buf);
                 &mut buf[..n]
             } else if S::QUANTIZED {
                 S::dequantize(std::slice::from_raw_parts(self.states[k].add(off), n), *self.scales[k].add(off / BLOCK), self.maps[k], &mut buf[..n]);
@@ -231,7 +249,7 @@ unsafe fn sum_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
         // SAFETY: inside the span the caller vouched for; read only.
         let (p, g) = unsafe {
             for (k, (slot, buf)) in slots.iter_mut().zip(sb.iter_mut()).enumerate().take(read_slots) {
-                *slot = if S::QUANTIZED || ptrs.factors.is_some() {
+                *slot = if S::QUANTIZED || ptrs.factors.is_some_and(|f| k >= f.first) {
                     // (8-bit state decoded, factored state gathered, into the buffer, which the
                     // pass does not write)
                     ptrs.state_block(k, off, n, buf);

@@ -5,6 +5,7 @@
 mod kernel;
 pub mod pool;
 mod reduce;
+mod scratch;
 
 pub use reduce::{sum_squares, tensor_sum_squares};
 
@@ -19,6 +20,7 @@ use crate::rules::{check_state, combine_sums, visit_base_rule, Hyper, Rule, Rule
 use crate::view::TensorView;
 use half::{bf16, f16};
 use kernel::{FactorReads, GradTransform, SpanPtrs, SpanRounding};
+use scratch::Scratch;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
@@ -325,10 +327,40 @@ fn check_matrices(b: &Batch, rule: &str) -> Result<()> {
 }
 
 /// What the elements of one tensor with factored state read ([`Rule::factor_reads`]): a value
-/// per row of its matrices and one per column, as f64.
-struct TensorFactors {
-    rows: Vec<f64>,
-    cols: Vec<f64>,
+/// per row of its matrices and one per column, as f64 (in the [`Scratch`] of the row and column
+/// sums they replace).
+struct TensorFactors<'s> {
+    rows: &'s [f64],
+    cols: &'s [f64],
+}
+
+/// A pointer shared by work items that each touch their own part of its memory.
+#[derive(Copy, Clone)]
+struct SyncPtr(*mut f64);
+// SAFETY: users touch disjoint parts (each says which).
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    /// The element `n` past the start.
+    ///
+    /// # Safety
+    /// As `pointer::add`.
+    unsafe fn add(&self, n: usize) -> *mut f64 {
+        // SAFETY: per the contract.
+        unsafe { self.0.add(n) }
+    }
+}
+
+/// Where one tensor's factors lie: the rows and columns of its matrices, its values per row
+/// (`rows`, over all its matrices) and per column (`cols`), and where its row sums start in the
+/// factor sums' array (its column sums follow them).
+#[derive(Copy, Clone)]
+struct FactorShape {
+    n_rows: usize,
+    n_cols: usize,
+    rows: usize,
+    cols: usize,
+    at: usize,
 }
 
 /// Refuse step counters (scalar state `step`) that are negative or not finite, e.g. from a
@@ -408,7 +440,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
     /// # Safety
     /// The batch's views must be validated for element types P (params), G (inputs) and S
     /// (states).
-    unsafe fn span_ptrs<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, s: Span, reads: &[TensorFactors]) -> SpanPtrs<P, G, S> {
+    unsafe fn span_ptrs<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, s: Span, reads: &[TensorFactors<'_>]) -> SpanPtrs<P, G, S> {
         let b = &self.batch;
         let t = s.tensor;
         let mut states = [std::ptr::null_mut::<S>(); MAX_SLOTS];
@@ -427,7 +459,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             let correction = if b.corrections.is_empty() { std::ptr::null_mut() } else { b.corrections[t].at::<i8>(s.start) };
             let factors = reads.get(t).map(|f| {
                 let Matrices::RowMajor { rows, cols } = b.matrices[t] else { unreachable!("check_matrices") };
-                FactorReads { rows: f.rows.as_ptr(), cols: f.cols.as_ptr(), n_rows: rows, n_cols: cols, start: s.start }
+                FactorReads { first: Ru::FACTOR_SLOT, rows: f.rows.as_ptr(), cols: f.cols.as_ptr(), n_rows: rows, n_cols: cols, start: s.start }
             });
             SpanPtrs { param: b.params[t].at::<P>(s.start), grad, states, correction, scales, maps: self.maps, factors }
         }
@@ -461,7 +493,11 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
 
     /// Per-tensor sums of every pass: the rule's (zeros when it has none), or with `orthograd`
     /// the projection's; and with row sums, each unit's (as [`RuleBatch::pass_sums_by_row`]).
-    fn tensor_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, factors: &[R], reads: &[TensorFactors]) -> (Vec<[f64; MAX_SUMS]>, Vec<[f64; MAX_SUMS]>) {
+    fn tensor_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
+        &self,
+        factors: &[R],
+        reads: &[TensorFactors<'_>],
+    ) -> (Vec<[f64; MAX_SUMS]>, Vec<[f64; MAX_SUMS]>) {
         let mut sums = vec![[0.0; MAX_SUMS]; self.batch.params.len()];
         let mut rows = Vec::new();
         for pass in 0..self.sum_passes() {
@@ -480,7 +516,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
     fn pass_sums<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
         &self,
         factors: &[R],
-        reads: &[TensorFactors],
+        reads: &[TensorFactors<'_>],
         pass: usize,
         sums: Vec<[f64; MAX_SUMS]>,
     ) -> Vec<[f64; MAX_SUMS]> {
@@ -493,7 +529,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
     fn pass_sums_by_row<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
         &self,
         factors: &[R],
-        reads: &[TensorFactors],
+        reads: &[TensorFactors<'_>],
         pass: usize,
         mut sums: Vec<[f64; MAX_SUMS]>,
     ) -> (Vec<[f64; MAX_SUMS]>, Vec<[f64; MAX_SUMS]>) {
@@ -539,82 +575,100 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
 
     /// For a rule with factored state ([`Rule::FACTORED`]; else nothing): the sums of
     /// [`Rule::factor_term`] over every row and column of every matrix (folded in span order),
-    /// each matrix's factors updated from them ([`Rule::update_factors`]) and, with `store`,
+    /// each tensor's factors updated from them ([`Rule::update_factors`]) and, with `store`,
     /// written to its slots, and what its elements read ([`Rule::factor_reads`] of the factors as
-    /// stored: rounded to the state's dtype also without `store`). `factors[t]` multiplies
-    /// tensor `t`'s gradient as loaded.
-    fn factor_reads<R: Real, G: Elem<R>, S: Elem<R>>(&self, factors: &[R], store: bool) -> Vec<TensorFactors> {
+    /// stored: rounded to the state's dtype also without `store`), written over the sums in
+    /// `scratch`. `factors[t]` multiplies tensor `t`'s gradient as loaded.
+    fn factor_reads<'s, R: Real, G: Elem<R>, S: Elem<R>>(&self, factors: &[R], store: bool, scratch: &'s mut Scratch) -> Vec<TensorFactors<'s>> {
         if !Ru::FACTORED {
             return Vec::new();
         }
         let b = self.batch;
-        let dims: Vec<(usize, usize)> = b
-            .matrices
-            .iter()
-            .map(|m| match *m {
-                Matrices::RowMajor { rows, cols } => (rows, cols),
-                _ => unreachable!("check_matrices refuses other tensors"),
+        // Each tensor's shapes; one array holds each tensor's row sums, then its column sums.
+        let mut total = 0;
+        let shapes: Vec<FactorShape> = (0..b.params.len())
+            .map(|t| {
+                let Matrices::RowMajor { rows: n_rows, cols: n_cols } = b.matrices[t] else { unreachable!("check_matrices refuses other tensors") };
+                let matrices = b.params[t].numel().checked_div(n_rows * n_cols).unwrap_or(0);
+                let shape = FactorShape { n_rows, n_cols, rows: matrices * n_rows, cols: matrices * n_cols, at: total };
+                total += shape.rows + shape.cols;
+                shape
             })
             .collect();
-        let matrices = |t: usize| b.params[t].numel().checked_div(dims[t].0 * dims[t].1).unwrap_or(0);
-        let mut row_sums: Vec<Vec<f64>> = (0..b.params.len()).map(|t| vec![0.0; matrices(t) * dims[t].0]).collect();
-        let mut col_sums: Vec<Vec<f64>> = (0..b.params.len()).map(|t| vec![0.0; matrices(t) * dims[t].1]).collect();
-        let sinks: Vec<kernel::FactorSink> = (0..b.params.len())
-            .map(|t| kernel::FactorSink { rows: row_sums[t].as_mut_ptr(), cols: col_sums[t].as_mut_ptr(), n_rows: dims[t].0, n_cols: dims[t].1 })
-            .collect();
+        let sums = scratch.zeros(total);
+        let base = SyncPtr(sums.as_mut_ptr());
         struct Sinks(Vec<kernel::FactorSink>);
         // SAFETY: each span writes only the rows and matrices it holds whole (see `factor_sums`).
         unsafe impl Sync for Sinks {}
-        let sinks = Sinks(sinks);
+        // SAFETY: each tensor's sums lie inside `sums`.
+        let sinks = Sinks(
+            shapes
+                .iter()
+                .map(|f| unsafe { kernel::FactorSink { rows: base.add(f.at), cols: base.add(f.at + f.rows), n_rows: f.n_rows, n_cols: f.n_cols } })
+                .collect(),
+        );
         let parts = map_spans(&self.unit_lens(), 1, |s| {
             let sinks = &sinks;
-            // SAFETY: validated gradients of numel elements of G, read only; the sums arrays are
-            // zeros of the tensor's rows and columns, alive until the spans ran.
+            // SAFETY: validated gradients of numel elements of G, read only; the sinks are zeros of
+            // the tensor's rows and columns, alive until the spans ran.
             unsafe { kernel::factor_sums::<Ru, R, G>(&self.rule, factors[s.tensor], b.grads[s.tensor].at::<G>(s.start), s.start, s.len, sinks.0[s.tensor]) }
         });
         // The cut rows' and matrices' sums, added in span order.
         for (s, part) in parts {
+            let f = shapes[s.tensor];
             for (row, x) in part.rows {
-                row_sums[s.tensor][row] += x;
+                sums[f.at + row] += x;
             }
             for (first, cols) in part.cols {
-                for (total, x) in col_sums[s.tensor][first..].iter_mut().zip(cols) {
+                for (total, x) in sums[f.at + f.rows + first..].iter_mut().zip(cols) {
                     *total += x;
                 }
             }
         }
-        let scratch = |mem: &[S], vals: &mut [R]| {
-            let mut copy = mem.to_vec();
-            S::store(vals, &mut copy);
-            S::load(&copy, vals);
+        // Each tensor's factors updated and turned into reads in place of its sums (tensors in
+        // parallel, each on its own part of the array).
+        let base = SyncPtr(sums.as_mut_ptr());
+        run_items(shapes.len(), total >= INLINE_BELOW, |t| {
+            let f = shapes[t];
+            // SAFETY: tensor t's row and column sums, which no other item touches; the array
+            // outlives the items.
+            let (row_sums, col_sums) =
+                unsafe { (std::slice::from_raw_parts_mut(base.add(f.at), f.rows), std::slice::from_raw_parts_mut(base.add(f.at + f.rows), f.cols)) };
+            self.update_factors::<R, S>(t, f, store, row_sums, col_sums);
+        });
+        let sums: &'s [f64] = sums;
+        shapes.iter().map(|f| TensorFactors { rows: &sums[f.at..f.at + f.rows], cols: &sums[f.at + f.rows..f.at + f.rows + f.cols] }).collect()
+    }
+
+    /// Tensor `t`'s factors (shaped `f`) updated from its row and column sums and, with `store`,
+    /// written to its slots; then what its elements read ([`Rule::factor_reads`] of the factors as
+    /// stored: rounded to the state's dtype also without `store`), written over the sums.
+    fn update_factors<R: Real, S: Elem<R>>(&self, t: usize, f: FactorShape, store: bool, row_sums: &mut [f64], col_sums: &mut [f64]) {
+        let b = self.batch;
+        // SAFETY: validated slots of `f.rows` (`f.cols`) elements of S on the CPU, alive for the
+        // call and accessed by nobody else (check_no_shared_outputs).
+        let (row_mem, col_mem) = unsafe {
+            let slot = |k: usize, len: usize| std::slice::from_raw_parts_mut(b.states[t * b.slots() + k].at::<S>(0), len);
+            (slot(Ru::FACTOR_SLOT, f.rows), slot(Ru::FACTOR_SLOT + 1, f.cols))
         };
-        (0..b.params.len())
-            .map(|t| {
-                let (n_rows, n_cols) = dims[t];
-                let (row_len, col_len) = (row_sums[t].len(), col_sums[t].len());
-                // SAFETY: validated slots of `matrices(t)` rows (cols) of S on the CPU, alive for the
-                // call and accessed by nobody else (check_no_shared_outputs).
-                let (row_mem, col_mem) = unsafe {
-                    let slot = |k: usize, len: usize| std::slice::from_raw_parts_mut(b.states[t * b.slots() + k].at::<S>(0), len);
-                    (slot(0, row_len), slot(1, col_len))
-                };
-                let (mut rows, mut cols) = (vec![R::ZERO; row_len], vec![R::ZERO; col_len]);
-                S::load(row_mem, &mut rows);
-                S::load(col_mem, &mut cols);
-                self.rule.update_factors(&self.scalars(t), n_rows, n_cols, &row_sums[t], &col_sums[t], &mut rows, &mut cols);
-                if store {
-                    S::store(&rows, row_mem);
-                    S::store(&cols, col_mem);
-                    S::load(row_mem, &mut rows);
-                    S::load(col_mem, &mut cols);
-                } else {
-                    scratch(row_mem, &mut rows);
-                    scratch(col_mem, &mut cols);
-                }
-                self.rule.factor_reads(n_rows, n_cols, &mut rows, &mut cols);
-                TensorFactors { rows: rows.iter().map(|x| x.to_f64()).collect(), cols: cols.iter().map(|x| x.to_f64()).collect() }
-            })
-            .collect()
+        let (mut rows, mut cols) = (vec![R::ZERO; f.rows], vec![R::ZERO; f.cols]);
+        S::load(row_mem, &mut rows);
+        S::load(col_mem, &mut cols);
+        self.rule.update_factors(&self.scalars(t), f.n_rows, f.n_cols, row_sums, col_sums, &mut rows, &mut cols);
+        for (mem, vals) in [(row_mem, &mut rows), (col_mem, &mut cols)] {
+            if store {
+                S::store(vals, mem);
+                S::load(mem, vals);
+            } else {
+                let mut copy = mem.to_vec();
+                S::store(vals, &mut copy);
+                S::load(&copy, vals);
+            }
+        }
+        self.rule.factor_reads(f.n_rows, f.n_cols, &mut rows, &mut cols);
+        for (out, vals) in [(row_sums, &rows), (col_sums, &cols)] {
+            out.iter_mut().zip(vals.iter()).for_each(|(o, v)| *o = v.to_f64());
+        }
     }
 
     /// Coefficients of every tensor, from the rule's per-tensor sums (None: zeros, for a rule
@@ -660,7 +714,8 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
         };
         let unscale = scaling.grad_scale.map(|s| R::from_f64(1.0 / s));
         // Factored state: updated (stored) before the update's sums, only read for a sums pass.
-        let reads = self.factor_reads::<R, G, S>(&factors, matches!(pass, Pass::Update(_)));
+        let mut scratch = Scratch::default();
+        let reads = self.factor_reads::<R, G, S>(&factors, matches!(pass, Pass::Update(_)), &mut scratch);
         let own;
         // With row sums: each unit's (those of the rows; given tensor sums come without them)
         let mut rows = Vec::new();

@@ -29,6 +29,7 @@ const KERNELS: &[Kernel] = &[
     k("ademamix", include_str!("kernels/ademamix.cuh"), "AdEMAMix"),
     k("adabelief", include_str!("kernels/adabelief.cuh"), "AdaBelief"),
     k("adafactor", include_str!("kernels/adafactor.cuh"), "Adafactor"),
+    k("adafactor_hf", include_str!("kernels/adafactor_hf.cuh"), "AdafactorHf"),
     k("adamomentum", include_str!("kernels/adamomentum.cuh"), "AdaMomentum"),
     k("lion", include_str!("kernels/lion.cuh"), "Lion"),
     k("adamod", include_str!("kernels/adamod.cuh"), "AdaMod"),

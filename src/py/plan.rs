@@ -17,6 +17,7 @@ use crate::cpu;
 use crate::cuda::{self, DeviceAmp};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::rules::FactorDims;
 use crate::rules::{Hyper, HyperValue, MAX_SUMS};
 use crate::view::{Device, TensorView};
 use pyo3::prelude::*;
@@ -403,7 +404,7 @@ fn overlap_error(who: &str, a: &str, b: &str) -> Error {
 }
 
 /// A call's tensors as `split_group` takes them.
-fn call_tensors(call: &Call, kept: &[TensorInfo], grads: &[TensorInfo], factored: bool) -> GroupTensors {
+fn call_tensors(call: &Call, kept: &[TensorInfo], grads: &[TensorInfo], factored: Option<FactorDims>) -> GroupTensors {
     let n = call.n;
     let list = |start: usize| kept[start..start + n].to_vec();
     let grads = match call.inputs {

@@ -5,6 +5,7 @@
 pub mod adabelief;
 pub mod adabound;
 pub mod adafactor;
+pub mod adafactor_hf;
 pub mod adahessian;
 pub mod adam;
 pub mod adamod;
@@ -217,14 +218,21 @@ pub trait Rule: Params + Send + Sync + 'static {
     }
     /// Whether the rule keeps factored state (Adafactor's second moment). Every tensor it updates
     /// has two or more dimensions and is seen as a stack of matrices: its last two dimensions, the
-    /// leading ones indexing the matrices. Its two slots are not shaped like it: slot 0 holds one
-    /// value per row of each matrix (shape `[..., rows, 1]`), slot 1 one per column
-    /// (`[..., 1, cols]`). Before the sums passes of the matrix's tensor, the driver adds
-    /// [`Rule::factor_term`] over every row and every column, [`Rule::update_factors`] rewrites
-    /// both slots from these sums (on the host, once per matrix), and [`Rule::factor_reads`] turns
-    /// the stored slots into what each element then reads as `s[0]` (its row's value) and `s[1]`
-    /// (its column's) in the sums passes and the update; the drivers write no slot back.
+    /// leading ones indexing the matrices. Its last two slots (from [`Rule::FACTOR_SLOT`]) are not
+    /// shaped like it: the first holds one value per row of each matrix, the second one per
+    /// column (shaped as [`Rule::FACTOR_DIMS`] says); slots
+    /// before them are shaped like the parameter, as any rule's. Before the sums passes of the
+    /// tensor, the driver adds [`Rule::factor_term`] over every row and every column,
+    /// [`Rule::update_factors`] rewrites both factor slots from these sums (on the host, once per
+    /// tensor), and [`Rule::factor_reads`] turns the stored factors into what each element then
+    /// reads in their place (its row's value, its column's) in the sums passes and the update;
+    /// the drivers write the factor slots back from nothing else.
     const FACTORED: bool = false;
+    /// How a rule with factored state shapes its factors.
+    const FACTOR_DIMS: FactorDims = FactorDims::Kept;
+    /// The first factor slot of a rule with factored state (its row values; the column values
+    /// follow): the last two slots, after the written ones.
+    const FACTOR_SLOT: usize = Self::SLOTS.saturating_sub(2);
     /// One element's contribution to the sums of its row and of its column.
     #[inline(always)]
     fn factor_term<R: Real>(&self, _g: R) -> f64 {
@@ -309,6 +317,7 @@ registry! {
     adahessian::INFO => adahessian::visit,
     adamp::INFO => adamp::visit,
     adafactor::INFO => adafactor::visit,
+    adafactor_hf::INFO => adafactor_hf::visit,
     // weight averaging (spec averaging.md D.1)
     ema::INFO => ema::visit,
     ema::MULTI_INFO => ema::visit_multi,
@@ -361,13 +370,24 @@ pub fn slot_names(name: &str, hyper: &Hyper) -> Result<&'static [&'static str]> 
     visit_rule(name, hyper, SlotNames)
 }
 
-/// Whether the rule called `name` built from `hyper` keeps factored state ([`Rule::FACTORED`]).
-pub fn factored(name: &str, hyper: &Hyper) -> Result<bool> {
+/// The shapes of the two factors of a rule with factored state ([`Rule::FACTORED`]), for a
+/// parameter of shape `[..., rows, cols]`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum FactorDims {
+    /// `[..., rows, 1]` and `[..., 1, cols]` (torch's Adafactor).
+    Kept,
+    /// `[..., rows]` and `[..., cols]` (transformers').
+    Dropped,
+}
+
+/// How the rule called `name` built from `hyper` shapes its factors, if it keeps factored state
+/// ([`Rule::FACTORED`]).
+pub fn factored(name: &str, hyper: &Hyper) -> Result<Option<FactorDims>> {
     struct Factored;
     impl RuleVisitor for Factored {
-        type Output = bool;
+        type Output = Option<FactorDims>;
         fn visit<Ru: Rule>(self, _rule: Ru) -> Self::Output {
-            Ru::FACTORED
+            Ru::FACTORED.then_some(Ru::FACTOR_DIMS)
         }
     }
     visit_rule(name, hyper, Factored)
@@ -519,6 +539,8 @@ pub(crate) mod tests {
             ("ema_multi", "tracks") => (1..=5).map(f64::from).collect(),
             ("adafactor", "beta2_decay") => vec![-0.8],
             ("adafactor", "d") => vec![1.5],
+            ("adafactor_hf", "relative_step" | "scale_parameter" | "warmup_init") => vec![1.0, 0.0],
+            ("adafactor_hf", "decay_rate") => vec![-0.8],
             (_, "momentum" | "weight_decay" | "beta1") => vec![0.5, 0.0],
             _ => vec![0.5],
         }
@@ -570,7 +592,10 @@ pub(crate) mod tests {
             let passes = &Ru::SUM_PASS[..Ru::SUMS];
             assert!(passes.windows(2).all(|w| w[1] == w[0] || w[1] == w[0] + 1) && passes.first().is_none_or(|&p| p <= 1), "{name}: SUM_PASS");
             assert!(!Ru::ROW_SUMS || passes.windows(2).all(|w| w[0] == w[1]), "{name}: row sums in more than one pass");
-            assert!(!Ru::FACTORED || (Ru::SLOTS == 2 && Ru::WRITTEN_SLOTS == 0 && !Ru::ROW_SUMS), "{name}: a factored rule keeps two slots it writes itself");
+            assert!(
+                !Ru::FACTORED || (Ru::SLOTS >= 2 && Ru::WRITTEN_SLOTS <= Ru::FACTOR_SLOT && !Ru::ROW_SUMS),
+                "{name}: a factored rule keeps its two factors last, not written by the drivers"
+            );
             assert_eq!(Ru::MAX_SUMS_MASK >> Ru::SUMS, 0, "{name}: a maximum past SUMS");
             assert_eq!(Ru::PARAM_NAMES.len(), rule.param_words().len(), "{name}");
             let unique = |names: &[&str]| names.iter().collect::<HashSet<_>>().len() == names.len();

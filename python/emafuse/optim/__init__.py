@@ -2,7 +2,7 @@
 
 from .adabelief import AdaBelief
 from .adabound import AdaBound, AdaBoundW
-from .adafactor import Adafactor
+from .adafactor import Adafactor, AdafactorHF
 from .adahessian import AdaHessian
 from .adam import Adam, AdamW
 from .adamod import AdaMod
@@ -29,6 +29,7 @@ __all__ = [
     "AdaMod",
     "AdaMomentum",
     "Adafactor",
+    "AdafactorHF",
     "Adam",
     "AdamP",
     "AdamW",

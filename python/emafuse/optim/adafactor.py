@@ -1,9 +1,11 @@
-"""Adafactor: ``torch.optim.Adafactor``'s constructor and semantics, one fused native step with
-the factored second moments' row and column statistics gathered inside it."""
+"""Adafactor in both its reference semantics, ``torch.optim.Adafactor``'s (:class:`Adafactor`)
+and Hugging Face transformers' (:class:`AdafactorHF`): their constructors, each one fused native
+step with the factored second moments' row and column statistics gathered inside it."""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -11,12 +13,54 @@ from torch.optim.optimizer import ParamsT
 
 from .. import _dtensor
 from ..errors import UnsupportedOptionError
-from ._base import FusedOptimizer, GradClip, Rounding, StateDType, scalar
+from ._base import FusedOptimizer, GradClip, Rounding, StateDType, check_hyper, scalar
 
-__all__ = ["Adafactor"]
+__all__ = ["Adafactor", "AdafactorHF"]
 
 
-class Adafactor(FusedOptimizer, torch.optim.Adafactor):
+class _Factored(FusedOptimizer):
+    """What both Adafactors share: the rule's ``factored`` flag follows the parameter (two or more
+    dimensions), whose two factors hold a value per row and one per column of its matrices (the
+    last two dimensions), and stay float32 under ``state_dtype="8bit"``."""
+
+    _takes_orthograd = False
+    # The state names of the row and column factors, and whether they keep the factored dimension
+    # (torch: [..., rows, 1] and [..., 1, cols]) or drop it (transformers: [..., rows], [..., cols]).
+    _factor_names: ClassVar[tuple[str, str]]
+    _factor_keepdim: ClassVar[bool]
+    # Where DTensor users are sent (their matrices are refused).
+    _instead: ClassVar[str]
+
+    def _param_flags(self, p: Tensor) -> dict[str, bool]:
+        return {"factored": p.dim() >= 2}
+
+    def _new_slot(self, p: Tensor, name: str, dtype: torch.dtype) -> Tensor:
+        if name not in self._factor_names:
+            return super()._new_slot(p, name, dtype)
+        shape = list(p.shape)
+        dim = -1 if name == self._factor_names[0] else -2
+        if self._factor_keepdim:
+            shape[dim] = 1
+        else:
+            del shape[dim]
+        return p.new_zeros(shape, dtype=dtype)
+
+    def _state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
+        dtype = super()._state_dtype(p, group)
+        # the factors (a value per row and per column) stay float32 under "8bit"
+        return torch.float32 if dtype == torch.uint8 and p.dim() >= 2 else dtype
+
+    def _check_operands(self, gi: int, p: Tensor, g: Tensor) -> None:
+        super()._check_operands(gi, p, g)
+        if p.dim() >= 2 and _dtensor.is_dtensor(p):
+            raise UnsupportedOptionError(
+                f"{type(self).__name__}: param group {gi}: a parameter of shape {tuple(p.shape)} is a DTensor; Adafactor's factored "
+                "second moments need sums over whole rows and columns, which emafuse does not add across ranks: use "
+                f"{self._instead} for DTensor (FSDP2) parameters of two or more dimensions"
+            )
+
+
+class Adafactor(_Factored, torch.optim.Adafactor):
     r"""Adafactor (Shazeer, Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost",
     ICML 2018, arXiv:1804.04235), a drop-in replacement for :class:`torch.optim.Adafactor` (torch
     >= 2.5: its arguments, validation, state and checkpoints) whose step is one fused native call.
@@ -59,7 +103,9 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
     """
 
     _rule = "adafactor"
-    _takes_orthograd = False
+    _factor_names = ("row_var", "col_var")
+    _factor_keepdim = True
+    _instead = "torch.optim.Adafactor"
 
     def __init__(
         self,
@@ -99,29 +145,152 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
             "weight_decay": float(group["weight_decay"]),
         }
 
-    def _state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
-        dtype = super()._state_dtype(p, group)
-        # the factors (a value per row and per column) stay float32 under "8bit"
-        return torch.float32 if dtype == torch.uint8 and p.dim() >= 2 else dtype
 
-    def _param_flags(self, p: Tensor) -> dict[str, bool]:
-        return {"factored": p.dim() >= 2}
+class AdafactorHF(_Factored):
+    r"""Adafactor as Hugging Face transformers implements it (``transformers.optimization.Adafactor``,
+    after fairseq's; Shazeer, Stern, ICML 2018, arXiv:1804.04235), a drop-in replacement for it
+    (its arguments, validation, state and checkpoints) whose step is one fused native call.
 
-    def _new_slot(self, p: Tensor, name: str, dtype: torch.dtype) -> Tensor:
-        shape = list(p.shape)
-        if name == "row_var":
-            shape[-1] = 1
-        elif name == "col_var":
-            shape[-2] = 1
-        else:
-            return super()._new_slot(p, name, dtype)
-        return p.new_zeros(shape, dtype=dtype)
+    With :math:`t` the parameter's step, :math:`b = 1 - t^{\text{decay\_rate}}`, :math:`q = g^2 +
+    \epsilon_1`, the step size :math:`\rho = \min(10^{-2}, 1/\sqrt t)` (``relative_step``; with
+    ``warmup_init`` the cap is :math:`10^{-6} t`) or ``lr``, and :math:`\alpha = \max(\epsilon_2,
+    \mathrm{RMS}(p))\,\rho` (``scale_parameter``; else :math:`\rho`), RMS of the weights before the
+    step:
 
-    def _check_operands(self, gi: int, p: Tensor, g: Tensor) -> None:
-        super()._check_operands(gi, p, g)
-        if p.dim() >= 2 and _dtensor.is_dtensor(p):
-            raise UnsupportedOptionError(
-                f"Adafactor: param group {gi}: a parameter of shape {tuple(p.shape)} is a DTensor; Adafactor's factored second "
-                "moments need sums over whole rows and columns, which emafuse does not add across ranks: use torch.optim."
-                "Adafactor for DTensor (FSDP2) parameters of two or more dimensions"
-            )
+    .. math::
+        R &\leftarrow b R + (1-b)\,\bar q^{\,\text{row}}, \qquad
+        C \leftarrow b C + (1-b)\,\bar q^{\,\text{col}}, \qquad
+        U = g \Big/ \sqrt{\frac{R}{\bar R}\,C} \\
+        u &= \frac{\alpha}{\max(1, \mathrm{RMS}(U)/\text{clip\_threshold})}\,U, \qquad
+        m \leftarrow \beta_1 m + (1-\beta_1)\,u \ (\text{with } \beta_1), \qquad
+        p \leftarrow p\,(1 - \alpha\lambda) - (m \text{ or } u)
+
+    for a parameter of two or more dimensions, factored over its last two (the leading ones index
+    separate matrices; state ``exp_avg_sq_row`` of shape ``[..., rows]`` and ``exp_avg_sq_col`` of
+    shape ``[..., cols]``); vectors and scalars keep a full second moment ``exp_avg_sq``,
+    :math:`v \leftarrow b v + (1-b) q`, :math:`U = g/\sqrt v`. State: ``step`` (saved as a Python
+    int, as transformers' is), ``RMS`` (the weights' RMS before the last step, a float64 tensor
+    beside the step, where transformers' has the parameter's dtype; ``_get_lr`` reads it, so
+    ``transformers.optimization.AdafactorSchedule`` reports the step sizes),
+    ``exp_avg`` with ``beta1``, and the second moments; checkpoints load both ways with
+    transformers' class. The differences from :class:`emafuse.Adafactor` (torch's semantics): ε1
+    added to g² rather than flooring V̂, relative step sizes, weight decay scaled by α rather than
+    lr, the optional first moment.
+
+    As transformers does, bfloat16 and float16 parameters keep float32 state and are updated in
+    float32 (the result rounded once; with ``rounding="stochastic"`` stochastically). The
+    reductions run inside the step: a read-only pass adds q over every row and column (float64,
+    reproducible bit for bit), the small factors are updated on the host, a second pass gathers
+    :math:`\|p\|^2` and :math:`\|U\|^2`, and the update pass recomputes :math:`U`; transformers
+    reduces in float32 (rounding differences of a few ulps).
+
+    Differences, on purpose: ``relative_step=False`` without ``lr`` raises ``ValueError`` here
+    (transformers fails at its first step with a ``TypeError``), and so do numbers out of range,
+    which transformers runs: ``lr``, ``eps`` or ``weight_decay`` < 0, ``clip_threshold`` <= 0,
+    ``decay_rate`` > 0, ``beta1`` outside [0, 1) (also when a param group is changed later: the step
+    refuses them and changes nothing). Extra keywords: ``maximize``,
+    ``check_finite``, ``grad_clip`` and the lean-state ``state_dtype`` / ``rounding`` /
+    ``weight_correction`` (as :class:`emafuse.AdamW`); under ``state_dtype="8bit"`` only vectors'
+    state is stored as 8-bit codes (the factors, and then a matrix's ``exp_avg``, keep float32).
+    Not taken: ``orthograd``, ``caution``. On CUDA devices matrices raise (the CUDA backend does
+    not update factored state yet); DTensor (FSDP2) matrices are refused (their row and column
+    statistics would have to be added across ranks).
+    """
+
+    _rule = "adafactor_hf"
+    _int_step_in_state_dict = True
+    _factor_names = ("exp_avg_sq_row", "exp_avg_sq_col")
+    _factor_keepdim = False
+    _instead = "transformers.optimization.Adafactor"
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+        *,
+        maximize: bool = False,
+        check_finite: bool = False,
+        grad_clip: GradClip = None,
+        state_dtype: StateDType = None,
+        rounding: Rounding | None = None,
+        rounding_seed: int = 0,
+        weight_correction: bool = False,
+    ) -> None:
+        # transformers' checks and messages
+        if lr is not None and relative_step:
+            raise ValueError("Cannot combine manual `lr` and `relative_step=True` options")
+        if warmup_init and not relative_step:
+            raise ValueError("`warmup_init=True` requires `relative_step=True`")
+        if lr is None and not relative_step:
+            raise ValueError("relative_step=False needs a step size: pass lr=... (or relative_step=True for Adafactor's own)")
+        # checks transformers lacks (spec §18.B (b)): numbers that only make sense in range
+        check_hyper(lr=lr, weight_decay=weight_decay)
+        for i, e in enumerate(eps):
+            if not 0.0 <= e:
+                raise ValueError(f"Invalid epsilon value at index {i}: {e}")
+        if not 0.0 < clip_threshold:
+            raise ValueError(f"Invalid clip_threshold: {clip_threshold} (expected a value > 0)")
+        if not decay_rate <= 0.0:
+            raise ValueError(f"Invalid decay_rate: {decay_rate} (expected a value <= 0: the weight of new data is t^decay_rate)")
+        if beta1 is not None and not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"Invalid beta1: {beta1} (expected None or a value in [0, 1))")
+        defaults = dict(
+            lr=lr,
+            eps=eps,
+            clip_threshold=clip_threshold,
+            decay_rate=decay_rate,
+            beta1=beta1,
+            weight_decay=weight_decay,
+            scale_parameter=scale_parameter,
+            relative_step=relative_step,
+            warmup_init=warmup_init,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+        self._init_emafuse_defaults(check_finite, grad_clip, (state_dtype, rounding, rounding_seed, weight_correction))
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, float | bool]:
+        eps1, eps2 = group["eps"]
+        beta1 = group["beta1"]
+        return {
+            # (with relative steps lr is unused: None, or what a scheduler such as
+            # AdafactorSchedule wrote there)
+            "lr": 0.0 if group["relative_step"] or group["lr"] is None else scalar(group["lr"]),
+            "eps1": float(eps1),
+            "eps2": float(eps2),
+            "clip_threshold": float(group["clip_threshold"]),
+            "decay_rate": float(group["decay_rate"]),
+            "beta1": 0.0 if beta1 is None else float(beta1),
+            "weight_decay": float(group["weight_decay"]),
+            "relative_step": float(bool(group["relative_step"])),
+            "scale_parameter": float(bool(group["scale_parameter"])),
+            "warmup_init": float(bool(group["warmup_init"])),
+            "first_moment": beta1 is not None,
+        }
+
+    def _default_state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
+        # transformers keeps the state of bf16/fp16 parameters in float32 (their upcast gradient's)
+        return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+
+    def _scalar_dtype(self, key: str) -> torch.dtype:
+        return torch.float64 if key == "RMS" else super()._scalar_dtype(key)
+
+    @staticmethod
+    def _get_lr(param_group: dict[str, Any], param_state: dict[str, Any]) -> float:
+        """The step size α of the parameter's last step (transformers' ``_get_lr``, which
+        ``AdafactorSchedule`` calls)."""
+        step = float(param_state["step"])
+        rho = param_group["lr"]
+        if param_group["relative_step"]:
+            cap = 1e-6 * step if param_group["warmup_init"] else 1e-2
+            rho = min(cap, 1.0 / math.sqrt(step))
+        scale = max(param_group["eps"][1], float(param_state["RMS"])) if param_group["scale_parameter"] else 1.0
+        return scale * rho

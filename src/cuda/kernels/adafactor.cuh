@@ -81,28 +81,31 @@ struct Adafactor {
         return x * x;
     }
 
-    // One matrix's factors from the sums of its rows and columns: R <- lerp(R, |row|^2/cols, w),
-    // C <- lerp(C, |column|^2/rows, w), the norm rounded to R first.
+    // One tensor's factors (`matrices` matrices of n_rows x n_cols, one after another) from the
+    // sums of their rows and columns: R <- lerp(R, |row|^2/cols, w), C <- lerp(C, |column|^2/rows,
+    // w), the norm rounded to R first. A launcher may as well pass one matrix at a time.
     template <class R>
-    EF_FN static void update_factors(const EfHyper& h, const double* sc, const double* row_sums, const double* col_sums, R* rows, R* cols,
-                                     long long n_rows, long long n_cols) {
+    EF_FN static void update_factors(const EfHyper& h, const double* sc, long long matrices, long long n_rows, long long n_cols,
+                                     const double* row_sums, const double* col_sums, R* rows, R* cols) {
         const EfLerp<R> lerp = EfLerp<R>::make(weight(h, sc[0]));
-        for (long long r = 0; r < n_rows; ++r) {
+        for (long long r = 0; r < matrices * n_rows; ++r) {
             const R norm = R(EF_SQRT_D(row_sums[r]));
             rows[r] = lerp.apply(rows[r], norm * norm / R((double)n_cols));
         }
-        for (long long c = 0; c < n_cols; ++c) {
+        for (long long c = 0; c < matrices * n_cols; ++c) {
             const R norm = R(EF_SQRT_D(col_sums[c]));
             cols[c] = lerp.apply(cols[c], norm * norm / R((double)n_rows));
         }
     }
 
-    // What the elements read: rows R, columns C / max(mean of R, eps1).
+    // What the elements of one tensor read: rows R, columns C / max(mean of the matrix's R, eps1).
     template <class R>
-    EF_FN static void factor_reads(const EfHyper& h, R* rows, R* cols, long long n_rows, long long n_cols) {
-        double sum = 0.0;
-        for (long long r = 0; r < n_rows; ++r) sum += (double)rows[r];
-        const R divisor = ef_max_nan(R(sum / (double)n_rows), R(h.eps1));
-        for (long long c = 0; c < n_cols; ++c) cols[c] = cols[c] / divisor;
+    EF_FN static void factor_reads(const EfHyper& h, long long matrices, long long n_rows, long long n_cols, R* rows, R* cols) {
+        for (long long m = 0; m < matrices; ++m) {
+            double sum = 0.0;
+            for (long long r = 0; r < n_rows; ++r) sum += (double)rows[m * n_rows + r];
+            const R divisor = ef_max_nan(R(sum / (double)n_rows), R(h.eps1));
+            for (long long c = 0; c < n_cols; ++c) cols[m * n_cols + c] = cols[m * n_cols + c] / divisor;
+        }
     }
 };
