@@ -90,7 +90,7 @@ def slot_count(entry):
 
 def _alias(ps, opt):
     """One tensor for two state slots of one shape (Adafactor's factors are shaped otherwise)."""
-    for p in ps[2:]:
+    for p in ps[2:] + ps[:2]:
         names = state_tensors(opt, p)
         for a, b in itertools.combinations(names, 2):
             if opt.state[p][a].shape == opt.state[p][b].shape:

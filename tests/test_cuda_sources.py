@@ -117,6 +117,7 @@ RULES: dict[str, dict] = {
                    scale_parameter=1.0, warmup_init=0.0),
         extra=[dict(lr=3e-2, relative_step=0.0, scale_parameter=0.0, weight_decay=0.1), dict(warmup_init=1.0, clip_threshold=2.0, eps1=1e-3)],
         matrices=(2, 30, 50),
+        dropped=True,  # its factors are shaped [..., rows] and [..., cols]
     ),
     # tau: the Polyak step size the Python layer computes from the sums of every tensor
     "momo": dict(hyper=dict(lr=3e-2, beta=0.9, weight_decay=0.1, tau=0.02), extra=[dict(weight_decay=0.0)]),
@@ -367,7 +368,8 @@ def test_cuda_rule_equals_rust_rule_on_the_cpu(variant, tmp_path, host_dir):
     # per row, one per column
     if hyper.get("factored"):
         shape = spec["matrices"]
-        slot_shapes = [shape] * (len(slots) - 2) + [(*shape[:-1], 1), (*shape[:-2], 1, shape[-1])]
+        factors = [shape[:-1], (*shape[:-2], shape[-1])] if spec.get("dropped") else [(*shape[:-1], 1), (*shape[:-2], 1, shape[-1])]
+        slot_shapes = [shape] * (len(slots) - 2) + factors
         rows, cols = shape[-2], shape[-1]
     else:
         shape = (rows, n // rows) if rows > 1 else (n,)

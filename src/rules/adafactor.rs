@@ -12,8 +12,9 @@
 //! ```
 //! RMS(p) reads the weights before the step. The factors are the engine's factored state
 //! ([`Rule::FACTORED`]): the driver sums g² over every row and column, and the elements read
-//! their row's R and their column's C/max(mean R, eps1) (the divisor folded into the column's
-//! value; torch divides the product). Sums `[Σp², ΣU², numel]`: in pass 0 when factored (the
+//! their row's sqrt(R) and their column's sqrt(C/max(mean R, eps1)), so that U = g / max(their
+//! product, eps1) takes no square root per element (torch takes the root of the product: the
+//! same up to rounding). Sums `[Σp², ΣU², numel]`: in pass 0 when factored (the
 //! factors are updated before it), else in pass 1 (U reads the new v, whose weight `prepare`
 //! gives).
 //! State slots: `row_var`, `col_var` (FACTORED) or `variance`; scalar state `step`.
@@ -61,7 +62,8 @@ const COUNT: usize = 2;
 pub struct AdafactorCoeffs<R: Real> {
     /// The weight of g² in the new variance (not FACTORED).
     lerp: Lerp<R>,
-    eps1_sq: R,
+    /// The floor of sqrt(V̂) (FACTORED: eps1), else of V̂ (eps1²).
+    floor: R,
     /// 1 − lr·wd.
     decay: R,
     /// −α / max(1, RMS(U)/d).
@@ -75,15 +77,28 @@ impl<const FACTORED: bool, const DECAY: bool> Adafactor<FACTORED, DECAY> {
         (t, t.powf(self.beta2_decay))
     }
 
-    /// `U = g / sqrt(max(V̂, eps1²))` for the element's second moment estimate `vhat`; torch's
-    /// `clamp_(min=eps1²).rsqrt_().mul_(g)`.
-    #[inline(always)]
-    fn direction<R: Real>(eps1_sq: R, vhat: R, g: R) -> R {
-        R::ONE / vhat.max_nan(eps1_sq).sqrt() * g
+    /// The floor of what [`Self::estimate`] returns: eps1 for sqrt(V̂) (FACTORED), eps1² for V̂.
+    fn floor(&self) -> f64 {
+        if FACTORED {
+            self.eps1
+        } else {
+            self.eps1 * self.eps1
+        }
     }
 
-    /// The element's V̂ and (not FACTORED) its new variance: from its row's and column's values
-    /// (FACTORED), else from `v` and `g²` weighted by `lerp`.
+    /// `U = g / sqrt(max(V̂, eps1²))` from the element's estimate (FACTORED: sqrt(V̂), floored at
+    /// eps1); torch's `clamp_(min=eps1²).rsqrt_().mul_(g)`.
+    #[inline(always)]
+    fn direction<R: Real>(floor: R, estimate: R, g: R) -> R {
+        if FACTORED {
+            R::ONE / estimate.max_nan(floor) * g
+        } else {
+            R::ONE / estimate.max_nan(floor).sqrt() * g
+        }
+    }
+
+    /// The element's estimate and (not FACTORED) its new variance: sqrt(V̂), the product of its
+    /// row's and column's reads (FACTORED), else V̂ = v from `v` and `g²` weighted by `lerp`.
     #[inline(always)]
     fn estimate<R: Real>(lerp: &Lerp<R>, g: R, s: &[R; MAX_SLOTS]) -> R {
         if FACTORED {
@@ -94,8 +109,8 @@ impl<const FACTORED: bool, const DECAY: bool> Adafactor<FACTORED, DECAY> {
     }
 
     #[inline(always)]
-    fn count<R: Real>(eps1_sq: R, lerp: &Lerp<R>, p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
-        let u = Self::direction(eps1_sq, Self::estimate(lerp, g, s), g).to_f64();
+    fn count<R: Real>(floor: R, lerp: &Lerp<R>, p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
+        let u = Self::direction(floor, Self::estimate(lerp, g, s), g).to_f64();
         let p = p.to_f64();
         sums[PP] += p * p;
         sums[UU] += u * u;
@@ -121,7 +136,7 @@ impl<const FACTORED: bool, const DECAY: bool> Rule for Adafactor<FACTORED, DECAY
         let denom = (sums[UU].sqrt() / (root_n * self.d)).max(1.0);
         AdafactorCoeffs {
             lerp: Lerp::new(w),
-            eps1_sq: R::from_f64(self.eps1 * self.eps1),
+            floor: R::from_f64(self.floor()),
             decay: R::from_f64(1.0 - self.lr * self.weight_decay),
             neg_step: R::from_f64(-alpha / denom),
         }
@@ -129,25 +144,25 @@ impl<const FACTORED: bool, const DECAY: bool> Rule for Adafactor<FACTORED, DECAY
 
     #[inline(always)]
     fn update<R: Real>(c: &AdafactorCoeffs<R>, p: R, g: R, s: &mut [R; MAX_SLOTS]) -> R {
-        let vhat = Self::estimate(&c.lerp, g, s);
+        let estimate = Self::estimate(&c.lerp, g, s);
         if !FACTORED {
-            s[0] = vhat;
+            s[0] = estimate;
         }
         let p = if DECAY { p * c.decay } else { p };
-        p + c.neg_step * Self::direction(c.eps1_sq, vhat, g)
+        p + c.neg_step * Self::direction(c.floor, estimate, g)
     }
 
     /// FACTORED: `[Σp², ΣU², numel]` (the factors are already new).
     #[inline(always)]
     fn accumulate<R: Real>(&self, p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
         if FACTORED {
-            Self::count(R::from_f64(self.eps1 * self.eps1), &Lerp::new(0.0), p, g, s, sums);
+            Self::count(R::from_f64(self.floor()), &Lerp::new(0.0), p, g, s, sums);
         }
     }
 
     /// Not FACTORED: the weight of new data, and eps1².
     fn prepare(&self, _pass: usize, scalars: &[f64; MAX_SCALARS], _sums: &[f64; MAX_SUMS]) -> [f64; MAX_SUMS] {
-        [self.weight(scalars).1, self.eps1 * self.eps1, 0.0, 0.0, 0.0, 0.0]
+        [self.weight(scalars).1, self.floor(), 0.0, 0.0, 0.0, 0.0]
     }
 
     /// Not FACTORED: `[Σp², ΣU², numel]` with the new variance.
@@ -185,13 +200,14 @@ impl<const FACTORED: bool, const DECAY: bool> Rule for Adafactor<FACTORED, DECAY
         }
     }
 
-    /// Rows read R, columns C / max(mean of R over the matrix's rows, eps1).
+    /// Rows read sqrt(R), columns sqrt(C / max(mean of R over the matrix's rows, eps1)).
     fn factor_reads<R: Real>(&self, n_rows: usize, n_cols: usize, rows: &mut [R], cols: &mut [R]) {
         for (r, c) in rows.chunks(n_rows.max(1)).zip(cols.chunks_mut(n_cols.max(1))) {
             let mean = R::from_f64(r.iter().map(|x| x.to_f64()).sum::<f64>() / n_rows as f64);
             let divisor = mean.max_nan(R::from_f64(self.eps1));
-            c.iter_mut().for_each(|x| *x = *x / divisor);
+            c.iter_mut().for_each(|x| *x = (*x / divisor).sqrt());
         }
+        rows.iter_mut().for_each(|x| *x = x.sqrt());
     }
 }
 

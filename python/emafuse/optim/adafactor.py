@@ -88,8 +88,14 @@ class Adafactor(_Factored, torch.optim.Adafactor):
     The reductions run inside the step: a read-only pass adds g² over every row and column
     (float64, reproducible bit for bit), the small factors are updated on the host, a second pass
     gathers :math:`\|p\|^2` and :math:`\|U\|^2`, and the update pass recomputes :math:`U`. torch
-    computes the norms in the parameter's dtype and divides the product :math:`R\,C` by the rows'
-    mean, where emafuse divides :math:`C` first (rounding differences of an ulp).
+    computes the norms in the parameter's dtype and takes the root of :math:`R\,C/\bar R` per
+    element, where emafuse folds :math:`\bar R` into :math:`C` and takes the roots of :math:`R` and
+    :math:`C` once per row and column, :math:`U = g/\max(\sqrt R\sqrt{C'}, \epsilon_1)`
+    (rounding differences of an ulp or two). The row and
+    column sums live in a float64 working array that emafuse keeps from one step to the next
+    (allocating it afresh costs more than the step): 8 bytes per factor value, under 2 MB for
+    GPT-2 or ViT-B/16 shapes, but 254 MB for ResNet-50's, whose 1×1 and 3×3 kernels torch factors
+    too (their factors are as large as the weights).
 
     Extra keywords: ``check_finite``, ``grad_clip`` and the lean-state ``state_dtype`` /
     ``rounding`` / ``weight_correction`` (as :class:`emafuse.AdamW`). With ``state_dtype="8bit"``
@@ -182,7 +188,8 @@ class AdafactorHF(_Factored):
     reductions run inside the step: a read-only pass adds q over every row and column (float64,
     reproducible bit for bit), the small factors are updated on the host, a second pass gathers
     :math:`\|p\|^2` and :math:`\|U\|^2`, and the update pass recomputes :math:`U`; transformers
-    reduces in float32 (rounding differences of a few ulps).
+    reduces in float32 (rounding differences of a few ulps). The sums' working array is kept
+    between steps, as :class:`Adafactor`'s.
 
     Differences, on purpose: ``relative_step=False`` without ``lr`` raises ``ValueError`` here
     (transformers fails at its first step with a ``TypeError``), and so do numbers out of range,

@@ -11,24 +11,29 @@ struct Adafactor {
     template <class R>
     struct Coeffs {
         EfLerp<R> lerp;
-        R eps1_sq, decay, neg_step;
+        R floor, decay, neg_step;  // floor: of sqrt(V) (FACTORED: eps1), else of V (eps1^2)
     };
 
     // The weight of new data t^beta2_decay of the step after `step`.
     EF_FN static double weight(const EfHyper& h, double step) { return EF_POW_D(step + 1.0, h.beta2_decay); }
 
-    // U = g / sqrt(max(V, eps1^2)).
-    template <class R>
-    EF_FN static R direction(R eps1_sq, R vhat, R g) { return R(1) / ef_sqrt(ef_max_nan(vhat, eps1_sq)) * g; }
+    // The floor of the estimate: eps1 for sqrt(V) (FACTORED), eps1^2 for V.
+    EF_FN static double floor_of(const EfHyper& h) { return FACTORED ? h.eps1 : h.eps1 * h.eps1; }
 
-    // V: the row's value times the column's (FACTORED), else the new variance.
+    // U = g / sqrt(max(V, eps1^2)) from the estimate (FACTORED: sqrt(V), floored at eps1).
+    template <class R>
+    EF_FN static R direction(R floor, R estimate, R g) {
+        return FACTORED ? R(1) / ef_max_nan(estimate, floor) * g : R(1) / ef_sqrt(ef_max_nan(estimate, floor)) * g;
+    }
+
+    // The estimate: sqrt(V), the row's read times the column's (FACTORED), else V, the new variance.
     template <class R>
     EF_FN static R estimate(const EfLerp<R>& lerp, R g, const R* s) { return FACTORED ? s[0] * s[1] : lerp.apply(s[0], g * g); }
 
     // {|p|^2, |U|^2, numel}.
     template <class R>
-    EF_FN static void count(R eps1_sq, const EfLerp<R>& lerp, R p, R g, const R* s, double* sums) {
-        const double u = (double)direction(eps1_sq, estimate(lerp, g, s), g), w = (double)p;
+    EF_FN static void count(R floor, const EfLerp<R>& lerp, R p, R g, const R* s, double* sums) {
+        const double u = (double)direction(floor, estimate(lerp, g, s), g), w = (double)p;
         sums[0] += w * w;
         sums[1] += u * u;
         sums[2] += 1.0;
@@ -43,7 +48,7 @@ struct Adafactor {
         const double clip = EF_SQRT_D(sums[1]) / (root_n * h.d);
         Coeffs<R> c;
         c.lerp = EfLerp<R>::make(w);
-        c.eps1_sq = R(h.eps1 * h.eps1);
+        c.floor = R(floor_of(h));
         c.decay = R(1.0 - h.lr * h.weight_decay);
         c.neg_step = R(-alpha / (clip > 1.0 ? clip : 1.0));
         return c;
@@ -51,22 +56,22 @@ struct Adafactor {
 
     template <class R>
     EF_FN static R update(const Coeffs<R>& c, R p, R g, R* s) {
-        const R vhat = estimate(c.lerp, g, s);
-        if (!FACTORED) s[0] = vhat;
+        const R e = estimate(c.lerp, g, s);
+        if (!FACTORED) s[0] = e;
         if (DECAY) p = p * c.decay;
-        return p + c.neg_step * direction(c.eps1_sq, vhat, g);
+        return p + c.neg_step * direction(c.floor, e, g);
     }
 
     // FACTORED: the sums in pass 0 (the factors are already new).
     template <class R>
     EF_FN static void accumulate(const EfHyper& h, R p, R g, const R* s, double* sums) {
-        if (FACTORED) count(R(h.eps1 * h.eps1), EfLerp<R>::make(0.0), p, g, s, sums);
+        if (FACTORED) count(R(floor_of(h)), EfLerp<R>::make(0.0), p, g, s, sums);
     }
 
     // Not FACTORED: pass 1 reads the weight of new data and eps1^2.
     EF_FN static void prepare(const EfHyper& h, int, const double* sc, const double*, double* out) {
         out[0] = weight(h, sc[0]);
-        out[1] = h.eps1 * h.eps1;
+        out[1] = floor_of(h);
     }
 
     template <class R>
@@ -98,14 +103,16 @@ struct Adafactor {
         }
     }
 
-    // What the elements of one tensor read: rows R, columns C / max(mean of the matrix's R, eps1).
+    // What the elements of one tensor read: rows sqrt(R), columns sqrt(C / max(mean of the matrix's
+    // R, eps1)).
     template <class R>
     EF_FN static void factor_reads(const EfHyper& h, long long matrices, long long n_rows, long long n_cols, R* rows, R* cols) {
         for (long long m = 0; m < matrices; ++m) {
             double sum = 0.0;
             for (long long r = 0; r < n_rows; ++r) sum += (double)rows[m * n_rows + r];
             const R divisor = ef_max_nan(R(sum / (double)n_rows), R(h.eps1));
-            for (long long c = 0; c < n_cols; ++c) cols[m * n_cols + c] = cols[m * n_cols + c] / divisor;
+            for (long long c = 0; c < n_cols; ++c) cols[m * n_cols + c] = ef_sqrt(cols[m * n_cols + c] / divisor);
         }
+        for (long long r = 0; r < matrices * n_rows; ++r) rows[r] = ef_sqrt(rows[r]);
     }
 };
