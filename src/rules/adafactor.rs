@@ -52,10 +52,19 @@ rule_params! {
     }
 }
 
-/// Where in the sums each quantity lies.
-const PP: usize = 0;
-const UU: usize = 1;
-const COUNT: usize = 2;
+/// Where in the sums each quantity lies (both Adafactors': `[Σp², ΣU², numel]`).
+pub(super) const PP: usize = 0;
+pub(super) const UU: usize = 1;
+pub(super) const COUNT: usize = 2;
+
+/// Count one element, its weight `p` and its direction `u`, into `[Σp², ΣU², numel]`.
+#[inline(always)]
+pub(super) fn count_element<R: Real>(p: R, u: R, sums: &mut [f64; MAX_SUMS]) {
+    let (p, u) = (p.to_f64(), u.to_f64());
+    sums[PP] += p * p;
+    sums[UU] += u * u;
+    sums[COUNT] += 1.0;
+}
 
 /// Adafactor's per-tensor coefficients.
 #[derive(Copy, Clone, Debug)]
@@ -110,11 +119,7 @@ impl<const FACTORED: bool, const DECAY: bool> Adafactor<FACTORED, DECAY> {
 
     #[inline(always)]
     fn count<R: Real>(floor: R, lerp: &Lerp<R>, p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
-        let u = Self::direction(floor, Self::estimate(lerp, g, s), g).to_f64();
-        let p = p.to_f64();
-        sums[PP] += p * p;
-        sums[UU] += u * u;
-        sums[COUNT] += 1.0;
+        count_element(p, Self::direction(floor, Self::estimate(lerp, g, s), g), sums);
     }
 }
 

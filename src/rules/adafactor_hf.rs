@@ -20,6 +20,7 @@
 //! State slots: `exp_avg` (FIRST_MOMENT), then `exp_avg_sq_row`, `exp_avg_sq_col` (FACTORED) or
 //! `exp_avg_sq`; scalar state `step` and `RMS`.
 
+use super::adafactor::{count_element, COUNT, PP, UU};
 use super::{
     bool_dispatch, check_non_negative, check_unit_interval, rule_params, FactorDims, Input, Rule, RuleHyper, RuleInfo, RuleVisitor, MAX_SCALARS, MAX_SLOTS,
     MAX_SUMS,
@@ -64,11 +65,6 @@ rule_params! {
     }
 }
 
-/// Where in the sums each quantity lies.
-const PP: usize = 0;
-const UU: usize = 1;
-const COUNT: usize = 2;
-
 /// Per-tensor coefficients of HF's Adafactor.
 #[derive(Copy, Clone, Debug)]
 pub struct AdafactorHfCoeffs<R: Real> {
@@ -108,11 +104,7 @@ impl<const FACTORED: bool, const FIRST_MOMENT: bool, const DECAY: bool> Adafacto
 
     #[inline(always)]
     fn count<R: Real>(keep: R, take: R, eps1: R, p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
-        let u = Self::direction(keep, take, eps1, g, s).0.to_f64();
-        let p = p.to_f64();
-        sums[PP] += p * p;
-        sums[UU] += u * u;
-        sums[COUNT] += 1.0;
+        count_element(p, Self::direction(keep, take, eps1, g, s).0, sums);
     }
 }
 
