@@ -651,11 +651,13 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             let slot = |k: usize, len: usize| std::slice::from_raw_parts_mut(b.states[t * b.slots() + k].at::<S>(0), len);
             (slot(Ru::FACTOR_SLOT, f.rows), slot(Ru::FACTOR_SLOT + 1, f.cols))
         };
-        let (mut rows, mut cols) = (vec![R::ZERO; f.rows], vec![R::ZERO; f.cols]);
-        S::load(row_mem, &mut rows);
-        S::load(col_mem, &mut cols);
-        self.rule.update_factors(&self.scalars(t), f.n_rows, f.n_cols, row_sums, col_sums, &mut rows, &mut cols);
-        for (mem, vals) in [(row_mem, &mut rows), (col_mem, &mut cols)] {
+        // (the factors in the compute type: as large as the sums, so in a kept array too)
+        let mut scratch = Scratch::default();
+        let (rows, cols) = scratch.zeros_of::<R>(f.rows + f.cols).split_at_mut(f.rows);
+        S::load(row_mem, rows);
+        S::load(col_mem, cols);
+        self.rule.update_factors(&self.scalars(t), f.n_rows, f.n_cols, row_sums, col_sums, rows, cols);
+        for (mem, vals) in [(row_mem, &mut *rows), (col_mem, &mut *cols)] {
             if store {
                 S::store(vals, mem);
                 S::load(mem, vals);
@@ -665,8 +667,8 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
                 S::load(&copy, vals);
             }
         }
-        self.rule.factor_reads(f.n_rows, f.n_cols, &mut rows, &mut cols);
-        for (out, vals) in [(row_sums, &rows), (col_sums, &cols)] {
+        self.rule.factor_reads(f.n_rows, f.n_cols, rows, cols);
+        for (out, vals) in [(row_sums, &*rows), (col_sums, &*cols)] {
             out.iter_mut().zip(vals.iter()).for_each(|(o, v)| *o = v.to_f64());
         }
     }
