@@ -138,8 +138,10 @@ impl Rows {
 pub enum Matrices {
     /// Fewer than two dimensions.
     None,
-    /// Row-major matrices of `rows × cols` elements, one after another in memory.
-    RowMajor { rows: usize, cols: usize },
+    /// `count` row-major matrices of `rows × cols` elements, one after another in memory
+    /// (`count` is the product of the leading dimensions: it stays when `rows` is 0, e.g. in an
+    /// empty shard of a sharded tensor).
+    RowMajor { count: usize, rows: usize, cols: usize },
     /// Another memory layout (e.g. channels_last).
     Other,
 }
@@ -148,7 +150,9 @@ impl Matrices {
     fn of(t: &TensorInfo) -> Matrices {
         match (t.shape.as_slice(), &t.layout) {
             (s, _) if s.len() < 2 => Matrices::None,
-            ([.., rows, cols], Layout::Contiguous) => Matrices::RowMajor { rows: *rows as usize, cols: *cols as usize },
+            ([lead @ .., rows, cols], Layout::Contiguous) => {
+                Matrices::RowMajor { count: lead.iter().product::<i64>() as usize, rows: *rows as usize, cols: *cols as usize }
+            }
             _ => Matrices::Other,
         }
     }

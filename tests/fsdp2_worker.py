@@ -70,13 +70,14 @@ def tensor_sum_reduces(opt: torch.optim.Optimizer, step: int) -> int:
     per read-only pass (the cautious factor, ⊥Grad's projection, SGD-SaI's gradient
     signal-to-noise ratio on the first step; Stable-SPAM's largest magnitude, then the clipped
     norm, then the cautious factor; AdamP's row sums: one for the added columns, one for the
-    largest row cosine)."""
+    largest row cosine; the Adafactors' factor statistics of matrices whose rows are split, then
+    the RMS sums of the matrices, then of the vectors)."""
     group = opt.param_groups[0]
     caution = bool(group.get("caution"))
     if type(opt).__name__ == "StableSPAM":
         return 2 + caution
-    if type(opt).__name__ == "AdamP":
-        return 2
+    if type(opt).__name__ in ("AdamP", "Adafactor", "AdafactorHF"):
+        return 2 + (type(opt).__name__ != "AdamP")
     return int(caution or bool(group.get("orthograd")) or (type(opt).__name__ == "SGDSaI" and step == 0))
 
 
@@ -104,17 +105,57 @@ def optimizers_on_dtensors(checks, mesh, configs) -> None:
                 for i, (p, q) in enumerate(zip(ref, sharded)):
                     assert isinstance(q, DTensor) and isinstance(q, nn.Parameter)
                     assert_same(q._local_tensor, part(q, p.detach()), exact, f"step {step}, param {i}")
-                    for key, v in opt_ref.state[p].items():
-                        w = opt.state[q][key]
-                        if v.dim() == 0:
-                            assert not isinstance(w, DTensor), key
-                            assert_same(w, v, exact, f"step {step}, param {i}, scalar {key}")
-                        else:
-                            assert isinstance(w, DTensor) and w.placements == q.placements, key
-                            assert_same(w._local_tensor, part(q, v), exact, f"step {step}, param {i}, state {key}")
+                    assert_same_state(opt_ref.state[p], opt.state[q], q, exact, f"step {step}, param {i}")
             # The step plan over the local shards is kept between steps (SGD's first step, which
             # flags fresh momentum buffers, runs a one-step plan).
             assert plans[1] is not None and plans[2] is plans[1], plans
+
+
+# The factors of factored state that hold a value per column (whole on every rank where the rows
+# are split across ranks, else sharded like the parameter).
+COLUMN_FACTORS = ("col_var", "exp_avg_sq_col")
+
+
+def assert_same_state(ref: dict, ours: dict, q: DTensor, exact: bool, what: str) -> None:
+    """``ours`` (the state of DTensor parameter ``q``) equals ``ref`` (of the whole tensor)."""
+    for key, v in ref.items():
+        w = ours[key]
+        if v.dim() == 0:
+            assert not isinstance(w, DTensor), key
+            assert_same(w, v, exact, f"{what}, scalar {key}")
+            continue
+        rows_split = q.dim() >= 2 and q.placements[0] == Shard(q.dim() - 2)
+        want = (Replicate(),) if key in COLUMN_FACTORS and rows_split else q.placements
+        assert isinstance(w, DTensor) and tuple(w.placements) == tuple(want), (key, w.placements)
+        assert_same(w._local_tensor, part(w, v), exact, f"{what}, state {key}")
+
+
+def adafactor_on_3d(checks, mesh) -> None:
+    """Both Adafactors on 3-D DTensors sharded on each dim but the last: the leading dim (whole
+    matrices on each rank), the rows (each matrix's rows split, an empty shard included), against
+    the unsharded optimizer; and in bf16 with bf16 state."""
+    with checks.check("Adafactor on 3-D DTensors"):
+        shapes = [((3, 5, 4), 0), ((2, 5, 3), 1), ((3, 1, 6), 1)]
+        for cls, kw, dtype in ((emafuse.Adafactor, dict(weight_decay=0.1), torch.float32),
+                               (emafuse.AdafactorHF, dict(beta1=0.9), torch.float32),
+                               (emafuse.Adafactor, dict(lr=3e-2), torch.bfloat16)):
+            full = [seeded(i, s, dtype) for i, (s, _) in enumerate(shapes)]
+            ref = [nn.Parameter(t.clone()) for t in full]
+            sharded = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(d)])) for t, (_, d) in zip(full, shapes)]
+            opt_ref, opt = cls(ref, **kw), cls(sharded, **kw)
+            for step in range(3):
+                for i, (p, q) in enumerate(zip(ref, sharded)):
+                    g = seeded(100 * step + i, shapes[i][0], dtype)
+                    p.grad, q.grad = g.clone(), distribute_tensor(g.clone(), mesh, q.placements)
+                opt_ref.step()
+                opt.step()
+                for i, (p, q) in enumerate(zip(ref, sharded)):
+                    what = f"{cls.__name__} {dtype} step {step}, param {i}"
+                    if dtype == torch.float32:
+                        assert_same(q._local_tensor, part(q, p.detach()), False, what)
+                        assert_same_state(opt_ref.state[p], opt.state[q], q, False, what)
+                    else:  # an ulp of bf16 where a float64 sum rounds the other way
+                        torch.testing.assert_close(q._local_tensor, part(q, p.detach()), rtol=2**-7, atol=1e-6, msg=what)
 
 
 def corrections_on_dtensors(checks, mesh) -> None:
@@ -411,12 +452,12 @@ def unsupported_dtensors(checks, mesh) -> None:
         opt = emafuse.AdamP([p], lr=0.1)
         refused(opt, p, emafuse.UnsupportedOptionError, ("sharded on dim 1", "row (dim-0 slice)"), "an AdamP parameter sharded on dim 1")
         assert not opt.state
-    with checks.check("Adafactor refuses DTensor matrices"):
-        for cls, instead in ((emafuse.Adafactor, "torch.optim.Adafactor"), (emafuse.AdafactorHF, "transformers.optimization.Adafactor")):
-            p = nn.Parameter(distribute_tensor(seeded(3, (4, 6)), mesh, [Shard(0)]))
-            p.grad = distribute_tensor(seeded(4, (4, 6)), mesh, [Shard(0)])
+    with checks.check("Adafactor refuses matrices sharded on their last dim"):
+        for cls in (emafuse.Adafactor, emafuse.AdafactorHF):
+            p = nn.Parameter(distribute_tensor(seeded(3, (4, 6)), mesh, [Shard(1)]))
+            p.grad = distribute_tensor(seeded(4, (4, 6)), mesh, [Shard(1)])
             opt = cls([p])
-            refused(opt, p, emafuse.UnsupportedOptionError, ("DTensor", "rows and columns", instead), f"a {cls.__name__} DTensor matrix")
+            refused(opt, p, emafuse.UnsupportedOptionError, ("DTensor", "sharded on its last dim", "whole rows"), f"a {cls.__name__} matrix split by columns")
             assert not opt.state
     with checks.check("refuses plain state of a DTensor parameter"):
         p = nn.Parameter(distribute_tensor(seeded(5, (4, 2)), mesh, [Shard(0)]))
@@ -853,6 +894,7 @@ def main(rank: int, world_size: int, checks, opt_configs, mp_configs, ckpt_confi
     loss_taking_on_dtensors(checks, mesh)
     fsdp2_mixed_precision(checks, rank, mp_configs)
     unsupported_dtensors(checks, mesh)
+    adafactor_on_3d(checks, mesh)
     clippers_on_dtensors(checks, mesh)
     checkpoints(checks, rank, ckpt_configs, root)
     averaging(checks, rank, root)

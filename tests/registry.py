@@ -135,8 +135,7 @@ class Caps:
     the compute type (fp32 for 16-bit and fp32 parameters), so exact to its round-off only.
     ``state_dtype(param dtype, kwargs)``: the dtype of the state tensors. ``int_step_in_state_dict``:
     ``state_dict()`` stores ``step`` as a Python int (as the official does). ``torch_base``: the
-    torch.optim class it replaces (and subclasses). ``dtensor``: DTensor (FSDP2) parameters are
-    stepped (else refused, as the class docstring says; test_fsdp2 checks the refusal)."""
+    torch.optim class it replaces (and subclasses)."""
 
     complex: bool = False
     scalar_state: Mapping[str, torch.dtype] = field(default_factory=lambda: {"step": torch.float32})
@@ -147,7 +146,6 @@ class Caps:
     state_dtype: Callable[[torch.dtype, dict[str, Any]], torch.dtype] = _same_dtype
     int_step_in_state_dict: bool = False
     torch_base: type | None = None
-    dtensor: bool = True
 
 
 @dataclass(frozen=True)
@@ -499,7 +497,7 @@ _ENTRIES: tuple[Entry, ...] = (
         # their rounding (2^-8), each element's step a 2^-9 part of its size (lr·max(ε2, RMS p)·|U|,
         # |U| up to a few units).
         low_precision_atol=lambda kw: 2.0**-5 * kw.get("lr", 1e-2),
-        caps=Caps(torch_base=torch.optim.Adafactor, dtensor=False),
+        caps=Caps(torch_base=torch.optim.Adafactor),
         signature=torch.optim.Adafactor,
         # torch's single-tensor path (foreach is used only when asked). It computes in the
         # parameter's dtype (no low-precision comparison: bf16 norms and products there, f32 here).
@@ -530,7 +528,7 @@ _ENTRIES: tuple[Entry, ...] = (
         # 16-bit parameters: float32 state and arithmetic, as transformers', rounded once per step
         low_precision_atol=lambda kw: 2.0**-9,
         caps=Caps(scalar_state={"step": torch.float32, "RMS": torch.float64}, rounded_scalars=("RMS",), state_dtype=_upcast_state_dtype,
-                  int_step_in_state_dict=True, dtensor=False),
+                  int_step_in_state_dict=True),
         signature=transformers.optimization.Adafactor,
         # transformers reduces in float32 (the row and column means, RMS(p), RMS(U))
         # (relative steps ignore lr, which the checkpoint test's LR scheduler drives: their

@@ -1,10 +1,11 @@
 """FSDP2 / DTensor parameters on the CPU with gloo and 2 processes spawned here (see
 ``distributed.py``; the ranks run ``fsdp2_worker.main``): every optimizer configuration of the
 registry, and MoMo / MoMo-Adam, on sharded parameters against the unsharded optimizer (bit for
-bit, except float sums added across ranks: Adan's global norm, SGD-SaI's gradient statistics and
-MoMo's sums, to round-off; no step gathers a tensor), FSDP2 with bf16 mixed precision and uneven
-shards, refused placements, 8-bit state sharded like its parameter (bit for bit), ZClip and AdaGC
-on sharded gradients, distributed checkpoints resumed on 2 -> 1 and 1 -> 2 processes for every
+bit, except float sums added across ranks: Adan's global norm, SGD-SaI's gradient statistics,
+MoMo's sums, the Adafactors' factor statistics, to round-off; no step gathers a tensor), FSDP2
+with bf16 mixed precision and uneven shards, refused placements, Adafactor's factored state on
+3-D tensors sharded on each dim, 8-bit state sharded like its parameter (bit for bit), ZClip and
+AdaGC on sharded gradients, distributed checkpoints resumed on 2 -> 1 and 1 -> 2 processes for every
 optimizer (and for 8-bit state), the shard-local averages (equal to unsharded ones, no collective
 per update), PostHocEMA's sharded snapshots through DCP, DDP / ZeroRedundancyOptimizer, and
 Lightning's ModelParallelStrategy with EMACallback (validation on the average, resume from
@@ -27,14 +28,16 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 def _exact(name: str, kw: dict) -> bool:
     # Float sums added across ranks (float64, in another order) are equal to round-off: Adan's
     # max_grad_norm, SGD-SaI's Σg and Σg², ⊥Grad's ⟨w,u⟩, ⟨w,w⟩, ‖u‖², Stable-SPAM's clipped
-    # ‖g‖² (its max|g| is exact), AdamP's layer sums. (Lion's cautious sums are counts: exact.)
-    sums = name in ("SGDSaI", "StableSPAM", "AdamP") or kw.get("orthograd") or (name == "Adan" and float(kw.get("max_grad_norm", 0.0)) > 0.0)
+    # ‖g‖² (its max|g| is exact), AdamP's layer sums, the Adafactors' column sums, rows' means
+    # and RMS sums. (Lion's cautious sums are counts: exact.)
+    sums = name in ("SGDSaI", "StableSPAM", "AdamP", "Adafactor", "AdafactorHF")
+    sums = sums or kw.get("orthograd") or (name == "Adan" and float(kw.get("max_grad_norm", 0.0)) > 0.0)
     return not sums
 
 
 # ... and bf16 state (lean state, rounded stochastically: each shard draws the bits of its
 # elements' positions in the whole tensor, so the sharded step rounds as the whole one, bit for bit).
-OPT_CONFIGS = [(e.name, kw, _exact(e.name, kw)) for e in ENTRIES if e.caps.dtensor for kw in e.configs] + [
+OPT_CONFIGS = [(e.name, kw, _exact(e.name, kw)) for e in ENTRIES for kw in e.configs] + [
     ("AdamW", dict(lr=1e-2, weight_decay=0.1, state_dtype=torch.bfloat16), True)
 ]
 MP_CONFIGS = [
@@ -45,7 +48,7 @@ MP_CONFIGS = [
 ]
 # (label, optimizer, keywords, exact, model sizes); 8-bit state on the wide model, whose weights'
 # rows are whole blocks, so its codes and scales are sharded like the weights.
-CKPT_CONFIGS = [(e.name, e.name, e.main, _exact(e.name, e.main), (5, 7, 3)) for e in ENTRIES if e.caps.dtensor] + [
+CKPT_CONFIGS = [(e.name, e.name, e.main, _exact(e.name, e.main), (5, 7, 3)) for e in ENTRIES] + [
     ("AdamW 8-bit", "AdamW", dict(lr=1e-2, weight_decay=0.1, state_dtype="8bit"), True, W.WIDE)
 ]
 
@@ -55,7 +58,8 @@ CHECKS = (
     + [f"optimizer {n} with the loss" for n in ("Momo", "MomoAdam")]
     + [f"fsdp2 bf16 {n} {kw}" for n, kw, _ in MP_CONFIGS]
     + ["refuses Partial", "refuses 2-D mesh", "AdamP refuses rows split across ranks",
-       "Adafactor refuses DTensor matrices", "refuses plain state of a DTensor parameter",
+       "Adafactor on 3-D DTensors", "Adafactor refuses matrices sharded on their last dim",
+       "refuses plain state of a DTensor parameter",
        "8-bit state on DTensors",
        "merges refuse sharded inputs",
        "Replicate placement steps whole tensors", "ZClip on DTensor gradients", "AdaGC on DTensor gradients",

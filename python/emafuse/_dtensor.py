@@ -20,11 +20,18 @@ Supported: DTensors on a 1-D device mesh whose placement is ``Shard(d)`` (any di
 included) or ``Replicate()``. Others (``Partial``, meshes of 2 or more dimensions, e.g. HSDP)
 are refused with :class:`~emafuse.errors.UnsupportedOptionError`.
 
+* factored state (Adafactor's row and column factors, :func:`new_factor`): a factor is sharded
+  like its parameter where it keeps the parameter's sharded dim at its size, else replicated (the
+  column factors of matrices whose rows are split across ranks). For such matrices the engine's
+  factor statistics (column sums, and the rows' factors summed with their count) are added across
+  the mesh (:func:`add_factor_stats`) before the step reads them.
+
 Collectives: none for element-wise steps and for averaging updates. One ``all_reduce`` per process
 group per step (float64) for norms, one element per sharded tensor (Adan's ``max_grad_norm``, the
 clippers of ``emafuse.clipping``), and for rules with per-tensor sums, ``MAX_SUMS`` elements per
-sharded parameter (SGD-SaI on a parameter's first step, Lion with ``caution=True``). No step
-gathers a tensor.
+sharded parameter (SGD-SaI on a parameter's first step, Lion with ``caution=True``), and for
+factored state one more per step and process group where some matrix has its rows split (its
+factor statistics: a value per column and two per matrix). No step gathers a tensor.
 """
 
 from __future__ import annotations
@@ -39,8 +46,9 @@ from torch import Tensor
 from .errors import InvalidArgumentError, UnsupportedOptionError
 
 __all__ = [
-    "Layout", "ShardRows", "add_shard_sums", "any_dtensor", "check", "copy_into", "full_state_dict", "is_dtensor", "layout",
-    "local", "local_call", "reshaped", "shard_dim", "shard_rows", "sharded_like", "tensor_sum_squares", "unwrap", "wrap",
+    "Layout", "ShardRows", "SplitRows", "add_factor_stats", "add_shard_sums", "any_dtensor", "check", "copy_into",
+    "factor_placements", "factor_stats_arrays", "full_state_dict", "is_dtensor", "layout", "local", "local_call", "new_factor",
+    "reshaped", "shard_dim", "shard_rows", "sharded_like", "split_rows", "tensor_sum_squares", "unwrap", "wrap",
 ]
 
 _DTENSOR: Any = False  # the DTensor class once looked up (None: torch.distributed unavailable)
@@ -103,22 +111,45 @@ def check(t: Tensor, who: str, what: str) -> None:
         _SUPPORTED[key] = mesh
 
 
-def check_partner(p: Tensor, x: Any, who: str, what: str, same_shape: bool = True) -> Tensor:
+def check_partner(p: Tensor, x: Any, who: str, what: str, same_shape: bool = True, placements: tuple | None = None) -> Tensor:
     """``x`` (a gradient or state tensor of DTensor parameter ``p``) as its local shard; it must be
-    a DTensor placed like ``p`` (with ``p``'s shape unless ``same_shape`` is False)."""
+    a DTensor on ``p``'s mesh placed like ``p`` (or as ``placements`` says), with ``p``'s shape
+    unless ``same_shape`` is False."""
     if not is_dtensor(x):
         raise InvalidArgumentError(
             f"{who}: {what} of a DTensor (FSDP2) parameter is a plain {type(x).__name__}; it must be a DTensor placed like "
             "the parameter. Load sharded optimizer state with torch.distributed.checkpoint.state_dict.set_optimizer_state_dict."
         )
     a, b = x._spec, p._spec
-    if a is not b and (a.placements != b.placements or (same_shape and a.shape != b.shape) or (a.mesh is not b.mesh and a.mesh != b.mesh)):
+    want = tuple(b.placements if placements is None else placements)
+    if a is not b and (tuple(a.placements) != want or (same_shape and a.shape != b.shape) or (a.mesh is not b.mesh and a.mesh != b.mesh)):
         raise InvalidArgumentError(
             f"{who}: {what} of a DTensor (FSDP2) parameter is placed {x.placements} with shape {tuple(x.shape)}, "
-            f"the parameter {p.placements} with shape {tuple(p.shape)}; they must match"
-            f"{'' if same_shape else ' (on the same mesh, in placements)'}."
+            f"the parameter {p.placements} with shape {tuple(p.shape)}; it must be placed {want} on the parameter's mesh"
+            f"{', with its shape' if same_shape else ''}."
         )
     return x._local_tensor
+
+
+def factor_placements(p: Tensor, index: int) -> tuple:
+    """The placements of factor ``index`` (0: a value per row, 1: per column, of the matrices of
+    DTensor ``p``'s last two dims) of factored state: ``p``'s where the factor keeps ``p``'s
+    sharded dim at its size (a leading dim, or the rows for the row factor), else ``Replicate()``
+    (every rank needs the whole column factor of the matrices whose rows it holds part of)."""
+    from torch.distributed.tensor import Replicate
+
+    dim = shard_dim(p)
+    if dim is None or dim < p.dim() - 2 or (dim == p.dim() - 2 and index == 0):
+        return tuple(p.placements)  # type: ignore[attr-defined]
+    return (Replicate(),)
+
+
+def new_factor(p: Tensor, index: int, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """Zeros of factor ``index`` of DTensor ``p``'s factored state, of global ``shape``, placed as
+    :func:`factor_placements` says (no communication)."""
+    from torch.distributed.tensor import zeros
+
+    return zeros(shape, dtype=dtype, device_mesh=p.device_mesh, placements=factor_placements(p, index))  # type: ignore[attr-defined]
 
 
 def shard_dim(t: Any) -> int | None:
@@ -151,12 +182,14 @@ def local_call(
     slots: tuple[str, ...],
     who: str,
     scales: Collection[str] = (),
+    factors: Sequence[str] = (),
 ) -> tuple[list[Tensor], list[Tensor], list[dict[str, Tensor]] | None, list[int]]:
     """The tensors of one native call with DTensors replaced by their local shards (checked: a
     supported placement, gradient and state slots placed like the parameter; the slots named in
-    ``scales``, 8-bit block scales, on its mesh with its placements but shaped their own way, which
-    the engine checks), and each one's ``flat_offset``. Plain tensors pass unchanged; scalar state
-    stays as it is."""
+    ``scales``, 8-bit block scales, on its mesh with its placements, and the two named in
+    ``factors``, factored state's row and column factors, placed as :func:`factor_placements`
+    says, both shaped their own way, which the engine checks), and each one's ``flat_offset``.
+    Plain tensors pass unchanged; scalar state stays as it is."""
     ps: list[Tensor] = []
     gs: list[Tensor] = []
     offsets: list[int] = []
@@ -178,7 +211,8 @@ def local_call(
             if st is not None:
                 st = dict(st)
                 for k in slots:
-                    st[k] = check_partner(p, st[k], who, f"state '{k}'", same_shape=k not in scales)  # type: ignore[index]
+                    placed = factor_placements(p, factors.index(k)) if k in factors else None
+                    st[k] = check_partner(p, st[k], who, f"state '{k}'", k not in scales and k not in factors, placed)  # type: ignore[index]
         if sts is not None:
             sts.append(st)  # type: ignore[arg-type]
     return ps, gs, sts, offsets
@@ -214,6 +248,52 @@ def shard_rows(calls: Sequence[Sequence[Tensor]]) -> ShardRows:
             if shard_dim(p) is not None:
                 rows.setdefault(p.device_mesh.get_group(), {}).setdefault(ci, []).append(i)  # type: ignore[attr-defined]
     return rows
+
+
+# Tensors whose matrices have their rows split across ranks: {process group: [(call, parameter)]}.
+SplitRows = dict[Any, list[tuple[int, int]]]
+
+
+def split_rows(calls: Sequence[Sequence[Tensor]]) -> SplitRows:
+    """The (call index, parameter index) of the DTensors among ``calls``' parameters (of two or
+    more dims) sharded on their second-to-last dim, by the process group of their mesh: the rows
+    of their matrices are split across ranks, so factored state's column statistics are partial."""
+    out: SplitRows = {}
+    for ci, params in enumerate(calls):
+        for i, p in enumerate(params):
+            if p.dim() >= 2 and shard_dim(p) == p.dim() - 2:
+                out.setdefault(p.device_mesh.get_group(), []).append((ci, i))  # type: ignore[attr-defined]
+    return out
+
+
+def factor_stats_arrays(calls: Sequence[Sequence[Tensor]]) -> list[list[Tensor | None]]:
+    """Arrays for the engine's factor statistics (``StepPlan.factor_stats``) of ``calls``' local
+    tensors: for each of two or more dims, ``count · (rows + cols + 2)`` float64 elements
+    (``count`` matrices ``rows × cols``); None for the others."""
+    return [[torch.empty(_factor_stats_len(t), dtype=torch.float64) if t.dim() >= 2 else None for t in ts] for ts in calls]
+
+
+def _factor_stats_len(t: Tensor) -> int:
+    *lead, rows, cols = t.shape
+    return math.prod(lead) * (rows + cols + 2)
+
+
+def add_factor_stats(stats: Sequence[Sequence[Tensor | None]], locals_: Sequence[Sequence[Tensor]], split: SplitRows) -> None:
+    """Add across each mesh, in place, the parts of the factor statistics ``stats`` (of the local
+    tensors ``locals_``) that are partial where the rows are split (``split``): every column sum
+    and each matrix's (row factors' sum, rows). One float64 ``all_reduce`` per process group;
+    every rank of the mesh must call this."""
+    import torch.distributed as dist
+
+    for pg, members in split.items():
+        parts = []
+        for ci, i in members:
+            rows = math.prod(locals_[ci][i].shape[:-1])  # the row sums come first: this shard's own
+            parts.append(stats[ci][i][rows:])  # type: ignore[index]
+        total = torch.cat(parts)
+        dist.all_reduce(total, group=pg)
+        for part, added in zip(parts, total.split([x.numel() for x in parts])):
+            part.copy_(added)
 
 
 def add_shard_sums(sums: Sequence[Tensor], rows: ShardRows, columns: Sequence[Sequence[tuple[int, bool]]]) -> None:

@@ -88,10 +88,13 @@ class StepPlan:
         sums: list[Tensor] | None = None,
         grads: list[Tensor] | None = None,
         grad_factors: list[Sequence[float] | None] | None = None,
+        factor_stats: list[list[Tensor | None]] | None = None,
     ) -> bool | None:
         """One update (None: the tensors changed since the plan was built, nothing written).
         ``grad_factors``: per group, None or a float per parameter (finite, >= 0) multiplying its
-        gradient as the step loads it (e.g. AdaGC's clip factors; ``.grad`` is not written)."""
+        gradient as the step loads it (e.g. AdaGC's clip factors; ``.grad`` is not written).
+        ``factor_stats``: a factored rule's statistics to use instead of its own (see
+        ``factor_stats``)."""
     def sums(
         self,
         out: list[Tensor],
@@ -102,10 +105,27 @@ class StepPlan:
         grads: list[Tensor] | None = None,
         sum_pass: int = 0,
         grad_factors: list[Sequence[float] | None] | None = None,
+        factor_stats: list[list[Tensor | None]] | None = None,
     ) -> bool | None:
         """The rule's per-tensor sums of read-only pass ``sum_pass`` combined into ``out`` (one
         float64 ``[n, MAX_SUMS]`` tensor per group, holding the earlier passes' sums: zeros for
-        pass 0); nothing is updated. ``grad_factors``: as for ``run`` (give the update's)."""
+        pass 0); nothing is updated. ``grad_factors``, ``factor_stats``: as for ``run`` (give
+        the update's)."""
+    def factor_stats(
+        self,
+        out: list[list[Tensor | None]],
+        hypers: list[_Hyper] | None = None,
+        grad_scale: _AmpTensor = None,
+        found_inf: _AmpTensor = None,
+        streams: Sequence[int] | None = None,
+        grads: list[Tensor] | None = None,
+        grad_factors: list[Sequence[float] | None] | None = None,
+    ) -> bool | None:
+        """A factored rule's statistics of each parameter into ``out`` (per group, per parameter:
+        a contiguous float64 CPU tensor of ``count * (rows + cols + 2)`` elements, laid out
+        ``[row sums | column sums | (row factors' sum, rows) per matrix]``; None for a parameter
+        without factored state); nothing is updated. Adding the column sums and the pairs across
+        the shards of a tensor whose rows are split across ranks gives the whole tensor's."""
     def params(self) -> list[Tensor]: ...
 
 @final

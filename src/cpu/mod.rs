@@ -186,11 +186,18 @@ pub trait CpuStep: Send + Sync {
     /// combined into `prior` (the sums of the earlier passes, e.g. added across the shards of
     /// sharded tensors; None: zeros): the rule's (zeros for a rule without sums), or with
     /// `orthograd` the projection's (one pass). Reads only.
-    fn sums(&self, scaling: GradScaling<'_>, pass: usize, prior: Option<Vec<[f64; MAX_SUMS]>>) -> Vec<[f64; MAX_SUMS]>;
+    /// `factors`: for a rule with factored state, the [`FactorStats`] to use instead of the
+    /// batch's own (one array per parameter), as for `run`.
+    fn sums(&self, scaling: GradScaling<'_>, pass: usize, prior: Option<Vec<[f64; MAX_SUMS]>>, factors: Option<&[&[f64]]>) -> Vec<[f64; MAX_SUMS]>;
     /// Update the scalar state and every tensor. Cannot fail. `sums`: the per-tensor sums to use
     /// (e.g. added across the shards of sharded tensors) instead of the batch's own, in its
-    /// parameters' order.
-    fn run(&self, scaling: GradScaling<'_>, sums: Option<&[[f64; MAX_SUMS]]>);
+    /// parameters' order; `factors` likewise the [`FactorStats`] of a rule with factored state.
+    fn run(&self, scaling: GradScaling<'_>, sums: Option<&[[f64; MAX_SUMS]]>, factors: Option<&[&[f64]]>);
+    /// For a rule with factored state: every parameter's [`FactorStats`] into `out` (one array of
+    /// [`FactorStats::len`] per parameter, in its order). Reads only.
+    fn factor_stats(&self, scaling: GradScaling<'_>, out: Vec<&mut [f64]>);
+    /// Whether the rule keeps factored state ([`Rule::FACTORED`]).
+    fn factored(&self) -> bool;
 }
 
 /// What a run multiplies the gradients by as it loads them, besides the group's sign and
@@ -204,7 +211,9 @@ pub struct GradScaling<'a> {
 }
 
 /// What one typed pass over a batch does.
-enum Pass<'s> {
+enum Pass<'s, 'o> {
+    /// Only the [`FactorStats`] of every tensor, into these arrays.
+    FactorStats(Vec<&'o mut [f64]>),
     /// Only the per-tensor sums of one read-only pass, combined into those of the earlier ones.
     Sums(usize, Option<Vec<[f64; MAX_SUMS]>>),
     /// The update, with the given sums or (None) its own.
@@ -363,6 +372,38 @@ struct FactorShape {
     at: usize,
 }
 
+/// A tensor's factor statistics, for a rule with factored state ([`Rule::FACTORED`]) whose
+/// tensors are shards of tensors split across ranks by rows: `[row sums | column sums | (Σ row
+/// factors, rows) per matrix]`, the sums those of [`Rule::factor_term`] over the shard's rows and
+/// columns, the row factors as the step updates and stores them. With the column sums and the
+/// pairs added across the ranks, a pass given them ([`CpuStep::sums`], [`CpuStep::run`]) updates
+/// the columns' factors and reads the rows' mean as the whole tensor's.
+pub struct FactorStats;
+
+impl FactorStats {
+    /// The length of the statistics of a tensor divided into `m`; None without matrices.
+    pub fn len(m: Matrices) -> Option<usize> {
+        match m {
+            Matrices::RowMajor { count, rows, cols } => Some(count * (rows + cols + 2)),
+            _ => None,
+        }
+    }
+
+    /// The `(Σ row factors, rows)` pairs of a tensor shaped `f`.
+    fn totals(stats: &[f64], f: FactorShape) -> &[f64] {
+        &stats[f.rows + f.cols..]
+    }
+
+    fn totals_mut(stats: &mut [f64], f: FactorShape) -> &mut [f64] {
+        &mut stats[f.rows + f.cols..]
+    }
+
+    /// The rows of each whole matrix, from its pairs (0 for a tensor of no matrices).
+    fn whole_rows(totals: &[f64]) -> usize {
+        totals.get(1).map_or(0, |&n| n as usize)
+    }
+}
+
 /// Refuse step counters (scalar state `step`) that are negative or not finite, e.g. from a
 /// corrupted checkpoint: the bias corrections would turn the parameters into NaN.
 fn check_step_counters(b: &Batch) -> Result<()> {
@@ -458,7 +499,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             let grad = if Ru::READS_INPUT { b.grads[t].at::<G>(s.start) as *const G } else { std::ptr::null() };
             let correction = if b.corrections.is_empty() { std::ptr::null_mut() } else { b.corrections[t].at::<i8>(s.start) };
             let factors = reads.get(t).map(|f| {
-                let Matrices::RowMajor { rows, cols } = b.matrices[t] else { unreachable!("check_matrices") };
+                let Matrices::RowMajor { rows, cols, .. } = b.matrices[t] else { unreachable!("check_matrices") };
                 FactorReads { first: Ru::FACTOR_SLOT, rows: f.rows.as_ptr(), cols: f.cols.as_ptr(), n_rows: rows, n_cols: cols, start: s.start }
             });
             SpanPtrs { param: b.params[t].at::<P>(s.start), grad, states, correction, scales, maps: self.maps, factors }
@@ -573,29 +614,28 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
         (sums, rows)
     }
 
-    /// For a rule with factored state ([`Rule::FACTORED`]; else nothing): the sums of
-    /// [`Rule::factor_term`] over every row and column of every matrix (folded in span order),
-    /// each tensor's factors updated from them ([`Rule::update_factors`]) and, with `store`,
-    /// written to its slots, and what its elements read ([`Rule::factor_reads`] of the factors as
-    /// stored: rounded to the state's dtype also without `store`), written over the sums in
-    /// `scratch`. `factors[t]` multiplies tensor `t`'s gradient as loaded.
-    fn factor_reads<'s, R: Real, G: Elem<R>, S: Elem<R>>(&self, factors: &[R], store: bool, scratch: &'s mut Scratch) -> Vec<TensorFactors<'s>> {
-        if !Ru::FACTORED {
-            return Vec::new();
-        }
-        let b = self.batch;
-        // Each tensor's shapes; one array holds each tensor's row sums, then its column sums.
+    /// Each tensor's [`FactorShape`], and the length of one array of every tensor's row sums, then
+    /// column sums (as [`FactorShape::at`] places them).
+    fn factor_shapes(&self) -> (Vec<FactorShape>, usize) {
         let mut total = 0;
-        let shapes: Vec<FactorShape> = (0..b.params.len())
+        let shapes = (0..self.batch.params.len())
             .map(|t| {
-                let Matrices::RowMajor { rows: n_rows, cols: n_cols } = b.matrices[t] else { unreachable!("check_matrices refuses other tensors") };
-                let matrices = b.params[t].numel().checked_div(n_rows * n_cols).unwrap_or(0);
-                let shape = FactorShape { n_rows, n_cols, rows: matrices * n_rows, cols: matrices * n_cols, at: total };
+                let Matrices::RowMajor { count, rows: n_rows, cols: n_cols } = self.batch.matrices[t] else {
+                    unreachable!("check_matrices refuses other tensors")
+                };
+                let shape = FactorShape { n_rows, n_cols, rows: count * n_rows, cols: count * n_cols, at: total };
                 total += shape.rows + shape.cols;
                 shape
             })
             .collect();
-        let sums = scratch.zeros(total);
+        (shapes, total)
+    }
+
+    /// The sums of [`Rule::factor_term`] over every row and column of every matrix (folded in
+    /// span order) into `sums` (zeros, laid out by `shapes`). `factors[t]` multiplies tensor
+    /// `t`'s gradient as loaded.
+    fn gather_factor_sums<R: Real, G: Elem<R>>(&self, factors: &[R], shapes: &[FactorShape], sums: &mut [f64]) {
+        let b = self.batch;
         let base = SyncPtr(sums.as_mut_ptr());
         struct Sinks(Vec<kernel::FactorSink>);
         // SAFETY: each span writes only the rows and matrices it holds whole (see `factor_sums`).
@@ -625,6 +665,34 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
                 }
             }
         }
+    }
+
+    /// For a rule with factored state ([`Rule::FACTORED`]; else nothing): each tensor's factors
+    /// updated ([`Rule::update_factors`]) from the sums of [`Rule::factor_term`] over its rows and
+    /// columns (its own, or `given`: see [`FactorStats`]) and, with `store`, written to its slots,
+    /// and what its elements read ([`Rule::factor_reads`] of the factors as stored: rounded to the
+    /// state's dtype also without `store`), written over the sums in `scratch`. `factors[t]`
+    /// multiplies tensor `t`'s gradient as loaded.
+    fn factor_reads<'s, R: Real, G: Elem<R>, S: Elem<R>>(
+        &self,
+        factors: &[R],
+        given: Option<&[&[f64]]>,
+        store: bool,
+        scratch: &'s mut Scratch,
+    ) -> Vec<TensorFactors<'s>> {
+        if !Ru::FACTORED {
+            return Vec::new();
+        }
+        let (shapes, total) = self.factor_shapes();
+        let sums = scratch.zeros(total);
+        match given {
+            Some(given) => {
+                for (f, stats) in shapes.iter().zip(given) {
+                    sums[f.at..f.at + f.rows + f.cols].copy_from_slice(&stats[..f.rows + f.cols]);
+                }
+            }
+            None => self.gather_factor_sums::<R, G>(factors, &shapes, sums),
+        }
         // Each tensor's factors updated and turned into reads in place of its sums (tensors in
         // parallel, each on its own part of the array).
         let base = SyncPtr(sums.as_mut_ptr());
@@ -634,29 +702,74 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             // outlives the items.
             let (row_sums, col_sums) =
                 unsafe { (std::slice::from_raw_parts_mut(base.add(f.at), f.rows), std::slice::from_raw_parts_mut(base.add(f.at + f.rows), f.cols)) };
-            self.update_factors::<R, S>(t, f, store, row_sums, col_sums);
+            let totals = given.map(|g| FactorStats::totals(g[t], f));
+            let whole_rows = totals.map_or(f.n_rows, FactorStats::whole_rows);
+            let mut scratch = Scratch::default();
+            let (rows, cols) = self.new_factors::<R, S>(t, f, store, whole_rows, row_sums, col_sums, &mut scratch);
+            let means: Vec<f64> = match totals {
+                Some(totals) => totals.chunks(2).map(|m| m[0] / m[1]).collect(),
+                None => rows.chunks(f.n_rows.max(1)).map(|r| r.iter().map(|x| x.to_f64()).sum::<f64>() / f.n_rows as f64).collect(),
+            };
+            self.rule.factor_reads(f.n_rows, f.n_cols, &means, rows, cols);
+            for (out, vals) in [(row_sums, &*rows), (col_sums, &*cols)] {
+                out.iter_mut().zip(vals.iter()).for_each(|(o, v)| *o = v.to_f64());
+            }
         });
         let sums: &'s [f64] = sums;
         shapes.iter().map(|f| TensorFactors { rows: &sums[f.at..f.at + f.rows], cols: &sums[f.at + f.rows..f.at + f.rows + f.cols] }).collect()
     }
 
-    /// Tensor `t`'s factors (shaped `f`) updated from its row and column sums and, with `store`,
-    /// written to its slots; then what its elements read ([`Rule::factor_reads`] of the factors as
-    /// stored: rounded to the state's dtype also without `store`), written over the sums.
-    fn update_factors<R: Real, S: Elem<R>>(&self, t: usize, f: FactorShape, store: bool, row_sums: &mut [f64], col_sums: &mut [f64]) {
+    /// Every tensor's [`FactorStats`] into `out` (one array per tensor), nothing else written.
+    fn write_factor_stats<R: Real, G: Elem<R>, S: Elem<R>>(&self, factors: &[R], out: Vec<&mut [f64]>) {
+        let (shapes, total) = self.factor_shapes();
+        let mut scratch = Scratch::default();
+        let sums = scratch.zeros(total);
+        self.gather_factor_sums::<R, G>(factors, &shapes, sums);
+        for (t, (f, out)) in shapes.into_iter().zip(out).enumerate() {
+            let (row_sums, col_sums) = sums[f.at..f.at + f.rows + f.cols].split_at_mut(f.rows);
+            out[..f.rows].copy_from_slice(row_sums);
+            out[f.rows..f.rows + f.cols].copy_from_slice(col_sums);
+            // (the columns' factors are not needed: any row count does)
+            let mut scratch = Scratch::default();
+            let (rows, _) = self.new_factors::<R, S>(t, f, false, f.n_rows.max(1), row_sums, col_sums, &mut scratch);
+            let totals = FactorStats::totals_mut(out, f);
+            for (m, total) in totals.chunks_mut(2).enumerate() {
+                total[0] = rows[m * f.n_rows..(m + 1) * f.n_rows].iter().map(|x| x.to_f64()).sum();
+                total[1] = f.n_rows as f64;
+            }
+        }
+    }
+
+    /// Tensor `t`'s factors (shaped `f`) updated from its row and column sums (`whole_rows`: the
+    /// rows each column sum runs over) and, with `store`, written to its slots: returned as stored
+    /// (rounded to the state's dtype also without `store`) in the compute type, in `scratch`.
+    #[allow(clippy::too_many_arguments)]
+    fn new_factors<'s, R: Real, S: Elem<R>>(
+        &self,
+        t: usize,
+        f: FactorShape,
+        store: bool,
+        whole_rows: usize,
+        row_sums: &[f64],
+        col_sums: &[f64],
+        scratch: &'s mut Scratch,
+    ) -> (&'s mut [R], &'s mut [R]) {
         let b = self.batch;
         // SAFETY: validated slots of `f.rows` (`f.cols`) elements of S on the CPU, alive for the
         // call and accessed by nobody else (check_no_shared_outputs).
         let (row_mem, col_mem) = unsafe {
-            let slot = |k: usize, len: usize| std::slice::from_raw_parts_mut(b.states[t * b.slots() + k].at::<S>(0), len);
+            // (an empty factor, e.g. of an empty shard, may have no memory at all)
+            let slot = |k: usize, len: usize| if len == 0 { &mut [][..] } else { std::slice::from_raw_parts_mut(b.states[t * b.slots() + k].at::<S>(0), len) };
             (slot(Ru::FACTOR_SLOT, f.rows), slot(Ru::FACTOR_SLOT + 1, f.cols))
         };
         // (the factors in the compute type: as large as the sums, so in a kept array too)
-        let mut scratch = Scratch::default();
         let (rows, cols) = scratch.zeros_of::<R>(f.rows + f.cols).split_at_mut(f.rows);
         S::load(row_mem, rows);
         S::load(col_mem, cols);
-        self.rule.update_factors(&self.scalars(t), f.n_rows, f.n_cols, row_sums, col_sums, rows, cols);
+        // (the factors of empty matrices stay as they are)
+        if whole_rows > 0 && f.n_cols > 0 {
+            self.rule.update_factors(&self.scalars(t), whole_rows, f.n_cols, row_sums, col_sums, rows, cols);
+        }
         for (mem, vals) in [(row_mem, &mut *rows), (col_mem, &mut *cols)] {
             if store {
                 S::store(vals, mem);
@@ -667,10 +780,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
                 S::load(&copy, vals);
             }
         }
-        self.rule.factor_reads(f.n_rows, f.n_cols, rows, cols);
-        for (out, vals) in [(row_sums, &*rows), (col_sums, &*cols)] {
-            out.iter_mut().zip(vals.iter()).for_each(|(o, v)| *o = v.to_f64());
-        }
+        (rows, cols)
     }
 
     /// Coefficients of every tensor, from the rule's per-tensor sums (None: zeros, for a rule
@@ -707,7 +817,12 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
 
     /// One pass in the types R (compute), P, G, S; returns the sums of a `Pass::Sums` (else
     /// nothing).
-    fn pass_typed<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(&self, scaling: GradScaling<'_>, pass: Pass<'_>) -> Vec<[f64; MAX_SUMS]> {
+    fn pass_typed<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
+        &self,
+        scaling: GradScaling<'_>,
+        pass: Pass<'_, '_>,
+        given: Option<&[&[f64]]>,
+    ) -> Vec<[f64; MAX_SUMS]> {
         // Each tensor's gradient multiplier, rounded once to the compute type.
         let base = self.options.grad_multiplier / scaling.grad_scale.unwrap_or(1.0);
         let factors: Vec<R> = match scaling.factors {
@@ -715,9 +830,13 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             None => vec![R::from_f64(base); self.batch.params.len()],
         };
         let unscale = scaling.grad_scale.map(|s| R::from_f64(1.0 / s));
+        if let Pass::FactorStats(out) = pass {
+            self.write_factor_stats::<R, G, S>(&factors, out);
+            return Vec::new();
+        }
         // Factored state: updated (stored) before the update's sums, only read for a sums pass.
         let mut scratch = Scratch::default();
-        let reads = self.factor_reads::<R, G, S>(&factors, matches!(pass, Pass::Update(_)), &mut scratch);
+        let reads = self.factor_reads::<R, G, S>(&factors, given, matches!(pass, Pass::Update(_)), &mut scratch);
         let own;
         // With row sums: each unit's (those of the rows; given tensor sums come without them)
         let mut rows = Vec::new();
@@ -737,6 +856,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
                 Some(&own[..])
             }
             Pass::Update(None) => None,
+            Pass::FactorStats(_) => unreachable!("returned above"),
         };
         // With orthograd the sums are the projection's, and the rule has none of its own.
         let (coeffs, projections) = match (self.options.orthograd, sums) {
@@ -774,24 +894,24 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
         Vec::new()
     }
 
-    fn pass(&self, scaling: GradScaling<'_>, pass: Pass<'_>) -> Vec<[f64; MAX_SUMS]> {
+    fn pass(&self, scaling: GradScaling<'_>, pass: Pass<'_, '_>, given: Option<&[&[f64]]>) -> Vec<[f64; MAX_SUMS]> {
         // Combinations accepted by `batch::split_group`: the input has the parameter's dtype, or
         // an fp32 parameter (an average) reads a bf16/fp16 input (the model; `check_state` refused
         // it for gradients, so that gradient rules compile no kernel for it); the state has the
         // parameter's dtype, or fp32 for bf16/fp16 parameters, or bf16 for fp32 parameters.
         match (self.batch.param_dtype, self.batch.input_dtype, self.batch.state_dtype) {
-            (DType::F32, DType::BF16, _) if !Ru::READS_GRADIENT => self.pass_typed::<f32, f32, bf16, f32>(scaling, pass),
-            (DType::F32, DType::F16, _) if !Ru::READS_GRADIENT => self.pass_typed::<f32, f32, f16, f32>(scaling, pass),
-            (DType::F32, DType::F32, DType::BF16) => self.pass_typed::<f32, f32, f32, bf16>(scaling, pass),
-            (DType::F32, DType::F32, DType::U8) => self.pass_typed::<f32, f32, f32, u8>(scaling, pass),
-            (DType::BF16, _, DType::U8) => self.pass_typed::<f32, bf16, bf16, u8>(scaling, pass),
-            (DType::F16, _, DType::U8) => self.pass_typed::<f32, f16, f16, u8>(scaling, pass),
-            (DType::F32, DType::F32, _) => self.pass_typed::<f32, f32, f32, f32>(scaling, pass),
-            (DType::F64, _, _) => self.pass_typed::<f64, f64, f64, f64>(scaling, pass),
-            (DType::BF16, _, DType::BF16) => self.pass_typed::<f32, bf16, bf16, bf16>(scaling, pass),
-            (DType::BF16, _, _) => self.pass_typed::<f32, bf16, bf16, f32>(scaling, pass),
-            (DType::F16, _, DType::F16) => self.pass_typed::<f32, f16, f16, f16>(scaling, pass),
-            (DType::F16, _, _) => self.pass_typed::<f32, f16, f16, f32>(scaling, pass),
+            (DType::F32, DType::BF16, _) if !Ru::READS_GRADIENT => self.pass_typed::<f32, f32, bf16, f32>(scaling, pass, given),
+            (DType::F32, DType::F16, _) if !Ru::READS_GRADIENT => self.pass_typed::<f32, f32, f16, f32>(scaling, pass, given),
+            (DType::F32, DType::F32, DType::BF16) => self.pass_typed::<f32, f32, f32, bf16>(scaling, pass, given),
+            (DType::F32, DType::F32, DType::U8) => self.pass_typed::<f32, f32, f32, u8>(scaling, pass, given),
+            (DType::BF16, _, DType::U8) => self.pass_typed::<f32, bf16, bf16, u8>(scaling, pass, given),
+            (DType::F16, _, DType::U8) => self.pass_typed::<f32, f16, f16, u8>(scaling, pass, given),
+            (DType::F32, DType::F32, _) => self.pass_typed::<f32, f32, f32, f32>(scaling, pass, given),
+            (DType::F64, _, _) => self.pass_typed::<f64, f64, f64, f64>(scaling, pass, given),
+            (DType::BF16, _, DType::BF16) => self.pass_typed::<f32, bf16, bf16, bf16>(scaling, pass, given),
+            (DType::BF16, _, _) => self.pass_typed::<f32, bf16, bf16, f32>(scaling, pass, given),
+            (DType::F16, _, DType::F16) => self.pass_typed::<f32, f16, f16, f16>(scaling, pass, given),
+            (DType::F16, _, _) => self.pass_typed::<f32, f16, f16, f32>(scaling, pass, given),
             (DType::F32, input, _) => unreachable!("check_state refuses {} gradients for float32 parameters", input.name()),
             (DType::I8 | DType::U8, _, _) => unreachable!("batch::split_group refuses integer parameters"),
         }
@@ -830,12 +950,22 @@ impl<Ru: Rule> CpuStep for RuleBatch<'_, Ru> {
         }
     }
 
-    fn sums(&self, scaling: GradScaling<'_>, pass: usize, prior: Option<Vec<[f64; MAX_SUMS]>>) -> Vec<[f64; MAX_SUMS]> {
-        self.pass(scaling, Pass::Sums(pass, prior))
+    fn sums(&self, scaling: GradScaling<'_>, pass: usize, prior: Option<Vec<[f64; MAX_SUMS]>>, factors: Option<&[&[f64]]>) -> Vec<[f64; MAX_SUMS]> {
+        self.pass(scaling, Pass::Sums(pass, prior), factors)
     }
 
-    fn run(&self, scaling: GradScaling<'_>, sums: Option<&[[f64; MAX_SUMS]]>) {
-        self.pass(scaling, Pass::Update(sums));
+    fn run(&self, scaling: GradScaling<'_>, sums: Option<&[[f64; MAX_SUMS]]>, factors: Option<&[&[f64]]>) {
+        self.pass(scaling, Pass::Update(sums), factors);
+    }
+
+    fn factor_stats(&self, scaling: GradScaling<'_>, out: Vec<&mut [f64]>) {
+        if Ru::FACTORED {
+            self.pass(scaling, Pass::FactorStats(out), None);
+        }
+    }
+
+    fn factored(&self) -> bool {
+        Ru::FACTORED
     }
 }
 

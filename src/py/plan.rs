@@ -516,18 +516,19 @@ impl StepPlan {
         Ok(true)
     }
 
-    /// One update (or with `SumsArg::Write`, only the per-tensor sums); None (nothing written)
-    /// when the plan no longer describes the tensors. `given_grads`: this run's gradients, for a
-    /// plan built with `grads_given` (and only then).
+    /// One update (or with `SumsArg::Write`, only the per-tensor sums; with
+    /// `SumsArg::FactorStats`, only the factor statistics); None (nothing written) when the plan
+    /// no longer describes the tensors. `given.grads`: this run's gradients, for a plan built
+    /// with `grads_given` (and only then).
     fn run(
         &mut self,
         py: Python<'_>,
         hypers: Option<&Bound<'_, PyList>>,
         amp: AmpArgs<'_, '_>,
         sums: SumsArg<'_, '_>,
-        given_grads: Option<&Bound<'_, PyList>>,
-        grad_factors: Option<&Bound<'_, PyList>>,
+        given: RunInputs<'_, '_>,
     ) -> Result<Option<bool>> {
+        let RunInputs { grads: given_grads, grad_factors, factor_stats } = given;
         let given = match hypers {
             None => None,
             Some(h) if h.len() == self.calls.len() => {
@@ -572,7 +573,9 @@ impl StepPlan {
             SumsArg::Own => SumsIo::Own,
             SumsArg::Read(list) => SumsIo::Read(sums_arrays(&self.who, list, &self.calls, &mut keep_sums)?),
             SumsArg::Write(list, pass) => SumsIo::Write(sums_arrays(&self.who, list, &self.calls, &mut keep_sums)?, pass),
+            SumsArg::FactorStats(list) => SumsIo::FactorStats(factor_arrays(&self.who, list, &self.calls, &mut keep_sums)?),
         };
+        let given_factors = factor_stats.map(|list| factor_arrays(&self.who, list, &self.calls, &mut keep_sums)).transpose()?;
         self.fresh = false;
         let hypers = given.as_ref().unwrap_or(&self.hypers);
         let (who, rule, calls) = (&self.who, &self.rule, &self.calls);
@@ -581,7 +584,7 @@ impl StepPlan {
         // replace a tensor's memory meanwhile (a `.data` swap, `set_`, a storage resize), so
         // every storage the step touches stays alive until it returns. (CUDA kernels only
         // queue work on the stream, whose memory torch's caching allocator keeps.)
-        let applied = guarded(|| execute(who, rule, work(), &env, &io, factors.as_deref()))?;
+        let applied = guarded(|| execute(who, rule, work(), &env, &io, factors.as_deref(), given_factors.as_deref()))?;
         drop((keep_grads, keep_sums));
         Ok(Some(applied))
     }
@@ -611,8 +614,10 @@ impl StepPlan {
     /// groups' inputs (only and always for a plan built with `grads_given`). `grad_factors`: one
     /// entry per group, None or a sequence of a float per parameter (finite, >= 0) that multiplies
     /// its gradient as the step loads it (per-tensor clipping, e.g. AdaGC's; the gradients are
-    /// not written).
-    #[pyo3(name = "run", signature = (hypers=None, grad_scale=None, found_inf=None, streams=None, sums=None, grads=None, grad_factors=None))]
+    /// not written). `factor_stats`: for a rule with factored state, each parameter's factor
+    /// statistics to use instead of the rule's own (e.g. added across the shards of tensors whose
+    /// rows are split across ranks), as [`StepPlan::factor_stats`] writes them.
+    #[pyo3(name = "run", signature = (hypers=None, grad_scale=None, found_inf=None, streams=None, sums=None, grads=None, grad_factors=None, factor_stats=None))]
     #[allow(clippy::too_many_arguments)]
     fn py_run(
         &mut self,
@@ -624,9 +629,11 @@ impl StepPlan {
         sums: Option<&Bound<'_, PyList>>,
         grads: Option<&Bound<'_, PyList>>,
         grad_factors: Option<&Bound<'_, PyList>>,
+        factor_stats: Option<&Bound<'_, PyList>>,
     ) -> PyResult<Option<bool>> {
         let sums = sums.map_or(SumsArg::Own, SumsArg::Read);
-        guarded(|| self.run(py, hypers, AmpArgs { grad_scale, found_inf, streams }, sums, grads, grad_factors)).map_err(|e| to_py(py, e))
+        guarded(|| self.run(py, hypers, AmpArgs { grad_scale, found_inf, streams }, sums, RunInputs { grads, grad_factors, factor_stats }))
+            .map_err(|e| to_py(py, e))
     }
 
     /// The rule's per-tensor sums of read-only pass `sum_pass` (read only, nothing updated) into
@@ -634,8 +641,8 @@ impl StepPlan {
     /// parameters' device, row `i` for parameter `i`, holding the sums of the earlier passes
     /// (zeros for pass 0; the pass's own columns zero); the pass's sums are combined into it
     /// (see `rule_sums`). Queued on `streams` for CUDA tensors. Other arguments and the return
-    /// value as for `run` (give the same `grad_factors` as to the update).
-    #[pyo3(name = "sums", signature = (out, hypers=None, grad_scale=None, found_inf=None, streams=None, grads=None, sum_pass=0, grad_factors=None))]
+    /// value as for `run` (give the same `grad_factors` and `factor_stats` as to the update).
+    #[pyo3(name = "sums", signature = (out, hypers=None, grad_scale=None, found_inf=None, streams=None, grads=None, sum_pass=0, grad_factors=None, factor_stats=None))]
     #[allow(clippy::too_many_arguments)]
     fn py_sums(
         &mut self,
@@ -648,9 +655,37 @@ impl StepPlan {
         grads: Option<&Bound<'_, PyList>>,
         sum_pass: usize,
         grad_factors: Option<&Bound<'_, PyList>>,
+        factor_stats: Option<&Bound<'_, PyList>>,
     ) -> PyResult<Option<bool>> {
         let amp = AmpArgs { grad_scale, found_inf, streams };
-        guarded(|| self.run(py, hypers, amp, SumsArg::Write(out, sum_pass), grads, grad_factors)).map_err(|e| to_py(py, e))
+        guarded(|| self.run(py, hypers, amp, SumsArg::Write(out, sum_pass), RunInputs { grads, grad_factors, factor_stats })).map_err(|e| to_py(py, e))
+    }
+
+    /// For a rule with factored state (Adafactor's): each parameter's factor statistics (read
+    /// only, nothing updated) into `out`, one list per group with an entry per parameter: a
+    /// contiguous float64 CPU tensor of `count · (rows + cols + 2)` elements for a parameter of
+    /// `count` matrices `rows × cols` (its last two dimensions), laid out `[row sums | column
+    /// sums | (sum of the row factors, rows) per matrix]`: the sums of the rule's term over this
+    /// tensor's rows and columns, and its row factors as this step updates them. None for a
+    /// parameter without factored state. Where a tensor is a shard of one whose rows are split
+    /// across ranks, adding its column sums and pairs across the ranks gives the whole tensor's,
+    /// which `sums` and `run` then take (`factor_stats=`). Other arguments and the return value as
+    /// for `run` (give the same `grad_factors` as to the update).
+    #[pyo3(name = "factor_stats", signature = (out, hypers=None, grad_scale=None, found_inf=None, streams=None, grads=None, grad_factors=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn py_factor_stats(
+        &mut self,
+        py: Python<'_>,
+        out: &Bound<'_, PyList>,
+        hypers: Option<&Bound<'_, PyList>>,
+        grad_scale: Option<&Bound<'_, PyAny>>,
+        found_inf: Option<&Bound<'_, PyAny>>,
+        streams: Option<&Bound<'_, PyAny>>,
+        grads: Option<&Bound<'_, PyList>>,
+        grad_factors: Option<&Bound<'_, PyList>>,
+    ) -> PyResult<Option<bool>> {
+        let amp = AmpArgs { grad_scale, found_inf, streams };
+        guarded(|| self.run(py, hypers, amp, SumsArg::FactorStats(out), RunInputs { grads, grad_factors, factor_stats: None })).map_err(|e| to_py(py, e))
     }
 
     /// The parameters (written tensors) of every group, in order.
@@ -673,7 +708,7 @@ pub fn step(
 ) -> PyResult<bool> {
     let run = || -> Result<bool> {
         let mut plan = StepPlan::build(py, who, rule, groups, None, false)?;
-        Ok(plan.run(py, None, AmpArgs { grad_scale, found_inf, streams }, SumsArg::Own, None, None)?.expect("a fresh plan is current"))
+        Ok(plan.run(py, None, AmpArgs { grad_scale, found_inf, streams }, SumsArg::Own, RunInputs::default())?.expect("a fresh plan is current"))
     };
     guarded(run).map_err(|e| to_py(py, e))
 }
@@ -686,7 +721,7 @@ impl StepPlan {
         Ok(move || {
             let StepPlan { who, rule, objs, calls, hypers, .. } = self;
             let work = calls.iter().zip(&hypers).enumerate().flat_map(|(ci, (c, h))| c.batches.iter().map(move |b| (ci, h, b)));
-            let result = guarded(|| execute(&who, &rule, work, &env, &SumsIo::Own, None));
+            let result = guarded(|| execute(&who, &rule, work, &env, &SumsIo::Own, None, None));
             if super::step::interpreter_alive() {
                 Python::attach(move |_| drop((objs, calls)));
             } else {
@@ -803,6 +838,15 @@ struct AmpArgs<'a, 'py> {
     streams: Option<&'a Bound<'py, PyAny>>,
 }
 
+/// What Python may give a run besides the tensors planned (see `StepPlan.run`): the gradients
+/// (`grads`), per-tensor gradient factors (`grad_factors`), factor statistics (`factor_stats`).
+#[derive(Default)]
+struct RunInputs<'a, 'py> {
+    grads: Option<&'a Bound<'py, PyList>>,
+    grad_factors: Option<&'a Bound<'py, PyList>>,
+    factor_stats: Option<&'a Bound<'py, PyList>>,
+}
+
 /// Per-tensor sums as Python passes them to a run (see `StepPlan::sums`).
 enum SumsArg<'a, 'py> {
     /// Each batch computes its own (the usual update).
@@ -811,13 +855,79 @@ enum SumsArg<'a, 'py> {
     Write(&'a Bound<'py, PyList>, usize),
     /// Update with the sums in these arrays.
     Read(&'a Bound<'py, PyList>),
+    /// Only compute the factor statistics, into these arrays (see `StepPlan::factor_stats`).
+    FactorStats(&'a Bound<'py, PyList>),
 }
 
-/// [`SumsArg`] validated: one float64 `[n, MAX_SUMS]` array per call.
+/// [`SumsArg`] validated: one float64 `[n, MAX_SUMS]` array per call, or the factor statistics'
+/// arrays (see [`factor_arrays`]).
 enum SumsIo {
     Own,
     Write(Vec<TensorView>, usize),
     Read(Vec<TensorView>),
+    FactorStats(FactorArrays),
+}
+
+/// Factor statistics' arrays: per call, per parameter, a contiguous float64 CPU array or None.
+type FactorArrays = Vec<Vec<Option<TensorView>>>;
+
+/// The factor statistics' arrays of `list` (see `StepPlan::factor_stats`), checked: one list
+/// per call with an entry per parameter, each None or a contiguous float64 CPU tensor (whose
+/// length [`factor_slices`] checks). `keep` holds them while they are used.
+fn factor_arrays<'py>(who: &str, list: &Bound<'py, PyList>, calls: &[Call], keep: &mut Vec<Bound<'py, PyAny>>) -> Result<FactorArrays> {
+    if list.len() != calls.len() {
+        return Err(Error::Value(format!("{who}: {} factor statistics lists for {} groups", list.len(), calls.len())));
+    }
+    let mut out = Vec::with_capacity(calls.len());
+    for (ci, (entries, call)) in list.iter().zip(calls).enumerate() {
+        let entries: Vec<Bound<'py, PyAny>> =
+            entries.extract().map_err(|_| Error::Value(format!("{who}: the factor statistics of group {ci} must be a list")))?;
+        if entries.len() != call.n {
+            return Err(Error::Value(format!("{who}: the factor statistics of group {ci}: {} arrays for {} parameters", entries.len(), call.n)));
+        }
+        let mut views = Vec::with_capacity(call.n);
+        for (i, obj) in entries.iter().enumerate() {
+            if obj.is_none() {
+                views.push(None);
+                continue;
+            }
+            let what = || format!("{who}: the factor statistics of group {ci}, parameter {i}");
+            let Unpacked { obj, info } = unpack(obj, &what)?;
+            let v = info.view;
+            if v.dtype() != DType::F64 || info.layout != Layout::Contiguous || v.device() != Device::Cpu {
+                return Err(Error::Value(format!("{} must be a contiguous float64 CPU tensor", what())));
+            }
+            keep.push(obj);
+            views.push(Some(v));
+        }
+        out.push(views);
+    }
+    Ok(out)
+}
+
+/// `batch`'s parameters' entries of its call's factor statistics arrays, checked to have the
+/// length of their parameter's ([`cpu::FactorStats::len`]); empty for a step without factored
+/// state.
+///
+/// # Safety
+/// `arrays` must be live CPU float64 arrays validated by [`factor_arrays`] for the batch's call,
+/// which nothing else accesses while the slices live.
+unsafe fn factor_slices<'a>(who: &str, arrays: &[Option<TensorView>], batch: &Batch, step: &dyn cpu::CpuStep) -> Result<Vec<&'a mut [f64]>> {
+    if !step.factored() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::with_capacity(batch.members.len());
+    for (j, &m) in batch.members.iter().enumerate() {
+        let want = cpu::FactorStats::len(batch.matrices[j]).unwrap_or(0);
+        let at = || format!("{who}: param group {}, parameter {}: its factor statistics", batch.group, batch.positions[j]);
+        let Some(v) = &arrays[m] else { return Err(Error::Value(format!("{} are missing", at()))) };
+        if v.numel() != want {
+            return Err(Error::Shape(format!("{} have {} elements; its shape needs {want}", at(), v.numel())));
+        }
+        // SAFETY: per the contract (an empty array may have no memory).
+        out.push(if want == 0 { &mut [][..] } else { unsafe { std::slice::from_raw_parts_mut(v.at::<f64>(0), want) } });
+    }
+    Ok(out)
 }
 
 /// The sums arrays of `list`, one per call, checked: contiguous float64, `n × MAX_SUMS`
@@ -899,7 +1009,9 @@ unsafe fn write_rows(rows: &TensorView, batch: &Batch, sums: &[[f64; MAX_SUMS]])
 /// Plan every batch (`(call index, hyper, batch)`), then run them all: nothing is written
 /// unless every batch planned (and, with `check_finite`, every gradient is finite). `Ok(false)`
 /// when AMP's found-inf flag skipped the CPU batches. With `SumsIo::Write`, only the per-tensor
-/// sums are computed. `factors`: per-tensor gradient factors of each call (see [`factor_lists`]).
+/// sums are computed, with `SumsIo::FactorStats` only the factor statistics. `factors`:
+/// per-tensor gradient factors of each call (see [`factor_lists`]); `given_factors`: the factor
+/// statistics to use (see `StepPlan::factor_stats`).
 fn execute<'a>(
     who: &str,
     rule: &str,
@@ -907,14 +1019,28 @@ fn execute<'a>(
     env: &RunEnv,
     io: &SumsIo,
     factors: Option<&[Option<Vec<f64>>]>,
+    given_factors: Option<&[Vec<Option<TensorView>>]>,
 ) -> Result<bool> {
     let mut cpu_steps = Vec::new();
     let mut cuda_steps = Vec::new();
     for (ci, hyper, batch) in work {
         let f = batch_factors(factors, ci, batch);
         match batch.device {
-            Device::Cpu => cpu_steps.push((ci, batch, cpu::plan(rule, hyper, batch)?, f)),
+            Device::Cpu => {
+                let step = cpu::plan(rule, hyper, batch)?;
+                // SAFETY: validated CPU arrays (factor_arrays), fresh from the caller; each
+                // parameter's array is taken by its one batch.
+                let arrays = match io {
+                    SumsIo::FactorStats(out) => Some(&out[ci]),
+                    _ => given_factors.map(|g| &g[ci]),
+                };
+                let stats = arrays.map(|a| unsafe { factor_slices(who, a, batch, &*step) }).transpose()?;
+                cpu_steps.push((ci, batch, step, f, stats));
+            }
             Device::Cuda(i) => {
+                if given_factors.is_some() || matches!(io, SumsIo::FactorStats(_)) {
+                    return Err(Error::Device(format!("{who}: factor statistics are computed for CPU tensors only")));
+                }
                 let (amp, stream) = env.cuda(i);
                 cuda_steps.push((ci, cuda::plan(rule, hyper, batch.clone(), stream)?, amp, f));
             }
@@ -922,23 +1048,30 @@ fn execute<'a>(
     }
     if !env.cpu_skip {
         match io {
+            SumsIo::FactorStats(_) => {
+                for (_, _, s, f, stats) in cpu_steps {
+                    s.factor_stats(env.cpu_scaling(&f), stats.unwrap_or_default());
+                }
+            }
             SumsIo::Write(out, pass) => {
-                for (ci, batch, s, f) in &cpu_steps {
+                for (ci, batch, s, f, stats) in &cpu_steps {
+                    let given = stats.as_ref().map(|v| v.iter().map(|x| &**x).collect::<Vec<&[f64]>>());
                     // SAFETY: validated CPU arrays (sums_arrays), fresh from the caller.
                     unsafe {
                         let prior = read_rows(&out[*ci], batch);
-                        write_rows(&out[*ci], batch, &s.sums(env.cpu_scaling(f), *pass, Some(prior)));
+                        write_rows(&out[*ci], batch, &s.sums(env.cpu_scaling(f), *pass, Some(prior), given.as_deref()));
                     }
                 }
             }
             _ => {
-                for (_, _, s, _) in &cpu_steps {
+                for (_, _, s, _, _) in &cpu_steps {
                     s.check_finite(who)?;
                 }
-                for (ci, batch, s, f) in &cpu_steps {
+                for (ci, batch, s, f, stats) in &cpu_steps {
                     // SAFETY: validated CPU arrays (sums_arrays).
                     let given = if let SumsIo::Read(rows) = io { Some(unsafe { read_rows(&rows[*ci], batch) }) } else { None };
-                    s.run(env.cpu_scaling(f), given.as_deref());
+                    let given_factors = stats.as_ref().map(|v| v.iter().map(|x| &**x).collect::<Vec<&[f64]>>());
+                    s.run(env.cpu_scaling(f), given.as_deref(), given_factors.as_deref());
                 }
             }
         }
@@ -949,6 +1082,7 @@ fn execute<'a>(
             SumsIo::Own => s.launch(*amp, None, f)?,
             SumsIo::Read(rows) => s.launch(*amp, Some(rows[*ci].ptr() as u64), f)?,
             SumsIo::Write(out, pass) => s.sums(*amp, out[*ci].ptr() as u64, *pass, f)?,
+            SumsIo::FactorStats(_) => unreachable!("refused above"),
         }
     }
     Ok(!env.cpu_skip)

@@ -206,10 +206,9 @@ impl<const FACTORED: bool, const DECAY: bool> Rule for Adafactor<FACTORED, DECAY
     }
 
     /// Rows read sqrt(R), columns sqrt(C / max(mean of R over the matrix's rows, eps1)).
-    fn factor_reads<R: Real>(&self, n_rows: usize, n_cols: usize, rows: &mut [R], cols: &mut [R]) {
-        for (r, c) in rows.chunks(n_rows.max(1)).zip(cols.chunks_mut(n_cols.max(1))) {
-            let mean = R::from_f64(r.iter().map(|x| x.to_f64()).sum::<f64>() / n_rows as f64);
-            let divisor = mean.max_nan(R::from_f64(self.eps1));
+    fn factor_reads<R: Real>(&self, _n_rows: usize, n_cols: usize, row_means: &[f64], rows: &mut [R], cols: &mut [R]) {
+        for (c, &mean) in cols.chunks_mut(n_cols.max(1)).zip(row_means) {
+            let divisor = R::from_f64(mean).max_nan(R::from_f64(self.eps1));
             c.iter_mut().for_each(|x| *x = (*x / divisor).sqrt());
         }
         rows.iter_mut().for_each(|x| *x = x.sqrt());

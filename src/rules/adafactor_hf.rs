@@ -214,9 +214,9 @@ impl<const FACTORED: bool, const FIRST_MOMENT: bool, const DECAY: bool> Rule for
     }
 
     /// Rows read rsqrt(R / mean of R over the matrix's rows), columns rsqrt(C).
-    fn factor_reads<R: Real>(&self, n_rows: usize, _n_cols: usize, rows: &mut [R], cols: &mut [R]) {
-        for r in rows.chunks_mut(n_rows.max(1)) {
-            let mean = R::from_f64(r.iter().map(|x| x.to_f64()).sum::<f64>() / n_rows as f64);
+    fn factor_reads<R: Real>(&self, n_rows: usize, _n_cols: usize, row_means: &[f64], rows: &mut [R], cols: &mut [R]) {
+        for (r, &mean) in rows.chunks_mut(n_rows.max(1)).zip(row_means) {
+            let mean = R::from_f64(mean);
             r.iter_mut().for_each(|x| *x = R::ONE / (*x / mean).sqrt());
         }
         cols.iter_mut().for_each(|x| *x = R::ONE / x.sqrt());

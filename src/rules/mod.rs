@@ -238,9 +238,11 @@ pub trait Rule: Params + Send + Sync + 'static {
     fn factor_term<R: Real>(&self, _g: R) -> f64 {
         0.0
     }
-    /// Update one tensor's factors in place, its matrices' one after another: `rows` (slot 0,
-    /// `n_rows` per matrix) and `cols` (slot 1, `n_cols` per matrix) from the sums of
+    /// Update one tensor's factors in place, its matrices' one after another: `rows` (slot 0, a
+    /// value per row) and `cols` (slot 1, `n_cols` per matrix) from the sums of
     /// [`Rule::factor_term`] over each row and each column, given its scalar state before the step.
+    /// `n_rows`: the rows of each whole matrix, which a column's sum runs over (a shard of a
+    /// tensor whose rows are split across ranks holds fewer; its column sums are the totals).
     #[allow(clippy::too_many_arguments)]
     fn update_factors<R: Real>(
         &self,
@@ -254,8 +256,10 @@ pub trait Rule: Params + Send + Sync + 'static {
     ) {
     }
     /// What the elements of one tensor's matrices read, in place of its stored factors (laid out
-    /// as [`Rule::update_factors`]'): `rows` becomes each row's `s[0]`, `cols` each column's `s[1]`.
-    fn factor_reads<R: Real>(&self, _n_rows: usize, _n_cols: usize, _rows: &mut [R], _cols: &mut [R]) {}
+    /// as [`Rule::update_factors`]'): `rows` (`n_rows` per matrix) becomes each row's `s[0]`,
+    /// `cols` (`n_cols` per matrix) each column's `s[1]`; `row_means[m]` is the mean of matrix
+    /// `m`'s row factors as stored, over all its rows (a shard's included).
+    fn factor_reads<R: Real>(&self, _n_rows: usize, _n_cols: usize, _row_means: &[f64], _rows: &mut [R], _cols: &mut [R]) {}
 }
 
 /// Fold `part` (a pass's partial sums) into `total`: added, or for the sums in `max_mask`, the

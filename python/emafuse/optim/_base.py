@@ -248,6 +248,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     # each row with its own coefficients (AdamP's channel view): such tensors keep 8-bit state only
     # where their rows are whole blocks, and as DTensors must be sharded on dim 0 (or replicated).
     _row_sums: ClassVar[bool] = False
+    # The state names of a rule with factored state (Adafactor's): its row and column factors,
+    # not shaped like the parameter (see ``_dtensor.factor_placements`` for DTensor parameters).
+    _factor_names: ClassVar[tuple[str, ...]] = ()
     # Whether the rule's update needs sums over every tensor of the step (a global reduction,
     # e.g. MoMo's Polyak step size): ``_global_hypers`` then runs between the engine's sums pass
     # and its update.
@@ -788,8 +791,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         who = type(self).__name__
         sharded = None
         if _dtensor.any_dtensor(p for c in calls for p in c.params):
-            calls, originals, rows = _local_calls(who, self._rule, calls, hypers, self._row_sums)
-            sharded = (originals, rows)
+            calls, originals, rows = _local_calls(who, self._rule, calls, hypers, self._row_sums, self._factor_names)
+            split = _dtensor.split_rows(originals) if self._factor_names else {}
+            sharded = (originals, rows, split)
         reduce = self._global_hypers if self._reads_global_sums else None
         return _StepPlan(
             who, self._rule, calls, [g["params"] for g in self.param_groups], created, self.state, self._state_layout(slots), sparse, sharded, reduce
@@ -1045,7 +1049,7 @@ class _StepPlan:
         state: _StateDict,
         layout: StateLayout,
         sparse: list[Tensor],
-        sharded: tuple[list[list[Tensor]], _dtensor.ShardRows] | None = None,
+        sharded: tuple[list[list[Tensor]], _dtensor.ShardRows, _dtensor.SplitRows] | None = None,
         reduce: Callable[[list[_Call], list[Tensor], list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
     ) -> None:
         self.who = who
@@ -1055,9 +1059,10 @@ class _StepPlan:
         self.params = [p for c in calls for p in c.params]
         self.fused = {id(p) for c in calls if c.extra.get("ema") for p in c.params}
         self.sparse = sparse
-        # Fresh-state flags and fused averages hold for one step only; sparse gradients are
-        # checked for in Python, at every step.
-        self.cacheable = not any(c.extra for c in calls) and not sparse
+        # Fresh-state flags and fused averages hold for one step only (the flags that follow a
+        # parameter, `_param_flags`, hold while it does); sparse gradients are checked for in
+        # Python, at every step.
+        self.cacheable = not any(c.extra.get("first") or c.extra.get("ema") for c in calls) and not sparse
         self.hypers: list[dict[str, Any]] = []
         self._state = state
         self._version = -1
@@ -1069,11 +1074,13 @@ class _StepPlan:
         # of the sharded ones are added across their mesh (`run_native`). No parameter holds the
         # local shards of the gradients, so every run is given them (`_shard_grads`), and checks
         # what the native plan cannot see: the groups' parameter lists, the DTensors' local shards
-        # and state tensors.
+        # and state tensors. Factored state of matrices whose rows are split across ranks reads
+        # factor statistics added across the mesh (`_split_rows`).
         self._shard_rows: _dtensor.ShardRows = {}
+        self._split_rows: _dtensor.SplitRows = {}
         self._originals: list[list[Tensor]] | None = None
         if sharded is not None:
-            self._originals, self._shard_rows = sharded
+            self._originals, self._shard_rows, self._split_rows = sharded
             self.params.extend(p for ps in self._originals for p in ps if _dtensor.is_dtensor(p))
             self._lists = [(ps, tuple(ps)) for ps in watch]
             self._planned = {id(p) for ps in self._originals for p in ps}
@@ -1093,12 +1100,21 @@ class _StepPlan:
         AdaGC's). Where calls hold shards of tensors whose rule reads sums over each whole tensor,
         the sums are computed on the shards first, added across the mesh, then the update reads
         them. A rule that reads sums over every tensor (``reduce``) gets its update's
-        hyper-parameters from them in between."""
+        hyper-parameters from them in between. Factored state of matrices whose rows are split
+        across ranks first has its factor statistics added across the mesh; every later pass reads
+        them."""
         given: dict[str, Any] = {} if grads is None else {"grads": grads}
         if factors is not None:
             originals = self._originals if self._originals is not None else [c.params for c in self.calls]
             # (a parameter without a factor has no gradient now: the native plan finds itself stale)
             given["grad_factors"] = [[factors.get(id(p), 1.0) for p in ps] for ps in originals]
+        if self._split_rows:
+            local = [c.params for c in self.calls]
+            stats = _dtensor.factor_stats_arrays(local)
+            if native.factor_stats(stats, hypers, *amp, **given) is None:
+                return None
+            _dtensor.add_factor_stats(stats, local, self._split_rows)
+            given["factor_stats"] = stats
         if not self._shard_rows and self._reduce is None:
             return native.run(hypers, *amp, **given)
         built_with = [c.hyper(self.hypers[c.group_index]) for c in self.calls]
@@ -1179,12 +1195,13 @@ class _StepPlan:
 
 
 def _local_calls(
-    who: str, rule: str, calls: list[_Call], hypers: list[dict[str, Any]], row_sums: bool
+    who: str, rule: str, calls: list[_Call], hypers: list[dict[str, Any]], row_sums: bool, factor_names: tuple[str, ...]
 ) -> tuple[list[_Call], list[list[Tensor]], _dtensor.ShardRows]:
     """``calls`` with DTensor (FSDP2) parameters replaced by their local shards, each call's
     original parameters, and where the per-tensor sums of sharded ones lie in calls whose rule
     (with the call's flags) reads such sums. ``row_sums``: the rule gathers sums per row (dim-0
-    slice), which a shard holds whole only when it is sharded on dim 0."""
+    slice), which a shard holds whole only when it is sharded on dim 0. ``factor_names``: the
+    row and column factors of a rule with factored state."""
     out: list[_Call] = []
     originals: list[list[Tensor]] = []
     summed: list[list[Tensor]] = []
@@ -1200,7 +1217,7 @@ def _local_calls(
                     )
         local = _Call(c.group_index, c.extra, c.slots, c.scalars, c.states is not None)
         local.params, local.grads, local.states, local.offsets = _dtensor.local_call(
-            c.params, c.grads, c.states, c.slots, who, scales=[k for k in c.slots if k.endswith(_precision.ABSMAX_SUFFIX)]
+            c.params, c.grads, c.states, c.slots, who, scales=[k for k in c.slots if k.endswith(_precision.ABSMAX_SUFFIX)], factors=factor_names
         )
         local.positions = c.positions
         originals.append(list(c.params))

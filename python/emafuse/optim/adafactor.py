@@ -28,8 +28,6 @@ class _Factored(FusedOptimizer):
     # (torch: [..., rows, 1] and [..., 1, cols]) or drop it (transformers: [..., rows], [..., cols]).
     _factor_names: ClassVar[tuple[str, str]]
     _factor_keepdim: ClassVar[bool]
-    # Where DTensor users are sent (their matrices are refused).
-    _instead: ClassVar[str]
 
     def _param_flags(self, p: Tensor) -> dict[str, bool]:
         return {"factored": p.dim() >= 2}
@@ -43,6 +41,8 @@ class _Factored(FusedOptimizer):
             shape[dim] = 1
         else:
             del shape[dim]
+        if _dtensor.is_dtensor(p):
+            return _dtensor.new_factor(p, self._factor_names.index(name), shape, dtype)
         return p.new_zeros(shape, dtype=dtype)
 
     def _state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
@@ -52,11 +52,11 @@ class _Factored(FusedOptimizer):
 
     def _check_operands(self, gi: int, p: Tensor, g: Tensor) -> None:
         super()._check_operands(gi, p, g)
-        if p.dim() >= 2 and _dtensor.is_dtensor(p):
+        if p.dim() >= 2 and _dtensor.shard_dim(p) == p.dim() - 1:
             raise UnsupportedOptionError(
-                f"{type(self).__name__}: param group {gi}: a parameter of shape {tuple(p.shape)} is a DTensor; Adafactor's factored "
-                "second moments need sums over whole rows and columns, which emafuse does not add across ranks: use "
-                f"{self._instead} for DTensor (FSDP2) parameters of two or more dimensions"
+                f"{type(self).__name__}: param group {gi}: a parameter of shape {tuple(p.shape)} is a DTensor sharded on its last "
+                f"dim ({p.placements}); Adafactor's factored second moments add each row across its columns, which emafuse does "
+                "on whole rows only: shard it on dim 0 (as FSDP2's fully_shard does) or another dim but the last, or replicate it"
             )
 
 
@@ -103,15 +103,21 @@ class Adafactor(_Factored, torch.optim.Adafactor):
     are already a vanishing share of the memory), and with ``rounding="stochastic"`` they are
     rounded to nearest (they are stored apart from the elements' stores). ``foreach`` is accepted
     and ignored (there is one fused path). Not taken: ``orthograd``, ``caution``. On CUDA devices
-    Adafactor raises: the CUDA backend does not update factored state yet. DTensor (FSDP2)
-    parameters of two or more dimensions are refused: their row and column statistics would have
-    to be added across ranks, which emafuse does not do yet.
+    Adafactor raises: the CUDA backend does not update factored state yet.
+
+    DTensor (FSDP2) parameters step on their local shards. ``row_var`` is sharded like the
+    parameter; ``col_var`` too where the parameter is sharded on a leading dim, but replicated
+    (``Replicate()``, whole on every rank) where the matrices' rows are split (``fully_shard``'s
+    dim-0 sharding of a 2-D weight): its column sums, and the rows' mean :math:`\bar R`, are then
+    added across the mesh, one float64 ``all_reduce`` of a value per column and two per matrix
+    per step, besides the one for :math:`\|p\|^2` and :math:`\|U\|^2` per pass. The sharded step
+    equals the unsharded one to round-off (float64 sums added in another order). Sharding on the
+    last dim (splitting rows) is refused.
     """
 
     _rule = "adafactor"
     _factor_names = ("row_var", "col_var")
     _factor_keepdim = True
-    _instead = "torch.optim.Adafactor"
 
     def __init__(
         self,
@@ -200,15 +206,16 @@ class AdafactorHF(_Factored):
     ``weight_correction`` (as :class:`emafuse.AdamW`); under ``state_dtype="8bit"`` only vectors'
     state is stored as 8-bit codes (the factors, and then a matrix's ``exp_avg``, keep float32).
     Not taken: ``orthograd``, ``caution``. On CUDA devices matrices raise (the CUDA backend does
-    not update factored state yet); DTensor (FSDP2) matrices are refused (their row and column
-    statistics would have to be added across ranks).
+    not update factored state yet). DTensor (FSDP2) parameters step on their local shards as for
+    :class:`Adafactor`: ``exp_avg_sq_col`` is replicated where the matrices' rows are split across
+    ranks, and its column sums and the rows' mean added across the mesh (one more float64
+    ``all_reduce`` per step).
     """
 
     _rule = "adafactor_hf"
     _int_step_in_state_dict = True
     _factor_names = ("exp_avg_sq_row", "exp_avg_sq_col")
     _factor_keepdim = False
-    _instead = "transformers.optimization.Adafactor"
 
     def __init__(
         self,
