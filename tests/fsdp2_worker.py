@@ -459,6 +459,12 @@ def unsupported_dtensors(checks, mesh) -> None:
             opt = cls([p])
             refused(opt, p, emafuse.UnsupportedOptionError, ("DTensor", "sharded on its last dim", "whole rows"), f"a {cls.__name__} matrix split by columns")
             assert not opt.state
+    with checks.check("AdaHessian refuses DTensor parameters"):
+        p = nn.Parameter(distribute_tensor(seeded(5, (4, 3)), mesh, [Shard(0)]))
+        (p * p).sum().backward(create_graph=True)
+        opt = emafuse.AdaHessian([p], lr=0.1)
+        refused(opt, p, emafuse.UnsupportedOptionError, ("DTensor", "fully_shard", "unsharded"), "an AdaHessian DTensor parameter")
+        assert not opt.state
     with checks.check("refuses plain state of a DTensor parameter"):
         p = nn.Parameter(distribute_tensor(seeded(5, (4, 2)), mesh, [Shard(0)]))
         p.grad = distribute_tensor(seeded(6, (4, 2)), mesh, [Shard(0)])

@@ -45,6 +45,7 @@ MP_CONFIGS = [
     ("Lion", dict(lr=1e-3, caution=True, weight_decay=0.1), True),
     ("SGDSaI", dict(lr=1e-2), False),
     ("Adan", dict(lr=1e-2, max_grad_norm=0.5), False),
+    ("Adafactor", dict(lr=1e-2, weight_decay=0.1), False),
 ]
 # (label, optimizer, keywords, exact, model sizes); 8-bit state on the wide model, whose weights'
 # rows are whole blocks, so its codes and scales are sharded like the weights.
@@ -59,7 +60,7 @@ CHECKS = (
     + [f"fsdp2 bf16 {n} {kw}" for n, kw, _ in MP_CONFIGS]
     + ["refuses Partial", "refuses 2-D mesh", "AdamP refuses rows split across ranks",
        "Adafactor on 3-D DTensors", "Adafactor refuses matrices sharded on their last dim",
-       "refuses plain state of a DTensor parameter",
+       "AdaHessian refuses DTensor parameters", "refuses plain state of a DTensor parameter",
        "8-bit state on DTensors",
        "merges refuse sharded inputs",
        "Replicate placement steps whole tensors", "ZClip on DTensor gradients", "AdaGC on DTensor gradients",

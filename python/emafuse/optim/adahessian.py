@@ -73,7 +73,9 @@ class AdaHessian(FusedOptimizer):
     \operatorname{mean}\phi, 10^{-3})` or :math:`\mathrm{numel}/(\sum\phi + 1)` per tensor; one
     extra read-only pass. ``update_each``,
     ``n_samples`` and ``seed`` are optimizer-wide. Under ``torch.compile`` the step runs eagerly (a
-    graph break: its Hessian-vector product calls autograd). Not available: ``orthograd``.
+    graph break: its Hessian-vector product calls autograd). Not available: ``orthograd``;
+    DTensor (FSDP2) parameters are refused: ``fully_shard`` frees the unsharded weights the
+    gradients' graph needs, so the second differentiation fails inside torch.
     """
 
     _rule = "adahessian"
@@ -228,8 +230,15 @@ class AdaHessian(FusedOptimizer):
         params = [p for p, _ in due]
         grads = [p.grad for p in params]
         for p, g in zip(params, grads):
-            if p.is_complex() or _dtensor.is_dtensor(p) or g.layout != torch.strided:
-                what = "complex parameters" if p.is_complex() else "DTensor (FSDP2) parameters" if _dtensor.is_dtensor(p) else "sparse gradients"
+            if _dtensor.is_dtensor(p):
+                raise UnsupportedOptionError(
+                    "AdaHessian does not support DTensor (FSDP2) parameters: its Hessian estimate differentiates the gradients "
+                    "a second time, which fully_shard does not allow (the unsharded weights the gradients' graph needs are freed "
+                    "after backward; torch raises 'setStorage ... out of bounds for storage of size 0'). Train AdaHessian on "
+                    "unsharded parameters"
+                )
+            if p.is_complex() or g.layout != torch.strided:
+                what = "complex parameters" if p.is_complex() else "sparse gradients"
                 raise UnsupportedOptionError(f"AdaHessian does not support {what} (its Hessian estimate is drawn per whole dense real tensor)")
         differentiable = [i for i, g in enumerate(grads) if g.requires_grad]
         if not differentiable:
