@@ -206,15 +206,62 @@ fn fold_lanes(lanes: &Lanes, max_mask: u32) -> [f64; MAX_SUMS] {
     sums
 }
 
+/// A rule's read-only sums pass as [`sum_span`] runs it: the rule's constants, and its block
+/// function in the compute type `R`. The span drivers are generic over the element types only,
+/// the block functions over the rule and `R` only: a rule's code is compiled once per compute
+/// type, not once per combination of element types.
+#[derive(Copy, Clone)]
+pub struct SumKernel<R: Real> {
+    /// Adds block elements into the lanes ([`sum_block`] of the rule).
+    block: SumBlock<R>,
+    /// The rule (`&Ru`), which `block` reads.
+    rule: *const (),
+    reads_input: bool,
+    read_param: bool,
+    /// The slots read from pass `state_pass` on.
+    slots: usize,
+    state_pass: usize,
+    max_mask: u32,
+}
+
+/// [`sum_block`] of one rule: `rule` points at the rule.
+type SumBlock<R> = unsafe fn(rule: *const (), factor: R, pass: usize, prior: &[R; MAX_SUMS], block: &SumBlockIn<'_, R>, lanes: &mut Lanes);
+
+/// What a sums pass reads of one block: its first `n` parameters `p`, gradients `g` (before the
+/// factor) and state `slots` (zeros where not read), as compute-type values.
+#[derive(Copy, Clone)]
+struct SumBlockIn<'a, R> {
+    n: usize,
+    p: &'a [R; BLOCK],
+    g: &'a [R; BLOCK],
+    slots: [&'a [R; BLOCK]; MAX_SLOTS],
+}
+
+impl<R: Real> SumKernel<R> {
+    /// `rule`'s sums pass; the kernel borrows `rule` (it must outlive the kernel's use).
+    pub fn of<Ru: Rule>(rule: &Ru) -> Self {
+        SumKernel {
+            block: sum_block::<Ru, R>,
+            rule: std::ptr::from_ref(rule).cast(),
+            reads_input: Ru::READS_INPUT,
+            read_param: Ru::SUMS_READ_PARAM,
+            slots: if Ru::SUMS_READ_STATE { Ru::SLOTS } else { 0 },
+            state_pass: Ru::STATE_SUM_PASS,
+            max_mask: Ru::MAX_SUMS_MASK,
+        }
+    }
+}
+
 crate::simd::widest! {
-    /// The rule's per-tensor sums of pass `pass` over `len` elements at `ptrs` (read-only pass);
-    /// `prior`: the tensor's values from [`Rule::prepare`] (pass >= 1). Runs the widest vector
-    /// variant this CPU has (the same bits).
+    /// The per-tensor sums of pass `pass` of the rule of `k` over `len` elements at `ptrs`
+    /// (read-only pass); `prior`: the tensor's values from [`Rule::prepare`] (pass >= 1). Runs the
+    /// widest vector variant this CPU has (the same bits).
     ///
     /// # Safety
-    /// As [`update_span`], except that the elements are only read.
-    pub unsafe fn sum_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
-        rule: &Ru,
+    /// As [`update_span`], except that the elements are only read; the rule `k` was made from
+    /// must be alive.
+    pub unsafe fn sum_span<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
+        k: &SumKernel<R>,
         factor: R,
         pass: usize,
         prior: &[R; MAX_SUMS],
@@ -228,8 +275,8 @@ crate::simd::widest! {
 /// # Safety
 /// As [`sum_span`].
 #[inline(always)]
-unsafe fn sum_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
-    rule: &Ru,
+unsafe fn sum_span_body<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
+    k: &SumKernel<R>,
     factor: R,
     pass: usize,
     prior: &[R; MAX_SUMS],
@@ -241,41 +288,70 @@ unsafe fn sum_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
     let mut gb = [R::ZERO; BLOCK];
     let mut sb = [[R::ZERO; BLOCK]; MAX_SLOTS];
     let mut lanes: Lanes = [[0.0; LANES]; MAX_SUMS];
-    let read_slots = if Ru::SUMS_READ_STATE && pass >= Ru::STATE_SUM_PASS { Ru::SLOTS } else { 0 };
+    let read_slots = if pass >= k.state_pass { k.slots } else { 0 };
     let mut off = 0;
     while off < len {
         let n = BLOCK.min(len - off);
         let mut slots: [&[R; BLOCK]; MAX_SLOTS] = [&zeros; MAX_SLOTS];
         // SAFETY: inside the span the caller vouched for; read only.
         let (p, g) = unsafe {
-            for (k, (slot, buf)) in slots.iter_mut().zip(sb.iter_mut()).enumerate().take(read_slots) {
-                *slot = if S::QUANTIZED || ptrs.factors.is_some_and(|f| k >= f.first) {
+            for (j, (slot, buf)) in slots.iter_mut().zip(sb.iter_mut()).enumerate().take(read_slots) {
+                *slot = if S::QUANTIZED || ptrs.factors.is_some_and(|f| j >= f.first) {
                     // (8-bit state decoded, factored state gathered, into the buffer, which the
                     // pass does not write)
-                    ptrs.state_block(k, off, n, buf);
+                    ptrs.state_block(j, off, n, buf);
                     buf
                 } else {
-                    read_block(ptrs.states[k].add(off), n, buf)
+                    read_block(ptrs.states[j].add(off), n, buf)
                 };
             }
-            let g = if Ru::READS_INPUT { read_block(ptrs.grad.add(off), n, &mut gb) } else { &zeros };
-            let p = if Ru::SUMS_READ_PARAM { param_block(ptrs.param.add(off), ptrs.correction, off, n, &mut pb) } else { &zeros };
+            let g = if k.reads_input { read_block(ptrs.grad.add(off), n, &mut gb) } else { &zeros };
+            let p = if k.read_param { param_block(ptrs.param.add(off), ptrs.correction, off, n, &mut pb) } else { &zeros };
             (p, g)
         };
-        let state = |i: usize| std::array::from_fn(|k| if k < Ru::SLOTS { slots[k][i] } else { R::ZERO });
-        // One loop per pass, the pass a constant in it: no branch on the pass per element, which
-        // would keep the loop from vectorising (passes past the rule's are never compiled).
-        let mut after = |pass: usize| add_to_lanes(n, &mut lanes, |i, lane| rule.accumulate_after(pass, prior, p[i], g[i] * factor, &state(i), lane));
-        match pass {
-            0 => add_to_lanes(n, &mut lanes, |i, lane| rule.accumulate(p[i], g[i] * factor, &state(i), lane)),
-            1 if Ru::SUM_PASSES > 1 => after(1),
-            2 if Ru::SUM_PASSES > 2 => after(2),
-            3 if Ru::SUM_PASSES > 3 => after(3),
-            _ => unreachable!("sums pass {pass} of a rule with {} passes", Ru::SUM_PASSES),
-        }
+        // SAFETY: the caller vouched for the rule.
+        unsafe { (k.block)(k.rule, factor, pass, prior, &SumBlockIn { n, p, g, slots }, &mut lanes) };
         off += n;
     }
-    fold_lanes(&lanes, Ru::MAX_SUMS_MASK)
+    fold_lanes(&lanes, k.max_mask)
+}
+
+crate::simd::widest! {
+    /// Add the elements of `block` (its gradients times `factor`) into `lanes` by rule `Ru`'s
+    /// sums of pass `pass` (see [`sum_span`]).
+    ///
+    /// # Safety
+    /// `rule` must point at a live `Ru`.
+    unsafe fn sum_block<Ru: Rule, R: Real>(
+        rule: *const (),
+        factor: R,
+        pass: usize,
+        prior: &[R; MAX_SUMS],
+        block: &SumBlockIn<'_, R>,
+        lanes: &mut Lanes,
+    ) = sum_block_body;
+}
+
+/// [`sum_block`]'s loop.
+///
+/// # Safety
+/// As [`sum_block`].
+#[inline(always)]
+unsafe fn sum_block_body<Ru: Rule, R: Real>(rule: *const (), factor: R, pass: usize, prior: &[R; MAX_SUMS], block: &SumBlockIn<'_, R>, lanes: &mut Lanes) {
+    // SAFETY: per the contract.
+    let rule = unsafe { &*rule.cast::<Ru>() };
+    let SumBlockIn { n, p, g, slots } = *block;
+    let state = |i: usize| std::array::from_fn(|k| if k < Ru::SLOTS { slots[k][i] } else { R::ZERO });
+    // One loop per pass, the pass a constant in it: no branch on the pass per element, which
+    // would keep the loop from vectorising (passes past the rule's are never compiled).
+    let mut after = |pass: usize| add_to_lanes(n, lanes, |i, lane| rule.accumulate_after(pass, prior, p[i], g[i] * factor, &state(i), lane));
+    match pass {
+        0 => add_to_lanes(n, lanes, |i, lane| rule.accumulate(p[i], g[i] * factor, &state(i), lane)),
+        1 if Ru::SUM_PASSES > 1 => after(1),
+        2 if Ru::SUM_PASSES > 2 => after(2),
+        3 if Ru::SUM_PASSES > 3 => after(3),
+        _ => unreachable!("sums pass {pass} of a rule with {} passes", Ru::SUM_PASSES),
+    }
 }
 
 /// Where one span's row and column sums of [`Rule::factor_term`] go: the tensor's arrays (a
@@ -526,18 +602,42 @@ pub struct SpanRounding {
     pub first: usize,
 }
 
+/// A rule's update as [`update_span`] runs it: the rule's constants, and its block function in
+/// the compute type `R` (see [`SumKernel`]: compiled once per rule and compute type).
+#[derive(Copy, Clone)]
+pub struct UpdateKernel<R: Real> {
+    /// Updates a block ([`update_block`] of the rule).
+    block: UpdateBlock<R>,
+    reads_input: bool,
+    slots: usize,
+    written_slots: usize,
+}
+
+/// [`update_block`] of one rule: `c` points at its coefficients.
+type UpdateBlock<R> = unsafe fn(c: *const (), factor: R, p: &mut [R], input: &[R], states: &mut [&mut [R]; MAX_SLOTS]);
+
+impl<R: Real> UpdateKernel<R> {
+    /// Rule `Ru`'s update.
+    pub fn of<Ru: Rule>() -> Self {
+        UpdateKernel { block: update_block::<Ru, R>, reads_input: Ru::READS_INPUT, slots: Ru::SLOTS, written_slots: Ru::WRITTEN_SLOTS }
+    }
+}
+
 crate::simd::widest! {
-    /// Update `len` elements starting at `ptrs`, with the widest vector unit the CPU has; with
-    /// `projection` (⊥Grad) the rule reads the projected gradients; with `rounding` the parameter and
-    /// state stores round stochastically. The math is the same IEEE arithmetic at any width (no
-    /// fused multiply-add is formed), so results do not depend on the CPU.
+    /// Update `len` elements starting at `ptrs` by the rule of `k` with coefficients `c` (a
+    /// `Ru::Coeffs<R>` of that rule `Ru`), with the widest vector unit the CPU has; with
+    /// `projection` (⊥Grad) the rule reads the projected gradients; with `rounding` the parameter
+    /// and state stores round stochastically. The math is the same IEEE arithmetic at any width
+    /// (no fused multiply-add is formed), so results do not depend on the CPU.
     ///
     /// # Safety
-    /// Every pointer must be valid for `len` elements of its type (state pointers for slots
-    /// `0..Ru::SLOTS`), and no other thread may access these elements during the call; with
-    /// `xf.unscale` the gradient's elements are written too (stored back unscaled).
-    pub unsafe fn update_span<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
-        c: &Ru::Coeffs<R>,
+    /// Every pointer must be valid for `len` elements of its type (state pointers for the rule's
+    /// slots), and no other thread may access these elements during the call; with `xf.unscale`
+    /// the gradient's elements are written too (stored back unscaled). `c` must point at the
+    /// coefficients of the rule `k` was made for.
+    pub unsafe fn update_span<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
+        k: &UpdateKernel<R>,
+        c: *const (),
         xf: &GradTransform<R>,
         projection: Option<Projection>,
         rounding: Option<SpanRounding>,
@@ -581,8 +681,9 @@ unsafe fn finish<R: Real, E: Elem<R>>(ptr: *mut E, vals: &[R], stochastic: Optio
 }
 
 #[inline(always)]
-unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
-    c: &Ru::Coeffs<R>,
+unsafe fn update_span_body<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
+    k: &UpdateKernel<R>,
+    c: *const (),
     xf: &GradTransform<R>,
     projection: Option<Projection>,
     rounding: Option<SpanRounding>,
@@ -608,16 +709,18 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>
             let p = block::<R, P>(ptrs.param.add(off), n, &mut pb);
             add_corrections::<R, P>(p, corr);
             // With AMP the gradient is written back unscaled (the caller vouched for it then).
-            let g: &mut [R] = if Ru::READS_INPUT { block::<R, G>(ptrs.grad.add(off) as *mut G, n, &mut gb) } else { &mut gb[..n] };
+            let g: &mut [R] = if k.reads_input { block::<R, G>(ptrs.grad.add(off) as *mut G, n, &mut gb) } else { &mut gb[..n] };
             // Slots the rule does not use stay empty and are never indexed.
-            let st0 = if Ru::SLOTS > 0 { ptrs.state_block(0, off, n, &mut s0) } else { &mut s0[..0] };
-            let st1 = if Ru::SLOTS > 1 { ptrs.state_block(1, off, n, &mut s1) } else { &mut s1[..0] };
-            let st2 = if Ru::SLOTS > 2 { ptrs.state_block(2, off, n, &mut s2) } else { &mut s2[..0] };
-            let st3 = if Ru::SLOTS > 3 { ptrs.state_block(3, off, n, &mut s3) } else { &mut s3[..0] };
+            let mut states = [
+                if k.slots > 0 { ptrs.state_block(0, off, n, &mut s0) } else { &mut s0[..0] },
+                if k.slots > 1 { ptrs.state_block(1, off, n, &mut s1) } else { &mut s1[..0] },
+                if k.slots > 2 { ptrs.state_block(2, off, n, &mut s2) } else { &mut s2[..0] },
+                if k.slots > 3 { ptrs.state_block(3, off, n, &mut s3) } else { &mut s3[..0] },
+            ];
             let g = &mut g[..n];
             let p = &mut p[..n];
             let input: &[R] = match projection {
-                Some(pr) if Ru::READS_INPUT => {
+                Some(pr) if k.reads_input => {
                     for i in 0..n {
                         xb[i] = pr.apply(p[i], g[i] * xf.factor);
                     }
@@ -625,34 +728,7 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>
                 }
                 _ => &*g,
             };
-            for i in 0..n {
-                let mut s = [R::ZERO; MAX_SLOTS];
-                if Ru::SLOTS > 0 {
-                    s[0] = st0[i];
-                }
-                if Ru::SLOTS > 1 {
-                    s[1] = st1[i];
-                }
-                if Ru::SLOTS > 2 {
-                    s[2] = st2[i];
-                }
-                if Ru::SLOTS > 3 {
-                    s[3] = st3[i];
-                }
-                p[i] = Ru::update(c, p[i], input[i] * factor, &mut s);
-                if Ru::WRITTEN_SLOTS > 0 {
-                    st0[i] = s[0];
-                }
-                if Ru::WRITTEN_SLOTS > 1 {
-                    st1[i] = s[1];
-                }
-                if Ru::WRITTEN_SLOTS > 2 {
-                    st2[i] = s[2];
-                }
-                if Ru::WRITTEN_SLOTS > 3 {
-                    st3[i] = s[3];
-                }
-            }
+            (k.block)(c, factor, p, input, &mut states);
             let sr = |array: usize| rounding.map(|r| (r.streams[array], r.first + off));
             if ptrs.correction.is_null() {
                 finish::<R, P>(ptrs.param.add(off), p, sr(0));
@@ -660,7 +736,7 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>
                 // (only 16-bit parameters carry corrections: the block is a copy to store)
                 P::store_corrected(p, std::slice::from_raw_parts_mut(ptrs.param.add(off), n), std::slice::from_raw_parts_mut(corr, n));
             }
-            if Ru::READS_INPUT {
+            if k.reads_input {
                 if let Some(unscale) = xf.unscale {
                     for x in g.iter_mut() {
                         *x = *x * unscale;
@@ -668,20 +744,65 @@ unsafe fn update_span_body<Ru: Rule, R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>
                     finish::<R, G>(ptrs.grad.add(off) as *mut G, g, None);
                 }
             }
-            if Ru::WRITTEN_SLOTS > 0 {
-                ptrs.finish_state(0, off, st0, sr(1));
-            }
-            if Ru::WRITTEN_SLOTS > 1 {
-                ptrs.finish_state(1, off, st1, sr(2));
-            }
-            if Ru::WRITTEN_SLOTS > 2 {
-                ptrs.finish_state(2, off, st2, sr(3));
-            }
-            if Ru::WRITTEN_SLOTS > 3 {
-                ptrs.finish_state(3, off, st3, sr(4));
+            for (slot, vals) in states.iter().enumerate().take(k.written_slots) {
+                ptrs.finish_state(slot, off, vals, sr(1 + slot));
             }
         }
         off += n;
+    }
+}
+
+crate::simd::widest! {
+    /// Rule `Ru`'s update of one block in the compute type: `p[i] ← Ru::update(c, p[i],
+    /// input[i]·factor, s)`, with the element's state `s` read from `states` (a slice of
+    /// `p.len()` values per slot the rule keeps) and written back to the slots it writes.
+    ///
+    /// # Safety
+    /// `c` must point at a live `Ru::Coeffs<R>`.
+    unsafe fn update_block<Ru: Rule, R: Real>(c: *const (), factor: R, p: &mut [R], input: &[R], states: &mut [&mut [R]; MAX_SLOTS]) = update_block_body;
+}
+
+/// [`update_block`]'s loop.
+///
+/// # Safety
+/// As [`update_block`].
+#[inline(always)]
+unsafe fn update_block_body<Ru: Rule, R: Real>(c: *const (), factor: R, p: &mut [R], input: &[R], states: &mut [&mut [R]; MAX_SLOTS]) {
+    // SAFETY: per the contract.
+    let c = unsafe { &*c.cast::<Ru::Coeffs<R>>() };
+    let n = p.len();
+    let input = &input[..n];
+    // (each slice cut to the block, so that the loop indexes them unchecked)
+    let len = |k: usize| if Ru::SLOTS > k { n } else { 0 };
+    let [st0, st1, st2, st3] = states;
+    let (st0, st1, st2, st3) = (&mut st0[..len(0)], &mut st1[..len(1)], &mut st2[..len(2)], &mut st3[..len(3)]);
+    for i in 0..n {
+        let mut s = [R::ZERO; MAX_SLOTS];
+        if Ru::SLOTS > 0 {
+            s[0] = st0[i];
+        }
+        if Ru::SLOTS > 1 {
+            s[1] = st1[i];
+        }
+        if Ru::SLOTS > 2 {
+            s[2] = st2[i];
+        }
+        if Ru::SLOTS > 3 {
+            s[3] = st3[i];
+        }
+        p[i] = Ru::update(c, p[i], input[i] * factor, &mut s);
+        if Ru::WRITTEN_SLOTS > 0 {
+            st0[i] = s[0];
+        }
+        if Ru::WRITTEN_SLOTS > 1 {
+            st1[i] = s[1];
+        }
+        if Ru::WRITTEN_SLOTS > 2 {
+            st2[i] = s[2];
+        }
+        if Ru::WRITTEN_SLOTS > 3 {
+            st3[i] = s[3];
+        }
     }
 }
 

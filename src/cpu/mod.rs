@@ -594,7 +594,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
                 } else if Ru::SUMS > 0 {
                     // (a guard on the constant: no sums kernel is compiled for rules without sums)
                     let prior = priors.get(s.tensor).copied().unwrap_or([R::ZERO; MAX_SUMS]);
-                    kernel::sum_span::<Ru, R, P, G, S>(&self.rule, factor, pass, &prior, ptrs, s.len)
+                    kernel::sum_span::<R, P, G, S>(&kernel::SumKernel::of(&self.rule), factor, pass, &prior, ptrs, s.len)
                 } else {
                     [0.0; MAX_SUMS]
                 }
@@ -877,6 +877,7 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             _ => coeffs,
         };
         let batch_key = self.options.rounding_key.map(|key| rounding::batch_key(key, self.batch.members[0]));
+        let update = kernel::UpdateKernel::<R>::of::<Ru>();
         for_each_span(&self.unit_lens(), self.align(), |unit_span| {
             let c = &coeffs[unit_span.tensor];
             let s = self.in_tensor(unit_span);
@@ -889,7 +890,17 @@ impl<Ru: Rule> RuleBatch<'_, Ru> {
             // S (states) on the CPU; spans are disjoint ranges inside them, so each element is
             // touched by one thread only; the tensors are kept alive by the caller.
             let xf = GradTransform { factor: factors[s.tensor], unscale };
-            unsafe { kernel::update_span::<Ru, R, P, G, S>(c, &xf, projection, rounding, self.span_ptrs::<R, P, G, S>(s, &reads), s.len) };
+            unsafe {
+                kernel::update_span::<R, P, G, S>(
+                    &update,
+                    std::ptr::from_ref(c).cast(),
+                    &xf,
+                    projection,
+                    rounding,
+                    self.span_ptrs::<R, P, G, S>(s, &reads),
+                    s.len,
+                )
+            };
         });
         Vec::new()
     }
