@@ -122,6 +122,12 @@ CASES = [
         *((("pytorch_optimizer OrthoGrad(torch AdamW)", lambda ps: po.OrthoGrad(torch.optim.AdamW, params=ps, lr=1e-4, foreach=False)),)
           if po is not None else ()),
     )),
+    # C-Lion's bytes: a read-only pass over g and m for the cautious count, and the Lion pass: 28
+    Case("C-Lion", emafuse.Lion, 28, dict(lr=1e-5, caution=True), others=(
+        ("emafuse Lion, no caution", lambda ps: emafuse.Lion(ps, lr=1e-5)),
+        *((("timm Lion(caution=True)", lambda ps: timm.optim.Lion(ps, lr=1e-5, caution=True)),) if timm is not None else ()),
+        *((("timm Lion(caution=True, foreach=True)", lambda ps: timm.optim.Lion(ps, lr=1e-5, caution=True, foreach=True)),) if timm is not None else ()),
+    )),
     Case("C-AdamW", emafuse.AdamW, 36, dict(lr=1e-4, caution=True), others=(
         ("emafuse AdamW, no caution", lambda ps: emafuse.AdamW(ps, lr=1e-4)),
         *((("timm AdamWLegacy(caution=True)", lambda ps: timm.optim.AdamWLegacy(ps, lr=1e-4, caution=True)),) if timm is not None else ()),
@@ -204,7 +210,9 @@ def main() -> None:
         "torch's own (its default single-tensor loop and `foreach=True`), for AdafactorHF transformers' 4.57.1. "
         "AdaMomentum has no packaged implementation. "
         "AdamW⊥ is `AdamW(orthograd=True)`, C-AdamW "
-        "`AdamW(caution=True)`; their rows' GB/s count their 36 bytes per parameter, plain AdamW's rows included (it moves 28).\n\n" + table
+        "`AdamW(caution=True)`; their rows' GB/s count their 36 bytes per parameter, plain AdamW's rows included (it moves 28). "
+        "C-Lion is `Lion(caution=True)` against timm's `Lion(caution=True)`; its rows count 28 bytes, plain Lion's included "
+        "(it moves 20).\n\n" + table
     )
     print(section)
     if output:

@@ -32,7 +32,7 @@ pub fn level() -> u8 {
 /// ```text
 /// widest! {
 ///     /// Docs (with the contract of `body`, which the function keeps).
-///     pub unsafe fn update_span<Ru: Rule, R: Real>(c: &Ru::Coeffs<R>, len: usize) = update_span_body;
+///     pub unsafe fn update_span<R: Real, P: Elem<R>>(k: &UpdateKernel<R>, len: usize) = update_span_body;
 /// }
 /// ```
 macro_rules! widest {
@@ -69,3 +69,52 @@ macro_rules! widest {
     };
 }
 pub(crate) use widest;
+
+/// As [`widest!`], but the function defined takes no arguments and returns the variant for this
+/// CPU as a function pointer, for callers that call it many times (once per block of a span):
+/// they pick the variant once.
+///
+/// ```text
+/// widest_fn! {
+///     /// Docs (with the contract of `body`, which the returned function keeps).
+///     pub fn update_block<Ru: Rule, R: Real>(c: *const (), p: &mut [R]) = update_block_body;
+/// }
+/// ```
+macro_rules! widest_fn {
+    (
+        $(#[$meta:meta])*
+        $vis:vis fn $name:ident<$($gen:ident: $bound:path),* $(,)?>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $body:ident;
+    ) => {
+        $(#[$meta])*
+        $vis fn $name<$($gen: $bound),*>() -> unsafe fn($($ty),*) $(-> $ret)? {
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn portable<$($gen: $bound),*>($($arg: $ty),*) $(-> $ret)? {
+                // SAFETY: forwarded from the caller of the returned function.
+                unsafe { $body::<$($gen),*>($($arg),*) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512<$($gen: $bound),*>($($arg: $ty),*) $(-> $ret)? {
+                    // SAFETY: forwarded from the caller of the returned function.
+                    unsafe { $body::<$($gen),*>($($arg),*) }
+                }
+                #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2<$($gen: $bound),*>($($arg: $ty),*) $(-> $ret)? {
+                    // SAFETY: forwarded from the caller of the returned function.
+                    unsafe { $body::<$($gen),*>($($arg),*) }
+                }
+                // (the variants run only where the CPU has their features: checked at run time)
+                match $crate::simd::level() {
+                    2 => return avx512::<$($gen),*>,
+                    1 => return avx2::<$($gen),*>,
+                    _ => {}
+                }
+            }
+            portable::<$($gen),*>
+        }
+    };
+}
+pub(crate) use widest_fn;

@@ -1,6 +1,12 @@
 //! The typed inner loops: one span of one tensor, loaded block by block into the compute type,
 //! updated element by element by the rule, stored back. Each element is read once and written
 //! once.
+//!
+//! Two layers, so that code grows as rules + element types, not rules × element types: the span
+//! drivers ([`update_span`], [`sum_span`]) load and store blocks and are generic over the element
+//! types only; the rule's loop over one block in the compute type ([`update_block`],
+//! [`sum_block`]) is generic over the rule and compute type only, and the driver calls it through
+//! a function pointer ([`UpdateKernel`], [`SumKernel`]) once per block of [`BLOCK`] elements.
 
 use crate::dtype::Elem;
 use crate::quant::{self, QuantMap};
@@ -241,7 +247,7 @@ impl<R: Real> SumKernel<R> {
     /// `rule`'s sums pass; the kernel borrows `rule` (it must outlive the kernel's use).
     pub fn of<Ru: Rule>(rule: &Ru) -> Self {
         SumKernel {
-            block: sum_block::<Ru, R>,
+            block: sum_block::<Ru, R>(),
             rule: std::ptr::from_ref(rule).cast(),
             reads_input: Ru::READS_INPUT,
             read_param: Ru::SUMS_READ_PARAM,
@@ -316,13 +322,13 @@ unsafe fn sum_span_body<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
     fold_lanes(&lanes, k.max_mask)
 }
 
-crate::simd::widest! {
+crate::simd::widest_fn! {
     /// Add the elements of `block` (its gradients times `factor`) into `lanes` by rule `Ru`'s
-    /// sums of pass `pass` (see [`sum_span`]).
+    /// sums of pass `pass` (see [`sum_span`]): the variant for this CPU's widest vector unit.
     ///
-    /// # Safety
+    /// # Safety (of the returned function)
     /// `rule` must point at a live `Ru`.
-    unsafe fn sum_block<Ru: Rule, R: Real>(
+    fn sum_block<Ru: Rule, R: Real>(
         rule: *const (),
         factor: R,
         pass: usize,
@@ -614,12 +620,12 @@ pub struct UpdateKernel<R: Real> {
 }
 
 /// [`update_block`] of one rule: `c` points at its coefficients.
-type UpdateBlock<R> = unsafe fn(c: *const (), factor: R, p: &mut [R], input: &[R], states: &mut [&mut [R]; MAX_SLOTS]);
+type UpdateBlock<R> = unsafe fn(c: *const (), factor: R, p: &mut [R], input: &[R], s0: &mut [R], s1: &mut [R], s2: &mut [R], s3: &mut [R]);
 
 impl<R: Real> UpdateKernel<R> {
     /// Rule `Ru`'s update.
     pub fn of<Ru: Rule>() -> Self {
-        UpdateKernel { block: update_block::<Ru, R>, reads_input: Ru::READS_INPUT, slots: Ru::SLOTS, written_slots: Ru::WRITTEN_SLOTS }
+        UpdateKernel { block: update_block::<Ru, R>(), reads_input: Ru::READS_INPUT, slots: Ru::SLOTS, written_slots: Ru::WRITTEN_SLOTS }
     }
 }
 
@@ -711,7 +717,7 @@ unsafe fn update_span_body<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
             // With AMP the gradient is written back unscaled (the caller vouched for it then).
             let g: &mut [R] = if k.reads_input { block::<R, G>(ptrs.grad.add(off) as *mut G, n, &mut gb) } else { &mut gb[..n] };
             // Slots the rule does not use stay empty and are never indexed.
-            let mut states = [
+            let states = [
                 if k.slots > 0 { ptrs.state_block(0, off, n, &mut s0) } else { &mut s0[..0] },
                 if k.slots > 1 { ptrs.state_block(1, off, n, &mut s1) } else { &mut s1[..0] },
                 if k.slots > 2 { ptrs.state_block(2, off, n, &mut s2) } else { &mut s2[..0] },
@@ -728,7 +734,9 @@ unsafe fn update_span_body<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
                 }
                 _ => &*g,
             };
-            (k.block)(c, factor, p, input, &mut states);
+            let [st0, st1, st2, st3] = states;
+            (k.block)(c, factor, p, input, st0, st1, st2, st3);
+            let states = [st0, st1, st2, st3];
             let sr = |array: usize| rounding.map(|r| (r.streams[array], r.first + off));
             if ptrs.correction.is_null() {
                 finish::<R, P>(ptrs.param.add(off), p, sr(0));
@@ -752,14 +760,25 @@ unsafe fn update_span_body<R: Real, P: Elem<R>, G: Elem<R>, S: Elem<R>>(
     }
 }
 
-crate::simd::widest! {
+crate::simd::widest_fn! {
     /// Rule `Ru`'s update of one block in the compute type: `p[i] ← Ru::update(c, p[i],
-    /// input[i]·factor, s)`, with the element's state `s` read from `states` (a slice of
-    /// `p.len()` values per slot the rule keeps) and written back to the slots it writes.
+    /// input[i]·factor, s)`, with the element's state `s` read from `s0..s3` (`p.len()` values
+    /// for each slot the rule keeps) and written back to the slots it writes. (Each slice is an
+    /// argument of its own: the compiler then knows that they do not overlap.) The variant for
+    /// this CPU's widest vector unit.
     ///
-    /// # Safety
+    /// # Safety (of the returned function)
     /// `c` must point at a live `Ru::Coeffs<R>`.
-    unsafe fn update_block<Ru: Rule, R: Real>(c: *const (), factor: R, p: &mut [R], input: &[R], states: &mut [&mut [R]; MAX_SLOTS]) = update_block_body;
+    fn update_block<Ru: Rule, R: Real>(
+        c: *const (),
+        factor: R,
+        p: &mut [R],
+        input: &[R],
+        s0: &mut [R],
+        s1: &mut [R],
+        s2: &mut [R],
+        s3: &mut [R],
+    ) = update_block_body;
 }
 
 /// [`update_block`]'s loop.
@@ -767,15 +786,15 @@ crate::simd::widest! {
 /// # Safety
 /// As [`update_block`].
 #[inline(always)]
-unsafe fn update_block_body<Ru: Rule, R: Real>(c: *const (), factor: R, p: &mut [R], input: &[R], states: &mut [&mut [R]; MAX_SLOTS]) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn update_block_body<Ru: Rule, R: Real>(c: *const (), factor: R, p: &mut [R], input: &[R], s0: &mut [R], s1: &mut [R], s2: &mut [R], s3: &mut [R]) {
     // SAFETY: per the contract.
     let c = unsafe { &*c.cast::<Ru::Coeffs<R>>() };
     let n = p.len();
     let input = &input[..n];
     // (each slice cut to the block, so that the loop indexes them unchecked)
     let len = |k: usize| if Ru::SLOTS > k { n } else { 0 };
-    let [st0, st1, st2, st3] = states;
-    let (st0, st1, st2, st3) = (&mut st0[..len(0)], &mut st1[..len(1)], &mut st2[..len(2)], &mut st3[..len(3)]);
+    let (st0, st1, st2, st3) = (&mut s0[..len(0)], &mut s1[..len(1)], &mut s2[..len(2)], &mut s3[..len(3)]);
     for i in 0..n {
         let mut s = [R::ZERO; MAX_SLOTS];
         if Ru::SLOTS > 0 {

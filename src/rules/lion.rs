@@ -15,7 +15,7 @@
 //! State slot: `exp_avg`. No step counter.
 
 use super::{
-    bool_dispatch, caution_factor, cautious_count, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor,
+    bool_dispatch, caution_factor, cautious_count_sign, check_non_negative, check_unit_interval, rule_params, Input, Rule, RuleHyper, RuleInfo, RuleVisitor,
     MAX_SCALARS, MAX_SLOTS, MAX_SUMS,
 };
 use crate::error::{Error, Result};
@@ -61,10 +61,10 @@ pub struct LionCoeffs<R: Real> {
 }
 
 impl<const CAUTION: bool> Lion<CAUTION> {
-    /// The update direction `sign(m·β1 + g·(1 − β1))`, identical in both passes.
+    /// The update direction is the sign of `m·β1 + g·(1 − β1)`, computed as here in both passes.
     #[inline(always)]
-    fn direction<R: Real>(beta1: R, one_minus_beta1: R, m: R, g: R) -> R {
-        (m * beta1 + g * one_minus_beta1).sign()
+    fn interpolation<R: Real>(beta1: R, one_minus_beta1: R, m: R, g: R) -> R {
+        m * beta1 + g * one_minus_beta1
     }
 }
 
@@ -77,7 +77,7 @@ impl<const CAUTION: bool> Rule for Lion<CAUTION> {
 
     #[inline(always)]
     fn accumulate<R: Real>(&self, _p: R, g: R, s: &[R; MAX_SLOTS], sums: &mut [f64; MAX_SUMS]) {
-        cautious_count(Self::direction(R::from_f64(self.beta1), R::from_f64(1.0 - self.beta1), s[0], g), g, sums);
+        cautious_count_sign(Self::interpolation(R::from_f64(self.beta1), R::from_f64(1.0 - self.beta1), s[0], g), g, sums);
     }
 
     fn coeffs<R: Real>(&self, _scalars: &mut [f64; MAX_SCALARS], sums: &[f64; MAX_SUMS]) -> LionCoeffs<R> {
@@ -95,7 +95,7 @@ impl<const CAUTION: bool> Rule for Lion<CAUTION> {
     #[inline(always)]
     fn update<R: Real>(c: &LionCoeffs<R>, p: R, g: R, s: &mut [R; MAX_SLOTS]) -> R {
         let p = p * c.decay;
-        let mut dir = Self::direction(c.beta1, c.one_minus_beta1, s[0], g);
+        let mut dir = Self::interpolation(c.beta1, c.one_minus_beta1, s[0], g).sign();
         if CAUTION {
             dir = dir * if dir * g > R::ZERO { c.caution } else { R::ZERO };
         }
@@ -187,6 +187,21 @@ mod tests {
     fn cautious_mask_and_normalisations_match_spec() {
         cautious(false);
         cautious(true);
+    }
+
+    /// The sums pass counts φ without forming sign(x) (`cautious_count_sign`); it must count
+    /// exactly the elements the update's mask `sign(x)·g > 0` keeps, for every kind of value.
+    #[test]
+    fn cautious_count_agrees_with_the_update_mask() {
+        let special = [0.0f32, -0.0, 1e-45, -1e-45, 1e-30, -3.5, 2.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, f32::MAX];
+        for &x in &special {
+            for &g in &special {
+                let mut sums = [0.0; MAX_SUMS];
+                cautious_count_sign(x, g, &mut sums);
+                let kept = x.sign() * g > 0.0;
+                assert_eq!(sums[..2], [f64::from(u8::from(kept)), 1.0], "x = {x}, g = {g}");
+            }
+        }
     }
 
     #[test]

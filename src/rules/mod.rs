@@ -473,7 +473,19 @@ pub(crate) fn next_step(scalars: &mut [f64; MAX_SCALARS], beta1: f64, beta2: f64
 /// `u` (or anything of its sign) and the gradient `g`.
 #[inline(always)]
 pub(crate) fn cautious_count<R: Real>(u: R, g: R, sums: &mut [f64]) {
-    sums[0] += if u * g > R::ZERO { 1.0 } else { 0.0 };
+    // (a 0 or 1 from the comparison, not a branch: the signs are random, so a branch would be
+    // mispredicted half the time)
+    sums[0] += f64::from(u8::from(u * g > R::ZERO));
+    sums[1] += 1.0;
+}
+
+/// [`cautious_count`] for a step of the sign of `x` (Lion's `u = sign(x)`): `φ = 1[sign(x)·g >
+/// 0]`, compared without forming the sign (the same φ for every `x` and `g`, zeros and NaN
+/// included) and without branches.
+#[inline(always)]
+pub(crate) fn cautious_count_sign<R: Real>(x: R, g: R, sums: &mut [f64]) {
+    let agree = (x > R::ZERO) & (g > R::ZERO) | (x < R::ZERO) & (g < R::ZERO);
+    sums[0] += f64::from(u8::from(agree));
     sums[1] += 1.0;
 }
 
