@@ -1078,6 +1078,7 @@ class _StepPlan:
         # factor statistics added across the mesh (`_split_rows`).
         self._shard_rows: _dtensor.ShardRows = {}
         self._split_rows: _dtensor.SplitRows = {}
+        self._factor_stats: list[list[Tensor | None]] | None = None
         self._originals: list[list[Tensor]] | None = None
         if sharded is not None:
             self._originals, self._shard_rows, self._split_rows = sharded
@@ -1110,7 +1111,9 @@ class _StepPlan:
             given["grad_factors"] = [[factors.get(id(p), 1.0) for p in ps] for ps in originals]
         if self._split_rows:
             local = [c.params for c in self.calls]
-            stats = _dtensor.factor_stats_arrays(local)
+            if self._factor_stats is None:  # (kept: every step overwrites every element)
+                self._factor_stats = _dtensor.factor_stats_arrays(local)
+            stats = self._factor_stats
             if native.factor_stats(stats, hypers, *amp, **given) is None:
                 return None
             _dtensor.add_factor_stats(stats, local, self._split_rows)
